@@ -1,0 +1,63 @@
+# Cairn: make help lists the targets. Nothing here touches the network when the
+# Makefile is merely parsed: only recipes may download.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := help
+
+# Fallbacks, appended so that a Go already on PATH wins.
+export PATH := $(PATH):/usr/local/go/bin:$(HOME)/go/bin
+# VCS stamping fails in a repository without commits; main.version carries the
+# version instead.
+export GOFLAGS := $(strip -buildvcs=false $(GOFLAGS))
+
+# ?= is deferred: git runs only when a recipe uses the version.
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS = -X main.version=$(VERSION)
+
+.PHONY: help deps build lint test bench demo clean
+
+help: ## List the targets
+	@echo "Usage: make <target>"
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-6s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+
+deps: ## Install the Debian packages and Go modules the build, tests and demo need
+	bash scripts/install-deps.sh
+
+build: ## Build bin/cairn
+	go build -ldflags "$(LDFLAGS)" -o bin/cairn ./cmd/cairn
+
+lint: ## Check formatting (gofmt), go vet, and the import layering (tests/layout)
+	@unformatted="$$(gofmt -l .)"; \
+	if [[ -n "$$unformatted" ]]; then \
+		echo "gofmt: these files need formatting (run gofmt -w):"; \
+		echo "$$unformatted"; \
+		exit 1; \
+	fi
+	go vet ./...
+	go test -count=1 ./tests/layout
+
+# The awk passes go test's output through and ends with one summary line
+# counting packages; pipefail keeps go test's exit status.
+test: deps ## Run go vet and every test with the race detector (needs root for the integration tests)
+	go vet ./...
+	@echo 'go test -race -count=1 -timeout 18m ./...'
+	@go test -race -count=1 -timeout 18m ./... 2>&1 | awk ' \
+		{ print; fflush() } \
+		/^ok /       { passed++ } \
+		/^FAIL\t/    { failed++ } \
+		/^\? /       { skipped++ } \
+		END { printf "packages: %d passed, %d failed, %d skipped\n", passed, failed, skipped }'
+
+# metabench prints a table of meta-store timings; the tool itself is written in
+# another change. When packages grow Benchmark functions, add a
+# go test -run '^$$' -bench . run for them here.
+bench: ## Run the benchmarks and print their tables (never fails on a number)
+	go run ./tests/bench/metabench
+
+demo: deps build ## Start a local demo cluster with scripts/demo.sh
+	./scripts/demo.sh
+
+clean: ## Stop a demo cluster left by make demo, remove bin/ and .demo/
+	@if [[ -x bin/cairn && -d .demo ]]; then bin/cairn dev down --dir .demo 2>/dev/null || true; fi
+	rm -rf bin .demo

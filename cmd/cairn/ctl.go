@@ -1,0 +1,331 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// ctlOptions are the flags shared by every `cairn ctl` command.
+type ctlOptions struct {
+	// Servers are meta API addresses of any members.
+	Servers []string
+	// Output is "table" or "json".
+	Output string
+	// Timeout bounds each command.
+	Timeout time.Duration
+}
+
+func (o *ctlOptions) Validate() error {
+	if len(o.Servers) == 0 {
+		return errors.New("--server is required (or CAIRN_SERVER): the meta API address of any member, e.g. 127.0.0.1:7002")
+	}
+	if o.Output != "table" && o.Output != "json" {
+		return fmt.Errorf("-o %q: want table or json", o.Output)
+	}
+	if o.Timeout <= 0 {
+		return fmt.Errorf("--timeout %v must be positive", o.Timeout)
+	}
+	return nil
+}
+
+// client validates the options and returns a meta client and a context.
+func (o *ctlOptions) client(cmd *cobra.Command) (*meta.Client, context.Context, context.CancelFunc, error) {
+	if err := bindEnv(cmd.Flags()); err != nil {
+		return nil, nil, nil, err
+	}
+	if err := o.Validate(); err != nil {
+		return nil, nil, nil, err
+	}
+	c, err := meta.NewClient(o.Servers)
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	ctx, cancel := context.WithTimeout(cmd.Context(), o.Timeout)
+	return c, ctx, func() { cancel(); c.Close() }, nil
+}
+
+func newCtlCommand() *cobra.Command {
+	o := &ctlOptions{}
+	cmd := &cobra.Command{
+		Use:   "ctl",
+		Short: "Inspect and change a Cairn cluster",
+		Example: `  cairn ctl --server 127.0.0.1:7002 status
+  cairn ctl --server 127.0.0.1:7002 volume create data --size 1Gi --replicas 3 -o json`,
+	}
+	pf := cmd.PersistentFlags()
+	pf.StringSliceVar(&o.Servers, "server", nil, "meta API address(es) of any member(s)")
+	pf.StringVarP(&o.Output, "output", "o", "table", "output format: table or json")
+	pf.DurationVar(&o.Timeout, "timeout", 30*time.Second, "give up after this long")
+	cmd.AddCommand(newStatusCommand(o), newVolumeCommand(o))
+	return cmd
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}
+
+// statusJSON is the shape of `ctl status -o json`.
+type statusJSON struct {
+	ClusterID string             `json:"cluster_id"`
+	Leader    string             `json:"leader"`
+	Members   []statusMemberJSON `json:"members"`
+	Nodes     []statusNodeJSON   `json:"nodes"`
+}
+
+type statusMemberJSON struct {
+	ID          string `json:"id"`
+	Address     string `json:"address"` // meta API address
+	RaftAddress string `json:"raft_address"`
+	Voter       bool   `json:"voter"`
+	Leader      bool   `json:"leader"`
+}
+
+type statusNodeJSON struct {
+	ID            string `json:"id"`
+	State         string `json:"state"`
+	Zone          string `json:"zone,omitempty"`
+	CapacityBytes uint64 `json:"capacity_bytes"`
+	FreeBytes     uint64 `json:"free_bytes"`
+}
+
+func newStatusCommand(o *ctlOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:     "status",
+		Short:   "Show the leader, the raft members and the nodes",
+		Example: `  cairn ctl --server 127.0.0.1:7002 status -o json`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			st, err := c.Status(ctx)
+			if err != nil {
+				return err
+			}
+			out := statusJSON{ClusterID: st.ClusterID, Leader: st.Leader, Members: []statusMemberJSON{}, Nodes: []statusNodeJSON{}}
+			for _, m := range st.Members {
+				out.Members = append(out.Members, statusMemberJSON{ID: m.ID, Address: m.APIAddr, RaftAddress: m.RaftAddr, Voter: m.Voter, Leader: m.Leader})
+			}
+			for _, n := range st.Nodes {
+				out.Nodes = append(out.Nodes, statusNodeJSON{ID: n.ID, State: string(n.State), Zone: n.Zone, CapacityBytes: n.CapacityBytes, FreeBytes: n.FreeBytes})
+			}
+			w := cmd.OutOrStdout()
+			if o.Output == "json" {
+				return printJSON(w, out)
+			}
+			leader := out.Leader
+			if leader == "" {
+				leader = "(none: no quorum, or an election is running)"
+			}
+			fmt.Fprintf(w, "cluster %s   leader %s\n\n", orDash(out.ClusterID), leader)
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "MEMBER\tAPI ADDRESS\tRAFT ADDRESS\tVOTER\tROLE\tNODE STATE\tZONE\tFREE / CAPACITY")
+			nodes := map[string]statusNodeJSON{}
+			for _, n := range out.Nodes {
+				nodes[n.ID] = n
+			}
+			for _, m := range out.Members {
+				role := "follower"
+				if m.Leader {
+					role = "leader"
+				}
+				n, ok := nodes[m.ID]
+				state, space := "unregistered", "-"
+				if ok {
+					state, space = n.State, formatSize(n.FreeBytes)+" / "+formatSize(n.CapacityBytes)
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%v\t%s\t%s\t%s\t%s\n", m.ID, orDash(m.Address), m.RaftAddress, m.Voter, role, state, orDash(n.Zone), space)
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func newVolumeCommand(o *ctlOptions) *cobra.Command {
+	cmd := &cobra.Command{Use: "volume", Short: "List, show, create and delete volumes"}
+	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o))
+	return cmd
+}
+
+func newVolumeListCommand(o *ctlOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:     "list",
+		Short:   "List volumes",
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume list`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			st, err := c.State(ctx, true)
+			if err != nil {
+				return err
+			}
+			vols := st.SortedVolumes()
+			if vols == nil {
+				vols = []*meta.Volume{}
+			}
+			w := cmd.OutOrStdout()
+			if o.Output == "json" {
+				return printJSON(w, vols)
+			}
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "ID\tNAME\tSIZE\tSTATE\tEPOCH\tATTACHED\tREPLICAS")
+			for _, v := range vols {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.ID, v.Name, formatSize(v.SizeBytes), v.State, v.Epoch, attachedTo(v), replicaSummary(v))
+			}
+			return tw.Flush()
+		},
+	}
+}
+
+func attachedTo(v *meta.Volume) string {
+	if v.Attachment == nil {
+		return "-"
+	}
+	return v.Attachment.Node
+}
+
+// replicaSummary reads like "3/3 healthy" or "2/3 healthy, 1 rebuilding".
+func replicaSummary(v *meta.Volume) string {
+	counts := map[meta.ReplicaState]int{}
+	for _, r := range v.Replicas {
+		counts[r.State]++
+	}
+	s := fmt.Sprintf("%d/%d healthy", counts[meta.ReplicaHealthy], v.ReplicaCount)
+	for _, st := range []meta.ReplicaState{meta.ReplicaRebuilding, meta.ReplicaStale, meta.ReplicaFailed} {
+		if counts[st] > 0 {
+			s += fmt.Sprintf(", %d %s", counts[st], st)
+		}
+	}
+	return s
+}
+
+func newVolumeGetCommand(o *ctlOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:     "get ID",
+		Short:   "Show one volume",
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume get vol-0123456789abcdef -o json`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			v, err := c.Volume(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			return printVolume(cmd.OutOrStdout(), o.Output, v)
+		},
+	}
+}
+
+func printVolume(w io.Writer, format string, v *meta.Volume) error {
+	if format == "json" {
+		return printJSON(w, v)
+	}
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintf(tw, "id:\t%s\nname:\t%s\nsize:\t%s (%d bytes)\nstate:\t%s\nepoch:\t%d\nattached to:\t%s\nwrite quorum:\t%d of %d\n",
+		v.ID, v.Name, formatSize(v.SizeBytes), v.SizeBytes, v.State, v.Epoch, attachedTo(v), v.WriteQuorum, v.ReplicaCount)
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Fprintln(w, "replicas:")
+	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "  ID\tNODE\tSTATE")
+	for _, r := range v.Replicas {
+		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.ID, r.Node, r.State)
+	}
+	return tw.Flush()
+}
+
+func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
+	var size string
+	var replicas, quorum int
+	cmd := &cobra.Command{
+		Use:     "create NAME",
+		Short:   "Create a volume and place its replicas",
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume create data --size 64Mi --replicas 3`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bytes, err := parseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			if bytes == 0 {
+				return errors.New("--size must be more than 0")
+			}
+			if replicas < 1 || replicas > meta.MaxReplicas {
+				return fmt.Errorf("--replicas %d: want 1 to %d", replicas, meta.MaxReplicas)
+			}
+			if quorum < 0 || quorum > replicas {
+				return fmt.Errorf("--write-quorum %d: want 1 to --replicas (%d), or 0 for a majority", quorum, replicas)
+			}
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum})
+			if err != nil {
+				return err
+			}
+			if o.Output == "json" {
+				return printJSON(cmd.OutOrStdout(), res.Volume)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s\n", res.Volume.ID)
+			return printVolume(cmd.OutOrStdout(), "table", res.Volume)
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required)")
+	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of replicas (1 to 5)")
+	cmd.Flags().IntVar(&quorum, "write-quorum", 0, "healthy replicas a write needs (0: a majority)")
+	_ = cmd.MarkFlagRequired("size")
+	return cmd
+}
+
+func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {
+	return &cobra.Command{
+		Use:     "delete ID",
+		Short:   "Delete a volume (refused while it is attached)",
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume delete vol-0123456789abcdef`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			if _, err := c.Apply(ctx, &meta.DeleteVolume{VolumeID: args[0]}); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "deleted volume %s\n", strings.TrimSpace(args[0]))
+			return nil
+		},
+	}
+}

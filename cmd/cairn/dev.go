@@ -1,0 +1,502 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// devCluster is DIR/cluster.json: what `cairn dev up` started. Later
+// commands (kill, start, down, tests, the demo) read it.
+type devCluster struct {
+	Nodes      []*devNode     `json:"nodes"`
+	Controller *devController `json:"controller,omitempty"`
+}
+
+type devNode struct {
+	ID      string   `json:"id"`
+	Agent   string   `json:"agent"` // meta API host:port
+	Raft    string   `json:"raft"`
+	CSI     string   `json:"csi,omitempty"`
+	Metrics string   `json:"metrics"`
+	PID     int      `json:"pid"`
+	DataDir string   `json:"data_dir"`
+	Log     string   `json:"log"`
+	Args    []string `json:"args"`
+}
+
+type devController struct {
+	CSI string `json:"csi"`
+	PID int    `json:"pid"`
+}
+
+const clusterFile = "cluster.json"
+
+func loadDevCluster(dir string) (*devCluster, error) {
+	b, err := os.ReadFile(filepath.Join(dir, clusterFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("no dev cluster in %s (no %s): start one with `cairn dev up --dir %s`", dir, clusterFile, dir)
+	}
+	if err != nil {
+		return nil, err
+	}
+	var c devCluster
+	if err := json.Unmarshal(b, &c); err != nil {
+		return nil, fmt.Errorf("%s: %w", filepath.Join(dir, clusterFile), err)
+	}
+	return &c, nil
+}
+
+func (c *devCluster) save(dir string) error {
+	b, err := json.MarshalIndent(c, "", "  ")
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, clusterFile+".tmp")
+	if err := os.WriteFile(tmp, append(b, '\n'), 0o644); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, clusterFile))
+}
+
+func (c *devCluster) node(id string) (*devNode, error) {
+	var ids []string
+	for _, n := range c.Nodes {
+		if n.ID == id {
+			return n, nil
+		}
+		ids = append(ids, n.ID)
+	}
+	return nil, fmt.Errorf("no node %q in this dev cluster (nodes: %s)", id, strings.Join(ids, ", "))
+}
+
+func (c *devCluster) agents() []string {
+	var out []string
+	for _, n := range c.Nodes {
+		out = append(out, n.Agent)
+	}
+	return out
+}
+
+// alive reports whether pid runs and is this node's agent (pids get reused).
+func (n *devNode) alive() bool {
+	if n.PID <= 0 {
+		return false
+	}
+	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n.PID))
+	if err != nil {
+		return false
+	}
+	// The state follows the parenthesised command name; Z is a zombie.
+	if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
+		return false
+	}
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
+	if err != nil {
+		return false
+	}
+	return bytes.Contains(cmdline, []byte("\x00--id\x00"+n.ID+"\x00"))
+}
+
+// start launches the node agent in its own session, detached from this
+// process, with its output in its log file.
+func (n *devNode) start() error {
+	exe, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	logf, err := os.OpenFile(n.Log, os.O_WRONLY|os.O_CREATE|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close()
+	cmd := exec.Command(exe, n.Args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", n.ID, err)
+	}
+	n.PID = cmd.Process.Pid
+	return cmd.Process.Release()
+}
+
+// stop sends sig and waits up to wait for the process to go.
+func (n *devNode) stop(sig syscall.Signal, wait time.Duration) bool {
+	if !n.alive() {
+		return true
+	}
+	_ = syscall.Kill(n.PID, sig)
+	deadline := time.Now().Add(wait)
+	for time.Now().Before(deadline) {
+		if !n.alive() {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return !n.alive()
+}
+
+// freePorts reserves n distinct free TCP ports on 127.0.0.1.
+func freePorts(n int) ([]int, error) {
+	var ls []net.Listener
+	defer func() {
+		for _, l := range ls {
+			l.Close()
+		}
+	}()
+	var ports []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+	}
+	return ports, nil
+}
+
+func newDevCommand() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a local development cluster on 127.0.0.1",
+		Example: `  cairn dev up --nodes 3 --dir .demo
+  cairn dev kill --dir .demo node-2
+  cairn dev start --dir .demo node-2
+  cairn dev down --dir .demo`,
+	}
+	cmd.AddCommand(newDevUpCommand(), newDevKillCommand(), newDevStartCommand(), newDevDownCommand())
+	return cmd
+}
+
+func newDevUpCommand() *cobra.Command {
+	var nodes int
+	var dir string
+	var wait time.Duration
+	var zones bool
+	cmd := &cobra.Command{
+		Use:     "up",
+		Short:   "Start N node agents in the background and wait for the cluster",
+		Example: `  cairn dev up --nodes 3 --dir .demo`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if nodes < 1 || nodes > 7 {
+				return fmt.Errorf("--nodes %d: want 1 to 7", nodes)
+			}
+			if dir == "" {
+				return errors.New("--dir is required")
+			}
+			abs, err := filepath.Abs(dir)
+			if err != nil {
+				return err
+			}
+			if old, err := loadDevCluster(abs); err == nil {
+				for _, n := range old.Nodes {
+					if n.alive() {
+						return fmt.Errorf("a dev cluster already runs in %s (%s is pid %d): run `cairn dev down --dir %s` first", dir, n.ID, n.PID, dir)
+					}
+				}
+				return fmt.Errorf("%s holds a stopped dev cluster: restart its nodes with `cairn dev start`, or remove it with `cairn dev down --dir %s`", dir, dir)
+			}
+			if err := os.MkdirAll(abs, 0o755); err != nil {
+				return err
+			}
+			ports, err := freePorts(3 * nodes)
+			if err != nil {
+				return fmt.Errorf("reserve ports: %w", err)
+			}
+			c := &devCluster{}
+			var apis []string
+			for i := 0; i < nodes; i++ {
+				apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[3*i+1]))
+			}
+			for i := 0; i < nodes; i++ {
+				id := fmt.Sprintf("node-%d", i+1)
+				ndir := filepath.Join(abs, id)
+				if err := os.MkdirAll(ndir, 0o755); err != nil {
+					return err
+				}
+				n := &devNode{
+					ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[3*i]), Agent: apis[i],
+					Metrics: "127.0.0.1:" + strconv.Itoa(ports[3*i+2]),
+					DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
+				}
+				n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
+					"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics,
+					"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
+					"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
+					"--log-format", "json"}
+				if zones {
+					n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
+				}
+				c.Nodes = append(c.Nodes, n)
+			}
+			for _, n := range c.Nodes {
+				if err := n.start(); err != nil {
+					stopAll(c)
+					return err
+				}
+			}
+			if err := c.save(abs); err != nil {
+				stopAll(c)
+				return err
+			}
+			w := cmd.OutOrStdout()
+			fmt.Fprintf(w, "started %d node agents; waiting for a leader and %d registered nodes …\n", nodes, nodes)
+			ctx, cancel := context.WithTimeout(cmd.Context(), wait)
+			defer cancel()
+			st, err := waitCluster(ctx, c, nodes)
+			if err != nil {
+				for _, n := range c.Nodes {
+					fmt.Fprintf(cmd.ErrOrStderr(), "--- last lines of %s ---\n%s\n", n.Log, tail(n.Log, 10))
+				}
+				stopAll(c)
+				return fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
+			}
+			fmt.Fprintf(w, "cluster %s is up: leader %s, %d nodes up\n", st.ClusterID, st.Leader, len(st.Nodes))
+			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "NODE\tMETA API\tMETRICS\tPID\tLOG")
+			for _, n := range c.Nodes {
+				fmt.Fprintf(tw, "%s\t%s\thttp://%s/metrics\t%d\t%s\n", n.ID, n.Agent, n.Metrics, n.PID, n.Log)
+			}
+			if err := tw.Flush(); err != nil {
+				return err
+			}
+			fmt.Fprintf(w, "wrote %s\n", filepath.Join(dir, clusterFile))
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&nodes, "nodes", 3, "number of node agents")
+	cmd.Flags().StringVar(&dir, "dir", "", "directory for the cluster's data, logs and cluster.json (required)")
+	cmd.Flags().DurationVar(&wait, "wait", 60*time.Second, "how long to wait for the cluster to form")
+	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
+	return cmd
+}
+
+// waitCluster polls until there is a leader and want nodes are up.
+func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResponse, error) {
+	client, err := meta.NewClient(c.agents())
+	if err != nil {
+		return nil, err
+	}
+	defer client.Close()
+	var last error
+	for {
+		for _, n := range c.Nodes {
+			if !n.alive() {
+				return nil, fmt.Errorf("%s exited", n.ID)
+			}
+		}
+		st, err := client.Status(ctx)
+		if err == nil {
+			up := 0
+			for _, n := range st.Nodes {
+				if n.State == meta.NodeUp {
+					up++
+				}
+			}
+			if st.Leader != "" && up >= want {
+				return st, nil
+			}
+			last = fmt.Errorf("leader %q, %d of %d nodes up", st.Leader, up, want)
+		} else {
+			last = err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, last
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}
+
+// tail returns the last n lines of a file.
+func tail(path string, n int) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
+	if len(lines) > n {
+		lines = lines[len(lines)-n:]
+	}
+	return strings.Join(lines, "\n")
+}
+
+func stopAll(c *devCluster) {
+	for _, n := range c.Nodes {
+		if !n.stop(syscall.SIGTERM, 10*time.Second) {
+			n.stop(syscall.SIGKILL, 5*time.Second)
+		}
+	}
+}
+
+func newDevKillCommand() *cobra.Command {
+	var dir string
+	cmd := &cobra.Command{
+		Use:     "kill NODE_ID",
+		Short:   "Kill one node agent with SIGKILL (a crash)",
+		Example: `  cairn dev kill --dir .demo node-2`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, n, err := devNodeArg(dir, args[0])
+			if err != nil {
+				return err
+			}
+			if !n.alive() {
+				return fmt.Errorf("%s is not running", n.ID)
+			}
+			pid := n.PID
+			if !n.stop(syscall.SIGKILL, 10*time.Second) {
+				return fmt.Errorf("%s (pid %d) did not die after SIGKILL", n.ID, pid)
+			}
+			n.PID = 0
+			if err := c.save(dir); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "killed %s (pid %d) with SIGKILL\n", n.ID, pid)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "the dev cluster's directory (required)")
+	return cmd
+}
+
+func devNodeArg(dir, id string) (*devCluster, *devNode, error) {
+	if dir == "" {
+		return nil, nil, errors.New("--dir is required")
+	}
+	c, err := loadDevCluster(dir)
+	if err != nil {
+		return nil, nil, err
+	}
+	n, err := c.node(id)
+	return c, n, err
+}
+
+func newDevStartCommand() *cobra.Command {
+	var dir string
+	var wait time.Duration
+	cmd := &cobra.Command{
+		Use:     "start NODE_ID",
+		Short:   "Restart a stopped node agent with its data dir",
+		Example: `  cairn dev start --dir .demo node-2`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			c, n, err := devNodeArg(dir, args[0])
+			if err != nil {
+				return err
+			}
+			if n.alive() {
+				return fmt.Errorf("%s is already running (pid %d)", n.ID, n.PID)
+			}
+			if err := n.start(); err != nil {
+				return err
+			}
+			if err := c.save(dir); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "started %s (pid %d); waiting for it to answer …\n", n.ID, n.PID)
+			ctx, cancel := context.WithTimeout(cmd.Context(), wait)
+			defer cancel()
+			if err := waitMember(ctx, n); err != nil {
+				return fmt.Errorf("%s did not come back within %v: %w (see %s)", n.ID, wait, err, n.Log)
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "%s is back and follows leader\n", n.ID)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "the dev cluster's directory (required)")
+	cmd.Flags().DurationVar(&wait, "wait", 30*time.Second, "how long to wait for the node to rejoin")
+	return cmd
+}
+
+// waitMember polls the node's own API until it knows a leader.
+func waitMember(ctx context.Context, n *devNode) error {
+	client, err := meta.NewClient([]string{n.Agent})
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	for {
+		if !n.alive() {
+			return fmt.Errorf("process exited: %s", tail(n.Log, 3))
+		}
+		info, err := client.Info(ctx)
+		if err == nil && info.Leader != "" {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func newDevDownCommand() *cobra.Command {
+	var dir string
+	var keep bool
+	cmd := &cobra.Command{
+		Use:     "down",
+		Short:   "Stop every node agent of the dev cluster and remove what it made",
+		Example: `  cairn dev down --dir .demo`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if dir == "" {
+				return errors.New("--dir is required")
+			}
+			c, err := loadDevCluster(dir)
+			if err != nil {
+				return err
+			}
+			w := cmd.OutOrStdout()
+			for _, n := range c.Nodes {
+				if !n.alive() {
+					continue
+				}
+				if !n.stop(syscall.SIGTERM, 10*time.Second) {
+					fmt.Fprintf(w, "%s did not stop on SIGTERM; sending SIGKILL\n", n.ID)
+					n.stop(syscall.SIGKILL, 5*time.Second)
+				}
+				fmt.Fprintf(w, "stopped %s (pid %d)\n", n.ID, n.PID)
+				n.PID = 0
+			}
+			if c.Controller != nil && c.Controller.PID > 0 {
+				_ = syscall.Kill(c.Controller.PID, syscall.SIGTERM)
+			}
+			if keep {
+				return c.save(dir)
+			}
+			for _, n := range c.Nodes {
+				if err := os.RemoveAll(filepath.Join(dir, n.ID)); err != nil {
+					return err
+				}
+			}
+			if err := os.Remove(filepath.Join(dir, clusterFile)); err != nil {
+				return err
+			}
+			_ = os.Remove(dir) // only if empty
+			fmt.Fprintf(w, "removed the dev cluster in %s\n", dir)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dir, "dir", "", "the dev cluster's directory (required)")
+	cmd.Flags().BoolVar(&keep, "keep-data", false, "keep data dirs, logs and cluster.json")
+	return cmd
+}

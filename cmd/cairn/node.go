@@ -1,0 +1,203 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/spf13/cobra"
+	"github.com/spf13/pflag"
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// nodeOptions configures `cairn node`.
+type nodeOptions struct {
+	// ID names this node; it is also its raft server id.
+	ID string
+	// DataDir holds the raft log, snapshots and (later) replicas.
+	DataDir string
+	// RaftAddr is the raft transport's listen address.
+	RaftAddr string
+	// RaftAdvertise is the raft address peers dial (default: RaftAddr).
+	RaftAdvertise string
+	// APIAddr is the meta API's listen address.
+	APIAddr string
+	// APIAdvertise is the meta API address others dial (default: APIAddr).
+	APIAdvertise string
+	// MetricsAddr serves Prometheus /metrics; empty disables it.
+	MetricsAddr string
+	// Zone and Region are topology labels used by placement.
+	Zone, Region string
+	// BootstrapExpect forms a new cluster of that many members.
+	BootstrapExpect int
+	// Peers are the meta API addresses of the other first members.
+	Peers []string
+	// Join lists meta API addresses of a running cluster to join.
+	Join []string
+	// RaftTimeoutMultiplier scales raft's timeouts (1 = library defaults).
+	RaftTimeoutMultiplier float64
+	// HeartbeatInterval is how often the node reports to the leader.
+	HeartbeatInterval time.Duration
+	// NodeDownAfter is how long without heartbeats before a node is down.
+	NodeDownAfter time.Duration
+	// LogLevel and LogFormat shape the logs.
+	LogLevel, LogFormat string
+}
+
+func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.ID, "id", "", "node id, unique in the cluster (required)")
+	fs.StringVar(&o.DataDir, "data-dir", "", "directory for the raft log, snapshots and replicas (required)")
+	fs.StringVar(&o.RaftAddr, "raft-addr", "127.0.0.1:7001", "raft transport listen address")
+	fs.StringVar(&o.RaftAdvertise, "raft-advertise", "", "raft address peers dial (default: --raft-addr)")
+	fs.StringVar(&o.APIAddr, "api-addr", "127.0.0.1:7002", "meta API listen address")
+	fs.StringVar(&o.APIAdvertise, "api-advertise", "", "meta API address others dial (default: --api-addr)")
+	fs.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9102", "address serving Prometheus /metrics (empty: off)")
+	fs.StringVar(&o.Zone, "zone", "", "topology zone of this node")
+	fs.StringVar(&o.Region, "region", "", "topology region of this node")
+	fs.IntVar(&o.BootstrapExpect, "bootstrap-expect", 0, "form a new cluster once this many members (this one and --peers) are reachable")
+	fs.StringSliceVar(&o.Peers, "peers", nil, "meta API addresses of the other first members (with --bootstrap-expect)")
+	fs.StringSliceVar(&o.Join, "join", nil, "meta API address(es) of a running cluster to join")
+	fs.Float64Var(&o.RaftTimeoutMultiplier, "raft-timeout-multiplier", 1, "scale raft's heartbeat, election and lease timeouts (1 = defaults of hashicorp/raft)")
+	fs.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", time.Second, "how often this node reports itself to the leader")
+	fs.DurationVar(&o.NodeDownAfter, "node-down-after", 10*time.Second, "how long without heartbeats before the leader marks a node down")
+	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
+	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
+}
+
+// Validate fails fast with a message naming the flag.
+func (o *nodeOptions) Validate() error {
+	var errs []string
+	if o.ID == "" {
+		errs = append(errs, "--id is required")
+	} else if strings.ContainsAny(o.ID, " /\t\n") {
+		errs = append(errs, fmt.Sprintf("--id %q must not contain spaces or slashes", o.ID))
+	}
+	if o.DataDir == "" {
+		errs = append(errs, "--data-dir is required")
+	}
+	for flag, addr := range map[string]string{"--raft-addr": o.RaftAddr, "--api-addr": o.APIAddr} {
+		if _, _, err := net.SplitHostPort(addr); err != nil {
+			errs = append(errs, fmt.Sprintf("%s %q: %v", flag, addr, err))
+		}
+	}
+	if o.BootstrapExpect < 0 || o.BootstrapExpect > 7 {
+		errs = append(errs, fmt.Sprintf("--bootstrap-expect %d: want 1 to 7", o.BootstrapExpect))
+	}
+	if o.BootstrapExpect > 0 && len(o.Join) > 0 {
+		errs = append(errs, "--bootstrap-expect and --join exclude each other")
+	}
+	if o.BootstrapExpect > 1 && len(o.Peers) < o.BootstrapExpect-1 {
+		errs = append(errs, fmt.Sprintf("--bootstrap-expect %d needs at least %d --peers", o.BootstrapExpect, o.BootstrapExpect-1))
+	}
+	if o.RaftTimeoutMultiplier <= 0 || o.RaftTimeoutMultiplier > 20 {
+		errs = append(errs, fmt.Sprintf("--raft-timeout-multiplier %v: want a number in (0, 20]", o.RaftTimeoutMultiplier))
+	}
+	if o.HeartbeatInterval <= 0 {
+		errs = append(errs, "--heartbeat-interval must be positive")
+	}
+	if o.NodeDownAfter < 2*o.HeartbeatInterval {
+		errs = append(errs, fmt.Sprintf("--node-down-after %v must be at least twice --heartbeat-interval %v", o.NodeDownAfter, o.HeartbeatInterval))
+	}
+	if len(errs) > 0 {
+		return errors.New(strings.Join(errs, "; "))
+	}
+	return nil
+}
+
+func newNodeCommand() *cobra.Command {
+	o := &nodeOptions{}
+	cmd := &cobra.Command{
+		Use:   "node",
+		Short: "Run a node agent: volume store member, meta API and metrics",
+		Example: `  # first member of a new 3-node cluster
+  cairn node --id node-1 --data-dir /var/lib/cairn --raft-addr 10.0.0.1:7001 \
+    --api-addr 10.0.0.1:7002 --bootstrap-expect 3 --peers 10.0.0.2:7002,10.0.0.3:7002
+  # a member added later
+  cairn node --id node-4 --data-dir /var/lib/cairn --join 10.0.0.1:7002`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := bindEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			if err := o.Validate(); err != nil {
+				return err
+			}
+			return runNode(o)
+		},
+	}
+	o.AddFlags(cmd.Flags())
+	return cmd
+}
+
+func runNode(o *nodeOptions) error {
+	log, err := newLogger(o.LogLevel, o.LogFormat)
+	if err != nil {
+		return err
+	}
+	defer func() { _ = log.Sync() }()
+	log = log.With(zap.String("node_id", o.ID))
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	agent, err := meta.StartAgent(meta.AgentConfig{
+		Store: meta.StoreConfig{
+			NodeID: o.ID, DataDir: o.DataDir,
+			RaftBind: o.RaftAddr, RaftAdvertise: o.RaftAdvertise,
+			TimeoutMultiplier: o.RaftTimeoutMultiplier,
+			Logger:            log,
+		},
+		APIBind: o.APIAddr, APIAdvertise: o.APIAdvertise,
+		Zone: o.Zone, Region: o.Region,
+		BootstrapExpect: o.BootstrapExpect, Peers: o.Peers, Join: o.Join,
+		HeartbeatInterval: o.HeartbeatInterval, NodeDownAfter: o.NodeDownAfter,
+		Registerer: reg,
+	})
+	if err != nil {
+		return err
+	}
+	var metricsSrv *http.Server
+	if o.MetricsAddr != "" {
+		lis, err := net.Listen("tcp", o.MetricsAddr)
+		if err != nil {
+			agent.Close()
+			return fmt.Errorf("--metrics-addr: %w", err)
+		}
+		mux := http.NewServeMux()
+		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
+		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = metricsSrv.Serve(lis) }()
+	}
+	log.Info("node agent running", zap.String("api_addr", agent.APIAddr()), zap.String("raft_addr", agent.Store().RaftAddr()),
+		zap.String("metrics_addr", o.MetricsAddr), zap.String("version", version))
+
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
+	var runErr error
+	select {
+	case s := <-sig:
+		log.Info("shutting down", zap.String("signal", s.String()))
+	case runErr = <-agent.Fatal():
+	}
+	if metricsSrv != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		_ = metricsSrv.Shutdown(ctx)
+		cancel()
+	}
+	if err := agent.Close(); err != nil && runErr == nil {
+		runErr = err
+	}
+	return runErr
+}

@@ -1,0 +1,448 @@
+package meta
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+
+	"github.com/cairn-csi/cairn/replication/placement"
+)
+
+// Result is what applying a command returns: the object it created or changed.
+type Result struct {
+	Volume   *Volume   `json:"volume,omitempty"`
+	Node     *Node     `json:"node,omitempty"`
+	Snapshot *Snapshot `json:"snapshot,omitempty"`
+}
+
+// MaxReplicas bounds a volume's replica count.
+const MaxReplicas = 5
+
+// apply changes s by c. Every apply function validates first and mutates
+// only when the whole command is legal, so an error leaves s unchanged.
+// It does no I/O and reads no clock: the same log gives the same state on
+// every member.
+func apply(s *State, c Command) (Result, error) {
+	switch c := c.(type) {
+	case *InitCluster:
+		return applyInitCluster(s, c)
+	case *RegisterNode:
+		return applyRegisterNode(s, c)
+	case *NodeHeartbeat:
+		return applyNodeHeartbeat(s, c)
+	case *SetNodeState:
+		return applySetNodeState(s, c)
+	case *CreateVolume:
+		return applyCreateVolume(s, c)
+	case *DeleteVolume:
+		return applyDeleteVolume(s, c)
+	case *AttachVolume:
+		return applyAttachVolume(s, c)
+	case *DetachVolume:
+		return applyDetachVolume(s, c)
+	case *SetReplicaState:
+		return applySetReplicaState(s, c)
+	case *ReplaceReplica:
+		return applyReplaceReplica(s, c)
+	case *SetVolumeState:
+		return applySetVolumeState(s, c)
+	case *CreateSnapshot:
+		return applyCreateSnapshot(s, c)
+	case *DeleteSnapshot:
+		return applyDeleteSnapshot(s, c)
+	case *PurgeVolume:
+		return applyPurgeVolume(s, c)
+	}
+	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
+}
+
+func applyInitCluster(s *State, c *InitCluster) (Result, error) {
+	if c.ClusterID == "" {
+		return Result{}, fmt.Errorf("cluster id is empty: %w", ErrInvalidArgument)
+	}
+	if s.ClusterID != "" && s.ClusterID != c.ClusterID {
+		return Result{}, fmt.Errorf("store belongs to cluster %s, not %s: %w", s.ClusterID, c.ClusterID, ErrClusterMismatch)
+	}
+	if c.OverProvisioningRatio < 0 {
+		return Result{}, fmt.Errorf("over-provisioning ratio %v is negative: %w", c.OverProvisioningRatio, ErrInvalidArgument)
+	}
+	if s.ClusterID == "" {
+		s.ClusterID = c.ClusterID
+		s.OverProvisioningRatio = c.OverProvisioningRatio
+	}
+	return Result{}, nil
+}
+
+func applyRegisterNode(s *State, c *RegisterNode) (Result, error) {
+	n := c.Node
+	if n.ID == "" || n.RaftAddr == "" || n.APIAddr == "" {
+		return Result{}, fmt.Errorf("node needs an id, a raft address and an API address: %w", ErrInvalidArgument)
+	}
+	n.State = NodeUp
+	n.LastHeartbeat = c.Time
+	s.Nodes[n.ID] = &n
+	out := n
+	return Result{Node: &out}, nil
+}
+
+func applyNodeHeartbeat(s *State, c *NodeHeartbeat) (Result, error) {
+	n, ok := s.Nodes[c.NodeID]
+	if !ok {
+		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
+	}
+	n.CapacityBytes, n.FreeBytes, n.LastHeartbeat = c.CapacityBytes, c.FreeBytes, c.Time
+	out := *n
+	return Result{Node: &out}, nil
+}
+
+func applySetNodeState(s *State, c *SetNodeState) (Result, error) {
+	n, ok := s.Nodes[c.NodeID]
+	if !ok {
+		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
+	}
+	switch c.State {
+	case NodeUp, NodeDown, NodeDraining:
+	default:
+		return Result{}, fmt.Errorf("node state %q: %w", c.State, ErrInvalidArgument)
+	}
+	n.State = c.State
+	if c.State == NodeUp {
+		n.LastHeartbeat = c.Time
+	}
+	out := *n
+	return Result{Node: &out}, nil
+}
+
+// allocatedBytes sums, per node, the sizes of the live volumes' replicas on it.
+func (s *State) allocatedBytes() map[string]uint64 {
+	used := map[string]uint64{}
+	for _, v := range s.Volumes {
+		if v.State == VolumeDeleted {
+			continue
+		}
+		for _, r := range v.Replicas {
+			used[r.Node] += v.SizeBytes
+		}
+	}
+	return used
+}
+
+// placementNodes describes the cluster's nodes to the placement function.
+func (s *State) placementNodes() []placement.Node {
+	used := s.allocatedBytes()
+	out := make([]placement.Node, 0, len(s.Nodes))
+	for _, n := range s.Nodes {
+		out = append(out, placement.Node{
+			ID: n.ID, Zone: n.Zone, Region: n.Region,
+			Up:             n.State == NodeUp,
+			CapacityBytes:  n.CapacityBytes,
+			AllocatedBytes: used[n.ID],
+		})
+	}
+	return out
+}
+
+// placementError turns a placement failure into a store sentinel.
+func placementError(err error) error {
+	if errors.Is(err, placement.ErrInsufficientNodes) {
+		return fmt.Errorf("placement: %v: %w", err, ErrResourceExhausted)
+	}
+	return fmt.Errorf("placement: %v: %w", err, ErrInvalidArgument)
+}
+
+func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
+	switch {
+	case c.ID == "" || c.Name == "":
+		return Result{}, fmt.Errorf("volume needs an id and a name: %w", ErrInvalidArgument)
+	case c.SizeBytes == 0:
+		return Result{}, fmt.Errorf("volume %q: size is zero: %w", c.Name, ErrInvalidArgument)
+	case c.Replicas < 1 || c.Replicas > MaxReplicas:
+		return Result{}, fmt.Errorf("volume %q: replicas %d not in 1..%d: %w", c.Name, c.Replicas, MaxReplicas, ErrInvalidArgument)
+	case c.WriteQuorum < 0 || c.WriteQuorum > c.Replicas:
+		return Result{}, fmt.Errorf("volume %q: write quorum %d not in 1..%d: %w", c.Name, c.WriteQuorum, c.Replicas, ErrInvalidArgument)
+	}
+	quorum := c.WriteQuorum
+	if quorum == 0 {
+		quorum = c.Replicas/2 + 1
+	}
+	if v := s.volumeByName(c.Name); v != nil {
+		// Idempotent create: the same request returns the same volume.
+		if v.SizeBytes == c.SizeBytes && v.ReplicaCount == c.Replicas && v.WriteQuorum == quorum &&
+			sameParameters(v.Parameters, c.Parameters) && v.ContentSource == c.ContentSource {
+			return Result{Volume: v.Clone()}, nil
+		}
+		return Result{}, fmt.Errorf("volume name %q is taken by %s with size %d and %d replicas: %w",
+			c.Name, v.ID, v.SizeBytes, v.ReplicaCount, ErrAlreadyExists)
+	}
+	if _, ok := s.Volumes[c.ID]; ok {
+		return Result{}, fmt.Errorf("volume id %q: %w", c.ID, ErrAlreadyExists)
+	}
+	nodes, err := placement.Place(s.placementNodes(), placement.Request{
+		Replicas:              c.Replicas,
+		SizeBytes:             c.SizeBytes,
+		OverProvisioningRatio: s.OverProvisioningRatio,
+		AllowedZones:          c.AllowedZones,
+		PreferredNode:         c.PreferredNode,
+	})
+	if err != nil {
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, placementError(err))
+	}
+	v := &Volume{
+		ID: c.ID, Name: c.Name, SizeBytes: c.SizeBytes,
+		Parameters: c.Parameters, AccessType: c.AccessType,
+		// A new volume's replicas are all zeros, so they are identical and
+		// healthy from the start; a volume with a content source is filled
+		// first (provisioning).
+		State:         VolumeAvailable,
+		ReplicaCount:  c.Replicas,
+		WriteQuorum:   quorum,
+		Epoch:         1,
+		ContentSource: c.ContentSource,
+		CreatedAt:     c.CreatedAt,
+	}
+	if c.ContentSource != "" {
+		v.State = VolumeProvisioning
+	}
+	for _, node := range nodes {
+		v.Replicas = append(v.Replicas, Replica{ID: v.nextReplicaID(), Node: node, State: ReplicaHealthy})
+	}
+	s.Volumes[v.ID] = v
+	return Result{Volume: v.Clone()}, nil
+}
+
+// nextReplicaID hands out the volume's next replica id; ids are never reused.
+func (v *Volume) nextReplicaID() string {
+	v.NextReplicaSeq++
+	return fmt.Sprintf("%s-r%d", v.ID, v.NextReplicaSeq)
+}
+
+func sameParameters(a, b map[string]string) bool {
+	if len(a) == 0 && len(b) == 0 {
+		return true
+	}
+	return reflect.DeepEqual(a, b)
+}
+
+// liveVolume returns a volume that exists and is not deleted.
+func (s *State) liveVolume(id string) (*Volume, error) {
+	v, ok := s.Volumes[id]
+	if !ok || v.State == VolumeDeleted {
+		return nil, fmt.Errorf("volume %q: %w", id, ErrNotFound)
+	}
+	return v, nil
+}
+
+// checkEpoch is the compare-and-set guard of every replica-set and
+// attachment change.
+func checkEpoch(v *Volume, expect uint64) error {
+	if v.Epoch != expect {
+		return fmt.Errorf("volume %s is at epoch %d, caller saw %d: %w", v.ID, v.Epoch, expect, ErrEpochMismatch)
+	}
+	return nil
+}
+
+func applyDeleteVolume(s *State, c *DeleteVolume) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if v.State == VolumeAttached || v.State == VolumeReleasing {
+		return Result{}, fmt.Errorf("volume %s is attached to %s: %w", v.ID, v.Attachment.Node, ErrFailedPrecondition)
+	}
+	if err := checkTransition(v.State, VolumeDeleted); err != nil {
+		return Result{}, err
+	}
+	v.State = VolumeDeleted
+	v.Epoch++ // fences any engine still holding the old epoch
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	n, ok := s.Nodes[c.NodeID]
+	if !ok {
+		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
+	}
+	if a := v.Attachment; a != nil {
+		if a.Node == c.NodeID && a.ReadOnly == c.ReadOnly {
+			return Result{Volume: v.Clone()}, nil // already so: idempotent
+		}
+		return Result{}, fmt.Errorf("volume %s is attached to %s (read-only %v): %w", v.ID, a.Node, a.ReadOnly, ErrFailedPrecondition)
+	}
+	if n.State != NodeUp {
+		return Result{}, fmt.Errorf("node %s is %s: %w", n.ID, n.State, ErrFailedPrecondition)
+	}
+	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	if err := checkTransition(v.State, VolumeAttached); err != nil {
+		return Result{}, err
+	}
+	v.State = VolumeAttached
+	v.Attachment = &Attachment{Node: c.NodeID, ReadOnly: c.ReadOnly}
+	v.Epoch++
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applyDetachVolume(s *State, c *DetachVolume) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if v.Attachment == nil {
+		return Result{Volume: v.Clone()}, nil // already detached: idempotent
+	}
+	if c.NodeID != "" && v.Attachment.Node != c.NodeID {
+		return Result{}, fmt.Errorf("volume %s is attached to %s, not %s: %w", v.ID, v.Attachment.Node, c.NodeID, ErrFailedPrecondition)
+	}
+	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	if err := checkTransition(v.State, VolumeAvailable); err != nil {
+		return Result{}, err
+	}
+	v.State = VolumeAvailable
+	v.Attachment = nil
+	v.Epoch++
+	return Result{Volume: v.Clone()}, nil
+}
+
+// replicaIndex finds a replica of v by id.
+func (v *Volume) replicaIndex(id string) (int, error) {
+	for i, r := range v.Replicas {
+		if r.ID == id {
+			return i, nil
+		}
+	}
+	return -1, fmt.Errorf("replica %q of volume %s: %w", id, v.ID, ErrNotFound)
+}
+
+func applySetReplicaState(s *State, c *SetReplicaState) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	i, err := v.replicaIndex(c.ReplicaID)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	r := v.Replicas[i]
+	if err := checkReplicaTransition(r.State, c.State); err != nil {
+		return Result{}, err
+	}
+	// Never eject the last healthy replica: it is the only one known to hold
+	// every acknowledged write.
+	if r.State == ReplicaHealthy && v.HealthyReplicas() == 1 {
+		return Result{}, fmt.Errorf("replica %s is the last healthy replica of %s: %w", r.ID, v.ID, ErrQuorumLost)
+	}
+	v.Replicas[i].State = c.State
+	v.Epoch++
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	i, err := v.replicaIndex(c.ReplicaID)
+	if err != nil {
+		return Result{}, err
+	}
+	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	if v.Replicas[i].State == ReplicaHealthy {
+		return Result{}, fmt.Errorf("replica %s is healthy; eject it before replacing it: %w", c.ReplicaID, ErrFailedPrecondition)
+	}
+	var exclude, zones []string
+	for j, r := range v.Replicas {
+		exclude = append(exclude, r.Node)
+		if j != i {
+			if n, ok := s.Nodes[r.Node]; ok {
+				zones = append(zones, n.Zone)
+			}
+		}
+	}
+	nodes, err := placement.Place(s.placementNodes(), placement.Request{
+		Replicas: 1, SizeBytes: v.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
+		Exclude: exclude, ExistingZones: zones,
+	})
+	if err != nil {
+		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, placementError(err))
+	}
+	v.Replicas[i] = Replica{ID: v.nextReplicaID(), Node: nodes[0], State: ReplicaRebuilding}
+	v.Epoch++
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applySetVolumeState(s *State, c *SetVolumeState) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if c.State == VolumeAttached || c.State == VolumeDeleted {
+		// These carry an attachment or fence engines: use their own commands.
+		return Result{}, fmt.Errorf("volume state %q is set by its own command: %w", c.State, ErrInvalidArgument)
+	}
+	if err := checkTransition(v.State, c.State); err != nil {
+		return Result{}, err
+	}
+	v.State = c.State
+	if c.State == VolumeAvailable {
+		v.Attachment = nil
+	}
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applyCreateSnapshot(s *State, c *CreateSnapshot) (Result, error) {
+	if c.ID == "" || c.Name == "" || c.SourceVolumeID == "" {
+		return Result{}, fmt.Errorf("snapshot needs an id, a name and a source volume: %w", ErrInvalidArgument)
+	}
+	for _, sn := range s.Snapshots {
+		if sn.Name == c.Name {
+			if sn.SourceVolumeID == c.SourceVolumeID {
+				out := *sn
+				return Result{Snapshot: &out}, nil
+			}
+			return Result{}, fmt.Errorf("snapshot name %q is taken by a snapshot of %s: %w", c.Name, sn.SourceVolumeID, ErrAlreadyExists)
+		}
+	}
+	if _, ok := s.Snapshots[c.ID]; ok {
+		return Result{}, fmt.Errorf("snapshot id %q: %w", c.ID, ErrAlreadyExists)
+	}
+	v, err := s.liveVolume(c.SourceVolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	sn := &Snapshot{ID: c.ID, Name: c.Name, SourceVolumeID: v.ID, SizeBytes: v.SizeBytes, CreatedAt: c.CreatedAt}
+	s.Snapshots[sn.ID] = sn
+	out := *sn
+	return Result{Snapshot: &out}, nil
+}
+
+func applyDeleteSnapshot(s *State, c *DeleteSnapshot) (Result, error) {
+	if _, ok := s.Snapshots[c.SnapshotID]; !ok {
+		return Result{}, fmt.Errorf("snapshot %q: %w", c.SnapshotID, ErrNotFound)
+	}
+	delete(s.Snapshots, c.SnapshotID)
+	return Result{}, nil
+}
+
+func applyPurgeVolume(s *State, c *PurgeVolume) (Result, error) {
+	v, ok := s.Volumes[c.VolumeID]
+	if !ok {
+		return Result{}, fmt.Errorf("volume %q: %w", c.VolumeID, ErrNotFound)
+	}
+	if v.State != VolumeDeleted {
+		return Result{}, fmt.Errorf("volume %s is %s, not deleted: %w", v.ID, v.State, ErrFailedPrecondition)
+	}
+	delete(s.Volumes, c.VolumeID)
+	return Result{}, nil
+}

@@ -1,0 +1,212 @@
+package meta
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// Client talks to the meta API of one or more members. Any member answers:
+// followers forward writes to the leader. The client moves on to the next
+// address when a member cannot be reached, and retries while the cluster has
+// no leader, until its context ends.
+type Client struct {
+	addrs []string
+
+	mu    sync.Mutex
+	conns map[string]*grpc.ClientConn
+	next  int // index of the address that answered last
+}
+
+// NewClient returns a client for the given member API addresses
+// ("host:port"). It connects lazily.
+func NewClient(addrs []string) (*Client, error) {
+	var clean []string
+	for _, a := range addrs {
+		if a = strings.TrimSpace(a); a != "" {
+			clean = append(clean, a)
+		}
+	}
+	if len(clean) == 0 {
+		return nil, errors.New("meta client: no server address given")
+	}
+	return &Client{addrs: clean, conns: map[string]*grpc.ClientConn{}}, nil
+}
+
+// Close closes every connection.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for a, cc := range c.conns {
+		cc.Close()
+		delete(c.conns, a)
+	}
+	return nil
+}
+
+func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if cc, ok := c.conns[addr]; ok {
+		return cc, nil
+	}
+	cc, err := grpc.NewClient(addr,
+		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(jsonCodec{})))
+	if err != nil {
+		return nil, fmt.Errorf("meta client: %s: %w", addr, err)
+	}
+	c.conns[addr] = cc
+	return cc, nil
+}
+
+// invokeOnce calls method on the addresses in turn until one answers at the
+// transport level. It does not look at the answer's own error.
+func (c *Client) invokeOnce(ctx context.Context, method string, req, resp any) error {
+	c.mu.Lock()
+	start := c.next
+	c.mu.Unlock()
+	var lastErr error
+	for i := range c.addrs {
+		idx := (start + i) % len(c.addrs)
+		cc, err := c.conn(c.addrs[idx])
+		if err != nil {
+			lastErr = err
+			continue
+		}
+		// One unreachable member must not eat the whole deadline.
+		actx, cancel := context.WithTimeout(ctx, attemptTimeout(ctx, len(c.addrs)-i))
+		err = cc.Invoke(actx, methodPath(method), req, resp)
+		cancel()
+		if err == nil {
+			c.mu.Lock()
+			c.next = idx
+			c.mu.Unlock()
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		lastErr = fmt.Errorf("%s: %w", c.addrs[idx], err)
+		if code := status.Code(err); code != codes.Unavailable && code != codes.DeadlineExceeded {
+			return lastErr
+		}
+	}
+	return fmt.Errorf("no member answered (%v): %w", lastErr, ErrNoLeader)
+}
+
+// attemptTimeout shares what is left of ctx among the remaining addresses,
+// between 1 and 10 seconds each.
+func attemptTimeout(ctx context.Context, remaining int) time.Duration {
+	d := 10 * time.Second
+	if dl, ok := ctx.Deadline(); ok {
+		d = time.Until(dl) / time.Duration(remaining)
+	}
+	if d < time.Second {
+		d = time.Second
+	}
+	if d > 10*time.Second {
+		d = 10 * time.Second
+	}
+	return d
+}
+
+// retryable says whether a call may be repeated: nothing was applied.
+func retryable(err error) bool {
+	return errors.Is(err, ErrNoLeader) || errors.Is(err, ErrNotLeader)
+}
+
+// call invokes method and retries while the cluster has no leader. answer
+// extracts the response's own error.
+func (c *Client) call(ctx context.Context, method string, req, resp any, answer func() error) error {
+	backoff := 20 * time.Millisecond
+	for {
+		err := c.invokeOnce(ctx, method, req, resp)
+		if err == nil {
+			err = answer()
+		}
+		if err == nil || !retryable(err) || errors.Is(err, ErrOutcomeUnknown) {
+			return err
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
+		case <-time.After(backoff):
+		}
+		if backoff < 500*time.Millisecond {
+			backoff *= 2
+		}
+	}
+}
+
+// Apply commits a command through any member.
+func (c *Client) Apply(ctx context.Context, cmd Command) (Result, error) {
+	b, err := Encode(cmd)
+	if err != nil {
+		return Result{}, err
+	}
+	var resp ApplyResponse
+	err = c.call(ctx, "Apply", &ApplyRequest{Command: b}, &resp, func() error { return fromWire(resp.Error) })
+	return resp.Result, err
+}
+
+// State reads the whole state; linearizable reads go through the leader.
+func (c *Client) State(ctx context.Context, linearizable bool) (*State, error) {
+	var resp ReadResponse
+	err := c.call(ctx, "Read", &ReadRequest{Linearizable: linearizable}, &resp, func() error { return fromWire(resp.Error) })
+	if err != nil {
+		return nil, err
+	}
+	if resp.State == nil {
+		return nil, errors.New("meta: read answered without a state")
+	}
+	return resp.State, nil
+}
+
+// Status asks one member for the cluster status.
+func (c *Client) Status(ctx context.Context) (*StatusResponse, error) {
+	var resp StatusResponse
+	err := c.call(ctx, "Status", &StatusRequest{}, &resp, func() error { return fromWire(resp.Error) })
+	return &resp, err
+}
+
+// Info asks a member about itself.
+func (c *Client) Info(ctx context.Context) (*InfoResponse, error) {
+	var resp InfoResponse
+	err := c.invokeOnce(ctx, "Info", &InfoRequest{}, &resp)
+	return &resp, err
+}
+
+// Join asks the cluster to add a member.
+func (c *Client) Join(ctx context.Context, req *JoinRequest) (*JoinResponse, error) {
+	var resp JoinResponse
+	err := c.call(ctx, "Join", req, &resp, func() error { return fromWire(resp.Error) })
+	return &resp, err
+}
+
+// Heartbeat reports a node alive to the leader.
+func (c *Client) Heartbeat(ctx context.Context, req *HeartbeatRequest) error {
+	var resp HeartbeatResponse
+	return c.call(ctx, "Heartbeat", req, &resp, func() error { return fromWire(resp.Error) })
+}
+
+// Volume returns one live volume (a linearizable read).
+func (c *Client) Volume(ctx context.Context, id string) (*Volume, error) {
+	s, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	v, err := s.liveVolume(id)
+	if err != nil {
+		return nil, err
+	}
+	return v, nil
+}

@@ -1,0 +1,233 @@
+package meta
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+)
+
+// CommandType tags each Raft log entry of the store. The numbers are part of
+// the on-disk format: append new types at the end; never renumber or reuse one.
+type CommandType uint8
+
+// Command types.
+const (
+	CmdInitCluster     CommandType = 1
+	CmdRegisterNode    CommandType = 2
+	CmdNodeHeartbeat   CommandType = 3
+	CmdSetNodeState    CommandType = 4
+	CmdCreateVolume    CommandType = 5
+	CmdDeleteVolume    CommandType = 6
+	CmdAttachVolume    CommandType = 7
+	CmdDetachVolume    CommandType = 8
+	CmdSetReplicaState CommandType = 9
+	CmdReplaceReplica  CommandType = 10
+	CmdSetVolumeState  CommandType = 11
+	CmdCreateSnapshot  CommandType = 12
+	CmdDeleteSnapshot  CommandType = 13
+	CmdPurgeVolume     CommandType = 14
+)
+
+// commandVersion is the encoding version written in front of every command.
+// Decode accepts versions up to this one.
+const commandVersion = 1
+
+// Command is one change to the store's state.
+type Command interface {
+	Type() CommandType
+}
+
+// InitCluster gives a new cluster its identity; the first leader commits it.
+type InitCluster struct {
+	ClusterID             string  `json:"cluster_id"`
+	OverProvisioningRatio float64 `json:"over_provisioning_ratio"`
+}
+
+// RegisterNode adds a node or updates its addresses, topology and capacity.
+type RegisterNode struct {
+	Node Node  `json:"node"`
+	Time int64 `json:"time"`
+}
+
+// NodeHeartbeat records a node's capacity and liveness.
+type NodeHeartbeat struct {
+	NodeID        string `json:"node_id"`
+	CapacityBytes uint64 `json:"capacity_bytes"`
+	FreeBytes     uint64 `json:"free_bytes"`
+	Time          int64  `json:"time"`
+}
+
+// SetNodeState marks a node up, down or draining.
+type SetNodeState struct {
+	NodeID string    `json:"node_id"`
+	State  NodeState `json:"state"`
+	Time   int64     `json:"time"`
+}
+
+// CreateVolume records a new volume and places its replicas. Placement runs
+// inside Apply, on the replicated state, so every member computes the same.
+type CreateVolume struct {
+	ID            string            `json:"id"`
+	Name          string            `json:"name"`
+	SizeBytes     uint64            `json:"size"`
+	Parameters    map[string]string `json:"parameters,omitempty"`
+	AccessType    string            `json:"access_type,omitempty"`
+	Replicas      int               `json:"replicas"`
+	WriteQuorum   int               `json:"write_quorum,omitempty"`
+	ContentSource string            `json:"content_source,omitempty"`
+	AllowedZones  []string          `json:"allowed_zones,omitempty"`
+	PreferredNode string            `json:"preferred_node,omitempty"`
+	CreatedAt     int64             `json:"created_at"`
+}
+
+// DeleteVolume marks a volume deleted (a tombstone until its replicas are gone).
+type DeleteVolume struct {
+	VolumeID string `json:"volume_id"`
+}
+
+// AttachVolume gives one node the right to write a volume. Compare-and-set on
+// the epoch; increments it.
+type AttachVolume struct {
+	VolumeID    string `json:"volume_id"`
+	NodeID      string `json:"node_id"`
+	ReadOnly    bool   `json:"read_only,omitempty"`
+	ExpectEpoch uint64 `json:"expect_epoch"`
+}
+
+// DetachVolume takes the attachment away. Compare-and-set on the epoch;
+// increments it.
+type DetachVolume struct {
+	VolumeID    string `json:"volume_id"`
+	NodeID      string `json:"node_id"`
+	ExpectEpoch uint64 `json:"expect_epoch"`
+}
+
+// SetReplicaState moves one replica to a new state (eject, mark rebuilt).
+// Compare-and-set on the epoch; increments it.
+type SetReplicaState struct {
+	VolumeID    string       `json:"volume_id"`
+	ReplicaID   string       `json:"replica_id"`
+	State       ReplicaState `json:"state"`
+	ExpectEpoch uint64       `json:"expect_epoch"`
+}
+
+// ReplaceReplica drops a replica and places a new one, in state rebuilding, on
+// another node. Compare-and-set on the epoch; increments it.
+type ReplaceReplica struct {
+	VolumeID    string `json:"volume_id"`
+	ReplicaID   string `json:"replica_id"`
+	ExpectEpoch uint64 `json:"expect_epoch"`
+}
+
+// SetVolumeState moves a volume through its lifecycle (see volumeTransitions).
+type SetVolumeState struct {
+	VolumeID string      `json:"volume_id"`
+	State    VolumeState `json:"state"`
+}
+
+// CreateSnapshot records a snapshot of a volume.
+type CreateSnapshot struct {
+	ID             string `json:"id"`
+	Name           string `json:"name"`
+	SourceVolumeID string `json:"source_volume_id"`
+	CreatedAt      int64  `json:"created_at"`
+}
+
+// DeleteSnapshot removes a snapshot record.
+type DeleteSnapshot struct {
+	SnapshotID string `json:"snapshot_id"`
+}
+
+// PurgeVolume forgets a deleted volume once nothing of it is left on disk.
+type PurgeVolume struct {
+	VolumeID string `json:"volume_id"`
+}
+
+// Type implementations.
+func (InitCluster) Type() CommandType     { return CmdInitCluster }
+func (RegisterNode) Type() CommandType    { return CmdRegisterNode }
+func (NodeHeartbeat) Type() CommandType   { return CmdNodeHeartbeat }
+func (SetNodeState) Type() CommandType    { return CmdSetNodeState }
+func (CreateVolume) Type() CommandType    { return CmdCreateVolume }
+func (DeleteVolume) Type() CommandType    { return CmdDeleteVolume }
+func (AttachVolume) Type() CommandType    { return CmdAttachVolume }
+func (DetachVolume) Type() CommandType    { return CmdDetachVolume }
+func (SetReplicaState) Type() CommandType { return CmdSetReplicaState }
+func (ReplaceReplica) Type() CommandType  { return CmdReplaceReplica }
+func (SetVolumeState) Type() CommandType  { return CmdSetVolumeState }
+func (CreateSnapshot) Type() CommandType  { return CmdCreateSnapshot }
+func (DeleteSnapshot) Type() CommandType  { return CmdDeleteSnapshot }
+func (PurgeVolume) Type() CommandType     { return CmdPurgeVolume }
+
+// newCommand returns an empty command of type t, or nil for an unknown type.
+func newCommand(t CommandType) Command {
+	switch t {
+	case CmdInitCluster:
+		return &InitCluster{}
+	case CmdRegisterNode:
+		return &RegisterNode{}
+	case CmdNodeHeartbeat:
+		return &NodeHeartbeat{}
+	case CmdSetNodeState:
+		return &SetNodeState{}
+	case CmdCreateVolume:
+		return &CreateVolume{}
+	case CmdDeleteVolume:
+		return &DeleteVolume{}
+	case CmdAttachVolume:
+		return &AttachVolume{}
+	case CmdDetachVolume:
+		return &DetachVolume{}
+	case CmdSetReplicaState:
+		return &SetReplicaState{}
+	case CmdReplaceReplica:
+		return &ReplaceReplica{}
+	case CmdSetVolumeState:
+		return &SetVolumeState{}
+	case CmdCreateSnapshot:
+		return &CreateSnapshot{}
+	case CmdDeleteSnapshot:
+		return &DeleteSnapshot{}
+	case CmdPurgeVolume:
+		return &PurgeVolume{}
+	}
+	return nil
+}
+
+// Encode writes a command as [type][version][JSON body]. The body's schema is
+// the Go struct of that type; its JSON names are part of the on-disk format.
+func Encode(c Command) ([]byte, error) {
+	body, err := json.Marshal(c)
+	if err != nil {
+		return nil, fmt.Errorf("encode %T: %w", c, err)
+	}
+	out := make([]byte, 0, 2+len(body))
+	out = append(out, byte(c.Type()), commandVersion)
+	return append(out, body...), nil
+}
+
+// Decode parses what Encode wrote. Bad bytes give an error wrapping
+// ErrBadCommand; Decode never panics.
+func Decode(b []byte) (Command, error) {
+	if len(b) < 2 {
+		return nil, fmt.Errorf("command of %d bytes is too short: %w", len(b), ErrBadCommand)
+	}
+	t, version := CommandType(b[0]), b[1]
+	if version == 0 || version > commandVersion {
+		return nil, fmt.Errorf("command type %d has version %d, this build reads up to %d: %w", t, version, commandVersion, ErrBadCommand)
+	}
+	c := newCommand(t)
+	if c == nil {
+		return nil, fmt.Errorf("unknown command type %d: %w", t, ErrBadCommand)
+	}
+	dec := json.NewDecoder(bytes.NewReader(b[2:]))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(c); err != nil {
+		return nil, fmt.Errorf("command type %d: %v: %w", t, err, ErrBadCommand)
+	}
+	if _, err := dec.Token(); err != io.EOF { // dec.More misses a trailing '}' or ']'
+		return nil, fmt.Errorf("command type %d: trailing bytes: %w", t, ErrBadCommand)
+	}
+	return c, nil
+}

@@ -1,0 +1,161 @@
+package meta
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// streamLayer is raft's TCP stream layer with two additions:
+//
+//   - every connection starts with a preamble naming the dialer's advertised
+//     raft address, so the accepting side knows which peer it talks to;
+//   - links to chosen peers can be cut (Partition) and restored (Heal). Fault
+//     tests use this to partition real TCP members without root; production
+//     never calls it.
+type streamLayer struct {
+	ln        net.Listener
+	advertise net.Addr
+
+	mu      sync.Mutex
+	blocked map[string]bool     // raft addresses we refuse to talk to
+	conns   map[net.Conn]string // open connections and their peer
+}
+
+// maxPreamble bounds the peer address a dialer may announce.
+const maxPreamble = 255
+
+func newStreamLayer(bind, advertise string) (*streamLayer, error) {
+	ln, err := net.Listen("tcp", bind)
+	if err != nil {
+		return nil, fmt.Errorf("raft listen on %s: %w", bind, err)
+	}
+	if advertise == "" {
+		advertise = ln.Addr().String()
+	}
+	adv, err := net.ResolveTCPAddr("tcp", advertise)
+	if err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("raft advertise address %q: %w", advertise, err)
+	}
+	if adv.IP == nil || adv.IP.IsUnspecified() {
+		ln.Close()
+		return nil, fmt.Errorf("raft advertise address %q is not one peers can dial", advertise)
+	}
+	return &streamLayer{ln: ln, advertise: adv, blocked: map[string]bool{}, conns: map[net.Conn]string{}}, nil
+}
+
+// Dial opens a connection to a peer and announces ourselves.
+func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.Conn, error) {
+	if s.isBlocked(string(addr)) {
+		return nil, fmt.Errorf("link to %s is cut (partition)", addr)
+	}
+	c, err := net.DialTimeout("tcp", string(addr), timeout)
+	if err != nil {
+		return nil, err
+	}
+	self := s.advertise.String()
+	pre := append([]byte{byte(len(self))}, self...)
+	if _, err := c.Write(pre); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return s.track(c, string(addr)), nil
+}
+
+// Accept returns the next connection from a peer that is not cut off.
+func (s *streamLayer) Accept() (net.Conn, error) {
+	for {
+		c, err := s.ln.Accept()
+		if err != nil {
+			return nil, err
+		}
+		peer, err := readPreamble(c)
+		if err != nil || s.isBlocked(peer) {
+			c.Close()
+			continue
+		}
+		return s.track(c, peer), nil
+	}
+}
+
+func readPreamble(c net.Conn) (string, error) {
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		return "", err
+	}
+	var n [1]byte
+	if _, err := io.ReadFull(c, n[:]); err != nil {
+		return "", err
+	}
+	if n[0] == 0 || n[0] > maxPreamble {
+		return "", errors.New("bad raft preamble")
+	}
+	buf := make([]byte, n[0])
+	if _, err := io.ReadFull(c, buf); err != nil {
+		return "", err
+	}
+	return string(buf), c.SetReadDeadline(time.Time{})
+}
+
+func (s *streamLayer) Close() error   { return s.ln.Close() }
+func (s *streamLayer) Addr() net.Addr { return s.advertise }
+
+func (s *streamLayer) isBlocked(peer string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.blocked[peer]
+}
+
+func (s *streamLayer) track(c net.Conn, peer string) net.Conn {
+	t := &trackedConn{Conn: c, layer: s}
+	s.mu.Lock()
+	s.conns[t] = peer
+	s.mu.Unlock()
+	return t
+}
+
+// Partition cuts the links to the given peers (raft addresses), closing the
+// open connections at once.
+func (s *streamLayer) Partition(peers ...string) {
+	s.mu.Lock()
+	var toClose []net.Conn
+	for _, p := range peers {
+		s.blocked[p] = true
+	}
+	for c, p := range s.conns {
+		if s.blocked[p] {
+			toClose = append(toClose, c)
+		}
+	}
+	s.mu.Unlock()
+	for _, c := range toClose {
+		c.Close()
+	}
+}
+
+// Heal restores every cut link.
+func (s *streamLayer) Heal() {
+	s.mu.Lock()
+	s.blocked = map[string]bool{}
+	s.mu.Unlock()
+}
+
+type trackedConn struct {
+	net.Conn
+	layer *streamLayer
+	once  sync.Once
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() {
+		c.layer.mu.Lock()
+		delete(c.layer.conns, c)
+		c.layer.mu.Unlock()
+	})
+	return c.Conn.Close()
+}

@@ -1,0 +1,258 @@
+package meta
+
+import (
+	"fmt"
+	"sort"
+)
+
+// NodeState is the liveness of a storage node as the leader last judged it.
+type NodeState string
+
+// Node states.
+const (
+	NodeUp       NodeState = "up"
+	NodeDown     NodeState = "down"
+	NodeDraining NodeState = "draining"
+)
+
+// Node is one storage node: a member of the cluster with a data disk.
+type Node struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	APIAddr  string `json:"api_addr"`
+	// DataAddr is where the node's replica server listens (empty until it has one).
+	DataAddr string    `json:"data_addr,omitempty"`
+	Zone     string    `json:"zone,omitempty"`
+	Region   string    `json:"region,omitempty"`
+	State    NodeState `json:"state"`
+	// CapacityBytes and FreeBytes describe the node's data disk.
+	CapacityBytes uint64 `json:"capacity_bytes"`
+	FreeBytes     uint64 `json:"free_bytes"`
+	// LastHeartbeat is the leader's clock (unix nanoseconds) at the node's last
+	// recorded heartbeat. The leader records heartbeats in memory and commits
+	// them only with state or capacity changes, so this lags by design.
+	LastHeartbeat int64 `json:"last_heartbeat"`
+}
+
+// VolumeState is a volume's lifecycle state.
+type VolumeState string
+
+// Volume lifecycle states.
+const (
+	VolumePending      VolumeState = "pending"
+	VolumeProvisioning VolumeState = "provisioning"
+	VolumeAvailable    VolumeState = "available"
+	VolumeAttached     VolumeState = "attached"
+	VolumeReleasing    VolumeState = "releasing"
+	VolumeDeleted      VolumeState = "deleted"
+	VolumeFailed       VolumeState = "failed"
+)
+
+// volumeTransitions is the volume lifecycle: the only legal moves. A state
+// machine is data, checked in one function (checkTransition).
+var volumeTransitions = map[VolumeState][]VolumeState{
+	VolumePending:      {VolumeProvisioning, VolumeAvailable, VolumeFailed, VolumeDeleted},
+	VolumeProvisioning: {VolumeAvailable, VolumeFailed, VolumeDeleted},
+	VolumeAvailable:    {VolumeAttached, VolumeDeleted, VolumeFailed},
+	VolumeAttached:     {VolumeReleasing, VolumeAvailable, VolumeFailed},
+	VolumeReleasing:    {VolumeAvailable, VolumeFailed},
+	VolumeFailed:       {VolumeAvailable, VolumeDeleted},
+	VolumeDeleted:      {},
+}
+
+// checkTransition returns ErrIllegalTransition unless from → to is in the table.
+func checkTransition(from, to VolumeState) error {
+	for _, s := range volumeTransitions[from] {
+		if s == to {
+			return nil
+		}
+	}
+	return fmt.Errorf("volume %s → %s: %w", from, to, ErrIllegalTransition)
+}
+
+// ReplicaState is the state of one replica within its volume's replica set.
+type ReplicaState string
+
+// Replica states.
+const (
+	ReplicaHealthy    ReplicaState = "healthy"
+	ReplicaRebuilding ReplicaState = "rebuilding"
+	ReplicaStale      ReplicaState = "stale"
+	ReplicaFailed     ReplicaState = "failed"
+)
+
+// replicaTransitions lists legal replica state moves.
+var replicaTransitions = map[ReplicaState][]ReplicaState{
+	ReplicaHealthy:    {ReplicaStale, ReplicaFailed},
+	ReplicaRebuilding: {ReplicaHealthy, ReplicaFailed, ReplicaStale},
+	ReplicaStale:      {ReplicaRebuilding, ReplicaFailed},
+	ReplicaFailed:     {ReplicaRebuilding},
+}
+
+func checkReplicaTransition(from, to ReplicaState) error {
+	for _, s := range replicaTransitions[from] {
+		if s == to {
+			return nil
+		}
+	}
+	return fmt.Errorf("replica %s → %s: %w", from, to, ErrIllegalTransition)
+}
+
+// Replica is one copy of a volume on one node.
+type Replica struct {
+	ID    string       `json:"id"`
+	Node  string       `json:"node"`
+	State ReplicaState `json:"state"`
+}
+
+// Attachment says which node's engine may write a volume.
+type Attachment struct {
+	Node     string `json:"node"`
+	ReadOnly bool   `json:"read_only,omitempty"`
+}
+
+// RebuildProgress is the progress of a replica rebuild, for operators.
+type RebuildProgress struct {
+	ReplicaID     string `json:"replica_id"`
+	BytesTotal    uint64 `json:"bytes_total"`
+	BytesCompared uint64 `json:"bytes_compared"`
+	BytesCopied   uint64 `json:"bytes_copied"`
+}
+
+// Volume is a replicated block volume.
+type Volume struct {
+	ID         string            `json:"id"`
+	Name       string            `json:"name"` // CSI name: the idempotency key
+	SizeBytes  uint64            `json:"size"`
+	Parameters map[string]string `json:"parameters,omitempty"`
+	AccessType string            `json:"access_type,omitempty"` // "mount" or "block"
+	State      VolumeState       `json:"state"`
+	// ReplicaCount is the desired number of replicas.
+	ReplicaCount int `json:"replica_count"`
+	// WriteQuorum is the least number of healthy replicas a write needs.
+	WriteQuorum int       `json:"write_quorum"`
+	Replicas    []Replica `json:"replicas"`
+	// Epoch increments with every change of replica set or attachment; engines
+	// and replicas use it to fence stale writers.
+	Epoch         uint64           `json:"epoch"`
+	Attachment    *Attachment      `json:"attachment,omitempty"`
+	ContentSource string           `json:"content_source,omitempty"`
+	Rebuild       *RebuildProgress `json:"rebuild,omitempty"`
+	// NextReplicaSeq numbers replicas so that a replacement never reuses an id.
+	NextReplicaSeq int   `json:"next_replica_seq"`
+	CreatedAt      int64 `json:"created_at"`
+}
+
+// Snapshot is a point-in-time copy of a volume.
+type Snapshot struct {
+	ID             string `json:"id"`
+	Name           string `json:"name"`
+	SourceVolumeID string `json:"source_volume_id"`
+	SizeBytes      uint64 `json:"size"`
+	CreatedAt      int64  `json:"created_at"`
+	ReadyToUse     bool   `json:"ready_to_use"`
+}
+
+// State is the whole replicated state of the store. Only the FSM mutates it,
+// and only inside Apply.
+type State struct {
+	ClusterID string `json:"cluster_id"`
+	// OverProvisioningRatio bounds thin provisioning: the replicas placed on
+	// a node may add up to its capacity times this ratio (0 means 1).
+	OverProvisioningRatio float64              `json:"over_provisioning_ratio"`
+	Nodes                 map[string]*Node     `json:"nodes"`
+	Volumes               map[string]*Volume   `json:"volumes"`
+	Snapshots             map[string]*Snapshot `json:"snapshots"`
+}
+
+// NewState returns an empty state.
+func NewState() *State {
+	return &State{
+		Nodes:     map[string]*Node{},
+		Volumes:   map[string]*Volume{},
+		Snapshots: map[string]*Snapshot{},
+	}
+}
+
+// Clone returns a deep copy of v.
+func (v *Volume) Clone() *Volume {
+	c := *v
+	if v.Parameters != nil {
+		c.Parameters = make(map[string]string, len(v.Parameters))
+		for k, val := range v.Parameters {
+			c.Parameters[k] = val
+		}
+	}
+	c.Replicas = append([]Replica(nil), v.Replicas...)
+	if v.Attachment != nil {
+		a := *v.Attachment
+		c.Attachment = &a
+	}
+	if v.Rebuild != nil {
+		r := *v.Rebuild
+		c.Rebuild = &r
+	}
+	return &c
+}
+
+// HealthyReplicas counts the replicas in state healthy.
+func (v *Volume) HealthyReplicas() int {
+	n := 0
+	for _, r := range v.Replicas {
+		if r.State == ReplicaHealthy {
+			n++
+		}
+	}
+	return n
+}
+
+// Clone returns a deep copy of the state.
+func (s *State) Clone() *State {
+	c := NewState()
+	c.ClusterID = s.ClusterID
+	c.OverProvisioningRatio = s.OverProvisioningRatio
+	for id, n := range s.Nodes {
+		nc := *n
+		c.Nodes[id] = &nc
+	}
+	for id, v := range s.Volumes {
+		c.Volumes[id] = v.Clone()
+	}
+	for id, sn := range s.Snapshots {
+		sc := *sn
+		c.Snapshots[id] = &sc
+	}
+	return c
+}
+
+// SortedNodes returns the nodes ordered by id.
+func (s *State) SortedNodes() []*Node {
+	out := make([]*Node, 0, len(s.Nodes))
+	for _, n := range s.Nodes {
+		out = append(out, n)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// SortedVolumes returns the volumes that are not deleted, ordered by id.
+func (s *State) SortedVolumes() []*Volume {
+	out := make([]*Volume, 0, len(s.Volumes))
+	for _, v := range s.Volumes {
+		if v.State != VolumeDeleted {
+			out = append(out, v)
+		}
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// volumeByName finds a live (not deleted) volume by CSI name.
+func (s *State) volumeByName(name string) *Volume {
+	for _, v := range s.Volumes {
+		if v.Name == name && v.State != VolumeDeleted {
+			return v
+		}
+	}
+	return nil
+}
