@@ -164,6 +164,7 @@ func (a *Agent) sleep(d time.Duration) bool {
 func (a *Agent) form() {
 	if a.store.HasState() {
 		a.log.Info("rejoining from data dir")
+		a.checkPeersCluster(append(append([]string{}, a.cfg.Join...), a.cfg.Peers...))
 		return
 	}
 	self := raft.Server{ID: raft.ServerID(a.store.NodeID()), Address: raft.ServerAddress(a.store.RaftAddr()), Suffrage: raft.Voter}
@@ -178,6 +179,34 @@ func (a *Agent) form() {
 		a.bootstrapLoop(self)
 	default:
 		a.log.Info("no bootstrap or join given; waiting to be added by a leader")
+	}
+}
+
+// checkPeersCluster stops this member when a reachable peer belongs to
+// another cluster than the one recorded in the data dir: a data dir copied
+// from elsewhere must not silently run as its own cluster.
+func (a *Agent) checkPeersCluster(addrs []string) {
+	local := a.store.LocalClusterID()
+	if local == "" {
+		return
+	}
+	for _, addr := range addrs {
+		if addr == a.APIAddr() {
+			continue
+		}
+		c, err := NewClient([]string{addr})
+		if err != nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(a.ctx, 2*time.Second)
+		info, err := c.Info(ctx)
+		cancel()
+		c.Close()
+		if err == nil && info.ClusterID != "" && info.ClusterID != local {
+			a.fail(fmt.Errorf("data dir %s belongs to cluster %s, but %s (%s) is in cluster %s: %w",
+				a.cfg.Store.DataDir, local, addr, info.NodeID, info.ClusterID, ErrClusterMismatch))
+			return
+		}
 	}
 }
 
