@@ -27,6 +27,8 @@ type AgentConfig struct {
 	APIAdvertise string
 	// Zone and Region are this node's topology labels.
 	Zone, Region string
+	// DataAddr is where this node's replica server listens ("" if none).
+	DataAddr string
 	// BootstrapExpect, with Peers (meta API addresses of the other first
 	// members), forms a new cluster once that many members are reachable.
 	BootstrapExpect int
@@ -110,7 +112,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	store.OnLeading(a.reconcile)
-	a.srv = grpc.NewServer(grpc.ForceServerCodec(jsonCodec{}))
+	a.srv = grpc.NewServer(grpc.ForceServerCodec(jsonCodec{}), grpc.MaxRecvMsgSize(maxMessageBytes))
 	a.srv.RegisterService(&metaServiceDesc, a)
 	a.wg.Add(3)
 	go func() { defer a.wg.Done(); _ = a.srv.Serve(lis) }()
@@ -327,7 +329,8 @@ func (a *Agent) heartbeatLoop() {
 		if !registered {
 			_, err = a.applyForwarded(ctx, &RegisterNode{Node: Node{
 				ID: a.store.NodeID(), RaftAddr: a.store.RaftAddr(), APIAddr: a.APIAddr(),
-				Zone: a.cfg.Zone, Region: a.cfg.Region, CapacityBytes: capacity, FreeBytes: free,
+				DataAddr: a.cfg.DataAddr,
+				Zone:     a.cfg.Zone, Region: a.cfg.Region, CapacityBytes: capacity, FreeBytes: free,
 			}}, false)
 			if err == nil {
 				registered = true

@@ -14,6 +14,10 @@ import (
 
 const metaService = "cairn.meta.v1.Meta"
 
+// maxMessageBytes bounds one meta API message; a Read answer carries the
+// whole state, which outgrows gRPC's 4 MiB default with many volumes.
+const maxMessageBytes = 256 << 20
+
 // jsonCodec marshals gRPC messages as JSON.
 type jsonCodec struct{}
 

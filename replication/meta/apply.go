@@ -246,7 +246,7 @@ func applyDeleteVolume(s *State, c *DeleteVolume) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
-	if v.State == VolumeAttached || v.State == VolumeReleasing {
+	if v.Attachment != nil {
 		return Result{}, fmt.Errorf("volume %s is attached to %s: %w", v.ID, v.Attachment.Node, ErrFailedPrecondition)
 	}
 	if err := checkTransition(v.State, VolumeDeleted); err != nil {
@@ -391,13 +391,15 @@ func applySetVolumeState(s *State, c *SetVolumeState) (Result, error) {
 		// These carry an attachment or fence engines: use their own commands.
 		return Result{}, fmt.Errorf("volume state %q is set by its own command: %w", c.State, ErrInvalidArgument)
 	}
+	if c.State == VolumeAvailable && v.Attachment != nil {
+		// Taking an attachment away must fence its engine: DetachVolume
+		// does that with a compare-and-set and a new epoch.
+		return Result{}, fmt.Errorf("volume %s is attached to %s: detach it first: %w", v.ID, v.Attachment.Node, ErrFailedPrecondition)
+	}
 	if err := checkTransition(v.State, c.State); err != nil {
 		return Result{}, err
 	}
 	v.State = c.State
-	if c.State == VolumeAvailable {
-		v.Attachment = nil
-	}
 	return Result{Volume: v.Clone()}, nil
 }
 

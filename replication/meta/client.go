@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
 	"sync"
 	"time"
@@ -38,7 +39,9 @@ func NewClient(addrs []string) (*Client, error) {
 	if len(clean) == 0 {
 		return nil, errors.New("meta client: no server address given")
 	}
-	return &Client{addrs: clean, conns: map[string]*grpc.ClientConn{}}, nil
+	// Start at a random member so that many clients given the same list do
+	// not all land on the first one.
+	return &Client{addrs: clean, conns: map[string]*grpc.ClientConn{}, next: rand.IntN(len(clean))}, nil
 }
 
 // Close closes every connection.
@@ -60,7 +63,7 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 	}
 	cc, err := grpc.NewClient(addr,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.ForceCodec(jsonCodec{})))
+		grpc.WithDefaultCallOptions(grpc.ForceCodec(jsonCodec{}), grpc.MaxCallRecvMsgSize(maxMessageBytes)))
 	if err != nil {
 		return nil, fmt.Errorf("meta client: %s: %w", addr, err)
 	}

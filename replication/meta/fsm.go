@@ -153,12 +153,27 @@ func ReadSnapshot(r io.Reader) (*State, error) {
 	if got, want := crc32.Checksum(body, castagnoli), binary.BigEndian.Uint32(hdr[16:20]); got != want {
 		return nil, fmt.Errorf("snapshot checksum %08x, header says %08x: corrupt", got, want)
 	}
-	s := NewState()
+	s := &State{}
 	if err := json.Unmarshal(body, s); err != nil {
 		return nil, fmt.Errorf("decode snapshot: %w", err)
 	}
 	if s.Nodes == nil || s.Volumes == nil || s.Snapshots == nil {
 		return nil, fmt.Errorf("snapshot lacks nodes, volumes or snapshots: corrupt")
+	}
+	for id, n := range s.Nodes {
+		if n == nil {
+			return nil, fmt.Errorf("snapshot has an empty node %q: corrupt", id)
+		}
+	}
+	for id, v := range s.Volumes {
+		if v == nil {
+			return nil, fmt.Errorf("snapshot has an empty volume %q: corrupt", id)
+		}
+	}
+	for id, sn := range s.Snapshots {
+		if sn == nil {
+			return nil, fmt.Errorf("snapshot has an empty snapshot record %q: corrupt", id)
+		}
 	}
 	return s, nil
 }

@@ -137,7 +137,15 @@ func OpenStore(cfg StoreConfig) (*Store, error) {
 		rc.SnapshotInterval = cfg.SnapshotInterval
 	}
 	s.metrics = newStoreMetrics(s)
-	s.raft, err = raft.NewRaft(rc, s.fsm, s.logStore, s.logStore, snaps, s.transport)
+	// The cache keeps recent entries in memory so replication to followers
+	// does not read them back from bolt.
+	logs, err := raft.NewLogCache(512, s.logStore)
+	if err != nil {
+		s.transport.Close()
+		s.logStore.Close()
+		return nil, fmt.Errorf("store: log cache: %w", err)
+	}
+	s.raft, err = raft.NewRaft(rc, s.fsm, logs, s.logStore, snaps, s.transport)
 	if err != nil {
 		s.transport.Close()
 		s.logStore.Close()
@@ -430,9 +438,16 @@ func (s *Store) lead(ctx context.Context, wg *sync.WaitGroup) {
 		if clusterID == "" {
 			clusterID = newID("c")
 		}
-		if _, err := s.Apply(ctx, &InitCluster{ClusterID: clusterID, OverProvisioningRatio: 1}); err != nil {
-			s.log.Error("initialise cluster identity", zap.Error(err))
-			return
+		for {
+			_, err := s.Apply(ctx, &InitCluster{ClusterID: clusterID, OverProvisioningRatio: 1})
+			if err == nil {
+				break
+			}
+			if ctx.Err() != nil || !s.IsLeader() {
+				return
+			}
+			s.log.Warn("initialise cluster identity failed; retrying", zap.Error(err))
+			time.Sleep(100 * time.Millisecond)
 		}
 		s.log.Info("cluster initialised", zap.String("cluster_id", clusterID))
 	}

@@ -102,7 +102,24 @@ func readPreamble(c net.Conn) (string, error) {
 	return string(buf), c.SetReadDeadline(time.Time{})
 }
 
-func (s *streamLayer) Close() error   { return s.ln.Close() }
+// Close stops accepting and closes every open connection, dialed or
+// accepted. raft's NetworkTransport.Close only closes the listener: without
+// this, the goroutine serving each accepted connection would stay blocked in
+// a read for as long as the peer keeps its end open (forever, in one process).
+func (s *streamLayer) Close() error {
+	err := s.ln.Close()
+	s.mu.Lock()
+	open := make([]net.Conn, 0, len(s.conns))
+	for c := range s.conns {
+		open = append(open, c)
+	}
+	s.mu.Unlock()
+	for _, c := range open {
+		c.Close()
+	}
+	return err
+}
+
 func (s *streamLayer) Addr() net.Addr { return s.advertise }
 
 func (s *streamLayer) isBlocked(peer string) bool {

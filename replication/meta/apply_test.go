@@ -1,0 +1,1272 @@
+package meta
+
+import (
+	"errors"
+	"fmt"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+func TestApplyInitCluster(t *testing.T) {
+	tests := []struct {
+		name      string
+		pre       []Command
+		cmd       *InitCluster
+		wantErr   error
+		wantID    string
+		wantRatio float64
+	}{
+		{name: "first init sets id and ratio", cmd: &InitCluster{ClusterID: "c1", OverProvisioningRatio: 2},
+			wantID: "c1", wantRatio: 2},
+		{name: "zero ratio is allowed", cmd: &InitCluster{ClusterID: "c1"}, wantID: "c1"},
+		{name: "empty id", cmd: &InitCluster{}, wantErr: ErrInvalidArgument},
+		{name: "negative ratio", cmd: &InitCluster{ClusterID: "c1", OverProvisioningRatio: -1}, wantErr: ErrInvalidArgument},
+		{name: "same id again is a no-op", pre: []Command{&InitCluster{ClusterID: "c1", OverProvisioningRatio: 2}},
+			cmd: &InitCluster{ClusterID: "c1", OverProvisioningRatio: 3}, wantID: "c1", wantRatio: 2},
+		{name: "different id", pre: []Command{&InitCluster{ClusterID: "c1"}},
+			cmd: &InitCluster{ClusterID: "c2"}, wantErr: ErrClusterMismatch, wantID: "c1"},
+		{name: "empty id after init", pre: []Command{&InitCluster{ClusterID: "c1"}},
+			cmd: &InitCluster{}, wantErr: ErrInvalidArgument, wantID: "c1"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			for _, c := range tt.pre {
+				h.must(c)
+			}
+			res, err := h.apply(tt.cmd)
+			if !errors.Is(err, tt.wantErr) || (tt.wantErr == nil && err != nil) {
+				t.Fatalf("apply = %v, want %v", err, tt.wantErr)
+			}
+			if !reflect.DeepEqual(res, Result{}) {
+				t.Errorf("result = %+v, want empty", res)
+			}
+			s := h.state()
+			if s.ClusterID != tt.wantID || s.OverProvisioningRatio != tt.wantRatio {
+				t.Errorf("state cluster %q ratio %v, want %q %v", s.ClusterID, s.OverProvisioningRatio, tt.wantID, tt.wantRatio)
+			}
+		})
+	}
+}
+
+func TestApplyRegisterNode(t *testing.T) {
+	full := Node{ID: "n1", RaftAddr: "n1:7000", APIAddr: "n1:7001", DataAddr: "n1:7002", Zone: "z", Region: "r",
+		State: NodeDown, CapacityBytes: 10 * gib, FreeBytes: 4 * gib, LastHeartbeat: 1}
+	with := func(f func(n *Node)) Node { n := full; f(&n); return n }
+	tests := []struct {
+		name    string
+		node    Node
+		wantErr error
+	}{
+		{"full", full, nil},
+		{"minimal", Node{ID: "n1", RaftAddr: "a", APIAddr: "b"}, nil},
+		{"no id", with(func(n *Node) { n.ID = "" }), ErrInvalidArgument},
+		{"no raft address", with(func(n *Node) { n.RaftAddr = "" }), ErrInvalidArgument},
+		{"no API address", with(func(n *Node) { n.APIAddr = "" }), ErrInvalidArgument},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			res, err := h.apply(&RegisterNode{Node: tt.node, Time: 77})
+			if tt.wantErr != nil {
+				if !errors.Is(err, tt.wantErr) {
+					t.Fatalf("apply = %v, want %v", err, tt.wantErr)
+				}
+				if len(h.state().Nodes) != 0 {
+					t.Fatal("a refused node was stored")
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := tt.node
+			want.State = NodeUp // a registering node is up, whatever the command says
+			want.LastHeartbeat = 77
+			if got := h.node(tt.node.ID); !reflect.DeepEqual(got, &want) {
+				t.Fatalf("stored node = %+v, want %+v", got, want)
+			}
+			if !reflect.DeepEqual(res.Node, &want) || res.Volume != nil || res.Snapshot != nil {
+				t.Fatalf("result = %+v, want node %+v", res, want)
+			}
+		})
+	}
+
+	t.Run("re-register updates the node", func(t *testing.T) {
+		h := newHarness(t)
+		h.must(&RegisterNode{Node: full, Time: 1})
+		h.must(&RegisterNode{Node: Node{ID: "n1", RaftAddr: "new:1", APIAddr: "new:2", CapacityBytes: 20 * gib}, Time: 2})
+		got := h.node("n1")
+		want := &Node{ID: "n1", RaftAddr: "new:1", APIAddr: "new:2", CapacityBytes: 20 * gib, State: NodeUp, LastHeartbeat: 2}
+		if !reflect.DeepEqual(got, want) {
+			t.Fatalf("node = %+v, want %+v", got, want)
+		}
+		if n := len(h.state().Nodes); n != 1 {
+			t.Fatalf("%d nodes after re-register, want 1", n)
+		}
+	})
+	t.Run("result is a copy", func(t *testing.T) {
+		h := newHarness(t)
+		res := h.must(&RegisterNode{Node: full, Time: 1})
+		res.Node.Zone = "mutated"
+		if h.node("n1").Zone != "z" {
+			t.Fatal("the result aliases the stored node")
+		}
+	})
+}
+
+func TestApplyNodeHeartbeat(t *testing.T) {
+	tests := []struct {
+		name     string
+		cmd      *NodeHeartbeat
+		preState NodeState
+		wantErr  error
+	}{
+		{name: "unknown node", cmd: &NodeHeartbeat{NodeID: "nope", Time: 5}, wantErr: ErrNotFound},
+		{name: "empty node id", cmd: &NodeHeartbeat{Time: 5}, wantErr: ErrNotFound},
+		{name: "up node", cmd: &NodeHeartbeat{NodeID: "n1", CapacityBytes: 50 * gib, FreeBytes: 7 * gib, Time: 500}, preState: NodeUp},
+		{name: "draining node stays draining", cmd: &NodeHeartbeat{NodeID: "n1", CapacityBytes: 50 * gib, FreeBytes: 7 * gib, Time: 500}, preState: NodeDraining},
+		{name: "down node stays down", cmd: &NodeHeartbeat{NodeID: "n1", CapacityBytes: 50 * gib, FreeBytes: 7 * gib, Time: 500}, preState: NodeDown},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(1, 10)
+			if tt.preState != "" {
+				h.must(&SetNodeState{NodeID: "n1", State: tt.preState, Time: 1})
+			}
+			before := h.node("n1")
+			if tt.wantErr != nil {
+				h.fails(tt.cmd, tt.wantErr)
+				return
+			}
+			res := h.must(tt.cmd)
+			want := *before
+			want.CapacityBytes, want.FreeBytes, want.LastHeartbeat = tt.cmd.CapacityBytes, tt.cmd.FreeBytes, tt.cmd.Time
+			if got := h.node("n1"); !reflect.DeepEqual(got, &want) {
+				t.Fatalf("node = %+v, want %+v", got, want)
+			}
+			if !reflect.DeepEqual(res.Node, &want) {
+				t.Fatalf("result node = %+v, want %+v", res.Node, want)
+			}
+		})
+	}
+}
+
+func TestApplySetNodeState(t *testing.T) {
+	tests := []struct {
+		name          string
+		cmd           *SetNodeState
+		wantErr       error
+		wantHeartbeat int64
+	}{
+		{name: "unknown node", cmd: &SetNodeState{NodeID: "nope", State: NodeDown}, wantErr: ErrNotFound},
+		{name: "empty state", cmd: &SetNodeState{NodeID: "n1"}, wantErr: ErrInvalidArgument},
+		{name: "bad state", cmd: &SetNodeState{NodeID: "n1", State: "sleeping"}, wantErr: ErrInvalidArgument},
+		{name: "wrong case", cmd: &SetNodeState{NodeID: "n1", State: "Up"}, wantErr: ErrInvalidArgument},
+		{name: "down keeps the heartbeat", cmd: &SetNodeState{NodeID: "n1", State: NodeDown, Time: 900}, wantHeartbeat: 100},
+		{name: "draining keeps the heartbeat", cmd: &SetNodeState{NodeID: "n1", State: NodeDraining, Time: 900}, wantHeartbeat: 100},
+		{name: "up records the time", cmd: &SetNodeState{NodeID: "n1", State: NodeUp, Time: 900}, wantHeartbeat: 900},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(1, 10) // registered at time 100
+			if tt.wantErr != nil {
+				h.fails(tt.cmd, tt.wantErr)
+				return
+			}
+			res := h.must(tt.cmd)
+			got := h.node("n1")
+			if got.State != tt.cmd.State || got.LastHeartbeat != tt.wantHeartbeat {
+				t.Fatalf("node state %q heartbeat %d, want %q %d", got.State, got.LastHeartbeat, tt.cmd.State, tt.wantHeartbeat)
+			}
+			if !reflect.DeepEqual(res.Node, got) {
+				t.Fatalf("result %+v, stored %+v", res.Node, got)
+			}
+		})
+	}
+}
+
+// checkPlacedVolume checks what every freshly created volume must satisfy.
+func checkPlacedVolume(t *testing.T, s *State, v *Volume) {
+	t.Helper()
+	if len(v.Replicas) != v.ReplicaCount {
+		t.Fatalf("volume has %d replicas, want %d", len(v.Replicas), v.ReplicaCount)
+	}
+	if v.Epoch != 1 {
+		t.Errorf("new volume epoch %d, want 1", v.Epoch)
+	}
+	if v.NextReplicaSeq != v.ReplicaCount {
+		t.Errorf("NextReplicaSeq %d, want %d", v.NextReplicaSeq, v.ReplicaCount)
+	}
+	nodes := map[string]bool{}
+	for i, r := range v.Replicas {
+		if want := fmt.Sprintf("%s-r%d", v.ID, i+1); r.ID != want {
+			t.Errorf("replica %d id %q, want %q", i, r.ID, want)
+		}
+		if r.State != ReplicaHealthy {
+			t.Errorf("replica %s is %s, want healthy", r.ID, r.State)
+		}
+		if nodes[r.Node] {
+			t.Errorf("two replicas on node %s", r.Node)
+		}
+		nodes[r.Node] = true
+		n, ok := s.Nodes[r.Node]
+		if !ok {
+			t.Errorf("replica on unregistered node %q", r.Node)
+		} else if n.State != NodeUp {
+			t.Errorf("replica placed on %s node %s", n.State, n.ID)
+		}
+	}
+	if v.Attachment != nil {
+		t.Errorf("new volume is attached: %+v", v.Attachment)
+	}
+}
+
+func TestApplyCreateVolume(t *testing.T) {
+	base := CreateVolume{ID: "v1", Name: "pvc-1", SizeBytes: gib, Replicas: 3, CreatedAt: 5}
+	with := func(f func(c *CreateVolume)) *CreateVolume { c := base; f(&c); return &c }
+	tests := []struct {
+		name        string
+		cmd         *CreateVolume
+		wantErr     error
+		wantQuorum  int
+		wantState   VolumeState
+		wantNodes   []string // when the placement is determined
+		wantInError string   // for ResourceExhausted: the reason names this
+	}{
+		{name: "three replicas", cmd: &base, wantQuorum: 2, wantState: VolumeAvailable},
+		{name: "explicit quorum", cmd: with(func(c *CreateVolume) { c.WriteQuorum = 3 }), wantQuorum: 3, wantState: VolumeAvailable},
+		{name: "quorum 1 of 3", cmd: with(func(c *CreateVolume) { c.WriteQuorum = 1 }), wantQuorum: 1, wantState: VolumeAvailable},
+		{name: "default quorum of 1", cmd: with(func(c *CreateVolume) { c.Replicas = 1 }), wantQuorum: 1, wantState: VolumeAvailable},
+		{name: "default quorum of 2", cmd: with(func(c *CreateVolume) { c.Replicas = 2 }), wantQuorum: 2, wantState: VolumeAvailable},
+		{name: "default quorum of 4", cmd: with(func(c *CreateVolume) { c.Replicas = 4 }), wantQuorum: 3, wantState: VolumeAvailable},
+		{name: "default quorum of 5", cmd: with(func(c *CreateVolume) { c.Replicas = 5 }), wantQuorum: 3, wantState: VolumeAvailable},
+		{name: "content source provisions first", cmd: with(func(c *CreateVolume) { c.ContentSource = "snap-1" }),
+			wantQuorum: 2, wantState: VolumeProvisioning},
+		{name: "preferred node first", cmd: with(func(c *CreateVolume) { c.Replicas = 1; c.PreferredNode = "n4" }),
+			wantQuorum: 1, wantState: VolumeAvailable, wantNodes: []string{"n4"}},
+		{name: "allowed zones", cmd: with(func(c *CreateVolume) { c.Replicas = 2; c.AllowedZones = []string{"zone-b"} }),
+			wantQuorum: 2, wantState: VolumeAvailable, wantNodes: []string{"n2", "n4"}},
+		{name: "spread over zones", cmd: with(func(c *CreateVolume) { c.Replicas = 2 }),
+			wantQuorum: 2, wantState: VolumeAvailable, wantNodes: []string{"n1", "n2"}},
+
+		{name: "no id", cmd: with(func(c *CreateVolume) { c.ID = "" }), wantErr: ErrInvalidArgument},
+		{name: "no name", cmd: with(func(c *CreateVolume) { c.Name = "" }), wantErr: ErrInvalidArgument},
+		{name: "zero size", cmd: with(func(c *CreateVolume) { c.SizeBytes = 0 }), wantErr: ErrInvalidArgument},
+		{name: "zero replicas", cmd: with(func(c *CreateVolume) { c.Replicas = 0 }), wantErr: ErrInvalidArgument},
+		{name: "negative replicas", cmd: with(func(c *CreateVolume) { c.Replicas = -1 }), wantErr: ErrInvalidArgument},
+		{name: "too many replicas", cmd: with(func(c *CreateVolume) { c.Replicas = MaxReplicas + 1 }), wantErr: ErrInvalidArgument},
+		{name: "negative quorum", cmd: with(func(c *CreateVolume) { c.WriteQuorum = -1 }), wantErr: ErrInvalidArgument},
+		{name: "quorum above replicas", cmd: with(func(c *CreateVolume) { c.WriteQuorum = 4 }), wantErr: ErrInvalidArgument},
+		{name: "more replicas than nodes", cmd: with(func(c *CreateVolume) { c.Replicas = 5 }), wantErr: ErrResourceExhausted,
+			wantInError: "n5"}, // n5 is down: the reason names it
+		{name: "larger than any disk", cmd: with(func(c *CreateVolume) { c.SizeBytes = 11 * gib }), wantErr: ErrResourceExhausted,
+			wantInError: "space"},
+		{name: "no node in allowed zone", cmd: with(func(c *CreateVolume) { c.AllowedZones = []string{"zone-x"} }), wantErr: ErrResourceExhausted,
+			wantInError: "zone"},
+		{name: "not enough nodes in allowed zone", cmd: with(func(c *CreateVolume) { c.AllowedZones = []string{"zone-a"} }), wantErr: ErrResourceExhausted},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(4, 10, "zone-a", "zone-b") // n1,n3 in zone-a; n2,n4 in zone-b
+			h.addNode("n5", "zone-a", 10)
+			h.must(&SetNodeState{NodeID: "n5", State: NodeDown})
+			h.addNode("n6", "zone-b", 10)
+			h.must(&SetNodeState{NodeID: "n6", State: NodeDraining})
+			if tt.cmd.Replicas == 5 && tt.wantErr == nil {
+				h.must(&SetNodeState{NodeID: "n5", State: NodeUp})
+			}
+			if tt.wantErr != nil {
+				err := h.fails(tt.cmd, tt.wantErr)
+				if tt.wantInError != "" && !strings.Contains(err.Error(), tt.wantInError) {
+					t.Errorf("error %q does not give the reason (%q)", err, tt.wantInError)
+				}
+				return
+			}
+			res := h.must(tt.cmd)
+			s := h.state()
+			v := s.Volumes[tt.cmd.ID]
+			if v == nil {
+				t.Fatal("volume not stored")
+			}
+			if !reflect.DeepEqual(res.Volume, v) {
+				t.Fatalf("result %+v differs from stored %+v", res.Volume, v)
+			}
+			checkPlacedVolume(t, s, v)
+			want := &Volume{ID: tt.cmd.ID, Name: tt.cmd.Name, SizeBytes: tt.cmd.SizeBytes, Parameters: tt.cmd.Parameters,
+				AccessType: tt.cmd.AccessType, State: tt.wantState, ReplicaCount: tt.cmd.Replicas, WriteQuorum: tt.wantQuorum,
+				Replicas: v.Replicas, Epoch: 1, ContentSource: tt.cmd.ContentSource, NextReplicaSeq: tt.cmd.Replicas, CreatedAt: tt.cmd.CreatedAt}
+			if !reflect.DeepEqual(v, want) {
+				t.Fatalf("volume = %+v\nwant %+v", v, want)
+			}
+			if tt.wantNodes != nil {
+				var got []string
+				for _, r := range v.Replicas {
+					got = append(got, r.Node)
+				}
+				if !reflect.DeepEqual(got, tt.wantNodes) {
+					t.Fatalf("placed on %v, want %v", got, tt.wantNodes)
+				}
+			}
+		})
+	}
+}
+
+func TestApplyCreateVolumeIdempotency(t *testing.T) {
+	first := CreateVolume{ID: "v1", Name: "pvc-1", SizeBytes: 2 * gib, Replicas: 3,
+		Parameters: map[string]string{"replicas": "3"}, ContentSource: "", CreatedAt: 1}
+	with := func(f func(c *CreateVolume)) *CreateVolume { c := first; f(&c); return &c }
+	tests := []struct {
+		name    string
+		cmd     *CreateVolume
+		wantErr error
+	}{
+		{"same request", &first, nil},
+		{"same request with another id", with(func(c *CreateVolume) { c.ID = "v2" }), nil},
+		{"explicit default quorum", with(func(c *CreateVolume) { c.WriteQuorum = 2 }), nil},
+		{"later creation time", with(func(c *CreateVolume) { c.CreatedAt = 99 }), nil},
+		{"different size", with(func(c *CreateVolume) { c.SizeBytes = 3 * gib }), ErrAlreadyExists},
+		{"different replicas", with(func(c *CreateVolume) { c.Replicas = 2 }), ErrAlreadyExists},
+		{"different quorum", with(func(c *CreateVolume) { c.WriteQuorum = 3 }), ErrAlreadyExists},
+		{"different parameters", with(func(c *CreateVolume) { c.Parameters = map[string]string{"replicas": "2"} }), ErrAlreadyExists},
+		{"no parameters", with(func(c *CreateVolume) { c.Parameters = nil }), ErrAlreadyExists},
+		{"different content source", with(func(c *CreateVolume) { c.ContentSource = "snap-1" }), ErrAlreadyExists},
+		{"same id, other name", with(func(c *CreateVolume) { c.Name = "pvc-other" }), ErrAlreadyExists},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(4, 10)
+			orig := h.must(&first).Volume
+			if tt.wantErr != nil {
+				h.fails(tt.cmd, tt.wantErr)
+				return
+			}
+			before := h.state()
+			res := h.must(tt.cmd)
+			if !reflect.DeepEqual(res.Volume, orig) {
+				t.Fatalf("idempotent create returned %+v, want the original %+v", res.Volume, orig)
+			}
+			if after := h.state(); !reflect.DeepEqual(before, after) {
+				t.Fatalf("idempotent create changed the state:\n%s", dumpJSON(after))
+			}
+		})
+	}
+	t.Run("empty and nil parameters are the same", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		v := h.must(&CreateVolume{ID: "v1", Name: "n", SizeBytes: gib, Replicas: 1}).Volume
+		res := h.must(&CreateVolume{ID: "v1", Name: "n", SizeBytes: gib, Replicas: 1, Parameters: map[string]string{}})
+		if !reflect.DeepEqual(res.Volume, v) {
+			t.Fatalf("got %+v, want %+v", res.Volume, v)
+		}
+	})
+}
+
+// TestApplyCreateVolumeCapacity: thin provisioning counts the replicas already
+// placed, honours the over-provisioning ratio and forgets deleted volumes.
+func TestApplyCreateVolumeCapacity(t *testing.T) {
+	t.Run("allocation accumulates", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(1, 10)
+		h.createVolume("a", 6, 1)
+		h.fails(&CreateVolume{ID: "b", Name: "pvc-b", SizeBytes: 5 * gib, Replicas: 1}, ErrResourceExhausted)
+		h.createVolume("c", 4, 1) // exactly full
+		h.fails(&CreateVolume{ID: "d", Name: "pvc-d", SizeBytes: 1, Replicas: 1}, ErrResourceExhausted)
+		// A deleted volume no longer counts.
+		h.must(&DeleteVolume{VolumeID: "a"})
+		h.createVolume("b", 5, 1)
+	})
+	t.Run("over-provisioning ratio", func(t *testing.T) {
+		h := newHarness(t)
+		h.must(&InitCluster{ClusterID: "c", OverProvisioningRatio: 2})
+		h.addNode("n1", "", 10)
+		h.createVolume("a", 15, 1)
+		h.createVolume("b", 5, 1)
+		h.fails(&CreateVolume{ID: "c", Name: "pvc-c", SizeBytes: 1, Replicas: 1}, ErrResourceExhausted)
+	})
+	t.Run("least used node first", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		h.must(&CreateVolume{ID: "a", Name: "a", SizeBytes: 5 * gib, Replicas: 1, PreferredNode: "n1"})
+		h.must(&CreateVolume{ID: "b", Name: "b", SizeBytes: 3 * gib, Replicas: 1, PreferredNode: "n2"})
+		v := h.createVolume("c", 1, 1)
+		if v.Replicas[0].Node != "n3" {
+			t.Fatalf("placed on %s, want the empty node n3", v.Replicas[0].Node)
+		}
+		v = h.createVolume("d", 1, 2)
+		if v.Replicas[0].Node != "n3" || v.Replicas[1].Node != "n2" {
+			t.Fatalf("placed on %v, want [n3 n2]", v.Replicas)
+		}
+	})
+	t.Run("no nodes at all", func(t *testing.T) {
+		h := newHarness(t)
+		h.must(&InitCluster{ClusterID: "c"})
+		h.fails(&CreateVolume{ID: "a", Name: "a", SizeBytes: 1, Replicas: 1}, ErrResourceExhausted)
+	})
+	t.Run("no up nodes", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		for i := 1; i <= 3; i++ {
+			h.must(&SetNodeState{NodeID: nodeName(i), State: NodeDown})
+		}
+		h.fails(&CreateVolume{ID: "a", Name: "a", SizeBytes: 1, Replicas: 1}, ErrResourceExhausted)
+	})
+}
+
+func TestApplyDeleteVolume(t *testing.T) {
+	tests := []struct {
+		from    VolumeState
+		id      string
+		wantErr error
+	}{
+		{VolumePending, "v1", nil},
+		{VolumeProvisioning, "v1", nil},
+		{VolumeAvailable, "v1", nil},
+		{VolumeFailed, "v1", nil},
+		{VolumeAttached, "v1", ErrFailedPrecondition},
+		{VolumeReleasing, "v1", ErrFailedPrecondition},
+		{VolumeDeleted, "v1", ErrNotFound},
+		{VolumeAvailable, "nope", ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(string(tt.from)+"/"+tt.id, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			volumeInState(h, tt.from)
+			id := tt.id
+			if tt.wantErr != nil {
+				h.fails(&DeleteVolume{VolumeID: id}, tt.wantErr)
+				return
+			}
+			before := h.volume(id)
+			res := h.must(&DeleteVolume{VolumeID: id})
+			after := h.volume(id)
+			if after == nil {
+				t.Fatal("DeleteVolume removed the record; it must stay as a tombstone until PurgeVolume")
+			}
+			if after.State != VolumeDeleted || after.Epoch != before.Epoch+1 {
+				t.Fatalf("after delete: state %s epoch %d, want deleted, %d", after.State, after.Epoch, before.Epoch+1)
+			}
+			if !reflect.DeepEqual(res.Volume, after) {
+				t.Fatalf("result %+v, stored %+v", res.Volume, after)
+			}
+			// Only state and epoch changed.
+			before.State, before.Epoch = after.State, after.Epoch
+			if !reflect.DeepEqual(before, after) {
+				t.Fatalf("delete changed more than state and epoch:\n%+v\n%+v", before, after)
+			}
+			for _, v := range h.state().SortedVolumes() {
+				if v.ID == id {
+					t.Fatal("deleted volume is listed by SortedVolumes")
+				}
+			}
+		})
+	}
+
+	t.Run("name can be reused", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		old := h.createVolume("v1", 1, 3)
+		h.must(&DeleteVolume{VolumeID: "v1"})
+		// Same name and request, new id: a new volume, not the tombstone.
+		res := h.must(&CreateVolume{ID: "v2", Name: old.Name, SizeBytes: old.SizeBytes, Replicas: 3})
+		if res.Volume.ID != "v2" || res.Volume.State != VolumeAvailable {
+			t.Fatalf("re-created volume = %+v", res.Volume)
+		}
+		// Even with a different size.
+		h.must(&DeleteVolume{VolumeID: "v2"})
+		h.must(&CreateVolume{ID: "v3", Name: old.Name, SizeBytes: 2 * gib, Replicas: 1})
+		// The tombstone's id is still taken until it is purged.
+		h.must(&DeleteVolume{VolumeID: "v3"})
+		h.fails(&CreateVolume{ID: "v1", Name: old.Name, SizeBytes: gib, Replicas: 3}, ErrAlreadyExists)
+		h.must(&PurgeVolume{VolumeID: "v1"})
+		h.must(&CreateVolume{ID: "v1", Name: old.Name, SizeBytes: gib, Replicas: 3})
+	})
+}
+
+func TestApplyAttachVolume(t *testing.T) {
+	tests := []struct {
+		name      string
+		setup     func(h *harness)
+		cmd       func(v *Volume) *AttachVolume
+		wantErr   error
+		wantEpoch func(v *Volume) uint64 // for successes
+	}{
+		{name: "attach", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantEpoch: func(v *Volume) uint64 { return v.Epoch + 1 }},
+		{name: "attach read-only to a node without a replica", setup: func(h *harness) { h.addNode("n9", "", 10) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n9", ReadOnly: true, ExpectEpoch: v.Epoch}
+			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch + 1 }},
+		{name: "stale epoch", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch - 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "future epoch", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch + 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "unknown volume", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "nope", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+		{name: "deleted volume", setup: func(h *harness) { h.must(&DeleteVolume{VolumeID: "v1"}) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrNotFound},
+		{name: "unknown node", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "nope", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+		{name: "down node", setup: func(h *harness) { h.must(&SetNodeState{NodeID: "n1", State: NodeDown}) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "draining node", setup: func(h *harness) { h.must(&SetNodeState{NodeID: "n1", State: NodeDraining}) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "RWO: attached elsewhere", setup: func(h *harness) { h.attach("v1", "n2") },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "same node, other read-only flag", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ReadOnly: true, ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "idempotent re-attach", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch }},
+		{name: "idempotent retry with the pre-attach epoch", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch - 1}
+			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch }},
+		{name: "provisioning volume", setup: func(h *harness) {
+			h.must(&DeleteVolume{VolumeID: "v1"})
+			h.must(&PurgeVolume{VolumeID: "v1"})
+			h.must(&CreateVolume{ID: "v1", Name: "p", SizeBytes: gib, Replicas: 3, ContentSource: "s"})
+		}, cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrIllegalTransition},
+		{name: "failed volume", setup: func(h *harness) { h.must(&SetVolumeState{VolumeID: "v1", State: VolumeFailed}) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrIllegalTransition},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.createVolume("v1", 1, 3)
+			if tt.setup != nil {
+				tt.setup(h)
+			}
+			before := h.volume("v1")
+			cmd := tt.cmd(before)
+			if tt.wantErr != nil {
+				h.fails(cmd, tt.wantErr)
+				return
+			}
+			res := h.must(cmd)
+			after := h.volume("v1")
+			if !reflect.DeepEqual(res.Volume, after) {
+				t.Fatalf("result %+v, stored %+v", res.Volume, after)
+			}
+			if want := tt.wantEpoch(before); after.Epoch != want {
+				t.Fatalf("epoch %d → %d, want %d", before.Epoch, after.Epoch, want)
+			}
+			wantAtt := &Attachment{Node: cmd.NodeID, ReadOnly: cmd.ReadOnly}
+			if after.State != VolumeAttached || !reflect.DeepEqual(after.Attachment, wantAtt) {
+				t.Fatalf("state %s attachment %+v, want attached %+v", after.State, after.Attachment, wantAtt)
+			}
+			// Nothing else moved.
+			before.State, before.Attachment, before.Epoch = after.State, after.Attachment, after.Epoch
+			if !reflect.DeepEqual(before, after) {
+				t.Fatalf("attach changed more than state, attachment and epoch:\n%+v\n%+v", before, after)
+			}
+		})
+	}
+}
+
+func TestApplyDetachVolume(t *testing.T) {
+	tests := []struct {
+		name       string
+		attach     string // node to attach to first ("" = leave detached)
+		releasing  bool
+		cmd        func(v *Volume) *DetachVolume
+		wantErr    error
+		wantChange bool
+	}{
+		{name: "detach", attach: "n1", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantChange: true},
+		{name: "detach from any node", attach: "n2", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", ExpectEpoch: v.Epoch}
+		}, wantChange: true},
+		{name: "detach a releasing volume", attach: "n1", releasing: true, cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantChange: true},
+		{name: "already detached", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch + 7}
+		}},
+		{name: "stale epoch", attach: "n1", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch - 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "future epoch", attach: "n1", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch + 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "attached to another node", attach: "n1", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrFailedPrecondition},
+		{name: "unknown volume", attach: "n1", cmd: func(v *Volume) *DetachVolume {
+			return &DetachVolume{VolumeID: "nope", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.createVolume("v1", 1, 3)
+			if tt.attach != "" {
+				h.attach("v1", tt.attach)
+			}
+			if tt.releasing {
+				h.must(&SetVolumeState{VolumeID: "v1", State: VolumeReleasing})
+			}
+			before := h.volume("v1")
+			cmd := tt.cmd(before)
+			if tt.wantErr != nil {
+				h.fails(cmd, tt.wantErr)
+				return
+			}
+			res := h.must(cmd)
+			after := h.volume("v1")
+			if !reflect.DeepEqual(res.Volume, after) {
+				t.Fatalf("result %+v, stored %+v", res.Volume, after)
+			}
+			if !tt.wantChange {
+				if !reflect.DeepEqual(before, after) {
+					t.Fatalf("idempotent detach changed the volume:\n%+v\n%+v", before, after)
+				}
+				return
+			}
+			if after.Epoch != before.Epoch+1 || after.State != VolumeAvailable || after.Attachment != nil {
+				t.Fatalf("after detach: epoch %d (was %d), state %s, attachment %+v", after.Epoch, before.Epoch, after.State, after.Attachment)
+			}
+		})
+	}
+
+	t.Run("attach elsewhere after detach", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		v := h.createVolume("v1", 1, 3)
+		v = h.attach("v1", "n1")
+		// A second writer is refused while the first holds it, with the current epoch.
+		h.fails(&AttachVolume{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch}, ErrFailedPrecondition)
+		v = h.must(&DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}).Volume
+		// The old engine's epoch is fenced out: attaching with it fails.
+		h.fails(&AttachVolume{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch - 1}, ErrEpochMismatch)
+		v2 := h.attach("v1", "n2")
+		if v2.Epoch != v.Epoch+1 || v2.Attachment.Node != "n2" {
+			t.Fatalf("re-attach: %+v", v2)
+		}
+	})
+}
+
+// replicaInState builds a three-replica volume and brings its first replica
+// into state st through legal commands; it returns the replica id.
+func replicaInState(h *harness, st ReplicaState) string {
+	h.t.Helper()
+	v := h.createVolume("v1", 1, 3)
+	id := v.Replicas[0].ID
+	switch st {
+	case ReplicaHealthy:
+	case ReplicaStale:
+		h.setReplica("v1", id, ReplicaStale)
+	case ReplicaFailed:
+		h.setReplica("v1", id, ReplicaFailed)
+	case ReplicaRebuilding:
+		h.setReplica("v1", id, ReplicaFailed)
+		h.setReplica("v1", id, ReplicaRebuilding)
+	default:
+		h.t.Fatalf("no way to reach replica state %q", st)
+	}
+	return id
+}
+
+var allReplicaStates = []ReplicaState{ReplicaHealthy, ReplicaRebuilding, ReplicaStale, ReplicaFailed}
+
+func TestApplySetReplicaStateAllPairs(t *testing.T) {
+	legal := func(from, to ReplicaState) bool {
+		for _, s := range replicaTransitions[from] {
+			if s == to {
+				return true
+			}
+		}
+		return false
+	}
+	for _, from := range allReplicaStates {
+		for _, to := range append(allReplicaStates, "bogus", "") {
+			t.Run(fmt.Sprintf("%s→%s", from, to), func(t *testing.T) {
+				h := newHarness(t)
+				h.cluster(3, 10)
+				rid := replicaInState(h, from)
+				before := h.volume("v1")
+				cmd := &SetReplicaState{VolumeID: "v1", ReplicaID: rid, State: to, ExpectEpoch: before.Epoch}
+				if !legal(from, to) {
+					h.fails(cmd, ErrIllegalTransition)
+					return
+				}
+				res := h.must(cmd)
+				after := h.volume("v1")
+				if !reflect.DeepEqual(res.Volume, after) {
+					t.Fatalf("result %+v, stored %+v", res.Volume, after)
+				}
+				if after.Epoch != before.Epoch+1 {
+					t.Fatalf("epoch %d → %d, want +1", before.Epoch, after.Epoch)
+				}
+				want := before.Clone()
+				want.Replicas[0].State = to
+				want.Epoch++
+				if !reflect.DeepEqual(after, want) {
+					t.Fatalf("volume = %+v\nwant %+v", after, want)
+				}
+			})
+		}
+	}
+}
+
+func TestApplySetReplicaState(t *testing.T) {
+	t.Run("errors", func(t *testing.T) {
+		tests := []struct {
+			name    string
+			cmd     func(v *Volume) *SetReplicaState
+			wantErr error
+		}{
+			{"stale epoch", func(v *Volume) *SetReplicaState {
+				return &SetReplicaState{VolumeID: v.ID, ReplicaID: v.Replicas[0].ID, State: ReplicaFailed, ExpectEpoch: v.Epoch - 1}
+			}, ErrEpochMismatch},
+			{"future epoch", func(v *Volume) *SetReplicaState {
+				return &SetReplicaState{VolumeID: v.ID, ReplicaID: v.Replicas[0].ID, State: ReplicaFailed, ExpectEpoch: v.Epoch + 1}
+			}, ErrEpochMismatch},
+			{"unknown volume", func(v *Volume) *SetReplicaState {
+				return &SetReplicaState{VolumeID: "nope", ReplicaID: v.Replicas[0].ID, State: ReplicaFailed, ExpectEpoch: v.Epoch}
+			}, ErrNotFound},
+			{"unknown replica", func(v *Volume) *SetReplicaState {
+				return &SetReplicaState{VolumeID: v.ID, ReplicaID: v.ID + "-r9", State: ReplicaFailed, ExpectEpoch: v.Epoch}
+			}, ErrNotFound},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				h := newHarness(t)
+				h.cluster(3, 10)
+				v := h.createVolume("v1", 1, 3)
+				h.fails(tt.cmd(v), tt.wantErr)
+			})
+		}
+	})
+
+	t.Run("never eject the last healthy replica", func(t *testing.T) {
+		for _, to := range []ReplicaState{ReplicaFailed, ReplicaStale} {
+			for replicas := 1; replicas <= 3; replicas++ {
+				t.Run(fmt.Sprintf("%d replicas to %s", replicas, to), func(t *testing.T) {
+					h := newHarness(t)
+					h.cluster(3, 10)
+					v := h.createVolume("v1", 1, replicas)
+					for i := 0; i < replicas-1; i++ {
+						v = h.setReplica("v1", v.Replicas[i].ID, to)
+					}
+					if v.HealthyReplicas() != 1 {
+						t.Fatalf("%d healthy replicas, want 1", v.HealthyReplicas())
+					}
+					h.fails(&SetReplicaState{VolumeID: "v1", ReplicaID: v.Replicas[replicas-1].ID, State: to, ExpectEpoch: v.Epoch}, ErrQuorumLost)
+				})
+			}
+		}
+	})
+
+	t.Run("deleted volume", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		v := h.createVolume("v1", 1, 3)
+		v = h.must(&DeleteVolume{VolumeID: "v1"}).Volume
+		h.fails(&SetReplicaState{VolumeID: "v1", ReplicaID: v.Replicas[0].ID, State: ReplicaFailed, ExpectEpoch: v.Epoch}, ErrNotFound)
+	})
+
+	t.Run("eject then rebuild back to healthy", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		v := h.createVolume("v1", 1, 3)
+		r := v.Replicas[1].ID
+		for i, st := range []ReplicaState{ReplicaFailed, ReplicaRebuilding, ReplicaHealthy, ReplicaStale, ReplicaRebuilding, ReplicaHealthy} {
+			v2 := h.setReplica("v1", r, st)
+			if v2.Epoch != v.Epoch+uint64(i)+1 {
+				t.Fatalf("step %d: epoch %d, want %d", i, v2.Epoch, v.Epoch+uint64(i)+1)
+			}
+		}
+	})
+}
+
+func TestApplyReplaceReplica(t *testing.T) {
+	tests := []struct {
+		name    string
+		nodes   int
+		state   ReplicaState // of the replaced replica
+		cmd     func(v *Volume, rid string) *ReplaceReplica
+		wantErr error
+	}{
+		{name: "failed replica", nodes: 4, state: ReplicaFailed},
+		{name: "stale replica", nodes: 4, state: ReplicaStale},
+		{name: "rebuilding replica", nodes: 4, state: ReplicaRebuilding},
+		{name: "healthy replica", nodes: 4, state: ReplicaHealthy, wantErr: ErrFailedPrecondition},
+		{name: "no spare node", nodes: 3, state: ReplicaFailed, wantErr: ErrResourceExhausted},
+		{name: "stale epoch", nodes: 4, state: ReplicaFailed, cmd: func(v *Volume, rid string) *ReplaceReplica {
+			return &ReplaceReplica{VolumeID: v.ID, ReplicaID: rid, ExpectEpoch: v.Epoch - 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "future epoch", nodes: 4, state: ReplicaFailed, cmd: func(v *Volume, rid string) *ReplaceReplica {
+			return &ReplaceReplica{VolumeID: v.ID, ReplicaID: rid, ExpectEpoch: v.Epoch + 1}
+		}, wantErr: ErrEpochMismatch},
+		{name: "unknown replica", nodes: 4, state: ReplicaFailed, cmd: func(v *Volume, rid string) *ReplaceReplica {
+			return &ReplaceReplica{VolumeID: v.ID, ReplicaID: "v1-r77", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+		{name: "unknown volume", nodes: 4, state: ReplicaFailed, cmd: func(v *Volume, rid string) *ReplaceReplica {
+			return &ReplaceReplica{VolumeID: "nope", ReplicaID: rid, ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(tt.nodes, 10)
+			rid := replicaInState(h, tt.state)
+			before := h.volume("v1")
+			cmd := &ReplaceReplica{VolumeID: "v1", ReplicaID: rid, ExpectEpoch: before.Epoch}
+			if tt.cmd != nil {
+				cmd = tt.cmd(before, rid)
+			}
+			if tt.wantErr != nil {
+				h.fails(cmd, tt.wantErr)
+				return
+			}
+			res := h.must(cmd)
+			after := h.volume("v1")
+			if !reflect.DeepEqual(res.Volume, after) {
+				t.Fatalf("result %+v, stored %+v", res.Volume, after)
+			}
+			if after.Epoch != before.Epoch+1 {
+				t.Fatalf("epoch %d → %d, want +1", before.Epoch, after.Epoch)
+			}
+			if len(after.Replicas) != len(before.Replicas) {
+				t.Fatalf("replica count %d → %d", len(before.Replicas), len(after.Replicas))
+			}
+			nr := after.Replicas[0] // the replaced one was first; it keeps its slot
+			if want := fmt.Sprintf("v1-r%d", before.NextReplicaSeq+1); nr.ID != want || after.NextReplicaSeq != before.NextReplicaSeq+1 {
+				t.Fatalf("new replica id %q (seq %d), want %q", nr.ID, after.NextReplicaSeq, want)
+			}
+			if nr.State != ReplicaRebuilding {
+				t.Fatalf("new replica is %s, want rebuilding", nr.State)
+			}
+			for _, r := range before.Replicas {
+				if r.Node == nr.Node {
+					t.Fatalf("new replica on %s, which held a replica of the volume (%s)", nr.Node, r.ID)
+				}
+				if r.ID == nr.ID {
+					t.Fatalf("replica id %s reused", r.ID)
+				}
+			}
+			for i := 1; i < len(after.Replicas); i++ {
+				if !reflect.DeepEqual(after.Replicas[i], before.Replicas[i]) {
+					t.Fatalf("replica %d changed: %+v → %+v", i, before.Replicas[i], after.Replicas[i])
+				}
+			}
+		})
+	}
+
+	t.Run("ids are never reused", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(6, 10)
+		v := h.createVolume("v1", 1, 2)
+		seen := map[string]bool{v.Replicas[0].ID: true, v.Replicas[1].ID: true}
+		for i := 0; i < 6; i++ {
+			rid := v.Replicas[1].ID
+			if v.Replicas[1].State == ReplicaHealthy {
+				v = h.setReplica("v1", rid, ReplicaFailed)
+			}
+			v = h.must(&ReplaceReplica{VolumeID: "v1", ReplicaID: rid, ExpectEpoch: v.Epoch}).Volume
+			nid := v.Replicas[1].ID
+			if seen[nid] {
+				t.Fatalf("replica id %s handed out twice", nid)
+			}
+			seen[nid] = true
+		}
+	})
+
+	t.Run("replacement goes to the zone that lost a replica", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(6, 10, "zone-a", "zone-b", "zone-c") // n1,n4 a; n2,n5 b; n3,n6 c
+		v := h.createVolume("v1", 1, 3)
+		zoneOf := map[string]string{}
+		h.f.View(func(s *State) {
+			for id, n := range s.Nodes {
+				zoneOf[id] = n.Zone
+			}
+		})
+		lost := v.Replicas[2]
+		v = h.setReplica("v1", lost.ID, ReplicaFailed)
+		v = h.must(&ReplaceReplica{VolumeID: "v1", ReplicaID: lost.ID, ExpectEpoch: v.Epoch}).Volume
+		if got, want := zoneOf[v.Replicas[2].Node], zoneOf[lost.Node]; got != want {
+			t.Fatalf("replacement in %s, want %s (the zone that lost its replica)", got, want)
+		}
+	})
+
+	t.Run("never back onto the replaced node", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(2, 10)
+		h.addNode("n3", "", 10)
+		h.must(&SetNodeState{NodeID: "n3", State: NodeDown})
+		v2 := h.createVolume("v2", 1, 2) // on n1 and n2
+		v2 = h.setReplica("v2", v2.Replicas[0].ID, ReplicaFailed)
+		// Only the replaced replica's own node and the other replica's node are up.
+		h.fails(&ReplaceReplica{VolumeID: "v2", ReplicaID: v2.Replicas[0].ID, ExpectEpoch: v2.Epoch}, ErrResourceExhausted)
+	})
+}
+
+var allVolumeStates = []VolumeState{
+	VolumePending, VolumeProvisioning, VolumeAvailable, VolumeAttached,
+	VolumeReleasing, VolumeDeleted, VolumeFailed,
+}
+
+// volumeInState creates volume v1 and brings it into state st; a pending
+// volume, which no command produces, is made through a snapshot.
+func volumeInState(h *harness, st VolumeState) {
+	h.t.Helper()
+	switch st {
+	case VolumeProvisioning:
+		h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3, ContentSource: "snap-0"})
+		return
+	}
+	h.createVolume("v1", 1, 3)
+	switch st {
+	case VolumePending:
+		s := h.state()
+		s.Volumes["v1"].State = VolumePending
+		h.restoreState(s)
+	case VolumeAvailable:
+	case VolumeAttached:
+		h.attach("v1", "n1")
+	case VolumeReleasing:
+		h.attach("v1", "n1")
+		h.must(&SetVolumeState{VolumeID: "v1", State: VolumeReleasing})
+	case VolumeFailed:
+		h.must(&SetVolumeState{VolumeID: "v1", State: VolumeFailed})
+	case VolumeDeleted:
+		h.must(&DeleteVolume{VolumeID: "v1"})
+	default:
+		h.t.Fatalf("no way to reach volume state %q", st)
+	}
+	if got := h.volume("v1").State; got != st {
+		h.t.Fatalf("set-up volume is %s, want %s", got, st)
+	}
+}
+
+func TestCheckTransitionTable(t *testing.T) {
+	for _, from := range allVolumeStates {
+		if _, ok := volumeTransitions[from]; !ok {
+			t.Errorf("state %s has no row in volumeTransitions", from)
+		}
+		for _, to := range allVolumeStates {
+			legal := false
+			for _, s := range volumeTransitions[from] {
+				legal = legal || s == to
+			}
+			err := checkTransition(from, to)
+			if legal && err != nil {
+				t.Errorf("checkTransition(%s, %s) = %v, want nil", from, to, err)
+			}
+			if !legal && !errors.Is(err, ErrIllegalTransition) {
+				t.Errorf("checkTransition(%s, %s) = %v, want ErrIllegalTransition", from, to, err)
+			}
+		}
+		if err := checkTransition(from, "bogus"); !errors.Is(err, ErrIllegalTransition) {
+			t.Errorf("checkTransition(%s, bogus) = %v", from, err)
+		}
+	}
+	for _, to := range volumeTransitions[VolumeDeleted] {
+		t.Errorf("deleted is terminal, but the table allows deleted → %s", to)
+	}
+}
+
+// TestApplySetVolumeStateAllPairs tries every (from, to) pair of lifecycle
+// states through SetVolumeState.
+func TestApplySetVolumeStateAllPairs(t *testing.T) {
+	legal := func(from, to VolumeState) bool {
+		for _, s := range volumeTransitions[from] {
+			if s == to {
+				return true
+			}
+		}
+		return false
+	}
+	for _, from := range allVolumeStates {
+		for _, to := range append(allVolumeStates, "bogus", "") {
+			var wantErr error
+			switch {
+			case from == VolumeDeleted:
+				wantErr = ErrNotFound // a tombstone is not a live volume
+			case to == VolumeAttached || to == VolumeDeleted:
+				wantErr = ErrInvalidArgument // these have their own commands
+			case to == VolumeAvailable && (from == VolumeAttached || from == VolumeReleasing):
+				wantErr = ErrFailedPrecondition // still attached: DetachVolume fences the engine
+			case !legal(from, to):
+				wantErr = ErrIllegalTransition
+			}
+			t.Run(fmt.Sprintf("%s→%s", from, to), func(t *testing.T) {
+				h := newHarness(t)
+				h.cluster(3, 10)
+				volumeInState(h, from)
+				before := h.volume("v1")
+				cmd := &SetVolumeState{VolumeID: "v1", State: to}
+				if wantErr != nil {
+					h.fails(cmd, wantErr)
+					if got := h.volume("v1").State; got != from {
+						t.Fatalf("refused transition left the volume %s, want %s", got, from)
+					}
+					return
+				}
+				res := h.must(cmd)
+				after := h.volume("v1")
+				if !reflect.DeepEqual(res.Volume, after) {
+					t.Fatalf("result %+v, stored %+v", res.Volume, after)
+				}
+				if after.State != to {
+					t.Fatalf("state %s, want %s", after.State, to)
+				}
+				if to == VolumeAvailable && after.Attachment != nil {
+					t.Fatalf("available volume still attached: %+v", after.Attachment)
+				}
+				// Only the state (and, going to available, the attachment and
+				// epoch) may change.
+				want := before.Clone()
+				want.State = to
+				if to == VolumeAvailable {
+					want.Attachment = nil
+					want.Epoch = after.Epoch
+				}
+				if !reflect.DeepEqual(after, want) {
+					t.Fatalf("volume = %+v\nwant %+v", after, want)
+				}
+				if after.Epoch < before.Epoch {
+					t.Fatalf("epoch went back from %d to %d", before.Epoch, after.Epoch)
+				}
+			})
+		}
+	}
+	t.Run("unknown volume", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		h.fails(&SetVolumeState{VolumeID: "nope", State: VolumeFailed}, ErrNotFound)
+	})
+}
+
+// knownBugSetVolumeStateDetach: SetVolumeState(available) on an attached or
+// releasing volume (apply.go, applySetVolumeState) clears the attachment
+// without incrementing the epoch, breaking "every change of attachment
+// increments the epoch" (ARCHITECTURE §2): the old engine's epoch stays
+// valid after its attachment is gone. Set this to false once fixed; the test
+// below and the property test then enforce the rule.
+const knownBugSetVolumeStateDetach = false
+
+// TestSetVolumeStateClearingAttachmentMovesEpoch: clearing an attachment
+// through SetVolumeState must either be refused (use DetachVolume, which is
+// compare-and-set) or increment the epoch.
+func TestSetVolumeStateClearingAttachmentMovesEpoch(t *testing.T) {
+	if knownBugSetVolumeStateDetach {
+		t.Skip("known bug: applySetVolumeState clears the attachment without an epoch increment (see knownBugSetVolumeStateDetach)")
+	}
+	for _, from := range []string{"attached", "releasing", "failed while attached"} {
+		t.Run(from, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			if from == "failed while attached" {
+				volumeInState(h, VolumeAttached)
+				h.must(&SetVolumeState{VolumeID: "v1", State: VolumeFailed}) // keeps the attachment
+			} else {
+				volumeInState(h, VolumeState(from))
+			}
+			before := h.volume("v1")
+			if _, err := h.apply(&SetVolumeState{VolumeID: "v1", State: VolumeAvailable}); err != nil {
+				return // refused: fine, DetachVolume is the way
+			}
+			if after := h.volume("v1"); after.Attachment == nil && after.Epoch <= before.Epoch {
+				t.Fatalf("attachment %+v cleared at epoch %d without an increment", before.Attachment, after.Epoch)
+			}
+		})
+	}
+}
+
+func TestApplySnapshots(t *testing.T) {
+	t.Run("create", func(t *testing.T) {
+		tests := []struct {
+			name    string
+			setup   func(h *harness)
+			cmd     *CreateSnapshot
+			wantErr error
+			want    *Snapshot
+		}{
+			{name: "new", cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", CreatedAt: 9},
+				want: &Snapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", SizeBytes: 2 * gib, CreatedAt: 9}},
+			{name: "of an attached volume", setup: func(h *harness) { h.attach("v1", "n1") },
+				cmd:  &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", CreatedAt: 9},
+				want: &Snapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", SizeBytes: 2 * gib, CreatedAt: 9}},
+			{name: "idempotent: same name and source", setup: func(h *harness) {
+				h.must(&CreateSnapshot{ID: "s0", Name: "vs-1", SourceVolumeID: "v1", CreatedAt: 1})
+			}, cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", CreatedAt: 9},
+				want: &Snapshot{ID: "s0", Name: "vs-1", SourceVolumeID: "v1", SizeBytes: 2 * gib, CreatedAt: 1}},
+			{name: "same name, other source", setup: func(h *harness) {
+				h.createVolume("v2", 1, 1)
+				h.must(&CreateSnapshot{ID: "s0", Name: "vs-1", SourceVolumeID: "v2"})
+			}, cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1"}, wantErr: ErrAlreadyExists},
+			{name: "same id, other name", setup: func(h *harness) {
+				h.must(&CreateSnapshot{ID: "s1", Name: "vs-0", SourceVolumeID: "v1"})
+			}, cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1"}, wantErr: ErrAlreadyExists},
+			{name: "no id", cmd: &CreateSnapshot{Name: "vs-1", SourceVolumeID: "v1"}, wantErr: ErrInvalidArgument},
+			{name: "no name", cmd: &CreateSnapshot{ID: "s1", SourceVolumeID: "v1"}, wantErr: ErrInvalidArgument},
+			{name: "no source", cmd: &CreateSnapshot{ID: "s1", Name: "vs-1"}, wantErr: ErrInvalidArgument},
+			{name: "unknown source", cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "nope"}, wantErr: ErrNotFound},
+			{name: "deleted source", setup: func(h *harness) { h.must(&DeleteVolume{VolumeID: "v1"}) },
+				cmd: &CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1"}, wantErr: ErrNotFound},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				h := newHarness(t)
+				h.cluster(3, 10)
+				h.createVolume("v1", 2, 3)
+				if tt.setup != nil {
+					tt.setup(h)
+				}
+				if tt.wantErr != nil {
+					h.fails(tt.cmd, tt.wantErr)
+					return
+				}
+				before := h.state()
+				res := h.must(tt.cmd)
+				if !reflect.DeepEqual(res.Snapshot, tt.want) || res.Volume != nil || res.Node != nil {
+					t.Fatalf("result %+v, want snapshot %+v", res, tt.want)
+				}
+				after := h.state()
+				if got := after.Snapshots[tt.want.ID]; !reflect.DeepEqual(got, tt.want) {
+					t.Fatalf("stored %+v, want %+v", got, tt.want)
+				}
+				// A snapshot changes no volume.
+				if !reflect.DeepEqual(before.Volumes, after.Volumes) {
+					t.Fatal("CreateSnapshot changed a volume")
+				}
+			})
+		}
+	})
+
+	t.Run("delete", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		h.createVolume("v1", 1, 3)
+		h.must(&CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1"})
+		h.must(&CreateSnapshot{ID: "s2", Name: "vs-2", SourceVolumeID: "v1"})
+		h.fails(&DeleteSnapshot{SnapshotID: "nope"}, ErrNotFound)
+		h.fails(&DeleteSnapshot{}, ErrNotFound)
+		if res := h.must(&DeleteSnapshot{SnapshotID: "s1"}); !reflect.DeepEqual(res, Result{}) {
+			t.Fatalf("result %+v, want empty", res)
+		}
+		s := h.state()
+		if _, ok := s.Snapshots["s1"]; ok || len(s.Snapshots) != 1 {
+			t.Fatalf("snapshots after delete: %+v", s.Snapshots)
+		}
+		h.fails(&DeleteSnapshot{SnapshotID: "s1"}, ErrNotFound)
+		// The name is free again.
+		h.must(&CreateSnapshot{ID: "s3", Name: "vs-1", SourceVolumeID: "v1"})
+	})
+}
+
+func TestApplyPurgeVolume(t *testing.T) {
+	tests := []struct {
+		name    string
+		state   VolumeState
+		id      string
+		wantErr error
+	}{
+		{"deleted", VolumeDeleted, "v1", nil},
+		{"unknown", VolumeAvailable, "nope", ErrNotFound},
+		{"pending", VolumePending, "v1", ErrFailedPrecondition},
+		{"provisioning", VolumeProvisioning, "v1", ErrFailedPrecondition},
+		{"available", VolumeAvailable, "v1", ErrFailedPrecondition},
+		{"attached", VolumeAttached, "v1", ErrFailedPrecondition},
+		{"releasing", VolumeReleasing, "v1", ErrFailedPrecondition},
+		{"failed", VolumeFailed, "v1", ErrFailedPrecondition},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			volumeInState(h, tt.state)
+			if tt.wantErr != nil {
+				h.fails(&PurgeVolume{VolumeID: tt.id}, tt.wantErr)
+				return
+			}
+			before := h.state()
+			if res := h.must(&PurgeVolume{VolumeID: tt.id}); !reflect.DeepEqual(res, Result{}) {
+				t.Fatalf("result %+v, want empty", res)
+			}
+			after := h.state()
+			delete(before.Volumes, tt.id)
+			if !reflect.DeepEqual(before, after) {
+				t.Fatalf("purge changed more than the volume:\n%s", dumpJSON(after))
+			}
+			h.fails(&PurgeVolume{VolumeID: tt.id}, ErrNotFound)
+		})
+	}
+}
+
+func TestApplyUnknownCommandType(t *testing.T) {
+	// A Command implementation apply has no case for (a programming error)
+	// gets an error, not a panic.
+	s := NewState()
+	if _, err := apply(s, foreignCommand{}); !errors.Is(err, ErrBadCommand) {
+		t.Fatalf("apply(foreign) = %v, want ErrBadCommand", err)
+	}
+	if _, err := apply(s, nil); !errors.Is(err, ErrBadCommand) {
+		t.Fatalf("apply(nil) = %v, want ErrBadCommand", err)
+	}
+}
+
+type foreignCommand struct{}
+
+func (foreignCommand) Type() CommandType { return 250 }
+
+// TestTransitionTablesPinned pins the lifecycle tables (ARCHITECTURE §2:
+// pending → provisioning → available → attached → releasing → available /
+// deleted, failed), so that a change to them is a deliberate edit of this
+// test too; the pair tests above derive their expectations from the tables.
+func TestTransitionTablesPinned(t *testing.T) {
+	wantVolume := map[VolumeState][]VolumeState{
+		VolumePending:      {VolumeProvisioning, VolumeAvailable, VolumeFailed, VolumeDeleted},
+		VolumeProvisioning: {VolumeAvailable, VolumeFailed, VolumeDeleted},
+		VolumeAvailable:    {VolumeAttached, VolumeDeleted, VolumeFailed},
+		VolumeAttached:     {VolumeReleasing, VolumeAvailable, VolumeFailed},
+		VolumeReleasing:    {VolumeAvailable, VolumeFailed},
+		VolumeFailed:       {VolumeAvailable, VolumeDeleted},
+		VolumeDeleted:      {},
+	}
+	if !reflect.DeepEqual(volumeTransitions, wantVolume) {
+		t.Errorf("volumeTransitions = %v\nwant %v", volumeTransitions, wantVolume)
+	}
+	wantReplica := map[ReplicaState][]ReplicaState{
+		ReplicaHealthy:    {ReplicaStale, ReplicaFailed},
+		ReplicaRebuilding: {ReplicaHealthy, ReplicaFailed, ReplicaStale},
+		ReplicaStale:      {ReplicaRebuilding, ReplicaFailed},
+		ReplicaFailed:     {ReplicaRebuilding},
+	}
+	if !reflect.DeepEqual(replicaTransitions, wantReplica) {
+		t.Errorf("replicaTransitions = %v\nwant %v", replicaTransitions, wantReplica)
+	}
+}

@@ -1,0 +1,727 @@
+package meta
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"reflect"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+const gib = uint64(1) << 30
+
+// harness drives one FSM the way hashicorp/raft does: one committed log entry
+// at a time, with increasing indexes. Every entry it applies also checks the
+// FSM's first rule: a command that fails leaves the state deeply unchanged.
+type harness struct {
+	t     testing.TB
+	f     *FSM
+	index uint64
+}
+
+func newHarness(t testing.TB) *harness {
+	return &harness{t: t, f: NewFSM()}
+}
+
+// state returns a deep copy of the FSM's state.
+func (h *harness) state() *State {
+	return fsmState(h.f)
+}
+
+func fsmState(f *FSM) *State {
+	var c *State
+	f.View(func(s *State) { c = s.Clone() })
+	return c
+}
+
+// applyLog feeds one raw log entry to the FSM and returns its result.
+func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
+	h.t.Helper()
+	before := h.state()
+	h.index++
+	resp := h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: typ, Data: data, AppendedAt: time.Unix(0, 0)})
+	r, ok := resp.(*applyResult)
+	if !ok || r == nil {
+		h.t.Fatalf("FSM.Apply returned %T (%v), want *applyResult", resp, resp)
+	}
+	if got := h.f.AppliedIndex(); got != h.index {
+		h.t.Fatalf("AppliedIndex = %d after applying index %d", got, h.index)
+	}
+	if r.Err != nil {
+		if after := h.state(); !reflect.DeepEqual(before, after) {
+			h.t.Fatalf("failed entry (%v) changed the state:\nbefore %s\n after %s", r.Err, dumpJSON(before), dumpJSON(after))
+		}
+	}
+	return r.Result, r.Err
+}
+
+// apply encodes c and applies it as the next command entry.
+func (h *harness) apply(c Command) (Result, error) {
+	h.t.Helper()
+	b, err := Encode(c)
+	if err != nil {
+		h.t.Fatalf("Encode(%#v): %v", c, err)
+	}
+	return h.applyLog(raft.LogCommand, b)
+}
+
+// must applies c and fails the test if it returns an error.
+func (h *harness) must(c Command) Result {
+	h.t.Helper()
+	res, err := h.apply(c)
+	if err != nil {
+		h.t.Fatalf("apply %T %+v: %v", c, c, err)
+	}
+	return res
+}
+
+// fails applies c and checks that it fails with want (errors.Is).
+func (h *harness) fails(c Command, want error) error {
+	h.t.Helper()
+	res, err := h.apply(c)
+	if !errors.Is(err, want) {
+		h.t.Fatalf("apply %T %+v = (%+v, %v), want an error wrapping %q", c, c, res, err, want)
+	}
+	if !reflect.DeepEqual(res, Result{}) {
+		h.t.Errorf("failed apply %T returned a non-empty result %+v", c, res)
+	}
+	return err
+}
+
+// volume returns a copy of volume id (nil when it does not exist).
+func (h *harness) volume(id string) *Volume {
+	var v *Volume
+	h.f.View(func(s *State) {
+		if x, ok := s.Volumes[id]; ok {
+			v = x.Clone()
+		}
+	})
+	return v
+}
+
+func (h *harness) node(id string) *Node {
+	var n *Node
+	h.f.View(func(s *State) {
+		if x, ok := s.Nodes[id]; ok {
+			c := *x
+			n = &c
+		}
+	})
+	return n
+}
+
+// restoreState replaces the FSM's state with s through a snapshot, which is
+// how tests reach states no command produces (a pending volume).
+func (h *harness) restoreState(s *State) {
+	h.t.Helper()
+	var buf bytes.Buffer
+	if err := WriteSnapshot(&buf, s); err != nil {
+		h.t.Fatalf("WriteSnapshot: %v", err)
+	}
+	if err := h.f.Restore(nopCloser{&buf}); err != nil {
+		h.t.Fatalf("Restore: %v", err)
+	}
+}
+
+type nopCloser struct{ *bytes.Buffer }
+
+func (nopCloser) Close() error { return nil }
+
+// cluster sets the cluster up and registers nodes n1..nN, each with capacity
+// GiB of disk; zones, when given, label the nodes in turn.
+func (h *harness) cluster(nodes int, capacityGiB uint64, zones ...string) {
+	h.t.Helper()
+	h.must(&InitCluster{ClusterID: "test-cluster"})
+	for i := 1; i <= nodes; i++ {
+		zone := ""
+		if len(zones) > 0 {
+			zone = zones[(i-1)%len(zones)]
+		}
+		h.addNode(nodeName(i), zone, capacityGiB)
+	}
+}
+
+func nodeName(i int) string { return "n" + string(rune('0'+i)) }
+
+func (h *harness) addNode(id, zone string, capacityGiB uint64) {
+	h.t.Helper()
+	h.must(&RegisterNode{Node: Node{
+		ID: id, RaftAddr: id + ":7000", APIAddr: id + ":7001", Zone: zone,
+		CapacityBytes: capacityGiB * gib, FreeBytes: capacityGiB * gib,
+	}, Time: 100})
+}
+
+// createVolume creates volume id (named "pvc-"+id) and returns it.
+func (h *harness) createVolume(id string, sizeGiB uint64, replicas int) *Volume {
+	h.t.Helper()
+	res := h.must(&CreateVolume{ID: id, Name: "pvc-" + id, SizeBytes: sizeGiB * gib, Replicas: replicas, CreatedAt: 1})
+	return res.Volume
+}
+
+func (h *harness) attach(id, node string) *Volume {
+	h.t.Helper()
+	v := h.volume(id)
+	return h.must(&AttachVolume{VolumeID: id, NodeID: node, ExpectEpoch: v.Epoch}).Volume
+}
+
+func (h *harness) setReplica(id, replica string, st ReplicaState) *Volume {
+	h.t.Helper()
+	v := h.volume(id)
+	return h.must(&SetReplicaState{VolumeID: id, ReplicaID: replica, State: st, ExpectEpoch: v.Epoch}).Volume
+}
+
+func dumpJSON(v any) string {
+	b, err := json.MarshalIndent(v, "", "  ")
+	if err != nil {
+		return err.Error()
+	}
+	return string(b)
+}
+
+func TestFSMNonCommandLogTypesChangeNothing(t *testing.T) {
+	valid, err := Encode(&InitCluster{ClusterID: "other"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	types := []raft.LogType{
+		raft.LogNoop, raft.LogBarrier, raft.LogConfiguration,
+		raft.LogAddPeerDeprecated, raft.LogRemovePeerDeprecated, raft.LogType(200),
+	}
+	for _, typ := range types {
+		for label, data := range map[string][]byte{"no data": nil, "a valid command": valid, "garbage": []byte("garbage")} {
+			t.Run(typ.String()+"/"+label, func(t *testing.T) {
+				h := newHarness(t)
+				h.cluster(3, 10)
+				h.createVolume("v1", 1, 3)
+				before := h.state()
+				changed := h.f.Changed()
+				res, err := h.applyLog(typ, data)
+				if err != nil || !reflect.DeepEqual(res, Result{}) {
+					t.Fatalf("Apply(%s) = (%+v, %v), want an empty result", typ, res, err)
+				}
+				if after := h.state(); !reflect.DeepEqual(before, after) {
+					t.Fatalf("Apply(%s) changed the state:\n%s", typ, dumpJSON(after))
+				}
+				select {
+				case <-changed:
+				default:
+					t.Errorf("Changed channel not closed after a %s entry", typ)
+				}
+			})
+		}
+	}
+}
+
+func TestFSMApplyGarbage(t *testing.T) {
+	tests := []struct {
+		name string
+		data []byte
+	}{
+		{"nil", nil},
+		{"empty", []byte{}},
+		{"one byte", []byte{7}},
+		{"unknown type", []byte{0, 1, '{', '}'}},
+		{"unknown type 200", []byte{200, 1, '{', '}'}},
+		{"future version", []byte{byte(CmdDeleteVolume), 2, '{', '}'}},
+		{"bad JSON", []byte{byte(CmdCreateVolume), 1, '{'}},
+		{"random", []byte{0x9c, 0x01, 0xff, 0x00, 0x13, 0x37}},
+		{"trailing brace", cmdBytes(CmdInitCluster, commandVersion, `{"cluster_id":"x"}}`)},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.createVolume("v1", 1, 3)
+			_, err := h.applyLog(raft.LogCommand, tt.data) // checks the state is unchanged
+			if !errors.Is(err, ErrBadCommand) {
+				t.Fatalf("Apply(%q) error = %v, want ErrBadCommand", tt.data, err)
+			}
+		})
+	}
+}
+
+// TestFSMApplyNeverPanics feeds every prefix and every one-byte corruption of
+// real commands through Apply.
+func TestFSMApplyNeverPanics(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	h.createVolume("vol-1", 1, 3)
+	for _, c := range fullCommands() {
+		b, err := Encode(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := 0; i <= len(b); i++ {
+			h.applyLog(raft.LogCommand, b[:i])
+		}
+		for i := range b {
+			for _, x := range []byte{0x00, 0xff, '"', '}', b[i] ^ 0x20} {
+				m := bytes.Clone(b)
+				m[i] = x
+				h.applyLog(raft.LogCommand, m)
+			}
+		}
+	}
+}
+
+func TestFSMAppliedIndexAndChanged(t *testing.T) {
+	f := NewFSM()
+	if got := f.AppliedIndex(); got != 0 {
+		t.Fatalf("fresh FSM AppliedIndex = %d", got)
+	}
+	ch := f.Changed()
+	b, _ := Encode(&InitCluster{ClusterID: "c"})
+	f.Apply(&raft.Log{Index: 17, Type: raft.LogCommand, Data: b})
+	select {
+	case <-ch:
+	default:
+		t.Fatal("Changed not closed after Apply")
+	}
+	if got := f.AppliedIndex(); got != 17 {
+		t.Fatalf("AppliedIndex = %d, want 17", got)
+	}
+	ch2 := f.Changed()
+	select {
+	case <-ch2:
+		t.Fatal("new Changed channel already closed")
+	default:
+	}
+	// A failing command still counts as applied (raft committed it).
+	f.Apply(&raft.Log{Index: 18, Type: raft.LogCommand, Data: []byte("junk")})
+	if got := f.AppliedIndex(); got != 18 {
+		t.Fatalf("AppliedIndex after a failing entry = %d, want 18", got)
+	}
+	select {
+	case <-ch2:
+	default:
+		t.Fatal("Changed not closed after a failing entry")
+	}
+}
+
+// TestFSMConcurrentReaders runs readers against a writer under -race.
+func TestFSMConcurrentReaders(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(4, 100)
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	for i := 0; i < 4; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				case <-h.f.Changed():
+				case <-time.After(time.Millisecond):
+				}
+				h.f.View(func(s *State) { _ = s.SortedVolumes() })
+				_ = h.f.AppliedIndex()
+				snap, err := h.f.Snapshot()
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				var sink memSink
+				if err := snap.Persist(&sink); err != nil {
+					t.Error(err)
+				}
+				snap.Release()
+			}
+		}()
+	}
+	for i := 0; i < 50; i++ {
+		id := "v" + string(rune('a'+i%26)) + string(rune('a'+i/26))
+		v := h.createVolume(id, 1, 2)
+		h.attach(id, v.Replicas[0].Node)
+	}
+	close(stop)
+	wg.Wait()
+}
+
+// cmdGen generates random commands, valid and invalid, over a small universe
+// of ids so that commands collide often.
+type cmdGen struct {
+	rng  *rand.Rand
+	step int
+}
+
+func (g *cmdGen) pick(xs ...string) string { return xs[g.rng.IntN(len(xs))] }
+
+func (g *cmdGen) nodeID() string { return nodeName(1 + g.rng.IntN(7)) } // n7 is never registered
+
+func (g *cmdGen) volumeID() string { return fmt.Sprintf("v%d", g.rng.IntN(10)) }
+
+// epoch returns the volume's current epoch most of the time, else a nearby
+// wrong one.
+func (g *cmdGen) epoch(s *State, id string) uint64 {
+	cur := uint64(0)
+	if v, ok := s.Volumes[id]; ok {
+		cur = v.Epoch
+	}
+	if g.rng.IntN(4) != 0 {
+		return cur
+	}
+	return uint64(g.rng.IntN(int(cur) + 3))
+}
+
+// replicaID returns one of the volume's replicas most of the time, else a
+// made-up (possibly former) one.
+func (g *cmdGen) replicaID(s *State, id string) string {
+	if v, ok := s.Volumes[id]; ok && len(v.Replicas) > 0 && g.rng.IntN(5) != 0 {
+		return v.Replicas[g.rng.IntN(len(v.Replicas))].ID
+	}
+	return fmt.Sprintf("%s-r%d", id, 1+g.rng.IntN(8))
+}
+
+func (g *cmdGen) replicaState() ReplicaState {
+	return ReplicaState(g.pick("healthy", "healthy", "rebuilding", "stale", "failed", "failed", "bogus"))
+}
+
+// next returns the next log entry: its raft type, its bytes and the command
+// (nil for entries that are not commands).
+func (g *cmdGen) next(s *State) (raft.LogType, []byte, Command) {
+	g.step++
+	var c Command
+	switch {
+	case g.step == 1:
+		c = &InitCluster{ClusterID: "prop", OverProvisioningRatio: 1.5}
+	case g.step <= 6:
+		c = g.registerNode(nodeName(g.step - 1))
+	default:
+		c = g.random(s)
+	}
+	if c == nil {
+		switch g.rng.IntN(3) {
+		case 0:
+			return raft.LogNoop, nil, nil
+		case 1:
+			return raft.LogBarrier, []byte("junk"), nil
+		default:
+			b := make([]byte, g.rng.IntN(8))
+			for i := range b {
+				b[i] = byte(g.rng.IntN(256))
+			}
+			return raft.LogCommand, b, nil
+		}
+	}
+	b, err := Encode(c)
+	if err != nil {
+		panic(fmt.Sprintf("BUG: encode %T: %v", c, err))
+	}
+	return raft.LogCommand, b, c
+}
+
+func (g *cmdGen) registerNode(id string) Command {
+	zone := []string{"zone-a", "zone-b", "zone-c"}[g.rng.IntN(3)]
+	capacity := uint64(8+g.rng.IntN(32)) * gib
+	return &RegisterNode{Node: Node{ID: id, RaftAddr: id + ":7000", APIAddr: id + ":7001", Zone: zone,
+		CapacityBytes: capacity, FreeBytes: capacity}, Time: int64(g.step)}
+}
+
+func (g *cmdGen) random(s *State) Command {
+	vid := g.volumeID()
+	switch g.rng.IntN(30) {
+	case 0:
+		return &InitCluster{ClusterID: g.pick("prop", "prop", "other", ""), OverProvisioningRatio: float64(g.rng.IntN(3)) - 0.5}
+	case 1:
+		return g.registerNode(g.pick("n1", "n2", "n3", "n4", "n5", "n6", ""))
+	case 2:
+		return &NodeHeartbeat{NodeID: g.nodeID(), CapacityBytes: uint64(g.rng.IntN(40)) * gib, Time: int64(g.step)}
+	case 3, 4:
+		return &SetNodeState{NodeID: g.nodeID(), State: NodeState(g.pick("up", "up", "up", "down", "draining", "sleeping")), Time: int64(g.step)}
+	case 5, 6, 7, 8:
+		c := &CreateVolume{
+			ID: vid, Name: fmt.Sprintf("pvc-%d", g.rng.IntN(7)),
+			SizeBytes: uint64(1+g.rng.IntN(4)) * gib, Replicas: 1 + g.rng.IntN(3),
+			CreatedAt: int64(g.step),
+		}
+		if g.rng.IntN(5) == 0 {
+			c.WriteQuorum = g.rng.IntN(4)
+		}
+		if g.rng.IntN(10) == 0 { // out of range
+			c.SizeBytes, c.Replicas = uint64(g.rng.IntN(2)), g.rng.IntN(8)-1
+		}
+		if g.rng.IntN(4) == 0 {
+			c.ContentSource = "snap-x"
+		}
+		if g.rng.IntN(4) == 0 {
+			c.Parameters = map[string]string{"replicas": fmt.Sprint(c.Replicas)}
+		}
+		if g.rng.IntN(6) == 0 {
+			c.AllowedZones = []string{g.pick("zone-a", "zone-b", "zone-c")}
+		}
+		if g.rng.IntN(4) == 0 {
+			c.PreferredNode = g.nodeID()
+		}
+		return c
+	case 9:
+		return &DeleteVolume{VolumeID: vid}
+	case 10, 11, 12:
+		return &AttachVolume{VolumeID: vid, NodeID: g.nodeID(), ReadOnly: g.rng.IntN(5) == 0, ExpectEpoch: g.epoch(s, vid)}
+	case 13, 14:
+		node := g.nodeID()
+		if g.rng.IntN(3) == 0 {
+			node = ""
+		} else if v, ok := s.Volumes[vid]; ok && v.Attachment != nil && g.rng.IntN(2) == 0 {
+			node = v.Attachment.Node
+		}
+		return &DetachVolume{VolumeID: vid, NodeID: node, ExpectEpoch: g.epoch(s, vid)}
+	case 15, 16, 17, 18:
+		return &SetReplicaState{VolumeID: vid, ReplicaID: g.replicaID(s, vid), State: g.replicaState(), ExpectEpoch: g.epoch(s, vid)}
+	case 19, 20, 21:
+		return &ReplaceReplica{VolumeID: vid, ReplicaID: g.replicaID(s, vid), ExpectEpoch: g.epoch(s, vid)}
+	case 22, 23:
+		return &SetVolumeState{VolumeID: vid, State: allVolumeStates[g.rng.IntN(len(allVolumeStates))]}
+	case 24:
+		return &CreateSnapshot{ID: fmt.Sprintf("s%d", g.rng.IntN(5)), Name: fmt.Sprintf("vs-%d", g.rng.IntN(4)), SourceVolumeID: vid, CreatedAt: int64(g.step)}
+	case 25:
+		return &DeleteSnapshot{SnapshotID: fmt.Sprintf("s%d", g.rng.IntN(5))}
+	case 26, 27:
+		return &PurgeVolume{VolumeID: vid}
+	}
+	return nil // a non-command entry or garbage
+}
+
+// casTarget returns the volume and expected epoch of a compare-and-set command.
+func casTarget(c Command) (string, uint64, bool) {
+	switch c := c.(type) {
+	case *AttachVolume:
+		return c.VolumeID, c.ExpectEpoch, true
+	case *DetachVolume:
+		return c.VolumeID, c.ExpectEpoch, true
+	case *SetReplicaState:
+		return c.VolumeID, c.ExpectEpoch, true
+	case *ReplaceReplica:
+		return c.VolumeID, c.ExpectEpoch, true
+	}
+	return "", 0, false
+}
+
+// propertyChecker holds what the invariants need across steps.
+type propertyChecker struct {
+	t *testing.T
+	// everReplicas[volume][replica] records every replica id a volume has
+	// had, so a reused id is caught.
+	everReplicas map[string]map[string]bool
+	// exempted counts violations of the epoch rule explained by
+	// knownBugSetVolumeStateDetach.
+	exempted int
+}
+
+func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *State) {
+	t := p.t
+	t.Helper()
+	fail := func(format string, args ...any) {
+		t.Helper()
+		t.Fatalf("step %d, %T %+v (err %v): %s", step, c, c, cmdErr, fmt.Sprintf(format, args...))
+	}
+	if cmdErr != nil {
+		if w := toWire(cmdErr); w.Code == "internal" {
+			fail("error wraps no store sentinel")
+		}
+		return // the harness checked that the state did not change
+	}
+	if id, expect, ok := casTarget(c); ok {
+		if v, ok := prev.Volumes[id]; ok && v.Epoch != expect && !reflect.DeepEqual(v, cur.Volumes[id]) {
+			fail("a compare-and-set with epoch %d changed volume at epoch %d", expect, v.Epoch)
+		}
+	}
+	for id, pv := range prev.Volumes {
+		if _, ok := cur.Volumes[id]; !ok {
+			if pc, ok := c.(*PurgeVolume); !ok || pc.VolumeID != id || pv.State != VolumeDeleted {
+				fail("volume %s (%s) vanished", id, pv.State)
+			}
+			delete(p.everReplicas, id) // a purged id starts afresh
+		}
+	}
+	for id, v := range cur.Volumes {
+		pv, existed := prev.Volumes[id]
+		if !existed {
+			if cc, ok := c.(*CreateVolume); !ok || cc.ID != id {
+				fail("volume %s appeared", id)
+			}
+			if v.Epoch != 1 {
+				fail("new volume %s at epoch %d", id, v.Epoch)
+			}
+		} else {
+			if v.Epoch < pv.Epoch {
+				fail("volume %s epoch went back %d → %d", id, pv.Epoch, v.Epoch)
+			}
+			if v.Epoch > pv.Epoch+1 {
+				fail("volume %s epoch jumped %d → %d", id, pv.Epoch, v.Epoch)
+			}
+			attachmentChanged := !reflect.DeepEqual(pv.Attachment, v.Attachment)
+			replicasChanged := !reflect.DeepEqual(pv.Replicas, v.Replicas)
+			if (attachmentChanged || replicasChanged) && v.Epoch == pv.Epoch {
+				sv, isSetState := c.(*SetVolumeState)
+				if knownBugSetVolumeStateDetach && isSetState && sv.State == VolumeAvailable && !replicasChanged && v.Attachment == nil {
+					p.exempted++
+				} else {
+					fail("volume %s: attachment %+v → %+v, replicas %+v → %+v at unchanged epoch %d",
+						id, pv.Attachment, v.Attachment, pv.Replicas, v.Replicas, v.Epoch)
+				}
+			}
+			if v.State != pv.State {
+				if err := checkTransition(pv.State, v.State); err != nil {
+					fail("volume %s: %v", id, err)
+				}
+			}
+			if v.NextReplicaSeq < pv.NextReplicaSeq {
+				fail("volume %s NextReplicaSeq went back", id)
+			}
+			if v.ID != pv.ID || v.Name != pv.Name || v.SizeBytes != pv.SizeBytes || v.ReplicaCount != pv.ReplicaCount ||
+				v.WriteQuorum != pv.WriteQuorum || v.CreatedAt != pv.CreatedAt || v.ContentSource != pv.ContentSource {
+				fail("volume %s: an immutable field changed:\n%+v\n%+v", id, pv, v)
+			}
+		}
+		p.checkVolume(fail, cur, v)
+	}
+}
+
+func (p *propertyChecker) checkVolume(fail func(string, ...any), s *State, v *Volume) {
+	if len(v.Replicas) != v.ReplicaCount {
+		fail("volume %s has %d replicas, wants %d", v.ID, len(v.Replicas), v.ReplicaCount)
+	}
+	if v.WriteQuorum < 1 || v.WriteQuorum > v.ReplicaCount {
+		fail("volume %s write quorum %d of %d", v.ID, v.WriteQuorum, v.ReplicaCount)
+	}
+	if v.State != VolumeDeleted && v.HealthyReplicas() == 0 {
+		fail("live volume %s has no healthy replica: %+v", v.ID, v.Replicas)
+	}
+	ever := p.everReplicas[v.ID]
+	if ever == nil {
+		ever = map[string]bool{}
+		p.everReplicas[v.ID] = ever
+	}
+	nodes, ids := map[string]bool{}, map[string]bool{}
+	for _, r := range v.Replicas {
+		if nodes[r.Node] {
+			fail("volume %s has two replicas on node %s: %+v", v.ID, r.Node, v.Replicas)
+		}
+		nodes[r.Node] = true
+		if ids[r.ID] {
+			fail("volume %s has replica id %s twice", v.ID, r.ID)
+		}
+		ids[r.ID] = true
+		if _, ok := s.Nodes[r.Node]; !ok {
+			fail("replica %s on unknown node %s", r.ID, r.Node)
+		}
+		var seq int
+		if _, err := fmt.Sscanf(strings.TrimPrefix(r.ID, v.ID+"-r"), "%d", &seq); err != nil || seq < 1 || seq > v.NextReplicaSeq {
+			fail("replica id %s does not fit NextReplicaSeq %d", r.ID, v.NextReplicaSeq)
+		}
+		switch r.State {
+		case ReplicaHealthy, ReplicaRebuilding, ReplicaStale, ReplicaFailed:
+		default:
+			fail("replica %s in unknown state %q", r.ID, r.State)
+		}
+	}
+	// A replica id that left the set never comes back: ever[id] is true
+	// while the replica is in the set, false once it has left.
+	for id := range ever {
+		if !ids[id] {
+			ever[id] = false // gone for good
+		}
+	}
+	for id := range ids {
+		if was, seen := ever[id]; seen && !was {
+			fail("volume %s: replica id %s came back", v.ID, id)
+		}
+		ever[id] = true
+	}
+	switch v.State {
+	case VolumeAttached, VolumeReleasing:
+		if v.Attachment == nil {
+			fail("volume %s is %s without an attachment", v.ID, v.State)
+		}
+	case VolumePending, VolumeProvisioning, VolumeAvailable:
+		if v.Attachment != nil {
+			fail("volume %s is %s with attachment %+v", v.ID, v.State, v.Attachment)
+		}
+	case VolumeFailed, VolumeDeleted:
+	default:
+		fail("volume %s in unknown state %q", v.ID, v.State)
+	}
+	if v.Attachment != nil {
+		if _, ok := s.Nodes[v.Attachment.Node]; !ok {
+			fail("volume %s attached to unknown node %s", v.ID, v.Attachment.Node)
+		}
+	}
+}
+
+// TestFSMRandomized applies a few thousand random commands, valid and
+// invalid, and checks the store's invariants after every step. A second FSM
+// fed the same log must stay deeply equal (determinism), and a third FSM,
+// restored from a snapshot of the first every few hundred steps and then fed
+// the same log, too.
+func TestFSMRandomized(t *testing.T) {
+	const steps = 4000
+	for _, seed := range []uint64{1, 2, 3} {
+		t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) {
+			g := &cmdGen{rng: rand.New(rand.NewPCG(seed, 0xCA1A))}
+			a, b := newHarness(t), newHarness(t)
+			var restored *harness
+			p := &propertyChecker{t: t, everReplicas: map[string]map[string]bool{}}
+			outcomes := map[string]int{}
+			for step := 1; step <= steps; step++ {
+				prev := a.state()
+				typ, data, c := g.next(prev)
+				resA, errA := a.applyLog(typ, data)
+				resB, errB := b.applyLog(typ, data)
+				if !reflect.DeepEqual(resA, resB) || fmt.Sprint(errA) != fmt.Sprint(errB) {
+					t.Fatalf("step %d: same entry, different results: (%+v, %v) vs (%+v, %v)", step, resA, errA, resB, errB)
+				}
+				if restored != nil {
+					resC, errC := restored.applyLog(typ, data)
+					if !reflect.DeepEqual(resA, resC) || fmt.Sprint(errA) != fmt.Sprint(errC) {
+						t.Fatalf("step %d: restored FSM answered (%+v, %v), original (%+v, %v)", step, resC, errC, resA, errA)
+					}
+				}
+				cur := a.state()
+				if !reflect.DeepEqual(cur, b.state()) {
+					t.Fatalf("step %d: two FSMs fed the same log differ", step)
+				}
+				if restored != nil && !reflect.DeepEqual(cur, restored.state()) {
+					t.Fatalf("step %d: FSM restored from a snapshot differs from the original", step)
+				}
+				if c == nil {
+					if typ == raft.LogCommand && errA == nil {
+						t.Fatalf("step %d: garbage %q applied without error", step, data)
+					}
+					continue
+				}
+				name := reflect.TypeOf(c).Elem().Name()
+				if errA == nil {
+					outcomes[name+" ok"]++
+				} else {
+					outcomes[name+" error"]++
+				}
+				p.check(step, c, errA, prev, cur)
+				if step%500 == 0 {
+					restored = newHarness(t)
+					if err := restored.f.Restore(&trackingReader{Reader: bytes.NewReader(persist(t, a.f))}); err != nil {
+						t.Fatalf("step %d: restore: %v", step, err)
+					}
+					restored.index = a.index
+				}
+			}
+			// The generator must have reached both outcomes of every command.
+			for _, ct := range allCommandTypes {
+				name := reflect.TypeOf(newCommand(ct)).Elem().Name()
+				if outcomes[name+" ok"] == 0 || outcomes[name+" error"] == 0 {
+					t.Errorf("%s: %d successes, %d errors; the generator should reach both", name, outcomes[name+" ok"], outcomes[name+" error"])
+				}
+			}
+			live := len(a.state().SortedVolumes())
+			t.Logf("outcomes %v; %d live volumes at the end; %d steps exempted by knownBugSetVolumeStateDetach", outcomes, live, p.exempted)
+		})
+	}
+}
