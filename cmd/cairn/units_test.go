@@ -1,0 +1,87 @@
+package main
+
+import (
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseSize(t *testing.T) {
+	cases := []struct {
+		in   string
+		want uint64
+		err  bool
+	}{
+		{"0", 0, false},
+		{"4096", 4096, false},
+		{"64Mi", 64 << 20, false},
+		{"1Gi", 1 << 30, false},
+		{"2Ti", 2 << 40, false},
+		{"500M", 500e6, false},
+		{"1k", 1000, false},
+		{" 8Ki ", 8 << 10, false},
+		{"", 0, true},
+		{"Mi", 0, true},
+		{"-1Gi", 0, true},
+		{"1.5Gi", 0, true},
+		{"1GiB", 0, true},
+		{"99999999999Pi", 0, true}, // overflows uint64
+	}
+	for _, c := range cases {
+		t.Run(c.in, func(t *testing.T) {
+			got, err := parseSize(c.in)
+			if c.err {
+				if err == nil {
+					t.Fatalf("parseSize(%q) = %d, want an error", c.in, got)
+				}
+				return
+			}
+			if err != nil || got != c.want {
+				t.Fatalf("parseSize(%q) = %d, %v; want %d", c.in, got, err, c.want)
+			}
+		})
+	}
+}
+
+func TestFormatSize(t *testing.T) {
+	for in, want := range map[uint64]string{0: "0 B", 1023: "1023 B", 1 << 20: "1 MiB", 1536 << 20: "1.5 GiB", 1 << 40: "1 TiB"} {
+		if got := formatSize(in); got != want {
+			t.Errorf("formatSize(%d) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func TestNodeOptionsValidate(t *testing.T) {
+	valid := func() nodeOptions {
+		return nodeOptions{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2",
+			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second}
+	}
+	cases := []struct {
+		name   string
+		change func(*nodeOptions)
+		want   string
+	}{
+		{"valid", func(*nodeOptions) {}, ""},
+		{"id with slash", func(o *nodeOptions) { o.ID = "a/b" }, "--id"},
+		{"bootstrap too big", func(o *nodeOptions) { o.BootstrapExpect = 9 }, "--bootstrap-expect 9"},
+		{"down before heartbeat", func(o *nodeOptions) { o.NodeDownAfter = time.Second }, "--node-down-after"},
+		{"negative heartbeat", func(o *nodeOptions) { o.HeartbeatInterval = -1 }, "--heartbeat-interval"},
+		{"single-node bootstrap", func(o *nodeOptions) { o.BootstrapExpect = 1 }, ""},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			o := valid()
+			c.change(&o)
+			err := o.Validate()
+			if c.want == "" {
+				if err != nil {
+					t.Fatalf("Validate: %v", err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), c.want) {
+				t.Fatalf("Validate = %v, want a message naming %s", err, c.want)
+			}
+		})
+	}
+}
