@@ -1,0 +1,635 @@
+// Package engine is the write path of one attached volume: it claims the
+// volume's replicas with the epoch of its attachment, sends every write to
+// all healthy and rebuilding replicas, ejects a failing replica through the
+// volume store before it acknowledges, reads from a healthy replica (the
+// local one first), and resyncs dirty extents after a crash or failover.
+//
+// Invariant: every healthy replica in the committed replica set holds every
+// acknowledged write.
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// Errors of the engine.
+var (
+	// ErrIO is what a failed write, read or flush returns: not enough healthy
+	// replicas, or the ejection of a failed one could not be committed. The
+	// block frontend reports it as EIO.
+	ErrIO = errors.New("volume I/O error")
+	// ErrFenced: a newer engine (a later attachment) owns the volume; this
+	// engine can no longer change any replica.
+	ErrFenced = errors.New("engine fenced by a newer epoch")
+	// ErrNotAttached: the volume is not attached to this engine's node.
+	ErrNotAttached = errors.New("volume not attached to this node")
+	// ErrClosed: the engine was closed.
+	ErrClosed = errors.New("engine closed")
+)
+
+// Config configures an engine.
+type Config struct {
+	// VolumeID is the volume to serve.
+	VolumeID string
+	// NodeID is the node this engine runs on; the volume must be attached to it.
+	NodeID string
+	// Meta reaches the volume store.
+	Meta *meta.Client
+	// Logger receives the engine's lines.
+	Logger *zap.Logger
+	// IOTimeout bounds one replica operation; a replica slower than this is
+	// treated as failed and ejected (default 10 s).
+	IOTimeout time.Duration
+	// CleanInterval is how often the engine declares a clean point after
+	// writes (default 2 s).
+	CleanInterval time.Duration
+}
+
+// member is one replica the engine sends I/O to.
+type member struct {
+	replica meta.Replica
+	client  *replica.Client
+	local   bool
+}
+
+func (m *member) healthy() bool { return m.replica.State == meta.ReplicaHealthy }
+
+// Engine serves one attached volume.
+type Engine struct {
+	cfg Config
+	log *zap.Logger
+
+	// mu guards the replica set and the epoch. I/O runs under the read
+	// lock; changing the set (ejection, claim, clean point) takes the write
+	// lock, so no I/O with an old epoch is in flight while replicas are
+	// claimed with a new one.
+	mu         sync.RWMutex
+	epoch      uint64
+	members    []*member
+	size       uint64
+	extentSize uint64
+	quorum     int
+	fenced     bool
+	closed     bool
+	dirty      atomic.Bool // writes since the last clean point
+	generation uint64      // clean point counter
+
+	addrs  map[string]string // node id → replica server address
+	stop   context.CancelFunc
+	wg     sync.WaitGroup
+	closeM sync.Once
+}
+
+// Open starts the engine: it reads the volume's attachment, claims every
+// replica with its epoch, and resyncs the dirty extents.
+func Open(ctx context.Context, cfg Config) (*Engine, error) {
+	if cfg.IOTimeout <= 0 {
+		cfg.IOTimeout = 10 * time.Second
+	}
+	if cfg.CleanInterval <= 0 {
+		cfg.CleanInterval = 2 * time.Second
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	e := &Engine{cfg: cfg, log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e.mu.Lock()
+	err := e.reconfigure(ctx)
+	if err == nil {
+		err = e.resync(ctx)
+	}
+	e.mu.Unlock()
+	if err != nil {
+		e.closeMembers()
+		return nil, err
+	}
+	bg, cancel := context.WithCancel(context.Background())
+	e.stop = cancel
+	e.wg.Add(1)
+	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
+	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
+	return e, nil
+}
+
+// Size is the volume's size in bytes.
+func (e *Engine) Size() uint64 { return e.size }
+
+// Epoch is the epoch the engine writes with.
+func (e *Engine) Epoch() uint64 {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.epoch
+}
+
+// reconfigure reads the volume, checks the attachment, and connects to and
+// claims every healthy and rebuilding replica with the volume's epoch. A
+// healthy replica that cannot be claimed is ejected (new epoch) and the
+// whole claim starts again. Called with e.mu held for writing.
+func (e *Engine) reconfigure(ctx context.Context) error {
+	for attempt := 0; ; attempt++ {
+		if attempt > 2*meta.MaxReplicas+2 {
+			return fmt.Errorf("volume %s: replica set keeps changing: %w", e.cfg.VolumeID, ErrIO)
+		}
+		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
+		if err != nil {
+			return fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
+		}
+		if v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID {
+			e.fenced = true
+			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
+		}
+		if e.epoch != 0 && v.Epoch < e.epoch {
+			return fmt.Errorf("volume %s: store says epoch %d, engine has %d: %w", v.ID, v.Epoch, e.epoch, ErrIO)
+		}
+		if err := e.connect(ctx, v); err != nil {
+			return err
+		}
+		e.epoch, e.size, e.quorum = v.Epoch, v.SizeBytes, v.WriteQuorum
+		failed, err := e.claimAll(ctx)
+		if err != nil {
+			return err
+		}
+		if failed == nil {
+			if n := e.healthyCount(); n < e.quorum {
+				e.log.Warn("fewer healthy replicas than the write quorum", zap.Int("healthy", n), zap.Int("write_quorum", e.quorum))
+			}
+			return nil
+		}
+		if err := e.eject(ctx, failed, "claim failed"); err != nil {
+			return err
+		}
+	}
+}
+
+// connect makes e.members match the volume's healthy and rebuilding
+// replicas, reusing open connections.
+func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
+	old := map[string]*member{}
+	for _, m := range e.members {
+		old[m.replica.ID] = m
+	}
+	var members []*member
+	for _, r := range v.Replicas {
+		if r.State != meta.ReplicaHealthy && r.State != meta.ReplicaRebuilding {
+			continue
+		}
+		if m, ok := old[r.ID]; ok {
+			m.replica = r
+			members = append(members, m)
+			delete(old, r.ID)
+			continue
+		}
+		m := &member{replica: r, local: r.Node == e.cfg.NodeID}
+		addr, err := e.replicaAddr(ctx, r.Node)
+		if err == nil {
+			dctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+			m.client, err = replica.Dial(dctx, addr, r.ID, v.SizeBytes)
+			cancel()
+		}
+		if err != nil {
+			// Keep it without a connection: the claim fails and ejects it.
+			e.log.Warn("cannot reach replica", zap.String("replica_id", r.ID), zap.String("node", r.Node), zap.Error(err))
+		}
+		members = append(members, m)
+	}
+	for _, m := range old {
+		if m.client != nil {
+			m.client.Close()
+		}
+	}
+	e.members = members
+	return nil
+}
+
+// replicaAddr finds a node's replica server address in the store.
+func (e *Engine) replicaAddr(ctx context.Context, node string) (string, error) {
+	if a, ok := e.addrs[node]; ok {
+		return a, nil
+	}
+	st, err := e.cfg.Meta.State(ctx, false)
+	if err != nil {
+		return "", err
+	}
+	e.addrs = map[string]string{}
+	for id, n := range st.Nodes {
+		if n.DataAddr != "" {
+			e.addrs[id] = n.DataAddr
+		}
+	}
+	if a, ok := e.addrs[node]; ok {
+		return a, nil
+	}
+	return "", fmt.Errorf("node %s has no replica server address", node)
+}
+
+// claimAll claims every member with e.epoch and returns the members that
+// failed. A replica that answers ErrFenced holds a newer epoch: this engine
+// is fenced.
+func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
+		return m.client.Claim(ctx, e.epoch)
+	})
+	var failed []*member
+	for i, err := range errs {
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, replica.ErrFenced) {
+			e.fenced = true
+			return nil, fmt.Errorf("claim %s with epoch %d: %w", e.members[i].replica.ID, e.epoch, ErrFenced)
+		}
+		e.log.Warn("claim failed", zap.String("replica_id", e.members[i].replica.ID), zap.Uint64("epoch", e.epoch), zap.Error(err))
+		failed = append(failed, e.members[i])
+	}
+	return failed, nil
+}
+
+// fanOut runs op on every member in parallel, each bounded by IOTimeout;
+// a member without a connection fails at once.
+func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
+	errs := make([]error, len(ms))
+	if len(ms) == 1 { // the common 1-replica case without a goroutine
+		errs[0] = e.one(ctx, ms[0], op)
+		return errs
+	}
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = e.one(ctx, m, op)
+		}()
+	}
+	wg.Wait()
+	return errs
+}
+
+func (e *Engine) one(ctx context.Context, m *member, op func(context.Context, *member) error) error {
+	if m.client == nil {
+		return errors.New("no connection")
+	}
+	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+	defer cancel()
+	return op(octx, m)
+}
+
+func (e *Engine) healthyCount() int {
+	n := 0
+	for _, m := range e.members {
+		if m.healthy() {
+			n++
+		}
+	}
+	return n
+}
+
+// eject marks failed replicas failed in the store (compare-and-set on the
+// epoch), then reclaims the remaining replicas with the new epoch. Called
+// with e.mu held for writing. Only after it returns nil may a write that
+// failed on these replicas be acknowledged.
+func (e *Engine) eject(ctx context.Context, failed []*member, why string) error {
+	for _, m := range failed {
+		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{
+			VolumeID: e.cfg.VolumeID, ReplicaID: m.replica.ID, State: meta.ReplicaFailed, ExpectEpoch: e.epoch,
+		})
+		switch {
+		case err == nil:
+			e.log.Warn("replica ejected", zap.String("replica_id", m.replica.ID), zap.String("node", m.replica.Node),
+				zap.String("reason", why), zap.Uint64("epoch", res.Volume.Epoch))
+		case errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, meta.ErrIllegalTransition), errors.Is(err, meta.ErrNotFound):
+			// The set moved under us (another ejection, a takeover, or the
+			// replica is already failed): reconfigure from the store.
+		default:
+			return fmt.Errorf("eject replica %s (%s): %v: %w", m.replica.ID, why, err, ErrIO)
+		}
+	}
+	return e.reconfigure(ctx)
+}
+
+// checkQuorum says whether writes may be acknowledged.
+func (e *Engine) checkQuorum() error {
+	if n := e.healthyCount(); n < e.quorum {
+		return fmt.Errorf("volume %s has %d healthy replicas, write quorum is %d: %w", e.cfg.VolumeID, n, e.quorum, ErrIO)
+	}
+	return nil
+}
+
+// usable reports why no I/O may be done, or nil. Called with e.mu held.
+func (e *Engine) usable() error {
+	switch {
+	case e.closed:
+		return ErrClosed
+	case e.fenced:
+		return fmt.Errorf("volume %s: %w", e.cfg.VolumeID, ErrFenced)
+	}
+	return nil
+}
+
+// mutate sends one changing operation (write, trim, zeroes, flush) to every
+// member, ejects the healthy ones that failed, and returns nil only when
+// every healthy replica of the committed set has done it.
+func (e *Engine) mutate(ctx context.Context, what string, op func(context.Context, *member, uint64) error) error {
+	for attempt := 0; ; attempt++ {
+		e.mu.RLock()
+		if err := e.usable(); err != nil {
+			e.mu.RUnlock()
+			return err
+		}
+		if err := e.checkQuorum(); err != nil {
+			e.mu.RUnlock()
+			return err
+		}
+		epoch, ms := e.epoch, append([]*member(nil), e.members...)
+		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
+		e.dirty.Store(true)
+		e.mu.RUnlock()
+
+		var failed []*member
+		fencedBy := false
+		for i, err := range errs {
+			if err == nil {
+				continue
+			}
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if errors.Is(err, replica.ErrFenced) {
+				fencedBy = true
+			}
+			failed = append(failed, ms[i])
+		}
+		if failed == nil {
+			return nil
+		}
+		if attempt >= 3 {
+			return fmt.Errorf("%s keeps failing: %v: %w", what, errs, ErrIO)
+		}
+		e.mu.Lock()
+		var err error
+		switch {
+		case e.epoch != epoch:
+			// Another caller already changed the set; retry with it.
+		case fencedBy:
+			// A replica holds a newer epoch than ours: a newer engine took
+			// over (or the store moved on). Check with the store.
+			err = e.reconfigure(ctx)
+		default:
+			err = e.eject(ctx, failed, what+" failed")
+		}
+		e.mu.Unlock()
+		if err != nil {
+			return err
+		}
+		// Retry: the replicas still in the set get the operation again
+		// (writes are idempotent), with the new epoch.
+	}
+}
+
+// WriteAt writes p at off on every replica; with fua it is durable when it
+// returns.
+func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
+	if err := e.checkRange(off, uint64(len(p))); err != nil {
+		return err
+	}
+	return e.mutate(ctx, "write", func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.WriteAt(ctx, epoch, p, off, fua)
+	})
+}
+
+// Trim discards a range (punches holes on every replica).
+func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
+	if err := e.checkRange(off, length); err != nil {
+		return err
+	}
+	return e.mutate(ctx, "trim", func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.Trim(ctx, epoch, off, length)
+	})
+}
+
+// WriteZeroes zeroes a range on every replica.
+func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) error {
+	if err := e.checkRange(off, length); err != nil {
+		return err
+	}
+	err := e.mutate(ctx, "write-zeroes", func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.WriteZeroes(ctx, epoch, off, length)
+	})
+	if err == nil && fua {
+		err = e.Flush(ctx)
+	}
+	return err
+}
+
+// Flush makes every acknowledged write durable on every healthy replica.
+func (e *Engine) Flush(ctx context.Context) error {
+	return e.mutate(ctx, "flush", func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.Flush(ctx, epoch)
+	})
+}
+
+// ReadAt reads from a healthy replica, the local one first; a replica that
+// fails a read is ejected and another one answers.
+func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
+	if err := e.checkRange(off, uint64(len(p))); err != nil {
+		return err
+	}
+	for attempt := 0; attempt < 2*meta.MaxReplicas; attempt++ {
+		e.mu.RLock()
+		if err := e.usable(); err != nil {
+			e.mu.RUnlock()
+			return err
+		}
+		epoch := e.epoch
+		var order []*member
+		for _, m := range e.members {
+			if m.healthy() && m.local {
+				order = append([]*member{m}, order...)
+			} else if m.healthy() {
+				order = append(order, m)
+			}
+		}
+		var bad *member
+		var lastErr error
+		for _, m := range order {
+			err := e.one(ctx, m, func(ctx context.Context, m *member) error { return m.client.ReadAt(ctx, epoch, p, off) })
+			if err == nil {
+				e.mu.RUnlock()
+				return nil
+			}
+			if ctx.Err() != nil {
+				e.mu.RUnlock()
+				return ctx.Err()
+			}
+			bad, lastErr = m, err
+			break
+		}
+		e.mu.RUnlock()
+		if bad == nil {
+			return fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
+		}
+		e.mu.Lock()
+		var err error
+		if e.epoch == epoch {
+			if errors.Is(lastErr, replica.ErrFenced) {
+				err = e.reconfigure(ctx)
+			} else {
+				err = e.eject(ctx, []*member{bad}, "read failed: "+lastErr.Error())
+			}
+		}
+		e.mu.Unlock()
+		if err != nil {
+			return err
+		}
+	}
+	return fmt.Errorf("volume %s: reads keep failing: %w", e.cfg.VolumeID, ErrIO)
+}
+
+func (e *Engine) checkRange(off, n uint64) error {
+	if off > e.size || n > e.size-off {
+		return fmt.Errorf("range %d+%d beyond volume size %d: %w", off, n, e.size, replica.ErrOutOfRange)
+	}
+	return nil
+}
+
+// cleanLoop declares clean points while writes come in.
+func (e *Engine) cleanLoop(ctx context.Context) {
+	t := time.NewTicker(e.cfg.CleanInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if err := e.CleanPoint(ctx); err != nil && ctx.Err() == nil {
+				e.log.Warn("clean point failed", zap.Error(err))
+			}
+		}
+	}
+}
+
+// CleanPoint flushes every replica and clears their dirty-extent maps.
+func (e *Engine) CleanPoint(ctx context.Context) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.cleanPointLocked(ctx)
+}
+
+// cleanPointLocked runs with the write lock held, so that no write lands
+// between the flush and the clearing: such a write would be neither durable
+// nor marked dirty.
+func (e *Engine) cleanPointLocked(ctx context.Context) error {
+	if e.usable() != nil || !e.dirty.Load() {
+		return nil
+	}
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, e.epoch) })
+	for _, err := range errs {
+		if err != nil {
+			return fmt.Errorf("flush before clean point: %w", err) // the next write or flush ejects it
+		}
+	}
+	e.generation++
+	errs = e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
+		return m.client.MarkClean(ctx, e.epoch, e.generation)
+	})
+	for _, err := range errs {
+		if err != nil {
+			return fmt.Errorf("mark clean: %w", err)
+		}
+	}
+	e.dirty.Store(false)
+	return nil
+}
+
+// resync makes the healthy replicas identical after a crash or failover:
+// only the extents that some replica marked dirty can differ, so the engine
+// copies that union from one source (the local healthy replica if there is
+// one) to the others, then declares a clean point. Called with e.mu held.
+func (e *Engine) resync(ctx context.Context) error {
+	var src *member
+	union := map[uint64]bool{}
+	for _, m := range e.members {
+		if m.client == nil {
+			continue
+		}
+		if m.healthy() && (src == nil || m.local) {
+			src = m
+		}
+		d, err := m.client.DirtyExtents(ctx)
+		if err != nil {
+			return fmt.Errorf("resync: dirty extents of %s: %w", m.replica.ID, err)
+		}
+		for _, x := range d {
+			union[x] = true
+		}
+		if e.extentSize == 0 {
+			info, err := m.client.Info(ctx)
+			if err != nil {
+				return fmt.Errorf("resync: info of %s: %w", m.replica.ID, err)
+			}
+			e.extentSize = info.ExtentSize
+		}
+	}
+	if src == nil {
+		return fmt.Errorf("volume %s: no healthy replica: %w", e.cfg.VolumeID, ErrIO)
+	}
+	if len(union) == 0 {
+		return nil
+	}
+	e.log.Info("resyncing dirty extents", zap.Int("extents", len(union)), zap.String("source", src.replica.ID), zap.Uint64("epoch", e.epoch))
+	var copied uint64
+	for x := range union {
+		data, err := src.client.ReadExtent(ctx, e.epoch, x)
+		if err != nil {
+			return fmt.Errorf("resync: read extent %d from %s: %w", x, src.replica.ID, err)
+		}
+		for _, m := range e.members {
+			if m == src || m.client == nil {
+				continue
+			}
+			if err := m.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
+				return fmt.Errorf("resync: write extent %d to %s: %w", x, m.replica.ID, err)
+			}
+			copied += uint64(len(data))
+		}
+	}
+	e.dirty.Store(true)
+	e.log.Info("resync done", zap.Int("extents", len(union)), zap.Uint64("bytes_copied", copied))
+	return e.cleanPointLocked(ctx)
+}
+
+// Close flushes, declares a clean point and disconnects. It does not change
+// the attachment.
+func (e *Engine) Close(ctx context.Context) error {
+	var err error
+	e.closeM.Do(func() {
+		if e.stop != nil {
+			e.stop()
+			e.wg.Wait()
+		}
+		err = e.CleanPoint(ctx)
+		e.mu.Lock()
+		e.closed = true
+		e.mu.Unlock()
+		e.closeMembers()
+		e.log.Info("engine stopped")
+	})
+	return err
+}
+
+func (e *Engine) closeMembers() {
+	for _, m := range e.members {
+		if m.client != nil {
+			m.client.Close()
+		}
+	}
+}

@@ -1,0 +1,370 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"net"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// rig is a real volume store (one raft member on TCP) and real replica
+// servers on 127.0.0.1, one per storage node, with their data in t.TempDir.
+type rig struct {
+	t       *testing.T
+	log     *zap.Logger
+	agent   *meta.Agent
+	meta    *meta.Client
+	servers map[string]*replicaServer
+}
+
+type replicaServer struct {
+	srv  *replica.Server
+	lis  net.Listener
+	addr string
+	dir  string
+}
+
+func newRig(t *testing.T, nodes int) *rig {
+	t.Helper()
+	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
+	agent, err := meta.StartAgent(meta.AgentConfig{
+		Store:   meta.StoreConfig{NodeID: "meta-1", DataDir: filepath.Join(t.TempDir(), "meta"), RaftBind: "127.0.0.1:0", TimeoutMultiplier: 0.2, Logger: log},
+		APIBind: "127.0.0.1:0", BootstrapExpect: 1,
+		HeartbeatInterval: 100 * time.Millisecond, NodeDownAfter: time.Hour,
+		// No capacity: the store member holds no replicas in this rig.
+		DiskUsage: func() (uint64, uint64, error) { return 0, 0, nil },
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := meta.NewClient([]string{agent.APIAddr()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := &rig{t: t, log: log, agent: agent, meta: c, servers: map[string]*replicaServer{}}
+	t.Cleanup(func() {
+		for _, s := range r.servers {
+			s.srv.Close()
+		}
+		c.Close()
+		agent.Close()
+	})
+	ctx := r.ctx()
+	for i := 1; i <= nodes; i++ {
+		id := fmt.Sprintf("n%d", i)
+		rs := r.startServer(id, filepath.Join(t.TempDir(), id), "127.0.0.1:0")
+		if _, err := c.Apply(ctx, &meta.RegisterNode{Node: meta.Node{
+			ID: id, RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:1", DataAddr: rs.addr,
+			CapacityBytes: 10 << 30, FreeBytes: 10 << 30,
+		}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return r
+}
+
+func (r *rig) ctx() context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	r.t.Cleanup(cancel)
+	return ctx
+}
+
+func (r *rig) startServer(node, dir, addr string) *replicaServer {
+	r.t.Helper()
+	lis, err := net.Listen("tcp", addr)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	s := &replicaServer{srv: replica.NewServer(r.log, dir), lis: lis, addr: lis.Addr().String(), dir: dir}
+	go func() { _ = s.srv.Serve(lis) }()
+	r.servers[node] = s
+	return s
+}
+
+// kill stops a node's replica server abruptly (its connections drop).
+func (r *rig) kill(node string) {
+	r.servers[node].srv.Close()
+}
+
+// createVolume records a volume, creates its replicas on their servers
+// (the node agents' job in production) and attaches it to node.
+func (r *rig) createVolume(name string, size uint64, replicas, quorum int, node string) *meta.Volume {
+	r.t.Helper()
+	ctx := r.ctx()
+	res, err := r.meta.Apply(ctx, &meta.CreateVolume{ID: "vol-" + name, Name: name, SizeBytes: size, Replicas: replicas, WriteQuorum: quorum})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	for _, rep := range res.Volume.Replicas {
+		if _, err := r.servers[rep.Node].srv.Create(rep.ID, size); err != nil {
+			r.t.Fatal(err)
+		}
+	}
+	return r.attach(res.Volume.ID, node)
+}
+
+// attach moves the attachment to node (detaching first if needed).
+func (r *rig) attach(id, node string) *meta.Volume {
+	r.t.Helper()
+	ctx := r.ctx()
+	v, err := r.meta.Volume(ctx, id)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if v.Attachment != nil {
+		res, err := r.meta.Apply(ctx, &meta.DetachVolume{VolumeID: id, ExpectEpoch: v.Epoch})
+		if err != nil {
+			r.t.Fatal(err)
+		}
+		v = res.Volume
+	}
+	res, err := r.meta.Apply(ctx, &meta.AttachVolume{VolumeID: id, NodeID: node, ExpectEpoch: v.Epoch})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return res.Volume
+}
+
+func (r *rig) open(id, node string) *Engine {
+	r.t.Helper()
+	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: node, Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second, CleanInterval: time.Hour})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { _ = e.Close(context.Background()) })
+	return e
+}
+
+// contents reads a replica's whole data straight from its server.
+func (r *rig) contents(v *meta.Volume, rep meta.Replica) []byte {
+	r.t.Helper()
+	rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	buf := make([]byte, v.SizeBytes)
+	if err := rr.ReadAt(rr.Epoch(), buf, 0); err != nil {
+		r.t.Fatal(err)
+	}
+	return buf
+}
+
+// healthyIdentical checks invariant 3: every healthy replica holds the same
+// bytes, and (when want is given) exactly want.
+func (r *rig) healthyIdentical(id string, want []byte) *meta.Volume {
+	r.t.Helper()
+	v, err := r.meta.Volume(r.ctx(), id)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	var first []byte
+	for _, rep := range v.Replicas {
+		if rep.State != meta.ReplicaHealthy {
+			continue
+		}
+		got := r.contents(v, rep)
+		if first == nil {
+			first = got
+		} else if !bytes.Equal(first, got) {
+			r.t.Fatalf("healthy replicas of %s differ (%s)", id, rep.ID)
+		}
+		if want != nil && !bytes.Equal(got, want) {
+			r.t.Fatalf("replica %s does not hold every acknowledged write", rep.ID)
+		}
+	}
+	return v
+}
+
+const mib = 1 << 20
+
+func TestWriteReadAllReplicasIdentical(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("a", 16*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	rng := rand.New(rand.NewPCG(1, 2))
+	model := make([]byte, v.SizeBytes)
+	for i := 0; i < 200; i++ {
+		n := (rng.IntN(64) + 1) * 512
+		off := uint64(rng.IntN(int(v.SizeBytes)-n)) &^ 511
+		p := make([]byte, n)
+		for j := range p {
+			p[j] = byte(rng.Uint32())
+		}
+		if err := e.WriteAt(ctx, p, off, i%17 == 0); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	if err := e.Trim(ctx, 4*mib, mib); err != nil {
+		t.Fatal(err)
+	}
+	clear(model[4*mib : 5*mib])
+	if err := e.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, v.SizeBytes)
+	if err := e.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("read back differs from what was written")
+	}
+	r.healthyIdentical(v.ID, model)
+	if err := e.ReadAt(ctx, make([]byte, 512), v.SizeBytes); !errors.Is(err, replica.ErrOutOfRange) {
+		t.Fatalf("read past the end: %v, want ErrOutOfRange", err)
+	}
+}
+
+func TestFailedReplicaEjectedBeforeAck(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("b", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	model := make([]byte, v.SizeBytes)
+	var victim meta.Replica
+	for _, rep := range v.Replicas {
+		if rep.Node == "n3" {
+			victim = rep
+		}
+	}
+	for i := 0; i < 64; i++ {
+		if i == 20 {
+			r.kill("n3")
+		}
+		p := bytes.Repeat([]byte{byte(i + 1)}, 64<<10)
+		off := uint64(i) * 64 << 10
+		if err := e.WriteAt(ctx, p, off, false); err != nil {
+			t.Fatalf("write %d after killing n3: %v", i, err)
+		}
+		copy(model[off:], p)
+	}
+	after := r.healthyIdentical(v.ID, model)
+	for _, rep := range after.Replicas {
+		if rep.ID == victim.ID && rep.State != meta.ReplicaFailed {
+			t.Fatalf("replica on the killed node is %s, want failed", rep.State)
+		}
+	}
+	if after.Epoch <= v.Epoch {
+		t.Fatalf("epoch %d after an ejection, was %d", after.Epoch, v.Epoch)
+	}
+	if e.Epoch() != after.Epoch {
+		t.Fatalf("engine writes with epoch %d, store has %d", e.Epoch(), after.Epoch)
+	}
+}
+
+func TestWriteQuorum(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("q", 4*mib, 3, 3, "n1") // every replica must take a write
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	if err := e.WriteAt(ctx, make([]byte, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	r.kill("n2")
+	err := e.WriteAt(ctx, bytes.Repeat([]byte{7}, 4096), 0, false)
+	if !errors.Is(err, ErrIO) {
+		t.Fatalf("write with 2 of quorum 3: %v, want ErrIO", err)
+	}
+}
+
+func TestStaleEngineFenced(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("f", 4*mib, 3, 0, "n1")
+	old := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	if err := old.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// Take over on n2 (a new attachment, a new epoch) while the old engine
+	// still runs: the old one must not change any replica afterwards.
+	r.attach(v.ID, "n2")
+	fresh := r.open(v.ID, "n2")
+	if err := fresh.WriteAt(ctx, bytes.Repeat([]byte{2}, 4096), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	err := old.WriteAt(ctx, bytes.Repeat([]byte{9}, 4096), 0, true)
+	if err == nil || !(errors.Is(err, ErrFenced) || errors.Is(err, ErrNotAttached)) {
+		t.Fatalf("stale engine write: %v, want fenced", err)
+	}
+	want := make([]byte, 4*mib)
+	copy(want, bytes.Repeat([]byte{2}, 4096))
+	r.healthyIdentical(v.ID, want)
+}
+
+func TestResyncDirtyExtentsAfterCrash(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("r", 16*mib, 3, 0, "n1")
+	crashed := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	if err := crashed.WriteAt(ctx, bytes.Repeat([]byte{1}, mib), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := crashed.CleanPoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// A write that reached one replica only, as when the engine dies
+	// mid-write: it dirties extent 2 of that replica.
+	var lone meta.Replica
+	for _, rep := range v.Replicas {
+		if rep.Node == "n3" {
+			lone = rep
+		}
+	}
+	raw, err := replica.Dial(ctx, r.servers["n3"].addr, lone.ID, v.SizeBytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer raw.Close()
+	if err := raw.WriteAt(ctx, crashed.Epoch(), bytes.Repeat([]byte{5}, 4096), 8*mib+4096, false); err != nil {
+		t.Fatal(err)
+	}
+	// Failover to n2: the new engine resyncs the union of dirty extents.
+	r.attach(v.ID, "n2")
+	r.open(v.ID, "n2")
+	r.healthyIdentical(v.ID, nil)
+}
+
+func TestConcurrentWritersWithEjection(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("c", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	var wg sync.WaitGroup
+	model := make([]byte, v.SizeBytes)
+	var mu sync.Mutex
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 32; i++ {
+				off := uint64(w*32+i) * 32 << 10 // disjoint ranges per write
+				p := bytes.Repeat([]byte{byte(w*32 + i + 1)}, 32<<10)
+				if err := e.WriteAt(ctx, p, off, false); err != nil {
+					t.Errorf("writer %d: %v", w, err)
+					return
+				}
+				mu.Lock()
+				copy(model[off:], p)
+				mu.Unlock()
+			}
+		}()
+		if w == 4 {
+			r.kill("n2")
+		}
+	}
+	wg.Wait()
+	r.healthyIdentical(v.ID, model)
+}
