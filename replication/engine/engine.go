@@ -53,6 +53,14 @@ type Config struct {
 	// CleanInterval is how often the engine declares a clean point after
 	// writes (default 2 s).
 	CleanInterval time.Duration
+	// WatchInterval is how often the engine checks the store for changes of
+	// its replica set (default 500 ms).
+	WatchInterval time.Duration
+	// RebuildBytesPerSecond paces rebuild copies (0: unpaced).
+	RebuildBytesPerSecond uint64
+	// OnRebuilt, if set, is called after each finished rebuild (tests,
+	// metrics).
+	OnRebuilt func(RebuildStats)
 }
 
 // member is one replica the engine sends I/O to.
@@ -83,6 +91,9 @@ type Engine struct {
 	closed     bool
 	dirty      atomic.Bool // writes since the last clean point
 	generation uint64      // clean point counter
+	rebuilding atomic.Bool // a rebuild runs; writes take extent locks
+	locks      *extentLocks
+	bg         context.Context // ends at Close
 
 	addrs  map[string]string // node id → replica server address
 	stop   context.CancelFunc
@@ -99,10 +110,13 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.CleanInterval <= 0 {
 		cfg.CleanInterval = 2 * time.Second
 	}
+	if cfg.WatchInterval <= 0 {
+		cfg.WatchInterval = 500 * time.Millisecond
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, locks: newExtentLocks(), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -114,9 +128,13 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		return nil, err
 	}
 	bg, cancel := context.WithCancel(context.Background())
-	e.stop = cancel
-	e.wg.Add(1)
+	e.bg, e.stop = bg, cancel
+	e.wg.Add(2)
 	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
+	go func() { defer e.wg.Done(); e.watchLoop(bg) }()
+	e.mu.Lock()
+	e.maybeRebuild()
+	e.mu.Unlock()
 	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
 	return e, nil
 }
@@ -338,7 +356,7 @@ func (e *Engine) usable() error {
 // mutate sends one changing operation (write, trim, zeroes, flush) to every
 // member, ejects the healthy ones that failed, and returns nil only when
 // every healthy replica of the committed set has done it.
-func (e *Engine) mutate(ctx context.Context, what string, op func(context.Context, *member, uint64) error) error {
+func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func(context.Context, *member, uint64) error) error {
 	for attempt := 0; ; attempt++ {
 		e.mu.RLock()
 		if err := e.usable(); err != nil {
@@ -350,7 +368,9 @@ func (e *Engine) mutate(ctx context.Context, what string, op func(context.Contex
 			return err
 		}
 		epoch, ms := e.epoch, append([]*member(nil), e.members...)
+		unlock := e.lockRange(off, n)
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
+		unlock()
 		e.dirty.Store(true)
 		e.mu.RUnlock()
 
@@ -401,7 +421,7 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}
-	return e.mutate(ctx, "write", func(ctx context.Context, m *member, epoch uint64) error {
+	return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.WriteAt(ctx, epoch, p, off, fua)
 	})
 }
@@ -411,7 +431,7 @@ func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
 	if err := e.checkRange(off, length); err != nil {
 		return err
 	}
-	return e.mutate(ctx, "trim", func(ctx context.Context, m *member, epoch uint64) error {
+	return e.mutate(ctx, "trim", off, length, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.Trim(ctx, epoch, off, length)
 	})
 }
@@ -421,7 +441,7 @@ func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) 
 	if err := e.checkRange(off, length); err != nil {
 		return err
 	}
-	err := e.mutate(ctx, "write-zeroes", func(ctx context.Context, m *member, epoch uint64) error {
+	err := e.mutate(ctx, "write-zeroes", off, length, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.WriteZeroes(ctx, epoch, off, length)
 	})
 	if err == nil && fua {
@@ -432,7 +452,7 @@ func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) 
 
 // Flush makes every acknowledged write durable on every healthy replica.
 func (e *Engine) Flush(ctx context.Context) error {
-	return e.mutate(ctx, "flush", func(ctx context.Context, m *member, epoch uint64) error {
+	return e.mutate(ctx, "flush", 0, 0, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.Flush(ctx, epoch)
 	})
 }

@@ -368,3 +368,79 @@ func TestConcurrentWritersWithEjection(t *testing.T) {
 	wg.Wait()
 	r.healthyIdentical(v.ID, model)
 }
+
+// heartbeat keeps the rig's storage nodes up in the store.
+func (r *rig) heartbeat(nodes ...string) {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for ctx.Err() == nil {
+			for _, n := range nodes {
+				hctx, c := context.WithTimeout(ctx, time.Second)
+				_ = r.meta.Heartbeat(hctx, &meta.HeartbeatRequest{NodeID: n, CapacityBytes: 10 << 30, FreeBytes: 10 << 30})
+				c()
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}()
+	r.t.Cleanup(func() { cancel(); <-done })
+}
+
+func TestReturningReplicaRebuildsOnlyWhatChanged(t *testing.T) {
+	r := newRig(t, 3)
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("rb", 64*mib, 3, 0, "n1")
+	rebuilt := make(chan RebuildStats, 4)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	model := make([]byte, v.SizeBytes)
+	rng := rand.New(rand.NewPCG(7, 7))
+	write := func(off uint64, n int) {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+		if err := e.WriteAt(ctx, p, off, false); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+	for off := uint64(0); off < v.SizeBytes; off += mib {
+		write(off, mib) // the whole volume, before the outage
+	}
+	if err := e.CleanPoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	n3 := r.servers["n3"]
+	r.kill("n3")
+	write(10*mib, 64<<10) // changes while n3 is away: two extents
+	write(40*mib, 64<<10)
+	// n3's replica server comes back on the same address with its data.
+	r.startServer("n3", n3.dir, n3.addr)
+	var st RebuildStats
+	select {
+	case st = <-rebuilt:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no rebuild finished within 30s")
+	}
+	t.Logf("rebuild of %s: compared %d bytes, copied %d bytes of %d", st.ReplicaID, st.BytesCompared, st.BytesCopied, v.SizeBytes)
+	if st.BytesCompared != v.SizeBytes {
+		t.Errorf("compared %d bytes, want the whole volume %d", st.BytesCompared, v.SizeBytes)
+	}
+	if st.BytesCopied == 0 || st.BytesCopied > 3*4*mib {
+		t.Errorf("copied %d bytes; want the changed extents only (≤ 12 MiB of 64 MiB)", st.BytesCopied)
+	}
+	after := r.healthyIdentical(v.ID, model)
+	if got := after.HealthyReplicas(); got != 3 {
+		t.Fatalf("%d healthy replicas after the rebuild, want 3: %+v", got, after.Replicas)
+	}
+	if after.Rebuild == nil || !after.Rebuild.Done || after.Rebuild.BytesCopied != st.BytesCopied {
+		t.Errorf("store's rebuild progress %+v does not match %+v", after.Rebuild, st)
+	}
+}

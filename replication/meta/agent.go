@@ -40,6 +40,10 @@ type AgentConfig struct {
 	// NodeDownAfter is how long the leader waits without a heartbeat before
 	// it marks a node down.
 	NodeDownAfter time.Duration
+	// StaleReplicaTimeout is how long a replica's node may stay down before
+	// the leader replaces the replica on another node; a volume's
+	// "staleReplicaTimeout" parameter overrides it (default 10 minutes).
+	StaleReplicaTimeout time.Duration
 	// DiskUsage reports the data disk's capacity and free bytes (defaults to
 	// statfs of the data dir).
 	DiskUsage func() (capacity, free uint64, err error)
@@ -64,6 +68,7 @@ type Agent struct {
 	peers    map[string]*Client // leader API address → client
 	lastSeen map[string]time.Time
 	lastHB   map[string]time.Time // last committed heartbeat per node
+	downAt   map[string]time.Time // when the leader saw each down node go down
 }
 
 // StartAgent opens the store, serves the meta API and starts forming or
@@ -78,6 +83,9 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.NodeDownAfter < 2*cfg.HeartbeatInterval {
 		return nil, fmt.Errorf("node-down-after %v must be at least twice the heartbeat interval %v", cfg.NodeDownAfter, cfg.HeartbeatInterval)
+	}
+	if cfg.StaleReplicaTimeout <= 0 {
+		cfg.StaleReplicaTimeout = 10 * time.Minute
 	}
 	if cfg.DiskUsage == nil {
 		dir := cfg.Store.DataDir
@@ -366,16 +374,14 @@ func (a *Agent) reconcile(ctx context.Context) {
 	a.mu.Lock()
 	a.lastSeen = map[string]time.Time{}
 	a.lastHB = map[string]time.Time{}
+	a.downAt = map[string]time.Time{}
 	a.store.FSM().View(func(s *State) {
 		for id := range s.Nodes {
 			a.lastSeen[id] = now
 		}
 	})
 	a.mu.Unlock()
-	tick := a.cfg.NodeDownAfter / 4
-	if tick < 50*time.Millisecond {
-		tick = 50 * time.Millisecond
-	}
+	tick := min(max(a.cfg.NodeDownAfter/4, 50*time.Millisecond), time.Second)
 	t := time.NewTicker(tick)
 	defer t.Stop()
 	for {
@@ -407,6 +413,88 @@ func (a *Agent) reconcile(ctx context.Context) {
 			}
 			a.log.Warn("node marked down: no heartbeat", zap.String("node", id), zap.Duration("after", a.cfg.NodeDownAfter))
 		}
+		a.repairReplicas(ctx)
+	}
+}
+
+// staleTimeout is how long v's replicas may sit on a down node.
+func (a *Agent) staleTimeout(v *Volume) time.Duration {
+	if s, ok := v.Parameters[ParamStaleReplicaTimeout]; ok {
+		if d, err := time.ParseDuration(s); err == nil && d > 0 {
+			return d
+		}
+	}
+	return a.cfg.StaleReplicaTimeout
+}
+
+// ParamStaleReplicaTimeout is the volume parameter overriding
+// AgentConfig.StaleReplicaTimeout (a Go duration such as "10m").
+const ParamStaleReplicaTimeout = "staleReplicaTimeout"
+
+// repairReplicas is the leader's replica reconciler. For each live volume it
+// takes at most one step per tick (each step moves the epoch):
+//   - a failed or stale replica whose node is up starts rebuilding;
+//   - a replica whose node has been down longer than the volume's
+//     staleReplicaTimeout is marked stale (if healthy) and then replaced by a
+//     new replica, placed on another node, that rebuilds.
+//
+// The engine of an attached volume, or the node hosting the new replica,
+// does the copying; see replication/engine.
+func (a *Agent) repairReplicas(ctx context.Context) {
+	type step struct {
+		cmd  Command
+		what string
+		v, r string
+	}
+	var steps []step
+	now := time.Now()
+	a.mu.Lock()
+	a.store.FSM().View(func(s *State) {
+		for id, n := range s.Nodes {
+			if n.State == NodeDown {
+				if _, ok := a.downAt[id]; !ok {
+					a.downAt[id] = now
+				}
+			} else {
+				delete(a.downAt, id)
+			}
+		}
+		for _, v := range s.SortedVolumes() {
+			for _, r := range v.Replicas {
+				n, ok := s.Nodes[r.Node]
+				if !ok {
+					continue
+				}
+				if n.State == NodeUp && (r.State == ReplicaFailed || r.State == ReplicaStale) {
+					steps = append(steps, step{&SetReplicaState{VolumeID: v.ID, ReplicaID: r.ID, State: ReplicaRebuilding, ExpectEpoch: v.Epoch}, "rebuild replica on returned node", v.ID, r.ID})
+					break
+				}
+				since, down := a.downAt[r.Node]
+				if !down || now.Sub(since) < a.staleTimeout(v) {
+					continue
+				}
+				if r.State == ReplicaHealthy {
+					if v.HealthyReplicas() > 1 {
+						steps = append(steps, step{&SetReplicaState{VolumeID: v.ID, ReplicaID: r.ID, State: ReplicaStale, ExpectEpoch: v.Epoch}, "mark replica on long-down node stale", v.ID, r.ID})
+						break
+					}
+					continue // the last healthy copy stays until its node returns
+				}
+				steps = append(steps, step{&ReplaceReplica{VolumeID: v.ID, ReplicaID: r.ID, ExpectEpoch: v.Epoch}, "replace replica on long-down node", v.ID, r.ID})
+				break
+			}
+		}
+	})
+	a.mu.Unlock()
+	for _, st := range steps {
+		res, err := a.store.Apply(ctx, st.cmd)
+		if err != nil {
+			// Epoch moved (an engine acted) or no room elsewhere: try again
+			// next tick.
+			a.log.Info("replica repair step not taken", zap.String("volume_id", st.v), zap.String("replica_id", st.r), zap.String("step", st.what), zap.Error(err))
+			continue
+		}
+		a.log.Warn("replica repair", zap.String("volume_id", st.v), zap.String("replica_id", st.r), zap.String("step", st.what), zap.Uint64("epoch", res.Volume.Epoch))
 	}
 }
 

@@ -52,6 +52,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyDeleteSnapshot(s, c)
 	case *PurgeVolume:
 		return applyPurgeVolume(s, c)
+	case *RebuildProgressUpdate:
+		return applyRebuildProgress(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -267,7 +269,7 @@ func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
 		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
 	}
 	if a := v.Attachment; a != nil {
-		if a.Node == c.NodeID && a.ReadOnly == c.ReadOnly {
+		if a.Node == c.NodeID && a.ReadOnly == c.ReadOnly && a.NBDSocket == c.NBDSocket {
 			return Result{Volume: v.Clone()}, nil // already so: idempotent
 		}
 		return Result{}, fmt.Errorf("volume %s is attached to %s (read-only %v): %w", v.ID, a.Node, a.ReadOnly, ErrFailedPrecondition)
@@ -282,7 +284,7 @@ func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
 		return Result{}, err
 	}
 	v.State = VolumeAttached
-	v.Attachment = &Attachment{Node: c.NodeID, ReadOnly: c.ReadOnly}
+	v.Attachment = &Attachment{Node: c.NodeID, ReadOnly: c.ReadOnly, NBDSocket: c.NBDSocket}
 	v.Epoch++
 	return Result{Volume: v.Clone()}, nil
 }
@@ -447,4 +449,24 @@ func applyPurgeVolume(s *State, c *PurgeVolume) (Result, error) {
 	}
 	delete(s.Volumes, c.VolumeID)
 	return Result{}, nil
+}
+
+func applyRebuildProgress(s *State, c *RebuildProgressUpdate) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	i, err := v.replicaIndex(c.ReplicaID)
+	if err != nil {
+		return Result{}, err
+	}
+	if v.Replicas[i].State != ReplicaRebuilding && !c.Done {
+		return Result{}, fmt.Errorf("replica %s is %s, not rebuilding: %w", c.ReplicaID, v.Replicas[i].State, ErrFailedPrecondition)
+	}
+	if c.BytesCompared > c.BytesTotal || c.BytesCopied > c.BytesTotal {
+		return Result{}, fmt.Errorf("rebuild progress beyond its total: %w", ErrInvalidArgument)
+	}
+	v.Rebuild = &RebuildProgress{ReplicaID: c.ReplicaID, BytesTotal: c.BytesTotal,
+		BytesCompared: c.BytesCompared, BytesCopied: c.BytesCopied, Done: c.Done}
+	return Result{Volume: v.Clone()}, nil
 }

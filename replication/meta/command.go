@@ -27,6 +27,7 @@ const (
 	CmdCreateSnapshot  CommandType = 12
 	CmdDeleteSnapshot  CommandType = 13
 	CmdPurgeVolume     CommandType = 14
+	CmdRebuildProgress CommandType = 15
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -93,6 +94,9 @@ type AttachVolume struct {
 	NodeID      string `json:"node_id"`
 	ReadOnly    bool   `json:"read_only,omitempty"`
 	ExpectEpoch uint64 `json:"expect_epoch"`
+	// NBDSocket, when set, asks the node to export the volume over NBD on
+	// this unix socket (cairn ctl volume export).
+	NBDSocket string `json:"nbd_socket,omitempty"`
 }
 
 // DetachVolume takes the attachment away. Compare-and-set on the epoch;
@@ -144,21 +148,33 @@ type PurgeVolume struct {
 	VolumeID string `json:"volume_id"`
 }
 
+// RebuildProgressUpdate records how far the rebuild of one replica has come.
+// It changes no replica set and no epoch.
+type RebuildProgressUpdate struct {
+	VolumeID      string `json:"volume_id"`
+	ReplicaID     string `json:"replica_id"`
+	BytesTotal    uint64 `json:"bytes_total"`
+	BytesCompared uint64 `json:"bytes_compared"`
+	BytesCopied   uint64 `json:"bytes_copied"`
+	Done          bool   `json:"done,omitempty"`
+}
+
 // Type implementations.
-func (InitCluster) Type() CommandType     { return CmdInitCluster }
-func (RegisterNode) Type() CommandType    { return CmdRegisterNode }
-func (NodeHeartbeat) Type() CommandType   { return CmdNodeHeartbeat }
-func (SetNodeState) Type() CommandType    { return CmdSetNodeState }
-func (CreateVolume) Type() CommandType    { return CmdCreateVolume }
-func (DeleteVolume) Type() CommandType    { return CmdDeleteVolume }
-func (AttachVolume) Type() CommandType    { return CmdAttachVolume }
-func (DetachVolume) Type() CommandType    { return CmdDetachVolume }
-func (SetReplicaState) Type() CommandType { return CmdSetReplicaState }
-func (ReplaceReplica) Type() CommandType  { return CmdReplaceReplica }
-func (SetVolumeState) Type() CommandType  { return CmdSetVolumeState }
-func (CreateSnapshot) Type() CommandType  { return CmdCreateSnapshot }
-func (DeleteSnapshot) Type() CommandType  { return CmdDeleteSnapshot }
-func (PurgeVolume) Type() CommandType     { return CmdPurgeVolume }
+func (InitCluster) Type() CommandType           { return CmdInitCluster }
+func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
+func (NodeHeartbeat) Type() CommandType         { return CmdNodeHeartbeat }
+func (SetNodeState) Type() CommandType          { return CmdSetNodeState }
+func (CreateVolume) Type() CommandType          { return CmdCreateVolume }
+func (DeleteVolume) Type() CommandType          { return CmdDeleteVolume }
+func (AttachVolume) Type() CommandType          { return CmdAttachVolume }
+func (DetachVolume) Type() CommandType          { return CmdDetachVolume }
+func (SetReplicaState) Type() CommandType       { return CmdSetReplicaState }
+func (ReplaceReplica) Type() CommandType        { return CmdReplaceReplica }
+func (SetVolumeState) Type() CommandType        { return CmdSetVolumeState }
+func (CreateSnapshot) Type() CommandType        { return CmdCreateSnapshot }
+func (DeleteSnapshot) Type() CommandType        { return CmdDeleteSnapshot }
+func (PurgeVolume) Type() CommandType           { return CmdPurgeVolume }
+func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -191,6 +207,8 @@ func newCommand(t CommandType) Command {
 		return &DeleteSnapshot{}
 	case CmdPurgeVolume:
 		return &PurgeVolume{}
+	case CmdRebuildProgress:
+		return &RebuildProgressUpdate{}
 	}
 	return nil
 }

@@ -109,6 +109,8 @@ type Replica struct {
 type Attachment struct {
 	Node     string `json:"node"`
 	ReadOnly bool   `json:"read_only,omitempty"`
+	// NBDSocket is the unix socket the node exports the volume on, if any.
+	NBDSocket string `json:"nbd_socket,omitempty"`
 }
 
 // RebuildProgress is the progress of a replica rebuild, for operators.
@@ -117,6 +119,7 @@ type RebuildProgress struct {
 	BytesTotal    uint64 `json:"bytes_total"`
 	BytesCompared uint64 `json:"bytes_compared"`
 	BytesCopied   uint64 `json:"bytes_copied"`
+	Done          bool   `json:"done,omitempty"`
 }
 
 // Volume is a replicated block volume.

@@ -1,0 +1,263 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// extentLocks keeps a rebuild's copy of one extent apart from writes to it:
+// writes hold their extents shared while in flight, the rebuilder holds the
+// extent it copies exclusively. Without it a write could land between the
+// rebuilder's read of the source and its write to the target, and the
+// target would end up with the old data.
+type extentLocks struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	count map[uint64]int // >0: writers in flight; -1: being copied
+}
+
+func newExtentLocks() *extentLocks {
+	l := &extentLocks{count: map[uint64]int{}}
+	l.cond = sync.NewCond(&l.mu)
+	return l
+}
+
+// shared takes extents [first, last] for a write.
+func (l *extentLocks) shared(first, last uint64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for {
+		free := true
+		for x := first; x <= last; x++ {
+			if l.count[x] < 0 {
+				free = false
+				break
+			}
+		}
+		if free {
+			break
+		}
+		l.cond.Wait()
+	}
+	for x := first; x <= last; x++ {
+		l.count[x]++
+	}
+}
+
+func (l *extentLocks) releaseShared(first, last uint64) {
+	l.mu.Lock()
+	for x := first; x <= last; x++ {
+		if l.count[x]--; l.count[x] == 0 {
+			delete(l.count, x)
+		}
+	}
+	l.mu.Unlock()
+	l.cond.Broadcast()
+}
+
+// exclusive takes extent x for copying.
+func (l *extentLocks) exclusive(x uint64) {
+	l.mu.Lock()
+	for l.count[x] != 0 {
+		l.cond.Wait()
+	}
+	l.count[x] = -1
+	l.mu.Unlock()
+}
+
+func (l *extentLocks) releaseExclusive(x uint64) {
+	l.mu.Lock()
+	delete(l.count, x)
+	l.mu.Unlock()
+	l.cond.Broadcast()
+}
+
+// lockRange takes the extents of [off, off+n) shared while a rebuild runs,
+// and returns the function that releases them.
+func (e *Engine) lockRange(off, n uint64) func() {
+	if !e.rebuilding.Load() || e.extentSize == 0 || n == 0 {
+		return func() {}
+	}
+	first, last := off/e.extentSize, (off+n-1)/e.extentSize
+	e.locks.shared(first, last)
+	return func() { e.locks.releaseShared(first, last) }
+}
+
+// RebuildStats says what one rebuild did.
+type RebuildStats struct {
+	ReplicaID     string
+	BytesTotal    uint64
+	BytesCompared uint64
+	BytesCopied   uint64
+	Duration      time.Duration
+}
+
+// maybeRebuild starts the rebuild of the first rebuilding member, unless
+// one runs. Called with e.mu held for writing (so no write is in flight
+// when the extent locks start to apply).
+func (e *Engine) maybeRebuild() {
+	if e.rebuilding.Load() || e.closed || e.fenced {
+		return
+	}
+	var target *member
+	for _, m := range e.members {
+		if m.replica.State == meta.ReplicaRebuilding && m.client != nil {
+			target = m
+			break
+		}
+	}
+	if target == nil || e.healthyCount() == 0 || e.extentSize == 0 {
+		return
+	}
+	e.rebuilding.Store(true)
+	e.wg.Add(1)
+	go func() {
+		defer e.wg.Done()
+		defer e.rebuilding.Store(false)
+		stats, err := e.rebuild(e.bg, target)
+		if err != nil {
+			if e.bg.Err() == nil {
+				e.log.Warn("rebuild stopped", zap.String("replica_id", target.replica.ID), zap.Error(err))
+			}
+			return
+		}
+		e.log.Info("rebuild done", zap.String("replica_id", stats.ReplicaID), zap.Uint64("bytes_compared", stats.BytesCompared),
+			zap.Uint64("bytes_copied", stats.BytesCopied), zap.Duration("took", stats.Duration))
+		if e.cfg.OnRebuilt != nil {
+			e.cfg.OnRebuilt(stats)
+		}
+	}()
+}
+
+// rebuild walks every extent, compares the target's checksum with a
+// healthy source's and copies the extents that differ, at most
+// RebuildBytesPerSecond. The target takes every new write meanwhile. At the
+// end it is flushed and marked healthy through the store (epoch CAS).
+func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, error) {
+	start := time.Now()
+	st := RebuildStats{ReplicaID: target.replica.ID, BytesTotal: e.size}
+	extents := (e.size + e.extentSize - 1) / e.extentSize
+	e.log.Info("rebuild started", zap.String("replica_id", target.replica.ID), zap.String("node", target.replica.Node),
+		zap.Uint64("extents", extents))
+	lastReport := time.Time{}
+	report := func(done bool) {
+		if !done && time.Since(lastReport) < time.Second {
+			return
+		}
+		lastReport = time.Now()
+		_, err := e.cfg.Meta.Apply(ctx, &meta.RebuildProgressUpdate{VolumeID: e.cfg.VolumeID, ReplicaID: target.replica.ID,
+			BytesTotal: st.BytesTotal, BytesCompared: st.BytesCompared, BytesCopied: st.BytesCopied, Done: done})
+		if err != nil && ctx.Err() == nil {
+			e.log.Debug("rebuild progress not recorded", zap.Error(err))
+		}
+	}
+	for x := uint64(0); x < extents; x++ {
+		copied, err := e.copyExtent(ctx, target, x)
+		if err != nil {
+			return st, err
+		}
+		n := min(e.extentSize, e.size-x*e.extentSize)
+		st.BytesCompared += n
+		st.BytesCopied += copied
+		report(false)
+		if rate := e.cfg.RebuildBytesPerSecond; rate > 0 && copied > 0 {
+			// Pace by what was copied: rebuild I/O yields to foreground I/O.
+			select {
+			case <-ctx.Done():
+				return st, ctx.Err()
+			case <-time.After(time.Duration(float64(copied) / float64(rate) * float64(time.Second))):
+			}
+		}
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.usable(); err != nil {
+		return st, err
+	}
+	if err := target.client.Flush(ctx, e.epoch); err != nil {
+		return st, fmt.Errorf("flush rebuilt replica: %w", err)
+	}
+	if _, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: e.cfg.VolumeID, ReplicaID: target.replica.ID,
+		State: meta.ReplicaHealthy, ExpectEpoch: e.epoch}); err != nil {
+		return st, fmt.Errorf("mark %s healthy: %w", target.replica.ID, err)
+	}
+	st.Duration = time.Since(start)
+	report(true)
+	return st, e.reconfigure(ctx)
+}
+
+// copyExtent makes extent x of target equal to a healthy source's, under
+// the extent's exclusive lock and the engine's read lock (the epoch cannot
+// move meanwhile). It returns the bytes copied (0 when they were equal).
+func (e *Engine) copyExtent(ctx context.Context, target *member, x uint64) (uint64, error) {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if err := e.usable(); err != nil {
+		return 0, err
+	}
+	var src *member
+	for _, m := range e.members {
+		if m.healthy() && m.client != nil && (src == nil || m.local) {
+			src = m
+		}
+	}
+	if src == nil {
+		return 0, fmt.Errorf("no healthy source: %w", ErrIO)
+	}
+	e.locks.exclusive(x)
+	defer e.locks.releaseExclusive(x)
+	a, err := src.client.Checksums(ctx, e.epoch, x, 1)
+	if err != nil {
+		return 0, fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
+	}
+	b, err := target.client.Checksums(ctx, e.epoch, x, 1)
+	if err != nil {
+		return 0, fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
+	}
+	if a[0] == b[0] {
+		return 0, nil
+	}
+	data, err := src.client.ReadExtent(ctx, e.epoch, x)
+	if err != nil {
+		return 0, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
+	}
+	if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
+		return 0, fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
+	}
+	return uint64(len(data)), nil
+}
+
+// watchLoop follows the store: when the volume's epoch moves (the leader's
+// reconciler put a replica back to rebuilding or replaced one, or another
+// engine took over), the engine reconfigures, and it starts rebuilds.
+func (e *Engine) watchLoop(ctx context.Context) {
+	t := time.NewTicker(e.cfg.WatchInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
+		if err != nil {
+			continue
+		}
+		e.mu.Lock()
+		if e.usable() == nil && v.Epoch > e.epoch {
+			if err := e.reconfigure(ctx); err != nil && ctx.Err() == nil {
+				e.log.Warn("reconfigure after a store change failed", zap.Error(err))
+			}
+		}
+		if e.usable() == nil {
+			e.maybeRebuild()
+		}
+		e.mu.Unlock()
+	}
+}
