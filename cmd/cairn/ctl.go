@@ -164,7 +164,8 @@ func orDash(s string) string {
 
 func newVolumeCommand(o *ctlOptions) *cobra.Command {
 	cmd := &cobra.Command{Use: "volume", Short: "List, show, create and delete volumes"}
-	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o))
+	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o),
+		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o))
 	return cmd
 }
 
@@ -255,6 +256,14 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	if rb := v.Rebuild; rb != nil {
+		label := "rebuild of " + rb.ReplicaID
+		if rb.Done {
+			label = "last rebuild (" + rb.ReplicaID + ", done)"
+		}
+		progressBar(w, label, rb.BytesCompared, rb.BytesTotal)
+		fmt.Fprintf(w, "  compared %s, copied %s of %s\n", formatSize(rb.BytesCompared), formatSize(rb.BytesCopied), formatSize(rb.BytesTotal))
+	}
 	fmt.Fprintln(w, "replicas:")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(tw, "  ID\tNODE\tSTATE")
@@ -267,6 +276,7 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size string
 	var replicas, quorum int
+	var staleTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:     "create NAME",
 		Short:   "Create a volume and place its replicas",
@@ -291,7 +301,11 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 				return err
 			}
 			defer done()
-			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum})
+			var params map[string]string
+			if staleTimeout > 0 {
+				params = map[string]string{meta.ParamStaleReplicaTimeout: staleTimeout.String()}
+			}
+			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum, Parameters: params})
 			if err != nil {
 				return err
 			}
@@ -305,6 +319,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required)")
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of replicas (1 to 5)")
 	cmd.Flags().IntVar(&quorum, "write-quorum", 0, "healthy replicas a write needs (0: a majority)")
+	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
 	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }

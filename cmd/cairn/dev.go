@@ -32,6 +32,7 @@ type devNode struct {
 	ID      string   `json:"id"`
 	Agent   string   `json:"agent"` // meta API host:port
 	Raft    string   `json:"raft"`
+	Data    string   `json:"data"` // replica server host:port
 	CSI     string   `json:"csi,omitempty"`
 	Metrics string   `json:"metrics"`
 	PID     int      `json:"pid"`
@@ -189,6 +190,7 @@ func newDevUpCommand() *cobra.Command {
 	var dir string
 	var wait time.Duration
 	var zones bool
+	var staleTimeout time.Duration
 	cmd := &cobra.Command{
 		Use:     "up",
 		Short:   "Start N node agents in the background and wait for the cluster",
@@ -216,14 +218,14 @@ func newDevUpCommand() *cobra.Command {
 			if err := os.MkdirAll(abs, 0o755); err != nil {
 				return err
 			}
-			ports, err := freePorts(3 * nodes)
+			ports, err := freePorts(4 * nodes)
 			if err != nil {
 				return fmt.Errorf("reserve ports: %w", err)
 			}
 			c := &devCluster{}
 			var apis []string
 			for i := 0; i < nodes; i++ {
-				apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[3*i+1]))
+				apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[4*i+1]))
 			}
 			for i := 0; i < nodes; i++ {
 				id := fmt.Sprintf("node-%d", i+1)
@@ -232,15 +234,16 @@ func newDevUpCommand() *cobra.Command {
 					return err
 				}
 				n := &devNode{
-					ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[3*i]), Agent: apis[i],
-					Metrics: "127.0.0.1:" + strconv.Itoa(ports[3*i+2]),
+					ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[4*i]), Agent: apis[i],
+					Metrics: "127.0.0.1:" + strconv.Itoa(ports[4*i+2]),
+					Data:    "127.0.0.1:" + strconv.Itoa(ports[4*i+3]),
 					DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
 				}
 				n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
-					"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics,
+					"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
 					"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
 					"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
-					"--log-format", "json"}
+					"--log-format", "json", "--stale-replica-timeout", staleTimeout.String()}
 				if zones {
 					n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
 				}
@@ -285,6 +288,7 @@ func newDevUpCommand() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", "", "directory for the cluster's data, logs and cluster.json (required)")
 	cmd.Flags().DurationVar(&wait, "wait", 60*time.Second, "how long to wait for the cluster to form")
 	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
+	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	return cmd
 }
 

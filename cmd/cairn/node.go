@@ -19,7 +19,9 @@ import (
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 
+	"github.com/cairn-csi/cairn/driver/export"
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/storagenode"
 )
 
 // nodeOptions configures `cairn node`.
@@ -38,6 +40,13 @@ type nodeOptions struct {
 	APIAdvertise string
 	// MetricsAddr serves Prometheus /metrics; empty disables it.
 	MetricsAddr string
+	// DataAddr is the replica server's listen (and advertised) address.
+	DataAddr string
+	// RebuildRate paces rebuild copies ("100Mi" bytes per second; "0" unpaced).
+	RebuildRate string
+	// StaleReplicaTimeout is how long a replica's node may be down before the
+	// replica is replaced elsewhere (volumes may override it).
+	StaleReplicaTimeout time.Duration
 	// Zone and Region are topology labels used by placement.
 	Zone, Region string
 	// BootstrapExpect forms a new cluster of that many members.
@@ -64,6 +73,9 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.APIAddr, "api-addr", "127.0.0.1:7002", "meta API listen address")
 	fs.StringVar(&o.APIAdvertise, "api-advertise", "", "meta API address others dial (default: --api-addr)")
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9102", "address serving Prometheus /metrics (empty: off)")
+	fs.StringVar(&o.DataAddr, "data-addr", "127.0.0.1:7003", "replica server listen address (engines on other nodes dial it)")
+	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
+	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	fs.StringVar(&o.Zone, "zone", "", "topology zone of this node")
 	fs.StringVar(&o.Region, "region", "", "topology region of this node")
 	fs.IntVar(&o.BootstrapExpect, "bootstrap-expect", 0, "form a new cluster once this many members (this one and --peers) are reachable")
@@ -87,7 +99,13 @@ func (o *nodeOptions) Validate() error {
 	if o.DataDir == "" {
 		errs = append(errs, "--data-dir is required")
 	}
-	for flag, addr := range map[string]string{"--raft-addr": o.RaftAddr, "--api-addr": o.APIAddr} {
+	if _, err := parseSize(o.RebuildRate); err != nil {
+		errs = append(errs, fmt.Sprintf("--rebuild-rate: %v", err))
+	}
+	if o.StaleReplicaTimeout <= 0 {
+		errs = append(errs, "--stale-replica-timeout must be positive")
+	}
+	for flag, addr := range map[string]string{"--raft-addr": o.RaftAddr, "--api-addr": o.APIAddr, "--data-addr": o.DataAddr} {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Sprintf("%s %q: %v", flag, addr, err))
 		}
@@ -159,18 +177,37 @@ func runNode(o *nodeOptions) error {
 			Logger:            log,
 		},
 		APIBind: o.APIAddr, APIAdvertise: o.APIAdvertise,
-		Zone: o.Zone, Region: o.Region,
-		BootstrapExpect: o.BootstrapExpect, Peers: o.Peers, Join: o.Join,
+		Zone: o.Zone, Region: o.Region, DataAddr: o.DataAddr,
+		StaleReplicaTimeout: o.StaleReplicaTimeout,
+		BootstrapExpect:     o.BootstrapExpect, Peers: o.Peers, Join: o.Join,
 		HeartbeatInterval: o.HeartbeatInterval, NodeDownAfter: o.NodeDownAfter,
 		Registerer: reg,
 	})
 	if err != nil {
 		return err
 	}
+	rate, _ := parseSize(o.RebuildRate)
+	self, err := meta.NewClient([]string{agent.APIAddr()})
+	if err != nil {
+		agent.Close()
+		return err
+	}
+	defer self.Close()
+	storage, err := storagenode.Start(storagenode.Config{
+		NodeID: o.ID, DataDir: o.DataDir, Listen: o.DataAddr, FSM: agent.Store().FSM(), Meta: self,
+		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg,
+	})
+	if err != nil {
+		agent.Close()
+		return err
+	}
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate})
 	var metricsSrv *http.Server
 	if o.MetricsAddr != "" {
 		lis, err := net.Listen("tcp", o.MetricsAddr)
 		if err != nil {
+			exports.Close()
+			storage.Close()
 			agent.Close()
 			return fmt.Errorf("--metrics-addr: %w", err)
 		}
@@ -195,6 +232,10 @@ func runNode(o *nodeOptions) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = metricsSrv.Shutdown(ctx)
 		cancel()
+	}
+	exports.Close()
+	if err := storage.Close(); err != nil && runErr == nil {
+		runErr = err
 	}
 	if err := agent.Close(); err != nil && runErr == nil {
 		runErr = err

@@ -465,7 +465,10 @@ func (a *Agent) repairReplicas(ctx context.Context) {
 				if !ok {
 					continue
 				}
-				if n.State == NodeUp && (r.State == ReplicaFailed || r.State == ReplicaStale) {
+				// Only a node heard from just now: right after a crash the
+				// node is still "up" until its heartbeats time out.
+				fresh := now.Sub(a.lastSeen[r.Node]) < 3*a.cfg.HeartbeatInterval
+				if n.State == NodeUp && fresh && (r.State == ReplicaFailed || r.State == ReplicaStale) {
 					steps = append(steps, step{&SetReplicaState{VolumeID: v.ID, ReplicaID: r.ID, State: ReplicaRebuilding, ExpectEpoch: v.Epoch}, "rebuild replica on returned node", v.ID, r.ID})
 					break
 				}

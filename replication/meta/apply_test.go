@@ -544,6 +544,37 @@ func TestApplyAttachVolume(t *testing.T) {
 			cmd: func(v *Volume) *AttachVolume {
 				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch - 1}
 			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch }},
+		{name: "attach with an NBD socket", cmd: func(v *Volume) *AttachVolume {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: v.Epoch}
+		}, wantEpoch: func(v *Volume) uint64 { return v.Epoch + 1 }},
+		{name: "idempotent re-attach with the same NBD socket", setup: func(h *harness) { h.attachNBD("v1", "n1", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: v.Epoch}
+			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch }},
+		{name: "idempotent retry with the same NBD socket and the pre-attach epoch", setup: func(h *harness) { h.attachNBD("v1", "n1", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: v.Epoch - 1}
+			}, wantEpoch: func(v *Volume) uint64 { return v.Epoch }},
+		{name: "same node, other NBD socket", setup: func(h *harness) { h.attachNBD("v1", "n1", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockB, ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "same node, NBD socket added", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "same node, NBD socket dropped", setup: func(h *harness) { h.attachNBD("v1", "n1", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "same node and NBD socket, other read-only flag", setup: func(h *harness) { h.attachNBD("v1", "n1", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", ReadOnly: true, NBDSocket: sockA, ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "other node, same NBD socket", setup: func(h *harness) { h.attachNBD("v1", "n2", sockA) },
+			cmd: func(v *Volume) *AttachVolume {
+				return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: v.Epoch}
+			}, wantErr: ErrFailedPrecondition},
 		{name: "provisioning volume", setup: func(h *harness) {
 			h.must(&DeleteVolume{VolumeID: "v1"})
 			h.must(&PurgeVolume{VolumeID: "v1"})
@@ -578,7 +609,7 @@ func TestApplyAttachVolume(t *testing.T) {
 			if want := tt.wantEpoch(before); after.Epoch != want {
 				t.Fatalf("epoch %d → %d, want %d", before.Epoch, after.Epoch, want)
 			}
-			wantAtt := &Attachment{Node: cmd.NodeID, ReadOnly: cmd.ReadOnly}
+			wantAtt := &Attachment{Node: cmd.NodeID, ReadOnly: cmd.ReadOnly, NBDSocket: cmd.NBDSocket}
 			if after.State != VolumeAttached || !reflect.DeepEqual(after.Attachment, wantAtt) {
 				t.Fatalf("state %s attachment %+v, want attached %+v", after.State, after.Attachment, wantAtt)
 			}
@@ -588,6 +619,33 @@ func TestApplyAttachVolume(t *testing.T) {
 				t.Fatalf("attach changed more than state, attachment and epoch:\n%+v\n%+v", before, after)
 			}
 		})
+	}
+}
+
+// NBD sockets for the attach tests.
+const (
+	sockA = "/run/cairn/nbd/a.sock"
+	sockB = "/run/cairn/nbd/b.sock"
+)
+
+// TestApplyAttachDetachNBDSocket: a detach forgets the socket, and the next
+// attach may name another one.
+func TestApplyAttachDetachNBDSocket(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	h.createVolume("v1", 1, 3)
+	v := h.attachNBD("v1", "n1", sockA)
+	if want := (&Attachment{Node: "n1", NBDSocket: sockA}); !reflect.DeepEqual(v.Attachment, want) {
+		t.Fatalf("attachment %+v, want %+v", v.Attachment, want)
+	}
+	h.fails(&AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockB, ExpectEpoch: v.Epoch}, ErrFailedPrecondition)
+	v = h.must(&DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}).Volume
+	if v.Attachment != nil {
+		t.Fatalf("detached volume keeps attachment %+v", v.Attachment)
+	}
+	v2 := h.attachNBD("v1", "n1", sockB)
+	if v2.Epoch != v.Epoch+1 || v2.Attachment.NBDSocket != sockB {
+		t.Fatalf("re-attach with another socket: epoch %d (want %d), attachment %+v", v2.Epoch, v.Epoch+1, v2.Attachment)
 	}
 }
 
@@ -1268,5 +1326,230 @@ func TestTransitionTablesPinned(t *testing.T) {
 	}
 	if !reflect.DeepEqual(replicaTransitions, wantReplica) {
 		t.Errorf("replicaTransitions = %v\nwant %v", replicaTransitions, wantReplica)
+	}
+}
+
+// rebuildingVolume builds volume v1 with three replicas on a four-node
+// cluster and brings its first replica into state st; it returns the replica
+// id.
+func rebuildingVolume(h *harness, st ReplicaState) string {
+	h.t.Helper()
+	h.cluster(4, 10)
+	return replicaInState(h, st)
+}
+
+func TestApplyRebuildProgress(t *testing.T) {
+	const total = gib
+	tests := []struct {
+		name    string
+		state   ReplicaState // of replica rid, the first of v1
+		setup   func(h *harness, rid string)
+		cmd     func(rid string) *RebuildProgressUpdate
+		wantErr error
+	}{
+		{name: "rebuilding: progress", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total / 2, BytesCopied: total / 8}
+		}},
+		{name: "rebuilding: nothing done yet", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total}
+		}},
+		{name: "rebuilding: all compared and copied", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total, BytesCopied: total}
+		}},
+		{name: "rebuilding: done", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total, BytesCopied: 3, Done: true}
+		}},
+		{name: "rebuilding: zero total", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid}
+		}},
+		{name: "rebuilding: replaces earlier progress", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) {
+				h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total / 2})
+			}, cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total / 4}
+			}},
+		{name: "rebuilding: while attached", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) { h.attachNBD("v1", "n2", sockA) },
+			cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 1, BytesCopied: 1}
+			}},
+		{name: "healthy: done (reported after the replica was marked healthy)", state: ReplicaHealthy,
+			cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total, BytesCopied: total, Done: true}
+			}},
+
+		{name: "healthy: not done", state: ReplicaHealthy, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 1}
+		}, wantErr: ErrFailedPrecondition},
+		{name: "stale: not done", state: ReplicaStale, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 1}
+		}, wantErr: ErrFailedPrecondition},
+		{name: "failed: not done", state: ReplicaFailed, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 1}
+		}, wantErr: ErrFailedPrecondition},
+		{name: "healthy: not done, earlier progress kept", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) {
+				h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total, BytesCopied: 5})
+				h.setReplica("v1", rid, ReplicaHealthy)
+			}, cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 1}
+			}, wantErr: ErrFailedPrecondition},
+		{name: "compared beyond total", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total + 1}
+		}, wantErr: ErrInvalidArgument},
+		{name: "copied beyond total", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: total, BytesCopied: total + 1}
+		}, wantErr: ErrInvalidArgument},
+		{name: "progress with zero total", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesCompared: 1}
+		}, wantErr: ErrInvalidArgument},
+		{name: "compared beyond total, done", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: 1, BytesCompared: 1 << 63, Done: true}
+		}, wantErr: ErrInvalidArgument},
+		{name: "beyond total, earlier progress kept", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) {
+				h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 7, BytesCopied: 3})
+			}, cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, BytesCompared: 2 * total}
+			}, wantErr: ErrInvalidArgument},
+		{name: "unknown volume", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "nope", ReplicaID: rid, BytesTotal: total}
+		}, wantErr: ErrNotFound},
+		{name: "unknown volume, done", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "nope", ReplicaID: rid, BytesTotal: total, Done: true}
+		}, wantErr: ErrNotFound},
+		{name: "empty volume id", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{ReplicaID: rid, BytesTotal: total}
+		}, wantErr: ErrNotFound},
+		{name: "unknown replica", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v1-r77", BytesTotal: total}
+		}, wantErr: ErrNotFound},
+		{name: "unknown replica, done", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v1-r77", BytesTotal: total, Done: true}
+		}, wantErr: ErrNotFound},
+		{name: "empty replica id", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", BytesTotal: total}
+		}, wantErr: ErrNotFound},
+		{name: "unknown replica beyond total", state: ReplicaRebuilding, cmd: func(rid string) *RebuildProgressUpdate {
+			return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v1-r77", BytesTotal: 1, BytesCompared: 2}
+		}, wantErr: ErrNotFound},
+		{name: "replica of another volume", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) { h.createVolume("v2", 1, 2) },
+			cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v2-r1", BytesTotal: total}
+			}, wantErr: ErrNotFound},
+		{name: "replaced replica", state: ReplicaFailed,
+			setup: func(h *harness, rid string) {
+				h.must(&ReplaceReplica{VolumeID: "v1", ReplicaID: rid, ExpectEpoch: h.volume("v1").Epoch})
+			}, cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, Done: true}
+			}, wantErr: ErrNotFound},
+		{name: "deleted volume", state: ReplicaRebuilding,
+			setup: func(h *harness, rid string) { h.must(&DeleteVolume{VolumeID: "v1"}) },
+			cmd: func(rid string) *RebuildProgressUpdate {
+				return &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: total, Done: true}
+			}, wantErr: ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			rid := rebuildingVolume(h, tt.state)
+			if tt.setup != nil {
+				tt.setup(h, rid)
+			}
+			cmd := tt.cmd(rid)
+			before := h.state()
+			if tt.wantErr != nil {
+				h.fails(cmd, tt.wantErr)
+				// The harness checks this after every failed entry; say it
+				// here too, since it is the point of these cases.
+				if after := h.state(); !reflect.DeepEqual(before, after) {
+					t.Fatalf("refused update changed the state:\n%s", dumpJSON(after))
+				}
+				return
+			}
+			res := h.must(cmd)
+			after := h.state()
+			v := after.Volumes["v1"]
+			if !reflect.DeepEqual(res.Volume, v) || res.Node != nil || res.Snapshot != nil {
+				t.Fatalf("result %+v, stored volume %+v", res, v)
+			}
+			wantRebuild := &RebuildProgress{ReplicaID: cmd.ReplicaID, BytesTotal: cmd.BytesTotal,
+				BytesCompared: cmd.BytesCompared, BytesCopied: cmd.BytesCopied, Done: cmd.Done}
+			if !reflect.DeepEqual(v.Rebuild, wantRebuild) {
+				t.Fatalf("rebuild progress %+v, want %+v", v.Rebuild, wantRebuild)
+			}
+			// Only the progress moved: no epoch, replica, attachment or
+			// state change, and no other volume or node touched.
+			want := before.Clone()
+			want.Volumes["v1"].Rebuild = wantRebuild
+			if !reflect.DeepEqual(after, want) {
+				t.Fatalf("progress update changed more than Volume.Rebuild:\nbefore %s\n after %s", dumpJSON(before), dumpJSON(after))
+			}
+			if v.Epoch != before.Volumes["v1"].Epoch {
+				t.Fatalf("epoch %d → %d, want unchanged", before.Volumes["v1"].Epoch, v.Epoch)
+			}
+			// The result is a copy.
+			res.Volume.Rebuild.BytesCopied = 12345
+			if h.volume("v1").Rebuild.BytesCopied == 12345 {
+				t.Fatal("the result aliases the stored rebuild progress")
+			}
+		})
+	}
+
+	// A progress update is not a compare-and-set: it needs no epoch, and the
+	// engine's next compare-and-set still sees the epoch it knew.
+	t.Run("engine epoch survives progress", func(t *testing.T) {
+		h := newHarness(t)
+		rid := rebuildingVolume(h, ReplicaRebuilding)
+		v := h.volume("v1")
+		for i := uint64(0); i <= 4; i++ {
+			h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: 4, BytesCompared: i, BytesCopied: i / 2})
+		}
+		v2 := h.must(&SetReplicaState{VolumeID: "v1", ReplicaID: rid, State: ReplicaHealthy, ExpectEpoch: v.Epoch}).Volume
+		if v2.Epoch != v.Epoch+1 || v2.Rebuild == nil || v2.Rebuild.BytesCompared != 4 {
+			t.Fatalf("after rebuild: %+v (rebuild %+v)", v2, v2.Rebuild)
+		}
+		h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: 4, BytesCompared: 4, BytesCopied: 2, Done: true})
+		if got := h.volume("v1"); got.Epoch != v2.Epoch || !got.Rebuild.Done {
+			t.Fatalf("done report: epoch %d (want %d), rebuild %+v", got.Epoch, v2.Epoch, got.Rebuild)
+		}
+	})
+
+	// The volume records one rebuild: progress of another replica replaces it.
+	t.Run("another replica's progress replaces the record", func(t *testing.T) {
+		h := newHarness(t)
+		rid := rebuildingVolume(h, ReplicaRebuilding)
+		v := h.volume("v1")
+		other := v.Replicas[1].ID
+		h.setReplica("v1", other, ReplicaFailed)
+		h.setReplica("v1", other, ReplicaRebuilding)
+		h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: 10, BytesCompared: 5})
+		h.must(&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: other, BytesTotal: 20, BytesCopied: 1})
+		want := &RebuildProgress{ReplicaID: other, BytesTotal: 20, BytesCopied: 1}
+		if got := h.volume("v1").Rebuild; !reflect.DeepEqual(got, want) {
+			t.Fatalf("rebuild %+v, want %+v", got, want)
+		}
+	})
+
+	// Every replica state: not done is refused unless rebuilding; done is
+	// recorded whatever the state.
+	for _, st := range allReplicaStates {
+		for _, done := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s done=%v", st, done), func(t *testing.T) {
+				h := newHarness(t)
+				rid := rebuildingVolume(h, st)
+				cmd := &RebuildProgressUpdate{VolumeID: "v1", ReplicaID: rid, BytesTotal: 8, BytesCompared: 8, BytesCopied: 1, Done: done}
+				if st != ReplicaRebuilding && !done {
+					h.fails(cmd, ErrFailedPrecondition)
+					return
+				}
+				before := h.volume("v1")
+				after := h.must(cmd).Volume
+				if after.Epoch != before.Epoch || after.Rebuild == nil || after.Rebuild.Done != done {
+					t.Fatalf("epoch %d → %d, rebuild %+v", before.Epoch, after.Epoch, after.Rebuild)
+				}
+			})
+		}
 	}
 }

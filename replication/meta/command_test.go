@@ -27,7 +27,7 @@ func fullCommands() []Command {
 			AllowedZones: []string{"zone-a", "zone-b"}, PreferredNode: "n1", CreatedAt: 44,
 		},
 		&DeleteVolume{VolumeID: "vol-1"},
-		&AttachVolume{VolumeID: "vol-1", NodeID: "n2", ReadOnly: true, ExpectEpoch: 7},
+		&AttachVolume{VolumeID: "vol-1", NodeID: "n2", ReadOnly: true, ExpectEpoch: 7, NBDSocket: "/run/cairn/nbd/vol-1.sock"},
 		&DetachVolume{VolumeID: "vol-1", NodeID: "n2", ExpectEpoch: 8},
 		&SetReplicaState{VolumeID: "vol-1", ReplicaID: "vol-1-r2", State: ReplicaStale, ExpectEpoch: 9},
 		&ReplaceReplica{VolumeID: "vol-1", ReplicaID: "vol-1-r2", ExpectEpoch: 10},
@@ -35,6 +35,8 @@ func fullCommands() []Command {
 		&CreateSnapshot{ID: "snap-1", Name: "vs-1", SourceVolumeID: "vol-1", CreatedAt: 45},
 		&DeleteSnapshot{SnapshotID: "snap-1"},
 		&PurgeVolume{VolumeID: "vol-1"},
+		&RebuildProgressUpdate{VolumeID: "vol-1", ReplicaID: "vol-1-r4", BytesTotal: 1 << 30,
+			BytesCompared: 1 << 29, BytesCopied: 1 << 20, Done: true},
 	}
 }
 
@@ -43,7 +45,7 @@ var allCommandTypes = []CommandType{
 	CmdInitCluster, CmdRegisterNode, CmdNodeHeartbeat, CmdSetNodeState,
 	CmdCreateVolume, CmdDeleteVolume, CmdAttachVolume, CmdDetachVolume,
 	CmdSetReplicaState, CmdReplaceReplica, CmdSetVolumeState,
-	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume,
+	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress,
 }
 
 // TestCommandTypeNumbersAreStable pins the on-disk type numbers: changing one
@@ -73,7 +75,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdCreateSnapshot, &CreateSnapshot{}},
 		{CmdDeleteSnapshot, &DeleteSnapshot{}},
 		{CmdPurgeVolume, &PurgeVolume{}},
-		{CmdPurgeVolume + 1, nil},
+		{CmdRebuildProgress, &RebuildProgressUpdate{}},
+		{CmdRebuildProgress + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -160,6 +163,8 @@ func TestEncodeGolden(t *testing.T) {
 			"\x06\x01" + `{"volume_id":"v1"}`},
 		{&AttachVolume{VolumeID: "v1", NodeID: "n1", ReadOnly: true, ExpectEpoch: 3},
 			"\x07\x01" + `{"volume_id":"v1","node_id":"n1","read_only":true,"expect_epoch":3}`},
+		{&AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: 3, NBDSocket: "/run/cairn/v1.sock"},
+			"\x07\x01" + `{"volume_id":"v1","node_id":"n1","expect_epoch":3,"nbd_socket":"/run/cairn/v1.sock"}`},
 		{&DetachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: 4},
 			"\x08\x01" + `{"volume_id":"v1","node_id":"n1","expect_epoch":4}`},
 		{&SetReplicaState{VolumeID: "v1", ReplicaID: "v1-r1", State: ReplicaFailed, ExpectEpoch: 5},
@@ -174,6 +179,10 @@ func TestEncodeGolden(t *testing.T) {
 			"\x0d\x01" + `{"snapshot_id":"s1"}`},
 		{&PurgeVolume{VolumeID: "v1"},
 			"\x0e\x01" + `{"volume_id":"v1"}`},
+		{&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v1-r4", BytesTotal: 1024, BytesCompared: 512, BytesCopied: 256, Done: true},
+			"\x0f\x01" + `{"volume_id":"v1","replica_id":"v1-r4","bytes_total":1024,"bytes_compared":512,"bytes_copied":256,"done":true}`},
+		{&RebuildProgressUpdate{VolumeID: "v1", ReplicaID: "v1-r4", BytesTotal: 1024, BytesCompared: 1024},
+			"\x0f\x01" + `{"volume_id":"v1","replica_id":"v1-r4","bytes_total":1024,"bytes_compared":1024,"bytes_copied":0}`},
 	}
 	for _, tt := range tests {
 		t.Run(reflect.TypeOf(tt.c).Elem().Name(), func(t *testing.T) {
@@ -209,7 +218,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 15", cmdBytes(CmdPurgeVolume+1, commandVersion, `{}`)},
+		{"unknown type 16", cmdBytes(CmdRebuildProgress+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},
@@ -242,6 +251,17 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"trailing close bracket", cmdBytes(CmdInitCluster, commandVersion, okBody+`]`)},
 		{"trailing open string", cmdBytes(CmdInitCluster, commandVersion, okBody+`"`)},
 		{"trailing NUL", cmdBytes(CmdInitCluster, commandVersion, okBody+"\x00")},
+		{"negative rebuild total", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v","replica_id":"r","bytes_total":-1}`)},
+		{"overflowing rebuild count", cmdBytes(CmdRebuildProgress, commandVersion, `{"bytes_copied":18446744073709551616}`)},
+		{"float rebuild count", cmdBytes(CmdRebuildProgress, commandVersion, `{"bytes_compared":0.5}`)},
+		{"string for done", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v","done":"true"}`)},
+		{"number for done", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v","done":1}`)},
+		{"rebuild progress with an epoch", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v","replica_id":"r","expect_epoch":1}`)},
+		{"rebuild progress with a state", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v","replica_id":"r","state":"healthy"}`)},
+		{"rebuild progress body is an array", cmdBytes(CmdRebuildProgress, commandVersion, `[]`)},
+		{"rebuild progress trailing brace", cmdBytes(CmdRebuildProgress, commandVersion, `{"volume_id":"v"}}`)},
+		{"number for nbd_socket", cmdBytes(CmdAttachVolume, commandVersion, `{"volume_id":"v","nbd_socket":5}`)},
+		{"nbd socket in detach", cmdBytes(CmdDetachVolume, commandVersion, `{"volume_id":"v","nbd_socket":"/s"}`)},
 		{"second command", append(cmdBytes(CmdInitCluster, commandVersion, okBody), cmdBytes(CmdInitCluster, commandVersion, okBody)...)},
 	}
 	// Every command type refuses a field it does not have.
@@ -277,6 +297,14 @@ func TestDecodeAccepts(t *testing.T) {
 		{"missing fields are zero", cmdBytes(CmdAttachVolume, commandVersion, `{"volume_id":"v"}`),
 			&AttachVolume{VolumeID: "v"}},
 		{"empty object", cmdBytes(CmdPurgeVolume, commandVersion, `{}`), &PurgeVolume{}},
+		{"rebuild progress without done is not done", cmdBytes(CmdRebuildProgress, commandVersion,
+			`{"volume_id":"v","replica_id":"v-r2","bytes_total":10,"bytes_compared":4,"bytes_copied":2}`),
+			&RebuildProgressUpdate{VolumeID: "v", ReplicaID: "v-r2", BytesTotal: 10, BytesCompared: 4, BytesCopied: 2}},
+		{"rebuild progress decodes beyond its total (apply refuses it)", cmdBytes(CmdRebuildProgress, commandVersion,
+			`{"bytes_total":1,"bytes_compared":2,"done":false}`),
+			&RebuildProgressUpdate{BytesTotal: 1, BytesCompared: 2}},
+		{"attach without nbd_socket has none", cmdBytes(CmdAttachVolume, commandVersion, `{"volume_id":"v","node_id":"n1","expect_epoch":2}`),
+			&AttachVolume{VolumeID: "v", NodeID: "n1", ExpectEpoch: 2}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -171,6 +171,13 @@ func (h *harness) attach(id, node string) *Volume {
 	return h.must(&AttachVolume{VolumeID: id, NodeID: node, ExpectEpoch: v.Epoch}).Volume
 }
 
+// attachNBD attaches volume id to node, exported on an NBD socket.
+func (h *harness) attachNBD(id, node, socket string) *Volume {
+	h.t.Helper()
+	v := h.volume(id)
+	return h.must(&AttachVolume{VolumeID: id, NodeID: node, NBDSocket: socket, ExpectEpoch: v.Epoch}).Volume
+}
+
 func (h *harness) setReplica(id, replica string, st ReplicaState) *Volume {
 	h.t.Helper()
 	v := h.volume(id)
@@ -428,7 +435,7 @@ func (g *cmdGen) registerNode(id string) Command {
 
 func (g *cmdGen) random(s *State) Command {
 	vid := g.volumeID()
-	switch g.rng.IntN(30) {
+	switch g.rng.IntN(33) {
 	case 0:
 		return &InitCluster{ClusterID: g.pick("prop", "prop", "other", ""), OverProvisioningRatio: float64(g.rng.IntN(3)) - 0.5}
 	case 1:
@@ -465,7 +472,8 @@ func (g *cmdGen) random(s *State) Command {
 	case 9:
 		return &DeleteVolume{VolumeID: vid}
 	case 10, 11, 12:
-		return &AttachVolume{VolumeID: vid, NodeID: g.nodeID(), ReadOnly: g.rng.IntN(5) == 0, ExpectEpoch: g.epoch(s, vid)}
+		return &AttachVolume{VolumeID: vid, NodeID: g.nodeID(), ReadOnly: g.rng.IntN(5) == 0, ExpectEpoch: g.epoch(s, vid),
+			NBDSocket: g.pick("", "", "/run/nbd/a.sock", "/run/nbd/b.sock")}
 	case 13, 14:
 		node := g.nodeID()
 		if g.rng.IntN(3) == 0 {
@@ -486,8 +494,39 @@ func (g *cmdGen) random(s *State) Command {
 		return &DeleteSnapshot{SnapshotID: fmt.Sprintf("s%d", g.rng.IntN(5))}
 	case 26, 27:
 		return &PurgeVolume{VolumeID: vid}
+	case 28, 29, 30:
+		return g.rebuildProgress(s, vid)
 	}
 	return nil // a non-command entry or garbage
+}
+
+// rebuildProgress reports the rebuild of a replica, preferring a rebuilding
+// one; now and then it is done, or claims more than its total.
+func (g *cmdGen) rebuildProgress(s *State, vid string) *RebuildProgressUpdate {
+	rid := g.replicaID(s, vid)
+	total := uint64(g.rng.IntN(4)) * gib
+	if v, ok := s.Volumes[vid]; ok {
+		total = v.SizeBytes
+		for _, r := range v.Replicas {
+			if r.State == ReplicaRebuilding && g.rng.IntN(3) != 0 {
+				rid = r.ID
+				break
+			}
+		}
+	}
+	c := &RebuildProgressUpdate{VolumeID: vid, ReplicaID: rid, BytesTotal: total, Done: g.rng.IntN(4) == 0}
+	if total > 0 {
+		c.BytesCompared = g.rng.Uint64N(total + 1)
+		c.BytesCopied = g.rng.Uint64N(c.BytesCompared + 1)
+	}
+	if g.rng.IntN(8) == 0 { // beyond the total
+		if g.rng.IntN(2) == 0 {
+			c.BytesCompared = total + 1 + g.rng.Uint64N(gib)
+		} else {
+			c.BytesCopied = total + 1
+		}
+	}
+	return c
 }
 
 // casTarget returns the volume and expected epoch of a compare-and-set command.
@@ -528,6 +567,36 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 			fail("error wraps no store sentinel")
 		}
 		return // the harness checked that the state did not change
+	}
+	switch c := c.(type) {
+	case *RebuildProgressUpdate:
+		// Progress changes Volume.Rebuild of one volume and nothing else.
+		pv := prev.Volumes[c.VolumeID]
+		if pv == nil || pv.State == VolumeDeleted {
+			fail("progress recorded for a volume that is not live")
+		}
+		i, err := pv.replicaIndex(c.ReplicaID)
+		if err != nil {
+			fail("progress recorded for a replica not in the set: %v", err)
+		}
+		if !c.Done && pv.Replicas[i].State != ReplicaRebuilding {
+			fail("progress recorded for a %s replica", pv.Replicas[i].State)
+		}
+		want := prev.Clone()
+		want.Volumes[c.VolumeID].Rebuild = &RebuildProgress{ReplicaID: c.ReplicaID, BytesTotal: c.BytesTotal,
+			BytesCompared: c.BytesCompared, BytesCopied: c.BytesCopied, Done: c.Done}
+		if !reflect.DeepEqual(cur, want) {
+			fail("progress update changed more than Volume.Rebuild:\n%s", dumpJSON(cur.Volumes[c.VolumeID]))
+		}
+	case *AttachVolume:
+		// Whether it attached or was an idempotent retry, the volume is now
+		// attached exactly as asked.
+		want := &Attachment{Node: c.NodeID, ReadOnly: c.ReadOnly, NBDSocket: c.NBDSocket}
+		if v := cur.Volumes[c.VolumeID]; v == nil {
+			fail("attach succeeded but the volume is gone")
+		} else if !reflect.DeepEqual(v.Attachment, want) {
+			fail("attach succeeded but the attachment is %+v, want %+v", v.Attachment, want)
+		}
 	}
 	if id, expect, ok := casTarget(c); ok {
 		if v, ok := prev.Volumes[id]; ok && v.Epoch != expect && !reflect.DeepEqual(v, cur.Volumes[id]) {
@@ -573,6 +642,9 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 				if err := checkTransition(pv.State, v.State); err != nil {
 					fail("volume %s: %v", id, err)
 				}
+			}
+			if rc, ok := c.(*RebuildProgressUpdate); !reflect.DeepEqual(pv.Rebuild, v.Rebuild) && (!ok || rc.VolumeID != id) {
+				fail("volume %s: rebuild progress %+v → %+v by another command", id, pv.Rebuild, v.Rebuild)
 			}
 			if v.NextReplicaSeq < pv.NextReplicaSeq {
 				fail("volume %s NextReplicaSeq went back", id)
@@ -650,6 +722,9 @@ func (p *propertyChecker) checkVolume(fail func(string, ...any), s *State, v *Vo
 	default:
 		fail("volume %s in unknown state %q", v.ID, v.State)
 	}
+	if r := v.Rebuild; r != nil && (r.BytesCompared > r.BytesTotal || r.BytesCopied > r.BytesTotal) {
+		fail("volume %s: rebuild progress beyond its total: %+v", v.ID, r)
+	}
 	if v.Attachment != nil {
 		if _, ok := s.Nodes[v.Attachment.Node]; !ok {
 			fail("volume %s attached to unknown node %s", v.ID, v.Attachment.Node)
@@ -701,6 +776,9 @@ func TestFSMRandomized(t *testing.T) {
 				name := reflect.TypeOf(c).Elem().Name()
 				if errA == nil {
 					outcomes[name+" ok"]++
+					if rp, ok := c.(*RebuildProgressUpdate); ok && !rp.Done {
+						outcomes[name+" ok while rebuilding"]++
+					}
 				} else {
 					outcomes[name+" error"]++
 				}
@@ -719,6 +797,10 @@ func TestFSMRandomized(t *testing.T) {
 				if outcomes[name+" ok"] == 0 || outcomes[name+" error"] == 0 {
 					t.Errorf("%s: %d successes, %d errors; the generator should reach both", name, outcomes[name+" ok"], outcomes[name+" error"])
 				}
+			}
+			// Progress not marked done succeeds only on a rebuilding replica.
+			if outcomes["RebuildProgressUpdate ok while rebuilding"] == 0 {
+				t.Errorf("RebuildProgressUpdate never succeeded on a rebuilding replica")
 			}
 			live := len(a.state().SortedVolumes())
 			t.Logf("outcomes %v; %d live volumes at the end; %d steps exempted by knownBugSetVolumeStateDetach", outcomes, live, p.exempted)

@@ -83,10 +83,12 @@ func richHarness(t *testing.T) *harness {
 	v := h.createVolume("v-att", 2, 3)
 	h.must(&AttachVolume{VolumeID: "v-att", NodeID: v.Replicas[0].Node, ReadOnly: true, ExpectEpoch: v.Epoch})
 	v = h.setReplica("v-att", v.Replicas[1].ID, ReplicaFailed)
-	h.must(&ReplaceReplica{VolumeID: "v-att", ReplicaID: v.Replicas[1].ID, ExpectEpoch: v.Epoch})
-	// releasing
+	v = h.must(&ReplaceReplica{VolumeID: "v-att", ReplicaID: v.Replicas[1].ID, ExpectEpoch: v.Epoch}).Volume
+	// ... whose rebuild is under way
+	h.must(&RebuildProgressUpdate{VolumeID: "v-att", ReplicaID: v.Replicas[1].ID, BytesTotal: 2 * gib, BytesCompared: gib, BytesCopied: gib / 4})
+	// releasing, exported over NBD
 	v = h.createVolume("v-rel", 1, 2)
-	h.attach("v-rel", v.Replicas[1].Node)
+	h.attachNBD("v-rel", v.Replicas[1].Node, "/run/cairn/nbd/v-rel.sock")
 	h.must(&SetVolumeState{VolumeID: "v-rel", State: VolumeReleasing})
 	// provisioning, from a snapshot, with a stale replica
 	h.must(&CreateSnapshot{ID: "s-1", Name: "vs-1", SourceVolumeID: "v-avail", CreatedAt: 5})
@@ -120,6 +122,12 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 			t.Fatalf("rich state has no %s volume", st)
 		}
 	}
+	if r := want.Volumes["v-att"].Rebuild; r == nil || r.BytesCompared == 0 {
+		t.Fatalf("rich state has no rebuild progress: %+v", r)
+	}
+	if a := want.Volumes["v-rel"].Attachment; a == nil || a.NBDSocket == "" {
+		t.Fatalf("rich state has no NBD attachment: %+v", a)
+	}
 	data := persist(t, src.f)
 
 	dst := newHarness(t)
@@ -147,6 +155,8 @@ func TestSnapshotRestoreRoundTrip(t *testing.T) {
 		&CreateVolume{ID: "v-new", Name: "pvc-new", SizeBytes: 3 * gib, Replicas: 3},
 		&DetachVolume{VolumeID: "v-att", ExpectEpoch: want.Volumes["v-att"].Epoch},
 		&ReplaceReplica{VolumeID: "v-prov", ReplicaID: want.Volumes["v-prov"].Replicas[0].ID, ExpectEpoch: want.Volumes["v-prov"].Epoch},
+		&RebuildProgressUpdate{VolumeID: "v-att", ReplicaID: want.Volumes["v-att"].Rebuild.ReplicaID, BytesTotal: 2 * gib, BytesCompared: 2 * gib, BytesCopied: gib},
+		&AttachVolume{VolumeID: "v-rel", NodeID: want.Volumes["v-rel"].Attachment.Node, NBDSocket: "/run/cairn/nbd/v-rel.sock"},
 	} {
 		r1, err1 := src.apply(c)
 		r2, err2 := dst.apply(c)
@@ -199,8 +209,8 @@ func TestSnapshotPersistWriteErrorCancels(t *testing.T) {
 	}
 }
 
-// TestWriteReadSnapshotEveryField covers fields no command sets yet
-// (RebuildProgress) and an empty state.
+// TestWriteReadSnapshotEveryField sets every field of every type, including
+// ones richHarness leaves at zero (RebuildProgress.Done), and an empty state.
 func TestWriteReadSnapshotEveryField(t *testing.T) {
 	full := NewState()
 	full.ClusterID = "c"
@@ -212,9 +222,9 @@ func TestWriteReadSnapshotEveryField(t *testing.T) {
 		ReplicaCount: 2, WriteQuorum: 1,
 		Replicas:       []Replica{{ID: "v1-r1", Node: "n1", State: ReplicaHealthy}, {ID: "v1-r3", Node: "n2", State: ReplicaRebuilding}},
 		Epoch:          1<<64 - 1,
-		Attachment:     &Attachment{Node: "n1", ReadOnly: true},
+		Attachment:     &Attachment{Node: "n1", ReadOnly: true, NBDSocket: "/run/cairn/nbd/v1.sock"},
 		ContentSource:  "vol-0",
-		Rebuild:        &RebuildProgress{ReplicaID: "v1-r3", BytesTotal: 1 << 30, BytesCompared: 1 << 29, BytesCopied: 1 << 20},
+		Rebuild:        &RebuildProgress{ReplicaID: "v1-r3", BytesTotal: 1 << 30, BytesCompared: 1 << 29, BytesCopied: 1 << 20, Done: true},
 		NextReplicaSeq: 3, CreatedAt: 99}
 	full.Snapshots["s1"] = &Snapshot{ID: "s1", Name: "vs", SourceVolumeID: "v1", SizeBytes: 1 << 30, CreatedAt: 100, ReadyToUse: true}
 

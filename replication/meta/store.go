@@ -322,7 +322,10 @@ func (s *Store) Apply(ctx context.Context, c Command) (Result, error) {
 	}
 	start := time.Now()
 	f := s.raft.Apply(b, timeout)
-	if err := f.Error(); err != nil {
+	if err := waitFuture(ctx, f); err != nil {
+		if errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+			return Result{}, fmt.Errorf("%v while committing: %w", err, ErrOutcomeUnknown)
+		}
 		return Result{}, raftError(err)
 	}
 	s.metrics.commitLatency.Observe(time.Since(start).Seconds())
@@ -331,6 +334,22 @@ func (s *Store) Apply(ctx context.Context, c Command) (Result, error) {
 		panic(fmt.Sprintf("BUG: FSM returned %T", f.Response()))
 	}
 	return r.Result, r.Err
+}
+
+// waitFuture waits for f or until ctx ends. hashicorp/raft can leave a
+// future unanswered forever when it shuts down right after committing the
+// entry (hashicorp/raft#498), so nothing in the store may wait on one
+// without a way out: Close waits for the leader's duties, and would hang.
+// When ctx ends first, the goroutine waiting on f stays until raft answers.
+func waitFuture(ctx context.Context, f raft.Future) error {
+	done := make(chan error, 1)
+	go func() { done <- f.Error() }()
+	select {
+	case err := <-done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 // raftError maps hashicorp/raft's errors onto the store's sentinels.
@@ -421,7 +440,7 @@ func (s *Store) watchLeadership(ctx context.Context) {
 // is applied, the cluster's identity, then the registered duties.
 func (s *Store) lead(ctx context.Context, wg *sync.WaitGroup) {
 	for {
-		err := s.raft.Barrier(10 * time.Second).Error()
+		err := waitFuture(ctx, s.raft.Barrier(10*time.Second))
 		if err == nil {
 			break
 		}

@@ -1,0 +1,219 @@
+// Package storagenode runs the storage side of one node: the replica server
+// that holds this node's replicas, and the realizer that makes the replicas
+// on disk match what the volume store says (create the ones placed here,
+// delete the ones the store dropped) and rebuilds replicas of volumes that
+// no engine serves.
+package storagenode
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/engine"
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// Config configures a storage node.
+type Config struct {
+	// NodeID is this node's id in the store.
+	NodeID string
+	// DataDir is the node's data dir; replicas live in DataDir/replicas.
+	DataDir string
+	// Listen is the replica server's TCP address.
+	Listen string
+	// FSM is this node's copy of the store's state (watched for changes).
+	FSM *meta.FSM
+	// Meta reaches the store for writes.
+	Meta *meta.Client
+	// Logger receives the node's lines.
+	Logger *zap.Logger
+	// RebuildBytesPerSecond paces rebuilds run here (0: unpaced).
+	RebuildBytesPerSecond uint64
+	// Registerer receives the replica server's metrics (nil: none).
+	Registerer prometheus.Registerer
+}
+
+// Node is a running storage node.
+type Node struct {
+	cfg    Config
+	log    *zap.Logger
+	server *replica.Server
+	lis    net.Listener
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu       sync.Mutex
+	rebuilds map[string]context.CancelFunc // volume id → running maintenance rebuild
+}
+
+// Start opens the replica server and starts realizing the store's state.
+func Start(cfg Config) (*Node, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	lis, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return nil, fmt.Errorf("replica server listen on %s: %w", cfg.Listen, err)
+	}
+	n := &Node{cfg: cfg, log: cfg.Logger.Named("storage").With(zap.String("node_id", cfg.NodeID)), lis: lis, rebuilds: map[string]context.CancelFunc{}}
+	n.server = replica.NewServer(cfg.Logger, filepath.Join(cfg.DataDir, "replicas"))
+	if cfg.Registerer != nil {
+		for _, c := range n.server.Collectors() {
+			if err := cfg.Registerer.Register(c); err != nil {
+				lis.Close()
+				return nil, err
+			}
+		}
+	}
+	n.ctx, n.cancel = context.WithCancel(context.Background())
+	n.wg.Add(2)
+	go func() {
+		defer n.wg.Done()
+		if err := n.server.Serve(lis); err != nil && !errors.Is(err, replica.ErrServerClosed) {
+			n.log.Error("replica server stopped", zap.Error(err))
+		}
+	}()
+	go func() { defer n.wg.Done(); n.realizeLoop() }()
+	return n, nil
+}
+
+// Addr is the replica server's address.
+func (n *Node) Addr() string { return n.lis.Addr().String() }
+
+// Server is the replica server.
+func (n *Node) Server() *replica.Server { return n.server }
+
+// Close stops the realizer, the rebuilds and the replica server.
+func (n *Node) Close() error {
+	n.cancel()
+	n.wg.Wait()
+	return n.server.Close()
+}
+
+// realizeLoop runs realize after every change of the store's state (and
+// every few seconds, to retry what failed).
+func (n *Node) realizeLoop() {
+	for {
+		changed := n.cfg.FSM.Changed()
+		n.realize()
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-changed:
+		case <-time.After(3 * time.Second):
+		}
+	}
+}
+
+// desired returns the replicas the store places on this node (id → size),
+// and the unattached volumes with a replica rebuilding here.
+func (n *Node) desired() (map[string]uint64, []*meta.Volume) {
+	want := map[string]uint64{}
+	var rebuild []*meta.Volume
+	n.cfg.FSM.View(func(s *meta.State) {
+		for _, v := range s.SortedVolumes() {
+			for _, r := range v.Replicas {
+				if r.Node != n.cfg.NodeID {
+					continue
+				}
+				want[r.ID] = v.SizeBytes
+				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
+					rebuild = append(rebuild, v.Clone())
+				}
+			}
+		}
+	})
+	return want, rebuild
+}
+
+// realize creates missing replicas, deletes dropped ones, and starts
+// rebuilds of unattached volumes.
+func (n *Node) realize() {
+	want, rebuild := n.desired()
+	have, err := n.server.List()
+	if err != nil {
+		n.log.Warn("cannot list replicas", zap.Error(err))
+	}
+	present := map[string]bool{}
+	for _, info := range have {
+		present[info.ID] = true
+		if _, ok := want[info.ID]; ok {
+			continue
+		}
+		// The store no longer places this replica here: its volume was
+		// deleted or it was replaced. The local state is never older than
+		// the replica's creation, so this cannot remove a replica that is
+		// merely not yet known.
+		if err := n.server.Delete(info.ID); err != nil {
+			n.log.Warn("cannot delete replica", zap.String("replica_id", info.ID), zap.Error(err))
+			continue
+		}
+		n.log.Info("replica deleted", zap.String("replica_id", info.ID))
+	}
+	for id, size := range want {
+		if present[id] {
+			continue
+		}
+		if _, err := n.server.Create(id, size); err != nil {
+			n.log.Warn("cannot create replica", zap.String("replica_id", id), zap.Error(err))
+			continue
+		}
+		n.log.Info("replica created", zap.String("replica_id", id), zap.Uint64("size", size))
+	}
+	for _, v := range rebuild {
+		n.startRebuild(v)
+	}
+}
+
+// startRebuild runs a maintenance engine for an unattached volume until the
+// rebuild of its replica here is done. If the volume is attached meanwhile,
+// the new engine claims a higher epoch, this one is fenced and stops, and the
+// attached engine finishes the rebuild.
+func (n *Node) startRebuild(v *meta.Volume) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if _, ok := n.rebuilds[v.ID]; ok || n.ctx.Err() != nil {
+		return
+	}
+	ctx, cancel := context.WithCancel(n.ctx)
+	n.rebuilds[v.ID] = cancel
+	n.wg.Add(1)
+	go func() {
+		defer n.wg.Done()
+		defer func() {
+			n.mu.Lock()
+			delete(n.rebuilds, v.ID)
+			n.mu.Unlock()
+			cancel()
+		}()
+		done := make(chan engine.RebuildStats, 1)
+		e, err := engine.Open(ctx, engine.Config{
+			VolumeID: v.ID, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
+			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond,
+			OnRebuilt: func(s engine.RebuildStats) { done <- s },
+		})
+		if err != nil {
+			n.log.Info("maintenance rebuild not started", zap.String("volume_id", v.ID), zap.Error(err))
+			return
+		}
+		select {
+		case <-done:
+		case <-ctx.Done():
+		case <-e.Fenced():
+		}
+		cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_ = e.Close(cctx)
+		ccancel()
+	}()
+}
