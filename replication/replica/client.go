@@ -1,0 +1,494 @@
+package replica
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sync"
+)
+
+// maxRangeChunk is the largest range one TRIM or WRITE_ZEROES frame carries
+// (its length field is 32 bits); longer ranges are split.
+const maxRangeChunk = 1 << 30
+
+// dirtyPage is how many dirty extents the client asks for per DIRTY request.
+const dirtyPage = 1 << 16
+
+// Client is a pipelined connection to one replica on a replica server. Any
+// number of goroutines may call its methods at once: each call gets its own
+// handle and waits for its own reply, and replies may arrive in any order.
+//
+// A call whose ctx ends returns ctx.Err(). Its request may already have
+// reached the server and may still be applied (a cancelled write can land);
+// the connection stays usable. Only when a cancellation interrupts a frame
+// halfway through being sent does the client close the connection, since the
+// stream would otherwise desynchronise.
+//
+// Error statuses from the server come back as *RemoteError, which unwraps to
+// the matching sentinel (ErrFenced, ErrNotClaimed, ErrOutOfRange, ErrNotFound,
+// ErrInvalidArgument, ErrIO). A broken or closed connection gives errors
+// wrapping ErrClosed; after that every call fails and the caller dials again.
+type Client struct {
+	nc        net.Conn
+	replicaID string
+
+	queue chan *call    // frames for the writer goroutine, in send order
+	dead  chan struct{} // closed when the connection fails or is closed
+
+	mu         sync.Mutex
+	pending    map[uint64]*call // calls awaiting their reply
+	nextHandle uint64
+	err        error // why the connection is dead; nil while it is alive
+
+	wg sync.WaitGroup // the reader and writer goroutines
+}
+
+// callState tracks a call's frame through the writer; guarded by Client.mu.
+type callState uint8
+
+const (
+	callQueued  callState = iota // handed to the writer, not yet picked up
+	callWriting                  // the writer is copying its frame out
+	callWritten                  // the writer no longer uses its payload
+	callSkipped                  // abandoned before the writer picked it up
+)
+
+type call struct {
+	h       RequestHeader
+	payload []byte
+	dst     []byte // a successful reply's payload is read into dst when set
+
+	state   callState
+	written chan struct{} // closed when the writer is done with payload
+	done    chan struct{} // closed when reply and err are set
+
+	reply []byte
+	err   error
+}
+
+// Dial connects to the replica server at addr (TCP, with TCP_NODELAY) and
+// opens replicaID, which must have size bytes (0: any size).
+func Dial(ctx context.Context, addr, replicaID string, size uint64) (*Client, error) {
+	if err := validateID(replicaID); err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	nc, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("replica %s: dial %s: %w", replicaID, addr, err)
+	}
+	if tc, ok := nc.(*net.TCPConn); ok {
+		if err := tc.SetNoDelay(true); err != nil {
+			_ = nc.Close() // nothing sent yet
+			return nil, fmt.Errorf("replica %s: set TCP_NODELAY: %w", replicaID, err)
+		}
+	}
+	c := newClient(nc, replicaID)
+	if err := c.open(ctx, size); err != nil {
+		_ = c.Close() // always nil
+		return nil, err
+	}
+	return c, nil
+}
+
+// newClient starts the reader and writer goroutines on nc; the caller still
+// has to send OPEN.
+func newClient(nc net.Conn, replicaID string) *Client {
+	c := &Client{
+		nc:        nc,
+		replicaID: replicaID,
+		queue:     make(chan *call, 2*maxInFlight),
+		dead:      make(chan struct{}),
+		pending:   make(map[uint64]*call),
+	}
+	c.wg.Add(2)
+	go func() {
+		defer c.wg.Done()
+		c.readLoop()
+	}()
+	go func() {
+		defer c.wg.Done()
+		c.writeLoop()
+	}()
+	return c
+}
+
+// ReplicaID returns the id of the replica the client opened.
+func (c *Client) ReplicaID() string { return c.replicaID }
+
+// Close closes the connection; pending and later calls fail with ErrClosed.
+// It waits for the client's goroutines and always returns nil.
+func (c *Client) Close() error {
+	c.fail(ErrClosed)
+	c.wg.Wait()
+	return nil
+}
+
+// fail marks the connection dead for cause, closes it, and fails every call
+// still waiting for a reply. Only the first cause is kept.
+func (c *Client) fail(cause error) {
+	c.mu.Lock()
+	if c.err != nil {
+		c.mu.Unlock()
+		return
+	}
+	if cause == ErrClosed {
+		c.err = fmt.Errorf("replica %s: %w", c.replicaID, ErrClosed)
+	} else {
+		c.err = fmt.Errorf("replica %s: connection lost: %w: %w", c.replicaID, ErrClosed, cause)
+	}
+	pending := c.pending
+	c.pending = make(map[uint64]*call)
+	close(c.dead)
+	c.mu.Unlock()
+	_ = c.nc.Close() // the connection is being abandoned; its close error tells nothing
+	for _, cl := range pending {
+		cl.err = c.err
+		close(cl.done)
+	}
+}
+
+func (c *Client) deadErr() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.err
+}
+
+// do sends one request and waits for its reply payload.
+func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) ([]byte, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	h.PayloadLen = uint32(len(payload))
+	cl := &call{h: h, payload: payload, dst: dst, written: make(chan struct{}), done: make(chan struct{})}
+	c.mu.Lock()
+	if c.err != nil {
+		err := c.err
+		c.mu.Unlock()
+		return nil, err
+	}
+	c.nextHandle++
+	cl.h.Handle = c.nextHandle
+	c.pending[cl.h.Handle] = cl
+	c.mu.Unlock()
+
+	select {
+	case c.queue <- cl:
+	case <-ctx.Done():
+		c.abandon(cl)
+		return nil, ctx.Err()
+	case <-c.dead:
+		c.abandon(cl)
+		return nil, c.deadErr()
+	}
+	select {
+	case <-cl.done:
+	case <-ctx.Done():
+		if c.abandon(cl) {
+			return nil, ctx.Err()
+		}
+		<-cl.done // the reader is completing it right now
+	}
+	c.release(cl)
+	return cl.reply, cl.err
+}
+
+// abandon takes cl out of the pending calls so that its reply, if one comes,
+// is discarded. It reports false when the reply is already being delivered.
+// When cl's frame is only partly sent, the stream cannot be saved and the
+// connection is closed. On return the writer no longer uses cl's payload.
+func (c *Client) abandon(cl *call) bool {
+	c.mu.Lock()
+	_, mine := c.pending[cl.h.Handle]
+	if mine {
+		delete(c.pending, cl.h.Handle)
+	}
+	writing := cl.state == callWriting
+	c.mu.Unlock()
+	if !mine {
+		return false
+	}
+	if writing {
+		c.fail(errors.New("a request was cancelled while being sent"))
+	}
+	c.release(cl)
+	return true
+}
+
+// release returns once the writer no longer uses cl's payload, so the
+// caller may reuse its buffer.
+func (c *Client) release(cl *call) {
+	c.mu.Lock()
+	st := cl.state
+	if st == callQueued {
+		cl.state = callSkipped
+	}
+	c.mu.Unlock()
+	if st == callWriting || st == callWritten {
+		<-cl.written
+	}
+}
+
+// writeLoop sends queued frames in order. It flushes when the queue is empty,
+// so frames queued together share a write.
+func (c *Client) writeLoop() {
+	bw := bufio.NewWriterSize(c.nc, 64<<10)
+	hdr := make([]byte, 0, RequestHeaderLen)
+	for {
+		var cl *call
+		select {
+		case cl = <-c.queue:
+		case <-c.dead:
+			return
+		}
+		c.mu.Lock()
+		if cl.state == callSkipped {
+			c.mu.Unlock()
+			continue
+		}
+		cl.state = callWriting
+		c.mu.Unlock()
+		_, err := bw.Write(AppendRequestHeader(hdr[:0], cl.h))
+		if err == nil && len(cl.payload) > 0 {
+			_, err = bw.Write(cl.payload)
+		}
+		c.mu.Lock()
+		cl.state = callWritten
+		c.mu.Unlock()
+		close(cl.written)
+		if err == nil && len(c.queue) == 0 {
+			err = bw.Flush()
+		}
+		if err != nil {
+			c.fail(fmt.Errorf("send: %w", err))
+			return
+		}
+	}
+}
+
+// readLoop delivers replies to their calls until the connection ends.
+func (c *Client) readLoop() {
+	br := bufio.NewReaderSize(c.nc, 64<<10)
+	hdr := make([]byte, ReplyHeaderLen)
+	for {
+		if _, err := io.ReadFull(br, hdr); err != nil {
+			c.fail(fmt.Errorf("receive: %w", err))
+			return
+		}
+		rh, err := DecodeReplyHeader(hdr)
+		if err != nil {
+			c.fail(err)
+			return
+		}
+		c.mu.Lock()
+		cl := c.pending[rh.Handle]
+		delete(c.pending, rh.Handle)
+		c.mu.Unlock()
+		if cl == nil {
+			if rh.Handle == 0 && rh.Status != StatusOK {
+				// The server rejected a frame it could not attribute and
+				// is closing the connection.
+				msg := make([]byte, rh.PayloadLen)
+				_, _ = io.ReadFull(br, msg) // best effort: the message only explains
+				c.fail(&RemoteError{Status: rh.Status, Message: string(msg)})
+				return
+			}
+			// The reply to an abandoned call.
+			if _, err := io.CopyN(io.Discard, br, int64(rh.PayloadLen)); err != nil {
+				c.fail(fmt.Errorf("receive: %w", err))
+				return
+			}
+			continue
+		}
+		cerr := c.readResult(br, cl, rh)
+		if cerr != nil {
+			c.fail(cerr)
+			cl.err = c.deadErr()
+		}
+		close(cl.done)
+		if cerr != nil {
+			return
+		}
+	}
+}
+
+// readResult reads a reply's payload into cl. A returned error is a
+// connection failure.
+func (c *Client) readResult(br *bufio.Reader, cl *call, rh ReplyHeader) error {
+	switch {
+	case rh.Status != StatusOK:
+		msg := make([]byte, rh.PayloadLen)
+		if _, err := io.ReadFull(br, msg); err != nil {
+			return fmt.Errorf("receive: %w", err)
+		}
+		cl.err = &RemoteError{Status: rh.Status, Message: string(msg)}
+	case cl.dst != nil:
+		if int(rh.PayloadLen) != len(cl.dst) {
+			return fmt.Errorf("%w: %d-byte reply to a %d-byte %s", ErrProtocol, rh.PayloadLen, len(cl.dst), cl.h.Op)
+		}
+		if _, err := io.ReadFull(br, cl.dst); err != nil {
+			return fmt.Errorf("receive: %w", err)
+		}
+	default:
+		cl.reply = make([]byte, rh.PayloadLen)
+		if _, err := io.ReadFull(br, cl.reply); err != nil {
+			return fmt.Errorf("receive: %w", err)
+		}
+	}
+	return nil
+}
+
+func (c *Client) open(ctx context.Context, size uint64) error {
+	reply, err := c.do(ctx, RequestHeader{Op: OpOpen, Offset: size}, []byte(c.replicaID), nil)
+	if err != nil {
+		return err
+	}
+	if _, err := DecodeInfo(reply); err != nil {
+		return err
+	}
+	return nil
+}
+
+// Claim makes epoch the replica's epoch; it is durable when Claim returns.
+// See Replica.Claim.
+func (c *Client) Claim(ctx context.Context, epoch uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpClaim, Epoch: epoch}, nil, nil)
+	return err
+}
+
+// WriteAt writes p (at most MaxPayload bytes) at off; with fua the data is
+// on stable storage when it returns. See Replica.WriteAt.
+func (c *Client) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
+	if len(p) > MaxPayload {
+		return fmt.Errorf("%w: write of %d bytes exceeds %d", ErrInvalidArgument, len(p), MaxPayload)
+	}
+	h := RequestHeader{Op: OpWrite, Epoch: epoch, Offset: off, Length: uint32(len(p))}
+	if fua {
+		h.Flags = FlagFUA
+	}
+	_, err := c.do(ctx, h, p, nil)
+	return err
+}
+
+// ReadAt fills p (at most MaxPayload bytes) from off. On error p's content
+// is undefined.
+func (c *Client) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {
+	if len(p) > MaxPayload {
+		return fmt.Errorf("%w: read of %d bytes exceeds %d", ErrInvalidArgument, len(p), MaxPayload)
+	}
+	if p == nil {
+		p = []byte{}
+	}
+	_, err := c.do(ctx, RequestHeader{Op: OpRead, Epoch: epoch, Offset: off, Length: uint32(len(p))}, nil, p)
+	return err
+}
+
+// Flush makes the replica's completed writes durable.
+func (c *Client) Flush(ctx context.Context, epoch uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpFlush, Epoch: epoch}, nil, nil)
+	return err
+}
+
+// Trim discards [off, off+length); it reads as zeros afterwards. Ranges over
+// 1 GiB are sent as several requests, one after another.
+func (c *Client) Trim(ctx context.Context, epoch, off, length uint64) error {
+	return c.rangeOp(ctx, OpTrim, epoch, off, length)
+}
+
+// WriteZeroes makes [off, off+length) read as zeros. Ranges over 1 GiB are
+// sent as several requests, one after another.
+func (c *Client) WriteZeroes(ctx context.Context, epoch, off, length uint64) error {
+	return c.rangeOp(ctx, OpWriteZeroes, epoch, off, length)
+}
+
+func (c *Client) rangeOp(ctx context.Context, op Op, epoch, off, length uint64) error {
+	for {
+		n := min(length, maxRangeChunk)
+		if _, err := c.do(ctx, RequestHeader{Op: op, Epoch: epoch, Offset: off, Length: uint32(n)}, nil, nil); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+		if length == 0 {
+			return nil
+		}
+	}
+}
+
+// Checksums returns the CRC32C of each extent in [firstExtent,
+// firstExtent+count). Large counts are split into several requests.
+func (c *Client) Checksums(ctx context.Context, epoch, firstExtent, count uint64) ([]uint32, error) {
+	sums := make([]uint32, 0, min(count, MaxChecksumsPerRequest))
+	for {
+		n := min(count, MaxChecksumsPerRequest)
+		reply, err := c.do(ctx, RequestHeader{Op: OpChecksums, Epoch: epoch, Offset: firstExtent, Length: uint32(n)}, nil, nil)
+		if err != nil {
+			return nil, err
+		}
+		part, err := DecodeUint32s(reply)
+		if err != nil {
+			return nil, err
+		}
+		if uint64(len(part)) != n {
+			return nil, fmt.Errorf("%w: %d checksums in reply to a request for %d", ErrProtocol, len(part), n)
+		}
+		sums = append(sums, part...)
+		firstExtent, count = firstExtent+n, count-n
+		if count == 0 {
+			return sums, nil
+		}
+	}
+}
+
+// ReadExtent returns the bytes of extent index.
+func (c *Client) ReadExtent(ctx context.Context, epoch, index uint64) ([]byte, error) {
+	return c.do(ctx, RequestHeader{Op: OpReadExtent, Epoch: epoch, Offset: index}, nil, nil)
+}
+
+// DirtyExtents returns the replica's dirty extents in ascending order.
+func (c *Client) DirtyExtents(ctx context.Context) ([]uint64, error) {
+	var all []uint64
+	first := uint64(0)
+	for {
+		reply, err := c.do(ctx, RequestHeader{Op: OpDirty, Offset: first, Length: dirtyPage}, nil, nil)
+		if err != nil {
+			return nil, err
+		}
+		part, err := DecodeUint64s(reply)
+		if err != nil {
+			return nil, err
+		}
+		all = append(all, part...)
+		if len(part) < dirtyPage {
+			if all == nil {
+				all = []uint64{}
+			}
+			return all, nil
+		}
+		first = part[len(part)-1] + 1
+	}
+}
+
+// MarkClean declares clean point (epoch, generation) on the replica; see
+// Replica.MarkClean for when the engine may call it.
+func (c *Client) MarkClean(ctx context.Context, epoch, generation uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpMarkClean, Epoch: epoch, Offset: generation}, nil, nil)
+	return err
+}
+
+// Info describes the replica.
+func (c *Client) Info(ctx context.Context) (Info, error) {
+	reply, err := c.do(ctx, RequestHeader{Op: OpInfo}, nil, nil)
+	if err != nil {
+		return Info{}, err
+	}
+	return DecodeInfo(reply)
+}
+
+// Ping checks that the server answers.
+func (c *Client) Ping(ctx context.Context) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpPing}, nil, nil)
+	return err
+}

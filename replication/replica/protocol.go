@@ -1,0 +1,379 @@
+package replica
+
+import (
+	"encoding/binary"
+	"fmt"
+	"io"
+)
+
+// The replica protocol: frames over one TCP connection, all integers
+// big-endian. The client sends request frames, the server answers each with
+// one reply frame carrying the request's handle. Requests are pipelined and
+// replies may come back in any order.
+//
+// Request frame: a fixed 40-byte header, then PayloadLen bytes of payload.
+//
+//	 0  magic        u32  RequestMagic
+//	 4  op           u8
+//	 5  flags        u8   FlagFUA; other bits must be 0
+//	 6  reserved     u16  must be 0
+//	 8  handle       u64  chosen by the client, echoed in the reply
+//	16  epoch        u64
+//	24  offset       u64
+//	32  length       u32
+//	36  payload len  u32  at most MaxPayload
+//
+// Reply frame: a fixed 24-byte header, then PayloadLen bytes of payload. For
+// an error status the payload is a UTF-8 message.
+//
+//	 0  magic        u32  ReplyMagic
+//	 4  status       u32  Status
+//	 8  handle       u64
+//	16  payload len  u32  at most MaxPayload
+//	20  reserved     u32  0
+//
+// What each op does with the fields (fields not named must be 0):
+//
+//	op            epoch  offset          length            payload    reply payload
+//	OPEN          -      expected size   -                 replica id Info
+//	                     (0: any)
+//	CLAIM         new    -               -                 -          -
+//	READ          yes    byte offset     bytes             -          the data
+//	WRITE         yes    byte offset     bytes             the data   -
+//	FLUSH         yes    -               -                 -          -
+//	TRIM          yes    byte offset     bytes             -          -
+//	WRITE_ZEROES  yes    byte offset     bytes             -          -
+//	CHECKSUMS     yes    first extent    extent count      -          count × u32 CRC32C
+//	READ_EXTENT   yes    extent index    -                 -          the extent's bytes
+//	DIRTY         -      first extent    max entries       -          u64 extent indexes
+//	                                     (0: all that fit)
+//	MARK_CLEAN    yes    generation      -                 -          -
+//	INFO          -      -               -                 -          Info
+//	PING          -      -               -                 -          -
+//
+// A connection must send OPEN (once) before anything but PING. FUA is allowed
+// on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
+//
+// A header with a bad magic, a non-zero reserved field or a payload longer
+// than MaxPayload breaks the framing: the server answers BadRequest (handle 0
+// if the magic is bad) and closes the connection. Any other invalid request
+// gets a BadRequest reply and the connection goes on.
+const (
+	RequestMagic     uint32 = 0xCA1B0001
+	ReplyMagic       uint32 = 0xCA1B8001
+	RequestHeaderLen        = 40
+	ReplyHeaderLen          = 24
+	// MaxPayload bounds the payload of any frame, and so one READ or WRITE.
+	MaxPayload = 32 << 20
+	// FlagFUA asks for the data to be on stable storage before the reply.
+	FlagFUA uint8 = 1
+)
+
+// Op is a request's operation. Values are part of the wire protocol: never
+// renumber, never reuse.
+type Op uint8
+
+// Operations.
+const (
+	OpOpen        Op = 1
+	OpClaim       Op = 2
+	OpRead        Op = 3
+	OpWrite       Op = 4
+	OpFlush       Op = 5
+	OpTrim        Op = 6
+	OpWriteZeroes Op = 7
+	OpChecksums   Op = 8
+	OpReadExtent  Op = 9
+	OpDirty       Op = 10
+	OpMarkClean   Op = 11
+	OpInfo        Op = 12
+	OpPing        Op = 13
+	opLimit          = 14 // one past the highest op
+)
+
+// opSpec says which header fields an op uses; unused fields must be 0.
+type opSpec struct {
+	name      string
+	epoch     bool
+	offset    bool
+	length    bool
+	maxLength uint32 // when length is used; 0: no limit beyond the u32
+	flags     uint8  // flags allowed
+	payload   payloadRule
+}
+
+type payloadRule uint8
+
+const (
+	payloadNone     payloadRule = iota
+	payloadIsData               // payload length == length field
+	payloadIsOpenID             // 1..MaxIDLen bytes of replica id
+)
+
+// opSpecs is the table ValidateRequest checks requests against.
+var opSpecs = [opLimit]opSpec{
+	OpOpen:        {name: "open", offset: true, payload: payloadIsOpenID},
+	OpClaim:       {name: "claim", epoch: true},
+	OpRead:        {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload},
+	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA, payload: payloadIsData},
+	OpFlush:       {name: "flush", epoch: true},
+	OpTrim:        {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA},
+	OpWriteZeroes: {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA},
+	OpChecksums:   {name: "checksums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest},
+	OpReadExtent:  {name: "read_extent", epoch: true, offset: true},
+	OpDirty:       {name: "dirty", offset: true, length: true, maxLength: MaxDirtyPerReply},
+	OpMarkClean:   {name: "mark_clean", epoch: true, offset: true},
+	OpInfo:        {name: "info"},
+	OpPing:        {name: "ping"},
+}
+
+// Limits that keep a reply within MaxPayload.
+const (
+	MaxChecksumsPerRequest = MaxPayload / 4
+	MaxDirtyPerReply       = MaxPayload / 8
+)
+
+func (o Op) String() string {
+	if o < opLimit && opSpecs[o].name != "" {
+		return opSpecs[o].name
+	}
+	return fmt.Sprintf("op_%d", uint8(o))
+}
+
+// RequestHeader is a decoded request header.
+type RequestHeader struct {
+	Op         Op
+	Flags      uint8
+	Handle     uint64
+	Epoch      uint64
+	Offset     uint64
+	Length     uint32
+	PayloadLen uint32
+}
+
+// Request is a request header with its payload.
+type Request struct {
+	RequestHeader
+	Payload []byte
+}
+
+// ReplyHeader is a decoded reply header.
+type ReplyHeader struct {
+	Status     Status
+	Handle     uint64
+	PayloadLen uint32
+}
+
+// AppendRequestHeader appends the 40-byte encoding of h to dst.
+func AppendRequestHeader(dst []byte, h RequestHeader) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, RequestMagic)
+	dst = append(dst, byte(h.Op), h.Flags, 0, 0)
+	dst = binary.BigEndian.AppendUint64(dst, h.Handle)
+	dst = binary.BigEndian.AppendUint64(dst, h.Epoch)
+	dst = binary.BigEndian.AppendUint64(dst, h.Offset)
+	dst = binary.BigEndian.AppendUint32(dst, h.Length)
+	return binary.BigEndian.AppendUint32(dst, h.PayloadLen)
+}
+
+// DecodeRequestHeader decodes the first RequestHeaderLen bytes of b. It
+// checks only what the framing depends on — magic, reserved field, payload
+// length — and every error it returns wraps ErrProtocol: the stream cannot be
+// trusted after it. When the magic is right the returned header is filled in
+// even on error, so the server can answer with the request's handle.
+func DecodeRequestHeader(b []byte) (RequestHeader, error) {
+	if len(b) < RequestHeaderLen {
+		return RequestHeader{}, fmt.Errorf("%w: request header is %d bytes, want %d", ErrProtocol, len(b), RequestHeaderLen)
+	}
+	if m := binary.BigEndian.Uint32(b); m != RequestMagic {
+		return RequestHeader{}, fmt.Errorf("%w: bad request magic %#08x", ErrProtocol, m)
+	}
+	h := RequestHeader{
+		Op:         Op(b[4]),
+		Flags:      b[5],
+		Handle:     binary.BigEndian.Uint64(b[8:]),
+		Epoch:      binary.BigEndian.Uint64(b[16:]),
+		Offset:     binary.BigEndian.Uint64(b[24:]),
+		Length:     binary.BigEndian.Uint32(b[32:]),
+		PayloadLen: binary.BigEndian.Uint32(b[36:]),
+	}
+	if r := binary.BigEndian.Uint16(b[6:]); r != 0 {
+		return h, fmt.Errorf("%w: reserved header field is %#04x, want 0", ErrProtocol, r)
+	}
+	if h.PayloadLen > MaxPayload {
+		return h, fmt.Errorf("%w: payload of %d bytes exceeds the %d-byte maximum", ErrProtocol, h.PayloadLen, MaxPayload)
+	}
+	return h, nil
+}
+
+// ValidateRequest checks a header against its op's rules (opSpecs). Errors
+// wrap ErrInvalidArgument; the connection can go on after one.
+func ValidateRequest(h RequestHeader) error {
+	if h.Op == 0 || h.Op >= opLimit {
+		return fmt.Errorf("%w: unknown op %d", ErrInvalidArgument, uint8(h.Op))
+	}
+	spec := opSpecs[h.Op]
+	bad := func(format string, args ...any) error {
+		return fmt.Errorf("%w: %s: %s", ErrInvalidArgument, spec.name, fmt.Sprintf(format, args...))
+	}
+	switch {
+	case h.Flags&^spec.flags != 0:
+		return bad("flags %#02x not allowed", h.Flags)
+	case !spec.epoch && h.Epoch != 0:
+		return bad("epoch must be 0")
+	case !spec.offset && h.Offset != 0:
+		return bad("offset must be 0")
+	case !spec.length && h.Length != 0:
+		return bad("length must be 0")
+	case spec.maxLength != 0 && h.Length > spec.maxLength:
+		return bad("length %d exceeds %d", h.Length, spec.maxLength)
+	}
+	switch spec.payload {
+	case payloadNone:
+		if h.PayloadLen != 0 {
+			return bad("takes no payload, got %d bytes", h.PayloadLen)
+		}
+	case payloadIsData:
+		if h.PayloadLen != h.Length {
+			return bad("payload of %d bytes, length field says %d", h.PayloadLen, h.Length)
+		}
+	case payloadIsOpenID:
+		if h.PayloadLen == 0 || h.PayloadLen > MaxIDLen {
+			return bad("replica id of %d bytes, want 1-%d", h.PayloadLen, MaxIDLen)
+		}
+	}
+	return nil
+}
+
+// AppendRequest appends the encoding of req to dst; req.PayloadLen is taken
+// from len(req.Payload).
+func AppendRequest(dst []byte, req Request) []byte {
+	req.PayloadLen = uint32(len(req.Payload))
+	return append(AppendRequestHeader(dst, req.RequestHeader), req.Payload...)
+}
+
+// DecodeRequest decodes one whole request frame from the front of b and
+// returns it with the number of bytes it took. The payload aliases b. Framing
+// errors wrap ErrProtocol; a b that ends inside the frame gives
+// io.ErrUnexpectedEOF. It does not call ValidateRequest.
+func DecodeRequest(b []byte) (Request, int, error) {
+	if len(b) < RequestHeaderLen {
+		if len(b) >= 4 && binary.BigEndian.Uint32(b) != RequestMagic {
+			return Request{}, 0, fmt.Errorf("%w: bad request magic %#08x", ErrProtocol, binary.BigEndian.Uint32(b))
+		}
+		return Request{}, 0, io.ErrUnexpectedEOF
+	}
+	h, err := DecodeRequestHeader(b)
+	if err != nil {
+		return Request{}, 0, err
+	}
+	end := RequestHeaderLen + int(h.PayloadLen)
+	if len(b) < end {
+		return Request{}, 0, io.ErrUnexpectedEOF
+	}
+	return Request{RequestHeader: h, Payload: b[RequestHeaderLen:end:end]}, end, nil
+}
+
+// AppendReplyHeader appends the 24-byte encoding of h to dst.
+func AppendReplyHeader(dst []byte, h ReplyHeader) []byte {
+	dst = binary.BigEndian.AppendUint32(dst, ReplyMagic)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(h.Status))
+	dst = binary.BigEndian.AppendUint64(dst, h.Handle)
+	dst = binary.BigEndian.AppendUint32(dst, h.PayloadLen)
+	return binary.BigEndian.AppendUint32(dst, 0)
+}
+
+// DecodeReplyHeader decodes the first ReplyHeaderLen bytes of b. Errors wrap
+// ErrProtocol.
+func DecodeReplyHeader(b []byte) (ReplyHeader, error) {
+	if len(b) < ReplyHeaderLen {
+		return ReplyHeader{}, fmt.Errorf("%w: reply header is %d bytes, want %d", ErrProtocol, len(b), ReplyHeaderLen)
+	}
+	if m := binary.BigEndian.Uint32(b); m != ReplyMagic {
+		return ReplyHeader{}, fmt.Errorf("%w: bad reply magic %#08x", ErrProtocol, m)
+	}
+	h := ReplyHeader{
+		Status:     Status(binary.BigEndian.Uint32(b[4:])),
+		Handle:     binary.BigEndian.Uint64(b[8:]),
+		PayloadLen: binary.BigEndian.Uint32(b[16:]),
+	}
+	if r := binary.BigEndian.Uint32(b[20:]); r != 0 {
+		return h, fmt.Errorf("%w: reserved reply field is %#08x, want 0", ErrProtocol, r)
+	}
+	if h.PayloadLen > MaxPayload {
+		return h, fmt.Errorf("%w: reply payload of %d bytes exceeds the %d-byte maximum", ErrProtocol, h.PayloadLen, MaxPayload)
+	}
+	return h, nil
+}
+
+// infoFixedLen is the encoded Info without its id.
+const infoFixedLen = 7*8 + 2
+
+// AppendInfo appends the wire encoding of an Info: size, extent size, epoch,
+// clean epoch, clean generation, dirty extents, allocated bytes (u64 each),
+// then the id (u16 length, bytes).
+func AppendInfo(dst []byte, in Info) []byte {
+	for _, v := range [...]uint64{in.Size, in.ExtentSize, in.Epoch, in.CleanEpoch, in.CleanGeneration, in.DirtyExtents, in.AllocatedBytes} {
+		dst = binary.BigEndian.AppendUint64(dst, v)
+	}
+	dst = binary.BigEndian.AppendUint16(dst, uint16(len(in.ID)))
+	return append(dst, in.ID...)
+}
+
+// DecodeInfo decodes an Info encoded by AppendInfo. Errors wrap ErrProtocol.
+func DecodeInfo(b []byte) (Info, error) {
+	if len(b) < infoFixedLen {
+		return Info{}, fmt.Errorf("%w: info of %d bytes, want at least %d", ErrProtocol, len(b), infoFixedLen)
+	}
+	var v [7]uint64
+	for i := range v {
+		v[i] = binary.BigEndian.Uint64(b[8*i:])
+	}
+	idLen := int(binary.BigEndian.Uint16(b[56:]))
+	if len(b) != infoFixedLen+idLen {
+		return Info{}, fmt.Errorf("%w: info of %d bytes, its id length says %d", ErrProtocol, len(b), infoFixedLen+idLen)
+	}
+	return Info{
+		ID: string(b[infoFixedLen:]), Size: v[0], ExtentSize: v[1], Epoch: v[2],
+		CleanEpoch: v[3], CleanGeneration: v[4], DirtyExtents: v[5], AllocatedBytes: v[6],
+	}, nil
+}
+
+// AppendUint32s appends each value as a big-endian u32 (the CHECKSUMS reply).
+func AppendUint32s(dst []byte, vs []uint32) []byte {
+	for _, v := range vs {
+		dst = binary.BigEndian.AppendUint32(dst, v)
+	}
+	return dst
+}
+
+// DecodeUint32s decodes a list of big-endian u32. Errors wrap ErrProtocol.
+func DecodeUint32s(b []byte) ([]uint32, error) {
+	if len(b)%4 != 0 {
+		return nil, fmt.Errorf("%w: u32 list of %d bytes", ErrProtocol, len(b))
+	}
+	vs := make([]uint32, len(b)/4)
+	for i := range vs {
+		vs[i] = binary.BigEndian.Uint32(b[4*i:])
+	}
+	return vs, nil
+}
+
+// AppendUint64s appends each value as a big-endian u64 (the DIRTY reply).
+func AppendUint64s(dst []byte, vs []uint64) []byte {
+	for _, v := range vs {
+		dst = binary.BigEndian.AppendUint64(dst, v)
+	}
+	return dst
+}
+
+// DecodeUint64s decodes a list of big-endian u64. Errors wrap ErrProtocol.
+func DecodeUint64s(b []byte) ([]uint64, error) {
+	if len(b)%8 != 0 {
+		return nil, fmt.Errorf("%w: u64 list of %d bytes", ErrProtocol, len(b))
+	}
+	vs := make([]uint64, len(b)/8)
+	for i := range vs {
+		vs[i] = binary.BigEndian.Uint64(b[8*i:])
+	}
+	return vs, nil
+}

@@ -1,0 +1,755 @@
+package replica
+
+import (
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+)
+
+// Replica is one replica's storage: dir/<id>/data, a sparse file of exactly
+// Size bytes, and dir/<id>/meta, rewritten atomically, holding the highest
+// accepted epoch, the last clean point and the dirty-extent bitmap.
+//
+// Every method that takes an epoch checks it first: lower than the replica's
+// epoch → ErrFenced, higher → ErrNotClaimed, and in both cases nothing
+// changes. All methods are safe for concurrent use.
+type Replica struct {
+	dir        string // the replica's directory, <data dir>/<id>
+	id         string
+	size       uint64
+	extentSize uint64
+	extents    uint64
+	data       *os.File
+	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
+
+	// epochMu serialises epoch changes against data I/O and is therefore held
+	// across I/O: every data operation holds it shared for its whole
+	// duration, while Claim, MarkClean and Close hold it exclusively. So when
+	// Claim(e) returns no operation with an epoch below e is still running,
+	// and none can start.
+	epochMu sync.RWMutex
+	// Written only with epochMu held exclusively; read with it held shared.
+	epoch      uint64
+	cleanEpoch uint64
+	cleanGen   uint64
+	closed     bool
+
+	// mu guards the dirty-extent state; it is never held across I/O.
+	// Invariant: durable ⊆ want, and durable is what the meta file on disk
+	// holds (or a subset of it while a persist is in flight).
+	mu         sync.Mutex
+	persisted  *sync.Cond // signalled when a persist of the meta file ends
+	want       bitmap     // extents that must be dirty before their write goes on
+	durable    bitmap     // extents whose dirty bit is known to be on disk
+	wantSeq    uint64     // incremented whenever want gains extents
+	durableSeq uint64     // the wantSeq that the last successful persist covered
+	persisting bool       // one goroutine at a time writes the meta file
+
+	zeroSumOnce sync.Once
+	zeroSum     uint32 // CRC32C of a full extent of zeros
+}
+
+// Info describes a replica.
+type Info struct {
+	ID         string
+	Size       uint64
+	ExtentSize uint64
+	// Epoch is the highest epoch the replica has accepted.
+	Epoch uint64
+	// CleanEpoch and CleanGeneration name the last clean point (MarkClean).
+	CleanEpoch      uint64
+	CleanGeneration uint64
+	// DirtyExtents counts extents written since the last clean point.
+	DirtyExtents uint64
+	// AllocatedBytes is the disk space the data file occupies.
+	AllocatedBytes uint64
+}
+
+// Open creates or opens the replica id stored under dir/<id>/.
+//
+// A new replica needs a size (a positive multiple of SectorSize); extentSize
+// 0 means DefaultExtentSize. For an existing replica, size and extentSize 0
+// accept whatever is stored, while other values must match it (ErrExists
+// otherwise). size 0 and no replica on disk → ErrNotFound. A damaged or
+// inconsistent replica → ErrCorrupt. Files held open by another Replica or
+// process → ErrBusy.
+//
+// Creation is atomic: the replica is built in a hidden directory that is
+// renamed into place, so a crash never leaves a half-made replica.
+func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
+	if err := validateID(id); err != nil {
+		return nil, err
+	}
+	path := filepath.Join(dir, id)
+	_, err := os.Stat(path)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		if size == 0 {
+			return nil, fmt.Errorf("replica %s: %w", id, ErrNotFound)
+		}
+		if extentSize == 0 {
+			extentSize = DefaultExtentSize
+		}
+		if err := validateGeometry(size, extentSize); err != nil {
+			return nil, fmt.Errorf("replica %s: %w", id, err)
+		}
+		if err := create(dir, id, size, extentSize); err != nil {
+			return nil, fmt.Errorf("replica %s: create: %w", id, err)
+		}
+	case err != nil:
+		return nil, fmt.Errorf("replica %s: %w", id, err)
+	}
+	r, err := openExisting(path, id)
+	if err != nil {
+		return nil, err
+	}
+	if size != 0 && size != r.size || extentSize != 0 && extentSize != r.extentSize {
+		if cerr := r.Close(); cerr != nil {
+			return nil, fmt.Errorf("replica %s: close: %w", id, cerr)
+		}
+		return nil, fmt.Errorf("replica %s: %w: it has size %d and extent size %d, asked for %d and %d",
+			id, ErrExists, r.size, r.extentSize, size, extentSize)
+	}
+	return r, nil
+}
+
+// create builds a new replica in a hidden directory and renames it to
+// dir/<id>. If another creator got there first, the existing replica wins.
+func create(dir, id string, size, extentSize uint64) (err error) {
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return err
+	}
+	tmp, err := os.MkdirTemp(dir, "."+id+".creating-")
+	if err != nil {
+		return err
+	}
+	defer func() {
+		if err != nil {
+			_ = os.RemoveAll(tmp) // best effort: a hidden leftover is harmless
+		}
+	}()
+	f, err := os.OpenFile(filepath.Join(tmp, dataFileName), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(int64(size)); err != nil {
+		_ = f.Close() // the truncate error is the one to report
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	m := metaState{ID: id, Size: size, ExtentSize: extentSize, Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
+	if err := writeFileAtomic(tmp, metaFileName, encodeMeta(&m)); err != nil {
+		return err
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, id)); err != nil {
+		if _, serr := os.Stat(filepath.Join(dir, id)); serr == nil {
+			_ = os.RemoveAll(tmp) // lost the race to a concurrent creator
+			return nil
+		}
+		return err
+	}
+	return syncDir(dir)
+}
+
+func openExisting(path, id string) (*Replica, error) {
+	raw, err := os.ReadFile(filepath.Join(path, metaFileName))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("replica %s: %w: meta file missing in %s", id, ErrCorrupt, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("replica %s: %w", id, err)
+	}
+	m, err := decodeMeta(raw)
+	if err != nil {
+		return nil, fmt.Errorf("replica %s: %s: %w", id, filepath.Join(path, metaFileName), err)
+	}
+	if m.ID != id {
+		return nil, fmt.Errorf("replica %s: %w: meta file names replica %q", id, ErrCorrupt, m.ID)
+	}
+	// A leftover temporary meta file is an interrupted rewrite; the
+	// renamed-over file is authoritative.
+	if err := os.Remove(filepath.Join(path, metaFileName+".tmp")); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("replica %s: %w", id, err)
+	}
+	f, err := os.OpenFile(filepath.Join(path, dataFileName), os.O_RDWR, 0)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("replica %s: %w: data file missing in %s", id, ErrCorrupt, path)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("replica %s: %w", id, err)
+	}
+	r := &Replica{
+		dir:        path,
+		id:         id,
+		size:       m.Size,
+		extentSize: m.ExtentSize,
+		extents:    extentCount(m.Size, m.ExtentSize),
+		data:       f,
+		epoch:      m.Epoch,
+		cleanEpoch: m.CleanEpoch,
+		cleanGen:   m.CleanGeneration,
+		want:       m.Dirty,
+		durable:    m.Dirty.clone(),
+	}
+	r.persisted = sync.NewCond(&r.mu)
+	if err := r.checkDataFile(); err != nil {
+		_ = f.Close() // opened read-write but never written
+		return nil, err
+	}
+	return r, nil
+}
+
+func (r *Replica) checkDataFile() error {
+	raw, err := r.data.SyscallConn()
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	r.raw = raw
+	if err := r.control(func(fd int) error { return unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) }); err != nil {
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("replica %s: %w", r.id, ErrBusy)
+		}
+		return fmt.Errorf("replica %s: lock data file: %w", r.id, err)
+	}
+	st, err := r.data.Stat()
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	if !st.Mode().IsRegular() {
+		return fmt.Errorf("replica %s: %w: data is not a regular file", r.id, ErrCorrupt)
+	}
+	if uint64(st.Size()) != r.size {
+		return fmt.Errorf("replica %s: %w: data file is %d bytes, meta says %d", r.id, ErrCorrupt, st.Size(), r.size)
+	}
+	return nil
+}
+
+// control runs fn on the data file's descriptor; the descriptor cannot be
+// closed while fn runs.
+func (r *Replica) control(fn func(fd int) error) error {
+	var ferr error
+	if err := r.raw.Control(func(fd uintptr) { ferr = fn(int(fd)) }); err != nil {
+		return err
+	}
+	return ferr
+}
+
+// ID returns the replica's id.
+func (r *Replica) ID() string { return r.id }
+
+// Size returns the replica's size in bytes.
+func (r *Replica) Size() uint64 { return r.size }
+
+// ExtentSize returns the size of the replica's extents.
+func (r *Replica) ExtentSize() uint64 { return r.extentSize }
+
+// Extents returns the number of extents; the last one may be short.
+func (r *Replica) Extents() uint64 { return r.extents }
+
+// Epoch returns the highest epoch the replica has accepted.
+func (r *Replica) Epoch() uint64 {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	return r.epoch
+}
+
+// checkEpoch admits a request. Callers hold epochMu (shared or exclusive).
+func (r *Replica) checkEpoch(epoch uint64) error {
+	switch {
+	case r.closed:
+		return fmt.Errorf("replica %s: %w", r.id, ErrClosed)
+	case epoch < r.epoch:
+		return fmt.Errorf("replica %s: %w (request epoch %d, replica epoch %d)", r.id, ErrFenced, epoch, r.epoch)
+	case epoch > r.epoch:
+		return fmt.Errorf("replica %s: %w (request epoch %d, replica epoch %d)", r.id, ErrNotClaimed, epoch, r.epoch)
+	}
+	return nil
+}
+
+// checkRange admits [off, off+n) within the replica.
+func (r *Replica) checkRange(off, n uint64) error {
+	if off > r.size || n > r.size-off {
+		return fmt.Errorf("replica %s: %w: %d bytes at offset %d, size %d", r.id, ErrOutOfRange, n, off, r.size)
+	}
+	return nil
+}
+
+// Claim makes epoch the replica's epoch, durably, before it returns. A
+// lower epoch → ErrFenced; the current epoch is accepted again (a retried
+// claim). Claim waits for every operation in progress, so once it returns no
+// operation with an older epoch runs or starts.
+func (r *Replica) Claim(epoch uint64) error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	switch {
+	case r.closed:
+		return fmt.Errorf("replica %s: %w", r.id, ErrClosed)
+	case epoch < r.epoch:
+		return fmt.Errorf("replica %s: claim: %w (claim epoch %d, replica epoch %d)", r.id, ErrFenced, epoch, r.epoch)
+	case epoch == r.epoch:
+		return nil
+	}
+	m := r.snapshotMeta()
+	m.Epoch = epoch
+	if err := r.writeMeta(&m); err != nil {
+		return fmt.Errorf("replica %s: claim epoch %d: %w", r.id, epoch, err)
+	}
+	r.epoch = epoch
+	r.setDurable(m.Dirty)
+	return nil
+}
+
+// MarkClean declares a clean point: it clears the dirty-extent bitmap
+// durably and records (epoch, generation) as the last clean point.
+//
+// The engine calls it after a flush that every healthy replica acknowledged.
+// MarkClean waits for operations in progress on this replica; a write that
+// arrives after it marks its extent dirty again. It is safe only if every
+// write that reached any replica before this call is durable on every healthy
+// replica: the engine must have no write outstanding between sending the
+// clean-point Flush and the last MarkClean acknowledgement (hold new writes
+// for that window), or a write that reached this replica but not another
+// could drop out of the dirty union.
+//
+// Generations increase within an epoch, starting at 1: a MarkClean whose
+// (epoch, generation) is not newer than the last clean point is a retry or a
+// late duplicate and changes nothing.
+func (r *Replica) MarkClean(epoch, generation uint64) error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if epoch == r.cleanEpoch && generation <= r.cleanGen {
+		return nil
+	}
+	m := r.snapshotMeta()
+	m.CleanEpoch, m.CleanGeneration = epoch, generation
+	m.Dirty = make(bitmap, len(m.Dirty))
+	if err := r.writeMeta(&m); err != nil {
+		return fmt.Errorf("replica %s: mark clean: %w", r.id, err)
+	}
+	r.cleanEpoch, r.cleanGen = epoch, generation
+	r.mu.Lock()
+	r.want = m.Dirty.clone()
+	r.mu.Unlock()
+	r.setDurable(m.Dirty)
+	return nil
+}
+
+// snapshotMeta copies the state to persist. Callers hold epochMu.
+func (r *Replica) snapshotMeta() metaState {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return metaState{
+		ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+		Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
+		Dirty: r.want.clone(),
+	}
+}
+
+// setDurable records that dirty is on disk and covers everything in want.
+// Callers hold epochMu exclusively, so no persist is in flight.
+func (r *Replica) setDurable(dirty bitmap) {
+	r.mu.Lock()
+	r.durable = dirty
+	r.durableSeq = r.wantSeq
+	r.mu.Unlock()
+}
+
+func (r *Replica) writeMeta(m *metaState) error {
+	return writeFileAtomic(r.dir, metaFileName, encodeMeta(m))
+}
+
+// markDirty makes sure extents [first, last] are marked dirty on disk before
+// it returns. An extent already durable costs one bitmap lookup; otherwise
+// the caller joins the next meta write (group commit): one goroutine writes
+// the meta file for everyone who added extents before it started, the others
+// wait. Callers hold epochMu shared.
+func (r *Replica) markDirty(first, last uint64) error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.durable.hasAll(first, last) {
+		return nil
+	}
+	added := false
+	for i := first; i <= last; i++ {
+		if !r.want.has(i) {
+			r.want.set(i)
+			added = true
+		}
+	}
+	if added {
+		r.wantSeq++
+	}
+	mine := r.wantSeq
+	for r.durableSeq < mine {
+		if r.persisting {
+			r.persisted.Wait()
+			continue
+		}
+		r.persisting = true
+		seq := r.wantSeq
+		m := metaState{
+			ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+			Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
+			Dirty: r.want.clone(),
+		}
+		r.mu.Unlock()
+		err := r.writeMeta(&m)
+		r.mu.Lock()
+		r.persisting = false
+		r.persisted.Broadcast()
+		if err != nil {
+			return fmt.Errorf("replica %s: mark extents %d-%d dirty: %w", r.id, first, last, err)
+		}
+		r.durable, r.durableSeq = m.Dirty, seq
+	}
+	return nil
+}
+
+// extentsOf returns the extents that [off, off+n) touches; n > 0.
+func (r *Replica) extentsOf(off, n uint64) (first, last uint64) {
+	return off / r.extentSize, (off + n - 1) / r.extentSize
+}
+
+// WriteAt writes p at off. The extents it touches are marked dirty on disk
+// first. With fua the data is on stable storage when WriteAt returns;
+// otherwise only after the next Flush.
+func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	n := uint64(len(p))
+	if err := r.checkRange(off, n); err != nil {
+		return err
+	}
+	if n == 0 {
+		return nil
+	}
+	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
+		return err
+	}
+	if _, err := r.data.WriteAt(p, int64(off)); err != nil {
+		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
+	}
+	if fua {
+		return r.fdatasync()
+	}
+	return nil
+}
+
+// precheck answers what ReadAt would answer for n bytes at off before any
+// I/O, so the server can refuse a request before allocating its buffer.
+func (r *Replica) precheck(epoch, off, n uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	return r.checkRange(off, n)
+}
+
+// ReadAt fills p from off. Never-written ranges and holes read as zeros.
+func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if err := r.checkRange(off, uint64(len(p))); err != nil {
+		return err
+	}
+	return r.readAt(p, off)
+}
+
+func (r *Replica) readAt(p []byte, off uint64) error {
+	n, err := r.data.ReadAt(p, int64(off))
+	if err != nil && !(errors.Is(err, io.EOF) && n == len(p)) {
+		return fmt.Errorf("replica %s: read %d bytes at %d: %w", r.id, len(p), off, err)
+	}
+	return nil
+}
+
+// Flush makes every completed write durable (fdatasync of the data file).
+func (r *Replica) Flush(epoch uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	return r.fdatasync()
+}
+
+func (r *Replica) fdatasync() error {
+	if err := r.control(unix.Fdatasync); err != nil {
+		return fmt.Errorf("replica %s: fdatasync: %w", r.id, err)
+	}
+	return nil
+}
+
+// Trim discards [off, off+length): the range is punched out of the data file
+// and reads as zeros afterwards, so replicas stay identical.
+func (r *Replica) Trim(epoch, off, length uint64) error {
+	return r.punch("trim", epoch, off, length)
+}
+
+// WriteZeroes makes [off, off+length) read as zeros, punching a hole.
+func (r *Replica) WriteZeroes(epoch, off, length uint64) error {
+	return r.punch("write zeroes", epoch, off, length)
+}
+
+func (r *Replica) punch(op string, epoch, off, length uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if err := r.checkRange(off, length); err != nil {
+		return err
+	}
+	if length == 0 {
+		return nil
+	}
+	if err := r.markDirty(r.extentsOf(off, length)); err != nil {
+		return err
+	}
+	err := r.control(func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(length))
+	})
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		err = r.writeZeros(off, length) // a file system without hole punching
+	}
+	if err != nil {
+		return fmt.Errorf("replica %s: %s %d bytes at %d: %w", r.id, op, length, off, err)
+	}
+	return nil
+}
+
+func (r *Replica) writeZeros(off, length uint64) error {
+	zeros := make([]byte, min(length, 1<<20))
+	for length > 0 {
+		n := min(length, uint64(len(zeros)))
+		if _, err := r.data.WriteAt(zeros[:n], int64(off)); err != nil {
+			return err
+		}
+		off, length = off+n, length-n
+	}
+	return nil
+}
+
+// extentBounds returns the byte range of extent i.
+func (r *Replica) extentBounds(i uint64) (off, n uint64) {
+	off = i * r.extentSize
+	return off, min(r.extentSize, r.size-off)
+}
+
+// Checksums returns the CRC32C (Castagnoli) of each extent in
+// [firstExtent, firstExtent+count); holes count as zeros. The epoch is
+// checked again before each extent, so a long scan does not hold up Claim.
+func (r *Replica) Checksums(epoch, firstExtent, count uint64) ([]uint32, error) {
+	r.epochMu.RLock()
+	err := r.checkEpoch(epoch)
+	r.epochMu.RUnlock()
+	if err != nil {
+		return nil, err
+	}
+	if firstExtent > r.extents || count > r.extents-firstExtent {
+		return nil, fmt.Errorf("replica %s: %w: extents %d+%d, replica has %d", r.id, ErrOutOfRange, firstExtent, count, r.extents)
+	}
+	sums := make([]uint32, 0, count)
+	buf := make([]byte, min(r.extentSize, 256<<10))
+	for i := firstExtent; i < firstExtent+count; i++ {
+		sum, err := r.extentChecksum(epoch, i, buf)
+		if err != nil {
+			return nil, err
+		}
+		sums = append(sums, sum)
+	}
+	return sums, nil
+}
+
+func (r *Replica) extentChecksum(epoch, i uint64, buf []byte) (uint32, error) {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return 0, err
+	}
+	off, n := r.extentBounds(i)
+	if n == r.extentSize && r.isHole(off, n) {
+		return r.zeroExtentChecksum(), nil
+	}
+	var sum uint32
+	for n > 0 {
+		chunk := buf[:min(n, uint64(len(buf)))]
+		if err := r.readAt(chunk, off); err != nil {
+			return 0, err
+		}
+		sum = crc32.Update(sum, castagnoli, chunk)
+		off, n = off+uint64(len(chunk)), n-uint64(len(chunk))
+	}
+	return sum, nil
+}
+
+// isHole reports whether [off, off+n) holds no data at all (SEEK_DATA finds
+// none). When the file system cannot tell, it answers false and the caller
+// reads the range.
+func (r *Replica) isHole(off, n uint64) bool {
+	next, err := r.data.Seek(int64(off), unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true // no data from off to the end of the file
+	}
+	return err == nil && uint64(next) >= off+n
+}
+
+func (r *Replica) zeroExtentChecksum() uint32 {
+	r.zeroSumOnce.Do(func() {
+		zeros := make([]byte, 64<<10)
+		for left := r.extentSize; left > 0; {
+			n := min(left, uint64(len(zeros)))
+			r.zeroSum = crc32.Update(r.zeroSum, castagnoli, zeros[:n])
+			left -= n
+		}
+	})
+	return r.zeroSum
+}
+
+// ReadExtent returns the bytes of extent index (shorter for a short last
+// extent); the rebuilder copies extents with it.
+func (r *Replica) ReadExtent(epoch, index uint64) ([]byte, error) {
+	return r.readExtentInto(epoch, index, nil)
+}
+
+// readExtentInto reads extent index into buf when it is large enough.
+func (r *Replica) readExtentInto(epoch, index uint64, buf []byte) ([]byte, error) {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return nil, err
+	}
+	if index >= r.extents {
+		return nil, fmt.Errorf("replica %s: %w: extent %d, replica has %d", r.id, ErrOutOfRange, index, r.extents)
+	}
+	off, n := r.extentBounds(index)
+	if uint64(cap(buf)) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if err := r.readAt(buf, off); err != nil {
+		return nil, err
+	}
+	return buf, nil
+}
+
+// DirtyExtents returns the extents written since the last clean point, in
+// ascending order.
+func (r *Replica) DirtyExtents() []uint64 {
+	return r.dirtyExtentsFrom(0, 0)
+}
+
+// dirtyExtentsFrom returns up to max dirty extents >= first (max <= 0: all).
+func (r *Replica) dirtyExtentsFrom(first uint64, max int) []uint64 {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.want.list(first, max)
+}
+
+// Info describes the replica.
+func (r *Replica) Info() Info {
+	r.epochMu.RLock()
+	info := Info{
+		ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+		Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
+	}
+	if !r.closed {
+		if st, err := r.data.Stat(); err == nil {
+			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+				info.AllocatedBytes = uint64(sys.Blocks) * 512
+			}
+		}
+	}
+	r.epochMu.RUnlock()
+	r.mu.Lock()
+	info.DirtyExtents = r.want.count()
+	r.mu.Unlock()
+	return info
+}
+
+// Close waits for operations in progress and closes the replica's files.
+// Later operations fail with ErrClosed. Closing twice is fine.
+func (r *Replica) Close() error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	return r.closeLocked()
+}
+
+func (r *Replica) closeLocked() error {
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	// Unflushed writes stay in the page cache and reach the disk later;
+	// Close is not a Flush, as for a block device.
+	if err := r.data.Close(); err != nil {
+		return fmt.Errorf("replica %s: close data file: %w", r.id, err)
+	}
+	return nil
+}
+
+// Remove closes the replica and deletes its files. The directory is first
+// renamed to a hidden name, so a crash midway never leaves something that
+// looks like a replica.
+func (r *Replica) Remove() error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	if err := r.closeLocked(); err != nil {
+		return err
+	}
+	return removeReplicaDir(r.dir)
+}
+
+func removeReplicaDir(path string) error {
+	parent, name := filepath.Split(filepath.Clean(path))
+	tomb, err := os.MkdirTemp(parent, "."+name+".deleting-")
+	if err != nil {
+		return err
+	}
+	// Rename onto the fresh empty directory: atomic, and the name is unique.
+	// (os.Rename refuses an existing target directory; rename(2) replaces
+	// an empty one.)
+	if err := syscall.Rename(path, tomb); err != nil {
+		_ = os.Remove(tomb) // still empty
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("remove replica %s: %w", name, err)
+	}
+	if err := syncDir(parent); err != nil {
+		return err
+	}
+	if err := os.RemoveAll(tomb); err != nil {
+		return fmt.Errorf("remove replica %s: %w", name, err)
+	}
+	return nil
+}
+
+// isHiddenEntry reports whether a data-directory entry is a leftover of an
+// interrupted create or remove rather than a replica.
+func isHiddenEntry(name string) bool { return strings.HasPrefix(name, ".") }

@@ -1,0 +1,726 @@
+package replica
+
+import (
+	"bufio"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/bits"
+	"net"
+	"os"
+	"path/filepath"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+)
+
+// Per-connection limits.
+const (
+	// maxInFlight bounds the requests of one connection executing at once;
+	// the reader stops reading when it is reached (back-pressure).
+	maxInFlight = 64
+	// connByteBudget bounds the payload bytes (request and reply) one
+	// connection holds in memory at once. A single request larger than the
+	// budget is admitted alone.
+	connByteBudget = 64 << 20
+	// maxErrorMessage bounds the message in an error reply.
+	maxErrorMessage = 4 << 10
+)
+
+// Server hosts the replicas stored under one data directory and serves the
+// replica protocol to engines.
+type Server struct {
+	log     *zap.Logger
+	dataDir string
+	metrics *serverMetrics
+
+	// lifeMu serialises creating, opening and deleting replicas, and is held
+	// across their disk I/O for that purpose. Lock order: lifeMu, then mu.
+	lifeMu sync.Mutex
+
+	mu        sync.Mutex // guards the fields below; never held across I/O
+	replicas  map[string]*Replica
+	listeners map[net.Listener]struct{}
+	conns     map[*serverConn]struct{}
+	closed    bool
+	wg        sync.WaitGroup // connection goroutines started by Serve
+}
+
+// NewServer returns a server for the replicas under dataDir. Replicas already
+// on disk are opened on first use (Get, List, or a client's OPEN).
+func NewServer(log *zap.Logger, dataDir string) *Server {
+	if log == nil {
+		log = zap.NewNop()
+	}
+	return &Server{
+		log:       log.Named("replica"),
+		dataDir:   dataDir,
+		metrics:   newServerMetrics(),
+		replicas:  make(map[string]*Replica),
+		listeners: make(map[net.Listener]struct{}),
+		conns:     make(map[*serverConn]struct{}),
+	}
+}
+
+// Create creates replica id of size bytes. It is idempotent: a replica with
+// that id and size is returned as it is; one with another size gives
+// ErrExists.
+func (s *Server) Create(id string, size uint64) (*Replica, error) {
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	if r, err := s.lookup(id); err != nil || r != nil {
+		if r != nil && r.Size() != size {
+			return nil, fmt.Errorf("replica %s: %w: it has size %d, asked for %d", id, ErrExists, r.Size(), size)
+		}
+		return r, err
+	}
+	r, err := Open(s.dataDir, id, size, 0)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.replicas[id] = r
+	s.mu.Unlock()
+	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()))
+	return r, nil
+}
+
+// lookup returns an open replica, nil if it is not open, or ErrServerClosed.
+func (s *Server) lookup(id string) (*Replica, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return nil, ErrServerClosed
+	}
+	return s.replicas[id], nil
+}
+
+// Get returns replica id, opening it from disk if needed; ErrNotFound if
+// there is no such replica.
+func (s *Server) Get(id string) (*Replica, error) {
+	if r, err := s.lookup(id); err != nil || r != nil {
+		return r, err
+	}
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	return s.getLocked(id)
+}
+
+// getLocked is Get with lifeMu held.
+func (s *Server) getLocked(id string) (*Replica, error) {
+	if r, err := s.lookup(id); err != nil || r != nil {
+		return r, err
+	}
+	r, err := Open(s.dataDir, id, 0, 0)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.replicas[id] = r
+	s.mu.Unlock()
+	s.log.Info("replica opened", zap.String("replica_id", id), zap.Uint64("epoch", r.Epoch()))
+	return r, nil
+}
+
+// Delete closes replica id and removes its files. Deleting a replica that
+// does not exist succeeds. Connections using it get errors from then on.
+func (s *Server) Delete(id string) error {
+	if err := validateID(id); err != nil {
+		return err
+	}
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	r, err := s.lookup(id)
+	if err != nil {
+		return err
+	}
+	if r != nil {
+		s.mu.Lock()
+		delete(s.replicas, id)
+		s.mu.Unlock()
+		err = r.Remove()
+	} else {
+		err = removeReplicaDir(filepath.Join(s.dataDir, id))
+	}
+	if err != nil {
+		return err
+	}
+	s.log.Info("replica deleted", zap.String("replica_id", id))
+	return nil
+}
+
+// List opens every replica under the data directory and describes them,
+// sorted by id. A replica that cannot be opened is left out and its error
+// joined into the returned error.
+func (s *Server) List() ([]Info, error) {
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	entries, err := os.ReadDir(s.dataDir)
+	if err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return nil, err
+	}
+	var errs []error
+	for _, e := range entries {
+		if !e.IsDir() || isHiddenEntry(e.Name()) || validateID(e.Name()) != nil {
+			continue // not a replica: leftovers, lost+found …
+		}
+		if _, err := s.getLocked(e.Name()); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	s.mu.Lock()
+	rs := make([]*Replica, 0, len(s.replicas))
+	for _, r := range s.replicas {
+		rs = append(rs, r)
+	}
+	s.mu.Unlock()
+	infos := make([]Info, 0, len(rs))
+	for _, r := range rs {
+		infos = append(infos, r.Info())
+	}
+	sort.Slice(infos, func(i, j int) bool { return infos[i].ID < infos[j].ID })
+	return infos, errors.Join(errs...)
+}
+
+// Serve accepts connections on l until Close, then returns ErrServerClosed.
+func (s *Server) Serve(l net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return ErrServerClosed
+	}
+	s.listeners[l] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, l)
+		s.mu.Unlock()
+	}()
+	backoff := time.Duration(0)
+	for {
+		nc, err := l.Accept()
+		if err != nil {
+			s.mu.Lock()
+			closed := s.closed
+			s.mu.Unlock()
+			if closed {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of descriptors and the like: wait and go on, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("replica server: accept failed", zap.Error(err), zap.Duration("retry_in", backoff))
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		if tc, ok := nc.(*net.TCPConn); ok {
+			_ = tc.SetNoDelay(true) // latency matters more than packet count here; failure is harmless
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			_ = nc.Close() // never served: nothing to lose
+			return ErrServerClosed
+		}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer s.wg.Done()
+			s.handleConn(nc)
+		}()
+	}
+}
+
+// Close stops accepting, closes every connection, waits for every goroutine
+// the server started and closes the replicas.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		return nil
+	}
+	s.closed = true
+	var errs []error
+	for l := range s.listeners {
+		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	for c := range s.conns {
+		_ = c.nc.Close() // unblocks the connection's reader; its handlers still finish
+	}
+	s.mu.Unlock()
+	s.wg.Wait()
+
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	s.mu.Lock()
+	rs := s.replicas
+	s.replicas = map[string]*Replica{}
+	s.mu.Unlock()
+	for _, r := range rs {
+		if err := r.Close(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Collectors returns the server's Prometheus metrics.
+func (s *Server) Collectors() []prometheus.Collector { return s.metrics.collectors() }
+
+// serverConn is one client connection. Its reader goroutine decodes requests
+// and starts a goroutine per request (at most maxInFlight at once); replies go
+// through one writer goroutine, in whatever order they complete.
+type serverConn struct {
+	s   *Server
+	nc  net.Conn
+	log *zap.Logger
+	br  *bufio.Reader
+
+	// replica is set by OPEN in the reader goroutine, before any handler
+	// that uses it starts.
+	replica *Replica
+
+	out      chan reply
+	handlers sync.WaitGroup
+	inFlight chan struct{}
+	budget   byteBudget
+
+	fencedLogged atomic.Bool
+}
+
+// reply is one reply frame on its way to the writer. release runs once it
+// is written (or dropped).
+type reply struct {
+	hdr     ReplyHeader
+	payload []byte
+	buf     *[]byte // pooled buffer holding payload, if any
+	cost    uint64  // byte budget to give back
+}
+
+// handleConn serves nc until the peer goes away or the server closes, and
+// returns once every goroutine it started has ended.
+func (s *Server) handleConn(nc net.Conn) {
+	c := &serverConn{
+		s:        s,
+		nc:       nc,
+		log:      s.log.With(zap.Stringer("remote", nc.RemoteAddr())),
+		br:       bufio.NewReaderSize(nc, 64<<10),
+		out:      make(chan reply, 2*maxInFlight),
+		inFlight: make(chan struct{}, maxInFlight),
+	}
+	c.budget.init(connByteBudget)
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		_ = nc.Close() // never served
+		return
+	}
+	s.conns[c] = struct{}{}
+	s.mu.Unlock()
+
+	writerDone := make(chan struct{})
+	writerLog := c.log // the writer's own copy: OPEN replaces c.log in the reader
+	go func() {
+		defer close(writerDone)
+		c.writeLoop(writerLog)
+	}()
+	c.readLoop()
+	c.handlers.Wait()
+	close(c.out)
+	<-writerDone
+	_ = nc.Close() // replies are written or the peer is gone; nothing left to lose
+
+	s.mu.Lock()
+	delete(s.conns, c)
+	s.mu.Unlock()
+}
+
+// readLoop decodes requests until the connection ends or its framing breaks.
+func (c *serverConn) readLoop() {
+	hdr := make([]byte, RequestHeaderLen)
+	for {
+		if _, err := io.ReadFull(c.br, hdr); err != nil {
+			if !errors.Is(err, io.EOF) && !errors.Is(err, net.ErrClosed) {
+				c.log.Debug("replica connection: read failed", zap.Error(err))
+			}
+			return
+		}
+		h, err := DecodeRequestHeader(hdr)
+		if err != nil {
+			c.log.Warn("replica connection: bad frame, closing", zap.Error(err))
+			c.sendError(h.Handle, err)
+			return
+		}
+		if err := c.admit(h); err != nil {
+			if _, derr := io.CopyN(io.Discard, c.br, int64(h.PayloadLen)); derr != nil {
+				return
+			}
+			c.sendError(h.Handle, err)
+			continue
+		}
+		cost := uint64(h.PayloadLen) + c.replyCost(h)
+		c.budget.acquire(cost)
+		var payload *[]byte
+		if h.PayloadLen > 0 {
+			payload = getBuf(int(h.PayloadLen))
+			if _, err := io.ReadFull(c.br, *payload); err != nil {
+				putBuf(payload)
+				c.budget.release(cost)
+				c.log.Debug("replica connection: read payload failed", zap.Error(err))
+				return
+			}
+		}
+		if h.Op == OpOpen {
+			// Inline: it changes the connection's state for what follows.
+			c.send(c.open(h, *payload, cost))
+			putBuf(payload)
+			continue
+		}
+		c.inFlight <- struct{}{}
+		c.handlers.Add(1)
+		go func() {
+			defer c.handlers.Done()
+			defer func() { <-c.inFlight }()
+			c.send(c.execute(h, payload, cost))
+		}()
+	}
+}
+
+// admit applies the rules that do not depend on the replica's state.
+func (c *serverConn) admit(h RequestHeader) error {
+	if err := ValidateRequest(h); err != nil {
+		return err
+	}
+	switch {
+	case h.Op == OpOpen && c.replica != nil:
+		return fmt.Errorf("%w: this connection already opened replica %s", ErrInvalidArgument, c.replica.ID())
+	case h.Op != OpOpen && h.Op != OpPing && c.replica == nil:
+		return fmt.Errorf("%w: %s before OPEN: open a replica first", ErrInvalidArgument, h.Op)
+	}
+	return nil
+}
+
+// replyCost estimates the reply payload of a valid request, for the budget.
+func (c *serverConn) replyCost(h RequestHeader) uint64 {
+	switch h.Op {
+	case OpRead:
+		return uint64(h.Length)
+	case OpReadExtent:
+		return c.replica.ExtentSize()
+	case OpChecksums:
+		return 4 * uint64(h.Length)
+	case OpDirty:
+		if h.Length == 0 {
+			return MaxPayload
+		}
+		return 8 * uint64(h.Length)
+	}
+	return 0
+}
+
+func (c *serverConn) open(h RequestHeader, payload []byte, cost uint64) reply {
+	id := string(payload)
+	r, err := c.s.Get(id)
+	if err == nil && h.Offset != 0 && h.Offset != r.Size() {
+		err = fmt.Errorf("%w: replica %s has size %d, client expects %d", ErrInvalidArgument, id, r.Size(), h.Offset)
+	}
+	if err != nil {
+		return c.errorReply(h, err, cost)
+	}
+	c.replica = r
+	c.log = c.log.With(zap.String("replica_id", id))
+	c.log.Debug("replica connection opened")
+	return reply{hdr: ReplyHeader{Handle: h.Handle}, payload: AppendInfo(nil, r.Info()), cost: cost}
+}
+
+// execute runs one request against the connection's replica.
+func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) reply {
+	start := time.Now()
+	rep, err := c.do(h, payload)
+	putBuf(payload)
+	c.s.metrics.observe(h.Op, time.Since(start), err)
+	if err != nil {
+		return c.errorReply(h, err, cost)
+	}
+	rep.hdr.Handle = h.Handle
+	rep.cost = cost
+	return rep
+}
+
+func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
+	r := c.replica
+	fua := h.Flags&FlagFUA != 0
+	switch h.Op {
+	case OpPing:
+		return reply{}, nil
+	case OpClaim:
+		prev := r.Epoch()
+		if err := r.Claim(h.Epoch); err != nil {
+			return reply{}, err
+		}
+		if h.Epoch != prev {
+			c.log.Info("replica claimed", zap.Uint64("epoch", h.Epoch), zap.Uint64("previous_epoch", prev))
+		}
+		return reply{}, nil
+	case OpRead:
+		if err := r.precheck(h.Epoch, h.Offset, uint64(h.Length)); err != nil {
+			return reply{}, err
+		}
+		buf := getBuf(int(h.Length))
+		var p []byte
+		if buf != nil {
+			p = *buf
+		}
+		if err := r.ReadAt(h.Epoch, p, h.Offset); err != nil {
+			putBuf(buf)
+			return reply{}, err
+		}
+		return reply{payload: p, buf: buf}, nil
+	case OpWrite:
+		var p []byte
+		if payload != nil {
+			p = *payload
+		}
+		return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
+	case OpFlush:
+		return reply{}, r.Flush(h.Epoch)
+	case OpTrim, OpWriteZeroes:
+		var err error
+		if h.Op == OpTrim {
+			err = r.Trim(h.Epoch, h.Offset, uint64(h.Length))
+		} else {
+			err = r.WriteZeroes(h.Epoch, h.Offset, uint64(h.Length))
+		}
+		if err == nil && fua {
+			err = r.Flush(h.Epoch)
+		}
+		return reply{}, err
+	case OpChecksums:
+		sums, err := r.Checksums(h.Epoch, h.Offset, uint64(h.Length))
+		if err != nil {
+			return reply{}, err
+		}
+		return reply{payload: AppendUint32s(make([]byte, 0, 4*len(sums)), sums)}, nil
+	case OpReadExtent:
+		buf := getBuf(int(r.ExtentSize()))
+		p, err := r.readExtentInto(h.Epoch, h.Offset, *buf)
+		if err != nil {
+			putBuf(buf)
+			return reply{}, err
+		}
+		return reply{payload: p, buf: buf}, nil
+	case OpDirty:
+		limit := int(h.Length)
+		if limit == 0 {
+			limit = MaxDirtyPerReply
+		}
+		list := r.dirtyExtentsFrom(h.Offset, limit)
+		return reply{payload: AppendUint64s(make([]byte, 0, 8*len(list)), list)}, nil
+	case OpMarkClean:
+		return reply{}, r.MarkClean(h.Epoch, h.Offset)
+	case OpInfo:
+		return reply{payload: AppendInfo(nil, r.Info())}, nil
+	}
+	// ValidateRequest admitted an op this switch does not know.
+	panic(fmt.Sprintf("BUG: replica server has no handler for op %d", h.Op))
+}
+
+func (c *serverConn) errorReply(h RequestHeader, err error, cost uint64) reply {
+	if errors.Is(err, ErrFenced) {
+		c.s.metrics.fenced.Inc()
+		if c.fencedLogged.CompareAndSwap(false, true) {
+			c.log.Warn("replica fenced a request from an older epoch", zap.Uint64("epoch", h.Epoch), zap.Stringer("op", h.Op), zap.Error(err))
+		}
+	} else if statusOf(err) == StatusIOError {
+		c.log.Warn("replica request failed", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
+	}
+	msg := err.Error()
+	if len(msg) > maxErrorMessage {
+		msg = msg[:maxErrorMessage]
+	}
+	return reply{hdr: ReplyHeader{Status: statusOf(err), Handle: h.Handle}, payload: []byte(msg), cost: cost}
+}
+
+// sendError replies to a request that was not admitted.
+func (c *serverConn) sendError(handle uint64, err error) {
+	c.s.metrics.rejected.Inc()
+	c.send(c.errorReply(RequestHeader{Handle: handle}, err, 0))
+}
+
+func (c *serverConn) send(r reply) {
+	r.hdr.PayloadLen = uint32(len(r.payload))
+	c.out <- r
+}
+
+// writeLoop writes replies until out is closed. It flushes when no reply is
+// waiting, so replies that complete together share a write. After a write
+// error it keeps draining out, so no handler ever blocks.
+func (c *serverConn) writeLoop(log *zap.Logger) {
+	bw := bufio.NewWriterSize(c.nc, 64<<10)
+	hdr := make([]byte, 0, ReplyHeaderLen)
+	var err error
+	for r := range c.out {
+		if err == nil {
+			_, err = bw.Write(AppendReplyHeader(hdr[:0], r.hdr))
+			if err == nil && len(r.payload) > 0 {
+				_, err = bw.Write(r.payload)
+			}
+			if err == nil && len(c.out) == 0 {
+				err = bw.Flush()
+			}
+			if err != nil {
+				log.Debug("replica connection: write failed", zap.Error(err))
+				_ = c.nc.Close() // stop the reader too: the peer cannot get replies
+			}
+		}
+		putBuf(r.buf)
+		c.budget.release(r.cost)
+	}
+	if err == nil {
+		if err := bw.Flush(); err != nil {
+			log.Debug("replica connection: write failed", zap.Error(err))
+		}
+	}
+}
+
+// byteBudget is a counting semaphore over bytes.
+type byteBudget struct {
+	mu    sync.Mutex
+	cond  *sync.Cond
+	used  uint64
+	limit uint64
+}
+
+func (b *byteBudget) init(limit uint64) {
+	b.limit = limit
+	b.cond = sync.NewCond(&b.mu)
+}
+
+// acquire waits until n more bytes fit; a request larger than the whole
+// budget is admitted when nothing else is held.
+func (b *byteBudget) acquire(n uint64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	for b.used > 0 && b.used+n > b.limit {
+		b.cond.Wait()
+	}
+	b.used += n
+	b.mu.Unlock()
+}
+
+func (b *byteBudget) release(n uint64) {
+	if n == 0 {
+		return
+	}
+	b.mu.Lock()
+	b.used -= n
+	b.mu.Unlock()
+	b.cond.Broadcast()
+}
+
+// Buffer pools by power-of-two size class, 4 KiB to MaxPayload.
+const (
+	minBufShift = 12
+	bufClasses  = 26 - minBufShift // 1<<25 == MaxPayload
+)
+
+var bufPools [bufClasses]sync.Pool
+
+func bufClass(n int) int { return max(0, bits.Len(uint(n-1))-minBufShift) }
+
+// getBuf returns a buffer of length n (nil for 0).
+func getBuf(n int) *[]byte {
+	if n <= 0 {
+		return nil
+	}
+	class := bufClass(n)
+	if class >= bufClasses {
+		b := make([]byte, n)
+		return &b
+	}
+	if v := bufPools[class].Get(); v != nil {
+		b := v.(*[]byte)
+		*b = (*b)[:n]
+		return b
+	}
+	b := make([]byte, n, 1<<(class+minBufShift))
+	return &b
+}
+
+func putBuf(b *[]byte) {
+	if b == nil {
+		return
+	}
+	c := cap(*b)
+	class := bufClass(c)
+	if class < bufClasses && c == 1<<(class+minBufShift) {
+		bufPools[class].Put(b)
+	}
+}
+
+// serverMetrics are one server's Prometheus metrics.
+type serverMetrics struct {
+	ops      *prometheus.CounterVec
+	duration *prometheus.HistogramVec
+	errors   *prometheus.CounterVec
+	fenced   prometheus.Counter
+	rejected prometheus.Counter
+
+	opsByOp      [opLimit]prometheus.Counter
+	durationByOp [opLimit]prometheus.Observer
+}
+
+func newServerMetrics() *serverMetrics {
+	m := &serverMetrics{
+		ops: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_replica_ops_total",
+			Help: "Requests executed by the replica server, by op.",
+		}, []string{"op"}),
+		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Name:    "cairn_replica_op_duration_seconds",
+			Help:    "Time the replica server took to execute a request, by op.",
+			Buckets: prometheus.ExponentialBuckets(20e-6, 2, 18),
+		}, []string{"op"}),
+		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_replica_op_errors_total",
+			Help: "Requests that failed, by op and status.",
+		}, []string{"op", "status"}),
+		fenced: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_replica_fenced_total",
+			Help: "Requests refused because their epoch was older than the replica's.",
+		}),
+		rejected: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_replica_rejected_requests_total",
+			Help: "Requests refused before execution: malformed, unknown op, or before OPEN.",
+		}),
+	}
+	for op := Op(1); op < opLimit; op++ {
+		m.opsByOp[op] = m.ops.WithLabelValues(op.String())
+		m.durationByOp[op] = m.duration.WithLabelValues(op.String())
+	}
+	return m
+}
+
+func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
+	m.opsByOp[op].Inc()
+	m.durationByOp[op].Observe(d.Seconds())
+	if err != nil {
+		m.errors.WithLabelValues(op.String(), statusOf(err).String()).Inc()
+	}
+}
+
+func (m *serverMetrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected}
+}
