@@ -25,6 +25,10 @@ APT_PACKAGES=(
 	"iproute2:ip"
 	"procps:pgrep"
 	"ca-certificates:"
+	"fio:fio"
+	"nbdkit:nbdkit"
+	"libnbd-bin:nbdcopy"
+	"python3:python3"
 )
 # <<< end of the package list
 

@@ -61,6 +61,10 @@ type Config struct {
 	// OnRebuilt, if set, is called after each finished rebuild (tests,
 	// metrics).
 	OnRebuilt func(RebuildStats)
+	// Maintenance opens an engine for a volume that is not attached, to
+	// rebuild its replicas: it claims the volume's current epoch and serves
+	// no I/O. An attachment (a higher epoch) fences it.
+	Maintenance bool
 }
 
 // member is one replica the engine sends I/O to.
@@ -95,11 +99,24 @@ type Engine struct {
 	locks      *extentLocks
 	bg         context.Context // ends at Close
 
-	addrs  map[string]string // node id → replica server address
-	stop   context.CancelFunc
-	wg     sync.WaitGroup
-	closeM sync.Once
+	addrs      map[string]string // node id → replica server address
+	stop       context.CancelFunc
+	wg         sync.WaitGroup
+	closeM     sync.Once
+	fencedCh   chan struct{} // closed once the engine is fenced
+	fencedOnce sync.Once
 }
+
+// setFenced records that a newer engine owns the volume. Called with e.mu
+// held for writing.
+func (e *Engine) setFenced() {
+	e.fenced = true
+	e.fencedOnce.Do(func() { close(e.fencedCh) })
+}
+
+// Fenced is closed when the engine learns that a newer engine (a later
+// attachment) owns the volume; it then serves no more I/O.
+func (e *Engine) Fenced() <-chan struct{} { return e.fencedCh }
 
 // Open starts the engine: it reads the volume's attachment, claims every
 // replica with its epoch, and resyncs the dirty extents.
@@ -116,7 +133,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, locks: newExtentLocks(), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, locks: newExtentLocks(), fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -162,8 +179,12 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
 		}
-		if v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID {
-			e.fenced = true
+		switch {
+		case e.cfg.Maintenance && v.Attachment != nil:
+			e.setFenced()
+			return fmt.Errorf("volume %s is attached to %s; its engine rebuilds: %w", v.ID, v.Attachment.Node, ErrFenced)
+		case !e.cfg.Maintenance && (v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID):
+			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
 		}
 		if e.epoch != 0 && v.Epoch < e.epoch {
@@ -263,7 +284,7 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 			continue
 		}
 		if errors.Is(err, replica.ErrFenced) {
-			e.fenced = true
+			e.setFenced()
 			return nil, fmt.Errorf("claim %s with epoch %d: %w", e.members[i].replica.ID, e.epoch, ErrFenced)
 		}
 		e.log.Warn("claim failed", zap.String("replica_id", e.members[i].replica.ID), zap.Uint64("epoch", e.epoch), zap.Error(err))
