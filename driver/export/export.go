@@ -38,6 +38,7 @@ type Manager struct {
 	wg     sync.WaitGroup
 
 	mu      sync.Mutex
+	closed  bool
 	exports map[string]*running // volume id → export
 }
 
@@ -65,12 +66,13 @@ func Start(cfg Config) *Manager {
 // Close stops every export (flushing each engine) and the watch.
 func (m *Manager) Close() {
 	m.cancel()
-	m.wg.Wait()
 	m.mu.Lock()
-	defer m.mu.Unlock()
+	m.closed = true
 	for id, r := range m.exports {
 		m.stop(id, r, "node agent stopping")
 	}
+	m.mu.Unlock()
+	m.wg.Wait() // the watch loop, and each export's serve and fence watch
 }
 
 func (m *Manager) loop() {
@@ -98,6 +100,9 @@ func (m *Manager) reconcile() {
 	})
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	if m.closed {
+		return
+	}
 	for id, r := range m.exports {
 		v, ok := want[id]
 		select {

@@ -97,8 +97,9 @@ func (n *Node) Server() *replica.Server { return n.server }
 // Close stops the realizer, the rebuilds and the replica server.
 func (n *Node) Close() error {
 	n.cancel()
+	err := n.server.Close() // ends Serve; rebuilds here fail and stop
 	n.wg.Wait()
-	return n.server.Close()
+	return err
 }
 
 // realizeLoop runs realize after every change of the store's state (and
@@ -117,11 +118,21 @@ func (n *Node) realizeLoop() {
 }
 
 // desired returns the replicas the store places on this node (id → size),
-// and the unattached volumes with a replica rebuilding here.
-func (n *Node) desired() (map[string]uint64, []*meta.Volume) {
+// and the unattached volumes with a replica rebuilding here. It reads the
+// state through the leader (linearizable): this node's own copy can be far
+// behind right after a restart (raft replays the log only once the leader
+// tells it the commit index), and realizing a stale state would delete
+// replicas that still hold data.
+func (n *Node) desired() (map[string]uint64, []*meta.Volume, error) {
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	s, err := n.cfg.Meta.State(ctx, true)
+	if err != nil {
+		return nil, nil, err
+	}
 	want := map[string]uint64{}
 	var rebuild []*meta.Volume
-	n.cfg.FSM.View(func(s *meta.State) {
+	{
 		for _, v := range s.SortedVolumes() {
 			for _, r := range v.Replicas {
 				if r.Node != n.cfg.NodeID {
@@ -133,14 +144,20 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume) {
 				}
 			}
 		}
-	})
-	return want, rebuild
+	}
+	return want, rebuild, nil
 }
 
 // realize creates missing replicas, deletes dropped ones, and starts
 // rebuilds of unattached volumes.
 func (n *Node) realize() {
-	want, rebuild := n.desired()
+	want, rebuild, err := n.desired()
+	if err != nil {
+		if n.ctx.Err() == nil {
+			n.log.Debug("cannot read the store; will retry", zap.Error(err))
+		}
+		return
+	}
 	have, err := n.server.List()
 	if err != nil {
 		n.log.Warn("cannot list replicas", zap.Error(err))
@@ -151,10 +168,8 @@ func (n *Node) realize() {
 		if _, ok := want[info.ID]; ok {
 			continue
 		}
-		// The store no longer places this replica here: its volume was
-		// deleted or it was replaced. The local state is never older than
-		// the replica's creation, so this cannot remove a replica that is
-		// merely not yet known.
+		// The store (as of a linearizable read) no longer places this
+		// replica here: its volume was deleted or it was replaced.
 		if err := n.server.Delete(info.ID); err != nil {
 			n.log.Warn("cannot delete replica", zap.String("replica_id", info.ID), zap.Error(err))
 			continue

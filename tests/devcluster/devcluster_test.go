@@ -285,8 +285,11 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		t.Errorf("get of a deleted volume: exit %d, %q", r.code, r.stderr)
 	}
 
-	// Down stops every process and removes the cluster.
-	mustRun(t, "dev", "down", "--dir", dir)
+	// Down stops every process (gracefully: SIGTERM is enough) and removes
+	// the cluster.
+	if out := mustRun(t, "dev", "down", "--dir", dir); strings.Contains(out, "did not stop") {
+		t.Errorf("a node did not shut down on SIGTERM:\n%s", out)
+	}
 	for _, pid := range pids {
 		if processAlive(pid) {
 			t.Errorf("pid %d still runs after dev down", pid)
