@@ -607,6 +607,19 @@ func (a *Agent) onLeader(ctx context.Context, forwarded bool, local func() error
 func prepare(c Command) error {
 	now := time.Now().UnixNano()
 	switch c := c.(type) {
+	case *Request:
+		inner, err := Decode(c.Command)
+		if err != nil {
+			return err
+		}
+		if _, nested := inner.(*Request); nested {
+			return fmt.Errorf("a request may not wrap another: %w", ErrBadCommand)
+		}
+		if err := prepare(inner); err != nil {
+			return err
+		}
+		c.Command, err = Encode(inner)
+		return err
 	case *InitCluster:
 		return fmt.Errorf("InitCluster is issued by the leader only: %w", ErrInvalidArgument)
 	case *CreateVolume:
@@ -718,12 +731,12 @@ func (a *Agent) localRead() *ReadResponse {
 	var st *State
 	var idx uint64
 	a.store.FSM().View(func(s *State) { st = s.Clone() })
-	idx = a.store.FSM().AppliedIndex()
+	idx = a.store.AppliedIndex()
 	return &ReadResponse{State: st, AppliedIndex: idx}
 }
 
 func (a *Agent) status(ctx context.Context, _ *StatusRequest) (*StatusResponse, error) {
-	resp := &StatusResponse{Self: a.store.NodeID(), AppliedIndex: a.store.FSM().AppliedIndex()}
+	resp := &StatusResponse{Self: a.store.NodeID(), AppliedIndex: a.store.AppliedIndex()}
 	resp.Leader, _ = a.store.Leader()
 	members, err := a.store.Members()
 	if err != nil {

@@ -54,6 +54,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyPurgeVolume(s, c)
 	case *RebuildProgressUpdate:
 		return applyRebuildProgress(s, c)
+	case *Request:
+		return applyRequest(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -469,4 +471,56 @@ func applyRebuildProgress(s *State, c *RebuildProgressUpdate) (Result, error) {
 	v.Rebuild = &RebuildProgress{ReplicaID: c.ReplicaID, BytesTotal: c.BytesTotal,
 		BytesCompared: c.BytesCompared, BytesCopied: c.BytesCopied, Done: c.Done}
 	return Result{Volume: v.Clone()}, nil
+}
+
+// applyRequest applies a client request once: a request id already in the
+// table gets the remembered answer and changes nothing.
+func applyRequest(s *State, c *Request) (Result, error) {
+	if c.ID == "" {
+		return Result{}, fmt.Errorf("request without an id: %w", ErrInvalidArgument)
+	}
+	if s.requestIndex == nil {
+		s.requestIndex = make(map[string]int, len(s.Requests))
+		for i, r := range s.Requests {
+			s.requestIndex[r.ID] = i
+		}
+	}
+	if i, ok := s.requestIndex[c.ID]; ok {
+		r := s.Requests[i]
+		return r.Result, fromWire(r.Err)
+	}
+	inner, err := Decode(c.Command)
+	if err != nil {
+		return Result{}, err
+	}
+	if _, nested := inner.(*Request); nested {
+		return Result{}, fmt.Errorf("request %s wraps another request: %w", c.ID, ErrBadCommand)
+	}
+	res, err := apply(s, inner)
+	if len(s.Requests) >= MaxRememberedRequests {
+		drop := len(s.Requests) - MaxRememberedRequests + 1
+		s.Requests = append([]RequestRecord(nil), s.Requests[drop:]...)
+		s.requestIndex = nil // rebuilt at the next request
+	}
+	s.Requests = append(s.Requests, RequestRecord{ID: c.ID, Result: cloneResult(res), Err: toWire(err)})
+	if s.requestIndex != nil {
+		s.requestIndex[c.ID] = len(s.Requests) - 1
+	}
+	return res, err
+}
+
+func cloneResult(r Result) Result {
+	out := Result{}
+	if r.Volume != nil {
+		out.Volume = r.Volume.Clone()
+	}
+	if r.Node != nil {
+		n := *r.Node
+		out.Node = &n
+	}
+	if r.Snapshot != nil {
+		sn := *r.Snapshot
+		out.Snapshot = &sn
+	}
+	return out
 }

@@ -139,6 +139,11 @@ func (c *Client) call(ctx context.Context, method string, req, resp any, answer 
 		if err == nil || !retryable(err) || errors.Is(err, ErrOutcomeUnknown) {
 			return err
 		}
+		// This member has no leader (it may be cut off from the majority):
+		// ask the next one.
+		c.mu.Lock()
+		c.next = (c.next + 1) % len(c.addrs)
+		c.mu.Unlock()
 		select {
 		case <-ctx.Done():
 			return fmt.Errorf("%w (last error: %v)", ctx.Err(), err)
@@ -151,8 +156,16 @@ func (c *Client) call(ctx context.Context, method string, req, resp any, answer 
 }
 
 // Apply commits a command through any member.
+//
+// The command travels wrapped in a Request with an id of its own, the same
+// for every retry: if an answer is lost and the command is sent again, the
+// store applies it once and answers the retry with the first result.
 func (c *Client) Apply(ctx context.Context, cmd Command) (Result, error) {
-	b, err := Encode(cmd)
+	inner, err := Encode(cmd)
+	if err != nil {
+		return Result{}, err
+	}
+	b, err := Encode(&Request{ID: newID("req"), Command: inner})
 	if err != nil {
 		return Result{}, err
 	}
@@ -212,4 +225,48 @@ func (c *Client) Volume(ctx context.Context, id string) (*Volume, error) {
 		return nil, err
 	}
 	return v, nil
+}
+
+// Attach attaches volume id to node (read-only or not, optionally exported
+// over NBD on nbdSocket), retrying the compare-and-set while the epoch moves
+// under it. Attaching to the node it is already attached to, the same way,
+// changes nothing. A volume attached elsewhere gives ErrFailedPrecondition.
+func (c *Client) Attach(ctx context.Context, id, node string, readOnly bool, nbdSocket string) (*Volume, error) {
+	for {
+		v, err := c.Volume(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		res, err := c.Apply(ctx, &AttachVolume{VolumeID: id, NodeID: node, ReadOnly: readOnly, NBDSocket: nbdSocket, ExpectEpoch: v.Epoch})
+		if errors.Is(err, ErrEpochMismatch) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return res.Volume, nil
+	}
+}
+
+// Detach removes volume id's attachment if it is node's (any node's when
+// node is ""), retrying the compare-and-set while the epoch moves. A volume
+// that is not attached is left as it is.
+func (c *Client) Detach(ctx context.Context, id, node string) (*Volume, error) {
+	for {
+		v, err := c.Volume(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		if v.Attachment == nil || (node != "" && v.Attachment.Node != node) {
+			return v, nil
+		}
+		res, err := c.Apply(ctx, &DetachVolume{VolumeID: id, NodeID: v.Attachment.Node, ExpectEpoch: v.Epoch})
+		if errors.Is(err, ErrEpochMismatch) {
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return res.Volume, nil
+	}
 }

@@ -28,6 +28,7 @@ const (
 	CmdDeleteSnapshot  CommandType = 13
 	CmdPurgeVolume     CommandType = 14
 	CmdRebuildProgress CommandType = 15
+	CmdRequest         CommandType = 16
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -159,6 +160,15 @@ type RebuildProgressUpdate struct {
 	Done          bool   `json:"done,omitempty"`
 }
 
+// Request wraps a client's command with an id that stays the same when the
+// client sends it again (after a lost answer or a leader change). The FSM
+// remembers the results of recent requests and answers a repeated one with
+// the first result, without applying it twice.
+type Request struct {
+	ID      string `json:"id"`
+	Command []byte `json:"command"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -175,6 +185,7 @@ func (CreateSnapshot) Type() CommandType        { return CmdCreateSnapshot }
 func (DeleteSnapshot) Type() CommandType        { return CmdDeleteSnapshot }
 func (PurgeVolume) Type() CommandType           { return CmdPurgeVolume }
 func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
+func (Request) Type() CommandType               { return CmdRequest }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -209,6 +220,8 @@ func newCommand(t CommandType) Command {
 		return &PurgeVolume{}
 	case CmdRebuildProgress:
 		return &RebuildProgressUpdate{}
+	case CmdRequest:
+		return &Request{}
 	}
 	return nil
 }

@@ -37,6 +37,7 @@ func fullCommands() []Command {
 		&PurgeVolume{VolumeID: "vol-1"},
 		&RebuildProgressUpdate{VolumeID: "vol-1", ReplicaID: "vol-1-r4", BytesTotal: 1 << 30,
 			BytesCompared: 1 << 29, BytesCopied: 1 << 20, Done: true},
+		&Request{ID: "req-1", Command: []byte{byte(CmdDeleteVolume), 1, '{', '}'}},
 	}
 }
 
@@ -45,7 +46,7 @@ var allCommandTypes = []CommandType{
 	CmdInitCluster, CmdRegisterNode, CmdNodeHeartbeat, CmdSetNodeState,
 	CmdCreateVolume, CmdDeleteVolume, CmdAttachVolume, CmdDetachVolume,
 	CmdSetReplicaState, CmdReplaceReplica, CmdSetVolumeState,
-	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress,
+	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress, CmdRequest,
 }
 
 // TestCommandTypeNumbersAreStable pins the on-disk type numbers: changing one
@@ -76,7 +77,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdDeleteSnapshot, &DeleteSnapshot{}},
 		{CmdPurgeVolume, &PurgeVolume{}},
 		{CmdRebuildProgress, &RebuildProgressUpdate{}},
-		{CmdRebuildProgress + 1, nil},
+		{CmdRequest, &Request{}},
+		{CmdRequest + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -218,7 +220,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 16", cmdBytes(CmdRebuildProgress+1, commandVersion, `{}`)},
+		{"unknown type 17", cmdBytes(CmdRequest+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -52,7 +52,12 @@ func newStoreMetrics(s *Store) *storeMetrics {
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "cairn_meta_applied_index",
 			Help: "Raft index of the last entry applied to this member's state.",
-		}, func() float64 { return float64(s.fsm.AppliedIndex()) }),
+		}, func() float64 {
+			if s.raft == nil {
+				return 0
+			}
+			return float64(s.raft.AppliedIndex())
+		}),
 		&stateCollector{fsm: s.fsm,
 			nodes: prometheus.NewDesc("cairn_meta_nodes", "Storage nodes known to the store, by state.", []string{"state"}, nil),
 			vols:  prometheus.NewDesc("cairn_meta_volumes", "Volumes known to the store, by lifecycle state.", []string{"state"}, nil),

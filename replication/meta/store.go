@@ -381,18 +381,23 @@ func (s *Store) ReadBarrier(ctx context.Context) error {
 	if err := s.raft.VerifyLeader().Error(); err != nil {
 		return raftError(err)
 	}
-	for {
-		ch := s.fsm.Changed()
-		if s.fsm.AppliedIndex() >= idx {
-			return nil
-		}
-		select {
-		case <-ch:
-		case <-ctx.Done():
-			return ctx.Err()
-		}
+	if s.raft.AppliedIndex() >= idx {
+		return nil
 	}
+	// Entries that are not commands (raft's no-op of a new term, barriers)
+	// never reach the FSM, so waiting for the FSM to move could wait for
+	// the next write. A barrier returns once everything before it is
+	// applied.
+	if err := waitFuture(ctx, s.raft.Barrier(10*time.Second)); err != nil {
+		return raftError(err)
+	}
+	return nil
 }
+
+// AppliedIndex is the raft index of the last entry applied on this member,
+// commands or not (the FSM's own count only moves with commands, and not at
+// all with a restored snapshot).
+func (s *Store) AppliedIndex() uint64 { return s.raft.AppliedIndex() }
 
 // OnLeading registers fn to run in its own goroutine each time this member
 // becomes leader (after its barrier); its context ends with the leadership.

@@ -166,7 +166,25 @@ type State struct {
 	Nodes                 map[string]*Node     `json:"nodes"`
 	Volumes               map[string]*Volume   `json:"volumes"`
 	Snapshots             map[string]*Snapshot `json:"snapshots"`
+	// Requests remembers the results of the most recent client requests, in
+	// the order they were applied, so that a request sent twice is applied
+	// once (see Request). Bounded by MaxRememberedRequests.
+	Requests []RequestRecord `json:"requests,omitempty"`
+	// requestIndex maps a request id to its position in Requests; rebuilt
+	// when needed, never serialized.
+	requestIndex map[string]int
 }
+
+// RequestRecord is the remembered result of one client request.
+type RequestRecord struct {
+	ID     string     `json:"id"`
+	Result Result     `json:"result"`
+	Err    *WireError `json:"error,omitempty"`
+}
+
+// MaxRememberedRequests bounds State.Requests. A client retries for
+// seconds, while this many requests take far longer to pass.
+const MaxRememberedRequests = 4096
 
 // NewState returns an empty state.
 func NewState() *State {
@@ -225,6 +243,7 @@ func (s *State) Clone() *State {
 		sc := *sn
 		c.Snapshots[id] = &sc
 	}
+	c.Requests = append([]RequestRecord(nil), s.Requests...)
 	return c
 }
 
