@@ -63,33 +63,20 @@ attached to another node, the attachment moves (a takeover).`,
 	return cmd
 }
 
-// attachWithTakeover attaches id to node with the NBD socket, moving an
-// attachment held by another node. Each step is a compare-and-set on the
-// epoch read just before; a concurrent change makes it start again.
+// attachWithTakeover attaches id to node with the NBD socket, first taking
+// the attachment away from any other node (or from this node, exported
+// differently).
 func attachWithTakeover(ctx context.Context, c *meta.Client, id, node, socket string, readOnly bool) (*meta.Volume, error) {
-	for {
-		v, err := c.Volume(ctx, id)
-		if err != nil {
-			return nil, err
-		}
-		if a := v.Attachment; a != nil && !(a.Node == node && a.NBDSocket == socket && a.ReadOnly == readOnly) {
-			if _, err := c.Apply(ctx, &meta.DetachVolume{VolumeID: id, ExpectEpoch: v.Epoch}); err != nil {
-				if errors.Is(err, meta.ErrEpochMismatch) {
-					continue
-				}
-				return nil, fmt.Errorf("take the attachment away from %s: %w", a.Node, err)
-			}
-			continue
-		}
-		res, err := c.Apply(ctx, &meta.AttachVolume{VolumeID: id, NodeID: node, ReadOnly: readOnly, NBDSocket: socket, ExpectEpoch: v.Epoch})
-		if errors.Is(err, meta.ErrEpochMismatch) {
-			continue
-		}
-		if err != nil {
-			return nil, err
-		}
-		return res.Volume, nil
+	v, err := c.Volume(ctx, id)
+	if err != nil {
+		return nil, err
 	}
+	if a := v.Attachment; a != nil && !(a.Node == node && a.NBDSocket == socket && a.ReadOnly == readOnly) {
+		if _, err := c.Detach(ctx, id, ""); err != nil {
+			return nil, fmt.Errorf("take the attachment away from %s: %w", a.Node, err)
+		}
+	}
+	return c.Attach(ctx, id, node, readOnly, socket)
 }
 
 func waitSocket(ctx context.Context, path string, wait time.Duration) error {
@@ -121,25 +108,19 @@ func newVolumeUnexportCommand(o *ctlOptions) *cobra.Command {
 				return err
 			}
 			defer done()
-			for {
-				v, err := c.Volume(ctx, args[0])
-				if err != nil {
-					return err
-				}
-				if v.Attachment == nil {
-					fmt.Fprintf(cmd.OutOrStdout(), "volume %s is not exported\n", v.ID)
-					return nil
-				}
-				_, err = c.Apply(ctx, &meta.DetachVolume{VolumeID: v.ID, ExpectEpoch: v.Epoch})
-				if errors.Is(err, meta.ErrEpochMismatch) {
-					continue
-				}
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(cmd.OutOrStdout(), "volume %s unexported from %s\n", v.ID, v.Attachment.Node)
+			before, err := c.Volume(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			if before.Attachment == nil {
+				fmt.Fprintf(cmd.OutOrStdout(), "volume %s is not exported\n", before.ID)
 				return nil
 			}
+			if _, err := c.Detach(ctx, args[0], ""); err != nil {
+				return err
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s unexported from %s\n", before.ID, before.Attachment.Node)
+			return nil
 		},
 	}
 }

@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -42,8 +43,16 @@ type devNode struct {
 }
 
 type devController struct {
-	CSI string `json:"csi"`
-	PID int    `json:"pid"`
+	CSI  string   `json:"csi"`
+	PID  int      `json:"pid"`
+	Log  string   `json:"log"`
+	Args []string `json:"args"`
+}
+
+// proc lets the controller process be started, checked and stopped like a
+// node's.
+func (c *devController) proc() *devNode {
+	return &devNode{ID: "controller", CSI: c.CSI, PID: c.PID, Log: c.Log, Args: c.Args}
 }
 
 const clusterFile = "cluster.json"
@@ -111,7 +120,11 @@ func (n *devNode) alive() bool {
 	if err != nil {
 		return false
 	}
-	return bytes.Contains(cmdline, []byte("\x00--id\x00"+n.ID+"\x00"))
+	marker := "\x00--id\x00" + n.ID + "\x00"
+	if n.ID == "controller" {
+		marker = "\x00--endpoint\x00" + n.CSI + "\x00"
+	}
+	return bytes.Contains(cmdline, []byte(marker))
 }
 
 // start launches the node agent in its own session, detached from this
@@ -181,7 +194,7 @@ func newDevCommand() *cobra.Command {
   cairn dev start --dir .demo node-2
   cairn dev down --dir .demo`,
 	}
-	cmd.AddCommand(newDevUpCommand(), newDevKillCommand(), newDevStartCommand(), newDevDownCommand())
+	cmd.AddCommand(newDevUpCommand(), newDevKillCommand(), newDevStartCommand(), newDevDownCommand(), newDevCSICommand())
 	return cmd
 }
 
@@ -239,7 +252,9 @@ func newDevUpCommand() *cobra.Command {
 					Data:    "127.0.0.1:" + strconv.Itoa(ports[4*i+3]),
 					DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
 				}
+				n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")
 				n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
+					"--csi-endpoint", n.CSI, "--csi-allowed-roots", abs,
 					"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
 					"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
 					"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
@@ -255,6 +270,19 @@ func newDevUpCommand() *cobra.Command {
 					return err
 				}
 			}
+			ctrlDir := filepath.Join(abs, "controller")
+			if err := os.MkdirAll(ctrlDir, 0o755); err != nil {
+				stopAll(c)
+				return err
+			}
+			ctrl := &devNode{ID: "controller", Log: filepath.Join(ctrlDir, "controller.log"),
+				CSI: "unix://" + filepath.Join(ctrlDir, "csi.sock")}
+			ctrl.Args = []string{"controller", "--endpoint", ctrl.CSI, "--meta", strings.Join(apis, ","), "--log-format", "json"}
+			if err := ctrl.start(); err != nil {
+				stopAll(c)
+				return err
+			}
+			c.Controller = &devController{CSI: ctrl.CSI, PID: ctrl.PID, Log: ctrl.Log, Args: ctrl.Args}
 			if err := c.save(abs); err != nil {
 				stopAll(c)
 				return err
@@ -271,7 +299,7 @@ func newDevUpCommand() *cobra.Command {
 				stopAll(c)
 				return fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
 			}
-			fmt.Fprintf(w, "cluster %s is up: leader %s, %d nodes up\n", st.ClusterID, st.Leader, len(st.Nodes))
+			fmt.Fprintf(w, "cluster %s is up: leader %s, %d nodes up; CSI controller at %s\n", st.ClusterID, st.Leader, len(st.Nodes), c.Controller.CSI)
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "NODE\tMETA API\tMETRICS\tPID\tLOG")
 			for _, n := range c.Nodes {
@@ -343,7 +371,11 @@ func tail(path string, n int) string {
 }
 
 func stopAll(c *devCluster) {
-	for _, n := range c.Nodes {
+	procs := c.Nodes
+	if c.Controller != nil {
+		procs = append([]*devNode{c.Controller.proc()}, procs...)
+	}
+	for _, n := range procs {
 		if !n.stop(syscall.SIGTERM, 10*time.Second) {
 			n.stop(syscall.SIGKILL, 5*time.Second)
 		}
@@ -418,10 +450,15 @@ func newDevStartCommand() *cobra.Command {
 			fmt.Fprintf(cmd.OutOrStdout(), "started %s (pid %d); waiting for it to answer …\n", n.ID, n.PID)
 			ctx, cancel := context.WithTimeout(cmd.Context(), wait)
 			defer cancel()
-			if err := waitMember(ctx, n); err != nil {
+			leader, err := waitMember(ctx, n)
+			if err != nil {
 				return fmt.Errorf("%s did not come back within %v: %w (see %s)", n.ID, wait, err, n.Log)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "%s is back and follows leader\n", n.ID)
+			if leader == "" {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s answers, but sees no leader yet (are enough members up for a quorum?)\n", n.ID)
+			} else {
+				fmt.Fprintf(cmd.OutOrStdout(), "%s is back; leader is %s\n", n.ID, leader)
+			}
 			return nil
 		},
 	}
@@ -430,24 +467,37 @@ func newDevStartCommand() *cobra.Command {
 	return cmd
 }
 
-// waitMember polls the node's own API until it knows a leader.
-func waitMember(ctx context.Context, n *devNode) error {
+// waitMember polls the node's own API until it answers, then gives it a few
+// seconds to find a leader (which needs a quorum of members up). It returns
+// the leader's id, or "" when none was seen.
+func waitMember(ctx context.Context, n *devNode) (string, error) {
 	client, err := meta.NewClient([]string{n.Agent})
 	if err != nil {
-		return err
+		return "", err
 	}
 	defer client.Close()
+	var answered time.Time
 	for {
 		if !n.alive() {
-			return fmt.Errorf("process exited: %s", tail(n.Log, 3))
+			return "", fmt.Errorf("process exited: %s", tail(n.Log, 3))
 		}
 		info, err := client.Info(ctx)
-		if err == nil && info.Leader != "" {
-			return nil
+		if err == nil {
+			if info.Leader != "" {
+				return info.Leader, nil
+			}
+			if answered.IsZero() {
+				answered = time.Now()
+			} else if time.Since(answered) > 5*time.Second {
+				return "", nil
+			}
 		}
 		select {
 		case <-ctx.Done():
-			return ctx.Err()
+			if !answered.IsZero() {
+				return "", nil
+			}
+			return "", ctx.Err()
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
@@ -470,6 +520,11 @@ func newDevDownCommand() *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
+			// Filesystems on the volumes go first: they hold the loop
+			// devices that the node agents' FUSE files back.
+			if err := cleanupDevMounts(abs(dir)); err != nil {
+				fmt.Fprintf(w, "warning: %v\n", err)
+			}
 			for _, n := range c.Nodes {
 				if !n.alive() {
 					continue
@@ -481,14 +536,23 @@ func newDevDownCommand() *cobra.Command {
 				fmt.Fprintf(w, "stopped %s (pid %d)\n", n.ID, n.PID)
 				n.PID = 0
 			}
-			if c.Controller != nil && c.Controller.PID > 0 {
-				_ = syscall.Kill(c.Controller.PID, syscall.SIGTERM)
+			if c.Controller != nil {
+				if p := c.Controller.proc(); p.alive() {
+					if !p.stop(syscall.SIGTERM, 10*time.Second) {
+						p.stop(syscall.SIGKILL, 5*time.Second)
+					}
+					fmt.Fprintf(w, "stopped the CSI controller (pid %d)\n", p.PID)
+				}
+				c.Controller.PID = 0
+			}
+			if err := cleanupDevMounts(abs(dir)); err != nil {
+				fmt.Fprintf(w, "warning: %v\n", err)
 			}
 			if keep {
 				return c.save(dir)
 			}
-			for _, n := range c.Nodes {
-				if err := os.RemoveAll(filepath.Join(dir, n.ID)); err != nil {
+			for _, n := range append([]string{"controller"}, nodeIDs(c)...) {
+				if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
 					return err
 				}
 			}
@@ -503,4 +567,61 @@ func newDevDownCommand() *cobra.Command {
 	cmd.Flags().StringVar(&dir, "dir", "", "the dev cluster's directory (required)")
 	cmd.Flags().BoolVar(&keep, "keep-data", false, "keep data dirs, logs and cluster.json")
 	return cmd
+}
+
+func nodeIDs(c *devCluster) []string {
+	var out []string
+	for _, n := range c.Nodes {
+		out = append(out, n.ID)
+	}
+	return out
+}
+
+func abs(p string) string {
+	a, err := filepath.Abs(p)
+	if err != nil {
+		return p
+	}
+	return a
+}
+
+// cleanupDevMounts unmounts whatever the cluster's nodes left mounted under
+// dir (staging and target mounts, FUSE mounts of killed nodes) and detaches
+// loop devices whose backing file lay under dir, deepest mounts first.
+func cleanupDevMounts(dir string) error {
+	b, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return err
+	}
+	var mounts []string
+	for _, line := range strings.Split(string(b), "\n") {
+		f := strings.Fields(line)
+		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+			mounts = append(mounts, f[4])
+		}
+	}
+	slices.Reverse(mounts) // the newest mount first: bind mounts, then filesystems, then FUSE
+	var errs []string
+	for _, m := range mounts {
+		if err := syscall.Unmount(m, 0); err != nil {
+			if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+				errs = append(errs, fmt.Sprintf("unmount %s: %v", m, err))
+			}
+		}
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, bf := range loops {
+		back, err := os.ReadFile(bf)
+		if err != nil || !strings.HasPrefix(strings.TrimSpace(string(back)), dir+"/") {
+			continue
+		}
+		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
+		if err := exec.Command("losetup", "-d", dev).Run(); err != nil {
+			errs = append(errs, fmt.Sprintf("detach %s: %v", dev, err))
+		}
+	}
+	if len(errs) > 0 {
+		return errors.New(strings.Join(errs, "; "))
+	}
+	return nil
 }

@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
@@ -19,6 +20,7 @@ import (
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 
+	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/driver/export"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/storagenode"
@@ -61,6 +63,12 @@ type nodeOptions struct {
 	HeartbeatInterval time.Duration
 	// NodeDownAfter is how long without heartbeats before a node is down.
 	NodeDownAfter time.Duration
+	// CSIEndpoint serves the CSI Identity and Node services ("" = off).
+	CSIEndpoint string
+	// CSIAllowedRoots are the directories staging and target paths may be in.
+	CSIAllowedRoots []string
+	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
+	MaxVolumes int64
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -84,6 +92,9 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.Float64Var(&o.RaftTimeoutMultiplier, "raft-timeout-multiplier", 1, "scale raft's heartbeat, election and lease timeouts (1 = defaults of hashicorp/raft)")
 	fs.DurationVar(&o.HeartbeatInterval, "heartbeat-interval", time.Second, "how often this node reports itself to the leader")
 	fs.DurationVar(&o.NodeDownAfter, "node-down-after", 10*time.Second, "how long without heartbeats before the leader marks a node down")
+	fs.StringVar(&o.CSIEndpoint, "csi-endpoint", "", "CSI endpoint for kubelet, e.g. unix:///csi/csi.sock (empty: no CSI node service)")
+	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
+	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
@@ -202,6 +213,21 @@ func runNode(o *nodeOptions) error {
 		return err
 	}
 	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate})
+	var csiNode *csi.Node
+	var csiSrv *csi.Server
+	if o.CSIEndpoint != "" {
+		lis, err := csi.Listen(o.CSIEndpoint)
+		if err != nil {
+			exports.Close()
+			storage.Close()
+			agent.Close()
+			return fmt.Errorf("--csi-endpoint: %w", err)
+		}
+		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
+			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: log,
+			RebuildBytesPerSecond: rate})
+		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self}, nil, csiNode)
+	}
 	var metricsSrv *http.Server
 	if o.MetricsAddr != "" {
 		lis, err := net.Listen("tcp", o.MetricsAddr)
@@ -232,6 +258,10 @@ func runNode(o *nodeOptions) error {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 		_ = metricsSrv.Shutdown(ctx)
 		cancel()
+	}
+	if csiSrv != nil {
+		csiSrv.Stop()
+		csiNode.Close()
 	}
 	exports.Close()
 	if err := storage.Close(); err != nil && runErr == nil {

@@ -1,0 +1,444 @@
+package csi
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// Sizes: volumes are whole MiB (the replica format wants 512-byte sectors;
+// a MiB keeps extents simple), 1 GiB when the request names no size.
+const (
+	SizeUnit    = 1 << 20
+	DefaultSize = 1 << 30
+	// MaxSize bounds one volume (16 TiB).
+	MaxSize = 16 << 40
+)
+
+// Controller is the CSI Controller service: volumes and attachments in the
+// volume store.
+type Controller struct {
+	csipb.UnimplementedControllerServer
+	Meta  *meta.Client
+	locks *volumeLocks
+}
+
+// NewController returns a controller using the store behind m.
+func NewController(m *meta.Client) *Controller {
+	return &Controller{Meta: m, locks: newVolumeLocks()}
+}
+
+var controllerCaps = []csipb.ControllerServiceCapability_RPC_Type{
+	csipb.ControllerServiceCapability_RPC_CREATE_DELETE_VOLUME,
+	csipb.ControllerServiceCapability_RPC_PUBLISH_UNPUBLISH_VOLUME,
+	csipb.ControllerServiceCapability_RPC_LIST_VOLUMES,
+	csipb.ControllerServiceCapability_RPC_LIST_VOLUMES_PUBLISHED_NODES,
+	csipb.ControllerServiceCapability_RPC_GET_CAPACITY,
+	csipb.ControllerServiceCapability_RPC_GET_VOLUME,
+	csipb.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
+	csipb.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
+	csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+}
+
+// ControllerGetCapabilities lists exactly what works.
+func (c *Controller) ControllerGetCapabilities(context.Context, *csipb.ControllerGetCapabilitiesRequest) (*csipb.ControllerGetCapabilitiesResponse, error) {
+	var caps []*csipb.ControllerServiceCapability
+	for _, t := range controllerCaps {
+		caps = append(caps, &csipb.ControllerServiceCapability{Type: &csipb.ControllerServiceCapability_Rpc{Rpc: &csipb.ControllerServiceCapability_RPC{Type: t}}})
+	}
+	return &csipb.ControllerGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// checkCapabilities accepts single-node access, as a mount (ext4/xfs) or a
+// raw block device. A replicated block device has one writer at a time.
+func checkCapabilities(caps []*csipb.VolumeCapability) error {
+	if len(caps) == 0 {
+		return status.Error(codes.InvalidArgument, "volume capabilities are required")
+	}
+	for _, c := range caps {
+		if c == nil {
+			return status.Error(codes.InvalidArgument, "a volume capability is empty")
+		}
+		switch {
+		case c.GetBlock() != nil:
+		case c.GetMount() != nil:
+			if fs := c.GetMount().GetFsType(); fs != "" && fs != "ext4" && fs != "xfs" {
+				return status.Errorf(codes.InvalidArgument, "fs type %q is not supported (ext4, xfs)", fs)
+			}
+		default:
+			return status.Error(codes.InvalidArgument, "a volume capability needs an access type (block or mount)")
+		}
+		if c.GetAccessMode() == nil {
+			return status.Error(codes.InvalidArgument, "a volume capability needs an access mode")
+		}
+		switch c.GetAccessMode().GetMode() {
+		case csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
+			csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER, csipb.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
+		default:
+			return status.Errorf(codes.InvalidArgument, "access mode %s is not supported: a Cairn volume is attached to one node at a time", c.GetAccessMode().GetMode())
+		}
+	}
+	return nil
+}
+
+// sizeFor rounds a capacity range to whole MiB within its limit.
+func sizeFor(r *csipb.CapacityRange) (uint64, error) {
+	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+	if req < 0 || lim < 0 {
+		return 0, status.Error(codes.InvalidArgument, "capacity range must not be negative")
+	}
+	if lim > 0 && req > lim {
+		return 0, status.Errorf(codes.InvalidArgument, "required bytes %d exceed limit bytes %d", req, lim)
+	}
+	size := uint64(req)
+	if size == 0 {
+		size = DefaultSize
+		if lim > 0 && uint64(lim) < size {
+			size = uint64(lim)
+		}
+	}
+	size = (size + SizeUnit - 1) / SizeUnit * SizeUnit
+	if lim > 0 && size > uint64(lim) {
+		// The limit is not a whole MiB; round down instead, if that still
+		// covers the required bytes.
+		size = uint64(lim) / SizeUnit * SizeUnit
+		if size < uint64(req) || size == 0 {
+			return 0, status.Errorf(codes.OutOfRange, "no size in whole MiB lies between %d and %d bytes", req, lim)
+		}
+	}
+	if size > MaxSize {
+		return 0, status.Errorf(codes.OutOfRange, "%d bytes is more than the largest volume (%d)", size, uint64(MaxSize))
+	}
+	return size, nil
+}
+
+// CreateVolume records the volume and places its replicas.
+func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRequest) (*csipb.CreateVolumeResponse, error) {
+	if req.GetName() == "" {
+		return nil, status.Error(codes.InvalidArgument, "name is required")
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return nil, err
+	}
+	if req.GetVolumeContentSource() != nil {
+		return nil, status.Error(codes.InvalidArgument, "volume content sources (snapshots, clones) are not supported yet")
+	}
+	size, err := sizeFor(req.GetCapacityRange())
+	if err != nil {
+		return nil, err
+	}
+	p, err := ParseParams(req.GetParameters())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	unlock, err := c.locks.lock("name/" + req.GetName())
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	accessType := "mount"
+	for _, vc := range req.GetVolumeCapabilities() {
+		if vc.GetBlock() != nil {
+			accessType = "block"
+		}
+	}
+	cmd := &meta.CreateVolume{
+		Name: req.GetName(), SizeBytes: size, Replicas: p.Replicas, WriteQuorum: p.WriteQuorum,
+		Parameters: p.volumeParameters(), AccessType: accessType,
+	}
+	if zones := zonesOf(req.GetAccessibilityRequirements().GetRequisite()); len(zones) > 0 {
+		cmd.AllowedZones = zones
+	}
+	res, err := c.Meta.Apply(ctx, cmd)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csipb.CreateVolumeResponse{Volume: csiVolume(res.Volume)}, nil
+}
+
+func zonesOf(ts []*csipb.Topology) []string {
+	var out []string
+	for _, t := range ts {
+		if z, ok := t.GetSegments()[TopologyZoneKey]; ok {
+			out = append(out, storeZone(z))
+		}
+	}
+	return out
+}
+
+// csiVolume describes a stored volume to CSI. Any node can reach a volume's
+// replicas over the network, so no accessible topology is given.
+func csiVolume(v *meta.Volume) *csipb.Volume {
+	return &csipb.Volume{
+		VolumeId:      v.ID,
+		CapacityBytes: int64(v.SizeBytes),
+		VolumeContext: map[string]string{"replicas": strconv.Itoa(v.ReplicaCount)},
+	}
+}
+
+// DeleteVolume deletes a volume; a volume already gone is success.
+func (c *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	unlock, err := c.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	_, err = c.Meta.Apply(ctx, &meta.DeleteVolume{VolumeID: id})
+	if err != nil && !isNotFound(err) {
+		return nil, toStatus(err)
+	}
+	return &csipb.DeleteVolumeResponse{}, nil
+}
+
+func isNotFound(err error) bool { return status.Code(toStatus(err)) == codes.NotFound }
+
+// ControllerPublishVolume attaches the volume to the node (one node at a time).
+func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.ControllerPublishVolumeRequest) (*csipb.ControllerPublishVolumeResponse, error) {
+	id, node := req.GetVolumeId(), req.GetNodeId()
+	if id == "" || node == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id and node id are required")
+	}
+	if err := checkCapabilities([]*csipb.VolumeCapability{req.GetVolumeCapability()}); err != nil {
+		return nil, err
+	}
+	unlock, err := c.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	st, err := c.Meta.State(ctx, true)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	v, ok := st.Volumes[id]
+	if !ok || v.State == meta.VolumeDeleted {
+		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
+	}
+	if _, ok := st.Nodes[node]; !ok {
+		return nil, status.Errorf(codes.NotFound, "node %s is not part of the cluster", node)
+	}
+	if a := v.Attachment; a != nil {
+		if a.Node != node {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is published to %s; a Cairn volume is attached to one node at a time", id, a.Node)
+		}
+		if a.ReadOnly != req.GetReadonly() {
+			return nil, status.Errorf(codes.AlreadyExists, "volume %s is published to %s with read-only %v", id, a.Node, a.ReadOnly)
+		}
+	}
+	if _, err := c.Meta.Attach(ctx, id, node, req.GetReadonly(), ""); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csipb.ControllerPublishVolumeResponse{PublishContext: map[string]string{"epoch-attached": "true"}}, nil
+}
+
+// ControllerUnpublishVolume detaches; a volume already detached (or gone)
+// is success.
+func (c *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.ControllerUnpublishVolumeRequest) (*csipb.ControllerUnpublishVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	unlock, err := c.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if _, err := c.Meta.Detach(ctx, id, req.GetNodeId()); err != nil && !isNotFound(err) {
+		return nil, toStatus(err)
+	}
+	return &csipb.ControllerUnpublishVolumeResponse{}, nil
+}
+
+// ValidateVolumeCapabilities confirms the capabilities Cairn supports.
+func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.ValidateVolumeCapabilitiesRequest) (*csipb.ValidateVolumeCapabilitiesResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if len(req.GetVolumeCapabilities()) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
+	}
+	if _, err := c.Meta.Volume(ctx, req.GetVolumeId()); err != nil {
+		return nil, toStatus(err)
+	}
+	if _, err := ParseParams(req.GetParameters()); err != nil {
+		return nil, toStatus(err)
+	}
+	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+		return &csipb.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+	}
+	return &csipb.ValidateVolumeCapabilitiesResponse{Confirmed: &csipb.ValidateVolumeCapabilitiesResponse_Confirmed{
+		VolumeContext: req.GetVolumeContext(), VolumeCapabilities: req.GetVolumeCapabilities(), Parameters: req.GetParameters(),
+	}}, nil
+}
+
+// ListVolumes pages through the volumes in id order; the token is the
+// index of the next entry.
+func (c *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequest) (*csipb.ListVolumesResponse, error) {
+	vols, next, err := c.page(ctx, req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
+	}
+	resp := &csipb.ListVolumesResponse{NextToken: next}
+	for _, v := range vols {
+		resp.Entries = append(resp.Entries, &csipb.ListVolumesResponse_Entry{Volume: csiVolume(v), Status: volumeStatus(v)})
+	}
+	return resp, nil
+}
+
+// page returns one page of the live volumes in id order; a token is the
+// index of the next entry.
+func (c *Controller) page(ctx context.Context, token string, maxEntries int32) ([]*meta.Volume, string, error) {
+	if maxEntries < 0 {
+		return nil, "", status.Error(codes.InvalidArgument, "max entries must not be negative")
+	}
+	st, err := c.Meta.State(ctx, true)
+	if err != nil {
+		return nil, "", toStatus(err)
+	}
+	vols := st.SortedVolumes()
+	start := 0
+	if token != "" {
+		n, err := strconv.Atoi(token)
+		if err != nil || n < 0 || n > len(vols) {
+			return nil, "", status.Errorf(codes.Aborted, "starting token %q is not valid (any more)", token)
+		}
+		start = n
+	}
+	end := len(vols)
+	if m := int(maxEntries); m > 0 && start+m < end {
+		end = start + m
+	}
+	next := ""
+	if end < len(vols) {
+		next = strconv.Itoa(end)
+	}
+	return vols[start:end], next, nil
+}
+
+// volumeStatus gives the node the volume is published to.
+func volumeStatus(v *meta.Volume) *csipb.ListVolumesResponse_VolumeStatus {
+	s := &csipb.ListVolumesResponse_VolumeStatus{}
+	if v.Attachment != nil {
+		s.PublishedNodeIds = []string{v.Attachment.Node}
+	}
+	return s
+}
+
+// volumeHealth is degraded while the volume has fewer healthy replicas than
+// it should, and inaccessible with none. (CSI v1.13 carries health in these
+// RPCs; earlier versions had a VolumeCondition.)
+func volumeHealth(v *meta.Volume) *csipb.VolumeHealth {
+	h := &csipb.VolumeHealth{VolumeId: v.ID}
+	healthy := v.HealthyReplicas()
+	if healthy >= v.ReplicaCount {
+		return h
+	}
+	msg := fmt.Sprintf("%d of %d replicas healthy", healthy, v.ReplicaCount)
+	if rb := v.Rebuild; rb != nil && !rb.Done && rb.BytesTotal > 0 {
+		msg += fmt.Sprintf("; rebuilding %s, %.0f%% compared", rb.ReplicaID, 100*float64(rb.BytesCompared)/float64(rb.BytesTotal))
+	}
+	st := csipb.VolumeHealthErrorType_DEGRADED
+	if healthy == 0 {
+		st = csipb.VolumeHealthErrorType_INACCESSIBLE
+	}
+	h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{{Status: st, Reason: "ReplicasDegraded", Message: msg}}
+	return h
+}
+
+// ControllerGetVolume describes one volume and where it is published.
+func (c *Controller) ControllerGetVolume(ctx context.Context, req *csipb.ControllerGetVolumeRequest) (*csipb.ControllerGetVolumeResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csipb.ControllerGetVolumeResponse{Volume: csiVolume(v), Status: &csipb.ControllerGetVolumeResponse_VolumeStatus{
+		PublishedNodeIds: volumeStatus(v).PublishedNodeIds,
+	}}, nil
+}
+
+// ControllerGetVolumeHealth reports a degraded or inaccessible volume.
+func (c *Controller) ControllerGetVolumeHealth(ctx context.Context, req *csipb.ControllerGetVolumeHealthRequest) (*csipb.ControllerGetVolumeHealthResponse, error) {
+	if req.GetVolumeId() == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	return &csipb.ControllerGetVolumeHealthResponse{VolumeHealth: volumeHealth(v)}, nil
+}
+
+// ControllerListVolumeHealth pages through the health of every volume.
+func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.ControllerListVolumeHealthRequest) (*csipb.ControllerListVolumeHealthResponse, error) {
+	vols, next, err := c.page(ctx, req.GetStartingToken(), req.GetMaxEntries())
+	if err != nil {
+		return nil, err
+	}
+	resp := &csipb.ControllerListVolumeHealthResponse{NextToken: next}
+	for _, v := range vols {
+		resp.Entries = append(resp.Entries, volumeHealth(v))
+	}
+	return resp, nil
+}
+
+// GetCapacity is the room left for one more replica's worth of data in the
+// topology segment: the largest free space on one up node (thin
+// provisioning: capacity × ratio minus what is placed there).
+func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
+	if _, err := ParseParams(req.GetParameters()); err != nil {
+		return nil, toStatus(err)
+	}
+	if len(req.GetVolumeCapabilities()) > 0 {
+		if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
+			return &csipb.GetCapacityResponse{}, nil
+		}
+	}
+	st, err := c.Meta.State(ctx, false)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	zone, byZone := req.GetAccessibleTopology().GetSegments()[TopologyZoneKey]
+	zone = storeZone(zone)
+	ratio := st.OverProvisioningRatio
+	if ratio <= 0 {
+		ratio = 1
+	}
+	used := map[string]uint64{}
+	for _, v := range st.Volumes {
+		if v.State == meta.VolumeDeleted {
+			continue
+		}
+		for _, r := range v.Replicas {
+			used[r.Node] += v.SizeBytes
+		}
+	}
+	var best, total uint64
+	for _, n := range st.Nodes {
+		if n.State != meta.NodeUp || (byZone && n.Zone != zone) {
+			continue
+		}
+		limit := uint64(float64(n.CapacityBytes) * ratio)
+		if limit > used[n.ID] {
+			free := limit - used[n.ID]
+			total += free
+			best = max(best, free)
+		}
+	}
+	return &csipb.GetCapacityResponse{
+		AvailableCapacity: int64(min(total, uint64(1<<62))),
+		MaximumVolumeSize: wrapInt64(min(best, uint64(MaxSize))),
+	}, nil
+}

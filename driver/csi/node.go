@@ -1,0 +1,419 @@
+package csi
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"go.uber.org/zap"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	mount "k8s.io/mount-utils"
+	utilexec "k8s.io/utils/exec"
+
+	"github.com/cairn-csi/cairn/driver/frontend/fuse"
+	"github.com/cairn-csi/cairn/replication/engine"
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// NodeConfig configures the CSI Node service.
+type NodeConfig struct {
+	NodeID string
+	Zone   string
+	// MaxVolumes is how many volumes this node may stage (0: no limit).
+	MaxVolumes int64
+	// StateDir holds the FUSE mount that exposes staged volumes as files.
+	StateDir string
+	// AllowedRoots, if set, are the only directories staging and target
+	// paths may lie under (kubelet's directory in production).
+	AllowedRoots []string
+	Meta         *meta.Client
+	Logger       *zap.Logger
+	// RebuildBytesPerSecond paces rebuilds done by staged volumes' engines.
+	RebuildBytesPerSecond uint64
+}
+
+// Node is the CSI Node service: stage = engine + FUSE file + loop device
+// (+ filesystem), publish = bind mount.
+type Node struct {
+	csipb.UnimplementedNodeServer
+	cfg     NodeConfig
+	log     *zap.Logger
+	mounter *mount.SafeFormatAndMount
+	locks   *volumeLocks
+
+	mu     sync.Mutex
+	fs     *fuse.Server
+	staged map[string]*stagedVolume
+}
+
+type stagedVolume struct {
+	engine  *engine.Engine
+	file    string // FUSE file name (the volume id)
+	dev     string // loop device
+	staging string
+	block   bool
+}
+
+// NewNode returns the Node service.
+func NewNode(cfg NodeConfig) *Node {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	return &Node{
+		cfg: cfg, log: cfg.Logger.Named("csi-node").With(zap.String("node_id", cfg.NodeID)),
+		mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
+		locks:   newVolumeLocks(), staged: map[string]*stagedVolume{},
+	}
+}
+
+// Close unstages nothing (volumes stay staged for kubelet) but stops the
+// engines and the FUSE mount; the loop devices lose their backing file.
+func (n *Node) Close() {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for id, s := range n.staged {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_ = s.engine.Close(ctx)
+		cancel()
+		n.log.Warn("node plugin stopping with a staged volume", zap.String("volume_id", id), zap.String("device", s.dev))
+	}
+	if n.fs != nil {
+		for _, s := range n.staged {
+			_ = fuse.DetachLoop(s.dev)
+		}
+		_ = n.fs.Unmount()
+	}
+}
+
+// NodeGetInfo names the node and its zone.
+func (n *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.NodeGetInfoResponse, error) {
+	return &csipb.NodeGetInfoResponse{NodeId: n.cfg.NodeID, MaxVolumesPerNode: n.cfg.MaxVolumes,
+		AccessibleTopology: &csipb.Topology{Segments: map[string]string{TopologyZoneKey: zoneLabel(n.cfg.Zone)}}}, nil
+}
+
+// NodeGetCapabilities lists the node's RPCs.
+func (n *Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRequest) (*csipb.NodeGetCapabilitiesResponse, error) {
+	var caps []*csipb.NodeServiceCapability
+	for _, t := range []csipb.NodeServiceCapability_RPC_Type{
+		csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+	} {
+		caps = append(caps, &csipb.NodeServiceCapability{Type: &csipb.NodeServiceCapability_Rpc{Rpc: &csipb.NodeServiceCapability_RPC{Type: t}}})
+	}
+	return &csipb.NodeGetCapabilitiesResponse{Capabilities: caps}, nil
+}
+
+// checkPath refuses relative paths and paths outside the allowed roots.
+func (n *Node) checkPath(what, p string) error {
+	if p == "" {
+		return status.Errorf(codes.InvalidArgument, "%s is required", what)
+	}
+	if !filepath.IsAbs(p) {
+		return status.Errorf(codes.InvalidArgument, "%s %q is not an absolute path", what, p)
+	}
+	clean := filepath.Clean(p)
+	if len(n.cfg.AllowedRoots) == 0 {
+		return nil
+	}
+	for _, root := range n.cfg.AllowedRoots {
+		root = filepath.Clean(root)
+		if clean == root || strings.HasPrefix(clean, root+string(filepath.Separator)) {
+			return nil
+		}
+	}
+	return status.Errorf(codes.InvalidArgument, "%s %q is outside the allowed roots %v", what, p, n.cfg.AllowedRoots)
+}
+
+// fuseServer mounts the FUSE file system on first use.
+func (n *Node) fuseServer() (*fuse.Server, error) {
+	if n.fs != nil {
+		return n.fs, nil
+	}
+	dir := filepath.Join(n.cfg.StateDir, "fuse")
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, err
+	}
+	// A FUSE mount left by a crashed node agent must go before a new one.
+	_ = mount.CleanupMountPoint(dir, n.mounter, true)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, err
+	}
+	fs, err := fuse.Mount(n.log, dir)
+	if err != nil {
+		return nil, fmt.Errorf("mount FUSE at %s: %w", dir, err)
+	}
+	n.fs = fs
+	return fs, nil
+}
+
+// NodeStageVolume starts the engine, exposes the volume as a loop device,
+// formats it when blank (never when it holds data) and mounts it.
+func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if err := n.checkPath("staging target path", staging); err != nil {
+		return nil, err
+	}
+	vc := req.GetVolumeCapability()
+	if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
+		return nil, err
+	}
+	unlock, err := n.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if s, ok := n.staged[id]; ok {
+		if s.staging != staging {
+			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", id, s.staging, staging)
+		}
+		return &csipb.NodeStageVolumeResponse{}, nil
+	}
+	if n.cfg.MaxVolumes > 0 && int64(len(n.staged)) >= n.cfg.MaxVolumes {
+		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged))
+	}
+	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
+		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond})
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	s := &stagedVolume{engine: e, file: id, staging: staging, block: vc.GetBlock() != nil}
+	undo := func() {
+		if s.dev != "" {
+			_ = fuse.DetachLoop(s.dev)
+		}
+		if n.fs != nil {
+			_ = n.fs.Remove(s.file)
+		}
+		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		_ = e.Close(cctx)
+		cancel()
+	}
+	fs, err := n.fuseServer()
+	if err != nil {
+		undo()
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	path, err := fs.Add(s.file, e)
+	if err != nil {
+		undo()
+		return nil, status.Errorf(codes.Internal, "expose volume %s: %v", id, err)
+	}
+	if s.dev, err = fuse.AttachLoop(path); err != nil {
+		undo()
+		return nil, status.Errorf(codes.Internal, "attach a loop device to %s: %v", path, err)
+	}
+	if !s.block {
+		fsType := vc.GetMount().GetFsType()
+		if fsType == "" {
+			fsType = "ext4"
+		}
+		if err := os.MkdirAll(staging, 0o750); err != nil {
+			undo()
+			return nil, status.Errorf(codes.Internal, "create %s: %v", staging, err)
+		}
+		// FormatAndMount formats only a device without a filesystem.
+		if err := n.mounter.FormatAndMount(s.dev, staging, fsType, vc.GetMount().GetMountFlags()); err != nil {
+			undo()
+			return nil, status.Errorf(codes.Internal, "format and mount %s (%s) at %s: %v", s.dev, fsType, staging, err)
+		}
+	}
+	n.staged[id] = s
+	n.log.Info("volume staged", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("staging", staging),
+		zap.Bool("block", s.block), zap.Uint64("epoch", e.Epoch()))
+	return &csipb.NodeStageVolumeResponse{}, nil
+}
+
+// NodeUnstageVolume unmounts, detaches the loop device, flushes and stops
+// the engine. A volume not staged (or staged before a crash of the node
+// plugin) is cleaned up as far as anything is left, and is success.
+func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
+	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if err := n.checkPath("staging target path", staging); err != nil {
+		return nil, err
+	}
+	unlock, err := n.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if err := unmountIfMounted(n.mounter, staging); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmount %s: %v", staging, err)
+	}
+	s, ok := n.staged[id]
+	if !ok {
+		// Left over from before a restart: a loop device on the old FUSE file.
+		if dev, found := fuse.FindLoop(filepath.Join(n.cfg.StateDir, "fuse", id)); found {
+			_ = fuse.DetachLoop(dev)
+		}
+		return &csipb.NodeUnstageVolumeResponse{}, nil
+	}
+	if err := fuse.DetachLoop(s.dev); err != nil {
+		return nil, status.Errorf(codes.Internal, "detach %s: %v", s.dev, err)
+	}
+	if err := n.fs.Remove(s.file); err != nil {
+		n.log.Warn("remove FUSE file", zap.String("volume_id", id), zap.Error(err))
+	}
+	if err := s.engine.Close(ctx); err != nil {
+		n.log.Warn("engine did not close cleanly", zap.String("volume_id", id), zap.Error(err))
+	}
+	delete(n.staged, id)
+	n.log.Info("volume unstaged", zap.String("volume_id", id))
+	return &csipb.NodeUnstageVolumeResponse{}, nil
+}
+
+func unmountIfMounted(m mount.Interface, path string) error {
+	notMnt, err := m.IsLikelyNotMountPoint(path)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil
+	}
+	if err != nil && !mount.IsCorruptedMnt(err) {
+		return err
+	}
+	if err == nil && notMnt {
+		return nil
+	}
+	return m.Unmount(path)
+}
+
+// NodePublishVolume bind-mounts the staged filesystem (or the device file,
+// for a raw block volume) at the target path.
+func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
+	id, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if err := n.checkPath("target path", target); err != nil {
+		return nil, err
+	}
+	if err := n.checkPath("staging target path", staging); err != nil {
+		return nil, err
+	}
+	vc := req.GetVolumeCapability()
+	if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
+		return nil, err
+	}
+	unlock, err := n.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	n.mu.Lock()
+	s, ok := n.staged[id]
+	n.mu.Unlock()
+	if !ok {
+		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on %s", id, n.cfg.NodeID)
+	}
+	if s.block != (vc.GetBlock() != nil) {
+		return nil, status.Errorf(codes.InvalidArgument, "volume %s was staged as %s, published as the other", id, map[bool]string{true: "block", false: "mount"}[s.block])
+	}
+	opts := []string{"bind"}
+	if req.GetReadonly() {
+		opts = append(opts, "ro")
+	}
+	source := staging
+	if s.block {
+		source = s.dev
+		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+		f, err := os.OpenFile(target, os.O_CREATE, 0o640)
+		if err != nil {
+			return nil, status.Errorf(codes.Internal, "create %s: %v", target, err)
+		}
+		if err := f.Close(); err != nil {
+			return nil, status.Error(codes.Internal, err.Error())
+		}
+	} else {
+		if err := os.MkdirAll(target, 0o750); err != nil {
+			return nil, status.Errorf(codes.Internal, "create %s: %v", target, err)
+		}
+		opts = append(opts, vc.GetMount().GetMountFlags()...)
+	}
+	notMnt, err := n.mounter.IsLikelyNotMountPoint(target)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, status.Errorf(codes.Internal, "check %s: %v", target, err)
+	}
+	if err == nil && !notMnt {
+		return &csipb.NodePublishVolumeResponse{}, nil // already published
+	}
+	if err := n.mounter.Mount(source, target, "", opts); err != nil {
+		return nil, status.Errorf(codes.Internal, "bind mount %s at %s: %v", source, target, err)
+	}
+	return &csipb.NodePublishVolumeResponse{}, nil
+}
+
+// NodeUnpublishVolume unmounts the target path and removes it; a target
+// already gone is success.
+func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
+	id, target := req.GetVolumeId(), req.GetTargetPath()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if err := n.checkPath("target path", target); err != nil {
+		return nil, err
+	}
+	unlock, err := n.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if err := mount.CleanupMountPoint(target, n.mounter, true); err != nil {
+		return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
+	}
+	return &csipb.NodeUnpublishVolumeResponse{}, nil
+}
+
+// NodeGetVolumeStats reports bytes and inodes of a mounted volume, the size
+// of a block one.
+func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
+	id, p := req.GetVolumeId(), req.GetVolumePath()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	if p == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+	}
+	fi, err := os.Stat(p)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", p)
+	}
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	n.mu.Lock()
+	s, staged := n.staged[id]
+	n.mu.Unlock()
+	if !staged {
+		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on %s", id, n.cfg.NodeID)
+	}
+	if fi.Mode()&os.ModeDevice != 0 || s.block {
+		return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{{Unit: csipb.VolumeUsage_BYTES, Total: int64(s.engine.Size())}}}, nil
+	}
+	var st syscall.Statfs_t
+	if err := syscall.Statfs(p, &st); err != nil {
+		return nil, status.Errorf(codes.Internal, "statfs %s: %v", p, err)
+	}
+	bs := int64(st.Bsize)
+	return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{
+		{Unit: csipb.VolumeUsage_BYTES, Total: int64(st.Blocks) * bs, Available: int64(st.Bavail) * bs, Used: int64(st.Blocks-st.Bfree) * bs},
+		{Unit: csipb.VolumeUsage_INODES, Total: int64(st.Files), Available: int64(st.Ffree), Used: int64(st.Files - st.Ffree)},
+	}}, nil
+}
