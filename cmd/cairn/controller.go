@@ -51,7 +51,7 @@ func newControllerCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:     "controller",
 		Short:   "Run the CSI controller (Identity + Controller services)",
-		Example: `  cairn controller --endpoint unix:///csi/csi.sock --meta cairn-node-0.cairn:7002,cairn-node-1.cairn:7002`,
+		Example: `  cairn controller --endpoint unix:///csi/csi.sock --meta cairn-meta.cairn-system.svc:7002`,
 		Args:    cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := bindEnv(cmd.Flags()); err != nil {

@@ -226,7 +226,7 @@ func runNode(o *nodeOptions) error {
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
 			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: log,
 			RebuildBytesPerSecond: rate})
-		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self}, nil, csiNode)
+		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}
 	var metricsSrv *http.Server
 	if o.MetricsAddr != "" {

@@ -172,6 +172,10 @@ type Identity struct {
 	Meta    *meta.Client
 	// Ready, if set, must also say yes for Probe to report ready.
 	Ready func() bool
+	// Local makes Probe ask only whether this node's own store member
+	// answers, not whether the store has a leader: a node plugin's liveness
+	// must not restart every node agent when the cluster loses quorum.
+	Local bool
 }
 
 // GetPluginInfo names the driver and its version.
@@ -198,8 +202,14 @@ func (i *Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabi
 func (i *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	st, err := i.Meta.Status(ctx)
-	ready := err == nil && st.Leader != ""
+	var ready bool
+	if i.Local {
+		_, err := i.Meta.Info(ctx)
+		ready = err == nil
+	} else {
+		st, err := i.Meta.Status(ctx)
+		ready = err == nil && st.Leader != ""
+	}
 	if ready && i.Ready != nil {
 		ready = i.Ready()
 	}

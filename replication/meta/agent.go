@@ -254,6 +254,32 @@ func (a *Agent) joinLoop(addrs []string) {
 // bootstraps all of them with the same configuration, or joins when it finds
 // that a cluster already runs.
 func (a *Agent) bootstrapLoop(self raft.Server) {
+	// The first members are this node and its peers. When more peers are
+	// listed than that, the list itself names the first members: a node
+	// not on it joins them instead of guessing a configuration of its own
+	// (two different first configurations would make two clusters).
+	others := map[string]bool{}
+	listed := false
+	for _, p := range a.cfg.Peers {
+		if p == a.APIAddr() {
+			listed = true
+		} else {
+			others[p] = true
+		}
+	}
+	switch {
+	case len(others)+1 == a.cfg.BootstrapExpect:
+	case listed && len(others)+1 > a.cfg.BootstrapExpect:
+		a.fail(fmt.Errorf("--peers names %d members, --bootstrap-expect %d: list exactly the first members", len(others)+1, a.cfg.BootstrapExpect))
+		return
+	case !listed && len(others) >= a.cfg.BootstrapExpect:
+		a.log.Info("not one of the first members named in --peers; joining them")
+		a.joinLoop(a.cfg.Peers)
+		return
+	default:
+		a.fail(fmt.Errorf("--bootstrap-expect %d needs %d peers, --peers names %d", a.cfg.BootstrapExpect, a.cfg.BootstrapExpect-1, len(others)))
+		return
+	}
 	clients := map[string]*Client{}
 	defer func() {
 		for _, c := range clients {
@@ -292,20 +318,14 @@ func (a *Agent) bootstrapLoop(self raft.Server) {
 			}
 			servers = append(servers, raft.Server{ID: raft.ServerID(info.NodeID), Address: raft.ServerAddress(info.RaftAddr), Suffrage: raft.Voter})
 		}
-		if len(servers) >= a.cfg.BootstrapExpect {
+		if len(servers) == a.cfg.BootstrapExpect {
+			// Every first member computes the same sorted list.
 			sort.Slice(servers, func(i, j int) bool { return servers[i].ID < servers[j].ID })
-			servers = servers[:a.cfg.BootstrapExpect]
-			in := false
-			for _, s := range servers {
-				in = in || s.ID == self.ID
+			a.log.Info("bootstrapping cluster", zap.Int("members", len(servers)))
+			if err := a.store.Bootstrap(servers); err != nil {
+				a.fail(err)
 			}
-			if in {
-				a.log.Info("bootstrapping cluster", zap.Int("members", len(servers)))
-				if err := a.store.Bootstrap(servers); err != nil {
-					a.fail(err)
-				}
-				return
-			}
+			return
 		}
 		if a.store.raft.Leader() != "" {
 			return // another member bootstrapped us in
