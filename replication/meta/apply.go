@@ -487,7 +487,7 @@ func applyRequest(s *State, c *Request) (Result, error) {
 	}
 	if i, ok := s.requestIndex[c.ID]; ok {
 		r := s.Requests[i]
-		return r.Result, fromWire(r.Err)
+		return cloneResult(r.Result), fromWire(r.Err)
 	}
 	inner, err := Decode(c.Command)
 	if err != nil {

@@ -1553,3 +1553,326 @@ func TestApplyRebuildProgress(t *testing.T) {
 		}
 	}
 }
+
+// wrap encodes c into a Request with the given id, as Client.Apply sends it.
+func wrap(t testing.TB, id string, c Command) *Request {
+	t.Helper()
+	b, err := Encode(c)
+	if err != nil {
+		t.Fatalf("Encode(%#v): %v", c, err)
+	}
+	return &Request{ID: id, Command: b}
+}
+
+// sameAnswer fails the test unless (res, err) is (wantRes, wantErr): equal
+// results, and errors of the same sentinel with the same message, or none.
+func sameAnswer(t testing.TB, what string, res Result, err error, wantRes Result, wantErr error) {
+	t.Helper()
+	if !reflect.DeepEqual(res, wantRes) || !reflect.DeepEqual(toWire(err), toWire(wantErr)) {
+		t.Fatalf("%s = (%+v, %v), want (%+v, %v)", what, res, err, wantRes, wantErr)
+	}
+}
+
+// TestApplyRequestAppliesOnce: a command in a Request is applied once however
+// often the request is sent, and a retry gets the first answer, error
+// included; under another id it is another request and is applied again. A
+// twin FSM applying the bare command once and then again gives the expected
+// answers and states.
+func TestApplyRequestAppliesOnce(t *testing.T) {
+	cluster3 := func(h *harness) { h.cluster(3, 10) }
+	withVolume := func(h *harness) { h.cluster(3, 10); h.createVolume("v1", 1, 3) }
+	tests := []struct {
+		name  string
+		setup func(h *harness)
+		cmd   func(s *State) Command
+		// first and again are the errors of the bare command applied once
+		// and then a second time.
+		first, again error
+	}{
+		{name: "init cluster (an empty result)",
+			cmd: func(*State) Command { return &InitCluster{ClusterID: "c1", OverProvisioningRatio: 2} }},
+		{name: "register node", cmd: func(*State) Command {
+			return &RegisterNode{Node: Node{ID: "n1", RaftAddr: "n1:7000", APIAddr: "n1:7001", CapacityBytes: gib}, Time: 5}
+		}},
+		{name: "create volume (idempotent by name)", setup: cluster3, cmd: func(*State) Command {
+			return &CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3, CreatedAt: 1}
+		}},
+		{name: "attach volume (idempotent when attached so)", setup: withVolume, cmd: func(s *State) Command {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: sockA, ExpectEpoch: s.Volumes["v1"].Epoch}
+		}},
+		{name: "set replica state (compare-and-set)", setup: withVolume, cmd: func(s *State) Command {
+			v := s.Volumes["v1"]
+			return &SetReplicaState{VolumeID: "v1", ReplicaID: v.Replicas[0].ID, State: ReplicaStale, ExpectEpoch: v.Epoch}
+		}, again: ErrEpochMismatch},
+		{name: "replace replica (compare-and-set, places a replica)", setup: func(h *harness) {
+			h.cluster(5, 10)
+			v := h.createVolume("v1", 1, 3)
+			h.setReplica("v1", v.Replicas[0].ID, ReplicaFailed)
+		}, cmd: func(s *State) Command {
+			v := s.Volumes["v1"]
+			return &ReplaceReplica{VolumeID: "v1", ReplicaID: v.Replicas[0].ID, ExpectEpoch: v.Epoch}
+		}, again: ErrNotFound}, // the replica it names is gone
+		{name: "delete volume", setup: withVolume, cmd: func(*State) Command { return &DeleteVolume{VolumeID: "v1"} },
+			again: ErrNotFound},
+		{name: "delete snapshot", setup: func(h *harness) {
+			withVolume(h)
+			h.must(&CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1", CreatedAt: 2})
+		}, cmd: func(*State) Command { return &DeleteSnapshot{SnapshotID: "s1"} }, again: ErrNotFound},
+		{name: "failing: volume not found", setup: cluster3, cmd: func(*State) Command { return &DeleteVolume{VolumeID: "nope"} },
+			first: ErrNotFound, again: ErrNotFound},
+		{name: "failing: stale epoch", setup: withVolume, cmd: func(s *State) Command {
+			return &AttachVolume{VolumeID: "v1", NodeID: "n1", ExpectEpoch: s.Volumes["v1"].Epoch + 1}
+		}, first: ErrEpochMismatch, again: ErrEpochMismatch},
+		{name: "failing: cluster mismatch", setup: cluster3, cmd: func(*State) Command { return &InitCluster{ClusterID: "other"} },
+			first: ErrClusterMismatch, again: ErrClusterMismatch},
+		{name: "failing: no room", setup: func(h *harness) { h.cluster(2, 10) }, cmd: func(*State) Command {
+			return &CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3}
+		}, first: ErrResourceExhausted, again: ErrResourceExhausted},
+		{name: "failing: illegal transition", setup: withVolume, cmd: func(*State) Command {
+			return &SetVolumeState{VolumeID: "v1", State: VolumeReleasing}
+		}, first: ErrIllegalTransition, again: ErrIllegalTransition},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			direct, wrapped := newHarness(t), newHarness(t)
+			if tt.setup != nil {
+				tt.setup(direct)
+				tt.setup(wrapped)
+			}
+			before := wrapped.state()
+			c := tt.cmd(before)
+
+			// The bare command, applied once and then again.
+			res1, err1 := direct.apply(c)
+			once := direct.state()
+			res2, err2 := direct.apply(c)
+			twice := direct.state()
+			for _, e := range []struct{ got, want error }{{err1, tt.first}, {err2, tt.again}} {
+				if !errors.Is(e.got, e.want) || (e.want == nil && e.got != nil) {
+					t.Fatalf("bare command: errors (%v, %v), want (%v, %v)", err1, err2, tt.first, tt.again)
+				}
+			}
+
+			// In a request: applied once, with its record.
+			res, err := wrapped.apply(wrap(t, "req-a", c))
+			sameAnswer(t, "request", res, err, res1, err1)
+			after := wrapped.state()
+			if got := stripRequests(after); !reflect.DeepEqual(got, once) {
+				t.Fatalf("the request changed the state otherwise than its command:\n%s\nwant\n%s", dumpJSON(got), dumpJSON(once))
+			}
+			wantRecs := append(append([]RequestRecord(nil), before.Requests...), RequestRecord{ID: "req-a", Result: res1, Err: toWire(err1)})
+			if !reflect.DeepEqual(after.Requests, wantRecs) {
+				t.Fatalf("request table %s, want %s", dumpJSON(after.Requests), dumpJSON(wantRecs))
+			}
+			// Sent again: the first answer, and nothing changes.
+			for i := 0; i < 2; i++ {
+				res, err := wrapped.apply(wrap(t, "req-a", c))
+				sameAnswer(t, "repeated request", res, err, res1, err1)
+				if got := wrapped.state(); !reflect.DeepEqual(got, after) {
+					t.Fatalf("repeated request changed the state:\n%s\nwant\n%s", dumpJSON(got), dumpJSON(after))
+				}
+			}
+			// Under another id: applied again.
+			res, err = wrapped.apply(wrap(t, "req-b", c))
+			sameAnswer(t, "request with another id", res, err, res2, err2)
+			afterB := wrapped.state()
+			if got := stripRequests(afterB); !reflect.DeepEqual(got, twice) {
+				t.Fatalf("the second request changed the state otherwise than its command:\n%s\nwant\n%s", dumpJSON(got), dumpJSON(twice))
+			}
+			if n := len(afterB.Requests); n != len(before.Requests)+2 || afterB.Requests[n-1].ID != "req-b" {
+				t.Fatalf("request table after two requests: %s", dumpJSON(afterB.Requests))
+			}
+			// The first id still gets the first answer.
+			res, err = wrapped.apply(wrap(t, "req-a", c))
+			sameAnswer(t, "first request, sent a third time", res, err, res1, err1)
+			if got := wrapped.state(); !reflect.DeepEqual(got, afterB) {
+				t.Fatalf("repeated request changed the state")
+			}
+		})
+	}
+}
+
+// TestApplyRequestSameIDOtherCommand: the id decides what a retry is; a
+// different command under a remembered id is not applied and gets the
+// remembered answer.
+func TestApplyRequestSameIDOtherCommand(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	first := h.must(wrap(t, "req-a", &CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3}))
+	_, failed := h.apply(wrap(t, "req-b", &DeleteVolume{VolumeID: "nope"}))
+	if !errors.Is(failed, ErrNotFound) {
+		t.Fatalf("delete of an unknown volume: %v, want ErrNotFound", failed)
+	}
+	want := h.state()
+	for _, c := range []Command{
+		&DeleteVolume{VolumeID: "v1"},
+		&CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 1},
+		&InitCluster{ClusterID: "other"},
+	} {
+		res, err := h.apply(wrap(t, "req-a", c))
+		sameAnswer(t, fmt.Sprintf("%T under req-a", c), res, err, first, nil)
+		res, err = h.apply(wrap(t, "req-b", c))
+		sameAnswer(t, fmt.Sprintf("%T under req-b", c), res, err, Result{}, failed)
+		if got := h.state(); !reflect.DeepEqual(got, want) {
+			t.Fatalf("%T under a remembered id changed the state:\n%s", c, dumpJSON(got))
+		}
+	}
+}
+
+// TestApplyRequestRefused: a request without an id, one in a request, and
+// one whose command does not decode are refused as a whole: an error, no
+// change, no record, so the id stays free.
+func TestApplyRequestRefused(t *testing.T) {
+	enc := func(c Command) []byte {
+		b, err := Encode(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	create := enc(&CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 1})
+	tests := []struct {
+		name string
+		req  *Request
+		want error
+	}{
+		{"no id", &Request{Command: create}, ErrInvalidArgument},
+		{"no id, no command", &Request{}, ErrInvalidArgument},
+		{"no id, a request inside", &Request{Command: enc(&Request{ID: "r2", Command: create})}, ErrInvalidArgument},
+		{"request in a request", &Request{ID: "r1", Command: enc(&Request{ID: "r2", Command: create})}, ErrBadCommand},
+		{"request in a request, same id", &Request{ID: "r1", Command: enc(&Request{ID: "r1", Command: create})}, ErrBadCommand},
+		{"request in a request, remembered inner id", &Request{ID: "r1", Command: enc(&Request{ID: "seen", Command: create})}, ErrBadCommand},
+		{"request in a request without an id", &Request{ID: "r1", Command: enc(&Request{})}, ErrBadCommand},
+		{"no command", &Request{ID: "r1"}, ErrBadCommand},
+		{"empty command", &Request{ID: "r1", Command: []byte{}}, ErrBadCommand},
+		{"one byte", &Request{ID: "r1", Command: []byte{byte(CmdCreateVolume)}}, ErrBadCommand},
+		{"unknown type", &Request{ID: "r1", Command: cmdBytes(200, commandVersion, `{}`)}, ErrBadCommand},
+		{"type 0", &Request{ID: "r1", Command: cmdBytes(0, commandVersion, `{}`)}, ErrBadCommand},
+		{"future version", &Request{ID: "r1", Command: cmdBytes(CmdDeleteVolume, commandVersion+1, `{"volume_id":"v1"}`)}, ErrBadCommand},
+		{"bad JSON", &Request{ID: "r1", Command: cmdBytes(CmdCreateVolume, commandVersion, `{"id":`)}, ErrBadCommand},
+		{"unknown field", &Request{ID: "r1", Command: cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":"v1","force":true}`)}, ErrBadCommand},
+		{"trailing brace", &Request{ID: "r1", Command: cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":"v1"}}`)}, ErrBadCommand},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			seen := h.must(wrap(t, "seen", &CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3}))
+			before := h.state()
+			err := h.fails(tt.req, tt.want)
+			if tt.req.ID != "" {
+				// A command that does not decode: the error is Decode's.
+				if _, decErr := Decode(tt.req.Command); decErr != nil && err.Error() != decErr.Error() {
+					t.Errorf("error %q, want Decode's %q", err, decErr)
+				}
+			}
+			if got := h.state(); !reflect.DeepEqual(got, before) {
+				t.Fatalf("refused request changed the state:\n%s", dumpJSON(got))
+			}
+			// The remembered request is still remembered, and a refused id
+			// was not: a good request under it is applied.
+			res, err := h.apply(wrap(t, "seen", &DeleteVolume{VolumeID: "v1"}))
+			sameAnswer(t, "remembered request", res, err, seen, nil)
+			if tt.req.ID != "" {
+				res := h.must(wrap(t, tt.req.ID, &CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 1}))
+				if res.Volume == nil || res.Volume.ID != "v2" || h.volume("v2") == nil {
+					t.Fatalf("request %q after its refusal = %+v, want volume v2 created", tt.req.ID, res)
+				}
+			}
+		})
+	}
+}
+
+// TestApplyRequestEviction: the table keeps the last MaxRememberedRequests
+// requests; the oldest is forgotten first, and a forgotten id is a new
+// request again. It drives apply on a bare State: the harness copies the
+// state, table and all, twice per entry.
+func TestApplyRequestEviction(t *testing.T) {
+	const max = MaxRememberedRequests
+	s := NewState()
+	if _, err := apply(s, &RegisterNode{Node: Node{ID: "n1", RaftAddr: "n1:7000", APIAddr: "n1:7001"}}); err != nil {
+		t.Fatal(err)
+	}
+	// Request req-i reports i free bytes, and its result says so.
+	reqs := make([]*Request, max+1)
+	for i := range reqs {
+		reqs[i] = wrap(t, fmt.Sprintf("req-%d", i), &NodeHeartbeat{NodeID: "n1", FreeBytes: uint64(i), Time: int64(i)})
+	}
+	send := func(i int) uint64 {
+		t.Helper()
+		res, err := apply(s, reqs[i])
+		if err != nil || res.Node == nil {
+			t.Fatalf("request %d = (%+v, %v)", i, res, err)
+		}
+		return res.Node.FreeBytes
+	}
+	free := func() uint64 { return s.Nodes["n1"].FreeBytes }
+	checkTable := func(first, last string) {
+		t.Helper()
+		if n := len(s.Requests); n != max || s.Requests[0].ID != first || s.Requests[n-1].ID != last {
+			t.Fatalf("table of %d records from %s to %s, want %d from %s to %s",
+				n, s.Requests[0].ID, s.Requests[n-1].ID, max, first, last)
+		}
+	}
+
+	for i := 0; i < max; i++ {
+		if got := send(i); got != uint64(i) {
+			t.Fatalf("request %d answered %d", i, got)
+		}
+	}
+	checkTable("req-0", fmt.Sprintf("req-%d", max-1))
+	// Full, and nothing forgotten yet.
+	if got := send(0); got != 0 || free() != max-1 {
+		t.Fatalf("req-0 repeated in a full table: answered %d, node has %d free; want 0 and %d", got, free(), max-1)
+	}
+	checkTable("req-0", fmt.Sprintf("req-%d", max-1))
+
+	// One request more: the oldest is forgotten.
+	if got := send(max); got != max {
+		t.Fatalf("request %d answered %d", max, got)
+	}
+	checkTable("req-1", fmt.Sprintf("req-%d", max))
+	// Every id still remembered gets its own answer and changes nothing
+	// (the index was rebuilt after the eviction moved every record).
+	want := s.Clone()
+	for i := 1; i <= max; i++ {
+		if got := send(i); got != uint64(i) {
+			t.Fatalf("remembered request %d answered %d", i, got)
+		}
+	}
+	if !statesEqual(s.Clone(), want) {
+		t.Fatal("repeating remembered requests changed the state")
+	}
+
+	// The forgotten one is applied again, and remembered again.
+	if got := send(0); got != 0 || free() != 0 {
+		t.Fatalf("forgotten req-0: answered %d, node has %d free; want it applied again", got, free())
+	}
+	checkTable("req-2", "req-0")
+	if _, err := apply(s, &NodeHeartbeat{NodeID: "n1", FreeBytes: 12345}); err != nil {
+		t.Fatal(err)
+	}
+	if got := send(0); got != 0 || free() != 12345 {
+		t.Fatalf("req-0 repeated: answered %d, node has %d free; want 0 and 12345", got, free())
+	}
+
+	t.Run("a table over the bound is cut down to it", func(t *testing.T) {
+		// A snapshot written under a larger bound.
+		s := NewState()
+		for i := 0; i < max+5; i++ {
+			s.Requests = append(s.Requests, RequestRecord{ID: fmt.Sprintf("old-%d", i)})
+		}
+		if _, err := apply(s, wrap(t, "new", &InitCluster{ClusterID: "c"})); err != nil {
+			t.Fatal(err)
+		}
+		if n := len(s.Requests); n != max || s.Requests[0].ID != "old-6" || s.Requests[n-1].ID != "new" {
+			t.Fatalf("table of %d records from %s to %s, want %d from old-6 to new", n, s.Requests[0].ID, s.Requests[n-1].ID, max)
+		}
+		if _, err := apply(s, wrap(t, "old-6", &InitCluster{ClusterID: "other"})); err != nil {
+			t.Fatalf("remembered old-6: %v, want its remembered success", err)
+		}
+		if _, err := apply(s, wrap(t, "old-5", &InitCluster{ClusterID: "other"})); !errors.Is(err, ErrClusterMismatch) {
+			t.Fatalf("forgotten old-5: %v, want it applied (ErrClusterMismatch)", err)
+		}
+	})
+}

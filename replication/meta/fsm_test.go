@@ -19,11 +19,17 @@ const gib = uint64(1) << 30
 
 // harness drives one FSM the way hashicorp/raft does: one committed log entry
 // at a time, with increasing indexes. Every entry it applies also checks the
-// FSM's first rule: a command that fails leaves the state deeply unchanged.
+// FSM's first rule, a command that fails leaves the state deeply unchanged,
+// and the rules of the request table (see checkEntry).
 type harness struct {
 	t     testing.TB
 	f     *FSM
 	index uint64
+	// last is the state after the entry applyLog applied last, while lastCh
+	// (the FSM's Changed channel then) shows nothing was applied or restored
+	// since; it saves a copy of the state per entry.
+	last   *State
+	lastCh <-chan struct{}
 }
 
 func newHarness(t testing.TB) *harness {
@@ -41,10 +47,19 @@ func fsmState(f *FSM) *State {
 	return c
 }
 
+// current returns the FSM's state like state does, but shares it with the
+// harness: read it, never change it.
+func (h *harness) current() *State {
+	if h.last == nil || h.f.Changed() != h.lastCh {
+		h.last, h.lastCh = h.state(), h.f.Changed()
+	}
+	return h.last
+}
+
 // applyLog feeds one raw log entry to the FSM and returns its result.
 func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
 	h.t.Helper()
-	before := h.state()
+	before := h.current()
 	h.index++
 	resp := h.f.Apply(&raft.Log{Index: h.index, Term: 1, Type: typ, Data: data, AppendedAt: time.Unix(0, 0)})
 	r, ok := resp.(*applyResult)
@@ -54,12 +69,161 @@ func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
 	if got := h.f.AppliedIndex(); got != h.index {
 		h.t.Fatalf("AppliedIndex = %d after applying index %d", got, h.index)
 	}
-	if r.Err != nil {
-		if after := h.state(); !reflect.DeepEqual(before, after) {
-			h.t.Fatalf("failed entry (%v) changed the state:\nbefore %s\n after %s", r.Err, dumpJSON(before), dumpJSON(after))
+	checkEntry(h.t, typ, data, before, h.current(), r.Result, r.Err)
+	return r.Result, r.Err
+}
+
+// checkEntry checks what one applied entry did to the state, as far as the
+// entry alone tells:
+//   - a Request whose id is remembered changes nothing and answers with the
+//     remembered result and error;
+//   - a new Request adds exactly its own record (the result it returned, or
+//     its inner command's error), dropping the oldest when the table is full;
+//     when its inner command fails, that record is the only change;
+//   - a Request refused as such (no id, an inner command that does not
+//     decode, a request in a request) is an error and changes nothing;
+//   - any other failing entry changes nothing, and no other entry touches the
+//     request table.
+func checkEntry(t testing.TB, typ raft.LogType, data []byte, before, after *State, res Result, err error) {
+	t.Helper()
+	req := requestOf(typ, data)
+	if req != nil {
+		if rec := rememberedRequest(before, req.ID); rec != nil {
+			if !statesEqual(before, after) {
+				t.Fatalf("repeated request %q changed the state:\nbefore %s\n after %s", req.ID, dumpJSON(before), dumpJSON(after))
+			}
+			if !reflect.DeepEqual(res, rec.Result) || !reflect.DeepEqual(toWire(err), rec.Err) {
+				t.Fatalf("repeated request %q answered (%+v, %v), remembered (%+v, %+v)", req.ID, res, err, rec.Result, rec.Err)
+			}
+			return
+		}
+		refusal := requestRefusal(req)
+		if refusal == nil {
+			want := withRecord(before.Requests, RequestRecord{ID: req.ID, Result: res, Err: toWire(err)})
+			if !recordsEqual(after.Requests, want) {
+				t.Fatalf("request %q (%v): request table\n%s\nwant\n%s", req.ID, err, dumpJSON(after.Requests), dumpJSON(want))
+			}
+			if err != nil {
+				wantState := before.Clone()
+				wantState.Requests = want
+				if !statesEqual(after, wantState) {
+					t.Fatalf("request %q: failing inner command (%v) changed more than the request table:\nbefore %s\n after %s",
+						req.ID, err, dumpJSON(before), dumpJSON(after))
+				}
+			}
+			return
+		}
+		if !errors.Is(err, refusal) {
+			t.Fatalf("request %+v: error %v, want one wrapping %q", req, err, refusal)
 		}
 	}
-	return r.Result, r.Err
+	if err != nil && !statesEqual(before, after) {
+		t.Fatalf("failed entry (%v) changed the state:\nbefore %s\n after %s", err, dumpJSON(before), dumpJSON(after))
+	}
+	if !recordsEqual(before.Requests, after.Requests) {
+		t.Fatalf("entry %q, not a new request, changed the request table:\nbefore %s\n after %s", data, dumpJSON(before.Requests), dumpJSON(after.Requests))
+	}
+}
+
+// requestOf returns the Request a log entry carries, or nil.
+func requestOf(typ raft.LogType, data []byte) *Request {
+	if typ != raft.LogCommand {
+		return nil
+	}
+	c, err := Decode(data)
+	if err != nil {
+		return nil
+	}
+	req, _ := c.(*Request)
+	return req
+}
+
+// rememberedRequest returns the record of request id in s, or nil. An empty
+// id is never remembered.
+func rememberedRequest(s *State, id string) *RequestRecord {
+	if id == "" {
+		return nil
+	}
+	for i := len(s.Requests) - 1; i >= 0; i-- {
+		if s.Requests[i].ID == id {
+			return &s.Requests[i]
+		}
+	}
+	return nil
+}
+
+// requestRefusal returns the error a new request is refused with before its
+// inner command is applied, or nil when the inner command gets applied.
+func requestRefusal(req *Request) error {
+	if req.ID == "" {
+		return ErrInvalidArgument
+	}
+	inner, err := Decode(req.Command)
+	if err != nil {
+		return ErrBadCommand
+	}
+	if _, nested := inner.(*Request); nested {
+		return ErrBadCommand
+	}
+	return nil
+}
+
+// withRecord returns a copy of the request table recs with rec appended,
+// keeping the newest MaxRememberedRequests.
+func withRecord(recs []RequestRecord, rec RequestRecord) []RequestRecord {
+	if n := len(recs) - MaxRememberedRequests + 1; n > 0 {
+		recs = recs[n:]
+	}
+	return append(append([]RequestRecord(nil), recs...), rec)
+}
+
+// stripRequests returns a copy of s without its request table.
+func stripRequests(s *State) *State {
+	c := s.Clone()
+	c.Requests = nil
+	return c
+}
+
+// statesEqual is reflect.DeepEqual for states, quick on request tables whose
+// records share their pointers (a state and its clone, or the same FSM
+// before and after an entry). A table of a few thousand records compared
+// with reflect.DeepEqual at every step would make the randomized test slow.
+func statesEqual(a, b *State) bool {
+	sa, sb := *a, *b
+	sa.Requests, sb.Requests = nil, nil
+	return reflect.DeepEqual(&sa, &sb) && recordsEqual(a.Requests, b.Requests)
+}
+
+// recordsEqual is reflect.DeepEqual for request tables, quick on records
+// that share their pointers.
+func recordsEqual(a, b []RequestRecord) bool {
+	if (a == nil) != (b == nil) || len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] && !reflect.DeepEqual(a[i], b[i]) {
+			return false
+		}
+	}
+	return true
+}
+
+// sameStep reports whether two FSMs fed the same log, a and b, still agree
+// after one more entry, given that they agreed before it: everything but the
+// request table deeply equal, and the tables of the same length with the
+// same newest record (the harness has checked that each table changed by
+// at most that record). Every so often (full) the tables are compared whole.
+func sameStep(a, b *State, full bool) bool {
+	if full {
+		return statesEqual(a, b)
+	}
+	sa, sb := *a, *b
+	sa.Requests, sb.Requests = nil, nil
+	if !reflect.DeepEqual(&sa, &sb) || len(a.Requests) != len(b.Requests) {
+		return false
+	}
+	n := len(a.Requests)
+	return n == 0 || reflect.DeepEqual(a.Requests[n-1], b.Requests[n-1])
 }
 
 // apply encodes c and applies it as the next command entry.
@@ -354,10 +518,14 @@ func TestFSMConcurrentReaders(t *testing.T) {
 }
 
 // cmdGen generates random commands, valid and invalid, over a small universe
-// of ids so that commands collide often.
+// of ids so that commands collide often. Some go wrapped in a Request, the
+// way clients send them, and some are retries of a recent request.
 type cmdGen struct {
 	rng  *rand.Rand
 	step int
+	// recent holds the latest requests generated, for retries.
+	recent  []*Request
+	nextReq int
 }
 
 func (g *cmdGen) pick(xs ...string) string { return xs[g.rng.IntN(len(xs))] }
@@ -404,6 +572,9 @@ func (g *cmdGen) next(s *State) (raft.LogType, []byte, Command) {
 		c = g.registerNode(nodeName(g.step - 1))
 	default:
 		c = g.random(s)
+		if c != nil {
+			c = g.request(s, c)
+		}
 	}
 	if c == nil {
 		switch g.rng.IntN(3) {
@@ -424,6 +595,49 @@ func (g *cmdGen) next(s *State) (raft.LogType, []byte, Command) {
 		panic(fmt.Sprintf("BUG: encode %T: %v", c, err))
 	}
 	return raft.LogCommand, b, c
+}
+
+// request sends c as is, wraps it in a new Request, or replaces it by a
+// retry of a recent request, now and then with another command under the
+// same id (which must not be applied either). Rarely the request is one the
+// FSM refuses: no id, an inner command that does not decode, a request in a
+// request.
+func (g *cmdGen) request(s *State, c Command) Command {
+	encode := func(c Command) []byte {
+		b, err := Encode(c)
+		if err != nil {
+			panic(fmt.Sprintf("BUG: encode %T: %v", c, err))
+		}
+		return b
+	}
+	switch n := g.rng.IntN(100); {
+	case n < 10 && len(g.recent) > 0:
+		old := g.recent[g.rng.IntN(len(g.recent))]
+		if g.rng.IntN(4) == 0 {
+			return &Request{ID: old.ID, Command: encode(c)}
+		}
+		return old
+	case n < 12:
+		return &Request{ID: "", Command: encode(c)}
+	case n < 14:
+		return &Request{ID: g.newRequestID(), Command: []byte{byte(c.Type()), commandVersion, '{'}}
+	case n < 16:
+		inner := &Request{ID: g.newRequestID(), Command: encode(c)}
+		return &Request{ID: g.newRequestID(), Command: encode(inner)}
+	case n < 40:
+		req := &Request{ID: g.newRequestID(), Command: encode(c)}
+		g.recent = append(g.recent, req)
+		if len(g.recent) > 32 {
+			g.recent = g.recent[1:]
+		}
+		return req
+	}
+	return c
+}
+
+func (g *cmdGen) newRequestID() string {
+	g.nextReq++
+	return fmt.Sprintf("req-%d", g.nextReq)
 }
 
 func (g *cmdGen) registerNode(id string) Command {
@@ -583,6 +797,7 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 			fail("progress recorded for a %s replica", pv.Replicas[i].State)
 		}
 		want := prev.Clone()
+		want.Requests = cur.Requests // the harness checks the request table
 		want.Volumes[c.VolumeID].Rebuild = &RebuildProgress{ReplicaID: c.ReplicaID, BytesTotal: c.BytesTotal,
 			BytesCompared: c.BytesCompared, BytesCopied: c.BytesCopied, Done: c.Done}
 		if !reflect.DeepEqual(cur, want) {
@@ -747,7 +962,7 @@ func TestFSMRandomized(t *testing.T) {
 			p := &propertyChecker{t: t, everReplicas: map[string]map[string]bool{}}
 			outcomes := map[string]int{}
 			for step := 1; step <= steps; step++ {
-				prev := a.state()
+				prev := a.current()
 				typ, data, c := g.next(prev)
 				resA, errA := a.applyLog(typ, data)
 				resB, errB := b.applyLog(typ, data)
@@ -760,11 +975,12 @@ func TestFSMRandomized(t *testing.T) {
 						t.Fatalf("step %d: restored FSM answered (%+v, %v), original (%+v, %v)", step, resC, errC, resA, errA)
 					}
 				}
-				cur := a.state()
-				if !reflect.DeepEqual(cur, b.state()) {
+				cur := a.current()
+				full := step%250 == 0 || step == steps
+				if !sameStep(cur, b.current(), full) {
 					t.Fatalf("step %d: two FSMs fed the same log differ", step)
 				}
-				if restored != nil && !reflect.DeepEqual(cur, restored.state()) {
+				if restored != nil && !sameStep(cur, restored.current(), full) {
 					t.Fatalf("step %d: FSM restored from a snapshot differs from the original", step)
 				}
 				if c == nil {
@@ -772,6 +988,33 @@ func TestFSMRandomized(t *testing.T) {
 						t.Fatalf("step %d: garbage %q applied without error", step, data)
 					}
 					continue
+				}
+				if req, ok := c.(*Request); ok {
+					outcome := "Request ok"
+					if errA != nil {
+						outcome = "Request error"
+					}
+					outcomes[outcome]++
+					if rememberedRequest(prev, req.ID) != nil {
+						// A retried request changes nothing (the harness
+						// also checked that it got the first answer).
+						outcomes["Request repeated"]++
+						if !statesEqual(prev, cur) {
+							t.Fatalf("step %d: repeated request %q changed the state:\n%s", step, req.ID, dumpJSON(cur))
+						}
+						continue
+					}
+					if requestRefusal(req) != nil {
+						outcomes["Request refused"]++
+						continue // the harness checked the error and that nothing changed
+					}
+					// A new request: its inner command was applied, and
+					// must keep every invariant.
+					inner, err := Decode(req.Command)
+					if err != nil {
+						t.Fatalf("step %d: inner command of %q: %v", step, req.ID, err)
+					}
+					c = inner
 				}
 				name := reflect.TypeOf(c).Elem().Name()
 				if errA == nil {
@@ -796,6 +1039,12 @@ func TestFSMRandomized(t *testing.T) {
 				name := reflect.TypeOf(newCommand(ct)).Elem().Name()
 				if outcomes[name+" ok"] == 0 || outcomes[name+" error"] == 0 {
 					t.Errorf("%s: %d successes, %d errors; the generator should reach both", name, outcomes[name+" ok"], outcomes[name+" error"])
+				}
+			}
+			// Retries and refused requests happen too.
+			for _, o := range []string{"Request repeated", "Request refused"} {
+				if outcomes[o] == 0 {
+					t.Errorf("the generator never produced a %q", o)
 				}
 			}
 			// Progress not marked done succeeds only on a rebuilding replica.

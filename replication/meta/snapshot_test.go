@@ -3,6 +3,7 @@ package meta
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"errors"
 	"hash/crc32"
 	"io"
@@ -227,6 +228,12 @@ func TestWriteReadSnapshotEveryField(t *testing.T) {
 		Rebuild:        &RebuildProgress{ReplicaID: "v1-r3", BytesTotal: 1 << 30, BytesCompared: 1 << 29, BytesCopied: 1 << 20, Done: true},
 		NextReplicaSeq: 3, CreatedAt: 99}
 	full.Snapshots["s1"] = &Snapshot{ID: "s1", Name: "vs", SourceVolumeID: "v1", SizeBytes: 1 << 30, CreatedAt: 100, ReadyToUse: true}
+	n1, s1 := *full.Nodes["n1"], *full.Snapshots["s1"]
+	full.Requests = []RequestRecord{
+		{ID: "req-1", Result: Result{Volume: full.Volumes["v1"].Clone(), Node: &n1, Snapshot: &s1}},
+		{ID: "req-2", Err: &WireError{Code: "epoch_mismatch", Message: "volume v1 is at epoch 3, caller saw 2: epoch changed"}},
+		{ID: "req-3", Err: &WireError{Code: "internal", Message: "something else"}},
+	}
 
 	for name, s := range map[string]*State{"empty": NewState(), "every field": full} {
 		t.Run(name, func(t *testing.T) {
@@ -314,6 +321,9 @@ func TestRestoreCorruptSnapshotKeepsState(t *testing.T) {
 		{"snapshots null", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{},"snapshots":null}`)},
 		{"unknown volume field type", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{"v":{"epoch":"one"}},"snapshots":{}}`)},
 		{"snapshots wrong type", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{},"snapshots":[]}`)},
+		{"requests wrong type", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{},"snapshots":{},"requests":{}}`)},
+		{"request id wrong type", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{},"snapshots":{},"requests":[{"id":1}]}`)},
+		{"request error wrong type", snapshotWithBody(`{"cluster_id":"x","nodes":{},"volumes":{},"snapshots":{},"requests":[{"id":"r","error":"not_found"}]}`)},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -358,5 +368,123 @@ func TestRestoreMissingCollections(t *testing.T) {
 				t.Fatalf("refused Restore changed the state")
 			}
 		})
+	}
+}
+
+// TestSnapshotRequestsJSON pins the request table's part of the snapshot
+// format. An empty table is left out, so a state without requests encodes
+// as it did before requests existed.
+func TestSnapshotRequestsJSON(t *testing.T) {
+	s := NewState()
+	b, err := json.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"cluster_id":"","over_provisioning_ratio":0,"nodes":{},"volumes":{},"snapshots":{}}`; string(b) != want {
+		t.Errorf("empty state = %s, want %s", b, want)
+	}
+	s.Requests = []RequestRecord{
+		{ID: "r1", Result: Result{Snapshot: &Snapshot{ID: "s1", Name: "vs", SourceVolumeID: "v1", SizeBytes: 1, CreatedAt: 2}}},
+		{ID: "r2", Err: &WireError{Code: "not_found", Message: `volume "v": not found`}},
+	}
+	if b, err = json.Marshal(s); err != nil {
+		t.Fatal(err)
+	}
+	want := `{"cluster_id":"","over_provisioning_ratio":0,"nodes":{},"volumes":{},"snapshots":{},"requests":[` +
+		`{"id":"r1","result":{"snapshot":{"id":"s1","name":"vs","source_volume_id":"v1","size":1,"created_at":2,"ready_to_use":false}}},` +
+		`{"id":"r2","result":{},"error":{"code":"not_found","message":"volume \"v\": not found"}}]}`
+	if string(b) != want {
+		t.Errorf("state with requests =\n%s\nwant\n%s", b, want)
+	}
+}
+
+// TestSnapshotRestoreRemembersRequests: the request table travels in the
+// snapshot. A restored FSM answers a repeated id as the original would,
+// without applying it, and forgets the requests of the state it replaced:
+// its index is rebuilt from the restored table, not kept from before.
+func TestSnapshotRestoreRemembersRequests(t *testing.T) {
+	src := newHarness(t)
+	src.cluster(3, 10)
+	create := &CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 3}
+	created := src.must(wrap(t, "req-create", create))
+	missing := &DeleteVolume{VolumeID: "nope"}
+	_, failed := src.apply(wrap(t, "req-fail", missing))
+	if !errors.Is(failed, ErrNotFound) {
+		t.Fatalf("delete of an unknown volume: %v", failed)
+	}
+	// A compare-and-set: applied again, it would fail.
+	stale := &SetReplicaState{VolumeID: "v1", ReplicaID: created.Volume.Replicas[0].ID, State: ReplicaStale, ExpectEpoch: created.Volume.Epoch}
+	marked := src.must(wrap(t, "req-stale", stale))
+	want := src.state()
+	data := persist(t, src.f)
+
+	// The FSM restored into remembers requests of its own, two under ids
+	// the snapshot also has, with other answers at other places.
+	dst := newHarness(t)
+	dst.cluster(2, 10)
+	other := &CreateVolume{ID: "old", Name: "pvc-old", SizeBytes: gib, Replicas: 1}
+	dst.must(wrap(t, "req-old", other))
+	dst.must(wrap(t, "req-fail", &RegisterNode{Node: Node{ID: "n9", RaftAddr: "n9:7000", APIAddr: "n9:7001"}}))
+	if _, err := dst.apply(wrap(t, "req-create", missing)); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("delete of an unknown volume: %v", err)
+	}
+	if err := dst.f.Restore(&trackingReader{Reader: bytes.NewReader(data)}); err != nil {
+		t.Fatalf("Restore: %v", err)
+	}
+	if got := dst.state(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("restored state differs:\n got %s\nwant %s", dumpJSON(got), dumpJSON(want))
+	}
+
+	type answer struct {
+		res Result
+		err error
+	}
+	answers := map[string]answer{"req-create": {created, nil}, "req-fail": {Result{}, failed}, "req-stale": {marked, nil}}
+	for _, tt := range []struct {
+		id string
+		c  Command
+	}{
+		{"req-create", create},
+		{"req-fail", missing},
+		{"req-stale", stale},
+		{"req-stale", missing}, // another command under a remembered id
+		{"req-old", other},     // only the replaced state knew it
+		{"req-old", other},
+	} {
+		res, err := dst.apply(wrap(t, tt.id, tt.c))
+		a, remembered := answers[tt.id]
+		if !remembered {
+			// New here as in the original: both apply it alike.
+			wantRes, wantErr := src.apply(wrap(t, tt.id, tt.c))
+			if wantErr != nil {
+				t.Fatalf("original, %s: %v", tt.id, wantErr)
+			}
+			a = answer{wantRes, wantErr}
+			answers[tt.id] = a
+			want = src.state()
+		}
+		sameAnswer(t, "restored FSM, "+tt.id, res, err, a.res, a.err)
+		if got := dst.state(); !reflect.DeepEqual(got, want) {
+			t.Fatalf("%s: restored FSM and original differ:\n got %s\nwant %s", tt.id, dumpJSON(got), dumpJSON(want))
+		}
+	}
+	if dst.volume("old") == nil {
+		t.Fatal("req-old, new to the restored FSM, was not applied")
+	}
+}
+
+// TestRestoreSnapshotWithoutRequests: a snapshot written before requests
+// existed has no table; the restored FSM starts one.
+func TestRestoreSnapshotWithoutRequests(t *testing.T) {
+	h := newHarness(t)
+	h.restoreState(NewState())
+	register := func(time int64) Command {
+		return &RegisterNode{Node: Node{ID: "n1", RaftAddr: "n1:7000", APIAddr: "n1:7001"}, Time: time}
+	}
+	first := h.must(wrap(t, "r1", register(1)))
+	res, err := h.apply(wrap(t, "r1", register(2)))
+	sameAnswer(t, "repeated request", res, err, first, nil)
+	if n := h.node("n1"); n == nil || n.LastHeartbeat != 1 {
+		t.Fatalf("node after a repeated request: %+v, want the first registration (heartbeat 1)", n)
 	}
 }

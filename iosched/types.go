@@ -1,0 +1,218 @@
+package iosched
+
+import (
+	"errors"
+	"fmt"
+	"time"
+)
+
+// Class is the kind of work a request belongs to. It chooses the request's
+// default deadline (Config.ClassLatency) and whether the background
+// starvation bound (Config.MaxBackgroundWait) applies to it.
+type Class uint8
+
+// The classes, most urgent first.
+const (
+	// Foreground is I/O a workload is waiting for.
+	Foreground Class = iota
+	// Rebuild is I/O that restores a replica's redundancy.
+	Rebuild
+	// Scrub is I/O that verifies replicas in the background.
+	Scrub
+
+	numClasses = 3
+)
+
+var classNames = [numClasses]string{"foreground", "rebuild", "scrub"}
+
+// String returns the class's name in lower case, as metric labels want it.
+func (c Class) String() string {
+	if int(c) < len(classNames) {
+		return classNames[c]
+	}
+	return fmt.Sprintf("class(%d)", uint8(c))
+}
+
+// background reports whether the class is bounded by MaxBackgroundWait.
+func (c Class) background() bool { return c != Foreground }
+
+// Op is what a request does to the disk.
+type Op uint8
+
+// The operations. Only Read and Write move data, so only they are charged to
+// a volume's bytes/s bucket; every operation costs one I/O.
+const (
+	Read Op = iota
+	Write
+	Flush
+	Discard
+
+	numOps = 4
+)
+
+var opNames = [numOps]string{"read", "write", "flush", "discard"}
+
+// String returns the operation's name in lower case.
+func (o Op) String() string {
+	if int(o) < len(opNames) {
+		return opNames[o]
+	}
+	return fmt.Sprintf("op(%d)", uint8(o))
+}
+
+// Request is one I/O on a volume, as presented to Acquire.
+type Request struct {
+	// Volume is the volume's id; it must have been registered with SetLimits.
+	Volume string
+	// Op is the operation.
+	Op Op
+	// Bytes is the request's size, charged to the bytes/s bucket for Read and
+	// Write.
+	Bytes uint64
+	// Class is the kind of work.
+	Class Class
+	// Deadline is when the request should be dispatched by. Zero means
+	// arrival + Config.ClassLatency[Class].
+	Deadline time.Time
+}
+
+// Limits are a volume's quality-of-service settings. The zero value means no
+// limit, no reservation and the default weight.
+type Limits struct {
+	// MaxIOPS caps the volume's I/O rate; 0 is unlimited.
+	MaxIOPS uint64
+	// MinIOPS is the volume's reservation: while it has been served fewer
+	// I/Os than MinIOPS per second, it goes ahead of every volume that is
+	// only using spare capacity. 0 reserves nothing. It may not exceed a
+	// non-zero MaxIOPS.
+	MinIOPS uint64
+	// MaxBytesPerSec caps the volume's Read and Write throughput; 0 is
+	// unlimited.
+	MaxBytesPerSec uint64
+	// BurstDuration sizes both buckets: burst = limit × BurstDuration, so an
+	// idle volume may run at full speed for that long. 0 means
+	// DefaultBurstDuration. Keep it well above the timer's lateness (about a
+	// millisecond on a busy node): tokens earned while a throttled volume's
+	// wake-up is late are clipped to the burst and lost.
+	BurstDuration time.Duration
+	// Weight is the volume's share of spare capacity relative to other
+	// volumes with queued requests. 0 means DefaultWeight; at most MaxWeight.
+	Weight uint32
+}
+
+// Defaults and bounds.
+const (
+	// DefaultDepth is the number of requests in flight to the disk when
+	// Config.Depth is 0.
+	DefaultDepth = 32
+	// DefaultBurstDuration is the burst of a volume whose
+	// Limits.BurstDuration is 0 (the same as Ceph RBD's QoS default).
+	DefaultBurstDuration = time.Second
+	// DefaultMaxBackgroundWait bounds how long a background request waits
+	// when Config.MaxBackgroundWait is 0.
+	DefaultMaxBackgroundWait = 2 * time.Second
+	// DefaultWeight is the weight of a volume whose Limits.Weight is 0.
+	DefaultWeight = 100
+	// MaxWeight is the largest weight SetLimits accepts.
+	MaxWeight = 10000
+)
+
+// DefaultClassLatency are the target latencies of the classes when
+// Config.ClassLatency holds zeros.
+var DefaultClassLatency = [numClasses]time.Duration{
+	Foreground: 10 * time.Millisecond,
+	Rebuild:    100 * time.Millisecond,
+	Scrub:      time.Second,
+}
+
+// Config configures a Scheduler. The zero value is usable: it means the
+// defaults above, the wall clock and no metrics.
+type Config struct {
+	// Depth is the number of requests the scheduler lets be in flight to the
+	// disk at once (Acquired and not yet Done). 0 means DefaultDepth.
+	Depth int
+	// ClassLatency is each class's target latency: a request's default
+	// deadline is its arrival plus its class's latency, so the order of these
+	// is the order of urgency (foreground < rebuild < scrub). Zero entries
+	// take DefaultClassLatency.
+	ClassLatency [numClasses]time.Duration
+	// MaxBackgroundWait bounds how long a Rebuild or Scrub request waits for
+	// other volumes' work: once it has waited that long it goes next (its own
+	// volume's limits still apply). 0 means DefaultMaxBackgroundWait.
+	MaxBackgroundWait time.Duration
+	// Clock is the source of time; nil means the wall clock.
+	Clock Clock
+	// Observer receives measurements; nil means NopObserver.
+	Observer Observer
+	// Disabled turns the scheduler into a pass-through: Acquire returns at
+	// once and only Observer.Dispatched is reported. It exists to measure
+	// what scheduling buys (the noisy-neighbour comparison).
+	Disabled bool
+}
+
+// Errors returned by the scheduler. Callers match them with errors.Is.
+var (
+	// ErrClosed means the scheduler was closed.
+	ErrClosed = errors.New("iosched: scheduler closed")
+	// ErrUnknownVolume means a request named a volume that SetLimits never
+	// registered (or that was removed).
+	ErrUnknownVolume = errors.New("iosched: unknown volume")
+	// ErrVolumeRemoved means the request's volume was removed while the
+	// request waited.
+	ErrVolumeRemoved = errors.New("iosched: volume removed")
+	// ErrInvalidLimits means SetLimits was given inconsistent limits.
+	ErrInvalidLimits = errors.New("iosched: invalid limits")
+	// ErrInvalidRequest means a request had an unknown class or operation.
+	ErrInvalidRequest = errors.New("iosched: invalid request")
+	// ErrInvalidConfig means New was given a bad Config.
+	ErrInvalidConfig = errors.New("iosched: invalid config")
+)
+
+// validate checks a volume id and its limits.
+func (l Limits) validate(volume string) error {
+	switch {
+	case volume == "":
+		return fmt.Errorf("%w: empty volume id", ErrInvalidLimits)
+	case l.MaxIOPS != 0 && l.MinIOPS > l.MaxIOPS:
+		return fmt.Errorf("%w: volume %q: MinIOPS %d exceeds MaxIOPS %d",
+			ErrInvalidLimits, volume, l.MinIOPS, l.MaxIOPS)
+	case l.BurstDuration < 0:
+		return fmt.Errorf("%w: volume %q: negative BurstDuration %v",
+			ErrInvalidLimits, volume, l.BurstDuration)
+	case l.Weight > MaxWeight:
+		return fmt.Errorf("%w: volume %q: Weight %d exceeds %d",
+			ErrInvalidLimits, volume, l.Weight, MaxWeight)
+	}
+	return nil
+}
+
+// withDefaults fills in the zero fields of a Config and checks the rest.
+func (c Config) withDefaults() (Config, error) {
+	if c.Depth < 0 {
+		return c, fmt.Errorf("%w: negative Depth %d", ErrInvalidConfig, c.Depth)
+	}
+	if c.Depth == 0 {
+		c.Depth = DefaultDepth
+	}
+	for i, d := range c.ClassLatency {
+		if d < 0 {
+			return c, fmt.Errorf("%w: negative ClassLatency[%v] %v", ErrInvalidConfig, Class(i), d)
+		}
+		if d == 0 {
+			c.ClassLatency[i] = DefaultClassLatency[i]
+		}
+	}
+	if c.MaxBackgroundWait < 0 {
+		return c, fmt.Errorf("%w: negative MaxBackgroundWait %v", ErrInvalidConfig, c.MaxBackgroundWait)
+	}
+	if c.MaxBackgroundWait == 0 {
+		c.MaxBackgroundWait = DefaultMaxBackgroundWait
+	}
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
+	if c.Observer == nil {
+		c.Observer = NopObserver{}
+	}
+	return c, nil
+}

@@ -1,0 +1,1501 @@
+// Command fiobench measures block I/O through Cairn's NBD exports with fio's
+// nbd engine, side by side with nbdkit's file plugin serving a plain file on
+// the same disk, and prints one table.
+//
+// It builds bin/cairn, starts a 3-node dev cluster (`cairn dev up`) in a
+// temporary directory, creates (a) a 1-replica and (b) a 3-replica volume,
+// exports both on node-1 (`cairn ctl volume export --nbd`), and starts (c)
+// `nbdkit --unix SOCK --foreground file FILE` on a plain file of the same size
+// in the same directory. Each target is filled once (1 MiB sequential writes
+// over the whole device), then every workload runs for -runtime on (a), (b)
+// and (c) in turn. It also measures node-1's RSS with -idle-volumes exported
+// idle volumes.
+//
+// It never fails on a number: it exits 1 only when something could not be set
+// up or a fio run failed, 2 on bad flags, 130 after Ctrl-C. The cluster,
+// nbdkit and the temporary directory are removed in every case.
+//
+//	go run ./tests/bench/fiobench [-runtime 8s] [-workloads LIST] [-idle-volumes 10] [-perf DIR] [-keep] [-v]
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"math"
+	"net/http"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"strings"
+	"syscall"
+	"text/tabwriter"
+	"time"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+)
+
+// exitInterrupted is the exit code after Ctrl-C (128 + SIGINT).
+const exitInterrupted = 130
+
+// clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat. It
+// is 100 on every Linux architecture Go supports.
+const clockTicks = 100
+
+// workload is one fio job shape.
+type workload struct {
+	name    string // short name for -workloads and file names
+	label   string // table label
+	rw      string // fio --rw
+	bs      string // fio --bs
+	iodepth int
+	write   bool // report fio's write section (else read)
+}
+
+var workloads = []workload{
+	{name: "randread-4k-qd1", label: "4k randread qd1", rw: "randread", bs: "4k", iodepth: 1},
+	{name: "randread-4k-qd32", label: "4k randread qd32", rw: "randread", bs: "4k", iodepth: 32},
+	{name: "randwrite-4k-qd1", label: "4k randwrite qd1", rw: "randwrite", bs: "4k", iodepth: 1, write: true},
+	{name: "randwrite-4k-qd32", label: "4k randwrite qd32", rw: "randwrite", bs: "4k", iodepth: 32, write: true},
+	{name: "read-1m-qd8", label: "1M seq read qd8", rw: "read", bs: "1M", iodepth: 8},
+	{name: "write-1m-qd8", label: "1M seq write qd8", rw: "write", bs: "1M", iodepth: 8, write: true},
+}
+
+// fill is the pass that writes every target once before the measured runs,
+// so that reads hit real data. It runs over the whole device, not for a time.
+var fill = workload{name: "fill", label: "fill: 1M seq write qd8, once", rw: "write", bs: "1M", iodepth: 8, write: true}
+
+// goal is one target of the issue: IOPS of target `of` at `wl` at least
+// `ratio` times nbdkit's.
+type goal struct {
+	of    string // "a" or "b"
+	wl    string // workload name
+	ratio float64
+}
+
+var goals = []goal{
+	{of: "a", wl: "randread-4k-qd32", ratio: 0.5},
+	{of: "a", wl: "randwrite-4k-qd32", ratio: 0.5},
+	{of: "b", wl: "randread-4k-qd32", ratio: 0.5},
+	{of: "b", wl: "randwrite-4k-qd32", ratio: 0.2},
+	{of: "b", wl: "write-1m-qd8", ratio: 0.25},
+}
+
+// rssGoalMiB is the issue's bound on the node agent's RSS with
+// idle exported volumes.
+const rssGoalMiB = 200
+
+type options struct {
+	runtime      time.Duration
+	size         string
+	workloads    []workload
+	idleVolumes  int
+	idleSize     string
+	idleReplicas int
+	settle       time.Duration
+	parent       string
+	perfDir      string
+	keep         bool
+	verbose      bool
+}
+
+func main() { os.Exit(run()) }
+
+func run() int {
+	var o options
+	var wlFlag string
+	flag.DurationVar(&o.runtime, "runtime", 8*time.Second, "fio --runtime of each measured run")
+	flag.StringVar(&o.size, "size", "1Gi", "size of each benchmarked device (cairn ctl --size syntax)")
+	flag.StringVar(&wlFlag, "workloads", "", "comma-separated workload names to run (default: all): "+workloadNames())
+	flag.IntVar(&o.idleVolumes, "idle-volumes", 10, "idle volumes to export on node-1 for the RSS measurement (0: skip it)")
+	flag.StringVar(&o.idleSize, "idle-size", "64Mi", "size of each idle volume")
+	flag.IntVar(&o.idleReplicas, "idle-replicas", 3, "replicas of each idle volume")
+	flag.DurationVar(&o.settle, "settle", time.Second, "pause after sync(2) before each run")
+	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, plain file, sockets)")
+	flag.StringVar(&o.perfDir, "perf", "", "record `perf record -g` of the serving processes during each run into this directory")
+	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
+	flag.BoolVar(&o.verbose, "v", false, "print every command run")
+	flag.Parse()
+	if flag.NArg() != 0 {
+		fmt.Fprintf(os.Stderr, "fiobench: unexpected arguments %q\n", flag.Args())
+		return 2
+	}
+	if o.runtime < time.Second || o.idleVolumes < 0 || o.idleReplicas < 1 || o.settle < 0 {
+		fmt.Fprintln(os.Stderr, "fiobench: -runtime must be at least 1s; -idle-volumes and -settle not negative; -idle-replicas at least 1")
+		return 2
+	}
+	if _, err := parseSize(o.size); err != nil {
+		fmt.Fprintf(os.Stderr, "fiobench: -size %q: %v\n", o.size, err)
+		return 2
+	}
+	var err error
+	if o.workloads, err = selectWorkloads(wlFlag); err != nil {
+		fmt.Fprintf(os.Stderr, "fiobench: -workloads: %v\n", err)
+		return 2
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	go func() {
+		<-ctx.Done()
+		stop() // a second Ctrl-C kills the process the default way
+	}()
+
+	b := &bench{o: o, progress: os.Stderr}
+	err = b.run(ctx)
+	b.cleanup()
+	switch {
+	case ctx.Err() != nil:
+		fmt.Fprintln(os.Stderr, "fiobench: interrupted; cleaned up")
+		return exitInterrupted
+	case err != nil:
+		fmt.Fprintf(os.Stderr, "fiobench: %v\n", err)
+		return 1
+	}
+	return 0
+}
+
+func workloadNames() string {
+	var s []string
+	for _, w := range workloads {
+		s = append(s, w.name)
+	}
+	return strings.Join(s, ",")
+}
+
+func selectWorkloads(list string) ([]workload, error) {
+	if list == "" {
+		return workloads, nil
+	}
+	var out []workload
+	for _, name := range strings.Split(list, ",") {
+		found := false
+		for _, w := range workloads {
+			if w.name == strings.TrimSpace(name) {
+				out, found = append(out, w), true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("unknown workload %q (have %s)", name, workloadNames())
+		}
+	}
+	return out, nil
+}
+
+// target is one NBD export under test.
+type target struct {
+	key   string // "a", "b", "c"
+	label string
+	sock  string
+	// file holds the data reads are served from: node-1's replica (the
+	// engine reads its local replica first) or nbdkit's plain file.
+	file string
+	// pids are the processes that serve it, whose CPU time is reported.
+	pids []proc
+}
+
+type proc struct {
+	name string
+	pid  int
+}
+
+// node is what cluster.json says about one node agent.
+type node struct {
+	ID      string `json:"id"`
+	DataDir string `json:"data_dir"`
+	Agent   string `json:"agent"`
+	Metrics string `json:"metrics"`
+	PID     int    `json:"pid"`
+	Log     string `json:"log"`
+}
+
+// bench holds everything the run started, so cleanup can undo it.
+type bench struct {
+	o        options
+	progress io.Writer
+
+	root, bin  string // repository root and bin/cairn
+	tmp        string // temporary directory; removed by cleanup
+	clusterDir string // tmp/cluster, once `dev up` ran
+	servers    string // meta API addresses, comma-separated
+	nodes      []node
+	nbdkit     *exec.Cmd
+	exported   []string // volume ids attached by us, unexported by cleanup
+	sizeBytes  uint64
+}
+
+type result struct {
+	wl     workload
+	tgt    *target
+	iops   float64
+	mibps  float64
+	p50    float64 // ns
+	p99    float64 // ns
+	err    error
+	cpu    map[string]float64 // process name → % of one core
+	fioCPU float64
+	// cswRate is the serving processes' context switches per second in
+	// the middle of the run (0: not measured).
+	cswRate float64
+	// machine is what all CPUs did during the run, from /proc/stat.
+	machine cpuShare
+	elapsed time.Duration
+	// cached is the share of the target's data file in the page cache when
+	// the run started (read workloads only; -1: not measured).
+	cached float64
+	// ops is what the replica servers of all nodes executed during the run
+	// (Cairn targets only), from their cairn_replica_op_duration_seconds.
+	ops map[string]opStat
+}
+
+// opStat is a count and the summed duration of one replica op.
+type opStat struct {
+	count float64
+	sum   float64 // seconds
+}
+
+func (b *bench) logf(format string, args ...any) {
+	fmt.Fprintf(b.progress, "fiobench: "+format+"\n", args...)
+}
+
+func (b *bench) run(ctx context.Context) error {
+	for _, tool := range []string{"go", "fio", "nbdkit"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s is not installed (make deps installs fio and nbdkit)", tool)
+		}
+	}
+	if b.o.perfDir != "" {
+		if _, err := exec.LookPath("perf"); err != nil {
+			return errors.New("-perf: perf is not installed")
+		}
+		if err := os.MkdirAll(b.o.perfDir, 0o755); err != nil {
+			return fmt.Errorf("-perf: %w", err)
+		}
+		abs, err := filepath.Abs(b.o.perfDir)
+		if err != nil {
+			return err
+		}
+		b.o.perfDir = abs
+	}
+	size, _ := parseSize(b.o.size)
+	b.sizeBytes = size
+
+	root, err := moduleRoot(ctx)
+	if err != nil {
+		return err
+	}
+	b.root, b.bin = root, filepath.Join(root, "bin", "cairn")
+	b.logf("building %s", b.bin)
+	if _, err := b.cmd(ctx, "go", "build", "-o", b.bin, "./cmd/cairn"); err != nil {
+		return fmt.Errorf("build: %w", err)
+	}
+
+	if b.tmp, err = os.MkdirTemp(b.o.parent, "cairn-fiobench-"); err != nil {
+		return err
+	}
+	if n := len(filepath.Join(b.tmp, "idle-10.sock")); n > 100 {
+		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.parent, n)
+	}
+	b.clusterDir = filepath.Join(b.tmp, "cluster")
+	b.logf("starting a 3-node dev cluster in %s", b.clusterDir)
+	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
+	// agents running that no cluster.json names.
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, "dev", "up", "--nodes", "3", "--dir", b.clusterDir); err != nil {
+		return fmt.Errorf("dev up: %w", err)
+	}
+	if err := b.loadCluster(); err != nil {
+		return err
+	}
+	n1 := b.nodes[0]
+	rssFresh, _ := procStatusKiB(n1.PID, "VmRSS")
+
+	// The RSS measurement comes first, on a node that has done no I/O; the
+	// idle volumes are unexported again so that their engines' background
+	// loops do not run during the fio runs.
+	var idle []string
+	var rssIdle rssSample
+	if b.o.idleVolumes > 0 {
+		b.logf("creating and exporting %d idle %s volumes (%d replicas) on %s", b.o.idleVolumes, b.o.idleSize, b.o.idleReplicas, n1.ID)
+		for i := 1; i <= b.o.idleVolumes; i++ {
+			v, err := b.createVolume(ctx, fmt.Sprintf("idle-%d", i), b.o.idleSize, b.o.idleReplicas)
+			if err != nil {
+				return err
+			}
+			idle = append(idle, v.ID)
+		}
+		if rssIdle, err = b.measureIdle(ctx, idle, n1); err != nil {
+			return err
+		}
+	}
+
+	b.logf("creating and exporting the 1-replica and 3-replica %s volumes on %s", b.o.size, n1.ID)
+	tA := &target{key: "a", label: "(a) cairn 1 replica", sock: filepath.Join(b.tmp, "a.sock")}
+	tB := &target{key: "b", label: "(b) cairn 3 replicas", sock: filepath.Join(b.tmp, "b.sock")}
+	tC := &target{key: "c", label: "(c) nbdkit file", sock: filepath.Join(b.tmp, "c.sock")}
+	for _, t := range []*target{tA, tB} {
+		reps := map[string]int{"a": 1, "b": 3}[t.key]
+		v, err := b.createVolume(ctx, "bench-"+t.key, b.o.size, reps)
+		if err != nil {
+			return err
+		}
+		if t.file, err = localReplicaFile(v, n1); err != nil {
+			return err
+		}
+		if err := b.export(ctx, v.ID, t.sock); err != nil {
+			return err
+		}
+		if _, err := os.Stat(t.file); err != nil {
+			return fmt.Errorf("%s: replica data file: %w", t.label, err)
+		}
+		for _, n := range b.nodes {
+			t.pids = append(t.pids, proc{n.ID, n.PID})
+		}
+	}
+	if err := b.startNbdkit(ctx, tC); err != nil {
+		return err
+	}
+	targets := []*target{tA, tB, tC}
+
+	if b.o.perfDir != "" {
+		b.logf("perf profiles go to %s", b.o.perfDir)
+	}
+	b.printHeader(os.Stdout)
+
+	var results []*result
+	for _, t := range targets {
+		b.logf("fill %s", t.label)
+		r := b.runFio(ctx, fill, t)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		results = append(results, r)
+	}
+	for _, wl := range b.o.workloads {
+		for _, t := range targets {
+			b.logf("%s on %s", wl.label, t.label)
+			r := b.runFio(ctx, wl, t)
+			if ctx.Err() != nil {
+				printTable(os.Stdout, results)
+				return ctx.Err()
+			}
+			results = append(results, r)
+		}
+	}
+	hwm, _ := procStatusKiB(n1.PID, "VmHWM")
+	rssAfter, _ := procStatusKiB(n1.PID, "VmRSS")
+
+	var rssLater rssSample
+	if len(idle) > 0 {
+		b.logf("unexporting the benchmark volumes and exporting the %d idle volumes again", len(idle))
+		for _, id := range append([]string(nil), b.exported...) { // unexport edits b.exported
+			if err := b.unexport(ctx, id); err != nil {
+				return err
+			}
+		}
+		if rssLater, err = b.measureIdle(ctx, idle, n1); err != nil {
+			return err
+		}
+	}
+
+	fmt.Println()
+	printTable(os.Stdout, results)
+	fmt.Println()
+	printCPU(os.Stdout, results)
+	fmt.Println()
+	printOps(os.Stdout, results)
+	fmt.Println()
+	printGoals(os.Stdout, results)
+	fmt.Println()
+	printRSS(os.Stdout, n1.ID, b.o, rssFresh, rssIdle, rssLater, hwm, rssAfter)
+
+	var failed []string
+	for _, r := range results {
+		if r.err != nil {
+			failed = append(failed, fmt.Sprintf("%s on %s: %v", r.wl.label, r.tgt.label, r.err))
+		}
+	}
+	if len(failed) > 0 {
+		return fmt.Errorf("%d fio runs failed:\n  %s", len(failed), strings.Join(failed, "\n  "))
+	}
+	return nil
+}
+
+// rssSample is node-1's memory with the idle volumes exported.
+type rssSample struct {
+	rssKiB  uint64
+	metrics map[string]float64 // selected Go runtime metrics from /metrics
+}
+
+// measureIdle exports ids on n, waits for the node to settle, reads its RSS
+// and Go memory metrics, and unexports them again.
+func (b *bench) measureIdle(ctx context.Context, ids []string, n node) (rssSample, error) {
+	var s rssSample
+	for i, id := range ids {
+		if err := b.export(ctx, id, filepath.Join(b.tmp, fmt.Sprintf("idle-%d.sock", i+1))); err != nil {
+			return s, err
+		}
+	}
+	// Idle: engines started, their first clean point and watch ticks done.
+	if err := sleep(ctx, 5*time.Second); err != nil {
+		return s, err
+	}
+	var err error
+	if s.rssKiB, err = procStatusKiB(n.PID, "VmRSS"); err != nil {
+		return s, fmt.Errorf("%s: %w", n.ID, err)
+	}
+	s.metrics = scrapeMetrics(ctx, n.Metrics, "go_memstats_heap_inuse_bytes", "go_memstats_heap_idle_bytes",
+		"go_memstats_heap_released_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines", "go_threads")
+	for _, id := range ids {
+		if err := b.unexport(ctx, id); err != nil {
+			return s, err
+		}
+	}
+	return s, nil
+}
+
+// cmd runs a command from the repository root and returns its stdout.
+func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, error) {
+	if b.o.verbose {
+		b.logf("$ %s %s", name, strings.Join(args, " "))
+	}
+	c := exec.CommandContext(ctx, name, args...)
+	c.Dir = b.root
+	c.SysProcAttr = ownGroup()
+	var out, errb bytes.Buffer
+	c.Stdout, c.Stderr = &out, &errb
+	if err := c.Run(); err != nil {
+		msg := strings.TrimSpace(errb.String())
+		if msg == "" {
+			msg = strings.TrimSpace(out.String())
+		}
+		return nil, fmt.Errorf("%s %s: %w: %s", filepath.Base(name), strings.Join(args, " "), err, msg)
+	}
+	return out.Bytes(), nil
+}
+
+func (b *bench) loadCluster() error {
+	raw, err := os.ReadFile(filepath.Join(b.clusterDir, "cluster.json"))
+	if err != nil {
+		return err
+	}
+	var c struct {
+		Nodes []node `json:"nodes"`
+	}
+	if err := json.Unmarshal(raw, &c); err != nil {
+		return fmt.Errorf("cluster.json: %w", err)
+	}
+	if len(c.Nodes) != 3 {
+		return fmt.Errorf("cluster.json lists %d nodes, want 3", len(c.Nodes))
+	}
+	var agents []string
+	for _, n := range c.Nodes {
+		agents = append(agents, n.Agent)
+	}
+	b.nodes, b.servers = c.Nodes, strings.Join(agents, ",")
+	return nil
+}
+
+// volume is the part of `cairn ctl volume create -o json` that is read.
+type volume struct {
+	ID       string `json:"id"`
+	Replicas []struct {
+		ID   string `json:"id"`
+		Node string `json:"node"`
+	} `json:"replicas"`
+}
+
+func (b *bench) createVolume(ctx context.Context, name, size string, replicas int) (*volume, error) {
+	out, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "create", name,
+		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var v volume
+	if err := json.Unmarshal(out, &v); err != nil || v.ID == "" {
+		return nil, fmt.Errorf("volume create %s: no id in %q", name, out)
+	}
+	return &v, nil
+}
+
+// localReplicaFile is the data file of v's replica on node n.
+func localReplicaFile(v *volume, n node) (string, error) {
+	for _, r := range v.Replicas {
+		if r.Node == n.ID {
+			return filepath.Join(n.DataDir, "replicas", r.ID, "data"), nil
+		}
+	}
+	return "", fmt.Errorf("volume %s has no replica on %s", v.ID, n.ID)
+}
+
+func (b *bench) export(ctx context.Context, id, sock string) error {
+	b.exported = append(b.exported, id)
+	_, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "export", id, "--node", b.nodes[0].ID, "--nbd", sock)
+	return err
+}
+
+func (b *bench) unexport(ctx context.Context, id string) error {
+	if _, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "unexport", id); err != nil {
+		return err
+	}
+	for i, e := range b.exported {
+		if e == id {
+			b.exported = append(b.exported[:i], b.exported[i+1:]...)
+			break
+		}
+	}
+	return nil
+}
+
+// startNbdkit serves a sparse plain file of the benchmark size, in the same
+// directory as the cluster's data, with nbdkit's file plugin.
+func (b *bench) startNbdkit(ctx context.Context, t *target) error {
+	img := filepath.Join(b.tmp, "plain.img")
+	t.file = img
+	f, err := os.Create(img)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(int64(b.sizeBytes)); err != nil {
+		_ = f.Close() // the truncate error is the one to report
+		return err
+	}
+	if err := f.Close(); err != nil {
+		return err
+	}
+	args := []string{"--unix", t.sock, "--foreground", "file", img}
+	if b.o.verbose {
+		b.logf("$ nbdkit %s", strings.Join(args, " "))
+	}
+	c := exec.Command("nbdkit", args...)
+	c.SysProcAttr = ownGroup()
+	logf, err := os.Create(filepath.Join(b.tmp, "nbdkit.log"))
+	if err != nil {
+		return err
+	}
+	defer logf.Close() // nbdkit holds its own descriptor
+	c.Stdout, c.Stderr = logf, logf
+	if err := c.Start(); err != nil {
+		return fmt.Errorf("start nbdkit: %w", err)
+	}
+	b.nbdkit = c
+	t.pids = []proc{{"nbdkit", c.Process.Pid}}
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		if fi, err := os.Stat(t.sock); err == nil && fi.Mode()&os.ModeSocket != 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("nbdkit did not create %s within 10s: %s", t.sock, readTail(filepath.Join(b.tmp, "nbdkit.log")))
+		}
+		if err := sleep(ctx, 20*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// fioJSON is the part of fio's JSON output that is read.
+type fioJSON struct {
+	Jobs []struct {
+		Error int     `json:"error"`
+		Read  fioStat `json:"read"`
+		Write fioStat `json:"write"`
+	} `json:"jobs"`
+}
+
+type fioStat struct {
+	IOPS    float64 `json:"iops"`
+	BWBytes float64 `json:"bw_bytes"`
+	ClatNs  struct {
+		Percentile map[string]float64 `json:"percentile"`
+	} `json:"clat_ns"`
+}
+
+// runFio runs one fio job against t and measures the CPU time of t's
+// serving processes and of the machine meanwhile.
+func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
+	r := &result{wl: wl, tgt: t, cpu: map[string]float64{}, cached: -1}
+	if !wl.write {
+		// Reads are to measure the serving software, not the disk: the
+		// machine's page cache may have dropped one target's data and kept
+		// another's (the fills ran in turn), so read the file in first.
+		if err := warm(ctx, t.file); err != nil {
+			r.err = fmt.Errorf("read %s into the page cache: %w", t.file, err)
+			return r
+		}
+	}
+	syscall.Sync() // leave no dirty pages of the previous run to write back
+	if err := sleep(ctx, b.o.settle); err != nil {
+		r.err = err
+		return r
+	}
+	if !wl.write {
+		r.cached, _ = residency(t.file)
+	}
+	out := filepath.Join(b.tmp, fmt.Sprintf("fio-%s-%s.json", wl.name, t.key))
+	args := []string{
+		"--name=" + wl.name, "--ioengine=nbd", "--uri=nbd+unix:///?socket=" + t.sock,
+		"--rw=" + wl.rw, "--bs=" + wl.bs, "--iodepth=" + strconv.Itoa(wl.iodepth),
+		"--size=" + strconv.FormatUint(b.sizeBytes, 10),
+		"--output-format=json", "--output=" + out,
+	}
+	if wl.name != fill.name {
+		args = append(args, "--time_based", "--runtime="+strconv.Itoa(int(b.o.runtime/time.Second)),
+			"--norandommap", "--randrepeat=0")
+	}
+	if b.o.verbose {
+		b.logf("$ fio %s", strings.Join(args, " "))
+	}
+	fctx, cancel := context.WithTimeout(ctx, b.o.runtime+10*time.Minute)
+	defer cancel()
+	c := exec.CommandContext(fctx, "fio", args...)
+	c.SysProcAttr = ownGroup()
+	var stderr bytes.Buffer
+	c.Stderr = &stderr
+
+	perf := b.startPerf(wl, t)
+	var ops0 map[string]opStat
+	if t.key != "c" {
+		ops0 = b.replicaOps(ctx)
+	}
+	before := make(map[string]uint64)
+	for _, p := range t.pids {
+		before[p.name], _ = procCPUTicks(p.pid)
+	}
+	m0, _ := machineCPU()
+	start := time.Now()
+	cswDone := make(chan float64, 1)
+	cswCtx, cswStop := context.WithCancel(fctx) // ends when fio does
+	defer cswStop()
+	if wl.name != fill.name && b.o.runtime >= 3*time.Second {
+		// Context switches are counted per thread, and nbdkit's threads
+		// end with the connection: count them between 1 s after the start
+		// and 1 s before the end, while the connection is up.
+		go func() {
+			window := b.o.runtime - 2*time.Second
+			if sleep(cswCtx, time.Second) != nil {
+				cswDone <- 0
+				return
+			}
+			n0 := sumContextSwitches(t.pids)
+			if sleep(cswCtx, window) != nil {
+				cswDone <- 0
+				return
+			}
+			cswDone <- float64(sumContextSwitches(t.pids)-n0) / window.Seconds()
+		}()
+	} else {
+		cswDone <- 0
+	}
+	err := c.Run()
+	r.elapsed = time.Since(start)
+	cswStop()
+	r.cswRate = <-cswDone
+	m1, _ := machineCPU()
+	for _, p := range t.pids {
+		after, perr := procCPUTicks(p.pid)
+		if perr == nil {
+			r.cpu[p.name] = 100 * float64(after-before[p.name]) / clockTicks / r.elapsed.Seconds()
+		}
+	}
+	b.stopPerf(perf)
+	if ops0 != nil {
+		r.ops = map[string]opStat{}
+		for op, v := range b.replicaOps(ctx) {
+			r.ops[op] = opStat{count: v.count - ops0[op].count, sum: v.sum - ops0[op].sum}
+		}
+	}
+	if c.ProcessState != nil {
+		r.fioCPU = 100 * (c.ProcessState.UserTime() + c.ProcessState.SystemTime()).Seconds() / r.elapsed.Seconds()
+	}
+	r.machine = m1.since(m0)
+	if err != nil {
+		r.err = fmt.Errorf("fio: %w: %s", err, strings.TrimSpace(stderr.String()))
+		return r
+	}
+	raw, err := os.ReadFile(out)
+	if err != nil {
+		r.err = err
+		return r
+	}
+	var j fioJSON
+	if err := json.Unmarshal(raw, &j); err != nil || len(j.Jobs) != 1 {
+		r.err = fmt.Errorf("cannot parse %s: %v", out, err)
+		return r
+	}
+	job := j.Jobs[0]
+	if job.Error != 0 {
+		r.err = fmt.Errorf("fio job error %d (%s): %s", job.Error, syscall.Errno(job.Error), strings.TrimSpace(stderr.String()))
+		return r
+	}
+	s := job.Read
+	if wl.write {
+		s = job.Write
+	}
+	r.iops, r.mibps = s.IOPS, s.BWBytes/(1<<20)
+	r.p50, r.p99 = s.ClatNs.Percentile["50.000000"], s.ClatNs.Percentile["99.000000"]
+	return r
+}
+
+// warm reads path once, so that its pages are in the page cache.
+func warm(ctx context.Context, path string) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close() // read only
+	buf := make([]byte, 1<<20)
+	for {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		_, err := f.Read(buf)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+}
+
+// residency returns the share (%) of path's pages in the page cache.
+func residency(path string) (float64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return -1, err
+	}
+	defer f.Close() // read only
+	fi, err := f.Stat()
+	if err != nil || fi.Size() == 0 {
+		return -1, err
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(fi.Size()), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		return -1, err
+	}
+	defer func() { _ = unix.Munmap(m) }() // a read-only mapping
+	page := os.Getpagesize()
+	vec := make([]byte, (len(m)+page-1)/page)
+	// x/sys/unix has no Mincore wrapper.
+	if _, _, errno := unix.Syscall(unix.SYS_MINCORE, uintptr(unsafe.Pointer(&m[0])), uintptr(len(m)), uintptr(unsafe.Pointer(&vec[0]))); errno != 0 {
+		return -1, errno
+	}
+	in := 0
+	for _, v := range vec {
+		in += int(v & 1)
+	}
+	return 100 * float64(in) / float64(len(vec)), nil
+}
+
+// replicaOps sums the replica servers' per-op counts and durations over
+// the nodes.
+func (b *bench) replicaOps(ctx context.Context) map[string]opStat {
+	out := map[string]opStat{}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	for _, n := range b.nodes {
+		body, err := httpGet(ctx, "http://"+n.Metrics+"/metrics")
+		if err != nil {
+			continue
+		}
+		for _, line := range strings.Split(string(body), "\n") {
+			for _, kind := range []string{"_sum", "_count"} {
+				rest, ok := strings.CutPrefix(line, "cairn_replica_op_duration_seconds"+kind+`{op="`)
+				if !ok {
+					continue
+				}
+				op, val, ok := strings.Cut(rest, `"} `)
+				v, err := strconv.ParseFloat(strings.TrimSpace(val), 64)
+				if !ok || err != nil {
+					continue
+				}
+				st := out[op]
+				if kind == "_sum" {
+					st.sum += v
+				} else {
+					st.count += v
+				}
+				out[op] = st
+			}
+		}
+	}
+	return out
+}
+
+// startPerf records the serving processes of t during one run, if -perf.
+func (b *bench) startPerf(wl workload, t *target) *exec.Cmd {
+	if b.o.perfDir == "" {
+		return nil
+	}
+	var pids []string
+	for _, p := range t.pids {
+		pids = append(pids, strconv.Itoa(p.pid))
+	}
+	out := filepath.Join(b.o.perfDir, fmt.Sprintf("%s-%s.perf.data", wl.name, t.key))
+	c := exec.Command("perf", "record", "-q", "-F", "999", "-g", "-p", strings.Join(pids, ","), "-o", out)
+	c.Stdout, c.Stderr = io.Discard, io.Discard
+	c.SysProcAttr = ownGroup()
+	if err := c.Start(); err != nil {
+		b.logf("perf: %v", err)
+		return nil
+	}
+	time.Sleep(200 * time.Millisecond) // let perf attach before fio starts
+	return c
+}
+
+func (b *bench) stopPerf(c *exec.Cmd) {
+	if c == nil {
+		return
+	}
+	_ = c.Process.Signal(syscall.SIGINT) // perf writes its file on SIGINT
+	done := make(chan struct{})
+	go func() { _ = c.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = c.Process.Kill()
+		<-done
+	}
+}
+
+// cleanup undoes whatever run started, with its own deadlines: it also runs
+// after Ctrl-C, when run's context is done.
+func (b *bench) cleanup() {
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if b.clusterDir != "" {
+		if _, err := os.Stat(filepath.Join(b.clusterDir, "cluster.json")); err == nil {
+			if b.nodes == nil {
+				_ = b.loadCluster() // interrupted right after dev up
+			}
+			// Detach first, so that every engine flushes and stops while
+			// all nodes are up.
+			for _, id := range append([]string(nil), b.exported...) {
+				if err := b.unexport(ctx, id); err != nil {
+					b.logf("cleanup: %v", err)
+				}
+			}
+			if _, err := b.cmd(ctx, b.bin, "dev", "down", "--dir", b.clusterDir, "--keep-data="+strconv.FormatBool(b.o.keep)); err != nil {
+				b.logf("cleanup: %v; killing the node agents", err)
+				for _, n := range b.nodes {
+					if n.PID > 0 && isNodeAgent(n) {
+						_ = syscall.Kill(n.PID, syscall.SIGKILL)
+					}
+				}
+			}
+		}
+	}
+	if b.nbdkit != nil {
+		_ = b.nbdkit.Process.Signal(syscall.SIGTERM)
+		done := make(chan struct{})
+		go func() { _ = b.nbdkit.Wait(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(5 * time.Second):
+			_ = b.nbdkit.Process.Kill()
+			<-done
+		}
+	}
+	if b.tmp != "" {
+		if b.o.keep {
+			b.logf("kept %s", b.tmp)
+		} else if err := os.RemoveAll(b.tmp); err != nil {
+			b.logf("cleanup: %v", err)
+		}
+	}
+}
+
+// ownGroup puts a child in its own process group, so that a Ctrl-C in the
+// terminal reaches only this program, which then stops the children in
+// order (fio first, the cluster last).
+func ownGroup() *syscall.SysProcAttr { return &syscall.SysProcAttr{Setpgid: true} }
+
+// isNodeAgent checks that pid still is this node's agent (pids get reused).
+func isNodeAgent(n node) bool {
+	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
+	return err == nil && bytes.Contains(cmdline, []byte("\x00--id\x00"+n.ID+"\x00"))
+}
+
+func (b *bench) printHeader(w io.Writer) {
+	host, _ := os.Hostname()
+	fmt.Fprintf(w, "fiobench: fio's nbd engine against Cairn NBD exports and nbdkit's file plugin\n")
+	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), kernel(), loadAvg(), memInfo())
+	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
+	fmt.Fprintf(w, "cairn:    %s\n", b.version())
+	fmt.Fprintf(w, "tools:    %s, %s\n", firstLine("fio", "--version"), firstLine("nbdkit", "--version"))
+	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
+	fmt.Fprintf(w, "          (b) %s volume, 3 replicas (node-1..3, write quorum per store), exported on node-1\n", b.o.size)
+	fmt.Fprintf(w, "          (c) nbdkit --unix SOCK --foreground file %s (%s sparse file)\n", filepath.Join(b.tmp, "plain.img"), b.o.size)
+	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
+	fmt.Fprintf(w, "          on (a), (b), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
+}
+
+// version names the commit bin/cairn was built from and whether the
+// working tree differed from it.
+func (b *bench) version() string {
+	c := exec.Command("git", "describe", "--always", "--dirty")
+	c.Dir = b.root
+	out, err := c.Output()
+	if err != nil {
+		return "unknown version (not a git checkout)"
+	}
+	v := strings.TrimSpace(string(out))
+	c = exec.Command("git", "status", "--porcelain", "--", ".")
+	c.Dir = b.root
+	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
+	}
+	return v
+}
+
+func printTable(w io.Writer, results []*result) {
+	nbdkit := map[string]*result{}
+	for _, r := range results {
+		if r.tgt.key == "c" && r.err == nil {
+			nbdkit[r.wl.name] = r
+		}
+	}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "workload\ttarget\tIOPS\tMiB/s\tp50\tp99\tIOPS vs (c)\tin page cache\t")
+	prev := ""
+	for _, r := range results {
+		wl := r.wl.label
+		if wl == prev {
+			wl = ""
+		} else if prev != "" {
+			fmt.Fprintln(tw, "\t\t\t\t\t\t\t\t")
+		}
+		prev = r.wl.label
+		if r.err != nil {
+			fmt.Fprintf(tw, "%s\t%s\tERROR\t\t\t\t\t\t\n", wl, r.tgt.label)
+			continue
+		}
+		ratio := ""
+		if c := nbdkit[r.wl.name]; c != nil && r.tgt.key != "c" && c.iops > 0 {
+			ratio = fmt.Sprintf("%.2f", r.iops/c.iops)
+		}
+		cached := ""
+		if r.cached >= 0 {
+			cached = fmt.Sprintf("%.0f%%", r.cached)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.1f\t%s\t%s\t%s\t%s\t\n", wl, r.tgt.label, r.iops, r.mibps, dur(r.p50), dur(r.p99), ratio, cached)
+	}
+	tw.Flush()
+	fmt.Fprintln(w, "p50, p99: fio completion latency (clat) percentiles; in page cache: share of the file the reads come from")
+	fmt.Fprintln(w, "(node-1's replica, nbdkit's plain file) that was in the page cache when the run started, after reading it in")
+}
+
+func printCPU(w io.Writer, results []*result) {
+	fmt.Fprintf(w, "CPU during each run, %% of one core (%d cores = %d%%): the serving processes and fio from /proc/PID/stat;\n", runtime.NumCPU(), 100*runtime.NumCPU())
+	fmt.Fprintln(w, "from /proc/stat: other tasks = user+system time of all tasks minus those columns (other work on the machine,")
+	fmt.Fprintln(w, "kernel threads such as writeback), irq = hard and soft interrupts, steal = taken by the hypervisor.")
+	fmt.Fprintln(w, "Per I/O: CPU time of the serving processes (node-1..3 or nbdkit) per I/O done, and their threads' context")
+	fmt.Fprintln(w, "switches per I/O (counted from 1 s after the start to 1 s before the end); less sensitive to other work on")
+	fmt.Fprintln(w, "the machine than IOPS:")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "workload\ttarget\tnode-1\tnode-2\tnode-3\tnbdkit\tfio\tother tasks\tirq\tsteal\tiowait\tidle\tCPU/IO\tcsw/IO\t")
+	prev := ""
+	var contended int
+	for _, r := range results {
+		wl := r.wl.label
+		if wl == prev {
+			wl = ""
+		}
+		prev = r.wl.label
+		cell := func(name string) string {
+			v, ok := r.cpu[name]
+			if !ok {
+				return "-"
+			}
+			return fmt.Sprintf("%.0f", v)
+		}
+		m := r.machine
+		other := m.task - r.fioCPU
+		for _, v := range r.cpu {
+			other -= v
+		}
+		other = max(other, 0)
+		if other > contendedShare {
+			contended++
+		}
+		idle := max(float64(100*runtime.NumCPU())-m.task-m.irq-m.steal-m.iowait, 0)
+		perIO, cswIO := "-", "-"
+		if ios := r.iops * r.elapsed.Seconds(); r.err == nil && ios > 0 {
+			var serving float64
+			for _, v := range r.cpu {
+				serving += v
+			}
+			perIO = dur(1e9 * serving / 100 * r.elapsed.Seconds() / ios)
+		}
+		if r.err == nil && r.iops > 0 && r.cswRate > 0 {
+			cswIO = fmt.Sprintf("%.1f", r.cswRate/r.iops)
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%.0f\t%.0f\t%.0f\t%.0f\t%.0f\t%.0f\t%s\t%s\t\n", wl, r.tgt.label,
+			cell("node-1"), cell("node-2"), cell("node-3"), cell("nbdkit"), r.fioCPU, other, m.irq, m.steal, m.iowait, idle, perIO, cswIO)
+	}
+	tw.Flush()
+	if contended > 0 {
+		fmt.Fprintf(w, "WARNING: in %d of %d runs other tasks used more than %.0f%% of a core: the machine was shared, and the\n", contended, len(results), contendedShare)
+		fmt.Fprintln(w, "numbers above are lower and noisier than on a quiet machine. Compare only runs made side by side.")
+	}
+}
+
+// contendedShare is the CPU (% of one core) used by tasks other than the
+// benchmark's above which printCPU warns that the machine was not quiet.
+const contendedShare = 25.0
+
+func printOps(w io.Writer, results []*result) {
+	fmt.Fprintln(w, "replica server requests during each Cairn run, all nodes: count per second and mean time in the server")
+	fmt.Fprintln(w, "(cairn_replica_op_duration_seconds; the time from decoding a request to its reply being queued):")
+	opNames := []string{"read", "write", "flush", "mark_clean"}
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	hdr := "workload\ttarget\t"
+	for _, op := range opNames {
+		hdr += op + "/s\tmean\t"
+	}
+	fmt.Fprintln(tw, hdr)
+	prev := ""
+	for _, r := range results {
+		if r.ops == nil {
+			continue
+		}
+		wl := r.wl.label
+		if wl == prev {
+			wl = ""
+		}
+		prev = r.wl.label
+		line := wl + "\t" + r.tgt.label + "\t"
+		for _, op := range opNames {
+			st := r.ops[op]
+			if st.count <= 0 {
+				line += "-\t-\t"
+				continue
+			}
+			line += fmt.Sprintf("%.0f\t%s\t", st.count/r.elapsed.Seconds(), dur(1e9*st.sum/st.count))
+		}
+		fmt.Fprintln(tw, line)
+	}
+	tw.Flush()
+}
+
+func printGoals(w io.Writer, results []*result) {
+	find := func(key, wl string) *result {
+		for _, r := range results {
+			if r.tgt.key == key && r.wl.name == wl && r.err == nil {
+				return r
+			}
+		}
+		return nil
+	}
+	fmt.Fprintln(w, "targets of the issue (IOPS of the Cairn export / IOPS of nbdkit):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "target\tworkload\tratio\tgoal\t\t")
+	for _, g := range goals {
+		var wl workload
+		for _, x := range workloads {
+			if x.name == g.wl {
+				wl = x
+			}
+		}
+		name := map[string]string{"a": "(a) 1 replica", "b": "(b) 3 replicas"}[g.of]
+		r, c := find(g.of, g.wl), find("c", g.wl)
+		if r == nil || c == nil || c.iops == 0 {
+			fmt.Fprintf(tw, "%s\t%s\t-\t≥ %.2f\tnot measured\t\n", name, wl.label, g.ratio)
+			continue
+		}
+		ratio := r.iops / c.iops
+		verdict := "not met"
+		if ratio >= g.ratio {
+			verdict = "met"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%.2f\t≥ %.2f\t%s\t\n", name, wl.label, ratio, g.ratio, verdict)
+	}
+	tw.Flush()
+}
+
+func printRSS(w io.Writer, node string, o options, fresh uint64, idle, later rssSample, hwm, afterBench uint64) {
+	fmt.Fprintf(w, "%s agent memory (VmRSS from /proc/PID/status; target ≤ %d MiB with %d idle exported volumes):\n", node, rssGoalMiB, o.idleVolumes)
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "state\tVmRSS\tGo heap in use\theap idle, not released\tstacks\tgoroutines\tthreads\tgoal\t")
+	fmt.Fprintf(tw, "cluster up, no volumes\t%s\t\t\t\t\t\t\t\n", mib(fresh*1024))
+	row := func(label string, s rssSample) {
+		if s.rssKiB == 0 {
+			return
+		}
+		m := s.metrics
+		verdict := "not met"
+		if float64(s.rssKiB)/1024 <= rssGoalMiB {
+			verdict = "met"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", label, mib(s.rssKiB*1024),
+			mibOpt(m, "go_memstats_heap_inuse_bytes"), mibOpt(m, "go_memstats_heap_idle_bytes", "go_memstats_heap_released_bytes"),
+			mibOpt(m, "go_memstats_stack_inuse_bytes"), numOpt(m, "go_goroutines"), numOpt(m, "go_threads"), verdict)
+	}
+	row(fmt.Sprintf("%d idle %s volumes exported, before the fio runs", o.idleVolumes, o.idleSize), idle)
+	fmt.Fprintf(tw, "end of the fio runs (2 volumes exported)\t%s\t\t\t\t\t\t\t\n", mib(afterBench*1024))
+	fmt.Fprintf(tw, "peak so far (VmHWM)\t%s\t\t\t\t\t\t\t\n", mib(hwm*1024))
+	row(fmt.Sprintf("%d idle volumes exported again, after the fio runs", o.idleVolumes), later)
+	tw.Flush()
+}
+
+func mib(bytes uint64) string {
+	if bytes == 0 {
+		return "-"
+	}
+	return fmt.Sprintf("%.1f MiB", float64(bytes)/(1<<20))
+}
+
+// mibOpt prints metric a (minus b, if given) in MiB, or "-".
+func mibOpt(m map[string]float64, a string, b ...string) string {
+	v, ok := m[a]
+	if !ok {
+		return "-"
+	}
+	for _, x := range b {
+		v -= m[x]
+	}
+	return fmt.Sprintf("%.1f MiB", v/(1<<20))
+}
+
+func numOpt(m map[string]float64, a string) string {
+	v, ok := m[a]
+	if !ok {
+		return "-"
+	}
+	return strconv.FormatFloat(v, 'f', 0, 64)
+}
+
+// dur prints nanoseconds as µs below 1 ms and as ms above.
+func dur(ns float64) string {
+	switch {
+	case ns <= 0:
+		return "-"
+	case ns < 1e6:
+		return fmt.Sprintf("%.0fµs", ns/1e3)
+	default:
+		return fmt.Sprintf("%.2fms", ns/1e6)
+	}
+}
+
+// parseSize reads 512, 64Mi, 1Gi (binary suffixes, as cairn ctl --size).
+func parseSize(s string) (uint64, error) {
+	mult := uint64(1)
+	for _, u := range []struct {
+		suffix string
+		m      uint64
+	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}} {
+		if strings.HasSuffix(s, u.suffix) {
+			s, mult = strings.TrimSuffix(s, u.suffix), u.m
+			break
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 64)
+	if err != nil || n == 0 || n > math.MaxUint64/mult {
+		return 0, errors.New("want a positive size such as 1Gi or 64Mi")
+	}
+	return n * mult, nil
+}
+
+// moduleRoot finds the repository root (the directory of go.mod).
+func moduleRoot(ctx context.Context) (string, error) {
+	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOMOD: %w", err)
+	}
+	mod := strings.TrimSpace(string(out))
+	if mod == "" || mod == os.DevNull {
+		return "", errors.New("run fiobench inside the cairn module (go run ./tests/bench/fiobench)")
+	}
+	return filepath.Dir(mod), nil
+}
+
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
+}
+
+// procCPUTicks returns utime+stime of pid, in clock ticks.
+func procCPUTicks(pid int) (uint64, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0, err
+	}
+	// Fields after the parenthesised command name: state is field 3, utime
+	// field 14, stime field 15.
+	i := bytes.LastIndexByte(raw, ')')
+	if i < 0 {
+		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
+	}
+	f := strings.Fields(string(raw[i+1:]))
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
+	}
+	ut, err1 := strconv.ParseUint(f[11], 10, 64)
+	st, err2 := strconv.ParseUint(f[12], 10, 64)
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: bad utime or stime", pid)
+	}
+	return ut + st, nil
+}
+
+func sumContextSwitches(ps []proc) uint64 {
+	var sum uint64
+	for _, p := range ps {
+		n, _ := contextSwitches(p.pid)
+		sum += n
+	}
+	return sum
+}
+
+// contextSwitches sums the voluntary and involuntary context switches of
+// pid's threads. Threads that ended are not counted; Go and nbdkit keep
+// theirs.
+func contextSwitches(pid int) (uint64, error) {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return 0, err
+	}
+	var sum uint64
+	for _, t := range tasks {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/status", pid, t.Name()))
+		if err != nil {
+			continue // the thread ended
+		}
+		for _, line := range strings.Split(string(raw), "\n") {
+			for _, f := range []string{"voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"} {
+				if v, ok := strings.CutPrefix(line, f); ok {
+					n, _ := strconv.ParseUint(strings.TrimSpace(v), 10, 64)
+					sum += n
+				}
+			}
+		}
+	}
+	return sum, nil
+}
+
+// procStatusKiB reads a "kB" field (VmRSS, VmHWM) of /proc/PID/status.
+func procStatusKiB(pid int, field string) (uint64, error) {
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/%d/status has no %s", pid, field)
+}
+
+// cpuTimes is the "cpu" line of /proc/stat, in clock ticks.
+type cpuTimes struct{ total, task, irq, steal, iowait uint64 }
+
+func machineCPU() (cpuTimes, error) {
+	raw, err := os.ReadFile("/proc/stat")
+	if err != nil {
+		return cpuTimes{}, err
+	}
+	line, _, _ := strings.Cut(string(raw), "\n")
+	f := strings.Fields(line)
+	if len(f) < 9 || f[0] != "cpu" {
+		return cpuTimes{}, errors.New("/proc/stat: no cpu line")
+	}
+	var v [8]uint64 // user nice system idle iowait irq softirq steal; guest is in user
+	for i := range v {
+		v[i], _ = strconv.ParseUint(f[i+1], 10, 64)
+	}
+	return cpuTimes{
+		total: v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7],
+		task:  v[0] + v[1] + v[2], irq: v[5] + v[6], steal: v[7], iowait: v[4],
+	}, nil
+}
+
+// cpuShare is CPU time in % of one core.
+type cpuShare struct{ task, irq, steal, iowait float64 }
+
+// since returns what the CPUs did from t0 to t, in % of one core.
+func (t cpuTimes) since(t0 cpuTimes) cpuShare {
+	total := float64(t.total - t0.total)
+	if total <= 0 {
+		return cpuShare{}
+	}
+	cores := 100 * float64(runtime.NumCPU()) / total
+	return cpuShare{
+		task: cores * float64(t.task-t0.task), irq: cores * float64(t.irq-t0.irq),
+		steal: cores * float64(t.steal-t0.steal), iowait: cores * float64(t.iowait-t0.iowait),
+	}
+}
+
+// scrapeMetrics reads the named samples (without labels) from a Prometheus
+// text endpoint; missing ones are left out.
+func scrapeMetrics(ctx context.Context, addr string, names ...string) map[string]float64 {
+	out := map[string]float64{}
+	if addr == "" {
+		return out
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	body, err := httpGet(ctx, "http://"+addr+"/metrics")
+	if err != nil {
+		return out
+	}
+	want := map[string]bool{}
+	for _, n := range names {
+		want[n] = true
+	}
+	sc := bufio.NewScanner(bytes.NewReader(body))
+	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
+	for sc.Scan() {
+		f := strings.Fields(sc.Text())
+		if len(f) == 2 && want[f[0]] {
+			if v, err := strconv.ParseFloat(f[1], 64); err == nil {
+				out[f[0]] = v
+			}
+		}
+	}
+	return out
+}
+
+func httpGet(ctx context.Context, url string) ([]byte, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
+	}
+	return io.ReadAll(resp.Body)
+}
+
+func readTail(path string) string {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return err.Error()
+	}
+	s := strings.TrimSpace(string(b))
+	if len(s) > 500 {
+		s = "…" + s[len(s)-500:]
+	}
+	return s
+}
+
+func firstLine(name string, args ...string) string {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return name + " (version unknown)"
+	}
+	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+	return line
+}
+
+func cpuModel() string {
+	raw, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOARCH
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+		}
+	}
+	return runtime.GOARCH
+}
+
+func kernel() string {
+	raw, err := os.ReadFile("/proc/sys/kernel/osrelease")
+	if err != nil {
+		return runtime.GOOS
+	}
+	return "Linux " + strings.TrimSpace(string(raw))
+}
+
+// loadAvg returns ", load average X Y Z" (other work on the machine skews the
+// numbers), or "".
+func loadAvg() string {
+	raw, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(raw))
+	if len(f) < 3 {
+		return ""
+	}
+	return ", load average " + strings.Join(f[:3], " ")
+}
+
+func memInfo() string {
+	total, err1 := procMemKiB("MemTotal")
+	avail, err2 := procMemKiB("MemAvailable")
+	if err1 != nil || err2 != nil {
+		return "memory unknown"
+	}
+	return fmt.Sprintf("%.1f GiB RAM (%.1f GiB available)", float64(total)/(1<<20), float64(avail)/(1<<20))
+}
+
+func procMemKiB(field string) (uint64, error) {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/meminfo has no %s", field)
+}
+
+// fsType names the file system holding dir (from /proc/self/mountinfo), or
+// "an unknown file system".
+func fsType(dir string) string {
+	unknown := "an unknown file system"
+	if d, err := filepath.EvalSymlinks(dir); err == nil {
+		dir = d
+	}
+	f, err := os.Open("/proc/self/mountinfo")
+	if err != nil {
+		return unknown
+	}
+	defer f.Close()
+	best, typ, src := "", "", ""
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		// id parent major:minor root mountpoint options [optional...] - fstype source superopts
+		pre, post, ok := strings.Cut(sc.Text(), " - ")
+		if !ok {
+			continue
+		}
+		pf, sf := strings.Fields(pre), strings.Fields(post)
+		if len(pf) < 5 || len(sf) < 2 {
+			continue
+		}
+		mp := pf[4]
+		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) >= len(best) {
+			best, typ, src = mp, sf[0], sf[1]
+		}
+	}
+	if typ == "" {
+		return unknown
+	}
+	return typ + " (" + src + ")"
+}
