@@ -53,7 +53,8 @@ func TestFormatSize(t *testing.T) {
 
 func TestNodeOptionsValidate(t *testing.T) {
 	valid := func() nodeOptions {
-		return nodeOptions{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2",
+		return nodeOptions{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2", DataAddr: "127.0.0.1:3",
+			RebuildRate: "200Mi", StaleReplicaTimeout: time.Minute,
 			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second}
 	}
 	cases := []struct {
@@ -67,6 +68,9 @@ func TestNodeOptionsValidate(t *testing.T) {
 		{"down before heartbeat", func(o *nodeOptions) { o.NodeDownAfter = time.Second }, "--node-down-after"},
 		{"negative heartbeat", func(o *nodeOptions) { o.HeartbeatInterval = -1 }, "--heartbeat-interval"},
 		{"single-node bootstrap", func(o *nodeOptions) { o.BootstrapExpect = 1 }, ""},
+		{"bad rebuild rate", func(o *nodeOptions) { o.RebuildRate = "fast" }, "--rebuild-rate"},
+		{"bad data address", func(o *nodeOptions) { o.DataAddr = "nowhere" }, "--data-addr"},
+		{"zero stale timeout", func(o *nodeOptions) { o.StaleReplicaTimeout = 0 }, "--stale-replica-timeout"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
