@@ -165,7 +165,7 @@ func orDash(s string) string {
 func newVolumeCommand(o *ctlOptions) *cobra.Command {
 	cmd := &cobra.Command{Use: "volume", Short: "List, show, create and delete volumes"}
 	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o),
-		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o))
+		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o))
 	return cmd
 }
 
@@ -277,6 +277,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size string
 	var replicas, quorum int
 	var staleTimeout time.Duration
+	q := &qosFlags{}
 	cmd := &cobra.Command{
 		Use:     "create NAME",
 		Short:   "Create a volume and place its replicas",
@@ -301,9 +302,17 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 				return err
 			}
 			defer done()
-			var params map[string]string
+			params, err := q.parameters(cmd.Flags())
+			if err != nil {
+				return err
+			}
+			for k, v := range params {
+				if v == "" {
+					delete(params, k) // a 0 limit on a new volume is no limit
+				}
+			}
 			if staleTimeout > 0 {
-				params = map[string]string{meta.ParamStaleReplicaTimeout: staleTimeout.String()}
+				params[meta.ParamStaleReplicaTimeout] = staleTimeout.String()
 			}
 			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum, Parameters: params})
 			if err != nil {
@@ -320,6 +329,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of replicas (1 to 5)")
 	cmd.Flags().IntVar(&quorum, "write-quorum", 0, "healthy replicas a write needs (0: a majority)")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
+	q.add(cmd.Flags())
 	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }

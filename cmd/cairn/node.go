@@ -22,6 +22,7 @@ import (
 
 	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/driver/export"
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/storagenode"
 )
@@ -69,6 +70,9 @@ type nodeOptions struct {
 	CSIAllowedRoots []string
 	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
 	MaxVolumes int64
+	// NoIOSched bypasses the I/O scheduler (QoS limits stop applying); it
+	// exists to measure what scheduling buys.
+	NoIOSched bool
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -95,6 +99,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CSIEndpoint, "csi-endpoint", "", "CSI endpoint for kubelet, e.g. unix:///csi/csi.sock (empty: no CSI node service)")
 	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
+	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O scheduler: no QoS limits (for measuring what scheduling buys)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
@@ -198,6 +203,14 @@ func runNode(o *nodeOptions) error {
 		return err
 	}
 	rate, _ := parseSize(o.RebuildRate)
+	// One scheduler for every volume I/O on this node. Its depth bounds the
+	// I/Os in flight across all volumes; QoS limits apply per volume.
+	sched, err := iosched.New(iosched.Config{Depth: 256, Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
+	if err != nil {
+		agent.Close()
+		return err
+	}
+	defer sched.Close()
 	self, err := meta.NewClient([]string{agent.APIAddr()})
 	if err != nil {
 		agent.Close()
@@ -206,13 +219,13 @@ func runNode(o *nodeOptions) error {
 	defer self.Close()
 	storage, err := storagenode.Start(storagenode.Config{
 		NodeID: o.ID, DataDir: o.DataDir, Listen: o.DataAddr, FSM: agent.Store().FSM(), Meta: self,
-		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg,
+		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched,
 	})
 	if err != nil {
 		agent.Close()
 		return err
 	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate})
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {
@@ -225,7 +238,7 @@ func runNode(o *nodeOptions) error {
 		}
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
 			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: log,
-			RebuildBytesPerSecond: rate})
+			RebuildBytesPerSecond: rate, Sched: sched})
 		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}
 	var metricsSrv *http.Server

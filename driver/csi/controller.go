@@ -44,6 +44,7 @@ var controllerCaps = []csipb.ControllerServiceCapability_RPC_Type{
 	csipb.ControllerServiceCapability_RPC_GET_VOLUME_HEALTH,
 	csipb.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
 	csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
+	csipb.ControllerServiceCapability_RPC_MODIFY_VOLUME,
 }
 
 // ControllerGetCapabilities lists exactly what works.
@@ -441,4 +442,38 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 		AvailableCapacity: int64(min(total, uint64(1<<62))),
 		MaximumVolumeSize: wrapInt64(min(best, uint64(MaxSize))),
 	}, nil
+}
+
+// ControllerModifyVolume changes a live volume's QoS (VolumeAttributesClass
+// parameters maxIOPS, minIOPS, maxBandwidth, burstDuration); the engine
+// applies them within a second.
+func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.ControllerModifyVolumeRequest) (*csipb.ControllerModifyVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	mp := req.GetMutableParameters()
+	if len(mp) == 0 {
+		return nil, status.Error(codes.InvalidArgument, "mutable parameters are required")
+	}
+	p, err := ParseParams(mp)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	set := map[string]string{}
+	for k := range mp {
+		if !meta.MutableParameters[k] {
+			return nil, status.Errorf(codes.InvalidArgument, "parameter %q cannot be changed on a live volume (mutable: maxIOPS, minIOPS, maxBandwidth, burstDuration)", k)
+		}
+		set[k] = p.volumeParameters()[k]
+	}
+	unlock, err := c.locks.lock(id)
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	if _, err := c.Meta.Apply(ctx, &meta.SetParameters{VolumeID: id, Parameters: set}); err != nil {
+		return nil, toStatus(err)
+	}
+	return &csipb.ControllerModifyVolumeResponse{}, nil
 }

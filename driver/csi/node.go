@@ -19,6 +19,7 @@ import (
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/cairn-csi/cairn/driver/frontend/fuse"
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
@@ -38,6 +39,8 @@ type NodeConfig struct {
 	Logger       *zap.Logger
 	// RebuildBytesPerSecond paces rebuilds done by staged volumes' engines.
 	RebuildBytesPerSecond uint64
+	// Sched is the node's I/O scheduler (nil: none).
+	Sched *iosched.Scheduler
 }
 
 // Node is the CSI Node service: stage = engine + FUSE file + loop device
@@ -185,7 +188,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged))
 	}
 	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond})
+		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched})
 	if err != nil {
 		return nil, toStatus(err)
 	}

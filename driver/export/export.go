@@ -14,6 +14,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/driver/frontend/nbd"
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
@@ -26,6 +27,8 @@ type Config struct {
 	Logger *zap.Logger
 	// RebuildBytesPerSecond paces rebuilds done by the engines (0: unpaced).
 	RebuildBytesPerSecond uint64
+	// Sched is the node's I/O scheduler (nil: none).
+	Sched *iosched.Scheduler
 }
 
 // Manager keeps the node's NBD exports in line with the store.
@@ -129,7 +132,7 @@ func (m *Manager) start(v *meta.Volume) {
 	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
 	defer cancel()
 	e, err := engine.Open(ctx, engine.Config{VolumeID: v.ID, NodeID: m.cfg.NodeID, Meta: m.cfg.Meta, Logger: m.cfg.Logger,
-		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond})
+		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond, Sched: m.cfg.Sched})
 	if err != nil {
 		if !errors.Is(err, engine.ErrNotAttached) {
 			log.Warn("cannot start engine for export", zap.Error(err))

@@ -18,6 +18,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
 )
@@ -61,6 +62,9 @@ type Config struct {
 	// OnRebuilt, if set, is called after each finished rebuild (tests,
 	// metrics).
 	OnRebuilt func(RebuildStats)
+	// Sched, if set, is the node's I/O scheduler: every user I/O of the
+	// volume waits for it (QoS limits), rebuild copies as background work.
+	Sched *iosched.Scheduler
 	// Maintenance opens an engine for a volume that is not attached, to
 	// rebuild its replicas: it claims the volume's current epoch and serves
 	// no I/O. An attachment (a higher epoch) fences it.
@@ -103,6 +107,8 @@ type Engine struct {
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
 	closeM     sync.Once
+	qos        meta.QoS // the limits last given to the scheduler
+	qosSet     bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once
 }
@@ -193,12 +199,18 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		if err := e.connect(ctx, v); err != nil {
 			return err
 		}
-		e.epoch, e.size, e.quorum = v.Epoch, v.SizeBytes, v.WriteQuorum
+		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
+		if e.size == 0 {
+			// Set once, while Open still holds the engine alone: I/O and
+			// the rebuilder read the size without the lock.
+			e.size = v.SizeBytes
+		}
 		failed, err := e.claimAll(ctx)
 		if err != nil {
 			return err
 		}
 		if failed == nil {
+			e.applyQoS(v)
 			if n := e.healthyCount(); n < e.quorum {
 				e.log.Warn("fewer healthy replicas than the write quorum", zap.Int("healthy", n), zap.Int("write_quorum", e.quorum))
 			}
@@ -231,9 +243,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 		m := &member{replica: r, local: r.Node == e.cfg.NodeID}
 		addr, err := e.replicaAddr(ctx, r.Node)
 		if err == nil {
-			dctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
-			m.client, err = replica.Dial(dctx, addr, r.ID, v.SizeBytes)
-			cancel()
+			m.client, err = e.dial(ctx, addr, r, v.SizeBytes)
 		}
 		if err != nil {
 			// Keep it without a connection: the claim fails and ejects it.
@@ -248,6 +258,28 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 	}
 	e.members = members
 	return nil
+}
+
+// dial connects to replica r on the replica server at addr. A healthy
+// replica that its node does not hold yet is waited for, up to IOTimeout:
+// nodes create the replicas placed on them when their copy of the store
+// shows the new volume, and an engine attached right after CreateVolume can
+// look for them first. Ejecting them would leave a brand-new volume degraded,
+// or below its write quorum so that every write fails.
+func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uint64) (*replica.Client, error) {
+	dctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+	defer cancel()
+	for {
+		c, err := replica.Dial(dctx, addr, r.ID, size)
+		if err == nil || r.State != meta.ReplicaHealthy || !errors.Is(err, replica.ErrNotFound) {
+			return c, err
+		}
+		select {
+		case <-dctx.Done():
+			return nil, err
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // replicaAddr finds a node's replica server address in the store.
@@ -442,6 +474,11 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}
+	done, err := e.admit(ctx, iosched.Write, uint64(len(p)), iosched.Foreground)
+	if err != nil {
+		return err
+	}
+	defer done()
 	return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.WriteAt(ctx, epoch, p, off, fua)
 	})
@@ -452,6 +489,11 @@ func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
 	if err := e.checkRange(off, length); err != nil {
 		return err
 	}
+	done, err := e.admit(ctx, iosched.Discard, 0, iosched.Foreground)
+	if err != nil {
+		return err
+	}
+	defer done()
 	return e.mutate(ctx, "trim", off, length, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.Trim(ctx, epoch, off, length)
 	})
@@ -462,9 +504,14 @@ func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) 
 	if err := e.checkRange(off, length); err != nil {
 		return err
 	}
-	err := e.mutate(ctx, "write-zeroes", off, length, func(ctx context.Context, m *member, epoch uint64) error {
+	done, err := e.admit(ctx, iosched.Discard, 0, iosched.Foreground)
+	if err != nil {
+		return err
+	}
+	err = e.mutate(ctx, "write-zeroes", off, length, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.WriteZeroes(ctx, epoch, off, length)
 	})
+	done()
 	if err == nil && fua {
 		err = e.Flush(ctx)
 	}
@@ -473,6 +520,11 @@ func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) 
 
 // Flush makes every acknowledged write durable on every healthy replica.
 func (e *Engine) Flush(ctx context.Context) error {
+	done, err := e.admit(ctx, iosched.Flush, 0, iosched.Foreground)
+	if err != nil {
+		return err
+	}
+	defer done()
 	return e.mutate(ctx, "flush", 0, 0, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.Flush(ctx, epoch)
 	})
@@ -484,6 +536,11 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}
+	done, err := e.admit(ctx, iosched.Read, uint64(len(p)), iosched.Foreground)
+	if err != nil {
+		return err
+	}
+	defer done()
 	for attempt := 0; attempt < 2*meta.MaxReplicas; attempt++ {
 		e.mu.RLock()
 		if err := e.usable(); err != nil {
@@ -662,6 +719,9 @@ func (e *Engine) Close(ctx context.Context) error {
 		e.closed = true
 		e.mu.Unlock()
 		e.closeMembers()
+		if e.cfg.Sched != nil && e.qosSet && !e.cfg.Maintenance {
+			e.cfg.Sched.RemoveVolume(e.cfg.VolumeID)
+		}
 		e.log.Info("engine stopped")
 	})
 	return err

@@ -8,6 +8,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
 
@@ -227,6 +228,11 @@ func (e *Engine) copyExtent(ctx context.Context, target *member, x uint64) (uint
 	if err != nil {
 		return 0, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
 	}
+	done, err := e.admit(ctx, iosched.Write, uint64(len(data)), iosched.Rebuild)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
 	if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
 		return 0, fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
 	}
@@ -250,6 +256,9 @@ func (e *Engine) watchLoop(ctx context.Context) {
 			continue
 		}
 		e.mu.Lock()
+		if e.usable() == nil {
+			e.applyQoS(v) // limits changed live (set-qos, ControllerModifyVolume)
+		}
 		if e.usable() == nil && v.Epoch > e.epoch {
 			if err := e.reconfigure(ctx); err != nil && ctx.Err() == nil {
 				e.log.Warn("reconfigure after a store change failed", zap.Error(err))

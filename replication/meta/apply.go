@@ -56,6 +56,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyRebuildProgress(s, c)
 	case *Request:
 		return applyRequest(s, c)
+	case *SetParameters:
+		return applySetParameters(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -523,4 +525,33 @@ func cloneResult(r Result) Result {
 		out.Snapshot = &sn
 	}
 	return out
+}
+
+// MutableParameters are the volume parameters SetParameters may change.
+var MutableParameters = map[string]bool{ParamMaxIOPS: true, ParamMinIOPS: true, ParamMaxBandwidth: true, ParamBurstDuration: true}
+
+func applySetParameters(s *State, c *SetParameters) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	next := map[string]string{}
+	for k, val := range v.Parameters {
+		next[k] = val
+	}
+	for k, val := range c.Parameters {
+		if !MutableParameters[k] {
+			return Result{}, fmt.Errorf("parameter %q cannot be changed on a live volume: %w", k, ErrInvalidArgument)
+		}
+		if val == "" {
+			delete(next, k)
+		} else {
+			next[k] = val
+		}
+	}
+	if _, err := ParseQoS(next); err != nil {
+		return Result{}, err
+	}
+	v.Parameters = next
+	return Result{Volume: v.Clone()}, nil
 }

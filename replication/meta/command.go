@@ -29,6 +29,7 @@ const (
 	CmdPurgeVolume     CommandType = 14
 	CmdRebuildProgress CommandType = 15
 	CmdRequest         CommandType = 16
+	CmdSetParameters   CommandType = 17
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -169,6 +170,14 @@ type Request struct {
 	Command []byte `json:"command"`
 }
 
+// SetParameters changes a live volume's mutable parameters (the QoS keys:
+// maxIOPS, minIOPS, maxBandwidth, burstDuration). An empty value removes
+// the key. It changes no replica set and no epoch.
+type SetParameters struct {
+	VolumeID   string            `json:"volume_id"`
+	Parameters map[string]string `json:"parameters"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -186,6 +195,7 @@ func (DeleteSnapshot) Type() CommandType        { return CmdDeleteSnapshot }
 func (PurgeVolume) Type() CommandType           { return CmdPurgeVolume }
 func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
 func (Request) Type() CommandType               { return CmdRequest }
+func (SetParameters) Type() CommandType         { return CmdSetParameters }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -222,6 +232,8 @@ func newCommand(t CommandType) Command {
 		return &RebuildProgressUpdate{}
 	case CmdRequest:
 		return &Request{}
+	case CmdSetParameters:
+		return &SetParameters{}
 	}
 	return nil
 }

@@ -17,6 +17,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
@@ -40,6 +41,8 @@ type Config struct {
 	RebuildBytesPerSecond uint64
 	// Registerer receives the replica server's metrics (nil: none).
 	Registerer prometheus.Registerer
+	// Sched is the node's I/O scheduler (nil: none).
+	Sched *iosched.Scheduler
 }
 
 // Node is a running storage node.
@@ -215,7 +218,7 @@ func (n *Node) startRebuild(v *meta.Volume) {
 		done := make(chan engine.RebuildStats, 1)
 		e, err := engine.Open(ctx, engine.Config{
 			VolumeID: v.ID, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond,
+			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched,
 			OnRebuilt: func(s engine.RebuildStats) { done <- s },
 		})
 		if err != nil {

@@ -1,0 +1,48 @@
+package engine
+
+import (
+	"context"
+	"fmt"
+
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// applyQoS gives the node's scheduler this volume's limits, when they
+// changed. Called with e.mu held for writing.
+func (e *Engine) applyQoS(v *meta.Volume) {
+	if e.cfg.Sched == nil {
+		return
+	}
+	q, err := meta.ParseQoS(v.Parameters)
+	if err != nil {
+		e.log.Warn("volume has bad QoS parameters; keeping the old limits", zap.Error(err))
+		return
+	}
+	if e.qosSet && q == e.qos {
+		return
+	}
+	l := iosched.Limits{MaxIOPS: q.MaxIOPS, MinIOPS: q.MinIOPS, MaxBytesPerSec: q.MaxBytesPerSec, BurstDuration: q.BurstDuration}
+	if err := e.cfg.Sched.SetLimits(e.cfg.VolumeID, l); err != nil {
+		e.log.Warn("scheduler refused the volume's limits", zap.Error(err))
+		return
+	}
+	e.qos, e.qosSet = q, true
+	e.log.Info("QoS limits set", zap.Uint64("max_iops", q.MaxIOPS), zap.Uint64("min_iops", q.MinIOPS),
+		zap.Uint64("max_bytes_per_sec", q.MaxBytesPerSec), zap.Duration("burst", q.BurstDuration))
+}
+
+// admit waits until the node's scheduler lets this I/O go (QoS limits,
+// reservations, deadlines) and returns the function that ends it.
+func (e *Engine) admit(ctx context.Context, op iosched.Op, bytes uint64, class iosched.Class) (func(), error) {
+	if e.cfg.Sched == nil || !e.qosSet {
+		return func() {}, nil
+	}
+	t, err := e.cfg.Sched.Acquire(ctx, iosched.Request{Volume: e.cfg.VolumeID, Op: op, Bytes: bytes, Class: class})
+	if err != nil {
+		return nil, fmt.Errorf("scheduler: %w", err)
+	}
+	return t.Done, nil
+}
