@@ -225,7 +225,7 @@ func runNode(o *nodeOptions) error {
 		agent.Close()
 		return err
 	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched})
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server()})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {
@@ -238,7 +238,7 @@ func runNode(o *nodeOptions) error {
 		}
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
 			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: log,
-			RebuildBytesPerSecond: rate, Sched: sched})
+			RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server()})
 		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}
 	var metricsSrv *http.Server

@@ -22,6 +22,7 @@ import (
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
 )
 
 // NodeConfig configures the CSI Node service.
@@ -41,6 +42,9 @@ type NodeConfig struct {
 	RebuildBytesPerSecond uint64
 	// Sched is the node's I/O scheduler (nil: none).
 	Sched *iosched.Scheduler
+	// Local is this node's replica server, for in-process access to the
+	// local replica (nil: over TCP like the others).
+	Local *replica.Server
 }
 
 // Node is the CSI Node service: stage = engine + FUSE file + loop device
@@ -188,7 +192,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged))
 	}
 	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched})
+		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched, Local: n.cfg.Local})
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -17,6 +17,7 @@ import (
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
 )
 
 // Config configures the export manager.
@@ -29,6 +30,9 @@ type Config struct {
 	RebuildBytesPerSecond uint64
 	// Sched is the node's I/O scheduler (nil: none).
 	Sched *iosched.Scheduler
+	// Local is this node's replica server, for in-process access to the
+	// local replica (nil: over TCP like the others).
+	Local *replica.Server
 }
 
 // Manager keeps the node's NBD exports in line with the store.
@@ -132,7 +136,7 @@ func (m *Manager) start(v *meta.Volume) {
 	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
 	defer cancel()
 	e, err := engine.Open(ctx, engine.Config{VolumeID: v.ID, NodeID: m.cfg.NodeID, Meta: m.cfg.Meta, Logger: m.cfg.Logger,
-		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond, Sched: m.cfg.Sched})
+		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond, Sched: m.cfg.Sched, Local: m.cfg.Local})
 	if err != nil {
 		if !errors.Is(err, engine.ErrNotAttached) {
 			log.Warn("cannot start engine for export", zap.Error(err))

@@ -444,3 +444,54 @@ func TestReturningReplicaRebuildsOnlyWhatChanged(t *testing.T) {
 		t.Errorf("store's rebuild progress %+v does not match %+v", after.Rebuild, st)
 	}
 }
+
+// openLocal opens an engine that reaches node's own replica in process.
+func (r *rig) openLocal(id, node string) *Engine {
+	r.t.Helper()
+	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: node, Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: time.Hour, Local: r.servers[node].srv})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { _ = e.Close(context.Background()) })
+	return e
+}
+
+func TestLocalReplicaInProcessKeepsFencing(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("l", 8*mib, 3, 0, "n1")
+	old := r.openLocal(v.ID, "n1")
+	ctx := r.ctx()
+	for _, m := range old.members {
+		if _, inProcess := m.client.(localReplica); inProcess != (m.replica.Node == "n1") {
+			t.Fatalf("replica %s on %s is reached through %T", m.replica.ID, m.replica.Node, m.client)
+		}
+	}
+	model := make([]byte, v.SizeBytes)
+	for i := 0; i < 32; i++ {
+		p := bytes.Repeat([]byte{byte(i + 1)}, 64<<10)
+		if err := old.WriteAt(ctx, p, uint64(i)*128<<10, i%8 == 0); err != nil {
+			t.Fatal(err)
+		}
+		copy(model[uint64(i)*128<<10:], p)
+	}
+	got := make([]byte, v.SizeBytes)
+	if err := old.ReadAt(ctx, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("read back through the in-process replica differs")
+	}
+	// A takeover on n2 fences the old engine, whose local replica is
+	// claimed by the new engine with a higher epoch.
+	r.attach(v.ID, "n2")
+	fresh := r.openLocal(v.ID, "n2")
+	if err := fresh.WriteAt(ctx, bytes.Repeat([]byte{0xEE}, 4096), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	copy(model, bytes.Repeat([]byte{0xEE}, 4096))
+	if err := old.WriteAt(ctx, bytes.Repeat([]byte{0x99}, 4096), 4096, true); err == nil {
+		t.Fatal("the fenced engine's write through its in-process replica succeeded")
+	}
+	r.healthyIdentical(v.ID, model)
+}

@@ -218,7 +218,7 @@ func (n *Node) startRebuild(v *meta.Volume) {
 		done := make(chan engine.RebuildStats, 1)
 		e, err := engine.Open(ctx, engine.Config{
 			VolumeID: v.ID, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched,
+			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched, Local: n.server,
 			OnRebuilt: func(s engine.RebuildStats) { done <- s },
 		})
 		if err != nil {
