@@ -138,6 +138,11 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	if err != nil {
 		return nil, toStatus(err)
 	}
+	// A VolumeAttributesClass given at creation sets the first QoS.
+	vac, err := mutableParameters(req.GetMutableParameters())
+	if err != nil {
+		return nil, err
+	}
 	unlock, err := c.locks.lock("name/" + req.GetName())
 	if err != nil {
 		return nil, err
@@ -152,6 +157,13 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	cmd := &meta.CreateVolume{
 		Name: req.GetName(), SizeBytes: size, Replicas: p.Replicas, WriteQuorum: p.WriteQuorum,
 		Parameters: p.volumeParameters(), AccessType: accessType,
+	}
+	for k, v := range vac {
+		if v == "" {
+			delete(cmd.Parameters, k)
+		} else {
+			cmd.Parameters[k] = v
+		}
 	}
 	if zones := zonesOf(req.GetAccessibilityRequirements().GetRequisite()); len(zones) > 0 {
 		cmd.AllowedZones = zones
@@ -452,28 +464,43 @@ func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.Cont
 	if id == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume id is required")
 	}
-	mp := req.GetMutableParameters()
-	if len(mp) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "mutable parameters are required")
-	}
-	p, err := ParseParams(mp)
-	if err != nil {
-		return nil, toStatus(err)
-	}
-	set := map[string]string{}
-	for k := range mp {
-		if !meta.MutableParameters[k] {
-			return nil, status.Errorf(codes.InvalidArgument, "parameter %q cannot be changed on a live volume (mutable: maxIOPS, minIOPS, maxBandwidth, burstDuration)", k)
-		}
-		set[k] = p.volumeParameters()[k]
-	}
 	unlock, err := c.locks.lock(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	if _, err := c.Meta.Volume(ctx, id); err != nil {
+		return nil, toStatus(err)
+	}
+	set, err := mutableParameters(req.GetMutableParameters())
+	if err != nil {
+		return nil, err
+	}
+	if len(set) == 0 {
+		return &csipb.ControllerModifyVolumeResponse{}, nil
+	}
 	if _, err := c.Meta.Apply(ctx, &meta.SetParameters{VolumeID: id, Parameters: set}); err != nil {
 		return nil, toStatus(err)
 	}
 	return &csipb.ControllerModifyVolumeResponse{}, nil
+}
+
+// mutableParameters validates VolumeAttributesClass parameters: only the
+// QoS keys, with valid values. It returns them as the store records them.
+func mutableParameters(mp map[string]string) (map[string]string, error) {
+	for k := range mp {
+		if !meta.MutableParameters[k] {
+			return nil, status.Errorf(codes.InvalidArgument, "parameter %q is not a mutable parameter (mutable: maxIOPS, minIOPS, maxBandwidth, burstDuration)", k)
+		}
+	}
+	p, err := ParseParams(mp)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	stored := p.volumeParameters()
+	set := map[string]string{}
+	for k := range mp {
+		set[k] = stored[k] // "" (a zero limit) removes the key
+	}
+	return set, nil
 }

@@ -3,6 +3,8 @@ package meta
 import (
 	"errors"
 	"fmt"
+	"maps"
+	"slices"
 	"reflect"
 
 	"github.com/cairn-csi/cairn/replication/placement"
@@ -539,7 +541,10 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	for k, val := range v.Parameters {
 		next[k] = val
 	}
-	for k, val := range c.Parameters {
+	// Sorted: the error names the first bad key, and errors are part of the
+	// replicated state (remembered request results).
+	for _, k := range slices.Sorted(maps.Keys(c.Parameters)) {
+		val := c.Parameters[k]
 		if !MutableParameters[k] {
 			return Result{}, fmt.Errorf("parameter %q cannot be changed on a live volume: %w", k, ErrInvalidArgument)
 		}
@@ -551,6 +556,9 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	}
 	if _, err := ParseQoS(next); err != nil {
 		return Result{}, err
+	}
+	if len(next) == 0 {
+		next = nil // as a snapshot restores it
 	}
 	v.Parameters = next
 	return Result{Volume: v.Clone()}, nil

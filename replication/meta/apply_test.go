@@ -1554,6 +1554,290 @@ func TestApplyRebuildProgress(t *testing.T) {
 	}
 }
 
+// setParametersBase are the parameters volume v1 of TestApplySetParameters
+// is created with: two keys SetParameters may not change, two it may.
+var setParametersBase = map[string]string{"replicas": "2", "fsType": "xfs", ParamMaxIOPS: "1000", ParamBurstDuration: "1s"}
+
+// withParams returns a copy of setParametersBase changed by kv (key, value
+// pairs; an empty value removes the key).
+func withParams(kv ...string) map[string]string {
+	out := map[string]string{}
+	for k, v := range setParametersBase {
+		out[k] = v
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		if kv[i+1] == "" {
+			delete(out, kv[i])
+		} else {
+			out[kv[i]] = kv[i+1]
+		}
+	}
+	return out
+}
+
+func TestApplySetParameters(t *testing.T) {
+	p := func(kv ...string) map[string]string {
+		out := map[string]string{}
+		for i := 0; i+1 < len(kv); i += 2 {
+			out[kv[i]] = kv[i+1]
+		}
+		return out
+	}
+	tests := []struct {
+		name   string
+		setup  func(h *harness)
+		volume string // default v1
+		params map[string]string
+		// want is v1's parameters after a success.
+		want    map[string]string
+		wantErr error
+		// badKey is the key a refusal must name.
+		badKey string
+	}{
+		{name: "add a key, keep the others", params: p(ParamMaxBandwidth, "1048576"),
+			want: withParams(ParamMaxBandwidth, "1048576")},
+		{name: "change a key", params: p(ParamMaxIOPS, "2500"), want: withParams(ParamMaxIOPS, "2500")},
+		{name: "empty value removes the key", params: p(ParamBurstDuration, ""), want: withParams(ParamBurstDuration, "")},
+		{name: "remove a key that is not there", params: p(ParamMinIOPS, ""), want: withParams()},
+		{name: "remove every QoS key", params: p(ParamMaxIOPS, "", ParamBurstDuration, ""),
+			want: map[string]string{"replicas": "2", "fsType": "xfs"}},
+		{name: "every key at once", params: p(ParamMaxIOPS, "5000", ParamMinIOPS, "100", ParamMaxBandwidth, "1", ParamBurstDuration, "250ms"),
+			want: withParams(ParamMaxIOPS, "5000", ParamMinIOPS, "100", ParamMaxBandwidth, "1", ParamBurstDuration, "250ms")},
+		{name: "remove maxIOPS and set minIOPS above it", params: p(ParamMaxIOPS, "", ParamMinIOPS, "5000"),
+			want: withParams(ParamMaxIOPS, "", ParamMinIOPS, "5000")},
+		{name: "minIOPS equal to maxIOPS", params: p(ParamMinIOPS, "1000"), want: withParams(ParamMinIOPS, "1000")},
+		{name: "unlimited maxIOPS under any minIOPS", params: p(ParamMaxIOPS, "0", ParamMinIOPS, "7000"),
+			want: withParams(ParamMaxIOPS, "0", ParamMinIOPS, "7000")},
+		{name: "raise maxIOPS and minIOPS together", setup: func(h *harness) {
+			h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "900")})
+		}, params: p(ParamMaxIOPS, "3000", ParamMinIOPS, "2000"), want: withParams(ParamMaxIOPS, "3000", ParamMinIOPS, "2000")},
+		{name: "the same values again", params: p(ParamMaxIOPS, "1000", ParamBurstDuration, "1s"), want: withParams()},
+		{name: "no parameters changes nothing", params: nil, want: withParams()},
+		{name: "an empty map changes nothing", params: map[string]string{}, want: withParams()},
+		{name: "attached volume", setup: func(h *harness) { h.attachNBD("v1", h.volume("v1").Replicas[0].Node, sockA) },
+			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+		{name: "failed volume", setup: func(h *harness) { h.must(&SetVolumeState{VolumeID: "v1", State: VolumeFailed}) },
+			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+		{name: "replica ejected", setup: func(h *harness) { h.setReplica("v1", h.volume("v1").Replicas[0].ID, ReplicaFailed) },
+			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+
+		{name: "immutable key", params: p("replicas", "3"), wantErr: ErrInvalidArgument, badKey: "replicas"},
+		{name: "immutable key removed", params: p("fsType", ""), wantErr: ErrInvalidArgument, badKey: "fsType"},
+		{name: "immutable key set to its value", params: p("replicas", "2"), wantErr: ErrInvalidArgument, badKey: "replicas"},
+		{name: "immutable key among good ones", params: p(ParamMaxIOPS, "5", "fsType", "ext4", ParamBurstDuration, ""),
+			wantErr: ErrInvalidArgument, badKey: "fsType"},
+		{name: "unknown key", params: p("maxLatency", "5ms"), wantErr: ErrInvalidArgument, badKey: "maxLatency"},
+		{name: "key in another case", params: p("maxiops", "5"), wantErr: ErrInvalidArgument, badKey: "maxiops"},
+		{name: "empty key", params: p("", "5"), wantErr: ErrInvalidArgument, badKey: ""},
+		{name: "maxIOPS not a number", params: p(ParamMaxIOPS, "lots"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
+		{name: "maxIOPS negative", params: p(ParamMaxIOPS, "-1"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
+		{name: "minIOPS a fraction", params: p(ParamMinIOPS, "0.5"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+		{name: "maxBandwidth with a unit", params: p(ParamMaxBandwidth, "10MiB"), wantErr: ErrInvalidArgument, badKey: ParamMaxBandwidth},
+		{name: "burstDuration zero", params: p(ParamBurstDuration, "0s"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
+		{name: "burstDuration negative", params: p(ParamBurstDuration, "-2s"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
+		{name: "burstDuration without a unit", params: p(ParamBurstDuration, "3"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
+		{name: "bad value among good ones", params: p(ParamMaxIOPS, "5000", ParamMaxBandwidth, "fast", ParamBurstDuration, ""),
+			wantErr: ErrInvalidArgument, badKey: ParamMaxBandwidth},
+		{name: "minIOPS above the stored maxIOPS", params: p(ParamMinIOPS, "1001"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+		{name: "minIOPS above maxIOPS in one command", params: p(ParamMaxIOPS, "100", ParamMinIOPS, "200"),
+			wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+		{name: "maxIOPS below the stored minIOPS", setup: func(h *harness) {
+			h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "500")})
+		}, params: p(ParamMaxIOPS, "499"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+		// The store refuses a change that leaves a bad value behind, even
+		// one the command does not touch (CreateVolume does not check QoS).
+		{name: "a stored bad value must be fixed first", setup: func(h *harness) {
+			h.must(&CreateVolume{ID: "v-bad", Name: "pvc-v-bad", SizeBytes: gib, Replicas: 1,
+				Parameters: p(ParamMaxIOPS, "lots"), CreatedAt: 1})
+		}, volume: "v-bad", params: p(ParamBurstDuration, "1s"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
+
+		{name: "unknown volume", volume: "nope", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		{name: "unknown volume, bad key", volume: "nope", params: p("replicas", "5"), wantErr: ErrNotFound},
+		{name: "empty volume id", volume: "-", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		{name: "deleted volume", setup: func(h *harness) {
+			h.createVolume("v-del", 1, 1)
+			h.must(&DeleteVolume{VolumeID: "v-del"})
+		}, volume: "v-del", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		{name: "purged volume", setup: func(h *harness) {
+			h.createVolume("v-del", 1, 1)
+			h.must(&DeleteVolume{VolumeID: "v-del"})
+			h.must(&PurgeVolume{VolumeID: "v-del"})
+		}, volume: "v-del", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2, Parameters: withParams(), CreatedAt: 1})
+			h.must(&CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 2,
+				Parameters: p(ParamMaxIOPS, "7"), CreatedAt: 2})
+			if tt.setup != nil {
+				tt.setup(h)
+			}
+			id := tt.volume
+			switch id {
+			case "":
+				id = "v1"
+			case "-":
+				id = ""
+			}
+			cmd := &SetParameters{VolumeID: id, Parameters: tt.params}
+			before := h.state()
+			if tt.wantErr != nil {
+				err := h.fails(cmd, tt.wantErr)
+				// The harness checks this after every failed entry; say it
+				// here too, since it is the point of these cases.
+				if after := h.state(); !reflect.DeepEqual(before, after) {
+					t.Fatalf("refused SetParameters changed the state:\nbefore %s\n after %s", dumpJSON(before), dumpJSON(after))
+				}
+				if tt.badKey != "" && !strings.Contains(err.Error(), fmt.Sprintf("%q", tt.badKey)) {
+					t.Errorf("error %q does not name parameter %q", err, tt.badKey)
+				}
+				return
+			}
+			res := h.must(cmd)
+			after := h.state()
+			v := after.Volumes[id]
+			if !reflect.DeepEqual(res.Volume, v) || res.Node != nil || res.Snapshot != nil {
+				t.Fatalf("result %+v, stored volume %+v", res, v)
+			}
+			if !reflect.DeepEqual(v.Parameters, tt.want) {
+				t.Fatalf("parameters %v, want %v", v.Parameters, tt.want)
+			}
+			if _, err := ParseQoS(v.Parameters); err != nil {
+				t.Fatalf("stored parameters do not parse: %v", err)
+			}
+			// Only the parameters moved: no epoch, replica, attachment or
+			// state change, and no other volume or node touched.
+			if v.Epoch != before.Volumes[id].Epoch {
+				t.Fatalf("epoch %d → %d, want unchanged", before.Volumes[id].Epoch, v.Epoch)
+			}
+			want := before.Clone()
+			want.Volumes[id].Parameters = tt.want
+			if !reflect.DeepEqual(after, want) {
+				t.Fatalf("SetParameters changed more than the volume's parameters:\nbefore %s\n after %s", dumpJSON(before), dumpJSON(after))
+			}
+			// Neither the result nor the command aliases the stored map.
+			res.Volume.Parameters[ParamMaxIOPS] = "12345"
+			for k := range tt.params {
+				tt.params[k] = "54321"
+			}
+			if got := h.volume(id).Parameters; !reflect.DeepEqual(got, tt.want) {
+				t.Fatalf("stored parameters changed through the result or the command: %v", got)
+			}
+		})
+	}
+
+	// QoS changes never fence an engine: the epoch it holds stays good for
+	// its next compare-and-set.
+	t.Run("engine epoch survives parameter changes", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		v := h.createVolume("v1", 1, 2)
+		v = h.attach("v1", v.Replicas[0].Node)
+		for _, iops := range []string{"100", "200", "", "300"} {
+			got := h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMaxIOPS, iops)}).Volume
+			if got.Epoch != v.Epoch || !reflect.DeepEqual(got.Attachment, v.Attachment) || !reflect.DeepEqual(got.Replicas, v.Replicas) {
+				t.Fatalf("SetParameters moved epoch %d → %d, attachment %+v → %+v", v.Epoch, got.Epoch, v.Attachment, got.Attachment)
+			}
+		}
+		h.must(&DetachVolume{VolumeID: "v1", NodeID: v.Attachment.Node, ExpectEpoch: v.Epoch})
+	})
+
+	// Applied through a snapshot, a changed volume reads back the same, and
+	// the restored FSM answers the next change the same way.
+	t.Run("parameters survive a snapshot", func(t *testing.T) {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2, Parameters: withParams(), CreatedAt: 1})
+		h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMaxIOPS, "", ParamMaxBandwidth, "4096")})
+		r := newHarness(t)
+		r.restoreState(h.state())
+		if a, b := h.state(), r.state(); !reflect.DeepEqual(a, b) {
+			t.Fatalf("restored state differs:\n%s\n%s", dumpJSON(b), dumpJSON(a))
+		}
+		c := &SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "9")}
+		r1, err1 := h.apply(c)
+		r2, err2 := r.apply(c)
+		if err1 != nil || err2 != nil || !reflect.DeepEqual(r1, r2) {
+			t.Fatalf("after restore: (%+v, %v) vs original (%+v, %v)", r2, err2, r1, err1)
+		}
+	})
+}
+
+// knownBugSetParametersNoneLeft: applySetParameters (apply.go) always stores
+// a new, non-nil map, so a volume left without parameters (all removed, or
+// an empty SetParameters on a volume created without any) holds an empty map
+// where a snapshot restores nil: a restored member is no longer deeply equal
+// to the others, and answers with another Result. Set this to false once
+// applySetParameters stores nil for an empty map; the test below and the
+// randomized test then enforce it.
+const knownBugSetParametersNoneLeft = false
+
+func TestApplySetParametersNoneLeft(t *testing.T) {
+	if knownBugSetParametersNoneLeft {
+		t.Skip("known bug: applySetParameters leaves an empty map that a snapshot restores as nil (see knownBugSetParametersNoneLeft)")
+	}
+	for _, tt := range []struct {
+		name   string
+		create map[string]string
+		params map[string]string
+	}{
+		{"remove the last key", map[string]string{ParamMaxIOPS: "5"}, map[string]string{ParamMaxIOPS: ""}},
+		{"empty command on a volume without parameters", nil, nil},
+		{"empty map on a volume without parameters", nil, map[string]string{}},
+		{"remove a key from a volume without parameters", nil, map[string]string{ParamMinIOPS: ""}},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2, Parameters: tt.create, CreatedAt: 1})
+			res := h.must(&SetParameters{VolumeID: "v1", Parameters: tt.params})
+			r := newHarness(t)
+			r.restoreState(h.state())
+			if a, b := h.state(), r.state(); !reflect.DeepEqual(a, b) {
+				t.Fatalf("restored state differs: parameters %#v, restored %#v", a.Volumes["v1"].Parameters, b.Volumes["v1"].Parameters)
+			}
+			if got := r.volume("v1"); !reflect.DeepEqual(res.Volume, got) {
+				t.Fatalf("result %#v, restored volume %#v", res.Volume.Parameters, got.Parameters)
+			}
+		})
+	}
+}
+
+// knownBugSetParametersErrorOrder: applySetParameters (apply.go) checks the
+// keys of a command in map order, so a command with several keys it may not
+// change is refused naming a random one of them. That message is remembered
+// in the request table (State.Requests), which is replicated and
+// snapshotted: members applying the same request store different states.
+// Set this to false once the keys are checked in a fixed order; the test
+// below and the randomized test (whose generator then sends several bad
+// keys at once) enforce it.
+const knownBugSetParametersErrorOrder = false
+
+func TestApplySetParametersErrorIsDeterministic(t *testing.T) {
+	if knownBugSetParametersErrorOrder {
+		t.Skip("known bug: applySetParameters names a random one of several refused keys (see knownBugSetParametersErrorOrder)")
+	}
+	cmd := &SetParameters{VolumeID: "v1", Parameters: map[string]string{
+		"replicas": "3", "fsType": "ext4", "maxLatency": "1ms", "zone": "a", ParamMaxIOPS: "x", ParamMinIOPS: "-1"}}
+	var first *State
+	for i := 0; i < 20; i++ {
+		h := newHarness(t)
+		h.cluster(3, 10)
+		h.createVolume("v1", 1, 2)
+		_, err := h.apply(wrap(t, "req-1", cmd))
+		if !errors.Is(err, ErrInvalidArgument) {
+			t.Fatalf("apply = %v, want ErrInvalidArgument", err)
+		}
+		if s := h.state(); first == nil {
+			first = s
+		} else if !reflect.DeepEqual(s.Requests, first.Requests) {
+			t.Fatalf("the same request left different records:\n%s\n%s", dumpJSON(first.Requests), dumpJSON(s.Requests))
+		}
+	}
+}
+
 // wrap encodes c into a Request with the given id, as Client.Apply sends it.
 func wrap(t testing.TB, id string, c Command) *Request {
 	t.Helper()
@@ -1631,6 +1915,15 @@ func TestApplyRequestAppliesOnce(t *testing.T) {
 		{name: "failing: illegal transition", setup: withVolume, cmd: func(*State) Command {
 			return &SetVolumeState{VolumeID: "v1", State: VolumeReleasing}
 		}, first: ErrIllegalTransition, again: ErrIllegalTransition},
+		{name: "set parameters (the same values again change nothing)", setup: withVolume, cmd: func(*State) Command {
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "800", ParamBurstDuration: "2s"}}
+		}},
+		{name: "failing: parameter not mutable", setup: withVolume, cmd: func(*State) Command {
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "800", "replicas": "5"}}
+		}, first: ErrInvalidArgument, again: ErrInvalidArgument},
+		{name: "failing: minIOPS above maxIOPS", setup: withVolume, cmd: func(*State) Command {
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "100", ParamMinIOPS: "200"}}
+		}, first: ErrInvalidArgument, again: ErrInvalidArgument},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -38,6 +38,9 @@ func fullCommands() []Command {
 		&RebuildProgressUpdate{VolumeID: "vol-1", ReplicaID: "vol-1-r4", BytesTotal: 1 << 30,
 			BytesCompared: 1 << 29, BytesCopied: 1 << 20, Done: true},
 		&Request{ID: "req-1", Command: []byte{byte(CmdDeleteVolume), 1, '{', '}'}},
+		// An empty value (remove the key) must survive the round trip too.
+		&SetParameters{VolumeID: "vol-1", Parameters: map[string]string{
+			ParamMaxIOPS: "500", ParamMinIOPS: "100", ParamMaxBandwidth: "104857600", ParamBurstDuration: ""}},
 	}
 }
 
@@ -47,6 +50,7 @@ var allCommandTypes = []CommandType{
 	CmdCreateVolume, CmdDeleteVolume, CmdAttachVolume, CmdDetachVolume,
 	CmdSetReplicaState, CmdReplaceReplica, CmdSetVolumeState,
 	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress, CmdRequest,
+	CmdSetParameters,
 }
 
 // TestCommandTypeNumbersAreStable pins the on-disk type numbers: changing one
@@ -78,7 +82,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdPurgeVolume, &PurgeVolume{}},
 		{CmdRebuildProgress, &RebuildProgressUpdate{}},
 		{CmdRequest, &Request{}},
-		{CmdRequest + 1, nil},
+		{CmdSetParameters, &SetParameters{}},
+		{CmdSetParameters + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -192,6 +197,12 @@ func TestEncodeGolden(t *testing.T) {
 			"\x10\x01" + `{"id":"req-2","command":"BgF7InZvbHVtZV9pZCI6InYxIn0="}`},
 		{&Request{ID: "req-3"},
 			"\x10\x01" + `{"id":"req-3","command":null}`},
+		// Map keys are written sorted, so the bytes are stable; an empty
+		// value (remove the key) is written as "".
+		{&SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "500", ParamMinIOPS: "", ParamBurstDuration: "2s", ParamMaxBandwidth: "1048576"}},
+			"\x11\x01" + `{"volume_id":"v1","parameters":{"burstDuration":"2s","maxBandwidth":"1048576","maxIOPS":"500","minIOPS":""}}`},
+		{&SetParameters{VolumeID: "v1"},
+			"\x11\x01" + `{"volume_id":"v1","parameters":null}`},
 	}
 	for _, tt := range tests {
 		t.Run(reflect.TypeOf(tt.c).Elem().Name(), func(t *testing.T) {
@@ -227,7 +238,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 17", cmdBytes(CmdRequest+1, commandVersion, `{}`)},
+		{"unknown type 18", cmdBytes(CmdSetParameters+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},
@@ -280,6 +291,17 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"request with the fields of its command", cmdBytes(CmdRequest, commandVersion, `{"id":"r","volume_id":"v"}`)},
 		{"request trailing brace", cmdBytes(CmdRequest, commandVersion, `{"id":"r","command":"BgF7fQ=="}}`)},
 		{"request body is an array", cmdBytes(CmdRequest, commandVersion, `[]`)},
+		{"set parameters is an array", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":["maxIOPS","5"]}`)},
+		{"set parameters is a string", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":"maxIOPS=5"}`)},
+		{"set parameters value is a number", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":500}}`)},
+		{"set parameters value is a bool", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":true}}`)},
+		{"set parameters value is an object", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":{"v":"5"}}}`)},
+		{"set parameters volume id is a number", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":1,"parameters":{}}`)},
+		{"set parameters with an epoch", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{},"expect_epoch":1}`)},
+		{"set parameters with the create field name", cmdBytes(CmdSetParameters, commandVersion, `{"id":"v","parameters":{}}`)},
+		{"set parameters trailing brace", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":"5"}}}`)},
+		{"set parameters unterminated map", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":"5"`)},
+		{"set parameters body is an array", cmdBytes(CmdSetParameters, commandVersion, `[]`)},
 		{"second command", append(cmdBytes(CmdInitCluster, commandVersion, okBody), cmdBytes(CmdInitCluster, commandVersion, okBody)...)},
 	}
 	// Every command type refuses a field it does not have.
@@ -334,6 +356,18 @@ func TestDecodeAccepts(t *testing.T) {
 		{"request without a command", cmdBytes(CmdRequest, commandVersion, `{"id":"r"}`), &Request{ID: "r"}},
 		{"request with an empty command", cmdBytes(CmdRequest, commandVersion, `{"id":"r","command":""}`),
 			&Request{ID: "r", Command: []byte{}}},
+		// Decode does not judge keys or values: apply refuses a key that is
+		// not mutable or a value ParseQoS does not read.
+		{"set parameters with any key and value", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"replicas":"3","maxIOPS":"lots"}}`),
+			&SetParameters{VolumeID: "v", Parameters: map[string]string{"replicas": "3", ParamMaxIOPS: "lots"}}},
+		{"set parameters with an empty map", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{}}`),
+			&SetParameters{VolumeID: "v", Parameters: map[string]string{}}},
+		{"set parameters without parameters", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v"}`),
+			&SetParameters{VolumeID: "v"}},
+		// encoding/json stores a null map value as the zero string, which
+		// apply reads as "remove the key".
+		{"set parameters null value is empty", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":null}}`),
+			&SetParameters{VolumeID: "v", Parameters: map[string]string{ParamMaxIOPS: ""}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -398,6 +432,7 @@ func FuzzDecode(f *testing.F) {
 	f.Add(cmdBytes(CmdInitCluster, commandVersion, `{"cluster_id":"c1"}}`))
 	f.Add(cmdBytes(CmdCreateVolume, commandVersion, `{"parameters":{},"allowed_zones":[]}`))
 	f.Add(cmdBytes(CmdRegisterNode, commandVersion, `{"node":null}`))
+	f.Add(cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":null,"minIOPS":""}}`))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		c, err := Decode(b)
 		if err != nil {

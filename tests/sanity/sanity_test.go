@@ -91,6 +91,7 @@ func TestCSISanity(t *testing.T) {
 	}
 	cfg.TestVolumeSize = 64 << 20
 	cfg.TestVolumeParameters = map[string]string{"replicas": "3"}
+	cfg.TestVolumeMutableParameters = map[string]string{"maxIOPS": "5000", "burstDuration": "2s"}
 	cfg.IdempotentCount = 2
 	sanity.Test(t, cfg)
 }
