@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/kubernetes-csi/csi-test/v5/pkg/sanity"
@@ -59,6 +60,7 @@ func TestCSISanity(t *testing.T) {
 		if err != nil {
 			t.Errorf("dev down: %v\n%s", err, out)
 		}
+		assertNothingLeft(t, dir)
 	})
 	run("dev", "up", "--nodes", "3", "--dir", dir)
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
@@ -94,4 +96,28 @@ func TestCSISanity(t *testing.T) {
 	cfg.TestVolumeMutableParameters = map[string]string{"maxIOPS": "5000", "burstDuration": "2s"}
 	cfg.IdempotentCount = 2
 	sanity.Test(t, cfg)
+}
+
+// assertNothingLeft checks that after the suite and dev down no mount, FUSE
+// mount, loop device or process of the cluster remains.
+func assertNothingLeft(t *testing.T, dir string) {
+	t.Helper()
+	mi, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, line := range strings.Split(string(mi), "\n") {
+		if strings.Contains(line, dir) {
+			t.Errorf("mount left behind: %s", line)
+		}
+	}
+	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, bf := range loops {
+		if b, _ := os.ReadFile(bf); strings.Contains(string(b), dir) {
+			t.Errorf("loop device left behind: %s → %s", bf, strings.TrimSpace(string(b)))
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		if b, _ := os.ReadFile(p); strings.Contains(string(b), dir) {
+			t.Errorf("process left behind: %s %q", p, strings.ReplaceAll(string(b), "\x00", " "))
+		}
+	}
 }
