@@ -4,8 +4,8 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"slices"
 	"reflect"
+	"slices"
 
 	"github.com/cairn-csi/cairn/replication/placement"
 )
@@ -485,12 +485,13 @@ func applyRequest(s *State, c *Request) (Result, error) {
 	}
 	if s.requestIndex == nil {
 		s.requestIndex = make(map[string]int, len(s.Requests))
+		s.requestBase = 0
 		for i, r := range s.Requests {
 			s.requestIndex[r.ID] = i
 		}
 	}
-	if i, ok := s.requestIndex[c.ID]; ok {
-		r := s.Requests[i]
+	if pos, ok := s.requestIndex[c.ID]; ok {
+		r := s.Requests[pos-s.requestBase]
 		return cloneResult(r.Result), fromWire(r.Err)
 	}
 	inner, err := Decode(c.Command)
@@ -501,15 +502,15 @@ func applyRequest(s *State, c *Request) (Result, error) {
 		return Result{}, fmt.Errorf("request %s wraps another request: %w", c.ID, ErrBadCommand)
 	}
 	res, err := apply(s, inner)
-	if len(s.Requests) >= MaxRememberedRequests {
-		drop := len(s.Requests) - MaxRememberedRequests + 1
-		s.Requests = append([]RequestRecord(nil), s.Requests[drop:]...)
-		s.requestIndex = nil // rebuilt at the next request
+	// Forget the oldest requests one at a time: re-slicing is O(1) and
+	// append later copies only the live records.
+	for len(s.Requests) >= MaxRememberedRequests {
+		delete(s.requestIndex, s.Requests[0].ID)
+		s.Requests = s.Requests[1:]
+		s.requestBase++
 	}
 	s.Requests = append(s.Requests, RequestRecord{ID: c.ID, Result: cloneResult(res), Err: toWire(err)})
-	if s.requestIndex != nil {
-		s.requestIndex[c.ID] = len(s.Requests) - 1
-	}
+	s.requestIndex[c.ID] = s.requestBase + len(s.Requests) - 1
 	return res, err
 }
 

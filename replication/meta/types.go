@@ -170,9 +170,11 @@ type State struct {
 	// the order they were applied, so that a request sent twice is applied
 	// once (see Request). Bounded by MaxRememberedRequests.
 	Requests []RequestRecord `json:"requests,omitempty"`
-	// requestIndex maps a request id to its position in Requests; rebuilt
-	// when needed, never serialized.
+	// requestIndex maps a request id to its position in Requests plus
+	// requestBase (the number of records forgotten since the index was
+	// built); rebuilt when needed, never serialized.
 	requestIndex map[string]int
+	requestBase  int
 }
 
 // RequestRecord is the remembered result of one client request.
