@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"github.com/cairn-csi/cairn/tests/testbin"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -26,24 +27,7 @@ import (
 
 var cairnBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "cairn-csie2e-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	cairnBin = filepath.Join(dir, "cairn")
-	build := exec.Command("go", "build", "-o", cairnBin, "github.com/cairn-csi/cairn/cmd/cairn")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build cairn:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testbin.Main(m, &cairnBin) }
 
 type cluster struct {
 	t          *testing.T

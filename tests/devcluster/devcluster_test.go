@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/cairn-csi/cairn/tests/testbin"
 	"io"
 	"net/http"
 	"os"
@@ -20,24 +21,7 @@ import (
 // cairnBin is the binary under test, built once in TestMain.
 var cairnBin string
 
-func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "cairn-devcluster-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	cairnBin = filepath.Join(dir, "cairn")
-	build := exec.Command("go", "build", "-o", cairnBin, "github.com/cairn-csi/cairn/cmd/cairn")
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build cairn:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testbin.Main(m, &cairnBin) }
 
 // result is one finished cairn command.
 type result struct {
