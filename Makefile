@@ -55,6 +55,7 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 bench: ## Run the benchmarks and print their tables (never fails on a number)
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
+	go run ./tests/bench/noisybench
 
 demo: deps build ## Start a local demo cluster with scripts/demo.sh
 	./scripts/demo.sh
