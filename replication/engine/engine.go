@@ -59,6 +59,12 @@ type Config struct {
 	// WatchInterval is how often the engine checks the store for changes of
 	// its replica set (default 500 ms).
 	WatchInterval time.Duration
+	// Lease is how long a confirmation from the store that the volume is
+	// still attached here stays good (default 5 s). Past it, I/O first asks
+	// the store again: an engine that was frozen (SIGSTOP, a long pause)
+	// while another node took the volume over learns so before it
+	// acknowledges anything.
+	Lease time.Duration
 	// RebuildBytesPerSecond paces rebuild copies (0: unpaced).
 	RebuildBytesPerSecond uint64
 	// OnRebuilt, if set, is called after each finished rebuild (tests,
@@ -112,7 +118,8 @@ type Engine struct {
 	stop       context.CancelFunc
 	wg         sync.WaitGroup
 	closeM     sync.Once
-	qos        meta.QoS // the limits last given to the scheduler
+	confirmed  atomic.Int64 // unix nanos of the store's last word that the volume is ours
+	qos        meta.QoS     // the limits last given to the scheduler
 	qosSet     bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once
@@ -140,6 +147,9 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	if cfg.WatchInterval <= 0 {
 		cfg.WatchInterval = 500 * time.Millisecond
+	}
+	if cfg.Lease <= 0 {
+		cfg.Lease = 5 * time.Second
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -198,6 +208,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
 		}
+		e.confirmed.Store(time.Now().UnixNano())
 		if e.epoch != 0 && v.Epoch < e.epoch {
 			return fmt.Errorf("volume %s: store says epoch %d, engine has %d: %w", v.ID, v.Epoch, e.epoch, ErrIO)
 		}
@@ -431,6 +442,9 @@ func (e *Engine) usable() error {
 // every healthy replica of the committed set has done it.
 func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func(context.Context, *member, uint64) error) error {
 	for attempt := 0; ; attempt++ {
+		if err := e.checkLease(ctx); err != nil {
+			return err
+		}
 		e.mu.RLock()
 		if err := e.usable(); err != nil {
 			e.mu.RUnlock()
@@ -447,6 +461,11 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		e.dirty.Store(true)
 		e.mu.RUnlock()
 
+		// The engine may have been frozen while the requests were out: do
+		// not acknowledge on an expired lease without asking the store.
+		if err := e.checkLease(ctx); err != nil {
+			return err
+		}
 		var failed []*member
 		fencedBy := false
 		for i, err := range errs {
@@ -562,6 +581,9 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	}
 	defer done()
 	for attempt := 0; attempt < 2*meta.MaxReplicas; attempt++ {
+		if err := e.checkLease(ctx); err != nil {
+			return err
+		}
 		e.mu.RLock()
 		if err := e.usable(); err != nil {
 			e.mu.RUnlock()
@@ -753,4 +775,29 @@ func (e *Engine) closeMembers() {
 			m.client.Close()
 		}
 	}
+}
+
+// checkLease asks the store again whether the volume is still attached here
+// when its last word on that is older than the lease. Only then does it
+// cost a round trip; the watch loop renews the lease twice a second.
+func (e *Engine) checkLease(ctx context.Context) error {
+	if time.Since(time.Unix(0, e.confirmed.Load())) < e.cfg.Lease {
+		return nil
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if err := e.usable(); err != nil {
+		return err
+	}
+	if time.Since(time.Unix(0, e.confirmed.Load())) < e.cfg.Lease {
+		return nil // renewed while we waited for the lock
+	}
+	e.log.Warn("lease expired (engine paused or store unreachable); asking the store before more I/O")
+	if err := e.reconfigure(ctx); err != nil {
+		if e.fenced {
+			return fmt.Errorf("volume %s: %v: %w", e.cfg.VolumeID, err, ErrFenced)
+		}
+		return fmt.Errorf("volume %s: cannot confirm the attachment: %v: %w", e.cfg.VolumeID, err, ErrIO)
+	}
+	return nil
 }

@@ -495,3 +495,51 @@ func TestLocalReplicaInProcessKeepsFencing(t *testing.T) {
 	}
 	r.healthyIdentical(v.ID, model)
 }
+
+// TestFrozenEngineLearnsOfTakeoverBeforeWriting: an engine frozen past its
+// lease (as under SIGSTOP) while another node took over, whose own replica
+// the new engine could not claim, must not write even that replica: the
+// expired lease makes it ask the store first, which fences it.
+func TestFrozenEngineLearnsOfTakeoverBeforeWriting(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("frz", 4*mib, 3, 0, "n1")
+	old := r.openLocal(v.ID, "n1")
+	ctx := r.ctx()
+	if err := old.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	// n1's replica server becomes unreachable to others (its listener
+	// closes); the old engine still reaches its replica in process.
+	r.servers["n1"].lis.Close()
+	r.attach(v.ID, "n2")
+	fresh := r.open(v.ID, "n2") // ejects n1's replica: it cannot be claimed
+	if err := fresh.WriteAt(ctx, bytes.Repeat([]byte{2}, 4096), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	var n1Replica meta.Replica
+	for _, rep := range v.Replicas {
+		if rep.Node == "n1" {
+			n1Replica = rep
+		}
+	}
+	rr, err := r.servers["n1"].srv.Get(n1Replica.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := make([]byte, 8192)
+	if err := rr.ReadAt(rr.Epoch(), before, 0); err != nil {
+		t.Fatal(err)
+	}
+	old.confirmed.Store(0) // frozen for longer than the lease
+	err = old.WriteAt(ctx, bytes.Repeat([]byte{9}, 4096), 4096, true)
+	if !errors.Is(err, ErrFenced) {
+		t.Fatalf("write of a frozen engine after a takeover: %v, want ErrFenced", err)
+	}
+	after := make([]byte, 8192)
+	if err := rr.ReadAt(rr.Epoch(), after, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(before, after) {
+		t.Fatal("the fenced engine changed its own node's replica")
+	}
+}

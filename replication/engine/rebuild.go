@@ -255,6 +255,9 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		if err != nil {
 			continue
 		}
+		if a := v.Attachment; (e.cfg.Maintenance && a == nil) || (!e.cfg.Maintenance && a != nil && a.Node == e.cfg.NodeID) {
+			e.confirmed.Store(time.Now().UnixNano()) // renew the lease
+		}
 		e.mu.Lock()
 		if e.usable() == nil {
 			e.applyQoS(v) // limits changed live (set-qos, ControllerModifyVolume)
