@@ -277,6 +277,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size string
 	var replicas, quorum int
 	var staleTimeout time.Duration
+	var preferred string
 	q := &qosFlags{}
 	cmd := &cobra.Command{
 		Use:     "create NAME",
@@ -314,7 +315,8 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 			if staleTimeout > 0 {
 				params[meta.ParamStaleReplicaTimeout] = staleTimeout.String()
 			}
-			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum, Parameters: params})
+			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum,
+				Parameters: params, PreferredNode: preferred})
 			if err != nil {
 				return err
 			}
@@ -330,6 +332,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	cmd.Flags().IntVar(&quorum, "write-quorum", 0, "healthy replicas a write needs (0: a majority)")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
 	q.add(cmd.Flags())
+	cmd.Flags().StringVar(&preferred, "preferred-node", "", "place a replica on this node if it has room (data locality: the engine there reads its own replica)")
 	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }
