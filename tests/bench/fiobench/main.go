@@ -19,7 +19,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -27,11 +26,8 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"math"
-	"net/http"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -42,14 +38,9 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
-
-// exitInterrupted is the exit code after Ctrl-C (128 + SIGINT).
-const exitInterrupted = 130
-
-// clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat. It
-// is 100 on every Linux architecture Go supports.
-const clockTicks = 100
 
 // workload is one fio job shape.
 type workload struct {
@@ -133,7 +124,7 @@ func run() int {
 		fmt.Fprintln(os.Stderr, "fiobench: -runtime must be at least 1s; -idle-volumes and -settle not negative; -idle-replicas at least 1")
 		return 2
 	}
-	if _, err := parseSize(o.size); err != nil {
+	if _, err := benchkit.ParseSize(o.size); err != nil {
 		fmt.Fprintf(os.Stderr, "fiobench: -size %q: %v\n", o.size, err)
 		return 2
 	}
@@ -143,25 +134,13 @@ func run() int {
 		return 2
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := benchkit.SignalContext()
 	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills the process the default way
-	}()
 
 	b := &bench{o: o, progress: os.Stderr}
 	err = b.run(ctx)
 	b.cleanup()
-	switch {
-	case ctx.Err() != nil:
-		fmt.Fprintln(os.Stderr, "fiobench: interrupted; cleaned up")
-		return exitInterrupted
-	case err != nil:
-		fmt.Fprintf(os.Stderr, "fiobench: %v\n", err)
-		return 1
-	}
-	return 0
+	return benchkit.ExitCode(ctx, "fiobench", err)
 }
 
 func workloadNames() string {
@@ -208,16 +187,6 @@ type proc struct {
 	pid  int
 }
 
-// node is what cluster.json says about one node agent.
-type node struct {
-	ID      string `json:"id"`
-	DataDir string `json:"data_dir"`
-	Agent   string `json:"agent"`
-	Metrics string `json:"metrics"`
-	PID     int    `json:"pid"`
-	Log     string `json:"log"`
-}
-
 // bench holds everything the run started, so cleanup can undo it.
 type bench struct {
 	o        options
@@ -227,7 +196,7 @@ type bench struct {
 	tmp        string // temporary directory; removed by cleanup
 	clusterDir string // tmp/cluster, once `dev up` ran
 	servers    string // meta API addresses, comma-separated
-	nodes      []node
+	nodes      []benchkit.Node
 	nbdkit     *exec.Cmd
 	exported   []string // volume ids attached by us, unexported by cleanup
 	sizeBytes  uint64
@@ -286,10 +255,10 @@ func (b *bench) run(ctx context.Context) error {
 		}
 		b.o.perfDir = abs
 	}
-	size, _ := parseSize(b.o.size)
+	size, _ := benchkit.ParseSize(b.o.size)
 	b.sizeBytes = size
 
-	root, err := moduleRoot(ctx)
+	root, err := benchkit.ModuleRoot(ctx, "fiobench")
 	if err != nil {
 		return err
 	}
@@ -347,8 +316,8 @@ func (b *bench) run(ctx context.Context) error {
 		if err != nil {
 			return err
 		}
-		if t.file, err = localReplicaFile(v, n1); err != nil {
-			return err
+		if t.file = benchkit.ReplicaFile(v, n1); t.file == "" {
+			return fmt.Errorf("volume %s has no replica on %s", v.ID, n1.ID)
 		}
 		if err := b.export(ctx, v.ID, t.sock); err != nil {
 			return err
@@ -437,7 +406,7 @@ type rssSample struct {
 
 // measureIdle exports ids on n, waits for the node to settle, reads its RSS
 // and Go memory metrics, and unexports them again.
-func (b *bench) measureIdle(ctx context.Context, ids []string, n node) (rssSample, error) {
+func (b *bench) measureIdle(ctx context.Context, ids []string, n benchkit.Node) (rssSample, error) {
 	var s rssSample
 	for i, id := range ids {
 		if err := b.export(ctx, id, filepath.Join(b.tmp, fmt.Sprintf("idle-%d.sock", i+1))); err != nil {
@@ -445,7 +414,7 @@ func (b *bench) measureIdle(ctx context.Context, ids []string, n node) (rssSampl
 		}
 	}
 	// Idle: engines started, their first clean point and watch ticks done.
-	if err := sleep(ctx, 5*time.Second); err != nil {
+	if err := benchkit.Sleep(ctx, 5*time.Second); err != nil {
 		return s, err
 	}
 	var err error
@@ -464,76 +433,32 @@ func (b *bench) measureIdle(ctx context.Context, ids []string, n node) (rssSampl
 
 // cmd runs a command from the repository root and returns its stdout.
 func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, error) {
-	if b.o.verbose {
-		b.logf("$ %s %s", name, strings.Join(args, " "))
-	}
-	c := exec.CommandContext(ctx, name, args...)
-	c.Dir = b.root
-	c.SysProcAttr = ownGroup()
-	var out, errb bytes.Buffer
-	c.Stdout, c.Stderr = &out, &errb
-	if err := c.Run(); err != nil {
-		msg := strings.TrimSpace(errb.String())
-		if msg == "" {
-			msg = strings.TrimSpace(out.String())
-		}
-		return nil, fmt.Errorf("%s %s: %w: %s", filepath.Base(name), strings.Join(args, " "), err, msg)
-	}
-	return out.Bytes(), nil
+	return benchkit.Command(ctx, b.root, b.o.verbose, b.logf, name, args...)
 }
 
 func (b *bench) loadCluster() error {
-	raw, err := os.ReadFile(filepath.Join(b.clusterDir, "cluster.json"))
+	nodes, servers, err := benchkit.LoadCluster(b.clusterDir)
 	if err != nil {
 		return err
 	}
-	var c struct {
-		Nodes []node `json:"nodes"`
+	if len(nodes) != 3 {
+		return fmt.Errorf("cluster.json lists %d nodes, want 3", len(nodes))
 	}
-	if err := json.Unmarshal(raw, &c); err != nil {
-		return fmt.Errorf("cluster.json: %w", err)
-	}
-	if len(c.Nodes) != 3 {
-		return fmt.Errorf("cluster.json lists %d nodes, want 3", len(c.Nodes))
-	}
-	var agents []string
-	for _, n := range c.Nodes {
-		agents = append(agents, n.Agent)
-	}
-	b.nodes, b.servers = c.Nodes, strings.Join(agents, ",")
+	b.nodes, b.servers = nodes, servers
 	return nil
 }
 
-// volume is the part of `cairn ctl volume create -o json` that is read.
-type volume struct {
-	ID       string `json:"id"`
-	Replicas []struct {
-		ID   string `json:"id"`
-		Node string `json:"node"`
-	} `json:"replicas"`
-}
-
-func (b *bench) createVolume(ctx context.Context, name, size string, replicas int) (*volume, error) {
+func (b *bench) createVolume(ctx context.Context, name, size string, replicas int) (*benchkit.Volume, error) {
 	out, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "create", name,
 		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json")
 	if err != nil {
 		return nil, err
 	}
-	var v volume
+	var v benchkit.Volume
 	if err := json.Unmarshal(out, &v); err != nil || v.ID == "" {
 		return nil, fmt.Errorf("volume create %s: no id in %q", name, out)
 	}
 	return &v, nil
-}
-
-// localReplicaFile is the data file of v's replica on node n.
-func localReplicaFile(v *volume, n node) (string, error) {
-	for _, r := range v.Replicas {
-		if r.Node == n.ID {
-			return filepath.Join(n.DataDir, "replicas", r.ID, "data"), nil
-		}
-	}
-	return "", fmt.Errorf("volume %s has no replica on %s", v.ID, n.ID)
 }
 
 func (b *bench) export(ctx context.Context, id, sock string) error {
@@ -576,7 +501,7 @@ func (b *bench) startNbdkit(ctx context.Context, t *target) error {
 		b.logf("$ nbdkit %s", strings.Join(args, " "))
 	}
 	c := exec.Command("nbdkit", args...)
-	c.SysProcAttr = ownGroup()
+	c.SysProcAttr = benchkit.OwnGroup()
 	logf, err := os.Create(filepath.Join(b.tmp, "nbdkit.log"))
 	if err != nil {
 		return err
@@ -596,27 +521,10 @@ func (b *bench) startNbdkit(ctx context.Context, t *target) error {
 		if time.Now().After(deadline) {
 			return fmt.Errorf("nbdkit did not create %s within 10s: %s", t.sock, readTail(filepath.Join(b.tmp, "nbdkit.log")))
 		}
-		if err := sleep(ctx, 20*time.Millisecond); err != nil {
+		if err := benchkit.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return err
 		}
 	}
-}
-
-// fioJSON is the part of fio's JSON output that is read.
-type fioJSON struct {
-	Jobs []struct {
-		Error int     `json:"error"`
-		Read  fioStat `json:"read"`
-		Write fioStat `json:"write"`
-	} `json:"jobs"`
-}
-
-type fioStat struct {
-	IOPS    float64 `json:"iops"`
-	BWBytes float64 `json:"bw_bytes"`
-	ClatNs  struct {
-		Percentile map[string]float64 `json:"percentile"`
-	} `json:"clat_ns"`
 }
 
 // runFio runs one fio job against t and measures the CPU time of t's
@@ -627,13 +535,13 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 		// Reads are to measure the serving software, not the disk: the
 		// machine's page cache may have dropped one target's data and kept
 		// another's (the fills ran in turn), so read the file in first.
-		if err := warm(ctx, t.file); err != nil {
+		if err := benchkit.Warm(ctx, t.file); err != nil {
 			r.err = fmt.Errorf("read %s into the page cache: %w", t.file, err)
 			return r
 		}
 	}
 	syscall.Sync() // leave no dirty pages of the previous run to write back
-	if err := sleep(ctx, b.o.settle); err != nil {
+	if err := benchkit.Sleep(ctx, b.o.settle); err != nil {
 		r.err = err
 		return r
 	}
@@ -657,7 +565,7 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	fctx, cancel := context.WithTimeout(ctx, b.o.runtime+10*time.Minute)
 	defer cancel()
 	c := exec.CommandContext(fctx, "fio", args...)
-	c.SysProcAttr = ownGroup()
+	c.SysProcAttr = benchkit.OwnGroup()
 	var stderr bytes.Buffer
 	c.Stderr = &stderr
 
@@ -668,9 +576,9 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	}
 	before := make(map[string]uint64)
 	for _, p := range t.pids {
-		before[p.name], _ = procCPUTicks(p.pid)
+		before[p.name], _ = benchkit.ProcCPUTicks(p.pid)
 	}
-	m0, _ := machineCPU()
+	m0, _ := benchkit.MachineCPU()
 	start := time.Now()
 	cswDone := make(chan float64, 1)
 	cswCtx, cswStop := context.WithCancel(fctx) // ends when fio does
@@ -681,12 +589,12 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 		// and 1 s before the end, while the connection is up.
 		go func() {
 			window := b.o.runtime - 2*time.Second
-			if sleep(cswCtx, time.Second) != nil {
+			if benchkit.Sleep(cswCtx, time.Second) != nil {
 				cswDone <- 0
 				return
 			}
 			n0 := sumContextSwitches(t.pids)
-			if sleep(cswCtx, window) != nil {
+			if benchkit.Sleep(cswCtx, window) != nil {
 				cswDone <- 0
 				return
 			}
@@ -699,11 +607,11 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	r.elapsed = time.Since(start)
 	cswStop()
 	r.cswRate = <-cswDone
-	m1, _ := machineCPU()
+	m1, _ := benchkit.MachineCPU()
 	for _, p := range t.pids {
-		after, perr := procCPUTicks(p.pid)
+		after, perr := benchkit.ProcCPUTicks(p.pid)
 		if perr == nil {
-			r.cpu[p.name] = 100 * float64(after-before[p.name]) / clockTicks / r.elapsed.Seconds()
+			r.cpu[p.name] = 100 * float64(after-before[p.name]) / benchkit.ClockTicks / r.elapsed.Seconds()
 		}
 	}
 	b.stopPerf(perf)
@@ -716,24 +624,14 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	if c.ProcessState != nil {
 		r.fioCPU = 100 * (c.ProcessState.UserTime() + c.ProcessState.SystemTime()).Seconds() / r.elapsed.Seconds()
 	}
-	r.machine = m1.since(m0)
+	r.machine = cpuSince(m1, m0)
 	if err != nil {
 		r.err = fmt.Errorf("fio: %w: %s", err, strings.TrimSpace(stderr.String()))
 		return r
 	}
-	raw, err := os.ReadFile(out)
+	job, err := benchkit.ReadFioJob(out, stderr.String())
 	if err != nil {
 		r.err = err
-		return r
-	}
-	var j fioJSON
-	if err := json.Unmarshal(raw, &j); err != nil || len(j.Jobs) != 1 {
-		r.err = fmt.Errorf("cannot parse %s: %v", out, err)
-		return r
-	}
-	job := j.Jobs[0]
-	if job.Error != 0 {
-		r.err = fmt.Errorf("fio job error %d (%s): %s", job.Error, syscall.Errno(job.Error), strings.TrimSpace(stderr.String()))
 		return r
 	}
 	s := job.Read
@@ -743,28 +641,6 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	r.iops, r.mibps = s.IOPS, s.BWBytes/(1<<20)
 	r.p50, r.p99 = s.ClatNs.Percentile["50.000000"], s.ClatNs.Percentile["99.000000"]
 	return r
-}
-
-// warm reads path once, so that its pages are in the page cache.
-func warm(ctx context.Context, path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close() // read only
-	buf := make([]byte, 1<<20)
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		_, err := f.Read(buf)
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-	}
 }
 
 // residency returns the share (%) of path's pages in the page cache.
@@ -803,7 +679,7 @@ func (b *bench) replicaOps(ctx context.Context) map[string]opStat {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	for _, n := range b.nodes {
-		body, err := httpGet(ctx, "http://"+n.Metrics+"/metrics")
+		body, err := benchkit.HTTPGet(ctx, "http://"+n.Metrics+"/metrics")
 		if err != nil {
 			continue
 		}
@@ -843,7 +719,7 @@ func (b *bench) startPerf(wl workload, t *target) *exec.Cmd {
 	out := filepath.Join(b.o.perfDir, fmt.Sprintf("%s-%s.perf.data", wl.name, t.key))
 	c := exec.Command("perf", "record", "-q", "-F", "999", "-g", "-p", strings.Join(pids, ","), "-o", out)
 	c.Stdout, c.Stderr = io.Discard, io.Discard
-	c.SysProcAttr = ownGroup()
+	c.SysProcAttr = benchkit.OwnGroup()
 	if err := c.Start(); err != nil {
 		b.logf("perf: %v", err)
 		return nil
@@ -886,11 +762,7 @@ func (b *bench) cleanup() {
 			}
 			if _, err := b.cmd(ctx, b.bin, "dev", "down", "--dir", b.clusterDir, "--keep-data="+strconv.FormatBool(b.o.keep)); err != nil {
 				b.logf("cleanup: %v; killing the node agents", err)
-				for _, n := range b.nodes {
-					if n.PID > 0 && isNodeAgent(n) {
-						_ = syscall.Kill(n.PID, syscall.SIGKILL)
-					}
-				}
+				benchkit.KillNodeAgents(b.nodes)
 			}
 		}
 	}
@@ -905,33 +777,20 @@ func (b *bench) cleanup() {
 			<-done
 		}
 	}
-	if b.tmp != "" {
-		if b.o.keep {
-			b.logf("kept %s", b.tmp)
-		} else if err := os.RemoveAll(b.tmp); err != nil {
-			b.logf("cleanup: %v", err)
-		}
-	}
-}
-
-// ownGroup puts a child in its own process group, so that a Ctrl-C in the
-// terminal reaches only this program, which then stops the children in
-// order (fio first, the cluster last).
-func ownGroup() *syscall.SysProcAttr { return &syscall.SysProcAttr{Setpgid: true} }
-
-// isNodeAgent checks that pid still is this node's agent (pids get reused).
-func isNodeAgent(n node) bool {
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
-	return err == nil && bytes.Contains(cmdline, []byte("\x00--id\x00"+n.ID+"\x00"))
+	benchkit.RemoveTemp(b.tmp, b.o.keep, b.logf)
 }
 
 func (b *bench) printHeader(w io.Writer) {
 	host, _ := os.Hostname()
+	loadAvg := ""
+	if la := benchkit.LoadAvg(); la != "" {
+		loadAvg = ", load average " + la
+	}
 	fmt.Fprintf(w, "fiobench: fio's nbd engine against Cairn NBD exports and nbdkit's file plugin\n")
-	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), kernel(), loadAvg(), memInfo())
+	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), benchkit.Kernel(), loadAvg, memInfo())
 	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
 	fmt.Fprintf(w, "cairn:    %s\n", b.version())
-	fmt.Fprintf(w, "tools:    %s, %s\n", firstLine("fio", "--version"), firstLine("nbdkit", "--version"))
+	fmt.Fprintf(w, "tools:    %s, %s\n", benchkit.FirstLine("fio (version unknown)", "fio", "--version"), benchkit.FirstLine("nbdkit (version unknown)", "nbdkit", "--version"))
 	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (b) %s volume, 3 replicas (node-1..3, write quorum per store), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (c) nbdkit --unix SOCK --foreground file %s (%s sparse file)\n", filepath.Join(b.tmp, "plain.img"), b.o.size)
@@ -942,14 +801,11 @@ func (b *bench) printHeader(w io.Writer) {
 // version names the commit bin/cairn was built from and whether the
 // working tree differed from it.
 func (b *bench) version() string {
-	c := exec.Command("git", "describe", "--always", "--dirty")
-	c.Dir = b.root
-	out, err := c.Output()
+	v, err := benchkit.GitDescribe(b.root)
 	if err != nil {
 		return "unknown version (not a git checkout)"
 	}
-	v := strings.TrimSpace(string(out))
-	c = exec.Command("git", "status", "--porcelain", "--", ".")
+	c := exec.Command("git", "status", "--porcelain", "--", ".")
 	c.Dir = b.root
 	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
 		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
@@ -987,7 +843,7 @@ func printTable(w io.Writer, results []*result) {
 		if r.cached >= 0 {
 			cached = fmt.Sprintf("%.0f%%", r.cached)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.1f\t%s\t%s\t%s\t%s\t\n", wl, r.tgt.label, r.iops, r.mibps, dur(r.p50), dur(r.p99), ratio, cached)
+		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%.1f\t%s\t%s\t%s\t%s\t\n", wl, r.tgt.label, r.iops, r.mibps, benchkit.Dur(r.p50), benchkit.Dur(r.p99), ratio, cached)
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "p50, p99: fio completion latency (clat) percentiles; in page cache: share of the file the reads come from")
@@ -1034,7 +890,7 @@ func printCPU(w io.Writer, results []*result) {
 			for _, v := range r.cpu {
 				serving += v
 			}
-			perIO = dur(1e9 * serving / 100 * r.elapsed.Seconds() / ios)
+			perIO = benchkit.Dur(1e9 * serving / 100 * r.elapsed.Seconds() / ios)
 		}
 		if r.err == nil && r.iops > 0 && r.cswRate > 0 {
 			cswIO = fmt.Sprintf("%.1f", r.cswRate/r.iops)
@@ -1080,7 +936,7 @@ func printOps(w io.Writer, results []*result) {
 				line += "-\t-\t"
 				continue
 			}
-			line += fmt.Sprintf("%.0f\t%s\t", st.count/r.elapsed.Seconds(), dur(1e9*st.sum/st.count))
+			line += fmt.Sprintf("%.0f\t%s\t", st.count/r.elapsed.Seconds(), benchkit.Dur(1e9*st.sum/st.count))
 		}
 		fmt.Fprintln(tw, line)
 	}
@@ -1174,85 +1030,6 @@ func numOpt(m map[string]float64, a string) string {
 	return strconv.FormatFloat(v, 'f', 0, 64)
 }
 
-// dur prints nanoseconds as µs below 1 ms and as ms above.
-func dur(ns float64) string {
-	switch {
-	case ns <= 0:
-		return "-"
-	case ns < 1e6:
-		return fmt.Sprintf("%.0fµs", ns/1e3)
-	default:
-		return fmt.Sprintf("%.2fms", ns/1e6)
-	}
-}
-
-// parseSize reads 512, 64Mi, 1Gi (binary suffixes, as cairn ctl --size).
-func parseSize(s string) (uint64, error) {
-	mult := uint64(1)
-	for _, u := range []struct {
-		suffix string
-		m      uint64
-	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}} {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.m
-			break
-		}
-	}
-	n, err := strconv.ParseUint(s, 10, 64)
-	if err != nil || n == 0 || n > math.MaxUint64/mult {
-		return 0, errors.New("want a positive size such as 1Gi or 64Mi")
-	}
-	return n * mult, nil
-}
-
-// moduleRoot finds the repository root (the directory of go.mod).
-func moduleRoot(ctx context.Context) (string, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
-	mod := strings.TrimSpace(string(out))
-	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run fiobench inside the cairn module (go run ./tests/bench/fiobench)")
-	}
-	return filepath.Dir(mod), nil
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
-// procCPUTicks returns utime+stime of pid, in clock ticks.
-func procCPUTicks(pid int) (uint64, error) {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// Fields after the parenthesised command name: state is field 3, utime
-	// field 14, stime field 15.
-	i := bytes.LastIndexByte(raw, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
-	}
-	f := strings.Fields(string(raw[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
-	}
-	ut, err1 := strconv.ParseUint(f[11], 10, 64)
-	st, err2 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("/proc/%d/stat: bad utime or stime", pid)
-	}
-	return ut + st, nil
-}
-
 func sumContextSwitches(ps []proc) uint64 {
 	var sum uint64
 	for _, p := range ps {
@@ -1302,89 +1079,30 @@ func procStatusKiB(pid int, field string) (uint64, error) {
 	return 0, fmt.Errorf("/proc/%d/status has no %s", pid, field)
 }
 
-// cpuTimes is the "cpu" line of /proc/stat, in clock ticks.
-type cpuTimes struct{ total, task, irq, steal, iowait uint64 }
-
-func machineCPU() (cpuTimes, error) {
-	raw, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return cpuTimes{}, err
-	}
-	line, _, _ := strings.Cut(string(raw), "\n")
-	f := strings.Fields(line)
-	if len(f) < 9 || f[0] != "cpu" {
-		return cpuTimes{}, errors.New("/proc/stat: no cpu line")
-	}
-	var v [8]uint64 // user nice system idle iowait irq softirq steal; guest is in user
-	for i := range v {
-		v[i], _ = strconv.ParseUint(f[i+1], 10, 64)
-	}
-	return cpuTimes{
-		total: v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7],
-		task:  v[0] + v[1] + v[2], irq: v[5] + v[6], steal: v[7], iowait: v[4],
-	}, nil
-}
-
 // cpuShare is CPU time in % of one core.
 type cpuShare struct{ task, irq, steal, iowait float64 }
 
-// since returns what the CPUs did from t0 to t, in % of one core.
-func (t cpuTimes) since(t0 cpuTimes) cpuShare {
-	total := float64(t.total - t0.total)
+// cpuSince returns what the CPUs did from t0 to t, in % of one core.
+func cpuSince(t, t0 benchkit.CPUTimes) cpuShare {
+	total := float64(t.Total - t0.Total)
 	if total <= 0 {
 		return cpuShare{}
 	}
 	cores := 100 * float64(runtime.NumCPU()) / total
 	return cpuShare{
-		task: cores * float64(t.task-t0.task), irq: cores * float64(t.irq-t0.irq),
-		steal: cores * float64(t.steal-t0.steal), iowait: cores * float64(t.iowait-t0.iowait),
+		task: cores * float64(t.Task-t0.Task), irq: cores * float64(t.IRQ-t0.IRQ),
+		steal: cores * float64(t.Steal-t0.Steal), iowait: cores * float64(t.IOWait-t0.IOWait),
 	}
 }
 
 // scrapeMetrics reads the named samples (without labels) from a Prometheus
 // text endpoint; missing ones are left out.
 func scrapeMetrics(ctx context.Context, addr string, names ...string) map[string]float64 {
-	out := map[string]float64{}
-	if addr == "" {
-		return out
-	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	body, err := httpGet(ctx, "http://"+addr+"/metrics")
-	if err != nil {
-		return out
-	}
 	want := map[string]bool{}
 	for _, n := range names {
 		want[n] = true
 	}
-	sc := bufio.NewScanner(bytes.NewReader(body))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		f := strings.Fields(sc.Text())
-		if len(f) == 2 && want[f[0]] {
-			if v, err := strconv.ParseFloat(f[1], 64); err == nil {
-				out[f[0]] = v
-			}
-		}
-	}
-	return out
-}
-
-func httpGet(ctx context.Context, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return io.ReadAll(resp.Body)
+	return benchkit.ScrapeMetrics(ctx, addr, func(key string) bool { return want[key] })
 }
 
 func readTail(path string) string {
@@ -1399,15 +1117,6 @@ func readTail(path string) string {
 	return s
 }
 
-func firstLine(name string, args ...string) string {
-	out, err := exec.Command(name, args...).Output()
-	if err != nil {
-		return name + " (version unknown)"
-	}
-	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
-	return line
-}
-
 func cpuModel() string {
 	raw, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
@@ -1419,28 +1128,6 @@ func cpuModel() string {
 		}
 	}
 	return runtime.GOARCH
-}
-
-func kernel() string {
-	raw, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return runtime.GOOS
-	}
-	return "Linux " + strings.TrimSpace(string(raw))
-}
-
-// loadAvg returns ", load average X Y Z" (other work on the machine skews the
-// numbers), or "".
-func loadAvg() string {
-	raw, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return ""
-	}
-	f := strings.Fields(string(raw))
-	if len(f) < 3 {
-		return ""
-	}
-	return ", load average " + strings.Join(f[:3], " ")
 }
 
 func memInfo() string {
@@ -1468,34 +1155,9 @@ func procMemKiB(field string) (uint64, error) {
 // fsType names the file system holding dir (from /proc/self/mountinfo), or
 // "an unknown file system".
 func fsType(dir string) string {
-	unknown := "an unknown file system"
-	if d, err := filepath.EvalSymlinks(dir); err == nil {
-		dir = d
-	}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return unknown
-	}
-	defer f.Close()
-	best, typ, src := "", "", ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options [optional...] - fstype source superopts
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		pf, sf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(sf) < 2 {
-			continue
-		}
-		mp := pf[4]
-		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) >= len(best) {
-			best, typ, src = mp, sf[0], sf[1]
-		}
-	}
+	typ, src := benchkit.Mount(dir)
 	if typ == "" {
-		return unknown
+		return "an unknown file system"
 	}
 	return typ + " (" + src + ")"
 }

@@ -14,7 +14,6 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"flag"
 	"fmt"
@@ -22,7 +21,6 @@ import (
 	"math"
 	"net"
 	"os"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
@@ -30,7 +28,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"text/tabwriter"
 	"time"
 
@@ -38,6 +35,7 @@ import (
 	"go.uber.org/zap/zapcore"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
 
 const (
@@ -52,9 +50,6 @@ const (
 	baseFree = capacity / 2
 	freeStep = uint64(1) << 20 // free bytes move in 1 MiB steps, at most 1 GiB
 )
-
-// exitInterrupted is the exit code after Ctrl-C (128 + SIGINT).
-const exitInterrupted = 130
 
 type options struct {
 	clients     []int
@@ -95,12 +90,8 @@ func run() int {
 		return 2
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := benchkit.SignalContext()
 	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills the process the default way
-	}()
 
 	log := zap.NewNop()
 	if o.verbose {
@@ -125,7 +116,7 @@ func run() int {
 	if err != nil {
 		if ctx.Err() != nil {
 			fmt.Fprintln(os.Stderr, "metabench: interrupted while the cluster was forming")
-			return exitInterrupted
+			return benchkit.ExitInterrupted
 		}
 		fmt.Fprintf(os.Stderr, "metabench: cluster did not form: %v\n", err)
 		return 1
@@ -205,7 +196,7 @@ func run() int {
 	if ctx.Err() != nil {
 		fmt.Fprintln(os.Stderr, "metabench: interrupted; the table holds the steps run so far")
 		if code == 0 {
-			code = exitInterrupted
+			code = benchkit.ExitInterrupted
 		}
 	}
 	return code
@@ -657,51 +648,20 @@ func joinInts(v []int) string {
 	return strings.Join(s, ",")
 }
 
-// loadAvg returns ", load average X" (other work on the machine skews the
-// numbers), or "" where /proc/loadavg does not exist.
+// loadAvg returns ", load average X Y Z" (other work on the machine skews
+// the numbers), or "" where /proc/loadavg does not exist.
 func loadAvg() string {
-	b, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return ""
+	if la := benchkit.LoadAvg(); la != "" {
+		return ", load average " + la
 	}
-	f := strings.Fields(string(b))
-	if len(f) < 3 {
-		return ""
-	}
-	return ", load average " + strings.Join(f[:3], " ")
+	return ""
 }
 
 // fsType names the file system holding dir (from /proc/self/mountinfo; fsync
 // cost, and so commit latency, depends on it), or "an unknown file system".
 func fsType(dir string) string {
-	unknown := "an unknown file system"
-	if d, err := filepath.EvalSymlinks(dir); err == nil {
-		dir = d
+	if typ, _ := benchkit.Mount(dir); typ != "" {
+		return typ
 	}
-	f, err := os.Open("/proc/self/mountinfo")
-	if err != nil {
-		return unknown
-	}
-	defer f.Close()
-	best, typ := "", ""
-	sc := bufio.NewScanner(f)
-	for sc.Scan() {
-		// id parent major:minor root mountpoint options [optional...] - fstype source superopts
-		pre, post, ok := strings.Cut(sc.Text(), " - ")
-		if !ok {
-			continue
-		}
-		pf, sf := strings.Fields(pre), strings.Fields(post)
-		if len(pf) < 5 || len(sf) < 1 {
-			continue
-		}
-		mp := pf[4]
-		if (dir == mp || strings.HasPrefix(dir, strings.TrimSuffix(mp, "/")+"/")) && len(mp) >= len(best) {
-			best, typ = mp, sf[0]
-		}
-	}
-	if typ == "" {
-		return unknown
-	}
-	return typ
+	return "an unknown file system"
 }

@@ -33,7 +33,6 @@
 package main
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"encoding/json"
@@ -42,10 +41,8 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net/http"
 	"os"
 	"os/exec"
-	"os/signal"
 	"path/filepath"
 	"runtime"
 	"strconv"
@@ -53,13 +50,9 @@ import (
 	"syscall"
 	"text/tabwriter"
 	"time"
+
+	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
-
-// exitInterrupted is the exit code after Ctrl-C (128 + SIGINT).
-const exitInterrupted = 130
-
-// clockTicks is USER_HZ, the unit of utime and stime in /proc/PID/stat.
-const clockTicks = 100
 
 // Shape of the workloads, fixed by the issue.
 const (
@@ -109,59 +102,27 @@ func run() int {
 		return 2
 	}
 	for name, v := range map[string]string{"-size-a": o.sizeA, "-size-b": o.sizeB, "-rebuild-size": o.rebuildSize, "-rebuild-rate": o.rebuildRate} {
-		if _, err := parseSize(v); err != nil {
+		if _, err := benchkit.ParseSize(v); err != nil {
 			fmt.Fprintf(os.Stderr, "noisybench: %s %q: %v\n", name, v, err)
 			return 2
 		}
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	ctx, stop := benchkit.SignalContext()
 	defer stop()
-	go func() {
-		<-ctx.Done()
-		stop() // a second Ctrl-C kills the process the default way
-	}()
 
 	b := &bench{o: o}
 	err := b.run(ctx)
 	b.cleanup()
-	switch {
-	case ctx.Err() != nil:
-		fmt.Fprintln(os.Stderr, "noisybench: interrupted; cleaned up")
-		return exitInterrupted
-	case err != nil:
-		fmt.Fprintf(os.Stderr, "noisybench: %v\n", err)
-		return 1
-	}
-	return 0
-}
-
-// node is what cluster.json says about one node agent.
-type node struct {
-	ID      string `json:"id"`
-	DataDir string `json:"data_dir"`
-	Agent   string `json:"agent"`
-	Metrics string `json:"metrics"`
-	PID     int    `json:"pid"`
-	Log     string `json:"log"`
+	return benchkit.ExitCode(ctx, "noisybench", err)
 }
 
 // cluster is one dev cluster started by the benchmark.
 type cluster struct {
 	dir      string
 	servers  string // meta API addresses, comma-separated
-	nodes    []node
+	nodes    []benchkit.Node
 	exported []string // volume ids exported by us, unexported by teardown
-}
-
-// volume is the part of `cairn ctl volume create/get -o json` that is read.
-type volume struct {
-	ID       string `json:"id"`
-	Replicas []struct {
-		ID    string `json:"id"`
-		Node  string `json:"node"`
-		State string `json:"state"`
-	} `json:"replicas"`
 }
 
 // bench holds everything the run started, so that cleanup can undo it.
@@ -209,7 +170,7 @@ func (b *bench) run(ctx context.Context) error {
 	if _, err := exec.LookPath("fio"); err != nil {
 		return errors.New("fio is not installed (make deps installs it)")
 	}
-	root, err := moduleRoot(ctx)
+	root, err := benchkit.ModuleRoot(ctx, "noisybench")
 	if err != nil {
 		return err
 	}
@@ -392,24 +353,14 @@ func addNodeArgs(path, id string, args []string) error {
 }
 
 func (cl *cluster) load() error {
-	raw, err := os.ReadFile(filepath.Join(cl.dir, "cluster.json"))
+	nodes, servers, err := benchkit.LoadCluster(cl.dir)
 	if err != nil {
 		return err
 	}
-	var c struct {
-		Nodes []node `json:"nodes"`
+	if len(nodes) != 3 || nodes[0].ID != "node-1" {
+		return fmt.Errorf("cluster.json lists %d nodes, want node-1..3", len(nodes))
 	}
-	if err := json.Unmarshal(raw, &c); err != nil {
-		return fmt.Errorf("cluster.json: %w", err)
-	}
-	if len(c.Nodes) != 3 || c.Nodes[0].ID != "node-1" {
-		return fmt.Errorf("cluster.json lists %d nodes, want node-1..3", len(c.Nodes))
-	}
-	var agents []string
-	for _, n := range c.Nodes {
-		agents = append(agents, n.Agent)
-	}
-	cl.nodes, cl.servers = c.Nodes, strings.Join(agents, ",")
+	cl.nodes, cl.servers = nodes, servers
 	return nil
 }
 
@@ -442,7 +393,7 @@ func (b *bench) waitNodesUp(ctx context.Context, cl *cluster) error {
 		} else {
 			last = err.Error()
 		}
-		if err := sleep(ctx, 200*time.Millisecond); err != nil {
+		if err := benchkit.Sleep(ctx, 200*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -455,8 +406,8 @@ func (b *bench) ctl(ctx context.Context, cl *cluster, args ...string) ([]byte, e
 
 // createAll creates one 3-replica volume per label and exports it on node-1
 // at tmp/cluster/label.sock.
-func (b *bench) createAll(ctx context.Context, cl *cluster, sizes map[string]string) (map[string]*volume, error) {
-	vols := map[string]*volume{}
+func (b *bench) createAll(ctx context.Context, cl *cluster, sizes map[string]string) (map[string]*benchkit.Volume, error) {
+	vols := map[string]*benchkit.Volume{}
 	for _, label := range []string{"A", "B", "C"} {
 		size, ok := sizes[label]
 		if !ok {
@@ -466,7 +417,7 @@ func (b *bench) createAll(ctx context.Context, cl *cluster, sizes map[string]str
 		if err != nil {
 			return nil, err
 		}
-		var v volume
+		var v benchkit.Volume
 		if err := json.Unmarshal(out, &v); err != nil || v.ID == "" {
 			return nil, fmt.Errorf("volume create %s: no id in %q", label, out)
 		}
@@ -491,7 +442,7 @@ func (b *bench) fill(ctx context.Context, cl *cluster, label, size string) error
 }
 
 // setQoS gives A its reservation and waits until node-1's engine applied it.
-func (b *bench) setQoS(ctx context.Context, cl *cluster, a *volume) error {
+func (b *bench) setQoS(ctx context.Context, cl *cluster, a *benchkit.Volume) error {
 	if _, err := b.ctl(ctx, cl, "volume", "set-qos", a.ID, "--min-iops", strconv.Itoa(b.minIOPS)); err != nil {
 		return err
 	}
@@ -502,7 +453,7 @@ func (b *bench) setQoS(ctx context.Context, cl *cluster, a *volume) error {
 				return nil
 			}
 		}
-		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -511,16 +462,16 @@ func (b *bench) setQoS(ctx context.Context, cl *cluster, a *volume) error {
 
 // measure runs A for -runtime, with B flooding from a second before until
 // after, if flood.
-func (b *bench) measure(ctx context.Context, cl *cluster, vols map[string]*volume, rn scenario, flood bool) *result {
+func (b *bench) measure(ctx context.Context, cl *cluster, vols map[string]*benchkit.Volume, rn scenario, flood bool) *result {
 	b.logf("%s, scheduler %s", rn.label, rn.mode)
 	r := &result{scenario: rn}
 	b.results = append(b.results, r)
-	if err := warm(ctx, replicaFile(vols["A"], cl.nodes[0])); err != nil {
+	if err := benchkit.Warm(ctx, benchkit.ReplicaFile(vols["A"], cl.nodes[0])); err != nil {
 		r.err = fmt.Errorf("read A's replica into the page cache: %w", err)
 		return r
 	}
 	syscall.Sync() // leave no dirty pages of the fill to write back
-	if err := sleep(ctx, time.Second); err != nil {
+	if err := benchkit.Sleep(ctx, time.Second); err != nil {
 		r.err = err
 		return r
 	}
@@ -531,7 +482,7 @@ func (b *bench) measure(ctx context.Context, cl *cluster, vols map[string]*volum
 			r.err = err
 			return r
 		}
-		if err := sleep(ctx, time.Second); err != nil {
+		if err := benchkit.Sleep(ctx, time.Second); err != nil {
 			r.err = err
 			_, _ = fb.wait()
 			return r
@@ -543,7 +494,7 @@ func (b *bench) measure(ctx context.Context, cl *cluster, vols map[string]*volum
 
 // window runs A for -runtime while recording node-1's scheduler metrics and
 // the CPU, then collects the flood fb (if any).
-func (b *bench) window(ctx context.Context, cl *cluster, vols map[string]*volume, r *result, fb *fioJob) (a, bres *fioResult, err error) {
+func (b *bench) window(ctx context.Context, cl *cluster, vols map[string]*benchkit.Volume, r *result, fb *fioJob) (a, bres *fioResult, err error) {
 	m0 := scrape(ctx, cl.nodes[0].Metrics)
 	probe := startCPU(cl, fb)
 	t0 := time.Now()
@@ -566,7 +517,7 @@ func (b *bench) window(ctx context.Context, cl *cluster, vols map[string]*volume
 
 // rebuildRun is scenario (4): C's replica on node-3 fails while data is
 // written, node-3 comes back, and A runs while node-1's engine rebuilds it.
-func (b *bench) rebuildRun(ctx context.Context, cl *cluster, vols map[string]*volume) error {
+func (b *bench) rebuildRun(ctx context.Context, cl *cluster, vols map[string]*benchkit.Volume) error {
 	c := vols["C"]
 	b.logf("(4) killing node-3 and writing %s to C", b.o.rebuildSize)
 	if _, err := b.cmd(ctx, b.bin, "dev", "kill", "--dir", cl.dir, "node-3"); err != nil {
@@ -595,8 +546,8 @@ func (b *bench) rebuildRun(ctx context.Context, cl *cluster, vols map[string]*vo
 	r.a, _, r.err = b.window(ctx, cl, vols, r, nil)
 	t1 := time.Now()
 
-	rate, _ := parseSize(b.o.rebuildRate)
-	size, _ := parseSize(b.o.rebuildSize)
+	rate, _ := benchkit.ParseSize(b.o.rebuildRate)
+	size, _ := benchkit.ParseSize(b.o.rebuildSize)
 	limit := time.Duration(3*float64(size)/float64(rate)*float64(time.Second)) + time.Minute
 	b.logf("waiting for C's rebuild to finish (at most %v)", limit.Round(time.Second))
 	if err := b.waitReplica(ctx, cl, c.ID, "node-3", "healthy", limit); err != nil {
@@ -621,7 +572,7 @@ func (b *bench) waitReplica(ctx context.Context, cl *cluster, id, nodeID, state 
 	deadline := time.Now().Add(limit)
 	for time.Now().Before(deadline) {
 		out, err := b.ctl(ctx, cl, "volume", "get", id, "-o", "json")
-		var v volume
+		var v benchkit.Volume
 		if err == nil && json.Unmarshal(out, &v) == nil {
 			for _, r := range v.Replicas {
 				if r.Node == nodeID {
@@ -632,7 +583,7 @@ func (b *bench) waitReplica(ctx context.Context, cl *cluster, id, nodeID, state 
 				return nil
 			}
 		}
-		if err := sleep(ctx, 100*time.Millisecond); err != nil {
+		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -708,16 +659,6 @@ func logLines(path, msg string) []logLine {
 	return out
 }
 
-// replicaFile is the data file of v's replica on node n.
-func replicaFile(v *volume, n node) string {
-	for _, r := range v.Replicas {
-		if r.Node == n.ID {
-			return filepath.Join(n.DataDir, "replicas", r.ID, "data")
-		}
-	}
-	return ""
-}
-
 // fioResult is A's or B's numbers from fio's JSON output.
 type fioResult struct {
 	iops           float64 // read + write
@@ -735,7 +676,7 @@ type fioJob struct {
 // for sequential writes) at depth, at most rate IOPS (0: unlimited), for d (0:
 // once over the whole size).
 func (b *bench) startFio(ctx context.Context, cl *cluster, name, label, size, rw string, depth, rate int, d time.Duration) (*fioJob, error) {
-	sz, _ := parseSize(size)
+	sz, _ := benchkit.ParseSize(size)
 	bs := "4k"
 	if rw == "write" {
 		bs = "1M"
@@ -759,7 +700,7 @@ func (b *bench) startFio(ctx context.Context, cl *cluster, name, label, size, rw
 		b.logf("$ fio %s", strings.Join(args, " "))
 	}
 	j.cmd = exec.CommandContext(ctx, "fio", args...)
-	j.cmd.SysProcAttr = ownGroup()
+	j.cmd.SysProcAttr = benchkit.OwnGroup()
 	j.cmd.Stderr = &j.stderr
 	if err := j.cmd.Start(); err != nil {
 		return nil, fmt.Errorf("start fio: %w", err)
@@ -773,44 +714,20 @@ func (j *fioJob) wait() (*fioResult, error) {
 	if err := <-j.done; err != nil {
 		return nil, fmt.Errorf("fio: %w: %s", err, strings.TrimSpace(j.stderr.String()))
 	}
-	raw, err := os.ReadFile(j.out)
+	// With --thread, the nbd engine's "fio: connected to NBD server" lands
+	// in the output file before the JSON; ReadFioJob skips it.
+	job, err := benchkit.ReadFioJob(j.out, j.stderr.String())
 	if err != nil {
 		return nil, err
 	}
-	// With --thread, the nbd engine's "fio: connected to NBD server" lands
-	// in the output file before the JSON.
-	if i := bytes.IndexByte(raw, '{'); i > 0 {
-		raw = raw[i:]
-	}
-	var out struct {
-		Jobs []struct {
-			Error int     `json:"error"`
-			Read  fioStat `json:"read"`
-			Write fioStat `json:"write"`
-		} `json:"jobs"`
-	}
-	if err := json.Unmarshal(raw, &out); err != nil || len(out.Jobs) != 1 {
-		return nil, fmt.Errorf("cannot parse %s: %v", j.out, err)
-	}
-	job := out.Jobs[0]
-	if job.Error != 0 {
-		return nil, fmt.Errorf("fio job error %d (%s): %s", job.Error, syscall.Errno(job.Error), strings.TrimSpace(j.stderr.String()))
-	}
 	r := &fioResult{iops: job.Read.IOPS + job.Write.IOPS}
-	for _, s := range []fioStat{job.Read, job.Write} {
+	for _, s := range []benchkit.FioStat{job.Read, job.Write} {
 		if s.IOPS > 0 {
 			p := s.ClatNs.Percentile
 			r.p50, r.p99, r.p999 = max(r.p50, p["50.000000"]), max(r.p99, p["99.000000"]), max(r.p999, p["99.900000"])
 		}
 	}
 	return r, nil
-}
-
-type fioStat struct {
-	IOPS   float64 `json:"iops"`
-	ClatNs struct {
-		Percentile map[string]float64 `json:"percentile"`
-	} `json:"clat_ns"`
 }
 
 func (b *bench) fio(ctx context.Context, cl *cluster, name, label, size, rw string, depth, rate int, d time.Duration) (*fioResult, error) {
@@ -825,27 +742,9 @@ func (b *bench) fio(ctx context.Context, cl *cluster, name, label, size, rw stri
 // to the value (name and labels).
 type metrics map[string]float64
 
+// scrape reads node-1's scheduler samples (cairn_iosched_*) from addr.
 func scrape(ctx context.Context, addr string) metrics {
-	out := metrics{}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	defer cancel()
-	body, err := httpGet(ctx, "http://"+addr+"/metrics")
-	if err != nil {
-		return out
-	}
-	sc := bufio.NewScanner(bytes.NewReader(body))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for sc.Scan() {
-		line := sc.Text()
-		if !strings.HasPrefix(line, "cairn_iosched_") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if v, err := strconv.ParseFloat(line[i+1:], 64); i > 0 && err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out
+	return benchkit.ScrapeMetrics(ctx, addr, func(key string) bool { return strings.HasPrefix(key, "cairn_iosched_") })
 }
 
 // volDelta is what node-1's scheduler did for one volume during a run.
@@ -859,7 +758,7 @@ type volDelta struct {
 	classes    []string
 }
 
-func schedDelta(m0, m1 metrics, vols map[string]*volume) map[string]volDelta {
+func schedDelta(m0, m1 metrics, vols map[string]*benchkit.Volume) map[string]volDelta {
 	out := map[string]volDelta{}
 	for label, v := range vols {
 		var d volDelta
@@ -916,7 +815,7 @@ type cpuUse struct {
 }
 
 type cpuProbe struct {
-	m0    cpuTimes
+	m0    benchkit.CPUTimes
 	t0    time.Time
 	pids  map[string][]int // "node-1", "others" (node-2, node-3), "fio" (the flood)
 	ticks map[int]uint64
@@ -929,10 +828,10 @@ func startCPU(cl *cluster, flood *fioJob) *cpuProbe {
 	}
 	for _, ps := range p.pids {
 		for _, pid := range ps {
-			p.ticks[pid], _ = procCPUTicks(pid)
+			p.ticks[pid], _ = benchkit.ProcCPUTicks(pid)
 		}
 	}
-	p.m0, _ = machineCPU()
+	p.m0, _ = benchkit.MachineCPU()
 	p.t0 = time.Now()
 	return p
 }
@@ -941,21 +840,21 @@ func startCPU(cl *cluster, flood *fioJob) *cpuProbe {
 // has exited (its CPU time is in its ProcessState).
 func (p *cpuProbe) stop(a *exec.Cmd) cpuUse {
 	secs := time.Since(p.t0).Seconds()
-	m1, _ := machineCPU()
+	m1, _ := benchkit.MachineCPU()
 	group := func(name string) float64 {
 		var sum float64
 		for _, pid := range p.pids[name] {
-			if t, err := procCPUTicks(pid); err == nil && t >= p.ticks[pid] {
+			if t, err := benchkit.ProcCPUTicks(pid); err == nil && t >= p.ticks[pid] {
 				sum += float64(t - p.ticks[pid])
 			}
 		}
-		return 100 * sum / clockTicks / secs
+		return 100 * sum / benchkit.ClockTicks / secs
 	}
-	u := cpuUse{busy: m1.busyShare(p.m0), node1: group("node-1"), others: group("others"), fio: group("fio")}
+	u := cpuUse{busy: busyShare(m1, p.m0), node1: group("node-1"), others: group("others"), fio: group("fio")}
 	if a != nil && a.ProcessState != nil {
 		u.fio += 100 * (a.ProcessState.UserTime() + a.ProcessState.SystemTime()).Seconds() / secs
 	}
-	u.other = max(0, m1.taskShare(p.m0)-u.node1-u.others-u.fio)
+	u.other = max(0, taskShare(m1, p.m0)-u.node1-u.others-u.fio)
 	return u
 }
 
@@ -968,9 +867,9 @@ func (b *bench) print(w io.Writer, took time.Duration) {
 	host, _ := os.Hostname()
 	fmt.Fprintln(w)
 	fmt.Fprintln(w, "noisybench: volume A's latency on node-1 next to a flooding volume B and a rebuild, node-1's scheduler on and bypassed")
-	fmt.Fprintf(w, "machine:   %s, %d CPUs, %s, load average %s\n", host, runtime.NumCPU(), kernel(), loadAvg())
+	fmt.Fprintf(w, "machine:   %s, %d CPUs, %s, load average %s\n", host, runtime.NumCPU(), benchkit.Kernel(), loadAvg())
 	fmt.Fprintf(w, "cairn:     %s\n", b.version())
-	fmt.Fprintf(w, "volumes:   3 replicas each, exported on node-1 over NBD; fio %s nbd engine\n", firstLine("fio", "--version"))
+	fmt.Fprintf(w, "volumes:   3 replicas each, exported on node-1 over NBD; fio %s nbd engine\n", benchkit.FirstLine("fio", "fio", "--version"))
 	if b.calIOPS > 0 {
 		fmt.Fprintf(w, "A:         4k randread iodepth %d, --rate_iops %d (%.0f%% of the %.0f IOPS A alone did unthrottled), %s, filled\n",
 			depthA, b.rate, 100*rateShare, b.calIOPS, b.o.sizeA)
@@ -1001,9 +900,9 @@ func (b *bench) print(w io.Writer, took time.Duration) {
 		}
 		bi, bp := "", ""
 		if r.b != nil {
-			bi, bp = fmt.Sprintf("%.0f", r.b.iops), dur(r.b.p99)
+			bi, bp = fmt.Sprintf("%.0f", r.b.iops), benchkit.Dur(r.b.p99)
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.label, r.mode, r.a.iops, dur(r.a.p50), dur(r.a.p99), dur(r.a.p999), ratio, target, bi, bp)
+		fmt.Fprintf(tw, "%s\t%s\t%.0f\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", r.label, r.mode, r.a.iops, benchkit.Dur(r.a.p50), benchkit.Dur(r.a.p99), benchkit.Dur(r.a.p999), ratio, target, bi, bp)
 	}
 	tw.Flush()
 	fmt.Fprintln(w, "A p50/p99/p99.9: fio completion latency (clat) of A's reads; p99 vs alone: A's p99 over that of the run in")
@@ -1031,7 +930,7 @@ func (b *bench) print(w io.Writer, took time.Duration) {
 			if d.waits > 0 {
 				mean = "0"
 				if d.waitSum > 0 {
-					mean = dur(1e9 * d.waitSum / d.waits)
+					mean = benchkit.Dur(1e9 * d.waitSum / d.waits)
 				}
 				long = fmt.Sprintf("%.2f%%", 100*d.waitedLong/d.waits)
 			}
@@ -1092,11 +991,7 @@ func (b *bench) teardown(cl *cluster) error {
 	_, err := b.cmd(ctx, b.bin, "dev", "down", "--dir", cl.dir, "--keep-data="+strconv.FormatBool(b.o.keep))
 	if err != nil {
 		b.logf("teardown: %v; killing the node agents", err)
-		for _, n := range cl.nodes {
-			if n.PID > 0 && isNodeAgent(n) {
-				_ = syscall.Kill(n.PID, syscall.SIGKILL)
-			}
-		}
+		benchkit.KillNodeAgents(cl.nodes)
 	}
 	if b.cl == cl {
 		b.cl = nil
@@ -1113,44 +1008,12 @@ func (b *bench) cleanup() {
 			_ = b.teardown(cl)
 		}
 	}
-	if b.tmp != "" {
-		if b.o.keep {
-			b.logf("kept %s", b.tmp)
-		} else if err := os.RemoveAll(b.tmp); err != nil {
-			b.logf("cleanup: %v", err)
-		}
-	}
+	benchkit.RemoveTemp(b.tmp, b.o.keep, b.logf)
 }
 
 // cmd runs a command from the repository root and returns its stdout.
 func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, error) {
-	if b.o.verbose {
-		b.logf("$ %s %s", name, strings.Join(args, " "))
-	}
-	c := exec.CommandContext(ctx, name, args...)
-	c.Dir = b.root
-	c.SysProcAttr = ownGroup()
-	var out, errb bytes.Buffer
-	c.Stdout, c.Stderr = &out, &errb
-	if err := c.Run(); err != nil {
-		msg := strings.TrimSpace(errb.String())
-		if msg == "" {
-			msg = strings.TrimSpace(out.String())
-		}
-		return nil, fmt.Errorf("%s %s: %w: %s", filepath.Base(name), strings.Join(args, " "), err, msg)
-	}
-	return out.Bytes(), nil
-}
-
-// ownGroup puts a child in its own process group, so that a Ctrl-C in the
-// terminal reaches only this program, which then stops the children in
-// order (fio first, the cluster last).
-func ownGroup() *syscall.SysProcAttr { return &syscall.SysProcAttr{Setpgid: true} }
-
-// isNodeAgent checks that pid still is this node's agent (pids get reused).
-func isNodeAgent(n node) bool {
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
-	return err == nil && bytes.Contains(cmdline, []byte("\x00--id\x00"+n.ID+"\x00"))
+	return benchkit.Command(ctx, b.root, b.o.verbose, b.logf, name, args...)
 }
 
 // version names the commit the binary was built from, if we built it.
@@ -1158,191 +1021,30 @@ func (b *bench) version() string {
 	if b.o.cairn != "" {
 		return b.bin + " (-cairn)"
 	}
-	c := exec.Command("git", "describe", "--always", "--dirty")
-	c.Dir = b.root
-	out, err := c.Output()
+	v, err := benchkit.GitDescribe(b.root)
 	if err != nil {
 		return "unknown version (not a git checkout)"
 	}
-	return strings.TrimSpace(string(out))
-}
-
-// warm reads path once, so that its pages are in the page cache.
-func warm(ctx context.Context, path string) error {
-	f, err := os.Open(path)
-	if err != nil {
-		return err
-	}
-	defer f.Close() // read only
-	buf := make([]byte, 1<<20)
-	for {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		_, err := f.Read(buf)
-		if errors.Is(err, io.EOF) {
-			return nil
-		}
-		if err != nil {
-			return err
-		}
-	}
-}
-
-// dur prints nanoseconds as µs below 1 ms and as ms above.
-func dur(ns float64) string {
-	switch {
-	case ns <= 0:
-		return "-"
-	case ns < 1e6:
-		return fmt.Sprintf("%.0fµs", ns/1e3)
-	default:
-		return fmt.Sprintf("%.2fms", ns/1e6)
-	}
-}
-
-// parseSize reads 512, 64Mi, 1Gi (binary suffixes, as cairn ctl --size).
-func parseSize(s string) (uint64, error) {
-	mult := uint64(1)
-	for _, u := range []struct {
-		suffix string
-		m      uint64
-	}{{"Ki", 1 << 10}, {"Mi", 1 << 20}, {"Gi", 1 << 30}, {"Ti", 1 << 40}} {
-		if strings.HasSuffix(s, u.suffix) {
-			s, mult = strings.TrimSuffix(s, u.suffix), u.m
-			break
-		}
-	}
-	n, err := strconv.ParseUint(s, 10, 64)
-	if err != nil || n == 0 || n > math.MaxUint64/mult {
-		return 0, errors.New("want a positive size such as 1Gi or 64Mi")
-	}
-	return n * mult, nil
-}
-
-// moduleRoot finds the repository root (the directory of go.mod).
-func moduleRoot(ctx context.Context) (string, error) {
-	out, err := exec.CommandContext(ctx, "go", "env", "GOMOD").Output()
-	if err != nil {
-		return "", fmt.Errorf("go env GOMOD: %w", err)
-	}
-	mod := strings.TrimSpace(string(out))
-	if mod == "" || mod == os.DevNull {
-		return "", errors.New("run noisybench inside the cairn module (go run ./tests/bench/noisybench)")
-	}
-	return filepath.Dir(mod), nil
-}
-
-func sleep(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-ctx.Done():
-		return ctx.Err()
-	case <-t.C:
-		return nil
-	}
-}
-
-func httpGet(ctx context.Context, url string) ([]byte, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-	if err != nil {
-		return nil, err
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, fmt.Errorf("GET %s: %s", url, resp.Status)
-	}
-	return io.ReadAll(resp.Body)
-}
-
-// procCPUTicks returns utime+stime of pid, in clock ticks.
-func procCPUTicks(pid int) (uint64, error) {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return 0, err
-	}
-	// Fields after the parenthesised command name: utime is field 14,
-	// stime field 15.
-	i := bytes.LastIndexByte(raw, ')')
-	if i < 0 {
-		return 0, fmt.Errorf("/proc/%d/stat: no command name", pid)
-	}
-	f := strings.Fields(string(raw[i+1:]))
-	if len(f) < 13 {
-		return 0, fmt.Errorf("/proc/%d/stat: too few fields", pid)
-	}
-	ut, err1 := strconv.ParseUint(f[11], 10, 64)
-	st, err2 := strconv.ParseUint(f[12], 10, 64)
-	if err1 != nil || err2 != nil {
-		return 0, fmt.Errorf("/proc/%d/stat: bad utime or stime", pid)
-	}
-	return ut + st, nil
-}
-
-// cpuTimes is the "cpu" line of /proc/stat, in clock ticks.
-type cpuTimes struct{ total, task, busy uint64 }
-
-func machineCPU() (cpuTimes, error) {
-	raw, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return cpuTimes{}, err
-	}
-	line, _, _ := strings.Cut(string(raw), "\n")
-	f := strings.Fields(line)
-	if len(f) < 9 || f[0] != "cpu" {
-		return cpuTimes{}, errors.New("/proc/stat: no cpu line")
-	}
-	var v [8]uint64 // user nice system idle iowait irq softirq steal; guest is in user
-	for i := range v {
-		v[i], _ = strconv.ParseUint(f[i+1], 10, 64)
-	}
-	total := v[0] + v[1] + v[2] + v[3] + v[4] + v[5] + v[6] + v[7]
-	return cpuTimes{total: total, task: v[0] + v[1] + v[2], busy: total - v[3] - v[4]}, nil
+	return v
 }
 
 // busyShare and taskShare return what the CPUs did from t0 to t, in % of
 // one core.
-func (t cpuTimes) busyShare(t0 cpuTimes) float64 { return t.share(t0, t.busy-t0.busy) }
-func (t cpuTimes) taskShare(t0 cpuTimes) float64 { return t.share(t0, t.task-t0.task) }
+func busyShare(t, t0 benchkit.CPUTimes) float64 { return cpuShare(t, t0, t.Busy-t0.Busy) }
+func taskShare(t, t0 benchkit.CPUTimes) float64 { return cpuShare(t, t0, t.Task-t0.Task) }
 
-func (t cpuTimes) share(t0 cpuTimes, ticks uint64) float64 {
-	total := float64(t.total - t0.total)
+func cpuShare(t, t0 benchkit.CPUTimes, ticks uint64) float64 {
+	total := float64(t.Total - t0.Total)
 	if total <= 0 {
 		return 0
 	}
 	return 100 * float64(runtime.NumCPU()) * float64(ticks) / total
 }
 
+// loadAvg returns the load averages "X Y Z", or "unknown".
 func loadAvg() string {
-	raw, err := os.ReadFile("/proc/loadavg")
-	if err != nil {
-		return "unknown"
+	if la := benchkit.LoadAvg(); la != "" {
+		return la
 	}
-	f := strings.Fields(string(raw))
-	if len(f) < 3 {
-		return "unknown"
-	}
-	return strings.Join(f[:3], " ")
-}
-
-func kernel() string {
-	raw, err := os.ReadFile("/proc/sys/kernel/osrelease")
-	if err != nil {
-		return runtime.GOOS
-	}
-	return "Linux " + strings.TrimSpace(string(raw))
-}
-
-func firstLine(name string, args ...string) string {
-	out, err := exec.Command(name, args...).Output()
-	if err != nil {
-		return name
-	}
-	line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
-	return line
+	return "unknown"
 }
