@@ -450,7 +450,10 @@ func (b *bench) loadCluster() error {
 
 func (b *bench) createVolume(ctx context.Context, name, size string, replicas int) (*benchkit.Volume, error) {
 	out, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "create", name,
-		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json")
+		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json",
+		// nbdkit serves a local file; give the Cairn volume a replica on the
+		// exporting node too, so reads are local in both.
+		"--preferred-node", b.nodes[0].ID)
 	if err != nil {
 		return nil, err
 	}
