@@ -198,10 +198,7 @@ func csiVolume(v *meta.Volume) *csipb.Volume {
 // DeleteVolume deletes a volume; a volume already gone is success.
 func (c *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRequest) (*csipb.DeleteVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	}
-	unlock, err := c.locks.lock(id)
+	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
 		return nil, err
 	}
@@ -258,10 +255,7 @@ func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 // is success.
 func (c *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.ControllerUnpublishVolumeRequest) (*csipb.ControllerUnpublishVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	}
-	unlock, err := c.locks.lock(id)
+	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
 		return nil, err
 	}
@@ -425,30 +419,16 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 	}
 	zone, byZone := req.GetAccessibleTopology().GetSegments()[TopologyZoneKey]
 	zone = storeZone(zone)
-	ratio := st.OverProvisioningRatio
-	if ratio <= 0 {
-		ratio = 1
-	}
-	used := map[string]uint64{}
-	for _, v := range st.Volumes {
-		if v.State == meta.VolumeDeleted {
-			continue
-		}
-		for _, r := range v.Replicas {
-			used[r.Node] += v.SizeBytes
-		}
-	}
+	// The same space rule as placement: capacity × over-provisioning ratio
+	// minus the replicas already placed.
 	var best, total uint64
-	for _, n := range st.Nodes {
-		if n.State != meta.NodeUp || (byZone && n.Zone != zone) {
+	for _, n := range st.PlacementNodes() {
+		if !n.Up || (byZone && n.Zone != zone) {
 			continue
 		}
-		limit := uint64(float64(n.CapacityBytes) * ratio)
-		if limit > used[n.ID] {
-			free := limit - used[n.ID]
-			total += free
-			best = max(best, free)
-		}
+		free := n.FreeBytes(st.OverProvisioningRatio)
+		total += free
+		best = max(best, free)
 	}
 	return &csipb.GetCapacityResponse{
 		AvailableCapacity: int64(min(total, uint64(1<<62))),
@@ -461,10 +441,7 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 // applies them within a second.
 func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.ControllerModifyVolumeRequest) (*csipb.ControllerModifyVolumeResponse, error) {
 	id := req.GetVolumeId()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	}
-	unlock, err := c.locks.lock(id)
+	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
 		return nil, err
 	}

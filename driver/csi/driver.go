@@ -170,8 +170,6 @@ type Identity struct {
 	csipb.UnimplementedIdentityServer
 	Version string
 	Meta    *meta.Client
-	// Ready, if set, must also say yes for Probe to report ready.
-	Ready func() bool
 	// Local makes Probe ask only whether this node's own store member
 	// answers, not whether the store has a leader: a node plugin's liveness
 	// must not restart every node agent when the cluster loses quorum.
@@ -209,9 +207,6 @@ func (i *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.Pro
 	} else {
 		st, err := i.Meta.Status(ctx)
 		ready = err == nil && st.Leader != ""
-	}
-	if ready && i.Ready != nil {
-		ready = i.Ready()
 	}
 	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(ready)}, nil
 }

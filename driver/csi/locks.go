@@ -31,3 +31,12 @@ func (l *volumeLocks) lock(id string) (unlock func(), err error) {
 		l.mu.Unlock()
 	}, nil
 }
+
+// lockVolume checks that a request names a volume and takes its lock: the
+// first two steps of every RPC on one volume.
+func (l *volumeLocks) lockVolume(id string) (unlock func(), err error) {
+	if id == "" {
+		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+	}
+	return l.lock(id)
+}

@@ -248,17 +248,14 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 // plugin) is cleaned up as far as anything is left, and is success.
 func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolumeRequest) (*csipb.NodeUnstageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	}
-	if err := n.checkPath("staging target path", staging); err != nil {
-		return nil, err
-	}
-	unlock, err := n.locks.lock(id)
+	unlock, err := n.locks.lockVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	if err := n.checkPath("staging target path", staging); err != nil {
+		return nil, err
+	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if err := unmountIfMounted(n.mounter, staging); err != nil {
@@ -371,17 +368,14 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 // already gone is success.
 func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublishVolumeRequest) (*csipb.NodeUnpublishVolumeResponse, error) {
 	id, target := req.GetVolumeId(), req.GetTargetPath()
-	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
-	}
-	if err := n.checkPath("target path", target); err != nil {
-		return nil, err
-	}
-	unlock, err := n.locks.lock(id)
+	unlock, err := n.locks.lockVolume(id)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
+	if err := n.checkPath("target path", target); err != nil {
+		return nil, err
+	}
 	if err := mount.CleanupMountPoint(target, n.mounter, true); err != nil {
 		return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
 	}

@@ -135,8 +135,9 @@ func (s *State) allocatedBytes() map[string]uint64 {
 	return used
 }
 
-// placementNodes describes the cluster's nodes to the placement function.
-func (s *State) placementNodes() []placement.Node {
+// PlacementNodes describes the cluster's nodes as placement sees them:
+// topology, liveness, capacity and the bytes of replicas already placed.
+func (s *State) PlacementNodes() []placement.Node {
 	used := s.allocatedBytes()
 	out := make([]placement.Node, 0, len(s.Nodes))
 	for _, n := range s.Nodes {
@@ -185,7 +186,7 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 	if _, ok := s.Volumes[c.ID]; ok {
 		return Result{}, fmt.Errorf("volume id %q: %w", c.ID, ErrAlreadyExists)
 	}
-	nodes, err := placement.Place(s.placementNodes(), placement.Request{
+	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
 		Replicas:              c.Replicas,
 		SizeBytes:             c.SizeBytes,
 		OverProvisioningRatio: s.OverProvisioningRatio,
@@ -378,7 +379,7 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 			}
 		}
 	}
-	nodes, err := placement.Place(s.placementNodes(), placement.Request{
+	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
 		Replicas: 1, SizeBytes: v.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
 	})
