@@ -595,10 +595,21 @@ func (a *Agent) leaderClient() (*Client, error) {
 	return c, nil
 }
 
+// forwardAttempt bounds one forwarded call to the leader. A leader that is
+// frozen (SIGSTOP, a stalled VM) still holds its connections open, so
+// without a bound the call would wait for the caller's whole deadline while
+// the rest of the cluster elects a new leader within a few seconds.
+const forwardAttempt = 3 * time.Second
+
 // onLeader runs local when this member leads, else remote against the
 // leader; a request that was itself forwarded is never forwarded again. It
 // retries while there is no leader (nothing was applied), until ctx ends.
-func (a *Agent) onLeader(ctx context.Context, forwarded bool, local func() error, remote func(*Client) error) error {
+//
+// repeatable says whether remote may be sent again after an attempt to
+// the leader went unanswered: true for reads and for commands the store
+// applies once however often they arrive. A call that is not repeatable
+// ends with ErrOutcomeUnknown instead.
+func (a *Agent) onLeader(ctx context.Context, forwarded, repeatable bool, local func() error, remote func(context.Context, *Client) error) error {
 	for {
 		var err error
 		if a.store.IsLeader() {
@@ -608,7 +619,7 @@ func (a *Agent) onLeader(ctx context.Context, forwarded bool, local func() error
 		} else {
 			var c *Client
 			if c, err = a.leaderClient(); err == nil {
-				err = remote(c)
+				err = a.forward(ctx, c, repeatable, remote)
 			}
 		}
 		if err == nil || !retryable(err) || errors.Is(err, ErrOutcomeUnknown) {
@@ -620,6 +631,27 @@ func (a *Agent) onLeader(ctx context.Context, forwarded bool, local func() error
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
+}
+
+// forward runs remote against the leader within forwardAttempt. When the
+// leader does not answer in time while ctx still runs, the error says so
+// and is retryable (ErrNoLeader) or, for a call that is not repeatable,
+// ErrOutcomeUnknown.
+func (a *Agent) forward(ctx context.Context, c *Client, repeatable bool, remote func(context.Context, *Client) error) error {
+	actx, cancel := context.WithTimeout(ctx, forwardAttempt)
+	defer cancel()
+	err := remote(actx, c)
+	if err == nil || actx.Err() == nil {
+		return err
+	}
+	// The leader did not answer in time, or the caller's own deadline came
+	// first: either way the caller learns that no leader answered, not a
+	// bare "context deadline exceeded" that it cannot act on.
+	leader, _ := a.store.Leader()
+	if !repeatable {
+		return fmt.Errorf("leader %s did not answer within %v: %w", leader, forwardAttempt, ErrOutcomeUnknown)
+	}
+	return fmt.Errorf("leader %s did not answer within %v: %w", leader, forwardAttempt, ErrNoLeader)
 }
 
 // prepare fills in what the leader decides for a client's command: fresh
@@ -669,7 +701,10 @@ func prepare(c Command) error {
 // applyForwarded commits c on the leader, forwarding if need be.
 func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (Result, error) {
 	var res Result
-	err := a.onLeader(ctx, forwarded,
+	// A Request carries its own id: the store applies it once however
+	// often it is sent, so an unanswered forward may be sent again.
+	_, repeatable := c.(*Request)
+	err := a.onLeader(ctx, forwarded, repeatable,
 		func() (err error) {
 			if err = prepare(c); err != nil {
 				return err
@@ -677,7 +712,7 @@ func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (
 			res, err = a.store.Apply(ctx, c)
 			return err
 		},
-		func(cl *Client) error {
+		func(ctx context.Context, cl *Client) error {
 			b, err := Encode(c)
 			if err != nil {
 				return err
@@ -693,9 +728,9 @@ func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (
 }
 
 func (a *Agent) heartbeat(ctx context.Context, req *HeartbeatRequest) (*HeartbeatResponse, error) {
-	err := a.onLeader(ctx, req.Forwarded,
+	err := a.onLeader(ctx, req.Forwarded, true,
 		func() error { return a.recordHeartbeat(ctx, req) },
-		func(cl *Client) error {
+		func(ctx context.Context, cl *Client) error {
 			fwd := *req
 			fwd.Forwarded = true
 			var resp HeartbeatResponse
@@ -725,7 +760,7 @@ func (a *Agent) read(ctx context.Context, req *ReadRequest) (*ReadResponse, erro
 		return a.localRead(), nil
 	}
 	var out *ReadResponse
-	err := a.onLeader(ctx, req.Forwarded,
+	err := a.onLeader(ctx, req.Forwarded, true,
 		func() error {
 			if err := a.store.ReadBarrier(ctx); err != nil {
 				return err
@@ -733,7 +768,7 @@ func (a *Agent) read(ctx context.Context, req *ReadRequest) (*ReadResponse, erro
 			out = a.localRead()
 			return nil
 		},
-		func(cl *Client) error {
+		func(ctx context.Context, cl *Client) error {
 			var resp ReadResponse
 			if err := cl.invokeOnce(ctx, "Read", &ReadRequest{Linearizable: true, Forwarded: true}, &resp); err != nil {
 				return err
@@ -785,7 +820,7 @@ func (a *Agent) join(ctx context.Context, req *JoinRequest) (*JoinResponse, erro
 		return &JoinResponse{Error: toWire(fmt.Errorf("join needs a node id, a raft address and an API address: %w", ErrInvalidArgument))}, nil
 	}
 	var clusterID string
-	err := a.onLeader(ctx, req.Forwarded,
+	err := a.onLeader(ctx, req.Forwarded, true,
 		func() error {
 			a.store.FSM().View(func(s *State) { clusterID = s.ClusterID })
 			if req.ClusterID != "" && clusterID != "" && req.ClusterID != clusterID {
@@ -793,7 +828,7 @@ func (a *Agent) join(ctx context.Context, req *JoinRequest) (*JoinResponse, erro
 			}
 			return a.store.AddVoter(req.NodeID, req.RaftAddr)
 		},
-		func(cl *Client) error {
+		func(ctx context.Context, cl *Client) error {
 			fwd := *req
 			fwd.Forwarded = true
 			var resp JoinResponse

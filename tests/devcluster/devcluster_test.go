@@ -385,3 +385,62 @@ func lastLine(s string) string {
 	lines := strings.Split(strings.TrimSpace(s), "\n")
 	return lines[len(lines)-1]
 }
+
+// TestFrozenLeader: a leader that is frozen (SIGSTOP) keeps its sockets
+// open but never answers. Members that forward to it must give up on it and
+// forward to the leader the others elect, so that a client talking to the
+// followers gets its answer while the old leader is still frozen, and a
+// command sent again on the way is applied once.
+func TestFrozenLeader(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "cluster")
+	var frozen int
+	t.Cleanup(func() {
+		if frozen > 0 {
+			_ = syscall.Kill(frozen, syscall.SIGCONT)
+		}
+		run(t, "dev", "down", "--dir", dir)
+	})
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	cl := decode[clusterJSON](t, string(raw))
+	var all []string
+	for _, n := range cl.Nodes {
+		all = append(all, n.Agent)
+	}
+	st := decode[statusJSON](t, mustRun(t, "ctl", "--server", strings.Join(all, ","), "status", "-o", "json"))
+	var followers []string
+	for _, n := range cl.Nodes {
+		if n.ID == st.Leader {
+			frozen = n.PID
+		} else {
+			followers = append(followers, n.Agent)
+		}
+	}
+	if frozen == 0 || len(followers) != 2 {
+		t.Fatalf("leader %q not among the nodes of cluster.json", st.Leader)
+	}
+	if err := syscall.Kill(frozen, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("leader %s (pid %d) frozen", st.Leader, frozen)
+
+	// A linearizable read then a write, each through the followers only.
+	server := strings.Join(followers, ",")
+	start := time.Now()
+	mustRun(t, "ctl", "--server", server, "--timeout", "60s", "volume", "list", "-o", "json")
+	v := decode[volumeJSON](t, mustRun(t, "ctl", "--server", server, "--timeout", "60s",
+		"volume", "create", "while-frozen", "--size", "1Mi", "--replicas", "2", "-o", "json"))
+	t.Logf("read and write answered %v after the freeze; volume %s", time.Since(start).Round(time.Millisecond), v.ID)
+
+	after := decode[statusJSON](t, mustRun(t, "ctl", "--server", server, "status", "-o", "json"))
+	if after.Leader == "" || after.Leader == st.Leader {
+		t.Fatalf("leader after the freeze is %q, want one of the followers", after.Leader)
+	}
+	list := decode[[]volumeJSON](t, mustRun(t, "ctl", "--server", server, "volume", "list", "-o", "json"))
+	if len(list) != 1 || list[0].ID != v.ID {
+		t.Fatalf("volumes after one create: %+v, want exactly %s", list, v.ID)
+	}
+}
