@@ -204,6 +204,7 @@ func newDevUpCommand() *cobra.Command {
 	var wait time.Duration
 	var zones bool
 	var staleTimeout time.Duration
+	var nodeArgs []string
 	cmd := &cobra.Command{
 		Use:     "up",
 		Short:   "Start N node agents in the background and wait for the cluster",
@@ -262,6 +263,7 @@ func newDevUpCommand() *cobra.Command {
 				if zones {
 					n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
 				}
+				n.Args = append(n.Args, nodeArgs...)
 				c.Nodes = append(c.Nodes, n)
 			}
 			for _, n := range c.Nodes {
@@ -317,6 +319,7 @@ func newDevUpCommand() *cobra.Command {
 	cmd.Flags().DurationVar(&wait, "wait", 60*time.Second, "how long to wait for the cluster to form")
 	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
+	cmd.Flags().StringArrayVar(&nodeArgs, "node-arg", nil, "extra flag for every node agent, repeatable (e.g. --node-arg=--pprof)")
 	return cmd
 }
 

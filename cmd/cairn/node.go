@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -43,6 +44,10 @@ type nodeOptions struct {
 	APIAdvertise string
 	// MetricsAddr serves Prometheus /metrics; empty disables it.
 	MetricsAddr string
+	// Pprof adds Go's /debug/pprof handlers to the metrics address, for
+	// profiling a running agent (off by default: they cost nothing idle,
+	// but a profile is not something to leave open to everyone).
+	Pprof bool
 	// DataAddr is the replica server's listen (and advertised) address.
 	DataAddr string
 	// RebuildRate paces rebuild copies ("100Mi" bytes per second; "0" unpaced).
@@ -85,6 +90,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.APIAddr, "api-addr", "127.0.0.1:7002", "meta API listen address")
 	fs.StringVar(&o.APIAdvertise, "api-advertise", "", "meta API address others dial (default: --api-addr)")
 	fs.StringVar(&o.MetricsAddr, "metrics-addr", "127.0.0.1:9102", "address serving Prometheus /metrics (empty: off)")
+	fs.BoolVar(&o.Pprof, "pprof", false, "serve Go's /debug/pprof profiles on --metrics-addr")
 	fs.StringVar(&o.DataAddr, "data-addr", "127.0.0.1:7003", "replica server listen address (engines on other nodes dial it)")
 	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
 	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
@@ -253,6 +259,12 @@ func runNode(o *nodeOptions) error {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
 		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+		if o.Pprof {
+			mux.HandleFunc("/debug/pprof/", pprof.Index)
+			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
+			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
+			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
+		}
 		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(lis) }()
 	}
