@@ -356,33 +356,45 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 	return failed, nil
 }
 
-// fanOut runs op on every member in parallel, each bounded by IOTimeout;
+// fanOut runs op on every member in parallel, all bounded by one IOTimeout;
 // a member without a connection fails at once.
+//
+// This is the hot path of every write: the calling goroutine does one
+// member's op itself, the local replica's when there is one (a pwrite, no
+// network wait), and only the others get goroutines, started first so that
+// the network round trips overlap the local write.
 func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
 	errs := make([]error, len(ms))
-	if len(ms) == 1 { // the common 1-replica case without a goroutine
-		errs[0] = e.one(ctx, ms[0], op)
-		return errs
+	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+	defer cancel()
+	inline := 0
+	for i, m := range ms {
+		if m.local {
+			inline = i
+			break
+		}
 	}
 	var wg sync.WaitGroup
 	for i, m := range ms {
+		if i == inline {
+			continue
+		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			errs[i] = e.one(ctx, m, op)
+			errs[i] = one(octx, m, op)
 		}()
 	}
+	errs[inline] = one(octx, ms[inline], op)
 	wg.Wait()
 	return errs
 }
 
-func (e *Engine) one(ctx context.Context, m *member, op func(context.Context, *member) error) error {
+func one(ctx context.Context, m *member, op func(context.Context, *member) error) error {
 	if m.client == nil {
 		return errors.New("no connection")
 	}
-	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
-	defer cancel()
-	return op(octx, m)
+	return op(ctx, m)
 }
 
 func (e *Engine) healthyCount() int {
@@ -454,7 +466,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 			e.mu.RUnlock()
 			return err
 		}
-		epoch, ms := e.epoch, append([]*member(nil), e.members...)
+		// connect replaces e.members with a new slice and never changes
+		// one in place, so ms stays valid after the lock is released.
+		epoch, ms := e.epoch, e.members
 		unlock := e.lockRange(off, n)
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		unlock()
@@ -590,18 +604,29 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 			return err
 		}
 		epoch := e.epoch
-		var order []*member
+		// One source per attempt: the local replica when healthy (no
+		// network), else the first healthy one. A failed source is ejected
+		// below and the next attempt picks another.
+		var src *member
 		for _, m := range e.members {
-			if m.healthy() && m.local {
-				order = append([]*member{m}, order...)
-			} else if m.healthy() {
-				order = append(order, m)
+			if m.healthy() && (src == nil || m.local && !src.local) {
+				src = m
 			}
 		}
 		var bad *member
 		var lastErr error
-		for _, m := range order {
-			err := e.one(ctx, m, func(ctx context.Context, m *member) error { return m.client.ReadAt(ctx, epoch, p, off) })
+		if src != nil {
+			var err error
+			switch {
+			case src.client == nil:
+				err = errors.New("no connection")
+			case src.local: // a local pread is not cancelled midway: no timer
+				err = src.client.ReadAt(ctx, epoch, p, off)
+			default:
+				rctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+				err = src.client.ReadAt(rctx, epoch, p, off)
+				cancel()
+			}
 			if err == nil {
 				e.mu.RUnlock()
 				return nil
@@ -610,8 +635,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 				e.mu.RUnlock()
 				return ctx.Err()
 			}
-			bad, lastErr = m, err
-			break
+			bad, lastErr = src, err
 		}
 		e.mu.RUnlock()
 		if bad == nil {
@@ -658,7 +682,20 @@ func (e *Engine) cleanLoop(ctx context.Context) {
 }
 
 // CleanPoint flushes every replica and clears their dirty-extent maps.
+//
+// The clearing needs the write lock (see cleanPointLocked), and with it
+// held no write can proceed. So the bulk of the flushing happens first,
+// under the read lock, while writes go on: the flush under the write lock
+// then only has to sync what was written in the meantime, and the stall a
+// clean point causes shrinks from the whole writeback to that remainder.
 func (e *Engine) CleanPoint(ctx context.Context) error {
+	e.mu.RLock()
+	if e.usable() == nil && e.dirty.Load() {
+		epoch := e.epoch
+		// Errors are left to the flush under the write lock, which decides.
+		e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
+	}
+	e.mu.RUnlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.cleanPointLocked(ctx)
