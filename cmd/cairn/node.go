@@ -78,6 +78,9 @@ type nodeOptions struct {
 	// NoIOSched bypasses the I/O scheduler (QoS limits stop applying); it
 	// exists to measure what scheduling buys.
 	NoIOSched bool
+	// IOSchedDepth is how many volume I/Os the scheduler lets run at once
+	// on this node; more wait in its queue, in its order.
+	IOSchedDepth int
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -105,6 +108,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CSIEndpoint, "csi-endpoint", "", "CSI endpoint for kubelet, e.g. unix:///csi/csi.sock (empty: no CSI node service)")
 	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
+	fs.IntVar(&o.IOSchedDepth, "iosched-depth", 256, "volume I/Os the scheduler lets run at once on this node; the rest queue in its order (smaller: stronger isolation, less throughput)")
 	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O scheduler: no QoS limits (for measuring what scheduling buys)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
@@ -211,10 +215,10 @@ func runNode(o *nodeOptions) error {
 	rate, _ := parseSize(o.RebuildRate)
 	// One scheduler for every volume I/O on this node. Its depth bounds the
 	// I/Os in flight across all volumes; QoS limits apply per volume.
-	sched, err := iosched.New(iosched.Config{Depth: 256, Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
+	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
-		return err
+		return fmt.Errorf("--iosched-depth %d: %w", o.IOSchedDepth, err)
 	}
 	defer sched.Close()
 	self, err := meta.NewClient([]string{agent.APIAddr()})

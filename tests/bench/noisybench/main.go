@@ -71,6 +71,7 @@ type options struct {
 	sizeB       string
 	rebuildSize string
 	rebuildRate string
+	depth       int
 	cairn       string
 	parent      string
 	keep        bool
@@ -87,6 +88,7 @@ func run() int {
 	flag.StringVar(&o.sizeA, "size-a", "256Mi", "size of volume A (filled once, read by the measured runs)")
 	flag.StringVar(&o.sizeB, "size-b", "1Gi", "size of volume B (the flood)")
 	flag.StringVar(&o.rebuildSize, "rebuild-size", "1Gi", "size of volume C, all of it written while node-3 is down and then rebuilt")
+	flag.IntVar(&o.depth, "depth", 256, "node-1's --iosched-depth in the first cluster")
 	flag.StringVar(&o.rebuildRate, "rebuild-rate", "80Mi", "node-1's --rebuild-rate in the first cluster (bytes/s)")
 	flag.StringVar(&o.cairn, "cairn", "", "use this cairn binary instead of building bin/cairn")
 	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, sockets, fio output)")
@@ -215,7 +217,7 @@ func (b *bench) run(ctx context.Context) error {
 // scheduled runs scenarios (1), (2) and (4) on a cluster whose node-1
 // schedules every volume I/O.
 func (b *bench) scheduled(ctx context.Context) error {
-	cl, err := b.up(ctx, "c1", "--rebuild-rate", b.o.rebuildRate)
+	cl, err := b.up(ctx, "c1", "--rebuild-rate", b.o.rebuildRate, "--iosched-depth", strconv.Itoa(b.o.depth))
 	if err != nil {
 		return err
 	}
