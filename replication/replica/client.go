@@ -8,6 +8,7 @@ import (
 	"io"
 	"net"
 	"sync"
+	"sync/atomic"
 )
 
 // maxRangeChunk is the largest range one TRIM or WRITE_ZEROES frame carries
@@ -31,9 +32,17 @@ const dirtyPage = 1 << 16
 // the matching sentinel (ErrFenced, ErrNotClaimed, ErrOutOfRange, ErrNotFound,
 // ErrInvalidArgument, ErrIO). A broken or closed connection gives errors
 // wrapping ErrClosed; after that every call fails and the caller dials again.
+//
+// A data operation whose ctx carries a class (WithClass) is sent with that
+// class's flag, so that the server's disk scheduler files it there.
 type Client struct {
 	nc        net.Conn
 	replicaID string
+
+	// noClass is set once the server refused a class flag and took the same
+	// request without it: a server older than the flags (during a rolling
+	// upgrade). Requests on this connection go unmarked from then on.
+	noClass atomic.Bool
 
 	queue chan *call    // frames for the writer goroutine, in send order
 	dead  chan struct{} // closed when the connection fails or is closed
@@ -157,8 +166,35 @@ func (c *Client) deadErr() error {
 	return c.err
 }
 
-// do sends one request and waits for its reply payload.
+// do sends one request, with the flag of ctx's class if it is a data
+// operation, and waits for its reply payload.
 func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) ([]byte, error) {
+	if !scheduled(h.Op) || c.noClass.Load() {
+		return c.roundTrip(ctx, h, payload, dst)
+	}
+	flag := classFlag(ClassOf(ctx))
+	if flag == 0 {
+		return c.roundTrip(ctx, h, payload, dst)
+	}
+	marked := h
+	marked.Flags |= flag
+	reply, err := c.roundTrip(ctx, marked, payload, dst)
+	if !errors.Is(err, ErrInvalidArgument) {
+		return reply, err
+	}
+	// A server that does not know the flag refuses the request before
+	// running it (BadRequest), so sending it again unmarked is safe. The
+	// request may also have been bad for another reason; then the second
+	// answer is the same refusal and the connection keeps marking.
+	reply, err = c.roundTrip(ctx, h, payload, dst)
+	if err == nil {
+		c.noClass.Store(true)
+	}
+	return reply, err
+}
+
+// roundTrip sends one request as it is and waits for its reply payload.
+func (c *Client) roundTrip(ctx context.Context, h RequestHeader, payload, dst []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}

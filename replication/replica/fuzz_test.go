@@ -9,6 +9,8 @@ import (
 	"testing"
 
 	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/iosched"
 )
 
 const (
@@ -27,6 +29,12 @@ func fuzzStream(reqs ...Request) []byte {
 
 func fuzzReq(op Op, handle, epoch, off uint64, length uint32, payload []byte) Request {
 	return Request{RequestHeader: RequestHeader{Op: op, Handle: handle, Epoch: epoch, Offset: off, Length: length}, Payload: payload}
+}
+
+// flagged returns r with flags set.
+func flagged(r Request, flags uint8) Request {
+	r.Flags = flags
+	return r
 }
 
 // fuzzServerSeeds are the inputs FuzzServerConn starts from (also committed
@@ -50,6 +58,13 @@ func fuzzServerSeeds() [][]byte {
 		fuzzStream(fuzzReq(OpWrite, 1, 0, 0, 4, []byte("none"))),
 		AppendRequestHeader(nil, RequestHeader{Op: OpWrite, Handle: 1, Length: MaxPayload + 1, PayloadLen: MaxPayload + 1}),
 		[]byte("GET / HTTP/1.1\r\nHost: cairn\r\n\r\n"),
+		fuzzStream(open,
+			flagged(fuzzReq(OpWrite, 2, 0, 4096, 4, []byte("bgwr")), FlagRebuild|FlagFUA),
+			flagged(fuzzReq(OpChecksums, 3, 0, 0, 2, nil), FlagRebuild),
+			flagged(fuzzReq(OpReadExtent, 4, 0, 1, 0, nil), FlagScrub),
+			flagged(fuzzReq(OpRead, 5, 0, 0, 512, nil), FlagRebuild|FlagScrub), // two classes: refused
+			flagged(fuzzReq(OpClaim, 6, 0, 0, 0, nil), FlagRebuild),            // not a data op: refused
+			flagged(fuzzReq(OpFlush, 7, 0, 0, 0, nil), FlagScrub)),
 	}
 }
 
@@ -119,7 +134,13 @@ func FuzzServerConn(f *testing.F) {
 		if err := os.WriteFile(filepath.Join(rdir, metaFileName), metaT, 0o600); err != nil {
 			t.Fatal(err)
 		}
-		s := NewServer(zap.NewNop(), dir)
+		// A disk scheduler of depth 1, so that requests also queue in it.
+		sched, err := iosched.New(iosched.Config{Depth: 1})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer sched.Close()
+		s := NewServerWithConfig(ServerConfig{Logger: zap.NewNop(), DataDir: dir, Sched: sched})
 		srvEnd, cliEnd := net.Pipe()
 		served := make(chan struct{})
 		go func() {
@@ -159,7 +180,7 @@ func FuzzServerConn(f *testing.F) {
 // TestDecodesDataChange checks the fuzz oracle itself.
 func TestDecodesDataChange(t *testing.T) {
 	seeds := fuzzServerSeeds()
-	for i, want := range []bool{false, true, true, true, true, false, false} {
+	for i, want := range []bool{false, true, true, true, true, false, false, true} {
 		if got := decodesDataChange(seeds[i]); got != want {
 			t.Errorf("seed %d: %v, want %v", i, got, want)
 		}

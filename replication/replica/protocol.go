@@ -15,7 +15,7 @@ import (
 //
 //	 0  magic        u32  RequestMagic
 //	 4  op           u8
-//	 5  flags        u8   FlagFUA; other bits must be 0
+//	 5  flags        u8   FlagFUA, FlagRebuild, FlagScrub; other bits must be 0
 //	 6  reserved     u16  must be 0
 //	 8  handle       u64  chosen by the client, echoed in the reply
 //	16  epoch        u64
@@ -54,6 +54,12 @@ import (
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
 //
+// FlagRebuild or FlagScrub (at most one of them) says which I/O class of the
+// node's disk scheduler a data operation (READ, WRITE, FLUSH, TRIM,
+// WRITE_ZEROES, CHECKSUMS, READ_EXTENT) belongs to; neither means foreground,
+// so a client that never sets them is served as before this flag existed.
+// The other ops do no scheduled disk I/O and take neither.
+//
 // A header with a bad magic, a non-zero reserved field or a payload longer
 // than MaxPayload breaks the framing: the server answers BadRequest (handle 0
 // if the magic is bad) and closes the connection. Any other invalid request
@@ -67,6 +73,15 @@ const (
 	MaxPayload = 32 << 20
 	// FlagFUA asks for the data to be on stable storage before the reply.
 	FlagFUA uint8 = 1
+	// FlagRebuild marks rebuild and resync traffic: the server admits it in
+	// the disk scheduler's Rebuild class, behind foreground I/O.
+	FlagRebuild uint8 = 1 << 1
+	// FlagScrub marks scrub (verification) traffic: the Scrub class, the
+	// least urgent.
+	FlagScrub uint8 = 1 << 2
+
+	// flagsClass are the class bits; setting both is invalid.
+	flagsClass = FlagRebuild | FlagScrub
 )
 
 // Op is a request's operation. Values are part of the wire protocol: never
@@ -114,13 +129,13 @@ const (
 var opSpecs = [opLimit]opSpec{
 	OpOpen:        {name: "open", offset: true, payload: payloadIsOpenID},
 	OpClaim:       {name: "claim", epoch: true},
-	OpRead:        {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload},
-	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA, payload: payloadIsData},
-	OpFlush:       {name: "flush", epoch: true},
-	OpTrim:        {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA},
-	OpWriteZeroes: {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA},
-	OpChecksums:   {name: "checksums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest},
-	OpReadExtent:  {name: "read_extent", epoch: true, offset: true},
+	OpRead:        {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: flagsClass},
+	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass, payload: payloadIsData},
+	OpFlush:       {name: "flush", epoch: true, flags: flagsClass},
+	OpTrim:        {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
+	OpWriteZeroes: {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
+	OpChecksums:   {name: "checksums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass},
+	OpReadExtent:  {name: "read_extent", epoch: true, offset: true, flags: flagsClass},
 	OpDirty:       {name: "dirty", offset: true, length: true, maxLength: MaxDirtyPerReply},
 	OpMarkClean:   {name: "mark_clean", epoch: true, offset: true},
 	OpInfo:        {name: "info"},
@@ -218,6 +233,8 @@ func ValidateRequest(h RequestHeader) error {
 	switch {
 	case h.Flags&^spec.flags != 0:
 		return bad("flags %#02x not allowed", h.Flags)
+	case h.Flags&flagsClass == flagsClass:
+		return bad("flags %#02x name two classes", h.Flags)
 	case !spec.epoch && h.Epoch != 0:
 		return bad("epoch must be 0")
 	case !spec.offset && h.Offset != 0:

@@ -7,6 +7,8 @@ import (
 	"io"
 	"slices"
 	"testing"
+
+	"github.com/cairn-csi/cairn/iosched"
 )
 
 func TestRequestHeaderRoundTrip(t *testing.T) {
@@ -14,6 +16,8 @@ func TestRequestHeaderRoundTrip(t *testing.T) {
 		{Op: OpOpen, Handle: 1, Offset: 1 << 30, PayloadLen: 3},
 		{Op: OpWrite, Flags: FlagFUA, Handle: 1<<64 - 1, Epoch: 1<<64 - 2, Offset: 1<<64 - 3, Length: 4096, PayloadLen: 4096},
 		{Op: OpChecksums, Handle: 42, Epoch: 7, Offset: 9, Length: 100},
+		{Op: OpWrite, Flags: FlagFUA | FlagRebuild, Handle: 43, Epoch: 7, Offset: 4096, Length: 512, PayloadLen: 512},
+		{Op: OpReadExtent, Flags: FlagScrub, Handle: 44, Epoch: 7, Offset: 3},
 		{Op: Op(200), Flags: 0x80, Length: 1<<32 - 1},
 	} {
 		b := AppendRequestHeader(nil, h)
@@ -81,6 +85,13 @@ func TestValidateRequest(t *testing.T) {
 		{Op: OpMarkClean, Epoch: 1, Offset: 3},
 		{Op: OpInfo},
 		{Op: OpPing, Handle: 5},
+		{Op: OpRead, Epoch: 1, Length: 8, Flags: FlagRebuild},
+		{Op: OpWrite, Epoch: 1, Length: 1, PayloadLen: 1, Flags: FlagFUA | FlagScrub},
+		{Op: OpFlush, Epoch: 1, Flags: FlagRebuild},
+		{Op: OpTrim, Epoch: 1, Length: 1, Flags: FlagScrub},
+		{Op: OpWriteZeroes, Epoch: 1, Length: 1, Flags: FlagFUA | FlagRebuild},
+		{Op: OpChecksums, Epoch: 1, Length: 1, Flags: FlagRebuild},
+		{Op: OpReadExtent, Epoch: 1, Flags: FlagScrub},
 	}
 	for _, h := range ok {
 		if err := ValidateRequest(h); err != nil {
@@ -98,7 +109,12 @@ func TestValidateRequest(t *testing.T) {
 		"read too long":        {Op: OpRead, Length: MaxPayload + 1},
 		"read with FUA":        {Op: OpRead, Flags: FlagFUA, Length: 1},
 		"write short payload":  {Op: OpWrite, Length: 10, PayloadLen: 9},
-		"write unknown flag":   {Op: OpWrite, Flags: 2, Length: 1, PayloadLen: 1},
+		"write unknown flag":   {Op: OpWrite, Flags: 0x08, Length: 1, PayloadLen: 1},
+		"two classes":          {Op: OpRead, Flags: FlagRebuild | FlagScrub, Length: 1},
+		"claim with a class":   {Op: OpClaim, Epoch: 1, Flags: FlagRebuild},
+		"open with a class":    {Op: OpOpen, PayloadLen: 1, Flags: FlagScrub},
+		"ping with a class":    {Op: OpPing, Flags: FlagRebuild},
+		"mark clean + class":   {Op: OpMarkClean, Epoch: 1, Flags: FlagRebuild},
 		"flush with length":    {Op: OpFlush, Length: 1},
 		"checksums too many":   {Op: OpChecksums, Length: MaxChecksumsPerRequest + 1},
 		"read extent + length": {Op: OpReadExtent, Length: 1},
@@ -112,6 +128,29 @@ func TestValidateRequest(t *testing.T) {
 				t.Fatalf("got %v, want ErrInvalidArgument", err)
 			}
 		})
+	}
+}
+
+// TestClassFlags: each class has its own flag, the flags map back to their
+// class, and exactly the ops the disk scheduler runs take them.
+func TestClassFlags(t *testing.T) {
+	for _, c := range []iosched.Class{iosched.Foreground, iosched.Rebuild, iosched.Scrub} {
+		f := classFlag(c)
+		if got := classOfFlags(f | FlagFUA); got != c {
+			t.Errorf("class %v → flag %#02x → class %v", c, f, got)
+		}
+		if (f == 0) != (c == iosched.Foreground) {
+			t.Errorf("class %v has flag %#02x", c, f)
+		}
+	}
+	if FlagRebuild&FlagFUA != 0 || FlagScrub&FlagFUA != 0 || FlagRebuild == FlagScrub {
+		t.Fatal("class flags overlap")
+	}
+	for op := Op(1); op < opLimit; op++ {
+		_, _, ok := schedOp(op, 1, 4096)
+		if ok != scheduled(op) {
+			t.Errorf("%v: scheduled %v, but schedOp says %v", op, scheduled(op), ok)
+		}
 	}
 }
 
@@ -211,6 +250,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add(AppendRequest(nil, Request{RequestHeader: RequestHeader{Op: OpOpen, Handle: 1, Offset: 65536}, Payload: []byte("r")}))
 	f.Add(AppendRequest(nil, Request{RequestHeader: RequestHeader{Op: OpWrite, Flags: FlagFUA, Handle: 2, Epoch: 1, Length: 4}, Payload: []byte("data")}))
 	f.Add(AppendRequestHeader(nil, RequestHeader{Op: OpChecksums, Handle: 3, Epoch: 1, Length: 4}))
+	f.Add(AppendRequest(nil, Request{RequestHeader: RequestHeader{Op: OpWrite, Flags: FlagFUA | FlagRebuild, Handle: 4, Epoch: 1, Length: 4}, Payload: []byte("data")}))
 	f.Add([]byte{0xCA, 0x1B, 0x00, 0x01})
 	f.Add([]byte("not a frame"))
 	f.Fuzz(func(t *testing.T, b []byte) {

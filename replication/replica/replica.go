@@ -56,6 +56,10 @@ type Replica struct {
 
 	zeroSumOnce sync.Once
 	zeroSum     uint32 // CRC32C of a full extent of zeros
+
+	// adm is set by the Server that opens the replica, before any other
+	// goroutine can reach it, and never changes afterwards.
+	adm admission
 }
 
 // Info describes a replica.

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -17,6 +18,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/iosched"
 )
 
 // Per-connection limits.
@@ -35,9 +38,16 @@ const (
 // Server hosts the replicas stored under one data directory and serves the
 // replica protocol to engines.
 type Server struct {
-	log     *zap.Logger
-	dataDir string
-	metrics *serverMetrics
+	log      *zap.Logger
+	dataDir  string
+	metrics  *serverMetrics
+	sched    *iosched.Scheduler
+	volumeOf func(replicaID string) string
+
+	// ctx ends at Close, so that requests waiting for the disk scheduler
+	// give up instead of holding Close back.
+	ctx    context.Context
+	cancel context.CancelFunc
 
 	// lifeMu serialises creating, opening and deleting replicas, and is held
 	// across their disk I/O for that purpose. Lock order: lifeMu, then mu.
@@ -49,21 +59,129 @@ type Server struct {
 	conns     map[*serverConn]struct{}
 	closed    bool
 	wg        sync.WaitGroup // connection goroutines started by Serve
+
+	// schedVols counts the open replicas of each volume registered with
+	// the disk scheduler (one, but for tests that put two replicas of a
+	// volume on one server); reserve is each volume's reservation.
+	schedVols map[string]int
+	reserve   map[string]uint64
 }
 
-// NewServer returns a server for the replicas under dataDir. Replicas already
-// on disk are opened on first use (Get, List, or a client's OPEN).
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	// Logger receives the server's lines (nil: none).
+	Logger *zap.Logger
+	// DataDir holds the replicas, one directory each.
+	DataDir string
+	// Sched, if set, is the node's disk scheduler: every data operation on
+	// a replica waits for it (see Replica.Admit). It must be a scheduler of
+	// its own, not the one the engines charge QoS limits to: the server
+	// registers each volume with no limits, only a reservation
+	// (SetReservations), so that a volume's limits, charged once by its
+	// engine, are not charged again on every replica's disk.
+	Sched *iosched.Scheduler
+	// VolumeOf maps a replica id to its volume's id, the scheduler's unit
+	// of fairness and the label of its metrics (nil: the replica id).
+	VolumeOf func(replicaID string) string
+}
+
+// NewServer returns a server for the replicas under dataDir, without disk
+// scheduling. Replicas already on disk are opened on first use (Get, List,
+// or a client's OPEN).
 func NewServer(log *zap.Logger, dataDir string) *Server {
-	if log == nil {
-		log = zap.NewNop()
+	return NewServerWithConfig(ServerConfig{Logger: log, DataDir: dataDir})
+}
+
+// NewServerWithConfig returns a server configured by cfg.
+func NewServerWithConfig(cfg ServerConfig) *Server {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
 	}
+	if cfg.VolumeOf == nil {
+		cfg.VolumeOf = func(id string) string { return id }
+	}
+	ctx, cancel := context.WithCancel(context.Background())
 	return &Server{
-		log:       log.Named("replica"),
-		dataDir:   dataDir,
+		log:       cfg.Logger.Named("replica"),
+		dataDir:   cfg.DataDir,
 		metrics:   newServerMetrics(),
+		sched:     cfg.Sched,
+		volumeOf:  cfg.VolumeOf,
+		ctx:       ctx,
+		cancel:    cancel,
 		replicas:  make(map[string]*Replica),
 		listeners: make(map[net.Listener]struct{}),
 		conns:     make(map[*serverConn]struct{}),
+		schedVols: make(map[string]int),
+		reserve:   make(map[string]uint64),
+	}
+}
+
+// schedAttach gives a replica that is about to be published its way into
+// the disk scheduler, registering its volume there if it is the first of
+// its volume. Called with s.mu held.
+func (s *Server) schedAttach(r *Replica) {
+	if s.sched == nil {
+		return
+	}
+	vol := s.volumeOf(r.id)
+	r.adm = admission{sched: s.sched, volume: vol, waiting: s.metrics.waiting}
+	if s.schedVols[vol] == 0 {
+		if err := s.sched.SetLimits(vol, iosched.Limits{MinIOPS: s.reserve[vol]}); err != nil {
+			// Only a closed scheduler refuses these limits; the replica's
+			// requests then fail with ErrClosed, as the node is stopping.
+			s.log.Warn("disk scheduler refused a volume", zap.String("volume_id", vol), zap.String("replica_id", r.id), zap.Error(err))
+		}
+	}
+	s.schedVols[vol]++
+}
+
+// schedDetach undoes schedAttach for a replica taken out of s.replicas:
+// once the last replica of its volume is gone, the volume leaves the
+// scheduler and its queued requests fail. Called with s.mu held.
+func (s *Server) schedDetach(r *Replica) {
+	if r.adm.sched == nil {
+		return
+	}
+	vol := r.adm.volume
+	if s.schedVols[vol]--; s.schedVols[vol] > 0 {
+		return
+	}
+	delete(s.schedVols, vol)
+	s.sched.RemoveVolume(vol)
+}
+
+// SetReservations gives each volume in minIOPS its reservation in the disk
+// scheduler (I/Os per second it is served ahead of volumes only using spare
+// capacity), replacing the reservations set before: volumes not in the map
+// reserve nothing. Without a disk scheduler it does nothing.
+//
+// The engine's scheduler already holds a volume to its reservation among
+// the I/Os of its own node; this one holds it on the disks of its replicas,
+// where the I/Os of engines on every node meet.
+func (s *Server) SetReservations(minIOPS map[string]uint64) {
+	if s.sched == nil {
+		return
+	}
+	next := make(map[string]uint64, len(minIOPS))
+	for vol, n := range minIOPS {
+		if n > 0 {
+			next[vol] = n
+		}
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	prev := s.reserve
+	s.reserve = next
+	for vol := range s.schedVols {
+		if prev[vol] == next[vol] {
+			continue
+		}
+		if err := s.sched.SetLimits(vol, iosched.Limits{MinIOPS: next[vol]}); err != nil {
+			s.log.Warn("disk scheduler refused a reservation", zap.String("volume_id", vol), zap.Uint64("min_iops", next[vol]), zap.Error(err))
+			continue
+		}
+		s.log.Info("disk reservation changed", zap.String("volume_id", vol), zap.Uint64("min_iops", next[vol]))
 	}
 }
 
@@ -84,6 +202,7 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 		return nil, err
 	}
 	s.mu.Lock()
+	s.schedAttach(r)
 	s.replicas[id] = r
 	s.mu.Unlock()
 	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()))
@@ -121,6 +240,7 @@ func (s *Server) getLocked(id string) (*Replica, error) {
 		return nil, err
 	}
 	s.mu.Lock()
+	s.schedAttach(r)
 	s.replicas[id] = r
 	s.mu.Unlock()
 	s.log.Info("replica opened", zap.String("replica_id", id), zap.Uint64("epoch", r.Epoch()))
@@ -142,6 +262,7 @@ func (s *Server) Delete(id string) error {
 	if r != nil {
 		s.mu.Lock()
 		delete(s.replicas, id)
+		s.schedDetach(r) // its queued requests fail now rather than after the removal
 		s.mu.Unlock()
 		err = r.Remove()
 	} else {
@@ -248,6 +369,7 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
+	s.cancel()
 	var errs []error
 	for l := range s.listeners {
 		if err := l.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
@@ -265,6 +387,9 @@ func (s *Server) Close() error {
 	s.mu.Lock()
 	rs := s.replicas
 	s.replicas = map[string]*Replica{}
+	for _, r := range rs {
+		s.schedDetach(r)
+	}
 	s.mu.Unlock()
 	for _, r := range rs {
 		if err := r.Close(); err != nil {
@@ -443,10 +568,21 @@ func (c *serverConn) open(h RequestHeader, payload []byte, cost uint64) reply {
 	return reply{hdr: ReplyHeader{Handle: h.Handle}, payload: AppendInfo(nil, r.Info()), cost: cost}
 }
 
-// execute runs one request against the connection's replica.
+// execute runs one request against the connection's replica, once the
+// disk scheduler lets it go. The ticket is given back before the reply is
+// queued: a slot of the disk is never held waiting for the network.
 func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) reply {
 	start := time.Now()
-	rep, err := c.do(h, payload)
+	var rep reply
+	var t iosched.Ticket
+	var err error
+	if scheduled(h.Op) { // not PING, which may come before OPEN set c.replica
+		t, err = c.replica.admit(c.s.ctx, h.Op, uint64(h.Length), classOfFlags(h.Flags))
+	}
+	if err == nil {
+		rep, err = c.do(h, payload)
+		t.Done()
+	}
 	putBuf(payload)
 	c.s.metrics.observe(h.Op, time.Since(start), err)
 	if err != nil {
@@ -677,6 +813,7 @@ type serverMetrics struct {
 	errors   *prometheus.CounterVec
 	fenced   prometheus.Counter
 	rejected prometheus.Counter
+	waiting  prometheus.Gauge
 
 	opsByOp      [opLimit]prometheus.Counter
 	durationByOp [opLimit]prometheus.Observer
@@ -690,7 +827,7 @@ func newServerMetrics() *serverMetrics {
 		}, []string{"op"}),
 		duration: prometheus.NewHistogramVec(prometheus.HistogramOpts{
 			Name:    "cairn_replica_op_duration_seconds",
-			Help:    "Time the replica server took to execute a request, by op.",
+			Help:    "Time the replica server took to execute a request, by op, including its wait for the disk scheduler.",
 			Buckets: prometheus.ExponentialBuckets(20e-6, 2, 18),
 		}, []string{"op"}),
 		errors: prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -704,6 +841,10 @@ func newServerMetrics() *serverMetrics {
 		rejected: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_replica_rejected_requests_total",
 			Help: "Requests refused before execution: malformed, unknown op, or before OPEN.",
+		}),
+		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "cairn_replica_sched_waiting_requests",
+			Help: "Data operations (from the network and in process) waiting for the disk scheduler.",
 		}),
 	}
 	for op := Op(1); op < opLimit; op++ {
@@ -722,5 +863,5 @@ func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
 }
 
 func (m *serverMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected}
+	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting}
 }

@@ -23,13 +23,21 @@ import (
 // startServer starts a server on 127.0.0.1 over dir and stops it at cleanup.
 func startServer(t testing.TB, dir string) (*Server, string) {
 	t.Helper()
-	var log *zap.Logger
-	if tt, ok := t.(*testing.T); ok {
-		log = zaptest.NewLogger(tt, zaptest.Level(zap.InfoLevel))
-	} else {
-		log = zap.NewNop()
+	return startServerWithConfig(t, ServerConfig{DataDir: dir})
+}
+
+// startServerWithConfig is startServer for a server configured by cfg (a
+// nil cfg.Logger logs to the test).
+func startServerWithConfig(t testing.TB, cfg ServerConfig) (*Server, string) {
+	t.Helper()
+	if cfg.Logger == nil {
+		if tt, ok := t.(*testing.T); ok {
+			cfg.Logger = zaptest.NewLogger(tt, zaptest.Level(zap.InfoLevel))
+		} else {
+			cfg.Logger = zap.NewNop()
+		}
 	}
-	s := NewServer(log, dir)
+	s := NewServerWithConfig(cfg)
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
