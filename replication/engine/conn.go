@@ -27,27 +27,67 @@ type replicaConn interface {
 
 // localReplica calls a replica of this node's replica server directly:
 // no loopback TCP, no framing, no goroutine hand-offs per I/O. The calls do
-// not take a context: a local pread or pwrite is not cancelled midway.
+// not cancel a local pread or pwrite midway, but each data operation first
+// takes its turn in the server's disk scheduler (Replica.Admit), in the
+// class of its context, as the same request over the network would: an
+// engine next to its replica gets no more of the disk than a remote one.
 type localReplica struct{ r *replica.Replica }
 
 func (l localReplica) Claim(_ context.Context, epoch uint64) error { return l.r.Claim(epoch) }
-func (l localReplica) WriteAt(_ context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
+func (l localReplica) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
+	t, err := l.r.Admit(ctx, replica.OpWrite, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
 	return l.r.WriteAt(epoch, p, off, fua)
 }
-func (l localReplica) ReadAt(_ context.Context, epoch uint64, p []byte, off uint64) error {
+func (l localReplica) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpRead, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
 	return l.r.ReadAt(epoch, p, off)
 }
-func (l localReplica) Flush(_ context.Context, epoch uint64) error { return l.r.Flush(epoch) }
-func (l localReplica) Trim(_ context.Context, epoch, off, length uint64) error {
+func (l localReplica) Flush(ctx context.Context, epoch uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpFlush, 0)
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.Flush(epoch)
+}
+func (l localReplica) Trim(ctx context.Context, epoch, off, length uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpTrim, length)
+	if err != nil {
+		return err
+	}
+	defer t.Done()
 	return l.r.Trim(epoch, off, length)
 }
-func (l localReplica) WriteZeroes(_ context.Context, epoch, off, length uint64) error {
+func (l localReplica) WriteZeroes(ctx context.Context, epoch, off, length uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpWriteZeroes, length)
+	if err != nil {
+		return err
+	}
+	defer t.Done()
 	return l.r.WriteZeroes(epoch, off, length)
 }
-func (l localReplica) Checksums(_ context.Context, epoch, first, count uint64) ([]uint32, error) {
+func (l localReplica) Checksums(ctx context.Context, epoch, first, count uint64) ([]uint32, error) {
+	t, err := l.r.Admit(ctx, replica.OpChecksums, count)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Done()
 	return l.r.Checksums(epoch, first, count)
 }
-func (l localReplica) ReadExtent(_ context.Context, epoch, index uint64) ([]byte, error) {
+func (l localReplica) ReadExtent(ctx context.Context, epoch, index uint64) ([]byte, error) {
+	t, err := l.r.Admit(ctx, replica.OpReadExtent, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Done()
 	return l.r.ReadExtent(epoch, index)
 }
 func (l localReplica) DirtyExtents(context.Context) ([]uint64, error) { return l.r.DirtyExtents(), nil }

@@ -10,6 +10,7 @@ import (
 
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
 )
 
 // extentLocks keeps a rebuild's copy of one extent apart from writes to it:
@@ -140,7 +141,12 @@ func (e *Engine) maybeRebuild() {
 // healthy source's and copies the extents that differ, at most
 // RebuildBytesPerSecond. The target takes every new write meanwhile. At the
 // end it is flushed and marked healthy through the store (epoch CAS).
+//
+// The compare and copy requests are marked as rebuild traffic, so the disk
+// scheduler of every replica server they reach (the source's and the
+// target's, local or remote) lets them yield to foreground I/O there.
 func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, error) {
+	copyCtx := replica.WithClass(ctx, iosched.Rebuild)
 	start := time.Now()
 	st := RebuildStats{ReplicaID: target.replica.ID, BytesTotal: e.size}
 	extents := (e.size + e.extentSize - 1) / e.extentSize
@@ -159,7 +165,7 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 		}
 	}
 	for x := uint64(0); x < extents; x++ {
-		copied, err := e.copyExtent(ctx, target, x)
+		copied, err := e.copyExtent(copyCtx, target, x)
 		if err != nil {
 			return st, err
 		}
@@ -181,6 +187,9 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 	if err := e.usable(); err != nil {
 		return st, err
 	}
+	// Foreground, not rebuild class: this flush holds the engine's write
+	// lock, so every I/O of the volume waits for it; it must not wait
+	// behind other volumes' foreground I/O as well.
 	if err := target.client.Flush(ctx, e.epoch); err != nil {
 		return st, fmt.Errorf("flush rebuilt replica: %w", err)
 	}
