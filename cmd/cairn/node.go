@@ -75,8 +75,9 @@ type nodeOptions struct {
 	CSIAllowedRoots []string
 	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
 	MaxVolumes int64
-	// NoIOSched bypasses the I/O scheduler (QoS limits stop applying); it
-	// exists to measure what scheduling buys.
+	// NoIOSched bypasses both I/O schedulers, the engines' (QoS limits stop
+	// applying) and the replica server's disk scheduler (no fairness, no
+	// class priority); it exists to measure what scheduling buys.
 	NoIOSched bool
 	// IOSchedDepth is how many volume I/Os the scheduler lets run at once
 	// on this node; more wait in its queue, in its order.
@@ -109,7 +110,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
 	fs.IntVar(&o.IOSchedDepth, "iosched-depth", 256, "volume I/Os the scheduler lets run at once on this node; the rest queue in its order (smaller: stronger isolation, less throughput)")
-	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O scheduler: no QoS limits (for measuring what scheduling buys)")
+	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O schedulers: no QoS limits, no disk fairness or rebuild priority (for measuring what scheduling buys)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
@@ -221,6 +222,29 @@ func runNode(o *nodeOptions) error {
 		return fmt.Errorf("--iosched-depth %d: %w", o.IOSchedDepth, err)
 	}
 	defer sched.Close()
+	// A second scheduler for the replica server's disk I/O: operations on
+	// this node's replicas, from the engines of every node (this node's
+	// own in process). It holds no QoS limits (the engines charged those
+	// once); it shares the disk fairly across volumes and lets rebuild and
+	// scrub yield to foreground I/O.
+	//
+	// Its depth is the number of disk operations that run at once. 32 is
+	// the command queue of a SATA or SAS disk and about where an NVMe drive
+	// stops gaining throughput from more parallel small I/O: beyond what
+	// the device can overlap, more concurrency only moves the waiting into
+	// the kernel and the device, which serve it in arrival order, blind to
+	// volumes and classes. It is also half of what one engine connection
+	// may have in flight (64), so a single busy engine makes a queue form
+	// here, where fairness and class priority can act; a depth as large as
+	// the QoS scheduler's would let a flood take the whole disk before any
+	// ordering applied.
+	const diskSchedDepth = 32
+	diskSched, err := iosched.New(iosched.Config{Depth: diskSchedDepth, Observer: newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
+	if err != nil {
+		agent.Close()
+		return err
+	}
+	defer diskSched.Close()
 	self, err := meta.NewClient([]string{agent.APIAddr()})
 	if err != nil {
 		agent.Close()
@@ -229,7 +253,7 @@ func runNode(o *nodeOptions) error {
 	defer self.Close()
 	storage, err := storagenode.Start(storagenode.Config{
 		NodeID: o.ID, DataDir: o.DataDir, Listen: o.DataAddr, FSM: agent.Store().FSM(), Meta: self,
-		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched,
+		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched, DiskSched: diskSched,
 	})
 	if err != nil {
 		agent.Close()

@@ -131,6 +131,9 @@ func (s *Server) schedAttach(r *Replica) {
 			// Only a closed scheduler refuses these limits; the replica's
 			// requests then fail with ErrClosed, as the node is stopping.
 			s.log.Warn("disk scheduler refused a volume", zap.String("volume_id", vol), zap.String("replica_id", r.id), zap.Error(err))
+		} else {
+			s.log.Debug("volume registered with the disk scheduler", zap.String("volume_id", vol),
+				zap.String("replica_id", r.id), zap.Uint64("min_iops", s.reserve[vol]))
 		}
 	}
 	s.schedVols[vol]++

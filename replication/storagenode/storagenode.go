@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -41,8 +42,14 @@ type Config struct {
 	RebuildBytesPerSecond uint64
 	// Registerer receives the replica server's metrics (nil: none).
 	Registerer prometheus.Registerer
-	// Sched is the node's I/O scheduler (nil: none).
+	// Sched is the node's I/O scheduler, which maintenance rebuilds charge
+	// to the volume's QoS limits (nil: none).
 	Sched *iosched.Scheduler
+	// DiskSched is the replica server's disk scheduler (nil: none): every
+	// data operation on this node's replicas, from engines anywhere, waits
+	// for it. It must not be Sched: it holds no QoS limits (see
+	// replica.ServerConfig.Sched).
+	DiskSched *iosched.Scheduler
 }
 
 // Node is a running storage node.
@@ -70,7 +77,10 @@ func Start(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("replica server listen on %s: %w", cfg.Listen, err)
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.Named("storage").With(zap.String("node_id", cfg.NodeID)), lis: lis, rebuilds: map[string]context.CancelFunc{}}
-	n.server = replica.NewServer(cfg.Logger, filepath.Join(cfg.DataDir, "replicas"))
+	n.server = replica.NewServerWithConfig(replica.ServerConfig{
+		Logger: cfg.Logger, DataDir: filepath.Join(cfg.DataDir, "replicas"),
+		Sched: cfg.DiskSched, VolumeOf: volumeOfReplica,
+	})
 	if cfg.Registerer != nil {
 		for _, c := range n.server.Collectors() {
 			if err := cfg.Registerer.Register(c); err != nil {
@@ -89,6 +99,22 @@ func Start(cfg Config) (*Node, error) {
 	}()
 	go func() { defer n.wg.Done(); n.realizeLoop() }()
 	return n, nil
+}
+
+// volumeOfReplica returns the volume id in a replica id. The store names
+// replicas "<volume id>-r<sequence>" (meta's Volume.nextReplicaID); an id of
+// another shape (made by hand, or by a test) stands for itself.
+func volumeOfReplica(id string) string {
+	i := strings.LastIndex(id, "-r")
+	if i <= 0 || i+2 == len(id) {
+		return id
+	}
+	for _, c := range id[i+2:] {
+		if c < '0' || c > '9' {
+			return id
+		}
+	}
+	return id[:i]
 }
 
 // Addr is the replica server's address.
@@ -121,20 +147,22 @@ func (n *Node) realizeLoop() {
 }
 
 // desired returns the replicas the store places on this node (id → size),
-// and the unattached volumes with a replica rebuilding here. It reads the
+// the unattached volumes with a replica rebuilding here, and the minIOPS
+// reservation of each volume with a replica here. It reads the
 // state through the leader (linearizable): this node's own copy can be far
 // behind right after a restart (raft replays the log only once the leader
 // tells it the commit index), and realizing a stale state would delete
 // replicas that still hold data.
-func (n *Node) desired() (map[string]uint64, []*meta.Volume, error) {
+func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, error) {
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	defer cancel()
 	s, err := n.cfg.Meta.State(ctx, true)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	want := map[string]uint64{}
 	var rebuild []*meta.Volume
+	reserve := map[string]uint64{}
 	{
 		for _, v := range s.SortedVolumes() {
 			for _, r := range v.Replicas {
@@ -145,22 +173,28 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume, error) {
 				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
 					rebuild = append(rebuild, v.Clone())
 				}
+				// Bad parameters reserve nothing here; the engine says why.
+				if q, err := meta.ParseQoS(v.Parameters); err == nil && q.MinIOPS > 0 {
+					reserve[v.ID] = q.MinIOPS
+				}
 			}
 		}
 	}
-	return want, rebuild, nil
+	return want, rebuild, reserve, nil
 }
 
-// realize creates missing replicas, deletes dropped ones, and starts
-// rebuilds of unattached volumes.
+// realize creates missing replicas, deletes dropped ones, gives the disk
+// scheduler the volumes' reservations, and starts rebuilds of unattached
+// volumes.
 func (n *Node) realize() {
-	want, rebuild, err := n.desired()
+	want, rebuild, reserve, err := n.desired()
 	if err != nil {
 		if n.ctx.Err() == nil {
 			n.log.Debug("cannot read the store; will retry", zap.Error(err))
 		}
 		return
 	}
+	n.server.SetReservations(reserve)
 	have, err := n.server.List()
 	if err != nil {
 		n.log.Warn("cannot list replicas", zap.Error(err))

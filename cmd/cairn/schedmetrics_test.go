@@ -1,0 +1,45 @@
+package main
+
+import (
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/cairn-csi/cairn/iosched"
+)
+
+// TestSchedMetricsOfBothSchedulers: the QoS and the disk scheduler register
+// side by side in one registry, under prefixes that tell them apart.
+func TestSchedMetricsOfBothSchedulers(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	for _, m := range []*schedMetrics{newSchedMetrics(reg), newDiskSchedMetrics(reg)} {
+		m.QueueWait("vol-1", iosched.Rebuild, time.Millisecond)
+		m.Throttled("vol-1", time.Millisecond)
+		m.DeadlineMiss("vol-1", iosched.Foreground)
+		m.Dispatched("vol-1", iosched.Write, 4096)
+	}
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, f := range families {
+		names = append(names, f.GetName())
+		if help := f.GetHelp(); !strings.HasPrefix(help, "QoS scheduler") && !strings.HasPrefix(help, "Disk scheduler") {
+			t.Errorf("%s: help %q does not say which scheduler", f.GetName(), help)
+		}
+	}
+	sort.Strings(names)
+	want := []string{
+		"cairn_disk_sched_deadline_misses_total", "cairn_disk_sched_dispatched_bytes_total", "cairn_disk_sched_dispatched_total",
+		"cairn_disk_sched_queue_wait_seconds", "cairn_disk_sched_throttled_seconds_total",
+		"cairn_iosched_deadline_misses_total", "cairn_iosched_dispatched_bytes_total", "cairn_iosched_dispatched_total",
+		"cairn_iosched_queue_wait_seconds", "cairn_iosched_throttled_seconds_total",
+	}
+	if strings.Join(names, " ") != strings.Join(want, " ") {
+		t.Fatalf("metrics %v, want %v", names, want)
+	}
+}

@@ -1,0 +1,20 @@
+package storagenode
+
+import "testing"
+
+func TestVolumeOfReplica(t *testing.T) {
+	for _, tc := range []struct{ id, want string }{
+		{"pvc-6f1c-r1", "pvc-6f1c"},
+		{"vol-a-r12", "vol-a"},
+		{"vol-r-r3", "vol-r"}, // the last -r<n> counts
+		{"my-rack-r0", "my-rack"},
+		{"vol-rx", "vol-rx"}, // not a sequence
+		{"vol-r", "vol-r"},   // no sequence
+		{"-r1", "-r1"},       // no volume
+		{"vol", "vol"},
+	} {
+		if got := volumeOfReplica(tc.id); got != tc.want {
+			t.Errorf("volumeOfReplica(%q) = %q, want %q", tc.id, got, tc.want)
+		}
+	}
+}
