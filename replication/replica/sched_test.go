@@ -466,3 +466,31 @@ func TestClientKeepsMarkingAfterOtherRefusals(t *testing.T) {
 		t.Fatalf("flags %#02x after an unrelated refusal, want FlagRebuild", h.Flags)
 	}
 }
+
+// TestAdmitAllocatesNothing: the turn every in-process I/O takes costs no
+// allocation once the scheduler is warm, and neither does reading the
+// class of an unmarked context.
+func TestAdmitAllocatesNothing(t *testing.T) {
+	sched, err := iosched.New(iosched.Config{Depth: 4})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(sched.Close)
+	s, _ := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
+	r, err := s.Create("hot-r0", testSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	allocs := testing.AllocsPerRun(200, func() {
+		tk, err := r.Admit(ctx, OpWrite, 4096)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tk.Done()
+	})
+	if allocs != 0 {
+		t.Fatalf("Admit allocates %v times per I/O", allocs)
+	}
+}
