@@ -732,6 +732,10 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 // copies that union from one source (the local healthy replica if there is
 // one) to the others, then declares a clean point. Called with e.mu held.
 func (e *Engine) resync(ctx context.Context) error {
+	// Resync restores redundancy like a rebuild does, so its disk I/O is
+	// background work on the replica servers. Not Scrub: an attach waits
+	// for it, and scrub's long target latency would stretch that.
+	ctx = replica.WithClass(ctx, iosched.Rebuild)
 	var src *member
 	union := map[uint64]bool{}
 	for _, m := range e.members {
