@@ -259,7 +259,7 @@ func runNode(o *nodeOptions) error {
 		agent.Close()
 		return err
 	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server()})
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server(), Registerer: reg})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {

@@ -11,6 +11,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/driver/frontend/nbd"
@@ -33,6 +34,9 @@ type Config struct {
 	// Local is this node's replica server, for in-process access to the
 	// local replica (nil: over TCP like the others).
 	Local *replica.Server
+	// Registerer, if set, gets each export's NBD metrics (cairn_nbd_*,
+	// labelled with the volume) while the export runs.
+	Registerer prometheus.Registerer
 }
 
 // Manager keeps the node's NBD exports in line with the store.
@@ -149,7 +153,9 @@ func (m *Manager) start(v *meta.Volume) {
 		_ = e.Close(ctx)
 		return
 	}
-	srv := nbd.NewServer(m.cfg.Logger, "", e, nbd.Options{ReadOnly: v.Attachment.ReadOnly})
+	srv := nbd.NewServer(m.cfg.Logger, "", e, nbd.Options{ReadOnly: v.Attachment.ReadOnly,
+		MetricLabels: map[string]string{"volume_id": v.ID}})
+	m.register(srv)
 	r := &running{socket: v.Attachment.NBDSocket, epoch: e.Epoch(), engine: e, server: srv, done: make(chan struct{}), stop: make(chan struct{})}
 	m.wg.Add(1)
 	go func() {
@@ -170,11 +176,29 @@ func (m *Manager) start(v *meta.Volume) {
 	log.Info("volume exported over NBD", zap.Uint64("epoch", r.epoch), zap.Uint64("size", e.Size()))
 }
 
+// register adds srv's metrics to the registry. A failure (a collector of
+// the same volume still registered) costs the metrics, not the export.
+func (m *Manager) register(srv *nbd.Server) {
+	if m.cfg.Registerer == nil {
+		return
+	}
+	for _, c := range srv.Metrics().Collectors() {
+		if err := m.cfg.Registerer.Register(c); err != nil {
+			m.log.Warn("cannot register NBD metrics", zap.Error(err))
+		}
+	}
+}
+
 // stop closes the NBD server, then flushes and closes the engine. Called
 // with m.mu held.
 func (m *Manager) stop(id string, r *running, why string) {
 	close(r.stop)
 	_ = r.server.Close()
+	if m.cfg.Registerer != nil {
+		for _, c := range r.server.Metrics().Collectors() {
+			m.cfg.Registerer.Unregister(c)
+		}
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	err := r.engine.Close(ctx)

@@ -7,9 +7,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -457,6 +460,35 @@ func allHealthy(v volumeJSON) error {
 }
 
 // socket is the NBD socket path used for exports on node.
+// metrics scrapes a node's /metrics into sample → value ("name{labels}"
+// as Prometheus' text format writes it).
+func (c *devCluster) metrics(node string) map[string]float64 {
+	c.t.Helper()
+	resp, err := http.Get("http://" + c.node(node).Metrics + "/metrics")
+	if err != nil {
+		c.t.Fatalf("scrape %s: %v", node, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		c.t.Fatalf("scrape %s: %v", node, err)
+	}
+	out := map[string]float64{}
+	for _, line := range strings.Split(string(body), "\n") {
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		if i < 0 {
+			continue
+		}
+		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
+}
+
 func (c *devCluster) socket(node string) string { return filepath.Join(c.sockDir, node+".sock") }
 
 // export attaches the volume to node with an NBD socket (moving the

@@ -52,6 +52,20 @@ func TestPatternRoundTrip(t *testing.T) {
 	if err := c.verify(v.ID); err != nil {
 		t.Fatal(err)
 	}
+
+	// What the writes did is visible in the exporting node's metrics: the
+	// NBD export's requests, labelled with the volume, and the replica
+	// server's disk I/O through the disk scheduler.
+	metrics := c.metrics("node-1")
+	for _, want := range []string{
+		`cairn_nbd_requests_total{export="",op="write",volume_id="` + v.ID + `"}`,
+		`cairn_nbd_request_duration_seconds_count{export="",op="read",volume_id="` + v.ID + `"}`,
+		`cairn_disk_sched_dispatched_total{op="write",volume_id="` + v.ID + `"}`,
+	} {
+		if n, ok := metrics[want]; !ok || n == 0 {
+			t.Errorf("node-1's /metrics: %s is %v (present: %v), want > 0", want, n, ok)
+		}
+	}
 }
 
 // TestReplicaNodeKilledDuringWrites crashes (SIGKILL) a node holding a

@@ -55,8 +55,11 @@ type opMetrics struct {
 	errors   prometheus.Counter
 }
 
-func newMetrics(export string) *Metrics {
+func newMetrics(export string, extra map[string]string) *Metrics {
 	labels := prometheus.Labels{"export": export}
+	for k, v := range extra {
+		labels[k] = v
+	}
 	m := &Metrics{
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name:        "cairn_nbd_requests_total",

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"reflect"
 	"testing"
 )
 
@@ -215,7 +216,7 @@ func TestOptionsDefaults(t *testing.T) {
 		{Options{MaxRequestBytes: 1 << 31, MaxInFlight: 3, ReadOnly: true}, Options{MaxRequestBytes: 1 << 30, MaxInFlight: 3, ReadOnly: true}},
 	}
 	for _, tc := range cases {
-		if got := tc.in.withDefaults(); got != tc.want {
+		if got := tc.in.withDefaults(); !reflect.DeepEqual(got, tc.want) {
 			t.Errorf("%+v.withDefaults() = %+v, want %+v", tc.in, got, tc.want)
 		}
 	}

@@ -58,6 +58,10 @@ type Options struct {
 	// (and so the buffer memory: MaxInFlight × MaxRequestBytes at worst).
 	// 0 means 64.
 	MaxInFlight int
+	// MetricLabels are constant labels added to the server's metrics
+	// (besides export), e.g. the volume, so that the servers of several
+	// volumes can share one registry.
+	MetricLabels map[string]string
 }
 
 const (
@@ -121,7 +125,7 @@ func NewServer(log *zap.Logger, exportName string, b Backend, opts Options) *Ser
 		name:      exportName,
 		backend:   b,
 		opts:      opts.withDefaults(),
-		metrics:   newMetrics(exportName),
+		metrics:   newMetrics(exportName, opts.MetricLabels),
 		ctx:       ctx,
 		cancel:    cancel,
 		listeners: make(map[net.Listener]struct{}),
