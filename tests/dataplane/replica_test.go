@@ -3,6 +3,8 @@ package dataplane
 import (
 	"context"
 	"encoding/binary"
+	"errors"
+	"fmt"
 	"testing"
 	"time"
 
@@ -21,15 +23,32 @@ func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte) in
 		t.Fatalf("dial replica %s at %s: %v", id, addr, err)
 	}
 	defer rc.Close()
-	info, err := rc.Info(ctx)
-	if err != nil {
-		t.Fatalf("replica %s: info: %v", id, err)
+	// The replica may be claimed at a newer epoch while it is read (a
+	// rebuild starting): then the read is fenced, and the scan starts over
+	// at the replica's new epoch.
+	for attempt := 0; ; attempt++ {
+		info, err := rc.Info(ctx)
+		if err != nil {
+			t.Fatalf("replica %s: info: %v", id, err)
+		}
+		n, err := scanPattern(ctx, rc, info.Epoch, size, pattern)
+		if errors.Is(err, replica.ErrFenced) && attempt < 10 {
+			continue
+		}
+		if err != nil {
+			t.Fatalf("replica %s: %v", id, err)
+		}
+		return n
 	}
+}
+
+// scanPattern counts the blocks of rc whose header names pattern.
+func scanPattern(ctx context.Context, rc *replica.Client, epoch, size uint64, pattern byte) (int, error) {
 	n := 0
 	buf := make([]byte, 1<<20)
 	for off := uint64(0); off < size; off += uint64(len(buf)) {
-		if err := rc.ReadAt(ctx, info.Epoch, buf, off); err != nil {
-			t.Fatalf("replica %s: read at %d: %v", id, off, err)
+		if err := rc.ReadAt(ctx, epoch, buf, off); err != nil {
+			return 0, fmt.Errorf("read at %d: %w", off, err)
 		}
 		for i := 0; i < len(buf); i += blockSize {
 			if id := binary.BigEndian.Uint64(buf[i:]); id != 0 && patternOf(id) == pattern {
@@ -37,5 +56,5 @@ func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte) in
 			}
 		}
 	}
-	return n
+	return n, nil
 }
