@@ -16,6 +16,7 @@ type Scheduler struct {
 	obs      Observer
 	disabled bool
 	depth    int
+	spare    int               // slots that work on spare capacity may fill: depth - ReservedSlots
 	classLat [numClasses]int64 // ns
 	maxBG    int64             // ns
 	quantum  int64             // ns of share tag a weight-DefaultWeight volume spends per spare I/O
@@ -156,6 +157,7 @@ func New(cfg Config) (*Scheduler, error) {
 		obs:      cfg.Observer,
 		disabled: cfg.Disabled,
 		depth:    cfg.Depth,
+		spare:    cfg.Depth - cfg.ReservedSlots,
 		maxBG:    int64(cfg.MaxBackgroundWait),
 		start:    cfg.Clock.Now(),
 		vols:     make(map[string]*volume),
@@ -597,13 +599,17 @@ func (s *Scheduler) refresh(now int64) {
 
 // dispatch grants requests while slots are free and some volume is eligible.
 //
-// Invariant (after dispatch returns): either every slot is taken or no
-// volume with queued requests is eligible.
+// Invariant (after dispatch returns): either every slot is taken, or no
+// volume with queued requests is eligible, or the only eligible requests
+// would use spare capacity and every slot open to them is taken.
 func (s *Scheduler) dispatch(now int64) {
 	for s.inflight < s.depth {
 		w, ph := s.pick(now)
 		if w == nil {
 			return
+		}
+		if ph == phaseSpare && s.inflight >= s.spare {
+			return // pick offers spare work only when nothing else is eligible
 		}
 		s.grant(w, ph, now)
 	}

@@ -164,6 +164,51 @@ func TestReservationUnderFlood(t *testing.T) {
 	}
 }
 
+// TestReservedSlots: with slots kept for reservations, a volume under its
+// reservation never waits for a flood on spare capacity to free a slot; the
+// flood keeps the rest of the depth busy. Without them, the reserved volume
+// goes first but waits for a slot. Once the tenant is above its
+// reservation, its requests are spare work and queue like the flood's.
+func TestReservedSlots(t *testing.T) {
+	const service = time.Millisecond
+	for _, tc := range []struct {
+		name     string
+		reserved int
+		minIOPS  uint64
+		maxWait  time.Duration // the tenant's longest wait, at most
+		minWait  time.Duration // and at least
+	}{
+		{"reserved slot", 1, 500, 0, 0},
+		{"no reserved slot", 0, 500, service, time.Microsecond},
+		{"no reservation", 1, 0, 100 * time.Millisecond, time.Microsecond},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := newSim(t, Config{Depth: 4, ReservedSlots: tc.reserved}, service)
+			h.setLimits("flood", Limits{})
+			h.setLimits("tenant", Limits{MinIOPS: tc.minIOPS})
+			flood := &client{req: Request{Volume: "flood", Op: Write, Bytes: 4 * kib}, qd: 64}
+			// One request every 5 ms: 200 IOPS, below a 500 IOPS reservation.
+			tenant := &client{req: Request{Volume: "tenant", Op: Read, Bytes: 4 * kib}, every: 5 * time.Millisecond}
+			h.start(flood, tenant)
+			h.run(2 * time.Second)
+			worst := slices.Max(tenant.waits)
+			t.Logf("tenant %d I/Os, longest wait %v; flood %d I/Os; most in flight %d", tenant.granted, worst, flood.granted, h.maxInflight)
+			if worst > tc.maxWait || worst < tc.minWait {
+				t.Errorf("tenant's longest wait %v, want between %v and %v", worst, tc.minWait, tc.maxWait)
+			}
+			if tenant.granted < 395 {
+				t.Errorf("tenant got %d I/Os in 2 s at 200 IOPS", tenant.granted)
+			}
+			// The flood keeps busy every slot open to spare work, less
+			// what the tenant's I/Os hold.
+			wantFlood := float64(4-tc.reserved)*2000 - float64(tenant.granted)
+			if !within(float64(flood.granted), wantFlood, 0.02) {
+				t.Errorf("flood got %d I/Os, want about %.0f", flood.granted, wantFlood)
+			}
+		})
+	}
+}
+
 // TestEDFOrder queues requests with different deadlines behind a full
 // dispatch depth and checks they go in deadline order: across volumes, across
 // classes, and within a volume.
@@ -578,6 +623,9 @@ func TestNewValidation(t *testing.T) {
 		{"negative depth", Config{Depth: -1}, false},
 		{"negative latency", neg, false},
 		{"negative max wait", Config{MaxBackgroundWait: -1}, false},
+		{"reserved slots", Config{Depth: 4, ReservedSlots: 3}, true},
+		{"every slot reserved", Config{Depth: 4, ReservedSlots: 4}, false},
+		{"negative reserved slots", Config{ReservedSlots: -1}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := New(tc.cfg)

@@ -131,6 +131,14 @@ type Config struct {
 	// Depth is the number of requests the scheduler lets be in flight to the
 	// disk at once (Acquired and not yet Done). 0 means DefaultDepth.
 	Depth int
+	// ReservedSlots are slots of Depth kept for requests served under a
+	// reservation (a volume below its MinIOPS) and for overdue background
+	// requests: a request on spare capacity is dispatched only while fewer
+	// than Depth-ReservedSlots requests are in flight. Without them, a
+	// reserved request that arrives while a flood holds every slot goes
+	// first, but still waits for one of the flood's requests to finish.
+	// 0 keeps none; it must be less than Depth.
+	ReservedSlots int
 	// ClassLatency is each class's target latency: a request's default
 	// deadline is its arrival plus its class's latency, so the order of these
 	// is the order of urgency (foreground < rebuild < scrub). Zero entries
@@ -193,6 +201,9 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.Depth == 0 {
 		c.Depth = DefaultDepth
+	}
+	if c.ReservedSlots < 0 || c.ReservedSlots >= c.Depth {
+		return c, fmt.Errorf("%w: ReservedSlots %d: want 0 to Depth-1 (%d)", ErrInvalidConfig, c.ReservedSlots, c.Depth-1)
 	}
 	for i, d := range c.ClassLatency {
 		if d < 0 {

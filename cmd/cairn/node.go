@@ -215,8 +215,12 @@ func runNode(o *nodeOptions) error {
 	}
 	rate, _ := parseSize(o.RebuildRate)
 	// One scheduler for every volume I/O on this node. Its depth bounds the
-	// I/Os in flight across all volumes; QoS limits apply per volume.
-	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
+	// I/Os in flight across all volumes; QoS limits apply per volume. A
+	// quarter of the depth is kept for volumes under their reservation
+	// (minIOPS), so that a flood on spare capacity cannot make them wait
+	// for a slot.
+	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, ReservedSlots: o.IOSchedDepth / 4,
+		Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
 		return fmt.Errorf("--iosched-depth %d: %w", o.IOSchedDepth, err)
@@ -239,7 +243,8 @@ func runNode(o *nodeOptions) error {
 	// the QoS scheduler's would let a flood take the whole disk before any
 	// ordering applied.
 	const diskSchedDepth = 32
-	diskSched, err := iosched.New(iosched.Config{Depth: diskSchedDepth, Observer: newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
+	diskSched, err := iosched.New(iosched.Config{Depth: diskSchedDepth, ReservedSlots: diskSchedDepth / 4,
+		Observer: newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
 		return err
