@@ -87,7 +87,10 @@ func (v *volSpec) affordable(now int64, slack float64) bool {
 //   - no request is dispatched before its volume's buckets can pay for it
 //     (so the limits hold at every instant, not only on average);
 //   - the scheduler is work-conserving with no head-of-line blocking: while
-//     a slot is free, every volume with queued requests is out of tokens;
+//     a slot is free, every volume with queued requests is out of tokens
+//     (with ReservedSlots: while only kept slots are free, no volume under
+//     its reservation or with overdue background work is waiting, and no
+//     request on spare capacity takes a kept slot);
 //   - each dispatch is the one the rules choose, computed by brute force over
 //     every queued request (overdue background, then reservations, then the
 //     earliest effective deadline), so the heaps keep the EDF order;
@@ -112,6 +115,10 @@ func randomScenario(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 0x10))
 	dur := func(lo, hi time.Duration) time.Duration { return lo + time.Duration(rng.Int64N(int64(hi-lo+1))) }
 	cfg := Config{Depth: 1 + rng.IntN(6), MaxBackgroundWait: dur(20*time.Millisecond, 300*time.Millisecond)}
+	if rng.IntN(2) == 0 {
+		cfg.ReservedSlots = rng.IntN(cfg.Depth)
+	}
+	spareSlots := cfg.Depth - cfg.ReservedSlots
 	cfg.ClassLatency = [numClasses]time.Duration{
 		dur(time.Millisecond, 20*time.Millisecond),
 		dur(10*time.Millisecond, 500*time.Millisecond),
@@ -180,6 +187,10 @@ func randomScenario(t *testing.T, seed uint64) {
 				v.name, ph, v.iops.at(n), v.bytes.at(n), sb.tokens, w.req.Bytes, w.req.Op)
 		}
 		checkPick(t, h.s, byName, w, ph, n)
+		if ph == phaseSpare && h.s.inflight >= spareSlots {
+			fail("%s dispatched on spare capacity with %d in flight; %d of depth %d are kept for reservations",
+				v.name, h.s.inflight, cfg.ReservedSlots, cfg.Depth)
+		}
 		bytes := float64(w.req.Bytes)
 		if w.req.Op != Read && w.req.Op != Write {
 			bytes = 0
@@ -198,10 +209,23 @@ func randomScenario(t *testing.T, seed uint64) {
 		}
 		now := int64(h.elapsed())
 		for _, v := range vols {
-			if v.queued > 0 && v.affordable(now, +1) {
-				fail("slot free (%d/%d in flight) but %s has %d queued and tokens (iops %.3f, bytes %.1f)",
-					h.inflight, cfg.Depth, v.name, v.queued, v.iops.at(now), v.bytes.at(now))
+			if v.queued == 0 || !v.affordable(now, +1) {
+				continue
 			}
+			if h.inflight >= spareSlots {
+				// Only the reserved slots are free: they must be taken by
+				// a volume under its reservation or overdue background work.
+				sv := h.s.vols[v.name]
+				reserved := sv.rStep > 0 && sv.rTag <= now
+				overdue := sv.bgHead != nil && sv.bgHead.arrival+h.s.maxBG <= now
+				if reserved || overdue {
+					fail("reserved slot free (%d/%d in flight, %d kept) but %s is eligible (reserved %v, overdue %v) with %d queued",
+						h.inflight, cfg.Depth, cfg.ReservedSlots, v.name, reserved, overdue, v.queued)
+				}
+				continue
+			}
+			fail("slot free (%d/%d in flight) but %s has %d queued and tokens (iops %.3f, bytes %.1f)",
+				h.inflight, cfg.Depth, v.name, v.queued, v.iops.at(now), v.bytes.at(now))
 		}
 	})
 

@@ -681,13 +681,32 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 }
 
 // arm sets the timer for the earliest throttled volume, if a slot is free for
-// it. With every slot taken there is no need: Done refreshes the throttled
-// volumes itself.
+// it, and, while only kept slots are free, for the next reservation or
+// background deadline. With every slot taken there is no need: Done
+// refreshes the throttled volumes itself.
 func (s *Scheduler) arm(now int64) {
-	if s.closed || s.throttled.len() == 0 || s.inflight >= s.depth {
+	if s.closed || s.inflight >= s.depth {
 		return
 	}
-	at := s.throttled.top().readyAt
+	at := int64(math.MaxInt64)
+	if s.throttled.len() > 0 {
+		at = s.throttled.top().readyAt
+	}
+	if s.inflight >= s.spare {
+		// Only the kept slots are free, and eligible spare work waits for
+		// them to be needed by no one: a volume coming under its
+		// reservation or background work becoming overdue may take one,
+		// but both happen by the clock alone, with no call to dispatch.
+		if s.resv.len() > 0 {
+			at = min(at, s.resv.top().rTag)
+		}
+		if s.overdue.len() > 0 {
+			at = min(at, s.overdue.top().bgHead.arrival+s.maxBG)
+		}
+	}
+	if at == math.MaxInt64 {
+		return
+	}
 	if s.timerSet && s.timerAt <= at {
 		return // an earlier wake-up is pending; it re-arms
 	}
