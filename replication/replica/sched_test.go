@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -492,5 +493,58 @@ func TestAdmitAllocatesNothing(t *testing.T) {
 	})
 	if allocs != 0 {
 		t.Fatalf("Admit allocates %v times per I/O", allocs)
+	}
+}
+
+// TestClosedConnectionDropsQueuedRequests: a write waiting for the disk
+// scheduler when its connection closes is dropped, not run later. Its
+// client was told the connection failed; if it ran once the disk was free,
+// it could land on top of a newer write that an engine reconnecting at the
+// same epoch had sent meanwhile (the scheduler lets foreground work pass a
+// queued rebuild write), and the acknowledged newer data would be lost.
+func TestClosedConnectionDropsQueuedRequests(t *testing.T) {
+	sched, _, hold := newDiskSched(t)
+	s, addr := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
+	r, err := s.Create("vol1-r0", testSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := testCtx(t)
+	c1 := dial(t, addr, "vol1-r0", testSize)
+	if err := c1.Claim(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	release := hold()
+	done1 := make(chan error, 1)
+	go func() {
+		done1 <- c1.WriteAt(WithClass(ctx, iosched.Rebuild), 1, bytes.Repeat([]byte{'O'}, 4096), 0, false)
+	}()
+	waitQueued(t, s, 1)
+	c1.Close()
+	if err := <-done1; !errors.Is(err, ErrClosed) {
+		t.Fatalf("write on the closed connection: %v, want ErrClosed", err)
+	}
+	waitQueued(t, s, 0) // dropped with its connection
+
+	c2 := dial(t, addr, "vol1-r0", testSize)
+	done2 := make(chan error, 1)
+	go func() { done2 <- c2.WriteAt(ctx, 1, bytes.Repeat([]byte{'N'}, 4096), 0, false) }()
+	waitQueued(t, s, 1)
+	release()
+	if err := <-done2; err != nil {
+		t.Fatal(err)
+	}
+	// Give a stale handler every chance to run, then look.
+	for range 50 {
+		if err := c2.Ping(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got := make([]byte, 4096)
+	if err := r.ReadAt(1, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if got[0] != 'N' {
+		t.Fatalf("replica holds %q: the closed connection's write landed after the acknowledged newer one", got[:1])
 	}
 }

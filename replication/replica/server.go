@@ -424,6 +424,14 @@ type serverConn struct {
 	budget   byteBudget
 
 	fencedLogged atomic.Bool
+
+	// ctx ends when the connection does (or the server closes): requests
+	// still waiting for the disk scheduler then give up instead of running
+	// later. Their client has been told the connection failed, and an engine
+	// that reconnects at the same epoch must not have an older write of the
+	// dead connection land after its newer one.
+	ctx    context.Context
+	cancel context.CancelFunc
 }
 
 // reply is one reply frame on its way to the writer. release runs once it
@@ -447,6 +455,8 @@ func (s *Server) handleConn(nc net.Conn) {
 		inFlight: make(chan struct{}, maxInFlight),
 	}
 	c.budget.init(connByteBudget)
+	c.ctx, c.cancel = context.WithCancel(s.ctx)
+	defer c.cancel()
 	s.mu.Lock()
 	if s.closed {
 		s.mu.Unlock()
@@ -463,6 +473,7 @@ func (s *Server) handleConn(nc net.Conn) {
 		c.writeLoop(writerLog)
 	}()
 	c.readLoop()
+	c.cancel() // requests still queued for the disk are dropped, not run
 	c.handlers.Wait()
 	close(c.out)
 	<-writerDone
@@ -580,7 +591,7 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 	var t iosched.Ticket
 	var err error
 	if scheduled(h.Op) { // not PING, which may come before OPEN set c.replica
-		t, err = c.replica.admit(c.s.ctx, h.Op, uint64(h.Length), classOfFlags(h.Flags))
+		t, err = c.replica.admit(c.ctx, h.Op, uint64(h.Length), classOfFlags(h.Flags))
 	}
 	if err == nil {
 		rep, err = c.do(h, payload)
