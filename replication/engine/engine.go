@@ -731,11 +731,12 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 // only the extents that some replica marked dirty can differ, so the engine
 // copies that union from one source (the local healthy replica if there is
 // one) to the others, then declares a clean point. Called with e.mu held.
+//
+// Its I/O stays in the foreground class: it runs under the write lock
+// while the volume is being attached, so every background-class wait at a
+// busy disk (up to MaxBackgroundWait per request) would hold up the attach
+// and every I/O behind it.
 func (e *Engine) resync(ctx context.Context) error {
-	// Resync restores redundancy like a rebuild does, so its disk I/O is
-	// background work on the replica servers. Not Scrub: an attach waits
-	// for it, and scrub's long target latency would stretch that.
-	ctx = replica.WithClass(ctx, iosched.Rebuild)
 	var src *member
 	union := map[uint64]bool{}
 	for _, m := range e.members {

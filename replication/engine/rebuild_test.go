@@ -118,38 +118,3 @@ func TestRebuildIsBackgroundOnEveryDisk(t *testing.T) {
 	}
 	r.healthyIdentical(v.ID, model)
 }
-
-// TestResyncIsBackgroundOnEveryDisk: after a failover, the new engine's
-// resync reads the dirty extents from its source and writes them to the
-// other replicas in the Rebuild class, on both disks.
-func TestResyncIsBackgroundOnEveryDisk(t *testing.T) {
-	r := newRig(t, 3)
-	counters := map[string]*classCounter{}
-	for _, node := range []string{"n2", "n3"} {
-		old := r.servers[node]
-		r.kill(node)
-		counters[node] = r.startScheduledServer(node, old.dir, old.addr)
-	}
-	v := r.createVolume("rs", 16*mib, 3, 0, "n1")
-	crashed := r.open(v.ID, "n1")
-	ctx := r.ctx()
-	if err := crashed.WriteAt(ctx, bytes.Repeat([]byte{1}, 64<<10), 0, false); err != nil {
-		t.Fatal(err)
-	}
-	for node, c := range counters {
-		if n := c.count(iosched.Rebuild); n != 0 {
-			t.Fatalf("%s saw %d rebuild-class requests before any resync", node, n)
-		}
-	}
-	// No clean point: the write's extent is dirty on every replica. The
-	// engine on n2 resyncs it from its own replica (source, read) to the
-	// others (n3 among them, written).
-	r.attach(v.ID, "n2")
-	r.openLocal(v.ID, "n2")
-	for node, c := range counters {
-		if c.count(iosched.Rebuild) == 0 {
-			t.Errorf("%s's disk saw no rebuild-class request during the resync", node)
-		}
-	}
-	r.healthyIdentical(v.ID, nil)
-}
