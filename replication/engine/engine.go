@@ -365,6 +365,9 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 // the network round trips overlap the local write.
 func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
 	errs := make([]error, len(ms))
+	if len(ms) == 0 {
+		return errs
+	}
 	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
 	inline := 0
@@ -692,8 +695,15 @@ func (e *Engine) CleanPoint(ctx context.Context) error {
 	e.mu.RLock()
 	if e.usable() == nil && e.dirty.Load() {
 		epoch := e.epoch
-		// Errors are left to the flush under the write lock, which decides.
-		e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
+		for _, err := range e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) }) {
+			if err != nil {
+				// No clean point this time: the next write or flush to
+				// that replica ejects it if it keeps failing, and waiting
+				// for it again under the write lock would stall writes.
+				e.mu.RUnlock()
+				return fmt.Errorf("flush before clean point: %w", err)
+			}
+		}
 	}
 	e.mu.RUnlock()
 	e.mu.Lock()

@@ -34,6 +34,17 @@ func (e *Engine) applyQoS(v *meta.Volume) {
 		zap.Uint64("max_bytes_per_sec", q.MaxBytesPerSec), zap.Duration("burst", q.BurstDuration))
 }
 
+// qosChanged says whether v's QoS parameters differ from the limits last
+// given to the scheduler (bad parameters count as no change: applyQoS
+// would keep the old limits anyway).
+func (e *Engine) qosChanged(v *meta.Volume) bool {
+	if e.cfg.Sched == nil {
+		return false
+	}
+	q, err := meta.ParseQoS(v.Parameters)
+	return err == nil && !(e.qosSet && q == e.qos)
+}
+
 // admit waits until the node's scheduler lets this I/O go (QoS limits,
 // reservations, deadlines) and returns the function that ends it.
 func (e *Engine) admit(ctx context.Context, op iosched.Op, bytes uint64, class iosched.Class) (func(), error) {

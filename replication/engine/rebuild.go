@@ -107,6 +107,7 @@ func (e *Engine) maybeRebuild() {
 	if e.rebuilding.Load() || e.closed || e.fenced {
 		return
 	}
+	// Callers hold e.mu, for reading or writing.
 	var target *member
 	for _, m := range e.members {
 		if m.replica.State == meta.ReplicaRebuilding && m.client != nil {
@@ -117,7 +118,9 @@ func (e *Engine) maybeRebuild() {
 	if target == nil || e.healthyCount() == 0 || e.extentSize == 0 {
 		return
 	}
-	e.rebuilding.Store(true)
+	if !e.rebuilding.CompareAndSwap(false, true) {
+		return // another caller under the read lock just started one
+	}
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
@@ -202,14 +205,58 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 	return st, e.reconfigure(ctx)
 }
 
-// copyExtent makes extent x of target equal to a healthy source's, under
-// the extent's exclusive lock and the engine's read lock (the epoch cannot
-// move meanwhile). It returns the bytes copied (0 when they were equal).
+// copyExtent makes extent x of target equal to a healthy source's. It
+// returns the bytes copied (0 when they were equal).
+//
+// The compare and the copy each run under the extent's exclusive lock and
+// the engine's read lock (the epoch cannot move meanwhile), but the copy's
+// turn at the node's scheduler is taken between the two, with no lock
+// held: writers hold scheduler slots while they wait for the extent, so
+// waiting for a slot with the extent locked could wait for ever.
 func (e *Engine) copyExtent(ctx context.Context, target *member, x uint64) (uint64, error) {
+	same, err := e.withExtent(x, func(src *member) (bool, error) {
+		a, err := src.client.Checksums(ctx, e.epoch, x, 1)
+		if err != nil {
+			return false, fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
+		}
+		b, err := target.client.Checksums(ctx, e.epoch, x, 1)
+		if err != nil {
+			return false, fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
+		}
+		return a[0] == b[0], nil
+	})
+	if err != nil || same {
+		return 0, err
+	}
+	done, err := e.admit(ctx, iosched.Write, e.extentSize, iosched.Rebuild)
+	if err != nil {
+		return 0, err
+	}
+	defer done()
+	// Writes that came in since the compare reached the target too; copying
+	// the source's current contents is right whatever they were.
+	var n uint64
+	_, err = e.withExtent(x, func(src *member) (bool, error) {
+		data, err := src.client.ReadExtent(ctx, e.epoch, x)
+		if err != nil {
+			return false, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
+		}
+		if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
+			return false, fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
+		}
+		n = uint64(len(data))
+		return false, nil
+	})
+	return n, err
+}
+
+// withExtent runs fn with the engine's read lock and extent x's exclusive
+// lock held, giving it a healthy source replica (the local one if healthy).
+func (e *Engine) withExtent(x uint64, fn func(src *member) (bool, error)) (bool, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if err := e.usable(); err != nil {
-		return 0, err
+		return false, err
 	}
 	var src *member
 	for _, m := range e.members {
@@ -218,34 +265,11 @@ func (e *Engine) copyExtent(ctx context.Context, target *member, x uint64) (uint
 		}
 	}
 	if src == nil {
-		return 0, fmt.Errorf("no healthy source: %w", ErrIO)
+		return false, fmt.Errorf("no healthy source: %w", ErrIO)
 	}
 	e.locks.exclusive(x)
 	defer e.locks.releaseExclusive(x)
-	a, err := src.client.Checksums(ctx, e.epoch, x, 1)
-	if err != nil {
-		return 0, fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
-	}
-	b, err := target.client.Checksums(ctx, e.epoch, x, 1)
-	if err != nil {
-		return 0, fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
-	}
-	if a[0] == b[0] {
-		return 0, nil
-	}
-	data, err := src.client.ReadExtent(ctx, e.epoch, x)
-	if err != nil {
-		return 0, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
-	}
-	done, err := e.admit(ctx, iosched.Write, uint64(len(data)), iosched.Rebuild)
-	if err != nil {
-		return 0, err
-	}
-	defer done()
-	if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
-		return 0, fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
-	}
-	return uint64(len(data)), nil
+	return fn(src)
 }
 
 // watchLoop follows the store: when the volume's epoch moves (the leader's
@@ -266,6 +290,20 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		}
 		if a := v.Attachment; (e.cfg.Maintenance && a == nil) || (!e.cfg.Maintenance && a != nil && a.Node == e.cfg.NodeID) {
 			e.confirmed.Store(time.Now().UnixNano()) // renew the lease
+		}
+		// Most ticks change nothing: look under the read lock, and take the
+		// write lock only for a change. A waiting writer holds up every new
+		// reader (I/O), and I/O may hold the read lock a while: a rebuild
+		// copy waits for the disks with it.
+		e.mu.RLock()
+		usable := e.usable() == nil
+		change := usable && (v.Epoch > e.epoch || e.qosChanged(v))
+		if usable && !change {
+			e.maybeRebuild()
+		}
+		e.mu.RUnlock()
+		if !change {
+			continue
 		}
 		e.mu.Lock()
 		if e.usable() == nil {

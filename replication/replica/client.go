@@ -187,7 +187,11 @@ func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) (
 	// request may also have been bad for another reason; then the second
 	// answer is the same refusal and the connection keeps marking.
 	reply, err = c.roundTrip(ctx, h, payload, dst)
-	if err == nil {
+	var remote *RemoteError
+	if err == nil || errors.As(err, &remote) && !errors.Is(err, ErrInvalidArgument) {
+		// The server answered the unmarked request past its validation:
+		// the flag was what it refused, whatever the second answer (a
+		// fenced write, an I/O error) says about the request itself.
 		c.noClass.Store(true)
 	}
 	return reply, err
