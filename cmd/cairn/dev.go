@@ -232,74 +232,25 @@ func newDevUpCommand() *cobra.Command {
 			if err := os.MkdirAll(abs, 0o755); err != nil {
 				return err
 			}
-			ports, err := freePorts(4 * nodes)
-			if err != nil {
-				return fmt.Errorf("reserve ports: %w", err)
-			}
-			c := &devCluster{}
-			var apis []string
-			for i := 0; i < nodes; i++ {
-				apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[4*i+1]))
-			}
-			for i := 0; i < nodes; i++ {
-				id := fmt.Sprintf("node-%d", i+1)
-				ndir := filepath.Join(abs, id)
-				if err := os.MkdirAll(ndir, 0o755); err != nil {
-					return err
-				}
-				n := &devNode{
-					ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[4*i]), Agent: apis[i],
-					Metrics: "127.0.0.1:" + strconv.Itoa(ports[4*i+2]),
-					Data:    "127.0.0.1:" + strconv.Itoa(ports[4*i+3]),
-					DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
-				}
-				n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")
-				n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
-					"--csi-endpoint", n.CSI, "--csi-allowed-roots", abs,
-					"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
-					"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
-					"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
-					"--log-format", "json", "--stale-replica-timeout", staleTimeout.String()}
-				if zones {
-					n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
-				}
-				n.Args = append(n.Args, nodeArgs...)
-				c.Nodes = append(c.Nodes, n)
-			}
-			for _, n := range c.Nodes {
-				if err := n.start(); err != nil {
-					stopAll(c)
-					return err
-				}
-			}
-			ctrlDir := filepath.Join(abs, "controller")
-			if err := os.MkdirAll(ctrlDir, 0o755); err != nil {
-				stopAll(c)
-				return err
-			}
-			ctrl := &devNode{ID: "controller", Log: filepath.Join(ctrlDir, "controller.log"),
-				CSI: "unix://" + filepath.Join(ctrlDir, "csi.sock")}
-			ctrl.Args = []string{"controller", "--endpoint", ctrl.CSI, "--meta", strings.Join(apis, ","), "--log-format", "json"}
-			if err := ctrl.start(); err != nil {
-				stopAll(c)
-				return err
-			}
-			c.Controller = &devController{CSI: ctrl.CSI, PID: ctrl.PID, Log: ctrl.Log, Args: ctrl.Args}
-			if err := c.save(abs); err != nil {
-				stopAll(c)
-				return err
-			}
 			w := cmd.OutOrStdout()
-			fmt.Fprintf(w, "started %d node agents; waiting for a leader and %d registered nodes …\n", nodes, nodes)
-			ctx, cancel := context.WithTimeout(cmd.Context(), wait)
-			defer cancel()
-			st, err := waitCluster(ctx, c, nodes)
-			if err != nil {
-				for _, n := range c.Nodes {
-					fmt.Fprintf(cmd.ErrOrStderr(), "--- last lines of %s ---\n%s\n", n.Log, tail(n.Log, 10))
+			// The ports are free when chosen, but another process (a
+			// parallel test, say) may take one before a node binds it. Such
+			// a clash is retried with fresh ports; anything else is not.
+			var c *devCluster
+			var st *meta.StatusResponse
+			for attempt := 1; ; attempt++ {
+				c, st, err = startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, wait)
+				if err == nil {
+					break
 				}
-				stopAll(c)
-				return fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
+				if !errors.Is(err, errPortClash) || attempt == 3 {
+					return err
+				}
+				fmt.Fprintf(w, "a port was taken by another process before a node could bind it; starting again with other ports\n")
+				for _, n := range c.Nodes {
+					_ = os.RemoveAll(filepath.Dir(n.Log))
+				}
+				_ = os.RemoveAll(filepath.Join(abs, "controller"))
 			}
 			fmt.Fprintf(w, "cluster %s is up: leader %s, %d nodes up; CSI controller at %s\n", st.ClusterID, st.Leader, len(st.Nodes), c.Controller.CSI)
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -358,6 +309,92 @@ func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResp
 		case <-time.After(200 * time.Millisecond):
 		}
 	}
+}
+
+// errPortClash marks a dev cluster that could not start because a port
+// chosen for it was taken before a node bound it.
+var errPortClash = errors.New("port taken by another process")
+
+// startDevCluster starts the node agents and the CSI controller of a dev
+// cluster in abs on fresh ports, writes cluster.json and waits for the
+// cluster to form. On failure it stops what it started.
+func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
+	w := cmd.OutOrStdout()
+	ports, err := freePorts(4 * nodes)
+	if err != nil {
+		return nil, nil, fmt.Errorf("reserve ports: %w", err)
+	}
+	c := &devCluster{}
+	var apis []string
+	for i := 0; i < nodes; i++ {
+		apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[4*i+1]))
+	}
+	for i := 0; i < nodes; i++ {
+		id := fmt.Sprintf("node-%d", i+1)
+		ndir := filepath.Join(abs, id)
+		if err := os.MkdirAll(ndir, 0o755); err != nil {
+			return c, nil, err
+		}
+		n := &devNode{
+			ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[4*i]), Agent: apis[i],
+			Metrics: "127.0.0.1:" + strconv.Itoa(ports[4*i+2]),
+			Data:    "127.0.0.1:" + strconv.Itoa(ports[4*i+3]),
+			DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
+		}
+		n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")
+		n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
+			"--csi-endpoint", n.CSI, "--csi-allowed-roots", abs,
+			"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
+			"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
+			"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
+			"--log-format", "json", "--stale-replica-timeout", staleTimeout.String()}
+		if zones {
+			n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
+		}
+		n.Args = append(n.Args, nodeArgs...)
+		c.Nodes = append(c.Nodes, n)
+	}
+	for _, n := range c.Nodes {
+		if err := n.start(); err != nil {
+			stopAll(c)
+			return c, nil, err
+		}
+	}
+	ctrlDir := filepath.Join(abs, "controller")
+	if err := os.MkdirAll(ctrlDir, 0o755); err != nil {
+		stopAll(c)
+		return c, nil, err
+	}
+	ctrl := &devNode{ID: "controller", Log: filepath.Join(ctrlDir, "controller.log"),
+		CSI: "unix://" + filepath.Join(ctrlDir, "csi.sock")}
+	ctrl.Args = []string{"controller", "--endpoint", ctrl.CSI, "--meta", strings.Join(apis, ","), "--log-format", "json"}
+	if err := ctrl.start(); err != nil {
+		stopAll(c)
+		return c, nil, err
+	}
+	c.Controller = &devController{CSI: ctrl.CSI, PID: ctrl.PID, Log: ctrl.Log, Args: ctrl.Args}
+	if err := c.save(abs); err != nil {
+		stopAll(c)
+		return c, nil, err
+	}
+	fmt.Fprintf(w, "started %d node agents; waiting for a leader and %d registered nodes …\n", nodes, nodes)
+	ctx, cancel := context.WithTimeout(cmd.Context(), wait)
+	defer cancel()
+	st, err := waitCluster(ctx, c, nodes)
+	if err != nil {
+		for _, n := range c.Nodes {
+			fmt.Fprintf(cmd.ErrOrStderr(), "--- last lines of %s ---\n%s\n", n.Log, tail(n.Log, 10))
+		}
+		stopAll(c)
+		err = fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
+		for _, n := range c.Nodes {
+			if strings.Contains(tail(n.Log, 10), "address already in use") {
+				return c, nil, fmt.Errorf("%w: %w", errPortClash, err)
+			}
+		}
+		return c, nil, err
+	}
+	return c, st, nil
 }
 
 // tail returns the last n lines of a file.
