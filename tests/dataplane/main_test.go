@@ -18,11 +18,10 @@
 package dataplane
 
 import (
-	"fmt"
 	"os"
-	"os/exec"
-	"path/filepath"
 	"testing"
+
+	"github.com/cairn-csi/cairn/tests/testbin"
 )
 
 // cairnBin is the binary under test, built once in TestMain.
@@ -32,24 +31,9 @@ var cairnBin string
 var raceNodes = os.Getenv("CAIRN_DATAPLANE_RACE") == "1"
 
 func TestMain(m *testing.M) {
-	dir, err := os.MkdirTemp("", "cairn-dataplane-bin-")
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
-	}
-	cairnBin = filepath.Join(dir, "cairn")
-	args := []string{"build", "-o", cairnBin}
+	var flags []string
 	if raceNodes {
-		args = append(args, "-race")
+		flags = append(flags, "-race")
 	}
-	build := exec.Command("go", append(args, "github.com/cairn-csi/cairn/cmd/cairn")...)
-	build.Stdout, build.Stderr = os.Stderr, os.Stderr
-	if err := build.Run(); err != nil {
-		fmt.Fprintln(os.Stderr, "build cairn:", err)
-		os.RemoveAll(dir)
-		os.Exit(1)
-	}
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
+	testbin.Main(m, &cairnBin, flags...)
 }

@@ -12,14 +12,16 @@ import (
 
 // Main builds cairn into a temporary directory, stores its path in *bin,
 // runs the tests and removes the directory. Call it from TestMain.
-func Main(m *testing.M, bin *string) {
+// buildFlags go to `go build` (e.g. -race).
+func Main(m *testing.M, bin *string, buildFlags ...string) {
 	dir, err := os.MkdirTemp("", "cairn-test-bin-")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
 	*bin = filepath.Join(dir, "cairn")
-	build := exec.Command("go", "build", "-o", *bin, "github.com/cairn-csi/cairn/cmd/cairn")
+	args := append([]string{"build", "-o", *bin}, buildFlags...)
+	build := exec.Command("go", append(args, "github.com/cairn-csi/cairn/cmd/cairn")...)
 	build.Stdout, build.Stderr = os.Stderr, os.Stderr
 	if err := build.Run(); err != nil {
 		fmt.Fprintln(os.Stderr, "build cairn:", err)
