@@ -6,6 +6,7 @@ import (
 	"maps"
 	"reflect"
 	"slices"
+	"strings"
 
 	"github.com/cairn-csi/cairn/replication/placement"
 )
@@ -219,10 +220,27 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 	return Result{Volume: v.Clone()}, nil
 }
 
-// nextReplicaID hands out the volume's next replica id; ids are never reused.
+// nextReplicaID hands out the volume's next replica id,
+// "<volume id>-r<sequence>"; ids are never reused.
 func (v *Volume) nextReplicaID() string {
 	v.NextReplicaSeq++
 	return fmt.Sprintf("%s-r%d", v.ID, v.NextReplicaSeq)
+}
+
+// VolumeOfReplica returns the id of the volume a replica id names, the
+// inverse of the store's naming ("<volume id>-r<sequence>"). An id of
+// another shape (made by hand, or by a test) stands for itself.
+func VolumeOfReplica(id string) string {
+	i := strings.LastIndex(id, "-r")
+	if i <= 0 || i+2 == len(id) {
+		return id
+	}
+	for _, c := range id[i+2:] {
+		if c < '0' || c > '9' {
+			return id
+		}
+	}
+	return id[:i]
 }
 
 func sameParameters(a, b map[string]string) bool {

@@ -11,7 +11,6 @@ import (
 	"fmt"
 	"net"
 	"path/filepath"
-	"strings"
 	"sync"
 	"time"
 
@@ -79,7 +78,7 @@ func Start(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: cfg.Logger.Named("storage").With(zap.String("node_id", cfg.NodeID)), lis: lis, rebuilds: map[string]context.CancelFunc{}}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: cfg.Logger, DataDir: filepath.Join(cfg.DataDir, "replicas"),
-		Sched: cfg.DiskSched, VolumeOf: volumeOfReplica,
+		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
 		for _, c := range n.server.Collectors() {
@@ -99,22 +98,6 @@ func Start(cfg Config) (*Node, error) {
 	}()
 	go func() { defer n.wg.Done(); n.realizeLoop() }()
 	return n, nil
-}
-
-// volumeOfReplica returns the volume id in a replica id. The store names
-// replicas "<volume id>-r<sequence>" (meta's Volume.nextReplicaID); an id of
-// another shape (made by hand, or by a test) stands for itself.
-func volumeOfReplica(id string) string {
-	i := strings.LastIndex(id, "-r")
-	if i <= 0 || i+2 == len(id) {
-		return id
-	}
-	for _, c := range id[i+2:] {
-		if c < '0' || c > '9' {
-			return id
-		}
-	}
-	return id[:i]
 }
 
 // Addr is the replica server's address.
