@@ -26,9 +26,6 @@ type schedMetrics struct {
 	bytes        *prometheus.CounterVec
 }
 
-var classNames = map[iosched.Class]string{iosched.Foreground: "foreground", iosched.Rebuild: "rebuild", iosched.Scrub: "scrub"}
-var opNames = map[iosched.Op]string{iosched.Read: "read", iosched.Write: "write", iosched.Flush: "flush", iosched.Discard: "discard"}
-
 // newSchedMetrics registers the QoS scheduler's metrics, cairn_iosched_*.
 func newSchedMetrics(reg prometheus.Registerer) *schedMetrics {
 	return registerSchedMetrics(reg, "iosched", "QoS scheduler (this node's engines)")
@@ -68,15 +65,15 @@ func registerSchedMetrics(reg prometheus.Registerer, subsystem, what string) *sc
 }
 
 func (m *schedMetrics) QueueWait(vol string, c iosched.Class, d time.Duration) {
-	m.queueWait.WithLabelValues(vol, classNames[c]).Observe(d.Seconds())
+	m.queueWait.WithLabelValues(vol, c.String()).Observe(d.Seconds())
 }
 func (m *schedMetrics) Throttled(vol string, d time.Duration) {
 	m.throttled.WithLabelValues(vol).Add(d.Seconds())
 }
 func (m *schedMetrics) DeadlineMiss(vol string, c iosched.Class) {
-	m.deadlineMiss.WithLabelValues(vol, classNames[c]).Inc()
+	m.deadlineMiss.WithLabelValues(vol, c.String()).Inc()
 }
 func (m *schedMetrics) Dispatched(vol string, op iosched.Op, bytes uint64) {
-	m.ops.WithLabelValues(vol, opNames[op]).Inc()
-	m.bytes.WithLabelValues(vol, opNames[op]).Add(float64(bytes))
+	m.ops.WithLabelValues(vol, op.String()).Inc()
+	m.bytes.WithLabelValues(vol, op.String()).Add(float64(bytes))
 }
