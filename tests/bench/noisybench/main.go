@@ -4,11 +4,11 @@
 // and with it bypassed (cairn node --no-iosched). It prints one table.
 //
 // It builds bin/cairn and runs two 3-node dev clusters (`cairn dev up`) one
-// after the other in a temporary directory. In each, node-1 is restarted
-// once with an extra flag (added to its args in cluster.json, then `cairn dev
-// kill` and `cairn dev start`): `--rebuild-rate` in the first cluster, so that
-// the rebuild is slow enough to overlap a measurement, `--no-iosched` in the
-// second. Volumes are 3-replica and exported on node-1 over NBD; fio's nbd
+// after the other in a temporary directory, every node with extra flags
+// (`cairn dev up --node-arg`): `--rebuild-rate` and `--iosched-depth` in the
+// first cluster, so that the rebuild is slow enough to overlap a
+// measurement, `--no-iosched` in the second (bypassing the engines' and the
+// replica servers' schedulers on every node). Volumes are 3-replica and exported on node-1 over NBD; fio's nbd
 // engine drives them:
 //
 //   - A: 4k randread, iodepth 4, --rate_iops at 20% of what A alone does
@@ -254,8 +254,8 @@ func (b *bench) scheduled(ctx context.Context) error {
 	return b.teardown(cl)
 }
 
-// bypassed runs (1') and (3) on a cluster whose node-1 bypasses its
-// scheduler.
+// bypassed runs (1') and (3) on a cluster whose nodes all bypass their
+// schedulers.
 func (b *bench) bypassed(ctx context.Context) error {
 	cl, err := b.up(ctx, "c2", "--no-iosched")
 	if err != nil {
@@ -279,79 +279,33 @@ func (b *bench) bypassed(ctx context.Context) error {
 	return b.teardown(cl)
 }
 
-// up starts a dev cluster in tmp/name and restarts node-1 with extra flags.
+// up starts a dev cluster in tmp/name whose node agents all run with the
+// extra flags (cairn dev up --node-arg). All of them, not only node-1: the
+// disk schedulers of node-2 and node-3 serve the volumes' replicas too, so a
+// bypassed cluster bypasses them as well.
 func (b *bench) up(ctx context.Context, name string, extra ...string) (*cluster, error) {
 	cl := &cluster{dir: filepath.Join(b.tmp, name)}
-	b.logf("starting a 3-node dev cluster in %s; node-1 gets %s", cl.dir, strings.Join(extra, " "))
+	b.logf("starting a 3-node dev cluster in %s; every node gets %s", cl.dir, strings.Join(extra, " "))
+	args := []string{"dev", "up", "--nodes", "3", "--dir", cl.dir}
+	for _, a := range extra {
+		args = append(args, "--node-arg="+a)
+	}
 	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
 	// agents running that no cluster.json names.
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, "dev", "up", "--nodes", "3", "--dir", cl.dir); err != nil {
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, args...); err != nil {
 		return nil, fmt.Errorf("dev up: %w", err)
 	}
 	b.cl = cl
 	if err := cl.load(); err != nil {
 		return nil, err
 	}
-	if _, err := b.cmd(ctx, b.bin, "dev", "kill", "--dir", cl.dir, "node-1"); err != nil {
-		return nil, err
-	}
-	if err := addNodeArgs(filepath.Join(cl.dir, "cluster.json"), "node-1", extra); err != nil {
-		return nil, err
-	}
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, "dev", "start", "--dir", cl.dir, "node-1"); err != nil {
-		return nil, err
-	}
-	if err := cl.load(); err != nil {
-		return nil, err
-	}
-	cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", cl.nodes[0].PID))
-	if !bytes.Contains(cmdline, []byte("\x00"+strings.Join(extra, "\x00")+"\x00")) {
-		return nil, fmt.Errorf("node-1 (pid %d) does not run with %s", cl.nodes[0].PID, strings.Join(extra, " "))
+	for _, n := range cl.nodes {
+		cmdline, _ := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
+		if !bytes.Contains(cmdline, []byte("\x00"+strings.Join(extra, "\x00")+"\x00")) {
+			return nil, fmt.Errorf("%s (pid %d) does not run with %s", n.ID, n.PID, strings.Join(extra, " "))
+		}
 	}
 	return cl, b.waitNodesUp(ctx, cl)
-}
-
-// addNodeArgs appends args to one node's argument list in cluster.json,
-// keeping every other field as it is.
-func addNodeArgs(path, id string, args []string) error {
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return err
-	}
-	var doc map[string]json.RawMessage
-	var nodes []map[string]json.RawMessage
-	if err := json.Unmarshal(raw, &doc); err != nil {
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	if err := json.Unmarshal(doc["nodes"], &nodes); err != nil {
-		return fmt.Errorf("%s: nodes: %w", path, err)
-	}
-	found := false
-	for _, n := range nodes {
-		var nid string
-		var nargs []string
-		if json.Unmarshal(n["id"], &nid) != nil || nid != id {
-			continue
-		}
-		if err := json.Unmarshal(n["args"], &nargs); err != nil {
-			return fmt.Errorf("%s: %s args: %w", path, id, err)
-		}
-		if n["args"], err = json.Marshal(append(nargs, args...)); err != nil {
-			return err
-		}
-		found = true
-	}
-	if !found {
-		return fmt.Errorf("%s has no node %s", path, id)
-	}
-	if doc["nodes"], err = json.Marshal(nodes); err != nil {
-		return err
-	}
-	out, err := json.MarshalIndent(doc, "", "  ")
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(path, append(out, '\n'), 0o644)
 }
 
 func (cl *cluster) load() error {
