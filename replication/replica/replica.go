@@ -451,7 +451,7 @@ func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
 	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
 		return err
 	}
-	if _, err := r.data.WriteAt(p, int64(off)); err != nil {
+	if err := r.pwrite(p, off); err != nil {
 		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
 	}
 	if fua {
@@ -459,6 +459,32 @@ func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
 	}
 	if n >= earlyWritebackBytes {
 		r.startWriteback(off, n)
+	}
+	return nil
+}
+
+// writeChunk bounds the size of one write(2) into a replica's data file, and
+// with it the size of the page-cache folios the write creates (the kernel
+// sizes a new folio to the write that brings it in; ext4 has large folios).
+// A small write into a large folio costs in proportion to the folio: ext4
+// walks every block of it. Measured on Linux 6.18, a 4 KiB overwrite took
+// ~19 µs where the data had come in as 1 MiB writes and ~5 µs where it had
+// come in as 64 KiB writes; writing 1 MiB as 16 pieces costs well under a
+// microsecond more per piece. A filled volume that then takes random 4 KiB
+// writes (a file system after mkfs and a copy, fio after its fill) runs
+// several times faster that way. Pieces are aligned to writeChunk so that
+// the folios are too.
+const writeChunk = 64 << 10
+
+// pwrite writes p at off in pieces no larger than writeChunk, each within
+// one writeChunk-aligned block (see writeChunk).
+func (r *Replica) pwrite(p []byte, off uint64) error {
+	for len(p) > 0 {
+		n := min(uint64(len(p)), writeChunk-off%writeChunk)
+		if _, err := r.data.WriteAt(p[:n], int64(off)); err != nil {
+			return err
+		}
+		p, off = p[n:], off+n
 	}
 	return nil
 }
@@ -572,7 +598,7 @@ func (r *Replica) writeZeros(off, length uint64) error {
 	zeros := make([]byte, min(length, 1<<20))
 	for length > 0 {
 		n := min(length, uint64(len(zeros)))
-		if _, err := r.data.WriteAt(zeros[:n], int64(off)); err != nil {
+		if err := r.pwrite(zeros[:n], off); err != nil {
 			return err
 		}
 		off, length = off+n, length-n

@@ -780,3 +780,40 @@ func TestRemove(t *testing.T) {
 		t.Fatalf("Open after Remove: got %v, want ErrNotFound", err)
 	}
 }
+
+// TestWriteInChunks writes across writeChunk boundaries at odd offsets, so
+// that the pieces pwrite splits a write into are checked: every byte must
+// land where the caller put it.
+func TestWriteInChunks(t *testing.T) {
+	const size = 4 << 20
+	r := openTest(t, t.TempDir(), size, 0)
+	claimed(t, r, 1)
+	want := make([]byte, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for _, w := range []struct{ off, n uint64 }{
+		{0, 1 << 20},                       // aligned, several chunks
+		{writeChunk - 512, 1024},           // straddles one boundary
+		{3*writeChunk + 7, 3 * writeChunk}, // unaligned start and end
+		{size - writeChunk - 1, writeChunk + 1},
+	} {
+		p := make([]byte, w.n)
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+		if err := r.WriteAt(1, p, w.off, false); err != nil {
+			t.Fatalf("write %d+%d: %v", w.off, w.n, err)
+		}
+		copy(want[w.off:], p)
+	}
+	got := make([]byte, size)
+	if err := r.ReadAt(1, got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		for i := range got {
+			if got[i] != want[i] {
+				t.Fatalf("first difference at byte %d: got %#x, want %#x", i, got[i], want[i])
+			}
+		}
+	}
+}

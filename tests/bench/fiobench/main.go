@@ -15,7 +15,7 @@
 // up or a fio run failed, 2 on bad flags, 130 after Ctrl-C. The cluster,
 // nbdkit and the temporary directory are removed in every case.
 //
-//	go run ./tests/bench/fiobench [-runtime 8s] [-workloads LIST] [-idle-volumes 10] [-perf DIR] [-keep] [-v]
+//	go run ./tests/bench/fiobench [-runtime 8s] [-workloads LIST] [-idle-volumes 10] [-node-arg FLAG]... [-perf DIR] [-keep] [-v]
 package main
 
 import (
@@ -95,6 +95,7 @@ type options struct {
 	settle       time.Duration
 	parent       string
 	perfDir      string
+	nodeArgs     []string // extra flags for every node agent (cairn dev up --node-arg)
 	keep         bool
 	verbose      bool
 }
@@ -113,6 +114,10 @@ func run() int {
 	flag.DurationVar(&o.settle, "settle", time.Second, "pause after sync(2) before each run")
 	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, plain file, sockets)")
 	flag.StringVar(&o.perfDir, "perf", "", "record `perf record -g` of the serving processes during each run into this directory")
+	flag.Func("node-arg", "pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32", func(v string) error {
+		o.nodeArgs = append(o.nodeArgs, v)
+		return nil
+	})
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
 	flag.BoolVar(&o.verbose, "v", false, "print every command run")
 	flag.Parse()
@@ -278,7 +283,11 @@ func (b *bench) run(ctx context.Context) error {
 	b.logf("starting a 3-node dev cluster in %s", b.clusterDir)
 	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
 	// agents running that no cluster.json names.
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, "dev", "up", "--nodes", "3", "--dir", b.clusterDir); err != nil {
+	up := []string{"dev", "up", "--nodes", "3", "--dir", b.clusterDir}
+	for _, a := range b.o.nodeArgs {
+		up = append(up, "--node-arg="+a)
+	}
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, up...); err != nil {
 		return fmt.Errorf("dev up: %w", err)
 	}
 	if err := b.loadCluster(); err != nil {
@@ -793,6 +802,9 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), benchkit.Kernel(), loadAvg, memInfo())
 	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
 	fmt.Fprintf(w, "cairn:    %s\n", b.version())
+	if len(b.o.nodeArgs) > 0 {
+		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.nodeArgs, " "))
+	}
 	fmt.Fprintf(w, "tools:    %s, %s\n", benchkit.FirstLine("fio (version unknown)", "fio", "--version"), benchkit.FirstLine("nbdkit (version unknown)", "nbdkit", "--version"))
 	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (b) %s volume, 3 replicas (node-1..3, write quorum per store), exported on node-1\n", b.o.size)
