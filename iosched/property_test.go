@@ -90,7 +90,10 @@ func (v *volSpec) affordable(now int64, slack float64) bool {
 //     a slot is free, every volume with queued requests is out of tokens
 //     (with ReservedSlots: while only kept slots are free, no volume under
 //     its reservation or with overdue background work is waiting, and no
-//     request on spare capacity takes a kept slot);
+//     request on spare capacity takes a kept slot; with
+//     SpareSlotsWhileReserved: the same while a reserved volume sent a
+//     request within ReservedActiveWindow and that many requests on spare
+//     capacity are in flight);
 //   - each dispatch is the one the rules choose, computed by brute force over
 //     every queued request (overdue background, then reservations, then the
 //     earliest effective deadline), so the heaps keep the EDF order;
@@ -119,6 +122,21 @@ func randomScenario(t *testing.T, seed uint64) {
 		cfg.ReservedSlots = rng.IntN(cfg.Depth)
 	}
 	spareSlots := cfg.Depth - cfg.ReservedSlots
+	if rng.IntN(2) == 0 {
+		cfg.ReservationBurst = rng.IntN(10)
+	}
+	if rng.IntN(2) == 0 {
+		cfg.SpareSlotsWhileReserved = 1 + rng.IntN(spareSlots)
+		cfg.ReservedActiveWindow = dur(time.Millisecond, 50*time.Millisecond)
+	}
+	// The test's own account of the bound: when the last reserved volume's
+	// window ends, and the requests on spare capacity in flight.
+	resvActive := time.Duration(-1)
+	spareInflight := 0
+	spareGranted := map[*waiter]bool{}
+	spareBounded := func(now time.Duration) bool {
+		return cfg.SpareSlotsWhileReserved > 0 && now < resvActive && spareInflight >= cfg.SpareSlotsWhileReserved
+	}
 	cfg.ClassLatency = [numClasses]time.Duration{
 		dur(time.Millisecond, 20*time.Millisecond),
 		dur(10*time.Millisecond, 500*time.Millisecond),
@@ -191,6 +209,14 @@ func randomScenario(t *testing.T, seed uint64) {
 			fail("%s dispatched on spare capacity with %d in flight; %d of depth %d are kept for reservations",
 				v.name, h.s.inflight, cfg.ReservedSlots, cfg.Depth)
 		}
+		if ph == phaseSpare && spareBounded(now) {
+			fail("%s dispatched on spare capacity with %d spare requests in flight while a reserved volume is active (until %v, bound %d)",
+				v.name, spareInflight, resvActive, cfg.SpareSlotsWhileReserved)
+		}
+		if ph == phaseSpare {
+			spareInflight++
+			spareGranted[w] = true
+		}
 		bytes := float64(w.req.Bytes)
 		if w.req.Op != Read && w.req.Op != Write {
 			bytes = 0
@@ -198,6 +224,12 @@ func randomScenario(t *testing.T, seed uint64) {
 		v.iops.charge(1, n)
 		v.bytes.charge(bytes, n)
 		v.queued--
+	})
+	h.onDone = append(h.onDone, func(w *waiter) {
+		if spareGranted[w] {
+			delete(spareGranted, w)
+			spareInflight--
+		}
 	})
 	// Work conservation after every step.
 	h.afterStep = append(h.afterStep, func() {
@@ -212,9 +244,11 @@ func randomScenario(t *testing.T, seed uint64) {
 			if v.queued == 0 || !v.affordable(now, +1) {
 				continue
 			}
-			if h.inflight >= spareSlots {
-				// Only the reserved slots are free: they must be taken by
-				// a volume under its reservation or overdue background work.
+			if h.inflight >= spareSlots || spareBounded(time.Duration(now)) {
+				// Only the reserved slots are free, or spare work has its
+				// share while a reserved volume is active: the free slots
+				// must be taken by a volume under its reservation or
+				// overdue background work.
 				sv := h.s.vols[v.name]
 				reserved := sv.rStep > 0 && sv.rTag <= now
 				overdue := sv.bgHead != nil && sv.bgHead.arrival+h.s.maxBG <= now
@@ -245,6 +279,9 @@ func randomScenario(t *testing.T, seed uint64) {
 				r.Deadline = h.clk.Now().Add(dur(0, 50*time.Millisecond))
 			}
 			v.queued++
+			if v.lim.MinIOPS > 0 {
+				resvActive = h.elapsed() + cfg.ReservedActiveWindow
+			}
 			sr := h.submit(nil, r)
 			if rng.IntN(20) == 0 {
 				h.clk.AfterFunc(dur(0, 50*time.Millisecond), func() {

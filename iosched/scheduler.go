@@ -16,12 +16,18 @@ type Scheduler struct {
 	obs      Observer
 	disabled bool
 	depth    int
-	spare    int               // slots that work on spare capacity may fill: depth - ReservedSlots
-	classLat [numClasses]int64 // ns
-	maxBG    int64             // ns
-	quantum  int64             // ns of share tag a weight-DefaultWeight volume spends per spare I/O
-	start    time.Time         // time 0 of the scheduler's int64 time line
-	onTimer  func()            // s.wake, bound once so that arming the timer does not allocate
+	spare    int // slots that work on spare capacity may fill: depth - ReservedSlots
+	// spareResv bounds spareInflight while resvActive is in the future
+	// (Config.SpareSlotsWhileReserved; 0: no bound); resvWindow is
+	// Config.ReservedActiveWindow in ns.
+	spareResv  int
+	resvWindow int64
+	resvBurst  int64             // Config.ReservationBurst
+	classLat   [numClasses]int64 // ns
+	maxBG      int64             // ns
+	quantum    int64             // ns of share tag a weight-DefaultWeight volume spends per spare I/O
+	start      time.Time         // time 0 of the scheduler's int64 time line
+	onTimer    func()            // s.wake, bound once so that arming the timer does not allocate
 
 	closedFlag atomic.Bool // mirrors closed for the Disabled path, which takes no lock
 
@@ -32,9 +38,13 @@ type Scheduler struct {
 	mu       sync.Mutex
 	closed   bool
 	vols     map[string]*volume
-	inflight int    // granted and not yet Done
-	queued   int    // waiting in some volume's queue
-	seq      uint64 // arrival counter, the tie-break that makes the order total
+	inflight int // granted and not yet Done
+	// spareInflight counts those of them granted on spare capacity;
+	// resvActive is when the last reserved volume's activity window ends.
+	spareInflight int
+	resvActive    int64
+	queued        int    // waiting in some volume's queue
+	seq           uint64 // arrival counter, the tie-break that makes the order total
 
 	// Volumes with queued requests are in exactly one of two states:
 	// eligible (their head request can be paid for now), in ready, and in resv
@@ -133,6 +143,7 @@ type waiter struct {
 	bgPrev   *waiter
 	bgNext   *waiter
 	state    waiterState
+	spare    bool  // granted on spare capacity (counted in spareInflight)
 	err      error // why a failed waiter failed
 }
 
@@ -153,15 +164,19 @@ func New(cfg Config) (*Scheduler, error) {
 		return nil, err
 	}
 	s := &Scheduler{
-		clock:    cfg.Clock,
-		obs:      cfg.Observer,
-		disabled: cfg.Disabled,
-		depth:    cfg.Depth,
-		spare:    cfg.Depth - cfg.ReservedSlots,
-		maxBG:    int64(cfg.MaxBackgroundWait),
-		start:    cfg.Clock.Now(),
-		vols:     make(map[string]*volume),
-		vtime:    math.MinInt64,
+		clock:      cfg.Clock,
+		obs:        cfg.Observer,
+		disabled:   cfg.Disabled,
+		depth:      cfg.Depth,
+		spare:      cfg.Depth - cfg.ReservedSlots,
+		spareResv:  cfg.SpareSlotsWhileReserved,
+		resvWindow: int64(cfg.ReservedActiveWindow),
+		resvBurst:  int64(cfg.ReservationBurst),
+		resvActive: math.MinInt64,
+		maxBG:      int64(cfg.MaxBackgroundWait),
+		start:      cfg.Clock.Now(),
+		vols:       make(map[string]*volume),
+		vtime:      math.MinInt64,
 	}
 	for i, d := range cfg.ClassLatency {
 		s.classLat[i] = int64(d)
@@ -220,6 +235,9 @@ func (s *Scheduler) SetLimits(id string, l Limits) error {
 			name:     id,
 			queue:    indexedHeap[*waiter]{less: waiterLess, pos: waiterPos},
 			readyIdx: -1, resvIdx: -1, overdueIdx: -1, throttledIdx: -1,
+			// Owed from the start, burst allowance included, however soon
+			// after the scheduler's time 0 the volume comes.
+			rTag: math.MinInt64 / 2,
 		}
 		s.vols[id] = v
 	}
@@ -348,6 +366,9 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 		v.bgTail = w
 	}
 	s.queued++
+	if v.rStep > 0 {
+		s.resvActive = now + s.resvWindow
+	}
 	s.update(v, now)
 	s.dispatch(now)
 	s.arm(now)
@@ -397,6 +418,9 @@ func (t Ticket) Done() {
 	defer s.mu.Unlock()
 	if t.w.gen != t.gen || t.w.state != stateGranted {
 		panic("BUG: iosched: Ticket.Done called twice")
+	}
+	if t.w.spare {
+		s.spareInflight--
 	}
 	s.release(t.w)
 	s.inflight--
@@ -468,6 +492,7 @@ func (s *Scheduler) release(w *waiter) {
 	w.req = Request{}
 	w.vol = nil
 	w.err = nil
+	w.spare = false
 	s.free = append(s.free, w)
 }
 
@@ -601,18 +626,33 @@ func (s *Scheduler) refresh(now int64) {
 //
 // Invariant (after dispatch returns): either every slot is taken, or no
 // volume with queued requests is eligible, or the only eligible requests
-// would use spare capacity and every slot open to them is taken.
+// would use spare capacity and every slot open to them is taken (see
+// spareFull).
 func (s *Scheduler) dispatch(now int64) {
 	for s.inflight < s.depth {
 		w, ph := s.pick(now)
 		if w == nil {
 			return
 		}
-		if ph == phaseSpare && s.inflight >= s.spare {
+		if ph == phaseSpare && s.spareFull(now) {
 			return // pick offers spare work only when nothing else is eligible
 		}
 		s.grant(w, ph, now)
 	}
+}
+
+// spareFull reports whether a request on spare capacity must wait although
+// a slot is free: the free slots are kept (Config.ReservedSlots), or a
+// reserved volume is active and spare work has its share of slots
+// (Config.SpareSlotsWhileReserved).
+func (s *Scheduler) spareFull(now int64) bool {
+	return s.inflight >= s.spare || s.spareBounded(now)
+}
+
+// spareBounded reports whether the bound for spare work while a reserved
+// volume is active applies now and is reached.
+func (s *Scheduler) spareBounded(now int64) bool {
+	return s.spareResv > 0 && now < s.resvActive && s.spareInflight >= s.spareResv
 }
 
 // pick chooses the next request: first a background request that has waited
@@ -657,8 +697,11 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 	v.bytes.charge(bytes, now)
 	if v.rStep > 0 {
 		// mClock: the tag advances from the request's arrival, so a backlogged
-		// volume that was served late catches up, but an idle one banks nothing.
-		v.rTag = max(v.rTag, w.arrival) + v.rStep
+		// volume that was served late catches up, but an idle one banks
+		// nothing beyond the burst allowance b: the tag may start up to b-1
+		// steps before the arrival, so b requests arriving together are
+		// all owed.
+		v.rTag = max(v.rTag, w.arrival-(s.resvBurst-1)*v.rStep) + v.rStep
 	}
 	if ph != phaseReserved {
 		// Start-time fair queueing on share tags: reserved I/Os are not
@@ -670,6 +713,10 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 		}
 	}
 	s.inflight++
+	w.spare = ph == phaseSpare
+	if w.spare {
+		s.spareInflight++
+	}
 	w.state = stateGranted
 	s.obs.QueueWait(v.name, w.req.Class, time.Duration(now-w.arrival))
 	if now > w.deadline {
@@ -692,16 +739,20 @@ func (s *Scheduler) arm(now int64) {
 	if s.throttled.len() > 0 {
 		at = s.throttled.top().readyAt
 	}
-	if s.inflight >= s.spare {
-		// Only the kept slots are free, and eligible spare work waits for
-		// them to be needed by no one: a volume coming under its
-		// reservation or background work becoming overdue may take one,
-		// but both happen by the clock alone, with no call to dispatch.
+	if s.spareFull(now) {
+		// Only slots closed to spare work are free, and eligible spare
+		// work waits for them to be needed by no one: a volume coming
+		// under its reservation or background work becoming overdue may
+		// take one, but both happen by the clock alone, with no call to
+		// dispatch. So does the end of a reserved volume's activity.
 		if s.resv.len() > 0 {
 			at = min(at, s.resv.top().rTag)
 		}
 		if s.overdue.len() > 0 {
 			at = min(at, s.overdue.top().bgHead.arrival+s.maxBG)
+		}
+		if s.spareBounded(now) && s.ready.len() > 0 {
+			at = min(at, s.resvActive)
 		}
 	}
 	if at == math.MaxInt64 {

@@ -3,6 +3,7 @@ package iosched
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math"
 	"slices"
 	"sync"
@@ -204,6 +205,86 @@ func TestReservedSlots(t *testing.T) {
 			wantFlood := float64(4-tc.reserved)*2000 - float64(tenant.granted)
 			if !within(float64(flood.granted), wantFlood, 0.02) {
 				t.Errorf("flood got %d I/Os, want about %.0f", flood.granted, wantFlood)
+			}
+		})
+	}
+}
+
+// TestSpareSlotsWhileReserved checks the bound on spare work while a
+// reserved volume is active: a flood keeps only SpareSlotsWhileReserved
+// requests in flight while a reserved tenant sends requests, and takes every
+// slot open to spare work again once the tenant has been quiet for
+// ReservedActiveWindow.
+func TestSpareSlotsWhileReserved(t *testing.T) {
+	const (
+		service = time.Millisecond
+		window  = 20 * time.Millisecond
+	)
+	h := newSim(t, Config{Depth: 8, ReservedSlots: 1, SpareSlotsWhileReserved: 2, ReservedActiveWindow: window}, service)
+	h.setLimits("flood", Limits{})
+	h.setLimits("tenant", Limits{MinIOPS: 500})
+	flood := &client{req: Request{Volume: "flood", Op: Write, Bytes: 4 * kib}, qd: 64}
+	// 200 IOPS for the first second, then silence.
+	tenant := &client{req: Request{Volume: "tenant", Op: Read, Bytes: 4 * kib}, every: 5 * time.Millisecond, until: time.Second}
+	h.start(flood, tenant)
+
+	h.run(time.Second)
+	active := flood.granted
+	if worst := slices.Max(tenant.waits); worst != 0 {
+		t.Errorf("tenant waited up to %v with slots free", worst)
+	}
+	// Two spare slots for a second of 1 ms services.
+	if !within(float64(active), 2000, 0.02) {
+		t.Errorf("flood got %d I/Os while the tenant was active, want about 2000 (2 slots)", active)
+	}
+
+	h.run(2 * time.Second)
+	quiet := flood.granted - active
+	// The window's worth at 2 slots, then 7 (8 less the kept one).
+	want := float64(window/service)*2 + float64((time.Second-window)/service)*7
+	if !within(float64(quiet), want, 0.02) {
+		t.Errorf("flood got %d I/Os in the second after the tenant stopped, want about %.0f (7 slots)", quiet, want)
+	}
+	t.Logf("flood: %d I/Os with the tenant active, %d after; tenant %d I/Os", active, quiet, tenant.granted)
+}
+
+// TestReservationBurst sends a reserved tenant's I/O in bursts of four next
+// to a flood: with a burst allowance of four, every request of a burst goes
+// under the reservation at once; with strict spacing, all but the first
+// wait for the flood.
+func TestReservationBurst(t *testing.T) {
+	const service = time.Millisecond
+	for _, tc := range []struct {
+		burst    int
+		waitZero bool
+	}{{4, true}, {1, false}} {
+		t.Run(fmt.Sprintf("burst=%d", tc.burst), func(t *testing.T) {
+			h := newSim(t, Config{Depth: 8, ReservedSlots: 4, ReservationBurst: tc.burst}, service)
+			h.setLimits("flood", Limits{})
+			h.setLimits("tenant", Limits{MinIOPS: 500})
+			flood := &client{req: Request{Volume: "flood", Op: Write, Bytes: 4 * kib}, qd: 64}
+			// Four requests together every 10 ms: 400 IOPS, under 500.
+			var tenants []*client
+			for range 4 {
+				tenants = append(tenants, &client{req: Request{Volume: "tenant", Op: Read, Bytes: 4 * kib}, every: 10 * time.Millisecond})
+			}
+			h.start(append(tenants, flood)...)
+			h.run(time.Second)
+			var worst time.Duration
+			granted := 0
+			for _, c := range tenants {
+				worst = max(worst, slices.Max(c.waits))
+				granted += c.granted
+			}
+			t.Logf("tenant: %d I/Os, longest wait %v", granted, worst)
+			if granted < 396 {
+				t.Errorf("tenant got %d I/Os in 1 s at 400 IOPS", granted)
+			}
+			if tc.waitZero && worst != 0 {
+				t.Errorf("tenant waited up to %v, want no wait with a burst allowance of 4", worst)
+			}
+			if !tc.waitZero && worst < service/2 {
+				t.Errorf("tenant waited at most %v with strict spacing, want the flood's service time", worst)
 			}
 		})
 	}

@@ -164,6 +164,7 @@ type sim struct {
 	held        []Ticket                                       // dispatched requests the test completes itself (service < 0)
 	onGrant     []func(w *waiter, ph phase, now time.Duration) // run under the scheduler's lock
 	afterStep   []func()                                       // run after every step of the simulation
+	onDone      []func(w *waiter)                              // run just before a dispatched request's Done
 }
 
 type simReq struct {
@@ -272,7 +273,7 @@ func (h *sim) collect() {
 		}
 		h.clk.AfterFunc(d, func() {
 			h.inflight--
-			t.Done()
+			h.done(t)
 			if c := sr.c; c != nil && c.qd > 0 && (c.until == 0 || h.elapsed() < c.until) {
 				h.submit(c, Request{})
 			}
@@ -312,8 +313,16 @@ func (h *sim) finish() {
 	t := h.held[0]
 	h.held = h.held[1:]
 	h.inflight--
-	t.Done()
+	h.done(t)
 	h.collect()
+}
+
+// done completes a dispatched request.
+func (h *sim) done(t Ticket) {
+	for _, f := range h.onDone {
+		f(t.w)
+	}
+	t.Done()
 }
 
 // run advances the simulation to time end.

@@ -111,6 +111,10 @@ const (
 	// DefaultMaxBackgroundWait bounds how long a background request waits
 	// when Config.MaxBackgroundWait is 0.
 	DefaultMaxBackgroundWait = 2 * time.Second
+	// MaxReservationBurst is the largest Config.ReservationBurst.
+	MaxReservationBurst = 1 << 16
+	// DefaultReservedActiveWindow is Config.ReservedActiveWindow when 0.
+	DefaultReservedActiveWindow = 100 * time.Millisecond
 	// DefaultWeight is the weight of a volume whose Limits.Weight is 0.
 	DefaultWeight = 100
 	// MaxWeight is the largest weight SetLimits accepts.
@@ -139,6 +143,31 @@ type Config struct {
 	// first, but still waits for one of the flood's requests to finish.
 	// 0 keeps none; it must be less than Depth.
 	ReservedSlots int
+	// ReservationBurst is how many requests a volume below its reservation
+	// may have served under it back to back, ahead of spare work, before
+	// the reservation's spacing (one request per 1/MinIOPS) applies again.
+	// Applications issue I/O in small bursts (a queue depth of a few);
+	// with strict spacing only the first request of a burst would go under
+	// the reservation and the rest would queue behind spare work. The
+	// long-run reserved rate stays MinIOPS. 0 means 1: strict spacing, as
+	// in mClock.
+	ReservationBurst int
+	// SpareSlotsWhileReserved bounds the requests on spare capacity in
+	// flight while some volume with a reservation (MinIOPS > 0) is active,
+	// that is, has sent a request within ReservedActiveWindow; the bound
+	// counts only requests dispatched on spare capacity, so a flood always
+	// keeps that many. Kept slots protect a reserved volume's turn at the
+	// disk, not its latency once it is there: when the contended resource is
+	// not the disk alone (a small node whose CPUs also serve the flood's
+	// network and replication work), every request in flight slows the
+	// others down. With this bound, a latency-sensitive volume that holds
+	// a reservation sees a nearly idle node while it is active; without
+	// reserved volumes it has no effect. 0 means no such bound.
+	SpareSlotsWhileReserved int
+	// ReservedActiveWindow is how long a reserved volume counts as active
+	// after its last request, so that the bound holds across the short gaps
+	// of a steady workload. 0 means DefaultReservedActiveWindow.
+	ReservedActiveWindow time.Duration
 	// ClassLatency is each class's target latency: a request's default
 	// deadline is its arrival plus its class's latency, so the order of these
 	// is the order of urgency (foreground < rebuild < scrub). Zero entries
@@ -204,6 +233,22 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ReservedSlots < 0 || c.ReservedSlots >= c.Depth {
 		return c, fmt.Errorf("%w: ReservedSlots %d: want 0 to Depth-1 (%d)", ErrInvalidConfig, c.ReservedSlots, c.Depth-1)
+	}
+	if c.SpareSlotsWhileReserved < 0 || c.SpareSlotsWhileReserved > c.Depth-c.ReservedSlots {
+		return c, fmt.Errorf("%w: SpareSlotsWhileReserved %d: want 0 to Depth-ReservedSlots (%d)",
+			ErrInvalidConfig, c.SpareSlotsWhileReserved, c.Depth-c.ReservedSlots)
+	}
+	if c.ReservationBurst < 0 || c.ReservationBurst > MaxReservationBurst {
+		return c, fmt.Errorf("%w: ReservationBurst %d: want 0 to %d", ErrInvalidConfig, c.ReservationBurst, MaxReservationBurst)
+	}
+	if c.ReservationBurst == 0 {
+		c.ReservationBurst = 1
+	}
+	if c.ReservedActiveWindow < 0 {
+		return c, fmt.Errorf("%w: negative ReservedActiveWindow %v", ErrInvalidConfig, c.ReservedActiveWindow)
+	}
+	if c.ReservedActiveWindow == 0 {
+		c.ReservedActiveWindow = DefaultReservedActiveWindow
 	}
 	for i, d := range c.ClassLatency {
 		if d < 0 {

@@ -82,6 +82,10 @@ type nodeOptions struct {
 	// IOSchedDepth is how many volume I/Os the scheduler lets run at once
 	// on this node; more wait in its queue, in its order.
 	IOSchedDepth int
+	// IOSchedSpareWhileReserved bounds, in both schedulers, the I/Os on
+	// spare capacity in flight while a volume with a reservation is active
+	// (iosched.Config.SpareSlotsWhileReserved).
+	IOSchedSpareWhileReserved int
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -110,6 +114,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
 	fs.IntVar(&o.IOSchedDepth, "iosched-depth", 256, "volume I/Os the scheduler lets run at once on this node; the rest queue in its order (smaller: stronger isolation, less throughput)")
+	fs.IntVar(&o.IOSchedSpareWhileReserved, "iosched-spare-while-reserved", 2, "while a volume with a reservation (minIOPS) is busy, run at most this many I/Os of volumes beyond their reservations at once, so the reserved volume sees a nearly idle node (0: no bound; larger: more throughput for the others, less protection)")
 	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O schedulers: no QoS limits, no disk fairness or rebuild priority (for measuring what scheduling buys)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
@@ -218,12 +223,21 @@ func runNode(o *nodeOptions) error {
 	// I/Os in flight across all volumes; QoS limits apply per volume. A
 	// quarter of the depth is kept for volumes under their reservation
 	// (minIOPS), so that a flood on spare capacity cannot make them wait
-	// for a slot.
+	// for a slot; and while such a volume is busy, the flood runs only a
+	// few I/Os at once, because on a node whose CPUs serve both, every
+	// flood I/O in flight slows the reserved volume's I/Os down too.
+	//
+	// A reserved volume may have up to reservationBurst I/Os served under
+	// its reservation back to back: applications send I/O a few at a time
+	// (a queue depth of 4 to 8), and with strict spacing all but the first
+	// of such a burst would queue behind the flood.
+	const reservationBurst = 8
 	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, ReservedSlots: o.IOSchedDepth / 4,
+		SpareSlotsWhileReserved: o.IOSchedSpareWhileReserved, ReservationBurst: reservationBurst,
 		Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
-		return fmt.Errorf("--iosched-depth %d: %w", o.IOSchedDepth, err)
+		return fmt.Errorf("--iosched-depth %d, --iosched-spare-while-reserved %d: %w", o.IOSchedDepth, o.IOSchedSpareWhileReserved, err)
 	}
 	defer sched.Close()
 	// A second scheduler for the replica server's disk I/O: operations on
@@ -244,7 +258,9 @@ func runNode(o *nodeOptions) error {
 	// ordering applied.
 	const diskSchedDepth = 32
 	diskSched, err := iosched.New(iosched.Config{Depth: diskSchedDepth, ReservedSlots: diskSchedDepth / 4,
-		Observer: newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
+		SpareSlotsWhileReserved: min(o.IOSchedSpareWhileReserved, diskSchedDepth-diskSchedDepth/4),
+		ReservationBurst:        reservationBurst,
+		Observer:                newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
 		return err
