@@ -106,6 +106,12 @@ func newDiskSchedClock(t *testing.T) (*iosched.Scheduler, *grantLog, func() func
 	return sched, log, hold, clock
 }
 
+// schedServer starts a server whose disk I/O goes through sched.
+func schedServer(t *testing.T, sched *iosched.Scheduler) (*Server, string) {
+	t.Helper()
+	return startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
+}
+
 // waitQueued waits until n data operations wait for s's disk scheduler.
 func waitQueued(t *testing.T, s *Server, n int) {
 	t.Helper()
@@ -138,11 +144,8 @@ func after(t *testing.T, log *grantLog) []grant {
 // after it, and a scrub request behind both.
 func TestServerAdmitsByClass(t *testing.T) {
 	sched, log, hold := newDiskSched(t)
-	s, addr := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
-	r, err := s.Create("vol1-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, addr := schedServer(t, sched)
+	r := mustCreate(t, s, "vol1-r0")
 	c := dial(t, addr, "vol1-r0", testSize)
 	ctx := testCtx(t)
 	if err := c.Claim(ctx, 1); err != nil {
@@ -264,11 +267,8 @@ func ordinal(n int) string {
 // against a replica that is gone, and frees its volume in the scheduler.
 func TestDeletedReplicaLeavesTheScheduler(t *testing.T) {
 	sched, _, hold := newDiskSched(t)
-	s, _ := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
-	r, err := s.Create("gone-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := schedServer(t, sched)
+	r := mustCreate(t, s, "gone-r0")
 	release := hold()
 	defer release()
 	errc := make(chan error, 1)
@@ -295,10 +295,7 @@ func TestDeletedReplicaLeavesTheScheduler(t *testing.T) {
 // scheduler, or opened without a server, admits at once.
 func TestAdmitWithoutScheduler(t *testing.T) {
 	s, _ := startServer(t, t.TempDir())
-	r, err := s.Create("free-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustCreate(t, s, "free-r0")
 	canceled, cancel := context.WithCancel(context.Background())
 	cancel()
 	for _, rr := range []*Replica{r, openTest(t, t.TempDir(), testSize, 0)} {
@@ -315,15 +312,9 @@ func TestAdmitWithoutScheduler(t *testing.T) {
 // falls back in line once the reservation is taken away.
 func TestReservationsReachTheScheduler(t *testing.T) {
 	sched, log, hold, clock := newDiskSchedClock(t)
-	s, _ := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
-	busy, err := s.Create("busy-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
-	reserved, err := s.Create("reserved-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := schedServer(t, sched)
+	busy := mustCreate(t, s, "busy-r0")
+	reserved := mustCreate(t, s, "reserved-r0")
 	ctx := testCtx(t)
 	admit := func(r *Replica, errs chan<- error) {
 		tk, err := r.Admit(ctx, OpRead, 4096)
@@ -477,11 +468,8 @@ func TestAdmitAllocatesNothing(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Cleanup(sched.Close)
-	s, _ := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
-	r, err := s.Create("hot-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, _ := schedServer(t, sched)
+	r := mustCreate(t, s, "hot-r0")
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	allocs := testing.AllocsPerRun(200, func() {
@@ -504,11 +492,8 @@ func TestAdmitAllocatesNothing(t *testing.T) {
 // queued rebuild write), and the acknowledged newer data would be lost.
 func TestClosedConnectionDropsQueuedRequests(t *testing.T) {
 	sched, _, hold := newDiskSched(t)
-	s, addr := startServerWithConfig(t, ServerConfig{DataDir: t.TempDir(), Sched: sched})
-	r, err := s.Create("vol1-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	s, addr := schedServer(t, sched)
+	r := mustCreate(t, s, "vol1-r0")
 	ctx := testCtx(t)
 	c1 := dial(t, addr, "vol1-r0", testSize)
 	if err := c1.Claim(ctx, 1); err != nil {

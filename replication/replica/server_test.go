@@ -55,6 +55,16 @@ func startServerWithConfig(t testing.TB, cfg ServerConfig) (*Server, string) {
 	return s, l.Addr().String()
 }
 
+// mustCreate creates replica id of testSize on s.
+func mustCreate(t testing.TB, s *Server, id string) *Replica {
+	t.Helper()
+	r, err := s.Create(id, testSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r
+}
+
 func dial(t testing.TB, addr, id string, size uint64) *Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -75,10 +85,7 @@ func testCtx(t testing.TB) context.Context {
 
 func TestClientServerRoundTrip(t *testing.T) {
 	s, addr := startServer(t, t.TempDir())
-	r, err := s.Create("vol1-r0", testSize)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := mustCreate(t, s, "vol1-r0")
 	c := dial(t, addr, "vol1-r0", testSize)
 	ctx := testCtx(t)
 	if err := c.Ping(ctx); err != nil {
