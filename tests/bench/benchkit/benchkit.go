@@ -131,6 +131,16 @@ type Node struct {
 	Log     string `json:"log"`
 }
 
+// DevUpArgs is the argument list of `cairn dev up` for a 3-node cluster in
+// dir whose node agents all get nodeArgs (--node-arg).
+func DevUpArgs(dir string, nodeArgs []string) []string {
+	args := []string{"dev", "up", "--nodes", "3", "--dir", dir}
+	for _, a := range nodeArgs {
+		args = append(args, "--node-arg="+a)
+	}
+	return args
+}
+
 // LoadCluster reads dir/cluster.json and returns its nodes and their meta
 // API addresses, comma-separated (for `cairn ctl --server`).
 func LoadCluster(dir string) (nodes []Node, servers string, err error) {

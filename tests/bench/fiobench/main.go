@@ -283,11 +283,7 @@ func (b *bench) run(ctx context.Context) error {
 	b.logf("starting a 3-node dev cluster in %s", b.clusterDir)
 	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
 	// agents running that no cluster.json names.
-	up := []string{"dev", "up", "--nodes", "3", "--dir", b.clusterDir}
-	for _, a := range b.o.nodeArgs {
-		up = append(up, "--node-arg="+a)
-	}
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, up...); err != nil {
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, benchkit.DevUpArgs(b.clusterDir, b.o.nodeArgs)...); err != nil {
 		return fmt.Errorf("dev up: %w", err)
 	}
 	if err := b.loadCluster(); err != nil {

@@ -286,13 +286,9 @@ func (b *bench) bypassed(ctx context.Context) error {
 func (b *bench) up(ctx context.Context, name string, extra ...string) (*cluster, error) {
 	cl := &cluster{dir: filepath.Join(b.tmp, name)}
 	b.logf("starting a 3-node dev cluster in %s; every node gets %s", cl.dir, strings.Join(extra, " "))
-	args := []string{"dev", "up", "--nodes", "3", "--dir", cl.dir}
-	for _, a := range extra {
-		args = append(args, "--node-arg="+a)
-	}
 	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
 	// agents running that no cluster.json names.
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, args...); err != nil {
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, benchkit.DevUpArgs(cl.dir, extra)...); err != nil {
 		return nil, fmt.Errorf("dev up: %w", err)
 	}
 	b.cl = cl
