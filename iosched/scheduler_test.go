@@ -707,6 +707,13 @@ func TestNewValidation(t *testing.T) {
 		{"reserved slots", Config{Depth: 4, ReservedSlots: 3}, true},
 		{"every slot reserved", Config{Depth: 4, ReservedSlots: 4}, false},
 		{"negative reserved slots", Config{ReservedSlots: -1}, false},
+		{"spare bound", Config{Depth: 4, ReservedSlots: 1, SpareSlotsWhileReserved: 3}, true},
+		{"spare bound above the open slots", Config{Depth: 4, ReservedSlots: 1, SpareSlotsWhileReserved: 4}, false},
+		{"negative spare bound", Config{SpareSlotsWhileReserved: -1}, false},
+		{"negative active window", Config{ReservedActiveWindow: -time.Millisecond}, false},
+		{"reservation burst", Config{ReservationBurst: MaxReservationBurst}, true},
+		{"reservation burst too large", Config{ReservationBurst: MaxReservationBurst + 1}, false},
+		{"negative reservation burst", Config{ReservationBurst: -1}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := New(tc.cfg)
