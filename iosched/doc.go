@@ -49,6 +49,17 @@
 // volumes (no head-of-line blocking), and one timer, set for the earliest
 // throttled volume, wakes the scheduler when its tokens come. Nothing polls.
 //
+// # Protecting reserved volumes
+//
+// While a volume with a reservation is active (it sent a request within
+// Config.ReservedActiveWindow), two throttles hold back the spare-capacity
+// requests of volumes without a reservation: a bound on how many are in
+// flight (Config.SpareSlotsWhileReserved), and the latency guard
+// (Config.LatencyTolerance), which limits their rate whenever the reserved
+// volumes' service time grows beyond a tolerance of what it is on a quiet
+// node (guard.go). A reserved volume's own requests beyond its reservation
+// are never held back by them.
+//
 // # Cost
 //
 // Acquire and Done are O(log n) in the number of queued requests and volumes:
@@ -58,8 +69,8 @@
 //
 // # Metrics
 //
-// The Observer interface reports queue wait, throttled time, deadline misses
-// and dispatched I/O; the caller maps them onto Prometheus (or anything else).
+// The Observer interface reports queue wait, throttled time, deadline misses,
+// dispatched I/O and the latency guard's spare rate; the caller maps them onto Prometheus (or anything else).
 //
 // iosched knows nothing of CSI or Raft and imports the standard library only;
 // replication and driver build on it.

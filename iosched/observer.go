@@ -23,6 +23,10 @@ type Observer interface {
 	// report the bytes the caller gave, though they are not charged to the
 	// bytes/s bucket.
 	Dispatched(volume string, op Op, bytes uint64)
+	// SpareLimit reports that the latency guard (Config.LatencyTolerance)
+	// changed the rate of requests on spare capacity it allows, in I/Os
+	// per second; +Inf when it holds nothing.
+	SpareLimit(iops float64)
 }
 
 // NopObserver is an Observer that ignores everything. It is the default.
@@ -39,3 +43,6 @@ func (NopObserver) DeadlineMiss(string, Class) {}
 
 // Dispatched does nothing.
 func (NopObserver) Dispatched(string, Op, uint64) {}
+
+// SpareLimit does nothing.
+func (NopObserver) SpareLimit(float64) {}

@@ -93,10 +93,14 @@ func (v *volSpec) affordable(now int64, slack float64) bool {
 //     request on spare capacity takes a kept slot; with
 //     SpareSlotsWhileReserved: the same while a reserved volume sent a
 //     request within ReservedActiveWindow and that many requests on spare
-//     capacity are in flight);
+//     capacity of volumes without a reservation are in flight, or, with
+//     LatencyTolerance, while the latency guard holds spare work; and
+//     then no volume with a reservation waits either);
 //   - each dispatch is the one the rules choose, computed by brute force over
 //     every queued request (overdue background, then reservations, then the
-//     earliest effective deadline), so the heaps keep the EDF order;
+//     earliest effective deadline; while spare work is held, the reserved
+//     volume with the earliest reservation tag in place of a volume without
+//     a reservation), so the heaps keep the EDF order;
 //   - a background request on an unlimited volume waits at most
 //     MaxBackgroundWait plus one service time per older overdue background
 //     request dispatched before it;
@@ -116,6 +120,7 @@ func TestPropertyRandomArrivals(t *testing.T) {
 
 func randomScenario(t *testing.T, seed uint64) {
 	rng := rand.New(rand.NewPCG(seed, 0x10))
+	var h *sim
 	dur := func(lo, hi time.Duration) time.Duration { return lo + time.Duration(rng.Int64N(int64(hi-lo+1))) }
 	cfg := Config{Depth: 1 + rng.IntN(6), MaxBackgroundWait: dur(20*time.Millisecond, 300*time.Millisecond)}
 	if rng.IntN(2) == 0 {
@@ -129,13 +134,24 @@ func randomScenario(t *testing.T, seed uint64) {
 		cfg.SpareSlotsWhileReserved = 1 + rng.IntN(spareSlots)
 		cfg.ReservedActiveWindow = dur(time.Millisecond, 50*time.Millisecond)
 	}
+	if rng.IntN(2) == 0 {
+		cfg.LatencyTolerance = 1 + 2*rng.Float64()
+		cfg.LatencyWindow = dur(time.Millisecond, 10*time.Millisecond)
+		cfg.MinSpareIOPS = 1 + rng.Uint64N(2000)
+	}
 	// The test's own account of the bound: when the last reserved volume's
-	// window ends, and the requests on spare capacity in flight.
+	// window ends, and the requests on spare capacity in flight of volumes
+	// without a reservation. The latency guard's state is the scheduler's
+	// (guard_test.go checks the guard itself).
 	resvActive := time.Duration(-1)
 	spareInflight := 0
 	spareGranted := map[*waiter]bool{}
 	spareBounded := func(now time.Duration) bool {
 		return cfg.SpareSlotsWhileReserved > 0 && now < resvActive && spareInflight >= cfg.SpareSlotsWhileReserved
+	}
+	spareHeld := func(now time.Duration) bool {
+		held, _ := h.s.guard.holds(int64(now))
+		return spareBounded(now) || held && int64(now) < h.s.resvActive
 	}
 	cfg.ClassLatency = [numClasses]time.Duration{
 		dur(time.Millisecond, 20*time.Millisecond),
@@ -143,7 +159,7 @@ func randomScenario(t *testing.T, seed uint64) {
 		dur(100*time.Millisecond, 2*time.Second),
 	}
 	maxService := dur(100*time.Microsecond, 2*time.Millisecond)
-	h := newSim(t, cfg, 0)
+	h = newSim(t, cfg, 0)
 	h.service = func(Request) time.Duration { return dur(maxService/4, maxService) }
 
 	var vols []*volSpec
@@ -204,16 +220,17 @@ func randomScenario(t *testing.T, seed uint64) {
 			fail("%s dispatched by phase %d without tokens: iops %.3f, bytes %.1f (scheduler: %.1f) for %d bytes %v",
 				v.name, ph, v.iops.at(n), v.bytes.at(n), sb.tokens, w.req.Bytes, w.req.Op)
 		}
-		checkPick(t, h.s, byName, w, ph, n)
+		held := spareHeld(now)
+		checkPick(t, h.s, byName, w, ph, n, held)
 		if ph == phaseSpare && h.s.inflight >= spareSlots {
 			fail("%s dispatched on spare capacity with %d in flight; %d of depth %d are kept for reservations",
 				v.name, h.s.inflight, cfg.ReservedSlots, cfg.Depth)
 		}
-		if ph == phaseSpare && spareBounded(now) {
-			fail("%s dispatched on spare capacity with %d spare requests in flight while a reserved volume is active (until %v, bound %d)",
-				v.name, spareInflight, resvActive, cfg.SpareSlotsWhileReserved)
+		if ph == phaseSpare && v.lim.MinIOPS == 0 && held {
+			fail("%s dispatched on spare capacity while spare work is held: %d spare requests in flight while a reserved volume is active (until %v, bound %d), guard limit %v",
+				v.name, spareInflight, resvActive, cfg.SpareSlotsWhileReserved, h.s.guard.current())
 		}
-		if ph == phaseSpare {
+		if ph == phaseSpare && v.lim.MinIOPS == 0 {
 			spareInflight++
 			spareGranted[w] = true
 		}
@@ -244,12 +261,14 @@ func randomScenario(t *testing.T, seed uint64) {
 			if v.queued == 0 || !v.affordable(now, +1) {
 				continue
 			}
-			if h.inflight >= spareSlots || spareBounded(time.Duration(now)) {
-				// Only the reserved slots are free, or spare work has its
-				// share while a reserved volume is active: the free slots
-				// must be taken by a volume under its reservation or
-				// overdue background work.
-				sv := h.s.vols[v.name]
+			sv := h.s.vols[v.name]
+			if h.inflight >= spareSlots || sv.rStep == 0 && spareHeld(time.Duration(now)) {
+				// Only the reserved slots are free, or spare work of
+				// volumes without a reservation is held while a reserved
+				// volume is active: the free slots must be taken by a
+				// volume under its reservation or overdue background work
+				// (with spare work held, by any reserved volume: that
+				// one fails below).
 				reserved := sv.rStep > 0 && sv.rTag <= now
 				overdue := sv.bgHead != nil && sv.bgHead.arrival+h.s.maxBG <= now
 				if reserved || overdue {
@@ -321,7 +340,7 @@ func randomScenario(t *testing.T, seed uint64) {
 
 // checkPick recomputes by brute force, from the scheduler's state at the
 // moment of a grant, which request the rules choose, and compares.
-func checkPick(t *testing.T, s *Scheduler, specs map[string]*volSpec, got *waiter, ph phase, now int64) {
+func checkPick(t *testing.T, s *Scheduler, specs map[string]*volSpec, got *waiter, ph phase, now int64, held bool) {
 	t.Helper()
 	type cand struct {
 		w        *waiter
@@ -329,7 +348,7 @@ func checkPick(t *testing.T, s *Scheduler, specs map[string]*volSpec, got *waite
 		k2       uint64
 		eligible bool
 	}
-	var overdue, resv, spare *cand
+	var overdue, resv, resvAny, spare *cand
 	better := func(c, best *cand) bool {
 		return best == nil || c.k1 < best.k1 || c.k1 == best.k1 && c.k2 < best.k2
 	}
@@ -366,9 +385,13 @@ func checkPick(t *testing.T, s *Scheduler, specs map[string]*volSpec, got *waite
 				overdue = c
 			}
 		}
-		if v.rStep > 0 && v.rTag <= now {
-			if c := (&cand{w: head, k1: v.rTag, k2: head.seq}); better(c, resv) {
+		if v.rStep > 0 {
+			c := &cand{w: head, k1: v.rTag, k2: head.seq}
+			if v.rTag <= now && better(c, resv) {
 				resv = c
+			}
+			if better(c, resvAny) {
+				resvAny = c
 			}
 		}
 		if c := (&cand{w: head, k1: max(head.deadline, s.shareTag(v)), k2: head.seq}); better(c, spare) {
@@ -381,6 +404,8 @@ func checkPick(t *testing.T, s *Scheduler, specs map[string]*volSpec, got *waite
 		want, wantPh = overdue, phaseOverdue
 	case resv != nil:
 		want, wantPh = resv, phaseReserved
+	case spare != nil && spare.w.vol.rStep == 0 && held:
+		want = resvAny
 	default:
 		want = spare
 	}

@@ -23,6 +23,7 @@ type Scheduler struct {
 	spareResv  int
 	resvWindow int64
 	resvBurst  int64             // Config.ReservationBurst
+	guard      guard             // Config.LatencyTolerance; under mu
 	classLat   [numClasses]int64 // ns
 	maxBG      int64             // ns
 	quantum    int64             // ns of share tag a weight-DefaultWeight volume spends per spare I/O
@@ -39,7 +40,8 @@ type Scheduler struct {
 	closed   bool
 	vols     map[string]*volume
 	inflight int // granted and not yet Done
-	// spareInflight counts those of them granted on spare capacity;
+	// spareInflight counts those of them granted on spare capacity to
+	// volumes without a reservation (the ones the throttles hold back);
 	// resvActive is when the last reserved volume's activity window ends.
 	spareInflight int
 	resvActive    int64
@@ -143,7 +145,8 @@ type waiter struct {
 	bgPrev   *waiter
 	bgNext   *waiter
 	state    waiterState
-	spare    bool  // granted on spare capacity (counted in spareInflight)
+	spare    bool  // granted on spare capacity to a volume without a reservation (counted in spareInflight)
+	granted  int64 // when it was granted
 	err      error // why a failed waiter failed
 }
 
@@ -186,6 +189,7 @@ func New(cfg Config) (*Scheduler, error) {
 	// volume of default weight that gets more than that is ahead of real time
 	// and its requests rank by its share tag rather than by their deadlines.
 	s.quantum = max(1, s.classLat[Foreground]/int64(s.depth))
+	s.guard.configure(cfg)
 	s.onTimer = s.wake
 	s.ready = indexedHeap[*volume]{less: readyLess, pos: func(v *volume) *int { return &v.readyIdx }}
 	s.resv = indexedHeap[*volume]{less: resvLess, pos: func(v *volume) *int { return &v.resvIdx }}
@@ -422,12 +426,15 @@ func (t Ticket) Done() {
 	if t.w.spare {
 		s.spareInflight--
 	}
+	now := s.now()
+	if t.w.vol != nil && t.w.vol.rStep > 0 {
+		s.guard.finished(now - t.w.granted)
+	}
 	s.release(t.w)
 	s.inflight--
 	if s.closed {
 		return
 	}
-	now := s.now()
 	s.refresh(now)
 	s.dispatch(now)
 	s.arm(now)
@@ -615,8 +622,12 @@ func (s *Scheduler) unthrottle(v *volume, now int64) {
 	}
 }
 
-// refresh makes eligible every throttled volume whose tokens have come.
+// refresh makes eligible every throttled volume whose tokens have come, and
+// runs the latency guard's clock.
 func (s *Scheduler) refresh(now int64) {
+	if s.guard.tick(now, s.resvActive) {
+		s.obs.SpareLimit(s.guard.current())
+	}
 	for s.throttled.len() > 0 && s.throttled.top().readyAt <= now {
 		s.update(s.throttled.top(), now)
 	}
@@ -627,26 +638,50 @@ func (s *Scheduler) refresh(now int64) {
 // Invariant (after dispatch returns): either every slot is taken, or no
 // volume with queued requests is eligible, or the only eligible requests
 // would use spare capacity and every slot open to them is taken (see
-// spareFull).
+// spareFull), or they are those of volumes without a reservation and spare
+// work is held (see spareHeld).
 func (s *Scheduler) dispatch(now int64) {
 	for s.inflight < s.depth {
 		w, ph := s.pick(now)
 		if w == nil {
 			return
 		}
-		if ph == phaseSpare && s.spareFull(now) {
-			return // pick offers spare work only when nothing else is eligible
+		if ph == phaseSpare {
+			if s.inflight >= s.spare {
+				return // pick offers spare work only when nothing else is eligible
+			}
+			if w.vol.rStep == 0 && s.spareHeld(now) {
+				// The throttles hold back only volumes without a
+				// reservation: they protect the reserved ones, so an
+				// eligible reserved volume beyond its reservation goes
+				// instead, the most owed first.
+				if s.resv.len() == 0 {
+					return
+				}
+				w = s.resv.top().head()
+			}
 		}
 		s.grant(w, ph, now)
 	}
 }
 
-// spareFull reports whether a request on spare capacity must wait although
-// a slot is free: the free slots are kept (Config.ReservedSlots), or a
-// reserved volume is active and spare work has its share of slots
-// (Config.SpareSlotsWhileReserved).
+// spareFull reports whether a request on spare capacity of a volume without
+// a reservation must wait although a slot is free: the free slots are kept
+// (Config.ReservedSlots), or spare work is held (spareHeld).
 func (s *Scheduler) spareFull(now int64) bool {
-	return s.inflight >= s.spare || s.spareBounded(now)
+	return s.inflight >= s.spare || s.spareHeld(now)
+}
+
+// spareHeld reports whether a reserved volume is active and spare work of
+// volumes without a reservation has its share of slots
+// (Config.SpareSlotsWhileReserved) or of the rate the latency guard allows
+// (Config.LatencyTolerance).
+func (s *Scheduler) spareHeld(now int64) bool {
+	if s.spareBounded(now) {
+		return true
+	}
+	held, _ := s.guard.holds(now)
+	return held && now < s.resvActive
 }
 
 // spareBounded reports whether the bound for spare work while a reserved
@@ -713,9 +748,12 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 		}
 	}
 	s.inflight++
-	w.spare = ph == phaseSpare
+	w.granted = now
+	// Only volumes without a reservation count against the throttles.
+	w.spare = ph == phaseSpare && v.rStep == 0
 	if w.spare {
 		s.spareInflight++
+		s.guard.spareGranted(now)
 	}
 	w.state = stateGranted
 	s.obs.QueueWait(v.name, w.req.Class, time.Duration(now-w.arrival))
@@ -753,6 +791,9 @@ func (s *Scheduler) arm(now int64) {
 		}
 		if s.spareBounded(now) && s.ready.len() > 0 {
 			at = min(at, s.resvActive)
+		}
+		if held, until := s.guard.holds(now); held && s.ready.len() > 0 {
+			at = min(at, until, s.resvActive)
 		}
 	}
 	if at == math.MaxInt64 {

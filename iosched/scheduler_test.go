@@ -714,6 +714,11 @@ func TestNewValidation(t *testing.T) {
 		{"reservation burst", Config{ReservationBurst: MaxReservationBurst}, true},
 		{"reservation burst too large", Config{ReservationBurst: MaxReservationBurst + 1}, false},
 		{"negative reservation burst", Config{ReservationBurst: -1}, false},
+		{"latency tolerance", Config{LatencyTolerance: 1.5, LatencyWindow: time.Millisecond, MinSpareIOPS: 1}, true},
+		{"latency tolerance below 1", Config{LatencyTolerance: 0.5}, false},
+		{"latency tolerance too large", Config{LatencyTolerance: 1001}, false},
+		{"latency tolerance NaN", Config{LatencyTolerance: math.NaN()}, false},
+		{"negative latency window", Config{LatencyTolerance: 2, LatencyWindow: -1}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := New(tc.cfg)
@@ -800,6 +805,7 @@ func (o *countingObserver) QueueWait(_ string, _ Class, d time.Duration) {
 func (o *countingObserver) Throttled(_ string, d time.Duration) { o.throttles++; o.throttled += d }
 func (o *countingObserver) DeadlineMiss(string, Class)          { o.misses++ }
 func (o *countingObserver) Dispatched(_ string, _ Op, b uint64) { o.dispatched++; o.bytes += b }
+func (o *countingObserver) SpareLimit(float64)                  {}
 
 // TestObserver checks what the metrics hooks report in a small scenario.
 func TestObserver(t *testing.T) {

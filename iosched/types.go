@@ -115,6 +115,10 @@ const (
 	MaxReservationBurst = 1 << 16
 	// DefaultReservedActiveWindow is Config.ReservedActiveWindow when 0.
 	DefaultReservedActiveWindow = 100 * time.Millisecond
+	// DefaultLatencyWindow is Config.LatencyWindow when 0.
+	DefaultLatencyWindow = 50 * time.Millisecond
+	// DefaultMinSpareIOPS is Config.MinSpareIOPS when 0.
+	DefaultMinSpareIOPS = 100
 	// DefaultWeight is the weight of a volume whose Limits.Weight is 0.
 	DefaultWeight = 100
 	// MaxWeight is the largest weight SetLimits accepts.
@@ -156,7 +160,9 @@ type Config struct {
 	// flight while some volume with a reservation (MinIOPS > 0) is active,
 	// that is, has sent a request within ReservedActiveWindow; the bound
 	// counts only requests dispatched on spare capacity, so a flood always
-	// keeps that many. Kept slots protect a reserved volume's turn at the
+	// keeps that many. Like the latency guard below, it holds back only
+	// volumes without a reservation: a reserved volume's requests beyond
+	// its reservation are not throttled on its own account. Kept slots protect a reserved volume's turn at the
 	// disk, not its latency once it is there: when the contended resource is
 	// not the disk alone (a small node whose CPUs also serve the flood's
 	// network and replication work), every request in flight slows the
@@ -168,6 +174,23 @@ type Config struct {
 	// after its last request, so that the bound holds across the short gaps
 	// of a steady workload. 0 means DefaultReservedActiveWindow.
 	ReservedActiveWindow time.Duration
+	// LatencyTolerance turns on the latency guard: while a reserved volume
+	// is active, the rate of requests on spare capacity is cut whenever the
+	// reserved volumes' 90th percentile service time (dispatch to Done) over
+	// a LatencyWindow exceeds LatencyTolerance times its baseline on a quiet
+	// node, and raised again while it does not (see guard.go). It bounds
+	// what the slots cannot: short requests run thousands a second through
+	// a couple of slots, and on a node whose CPUs serve both volumes each
+	// one slows the reserved volume down. 0 turns the guard off; otherwise
+	// it must be at least 1.
+	LatencyTolerance float64
+	// LatencyWindow is how often the guard judges the service time. 0
+	// means DefaultLatencyWindow.
+	LatencyWindow time.Duration
+	// MinSpareIOPS is the spare rate the guard never goes below, so that
+	// work beyond reservations slows down but never stops. 0 means
+	// DefaultMinSpareIOPS.
+	MinSpareIOPS uint64
 	// ClassLatency is each class's target latency: a request's default
 	// deadline is its arrival plus its class's latency, so the order of these
 	// is the order of urgency (foreground < rebuild < scrub). Zero entries
@@ -249,6 +272,18 @@ func (c Config) withDefaults() (Config, error) {
 	}
 	if c.ReservedActiveWindow == 0 {
 		c.ReservedActiveWindow = DefaultReservedActiveWindow
+	}
+	if c.LatencyTolerance != 0 && !(c.LatencyTolerance >= 1 && c.LatencyTolerance <= 1000) {
+		return c, fmt.Errorf("%w: LatencyTolerance %v: want 0 (off) or 1 to 1000", ErrInvalidConfig, c.LatencyTolerance)
+	}
+	if c.LatencyWindow < 0 {
+		return c, fmt.Errorf("%w: negative LatencyWindow %v", ErrInvalidConfig, c.LatencyWindow)
+	}
+	if c.LatencyWindow == 0 {
+		c.LatencyWindow = DefaultLatencyWindow
+	}
+	if c.MinSpareIOPS == 0 {
+		c.MinSpareIOPS = DefaultMinSpareIOPS
 	}
 	for i, d := range c.ClassLatency {
 		if d < 0 {

@@ -86,6 +86,9 @@ type nodeOptions struct {
 	// spare capacity in flight while a volume with a reservation is active
 	// (iosched.Config.SpareSlotsWhileReserved).
 	IOSchedSpareWhileReserved int
+	// IOSchedLatencyTolerance turns on the QoS scheduler's latency guard
+	// (iosched.Config.LatencyTolerance); 0 is off.
+	IOSchedLatencyTolerance float64
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -115,6 +118,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
 	fs.IntVar(&o.IOSchedDepth, "iosched-depth", 256, "volume I/Os the scheduler lets run at once on this node; the rest queue in its order (smaller: stronger isolation, less throughput)")
 	fs.IntVar(&o.IOSchedSpareWhileReserved, "iosched-spare-while-reserved", 2, "while a volume with a reservation (minIOPS) is busy, run at most this many I/Os of volumes beyond their reservations at once, so the reserved volume sees a nearly idle node (0: no bound; larger: more throughput for the others, less protection)")
+	fs.Float64Var(&o.IOSchedLatencyTolerance, "iosched-latency-tolerance", 1.5, "while a volume with a reservation (minIOPS) is busy, slow down the I/Os of volumes beyond their reservations whenever its mean I/O time exceeds this multiple of its time on a quiet node (0: off; at least 1)")
 	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O schedulers: no QoS limits, no disk fairness or rebuild priority (for measuring what scheduling buys)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
@@ -231,13 +235,20 @@ func runNode(o *nodeOptions) error {
 	// its reservation back to back: applications send I/O a few at a time
 	// (a queue depth of 4 to 8), and with strict spacing all but the first
 	// of such a burst would queue behind the flood.
+	//
+	// The latency guard (--iosched-latency-tolerance) goes further: it
+	// slows the flood's rate, not only its concurrency, while the reserved
+	// volume's I/Os take longer than on a quiet node. It acts here only:
+	// the disk scheduler holds no reservations.
 	const reservationBurst = 8
 	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, ReservedSlots: o.IOSchedDepth / 4,
 		SpareSlotsWhileReserved: o.IOSchedSpareWhileReserved, ReservationBurst: reservationBurst,
-		Observer: newSchedMetrics(reg), Disabled: o.NoIOSched})
+		LatencyTolerance: o.IOSchedLatencyTolerance,
+		Observer:         newSchedMetrics(reg), Disabled: o.NoIOSched})
 	if err != nil {
 		agent.Close()
-		return fmt.Errorf("--iosched-depth %d, --iosched-spare-while-reserved %d: %w", o.IOSchedDepth, o.IOSchedSpareWhileReserved, err)
+		return fmt.Errorf("--iosched-depth %d, --iosched-spare-while-reserved %d, --iosched-latency-tolerance %v: %w",
+			o.IOSchedDepth, o.IOSchedSpareWhileReserved, o.IOSchedLatencyTolerance, err)
 	}
 	defer sched.Close()
 	// A second scheduler for the replica server's disk I/O: operations on

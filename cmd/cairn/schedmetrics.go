@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,6 +25,7 @@ type schedMetrics struct {
 	deadlineMiss *prometheus.CounterVec
 	ops          *prometheus.CounterVec
 	bytes        *prometheus.CounterVec
+	spareLimit   prometheus.Gauge
 }
 
 // newSchedMetrics registers the QoS scheduler's metrics, cairn_iosched_*.
@@ -59,8 +61,11 @@ func registerSchedMetrics(reg prometheus.Registerer, subsystem, what string) *sc
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: name("dispatched_bytes_total"), Help: what + ": bytes let through, by volume and operation.",
 		}, []string{"volume_id", "op"}),
+		spareLimit: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: name("spare_limit_iops"), Help: what + ": rate of I/Os beyond reservations the latency guard allows while a reserved volume is busy (0: no limit).",
+		}),
 	}
-	reg.MustRegister(m.queueWait, m.throttled, m.deadlineMiss, m.ops, m.bytes)
+	reg.MustRegister(m.queueWait, m.throttled, m.deadlineMiss, m.ops, m.bytes, m.spareLimit)
 	return m
 }
 
@@ -76,4 +81,10 @@ func (m *schedMetrics) DeadlineMiss(vol string, c iosched.Class) {
 func (m *schedMetrics) Dispatched(vol string, op iosched.Op, bytes uint64) {
 	m.ops.WithLabelValues(vol, op.String()).Inc()
 	m.bytes.WithLabelValues(vol, op.String()).Add(float64(bytes))
+}
+func (m *schedMetrics) SpareLimit(iops float64) {
+	if math.IsInf(iops, 1) {
+		iops = 0
+	}
+	m.spareLimit.Set(iops)
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"math"
 	"sort"
 	"strings"
 	"testing"
@@ -20,6 +21,7 @@ func TestSchedMetricsOfBothSchedulers(t *testing.T) {
 		m.Throttled("vol-1", time.Millisecond)
 		m.DeadlineMiss("vol-1", iosched.Foreground)
 		m.Dispatched("vol-1", iosched.Write, 4096)
+		m.SpareLimit(math.Inf(1))
 	}
 	families, err := reg.Gather()
 	if err != nil {
@@ -35,9 +37,9 @@ func TestSchedMetricsOfBothSchedulers(t *testing.T) {
 	sort.Strings(names)
 	want := []string{
 		"cairn_disk_sched_deadline_misses_total", "cairn_disk_sched_dispatched_bytes_total", "cairn_disk_sched_dispatched_total",
-		"cairn_disk_sched_queue_wait_seconds", "cairn_disk_sched_throttled_seconds_total",
+		"cairn_disk_sched_queue_wait_seconds", "cairn_disk_sched_spare_limit_iops", "cairn_disk_sched_throttled_seconds_total",
 		"cairn_iosched_deadline_misses_total", "cairn_iosched_dispatched_bytes_total", "cairn_iosched_dispatched_total",
-		"cairn_iosched_queue_wait_seconds", "cairn_iosched_throttled_seconds_total",
+		"cairn_iosched_queue_wait_seconds", "cairn_iosched_spare_limit_iops", "cairn_iosched_throttled_seconds_total",
 	}
 	if strings.Join(names, " ") != strings.Join(want, " ") {
 		t.Fatalf("metrics %v, want %v", names, want)

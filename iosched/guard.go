@@ -1,0 +1,300 @@
+package iosched
+
+import (
+	"math"
+	"math/bits"
+	"time"
+)
+
+// guard is the latency guard: while a volume with a reservation is active,
+// it limits the rate of requests on spare capacity so that the reserved
+// volumes' service time (dispatch to Done) stays within a tolerance of what
+// it is on a quiet node.
+//
+// Slots (Config.Depth, ReservedSlots, SpareSlotsWhileReserved) bound how many
+// requests are in flight, which protects a reserved volume's turn at the
+// disk. On a small node that is not enough: the flood's requests are short,
+// so even two slots carry thousands of them a second, and each one also costs
+// CPU (network, replication, checksums) that the reserved volume's requests
+// then wait for. What slows the reserved volume down is visible in one
+// number, its service time, so the guard steers by it, as Linux's io.latency
+// controller does for cgroups:
+//
+//   - Baseline: the lowest 90th percentile service time of the reserved
+//     volumes' requests in a window, over the current and the previous period
+//     (guardPeriodWindows windows). Each period starts with a probe: two
+//     windows in which spare work runs at Config.MinSpareIOPS only, the
+//     first to let the flood's work in progress drain, the second to measure,
+//     so that the baseline is taken on a quiet node even when the flood
+//     started first.
+//   - Each window, if that percentile exceeds the baseline times
+//     Config.LatencyTolerance, the spare rate is halved (from what spare
+//     work actually used, so the first cut after a calm spell bites at
+//     once); otherwise it grows by a tenth. It never goes below
+//     MinSpareIOPS, so spare work slows down but does not stop.
+//   - Without an active reserved volume the guard holds nothing. When one
+//     becomes active, spare work starts from MinSpareIOPS after the probe
+//     and grows from there.
+//
+// Windows with fewer than guardMinSamples reserved requests carry on until
+// they have them, so a slow reserved volume is judged over longer windows.
+type guard struct {
+	tol    float64 // 0: the guard is off
+	window int64   // ns
+	floor  float64 // spare IOPS never limited below this
+
+	active bool // a reserved volume is active; the fields below are valid
+
+	// The current window.
+	start int64 // when it began
+	n     int64 // reserved requests that finished in it
+	hist  latencyHist
+	spare int64 // requests granted on spare capacity in it
+	probe int   // probe windows left, this one included: spare work runs at floor
+
+	// Baseline: lowest window percentile in this period and the previous one
+	// (0: none yet).
+	minCur, minPrev int64
+	periodStart     int64   // when the current period (and its probe) began
+	limit           float64 // spare IOPS; +Inf: no limit
+	saved           float64 // limit before the probe, restored after it
+	tokens          bucket  // enforces limit; unlimited while limit is +Inf
+}
+
+const (
+	// guardMinSamples is how many reserved requests a window needs before
+	// its percentile is trusted.
+	guardMinSamples = 8
+	// guardPeriodWindows is the length of a baseline period in windows
+	// (10 s with the default window): a probe every period costs spare
+	// work 1% of its time.
+	guardPeriodWindows = 200
+	// guardQuantile is the share of a window's reserved requests the
+	// guard judges by: their 90th percentile service time. The mean
+	// hides what matters: a reserved volume's tail grows long before its
+	// mean does.
+	guardQuantile = 0.9
+	// guardGrowth is how much the spare rate grows per window within
+	// the tolerance: slowly, since the service time lags behind it.
+	guardGrowth = 1.1
+	// guardProbeWindows is the length of a probe.
+	guardProbeWindows = 2
+	// guardMaxLimit caps the spare rate the guard grows to; above it the
+	// limit is dropped (+Inf).
+	guardMaxLimit = 1e9
+)
+
+func (g *guard) configure(c Config) {
+	g.tol = c.LatencyTolerance
+	g.window = int64(c.LatencyWindow)
+	g.floor = float64(c.MinSpareIOPS)
+	g.limit = math.Inf(1)
+}
+
+// enabled reports whether the guard may hold spare work at all.
+func (g *guard) enabled() bool { return g.tol > 0 }
+
+// holds reports whether a request on spare capacity must wait for the
+// guard's tokens at now, and if so until when.
+func (g *guard) holds(now int64) (bool, int64) {
+	if !g.active || math.IsInf(g.limit, 1) {
+		return false, 0
+	}
+	g.tokens.advance(now)
+	at := g.tokens.readyAt(1, now)
+	return at > now, at
+}
+
+// spareGranted accounts for a request granted on spare capacity.
+func (g *guard) spareGranted(now int64) {
+	if !g.active {
+		return
+	}
+	g.spare++
+	if !math.IsInf(g.limit, 1) {
+		g.tokens.charge(1, now)
+	}
+}
+
+// finished accounts for a reserved volume's request that took d from
+// dispatch to Done.
+func (g *guard) finished(d int64) {
+	if g.active {
+		g.n++
+		g.hist.add(d)
+	}
+}
+
+// tick runs the guard's clock: it starts the guard when a reserved volume
+// is active (until resvActive), stops it when none is, and closes windows.
+// It reports whether the limit changed, so that the caller can tell its
+// Observer.
+func (g *guard) tick(now, resvActive int64) bool {
+	if !g.enabled() {
+		return false
+	}
+	if now >= resvActive {
+		if !g.active {
+			return false
+		}
+		// No reserved volume is active: forget the window and the limit
+		// but keep the baseline; the next activity starts with a probe
+		// only if the period has run out.
+		g.active = false
+		g.probe = 0
+		g.limit = math.Inf(1)
+		return true
+	}
+	period := guardPeriodWindows * g.window
+	if !g.active {
+		g.active = true
+		g.resetWindow(now)
+		if now-g.periodStart >= 2*period {
+			g.minCur, g.minPrev = 0, 0 // too old to trust
+		}
+		if g.minCur == 0 && g.minPrev == 0 || now-g.periodStart >= period {
+			g.newPeriod(now)
+		}
+		return true
+	}
+	if now-g.start < g.window {
+		return false
+	}
+	if g.n < guardMinSamples && now-g.start < 20*g.window {
+		return false // too few samples to judge yet
+	}
+	changed := g.closeWindow(now)
+	if now-g.periodStart >= period {
+		g.newPeriod(now)
+		changed = true
+	}
+	g.resetWindow(now)
+	return changed
+}
+
+// closeWindow judges the window that ends at now and reports whether the
+// limit changed.
+func (g *guard) closeWindow(now int64) bool {
+	if g.probe > 0 {
+		// The first probe window only drains; the last one measures.
+		g.probe--
+		if g.probe > 0 {
+			return false
+		}
+		if g.n > 0 {
+			g.minCur = max(1, g.hist.quantile(guardQuantile, g.n))
+		}
+		// Back to the limit before the probe; after the first probe of an
+		// active spell, when there was none, grow from the floor: a
+		// flood let loose at once would hold the reserved volume back for
+		// the several windows its rate takes to halve down.
+		if math.IsInf(g.saved, 1) {
+			g.saved = g.floor
+		}
+		g.setLimit(g.saved, now)
+		return true
+	}
+	if g.n == 0 {
+		return false
+	}
+	lat := g.hist.quantile(guardQuantile, g.n)
+	if g.minCur == 0 || lat < g.minCur {
+		g.minCur = max(1, lat)
+	}
+	base := g.minCur
+	if g.minPrev != 0 {
+		base = min(base, g.minPrev)
+	}
+	old := g.limit
+	if float64(lat) > g.tol*float64(base) {
+		used := float64(g.spare) * float64(time.Second) / float64(now-g.start)
+		g.setLimit(math.Max(g.floor, math.Min(g.limit, used)/2), now)
+	} else if !math.IsInf(g.limit, 1) {
+		next := g.limit*guardGrowth + 1
+		if next > guardMaxLimit {
+			next = math.Inf(1)
+		}
+		g.setLimit(next, now)
+	}
+	return g.limit != old
+}
+
+// newPeriod starts a baseline period with a probe window.
+func (g *guard) newPeriod(now int64) {
+	g.minPrev, g.minCur = g.minCur, 0
+	g.periodStart = now
+	g.saved = g.limit
+	g.probe = guardProbeWindows
+	g.setLimit(g.floor, now)
+}
+
+func (g *guard) resetWindow(now int64) {
+	g.start, g.n, g.spare = now, 0, 0
+	g.hist = latencyHist{}
+}
+
+// setLimit sets the spare rate; the bucket holds one window's worth, so
+// that spare work may run at the limit across a window in any pattern.
+func (g *guard) setLimit(limit float64, now int64) {
+	g.limit = limit
+	if math.IsInf(limit, 1) {
+		g.tokens = bucket{}
+		return
+	}
+	g.tokens.configure(uint64(math.Ceil(limit)), time.Duration(g.window), now, 1)
+}
+
+// current returns the spare rate the guard allows now, in I/Os per second;
+// +Inf when it holds nothing.
+func (g *guard) current() float64 {
+	if !g.active {
+		return math.Inf(1)
+	}
+	return g.limit
+}
+
+// latencyHist counts service times in buckets a quarter of a power of two
+// wide (19% apart at most), enough to tell a percentile within the guard's
+// tolerances without keeping the samples.
+type latencyHist [64 * 4]uint32
+
+// bucketOf returns d's bucket: its power of two and the next two bits.
+func bucketOf(d int64) int {
+	if d < 4 {
+		return int(max(d, 0))
+	}
+	e := bits.Len64(uint64(d)) - 1 // 2^e ≤ d < 2^(e+1), e ≥ 2
+	return e*4 + int(uint64(d)>>(e-2)&3)
+}
+
+// bucketTop is the largest duration in bucket i.
+func bucketTop(i int) int64 {
+	if i < 8 {
+		return int64(min(i, 3)) // 4 to 7 are never used
+	}
+	e, q := i/4, int64(i%4)
+	if e >= 62 {
+		return math.MaxInt64
+	}
+	return (4+q+1)<<(e-2) - 1
+}
+
+func (h *latencyHist) add(d int64) {
+	if h[bucketOf(d)] < math.MaxUint32 {
+		h[bucketOf(d)]++
+	}
+}
+
+// quantile returns the top of the bucket holding the q-quantile of the n
+// samples added.
+func (h *latencyHist) quantile(q float64, n int64) int64 {
+	rank := uint64(math.Ceil(q * float64(n)))
+	var seen uint64
+	for i, c := range h {
+		seen += uint64(c)
+		if seen >= rank {
+			return bucketTop(i)
+		}
+	}
+	return bucketTop(len(h) - 1)
+}

@@ -1,0 +1,171 @@
+package iosched
+
+import (
+	"math"
+	"slices"
+	"testing"
+	"time"
+)
+
+// spareLimitLog records what the scheduler reports through SpareLimit.
+type spareLimitLog struct {
+	NopObserver
+	limits []float64
+}
+
+func (o *spareLimitLog) SpareLimit(iops float64) { o.limits = append(o.limits, iops) }
+
+// contendedNode is a disk model in which the flood's rate slows the tenant
+// down, as on a node whose CPUs serve both: a tenant request takes base
+// plus base per perIOPS flood I/Os a second dispatched in the last 10 ms.
+// The flood's own requests take floodService, so its slots carry far more
+// I/Os a second than the tenant can bear.
+type contendedNode struct {
+	h            *sim
+	base         time.Duration
+	perIOPS      float64
+	floodService time.Duration
+	floodGrants  []time.Duration // when each flood request was dispatched
+	tenant       []tenantIO
+}
+
+type tenantIO struct {
+	at, service time.Duration
+}
+
+func newContendedNode(t *testing.T, cfg Config) *contendedNode {
+	n := &contendedNode{base: 100 * time.Microsecond, perIOPS: 2000, floodService: time.Millisecond}
+	n.h = newSim(t, cfg, 0)
+	n.h.onGrant = append(n.h.onGrant, func(w *waiter, _ phase, now time.Duration) {
+		if w.req.Volume == "flood" {
+			n.floodGrants = append(n.floodGrants, now)
+		}
+	})
+	n.h.service = func(r Request) time.Duration {
+		if r.Volume == "flood" {
+			return n.floodService
+		}
+		now := n.h.elapsed()
+		const span = 10 * time.Millisecond
+		i, _ := slices.BinarySearch(n.floodGrants, now-span)
+		rate := float64(len(n.floodGrants)-i) / span.Seconds()
+		d := n.base + time.Duration(float64(n.base)*rate/n.perIOPS)
+		n.tenant = append(n.tenant, tenantIO{at: now, service: d})
+		return d
+	}
+	return n
+}
+
+// meanService is the tenant's mean service time over [from, to).
+func (n *contendedNode) meanService(from, to time.Duration) time.Duration {
+	var sum time.Duration
+	k := 0
+	for _, io := range n.tenant {
+		if io.at >= from && io.at < to {
+			sum += io.service
+			k++
+		}
+	}
+	if k == 0 {
+		return 0
+	}
+	return sum / time.Duration(k)
+}
+
+// floodIOPS is the flood's dispatch rate over [from, to).
+func (n *contendedNode) floodIOPS(from, to time.Duration) float64 {
+	i, _ := slices.BinarySearch(n.floodGrants, from)
+	j, _ := slices.BinarySearch(n.floodGrants, to)
+	return float64(j-i) / (to - from).Seconds()
+}
+
+// TestLatencyGuard floods a node whose CPU the flood and a reserved tenant
+// share (contendedNode). The flood starts first, so the guard must find the
+// tenant's quiet-node service time with its probe window. With the guard,
+// the tenant's mean service time stays near the tolerance while the flood
+// keeps at least MinSpareIOPS; without it, the tenant's I/Os take many
+// times longer. Once the tenant stops, the flood gets its full rate back.
+func TestLatencyGuard(t *testing.T) {
+	const (
+		tol      = 1.5
+		minSpare = 200
+		until    = 4 * time.Second
+	)
+	run := func(t *testing.T, tolerance float64) (*contendedNode, *client, *spareLimitLog) {
+		obs := &spareLimitLog{}
+		n := newContendedNode(t, Config{Depth: 32, ReservationBurst: 4, LatencyTolerance: tolerance,
+			LatencyWindow: 20 * time.Millisecond, MinSpareIOPS: minSpare, Observer: obs})
+		n.h.setLimits("flood", Limits{})
+		n.h.setLimits("tenant", Limits{MinIOPS: 2000})
+		flood := &client{req: Request{Volume: "flood", Op: Write, Bytes: 4 * kib}, qd: 64}
+		tenant := &client{req: Request{Volume: "tenant", Op: Read, Bytes: 4 * kib}, every: time.Millisecond,
+			from: 500 * time.Millisecond, until: until}
+		n.h.start(flood, tenant)
+		n.h.run(until + time.Second)
+		return n, flood, obs
+	}
+
+	off, _, _ := run(t, 0)
+	unguarded := off.meanService(time.Second, until)
+	if unguarded < 5*off.base {
+		t.Fatalf("without the guard the tenant's mean service time is %v: the model does not contend (base %v)", unguarded, off.base)
+	}
+
+	n, _, obs := run(t, tol)
+	// The first second of the tenant is the probe and the first cuts.
+	guarded := n.meanService(1500*time.Millisecond, until)
+	// At MinSpareIOPS the tenant's time is base·(1 + 200/2000): the
+	// baseline the probe finds. The guard keeps the mean near tol times
+	// that; allow its oscillation a quarter more.
+	baseline := n.base + time.Duration(float64(n.base)*minSpare/n.perIOPS)
+	if limit := time.Duration(float64(baseline) * tol * 1.25); guarded > limit {
+		t.Errorf("tenant's mean service time with the guard is %v, want at most %v (baseline %v, tolerance %v)", guarded, limit, baseline, tol)
+	}
+	busy := n.floodIOPS(1500*time.Millisecond, until)
+	if busy < minSpare {
+		t.Errorf("flood ran at %.0f IOPS while the tenant was active, want at least MinSpareIOPS %d", busy, minSpare)
+	}
+	// Once the tenant has stopped (and its activity window ended), the
+	// flood runs at full speed: 32 slots of 1 ms.
+	quiet := n.floodIOPS(until+200*time.Millisecond, until+time.Second)
+	if !within(quiet, 32000, 0.02) {
+		t.Errorf("flood ran at %.0f IOPS after the tenant stopped, want about 32000", quiet)
+	}
+	if len(obs.limits) == 0 || !math.IsInf(obs.limits[len(obs.limits)-1], 1) {
+		t.Errorf("SpareLimit reports %v, want the last one +Inf (no limit)", obs.limits)
+	}
+	t.Logf("tenant's mean service time %v with the guard (baseline %v), %v without; flood %.0f IOPS while the tenant was active (%.0f without the guard), %.0f after; %d limit changes",
+		guarded, baseline, unguarded, busy, off.floodIOPS(1500*time.Millisecond, until), quiet, len(obs.limits))
+}
+
+// TestLatencyHistQuantile checks the guard's histogram against exact
+// percentiles: the bucket it names holds the percentile and is at most a
+// quarter of a power of two wide.
+func TestLatencyHistQuantile(t *testing.T) {
+	for _, tc := range []struct {
+		samples []int64
+		q       float64
+		want    int64
+	}{
+		{[]int64{1, 2, 3}, 0.9, 3},
+		{[]int64{100_000}, 0.9, 100_000},
+		{[]int64{10, 20, 30, 40, 50, 60, 70, 80, 90, 1_000_000}, 0.9, 90},
+		{[]int64{10, 20, 30, 40, 50, 60, 70, 80, 90, 1_000_000}, 1, 1_000_000},
+		{[]int64{math.MaxInt64}, 0.5, math.MaxInt64},
+	} {
+		var h latencyHist
+		for _, d := range tc.samples {
+			h.add(d)
+		}
+		got := h.quantile(tc.q, int64(len(tc.samples)))
+		if got < tc.want || float64(got) > float64(tc.want)*1.25+1 {
+			t.Errorf("quantile(%v) of %v = %d, want %d to 25%% above", tc.q, tc.samples, got, tc.want)
+		}
+	}
+	// Every bucket's top is the largest value that falls in it.
+	for _, d := range []int64{0, 3, 4, 7, 8, 9, 15, 16, 1000, 1 << 40, math.MaxInt64} {
+		if top := bucketTop(bucketOf(d)); top < d || bucketOf(top) != bucketOf(d) || top < math.MaxInt64 && bucketOf(top+1) == bucketOf(d) {
+			t.Errorf("bucketTop(bucketOf(%d)) = %d: not the top of %d's bucket", d, top, d)
+		}
+	}
+}
