@@ -41,7 +41,7 @@ import (
 type guard struct {
 	tol    float64 // 0: the guard is off
 	window int64   // ns
-	floor  float64 // spare IOPS never limited below this
+	floor  float64 // spare rate never limited below this (tokens/s)
 
 	active bool // a reserved volume is active; the fields below are valid
 
@@ -49,14 +49,14 @@ type guard struct {
 	start int64 // when it began
 	n     int64 // reserved requests that finished in it
 	hist  latencyHist
-	spare int64 // requests granted on spare capacity in it
+	spare int64 // tokens spent by requests granted on spare capacity in it (guardCost)
 	probe int   // probe windows left, this one included: spare work runs at floor
 
 	// Baseline: lowest window percentile in this period and the previous one
 	// (0: none yet).
 	minCur, minPrev int64
 	periodStart     int64   // when the current period (and its probe) began
-	limit           float64 // spare IOPS; +Inf: no limit
+	limit           float64 // spare rate in tokens (guardCost) per second; +Inf: no limit
 	saved           float64 // limit before the probe, restored after it
 	tokens          bucket  // enforces limit; unlimited while limit is +Inf
 }
@@ -106,14 +106,28 @@ func (g *guard) holds(now int64) (bool, int64) {
 }
 
 // spareGranted accounts for a request granted on spare capacity.
-func (g *guard) spareGranted(now int64) {
+func (g *guard) spareGranted(r *Request, now int64) {
 	if !g.active {
 		return
 	}
-	g.spare++
+	c := guardCost(r)
+	g.spare += int64(c)
 	if !math.IsInf(g.limit, 1) {
-		g.tokens.charge(1, now)
+		g.tokens.charge(c, now)
 	}
+}
+
+// guardUnit is the size of I/O one token of the guard's rate pays for.
+const guardUnit = 64 << 10
+
+// guardCost is what a request takes from the guard's rate: one token per
+// guardUnit of data, at least one. A rebuild's 4 MiB extent copy costs the
+// CPU of many small I/Os, and at one token it would pass under any limit.
+func guardCost(r *Request) float64 {
+	if (r.Op == Read || r.Op == Write) && r.Bytes > guardUnit {
+		return float64((r.Bytes + guardUnit - 1) / guardUnit)
+	}
+	return 1
 }
 
 // finished accounts for a reserved volume's request that took d from
@@ -244,8 +258,8 @@ func (g *guard) setLimit(limit float64, now int64) {
 	g.tokens.configure(uint64(math.Ceil(limit)), time.Duration(g.window), now, 1)
 }
 
-// current returns the spare rate the guard allows now, in I/Os per second;
-// +Inf when it holds nothing.
+// current returns the spare rate the guard allows now, in I/Os of up to
+// guardUnit per second; +Inf when it holds nothing.
 func (g *guard) current() float64 {
 	if !g.active {
 		return math.Inf(1)

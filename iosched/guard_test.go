@@ -169,3 +169,23 @@ func TestLatencyHistQuantile(t *testing.T) {
 		}
 	}
 }
+
+// TestGuardCost checks what requests take from the guard's rate: one token
+// per 64 KiB of data moved, at least one.
+func TestGuardCost(t *testing.T) {
+	for _, tc := range []struct {
+		r    Request
+		want float64
+	}{
+		{Request{Op: Read, Bytes: 4 * kib}, 1},
+		{Request{Op: Write, Bytes: 64 * kib}, 1},
+		{Request{Op: Write, Bytes: 64*kib + 1}, 2},
+		{Request{Op: Write, Bytes: 4 * mib}, 64},
+		{Request{Op: Discard, Bytes: 4 * mib}, 1},
+		{Request{Op: Flush}, 1},
+	} {
+		if got := guardCost(&tc.r); got != tc.want {
+			t.Errorf("guardCost(%v of %d bytes) = %v, want %v", tc.r.Op, tc.r.Bytes, got, tc.want)
+		}
+	}
+}

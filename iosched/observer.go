@@ -25,7 +25,8 @@ type Observer interface {
 	Dispatched(volume string, op Op, bytes uint64)
 	// SpareLimit reports that the latency guard (Config.LatencyTolerance)
 	// changed the rate of requests on spare capacity it allows, in I/Os
-	// per second; +Inf when it holds nothing.
+	// per second (one per 64 KiB of a larger Read or Write); +Inf when it
+	// holds nothing.
 	SpareLimit(iops float64)
 }
 

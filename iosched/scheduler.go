@@ -753,7 +753,7 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 	w.spare = ph == phaseSpare && v.rStep == 0
 	if w.spare {
 		s.spareInflight++
-		s.guard.spareGranted(now)
+		s.guard.spareGranted(&w.req, now)
 	}
 	w.state = stateGranted
 	s.obs.QueueWait(v.name, w.req.Class, time.Duration(now-w.arrival))

@@ -188,7 +188,9 @@ type Config struct {
 	// means DefaultLatencyWindow.
 	LatencyWindow time.Duration
 	// MinSpareIOPS is the spare rate the guard never goes below, so that
-	// work beyond reservations slows down but never stops. 0 means
+	// work beyond reservations slows down but never stops. The guard counts
+	// a Read or Write larger than 64 KiB as one I/O per 64 KiB: a large
+	// request costs the node as much as that many small ones. 0 means
 	// DefaultMinSpareIOPS.
 	MinSpareIOPS uint64
 	// ClassLatency is each class's target latency: a request's default

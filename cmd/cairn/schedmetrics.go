@@ -62,7 +62,7 @@ func registerSchedMetrics(reg prometheus.Registerer, subsystem, what string) *sc
 			Name: name("dispatched_bytes_total"), Help: what + ": bytes let through, by volume and operation.",
 		}, []string{"volume_id", "op"}),
 		spareLimit: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: name("spare_limit_iops"), Help: what + ": rate of I/Os beyond reservations the latency guard allows while a reserved volume is busy (0: no limit).",
+			Name: name("spare_limit_iops"), Help: what + ": rate of I/Os beyond reservations the latency guard allows while a reserved volume is busy, counting one per 64 KiB of larger reads and writes (0: no limit).",
 		}),
 	}
 	reg.MustRegister(m.queueWait, m.throttled, m.deadlineMiss, m.ops, m.bytes, m.spareLimit)
