@@ -33,11 +33,13 @@ import (
 //     once); otherwise it grows by a tenth. It never goes below
 //     MinSpareIOPS, so spare work slows down but does not stop.
 //   - Without an active reserved volume the guard holds nothing. When one
-//     becomes active, spare work starts from MinSpareIOPS after the probe
-//     and grows from there.
+//     becomes active again, the limit learned before applies; the first
+//     time, spare work starts from MinSpareIOPS and grows from there.
 //
-// Windows with fewer than guardMinSamples reserved requests carry on until
-// they have them, so a slow reserved volume is judged over longer windows.
+// A window is judged only once guardMinSamples of the reserved volumes'
+// foreground requests have finished in it, so a slow reserved volume is
+// judged over longer windows. A probe's measuring window waits for them at
+// most guardMaxProbeWindows windows.
 type guard struct {
 	tol    float64 // 0: the guard is off
 	window int64   // ns
@@ -58,6 +60,7 @@ type guard struct {
 	periodStart     int64   // when the current period (and its probe) began
 	limit           float64 // spare rate in tokens (guardCost) per second; +Inf: no limit
 	saved           float64 // limit before the probe, restored after it
+	resume          float64 // limit for the next active spell (0: floor)
 	tokens          bucket  // enforces limit; unlimited while limit is +Inf
 }
 
@@ -67,7 +70,7 @@ const (
 	guardMinSamples = 8
 	// guardPeriodWindows is the length of a baseline period in windows
 	// (10 s with the default window): a probe every period costs spare
-	// work 1% of its time.
+	// work 1% of its time when the reserved volumes are busy.
 	guardPeriodWindows = 200
 	// guardQuantile is the share of a window's reserved requests the
 	// guard judges by: their 90th percentile service time. The mean
@@ -79,6 +82,10 @@ const (
 	guardGrowth = 1.1
 	// guardProbeWindows is the length of a probe.
 	guardProbeWindows = 2
+	// guardMaxProbeWindows bounds how long a probe's measuring window
+	// waits for guardMinSamples: a probe costs spare work at most this
+	// many windows of each period (5%).
+	guardMaxProbeWindows = 10
 	// guardMaxLimit caps the spare rate the guard grows to; above it the
 	// limit is dropped (+Inf).
 	guardMaxLimit = 1e9
@@ -130,8 +137,8 @@ func guardCost(r *Request) float64 {
 	return 1
 }
 
-// finished accounts for a reserved volume's request that took d from
-// dispatch to Done.
+// finished accounts for a reserved volume's foreground request that took d
+// from dispatch to Done.
 func (g *guard) finished(d int64) {
 	if g.active {
 		g.n++
@@ -141,8 +148,8 @@ func (g *guard) finished(d int64) {
 
 // tick runs the guard's clock: it starts the guard when a reserved volume
 // is active (until resvActive), stops it when none is, and closes windows.
-// It reports whether the limit changed, so that the caller can tell its
-// Observer.
+// It reports whether the limit in force changed, so that the caller can
+// tell its Observer.
 func (g *guard) tick(now, resvActive int64) bool {
 	if !g.enabled() {
 		return false
@@ -151,12 +158,16 @@ func (g *guard) tick(now, resvActive int64) bool {
 		if !g.active {
 			return false
 		}
-		// No reserved volume is active: forget the window and the limit
-		// but keep the baseline; the next activity starts with a probe
-		// only if the period has run out.
+		// No reserved volume is active: hold nothing, but keep the
+		// baseline and the limit learned (the one a probe interrupted,
+		// if any), where the next active spell starts. Reserved volumes
+		// that pause for more than ReservedActiveWindow are common.
 		g.active = false
+		g.resume = g.limit
+		if g.probe > 0 {
+			g.resume = g.saved
+		}
 		g.probe = 0
-		g.limit = math.Inf(1)
 		return true
 	}
 	period := guardPeriodWindows * g.window
@@ -166,6 +177,14 @@ func (g *guard) tick(now, resvActive int64) bool {
 		if now-g.periodStart >= 2*period {
 			g.minCur, g.minPrev = 0, 0 // too old to trust
 		}
+		// The first spell starts from the floor: a flood let loose at
+		// once would hold the reserved volume back for the several
+		// windows its rate takes to halve down.
+		lim := g.resume
+		if lim == 0 {
+			lim = g.floor
+		}
+		g.setLimit(lim, now)
 		if g.minCur == 0 && g.minPrev == 0 || now-g.periodStart >= period {
 			g.newPeriod(now)
 		}
@@ -174,11 +193,19 @@ func (g *guard) tick(now, resvActive int64) bool {
 	if now-g.start < g.window {
 		return false
 	}
-	if g.n < guardMinSamples && now-g.start < 20*g.window {
-		return false // too few samples to judge yet
+	switch {
+	case g.probe > 1:
+		// The draining window of a probe ends on time.
+	case g.probe == 1:
+		// The measuring one waits for samples, within reason.
+		if g.n < guardMinSamples && now-g.start < guardMaxProbeWindows*g.window {
+			return false
+		}
+	case g.n < guardMinSamples:
+		return false // a window is judged on enough samples only
 	}
 	changed := g.closeWindow(now)
-	if now-g.periodStart >= period {
+	if g.probe == 0 && now-g.periodStart >= period {
 		g.newPeriod(now)
 		changed = true
 	}
@@ -195,21 +222,13 @@ func (g *guard) closeWindow(now int64) bool {
 		if g.probe > 0 {
 			return false
 		}
-		if g.n > 0 {
+		if g.n >= guardMinSamples {
 			g.minCur = max(1, g.hist.quantile(guardQuantile, g.n))
 		}
-		// Back to the limit before the probe; after the first probe of an
-		// active spell, when there was none, grow from the floor: a
-		// flood let loose at once would hold the reserved volume back for
-		// the several windows its rate takes to halve down.
-		if math.IsInf(g.saved, 1) {
-			g.saved = g.floor
-		}
+		// Too few samples: no baseline from this probe; the first window
+		// judged gives one, measured under whatever load there is.
 		g.setLimit(g.saved, now)
 		return true
-	}
-	if g.n == 0 {
-		return false
 	}
 	lat := g.hist.quantile(guardQuantile, g.n)
 	if g.minCur == 0 || lat < g.minCur {
@@ -267,35 +286,32 @@ func (g *guard) current() float64 {
 	return g.limit
 }
 
-// latencyHist counts service times in buckets a quarter of a power of two
-// wide (19% apart at most), enough to tell a percentile within the guard's
-// tolerances without keeping the samples.
-type latencyHist [64 * 4]uint32
+// latencyHist counts service times in buckets a sixteenth of a power of two
+// wide (6.25% apart at most), fine enough to tell a percentile within the
+// guard's tolerance without keeping the samples.
+type latencyHist [64 * 16]uint32
 
-// bucketOf returns d's bucket: its power of two and the next two bits.
+// bucketOf returns d's bucket: its power of two and the next four bits.
 func bucketOf(d int64) int {
-	if d < 4 {
+	if d < 16 {
 		return int(max(d, 0))
 	}
-	e := bits.Len64(uint64(d)) - 1 // 2^e ≤ d < 2^(e+1), e ≥ 2
-	return e*4 + int(uint64(d)>>(e-2)&3)
+	e := bits.Len64(uint64(d)) - 1 // 2^e ≤ d < 2^(e+1), e ≥ 4
+	return e*16 + int(uint64(d)>>(e-4)&15)
 }
 
 // bucketTop is the largest duration in bucket i.
 func bucketTop(i int) int64 {
-	if i < 8 {
-		return int64(min(i, 3)) // 4 to 7 are never used
+	if i < 64 {
+		return int64(min(i, 15)) // 16 to 63 are never used
 	}
-	e, q := i/4, int64(i%4)
-	if e >= 62 {
-		return math.MaxInt64
-	}
-	return (4+q+1)<<(e-2) - 1
+	e, q := i/16, uint64(i%16)
+	return int64((17+q)<<(e-4) - 1)
 }
 
 func (h *latencyHist) add(d int64) {
-	if h[bucketOf(d)] < math.MaxUint32 {
-		h[bucketOf(d)]++
+	if b := bucketOf(d); h[b] < math.MaxUint32 {
+		h[b]++
 	}
 }
 

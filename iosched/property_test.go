@@ -106,8 +106,9 @@ func (v *volSpec) affordable(now int64, slack float64) bool {
 //     request dispatched before it;
 //   - once arrivals stop, every request not cancelled is dispatched.
 func TestPropertyRandomArrivals(t *testing.T) {
+	var total heldStats
 	check := func(seed uint64) bool {
-		return t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { randomScenario(t, seed) })
+		return t.Run(fmt.Sprintf("seed=%d", seed), func(t *testing.T) { total.add(randomScenario(t, seed)) })
 	}
 	n := 60
 	if testing.Short() {
@@ -116,9 +117,28 @@ func TestPropertyRandomArrivals(t *testing.T) {
 	if err := quick.Check(check, quickConfig(n)); err != nil {
 		t.Error(err)
 	}
+	// The rules for held spare work must have been exercised, not passed
+	// for want of occasions.
+	if total.guardHeld == 0 || total.fallback == 0 {
+		t.Errorf("over %d scenarios, the latency guard held waiting work %d times and a reserved volume went on spare capacity while others were held %d times; want both above 0",
+			n, total.guardHeld, total.fallback)
+	}
+	t.Logf("held spare work: by the latency guard %d times, reserved volumes served instead %d times", total.guardHeld, total.fallback)
 }
 
-func randomScenario(t *testing.T, seed uint64) {
+// heldStats counts the occasions a scenario gave the rules for held spare
+// work.
+type heldStats struct {
+	guardHeld int // steps where the guard held back a waiting volume without a reservation
+	fallback  int // grants on spare capacity to a reserved volume while others were held
+}
+
+func (a *heldStats) add(b heldStats) {
+	a.guardHeld += b.guardHeld
+	a.fallback += b.fallback
+}
+
+func randomScenario(t *testing.T, seed uint64) (stats heldStats) {
 	rng := rand.New(rand.NewPCG(seed, 0x10))
 	var h *sim
 	dur := func(lo, hi time.Duration) time.Duration { return lo + time.Duration(rng.Int64N(int64(hi-lo+1))) }
@@ -226,6 +246,9 @@ func randomScenario(t *testing.T, seed uint64) {
 			fail("%s dispatched on spare capacity with %d in flight; %d of depth %d are kept for reservations",
 				v.name, h.s.inflight, cfg.ReservedSlots, cfg.Depth)
 		}
+		if ph == phaseSpare && v.lim.MinIOPS > 0 && held {
+			stats.fallback++
+		}
 		if ph == phaseSpare && v.lim.MinIOPS == 0 && held {
 			fail("%s dispatched on spare capacity while spare work is held: %d spare requests in flight while a reserved volume is active (until %v, bound %d), guard limit %v",
 				v.name, spareInflight, resvActive, cfg.SpareSlotsWhileReserved, h.s.guard.current())
@@ -262,6 +285,9 @@ func randomScenario(t *testing.T, seed uint64) {
 				continue
 			}
 			sv := h.s.vols[v.name]
+			if g, _ := h.s.guard.holds(now); g && now < h.s.resvActive && sv.rStep == 0 && h.inflight < spareSlots {
+				stats.guardHeld++
+			}
 			if h.inflight >= spareSlots || sv.rStep == 0 && spareHeld(time.Duration(now)) {
 				// Only the reserved slots are free, or spare work of
 				// volumes without a reservation is held while a reserved
@@ -336,6 +362,7 @@ func randomScenario(t *testing.T, seed uint64) {
 	}
 	t.Logf("%d requests, %d cancelled, %v simulated, by phase (overdue, reserved, spare) %v, max wait %v",
 		h.nextID, cancelled, h.elapsed(), phases, maxWait)
+	return stats
 }
 
 // checkPick recomputes by brute force, from the scheduler's state at the

@@ -326,7 +326,7 @@ func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
 	if err != nil {
 		return Ticket{}, err
 	}
-	t.Done()
+	t.done(false) // it never ran: no service time to measure
 	return Ticket{}, ctx.Err()
 }
 
@@ -413,7 +413,11 @@ func (s *Scheduler) cancel(w *waiter) bool {
 
 // Done frees the Ticket's dispatch slot, letting the next request go. Calling
 // it twice is a bug and panics.
-func (t Ticket) Done() {
+func (t Ticket) Done() { t.done(true) }
+
+// done is Done; ran says whether the request went to the disk, so that its
+// service time counts for the latency guard.
+func (t Ticket) done(ran bool) {
 	if t.w == nil {
 		return
 	}
@@ -427,8 +431,8 @@ func (t Ticket) Done() {
 		s.spareInflight--
 	}
 	now := s.now()
-	if t.w.vol != nil && t.w.vol.rStep > 0 {
-		s.guard.finished(now - t.w.granted)
+	if w := t.w; ran && w.vol.rStep > 0 && w.req.Class == Foreground {
+		s.guard.finished(now - w.granted)
 	}
 	s.release(t.w)
 	s.inflight--

@@ -719,6 +719,7 @@ func TestNewValidation(t *testing.T) {
 		{"latency tolerance too large", Config{LatencyTolerance: 1001}, false},
 		{"latency tolerance NaN", Config{LatencyTolerance: math.NaN()}, false},
 		{"negative latency window", Config{LatencyTolerance: 2, LatencyWindow: -1}, false},
+		{"latency window too long", Config{LatencyTolerance: 2, LatencyWindow: MaxLatencyWindow + 1}, false},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			s, err := New(tc.cfg)

@@ -117,6 +117,8 @@ const (
 	DefaultReservedActiveWindow = 100 * time.Millisecond
 	// DefaultLatencyWindow is Config.LatencyWindow when 0.
 	DefaultLatencyWindow = 50 * time.Millisecond
+	// MaxLatencyWindow is the longest Config.LatencyWindow.
+	MaxLatencyWindow = time.Minute
 	// DefaultMinSpareIOPS is Config.MinSpareIOPS when 0.
 	DefaultMinSpareIOPS = 100
 	// DefaultWeight is the weight of a volume whose Limits.Weight is 0.
@@ -184,8 +186,9 @@ type Config struct {
 	// one slows the reserved volume down. 0 turns the guard off; otherwise
 	// it must be at least 1.
 	LatencyTolerance float64
-	// LatencyWindow is how often the guard judges the service time. 0
-	// means DefaultLatencyWindow.
+	// LatencyWindow is how often the guard judges the service time (once
+	// enough requests finished in a window). 0 means DefaultLatencyWindow;
+	// at most MaxLatencyWindow.
 	LatencyWindow time.Duration
 	// MinSpareIOPS is the spare rate the guard never goes below, so that
 	// work beyond reservations slows down but never stops. The guard counts
@@ -278,8 +281,8 @@ func (c Config) withDefaults() (Config, error) {
 	if c.LatencyTolerance != 0 && !(c.LatencyTolerance >= 1 && c.LatencyTolerance <= 1000) {
 		return c, fmt.Errorf("%w: LatencyTolerance %v: want 0 (off) or 1 to 1000", ErrInvalidConfig, c.LatencyTolerance)
 	}
-	if c.LatencyWindow < 0 {
-		return c, fmt.Errorf("%w: negative LatencyWindow %v", ErrInvalidConfig, c.LatencyWindow)
+	if c.LatencyWindow < 0 || c.LatencyWindow > MaxLatencyWindow {
+		return c, fmt.Errorf("%w: LatencyWindow %v: want 0 to %v", ErrInvalidConfig, c.LatencyWindow, MaxLatencyWindow)
 	}
 	if c.LatencyWindow == 0 {
 		c.LatencyWindow = DefaultLatencyWindow
