@@ -288,6 +288,34 @@ func (s *Scheduler) RemoveVolume(volume string) {
 	delete(s.vols, volume)
 }
 
+// VolumeTokens is what a volume's token buckets hold at one moment.
+type VolumeTokens struct {
+	Volume string
+	// IOPS and Bytes are the tokens in the volume's IOPS and bytes/s
+	// buckets: up to limit × burst, negative while a request larger than
+	// the bucket is paid off. They mean something only where the volume
+	// has that limit (IOPSLimited, BytesLimited).
+	IOPS, Bytes               float64
+	IOPSLimited, BytesLimited bool
+}
+
+// Tokens appends to dst what every registered volume's buckets hold now and
+// returns it, in no particular order. It is meant for a metrics scrape: it
+// holds the scheduler's lock for a pass over all volumes.
+func (s *Scheduler) Tokens(dst []VolumeTokens) []VolumeTokens {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	now := s.now()
+	for _, v := range s.vols {
+		v.iops.advance(now)
+		v.bytes.advance(now)
+		dst = append(dst, VolumeTokens{Volume: v.name,
+			IOPS: v.iops.tokens, Bytes: v.bytes.tokens,
+			IOPSLimited: v.iops.rate > 0, BytesLimited: v.bytes.rate > 0})
+	}
+	return dst
+}
+
 // Acquire waits until r may be dispatched, that is until the scheduler grants
 // it a slot of the dispatch depth and its volume's buckets have paid for it,
 // and returns the Ticket whose Done frees the slot. It returns early with

@@ -858,3 +858,42 @@ func waitSignal(t *testing.T, w *waiter) *waiter {
 	}
 	return w
 }
+
+// TestTokens checks what Tokens reports: a limited volume's buckets as
+// requests spend them and time refills them, and nothing meaningful for an
+// unlimited one.
+func TestTokens(t *testing.T) {
+	h := newSim(t, Config{Depth: 4}, -1) // the test completes requests itself
+	h.setLimits("limited", Limits{MaxIOPS: 100, MaxBytesPerSec: 1 * mib, BurstDuration: time.Second})
+	h.setLimits("free", Limits{})
+	byName := func() map[string]VolumeTokens {
+		m := map[string]VolumeTokens{}
+		for _, v := range h.s.Tokens(nil) {
+			m[v.Volume] = v
+		}
+		return m
+	}
+	got := byName()
+	if len(got) != 2 {
+		t.Fatalf("Tokens reports %d volumes, want 2: %+v", len(got), got)
+	}
+	if l := got["limited"]; !l.IOPSLimited || !l.BytesLimited || l.IOPS != 100 || l.Bytes != mib {
+		t.Errorf("limited volume at start: %+v, want full buckets of 100 I/Os and 1 MiB", l)
+	}
+	if f := got["free"]; f.IOPSLimited || f.BytesLimited {
+		t.Errorf("unlimited volume reported as limited: %+v", f)
+	}
+	for range 4 {
+		h.submit(nil, Request{Volume: "limited", Op: Write, Bytes: 64 * kib})
+	}
+	if l := byName()["limited"]; l.IOPS != 96 || l.Bytes != mib-4*64*kib {
+		t.Errorf("after 4 writes of 64 KiB: %+v, want 96 I/Os and 768 KiB", l)
+	}
+	h.run(50 * time.Millisecond) // refills 5 I/Os and 50 KiB-ish, capped at the burst
+	if l := byName()["limited"]; l.IOPS != 100 || !within(l.Bytes, mib-4*64*kib+0.05*mib, 1e-9) {
+		t.Errorf("50 ms later: %+v, want 100 I/Os (full) and %.0f bytes", l, mib-4*64*kib+0.05*mib)
+	}
+	for range 4 {
+		h.finish()
+	}
+}

@@ -251,6 +251,7 @@ func runNode(o *nodeOptions) error {
 			o.IOSchedDepth, o.IOSchedSpareWhileReserved, o.IOSchedLatencyTolerance, err)
 	}
 	defer sched.Close()
+	reg.MustRegister(newTokenCollector(sched))
 	// A second scheduler for the replica server's disk I/O: operations on
 	// this node's replicas, from the engines of every node (this node's
 	// own in process). It holds no QoS limits (the engines charged those

@@ -88,3 +88,32 @@ func (m *schedMetrics) SpareLimit(iops float64) {
 	}
 	m.spareLimit.Set(iops)
 }
+
+// tokenCollector reports the QoS scheduler's token buckets at each scrape,
+// cairn_iosched_tokens{volume_id, bucket}: reading them when asked costs
+// nothing per I/O, where a gauge kept current would cost on every request.
+// Only limited buckets are reported; the disk scheduler holds no limits.
+type tokenCollector struct {
+	sched *iosched.Scheduler
+	desc  *prometheus.Desc
+}
+
+func newTokenCollector(sched *iosched.Scheduler) *tokenCollector {
+	return &tokenCollector{sched: sched, desc: prometheus.NewDesc("cairn_iosched_tokens",
+		"QoS scheduler (this node's engines): tokens in a volume's bucket now, I/Os for bucket=iops and bytes for bucket=bytes "+
+			"(at most limit × burst duration; negative while a request larger than the bucket is paid off). Limited buckets only.",
+		[]string{"volume_id", "bucket"}, nil)}
+}
+
+func (c *tokenCollector) Describe(ch chan<- *prometheus.Desc) { ch <- c.desc }
+
+func (c *tokenCollector) Collect(ch chan<- prometheus.Metric) {
+	for _, v := range c.sched.Tokens(nil) {
+		if v.IOPSLimited {
+			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, v.IOPS, v.Volume, "iops")
+		}
+		if v.BytesLimited {
+			ch <- prometheus.MustNewConstMetric(c.desc, prometheus.GaugeValue, v.Bytes, v.Volume, "bytes")
+		}
+	}
+}

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"fmt"
 	"math"
 	"sort"
 	"strings"
@@ -43,5 +44,40 @@ func TestSchedMetricsOfBothSchedulers(t *testing.T) {
 	}
 	if strings.Join(names, " ") != strings.Join(want, " ") {
 		t.Fatalf("metrics %v, want %v", names, want)
+	}
+}
+
+// TestTokenCollector: a scrape reports the QoS scheduler's limited buckets
+// and nothing for unlimited ones.
+func TestTokenCollector(t *testing.T) {
+	sched, err := iosched.New(iosched.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sched.Close()
+	if err := sched.SetLimits("vol-1", iosched.Limits{MaxIOPS: 100}); err != nil {
+		t.Fatal(err)
+	}
+	if err := sched.SetLimits("vol-2", iosched.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(newTokenCollector(sched))
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got []string
+	for _, f := range families {
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			got = append(got, fmt.Sprintf("%s{%s,%s}=%v", f.GetName(), labels["volume_id"], labels["bucket"], m.GetGauge().GetValue()))
+		}
+	}
+	if want := []string{"cairn_iosched_tokens{vol-1,iops}=100"}; strings.Join(got, " ") != strings.Join(want, " ") {
+		t.Errorf("scrape %v, want %v", got, want)
 	}
 }

@@ -5,13 +5,17 @@ package qos
 import (
 	"encoding/json"
 	"fmt"
-	"github.com/cairn-csi/cairn/tests/testbin"
+	"io"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/tests/testbin"
 )
 
 var cairnBin string
@@ -69,7 +73,7 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 		t.Fatal(err)
 	}
 	var cl struct {
-		Nodes []struct{ Agent string } `json:"nodes"`
+		Nodes []struct{ Agent, Metrics string } `json:"nodes"`
 	}
 	if err := json.Unmarshal(raw, &cl); err != nil {
 		t.Fatal(err)
@@ -92,6 +96,15 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	if !within(got, 500, 0.10) {
 		t.Errorf("measured %.0f IOPS with maxIOPS 500; want within ±10%%", got)
 	}
+	// Node-1's engine held the volume to its limit: its /metrics show the
+	// time it was throttled and what its IOPS bucket holds (at most the
+	// burst, 500 × 1 s).
+	throttled := metric(t, cl.Nodes[0].Metrics, "cairn_iosched_throttled_seconds_total", `volume_id="`+v.ID+`"`)
+	tokens := metric(t, cl.Nodes[0].Metrics, "cairn_iosched_tokens", `bucket="iops"`, `volume_id="`+v.ID+`"`)
+	t.Logf("node-1 metrics: throttled %.2fs, IOPS bucket holds %.1f tokens", throttled, tokens)
+	if throttled <= 0 || tokens > 500 {
+		t.Errorf("node-1 reports %.2fs throttled and %.1f IOPS tokens; want more than 0 s and at most 500 tokens", throttled, tokens)
+	}
 
 	// The limit changes on the live volume.
 	cairn(t, "ctl", "--server", server, "volume", "set-qos", v.ID, "--max-iops", "1500")
@@ -101,4 +114,41 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	if !within(got, 1500, 0.10) {
 		t.Errorf("measured %.0f IOPS after set-qos --max-iops 1500; want within ±10%%", got)
 	}
+}
+
+// metric scrapes addr's /metrics and returns the value of the sample of
+// name whose labels include all of labels (name="value" each).
+func metric(t *testing.T, addr, name string, labels ...string) float64 {
+	t.Helper()
+	resp, err := http.Get("http://" + addr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(resp.Body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, line := range strings.Split(string(body), "\n") {
+		if !strings.HasPrefix(line, name+"{") {
+			continue
+		}
+		sample, value, ok := strings.Cut(line, "} ")
+		if !ok {
+			continue
+		}
+		all := true
+		for _, l := range labels {
+			all = all && strings.Contains(sample, l)
+		}
+		if all {
+			f, err := strconv.ParseFloat(value, 64)
+			if err != nil {
+				t.Fatalf("%s: %q: %v", addr, line, err)
+			}
+			return f
+		}
+	}
+	t.Fatalf("%s/metrics has no %s with %v", addr, name, labels)
+	return 0
 }
