@@ -119,7 +119,7 @@ func TestLatencyGuard(t *testing.T) {
 
 	n, obs := run(t, tol)
 	// At MinSpareIOPS the tenant's time is base·(1 + 200/2000): the
-	// baseline the probe finds. The guard keeps the 90th percentile near
+	// baseline the probe finds. The guard keeps the 99th percentile near
 	// tol times that; allow the mean a quarter more for its oscillation.
 	baseline := n.base + time.Duration(float64(n.base)*minSpare/n.perIOPS)
 	limit := time.Duration(float64(baseline) * tol * 1.25)

@@ -178,7 +178,7 @@ type Config struct {
 	ReservedActiveWindow time.Duration
 	// LatencyTolerance turns on the latency guard: while a reserved volume
 	// is active, the rate of requests on spare capacity is cut whenever the
-	// reserved volumes' 90th percentile service time (dispatch to Done) over
+	// reserved volumes' 99th percentile service time (dispatch to Done) over
 	// a LatencyWindow exceeds LatencyTolerance times its baseline on a quiet
 	// node, and raised again while it does not (see guard.go). It bounds
 	// what the slots cannot: short requests run thousands a second through
