@@ -51,9 +51,9 @@
 //
 // # Protecting reserved volumes
 //
-// While a volume with a reservation is active (it sent a request within
-// Config.ReservedActiveWindow), two throttles hold back the spare-capacity
-// requests of volumes without a reservation: a bound on how many are in
+// While a volume with a reservation is active (it sent a foreground request
+// within Config.ReservedActiveWindow), two throttles hold back the
+// spare-capacity requests of volumes without a reservation: a bound on how many are in
 // flight (Config.SpareSlotsWhileReserved), and the latency guard
 // (Config.LatencyTolerance), which limits their rate whenever the reserved
 // volumes' service time grows beyond a tolerance of what it is on a quiet
@@ -70,7 +70,9 @@
 // # Metrics
 //
 // The Observer interface reports queue wait, throttled time, deadline misses,
-// dispatched I/O and the latency guard's spare rate; the caller maps them onto Prometheus (or anything else).
+// dispatched I/O and the latency guard's spare rate, and Scheduler.Tokens
+// what each volume's buckets hold (read at scrape time); the caller maps
+// them onto Prometheus (or anything else).
 //
 // iosched knows nothing of CSI or Raft and imports the standard library only;
 // replication and driver build on it.

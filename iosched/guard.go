@@ -32,14 +32,23 @@ import (
 //     work actually used, so the first cut after a calm spell bites at
 //     once); otherwise it grows by a tenth. It never goes below
 //     MinSpareIOPS, so spare work slows down but does not stop.
-//   - Without an active reserved volume the guard holds nothing. When one
-//     becomes active again, the limit learned before applies; the first
-//     time, spare work starts from MinSpareIOPS and grows from there.
+//   - Without an active reserved volume the guard holds nothing. A reserved
+//     volume is active while it sends foreground requests (a reserved
+//     volume's rebuild is not latency-sensitive). When one becomes active
+//     again, the limit learned before applies (unless the baseline has
+//     expired); the first time, spare work starts from MinSpareIOPS and
+//     grows from there.
 //
-// A window is judged only once guardMinSamples of the reserved volumes'
+// A window is judged once guardMinSamples of the reserved volumes'
 // foreground requests have finished in it, so a slow reserved volume is
-// judged over longer windows. A probe's measuring window waits for them at
-// most guardMaxProbeWindows windows.
+// judged over longer windows; after guardMaxWindows windows it is judged on
+// what it has (the percentile of a few samples is their maximum, which errs
+// towards holding spare work back), and a window with none lets the limit
+// grow. A probe's measuring window waits at most guardMaxProbeWindows.
+//
+// A limit that grew past guardMaxLimit is dropped (+Inf) and stays dropped
+// across pauses within a period: the flood never hurt the reserved volume
+// at any rate the guard let it reach.
 type guard struct {
 	tol    float64 // 0: the guard is off
 	window int64   // ns
@@ -85,9 +94,11 @@ const (
 	// guardProbeWindows is the length of a probe.
 	guardProbeWindows = 2
 	// guardMaxProbeWindows bounds how long a probe's measuring window
-	// waits for guardMinSamples: a probe costs spare work at most this
-	// many windows of each period (5%).
+	// waits for guardMinSamples: with the draining window, a probe costs
+	// spare work at most 11 windows of each period (5.5%).
 	guardMaxProbeWindows = 10
+	// guardMaxWindows bounds how long any other window waits for them.
+	guardMaxWindows = 20
 	// guardMaxLimit caps the spare rate the guard grows to; above it the
 	// limit is dropped (+Inf).
 	guardMaxLimit = 1e9
@@ -178,6 +189,7 @@ func (g *guard) tick(now, resvActive int64) bool {
 		g.resetWindow(now)
 		if now-g.periodStart >= 2*period {
 			g.minCur, g.minPrev = 0, 0 // too old to trust
+			g.resume = 0               // learned against that baseline
 		}
 		// The first spell starts from the floor: a flood let loose at
 		// once would hold the reserved volume back for the several
@@ -203,8 +215,8 @@ func (g *guard) tick(now, resvActive int64) bool {
 		if g.n < guardMinSamples && now-g.start < guardMaxProbeWindows*g.window {
 			return false
 		}
-	case g.n < guardMinSamples:
-		return false // a window is judged on enough samples only
+	case g.n < guardMinSamples && now-g.start < guardMaxWindows*g.window:
+		return false // a window is judged on enough samples, within reason
 	}
 	changed := g.closeWindow(now)
 	if g.probe == 0 && now-g.periodStart >= period {
@@ -232,6 +244,11 @@ func (g *guard) closeWindow(now int64) bool {
 		g.setLimit(g.saved, now)
 		return true
 	}
+	if g.n == 0 {
+		// A long window in which no reserved request finished: no sign
+		// of harm (and none of anything else); let spare work grow.
+		return g.grow(now)
+	}
 	lat := g.hist.quantile(guardQuantile, g.n)
 	if g.minCur == 0 || lat < g.minCur {
 		g.minCur = max(1, lat)
@@ -244,14 +261,22 @@ func (g *guard) closeWindow(now int64) bool {
 	if float64(lat) > g.tol*float64(base) {
 		used := float64(g.spare) * float64(time.Second) / float64(now-g.start)
 		g.setLimit(math.Max(g.floor, math.Min(g.limit, used)/2), now)
-	} else if !math.IsInf(g.limit, 1) {
-		next := g.limit*guardGrowth + 1
-		if next > guardMaxLimit {
-			next = math.Inf(1)
-		}
-		g.setLimit(next, now)
+		return g.limit != old
 	}
-	return g.limit != old
+	return g.grow(now)
+}
+
+// grow raises the limit by guardGrowth and reports whether it changed.
+func (g *guard) grow(now int64) bool {
+	if math.IsInf(g.limit, 1) {
+		return false
+	}
+	next := g.limit*guardGrowth + 1
+	if next > guardMaxLimit {
+		next = math.Inf(1)
+	}
+	g.setLimit(next, now)
+	return true
 }
 
 // newPeriod starts a baseline period with a probe window.
@@ -328,5 +353,5 @@ func (h *latencyHist) quantile(q float64, n int64) int64 {
 			return bucketTop(i)
 		}
 	}
-	return bucketTop(len(h) - 1)
+	return math.MaxInt64 // not reached: the last bucket used holds MaxInt64
 }

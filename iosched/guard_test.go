@@ -206,3 +206,22 @@ func TestGuardCost(t *testing.T) {
 		}
 	}
 }
+
+// TestLatencyGuardIgnoresBackgroundOfReservedVolume: a reserved volume that
+// sends only rebuild I/O (its replica is being rebuilt, its workload idle)
+// is not latency-sensitive; the throttles must not hold the flood back for
+// it.
+func TestLatencyGuardIgnoresBackgroundOfReservedVolume(t *testing.T) {
+	n := newContendedNode(t, Config{Depth: 32, LatencyTolerance: 1.5, LatencyWindow: 20 * time.Millisecond,
+		SpareSlotsWhileReserved: 2})
+	n.h.setLimits("flood", Limits{})
+	n.h.setLimits("tenant", Limits{MinIOPS: 2000})
+	flood := &client{req: Request{Volume: "flood", Op: Write, Bytes: 4 * kib}, qd: 64}
+	rebuild := &client{req: Request{Volume: "tenant", Op: Write, Bytes: 4 * kib, Class: Rebuild}, every: time.Millisecond}
+	n.h.start(flood, rebuild)
+	n.h.run(2 * time.Second)
+	// 32 slots of 1 ms, less what the rebuild takes.
+	if got := n.floodIOPS(500*time.Millisecond, 2*time.Second); got < 30000 {
+		t.Errorf("flood ran at %.0f IOPS next to a reserved volume's rebuild, want about 31000: held back for it", got)
+	}
+}

@@ -324,7 +324,7 @@ func randomScenario(t *testing.T, seed uint64) (stats heldStats) {
 				r.Deadline = h.clk.Now().Add(dur(0, 50*time.Millisecond))
 			}
 			v.queued++
-			if v.lim.MinIOPS > 0 {
+			if v.lim.MinIOPS > 0 && r.Class == Foreground {
 				resvActive = h.elapsed() + cfg.ReservedActiveWindow
 			}
 			sr := h.submit(nil, r)

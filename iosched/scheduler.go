@@ -398,7 +398,9 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 		v.bgTail = w
 	}
 	s.queued++
-	if v.rStep > 0 {
+	if v.rStep > 0 && r.Class == Foreground {
+		// Only foreground requests make a reserved volume active: its
+		// rebuild or scrub is not what the throttles protect.
 		s.resvActive = now + s.resvWindow
 	}
 	s.update(v, now)

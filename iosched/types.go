@@ -160,7 +160,7 @@ type Config struct {
 	ReservationBurst int
 	// SpareSlotsWhileReserved bounds the requests on spare capacity in
 	// flight while some volume with a reservation (MinIOPS > 0) is active,
-	// that is, has sent a request within ReservedActiveWindow; the bound
+	// that is, has sent a foreground request within ReservedActiveWindow; the bound
 	// counts only requests dispatched on spare capacity, so a flood always
 	// keeps that many. Like the latency guard below, it holds back only
 	// volumes without a reservation: a reserved volume's requests beyond
