@@ -225,3 +225,21 @@ func TestLatencyGuardIgnoresBackgroundOfReservedVolume(t *testing.T) {
 		t.Errorf("flood ran at %.0f IOPS next to a reserved volume's rebuild, want about 31000: held back for it", got)
 	}
 }
+
+// TestLatencyGuardReportsItsEnd: when the reserved volume stops and nothing
+// else happens, the guard still stops at the end of its activity window and
+// reports that it holds nothing, so that the gauge is not left stale.
+func TestLatencyGuardReportsItsEnd(t *testing.T) {
+	obs := &spareLimitLog{}
+	h := newSim(t, Config{Depth: 4, LatencyTolerance: 1.5, LatencyWindow: 10 * time.Millisecond,
+		ReservedActiveWindow: 100 * time.Millisecond, Observer: obs}, 100*time.Microsecond)
+	h.setLimits("tenant", Limits{MinIOPS: 2000})
+	h.start(&client{req: Request{Volume: "tenant", Op: Read, Bytes: 4 * kib}, every: time.Millisecond, until: 500 * time.Millisecond})
+	h.run(time.Second)
+	if len(obs.limits) < 2 || !math.IsInf(obs.limits[len(obs.limits)-1], 1) {
+		t.Errorf("SpareLimit reports %v; want a limit while the tenant ran, then +Inf", obs.limits)
+	}
+	if h.s.guard.active {
+		t.Error("the guard is still active half a second after the tenant stopped")
+	}
+}

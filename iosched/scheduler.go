@@ -811,6 +811,12 @@ func (s *Scheduler) arm(now int64) {
 	if s.throttled.len() > 0 {
 		at = s.throttled.top().readyAt
 	}
+	if s.guard.active && s.resvActive > now {
+		// The latency guard stops when the reserved volumes' activity
+		// ends; wake up then, so that it reports so (SpareLimit) even if
+		// nothing else happens.
+		at = min(at, s.resvActive)
+	}
 	if s.spareFull(now) {
 		// Only slots closed to spare work are free, and eligible spare
 		// work waits for them to be needed by no one: a volume coming
