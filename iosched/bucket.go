@@ -48,8 +48,16 @@ func (b *bucket) advance(now int64) {
 	if b.rate == 0 || now <= b.last {
 		return
 	}
-	b.tokens = math.Min(b.capacity, b.tokens+float64(now-b.last)*b.rate)
+	b.tokens = b.level(now)
 	b.last = now
+}
+
+// level returns the tokens the bucket holds at now, without changing it.
+func (b *bucket) level(now int64) float64 {
+	if b.rate == 0 || now <= b.last {
+		return b.tokens
+	}
+	return math.Min(b.capacity, b.tokens+float64(now-b.last)*b.rate)
 }
 
 // readyAt returns the earliest time, not before now, at which the bucket can

@@ -66,11 +66,12 @@ type guard struct {
 	// Baseline: lowest window percentile in this period and the previous one
 	// (0: none yet).
 	minCur, minPrev int64
-	periodStart     int64   // when the current period (and its probe) began
-	limit           float64 // spare rate in tokens (guardCost) per second; +Inf: no limit
-	saved           float64 // limit before the probe, restored after it
-	resume          float64 // limit for the next active spell (0: floor)
-	tokens          bucket  // enforces limit; unlimited while limit is +Inf
+	periodStart     int64 // when the current period (and its probe) began
+	// limit is the spare rate learned, in tokens (guardCost) per second
+	// (+Inf: no limit). It survives probes, which run at the floor, and
+	// pauses of the reserved volumes, where the next active spell resumes.
+	limit  float64
+	tokens bucket // enforces rate(); unlimited while it is +Inf
 }
 
 const (
@@ -108,7 +109,19 @@ func (g *guard) configure(c Config) {
 	g.tol = c.LatencyTolerance
 	g.window = int64(c.LatencyWindow)
 	g.floor = float64(c.MinSpareIOPS)
-	g.limit = math.Inf(1)
+	// The first spell starts from the floor: a flood let loose at once
+	// would hold the reserved volume back for the several windows its rate
+	// takes to halve down.
+	g.limit = g.floor
+}
+
+// rate is the spare rate enforced now: the floor during a probe, else the
+// limit learned.
+func (g *guard) rate() float64 {
+	if g.probe > 0 {
+		return g.floor
+	}
+	return g.limit
 }
 
 // enabled reports whether the guard may hold spare work at all.
@@ -117,7 +130,7 @@ func (g *guard) enabled() bool { return g.tol > 0 }
 // holds reports whether a request on spare capacity must wait for the
 // guard's tokens at now, and if so until when.
 func (g *guard) holds(now int64) (bool, int64) {
-	if !g.active || math.IsInf(g.limit, 1) {
+	if !g.active || math.IsInf(g.rate(), 1) {
 		return false, 0
 	}
 	g.tokens.advance(now)
@@ -132,9 +145,7 @@ func (g *guard) spareGranted(r *Request, now int64) {
 	}
 	c := guardCost(r)
 	g.spare += int64(c)
-	if !math.IsInf(g.limit, 1) {
-		g.tokens.charge(c, now)
-	}
+	g.tokens.charge(c, now) // nothing if unlimited
 }
 
 // guardUnit is the size of I/O one token of the guard's rate pays for.
@@ -172,14 +183,10 @@ func (g *guard) tick(now, resvActive int64) bool {
 			return false
 		}
 		// No reserved volume is active: hold nothing, but keep the
-		// baseline and the limit learned (the one a probe interrupted,
-		// if any), where the next active spell starts. Reserved volumes
-		// that pause for more than ReservedActiveWindow are common.
+		// baseline and the limit learned, where the next active spell
+		// starts. Reserved volumes that pause for more than
+		// ReservedActiveWindow are common.
 		g.active = false
-		g.resume = g.limit
-		if g.probe > 0 {
-			g.resume = g.saved
-		}
 		g.probe = 0
 		return true
 	}
@@ -189,18 +196,12 @@ func (g *guard) tick(now, resvActive int64) bool {
 		g.resetWindow(now)
 		if now-g.periodStart >= 2*period {
 			g.minCur, g.minPrev = 0, 0 // too old to trust
-			g.resume = 0               // learned against that baseline
+			g.limit = g.floor          // learned against that baseline
 		}
-		// The first spell starts from the floor: a flood let loose at
-		// once would hold the reserved volume back for the several
-		// windows its rate takes to halve down.
-		lim := g.resume
-		if lim == 0 {
-			lim = g.floor
-		}
-		g.setLimit(lim, now)
 		if g.minCur == 0 && g.minPrev == 0 || now-g.periodStart >= period {
 			g.newPeriod(now)
+		} else {
+			g.enforce(now)
 		}
 		return true
 	}
@@ -241,7 +242,7 @@ func (g *guard) closeWindow(now int64) bool {
 		}
 		// Too few samples: no baseline from this probe; the first window
 		// judged gives one, measured under whatever load there is.
-		g.setLimit(g.saved, now)
+		g.enforce(now) // back to the limit learned
 		return true
 	}
 	if g.n == 0 {
@@ -279,13 +280,18 @@ func (g *guard) grow(now int64) bool {
 	return true
 }
 
+// setLimit sets the limit learned and enforces it.
+func (g *guard) setLimit(limit float64, now int64) {
+	g.limit = limit
+	g.enforce(now)
+}
+
 // newPeriod starts a baseline period with a probe window.
 func (g *guard) newPeriod(now int64) {
 	g.minPrev, g.minCur = g.minCur, 0
 	g.periodStart = now
-	g.saved = g.limit
 	g.probe = guardProbeWindows
-	g.setLimit(g.floor, now)
+	g.enforce(now)
 }
 
 func (g *guard) resetWindow(now int64) {
@@ -293,15 +299,15 @@ func (g *guard) resetWindow(now int64) {
 	g.hist = latencyHist{}
 }
 
-// setLimit sets the spare rate; the bucket holds one window's worth, so
-// that spare work may run at the limit across a window in any pattern.
-func (g *guard) setLimit(limit float64, now int64) {
-	g.limit = limit
-	if math.IsInf(limit, 1) {
+// enforce sets the bucket to rate(); it holds one window's worth, so that
+// spare work may run at that rate across a window in any pattern.
+func (g *guard) enforce(now int64) {
+	r := g.rate()
+	if math.IsInf(r, 1) {
 		g.tokens = bucket{}
 		return
 	}
-	g.tokens.configure(uint64(math.Ceil(limit)), time.Duration(g.window), now, 1)
+	g.tokens.configure(uint64(math.Ceil(r)), time.Duration(g.window), now, 1)
 }
 
 // current returns the spare rate the guard allows now, in I/Os of up to
@@ -310,7 +316,7 @@ func (g *guard) current() float64 {
 	if !g.active {
 		return math.Inf(1)
 	}
-	return g.limit
+	return g.rate()
 }
 
 // latencyHist counts service times in buckets a sixteenth of a power of two

@@ -301,16 +301,15 @@ type VolumeTokens struct {
 
 // Tokens appends to dst what every registered volume's buckets hold now and
 // returns it, in no particular order. It is meant for a metrics scrape: it
-// holds the scheduler's lock for a pass over all volumes.
+// holds the scheduler's lock for a pass over all volumes, and reads the
+// buckets without changing them.
 func (s *Scheduler) Tokens(dst []VolumeTokens) []VolumeTokens {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	now := s.now()
 	for _, v := range s.vols {
-		v.iops.advance(now)
-		v.bytes.advance(now)
 		dst = append(dst, VolumeTokens{Volume: v.name,
-			IOPS: v.iops.tokens, Bytes: v.bytes.tokens,
+			IOPS: v.iops.level(now), Bytes: v.bytes.level(now),
 			IOPSLimited: v.iops.rate > 0, BytesLimited: v.bytes.rate > 0})
 	}
 	return dst
@@ -814,7 +813,8 @@ func (s *Scheduler) arm(now int64) {
 	if s.guard.active && s.resvActive > now {
 		// The latency guard stops when the reserved volumes' activity
 		// ends; wake up then, so that it reports so (SpareLimit) even if
-		// nothing else happens.
+		// nothing else happens. That is also when the throttles below
+		// let go of spare work.
 		at = min(at, s.resvActive)
 	}
 	if s.spareFull(now) {
@@ -833,7 +833,7 @@ func (s *Scheduler) arm(now int64) {
 			at = min(at, s.resvActive)
 		}
 		if held, until := s.guard.holds(now); held && s.ready.len() > 0 {
-			at = min(at, until, s.resvActive)
+			at = min(at, until) // held implies active: resvActive is in at
 		}
 	}
 	if at == math.MaxInt64 {
