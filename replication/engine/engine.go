@@ -114,13 +114,15 @@ type Engine struct {
 	locks      *extentLocks
 	bg         context.Context // ends at Close
 
-	addrs      map[string]string // node id → replica server address
-	stop       context.CancelFunc
-	wg         sync.WaitGroup
-	closeM     sync.Once
-	confirmed  atomic.Int64 // unix nanos of the store's last word that the volume is ours
-	qos        meta.QoS     // the limits last given to the scheduler
-	qosSet     bool
+	addrs     map[string]string // node id → replica server address
+	stop      context.CancelFunc
+	wg        sync.WaitGroup
+	closeM    sync.Once
+	confirmed atomic.Int64 // unix nanos of the store's last word that the volume is ours
+	qos       meta.QoS     // the limits last given to the scheduler; written under mu held for writing
+	// qosSet says the scheduler knows the volume (qos is valid). admit reads
+	// it without e.mu (a rebuild's copy admits with no lock held).
+	qosSet     atomic.Bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once
 }
@@ -693,22 +695,31 @@ func (e *Engine) cleanLoop(ctx context.Context) {
 // clean point causes shrinks from the whole writeback to that remainder.
 func (e *Engine) CleanPoint(ctx context.Context) error {
 	e.mu.RLock()
+	var err error
 	if e.usable() == nil && e.dirty.Load() {
-		epoch := e.epoch
-		for _, err := range e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) }) {
-			if err != nil {
-				// No clean point this time: the next write or flush to
-				// that replica ejects it if it keeps failing, and waiting
-				// for it again under the write lock would stall writes.
-				e.mu.RUnlock()
-				return fmt.Errorf("flush before clean point: %w", err)
-			}
-		}
+		err = e.flushAll(ctx)
 	}
 	e.mu.RUnlock()
+	if err != nil {
+		// No clean point this time: the next write or flush to that
+		// replica ejects it if it keeps failing, and waiting for it again
+		// under the write lock would stall writes.
+		return err
+	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.cleanPointLocked(ctx)
+}
+
+// flushAll flushes every member before a clean point. Called with e.mu held.
+func (e *Engine) flushAll(ctx context.Context) error {
+	epoch := e.epoch
+	for _, err := range e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) }) {
+		if err != nil {
+			return fmt.Errorf("flush before clean point: %w", err)
+		}
+	}
+	return nil
 }
 
 // cleanPointLocked runs with the write lock held, so that no write lands
@@ -718,14 +729,11 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 	if e.usable() != nil || !e.dirty.Load() {
 		return nil
 	}
-	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, e.epoch) })
-	for _, err := range errs {
-		if err != nil {
-			return fmt.Errorf("flush before clean point: %w", err) // the next write or flush ejects it
-		}
+	if err := e.flushAll(ctx); err != nil {
+		return err // the next write or flush ejects the replica
 	}
 	e.generation++
-	errs = e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
 		return m.client.MarkClean(ctx, e.epoch, e.generation)
 	})
 	for _, err := range errs {
@@ -813,7 +821,7 @@ func (e *Engine) Close(ctx context.Context) error {
 		e.closed = true
 		e.mu.Unlock()
 		e.closeMembers()
-		if e.cfg.Sched != nil && e.qosSet && !e.cfg.Maintenance {
+		if e.cfg.Sched != nil && e.qosSet.Load() && !e.cfg.Maintenance {
 			e.cfg.Sched.RemoveVolume(e.cfg.VolumeID)
 		}
 		e.log.Info("engine stopped")

@@ -13,15 +13,12 @@ import (
 // applyQoS gives the node's scheduler this volume's limits, when they
 // changed. Called with e.mu held for writing.
 func (e *Engine) applyQoS(v *meta.Volume) {
-	if e.cfg.Sched == nil {
-		return
-	}
-	q, err := meta.ParseQoS(v.Parameters)
+	q, changed, err := e.pendingQoS(v)
 	if err != nil {
 		e.log.Warn("volume has bad QoS parameters; keeping the old limits", zap.Error(err))
 		return
 	}
-	if e.qosSet && q == e.qos {
+	if !changed {
 		return
 	}
 	l := iosched.Limits{MaxIOPS: q.MaxIOPS, MinIOPS: q.MinIOPS, MaxBytesPerSec: q.MaxBytesPerSec, BurstDuration: q.BurstDuration}
@@ -29,26 +26,36 @@ func (e *Engine) applyQoS(v *meta.Volume) {
 		e.log.Warn("scheduler refused the volume's limits", zap.Error(err))
 		return
 	}
-	e.qos, e.qosSet = q, true
+	e.qos = q
+	e.qosSet.Store(true)
 	e.log.Info("QoS limits set", zap.Uint64("max_iops", q.MaxIOPS), zap.Uint64("min_iops", q.MinIOPS),
 		zap.Uint64("max_bytes_per_sec", q.MaxBytesPerSec), zap.Duration("burst", q.BurstDuration))
 }
 
 // qosChanged says whether v's QoS parameters differ from the limits last
 // given to the scheduler (bad parameters count as no change: applyQoS
-// would keep the old limits anyway).
+// would keep the old limits anyway). Called with e.mu held.
 func (e *Engine) qosChanged(v *meta.Volume) bool {
+	_, changed, err := e.pendingQoS(v)
+	return err == nil && changed
+}
+
+// pendingQoS parses v's QoS parameters and says whether they differ from
+// the limits last given to the scheduler (never, without a scheduler).
+func (e *Engine) pendingQoS(v *meta.Volume) (q meta.QoS, changed bool, err error) {
 	if e.cfg.Sched == nil {
-		return false
+		return q, false, nil
 	}
-	q, err := meta.ParseQoS(v.Parameters)
-	return err == nil && !(e.qosSet && q == e.qos)
+	if q, err = meta.ParseQoS(v.Parameters); err != nil {
+		return q, false, err
+	}
+	return q, !e.qosSet.Load() || q != e.qos, nil
 }
 
 // admit waits until the node's scheduler lets this I/O go (QoS limits,
 // reservations, deadlines) and returns the function that ends it.
 func (e *Engine) admit(ctx context.Context, op iosched.Op, bytes uint64, class iosched.Class) (func(), error) {
-	if e.cfg.Sched == nil || !e.qosSet {
+	if e.cfg.Sched == nil || !e.qosSet.Load() {
 		return func() {}, nil
 	}
 	t, err := e.cfg.Sched.Acquire(ctx, iosched.Request{Volume: e.cfg.VolumeID, Op: op, Bytes: bytes, Class: class})

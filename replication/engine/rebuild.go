@@ -100,27 +100,31 @@ type RebuildStats struct {
 	Duration      time.Duration
 }
 
-// maybeRebuild starts the rebuild of the first rebuilding member, unless
-// one runs. Called with e.mu held for writing (so no write is in flight
-// when the extent locks start to apply).
-func (e *Engine) maybeRebuild() {
-	if e.rebuilding.Load() || e.closed || e.fenced {
-		return
+// rebuildTarget returns the member a rebuild should start on now: the first
+// rebuilding member, unless a rebuild runs or none can. Called with e.mu
+// held, for reading or writing.
+func (e *Engine) rebuildTarget() *member {
+	if e.rebuilding.Load() || e.closed || e.fenced || e.healthyCount() == 0 || e.extentSize == 0 {
+		return nil
 	}
-	// Callers hold e.mu, for reading or writing.
-	var target *member
 	for _, m := range e.members {
 		if m.replica.State == meta.ReplicaRebuilding && m.client != nil {
-			target = m
-			break
+			return m
 		}
 	}
-	if target == nil || e.healthyCount() == 0 || e.extentSize == 0 {
+	return nil
+}
+
+// maybeRebuild starts the rebuild of rebuildTarget, if any. Called with e.mu
+// held for writing: writes check e.rebuilding (lockRange) under the read
+// lock, so only then is no write in flight that skipped the extent locks
+// the rebuild's copies rely on.
+func (e *Engine) maybeRebuild() {
+	target := e.rebuildTarget()
+	if target == nil {
 		return
 	}
-	if !e.rebuilding.CompareAndSwap(false, true) {
-		return // another caller under the read lock just started one
-	}
+	e.rebuilding.Store(true)
 	e.wg.Add(1)
 	go func() {
 		defer e.wg.Done()
@@ -168,11 +172,11 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 		}
 	}
 	for x := uint64(0); x < extents; x++ {
-		copied, err := e.copyExtent(copyCtx, target, x)
+		n := min(e.extentSize, e.size-x*e.extentSize)
+		copied, err := e.copyExtent(copyCtx, target, x, n)
 		if err != nil {
 			return st, err
 		}
-		n := min(e.extentSize, e.size-x*e.extentSize)
 		st.BytesCompared += n
 		st.BytesCopied += copied
 		report(false)
@@ -205,58 +209,60 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 	return st, e.reconfigure(ctx)
 }
 
-// copyExtent makes extent x of target equal to a healthy source's. It
-// returns the bytes copied (0 when they were equal).
+// copyExtent makes extent x of target, n bytes long, equal to a healthy
+// source's. It returns the bytes copied (0 when they were equal).
 //
 // The compare and the copy each run under the extent's exclusive lock and
 // the engine's read lock (the epoch cannot move meanwhile), but the copy's
 // turn at the node's scheduler is taken between the two, with no lock
 // held: writers hold scheduler slots while they wait for the extent, so
 // waiting for a slot with the extent locked could wait for ever.
-func (e *Engine) copyExtent(ctx context.Context, target *member, x uint64) (uint64, error) {
-	same, err := e.withExtent(x, func(src *member) (bool, error) {
+func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (uint64, error) {
+	var same bool
+	err := e.withExtent(x, func(src *member) error {
 		a, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {
-			return false, fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
+			return fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
 		}
 		b, err := target.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {
-			return false, fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
+			return fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
 		}
-		return a[0] == b[0], nil
+		same = a[0] == b[0]
+		return nil
 	})
 	if err != nil || same {
 		return 0, err
 	}
-	done, err := e.admit(ctx, iosched.Write, e.extentSize, iosched.Rebuild)
+	done, err := e.admit(ctx, iosched.Write, n, iosched.Rebuild)
 	if err != nil {
 		return 0, err
 	}
 	defer done()
 	// Writes that came in since the compare reached the target too; copying
 	// the source's current contents is right whatever they were.
-	var n uint64
-	_, err = e.withExtent(x, func(src *member) (bool, error) {
+	var copied uint64
+	err = e.withExtent(x, func(src *member) error {
 		data, err := src.client.ReadExtent(ctx, e.epoch, x)
 		if err != nil {
-			return false, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
+			return fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
 		}
 		if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
-			return false, fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
+			return fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
 		}
-		n = uint64(len(data))
-		return false, nil
+		copied = uint64(len(data))
+		return nil
 	})
-	return n, err
+	return copied, err
 }
 
 // withExtent runs fn with the engine's read lock and extent x's exclusive
 // lock held, giving it a healthy source replica (the local one if healthy).
-func (e *Engine) withExtent(x uint64, fn func(src *member) (bool, error)) (bool, error) {
+func (e *Engine) withExtent(x uint64, fn func(src *member) error) error {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if err := e.usable(); err != nil {
-		return false, err
+		return err
 	}
 	var src *member
 	for _, m := range e.members {
@@ -265,7 +271,7 @@ func (e *Engine) withExtent(x uint64, fn func(src *member) (bool, error)) (bool,
 		}
 	}
 	if src == nil {
-		return false, fmt.Errorf("no healthy source: %w", ErrIO)
+		return fmt.Errorf("no healthy source: %w", ErrIO)
 	}
 	e.locks.exclusive(x)
 	defer e.locks.releaseExclusive(x)
@@ -294,13 +300,10 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		// Most ticks change nothing: look under the read lock, and take the
 		// write lock only for a change. A waiting writer holds up every new
 		// reader (I/O), and I/O may hold the read lock a while: a rebuild
-		// copy waits for the disks with it.
+		// copy waits for the disks with it. A rebuild to start is a
+		// change: it must start under the write lock (maybeRebuild).
 		e.mu.RLock()
-		usable := e.usable() == nil
-		change := usable && (v.Epoch > e.epoch || e.qosChanged(v))
-		if usable && !change {
-			e.maybeRebuild()
-		}
+		change := e.usable() == nil && (v.Epoch > e.epoch || e.qosChanged(v) || e.rebuildTarget() != nil)
 		e.mu.RUnlock()
 		if !change {
 			continue
