@@ -141,6 +141,11 @@ func (o *nodeOptions) Validate() error {
 	if o.StaleReplicaTimeout <= 0 {
 		errs = append(errs, "--stale-replica-timeout must be positive")
 	}
+	if o.IOSchedDepth < 1 {
+		// Not 0 for iosched's default: the reserved quarter is computed
+		// from the flag, and would be 0 of a default depth.
+		errs = append(errs, fmt.Sprintf("--iosched-depth %d: want at least 1", o.IOSchedDepth))
+	}
 	for flag, addr := range map[string]string{"--raft-addr": o.RaftAddr, "--api-addr": o.APIAddr, "--data-addr": o.DataAddr} {
 		if _, _, err := net.SplitHostPort(addr); err != nil {
 			errs = append(errs, fmt.Sprintf("%s %q: %v", flag, addr, err))

@@ -25,12 +25,19 @@ type schedMetrics struct {
 	deadlineMiss *prometheus.CounterVec
 	ops          *prometheus.CounterVec
 	bytes        *prometheus.CounterVec
-	spareLimit   prometheus.Gauge
+	spareLimit   prometheus.Gauge // the QoS scheduler's only: the disk scheduler runs no latency guard
 }
 
 // newSchedMetrics registers the QoS scheduler's metrics, cairn_iosched_*.
+// Besides those both schedulers have, it has the latency guard's gauge.
 func newSchedMetrics(reg prometheus.Registerer) *schedMetrics {
-	return registerSchedMetrics(reg, "iosched", "QoS scheduler (this node's engines)")
+	m := registerSchedMetrics(reg, "iosched", "QoS scheduler (this node's engines)")
+	m.spareLimit = prometheus.NewGauge(prometheus.GaugeOpts{
+		Name: "cairn_iosched_spare_limit_iops",
+		Help: "QoS scheduler (this node's engines): rate of I/Os beyond reservations the latency guard allows while a reserved volume is busy, counting one per 64 KiB of larger reads and writes (0: no limit).",
+	})
+	reg.MustRegister(m.spareLimit)
+	return m
 }
 
 // newDiskSchedMetrics registers the disk scheduler's metrics,
@@ -61,11 +68,8 @@ func registerSchedMetrics(reg prometheus.Registerer, subsystem, what string) *sc
 		bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: name("dispatched_bytes_total"), Help: what + ": bytes let through, by volume and operation.",
 		}, []string{"volume_id", "op"}),
-		spareLimit: prometheus.NewGauge(prometheus.GaugeOpts{
-			Name: name("spare_limit_iops"), Help: what + ": rate of I/Os beyond reservations the latency guard allows while a reserved volume is busy, counting one per 64 KiB of larger reads and writes (0: no limit).",
-		}),
 	}
-	reg.MustRegister(m.queueWait, m.throttled, m.deadlineMiss, m.ops, m.bytes, m.spareLimit)
+	reg.MustRegister(m.queueWait, m.throttled, m.deadlineMiss, m.ops, m.bytes)
 	return m
 }
 
@@ -83,6 +87,9 @@ func (m *schedMetrics) Dispatched(vol string, op iosched.Op, bytes uint64) {
 	m.bytes.WithLabelValues(vol, op.String()).Add(float64(bytes))
 }
 func (m *schedMetrics) SpareLimit(iops float64) {
+	if m.spareLimit == nil {
+		return
+	}
 	if math.IsInf(iops, 1) {
 		iops = 0
 	}

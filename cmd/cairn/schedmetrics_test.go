@@ -22,7 +22,6 @@ func TestSchedMetricsOfBothSchedulers(t *testing.T) {
 		m.Throttled("vol-1", time.Millisecond)
 		m.DeadlineMiss("vol-1", iosched.Foreground)
 		m.Dispatched("vol-1", iosched.Write, 4096)
-		m.SpareLimit(math.Inf(1))
 	}
 	families, err := reg.Gather()
 	if err != nil {
@@ -38,12 +37,42 @@ func TestSchedMetricsOfBothSchedulers(t *testing.T) {
 	sort.Strings(names)
 	want := []string{
 		"cairn_disk_sched_deadline_misses_total", "cairn_disk_sched_dispatched_bytes_total", "cairn_disk_sched_dispatched_total",
-		"cairn_disk_sched_queue_wait_seconds", "cairn_disk_sched_spare_limit_iops", "cairn_disk_sched_throttled_seconds_total",
+		"cairn_disk_sched_queue_wait_seconds", "cairn_disk_sched_throttled_seconds_total",
 		"cairn_iosched_deadline_misses_total", "cairn_iosched_dispatched_bytes_total", "cairn_iosched_dispatched_total",
 		"cairn_iosched_queue_wait_seconds", "cairn_iosched_spare_limit_iops", "cairn_iosched_throttled_seconds_total",
 	}
 	if strings.Join(names, " ") != strings.Join(want, " ") {
 		t.Fatalf("metrics %v, want %v", names, want)
+	}
+}
+
+// TestSpareLimitGauge: the QoS scheduler's gauge shows the latency guard's
+// limit, and 0 when the guard holds nothing (+Inf); the disk scheduler,
+// which runs no guard, has no such gauge and ignores the call.
+func TestSpareLimitGauge(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	qos, disk := newSchedMetrics(reg), newDiskSchedMetrics(reg)
+	disk.SpareLimit(123)
+	gauge := func() float64 {
+		families, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, f := range families {
+			if f.GetName() == "cairn_iosched_spare_limit_iops" {
+				return f.GetMetric()[0].GetGauge().GetValue()
+			}
+		}
+		t.Fatal("no cairn_iosched_spare_limit_iops")
+		return 0
+	}
+	qos.SpareLimit(250)
+	if got := gauge(); got != 250 {
+		t.Errorf("after SpareLimit(250) the gauge is %v", got)
+	}
+	qos.SpareLimit(math.Inf(1))
+	if got := gauge(); got != 0 {
+		t.Errorf("after SpareLimit(+Inf) the gauge is %v, want 0 (no limit)", got)
 	}
 }
 

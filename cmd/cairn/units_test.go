@@ -55,7 +55,7 @@ func TestNodeOptionsValidate(t *testing.T) {
 	valid := func() nodeOptions {
 		return nodeOptions{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2", DataAddr: "127.0.0.1:3",
 			RebuildRate: "200Mi", StaleReplicaTimeout: time.Minute,
-			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second}
+			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second, IOSchedDepth: 256}
 	}
 	cases := []struct {
 		name   string
@@ -71,6 +71,7 @@ func TestNodeOptionsValidate(t *testing.T) {
 		{"bad rebuild rate", func(o *nodeOptions) { o.RebuildRate = "fast" }, "--rebuild-rate"},
 		{"bad data address", func(o *nodeOptions) { o.DataAddr = "nowhere" }, "--data-addr"},
 		{"zero stale timeout", func(o *nodeOptions) { o.StaleReplicaTimeout = 0 }, "--stale-replica-timeout"},
+		{"zero scheduler depth", func(o *nodeOptions) { o.IOSchedDepth = 0 }, "--iosched-depth"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -7,17 +7,16 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
 
 // devCluster is one `cairn dev` cluster, started for one test and torn down
@@ -459,36 +458,18 @@ func allHealthy(v volumeJSON) error {
 	return nil
 }
 
-// socket is the NBD socket path used for exports on node.
 // metrics scrapes a node's /metrics into sample → value ("name{labels}"
 // as Prometheus' text format writes it).
 func (c *devCluster) metrics(node string) map[string]float64 {
 	c.t.Helper()
-	resp, err := http.Get("http://" + c.node(node).Metrics + "/metrics")
+	m, err := benchkit.Scrape(context.Background(), c.node(node).Metrics)
 	if err != nil {
 		c.t.Fatalf("scrape %s: %v", node, err)
 	}
-	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	if err != nil {
-		c.t.Fatalf("scrape %s: %v", node, err)
-	}
-	out := map[string]float64{}
-	for _, line := range strings.Split(string(body), "\n") {
-		if line == "" || strings.HasPrefix(line, "#") {
-			continue
-		}
-		i := strings.LastIndexByte(line, ' ')
-		if i < 0 {
-			continue
-		}
-		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
-			out[line[:i]] = v
-		}
-	}
-	return out
+	return m
 }
 
+// socket is the NBD socket path used for exports on node.
 func (c *devCluster) socket(node string) string { return filepath.Join(c.sockDir, node+".sock") }
 
 // export attaches the volume to node with an NBD socket (moving the

@@ -206,8 +206,10 @@ func TestSnapshotInstallAfterCompaction(t *testing.T) {
 	}
 	t.Logf("follower %s stopped at index %d; leader %s; live members' snapshots at %d or later", c.NodeID(f), behind, c.NodeID(l), snapIndex)
 
-	installed := c.Logs().FilterMessage("Installed remote snapshot").FilterField(zap.String("node_id", c.NodeID(f)))
-	before := installed.Len()
+	installs := func() int {
+		return c.Logs().FilterMessage("Installed remote snapshot").FilterField(zap.String("node_id", c.NodeID(f))).Len()
+	}
+	before := installs()
 	c.Restart(t, f)
 	st := c.WaitConverged(t)
 	if m := missing(volumeNames(st), names); len(m) > 0 {
@@ -227,7 +229,7 @@ func TestSnapshotInstallAfterCompaction(t *testing.T) {
 	// raft logs the install after it has restored the snapshot and
 	// updated its stats, so the line may come a moment after the index.
 	waitFor(t, 10*time.Second, fmt.Sprintf("%s to log \"Installed remote snapshot\"", c.NodeID(f)), func() bool {
-		return c.Logs().FilterMessage("Installed remote snapshot").FilterField(zap.String("node_id", c.NodeID(f))).Len() > before
+		return installs() > before
 	})
 }
 

@@ -288,25 +288,43 @@ func ScrapeMetrics(ctx context.Context, addr string, keep func(key string) bool)
 	if addr == "" {
 		return out
 	}
+	all, err := Scrape(ctx, addr)
+	if err != nil {
+		return out
+	}
+	for k, v := range all {
+		if keep(k) {
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// Scrape reads the Prometheus text page http://addr/metrics (within 5 s)
+// and returns every sample by its key: the line up to its last space, that
+// is the name and the labels as Prometheus writes them (sorted by name),
+// e.g. `cairn_iosched_tokens{bucket="iops",volume_id="vol-1"}`.
+func Scrape(ctx context.Context, addr string) (map[string]float64, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
 	body, err := HTTPGet(ctx, "http://"+addr+"/metrics")
 	if err != nil {
-		return out
+		return nil, err
 	}
+	out := map[string]float64{}
 	sc := bufio.NewScanner(bytes.NewReader(body))
 	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
 	for sc.Scan() {
 		line := sc.Text()
 		i := strings.LastIndexByte(line, ' ')
-		if i <= 0 || !keep(line[:i]) {
+		if i <= 0 || line[0] == '#' {
 			continue
 		}
 		if v, err := strconv.ParseFloat(line[i+1:], 64); err == nil {
 			out[line[:i]] = v
 		}
 	}
-	return out
+	return out, sc.Err()
 }
 
 // ProcCPUTicks returns utime+stime of pid, in clock ticks.
