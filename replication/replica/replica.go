@@ -480,13 +480,19 @@ const writeChunk = 64 << 10
 // one writeChunk-aligned block (see writeChunk).
 func (r *Replica) pwrite(p []byte, off uint64) error {
 	for len(p) > 0 {
-		n := min(uint64(len(p)), writeChunk-off%writeChunk)
+		n := pieceLen(off, uint64(len(p)))
 		if _, err := r.data.WriteAt(p[:n], int64(off)); err != nil {
 			return err
 		}
 		p, off = p[n:], off+n
 	}
 	return nil
+}
+
+// pieceLen is the length of the piece of a left-byte write at off that
+// goes in one write(2): up to the next writeChunk boundary.
+func pieceLen(off, left uint64) uint64 {
+	return min(left, writeChunk-off%writeChunk)
 }
 
 // earlyWritebackBytes is the smallest write whose writeback starts at once.
@@ -595,7 +601,7 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 }
 
 func (r *Replica) writeZeros(off, length uint64) error {
-	zeros := make([]byte, min(length, 1<<20))
+	zeros := make([]byte, min(length, writeChunk)) // pwrite writes no larger pieces
 	for length > 0 {
 		n := min(length, uint64(len(zeros)))
 		if err := r.pwrite(zeros[:n], off); err != nil {

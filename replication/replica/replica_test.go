@@ -781,10 +781,26 @@ func TestRemove(t *testing.T) {
 	}
 }
 
-// TestWriteInChunks writes across writeChunk boundaries at odd offsets, so
-// that the pieces pwrite splits a write into are checked: every byte must
-// land where the caller put it.
-func TestWriteInChunks(t *testing.T) {
+// TestPieceLen checks how pwrite splits a write: pieces end at writeChunk
+// boundaries, so none is larger than writeChunk or crosses one.
+func TestPieceLen(t *testing.T) {
+	for _, tc := range []struct{ off, left, want uint64 }{
+		{0, 1 << 20, writeChunk},
+		{0, 4096, 4096},
+		{writeChunk - 512, 1024, 512},
+		{writeChunk, 3 * writeChunk, writeChunk},
+		{3*writeChunk + 7, 3 * writeChunk, writeChunk - 7},
+	} {
+		if got := pieceLen(tc.off, tc.left); got != tc.want {
+			t.Errorf("pieceLen(%d, %d) = %d, want %d", tc.off, tc.left, got, tc.want)
+		}
+	}
+}
+
+// TestWriteAcrossChunks writes across writeChunk boundaries at odd offsets:
+// every byte of the pieces pwrite splits a write into must land where the
+// caller put it.
+func TestWriteAcrossChunks(t *testing.T) {
 	const size = 4 << 20
 	r := openTest(t, t.TempDir(), size, 0)
 	claimed(t, r, 1)

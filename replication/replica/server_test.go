@@ -169,9 +169,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 
 func TestClientErrorsMapToSentinels(t *testing.T) {
 	s, addr := startServer(t, t.TempDir())
-	if _, err := s.Create("r1", testSize); err != nil {
-		t.Fatal(err)
-	}
+	mustCreate(t, s, "r1")
 	ctx := testCtx(t)
 	if _, err := Dial(ctx, addr, "missing", 0); !errors.Is(err, ErrNotFound) {
 		t.Errorf("Dial unknown replica: got %v, want ErrNotFound", err)
@@ -246,9 +244,7 @@ func TestClientErrorsMapToSentinels(t *testing.T) {
 // after the claim never changes again.
 func TestFencingOverNetwork(t *testing.T) {
 	s, addr := startServer(t, t.TempDir())
-	if _, err := s.Create("r1", testSize); err != nil {
-		t.Fatal(err)
-	}
+	mustCreate(t, s, "r1")
 	oldEngine, newEngine := dial(t, addr, "r1", testSize), dial(t, addr, "r1", testSize)
 	ctx := testCtx(t)
 	if err := oldEngine.Claim(ctx, 1); err != nil {
@@ -493,9 +489,7 @@ func TestClientServerCloseLeaksNothing(t *testing.T) {
 	}
 	served := make(chan error, 1)
 	go func() { served <- s.Serve(l) }()
-	if _, err := s.Create("r1", testSize); err != nil {
-		t.Fatal(err)
-	}
+	mustCreate(t, s, "r1")
 	ctx := testCtx(t)
 	var clients []*Client
 	for i := 0; i < 4; i++ {
@@ -666,9 +660,7 @@ func (c *rawConn) expectEOF() {
 
 func TestServerProtocolErrors(t *testing.T) {
 	s, addr := startServer(t, t.TempDir())
-	if _, err := s.Create("r1", testSize); err != nil {
-		t.Fatal(err)
-	}
+	mustCreate(t, s, "r1")
 	frame := func(h RequestHeader, payload []byte) []byte {
 		return AppendRequest(nil, Request{RequestHeader: h, Payload: payload})
 	}
