@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
@@ -165,24 +166,38 @@ func (n *devNode) stop(sig syscall.Signal, wait time.Duration) bool {
 	return !n.alive()
 }
 
-// freePorts reserves n distinct free TCP ports on 127.0.0.1.
-func freePorts(n int) ([]int, error) {
+// nodeAddrs picks the listen addresses of a new dev cluster: k ports on
+// each node's own loopback address, 127.X.Y.i for node i in a /24 drawn at
+// random for this cluster. The ports are free when chosen.
+//
+// Why not 127.0.0.1: a restarted node must bind the ports it had (its raft
+// address is in the cluster's membership), but on 127.0.0.1 the kernel hands
+// the same port numbers to other processes, to their outgoing connections
+// and to their listeners on port 0, so a parallel test could hold a killed
+// node's port when it comes back. Connections to any 127.x.y.z leave from
+// 127.0.0.1, and nothing else binds this cluster's addresses, so its ports
+// stay free for it: only a listener on every address (0.0.0.0) could take one.
+func nodeAddrs(nodes, k int) ([][]string, error) {
+	subnet := fmt.Sprintf("127.%d.%d.", 1+rand.IntN(254), rand.IntN(256))
 	var ls []net.Listener
 	defer func() {
 		for _, l := range ls {
 			l.Close()
 		}
 	}()
-	var ports []int
-	for i := 0; i < n; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, err
+	addrs := make([][]string, nodes)
+	for i := range addrs {
+		host := subnet + strconv.Itoa(i+1)
+		for range k {
+			l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
+			if err != nil {
+				return nil, err
+			}
+			ls = append(ls, l)
+			addrs[i] = append(addrs[i], l.Addr().String())
 		}
-		ls = append(ls, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
 	}
-	return ports, nil
+	return addrs, nil
 }
 
 func newDevCommand() *cobra.Command {
@@ -233,9 +248,10 @@ func newDevUpCommand() *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			// The ports are free when chosen, but another process (a
-			// parallel test, say) may take one before a node binds it. Such
-			// a clash is retried with fresh ports; anything else is not.
+			// The ports are free when chosen, and nothing else binds the
+			// cluster's addresses (see nodeAddrs); should a listener on
+			// every address take one all the same before a node binds it,
+			// the cluster starts again on fresh ports.
 			var c *devCluster
 			var st *meta.StatusResponse
 			for attempt := 1; ; attempt++ {
@@ -320,14 +336,14 @@ var errPortClash = errors.New("port taken by another process")
 // cluster to form. On failure it stops what it started.
 func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
 	w := cmd.OutOrStdout()
-	ports, err := freePorts(4 * nodes)
+	addrs, err := nodeAddrs(nodes, 4)
 	if err != nil {
 		return nil, nil, fmt.Errorf("reserve ports: %w", err)
 	}
 	c := &devCluster{}
 	var apis []string
 	for i := 0; i < nodes; i++ {
-		apis = append(apis, "127.0.0.1:"+strconv.Itoa(ports[4*i+1]))
+		apis = append(apis, addrs[i][1])
 	}
 	for i := 0; i < nodes; i++ {
 		id := fmt.Sprintf("node-%d", i+1)
@@ -336,9 +352,7 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 			return c, nil, err
 		}
 		n := &devNode{
-			ID: id, Raft: "127.0.0.1:" + strconv.Itoa(ports[4*i]), Agent: apis[i],
-			Metrics: "127.0.0.1:" + strconv.Itoa(ports[4*i+2]),
-			Data:    "127.0.0.1:" + strconv.Itoa(ports[4*i+3]),
+			ID: id, Raft: addrs[i][0], Agent: apis[i], Metrics: addrs[i][2], Data: addrs[i][3],
 			DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
 		}
 		n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")

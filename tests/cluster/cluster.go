@@ -154,8 +154,9 @@ func MakeCluster(t testing.TB, n int, opts ...Option) *Cluster {
 	}
 	t.Cleanup(c.close)
 
-	// A port picked free can be taken by someone else before the member
-	// binds it; then start over with new ports.
+	// A port picked free could still be taken before the member binds it
+	// (by a listener on every address; see memberAddrs); then start over
+	// with new ports.
 	var lastErr error
 	for attempt := 0; attempt < 5; attempt++ {
 		if lastErr = c.startAll(); lastErr == nil {
@@ -178,14 +179,10 @@ func MakeCluster(t testing.TB, n int, opts ...Option) *Cluster {
 // stops the ones it started.
 func (c *Cluster) startAll() error {
 	n := len(c.ids)
-	ports, err := reservePorts(2 * n)
+	var err error
+	c.raftAddrs, c.apiAddrs, err = memberAddrs(n)
 	if err != nil {
 		return err
-	}
-	c.raftAddrs, c.apiAddrs = nil, nil
-	for i := range n {
-		c.raftAddrs = append(c.raftAddrs, net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[2*i])))
-		c.apiAddrs = append(c.apiAddrs, net.JoinHostPort("127.0.0.1", strconv.Itoa(ports[2*i+1])))
 	}
 	for i := range n {
 		if err := c.start(i, false); err != nil {
@@ -723,60 +720,40 @@ func (g *guardedT) stop() {
 	g.mu.Unlock()
 }
 
-// reservePorts returns k distinct TCP ports free on 127.0.0.1 right now.
-// It prefers ports below the kernel's ephemeral range: outgoing connections
-// never take those, so a killed member's ports are still free when it
-// restarts.
-func reservePorts(k int) ([]int, error) {
-	lo := ephemeralLow()
-	const base = 10000
+// memberAddrs returns a raft and an API address for each of n members, free
+// right now. Member i listens on its own loopback address, 127.X.Y.(i+1), in
+// a /24 drawn at random for this cluster. A restarted member must bind the
+// addresses it had; on 127.0.0.1 the kernel may meanwhile give its port to
+// another test's outgoing connection or port-0 listener, but connections
+// to any 127.x.y.z leave from 127.0.0.1 and nothing else binds this
+// cluster's addresses.
+func memberAddrs(n int) (raft, api []string, err error) {
+	subnet := fmt.Sprintf("127.%d.%d.", 1+rand.IntN(254), rand.IntN(256))
 	var lns []net.Listener
 	defer func() {
 		for _, l := range lns {
 			l.Close()
 		}
 	}()
-	seen := map[int]bool{}
-	var ports []int
-	if lo-base >= 1000 {
-		for tries := 0; len(ports) < k && tries < 1000; tries++ {
-			p := base + rand.IntN(lo-base)
-			if seen[p] {
-				continue
-			}
-			seen[p] = true
-			l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(p)))
-			if err != nil {
-				continue
-			}
-			lns = append(lns, l)
-			ports = append(ports, p)
-		}
-	}
-	for len(ports) < k { // fall back on the kernel's choice
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+	listen := func(host string) (string, error) {
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
-			return nil, fmt.Errorf("reserve a port: %w", err)
+			return "", fmt.Errorf("reserve a port on %s: %w", host, err)
 		}
 		lns = append(lns, l)
-		ports = append(ports, l.Addr().(*net.TCPAddr).Port)
+		return l.Addr().String(), nil
 	}
-	return ports, nil
-}
-
-// ephemeralLow is the first port of the kernel's ephemeral range.
-func ephemeralLow() int {
-	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-	if err != nil {
-		return 32768
+	for i := range n {
+		host := subnet + strconv.Itoa(i+1)
+		r, err := listen(host)
+		if err != nil {
+			return nil, nil, err
+		}
+		a, err := listen(host)
+		if err != nil {
+			return nil, nil, err
+		}
+		raft, api = append(raft, r), append(api, a)
 	}
-	f := strings.Fields(string(b))
-	if len(f) < 1 {
-		return 32768
-	}
-	lo, err := strconv.Atoi(f[0])
-	if err != nil {
-		return 32768
-	}
-	return lo
+	return raft, api, nil
 }

@@ -1,5 +1,5 @@
 // Package dataplane tests Cairn's replicated data path end to end: a dev
-// cluster of real `cairn node` processes on 127.0.0.1, volumes exported over
+// cluster of real `cairn node` processes on loopback addresses, volumes exported over
 // NBD on unix sockets, and a small NBD client of our own that records which
 // writes the server acknowledged. Faults are real: SIGKILL of node processes
 // (`cairn dev kill`), SIGSTOP/SIGCONT for a node that is cut off and comes

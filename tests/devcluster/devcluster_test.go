@@ -1,5 +1,5 @@
 // Package devcluster tests the `cairn dev` and `cairn ctl` commands end to
-// end: real processes, real TCP on 127.0.0.1, real data dirs.
+// end: real processes, real TCP on loopback addresses, real data dirs.
 package devcluster
 
 import (
@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"github.com/cairn-csi/cairn/tests/testbin"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -58,6 +59,8 @@ type clusterJSON struct {
 	Nodes []struct {
 		ID      string `json:"id"`
 		Agent   string `json:"agent"`
+		Raft    string `json:"raft"`
+		Data    string `json:"data"`
 		Metrics string `json:"metrics"`
 		PID     int    `json:"pid"`
 		Log     string `json:"log"`
@@ -158,9 +161,22 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		t.Fatalf("cluster.json has %d nodes, want 3", len(cl.Nodes))
 	}
 	var servers []string
+	hosts := map[string]string{}
 	for _, n := range cl.Nodes {
-		if n.ID == "" || n.Agent == "" || n.Metrics == "" || n.PID <= 0 {
+		if n.ID == "" || n.Agent == "" || n.Raft == "" || n.Data == "" || n.Metrics == "" || n.PID <= 0 {
 			t.Fatalf("cluster.json node lacks a field: %+v", n)
+		}
+		// Each node has a loopback address of its own, not 127.0.0.1
+		// (see the restart below).
+		for _, a := range []string{n.Agent, n.Raft, n.Data, n.Metrics} {
+			host, _, err := net.SplitHostPort(a)
+			if err != nil || !net.ParseIP(host).IsLoopback() || host == "127.0.0.1" {
+				t.Fatalf("%s listens on %q: want a loopback address other than 127.0.0.1", n.ID, a)
+			}
+			if other, ok := hosts[host]; ok && other != n.ID {
+				t.Fatalf("%s and %s share the address %s", n.ID, other, host)
+			}
+			hosts[host] = n.ID
 		}
 		if !processAlive(n.PID) {
 			t.Fatalf("%s (pid %d) is not running", n.ID, n.PID)
@@ -239,7 +255,24 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		return nil
 	})
 
-	// Restart it: it comes back up and sees every volume.
+	// Restart it: it comes back up and sees every volume. It must bind
+	// the ports it had; meanwhile other processes on 127.0.0.1 may have
+	// been given the same port numbers (a parallel test's listener or
+	// outgoing connection once took one in CI). Hold them here too.
+	for _, n := range cl.Nodes {
+		if n.ID != old {
+			continue
+		}
+		for _, a := range []string{n.Agent, n.Raft, n.Data, n.Metrics} {
+			_, port, _ := net.SplitHostPort(a)
+			l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", port))
+			if err != nil {
+				t.Logf("could not hold 127.0.0.1:%s for the restart (%v); restarting all the same", port, err)
+				continue
+			}
+			defer l.Close()
+		}
+	}
 	mustRun(t, "dev", "start", "--dir", dir, old)
 	eventually(t, 20*time.Second, old+" up again", func() error {
 		if s := nodeState(status(), old); s != "up" {

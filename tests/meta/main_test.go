@@ -1,5 +1,5 @@
 // Package meta_test runs the volume store as real clusters — in-process
-// agents, real TCP on 127.0.0.1, real bolt logs and file snapshots — and
+// agents, real TCP on loopback addresses, real bolt logs and file snapshots — and
 // checks what ARCHITECTURE.md §6.1 and §6.4 promise: no acknowledged write is
 // lost across kills, restarts and partitions; a minority never commits; the
 // history clients see is linearizable.
