@@ -201,12 +201,14 @@ func newNodeCommand() *cobra.Command {
 }
 
 func runNode(o *nodeOptions) error {
-	log, err := newLogger(o.LogLevel, o.LogFormat)
+	// The components add node_id to their lines themselves, so they get
+	// base; this function's own lines (and the CSI server's) get log.
+	base, err := newLogger(o.LogLevel, o.LogFormat)
 	if err != nil {
 		return err
 	}
-	defer func() { _ = log.Sync() }()
-	log = log.With(zap.String("node_id", o.ID))
+	defer func() { _ = base.Sync() }()
+	log := base.With(zap.String("node_id", o.ID))
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -215,7 +217,7 @@ func runNode(o *nodeOptions) error {
 			NodeID: o.ID, DataDir: o.DataDir,
 			RaftBind: o.RaftAddr, RaftAdvertise: o.RaftAdvertise,
 			TimeoutMultiplier: o.RaftTimeoutMultiplier,
-			Logger:            log,
+			Logger:            base,
 		},
 		APIBind: o.APIAddr, APIAdvertise: o.APIAdvertise,
 		Zone: o.Zone, Region: o.Region, DataAddr: o.DataAddr,
@@ -291,13 +293,13 @@ func runNode(o *nodeOptions) error {
 	defer self.Close()
 	storage, err := storagenode.Start(storagenode.Config{
 		NodeID: o.ID, DataDir: o.DataDir, Listen: o.DataAddr, FSM: agent.Store().FSM(), Meta: self,
-		Logger: log, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched, DiskSched: diskSched,
+		Logger: base, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched, DiskSched: diskSched,
 	})
 	if err != nil {
 		agent.Close()
 		return err
 	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: log, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server(), Registerer: reg})
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: base, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server(), Registerer: reg})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {
@@ -309,7 +311,7 @@ func runNode(o *nodeOptions) error {
 			return fmt.Errorf("--csi-endpoint: %w", err)
 		}
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
-			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: log,
+			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: base,
 			RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server()})
 		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}

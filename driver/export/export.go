@@ -153,7 +153,7 @@ func (m *Manager) start(v *meta.Volume) {
 		_ = e.Close(ctx)
 		return
 	}
-	srv := nbd.NewServer(m.cfg.Logger, "", e, nbd.Options{ReadOnly: v.Attachment.ReadOnly,
+	srv := nbd.NewServer(log.Named("nbd"), "", e, nbd.Options{ReadOnly: v.Attachment.ReadOnly,
 		MetricLabels: map[string]string{"volume_id": v.ID}})
 	m.register(srv)
 	r := &running{socket: v.Attachment.NBDSocket, epoch: e.Epoch(), engine: e, server: srv, done: make(chan struct{}), stop: make(chan struct{})}

@@ -77,7 +77,7 @@ func Start(cfg Config) (*Node, error) {
 	}
 	n := &Node{cfg: cfg, log: cfg.Logger.Named("storage").With(zap.String("node_id", cfg.NodeID)), lis: lis, rebuilds: map[string]context.CancelFunc{}}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
-		Logger: cfg.Logger, DataDir: filepath.Join(cfg.DataDir, "replicas"),
+		Logger: cfg.Logger.With(zap.String("node_id", cfg.NodeID)), DataDir: filepath.Join(cfg.DataDir, "replicas"),
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
