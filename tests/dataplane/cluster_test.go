@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
+	"github.com/cairn-csi/cairn/tests/logcheck"
 )
 
 // devCluster is one `cairn dev` cluster, started for one test and torn down
@@ -163,6 +164,9 @@ func (c *devCluster) cleanup() {
 	}
 	c.mu.Unlock()
 	for _, n := range nodes {
+		if !raceNodes { // the race detector writes its reports into the log
+			logcheck.Check(t, n.Log, n.ID)
+		}
 		if raceNodes {
 			if b, err := os.ReadFile(n.Log); err == nil && bytes.Contains(b, []byte("WARNING: DATA RACE")) {
 				t.Errorf("%s reported a data race; see below", n.ID)

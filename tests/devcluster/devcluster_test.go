@@ -6,6 +6,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"github.com/cairn-csi/cairn/tests/logcheck"
 	"github.com/cairn-csi/cairn/tests/testbin"
 	"io"
 	"net"
@@ -304,7 +305,7 @@ func TestDevClusterEndToEnd(t *testing.T) {
 
 	// Every line the node agents logged names its node once.
 	for _, n := range cl.Nodes {
-		checkLogFields(t, n.Log, n.ID)
+		logcheck.Check(t, n.Log, n.ID)
 	}
 
 	// Down stops every process (gracefully: SIGTERM is enough) and removes
@@ -320,70 +321,6 @@ func TestDevClusterEndToEnd(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(dir, "cluster.json")); !os.IsNotExist(err) {
 		t.Errorf("cluster.json still there after down: %v", err)
 	}
-}
-
-// checkLogFields checks that each JSON line of a node agent's log carries
-// node_id = node exactly once: zap writes a field as often as loggers add
-// it, and a log pipeline then keeps one value at random or drops the line.
-func checkLogFields(t *testing.T, path, node string) {
-	t.Helper()
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	lines := strings.Split(strings.TrimSpace(string(raw)), "\n")
-	bad := 0
-	for _, line := range lines {
-		keys, vals, err := topLevelFields(line)
-		if err != nil {
-			t.Errorf("%s: a line that is not a JSON object (%v): %s", path, err, line)
-			bad++
-		}
-		seen := map[string]bool{}
-		for i, k := range keys {
-			if seen[k] {
-				t.Errorf("%s: field %q twice: %s", path, k, line)
-				bad++
-			}
-			seen[k] = true
-			if k == "node_id" && vals[i] != node {
-				t.Errorf("%s: node_id %q, want %q: %s", path, vals[i], node, line)
-				bad++
-			}
-		}
-		if !seen["node_id"] {
-			t.Errorf("%s: a line without node_id: %s", path, line)
-			bad++
-		}
-		if bad > 5 {
-			t.Fatalf("%s: more lines like these not shown", path)
-		}
-	}
-	if bad == 0 {
-		t.Logf("%s: %d lines, each with node_id once", path, len(lines))
-	}
-}
-
-// topLevelFields returns the keys of a JSON object in their order, with the
-// values of the string-valued ones.
-func topLevelFields(line string) (keys, vals []string, err error) {
-	dec := json.NewDecoder(strings.NewReader(line))
-	if tok, err := dec.Token(); err != nil || tok != json.Delim('{') {
-		return nil, nil, fmt.Errorf("no object: %v", err)
-	}
-	for dec.More() {
-		tok, err := dec.Token()
-		if err != nil {
-			return nil, nil, err
-		}
-		var v any
-		if err := dec.Decode(&v); err != nil {
-			return nil, nil, err
-		}
-		str, _ := v.(string)
-		keys, vals = append(keys, tok.(string)), append(vals, str)
-	}
-	return keys, vals, nil
 }
 
 // TestBadInput: unknown commands, wrong flags and bad values give a clear
