@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# demo.sh: the main job of a new user. Starts a local 3-node Cairn cluster on
-# 127.0.0.1 (three node agents and the CSI controller), creates a 3-replica
-# volume through the CSI API, stages and publishes it on node-1 as ext4,
-# writes files, kills node-2 and shows the volume still serving and degraded,
-# restarts node-2 and shows the rebuild until healthy, checks the files and
-# the replicas, shows a leader failover of the volume store, and cleans up.
+# demo.sh: the main job of a new user. Starts a local 3-node Cairn cluster
+# (three node agents on loopback addresses, and the CSI controller), creates
+# a 3-replica volume through the CSI API, stages and publishes it on node-1
+# as ext4, writes files, kills node-2 and shows the volume still serving and
+# degraded, restarts node-2 and shows the rebuild until healthy, checks the
+# files and the replicas, shows a leader failover of the volume store, and cleans up.
 # DEMO_KEEP=1 leaves the cluster running. Run through `make demo` (which
 # installs what it needs and builds bin/cairn). Needs root (FUSE, loop, mount).
 set -euo pipefail

@@ -6,8 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -21,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 // devCluster is DIR/cluster.json: what `cairn dev up` started. Later
@@ -166,40 +165,6 @@ func (n *devNode) stop(sig syscall.Signal, wait time.Duration) bool {
 	return !n.alive()
 }
 
-// nodeAddrs picks the listen addresses of a new dev cluster: k ports on
-// each node's own loopback address, 127.X.Y.i for node i in a /24 drawn at
-// random for this cluster. The ports are free when chosen.
-//
-// Why not 127.0.0.1: a restarted node must bind the ports it had (its raft
-// address is in the cluster's membership), but on 127.0.0.1 the kernel hands
-// the same port numbers to other processes, to their outgoing connections
-// and to their listeners on port 0, so a parallel test could hold a killed
-// node's port when it comes back. Connections to any 127.x.y.z leave from
-// 127.0.0.1, and nothing else binds this cluster's addresses, so its ports
-// stay free for it: only a listener on every address (0.0.0.0) could take one.
-func nodeAddrs(nodes, k int) ([][]string, error) {
-	subnet := fmt.Sprintf("127.%d.%d.", 1+rand.IntN(254), rand.IntN(256))
-	var ls []net.Listener
-	defer func() {
-		for _, l := range ls {
-			l.Close()
-		}
-	}()
-	addrs := make([][]string, nodes)
-	for i := range addrs {
-		host := subnet + strconv.Itoa(i+1)
-		for range k {
-			l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-			if err != nil {
-				return nil, err
-			}
-			ls = append(ls, l)
-			addrs[i] = append(addrs[i], l.Addr().String())
-		}
-	}
-	return addrs, nil
-}
-
 func newDevCommand() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "dev",
@@ -248,25 +213,9 @@ func newDevUpCommand() *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			// The ports are free when chosen, and nothing else binds the
-			// cluster's addresses (see nodeAddrs); should a listener on
-			// every address take one all the same before a node binds it,
-			// the cluster starts again on fresh ports.
-			var c *devCluster
-			var st *meta.StatusResponse
-			for attempt := 1; ; attempt++ {
-				c, st, err = startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, wait)
-				if err == nil {
-					break
-				}
-				if !errors.Is(err, errPortClash) || attempt == 3 {
-					return err
-				}
-				fmt.Fprintf(w, "a port was taken by another process before a node could bind it; starting again with other ports\n")
-				for _, n := range c.Nodes {
-					_ = os.RemoveAll(filepath.Dir(n.Log))
-				}
-				_ = os.RemoveAll(filepath.Join(abs, "controller"))
+			c, st, err := startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, wait)
+			if err != nil {
+				return err
 			}
 			fmt.Fprintf(w, "cluster %s is up: leader %s, %d nodes up; CSI controller at %s\n", st.ClusterID, st.Leader, len(st.Nodes), c.Controller.CSI)
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
@@ -327,16 +276,14 @@ func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResp
 	}
 }
 
-// errPortClash marks a dev cluster that could not start because a port
-// chosen for it was taken before a node bound it.
-var errPortClash = errors.New("port taken by another process")
-
 // startDevCluster starts the node agents and the CSI controller of a dev
 // cluster in abs on fresh ports, writes cluster.json and waits for the
 // cluster to form. On failure it stops what it started.
 func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
 	w := cmd.OutOrStdout()
-	addrs, err := nodeAddrs(nodes, 4)
+	// Each node on a loopback address of its own, so that its ports are
+	// still free when it restarts (see package loopback).
+	addrs, err := loopback.Addrs(nodes, 4)
 	if err != nil {
 		return nil, nil, fmt.Errorf("reserve ports: %w", err)
 	}
@@ -400,13 +347,7 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 			fmt.Fprintf(cmd.ErrOrStderr(), "--- last lines of %s ---\n%s\n", n.Log, tail(n.Log, 10))
 		}
 		stopAll(c)
-		err = fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
-		for _, n := range c.Nodes {
-			if strings.Contains(tail(n.Log, 10), "address already in use") {
-				return c, nil, fmt.Errorf("%w: %w", errPortClash, err)
-			}
-		}
-		return c, nil, err
+		return c, nil, fmt.Errorf("cluster did not form within %v: %w (node logs above; stopped the nodes)", wait, err)
 	}
 	return c, st, nil
 }

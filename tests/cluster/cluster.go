@@ -1,7 +1,7 @@
 // Package cluster starts real volume-store clusters inside a test process:
-// n meta agents (replication/meta.StartAgent) on 127.0.0.1, each with its own
-// data dir (real bolt files, real file snapshots) and real TCP for raft and
-// the meta API. Tests kill, restart and partition members and read what the
+// n meta agents (replication/meta.StartAgent) on loopback addresses, each
+// with its own data dir (real bolt files, real file snapshots) and real TCP
+// for raft and the meta API. Tests kill, restart and partition members and read what the
 // members hold; t.Cleanup stops everything a cluster started.
 //
 // One Cluster serves one test. Its methods are safe for concurrent use, with
@@ -12,11 +12,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
-	"net"
 	"os"
 	"reflect"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -29,6 +26,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 // DiskCapacity is the data disk every member reports (all of it free), so
@@ -154,21 +152,8 @@ func MakeCluster(t testing.TB, n int, opts ...Option) *Cluster {
 	}
 	t.Cleanup(c.close)
 
-	// A port picked free could still be taken before the member binds it
-	// (by a listener on every address; see memberAddrs); then start over
-	// with new ports.
-	var lastErr error
-	for attempt := 0; attempt < 5; attempt++ {
-		if lastErr = c.startAll(); lastErr == nil {
-			break
-		}
-		if !errors.Is(lastErr, syscall.EADDRINUSE) {
-			t.Fatalf("cluster: %v", lastErr)
-		}
-		t.Logf("cluster: %v; retrying with other ports", lastErr)
-	}
-	if lastErr != nil {
-		t.Fatalf("cluster: %v", lastErr)
+	if err := c.startAll(); err != nil {
+		t.Fatalf("cluster: %v", err)
 	}
 	c.Leader(t)
 	c.WaitNodesUp(t, n)
@@ -179,10 +164,16 @@ func MakeCluster(t testing.TB, n int, opts ...Option) *Cluster {
 // stops the ones it started.
 func (c *Cluster) startAll() error {
 	n := len(c.ids)
-	var err error
-	c.raftAddrs, c.apiAddrs, err = memberAddrs(n)
+	// Each member on a loopback address of its own, so that its ports are
+	// still free when it restarts (see package loopback).
+	addrs, err := loopback.Addrs(n, 2)
 	if err != nil {
 		return err
+	}
+	c.raftAddrs, c.apiAddrs = nil, nil
+	for _, a := range addrs {
+		c.raftAddrs = append(c.raftAddrs, a[0])
+		c.apiAddrs = append(c.apiAddrs, a[1])
 	}
 	for i := range n {
 		if err := c.start(i, false); err != nil {
@@ -718,42 +709,4 @@ func (g *guardedT) stop() {
 	g.mu.Lock()
 	g.done = true
 	g.mu.Unlock()
-}
-
-// memberAddrs returns a raft and an API address for each of n members, free
-// right now. Member i listens on its own loopback address, 127.X.Y.(i+1), in
-// a /24 drawn at random for this cluster. A restarted member must bind the
-// addresses it had; on 127.0.0.1 the kernel may meanwhile give its port to
-// another test's outgoing connection or port-0 listener, but connections
-// to any 127.x.y.z leave from 127.0.0.1 and nothing else binds this
-// cluster's addresses.
-func memberAddrs(n int) (raft, api []string, err error) {
-	subnet := fmt.Sprintf("127.%d.%d.", 1+rand.IntN(254), rand.IntN(256))
-	var lns []net.Listener
-	defer func() {
-		for _, l := range lns {
-			l.Close()
-		}
-	}()
-	listen := func(host string) (string, error) {
-		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-		if err != nil {
-			return "", fmt.Errorf("reserve a port on %s: %w", host, err)
-		}
-		lns = append(lns, l)
-		return l.Addr().String(), nil
-	}
-	for i := range n {
-		host := subnet + strconv.Itoa(i+1)
-		r, err := listen(host)
-		if err != nil {
-			return nil, nil, err
-		}
-		a, err := listen(host)
-		if err != nil {
-			return nil, nil, err
-		}
-		raft, api = append(raft, r), append(api, a)
-	}
-	return raft, api, nil
 }

@@ -164,10 +164,9 @@ func (c *devCluster) cleanup() {
 	}
 	c.mu.Unlock()
 	for _, n := range nodes {
-		if !raceNodes { // the race detector writes its reports into the log
+		if !raceNodes {
 			logcheck.Check(t, n.Log, n.ID)
-		}
-		if raceNodes {
+		} else { // the race detector writes its reports into the log
 			if b, err := os.ReadFile(n.Log); err == nil && bytes.Contains(b, []byte("WARNING: DATA RACE")) {
 				t.Errorf("%s reported a data race; see below", n.ID)
 				t.Logf("--- %s: data race report ---\n%s", n.ID, raceReport(b))

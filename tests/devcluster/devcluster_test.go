@@ -167,8 +167,9 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		if n.ID == "" || n.Agent == "" || n.Raft == "" || n.Data == "" || n.Metrics == "" || n.PID <= 0 {
 			t.Fatalf("cluster.json node lacks a field: %+v", n)
 		}
-		// Each node has a loopback address of its own, not 127.0.0.1
-		// (see the restart below).
+		// Each node has a loopback address of its own, not 127.0.0.1,
+		// where other processes could take a stopped node's ports before
+		// it restarts (see package loopback).
 		for _, a := range []string{n.Agent, n.Raft, n.Data, n.Metrics} {
 			host, _, err := net.SplitHostPort(a)
 			if err != nil || !net.ParseIP(host).IsLoopback() || host == "127.0.0.1" {
@@ -256,24 +257,7 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		return nil
 	})
 
-	// Restart it: it comes back up and sees every volume. It must bind
-	// the ports it had; meanwhile other processes on 127.0.0.1 may have
-	// been given the same port numbers (a parallel test's listener or
-	// outgoing connection once took one in CI). Hold them here too.
-	for _, n := range cl.Nodes {
-		if n.ID != old {
-			continue
-		}
-		for _, a := range []string{n.Agent, n.Raft, n.Data, n.Metrics} {
-			_, port, _ := net.SplitHostPort(a)
-			l, err := net.Listen("tcp", net.JoinHostPort("127.0.0.1", port))
-			if err != nil {
-				t.Logf("could not hold 127.0.0.1:%s for the restart (%v); restarting all the same", port, err)
-				continue
-			}
-			defer l.Close()
-		}
-	}
+	// Restart it: it comes back up and sees every volume.
 	mustRun(t, "dev", "start", "--dir", dir, old)
 	eventually(t, 20*time.Second, old+" up again", func() error {
 		if s := nodeState(status(), old); s != "up" {

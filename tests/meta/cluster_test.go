@@ -164,8 +164,9 @@ func TestRestartedMemberCatchesUp(t *testing.T) {
 }
 
 // Scenario: with TrailingLogs 5 and SnapshotThreshold 10, kill a follower,
-// commit 100 writes, snapshot the leader (its log is compacted past what the
-// follower has), restart the follower.
+// commit 100 writes, snapshot both live members (their logs are compacted
+// past what the follower has: whichever leads when it returns must send a
+// snapshot), restart the follower.
 // Invariant: the follower catches up through InstallSnapshot and then holds
 // the leader's state.
 func TestSnapshotInstallAfterCompaction(t *testing.T) {

@@ -1,7 +1,7 @@
 // Command metabench measures committed writes per second and commit latency
 // of the meta store (replication/meta) on a 3-member cluster running in this
-// process: real TCP on 127.0.0.1, real bolt raft logs in temporary data dirs,
-// hashicorp/raft's default timings.
+// process: real TCP on loopback addresses, real bolt raft logs in temporary
+// data dirs, hashicorp/raft's default timings.
 //
 // Each step runs N goroutines, each with its own meta.Client, that loop
 // Client.Apply(NodeHeartbeat): a real write through the meta API and raft.
@@ -19,7 +19,6 @@ import (
 	"fmt"
 	"io"
 	"math"
-	"net"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -36,6 +35,7 @@ import (
 
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
+	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 const (
@@ -225,9 +225,9 @@ type cluster struct {
 	apiAddrs []string
 }
 
-// startCluster starts the members with BootstrapExpect and Peers. The API
-// ports are picked free up front (Peers must name them before any member
-// starts); raft binds port 0 and advertises what it got.
+// startCluster starts the members with BootstrapExpect and Peers, each on
+// a loopback address of its own (package loopback). The addresses are
+// picked up front: Peers must name them before any member starts.
 func startCluster(log *zap.Logger) (*cluster, error) {
 	cl := &cluster{}
 	root, err := os.MkdirTemp("", "metabench-")
@@ -235,8 +235,12 @@ func startCluster(log *zap.Logger) (*cluster, error) {
 		return cl, err
 	}
 	cl.root = root
-	if cl.apiAddrs, err = freeAddrs(members); err != nil {
+	addrs, err := loopback.Addrs(members, 2)
+	if err != nil {
 		return cl, err
+	}
+	for _, a := range addrs {
+		cl.apiAddrs = append(cl.apiAddrs, a[1])
 	}
 	for i := range members {
 		id := fmt.Sprintf("node-%d", i+1)
@@ -244,7 +248,7 @@ func startCluster(log *zap.Logger) (*cluster, error) {
 			Store: meta.StoreConfig{
 				NodeID:            id,
 				DataDir:           filepath.Join(root, id),
-				RaftBind:          "127.0.0.1:0",
+				RaftBind:          addrs[i][0],
 				TimeoutMultiplier: 1,
 				Logger:            log.With(zap.String("member", id)),
 			},
@@ -259,27 +263,6 @@ func startCluster(log *zap.Logger) (*cluster, error) {
 		cl.agents = append(cl.agents, a)
 	}
 	return cl, nil
-}
-
-// freeAddrs returns n distinct free 127.0.0.1 ports (held open together so
-// they differ; another process could still take one before the agent binds).
-func freeAddrs(n int) ([]string, error) {
-	var out []string
-	var lis []net.Listener
-	defer func() {
-		for _, l := range lis {
-			l.Close()
-		}
-	}()
-	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			return nil, fmt.Errorf("find a free port: %w", err)
-		}
-		lis = append(lis, l)
-		out = append(out, l.Addr().String())
-	}
-	return out, nil
 }
 
 // close stops every member (in parallel) and removes the data dirs.
@@ -588,7 +571,7 @@ func printHeader(w io.Writer, cl *cluster, o options, formed time.Duration) {
 	fmt.Fprintf(w, "metabench: committed meta-store writes on a %d-member cluster in one process\n", members)
 	fmt.Fprintf(w, "machine:   %s, %d CPUs (GOMAXPROCS %d), %s/%s, %s%s\n",
 		host, runtime.NumCPU(), runtime.GOMAXPROCS(0), runtime.GOOS, runtime.GOARCH, runtime.Version(), loadAvg())
-	fmt.Fprintf(w, "cluster:   real TCP on 127.0.0.1, bolt raft logs on %s (temp dir), default raft timings, formed in %v\n",
+	fmt.Fprintf(w, "cluster:   real TCP on loopback addresses, bolt raft logs on %s (temp dir), default raft timings, formed in %v\n",
 		fsType(cl.root), formed.Round(time.Millisecond))
 	fmt.Fprintf(w, "write:     meta.Client.Apply(NodeHeartbeat{%s}), one client per goroutine, %v call timeout\n", benchNode, o.callTimeout)
 	fmt.Fprintf(w, "steps:     clients %s; %v warmup + %v measured each\n", joinInts(o.clients), o.warmup, o.duration)

@@ -20,7 +20,7 @@
 //
 // Scenarios: (1) A alone; (2) A while B floods, A holding a reservation
 // (`volume set-qos --min-iops` = A's rate × 1.5), B unlimited; (1') and (3)
-// the same with node-1's scheduler bypassed; (4) A while C rebuilds. It
+// the same with every node's scheduler bypassed; (4) A while C rebuilds. It
 // reports A's completion-latency percentiles and IOPS, p99 against A alone
 // (target of the issue: at most 2× under a flood, and the same next to a
 // rebuild), what node-1's scheduler did meanwhile (from its /metrics) and
@@ -30,7 +30,7 @@
 // up or a fio run failed, 2 on bad flags, 130 after Ctrl-C. The clusters and
 // the temporary directory are removed in every case.
 //
-//	go run ./tests/bench/noisybench [-runtime 10s] [-rate N] [-rebuild-size 1Gi] [-rebuild-rate 80Mi] [-cairn BIN] [-keep] [-v]
+//	go run ./tests/bench/noisybench [-runtime 10s] [-rate N] [-rebuild-size 1Gi] [-rebuild-rate 80Mi] [-depth 256] [-cairn BIN] [-keep] [-v]
 package main
 
 import (
@@ -89,8 +89,8 @@ func run() int {
 	flag.StringVar(&o.sizeA, "size-a", "256Mi", "size of volume A (filled once, read by the measured runs)")
 	flag.StringVar(&o.sizeB, "size-b", "1Gi", "size of volume B (the flood)")
 	flag.StringVar(&o.rebuildSize, "rebuild-size", "1Gi", "size of volume C, all of it written while node-3 is down and then rebuilt")
-	flag.IntVar(&o.depth, "depth", 256, "node-1's --iosched-depth in the first cluster")
-	flag.StringVar(&o.rebuildRate, "rebuild-rate", "80Mi", "node-1's --rebuild-rate in the first cluster (bytes/s)")
+	flag.IntVar(&o.depth, "depth", 256, "every node's --iosched-depth in the first cluster")
+	flag.StringVar(&o.rebuildRate, "rebuild-rate", "80Mi", "every node's --rebuild-rate in the first cluster (bytes/s)")
 	flag.StringVar(&o.cairn, "cairn", "", "use this cairn binary instead of building bin/cairn")
 	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, sockets, fio output)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
