@@ -14,12 +14,14 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/go-logr/zapr"
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
+	"k8s.io/klog/v2"
 
 	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/driver/export"
@@ -209,6 +211,9 @@ func runNode(o *nodeOptions) error {
 	}
 	defer func() { _ = base.Sync() }()
 	log := base.With(zap.String("node_id", o.ID))
+	// k8s.io/mount-utils (the CSI node plugin's mounts) logs through klog,
+	// which would write its own text lines into this JSON log.
+	klog.SetLogger(zapr.NewLogger(log.Named("klog")))
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

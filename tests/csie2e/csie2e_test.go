@@ -9,6 +9,7 @@ import (
 	"crypto/sha256"
 	"encoding/json"
 	"fmt"
+	"github.com/cairn-csi/cairn/tests/logcheck"
 	"github.com/cairn-csi/cairn/tests/testbin"
 	"math/rand/v2"
 	"os"
@@ -42,6 +43,7 @@ type clusterJSON struct {
 		ID    string `json:"id"`
 		Agent string `json:"agent"`
 		CSI   string `json:"csi"`
+		Log   string `json:"log"`
 	} `json:"nodes"`
 	Controller struct {
 		CSI string `json:"csi"`
@@ -73,7 +75,14 @@ func startCluster(t *testing.T) *cluster {
 		t.Fatal("this test needs root (FUSE, loop devices, mkfs, mount); run it as root, as CI does")
 	}
 	dir := filepath.Join(t.TempDir(), "cluster")
+	var cj clusterJSON
 	t.Cleanup(func() {
+		// The node plugins' lines (staging, FUSE, their engines) name
+		// their node once, like every other component's. dev down
+		// removes the logs.
+		for _, n := range cj.Nodes {
+			logcheck.Check(t, n.Log, n.ID)
+		}
 		out, err := exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput()
 		if err != nil {
 			t.Errorf("dev down: %v\n%s", err, out)
@@ -85,7 +94,6 @@ func startCluster(t *testing.T) *cluster {
 	if err != nil {
 		t.Fatal(err)
 	}
-	var cj clusterJSON
 	if err := json.Unmarshal(raw, &cj); err != nil {
 		t.Fatal(err)
 	}
