@@ -120,8 +120,8 @@ type Engine struct {
 	closeM    sync.Once
 	confirmed atomic.Int64 // unix nanos of the store's last word that the volume is ours
 	qos       meta.QoS     // the limits last given to the scheduler; written under mu held for writing
-	// qosSet says the scheduler knows the volume (qos is valid). admit reads
-	// it without e.mu (a rebuild's copy admits with no lock held).
+	// qosSet says the scheduler knows the volume (qos is valid). Every admit
+	// (user I/O and rebuild copies) reads it without e.mu, before taking it.
 	qosSet     atomic.Bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once

@@ -73,8 +73,8 @@ const (
 	MaxPayload = 32 << 20
 	// FlagFUA asks for the data to be on stable storage before the reply.
 	FlagFUA uint8 = 1
-	// FlagRebuild marks rebuild and resync traffic: the server admits it in
-	// the disk scheduler's Rebuild class, behind foreground I/O.
+	// FlagRebuild marks rebuild traffic: the server admits it in the disk
+	// scheduler's Rebuild class, behind foreground I/O.
 	FlagRebuild uint8 = 1 << 1
 	// FlagScrub marks scrub (verification) traffic: the Scrub class, the
 	// least urgent.

@@ -600,11 +600,13 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 	return nil
 }
 
+// zeroChunk is a writeChunk of zeros, never written to.
+var zeroChunk [writeChunk]byte
+
 func (r *Replica) writeZeros(off, length uint64) error {
-	zeros := make([]byte, min(length, writeChunk)) // pwrite writes no larger pieces
 	for length > 0 {
-		n := min(length, uint64(len(zeros)))
-		if err := r.pwrite(zeros[:n], off); err != nil {
+		n := pieceLen(off, length) // the pieces pwrite would cut
+		if err := r.pwrite(zeroChunk[:n], off); err != nil {
 			return err
 		}
 		off, length = off+n, length-n
@@ -678,10 +680,9 @@ func (r *Replica) isHole(off, n uint64) bool {
 
 func (r *Replica) zeroExtentChecksum() uint32 {
 	r.zeroSumOnce.Do(func() {
-		zeros := make([]byte, 64<<10)
 		for left := r.extentSize; left > 0; {
-			n := min(left, uint64(len(zeros)))
-			r.zeroSum = crc32.Update(r.zeroSum, castagnoli, zeros[:n])
+			n := min(left, writeChunk)
+			r.zeroSum = crc32.Update(r.zeroSum, castagnoli, zeroChunk[:n])
 			left -= n
 		}
 	})

@@ -30,9 +30,9 @@ type classKey struct{}
 
 // WithClass returns a context whose replica data operations belong to I/O
 // class c of the disk scheduler: those sent by a Client carry the matching
-// flag, and Replica.Admit files them under c. The rebuilder and resync mark
-// their context with iosched.Rebuild, so that they yield to foreground I/O on
-// every replica they touch.
+// flag, and Replica.Admit files them under c. The rebuilder marks its
+// context with iosched.Rebuild, so that it yields to foreground I/O on every
+// replica it touches. (Resync stays foreground: an attach waits for it.)
 func WithClass(ctx context.Context, c iosched.Class) context.Context {
 	return context.WithValue(ctx, classKey{}, c)
 }

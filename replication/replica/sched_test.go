@@ -11,6 +11,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/cairn-csi/cairn/iosched"
 )
 
@@ -510,6 +512,9 @@ func TestClosedConnectionDropsQueuedRequests(t *testing.T) {
 		t.Fatalf("write on the closed connection: %v, want ErrClosed", err)
 	}
 	waitQueued(t, s, 0) // dropped with its connection
+	if n := testutil.CollectAndCount(s.metrics.errors); n != 0 {
+		t.Errorf("the dropped request counted as a failed one (%d error series)", n)
+	}
 
 	c2 := dial(t, addr, "vol1-r0", testSize)
 	done2 := make(chan error, 1)

@@ -424,6 +424,7 @@ type serverConn struct {
 	budget   byteBudget
 
 	fencedLogged atomic.Bool
+	dropped      atomic.Int64 // requests dropped from the disk queue when the connection ended
 
 	// ctx ends when the connection does (or the server closes): requests
 	// still waiting for the disk scheduler then give up instead of running
@@ -475,6 +476,9 @@ func (s *Server) handleConn(nc net.Conn) {
 	c.readLoop()
 	c.cancel() // requests still queued for the disk are dropped, not run
 	c.handlers.Wait()
+	if n := c.dropped.Load(); n > 0 {
+		c.log.Info("connection ended with requests queued for the disk; dropped them", zap.Int64("dropped", n))
+	}
 	close(c.out)
 	<-writerDone
 	_ = nc.Close() // replies are written or the peer is gone; nothing left to lose
@@ -592,6 +596,13 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 	var err error
 	if scheduled(h.Op) { // not PING, which may come before OPEN set c.replica
 		t, err = c.replica.admit(c.ctx, h.Op, uint64(h.Length), classOfFlags(h.Flags))
+		if err != nil && c.ctx.Err() != nil {
+			// Dropped with its connection: not a failure of the disk,
+			// and nobody reads the reply. Counted and logged once.
+			c.dropped.Add(1)
+			putBuf(payload)
+			return reply{hdr: ReplyHeader{Status: StatusIOError, Handle: h.Handle}, cost: cost}
+		}
 	}
 	if err == nil {
 		rep, err = c.do(h, payload)

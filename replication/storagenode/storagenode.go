@@ -75,9 +75,10 @@ func Start(cfg Config) (*Node, error) {
 	if err != nil {
 		return nil, fmt.Errorf("replica server listen on %s: %w", cfg.Listen, err)
 	}
-	n := &Node{cfg: cfg, log: cfg.Logger.Named("storage").With(zap.String("node_id", cfg.NodeID)), lis: lis, rebuilds: map[string]context.CancelFunc{}}
+	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
+	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
-		Logger: cfg.Logger.With(zap.String("node_id", cfg.NodeID)), DataDir: filepath.Join(cfg.DataDir, "replicas"),
+		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"),
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
