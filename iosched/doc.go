@@ -47,7 +47,8 @@
 // debt. A volume that cannot pay for its next request is "throttled": it
 // waits out of the way, so it neither holds a dispatch slot nor delays other
 // volumes (no head-of-line blocking), and one timer, set for the earliest
-// throttled volume, wakes the scheduler when its tokens come. Nothing polls.
+// throttled volume, wakes the scheduler when its tokens come. Nothing polls
+// (but see below).
 //
 // # Protecting reserved volumes
 //
@@ -58,7 +59,10 @@
 // (Config.LatencyTolerance), which limits their rate whenever the reserved
 // volumes' service time grows beyond a tolerance of what it is on a quiet
 // node (guard.go). A reserved volume's own requests beyond its reservation
-// are never held back by them.
+// are never held back by them. While the guard runs, the timer also wakes
+// the scheduler when the reserved volumes' activity window ends, so that the
+// guard stops on time; a timer is never moved later, so a reserved volume
+// that stays busy causes one such wake-up per ReservedActiveWindow.
 //
 // # Cost
 //

@@ -30,7 +30,8 @@ import (
 //   - Each window, if that percentile exceeds the baseline times
 //     Config.LatencyTolerance, the spare rate is halved (from what spare
 //     work actually used, so the first cut after a calm spell bites at
-//     once); otherwise it grows by a tenth. It never goes below
+//     once); otherwise it grows by a tenth, plus one token (so that it
+//     grows from a small limit too). It never goes below
 //     MinSpareIOPS, so spare work slows down but does not stop.
 //   - Without an active reserved volume the guard holds nothing. A reserved
 //     volume is active while it sends foreground requests (a reserved
@@ -127,10 +128,10 @@ func (g *guard) rate() float64 {
 // enabled reports whether the guard may hold spare work at all.
 func (g *guard) enabled() bool { return g.tol > 0 }
 
-// holds reports whether a request on spare capacity must wait for the
-// guard's tokens at now, and if so until when.
+// holds brings the guard's tokens up to now and reports whether a request
+// on spare capacity must wait for them, and if so until when.
 func (g *guard) holds(now int64) (bool, int64) {
-	if !g.active || math.IsInf(g.rate(), 1) {
+	if math.IsInf(g.current(), 1) {
 		return false, 0
 	}
 	g.tokens.advance(now)
@@ -152,13 +153,12 @@ func (g *guard) spareGranted(r *Request, now int64) {
 const guardUnit = 64 << 10
 
 // guardCost is what a request takes from the guard's rate: one token per
-// guardUnit of data, at least one. A rebuild's 4 MiB extent copy costs the
-// CPU of many small I/Os, and at one token it would pass under any limit.
+// guardUnit of the bytes it carries (cost), at least one. A rebuild's 4 MiB
+// extent copy costs the CPU of many small I/Os, and at one token it would
+// pass under any limit.
 func guardCost(r *Request) float64 {
-	if (r.Op == Read || r.Op == Write) && r.Bytes > guardUnit {
-		return float64((r.Bytes + guardUnit - 1) / guardUnit)
-	}
-	return 1
+	_, bytes := cost(r)
+	return max(1, math.Ceil(bytes/guardUnit))
 }
 
 // finished accounts for a reserved volume's foreground request that took d

@@ -243,3 +243,154 @@ func TestLatencyGuardReportsItsEnd(t *testing.T) {
 		t.Error("the guard is still active half a second after the tenant stopped")
 	}
 }
+
+// TestLatencyGuardStartsWithFirstRequest: a reserved volume's first
+// foreground request after a quiet spell starts the guard at once, and its
+// service time is the first sample.
+func TestLatencyGuardStartsWithFirstRequest(t *testing.T) {
+	h := newSim(t, Config{Depth: 4, LatencyTolerance: 1.5}, 100*time.Microsecond)
+	h.setLimits("tenant", Limits{MinIOPS: 2000})
+	h.submit(nil, Request{Volume: "tenant", Op: Read, Bytes: 4 * kib})
+	if !h.s.guard.active {
+		t.Fatal("the guard did not start with the reserved volume's first request")
+	}
+	h.run(time.Millisecond)
+	if h.s.guard.n != 1 {
+		t.Errorf("the guard measured %d requests, want the first one", h.s.guard.n)
+	}
+}
+
+// TestGuardStateMachine drives the guard alone through its life: the first
+// probe, growth within the tolerance, a cut from what spare work used, a
+// pause and a resume with the limit learned, a new period's probe, a
+// baseline that expires, few-sample windows and the drop to no limit.
+func TestGuardStateMachine(t *testing.T) {
+	const win = int64(50 * time.Millisecond)
+	const floor = 100.0
+	g := &guard{}
+	g.configure(Config{LatencyTolerance: 1.25, LatencyWindow: time.Duration(win), MinSpareIOPS: uint64(floor)})
+	period := guardPeriodWindows * win
+	now := int64(0)
+	busy := func() int64 { return now + time.Hour.Nanoseconds() } // a reserved volume stays active
+	// window runs one window of the guard's clock: n reserved requests of
+	// service time d finish and spare requests costing spare tokens are
+	// granted, then the clock ticks at its end.
+	window := func(n int, d time.Duration, spare int) bool {
+		for range n {
+			g.finished(int64(d))
+		}
+		for range spare {
+			g.spareGranted(&Request{Op: Read, Bytes: 4096}, now)
+		}
+		now += win
+		return g.tick(now, busy())
+	}
+	near := func(what string, got, want float64) {
+		t.Helper()
+		if math.Abs(got-want) > 1e-9*math.Max(1, math.Abs(want)) {
+			t.Fatalf("%s: %v, want %v", what, got, want)
+		}
+	}
+
+	// Idle: holds nothing.
+	if g.tick(now, now) || !math.IsInf(g.current(), 1) {
+		t.Fatalf("an idle guard reports a limit %v", g.current())
+	}
+	// First activity: a probe at the floor, the first window drains.
+	if !g.tick(now, busy()) || g.probe != guardProbeWindows {
+		t.Fatalf("activity did not start a probe (probe %d)", g.probe)
+	}
+	near("limit during the probe", g.current(), floor)
+	window(guardMinSamples, time.Millisecond, 0) // the draining window: not measured
+	if g.minCur != 0 {
+		t.Fatalf("the draining window gave a baseline %d", g.minCur)
+	}
+	window(guardMinSamples, 100*time.Microsecond, 0) // the measuring one
+	if base := time.Duration(g.minCur); base < 100*time.Microsecond || base > 107*time.Microsecond {
+		t.Fatalf("baseline %v, want 100µs to the top of its bucket", base)
+	}
+	near("limit after the first probe (from the floor)", g.current(), floor)
+
+	// Within the tolerance the limit grows by a tenth plus one per window.
+	window(guardMinSamples, 120*time.Microsecond, 0)
+	near("limit after a good window", g.current(), floor*guardGrowth+1)
+	for g.limit < 1000 {
+		window(guardMinSamples, 100*time.Microsecond, 0)
+	}
+	// Over it, the limit halves from what spare work used: 20 tokens in a
+	// window of 50 ms is 400 a second.
+	window(guardMinSamples, 300*time.Microsecond, 20)
+	near("limit after a slow window", g.current(), 200)
+	learned := g.limit
+
+	// A pause holds nothing; the next activity resumes with the limit
+	// learned, without a probe, within the period.
+	if !g.tick(now, now) || !math.IsInf(g.current(), 1) {
+		t.Fatalf("the guard still limits spare work with no reserved volume active: %v", g.current())
+	}
+	if held, _ := g.holds(now); held {
+		t.Fatal("a paused guard holds spare work")
+	}
+	now += 10 * win
+	g.tick(now, busy())
+	if g.probe != 0 {
+		t.Fatalf("resuming within the period started a probe")
+	}
+	near("limit on resuming", g.current(), learned)
+
+	// A window with too few samples stays open, up to guardMaxWindows.
+	start := g.start
+	for i := range guardMaxWindows - 1 {
+		n := 0
+		if i == 0 {
+			n = guardMinSamples - 1
+		}
+		window(n, 100*time.Microsecond, 0)
+		if g.start != start {
+			t.Fatalf("a window with %d samples closed after %v", g.n, time.Duration(now-start))
+		}
+	}
+	window(0, 0, 0)
+	if g.start != now {
+		t.Fatalf("a window with too few samples outlived %d windows", guardMaxWindows)
+	}
+
+	// A new period opens with a probe at the floor, then returns to the
+	// limit learned; the old period's baseline becomes the previous one.
+	for p0 := g.periodStart; g.periodStart == p0; {
+		window(guardMinSamples, 100*time.Microsecond, 0)
+		if now-p0 > period+win {
+			t.Fatalf("no new period %v after the last", time.Duration(now-p0))
+		}
+	}
+	if g.probe != guardProbeWindows || g.minPrev == 0 {
+		t.Fatalf("a new period: probe %d, previous baseline %d", g.probe, g.minPrev)
+	}
+	near("limit during a later probe", g.current(), floor)
+	learned = g.limit
+	window(guardMinSamples, 100*time.Microsecond, 0)
+	window(guardMinSamples, 100*time.Microsecond, 0)
+	near("limit after a later probe", g.current(), learned)
+
+	// Idle for two periods: the baseline and the limit learned against it
+	// are too old; activity starts over from a probe and the floor.
+	g.tick(now, now)
+	now += 2 * period
+	g.tick(now, busy())
+	if g.probe != guardProbeWindows || g.minPrev != 0 || g.minCur != 0 {
+		t.Fatalf("after two idle periods: probe %d, baselines %d and %d", g.probe, g.minCur, g.minPrev)
+	}
+	window(guardMinSamples, 100*time.Microsecond, 0)
+	window(guardMinSamples, 100*time.Microsecond, 0)
+	near("limit after an expired baseline", g.current(), floor)
+
+	// A limit that grows past guardMaxLimit is dropped.
+	g.setLimit(guardMaxLimit, now)
+	window(guardMinSamples, 100*time.Microsecond, 0)
+	if !math.IsInf(g.current(), 1) {
+		t.Fatalf("limit %v past guardMaxLimit, want none", g.current())
+	}
+	if held, _ := g.holds(now); held {
+		t.Fatal("the guard holds spare work with no limit")
+	}
+}

@@ -161,8 +161,10 @@ func randomScenario(t *testing.T, seed uint64) (stats heldStats) {
 	}
 	// The test's own account of the bound: when the last reserved volume's
 	// window ends, and the requests on spare capacity in flight of volumes
-	// without a reservation. The latency guard's state is the scheduler's
-	// (guard_test.go checks the guard itself).
+	// without a reservation. Whether the latency guard holds is read from
+	// the scheduler's own guard: this test checks that dispatch obeys it,
+	// not that it is right (TestGuardStateMachine and TestLatencyGuard in
+	// guard_test.go check that).
 	resvActive := time.Duration(-1)
 	spareInflight := 0
 	spareGranted := map[*waiter]bool{}

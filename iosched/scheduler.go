@@ -248,6 +248,7 @@ func (s *Scheduler) SetLimits(id string, l Limits) error {
 	v.setLimits(l, s.quantum, now)
 	if v.queue.len() > 0 {
 		s.update(v, now)
+		s.refresh(now)
 		s.dispatch(now)
 		s.arm(now)
 	}
@@ -373,6 +374,13 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownVolume, r.Volume)
 	}
 	now := s.now()
+	if v.rStep > 0 && r.Class == Foreground {
+		// Only foreground requests make a reserved volume active: its
+		// rebuild or scrub is not what the throttles protect. Before
+		// refresh, so that the latency guard starts with this request
+		// (and measures it).
+		s.resvActive = now + s.resvWindow
+	}
 	s.refresh(now)
 	w := s.newWaiter()
 	w.req = r
@@ -397,11 +405,6 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 		v.bgTail = w
 	}
 	s.queued++
-	if v.rStep > 0 && r.Class == Foreground {
-		// Only foreground requests make a reserved volume active: its
-		// rebuild or scrub is not what the throttles protect.
-		s.resvActive = now + s.resvWindow
-	}
 	s.update(v, now)
 	s.dispatch(now)
 	s.arm(now)
@@ -593,17 +596,18 @@ func (s *Scheduler) shareTag(v *volume) int64 {
 	return v.pTag
 }
 
-// cost returns what w takes from v's IOPS and bytes buckets.
-func cost(w *waiter) (ios, bytes float64) {
-	if w.req.Op == Read || w.req.Op == Write {
-		bytes = float64(w.req.Bytes)
+// cost returns what r takes from its volume's IOPS and bytes buckets: only
+// reads and writes carry bytes.
+func cost(r *Request) (ios, bytes float64) {
+	if r.Op == Read || r.Op == Write {
+		bytes = float64(r.Bytes)
 	}
 	return 1, bytes
 }
 
 // paidAt brings v's buckets up to now and returns when they can pay for w.
 func (v *volume) paidAt(w *waiter, now int64) int64 {
-	ios, bytes := cost(w)
+	ios, bytes := cost(&w.req)
 	v.iops.advance(now)
 	v.bytes.advance(now)
 	return max(v.iops.readyAt(ios, now), v.bytes.readyAt(bytes, now))
@@ -670,10 +674,15 @@ func (s *Scheduler) refresh(now int64) {
 //
 // Invariant (after dispatch returns): either every slot is taken, or no
 // volume with queued requests is eligible, or the only eligible requests
-// would use spare capacity and every slot open to them is taken (see
-// spareFull), or they are those of volumes without a reservation and spare
-// work is held (see spareHeld).
+// would use spare capacity and every slot open to them is taken (the others
+// are kept, Config.ReservedSlots), or they are those of volumes without a
+// reservation and spare work is held (see spareHeld).
+//
+// Every caller runs refresh(now) first.
 func (s *Scheduler) dispatch(now int64) {
+	// spareHeld(now), worked out when first needed; only a grant that
+	// counts against the throttles (w.spare) can change it.
+	held, known := false, false
 	for s.inflight < s.depth {
 		w, ph := s.pick(now)
 		if w == nil {
@@ -683,38 +692,40 @@ func (s *Scheduler) dispatch(now int64) {
 			if s.inflight >= s.spare {
 				return // pick offers spare work only when nothing else is eligible
 			}
-			if w.vol.rStep == 0 && s.spareHeld(now) {
-				// The throttles hold back only volumes without a
-				// reservation: they protect the reserved ones, so an
-				// eligible reserved volume beyond its reservation goes
-				// instead, the most owed first.
-				if s.resv.len() == 0 {
-					return
+			if w.vol.rStep == 0 {
+				if !known {
+					held, known = s.spareHeld(now), true
 				}
-				w = s.resv.top().head()
+				if held {
+					// The throttles hold back only volumes without a
+					// reservation: they protect the reserved ones, so
+					// an eligible reserved volume beyond its
+					// reservation goes instead, the most owed first.
+					if s.resv.len() == 0 {
+						return
+					}
+					w = s.resv.top().head()
+				}
 			}
 		}
 		s.grant(w, ph, now)
+		if w.spare {
+			known = false
+		}
 	}
-}
-
-// spareFull reports whether a request on spare capacity of a volume without
-// a reservation must wait although a slot is free: the free slots are kept
-// (Config.ReservedSlots), or spare work is held (spareHeld).
-func (s *Scheduler) spareFull(now int64) bool {
-	return s.inflight >= s.spare || s.spareHeld(now)
 }
 
 // spareHeld reports whether a reserved volume is active and spare work of
 // volumes without a reservation has its share of slots
 // (Config.SpareSlotsWhileReserved) or of the rate the latency guard allows
-// (Config.LatencyTolerance).
+// (Config.LatencyTolerance). The guard holds only while a reserved volume
+// is active: refresh, which runs first, stops it when none is.
 func (s *Scheduler) spareHeld(now int64) bool {
 	if s.spareBounded(now) {
 		return true
 	}
 	held, _ := s.guard.holds(now)
-	return held && now < s.resvActive
+	return held
 }
 
 // spareBounded reports whether the bound for spare work while a reserved
@@ -760,7 +771,7 @@ func (s *Scheduler) grant(w *waiter, ph phase, now int64) {
 	}
 	v := w.vol
 	s.unqueue(w)
-	ios, bytes := cost(w)
+	ios, bytes := cost(&w.req)
 	v.iops.charge(ios, now)
 	v.bytes.charge(bytes, now)
 	if v.rStep > 0 {
@@ -817,22 +828,27 @@ func (s *Scheduler) arm(now int64) {
 		// let go of spare work.
 		at = min(at, s.resvActive)
 	}
-	if s.spareFull(now) {
-		// Only slots closed to spare work are free, and eligible spare
-		// work waits for them to be needed by no one: a volume coming
-		// under its reservation or background work becoming overdue may
-		// take one, but both happen by the clock alone, with no call to
-		// dispatch. So does the end of a reserved volume's activity.
+	bounded := s.spareBounded(now)
+	held, until := s.guard.holds(now)
+	if s.inflight >= s.spare || bounded || held {
+		// A request on spare capacity of a volume without a reservation
+		// must wait although a slot is free: the free slots are kept
+		// (Config.ReservedSlots), or spare work is held (spareHeld).
+		// Eligible spare work waits for them to be needed by no one: a
+		// volume coming under its reservation or background work
+		// becoming overdue may take one, but both happen by the clock
+		// alone, with no call to dispatch. So do the end of a reserved
+		// volume's activity and the guard's next token.
 		if s.resv.len() > 0 {
 			at = min(at, s.resv.top().rTag)
 		}
 		if s.overdue.len() > 0 {
 			at = min(at, s.overdue.top().bgHead.arrival+s.maxBG)
 		}
-		if s.spareBounded(now) && s.ready.len() > 0 {
+		if bounded && s.ready.len() > 0 {
 			at = min(at, s.resvActive)
 		}
-		if held, until := s.guard.holds(now); held && s.ready.len() > 0 {
+		if held && s.ready.len() > 0 {
 			at = min(at, until) // held implies active: resvActive is in at
 		}
 	}
