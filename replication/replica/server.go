@@ -14,10 +14,12 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 
 	"github.com/cairn-csi/cairn/iosched"
 )
@@ -426,13 +428,18 @@ type serverConn struct {
 	fencedLogged atomic.Bool
 	dropped      atomic.Int64 // requests dropped from the disk queue when the connection ended
 
-	// ctx ends when the connection does (or the server closes): requests
-	// still waiting for the disk scheduler then give up instead of running
-	// later. Their client has been told the connection failed, and an engine
-	// that reconnects at the same epoch must not have an older write of the
-	// dead connection land after its newer one.
+	// ctx ends when the reader sees the connection end (or the server
+	// closes): requests still waiting for the disk scheduler then give up
+	// instead of running later. Their client has been told the connection
+	// failed, and an engine that reconnects at the same epoch must not have
+	// an older write of the dead connection land after its newer one.
 	ctx    context.Context
 	cancel context.CancelFunc
+	// parked is set while the reader waits for an in-flight slot or byte
+	// budget. It reads nothing then, so it would not see the peer go away
+	// and ctx would not end: a request that gets the disk meanwhile asks
+	// the socket itself (peerGone), and so does the reader when it wakes.
+	parked atomic.Bool
 }
 
 // reply is one reply frame on its way to the writer. release runs once it
@@ -512,7 +519,10 @@ func (c *serverConn) readLoop() {
 			continue
 		}
 		cost := uint64(h.PayloadLen) + c.replyCost(h)
-		c.budget.acquire(cost)
+		if c.budget.acquire(cost, &c.parked) && peerGone(c.nc) {
+			c.budget.release(cost)
+			return
+		}
 		var payload *[]byte
 		if h.PayloadLen > 0 {
 			payload = getBuf(int(h.PayloadLen))
@@ -529,7 +539,11 @@ func (c *serverConn) readLoop() {
 			putBuf(payload)
 			continue
 		}
-		c.inFlight <- struct{}{}
+		if !c.takeSlot() {
+			putBuf(payload)
+			c.budget.release(cost)
+			return
+		}
 		c.handlers.Add(1)
 		go func() {
 			defer c.handlers.Done()
@@ -537,6 +551,46 @@ func (c *serverConn) readLoop() {
 			c.send(c.execute(h, payload, cost))
 		}()
 	}
+}
+
+// takeSlot waits for an in-flight slot and reports whether the peer is
+// still there once it has one (see parked).
+func (c *serverConn) takeSlot() bool {
+	select {
+	case c.inFlight <- struct{}{}:
+		return true
+	default:
+	}
+	c.parked.Store(true)
+	c.inFlight <- struct{}{}
+	c.parked.Store(false)
+	if peerGone(c.nc) {
+		<-c.inFlight
+		return false
+	}
+	return true
+}
+
+// peerGone reports whether the peer of a TCP connection has closed it: its
+// FIN or RST has arrived, whatever the reader has yet to read. For other
+// connections it reports false.
+func peerGone(nc net.Conn) bool {
+	sc, ok := nc.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	raw, err := sc.SyscallConn()
+	if err != nil {
+		return false
+	}
+	gone := false
+	_ = raw.Control(func(fd uintptr) {
+		info, err := unix.GetsockoptTCPInfo(int(fd), unix.IPPROTO_TCP, unix.TCP_INFO)
+		// The kernel's TCP states: CLOSE_WAIT once the peer's FIN is in,
+		// CLOSE after a reset.
+		gone = err == nil && (info.State == unix.BPF_TCP_CLOSE_WAIT || info.State == unix.BPF_TCP_CLOSE)
+	})
+	return gone
 }
 
 // admit applies the rules that do not depend on the replica's state.
@@ -596,6 +650,13 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 	var err error
 	if scheduled(h.Op) { // not PING, which may come before OPEN set c.replica
 		t, err = c.replica.admit(c.ctx, h.Op, uint64(h.Length), classOfFlags(h.Flags))
+		if err == nil && (c.ctx.Err() != nil || c.parked.Load() && peerGone(c.nc)) {
+			// Granted as the connection ended (or after it did, unseen
+			// by the parked reader): drop it, and the rest with it.
+			t.Done()
+			c.cancel()
+			err = c.ctx.Err()
+		}
 		if err != nil && c.ctx.Err() != nil {
 			// Dropped with its connection: not a failure of the disk,
 			// and nobody reads the reply. Counted and logged once.
@@ -768,17 +829,27 @@ func (b *byteBudget) init(limit uint64) {
 }
 
 // acquire waits until n more bytes fit; a request larger than the whole
-// budget is admitted when nothing else is held.
-func (b *byteBudget) acquire(n uint64) {
+// budget is admitted when nothing else is held. While it waits, parked is
+// set; it reports whether it waited.
+func (b *byteBudget) acquire(n uint64, parked *atomic.Bool) bool {
 	if n == 0 {
-		return
+		return false
 	}
 	b.mu.Lock()
+	waited := false
 	for b.used > 0 && b.used+n > b.limit {
+		if !waited {
+			waited = true
+			parked.Store(true)
+		}
 		b.cond.Wait()
 	}
 	b.used += n
 	b.mu.Unlock()
+	if waited {
+		parked.Store(false)
+	}
+	return waited
 }
 
 func (b *byteBudget) release(n uint64) {
