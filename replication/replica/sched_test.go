@@ -486,110 +486,73 @@ func TestAdmitAllocatesNothing(t *testing.T) {
 	}
 }
 
-// TestClosedConnectionDropsQueuedRequests: a write waiting for the disk
-// scheduler when its connection closes is dropped, not run later. Its
-// client was told the connection failed; if it ran once the disk was free,
-// it could land on top of a newer write that an engine reconnecting at the
-// same epoch had sent meanwhile (the scheduler lets foreground work pass a
-// queued rebuild write), and the acknowledged newer data would be lost.
+// TestClosedConnectionDropsQueuedRequests: writes waiting for the disk
+// scheduler when their connection closes are dropped, not run later. Their
+// client was told the connection failed; if they ran once the disk was
+// free, they could land on top of a newer write that an engine reconnecting
+// at the same epoch had sent meanwhile (the scheduler lets foreground work
+// pass queued rebuild writes), and the acknowledged newer data would be
+// lost. With more writes queued than a connection may have in flight
+// ("busy"), the server's reader waits for a slot and reads nothing, so only
+// the socket can tell that the peer has gone.
 func TestClosedConnectionDropsQueuedRequests(t *testing.T) {
-	sched, _, hold := newDiskSched(t)
-	s, addr := schedServer(t, sched)
-	r := mustCreate(t, s, "vol1-r0")
-	ctx := testCtx(t)
-	c1 := dial(t, addr, "vol1-r0", testSize)
-	if err := c1.Claim(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	release := hold()
-	done1 := make(chan error, 1)
-	go func() {
-		done1 <- c1.WriteAt(WithClass(ctx, iosched.Rebuild), 1, bytes.Repeat([]byte{'O'}, 4096), 0, false)
-	}()
-	waitQueued(t, s, 1)
-	c1.Close()
-	if err := <-done1; !errors.Is(err, ErrClosed) {
-		t.Fatalf("write on the closed connection: %v, want ErrClosed", err)
-	}
-	waitQueued(t, s, 0) // dropped with its connection
-	if n := testutil.CollectAndCount(s.metrics.errors); n != 0 {
-		t.Errorf("the dropped request counted as a failed one (%d error series)", n)
-	}
+	for _, tc := range []struct {
+		name string
+		sent int // writes sent on the connection that closes
+	}{{"one queued", 1}, {"busy", maxInFlight + 4}} {
+		t.Run(tc.name, func(t *testing.T) {
+			sched, _, hold := newDiskSched(t)
+			s, addr := schedServer(t, sched)
+			r := mustCreate(t, s, "vol1-r0")
+			ctx := testCtx(t)
+			c1 := dial(t, addr, "vol1-r0", testSize)
+			if err := c1.Claim(ctx, 1); err != nil {
+				t.Fatal(err)
+			}
+			release := hold()
+			errs := make(chan error, tc.sent)
+			for range tc.sent {
+				go func() {
+					errs <- c1.WriteAt(WithClass(ctx, iosched.Rebuild), 1, bytes.Repeat([]byte{'O'}, 4096), 0, false)
+				}()
+			}
+			queued := min(tc.sent, maxInFlight)
+			waitQueued(t, s, queued) // busy: the reader now waits for a slot
+			c1.Close()
+			for range tc.sent {
+				if err := <-errs; !errors.Is(err, ErrClosed) {
+					t.Fatalf("write on the closed connection: %v, want ErrClosed", err)
+				}
+			}
+			if tc.sent == 1 {
+				waitQueued(t, s, 0) // the reader saw the end: dropped at once
+				queued = 0
+			}
 
-	c2 := dial(t, addr, "vol1-r0", testSize)
-	done2 := make(chan error, 1)
-	go func() { done2 <- c2.WriteAt(ctx, 1, bytes.Repeat([]byte{'N'}, 4096), 0, false) }()
-	waitQueued(t, s, 1)
-	release()
-	if err := <-done2; err != nil {
-		t.Fatal(err)
-	}
-	// Give a stale handler every chance to run, then look.
-	for range 50 {
-		if err := c2.Ping(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	got := make([]byte, 4096)
-	if err := r.ReadAt(1, got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if got[0] != 'N' {
-		t.Fatalf("replica holds %q: the closed connection's write landed after the acknowledged newer one", got[:1])
-	}
-}
-
-// TestClosedBusyConnectionDropsQueuedRequests is the same with more
-// requests queued than a connection may have in flight: the server's reader
-// then waits for a slot and reads nothing, so only the socket can tell that
-// the peer has gone. No request of the dead connection may run after it.
-func TestClosedBusyConnectionDropsQueuedRequests(t *testing.T) {
-	sched, _, hold := newDiskSched(t)
-	s, addr := schedServer(t, sched)
-	r := mustCreate(t, s, "vol1-r0")
-	ctx := testCtx(t)
-	c1 := dial(t, addr, "vol1-r0", testSize)
-	if err := c1.Claim(ctx, 1); err != nil {
-		t.Fatal(err)
-	}
-	release := hold()
-	const sent = maxInFlight + 4
-	errs := make(chan error, sent)
-	for range sent {
-		go func() {
-			errs <- c1.WriteAt(WithClass(ctx, iosched.Rebuild), 1, bytes.Repeat([]byte{'O'}, 4096), 0, false)
-		}()
-	}
-	waitQueued(t, s, maxInFlight) // the reader now waits for a slot
-	c1.Close()
-	for range sent {
-		if err := <-errs; !errors.Is(err, ErrClosed) {
-			t.Fatalf("write on the closed connection: %v, want ErrClosed", err)
-		}
-	}
-
-	c2 := dial(t, addr, "vol1-r0", testSize)
-	done2 := make(chan error, 1)
-	go func() { done2 <- c2.WriteAt(ctx, 1, bytes.Repeat([]byte{'N'}, 4096), 0, false) }()
-	waitQueued(t, s, maxInFlight+1)
-	release()
-	if err := <-done2; err != nil {
-		t.Fatal(err)
-	}
-	waitQueued(t, s, 0)
-	for range 50 { // give a stale handler every chance to run, then look
-		if err := c2.Ping(ctx); err != nil {
-			t.Fatal(err)
-		}
-	}
-	got := make([]byte, 4096)
-	if err := r.ReadAt(1, got, 0); err != nil {
-		t.Fatal(err)
-	}
-	if got[0] != 'N' {
-		t.Fatalf("replica holds %q: a write of the closed connection landed after the acknowledged newer one", got[:1])
-	}
-	if n := testutil.CollectAndCount(s.metrics.errors); n != 0 {
-		t.Errorf("the dropped requests counted as failed ones (%d error series)", n)
+			c2 := dial(t, addr, "vol1-r0", testSize)
+			done2 := make(chan error, 1)
+			go func() { done2 <- c2.WriteAt(ctx, 1, bytes.Repeat([]byte{'N'}, 4096), 0, false) }()
+			waitQueued(t, s, queued+1)
+			release()
+			if err := <-done2; err != nil {
+				t.Fatal(err)
+			}
+			waitQueued(t, s, 0)
+			for range 50 { // give a stale handler every chance to run, then look
+				if err := c2.Ping(ctx); err != nil {
+					t.Fatal(err)
+				}
+			}
+			got := make([]byte, 4096)
+			if err := r.ReadAt(1, got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if got[0] != 'N' {
+				t.Fatalf("replica holds %q: a write of the closed connection landed after the acknowledged newer one", got[:1])
+			}
+			if n := testutil.CollectAndCount(s.metrics.errors); n != 0 {
+				t.Errorf("the dropped requests counted as failed ones (%d error series)", n)
+			}
+		})
 	}
 }
