@@ -61,6 +61,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyRequest(s, c)
 	case *SetParameters:
 		return applySetParameters(s, c)
+	case *AdvanceEpoch:
+		return applyAdvanceEpoch(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -581,5 +583,27 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 		next = nil // as a snapshot restores it
 	}
 	v.Parameters = next
+	return Result{Volume: v.Clone()}, nil
+}
+
+// applyAdvanceEpoch increments the epoch of a volume held by c.NodeID (or,
+// with no NodeID, of a volume with no attachment). Only the holder may ask:
+// an engine that lost the attachment must not move the epoch under the new
+// one.
+func applyAdvanceEpoch(s *State, c *AdvanceEpoch) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	switch a := v.Attachment; {
+	case c.NodeID == "" && a != nil:
+		return Result{}, fmt.Errorf("volume %s is attached to %s: %w", v.ID, a.Node, ErrFailedPrecondition)
+	case c.NodeID != "" && (a == nil || a.Node != c.NodeID):
+		return Result{}, fmt.Errorf("volume %s is not attached to %s: %w", v.ID, c.NodeID, ErrFailedPrecondition)
+	}
+	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	v.Epoch++
 	return Result{Volume: v.Clone()}, nil
 }

@@ -2169,3 +2169,68 @@ func TestApplyRequestEviction(t *testing.T) {
 		}
 	})
 }
+
+// TestApplyAdvanceEpoch: only the holder of a volume (its attached node, or
+// nobody for a volume with no attachment) moves the epoch, compare-and-set,
+// and nothing else changes.
+func TestApplyAdvanceEpoch(t *testing.T) {
+	tests := []struct {
+		name    string
+		setup   func(h *harness)
+		cmd     func(v *Volume) *AdvanceEpoch
+		wantErr error
+	}{
+		{name: "attached node", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch} }},
+		{name: "no attachment, maintenance", cmd: func(v *Volume) *AdvanceEpoch {
+			return &AdvanceEpoch{VolumeID: "v1", ExpectEpoch: v.Epoch}
+		}},
+		{name: "another node", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch} },
+			wantErr: ErrFailedPrecondition},
+		{name: "maintenance while attached", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd:     func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", ExpectEpoch: v.Epoch} },
+			wantErr: ErrFailedPrecondition},
+		{name: "node but no attachment", cmd: func(v *Volume) *AdvanceEpoch {
+			return &AdvanceEpoch{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrFailedPrecondition},
+		{name: "stale epoch", setup: func(h *harness) { h.attach("v1", "n1") },
+			cmd: func(v *Volume) *AdvanceEpoch {
+				return &AdvanceEpoch{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch - 1}
+			}, wantErr: ErrEpochMismatch},
+		{name: "unknown volume", cmd: func(v *Volume) *AdvanceEpoch {
+			return &AdvanceEpoch{VolumeID: "nope", ExpectEpoch: v.Epoch}
+		}, wantErr: ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.createVolume("v1", 1, 3)
+			if tt.setup != nil {
+				tt.setup(h)
+			}
+			before := h.volume("v1")
+			cmd := tt.cmd(before)
+			if tt.wantErr != nil {
+				h.fails(cmd, tt.wantErr)
+				if after := h.volume("v1"); !reflect.DeepEqual(before, after) {
+					t.Fatalf("a refused command changed the volume:\n%+v\n%+v", before, after)
+				}
+				return
+			}
+			res := h.must(cmd)
+			after := h.volume("v1")
+			if !reflect.DeepEqual(res.Volume, after) {
+				t.Fatalf("result %+v, stored %+v", res.Volume, after)
+			}
+			if after.Epoch != before.Epoch+1 {
+				t.Fatalf("epoch %d → %d, want +1", before.Epoch, after.Epoch)
+			}
+			before.Epoch = after.Epoch
+			if !reflect.DeepEqual(before, after) {
+				t.Fatalf("advance changed more than the epoch:\n%+v\n%+v", before, after)
+			}
+		})
+	}
+}

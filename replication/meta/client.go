@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"reflect"
 	"strings"
 	"sync"
 	"time"
@@ -127,16 +128,27 @@ func retryable(err error) bool {
 	return errors.Is(err, ErrNoLeader) || errors.Is(err, ErrNotLeader)
 }
 
-// call invokes method and retries while the cluster has no leader. answer
-// extracts the response's own error.
+// call invokes method and retries while the cluster has no leader, and
+// after an answer of ErrOutcomeUnknown. answer extracts the response's own
+// error.
+//
+// Every method sent through call may be repeated: reads, joins and
+// heartbeats change nothing twice, and Apply wraps its command in a Request
+// whose id stays the same for every retry, so the store applies it once.
+// A command whose outcome is unknown (the leader lost leadership while
+// committing it) is therefore sent again: the answer says whether it was
+// applied, which its caller (an engine ejecting a replica) must know.
 func (c *Client) call(ctx context.Context, method string, req, resp any, answer func() error) error {
 	backoff := 20 * time.Millisecond
 	for {
+		// A JSON answer leaves the fields it omits as they were: clear
+		// the last attempt's answer (its error above all) first.
+		reflect.ValueOf(resp).Elem().SetZero()
 		err := c.invokeOnce(ctx, method, req, resp)
 		if err == nil {
 			err = answer()
 		}
-		if err == nil || !retryable(err) || errors.Is(err, ErrOutcomeUnknown) {
+		if err == nil || !retryable(err) && !errors.Is(err, ErrOutcomeUnknown) {
 			return err
 		}
 		// This member has no leader (it may be cut off from the majority):

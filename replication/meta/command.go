@@ -30,6 +30,8 @@ const (
 	CmdRebuildProgress CommandType = 15
 	CmdRequest         CommandType = 16
 	CmdSetParameters   CommandType = 17
+	// 18 is taken by SetReplicaGeneration (replica identity).
+	CmdAdvanceEpoch CommandType = 19
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -178,6 +180,19 @@ type SetParameters struct {
 	Parameters map[string]string `json:"parameters"`
 }
 
+// AdvanceEpoch increments a volume's epoch without changing its replica set
+// or attachment. The engine that holds the volume asks for it after a write
+// it could neither acknowledge nor resolve by ejection (a cancelled request,
+// a failed ejection): claiming the replicas with the new epoch fences every
+// request of that write still queued at a replica. NodeID is the node the
+// volume is attached to, or empty for a volume with no attachment (a
+// maintenance engine). Compare-and-set on the epoch.
+type AdvanceEpoch struct {
+	VolumeID    string `json:"volume_id"`
+	NodeID      string `json:"node_id,omitempty"`
+	ExpectEpoch uint64 `json:"expect_epoch"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -196,6 +211,7 @@ func (PurgeVolume) Type() CommandType           { return CmdPurgeVolume }
 func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
 func (Request) Type() CommandType               { return CmdRequest }
 func (SetParameters) Type() CommandType         { return CmdSetParameters }
+func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -234,6 +250,8 @@ func newCommand(t CommandType) Command {
 		return &Request{}
 	case CmdSetParameters:
 		return &SetParameters{}
+	case CmdAdvanceEpoch:
+		return &AdvanceEpoch{}
 	}
 	return nil
 }
