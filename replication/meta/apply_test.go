@@ -2181,12 +2181,16 @@ func TestApplyAdvanceEpoch(t *testing.T) {
 		wantErr error
 	}{
 		{name: "attached node", setup: func(h *harness) { h.attach("v1", "n1") },
-			cmd: func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch} }},
+			cmd: func(v *Volume) *AdvanceEpoch {
+				return &AdvanceEpoch{VolumeID: "v1", NodeID: "n1", ExpectEpoch: v.Epoch}
+			}},
 		{name: "no attachment, maintenance", cmd: func(v *Volume) *AdvanceEpoch {
 			return &AdvanceEpoch{VolumeID: "v1", ExpectEpoch: v.Epoch}
 		}},
 		{name: "another node", setup: func(h *harness) { h.attach("v1", "n1") },
-			cmd: func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch} },
+			cmd: func(v *Volume) *AdvanceEpoch {
+				return &AdvanceEpoch{VolumeID: "v1", NodeID: "n2", ExpectEpoch: v.Epoch}
+			},
 			wantErr: ErrFailedPrecondition},
 		{name: "maintenance while attached", setup: func(h *harness) { h.attach("v1", "n1") },
 			cmd:     func(v *Volume) *AdvanceEpoch { return &AdvanceEpoch{VolumeID: "v1", ExpectEpoch: v.Epoch} },
