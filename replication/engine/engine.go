@@ -80,6 +80,10 @@ type Config struct {
 	// rebuild its replicas: it claims the volume's current epoch and serves
 	// no I/O. An attachment (a higher epoch) fences it.
 	Maintenance bool
+
+	// wrapConn, if set, wraps every replica connection the engine makes
+	// (tests: delays and lost requests on one replica).
+	wrapConn func(meta.Replica, replicaConn) replicaConn
 }
 
 // member is one replica the engine sends I/O to.
@@ -99,7 +103,8 @@ type Engine struct {
 	// mu guards the replica set and the epoch. I/O runs under the read
 	// lock; changing the set (ejection, claim, clean point) takes the write
 	// lock, so no I/O with an old epoch is in flight while replicas are
-	// claimed with a new one.
+	// claimed with a new one. A write takes its range in locks before mu,
+	// never the other way round.
 	mu         sync.RWMutex
 	epoch      uint64
 	members    []*member
@@ -108,11 +113,23 @@ type Engine struct {
 	quorum     int
 	fenced     bool
 	closed     bool
-	dirty      atomic.Bool // writes since the last clean point
-	generation uint64      // clean point counter
-	rebuilding atomic.Bool // a rebuild runs; writes take extent locks
-	locks      *extentLocks
+	dirty      atomic.Bool     // writes since the last clean point
+	generation uint64          // clean point counter
+	rebuilding atomic.Bool     // a rebuild runs
+	locks      *rangeLocks     // orders overlapping writes and rebuild copies
 	bg         context.Context // ends at Close
+
+	// unresolved holds the extents of changing operations that ended in an
+	// error after they were sent, without their failed replicas being
+	// ejected: a cancelled request, a failed ejection, retries run out. The
+	// replicas may differ there, and a request of such an operation may
+	// still wait in a replica's queue. unresolvedFlush: a flush ended so
+	// (some replica may not have made its writes durable). Both are guarded
+	// by mu and cleared only by resolve, which fences and makes the
+	// replicas identical; until then no write is sent and no clean point
+	// clears a dirty bit.
+	unresolved      map[uint64]bool
+	unresolvedFlush bool
 
 	addrs     map[string]string // node id → replica server address
 	stop      context.CancelFunc
@@ -156,7 +173,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, locks: newExtentLocks(), fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, locks: &rangeLocks{}, unresolved: map[uint64]bool{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -302,6 +319,9 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uin
 			c, err = replica.Dial(dctx, addr, r.ID, size)
 		}
 		if err == nil {
+			if e.cfg.wrapConn != nil {
+				c = e.cfg.wrapConn(r, c)
+			}
 			return c, nil
 		}
 		if r.State != meta.ReplicaHealthy || !errors.Is(err, replica.ErrNotFound) {
@@ -457,7 +477,27 @@ func (e *Engine) usable() error {
 // mutate sends one changing operation (write, trim, zeroes, flush) to every
 // member, ejects the healthy ones that failed, and returns nil only when
 // every healthy replica of the committed set has done it.
-func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func(context.Context, *member, uint64) error) error {
+//
+// It holds the range [off, off+n) (none for a flush, n = 0) from before the
+// operation is sent until it returns, so that overlapping operations reach
+// every replica in the same order (see rangeLocks). An operation that fails
+// after it was sent, and whose failed replicas could not be ejected, is
+// marked unresolved before its range is released: the next changing
+// operation first resolves it (see resolve).
+func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func(context.Context, *member, uint64) error) (err error) {
+	if n > 0 {
+		unlock, err := e.locks.lock(ctx, off, n)
+		if err != nil {
+			return err
+		}
+		defer unlock()
+	}
+	sent := false
+	defer func() {
+		if err != nil && sent {
+			e.markUnresolved(what, off, n, err)
+		}
+	}()
 	for attempt := 0; ; attempt++ {
 		if err := e.checkLease(ctx); err != nil {
 			return err
@@ -467,6 +507,16 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 			e.mu.RUnlock()
 			return err
 		}
+		if e.unresolvedFlush || len(e.unresolved) > 0 {
+			e.mu.RUnlock()
+			e.mu.Lock()
+			err := e.resolve(ctx)
+			e.mu.Unlock()
+			if err != nil {
+				return err
+			}
+			continue
+		}
 		if err := e.checkQuorum(); err != nil {
 			e.mu.RUnlock()
 			return err
@@ -474,9 +524,8 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		// connect replaces e.members with a new slice and never changes
 		// one in place, so ms stays valid after the lock is released.
 		epoch, ms := e.epoch, e.members
-		unlock := e.lockRange(off, n)
+		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
-		unlock()
 		e.dirty.Store(true)
 		e.mu.RUnlock()
 
@@ -524,6 +573,92 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		// Retry: the replicas still in the set get the operation again
 		// (writes are idempotent), with the new epoch.
 	}
+}
+
+// markUnresolved records that an operation on [off, off+n) (a flush when n
+// is 0) ended in err after it was sent: its replicas may differ.
+func (e *Engine) markUnresolved(what string, off, n uint64, err error) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if n == 0 || e.extentSize == 0 {
+		e.unresolvedFlush = true // every dirty extent
+	} else {
+		first, last := off/e.extentSize, (off+n-1)/e.extentSize
+		for x := first; x <= last; x++ {
+			e.unresolved[x] = true
+		}
+	}
+	e.log.Warn("operation failed after it was sent; the replicas are resolved before the next write",
+		zap.String("op", what), zap.Uint64("offset", off), zap.Uint64("length", n), zap.Uint64("epoch", e.epoch), zap.Error(err))
+}
+
+// resolve makes the replicas identical again after unresolved operations.
+// Called with e.mu held for writing, so nothing else is in flight.
+//
+//  1. A new epoch from the store (AdvanceEpoch), and every member claimed
+//     with it (reconfigure): a claim waits for the replica's operations in
+//     progress, and a request of the abandoned operation that arrives later
+//     carries the old epoch and is refused. A member that cannot be claimed
+//     is ejected, so it is fenced by the store instead.
+//  2. The unresolved extents (after a failed flush, every dirty extent)
+//     copied from one healthy member to every member whose checksum
+//     differs, then flushed everywhere.
+//
+// Either content is right: the operation was never acknowledged. Until
+// resolve succeeds writes fail and clean points clear nothing.
+func (e *Engine) resolve(ctx context.Context) error {
+	if !e.unresolvedFlush && len(e.unresolved) == 0 {
+		return nil
+	}
+	if err := e.usable(); err != nil {
+		return err
+	}
+	node := e.cfg.NodeID
+	if e.cfg.Maintenance {
+		node = ""
+	}
+	_, err := e.cfg.Meta.Apply(ctx, &meta.AdvanceEpoch{VolumeID: e.cfg.VolumeID, NodeID: node, ExpectEpoch: e.epoch})
+	switch {
+	case err == nil, errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, meta.ErrFailedPrecondition):
+		// Moved on, or no longer ours: reconfigure claims the newer epoch
+		// (which fences just as well) or finds the engine fenced.
+	default:
+		return fmt.Errorf("volume %s: new epoch to resolve a failed write: %v: %w", e.cfg.VolumeID, err, ErrIO)
+	}
+	if err := e.reconfigure(ctx); err != nil {
+		return err
+	}
+	extents := make([]uint64, 0, len(e.unresolved))
+	for x := range e.unresolved {
+		extents = append(extents, x)
+	}
+	if e.unresolvedFlush {
+		union, err := e.dirtyUnion(ctx)
+		if err != nil {
+			return err
+		}
+		for x := range union {
+			if !e.unresolved[x] {
+				extents = append(extents, x)
+			}
+		}
+	}
+	src := e.source()
+	if src == nil {
+		return fmt.Errorf("volume %s: no healthy replica: %w", e.cfg.VolumeID, ErrIO)
+	}
+	copied, err := e.syncExtents(ctx, src, extents)
+	if err != nil {
+		return fmt.Errorf("volume %s: resolve: %v: %w", e.cfg.VolumeID, err, ErrIO)
+	}
+	if err := e.flushAll(ctx); err != nil {
+		return fmt.Errorf("volume %s: resolve: %v: %w", e.cfg.VolumeID, err, ErrIO)
+	}
+	e.log.Info("failed writes resolved: replicas identical again", zap.Int("extents", len(extents)),
+		zap.Uint64("bytes_copied", copied), zap.String("source", src.replica.ID), zap.Uint64("epoch", e.epoch))
+	clear(e.unresolved)
+	e.unresolvedFlush = false
+	return nil
 }
 
 // WriteAt writes p at off on every replica; with fua it is durable when it
@@ -729,6 +864,11 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 	if e.usable() != nil || !e.dirty.Load() {
 		return nil
 	}
+	// An unresolved write may have reached some replicas only: clearing
+	// the dirty bits would hide it from every later resync.
+	if err := e.resolve(ctx); err != nil {
+		return fmt.Errorf("clean point: %w", err)
+	}
 	if err := e.flushAll(ctx); err != nil {
 		return err // the next write or flush ejects the replica
 	}
@@ -747,26 +887,64 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 
 // resync makes the healthy replicas identical after a crash or failover:
 // only the extents that some replica marked dirty can differ, so the engine
-// copies that union from one source (the local healthy replica if there is
-// one) to the others, then declares a clean point. Called with e.mu held.
+// compares that union between one source (the local healthy replica if
+// there is one) and the others and copies what differs, then declares a
+// clean point. Called with e.mu held.
 //
 // Its I/O stays in the foreground class: it runs under the write lock
 // while the volume is being attached, so every background-class wait at a
 // busy disk (up to MaxBackgroundWait per request) would hold up the attach
 // and every I/O behind it.
 func (e *Engine) resync(ctx context.Context) error {
+	union, err := e.dirtyUnion(ctx)
+	if err != nil {
+		return err
+	}
+	src := e.source()
+	if src == nil {
+		return fmt.Errorf("volume %s: no healthy replica: %w", e.cfg.VolumeID, ErrIO)
+	}
+	if len(union) == 0 {
+		return nil
+	}
+	extents := make([]uint64, 0, len(union))
+	for x := range union {
+		extents = append(extents, x)
+	}
+	e.log.Info("resyncing dirty extents", zap.Int("extents", len(union)), zap.String("source", src.replica.ID), zap.Uint64("epoch", e.epoch))
+	copied, err := e.syncExtents(ctx, src, extents)
+	if err != nil {
+		return fmt.Errorf("resync: %w", err)
+	}
+	e.dirty.Store(true)
+	e.log.Info("resync done", zap.Int("extents", len(union)), zap.Uint64("bytes_copied", copied))
+	return e.cleanPointLocked(ctx)
+}
+
+// source is the member that resync and resolve copy from: the local
+// replica when healthy (no network), else the first healthy one. Called
+// with e.mu held.
+func (e *Engine) source() *member {
 	var src *member
+	for _, m := range e.members {
+		if m.client != nil && m.healthy() && (src == nil || m.local && !src.local) {
+			src = m
+		}
+	}
+	return src
+}
+
+// dirtyUnion returns the extents some member marked dirty, and learns the
+// extent size on the way. Called with e.mu held.
+func (e *Engine) dirtyUnion(ctx context.Context) (map[uint64]bool, error) {
 	union := map[uint64]bool{}
 	for _, m := range e.members {
 		if m.client == nil {
 			continue
 		}
-		if m.healthy() && (src == nil || m.local) {
-			src = m
-		}
 		d, err := m.client.DirtyExtents(ctx)
 		if err != nil {
-			return fmt.Errorf("resync: dirty extents of %s: %w", m.replica.ID, err)
+			return nil, fmt.Errorf("dirty extents of %s: %w", m.replica.ID, err)
 		}
 		for _, x := range d {
 			union[x] = true
@@ -774,37 +952,49 @@ func (e *Engine) resync(ctx context.Context) error {
 		if e.extentSize == 0 {
 			info, err := m.client.Info(ctx)
 			if err != nil {
-				return fmt.Errorf("resync: info of %s: %w", m.replica.ID, err)
+				return nil, fmt.Errorf("info of %s: %w", m.replica.ID, err)
 			}
 			e.extentSize = info.ExtentSize
 		}
 	}
-	if src == nil {
-		return fmt.Errorf("volume %s: no healthy replica: %w", e.cfg.VolumeID, ErrIO)
-	}
-	if len(union) == 0 {
-		return nil
-	}
-	e.log.Info("resyncing dirty extents", zap.Int("extents", len(union)), zap.String("source", src.replica.ID), zap.Uint64("epoch", e.epoch))
+	return union, nil
+}
+
+// syncExtents makes the given extents of every other connected member
+// equal to src's: it compares checksums and copies the extents that
+// differ. It returns the bytes copied. Called with e.mu held for writing,
+// so no write is in flight.
+func (e *Engine) syncExtents(ctx context.Context, src *member, extents []uint64) (uint64, error) {
 	var copied uint64
-	for x := range union {
-		data, err := src.client.ReadExtent(ctx, e.epoch, x)
+	for _, x := range extents {
+		want, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {
-			return fmt.Errorf("resync: read extent %d from %s: %w", x, src.replica.ID, err)
+			return copied, fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
 		}
+		var data []byte
 		for _, m := range e.members {
 			if m == src || m.client == nil {
 				continue
 			}
+			got, err := m.client.Checksums(ctx, e.epoch, x, 1)
+			if err != nil {
+				return copied, fmt.Errorf("checksum of extent %d on %s: %w", x, m.replica.ID, err)
+			}
+			if got[0] == want[0] {
+				continue
+			}
+			if data == nil {
+				if data, err = src.client.ReadExtent(ctx, e.epoch, x); err != nil {
+					return copied, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
+				}
+			}
 			if err := m.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
-				return fmt.Errorf("resync: write extent %d to %s: %w", x, m.replica.ID, err)
+				return copied, fmt.Errorf("write extent %d to %s: %w", x, m.replica.ID, err)
 			}
 			copied += uint64(len(data))
 		}
 	}
-	e.dirty.Store(true)
-	e.log.Info("resync done", zap.Int("extents", len(union)), zap.Uint64("bytes_copied", copied))
-	return e.cleanPointLocked(ctx)
+	return copied, nil
 }
 
 // Close flushes, declares a clean point and disconnects. It does not change

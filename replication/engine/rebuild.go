@@ -3,7 +3,6 @@ package engine
 import (
 	"context"
 	"fmt"
-	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -12,84 +11,6 @@ import (
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
 )
-
-// extentLocks keeps a rebuild's copy of one extent apart from writes to it:
-// writes hold their extents shared while in flight, the rebuilder holds the
-// extent it copies exclusively. Without it a write could land between the
-// rebuilder's read of the source and its write to the target, and the
-// target would end up with the old data.
-type extentLocks struct {
-	mu    sync.Mutex
-	cond  *sync.Cond
-	count map[uint64]int // >0: writers in flight; -1: being copied
-}
-
-func newExtentLocks() *extentLocks {
-	l := &extentLocks{count: map[uint64]int{}}
-	l.cond = sync.NewCond(&l.mu)
-	return l
-}
-
-// shared takes extents [first, last] for a write.
-func (l *extentLocks) shared(first, last uint64) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	for {
-		free := true
-		for x := first; x <= last; x++ {
-			if l.count[x] < 0 {
-				free = false
-				break
-			}
-		}
-		if free {
-			break
-		}
-		l.cond.Wait()
-	}
-	for x := first; x <= last; x++ {
-		l.count[x]++
-	}
-}
-
-func (l *extentLocks) releaseShared(first, last uint64) {
-	l.mu.Lock()
-	for x := first; x <= last; x++ {
-		if l.count[x]--; l.count[x] == 0 {
-			delete(l.count, x)
-		}
-	}
-	l.mu.Unlock()
-	l.cond.Broadcast()
-}
-
-// exclusive takes extent x for copying.
-func (l *extentLocks) exclusive(x uint64) {
-	l.mu.Lock()
-	for l.count[x] != 0 {
-		l.cond.Wait()
-	}
-	l.count[x] = -1
-	l.mu.Unlock()
-}
-
-func (l *extentLocks) releaseExclusive(x uint64) {
-	l.mu.Lock()
-	delete(l.count, x)
-	l.mu.Unlock()
-	l.cond.Broadcast()
-}
-
-// lockRange takes the extents of [off, off+n) shared while a rebuild runs,
-// and returns the function that releases them.
-func (e *Engine) lockRange(off, n uint64) func() {
-	if !e.rebuilding.Load() || e.extentSize == 0 || n == 0 {
-		return func() {}
-	}
-	first, last := off/e.extentSize, (off+n-1)/e.extentSize
-	e.locks.shared(first, last)
-	return func() { e.locks.releaseShared(first, last) }
-}
 
 // RebuildStats says what one rebuild did.
 type RebuildStats struct {
@@ -116,9 +37,7 @@ func (e *Engine) rebuildTarget() *member {
 }
 
 // maybeRebuild starts the rebuild of rebuildTarget, if any. Called with e.mu
-// held for writing: writes check e.rebuilding (lockRange) under the read
-// lock, so only then is no write in flight that skipped the extent locks
-// the rebuild's copies rely on.
+// held for writing.
 func (e *Engine) maybeRebuild() {
 	target := e.rebuildTarget()
 	if target == nil {
@@ -212,14 +131,16 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 // copyExtent makes extent x of target, n bytes long, equal to a healthy
 // source's. It returns the bytes copied (0 when they were equal).
 //
-// The compare and the copy each run under the extent's exclusive lock and
-// the engine's read lock (the epoch cannot move meanwhile), but the copy's
+// The compare and the copy each hold the extent's range (rangeLocks: no
+// write to it is in flight, so none can land between the read of the
+// source and the write to the target and leave the target with old data)
+// and the engine's read lock (the epoch cannot move meanwhile), but the copy's
 // turn at the node's scheduler is taken between the two, with no lock
 // held: writers hold scheduler slots while they wait for the extent, so
 // waiting for a slot with the extent locked could wait for ever.
 func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (uint64, error) {
 	var same bool
-	err := e.withExtent(x, func(src *member) error {
+	err := e.withExtent(ctx, x, n, func(src *member) error {
 		a, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {
 			return fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
@@ -242,7 +163,7 @@ func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (u
 	// Writes that came in since the compare reached the target too; copying
 	// the source's current contents is right whatever they were.
 	var copied uint64
-	err = e.withExtent(x, func(src *member) error {
+	err = e.withExtent(ctx, x, n, func(src *member) error {
 		data, err := src.client.ReadExtent(ctx, e.epoch, x)
 		if err != nil {
 			return fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
@@ -256,9 +177,15 @@ func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (u
 	return copied, err
 }
 
-// withExtent runs fn with the engine's read lock and extent x's exclusive
+// withExtent runs fn with extent x's range (n bytes) and the engine's read
 // lock held, giving it a healthy source replica (the local one if healthy).
-func (e *Engine) withExtent(x uint64, fn func(src *member) error) error {
+// The range is taken first, as writes take theirs (see Engine.mutate).
+func (e *Engine) withExtent(ctx context.Context, x, n uint64, fn func(src *member) error) error {
+	unlock, err := e.locks.lock(ctx, x*e.extentSize, n)
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if err := e.usable(); err != nil {
@@ -273,8 +200,6 @@ func (e *Engine) withExtent(x uint64, fn func(src *member) error) error {
 	if src == nil {
 		return fmt.Errorf("no healthy source: %w", ErrIO)
 	}
-	e.locks.exclusive(x)
-	defer e.locks.releaseExclusive(x)
 	return fn(src)
 }
 
