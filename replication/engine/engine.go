@@ -130,6 +130,11 @@ type Engine struct {
 	// clears a dirty bit.
 	unresolved      map[uint64]bool
 	unresolvedFlush bool
+	// releasing is set (under mu) by Close: the volume may already be
+	// detached (an unexport detaches first, then the node closes the
+	// engine), and resolve may then take a new epoch of the unattached
+	// volume, as a maintenance engine would, to leave identical replicas.
+	releasing bool
 
 	addrs     map[string]string // node id → replica server address
 	stop      context.CancelFunc
@@ -219,11 +224,12 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
 		}
+		unattachedOK := e.cfg.Maintenance || e.releasing && v.Attachment == nil
 		switch {
 		case e.cfg.Maintenance && v.Attachment != nil:
 			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %s; its engine rebuilds: %w", v.ID, v.Attachment.Node, ErrFenced)
-		case !e.cfg.Maintenance && (v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID):
+		case !unattachedOK && (v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID):
 			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
 		}
@@ -618,6 +624,14 @@ func (e *Engine) resolve(ctx context.Context) error {
 		node = ""
 	}
 	_, err := e.cfg.Meta.Apply(ctx, &meta.AdvanceEpoch{VolumeID: e.cfg.VolumeID, NodeID: node, ExpectEpoch: e.epoch})
+	if e.releasing && node != "" && errors.Is(err, meta.ErrFailedPrecondition) {
+		// Detached while we close: nobody else writes the volume until an
+		// attach, which takes a newer epoch than this one and fences us.
+		var v *meta.Volume
+		if v, err = e.cfg.Meta.Volume(ctx, e.cfg.VolumeID); err == nil {
+			_, err = e.cfg.Meta.Apply(ctx, &meta.AdvanceEpoch{VolumeID: e.cfg.VolumeID, ExpectEpoch: v.Epoch})
+		}
+	}
 	switch {
 	case err == nil, errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, meta.ErrFailedPrecondition):
 		// Moved on, or no longer ours: reconfigure claims the newer epoch
@@ -831,7 +845,10 @@ func (e *Engine) cleanLoop(ctx context.Context) {
 func (e *Engine) CleanPoint(ctx context.Context) error {
 	e.mu.RLock()
 	var err error
-	if e.usable() == nil && e.dirty.Load() {
+	// With unresolved writes, resolve comes first, and it claims every
+	// replica before it flushes: a flush to a replica that stopped
+	// answering would only time out.
+	if e.usable() == nil && e.dirty.Load() && !e.unresolvedFlush && len(e.unresolved) == 0 {
 		err = e.flushAll(ctx)
 	}
 	e.mu.RUnlock()
@@ -1006,6 +1023,9 @@ func (e *Engine) Close(ctx context.Context) error {
 			e.stop()
 			e.wg.Wait()
 		}
+		e.mu.Lock()
+		e.releasing = true
+		e.mu.Unlock()
 		err = e.CleanPoint(ctx)
 		e.mu.Lock()
 		e.closed = true
