@@ -26,6 +26,7 @@ import (
 	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/driver/export"
 	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/storagenode"
 )
@@ -54,6 +55,8 @@ type nodeOptions struct {
 	DataAddr string
 	// RebuildRate paces rebuild copies ("100Mi" bytes per second; "0" unpaced).
 	RebuildRate string
+	// ReplicaDeadline: see engine.Config.ReplicaDeadline.
+	ReplicaDeadline time.Duration
 	// StaleReplicaTimeout is how long a replica's node may be down before the
 	// replica is replaced elsewhere (volumes may override it).
 	StaleReplicaTimeout time.Duration
@@ -106,6 +109,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.Pprof, "pprof", false, "serve Go's /debug/pprof profiles on --metrics-addr")
 	fs.StringVar(&o.DataAddr, "data-addr", "127.0.0.1:7003", "replica server listen address (engines on other nodes dial it)")
 	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
+	fs.DurationVar(&o.ReplicaDeadline, "replica-deadline", engine.DefaultReplicaDeadline, "once the write quorum has answered, how long a write waits for a replica that has not before ejecting it (it comes back through a delta rebuild; each such ejection doubles that replica's deadline for a while, so a slow but alive replica is not ejected again and again; negative: wait the full I/O timeout)")
 	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	fs.StringVar(&o.Zone, "zone", "", "topology zone of this node")
 	fs.StringVar(&o.Region, "region", "", "topology region of this node")
@@ -304,7 +308,8 @@ func runNode(o *nodeOptions) error {
 		agent.Close()
 		return err
 	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: base, RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server(), Registerer: reg})
+	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: base, RebuildBytesPerSecond: rate,
+		ReplicaDeadline: o.ReplicaDeadline, Sched: sched, Local: storage.Server(), Registerer: reg})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {
@@ -317,7 +322,7 @@ func runNode(o *nodeOptions) error {
 		}
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
 			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: base,
-			RebuildBytesPerSecond: rate, Sched: sched, Local: storage.Server()})
+			RebuildBytesPerSecond: rate, ReplicaDeadline: o.ReplicaDeadline, Sched: sched, Local: storage.Server()})
 		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}
 	var metricsSrv *http.Server

@@ -51,6 +51,14 @@ type Config struct {
 	// IOTimeout bounds one replica operation; a replica slower than this is
 	// treated as failed and ejected (default 10 s).
 	IOTimeout time.Duration
+	// ReplicaDeadline is how long an operation waits for a replica that has
+	// not answered once the write quorum of healthy replicas has (default
+	// 1 s; negative: wait up to IOTimeout). The silent replica is then
+	// treated as failed and ejected, so one frozen or cut-off replica holds
+	// a write up for about this long, not IOTimeout. A replica ejected so
+	// gets twice the deadline the next time (up to IOTimeout), so a replica
+	// that is slow but alive is not ejected and rebuilt again and again.
+	ReplicaDeadline time.Duration
 	// CleanInterval is how often the engine declares a clean point after
 	// writes (default 10 s). Shorter means fewer extents to resync after a
 	// crash; longer means fewer write stalls (a clean point flushes every
@@ -130,6 +138,9 @@ type Engine struct {
 	// clears a dirty bit.
 	unresolved      map[uint64]bool
 	unresolvedFlush bool
+	// slow counts, per replica id, the ejections for missing the replica
+	// deadline (see deadlineFor). Guarded by mu.
+	slow map[string]slowRecord
 	// releasing is set (under mu) by Close: the volume may already be
 	// detached (an unexport detaches first, then the node closes the
 	// engine), and resolve may then take a new epoch of the unattached
@@ -166,6 +177,9 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.IOTimeout <= 0 {
 		cfg.IOTimeout = 10 * time.Second
 	}
+	if cfg.ReplicaDeadline == 0 {
+		cfg.ReplicaDeadline = DefaultReplicaDeadline
+	}
 	if cfg.CleanInterval <= 0 {
 		cfg.CleanInterval = 10 * time.Second
 	}
@@ -178,7 +192,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, locks: &rangeLocks{}, unresolved: map[uint64]bool{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -264,13 +278,28 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 }
 
 // connect makes e.members match the volume's healthy and rebuilding
-// replicas, reusing open connections.
+// replicas, reusing open connections. New connections are dialled in
+// parallel; once the write quorum of healthy replicas is connected, a
+// replica whose server has not answered at all by its replica deadline is
+// left without a connection (its claim then fails and ejects it), so an
+// attach or a takeover does not wait IOTimeout for a frozen or cut-off
+// node. A server that answers, even "no such replica yet", is waited for.
 func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 	old := map[string]*member{}
 	for _, m := range e.members {
 		old[m.replica.ID] = m
 	}
+	type dialing struct {
+		m        *member
+		answered atomic.Bool // the server said something
+		done     chan struct{}
+		cancel   context.CancelFunc
+	}
 	var members []*member
+	var dials []*dialing
+	finished := make(chan struct{}, len(v.Replicas)) // one token per ended dial
+	connected := 0                                   // healthy members with a connection
+	start := time.Now()
 	for _, r := range v.Replicas {
 		if r.State != meta.ReplicaHealthy && r.State != meta.ReplicaRebuilding {
 			continue
@@ -279,18 +308,77 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 			m.replica = r
 			members = append(members, m)
 			delete(old, r.ID)
+			if m.client != nil && m.healthy() {
+				connected++
+			}
 			continue
 		}
 		m := &member{replica: r, local: r.Node == e.cfg.NodeID}
-		addr, err := e.replicaAddr(ctx, r.Node)
-		if err == nil {
-			m.client, err = e.dial(ctx, addr, r, v.SizeBytes)
-		}
-		if err != nil {
-			// Keep it without a connection: the claim fails and ejects it.
-			e.log.Warn("cannot reach replica", zap.String("replica_id", r.ID), zap.String("node", r.Node), zap.Error(err))
-		}
 		members = append(members, m)
+		addr, err := e.replicaAddr(ctx, r.Node)
+		if err != nil {
+			e.log.Warn("cannot reach replica", zap.String("replica_id", r.ID), zap.String("node", r.Node), zap.Error(err))
+			continue
+		}
+		dctx, cancel := context.WithCancel(ctx)
+		d := &dialing{m: m, done: make(chan struct{}), cancel: cancel}
+		dials = append(dials, d)
+		go func() {
+			defer func() { finished <- struct{}{} }()
+			defer close(d.done)
+			c, err := e.dial(dctx, addr, r, v.SizeBytes, &d.answered)
+			if err != nil {
+				// Keep it without a connection: the claim fails and ejects it.
+				e.log.Warn("cannot reach replica", zap.String("replica_id", r.ID), zap.String("node", r.Node), zap.Error(err))
+				return
+			}
+			m.client = c
+		}()
+	}
+	// Take the dials as they end. The deadline counts only once the
+	// quorum is connected, and a server may answer at any time: look again
+	// every few milliseconds while some are silent.
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for open := len(dials); open > 0; {
+		select {
+		case <-finished:
+		case <-tick.C:
+		}
+		for i, d := range dials {
+			if d == nil {
+				continue
+			}
+			select {
+			case <-d.done:
+				if d.m.client != nil && d.m.healthy() {
+					connected++
+				}
+				d.cancel()
+				dials[i], open = nil, open-1
+				continue
+			default:
+			}
+			if connected < v.WriteQuorum || v.WriteQuorum <= 0 || d.answered.Load() || time.Since(start) < e.deadlineFor(d.m) {
+				continue
+			}
+			d.cancel() // a silent server: the dial ends soon
+			e.log.Warn("replica server silent past the deadline; not waiting for it", zap.String("replica_id", d.m.replica.ID),
+				zap.String("node", d.m.replica.Node), zap.Duration("deadline", e.deadlineFor(d.m)))
+			abandoned := d.m
+			go func() {
+				<-d.done
+				if abandoned.client != nil {
+					abandoned.client.Close()
+				}
+			}()
+			for j, m := range members {
+				if m == abandoned {
+					members[j] = &member{replica: abandoned.replica, local: abandoned.local}
+				}
+			}
+			dials[i], open = nil, open-1
+		}
 	}
 	for _, m := range old {
 		if m.client != nil {
@@ -307,7 +395,9 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 // shows the new volume, and an engine attached right after CreateVolume can
 // look for them first. Ejecting them would leave a brand-new volume degraded,
 // or below its write quorum so that every write fails.
-func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uint64) (replicaConn, error) {
+//
+// answered is set once the replica server has answered anything.
+func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uint64, answered *atomic.Bool) (replicaConn, error) {
 	dctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
 	for {
@@ -323,6 +413,9 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uin
 			}
 		} else {
 			c, err = replica.Dial(dctx, addr, r.ID, size)
+		}
+		if err == nil || errors.Is(err, replica.ErrNotFound) {
+			answered.Store(true)
 		}
 		if err == nil {
 			if e.cfg.wrapConn != nil {
@@ -384,8 +477,63 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 	return failed, nil
 }
 
-// fanOut runs op on every member in parallel, all bounded by one IOTimeout;
-// a member without a connection fails at once.
+// DefaultReplicaDeadline is Config.ReplicaDeadline's default.
+const DefaultReplicaDeadline = time.Second
+
+// errStraggler is a member's error when it had not answered by its
+// replica deadline while the write quorum had.
+var errStraggler = errors.New("no answer within the replica deadline while the write quorum answered")
+
+// slowRecord remembers a replica's ejections for missing the deadline.
+type slowRecord struct {
+	count int
+	last  time.Time
+}
+
+// slowMemory is how long an ejection for slowness raises the replica's
+// deadline: after this long without another, it starts again from the base.
+const slowMemory = 30 * time.Minute
+
+// deadlineFor is how long member m may stay silent once the quorum has
+// answered: the base deadline, doubled for each recent ejection of the same
+// replica for slowness, at most IOTimeout. A replica that is slow but alive
+// (a disk with long latency) is ejected once, rebuilt, and then waited for
+// longer instead of being ejected and rebuilt in a loop. Called with e.mu
+// held.
+func (e *Engine) deadlineFor(m *member) time.Duration {
+	d := e.cfg.ReplicaDeadline
+	if d < 0 {
+		return e.cfg.IOTimeout
+	}
+	if r, ok := e.slow[m.replica.ID]; ok && time.Since(r.last) < slowMemory {
+		for range r.count {
+			if d *= 2; d >= e.cfg.IOTimeout {
+				return e.cfg.IOTimeout
+			}
+		}
+	}
+	return min(d, e.cfg.IOTimeout)
+}
+
+// noteSlow records that m is being ejected for missing its deadline.
+// Called with e.mu held for writing.
+func (e *Engine) noteSlow(m *member) {
+	r := e.slow[m.replica.ID]
+	if time.Since(r.last) >= slowMemory {
+		r.count = 0
+	}
+	r.count++
+	r.last = time.Now()
+	e.slow[m.replica.ID] = r
+	e.log.Warn("replica missed its deadline while the write quorum answered", zap.String("replica_id", m.replica.ID),
+		zap.String("node", m.replica.Node), zap.Int("times", r.count), zap.Duration("next_deadline", e.deadlineFor(m)))
+}
+
+// fanOut runs op on every member in parallel, all bounded by one
+// IOTimeout; a member without a connection fails at once. Once the healthy
+// members that succeeded reach the write quorum, the others get until
+// their replica deadline (from the start) and then fail with errStraggler
+// (their requests are cancelled). Called with e.mu held.
 //
 // This is the hot path of every write: the calling goroutine does one
 // member's op itself, the local replica's when there is one (a pwrite, no
@@ -396,6 +544,7 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 	if len(ms) == 0 {
 		return errs
 	}
+	start := time.Now()
 	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
 	inline := 0
@@ -405,19 +554,68 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 			break
 		}
 	}
-	var wg sync.WaitGroup
+	type answer struct {
+		i   int
+		err error
+	}
+	answers := make(chan answer, len(ms))
+	cancels := make([]context.CancelFunc, len(ms))
 	for i, m := range ms {
 		if i == inline {
 			continue
 		}
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			errs[i] = one(octx, m, op)
-		}()
+		mctx, mcancel := context.WithCancel(octx)
+		cancels[i] = mcancel
+		go func() { answers <- answer{i, one(mctx, m, op)} }()
 	}
 	errs[inline] = one(octx, ms[inline], op)
-	wg.Wait()
+	answered := make([]bool, len(ms))
+	answered[inline] = true
+	ok := 0 // healthy members that succeeded
+	if errs[inline] == nil && ms[inline].healthy() {
+		ok++
+	}
+	var timer *time.Timer
+	for pending := len(ms) - 1; pending > 0; {
+		var expired <-chan time.Time
+		if ok >= e.quorum && e.quorum > 0 {
+			// Wait for the most lenient of the silent members.
+			var wait time.Duration
+			for i, m := range ms {
+				if !answered[i] {
+					wait = max(wait, e.deadlineFor(m)-time.Since(start))
+				}
+			}
+			if wait <= 0 {
+				break
+			}
+			if timer == nil {
+				timer = time.NewTimer(wait)
+				defer timer.Stop()
+			} else {
+				timer.Reset(wait)
+			}
+			expired = timer.C
+		}
+		select {
+		case a := <-answers:
+			errs[a.i], answered[a.i] = a.err, true
+			cancels[a.i]()
+			pending--
+			if a.err == nil && ms[a.i].healthy() {
+				ok++
+			}
+			continue
+		case <-expired:
+		}
+		break
+	}
+	for i := range ms {
+		if !answered[i] {
+			errs[i] = fmt.Errorf("replica %s on %s: %w", ms[i].replica.ID, ms[i].replica.Node, errStraggler)
+			cancels[i]() // its goroutine answers into the buffer and ends
+		}
+	}
 	return errs
 }
 
@@ -540,7 +738,7 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		if err := e.checkLease(ctx); err != nil {
 			return err
 		}
-		var failed []*member
+		var failed, slow []*member
 		fencedBy := false
 		for i, err := range errs {
 			if err == nil {
@@ -551,6 +749,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 			}
 			if errors.Is(err, replica.ErrFenced) {
 				fencedBy = true
+			}
+			if errors.Is(err, errStraggler) {
+				slow = append(slow, ms[i])
 			}
 			failed = append(failed, ms[i])
 		}
@@ -570,6 +771,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 			// over (or the store moved on). Check with the store.
 			err = e.reconfigure(ctx)
 		default:
+			for _, m := range slow {
+				e.noteSlow(m)
+			}
 			err = e.eject(ctx, failed, what+" failed")
 		}
 		e.mu.Unlock()

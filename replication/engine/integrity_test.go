@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -269,4 +270,126 @@ func TestRangeLocks(t *testing.T) {
 		t.Fatalf("got %q, want c", got)
 	}
 	waitHeld(0)
+}
+
+// TestFrozenReplicaEjectedAtDeadline (issue 10, 6): a replica that stops
+// answering while the write quorum still does is ejected at the replica
+// deadline, not at IOTimeout, and the write is acknowledged.
+func TestFrozenReplicaEjectedAtDeadline(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("frozen", 16*mib, 3, 0, "n1")
+	var frozen atomic.Bool
+	hang := func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+		if !frozen.Load() {
+			return forward(ctx)
+		}
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	const ioTimeout = 20 * time.Second
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: ioTimeout,
+		ReplicaDeadline: 500 * time.Millisecond, CleanInterval: time.Hour,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.Node == "n3" {
+				return &faultConn{replicaConn: c, write: hang}
+			}
+			return c
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	frozen.Store(true)
+	start := time.Now()
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{2}, 4096), 0, false); err != nil {
+		t.Fatalf("write with one replica frozen: %v", err)
+	}
+	took := time.Since(start)
+	t.Logf("write acknowledged %v after n3 froze (deadline 500ms, IOTimeout %v)", took.Round(time.Millisecond), ioTimeout)
+	if took >= ioTimeout/2 {
+		t.Fatalf("the write waited %v: the frozen replica was waited for up to IOTimeout, not the deadline", took)
+	}
+	got, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rep := range got.Replicas {
+		if want := map[bool]meta.ReplicaState{true: meta.ReplicaFailed, false: meta.ReplicaHealthy}[rep.Node == "n3"]; rep.State != want {
+			t.Errorf("replica %s on %s is %s, want %s", rep.ID, rep.Node, rep.State, want)
+		}
+	}
+	r.healthyIdentical(v.ID, nil)
+}
+
+// TestSlowReplicaEjectedOnce (issue 10, 6): a replica that is alive but
+// slower than the deadline is ejected once and rebuilt; from then on its
+// deadline is doubled, so it stays in the set instead of being ejected and
+// rebuilt again and again.
+func TestSlowReplicaEjectedOnce(t *testing.T) {
+	r := newRig(t, 3)
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("slow", 16*mib, 3, 0, "n1")
+	const latency = 1500 * time.Millisecond
+	var slowOn atomic.Bool
+	slow := func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+		if slowOn.Load() {
+			select {
+			case <-time.After(latency):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		return forward(ctx)
+	}
+	rebuilt := make(chan RebuildStats, 4)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 10 * time.Second,
+		ReplicaDeadline: time.Second, CleanInterval: time.Hour, WatchInterval: 100 * time.Millisecond,
+		OnRebuilt: func(s RebuildStats) { rebuilt <- s },
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.Node == "n3" {
+				return &faultConn{replicaConn: c, write: slow}
+			}
+			return c
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	slowOn.Store(true)
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{1}, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case st := <-rebuilt:
+		t.Logf("slow replica %s ejected and rebuilt (copied %d bytes)", st.ReplicaID, st.BytesCopied)
+	case <-time.After(60 * time.Second):
+		t.Fatal("the ejected replica was not rebuilt within 60s")
+	}
+	for i := range 3 {
+		if err := e.WriteAt(ctx, bytes.Repeat([]byte{byte(i + 2)}, 4096), uint64(i)*4096, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	got, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := got.HealthyReplicas(); n != 3 {
+		t.Fatalf("%d healthy replicas after the rebuild and 3 writes at %v latency, want 3 (ejected again): %+v", n, latency, got.Replicas)
+	}
+	e.mu.RLock()
+	slowCount := 0
+	for _, rec := range e.slow {
+		slowCount += rec.count
+	}
+	e.mu.RUnlock()
+	if slowCount != 1 {
+		t.Fatalf("%d ejections for slowness, want 1", slowCount)
+	}
+	r.healthyIdentical(v.ID, nil)
 }
