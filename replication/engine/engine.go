@@ -280,7 +280,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 // connect makes e.members match the volume's healthy and rebuilding
 // replicas, reusing open connections. New connections are dialled in
 // parallel; once the write quorum of healthy replicas is connected, a
-// replica whose server has not answered at all by its replica deadline is
+// replica whose server has said nothing within its replica deadline more is
 // left without a connection (its claim then fails and ejects it), so an
 // attach or a takeover does not wait IOTimeout for a frozen or cut-off
 // node. A server that answers, even "no such replica yet", is waited for.
@@ -299,7 +299,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 	var dials []*dialing
 	finished := make(chan struct{}, len(v.Replicas)) // one token per ended dial
 	connected := 0                                   // healthy members with a connection
-	start := time.Now()
+	var quorumAt time.Time                           // when connected reached the quorum
 	for _, r := range v.Replicas {
 		if r.State != meta.ReplicaHealthy && r.State != meta.ReplicaRebuilding {
 			continue
@@ -359,7 +359,13 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 				continue
 			default:
 			}
-			if connected < v.WriteQuorum || v.WriteQuorum <= 0 || d.answered.Load() || time.Since(start) < e.deadlineFor(d.m) {
+			if connected < v.WriteQuorum || v.WriteQuorum <= 0 || d.answered.Load() {
+				continue
+			}
+			if quorumAt.IsZero() {
+				quorumAt = time.Now()
+			}
+			if time.Since(quorumAt) < e.deadlineFor(d.m) {
 				continue
 			}
 			d.cancel() // a silent server: the dial ends soon
@@ -531,9 +537,12 @@ func (e *Engine) noteSlow(m *member) {
 
 // fanOut runs op on every member in parallel, all bounded by one
 // IOTimeout; a member without a connection fails at once. Once the healthy
-// members that succeeded reach the write quorum, the others get until
-// their replica deadline (from the start) and then fail with errStraggler
-// (their requests are cancelled). Called with e.mu held.
+// members that succeeded reach the write quorum, the others get their
+// replica deadline more and then fail with errStraggler (their requests
+// are cancelled). The deadline counts from the quorum's answer, not from
+// the start: an operation that is slow everywhere (a flush after a large
+// write) does not cut the last replica the moment the quorum is in.
+// Called with e.mu held.
 //
 // This is the hot path of every write: the calling goroutine does one
 // member's op itself, the local replica's when there is one (a pwrite, no
@@ -544,7 +553,6 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 	if len(ms) == 0 {
 		return errs
 	}
-	start := time.Now()
 	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
 	inline := 0
@@ -576,14 +584,18 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 		ok++
 	}
 	var timer *time.Timer
+	var quorumAt time.Time
 	for pending := len(ms) - 1; pending > 0; {
 		var expired <-chan time.Time
 		if ok >= e.quorum && e.quorum > 0 {
+			if quorumAt.IsZero() {
+				quorumAt = time.Now()
+			}
 			// Wait for the most lenient of the silent members.
 			var wait time.Duration
 			for i, m := range ms {
 				if !answered[i] {
-					wait = max(wait, e.deadlineFor(m)-time.Since(start))
+					wait = max(wait, e.deadlineFor(m)-time.Since(quorumAt))
 				}
 			}
 			if wait <= 0 {
