@@ -355,7 +355,7 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 		e.log.Warn("claim failed", zap.String("replica_id", e.members[i].replica.ID), zap.Uint64("epoch", e.epoch), zap.Error(err))
 		failed = append(failed, e.members[i])
 	}
-	return failed, nil
+	return e.checkIdentities(ctx, failed) // identity.go: a claimed copy must be the one the store trusts
 }
 
 // fanOut runs op on every member in parallel, all bounded by one IOTimeout;
