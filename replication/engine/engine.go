@@ -146,6 +146,9 @@ type Engine struct {
 	// engine), and resolve may then take a new epoch of the unattached
 	// volume, as a maintenance engine would, to leave identical replicas.
 	releasing bool
+	// detached: the engine was fenced because its volume has no attachment
+	// any more (not because another node took it). See cleanable.
+	detached bool
 
 	addrs     map[string]string // node id → replica server address
 	stop      context.CancelFunc
@@ -209,9 +212,10 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
 	go func() { defer e.wg.Done(); e.watchLoop(bg) }()
 	e.mu.Lock()
+	// Logged under the lock: the rebuild started here may reconfigure at once.
+	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
 	e.maybeRebuild()
 	e.mu.Unlock()
-	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
 	return e, nil
 }
 
@@ -244,6 +248,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %s; its engine rebuilds: %w", v.ID, v.Attachment.Node, ErrFenced)
 		case !unattachedOK && (v.Attachment == nil || v.Attachment.Node != e.cfg.NodeID):
+			e.detached = v.Attachment == nil
 			e.setFenced()
 			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
 		}
@@ -400,7 +405,9 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 // nodes create the replicas placed on them when their copy of the store
 // shows the new volume, and an engine attached right after CreateVolume can
 // look for them first. Ejecting them would leave a brand-new volume degraded,
-// or below its write quorum so that every write fails.
+// or below its write quorum so that every write fails. A replica whose
+// generation the store has recorded is not waited for: it existed, and its
+// node has lost it.
 //
 // answered is set once the replica server has answered anything.
 func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uint64, answered *atomic.Bool) (replicaConn, error) {
@@ -429,7 +436,9 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uin
 			}
 			return c, nil
 		}
-		if r.State != meta.ReplicaHealthy || !errors.Is(err, replica.ErrNotFound) {
+		// A replica whose generation the store recorded existed once: its
+		// node has lost it, and waiting will not bring it back.
+		if r.State != meta.ReplicaHealthy || !errors.Is(err, replica.ErrNotFound) || r.Generation != "" {
 			return nil, err // a nil interface, not a nil *replica.Client
 		}
 		select {
@@ -480,7 +489,7 @@ func (e *Engine) claimAll(ctx context.Context) ([]*member, error) {
 		e.log.Warn("claim failed", zap.String("replica_id", e.members[i].replica.ID), zap.Uint64("epoch", e.epoch), zap.Error(err))
 		failed = append(failed, e.members[i])
 	}
-	return failed, nil
+	return e.checkIdentities(ctx, failed) // identity.go: a claimed copy must be the one the store trusts
 }
 
 // DefaultReplicaDeadline is Config.ReplicaDeadline's default.
@@ -679,6 +688,18 @@ func (e *Engine) checkQuorum() error {
 	return nil
 }
 
+// cleanable reports why no clean point may be declared (and no unresolved
+// write resolved), or nil: as usable, except that an engine being closed
+// after its volume was detached may still leave its replicas identical and
+// clean. Nobody else writes the volume until an attach, whose engine claims
+// a newer epoch: its replicas then refuse this engine. Called with e.mu held.
+func (e *Engine) cleanable() error {
+	if e.fenced && e.detached && e.releasing && !e.closed {
+		return nil
+	}
+	return e.usable()
+}
+
 // usable reports why no I/O may be done, or nil. Called with e.mu held.
 func (e *Engine) usable() error {
 	switch {
@@ -832,7 +853,7 @@ func (e *Engine) resolve(ctx context.Context) error {
 	if !e.unresolvedFlush && len(e.unresolved) == 0 {
 		return nil
 	}
-	if err := e.usable(); err != nil {
+	if err := e.cleanable(); err != nil {
 		return err
 	}
 	node := e.cfg.NodeID
@@ -1064,7 +1085,7 @@ func (e *Engine) CleanPoint(ctx context.Context) error {
 	// With unresolved writes, resolve comes first, and it claims every
 	// replica before it flushes: a flush to a replica that stopped
 	// answering would only time out.
-	if e.usable() == nil && e.dirty.Load() && !e.unresolvedFlush && len(e.unresolved) == 0 {
+	if e.cleanable() == nil && e.dirty.Load() && !e.unresolvedFlush && len(e.unresolved) == 0 {
 		err = e.flushAll(ctx)
 	}
 	e.mu.RUnlock()
@@ -1094,7 +1115,7 @@ func (e *Engine) flushAll(ctx context.Context) error {
 // between the flush and the clearing: such a write would be neither durable
 // nor marked dirty.
 func (e *Engine) cleanPointLocked(ctx context.Context) error {
-	if e.usable() != nil || !e.dirty.Load() {
+	if e.cleanable() != nil || !e.dirty.Load() {
 		return nil
 	}
 	// An unresolved write may have reached some replicas only: clearing

@@ -252,7 +252,8 @@ func (a *Agent) joinLoop(addrs []string) {
 
 // bootstrapLoop waits until BootstrapExpect fresh members are reachable and
 // bootstraps all of them with the same configuration, or joins when it finds
-// that a cluster already runs.
+// that a cluster already exists: a peer that leads, follows a leader, knows
+// a cluster id or holds raft state.
 func (a *Agent) bootstrapLoop(self raft.Server) {
 	// The first members are this node and its peers. When more peers are
 	// listed than that, the list itself names the first members: a node
@@ -307,8 +308,15 @@ func (a *Agent) bootstrapLoop(self raft.Server) {
 			if err != nil {
 				continue
 			}
-			if info.Leader != "" || info.ClusterID != "" {
-				a.log.Info("found a running cluster; joining it", zap.String("peer", addr))
+			// A peer with raft state belongs to a cluster even while it
+			// has no leader and, until its log is replayed, no cluster id
+			// (every member restarting at once). This member has none: its
+			// data dir is new or was lost. Bootstrapping here would start a
+			// second history beside the cluster's; joining it is what
+			// catches this member up.
+			if info.Leader != "" || info.ClusterID != "" || info.HasState {
+				a.log.Info("found a running cluster; joining it", zap.String("peer", addr),
+					zap.String("peer_leader", info.Leader), zap.Bool("peer_has_state", info.HasState))
 				a.joinLoop([]string{addr})
 				return
 			}

@@ -61,6 +61,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyRequest(s, c)
 	case *SetParameters:
 		return applySetParameters(s, c)
+	case *SetReplicaGeneration:
+		return applySetReplicaGeneration(s, c)
 	case *AdvanceEpoch:
 		return applyAdvanceEpoch(s, c)
 	}
@@ -583,6 +585,43 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 		next = nil // as a snapshot restores it
 	}
 	v.Parameters = next
+	return Result{Volume: v.Clone()}, nil
+}
+
+// MaxGenerationLen bounds a replica generation (the replica package draws
+// 32 hex digits).
+const MaxGenerationLen = 64
+
+func applySetReplicaGeneration(s *State, c *SetReplicaGeneration) (Result, error) {
+	if c.Generation == "" || len(c.Generation) > MaxGenerationLen {
+		return Result{}, fmt.Errorf("replica generation must be 1-%d characters, got %d: %w", MaxGenerationLen, len(c.Generation), ErrInvalidArgument)
+	}
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	i, err := v.replicaIndex(c.ReplicaID)
+	if err != nil {
+		return Result{}, err
+	}
+	r := &v.Replicas[i]
+	if r.Generation == c.Generation {
+		return Result{Volume: v.Clone()}, nil // already so: idempotent
+	}
+	if r.Generation != c.Expect {
+		return Result{}, fmt.Errorf("replica %s has generation %q, caller expected %q: %w", r.ID, r.Generation, c.Expect, ErrGenerationMismatch)
+	}
+	switch {
+	case r.State == ReplicaRebuilding:
+	case r.State == ReplicaHealthy && r.Generation == "":
+	case r.State == ReplicaHealthy:
+		// Invariant: a healthy replica stands for one copy for as long as it
+		// is healthy; a copy with another generation holds other data.
+		return Result{}, fmt.Errorf("replica %s is healthy with generation %q; eject it before recording another: %w", r.ID, r.Generation, ErrFailedPrecondition)
+	default:
+		return Result{}, fmt.Errorf("replica %s is %s; its generation is recorded when it rebuilds: %w", r.ID, r.State, ErrFailedPrecondition)
+	}
+	r.Generation = c.Generation
 	return Result{Volume: v.Clone()}, nil
 }
 

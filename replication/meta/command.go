@@ -13,25 +13,25 @@ type CommandType uint8
 
 // Command types.
 const (
-	CmdInitCluster     CommandType = 1
-	CmdRegisterNode    CommandType = 2
-	CmdNodeHeartbeat   CommandType = 3
-	CmdSetNodeState    CommandType = 4
-	CmdCreateVolume    CommandType = 5
-	CmdDeleteVolume    CommandType = 6
-	CmdAttachVolume    CommandType = 7
-	CmdDetachVolume    CommandType = 8
-	CmdSetReplicaState CommandType = 9
-	CmdReplaceReplica  CommandType = 10
-	CmdSetVolumeState  CommandType = 11
-	CmdCreateSnapshot  CommandType = 12
-	CmdDeleteSnapshot  CommandType = 13
-	CmdPurgeVolume     CommandType = 14
-	CmdRebuildProgress CommandType = 15
-	CmdRequest         CommandType = 16
-	CmdSetParameters   CommandType = 17
-	// 18 is taken by SetReplicaGeneration (replica identity).
-	CmdAdvanceEpoch CommandType = 19
+	CmdInitCluster          CommandType = 1
+	CmdRegisterNode         CommandType = 2
+	CmdNodeHeartbeat        CommandType = 3
+	CmdSetNodeState         CommandType = 4
+	CmdCreateVolume         CommandType = 5
+	CmdDeleteVolume         CommandType = 6
+	CmdAttachVolume         CommandType = 7
+	CmdDetachVolume         CommandType = 8
+	CmdSetReplicaState      CommandType = 9
+	CmdReplaceReplica       CommandType = 10
+	CmdSetVolumeState       CommandType = 11
+	CmdCreateSnapshot       CommandType = 12
+	CmdDeleteSnapshot       CommandType = 13
+	CmdPurgeVolume          CommandType = 14
+	CmdRebuildProgress      CommandType = 15
+	CmdRequest              CommandType = 16
+	CmdSetParameters        CommandType = 17
+	CmdSetReplicaGeneration CommandType = 18
+	CmdAdvanceEpoch         CommandType = 19
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -180,13 +180,29 @@ type SetParameters struct {
 	Parameters map[string]string `json:"parameters"`
 }
 
+// SetReplicaGeneration records the generation of the copy a replica stands
+// for: compare-and-set on the generation recorded so far (Expect), so that
+// two nodes or engines never overwrite each other's finding unseen.
+// Recording the generation already recorded succeeds and changes nothing.
+// A healthy replica's generation is recorded once and never replaced: a
+// healthy replica with another copy on disk is ejected, not re-labelled. A
+// rebuilding replica's may change (its node made a new, blank copy). It
+// changes no replica set and no epoch.
+type SetReplicaGeneration struct {
+	VolumeID   string `json:"volume_id"`
+	ReplicaID  string `json:"replica_id"`
+	Generation string `json:"generation"`
+	Expect     string `json:"expect"`
+}
+
 // AdvanceEpoch increments a volume's epoch without changing its replica set
 // or attachment. The engine that holds the volume asks for it after a write
 // it could neither acknowledge nor resolve by ejection (a cancelled request,
 // a failed ejection): claiming the replicas with the new epoch fences every
 // request of that write still queued at a replica. NodeID is the node the
 // volume is attached to, or empty for a volume with no attachment (a
-// maintenance engine). Compare-and-set on the epoch.
+// maintenance engine, or an engine closing after its detach). Compare-and-set
+// on the epoch.
 type AdvanceEpoch struct {
 	VolumeID    string `json:"volume_id"`
 	NodeID      string `json:"node_id,omitempty"`
@@ -211,6 +227,7 @@ func (PurgeVolume) Type() CommandType           { return CmdPurgeVolume }
 func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
 func (Request) Type() CommandType               { return CmdRequest }
 func (SetParameters) Type() CommandType         { return CmdSetParameters }
+func (SetReplicaGeneration) Type() CommandType  { return CmdSetReplicaGeneration }
 func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
@@ -250,6 +267,8 @@ func newCommand(t CommandType) Command {
 		return &Request{}
 	case CmdSetParameters:
 		return &SetParameters{}
+	case CmdSetReplicaGeneration:
+		return &SetReplicaGeneration{}
 	case CmdAdvanceEpoch:
 		return &AdvanceEpoch{}
 	}

@@ -41,6 +41,7 @@ func fullCommands() []Command {
 		// An empty value (remove the key) must survive the round trip too.
 		&SetParameters{VolumeID: "vol-1", Parameters: map[string]string{
 			ParamMaxIOPS: "500", ParamMinIOPS: "100", ParamMaxBandwidth: "104857600", ParamBurstDuration: ""}},
+		&SetReplicaGeneration{VolumeID: "vol-1", ReplicaID: "vol-1-r2", Generation: "00112233445566778899aabbccddeeff", Expect: "ffeeddccbbaa99887766554433221100"},
 	}
 }
 
@@ -50,7 +51,7 @@ var allCommandTypes = []CommandType{
 	CmdCreateVolume, CmdDeleteVolume, CmdAttachVolume, CmdDetachVolume,
 	CmdSetReplicaState, CmdReplaceReplica, CmdSetVolumeState,
 	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress, CmdRequest,
-	CmdSetParameters,
+	CmdSetParameters, CmdSetReplicaGeneration,
 }
 
 // TestCommandTypeNumbersAreStable pins the on-disk type numbers: changing one
@@ -83,7 +84,9 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdRebuildProgress, &RebuildProgressUpdate{}},
 		{CmdRequest, &Request{}},
 		{CmdSetParameters, &SetParameters{}},
-		{CmdSetParameters + 1, nil},
+		{CmdSetReplicaGeneration, &SetReplicaGeneration{}},
+		{CmdAdvanceEpoch, &AdvanceEpoch{}},
+		{CmdAdvanceEpoch + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -238,7 +241,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 18", cmdBytes(CmdSetParameters+1, commandVersion, `{}`)},
+		{"unknown type 20", cmdBytes(CmdAdvanceEpoch+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

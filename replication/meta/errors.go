@@ -10,11 +10,14 @@ import (
 // gRPC API by name (see errorCode / errorFromWire), so a client sees the same
 // sentinel the leader returned.
 var (
-	ErrNotFound           = errors.New("not found")
-	ErrAlreadyExists      = errors.New("already exists")
-	ErrNotLeader          = errors.New("not the leader")
-	ErrNoLeader           = errors.New("no leader")
-	ErrEpochMismatch      = errors.New("epoch changed")
+	ErrNotFound      = errors.New("not found")
+	ErrAlreadyExists = errors.New("already exists")
+	ErrNotLeader     = errors.New("not the leader")
+	ErrNoLeader      = errors.New("no leader")
+	ErrEpochMismatch = errors.New("epoch changed")
+	// ErrGenerationMismatch: a replica's recorded generation is not the one
+	// a SetReplicaGeneration expected.
+	ErrGenerationMismatch = errors.New("replica generation changed")
 	ErrIllegalTransition  = errors.New("illegal state transition")
 	ErrFailedPrecondition = errors.New("failed precondition")
 	ErrResourceExhausted  = errors.New("resource exhausted")
@@ -42,6 +45,7 @@ var wireErrors = map[string]error{
 	"cluster_mismatch":    ErrClusterMismatch,
 	"quorum_lost":         ErrQuorumLost,
 	"outcome_unknown":     ErrOutcomeUnknown,
+	"generation_mismatch": ErrGenerationMismatch,
 }
 
 // WireError is an error as it crosses the meta API: the sentinel's name and the

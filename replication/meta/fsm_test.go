@@ -649,7 +649,7 @@ func (g *cmdGen) registerNode(id string) Command {
 
 func (g *cmdGen) random(s *State) Command {
 	vid := g.volumeID()
-	switch g.rng.IntN(35) {
+	switch g.rng.IntN(37) {
 	case 0:
 		return &InitCluster{ClusterID: g.pick("prop", "prop", "other", ""), OverProvisioningRatio: float64(g.rng.IntN(3)) - 0.5}
 	case 1:
@@ -712,6 +712,8 @@ func (g *cmdGen) random(s *State) Command {
 		return g.rebuildProgress(s, vid)
 	case 31, 32:
 		return g.setParameters(vid)
+	case 33, 34:
+		return g.setReplicaGeneration(s, vid)
 	}
 	return nil // a non-command entry or garbage
 }
@@ -742,6 +744,21 @@ func (g *cmdGen) rebuildProgress(s *State, vid string) *RebuildProgressUpdate {
 			c.BytesCopied = total + 1
 		}
 	}
+	return c
+}
+
+// setReplicaGeneration records one of a few generations for a replica,
+// expecting the one recorded most of the time, else another (often "").
+func (g *cmdGen) setReplicaGeneration(s *State, vid string) *SetReplicaGeneration {
+	rid := g.replicaID(s, vid)
+	c := &SetReplicaGeneration{VolumeID: vid, ReplicaID: rid, Generation: g.pick("g1", "g2", "g3", "")}
+	if v, ok := s.Volumes[vid]; ok && g.rng.IntN(3) != 0 {
+		if i, err := v.replicaIndex(rid); err == nil {
+			c.Expect = v.Replicas[i].Generation
+			return c
+		}
+	}
+	c.Expect = g.pick("", "", "g1", "g2")
 	return c
 }
 
@@ -873,6 +890,23 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 		return // the harness checked that the state did not change
 	}
 	switch c := c.(type) {
+	case *SetReplicaGeneration:
+		// It records the generation of one replica and changes nothing else.
+		want := prev.Clone()
+		want.Requests = cur.Requests // the harness checks the request table
+		v := want.Volumes[c.VolumeID]
+		if v == nil || v.State == VolumeDeleted {
+			fail("generation recorded for a volume that is not live")
+		}
+		i, err := v.replicaIndex(c.ReplicaID)
+		if err != nil {
+			fail("generation recorded for a replica not in the set: %v", err)
+		}
+		v.Replicas[i].Generation = c.Generation
+		if !reflect.DeepEqual(cur, want) {
+			fail("SetReplicaGeneration changed more than one generation:\nbefore %s\n after %s",
+				dumpJSON(prev.Volumes[c.VolumeID]), dumpJSON(cur.Volumes[c.VolumeID]))
+		}
 	case *RebuildProgressUpdate:
 		// Progress changes Volume.Rebuild of one volume and nothing else.
 		pv := prev.Volumes[c.VolumeID]
@@ -932,8 +966,9 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 			if v.Epoch > pv.Epoch+1 {
 				fail("volume %s epoch jumped %d → %d", id, pv.Epoch, v.Epoch)
 			}
+			p.checkGenerations(fail, c, pv, v)
 			attachmentChanged := !reflect.DeepEqual(pv.Attachment, v.Attachment)
-			replicasChanged := !reflect.DeepEqual(pv.Replicas, v.Replicas)
+			replicasChanged := !reflect.DeepEqual(withoutGenerations(pv.Replicas), withoutGenerations(v.Replicas))
 			if (attachmentChanged || replicasChanged) && v.Epoch == pv.Epoch {
 				sv, isSetState := c.(*SetVolumeState)
 				if knownBugSetVolumeStateDetach && isSetState && sv.State == VolumeAvailable && !replicasChanged && v.Attachment == nil {
@@ -963,6 +998,42 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 			}
 		}
 		p.checkVolume(fail, cur, v)
+	}
+}
+
+// withoutGenerations copies rs with their generations cleared: recording a
+// generation changes no replica set.
+func withoutGenerations(rs []Replica) []Replica {
+	out := append([]Replica(nil), rs...)
+	for i := range out {
+		out[i].Generation = ""
+	}
+	return out
+}
+
+// checkGenerations: only SetReplicaGeneration changes a replica's
+// generation, and a replica that stays healthy keeps a generation once it
+// has one (a healthy replica stands for one copy of the data).
+func (p *propertyChecker) checkGenerations(fail func(string, ...any), c Command, pv, v *Volume) {
+	sg, isSet := c.(*SetReplicaGeneration)
+	for _, r := range v.Replicas {
+		i, err := pv.replicaIndex(r.ID)
+		if err != nil {
+			if r.Generation != "" {
+				fail("volume %s: new replica %s starts with generation %q", v.ID, r.ID, r.Generation)
+			}
+			continue
+		}
+		was := pv.Replicas[i]
+		if was.Generation == r.Generation {
+			continue
+		}
+		if !isSet || sg.VolumeID != v.ID || sg.ReplicaID != r.ID {
+			fail("volume %s: replica %s generation %q → %q by another command", v.ID, r.ID, was.Generation, r.Generation)
+		}
+		if was.State == ReplicaHealthy && r.State == ReplicaHealthy && was.Generation != "" {
+			fail("volume %s: healthy replica %s generation %q → %q", v.ID, r.ID, was.Generation, r.Generation)
+		}
 	}
 }
 

@@ -103,6 +103,13 @@ type Replica struct {
 	ID    string       `json:"id"`
 	Node  string       `json:"node"`
 	State ReplicaState `json:"state"`
+	// Generation is the generation of the copy on the node's disk that
+	// this replica stands for: drawn at random when that copy was created
+	// and kept in its meta file (see replication/replica/replica.go), set
+	// here by SetReplicaGeneration. Empty until it is first recorded. A
+	// healthy replica whose copy on disk has another generation, or none,
+	// has lost the data the store trusts it with.
+	Generation string `json:"generation,omitempty"`
 }
 
 // Attachment says which node's engine may write a volume.

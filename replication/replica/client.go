@@ -43,6 +43,10 @@ type Client struct {
 	// request without it: a server older than the flags (during a rolling
 	// upgrade). Requests on this connection go unmarked from then on.
 	noClass atomic.Bool
+	// noGeneration is set once the server refused FlagGeneration on INFO
+	// and answered without it: a server older than generations. Info asks
+	// without the flag on this connection from then on.
+	noGeneration atomic.Bool
 
 	queue chan *call    // frames for the writer goroutine, in send order
 	dead  chan struct{} // closed when the connection fails or is closed
@@ -518,12 +522,25 @@ func (c *Client) MarkClean(ctx context.Context, epoch, generation uint64) error 
 	return err
 }
 
-// Info describes the replica.
+// Info describes the replica, with its generation unless the server
+// predates generations (then Generation is "").
 func (c *Client) Info(ctx context.Context) (Info, error) {
+	if !c.noGeneration.Load() {
+		reply, err := c.do(ctx, RequestHeader{Op: OpInfo, Flags: FlagGeneration}, nil, nil)
+		if !errors.Is(err, ErrInvalidArgument) {
+			if err != nil {
+				return Info{}, err
+			}
+			return DecodeInfo(reply)
+		}
+	}
+	// A server that does not know the flag refuses INFO with it
+	// (BadRequest); INFO changes nothing, so asking again is safe.
 	reply, err := c.do(ctx, RequestHeader{Op: OpInfo}, nil, nil)
 	if err != nil {
 		return Info{}, err
 	}
+	c.noGeneration.Store(true)
 	return DecodeInfo(reply)
 }
 

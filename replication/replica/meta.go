@@ -1,7 +1,9 @@
 package replica
 
 import (
+	"crypto/rand"
 	"encoding/binary"
+	"encoding/hex"
 	"fmt"
 	"hash/crc32"
 	"math/bits"
@@ -25,15 +27,20 @@ const (
 	SectorSize = 512
 	// MaxIDLen is the longest replica id.
 	MaxIDLen = 128
+	// MaxGenerationLen is the longest replica generation.
+	MaxGenerationLen = 64
 )
 
 const (
 	dataFileName = "data"
 	metaFileName = "meta"
 
-	metaMagic   uint32 = 0xCA1B3E7A
-	metaVersion uint16 = 1
-	// metaFixedLen is the meta record without id, bitmap and CRC.
+	metaMagic uint32 = 0xCA1B3E7A
+	// metaVersion is what encodeMeta writes. Version 1 had no generation;
+	// decodeMeta still reads it (see openExisting).
+	metaVersion uint16 = 2
+	// metaFixedLen is the shortest meta record (version 1) without id,
+	// bitmap and CRC.
 	metaFixedLen = 4 + 2 + 2 + 6*8 + 2 + 4
 )
 
@@ -41,7 +48,12 @@ var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
 // metaState is everything a replica keeps in its meta file.
 type metaState struct {
-	ID         string
+	ID string
+	// Generation names this copy of the replica's data: drawn at random when
+	// the replica is created and never changed, so a replica created again
+	// under the same id (its directory lost) has another one. Empty only in
+	// a decoded version-1 file.
+	Generation string
 	Size       uint64
 	ExtentSize uint64
 	// Epoch is the highest epoch the replica has accepted (Claim).
@@ -60,10 +72,16 @@ type metaState struct {
 //	size u64 | extent size u64 | epoch u64 | clean epoch u64 | clean generation u64
 //	extent count u64
 //	id length u16 | id
+//	generation length u8 | generation     (version 2 on; not in version 1)
 //	bitmap length u32 | bitmap
 //	CRC32C u32 of everything before it
+//
+// encodeMeta writes version 2; the generation must be set.
 func encodeMeta(m *metaState) []byte {
-	b := make([]byte, 0, metaFixedLen+len(m.ID)+len(m.Dirty)+4)
+	if validateGeneration(m.Generation) != nil {
+		panic(fmt.Sprintf("BUG: replica %s: meta file without a valid generation (%q)", m.ID, m.Generation))
+	}
+	b := make([]byte, 0, metaFixedLen+len(m.ID)+1+len(m.Generation)+len(m.Dirty)+4)
 	b = binary.BigEndian.AppendUint32(b, metaMagic)
 	b = binary.BigEndian.AppendUint16(b, metaVersion)
 	b = binary.BigEndian.AppendUint16(b, 0)
@@ -75,13 +93,16 @@ func encodeMeta(m *metaState) []byte {
 	b = binary.BigEndian.AppendUint64(b, extentCount(m.Size, m.ExtentSize))
 	b = binary.BigEndian.AppendUint16(b, uint16(len(m.ID)))
 	b = append(b, m.ID...)
+	b = append(b, byte(len(m.Generation)))
+	b = append(b, m.Generation...)
 	b = binary.BigEndian.AppendUint32(b, uint32(len(m.Dirty)))
 	b = append(b, m.Dirty...)
 	return binary.BigEndian.AppendUint32(b, crc32.Checksum(b, castagnoli))
 }
 
-// decodeMeta parses a meta file. Every failure wraps ErrCorrupt and says what
-// is wrong; it never panics, whatever b holds.
+// decodeMeta parses a meta file of version 1 or 2 (a version-1 file gives an
+// empty generation). Every failure wraps ErrCorrupt and says what is wrong;
+// it never panics, whatever b holds.
 func decodeMeta(b []byte) (metaState, error) {
 	var m metaState
 	bad := func(format string, args ...any) (metaState, error) {
@@ -97,8 +118,9 @@ func decodeMeta(b []byte) (metaState, error) {
 	if got := crc32.Checksum(body, castagnoli); got != sum {
 		return bad("checksum mismatch (stored %#x, computed %#x)", sum, got)
 	}
-	if v := binary.BigEndian.Uint16(body[4:]); v != metaVersion {
-		return bad("unsupported version %d", v)
+	version := binary.BigEndian.Uint16(body[4:])
+	if version != 1 && version != metaVersion {
+		return bad("unsupported version %d", version)
 	}
 	if r := binary.BigEndian.Uint16(body[6:]); r != 0 {
 		return bad("reserved field is %#x, want 0", r)
@@ -126,6 +148,21 @@ func decodeMeta(b []byte) (metaState, error) {
 	p = p[idLen:]
 	if err := validateID(m.ID); err != nil {
 		return bad("%v", err)
+	}
+	if version >= 2 {
+		if len(p) < 1 {
+			return bad("truncated before the generation")
+		}
+		genLen := int(p[0])
+		p = p[1:]
+		if genLen > len(p) {
+			return bad("generation length %d beyond the end of the file", genLen)
+		}
+		m.Generation = string(p[:genLen])
+		p = p[genLen:]
+		if err := validateGeneration(m.Generation); err != nil {
+			return bad("%v", err)
+		}
 	}
 	if len(p) < 4 {
 		return bad("truncated before the dirty bitmap")
@@ -172,6 +209,29 @@ func validateID(id string) error {
 		}
 	}
 	return nil
+}
+
+// validateGeneration accepts 1–MaxGenerationLen characters from
+// [A-Za-z0-9._-]; newGeneration makes 32 lowercase hex digits.
+func validateGeneration(g string) error {
+	if len(g) == 0 || len(g) > MaxGenerationLen {
+		return fmt.Errorf("%w: generation must be 1-%d characters, got %d", ErrInvalidArgument, MaxGenerationLen, len(g))
+	}
+	for i := 0; i < len(g); i++ {
+		c := g[i]
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '.' || c == '_' || c == '-') {
+			return fmt.Errorf("%w: generation %q: only [A-Za-z0-9._-] allowed", ErrInvalidArgument, g)
+		}
+	}
+	return nil
+}
+
+// newGeneration draws a generation: 128 random bits as hex, so that two
+// copies made under the same replica id never share one.
+func newGeneration() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (it crashes the program instead)
+	return hex.EncodeToString(b[:])
 }
 
 func extentCount(size, extentSize uint64) uint64 {

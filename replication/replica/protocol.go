@@ -15,7 +15,8 @@ import (
 //
 //	 0  magic        u32  RequestMagic
 //	 4  op           u8
-//	 5  flags        u8   FlagFUA, FlagRebuild, FlagScrub; other bits must be 0
+//	 5  flags        u8   FlagFUA, FlagRebuild, FlagScrub, FlagGeneration;
+//	                      other bits must be 0
 //	 6  reserved     u16  must be 0
 //	 8  handle       u64  chosen by the client, echoed in the reply
 //	16  epoch        u64
@@ -48,7 +49,9 @@ import (
 //	DIRTY         -      first extent    max entries       -          u64 extent indexes
 //	                                     (0: all that fit)
 //	MARK_CLEAN    yes    generation      -                 -          -
-//	INFO          -      -               -                 -          Info
+//	INFO          -      -               -                 -          Info (with its
+//	                                                                  generation if
+//	                                                                  FlagGeneration)
 //	PING          -      -               -                 -          -
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
@@ -59,6 +62,13 @@ import (
 // WRITE_ZEROES, CHECKSUMS, READ_EXTENT) belongs to; neither means foreground,
 // so a client that never sets them is served as before this flag existed.
 // The other ops do no scheduled disk I/O and take neither.
+//
+// FlagGeneration, allowed on INFO only, asks for the replica's generation
+// after the Info (see AppendInfoGeneration). Without it the reply is the
+// Info a server sent before generations existed, which a client that
+// predates them requires to the byte. A new client that meets an older
+// server gets BadRequest (the flag is not allowed there), asks again
+// without it and takes the generation as unknown ("").
 //
 // A header with a bad magic, a non-zero reserved field or a payload longer
 // than MaxPayload breaks the framing: the server answers BadRequest (handle 0
@@ -79,6 +89,8 @@ const (
 	// FlagScrub marks scrub (verification) traffic: the Scrub class, the
 	// least urgent.
 	FlagScrub uint8 = 1 << 2
+	// FlagGeneration asks INFO to carry the replica's generation.
+	FlagGeneration uint8 = 1 << 3
 
 	// flagsClass are the class bits; setting both is invalid.
 	flagsClass = FlagRebuild | FlagScrub
@@ -138,7 +150,7 @@ var opSpecs = [opLimit]opSpec{
 	OpReadExtent:  {name: "read_extent", epoch: true, offset: true, flags: flagsClass},
 	OpDirty:       {name: "dirty", offset: true, length: true, maxLength: MaxDirtyPerReply},
 	OpMarkClean:   {name: "mark_clean", epoch: true, offset: true},
-	OpInfo:        {name: "info"},
+	OpInfo:        {name: "info", flags: FlagGeneration},
 	OpPing:        {name: "ping"},
 }
 
@@ -327,7 +339,8 @@ const infoFixedLen = 7*8 + 2
 
 // AppendInfo appends the wire encoding of an Info: size, extent size, epoch,
 // clean epoch, clean generation, dirty extents, allocated bytes (u64 each),
-// then the id (u16 length, bytes).
+// then the id (u16 length, bytes). The generation is left out: this is the
+// reply to OPEN, and to INFO without FlagGeneration.
 func AppendInfo(dst []byte, in Info) []byte {
 	for _, v := range [...]uint64{in.Size, in.ExtentSize, in.Epoch, in.CleanEpoch, in.CleanGeneration, in.DirtyExtents, in.AllocatedBytes} {
 		dst = binary.BigEndian.AppendUint64(dst, v)
@@ -336,7 +349,18 @@ func AppendInfo(dst []byte, in Info) []byte {
 	return append(dst, in.ID...)
 }
 
-// DecodeInfo decodes an Info encoded by AppendInfo. Errors wrap ErrProtocol.
+// AppendInfoGeneration appends what AppendInfo does, then the generation
+// (u8 length, bytes; at most MaxGenerationLen): the reply to INFO with
+// FlagGeneration.
+func AppendInfoGeneration(dst []byte, in Info) []byte {
+	dst = AppendInfo(dst, in)
+	g := in.Generation[:min(len(in.Generation), MaxGenerationLen)]
+	dst = append(dst, byte(len(g)))
+	return append(dst, g...)
+}
+
+// DecodeInfo decodes an Info encoded by AppendInfo (its Generation is then
+// "") or AppendInfoGeneration. Errors wrap ErrProtocol.
 func DecodeInfo(b []byte) (Info, error) {
 	if len(b) < infoFixedLen {
 		return Info{}, fmt.Errorf("%w: info of %d bytes, want at least %d", ErrProtocol, len(b), infoFixedLen)
@@ -346,13 +370,22 @@ func DecodeInfo(b []byte) (Info, error) {
 		v[i] = binary.BigEndian.Uint64(b[8*i:])
 	}
 	idLen := int(binary.BigEndian.Uint16(b[56:]))
-	if len(b) != infoFixedLen+idLen {
+	if len(b) < infoFixedLen+idLen {
 		return Info{}, fmt.Errorf("%w: info of %d bytes, its id length says %d", ErrProtocol, len(b), infoFixedLen+idLen)
 	}
-	return Info{
-		ID: string(b[infoFixedLen:]), Size: v[0], ExtentSize: v[1], Epoch: v[2],
+	in := Info{
+		ID: string(b[infoFixedLen : infoFixedLen+idLen]), Size: v[0], ExtentSize: v[1], Epoch: v[2],
 		CleanEpoch: v[3], CleanGeneration: v[4], DirtyExtents: v[5], AllocatedBytes: v[6],
-	}, nil
+	}
+	rest := b[infoFixedLen+idLen:]
+	if len(rest) == 0 {
+		return in, nil
+	}
+	if genLen := int(rest[0]); len(rest) != 1+genLen || genLen > MaxGenerationLen {
+		return Info{}, fmt.Errorf("%w: info with %d bytes after its id, its generation length says %d", ErrProtocol, len(rest), 1+genLen)
+	}
+	in.Generation = string(rest[1:])
+	return in, nil
 }
 
 // AppendUint32s appends each value as a big-endian u32 (the CHECKSUMS reply).

@@ -84,6 +84,7 @@ func TestValidateRequest(t *testing.T) {
 		{Op: OpDirty, Offset: 3, Length: 10},
 		{Op: OpMarkClean, Epoch: 1, Offset: 3},
 		{Op: OpInfo},
+		{Op: OpInfo, Flags: FlagGeneration},
 		{Op: OpPing, Handle: 5},
 		{Op: OpRead, Epoch: 1, Length: 8, Flags: FlagRebuild},
 		{Op: OpWrite, Epoch: 1, Length: 1, PayloadLen: 1, Flags: FlagFUA | FlagScrub},
@@ -109,7 +110,10 @@ func TestValidateRequest(t *testing.T) {
 		"read too long":        {Op: OpRead, Length: MaxPayload + 1},
 		"read with FUA":        {Op: OpRead, Flags: FlagFUA, Length: 1},
 		"write short payload":  {Op: OpWrite, Length: 10, PayloadLen: 9},
-		"write unknown flag":   {Op: OpWrite, Flags: 0x08, Length: 1, PayloadLen: 1},
+		"write unknown flag":   {Op: OpWrite, Flags: 0x10, Length: 1, PayloadLen: 1},
+		"write + generation":   {Op: OpWrite, Flags: FlagGeneration, Length: 1, PayloadLen: 1},
+		"open + generation":    {Op: OpOpen, PayloadLen: 1, Flags: FlagGeneration},
+		"info with a class":    {Op: OpInfo, Flags: FlagRebuild},
 		"two classes":          {Op: OpRead, Flags: FlagRebuild | FlagScrub, Length: 1},
 		"claim with a class":   {Op: OpClaim, Epoch: 1, Flags: FlagRebuild},
 		"open with a class":    {Op: OpOpen, PayloadLen: 1, Flags: FlagScrub},
@@ -251,6 +255,7 @@ func FuzzDecodeRequest(f *testing.F) {
 	f.Add(AppendRequest(nil, Request{RequestHeader: RequestHeader{Op: OpWrite, Flags: FlagFUA, Handle: 2, Epoch: 1, Length: 4}, Payload: []byte("data")}))
 	f.Add(AppendRequestHeader(nil, RequestHeader{Op: OpChecksums, Handle: 3, Epoch: 1, Length: 4}))
 	f.Add(AppendRequest(nil, Request{RequestHeader: RequestHeader{Op: OpWrite, Flags: FlagFUA | FlagRebuild, Handle: 4, Epoch: 1, Length: 4}, Payload: []byte("data")}))
+	f.Add(AppendRequestHeader(nil, RequestHeader{Op: OpInfo, Flags: FlagGeneration, Handle: 5}))
 	f.Add([]byte{0xCA, 0x1B, 0x00, 0x01})
 	f.Add([]byte("not a frame"))
 	f.Fuzz(func(t *testing.T, b []byte) {

@@ -16,8 +16,15 @@ import (
 )
 
 // Replica is one replica's storage: dir/<id>/data, a sparse file of exactly
-// Size bytes, and dir/<id>/meta, rewritten atomically, holding the highest
-// accepted epoch, the last clean point and the dirty-extent bitmap.
+// Size bytes, and dir/<id>/meta, rewritten atomically, holding the replica's
+// generation, the highest accepted epoch, the last clean point and the
+// dirty-extent bitmap.
+//
+// The generation is drawn at random when the replica is created and lives
+// only in its meta file, beside its data: a replica whose directory was lost
+// and that is created again under the same id gets another generation, so
+// the volume store, which records the generation of the copy that holds the
+// volume's data, can tell it from the one it lost.
 //
 // Every method that takes an epoch checks it first: lower than the replica's
 // epoch → ErrFenced, higher → ErrNotClaimed, and in both cases nothing
@@ -25,6 +32,7 @@ import (
 type Replica struct {
 	dir        string // the replica's directory, <data dir>/<id>
 	id         string
+	generation string // never changes once the replica is open
 	size       uint64
 	extentSize uint64
 	extents    uint64
@@ -64,7 +72,11 @@ type Replica struct {
 
 // Info describes a replica.
 type Info struct {
-	ID         string
+	ID string
+	// Generation names this copy of the replica (see Replica); it has
+	// nothing to do with CleanGeneration. Empty in an Info from a server
+	// that predates generations.
+	Generation string
 	Size       uint64
 	ExtentSize uint64
 	// Epoch is the highest epoch the replica has accepted.
@@ -88,7 +100,9 @@ type Info struct {
 // process → ErrBusy.
 //
 // Creation is atomic: the replica is built in a hidden directory that is
-// renamed into place, so a crash never leaves a half-made replica.
+// renamed into place, so a crash never leaves a half-made replica. A new
+// replica gets a new random generation. A replica whose meta file predates
+// generations (version 1) gets one when it is opened, written back at once.
 func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
 	if err := validateID(id); err != nil {
 		return nil, err
@@ -156,7 +170,8 @@ func create(dir, id string, size, extentSize uint64) (err error) {
 	if err := f.Close(); err != nil {
 		return err
 	}
-	m := metaState{ID: id, Size: size, ExtentSize: extentSize, Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
+	m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: extentSize,
+		Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
 	if err := writeFileAtomic(tmp, metaFileName, encodeMeta(&m)); err != nil {
 		return err
 	}
@@ -200,6 +215,7 @@ func openExisting(path, id string) (*Replica, error) {
 	r := &Replica{
 		dir:        path,
 		id:         id,
+		generation: m.Generation,
 		size:       m.Size,
 		extentSize: m.ExtentSize,
 		extents:    extentCount(m.Size, m.ExtentSize),
@@ -214,6 +230,17 @@ func openExisting(path, id string) (*Replica, error) {
 	if err := r.checkDataFile(); err != nil {
 		_ = f.Close() // opened read-write but never written
 		return nil, err
+	}
+	if r.generation == "" {
+		// A version-1 meta file: this copy gets its generation now, once,
+		// and keeps it (the store records it on first sight). Written
+		// before anything else can change the meta file.
+		r.generation = newGeneration()
+		m := r.snapshotMeta()
+		if err := r.writeMeta(&m); err != nil {
+			_ = f.Close() // the data file was not written
+			return nil, fmt.Errorf("replica %s: record a generation in the meta file: %w", id, err)
+		}
 	}
 	return r, nil
 }
@@ -255,6 +282,10 @@ func (r *Replica) control(fn func(fd int) error) error {
 
 // ID returns the replica's id.
 func (r *Replica) ID() string { return r.id }
+
+// Generation returns the replica's generation: random, drawn when this copy
+// was created, the same for as long as it exists.
+func (r *Replica) Generation() string { return r.generation }
 
 // Size returns the replica's size in bytes.
 func (r *Replica) Size() uint64 { return r.size }
@@ -361,7 +392,7 @@ func (r *Replica) snapshotMeta() metaState {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return metaState{
-		ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+		ID: r.id, Generation: r.generation, Size: r.size, ExtentSize: r.extentSize,
 		Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
 		Dirty: r.want.clone(),
 	}
@@ -410,7 +441,7 @@ func (r *Replica) markDirty(first, last uint64) error {
 		r.persisting = true
 		seq := r.wantSeq
 		m := metaState{
-			ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+			ID: r.id, Generation: r.generation, Size: r.size, ExtentSize: r.extentSize,
 			Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
 			Dirty: r.want.clone(),
 		}
@@ -733,7 +764,7 @@ func (r *Replica) dirtyExtentsFrom(first uint64, max int) []uint64 {
 func (r *Replica) Info() Info {
 	r.epochMu.RLock()
 	info := Info{
-		ID: r.id, Size: r.size, ExtentSize: r.extentSize,
+		ID: r.id, Generation: r.generation, Size: r.size, ExtentSize: r.extentSize,
 		Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
 	}
 	if !r.closed {

@@ -603,7 +603,7 @@ func TestOutOfRange(t *testing.T) {
 
 func TestCorruptMeta(t *testing.T) {
 	valid := func() []byte {
-		m := metaState{ID: "r1", Size: testSize, ExtentSize: testExtent, Epoch: 3, Dirty: make(bitmap, 2)}
+		m := metaState{ID: "r1", Generation: "0123456789abcdef", Size: testSize, ExtentSize: testExtent, Epoch: 3, Dirty: make(bitmap, 2)}
 		return encodeMeta(&m)
 	}
 	flip := func(i int) []byte { b := valid(); b[i] ^= 0x40; return b }
@@ -626,6 +626,11 @@ func TestCorruptMeta(t *testing.T) {
 		{"bad version", resum(func(b []byte) { b[5] = 9 }), testSize},
 		{"bad extent size", resum(func(b []byte) { b[23] = 3 }), testSize},
 		{"other id", resum(func(b []byte) { b[59] = 'x' }), testSize},
+		// The generation follows the 2-byte id "r1": length at 60.
+		{"generation past the end", resum(func(b []byte) { b[60] = 200 }), testSize},
+		{"empty generation", resum(func(b []byte) { b[60] = 0 }), testSize},
+		{"generation with a slash", resum(func(b []byte) { b[61] = '/' }), testSize},
+		{"version 1 with a generation", resum(func(b []byte) { b[5] = 1 }), testSize},
 		{"missing meta", nil, testSize},
 		{"missing data", valid(), -1},
 		{"short data", valid(), testSize - 512},
@@ -668,7 +673,7 @@ func crcBytes(b []byte) []byte {
 }
 
 func TestMetaRoundTripAndTruncation(t *testing.T) {
-	m := metaState{ID: "vol-1.r_2", Size: 1 << 30, ExtentSize: 1 << 20, Epoch: 7, CleanEpoch: 6, CleanGeneration: 42,
+	m := metaState{ID: "vol-1.r_2", Generation: newGeneration(), Size: 1 << 30, ExtentSize: 1 << 20, Epoch: 7, CleanEpoch: 6, CleanGeneration: 42,
 		Dirty: make(bitmap, bitmapLen(1024))}
 	m.Dirty.set(0)
 	m.Dirty.set(513)

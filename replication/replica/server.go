@@ -210,7 +210,8 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 	s.schedAttach(r)
 	s.replicas[id] = r
 	s.mu.Unlock()
-	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()))
+	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()),
+		zap.String("generation", r.Generation()))
 	return r, nil
 }
 
@@ -248,7 +249,7 @@ func (s *Server) getLocked(id string) (*Replica, error) {
 	s.schedAttach(r)
 	s.replicas[id] = r
 	s.mu.Unlock()
-	s.log.Info("replica opened", zap.String("replica_id", id), zap.Uint64("epoch", r.Epoch()))
+	s.log.Info("replica opened", zap.String("replica_id", id), zap.Uint64("epoch", r.Epoch()), zap.String("generation", r.Generation()))
 	return r, nil
 }
 
@@ -751,6 +752,9 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
 	case OpMarkClean:
 		return reply{}, r.MarkClean(h.Epoch, h.Offset)
 	case OpInfo:
+		if h.Flags&FlagGeneration != 0 {
+			return reply{payload: AppendInfoGeneration(nil, r.Info())}, nil
+		}
 		return reply{payload: AppendInfo(nil, r.Info())}, nil
 	}
 	// ValidateRequest admitted an op this switch does not know.

@@ -158,7 +158,7 @@ func TestClientServerRoundTrip(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := Info{ID: "vol1-r0", Size: testSize, ExtentSize: DefaultExtentSize, Epoch: 3, CleanEpoch: 3, CleanGeneration: 1, AllocatedBytes: info.AllocatedBytes}
+	want := Info{ID: "vol1-r0", Generation: r.Generation(), Size: testSize, ExtentSize: DefaultExtentSize, Epoch: 3, CleanEpoch: 3, CleanGeneration: 1, AllocatedBytes: info.AllocatedBytes}
 	if info != want {
 		t.Fatalf("Info = %+v, want %+v", info, want)
 	}

@@ -1,8 +1,9 @@
 // Package storagenode runs the storage side of one node: the replica server
 // that holds this node's replicas, and the realizer that makes the replicas
-// on disk match what the volume store says (create the ones placed here,
-// delete the ones the store dropped) and rebuilds replicas of volumes that
-// no engine serves.
+// on disk match what the volume store says (create the ones placed here that
+// may be made blank, report and fail the ones whose data this disk lost,
+// delete the ones the store dropped; see identity.go) and rebuilds replicas
+// of volumes that no engine serves.
 package storagenode
 
 import (
@@ -64,6 +65,18 @@ type Node struct {
 
 	mu       sync.Mutex
 	rebuilds map[string]context.CancelFunc // volume id → running maintenance rebuild
+
+	// reported remembers the lost replicas already reported at Error level
+	// that stay as they are (the last healthy replica of their volume), so
+	// that each is reported once, not at every pass. Used by the realizer
+	// goroutine only.
+	reported map[string]bool
+}
+
+// placed is one replica the store places on this node, with its volume.
+type placed struct {
+	vol *meta.Volume
+	rep meta.Replica
 }
 
 // Start opens the replica server and starts realizing the store's state.
@@ -76,7 +89,7 @@ func Start(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("replica server listen on %s: %w", cfg.Listen, err)
 	}
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
-	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}}
+	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{}}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"),
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
@@ -130,21 +143,21 @@ func (n *Node) realizeLoop() {
 	}
 }
 
-// desired returns the replicas the store places on this node (id → size),
-// the unattached volumes with a replica rebuilding here, and the minIOPS
+// desired returns the replicas the store places on this node (by id), the
+// unattached volumes with a replica rebuilding here, and the minIOPS
 // reservation of each volume with a replica here. It reads the
 // state through the leader (linearizable): this node's own copy can be far
 // behind right after a restart (raft replays the log only once the leader
 // tells it the commit index), and realizing a stale state would delete
 // replicas that still hold data.
-func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, error) {
+func (n *Node) desired() (map[string]placed, []*meta.Volume, map[string]uint64, error) {
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	defer cancel()
 	s, err := n.cfg.Meta.State(ctx, true)
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	want := map[string]uint64{}
+	want := map[string]placed{}
 	var rebuild []*meta.Volume
 	reserve := map[string]uint64{}
 	{
@@ -153,7 +166,7 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, 
 				if r.Node != n.cfg.NodeID {
 					continue
 				}
-				want[r.ID] = v.SizeBytes
+				want[r.ID] = placed{vol: v, rep: r}
 				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
 					rebuild = append(rebuild, v.Clone())
 				}
@@ -167,9 +180,9 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, 
 	return want, rebuild, reserve, nil
 }
 
-// realize creates missing replicas, deletes dropped ones, gives the disk
-// scheduler the volumes' reservations, and starts rebuilds of unattached
-// volumes.
+// realize brings each replica placed here in line with the store (see
+// decide), deletes dropped ones, gives the disk scheduler the volumes'
+// reservations, and starts rebuilds of unattached volumes.
 func (n *Node) realize() {
 	want, rebuild, reserve, err := n.desired()
 	if err != nil {
@@ -182,10 +195,15 @@ func (n *Node) realize() {
 	have, err := n.server.List()
 	if err != nil {
 		n.log.Warn("cannot list replicas", zap.Error(err))
+		if have == nil {
+			// The replicas directory cannot be read: nothing can be told
+			// about what is on disk, so nothing is created or failed.
+			return
+		}
 	}
-	present := map[string]bool{}
+	onDisk := map[string]replica.Info{}
 	for _, info := range have {
-		present[info.ID] = true
+		onDisk[info.ID] = info
 		if _, ok := want[info.ID]; ok {
 			continue
 		}
@@ -197,18 +215,73 @@ func (n *Node) realize() {
 		}
 		n.log.Info("replica deleted", zap.String("replica_id", info.ID))
 	}
-	for id, size := range want {
-		if present[id] {
-			continue
+	for id, p := range want {
+		info, present := onDisk[id]
+		switch decide(p.rep.State, p.rep.Generation, present, info.Generation) {
+		case actCreate:
+			n.create(p)
+		case actRecord:
+			n.record(p, info.Generation)
+		case actFail:
+			n.fail(p, present, info.Generation)
 		}
-		if _, err := n.server.Create(id, size); err != nil {
-			n.log.Warn("cannot create replica", zap.String("replica_id", id), zap.Error(err))
-			continue
-		}
-		n.log.Info("replica created", zap.String("replica_id", id), zap.Uint64("size", size))
 	}
 	for _, v := range rebuild {
 		n.startRebuild(v)
+	}
+}
+
+// create makes a blank copy of replica p (with a new generation) and
+// records its generation.
+func (n *Node) create(p placed) {
+	r, err := n.server.Create(p.rep.ID, p.vol.SizeBytes)
+	if err != nil {
+		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
+		return
+	}
+	n.log.Info("replica created", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
+		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()))
+	n.record(p, r.Generation())
+}
+
+// record asks the store to record gen as the generation of replica p. A
+// refusal (someone recorded another meanwhile, the replica changed state)
+// is looked at again at the next pass, from a fresh read.
+func (n *Node) record(p placed, gen string) {
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID))
+	_, err := n.cfg.Meta.Apply(ctx, &meta.SetReplicaGeneration{VolumeID: p.vol.ID, ReplicaID: p.rep.ID, Generation: gen, Expect: p.rep.Generation})
+	if err != nil {
+		log.Debug("replica generation not recorded; will look again", zap.String("generation", gen), zap.Error(err))
+		return
+	}
+	log.Info("replica generation recorded", zap.String("generation", gen), zap.String("previous_generation", p.rep.Generation),
+		zap.String("state", string(p.rep.State)))
+}
+
+// fail reports that this disk no longer holds the copy of replica p that
+// the store trusts with the volume's data (it is missing, or another copy
+// is there), and marks the replica failed so that it is rebuilt from one
+// that holds the data. The last healthy replica of a volume cannot be
+// failed: it stays as it is, and no blank copy is made in its place.
+func (n *Node) fail(p placed, present bool, found string) {
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Uint64("epoch", p.vol.Epoch),
+		zap.Bool("on_disk", present), zap.String("generation_recorded", p.rep.Generation), zap.String("generation_found", found))
+	res, err := n.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: p.vol.ID, ReplicaID: p.rep.ID, State: meta.ReplicaFailed, ExpectEpoch: p.vol.Epoch})
+	switch {
+	case err == nil:
+		log.Error("replica lost its data on this node (its directory is missing or holds another copy); marked failed, to be rebuilt from a replica that holds the data",
+			zap.Uint64("new_epoch", res.Volume.Epoch))
+	case errors.Is(err, meta.ErrQuorumLost):
+		if !n.reported[p.rep.ID] {
+			n.reported[p.rep.ID] = true
+			log.Error("replica lost its data on this node, and it is the volume's last healthy replica: left as it is, no blank copy made; the volume's data is not on this node any more", zap.Error(err))
+		}
+	default:
+		log.Debug("cannot mark a replica that lost its data failed; will retry", zap.Error(err))
 	}
 }
 

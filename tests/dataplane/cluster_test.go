@@ -41,6 +41,7 @@ type nodeJSON struct {
 	Metrics string `json:"metrics"`
 	PID     int    `json:"pid"`
 	Log     string `json:"log"`
+	DataDir string `json:"data_dir"`
 }
 
 type clusterJSON struct {
@@ -51,9 +52,10 @@ type clusterJSON struct {
 }
 
 type replicaJSON struct {
-	ID    string `json:"id"`
-	Node  string `json:"node"`
-	State string `json:"state"`
+	ID         string `json:"id"`
+	Node       string `json:"node"`
+	State      string `json:"state"`
+	Generation string `json:"generation"`
 }
 
 type volumeJSON struct {
