@@ -337,13 +337,56 @@ func (c *cluster) kill(ctx context.Context, id string) error {
 	return err
 }
 
-// start restarts a killed node from its data dir and waits until it answers.
+// start restarts a killed node from its data dir and waits until the store
+// counts it up again (a node marked down takes no export).
 func (c *cluster) start(ctx context.Context, id string) error {
 	if _, err := c.cairn(ctx, time.Minute, "dev", "start", "--wait", "30s", "--dir", c.dir, id); err != nil {
 		return err
 	}
 	c.setDown(id, false)
-	return nil
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := c.status(ctx)
+		if err == nil && st.state(id) == "up" {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s restarted, but the store does not count it up within 30s (%v)", id, err)
+		}
+		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// storeStatus is the part of `cairn ctl status -o json` the campaign reads.
+type storeStatus struct {
+	Leader string `json:"leader"`
+	Nodes  []struct {
+		ID    string `json:"id"`
+		State string `json:"state"`
+	} `json:"nodes"`
+}
+
+func (s *storeStatus) state(id string) string {
+	for _, n := range s.Nodes {
+		if n.ID == id {
+			return n.State
+		}
+	}
+	return ""
+}
+
+func (c *cluster) status(ctx context.Context) (*storeStatus, error) {
+	out, err := c.ctl(ctx, 10*time.Second, "status", "-o", "json")
+	if err != nil {
+		return nil, err
+	}
+	var st storeStatus
+	if err := json.Unmarshal([]byte(out), &st); err != nil {
+		return nil, fmt.Errorf("status: %w", err)
+	}
+	return &st, nil
 }
 
 // stop freezes a node's process (SIGSTOP): it keeps its sockets and state
@@ -406,15 +449,9 @@ func (c *cluster) restore(ctx context.Context) error {
 
 // leader asks the store which node leads it ("" while none does).
 func (c *cluster) leader(ctx context.Context) (string, error) {
-	out, err := c.ctl(ctx, 10*time.Second, "status", "-o", "json")
+	st, err := c.status(ctx)
 	if err != nil {
 		return "", err
-	}
-	var st struct {
-		Leader string `json:"leader"`
-	}
-	if err := json.Unmarshal([]byte(out), &st); err != nil {
-		return "", fmt.Errorf("status: %w", err)
 	}
 	return st.Leader, nil
 }
@@ -497,6 +534,31 @@ func (c *cluster) logOffsets() map[string]int64 {
 		}
 	}
 	return out
+}
+
+// waitLogLine waits until node id's log, from byte offset from on, has a
+// line containing every one of parts, and returns that line.
+func (c *cluster) waitLogLine(ctx context.Context, id string, from int64, timeout time.Duration, parts ...string) (string, error) {
+	n, ok := c.node(id)
+	if !ok {
+		return "", fmt.Errorf("no node %s", id)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		if raw, err := os.ReadFile(n.Log); err == nil && from <= int64(len(raw)) {
+			for _, l := range strings.Split(string(raw[from:]), "\n") {
+				if !slices.ContainsFunc(parts, func(p string) bool { return !strings.Contains(l, p) }) {
+					return l, nil
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return "", fmt.Errorf("%s logged no line with %q within %v", id, parts, timeout)
+		}
+		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
+			return "", err
+		}
+	}
 }
 
 // logExcerpt returns up to max warn and error lines (and engine, export and

@@ -273,8 +273,21 @@ var faultKinds = []*faultKind{
 			if err := r.pauseWrites(); err != nil {
 				return err
 			}
+			// unexport returns once the store has detached the volume; the
+			// engine then flushes and declares a clean point. Killing a
+			// replica node before that leaves dirty extents, which the
+			// next engine resyncs over the new empty replica: the fault
+			// would then depend on a race. Wait for the engine to close.
+			from := r.cl.logOffsets()[r.engine]
 			if _, err := r.cl.ctl(ctx, 30*time.Second, "volume", "unexport", r.vol.ID); err != nil {
 				return err
+			}
+			line, err := r.cl.waitLogLine(ctx, r.engine, from, 30*time.Second, `"msg":"export stopped"`, r.vol.ID)
+			if err != nil {
+				return err
+			}
+			if strings.Contains(line, `"error"`) {
+				r.note("the old export did not close cleanly: " + line)
 			}
 			if err := r.inject(func() error {
 				if err := r.cl.kill(ctx, victim); err != nil {

@@ -20,7 +20,8 @@ var knownFailing = map[Kind]string{
 	BitFlip: "end-to-end crc32c block checksums with repair: today a flipped bit in a replica's data file is " +
 		"read back as is and the replicas differ",
 	DeleteReplicaDir: "replica identity (generation ids): today a replica directory deleted while its node is down is " +
-		"recreated empty, claimed by the next engine and trusted as healthy",
+		"recreated empty, claimed by the next engine (previous epoch 0) and trusted as healthy; reads may return its " +
+		"zeroes, and an attach that resyncs dirty extents from it copies them over the good replicas",
 }
 
 // targetsPending lists the fault kinds whose stall or takeover target
