@@ -284,7 +284,7 @@ func TestStaleEngineCannotWrite(t *testing.T) {
 		}
 	}
 	for _, call := range calls {
-		count(call.wait(ctx))
+		count(call.Wait(ctx))
 	}
 	// Then one at a time, until the old export is gone.
 	for b := 1; b < m.blocks() && ctx.Err() == nil; b += 2 {
