@@ -15,11 +15,11 @@ export GOFLAGS := $(strip -buildvcs=false $(GOFLAGS))
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS = -X main.version=$(VERSION)
 
-.PHONY: help deps build lint test bench demo clean
+.PHONY: help deps build lint test bench torture demo clean
 
 help: ## List the targets
 	@echo "Usage: make <target>"
-	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-6s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 deps: ## Install the Debian packages and Go modules the build, tests and demo need
 	bash scripts/install-deps.sh
@@ -57,6 +57,15 @@ bench: deps ## Run the benchmarks and print their tables (never fails on a numbe
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
 	go run ./tests/bench/noisybench
+
+# The randomized fault campaign (tests/torture/README.md): ROUNDS shuffled
+# passes over every fault kind (0: one round of each), SEED for a repeatable
+# schedule (empty: from the clock, printed). make test runs one short round
+# of each kind (TestTorture).
+ROUNDS ?= 5
+SEED ?=
+torture: deps ## Run the fault campaign: make torture ROUNDS=40 SEED=7 (prints a table per fault kind)
+	go run ./tests/torture -rounds $(ROUNDS) $(if $(SEED),-seed $(SEED))
 
 demo: deps build ## Start a local demo cluster with scripts/demo.sh
 	./scripts/demo.sh

@@ -29,6 +29,7 @@ APT_PACKAGES=(
 	"nbdkit:nbdkit"
 	"libnbd-bin:nbdcopy"
 	"python3:python3"
+	"nftables:nft"
 )
 # <<< end of the package list
 
