@@ -558,6 +558,14 @@ func (e *Engine) noteSlow(m *member) {
 // network wait), and only the others get goroutines, started first so that
 // the network round trips overlap the local write.
 func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
+	return e.fanOutWith(ctx, ms, op, true)
+}
+
+// fanOutWith is fanOut; with patient false the members still silent when
+// the quorum has answered are cut at once (an operation that only helps,
+// such as a clean point's early flush, must not hold the engine's lock for
+// a replica that may be gone).
+func (e *Engine) fanOutWith(ctx context.Context, ms []*member, op func(context.Context, *member) error, patient bool) []error {
 	errs := make([]error, len(ms))
 	if len(ms) == 0 {
 		return errs
@@ -603,7 +611,7 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 			// Wait for the most lenient of the silent members.
 			var wait time.Duration
 			for i, m := range ms {
-				if !answered[i] {
+				if !answered[i] && patient {
 					wait = max(wait, e.deadlineFor(m)-time.Since(quorumAt))
 				}
 			}
@@ -1079,22 +1087,20 @@ func (e *Engine) cleanLoop(ctx context.Context) {
 // under the read lock, while writes go on: the flush under the write lock
 // then only has to sync what was written in the meantime, and the stall a
 // clean point causes shrinks from the whole writeback to that remainder.
+// The early flush waits for no replica beyond the write quorum (it only
+// helps; holding even the read lock for a silent replica would hold up the
+// ejection a write needs), and its errors are left to the flush under the
+// write lock, which ejects a replica that fails it.
 func (e *Engine) CleanPoint(ctx context.Context) error {
 	e.mu.RLock()
-	var err error
 	// With unresolved writes, resolve comes first, and it claims every
 	// replica before it flushes: a flush to a replica that stopped
 	// answering would only time out.
 	if e.cleanable() == nil && e.dirty.Load() && !e.unresolvedFlush && len(e.unresolved) == 0 {
-		err = e.flushAll(ctx)
+		epoch := e.epoch
+		e.fanOutWith(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) }, false)
 	}
 	e.mu.RUnlock()
-	if err != nil {
-		// No clean point this time: the next write or flush to that
-		// replica ejects it if it keeps failing, and waiting for it again
-		// under the write lock would stall writes.
-		return err
-	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	return e.cleanPointLocked(ctx)
@@ -1123,11 +1129,35 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 	if err := e.resolve(ctx); err != nil {
 		return fmt.Errorf("clean point: %w", err)
 	}
-	if err := e.flushAll(ctx); err != nil {
-		return err // the next write or flush ejects the replica
+	// A replica that fails this flush, or stays silent past its deadline
+	// while the quorum flushed, is ejected now: the clean point holds the
+	// write lock, and leaving the replica for the next write to find would
+	// make that write wait for its deadline again.
+	epoch := e.epoch
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
+	var failed []*member
+	for i, err := range errs {
+		if err == nil {
+			continue
+		}
+		if errors.Is(err, replica.ErrFenced) {
+			return fmt.Errorf("flush before clean point: %w", err) // a newer engine: reconfigure finds out
+		}
+		if errors.Is(err, errStraggler) {
+			e.noteSlow(e.members[i])
+		}
+		failed = append(failed, e.members[i])
+	}
+	if failed != nil {
+		if err := e.eject(ctx, failed, "flush before clean point failed"); err != nil {
+			return err
+		}
+		if err := e.checkQuorum(); err != nil {
+			return err
+		}
 	}
 	e.generation++
-	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
+	errs = e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
 		return m.client.MarkClean(ctx, e.epoch, e.generation)
 	})
 	for _, err := range errs {
