@@ -103,6 +103,13 @@ type member struct {
 
 func (m *member) healthy() bool { return m.replica.State == meta.ReplicaHealthy }
 
+// inProcess says whether the member's replica is reached in process (the
+// node's own replica server, Config.Local), not over a connection.
+func (m *member) inProcess() bool {
+	_, ok := m.client.(localReplica)
+	return ok
+}
+
 // Engine serves one attached volume.
 type Engine struct {
 	cfg Config
@@ -138,6 +145,9 @@ type Engine struct {
 	// clears a dirty bit.
 	unresolved      map[uint64]bool
 	unresolvedFlush bool
+	// ejecting counts writes that saw a replica fail and are on their way
+	// to the write lock to eject it.
+	ejecting atomic.Int32
 	// slow counts, per replica id, the ejections for missing the replica
 	// deadline (see deadlineFor). Guarded by mu.
 	slow map[string]slowRecord
@@ -553,8 +563,8 @@ func (e *Engine) noteSlow(m *member) {
 // write) does not cut the last replica the moment the quorum is in.
 // Called with e.mu held.
 //
-// This is the hot path of every write: the calling goroutine does one
-// member's op itself, the local replica's when there is one (a pwrite, no
+// This is the hot path of every write: the calling goroutine does the op
+// of the replica served in process itself when there is one (a pwrite, no
 // network wait), and only the others get goroutines, started first so that
 // the network round trips overlap the local write.
 func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
@@ -572,9 +582,11 @@ func (e *Engine) fanOutWith(ctx context.Context, ms []*member, op func(context.C
 	}
 	octx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
-	inline := 0
+	// Only a member served in process runs on this goroutine: one behind
+	// a connection could not be cut at its deadline there.
+	inline := -1
 	for i, m := range ms {
-		if m.local {
+		if m.inProcess() {
 			inline = i
 			break
 		}
@@ -593,16 +605,20 @@ func (e *Engine) fanOutWith(ctx context.Context, ms []*member, op func(context.C
 		cancels[i] = mcancel
 		go func() { answers <- answer{i, one(mctx, m, op)} }()
 	}
-	errs[inline] = one(octx, ms[inline], op)
 	answered := make([]bool, len(ms))
-	answered[inline] = true
 	ok := 0 // healthy members that succeeded
-	if errs[inline] == nil && ms[inline].healthy() {
-		ok++
+	pending := len(ms)
+	if inline >= 0 {
+		errs[inline] = one(octx, ms[inline], op)
+		answered[inline] = true
+		pending--
+		if errs[inline] == nil && ms[inline].healthy() {
+			ok++
+		}
 	}
 	var timer *time.Timer
 	var quorumAt time.Time
-	for pending := len(ms) - 1; pending > 0; {
+	for pending > 0 {
 		var expired <-chan time.Time
 		if ok >= e.quorum && e.quorum > 0 {
 			if quorumAt.IsZero() {
@@ -772,7 +788,19 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		e.dirty.Store(true)
+		failing := false
+		for _, err := range errs {
+			failing = failing || err != nil
+		}
+		if failing {
+			// Announced before the read lock goes, so that a clean point
+			// that gets the write lock first steps aside (cleanPointLocked).
+			e.ejecting.Add(1)
+		}
 		e.mu.RUnlock()
+		if failing {
+			defer e.ejecting.Add(-1)
+		}
 
 		// The engine may have been frozen while the requests were out: do
 		// not acknowledge on an expired lease without asking the store.
@@ -984,6 +1012,14 @@ func (e *Engine) Flush(ctx context.Context) error {
 
 // ReadAt reads from a healthy replica, the local one first; a replica that
 // fails a read is ejected and another one answers.
+//
+// The read runs without the engine's lock: a remote source that stopped
+// answering must not hold up the write that ejects it (and, behind that
+// write's wait for the write lock, every other I/O). A read that was in
+// flight while a write was acknowledged may return the data from before
+// it, as any read concurrent with a write may. A remote source that is
+// silent for its replica deadline while another healthy replica could
+// answer is passed over, not ejected: a write ejects it if it is gone.
 func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
@@ -993,6 +1029,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		return err
 	}
 	defer done()
+	passed := map[string]bool{} // replica ids passed over as silent
 	for attempt := 0; attempt < 2*meta.MaxReplicas; attempt++ {
 		if err := e.checkLease(ctx); err != nil {
 			return err
@@ -1004,50 +1041,63 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		}
 		epoch := e.epoch
 		// One source per attempt: the local replica when healthy (no
-		// network), else the first healthy one. A failed source is ejected
-		// below and the next attempt picks another.
+		// network), else the first healthy one not passed over. A failed
+		// source is ejected below and the next attempt picks another.
 		var src *member
+		others := 0
 		for _, m := range e.members {
-			if m.healthy() && (src == nil || m.local && !src.local) {
+			if !m.healthy() || passed[m.replica.ID] {
+				continue
+			}
+			if src == nil || m.local && !src.local {
+				if src != nil {
+					others++
+				}
 				src = m
+			} else {
+				others++
 			}
 		}
-		var bad *member
-		var lastErr error
-		if src != nil {
-			var err error
-			switch {
-			case src.client == nil:
-				err = errors.New("no connection")
-			case src.local: // a local pread is not cancelled midway: no timer
-				err = src.client.ReadAt(ctx, epoch, p, off)
-			default:
-				rctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
-				err = src.client.ReadAt(rctx, epoch, p, off)
-				cancel()
-			}
-			if err == nil {
-				e.mu.RUnlock()
-				return nil
-			}
-			if ctx.Err() != nil {
-				e.mu.RUnlock()
-				return ctx.Err()
-			}
-			bad, lastErr = src, err
+		timeout := e.cfg.IOTimeout
+		if src != nil && others > 0 {
+			timeout = e.deadlineFor(src)
 		}
 		e.mu.RUnlock()
-		if bad == nil {
+		if src == nil {
 			return fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
 		}
-		e.mu.Lock()
 		var err error
+		switch {
+		case src.client == nil:
+			err = errors.New("no connection")
+		case src.inProcess(): // a local pread is not cancelled midway: no timer
+			err = src.client.ReadAt(ctx, epoch, p, off)
+		default:
+			rctx, cancel := context.WithTimeout(ctx, timeout)
+			err = src.client.ReadAt(rctx, epoch, p, off)
+			cancel()
+		}
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, context.DeadlineExceeded) && others > 0 {
+			e.log.Warn("read source silent past its deadline; reading another replica", zap.String("replica_id", src.replica.ID),
+				zap.String("node", src.replica.Node), zap.Duration("deadline", timeout), zap.Uint64("epoch", epoch))
+			passed[src.replica.ID] = true
+			continue
+		}
+		e.mu.Lock()
 		if e.epoch == epoch {
-			if errors.Is(lastErr, replica.ErrFenced) {
+			if errors.Is(err, replica.ErrFenced) {
 				err = e.reconfigure(ctx)
 			} else {
-				err = e.eject(ctx, []*member{bad}, "read failed: "+lastErr.Error())
+				err = e.eject(ctx, []*member{src}, "read failed: "+err.Error())
 			}
+		} else {
+			err = nil // the set moved meanwhile: try again with it
 		}
 		e.mu.Unlock()
 		if err != nil {
@@ -1122,6 +1172,12 @@ func (e *Engine) flushAll(ctx context.Context) error {
 // nor marked dirty.
 func (e *Engine) cleanPointLocked(ctx context.Context) error {
 	if e.cleanable() != nil || !e.dirty.Load() {
+		return nil
+	}
+	if e.ejecting.Load() > 0 {
+		// A write is waiting for this lock to eject a replica that failed
+		// it: flushing now would wait for that replica's deadline once
+		// more, and the write with it. The next clean point will do.
 		return nil
 	}
 	// An unresolved write may have reached some replicas only: clearing

@@ -19,6 +19,16 @@ import (
 type faultConn struct {
 	replicaConn
 	write func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error
+	// read, if set, does the same for ReadAt.
+	read func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error
+}
+
+func (f *faultConn) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {
+	forward := func(ctx context.Context) error { return f.replicaConn.ReadAt(ctx, epoch, p, off) }
+	if f.read == nil {
+		return forward(ctx)
+	}
+	return f.read(ctx, p, off, forward)
 }
 
 func (f *faultConn) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
@@ -394,4 +404,64 @@ func TestSlowReplicaEjectedOnce(t *testing.T) {
 		t.Fatalf("%d ejections for slowness, want 1", slowCount)
 	}
 	r.healthyIdentical(v.ID, nil)
+}
+
+// TestSilentReadSourceHoldsNothingUp (issue 10, 6): the replica reads come
+// from stops answering (a partition of its node). The read is answered by
+// another replica after the source's deadline, and a write meanwhile is
+// acknowledged after its own deadline: neither waits IOTimeout, and the
+// stuck read does not hold up the write's ejection of the silent replica.
+func TestSilentReadSourceHoldsNothingUp(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("silentread", 16*mib, 3, 0, "n1")
+	var cut atomic.Bool
+	hang := func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+		if !cut.Load() {
+			return forward(ctx)
+		}
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	const ioTimeout = 20 * time.Second
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: ioTimeout,
+		ReplicaDeadline: 500 * time.Millisecond, CleanInterval: time.Hour,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			// No Local server in this rig: every replica is remote, and the
+			// first healthy one (r1, on n1) is the read source.
+			if rep.Node == "n1" {
+				return &faultConn{replicaConn: c, write: hang, read: hang}
+			}
+			return c
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	want := bytes.Repeat([]byte{7}, 4096)
+	if err := e.WriteAt(ctx, want, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	cut.Store(true)
+	start := time.Now()
+	readDone := make(chan error, 1)
+	got := make([]byte, 4096)
+	go func() { readDone <- e.ReadAt(ctx, got, 0) }()
+	time.Sleep(100 * time.Millisecond) // the read is stuck on n1 now
+	if err := e.WriteAt(ctx, bytes.Repeat([]byte{8}, 4096), 8192, false); err != nil {
+		t.Fatalf("write while the read source is silent: %v", err)
+	}
+	wrote := time.Since(start)
+	if err := <-readDone; err != nil {
+		t.Fatalf("read while its source is silent: %v", err)
+	}
+	read := time.Since(start)
+	t.Logf("write acknowledged after %v, read answered after %v (deadline 500ms, IOTimeout %v)",
+		wrote.Round(time.Millisecond), read.Round(time.Millisecond), ioTimeout)
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read returned %#x..., want %#x...", got[0], want[0])
+	}
+	if wrote >= ioTimeout/2 || read >= ioTimeout/2 {
+		t.Fatalf("write after %v, read after %v: something waited for IOTimeout, not the deadline", wrote, read)
+	}
 }
