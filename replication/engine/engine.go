@@ -380,7 +380,16 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 			if quorumAt.IsZero() {
 				quorumAt = time.Now()
 			}
-			if time.Since(quorumAt) < e.deadlineFor(d.m) {
+			// A rebuilding replica counts for no quorum, and the volume
+			// waits for this (under the engine's write lock): a server
+			// that is up answers a dial within milliseconds, so it gets a
+			// quarter of the deadline. One that misses it is ejected, and
+			// the leader restarts its rebuild later (with a backoff).
+			wait := e.deadlineFor(d.m)
+			if !d.m.healthy() {
+				wait /= 4
+			}
+			if time.Since(quorumAt) < wait {
 				continue
 			}
 			d.cancel() // a silent server: the dial ends soon

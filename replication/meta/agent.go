@@ -69,6 +69,9 @@ type Agent struct {
 	lastSeen map[string]time.Time
 	lastHB   map[string]time.Time // last committed heartbeat per node
 	downAt   map[string]time.Time // when the leader saw each down node go down
+	// rebuilds remembers, per replica id, the reconciler's restarts of its
+	// rebuild since it was last healthy (see repairReplicas).
+	rebuilds map[string]rebuildRestarts
 }
 
 // StartAgent opens the store, serves the meta API and starts forming or
@@ -109,7 +112,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	a := &Agent{
 		cfg: cfg, log: cfg.Store.Logger.Named("agent").With(zap.String("node_id", cfg.Store.NodeID)),
 		store: store, lis: lis, fatal: make(chan error, 1),
-		peers: map[string]*Client{}, lastSeen: map[string]time.Time{}, lastHB: map[string]time.Time{},
+		peers: map[string]*Client{}, lastSeen: map[string]time.Time{}, lastHB: map[string]time.Time{}, rebuilds: map[string]rebuildRestarts{},
 	}
 	if cfg.Registerer != nil {
 		if err := store.Register(cfg.Registerer); err != nil {
@@ -403,6 +406,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 	a.lastSeen = map[string]time.Time{}
 	a.lastHB = map[string]time.Time{}
 	a.downAt = map[string]time.Time{}
+	a.rebuilds = map[string]rebuildRestarts{}
 	a.store.FSM().View(func(s *State) {
 		for id := range s.Nodes {
 			a.lastSeen[id] = now
@@ -468,6 +472,12 @@ const ParamStaleReplicaTimeout = "staleReplicaTimeout"
 //
 // The engine of an attached volume, or the node hosting the new replica,
 // does the copying; see replication/engine.
+//
+// A replica that fails again right after its rebuild was started (its node
+// heartbeats, but the engine cannot reach its replica server: a partition
+// of the data port, a full disk) is restarted after 2 s, then 4 s, 8 s …
+// up to a minute, not at every tick: each restart costs the engine a claim
+// that times out, and the volume a new epoch.
 func (a *Agent) repairReplicas(ctx context.Context) {
 	type step struct {
 		cmd  Command
@@ -496,8 +506,15 @@ func (a *Agent) repairReplicas(ctx context.Context) {
 				// Only a node heard from just now: right after a crash the
 				// node is still "up" until its heartbeats time out.
 				fresh := now.Sub(a.lastSeen[r.Node]) < 3*a.cfg.HeartbeatInterval
+				if r.State == ReplicaHealthy {
+					delete(a.rebuilds, r.ID)
+				}
 				if n.State == NodeUp && fresh && (r.State == ReplicaFailed || r.State == ReplicaStale) {
+					if rr := a.rebuilds[r.ID]; now.Before(rr.next) {
+						continue
+					}
 					steps = append(steps, step{&SetReplicaState{VolumeID: v.ID, ReplicaID: r.ID, State: ReplicaRebuilding, ExpectEpoch: v.Epoch}, "rebuild replica on returned node", v.ID, r.ID})
+					a.rebuilds[r.ID] = a.rebuilds[r.ID].restarted(now)
 					break
 				}
 				since, down := a.downAt[r.Node]
@@ -527,6 +544,27 @@ func (a *Agent) repairReplicas(ctx context.Context) {
 		}
 		a.log.Warn("replica repair", zap.String("volume_id", st.v), zap.String("replica_id", st.r), zap.String("step", st.what), zap.Uint64("epoch", res.Volume.Epoch))
 	}
+}
+
+// rebuildRestarts counts the rebuild restarts of one replica and says when
+// the next may be.
+type rebuildRestarts struct {
+	count int
+	next  time.Time
+}
+
+// Bounds of the wait between two restarts of one replica's rebuild.
+const (
+	firstRebuildRetry = 2 * time.Second
+	maxRebuildRetry   = time.Minute
+)
+
+func (r rebuildRestarts) restarted(now time.Time) rebuildRestarts {
+	wait := firstRebuildRetry
+	for i := 0; i < r.count && wait < maxRebuildRetry; i++ {
+		wait *= 2
+	}
+	return rebuildRestarts{count: r.count + 1, next: now.Add(min(wait, maxRebuildRetry))}
 }
 
 // recordHeartbeat runs on the leader for every heartbeat. Liveness stays in

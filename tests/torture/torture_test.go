@@ -19,9 +19,6 @@ import (
 var knownFailing = map[Kind]string{
 	BitFlip: "end-to-end crc32c block checksums with repair: today a flipped bit in a replica's data file is " +
 		"read back as is and the replicas differ",
-	DeleteReplicaDir: "replica identity (generation ids): today a replica directory deleted while its node is down is " +
-		"recreated empty, claimed by the next engine (previous epoch 0) and trusted as healthy; reads may return its " +
-		"zeroes, and an attach that resyncs dirty extents from it copies them over the good replicas",
 }
 
 // targetsPending lists the fault kinds whose stall or takeover target
@@ -30,11 +27,7 @@ var knownFailing = map[Kind]string{
 // 3 s) TestTorture does not enforce yet, with the fix it waits for. Their
 // data is still checked, and the figures are logged. Remove an entry when
 // its fix lands.
-var targetsPending = map[Kind]string{
-	StopReplica: "the 1 s replica deadline (today a frozen replica holds writes for the engine's 10 s I/O timeout)",
-	Partition:   "the 1 s replica deadline (today a partitioned replica holds writes for the engine's 10 s I/O timeout)",
-	StopEngine:  "the 1 s replica deadline (today the new engine waits 10 s to claim the frozen node's replica)",
-}
+var targetsPending = map[Kind]string{}
 
 // cairnBin is the binary under test, built once in TestMain.
 var cairnBin string
