@@ -30,6 +30,9 @@ type Replica struct {
 	extents    uint64
 	data       *os.File
 	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
+	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
+	// replica without checksums.
+	sums *os.File
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
 	// across I/O: every data operation holds it shared for its whole
@@ -90,6 +93,19 @@ type Info struct {
 // Creation is atomic: the replica is built in a hidden directory that is
 // renamed into place, so a crash never leaves a half-made replica.
 func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
+	return OpenWith(dir, id, size, extentSize, CreateOptions{})
+}
+
+// CreateOptions are the choices made when a replica is created; an existing
+// replica keeps those it was created with.
+type CreateOptions struct {
+	// Checksums keeps a checksum per SumBlockSize block in a sums file
+	// beside the data (see sums.go).
+	Checksums bool
+}
+
+// OpenWith is Open with the options a new replica is created with.
+func OpenWith(dir, id string, size, extentSize uint64, opts CreateOptions) (*Replica, error) {
 	if err := validateID(id); err != nil {
 		return nil, err
 	}
@@ -106,7 +122,7 @@ func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
 		if err := validateGeometry(size, extentSize); err != nil {
 			return nil, fmt.Errorf("replica %s: %w", id, err)
 		}
-		if err := create(dir, id, size, extentSize); err != nil {
+		if err := create(dir, id, size, extentSize, opts); err != nil {
 			return nil, fmt.Errorf("replica %s: create: %w", id, err)
 		}
 	case err != nil:
@@ -128,7 +144,7 @@ func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
 
 // create builds a new replica in a hidden directory and renames it to
 // dir/<id>. If another creator got there first, the existing replica wins.
-func create(dir, id string, size, extentSize uint64) (err error) {
+func create(dir, id string, size, extentSize uint64, opts CreateOptions) (err error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return err
 	}
@@ -155,6 +171,11 @@ func create(dir, id string, size, extentSize uint64) (err error) {
 	}
 	if err := f.Close(); err != nil {
 		return err
+	}
+	if opts.Checksums {
+		if err := createSumsFile(tmp, size); err != nil {
+			return err
+		}
 	}
 	m := metaState{ID: id, Size: size, ExtentSize: extentSize, Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
 	if err := writeFileAtomic(tmp, metaFileName, encodeMeta(&m)); err != nil {
@@ -212,6 +233,10 @@ func openExisting(path, id string) (*Replica, error) {
 	}
 	r.persisted = sync.NewCond(&r.mu)
 	if err := r.checkDataFile(); err != nil {
+		_ = f.Close() // opened read-write but never written
+		return nil, err
+	}
+	if err := r.openSums(); err != nil {
 		_ = f.Close() // opened read-write but never written
 		return nil, err
 	}
@@ -436,6 +461,14 @@ func (r *Replica) extentsOf(off, n uint64) (first, last uint64) {
 // first. With fua the data is on stable storage when WriteAt returns;
 // otherwise only after the next Flush.
 func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
+	return r.WriteAtSums(epoch, p, off, fua, nil)
+}
+
+// WriteAtSums is WriteAt with the CRC32C of each SumBlockSize-aligned piece
+// of p (PieceSums), computed by the sender over exactly the bytes it sent:
+// a piece that does not match → ErrChecksum, and nothing is written. pieces
+// nil: nothing to verify (a replica with checksums computes them itself).
+func (r *Replica) WriteAtSums(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if err := r.checkEpoch(epoch); err != nil {
@@ -448,11 +481,28 @@ func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
 	if n == 0 {
 		return nil
 	}
+	if pieces != nil {
+		if err := r.checkPieces(p, off, pieces); err != nil {
+			return err
+		}
+	}
+	var sums []uint32
+	if r.sums != nil {
+		var err error
+		if sums, err = r.newSums(p, off, pieces); err != nil {
+			return err
+		}
+	}
 	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
 		return err
 	}
 	if err := r.pwrite(p, off); err != nil {
 		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
+	}
+	if sums != nil {
+		if err := r.writeSums(sums, off/SumBlockSize); err != nil {
+			return err
+		}
 	}
 	if fua {
 		return r.fdatasync()
@@ -525,6 +575,8 @@ func (r *Replica) precheck(epoch, off, n uint64) error {
 }
 
 // ReadAt fills p from off. Never-written ranges and holes read as zeros.
+// With checksums every block read is verified: a block whose data does not
+// match its stored sum → ErrChecksum, naming the block.
 func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
@@ -533,6 +585,9 @@ func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
 	}
 	if err := r.checkRange(off, uint64(len(p))); err != nil {
 		return err
+	}
+	if r.sums != nil && len(p) > 0 {
+		return r.readVerified(p, off)
 	}
 	return r.readAt(p, off)
 }
@@ -593,6 +648,9 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 	})
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		err = r.writeZeros(off, length) // a file system without hole punching
+	}
+	if err == nil && r.sums != nil {
+		err = r.punchSums(off, length)
 	}
 	if err != nil {
 		return fmt.Errorf("replica %s: %s %d bytes at %d: %w", r.id, op, length, off, err)
@@ -713,6 +771,11 @@ func (r *Replica) readExtentInto(epoch, index uint64, buf []byte) ([]byte, error
 	if err := r.readAt(buf, off); err != nil {
 		return nil, err
 	}
+	if r.sums != nil {
+		if err := r.verifyBlocks(buf, off); err != nil {
+			return nil, err
+		}
+	}
 	return buf, nil
 }
 
@@ -765,6 +828,12 @@ func (r *Replica) closeLocked() error {
 	r.closed = true
 	// Unflushed writes stay in the page cache and reach the disk later;
 	// Close is not a Flush, as for a block device.
+	if r.sums != nil {
+		if err := r.sums.Close(); err != nil {
+			_ = r.data.Close() // the sums error is the one to report
+			return fmt.Errorf("replica %s: close sums file: %w", r.id, err)
+		}
+	}
 	if err := r.data.Close(); err != nil {
 		return fmt.Errorf("replica %s: close data file: %w", r.id, err)
 	}

@@ -194,6 +194,12 @@ func (s *Server) SetReservations(minIOPS map[string]uint64) {
 // that id and size is returned as it is; one with another size gives
 // ErrExists.
 func (s *Server) Create(id string, size uint64) (*Replica, error) {
+	return s.CreateWith(id, size, CreateOptions{})
+}
+
+// CreateWith is Create with the options a new replica gets (an existing
+// one keeps its own).
+func (s *Server) CreateWith(id string, size uint64, opts CreateOptions) (*Replica, error) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
 	if r, err := s.lookup(id); err != nil || r != nil {
@@ -202,7 +208,7 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 		}
 		return r, err
 	}
-	r, err := Open(s.dataDir, id, size, 0)
+	r, err := OpenWith(s.dataDir, id, size, 0, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -210,7 +216,8 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 	s.schedAttach(r)
 	s.replicas[id] = r
 	s.mu.Unlock()
-	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()))
+	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()),
+		zap.Bool("checksums", r.Checksummed()))
 	return r, nil
 }
 
@@ -713,7 +720,16 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
 		if payload != nil {
 			p = *payload
 		}
-		return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
+		if h.Flags&FlagSums == 0 {
+			return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
+		}
+		pieces, err := DecodeUint32s(p[h.Length:])
+		if err != nil {
+			return reply{}, err
+		}
+		return reply{}, r.WriteAtSums(h.Epoch, p[:h.Length], h.Offset, fua, pieces)
+	case OpRehash:
+		return reply{}, r.Rehash(h.Epoch, h.Offset, uint64(h.Length))
 	case OpFlush:
 		return reply{}, r.Flush(h.Epoch)
 	case OpTrim, OpWriteZeroes:
@@ -763,6 +779,9 @@ func (c *serverConn) errorReply(h RequestHeader, err error, cost uint64) reply {
 		if c.fencedLogged.CompareAndSwap(false, true) {
 			c.log.Warn("replica fenced a request from an older epoch", zap.Uint64("epoch", h.Epoch), zap.Stringer("op", h.Op), zap.Error(err))
 		}
+	} else if errors.Is(err, ErrChecksum) {
+		c.s.metrics.checksum.Inc()
+		c.log.Warn("replica checksum mismatch", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	} else if statusOf(err) == StatusIOError {
 		c.log.Warn("replica request failed", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	}
@@ -910,6 +929,7 @@ type serverMetrics struct {
 	fenced   prometheus.Counter
 	rejected prometheus.Counter
 	waiting  prometheus.Gauge
+	checksum prometheus.Counter
 
 	opsByOp      [opLimit]prometheus.Counter
 	durationByOp [opLimit]prometheus.Observer
@@ -938,6 +958,10 @@ func newServerMetrics() *serverMetrics {
 			Name: "cairn_replica_rejected_requests_total",
 			Help: "Requests refused before execution: malformed, unknown op, or before OPEN.",
 		}),
+		checksum: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_replica_checksum_errors_total",
+			Help: "Requests refused for a checksum mismatch: a write damaged on the wire, or a stored block that no longer matches its sum.",
+		}),
 		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cairn_replica_sched_waiting_requests",
 			Help: "Data operations (from the network and in process) waiting for the disk scheduler.",
@@ -959,5 +983,5 @@ func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
 }
 
 func (m *serverMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting}
+	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting, m.checksum}
 }
