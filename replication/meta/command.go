@@ -32,6 +32,10 @@ const (
 	CmdSetParameters   CommandType = 17
 	// 18 is taken by SetReplicaGeneration (replica identity).
 	CmdAdvanceEpoch CommandType = 19
+	// CmdSetVolumeCondition records a volume's data condition (checksums).
+	CmdSetVolumeCondition CommandType = 20
+	// CmdScrubProgress records how far a scrub of a volume has come.
+	CmdScrubProgress CommandType = 21
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -193,6 +197,24 @@ type AdvanceEpoch struct {
 	ExpectEpoch uint64 `json:"expect_epoch"`
 }
 
+// SetVolumeCondition records whether a volume's data is known damaged: the
+// engine sets Abnormal when a block verified on no replica (the read got
+// EIO), and clears it when a scrub finds every block verifying again. It is
+// what the CSI VolumeCondition reports. It changes no replica set and no
+// epoch.
+type SetVolumeCondition struct {
+	VolumeID string `json:"volume_id"`
+	Abnormal bool   `json:"abnormal,omitempty"`
+	Message  string `json:"message,omitempty"`
+}
+
+// ScrubProgressUpdate records how far a scrub of a volume has come (see
+// ScrubProgress). It changes no replica set and no epoch.
+type ScrubProgressUpdate struct {
+	VolumeID string        `json:"volume_id"`
+	Progress ScrubProgress `json:"progress"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -212,6 +234,8 @@ func (RebuildProgressUpdate) Type() CommandType { return CmdRebuildProgress }
 func (Request) Type() CommandType               { return CmdRequest }
 func (SetParameters) Type() CommandType         { return CmdSetParameters }
 func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
+func (SetVolumeCondition) Type() CommandType    { return CmdSetVolumeCondition }
+func (ScrubProgressUpdate) Type() CommandType   { return CmdScrubProgress }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -252,6 +276,10 @@ func newCommand(t CommandType) Command {
 		return &SetParameters{}
 	case CmdAdvanceEpoch:
 		return &AdvanceEpoch{}
+	case CmdSetVolumeCondition:
+		return &SetVolumeCondition{}
+	case CmdScrubProgress:
+		return &ScrubProgressUpdate{}
 	}
 	return nil
 }
