@@ -221,6 +221,7 @@ func runNode(o *nodeOptions) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(engine.Collectors()...)
 	agent, err := meta.StartAgent(meta.AgentConfig{
 		Store: meta.StoreConfig{
 			NodeID: o.ID, DataDir: o.DataDir,

@@ -124,6 +124,7 @@ type Engine struct {
 	dirty      atomic.Bool     // writes since the last clean point
 	generation uint64          // clean point counter
 	rebuilding atomic.Bool     // a rebuild runs
+	checksums  atomic.Bool     // the volume keeps block checksums (set by reconfigure)
 	locks      *rangeLocks     // orders overlapping writes and rebuild copies
 	bg         context.Context // ends at Close
 
@@ -255,6 +256,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			return err
 		}
 		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
+		e.checksums.Store(v.Checksummed())
 		if e.size == 0 {
 			// Set once, while Open still holds the engine alone: I/O and
 			// the rebuilder read the size without the lock.
@@ -731,6 +733,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		e.dirty.Store(true)
+		if n > 0 {
+			e.repairWrites(ctx, ms, errs, off, n)
+		}
 		e.mu.RUnlock()
 
 		// The engine may have been frozen while the requests were out: do
@@ -890,8 +895,15 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 		return err
 	}
 	defer done()
+	if !e.checksums.Load() {
+		return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
+			return m.client.WriteAt(ctx, epoch, p, off, fua)
+		})
+	}
+	// One set of piece checksums over the bytes every replica is sent.
+	pieces := replica.PieceSums(make([]uint32, 0, replica.SumPieces(off, uint64(len(p)))), p, off)
 	return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
-		return m.client.WriteAt(ctx, epoch, p, off, fua)
+		return m.client.WriteAtSums(ctx, epoch, p, off, fua, pieces)
 	})
 }
 
@@ -974,17 +986,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		var bad *member
 		var lastErr error
 		if src != nil {
-			var err error
-			switch {
-			case src.client == nil:
-				err = errors.New("no connection")
-			case src.local: // a local pread is not cancelled midway: no timer
-				err = src.client.ReadAt(ctx, epoch, p, off)
-			default:
-				rctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
-				err = src.client.ReadAt(rctx, epoch, p, off)
-				cancel()
-			}
+			err := e.readFrom(ctx, src, epoch, p, off)
 			if err == nil {
 				e.mu.RUnlock()
 				return nil
@@ -992,6 +994,22 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 			if ctx.Err() != nil {
 				e.mu.RUnlock()
 				return ctx.Err()
+			}
+			if errors.Is(err, replica.ErrChecksum) {
+				// The replica answered: it is not ejected, its blocks are
+				// repaired from a copy that verifies.
+				jobs, lost, rerr := e.readAround(ctx, p, off, epoch, src)
+				e.mu.RUnlock()
+				if rerr != nil {
+					return rerr
+				}
+				e.repair(ctx, epoch, jobs)
+				if len(lost) > 0 {
+					e.markAbnormal(ctx, lost)
+					return fmt.Errorf("volume %s: %d block(s) from offset %d verify on no replica: %w",
+						e.cfg.VolumeID, len(lost), lost[0]*replica.SumBlockSize, ErrIO)
+				}
+				return nil
 			}
 			bad, lastErr = src, err
 		}
@@ -1187,6 +1205,13 @@ func (e *Engine) dirtyUnion(ctx context.Context) (map[uint64]bool, error) {
 // so no write is in flight.
 func (e *Engine) syncExtents(ctx context.Context, src *member, extents []uint64) (uint64, error) {
 	var copied uint64
+	// A write torn by a crash may have reached the data but not the sums:
+	// in these extents the data is taken as it is (it was never
+	// acknowledged, or every replica has it), and its sums recomputed,
+	// before the replicas are compared.
+	if err := e.rehash(ctx, extents); err != nil {
+		return 0, err
+	}
 	for _, x := range extents {
 		want, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {

@@ -64,6 +64,10 @@ type Node struct {
 
 	mu       sync.Mutex
 	rebuilds map[string]context.CancelFunc // volume id → running maintenance rebuild
+
+	// noSums lists the replicas whose volume keeps no block checksums
+	// (checksumAlgorithm: none). Only the realize loop uses it.
+	noSums map[string]bool
 }
 
 // Start opens the replica server and starts realizing the store's state.
@@ -145,6 +149,7 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, 
 		return nil, nil, nil, err
 	}
 	want := map[string]uint64{}
+	n.noSums = map[string]bool{}
 	var rebuild []*meta.Volume
 	reserve := map[string]uint64{}
 	{
@@ -154,6 +159,7 @@ func (n *Node) desired() (map[string]uint64, []*meta.Volume, map[string]uint64, 
 					continue
 				}
 				want[r.ID] = v.SizeBytes
+				n.noSums[r.ID] = !v.Checksummed()
 				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
 					rebuild = append(rebuild, v.Clone())
 				}
@@ -201,7 +207,7 @@ func (n *Node) realize() {
 		if present[id] {
 			continue
 		}
-		if _, err := n.server.Create(id, size); err != nil {
+		if _, err := n.server.CreateWith(id, size, replica.CreateOptions{Checksums: !n.noSums[id]}); err != nil {
 			n.log.Warn("cannot create replica", zap.String("replica_id", id), zap.Error(err))
 			continue
 		}

@@ -1,0 +1,246 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// flipBit flips one bit of a replica's data file at off, behind its
+// server's back, as a failing disk would.
+func (r *rig) flipBit(rep meta.Replica, off int64) {
+	r.t.Helper()
+	f, err := os.OpenFile(filepath.Join(r.servers[rep.Node].dir, rep.ID, "data"), os.O_RDWR, 0)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	defer f.Close()
+	b := make([]byte, 1)
+	if _, err := f.ReadAt(b, off); err != nil {
+		r.t.Fatal(err)
+	}
+	b[0] ^= 0x04
+	if _, err := f.WriteAt(b, off); err != nil {
+		r.t.Fatal(err)
+	}
+}
+
+// verifies reports whether a replica's whole content passes its checksums.
+func (r *rig) verifies(v *meta.Volume, rep meta.Replica) error {
+	rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	return rr.ReadAt(rr.Epoch(), make([]byte, v.SizeBytes), 0)
+}
+
+func randomData(n int, seed uint64) []byte {
+	rng := rand.New(rand.NewPCG(seed, 2))
+	p := make([]byte, n)
+	for i := range p {
+		p[i] = byte(rng.Uint32())
+	}
+	return p
+}
+
+// TestChecksumReadRepairsCorruptBlock (issue 10, part 4): a bit flipped in
+// one replica's data file is never returned: the read answers with the
+// data of a replica that verifies, the bad block is rewritten, the replica
+// stays healthy and the repair is counted.
+func TestChecksumReadRepairsCorruptBlock(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("sums", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	want := randomData(256<<10, 1)
+	if err := e.WriteAt(ctx, want, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	before := testutil.ToFloat64(metricChecksumRepairs.WithLabelValues(v.ID))
+	// Every replica might be the one read: corrupt a different block on each.
+	for i, rep := range v.Replicas {
+		r.flipBit(rep, int64(i*3*replica.SumBlockSize+100))
+	}
+	got := make([]byte, len(want))
+	if err := e.ReadAt(ctx, got, 0); err != nil {
+		t.Fatalf("read over corrupt blocks: %v", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("read returned wrong data")
+	}
+	// A sub-block read of a corrupt block too.
+	small := make([]byte, 512)
+	if err := e.ReadAt(ctx, small, 3*replica.SumBlockSize); err != nil || !bytes.Equal(small, want[3*replica.SumBlockSize:][:512]) {
+		t.Fatalf("small read: %v", err)
+	}
+	if n := testutil.ToFloat64(metricChecksumRepairs.WithLabelValues(v.ID)); n <= before {
+		t.Fatalf("repairs counted: %v, want more than %v", n, before)
+	}
+	v = r.healthyIdentical(v.ID, nil)
+	for _, rep := range v.Replicas {
+		if rep.State != meta.ReplicaHealthy {
+			t.Fatalf("replica %s is %s after a checksum error; it must stay healthy", rep.ID, rep.State)
+		}
+		if err := r.verifies(v, rep); err != nil {
+			t.Fatalf("replica %s after the repair: %v", rep.ID, err)
+		}
+	}
+	if v.Condition != nil {
+		t.Fatalf("volume condition %+v after a repaired error", v.Condition)
+	}
+}
+
+// TestChecksumNoGoodCopyIsEIO: the same block corrupt on every replica
+// fails the read with ErrIO (never wrong data) and marks the volume's
+// condition abnormal; the rest of the volume still reads.
+func TestChecksumNoGoodCopyIsEIO(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("lost", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	want := randomData(64<<10, 2)
+	if err := e.WriteAt(ctx, want, 0, true); err != nil {
+		t.Fatal(err)
+	}
+	for _, rep := range v.Replicas {
+		r.flipBit(rep, 5*replica.SumBlockSize+7)
+	}
+	got := make([]byte, len(want))
+	if err := e.ReadAt(ctx, got, 0); !errors.Is(err, ErrIO) {
+		t.Fatalf("read of a block bad everywhere: %v, want ErrIO", err)
+	}
+	if err := e.ReadAt(ctx, got[:4096], 0); err != nil || !bytes.Equal(got[:4096], want[:4096]) {
+		t.Fatalf("read of a good block: %v", err)
+	}
+	v, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v.Condition == nil || !v.Condition.Abnormal {
+		t.Fatalf("volume condition %+v, want abnormal", v.Condition)
+	}
+	t.Logf("condition: %s", v.Condition.Message)
+	for _, rep := range v.Replicas {
+		if rep.State != meta.ReplicaHealthy {
+			t.Fatalf("replica %s is %s", rep.ID, rep.State)
+		}
+	}
+}
+
+// TestChecksumPartialWriteOverCorruptBlock: a write that covers a corrupt
+// block in part is refused by that replica (it must not bless the bad
+// block with a new sum); the engine copies the block from a replica that
+// took the write, so the write succeeds and every replica verifies.
+func TestChecksumPartialWriteOverCorruptBlock(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("partial", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	want := make([]byte, 8*mib)
+	copy(want, randomData(64<<10, 3))
+	if err := e.WriteAt(ctx, want[:64<<10], 0, true); err != nil {
+		t.Fatal(err)
+	}
+	r.flipBit(v.Replicas[1], 2*replica.SumBlockSize+1000)
+	patch := randomData(512, 4)
+	if err := e.WriteAt(ctx, patch, 2*replica.SumBlockSize+512, true); err != nil {
+		t.Fatalf("partial write: %v", err)
+	}
+	copy(want[2*replica.SumBlockSize+512:], patch)
+	v = r.healthyIdentical(v.ID, want)
+	for _, rep := range v.Replicas {
+		if err := r.verifies(v, rep); err != nil {
+			t.Fatalf("replica %s: %v", rep.ID, err)
+		}
+	}
+}
+
+// damageConn damages the payload of its first write on the way.
+type damageConn struct {
+	replicaConn
+	damaged atomic.Int32
+}
+
+func (d *damageConn) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	if len(p) > 100 && d.damaged.Add(1) == 1 {
+		q := append([]byte(nil), p...)
+		q[100] ^= 1 // after the engine summed it
+		p = q
+	}
+	return d.replicaConn.WriteAtSums(ctx, epoch, p, off, fua, pieces)
+}
+
+// TestChecksumWireDamageRepaired: a write damaged on its way to one replica
+// is refused there and the range copied from a replica that took it.
+func TestChecksumWireDamageRepaired(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("wire", 8*mib, 3, 0, "n1")
+	var dc *damageConn
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 5 * time.Second, CleanInterval: time.Hour,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.ID != v.Replicas[2].ID {
+				return c
+			}
+			dc = &damageConn{replicaConn: c}
+			return dc
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	want := make([]byte, 8*mib)
+	copy(want, randomData(32<<10, 5))
+	if err := e.WriteAt(ctx, want[:32<<10], 0, true); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	if dc == nil || dc.damaged.Load() == 0 {
+		t.Fatal("the fault did not fire")
+	}
+	r.healthyIdentical(v.ID, want)
+}
+
+// TestResyncRehashesTornWrite: after an engine dies with writes in dirty
+// extents, a replica whose data and sums disagree there (a write torn by a
+// crash) is accepted as it is by the next engine's resync, and the
+// replicas end identical and verifying.
+func TestResyncRehashesTornWrite(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("torn", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	if err := e.WriteAt(ctx, randomData(128<<10, 6), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	// The engine "crashes": no clean point. One replica's data changed
+	// without its sums, as a torn write leaves it.
+	r.flipBit(v.Replicas[0], 4096*7)
+	v = r.attach(v.ID, "n2")
+	e2 := r.open(v.ID, "n2")
+	got := make([]byte, 128<<10)
+	if err := e2.ReadAt(ctx, got, 0); err != nil {
+		t.Fatalf("read after resync: %v", err)
+	}
+	v = r.healthyIdentical(v.ID, nil)
+	for _, rep := range v.Replicas {
+		if err := r.verifies(v, rep); err != nil {
+			t.Fatalf("replica %s after resync: %v", rep.ID, err)
+		}
+	}
+}
