@@ -244,3 +244,100 @@ func TestResyncRehashesTornWrite(t *testing.T) {
 		}
 	}
 }
+
+// TestScrubRepairsAndReports: a scrub finds and repairs a corrupt block
+// and a block that verifies but differs from the verified copy, counts
+// them, and reports a block bad on every replica as unrecoverable (the
+// valid checksum wins; no majority decides).
+func TestScrubRepairsAndReports(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("scrub", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	want := make([]byte, 8*mib)
+	copy(want, randomData(2*mib, 8))
+	if err := e.WriteAt(ctx, want[:2*mib], 0, true); err != nil {
+		t.Fatal(err)
+	}
+	r.flipBit(v.Replicas[1], 10*replica.SumBlockSize+5)
+	r.flipBit(v.Replicas[2], 300*replica.SumBlockSize+5)
+	st, err := e.Scrub(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	blocks := uint64(8*mib) / replica.SumBlockSize
+	if st.BlocksChecked != 3*blocks || st.Repaired != 2 || st.Unrecoverable != 0 {
+		t.Fatalf("scrub: %+v, want %d checked, 2 repaired, 0 unrecoverable", st, 3*blocks)
+	}
+	v = r.healthyIdentical(v.ID, want)
+	for _, rep := range v.Replicas {
+		if err := r.verifies(v, rep); err != nil {
+			t.Fatalf("replica %s after scrub: %v", rep.ID, err)
+		}
+	}
+	// Bad on every replica: unrecoverable, condition abnormal.
+	for _, rep := range v.Replicas {
+		r.flipBit(rep, 20*replica.SumBlockSize)
+	}
+	st, err = e.Scrub(ctx, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Unrecoverable != 1 || st.Repaired != 0 {
+		t.Fatalf("scrub: %+v, want 1 unrecoverable", st)
+	}
+	if v, _ = r.meta.Volume(ctx, v.ID); v.Condition == nil || !v.Condition.Abnormal {
+		t.Fatalf("condition %+v, want abnormal", v.Condition)
+	}
+	// A write of the whole block makes it good again; the next scrub
+	// clears the condition.
+	if err := e.WriteAt(ctx, want[20*replica.SumBlockSize:21*replica.SumBlockSize], 20*replica.SumBlockSize, true); err != nil {
+		t.Fatal(err)
+	}
+	if st, err = e.Scrub(ctx, nil); err != nil || st.Unrecoverable != 0 {
+		t.Fatalf("scrub: %+v, %v", st, err)
+	}
+	if v, _ = r.meta.Volume(ctx, v.ID); v.Condition != nil {
+		t.Fatalf("condition %+v after the block was rewritten and scrubbed, want none", v.Condition)
+	}
+}
+
+// TestScrubRequestedThroughStore: a scrub asked for in the store is run by
+// the attached engine, which records its progress until done.
+func TestScrubRequestedThroughStore(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("scrubreq", 4*mib, 3, 0, "n1")
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: time.Hour, WatchInterval: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	if err := e.WriteAt(ctx, randomData(64<<10, 9), 0, true); err != nil {
+		t.Fatal(err)
+	}
+	r.flipBit(v.Replicas[0], 7)
+	if _, err := r.meta.Apply(ctx, &meta.ScrubProgressUpdate{VolumeID: v.ID, Progress: meta.ScrubProgress{Seq: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		v, err = r.meta.Volume(ctx, v.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s := v.Scrub; s != nil && s.Done {
+			if s.Seq != 1 || s.Repaired != 1 || s.Error != "" || s.BlocksChecked != 3*1024 {
+				t.Fatalf("scrub result %+v", s)
+			}
+			return
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("scrub not done: %+v", v.Scrub)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

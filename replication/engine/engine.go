@@ -84,6 +84,10 @@ type Config struct {
 	// Sched, if set, is the node's I/O scheduler: every user I/O of the
 	// volume waits for it (QoS limits), rebuild copies as background work.
 	Sched *iosched.Scheduler
+	// ScrubInterval is how often the engine scrubs the volume (see
+	// scrub.go), counted from the end of the last scrub recorded in the
+	// store (0: only when asked).
+	ScrubInterval time.Duration
 	// Maintenance opens an engine for a volume that is not attached, to
 	// rebuild its replicas: it claims the volume's current epoch and serves
 	// no I/O. An attachment (a higher epoch) fences it.
@@ -125,6 +129,8 @@ type Engine struct {
 	generation uint64          // clean point counter
 	rebuilding atomic.Bool     // a rebuild runs
 	checksums  atomic.Bool     // the volume keeps block checksums (set by reconfigure)
+	scrubbing  atomic.Bool     // a scrub runs
+	opened     time.Time       // when Open started: the periodic scrub counts from it at first
 	locks      *rangeLocks     // orders overlapping writes and rebuild copies
 	bg         context.Context // ends at Close
 
@@ -193,7 +199,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {

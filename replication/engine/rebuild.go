@@ -227,6 +227,7 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		// reader (I/O), and I/O may hold the read lock a while: a rebuild
 		// copy waits for the disks with it. A rebuild to start is a
 		// change: it must start under the write lock (maybeRebuild).
+		e.maybeScrub(ctx, v)
 		e.mu.RLock()
 		change := e.usable() == nil && (v.Epoch > e.epoch || e.qosChanged(v) || e.rebuildTarget() != nil)
 		e.mu.RUnlock()

@@ -679,7 +679,9 @@ func (r *Replica) extentBounds(i uint64) (off, n uint64) {
 }
 
 // Checksums returns the CRC32C (Castagnoli) of each extent in
-// [firstExtent, firstExtent+count); holes count as zeros. The epoch is
+// [firstExtent, firstExtent+count); holes count as zeros. With block
+// checksums every block read is verified (ErrChecksum), so a scrub's digest
+// of an extent also checks it. The epoch is
 // checked again before each extent, so a long scan does not hold up Claim.
 func (r *Replica) Checksums(epoch, firstExtent, count uint64) ([]uint32, error) {
 	r.epochMu.RLock()
@@ -718,6 +720,11 @@ func (r *Replica) extentChecksum(epoch, i uint64, buf []byte) (uint32, error) {
 		chunk := buf[:min(n, uint64(len(buf)))]
 		if err := r.readAt(chunk, off); err != nil {
 			return 0, err
+		}
+		if r.sums != nil {
+			if err := r.verifyBlocks(chunk, off); err != nil {
+				return 0, err
+			}
 		}
 		sum = crc32.Update(sum, castagnoli, chunk)
 		off, n = off+uint64(len(chunk)), n-uint64(len(chunk))
