@@ -341,3 +341,50 @@ func TestScrubRequestedThroughStore(t *testing.T) {
 		}
 	}
 }
+
+// TestRebuildRepairsCorruptSource: a returning replica is rebuilt although
+// its source has a corrupt block in an extent to copy: the source is first
+// repaired from a copy that verifies, so the corruption is not copied and
+// the rebuild does not stop there for ever.
+func TestRebuildRepairsCorruptSource(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("rbsrc", 16*mib, 3, 0, "n1")
+	rebuilt := make(chan RebuildStats, 4)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, Local: r.servers["n1"].srv,
+		OnRebuilt: func(s RebuildStats) { rebuilt <- s }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	model := make([]byte, v.SizeBytes)
+	copy(model[5*mib:], randomData(64<<10, 10))
+	n3 := r.servers["n3"]
+	r.kill("n3")
+	if err := e.WriteAt(ctx, model[5*mib:5*mib+64<<10], 5*mib, false); err != nil {
+		t.Fatal(err)
+	}
+	for _, rep := range v.Replicas {
+		if rep.Node == "n1" { // the rebuild's source: the local replica
+			r.flipBit(rep, 5*mib+4096+9)
+		}
+	}
+	r.startServer("n3", n3.dir, n3.addr)
+	select {
+	case st := <-rebuilt:
+		if st.BytesCopied == 0 {
+			t.Fatalf("rebuild copied nothing: %+v", st)
+		}
+	case <-time.After(30 * time.Second):
+		t.Fatal("no rebuild finished within 30s")
+	}
+	v = r.healthyIdentical(v.ID, model)
+	for _, rep := range v.Replicas {
+		if err := r.verifies(v, rep); err != nil {
+			t.Fatalf("replica %s: %v", rep.ID, err)
+		}
+	}
+}

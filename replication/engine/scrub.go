@@ -205,14 +205,14 @@ func (e *Engine) fixExtent(ctx context.Context, off, n uint64) (repaired uint64,
 			err := m.client.WriteAtSums(wctx, e.epoch, good, bo, false, replica.PieceSums(nil, good, bo))
 			cancel()
 			if err != nil {
-				e.log.Warn("scrub repair failed", zap.String("replica_id", m.replica.ID), zap.Uint64("block", blk),
+				e.log.Warn("block repair from a verified copy failed", zap.String("replica_id", m.replica.ID), zap.Uint64("block", blk),
 					zap.Uint64("epoch", e.epoch), zap.Error(err))
 				continue
 			}
 			e.dirty.Store(true)
 			repaired++
 			metricChecksumRepairs.WithLabelValues(e.cfg.VolumeID).Inc()
-			e.log.Warn("scrub repaired a block from a verified copy", zap.String("replica_id", m.replica.ID),
+			e.log.Warn("block repaired from a verified copy (scrub or rebuild)", zap.String("replica_id", m.replica.ID),
 				zap.String("source", src.replica.ID), zap.Uint64("block", blk), zap.Uint64("offset", bo),
 				zap.String("reason", why[i]), zap.Uint64("epoch", e.epoch))
 		}
