@@ -103,9 +103,9 @@ func (e *Engine) readFrom(ctx context.Context, m *member, epoch uint64, p []byte
 
 // readAround serves a read whose first source answered ErrChecksum: it
 // reads the other healthy replicas until one copy verifies, and failing
-// that, block by block. It returns the repairs to make (after the read lock
-// is released: they take range locks) and the blocks no replica could
-// serve. Called with e.mu held for reading.
+// that, block by block. It returns the repairs to make and the blocks no
+// replica could serve. Called with the blocks' range and e.mu held for
+// reading.
 func (e *Engine) readAround(ctx context.Context, p []byte, off, epoch uint64, first *member) ([]repairJob, []uint64, error) {
 	metricChecksumErrors.WithLabelValues(e.cfg.VolumeID).Inc()
 	cands := []*member{first}
@@ -184,44 +184,76 @@ func (e *Engine) readAround(ctx context.Context, p []byte, off, epoch uint64, fi
 	return jobs, lost, nil
 }
 
+// readChecked serves a read whose source answered ErrChecksum. Reads take
+// no range lock, so the mismatch may only be a write to the same blocks in
+// flight (its data written, its sums not yet): the read is done again with
+// the blocks' range held, which no write to them can hold at the same
+// time. A mismatch then is real: the other replicas are read around it
+// (readAround), the bad blocks rewritten from the verified copy under the
+// same hold, and blocks that verify nowhere fail the read with ErrIO and
+// mark the volume's condition abnormal.
+func (e *Engine) readChecked(ctx context.Context, p []byte, off uint64) error {
+	aoff, an := e.blockSpan(off, uint64(len(p)))
+	unlock, err := e.locks.lock(ctx, aoff, an)
+	if err != nil {
+		return err
+	}
+	lost, err := func() ([]uint64, error) {
+		defer unlock()
+		e.mu.RLock()
+		defer e.mu.RUnlock()
+		if err := e.usable(); err != nil {
+			return nil, err
+		}
+		ms := e.healthyMembers()
+		if len(ms) == 0 {
+			return nil, fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
+		}
+		err := e.readFrom(ctx, ms[0], e.epoch, p, off)
+		if err == nil || !errors.Is(err, replica.ErrChecksum) {
+			return nil, err // a write was in flight; or a plain failure, for the caller's next read
+		}
+		jobs, lost, err := e.readAround(ctx, p, off, e.epoch, ms[0])
+		if err != nil {
+			return nil, err
+		}
+		e.repair(ctx, jobs)
+		return lost, nil
+	}()
+	if err != nil {
+		if ctx.Err() == nil && !errors.Is(err, ErrIO) && !errors.Is(err, ErrClosed) && !errors.Is(err, ErrFenced) {
+			err = fmt.Errorf("volume %s: read after a checksum error: %v: %w", e.cfg.VolumeID, err, ErrIO)
+		}
+		return err
+	}
+	if len(lost) > 0 {
+		e.markAbnormal(ctx, lost)
+		return fmt.Errorf("volume %s: %d block(s) from offset %d verify on no replica: %w",
+			e.cfg.VolumeID, len(lost), lost[0]*replica.SumBlockSize, ErrIO)
+	}
+	return nil
+}
+
 // repair rewrites each job's range on its bad replica from the good one's
-// current, verified copy, holding the range (no write to it can interleave)
-// and the read lock at epoch. It returns the jobs that succeeded. Failures
-// are logged: the bad replica keeps failing its checksum there and the next
-// read or scrub tries again.
-func (e *Engine) repair(ctx context.Context, epoch uint64, jobs []repairJob) int {
+// current, verified copy. Callers hold the ranges and e.mu for reading.
+// Failures are logged: the bad replica keeps failing its checksum there and
+// the next read or scrub tries again. It returns how many succeeded.
+func (e *Engine) repair(ctx context.Context, jobs []repairJob) int {
 	done := 0
 	for _, j := range jobs {
-		if err := e.repairOne(ctx, epoch, j); err != nil {
+		if err := e.copyRange(ctx, j.from, j.to, j.off, j.n); err != nil {
 			e.log.Warn("checksum repair failed", zap.String("replica_id", j.to.replica.ID), zap.String("source", j.from.replica.ID),
 				zap.Uint64("block", j.off/replica.SumBlockSize), zap.Uint64("offset", j.off), zap.Uint64("length", j.n),
-				zap.Uint64("epoch", epoch), zap.Error(err))
+				zap.Uint64("epoch", e.epoch), zap.Error(err))
 			continue
 		}
 		done++
 		metricChecksumRepairs.WithLabelValues(e.cfg.VolumeID).Inc()
 		e.log.Warn("checksum mismatch repaired from another replica", zap.String("replica_id", j.to.replica.ID),
 			zap.String("source", j.from.replica.ID), zap.String("found_by", j.why), zap.Uint64("block", j.off/replica.SumBlockSize),
-			zap.Uint64("blocks", (j.n+replica.SumBlockSize-1)/replica.SumBlockSize), zap.Uint64("offset", j.off), zap.Uint64("epoch", epoch))
+			zap.Uint64("blocks", (j.n+replica.SumBlockSize-1)/replica.SumBlockSize), zap.Uint64("offset", j.off), zap.Uint64("epoch", e.epoch))
 	}
 	return done
-}
-
-func (e *Engine) repairOne(ctx context.Context, epoch uint64, j repairJob) error {
-	unlock, err := e.locks.lock(ctx, j.off, j.n)
-	if err != nil {
-		return err
-	}
-	defer unlock()
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	if err := e.usable(); err != nil {
-		return err
-	}
-	if e.epoch != epoch {
-		return fmt.Errorf("epoch moved from %d to %d", epoch, e.epoch)
-	}
-	return e.copyRange(ctx, j.from, j.to, j.off, j.n)
 }
 
 // copyRange copies [off, off+n) from one member to another. Callers hold

@@ -1003,19 +1003,9 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 			}
 			if errors.Is(err, replica.ErrChecksum) {
 				// The replica answered: it is not ejected, its blocks are
-				// repaired from a copy that verifies.
-				jobs, lost, rerr := e.readAround(ctx, p, off, epoch, src)
+				// repaired from a copy that verifies (readChecked).
 				e.mu.RUnlock()
-				if rerr != nil {
-					return rerr
-				}
-				e.repair(ctx, epoch, jobs)
-				if len(lost) > 0 {
-					e.markAbnormal(ctx, lost)
-					return fmt.Errorf("volume %s: %d block(s) from offset %d verify on no replica: %w",
-						e.cfg.VolumeID, len(lost), lost[0]*replica.SumBlockSize, ErrIO)
-				}
-				return nil
+				return e.readChecked(ctx, p, off)
 			}
 			bad, lastErr = src, err
 		}
