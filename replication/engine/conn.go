@@ -54,7 +54,7 @@ func (l localReplica) WriteAtSums(ctx context.Context, epoch uint64, p []byte, o
 		return err
 	}
 	defer t.Done()
-	return l.r.WriteAtSums(epoch, p, off, fua, pieces)
+	return l.r.WriteAtLocal(epoch, p, off, fua, pieces)
 }
 func (l localReplica) Rehash(ctx context.Context, epoch, first, count uint64) error {
 	t, err := l.r.Admit(ctx, replica.OpRehash, count)

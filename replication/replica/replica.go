@@ -469,6 +469,22 @@ func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
 // a piece that does not match → ErrChecksum, and nothing is written. pieces
 // nil: nothing to verify (a replica with checksums computes them itself).
 func (r *Replica) WriteAtSums(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	return r.writeAt(epoch, p, off, fua, pieces, true)
+}
+
+// WriteAtLocal is WriteAtSums for a caller in the same process that
+// computed pieces over p itself (the engine's in-process replica): nothing
+// travelled, so the pieces are used for the stored sums without being
+// verified again. That saves a CRC pass over every write of the engine's
+// own node.
+func (r *Replica) WriteAtLocal(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	if pieces != nil && uint64(len(pieces)) != SumPieces(off, uint64(len(p))) {
+		return fmt.Errorf("replica %s: %w: %d checksums for a write of %d pieces", r.id, ErrInvalidArgument, len(pieces), SumPieces(off, uint64(len(p))))
+	}
+	return r.writeAt(epoch, p, off, fua, pieces, false)
+}
+
+func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32, verify bool) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if err := r.checkEpoch(epoch); err != nil {
@@ -481,7 +497,7 @@ func (r *Replica) WriteAtSums(epoch uint64, p []byte, off uint64, fua bool, piec
 	if n == 0 {
 		return nil
 	}
-	if pieces != nil {
+	if pieces != nil && verify {
 		if err := r.checkPieces(p, off, pieces); err != nil {
 			return err
 		}
