@@ -240,6 +240,12 @@ func (e *Engine) maybeScrub(ctx context.Context, v *meta.Volume) {
 	if e.cfg.Maintenance || e.scrubbing.Load() {
 		return
 	}
+	e.mu.RLock()
+	err := e.usable()
+	e.mu.RUnlock()
+	if err != nil {
+		return // fenced or closing: the volume's current engine scrubs
+	}
 	var p meta.ScrubProgress
 	switch {
 	case v.Scrub != nil && !v.Scrub.Done:
@@ -283,8 +289,8 @@ func (e *Engine) runScrub(ctx context.Context, seq uint64) {
 	st, err := e.Scrub(ctx, func(total uint64, s ScrubStats) {
 		put(meta.ScrubProgress{BlocksTotal: total, BlocksChecked: s.BlocksChecked, Repaired: s.Repaired, Unrecoverable: s.Unrecoverable})
 	})
-	if ctx.Err() != nil {
-		return // the engine is closing: the next one takes the scrub up again
+	if ctx.Err() != nil || errors.Is(err, ErrFenced) || errors.Is(err, ErrClosed) {
+		return // this engine is done: the volume's next one takes the scrub up again
 	}
 	p := meta.ScrubProgress{BlocksChecked: st.BlocksChecked, BlocksTotal: st.BlocksChecked, Repaired: st.Repaired,
 		Unrecoverable: st.Unrecoverable, Done: true, FinishedAt: time.Now().UnixNano()}
