@@ -531,9 +531,22 @@ func (c *serverConn) readLoop() {
 			return
 		}
 		var payload *[]byte
+		var trailer []byte
 		if h.PayloadLen > 0 {
-			payload = getBuf(int(h.PayloadLen))
-			if _, err := io.ReadFull(c.br, *payload); err != nil {
+			// A WRITE's piece checksums are read apart from its data, so
+			// that the data buffer is the size of the data: a 1 MiB write
+			// does not take a 2 MiB buffer for its 1 KiB of checksums.
+			dataLen := int(h.PayloadLen)
+			if h.Op == OpWrite && h.Flags&FlagSums != 0 {
+				dataLen = int(h.Length)
+				trailer = make([]byte, int(h.PayloadLen)-dataLen)
+			}
+			payload = getBuf(dataLen)
+			_, err := io.ReadFull(c.br, *payload)
+			if err == nil && len(trailer) > 0 {
+				_, err = io.ReadFull(c.br, trailer)
+			}
+			if err != nil {
 				putBuf(payload)
 				c.budget.release(cost)
 				c.log.Debug("replica connection: read payload failed", zap.Error(err))
@@ -555,7 +568,7 @@ func (c *serverConn) readLoop() {
 		go func() {
 			defer c.handlers.Done()
 			defer func() { <-c.inFlight }()
-			c.send(c.execute(h, payload, cost))
+			c.send(c.execute(h, payload, trailer, cost))
 		}()
 	}
 }
@@ -650,7 +663,7 @@ func (c *serverConn) open(h RequestHeader, payload []byte, cost uint64) reply {
 // execute runs one request against the connection's replica, once the
 // disk scheduler lets it go. The ticket is given back before the reply is
 // queued: a slot of the disk is never held waiting for the network.
-func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) reply {
+func (c *serverConn) execute(h RequestHeader, payload *[]byte, trailer []byte, cost uint64) reply {
 	start := time.Now()
 	var rep reply
 	var t iosched.Ticket
@@ -673,7 +686,7 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 		}
 	}
 	if err == nil {
-		rep, err = c.do(h, payload)
+		rep, err = c.do(h, payload, trailer)
 		t.Done()
 	}
 	putBuf(payload)
@@ -686,7 +699,7 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 	return rep
 }
 
-func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
+func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply, error) {
 	r := c.replica
 	fua := h.Flags&FlagFUA != 0
 	switch h.Op {
@@ -723,11 +736,11 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
 		if h.Flags&FlagSums == 0 {
 			return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
 		}
-		pieces, err := DecodeUint32s(p[h.Length:])
+		pieces, err := DecodeUint32s(trailer)
 		if err != nil {
 			return reply{}, err
 		}
-		return reply{}, r.WriteAtSums(h.Epoch, p[:h.Length], h.Offset, fua, pieces)
+		return reply{}, r.WriteAtSums(h.Epoch, p, h.Offset, fua, pieces)
 	case OpRehash:
 		return reply{}, r.Rehash(h.Epoch, h.Offset, uint64(h.Length))
 	case OpFlush:
