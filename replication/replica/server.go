@@ -794,7 +794,11 @@ func (c *serverConn) errorReply(h RequestHeader, err error, cost uint64) reply {
 		}
 	} else if errors.Is(err, ErrChecksum) {
 		c.s.metrics.checksum.Inc()
-		c.log.Warn("replica checksum mismatch", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
+		vol := ""
+		if c.replica != nil {
+			vol = c.s.volumeOf(c.replica.ID())
+		}
+		c.log.Warn("replica checksum mismatch", zap.String("volume_id", vol), zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	} else if statusOf(err) == StatusIOError {
 		c.log.Warn("replica request failed", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	}
