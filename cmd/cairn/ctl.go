@@ -165,7 +165,7 @@ func orDash(s string) string {
 func newVolumeCommand(o *ctlOptions) *cobra.Command {
 	cmd := &cobra.Command{Use: "volume", Short: "List, show, create and delete volumes"}
 	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o),
-		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o))
+		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o), newVolumeScrubCommand(o))
 	return cmd
 }
 
@@ -256,6 +256,23 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+	if c := v.Condition; c != nil && c.Abnormal {
+		fmt.Fprintf(w, "condition:    abnormal: %s\n", c.Message)
+	} else {
+		fmt.Fprintf(w, "condition:    normal\n")
+	}
+	if a, err := meta.ChecksumAlgorithm(v.Parameters); err == nil {
+		fmt.Fprintf(w, "checksums:    %s\n", a)
+	}
+	if s := v.Scrub; s != nil {
+		if s.Done {
+			fmt.Fprintf(w, "last scrub:   #%d, %s: %d blocks checked, %d repaired, %d unrecoverable\n", s.Seq,
+				time.Unix(0, s.FinishedAt).UTC().Format(time.RFC3339), s.BlocksChecked, s.Repaired, s.Unrecoverable)
+		} else {
+			progressBar(w, fmt.Sprintf("scrub #%d", s.Seq), s.BlocksChecked, s.BlocksTotal)
+			fmt.Fprintln(w)
+		}
+	}
 	if rb := v.Rebuild; rb != nil {
 		label := "rebuild of " + rb.ReplicaID
 		if rb.Done {
@@ -277,7 +294,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size string
 	var replicas, quorum int
 	var staleTimeout time.Duration
-	var preferred string
+	var preferred, checksum string
 	q := &qosFlags{}
 	cmd := &cobra.Command{
 		Use:     "create NAME",
@@ -315,6 +332,13 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 			if staleTimeout > 0 {
 				params[meta.ParamStaleReplicaTimeout] = staleTimeout.String()
 			}
+			algo, err := meta.ChecksumAlgorithm(map[string]string{meta.ParamChecksumAlgorithm: checksum})
+			if err != nil {
+				return fmt.Errorf("--checksum-algorithm: %w", err)
+			}
+			if algo != meta.ChecksumCRC32C {
+				params[meta.ParamChecksumAlgorithm] = algo
+			}
 			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum,
 				Parameters: params, PreferredNode: preferred})
 			if err != nil {
@@ -333,6 +357,7 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
 	q.add(cmd.Flags())
 	cmd.Flags().StringVar(&preferred, "preferred-node", "", "place a replica on this node if it has room (data locality: the engine there reads its own replica)")
+	cmd.Flags().StringVar(&checksum, "checksum-algorithm", meta.ChecksumCRC32C, "block checksums: crc32c (every block verified on write and read) or none")
 	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }

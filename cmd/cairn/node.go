@@ -57,6 +57,8 @@ type nodeOptions struct {
 	RebuildRate string
 	// ReplicaDeadline: see engine.Config.ReplicaDeadline.
 	ReplicaDeadline time.Duration
+	// ScrubInterval: see engine.Config.ScrubInterval.
+	ScrubInterval time.Duration
 	// StaleReplicaTimeout is how long a replica's node may be down before the
 	// replica is replaced elsewhere (volumes may override it).
 	StaleReplicaTimeout time.Duration
@@ -110,6 +112,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.DataAddr, "data-addr", "127.0.0.1:7003", "replica server listen address (engines on other nodes dial it)")
 	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
 	fs.DurationVar(&o.ReplicaDeadline, "replica-deadline", engine.DefaultReplicaDeadline, "once the write quorum has answered, how long a write waits for a replica that has not before ejecting it (it comes back through a delta rebuild; each such ejection doubles that replica's deadline for a while, so a slow but alive replica is not ejected again and again; negative: wait the full I/O timeout)")
+	fs.DurationVar(&o.ScrubInterval, "scrub-interval", 7*24*time.Hour, "how often the engine of an attached volume reads and verifies every block of every replica, repairing what it can (docs/integrity.md; 0: only on demand, cairn ctl volume scrub)")
 	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	fs.StringVar(&o.Zone, "zone", "", "topology zone of this node")
 	fs.StringVar(&o.Region, "region", "", "topology region of this node")
@@ -221,6 +224,7 @@ func runNode(o *nodeOptions) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	reg.MustRegister(engine.Collectors()...)
 	agent, err := meta.StartAgent(meta.AgentConfig{
 		Store: meta.StoreConfig{
 			NodeID: o.ID, DataDir: o.DataDir,
@@ -309,7 +313,7 @@ func runNode(o *nodeOptions) error {
 		return err
 	}
 	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: base, RebuildBytesPerSecond: rate,
-		ReplicaDeadline: o.ReplicaDeadline, Sched: sched, Local: storage.Server(), Registerer: reg})
+		ReplicaDeadline: o.ReplicaDeadline, ScrubInterval: o.ScrubInterval, Sched: sched, Local: storage.Server(), Registerer: reg})
 	var csiNode *csi.Node
 	var csiSrv *csi.Server
 	if o.CSIEndpoint != "" {
@@ -322,7 +326,7 @@ func runNode(o *nodeOptions) error {
 		}
 		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
 			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: base,
-			RebuildBytesPerSecond: rate, ReplicaDeadline: o.ReplicaDeadline, Sched: sched, Local: storage.Server()})
+			RebuildBytesPerSecond: rate, ReplicaDeadline: o.ReplicaDeadline, ScrubInterval: o.ScrubInterval, Sched: sched, Local: storage.Server()})
 		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
 	}
 	var metricsSrv *http.Server

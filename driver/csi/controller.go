@@ -342,10 +342,16 @@ func volumeStatus(v *meta.Volume) *csipb.ListVolumesResponse_VolumeStatus {
 }
 
 // volumeHealth is degraded while the volume has fewer healthy replicas than
-// it should, and inaccessible with none. (CSI v1.13 carries health in these
-// RPCs; earlier versions had a VolumeCondition.)
+// it should, inaccessible with none, and data loss while blocks verify on
+// no replica (the volume's condition is abnormal: docs/integrity.md). (CSI
+// v1.13 carries health in these RPCs; earlier versions had a
+// VolumeCondition.)
 func volumeHealth(v *meta.Volume) *csipb.VolumeHealth {
 	h := &csipb.VolumeHealth{VolumeId: v.ID}
+	if c := v.Condition; c != nil && c.Abnormal {
+		h.HealthStatuses = append(h.HealthStatuses, &csipb.VolumeHealth_VolumeHealthEntry{
+			Status: csipb.VolumeHealthErrorType_DATA_LOSS, Reason: "ChecksumMismatch", Message: c.Message})
+	}
 	healthy := v.HealthyReplicas()
 	if healthy >= v.ReplicaCount {
 		return h
@@ -358,7 +364,7 @@ func volumeHealth(v *meta.Volume) *csipb.VolumeHealth {
 	if healthy == 0 {
 		st = csipb.VolumeHealthErrorType_INACCESSIBLE
 	}
-	h.HealthStatuses = []*csipb.VolumeHealth_VolumeHealthEntry{{Status: st, Reason: "ReplicasDegraded", Message: msg}}
+	h.HealthStatuses = append(h.HealthStatuses, &csipb.VolumeHealth_VolumeHealthEntry{Status: st, Reason: "ReplicasDegraded", Message: msg})
 	return h
 }
 

@@ -42,6 +42,8 @@ type NodeConfig struct {
 	RebuildBytesPerSecond uint64
 	// ReplicaDeadline is the engines' engine.Config.ReplicaDeadline (0: its default).
 	ReplicaDeadline time.Duration
+	// ScrubInterval is the engines' engine.Config.ScrubInterval (0: scrub only when asked).
+	ScrubInterval time.Duration
 	// Sched is the node's I/O scheduler (nil: none).
 	Sched *iosched.Scheduler
 	// Local is this node's replica server, for in-process access to the
@@ -194,7 +196,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged))
 	}
 	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, ReplicaDeadline: n.cfg.ReplicaDeadline, Sched: n.cfg.Sched, Local: n.cfg.Local})
+		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, ReplicaDeadline: n.cfg.ReplicaDeadline, ScrubInterval: n.cfg.ScrubInterval, Sched: n.cfg.Sched, Local: n.cfg.Local})
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -6,6 +6,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // StorageClass parameter keys the driver accepts (ARCHITECTURE §5).
@@ -19,12 +21,15 @@ const (
 	ParamMaxBandwidth        = "maxBandwidth"
 	ParamBurstDuration       = "burstDuration"
 	ParamFSType              = "csi.storage.k8s.io/fstype"
+	// ParamChecksumAlgorithm: "crc32c" (the default) or "none"
+	// (docs/integrity.md).
+	ParamChecksumAlgorithm = meta.ParamChecksumAlgorithm
 )
 
 // AcceptedParameters lists every parameter key a StorageClass may use
 // (besides the csi.storage.k8s.io/ keys the sidecars add).
 var AcceptedParameters = []string{ParamReplicas, ParamWriteQuorum, ParamDataLocality, ParamStaleReplicaTimeout,
-	ParamMaxIOPS, ParamMinIOPS, ParamMaxBandwidth, ParamBurstDuration, ParamFSType}
+	ParamMaxIOPS, ParamMinIOPS, ParamMaxBandwidth, ParamBurstDuration, ParamFSType, ParamChecksumAlgorithm}
 
 // Params are validated StorageClass parameters.
 type Params struct {
@@ -36,11 +41,12 @@ type Params struct {
 	MaxBandwidth        uint64 // bytes per second
 	BurstDuration       time.Duration
 	FSType              string // "" when not given
+	ChecksumAlgorithm   string // meta.ChecksumCRC32C or meta.ChecksumNone
 }
 
 // ParseParams validates parameters; the error names the bad key.
 func ParseParams(in map[string]string) (Params, error) {
-	p := Params{Replicas: 3, DataLocality: "disabled"}
+	p := Params{Replicas: 3, DataLocality: "disabled", ChecksumAlgorithm: meta.ChecksumCRC32C}
 	keys := make([]string, 0, len(in))
 	for k := range in {
 		keys = append(keys, k)
@@ -97,6 +103,12 @@ func ParseParams(in map[string]string) (Params, error) {
 				return p, bad(`a positive duration such as "1s"`)
 			}
 			p.BurstDuration = d
+		case ParamChecksumAlgorithm:
+			a, err := meta.ChecksumAlgorithm(map[string]string{k: v})
+			if err != nil {
+				return p, bad(`"crc32c" or "none"`)
+			}
+			p.ChecksumAlgorithm = a
 		case ParamFSType:
 			if v != "ext4" && v != "xfs" {
 				return p, bad(`"ext4" or "xfs"`)
@@ -151,6 +163,11 @@ func ParseQuantity(s string) (uint64, error) {
 // volumeParameters is what the store records of the StorageClass.
 func (p Params) volumeParameters() map[string]string {
 	out := map[string]string{ParamDataLocality: p.DataLocality}
+	// Only a choice other than the default is recorded, so volumes created
+	// before the key existed keep matching their CreateVolume retries.
+	if p.ChecksumAlgorithm != "" && p.ChecksumAlgorithm != meta.ChecksumCRC32C {
+		out[ParamChecksumAlgorithm] = p.ChecksumAlgorithm
+	}
 	if p.StaleReplicaTimeout > 0 {
 		out[ParamStaleReplicaTimeout] = p.StaleReplicaTimeout.String()
 	}

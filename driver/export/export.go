@@ -31,6 +31,8 @@ type Config struct {
 	RebuildBytesPerSecond uint64
 	// ReplicaDeadline is the engines' engine.Config.ReplicaDeadline (0: its default).
 	ReplicaDeadline time.Duration
+	// ScrubInterval is the engines' engine.Config.ScrubInterval (0: scrub only when asked).
+	ScrubInterval time.Duration
 	// Sched is the node's I/O scheduler (nil: none).
 	Sched *iosched.Scheduler
 	// Local is this node's replica server, for in-process access to the
@@ -142,7 +144,7 @@ func (m *Manager) start(v *meta.Volume) {
 	ctx, cancel := context.WithTimeout(m.ctx, 30*time.Second)
 	defer cancel()
 	e, err := engine.Open(ctx, engine.Config{VolumeID: v.ID, NodeID: m.cfg.NodeID, Meta: m.cfg.Meta, Logger: m.cfg.Logger,
-		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond, ReplicaDeadline: m.cfg.ReplicaDeadline, Sched: m.cfg.Sched, Local: m.cfg.Local})
+		RebuildBytesPerSecond: m.cfg.RebuildBytesPerSecond, ReplicaDeadline: m.cfg.ReplicaDeadline, ScrubInterval: m.cfg.ScrubInterval, Sched: m.cfg.Sched, Local: m.cfg.Local})
 	if err != nil {
 		if !errors.Is(err, engine.ErrNotAttached) {
 			log.Warn("cannot start engine for export", zap.Error(err))

@@ -13,6 +13,12 @@ import (
 type replicaConn interface {
 	Claim(ctx context.Context, epoch uint64) error
 	WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error
+	// WriteAtSums is WriteAt with p's piece checksums (replica.PieceSums),
+	// which the replica verifies before it writes.
+	WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error
+	// Rehash has the replica recompute its stored block checksums of the
+	// extents from their data (resync of torn writes).
+	Rehash(ctx context.Context, epoch, firstExtent, count uint64) error
 	ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error
 	Flush(ctx context.Context, epoch uint64) error
 	Trim(ctx context.Context, epoch, off, length uint64) error
@@ -41,6 +47,22 @@ func (l localReplica) WriteAt(ctx context.Context, epoch uint64, p []byte, off u
 	}
 	defer t.Done()
 	return l.r.WriteAt(epoch, p, off, fua)
+}
+func (l localReplica) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	t, err := l.r.Admit(ctx, replica.OpWrite, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.WriteAtLocal(epoch, p, off, fua, pieces)
+}
+func (l localReplica) Rehash(ctx context.Context, epoch, first, count uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpRehash, count)
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.Rehash(epoch, first, count)
 }
 func (l localReplica) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {
 	t, err := l.r.Admit(ctx, replica.OpRead, uint64(len(p)))

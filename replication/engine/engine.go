@@ -84,6 +84,10 @@ type Config struct {
 	// Sched, if set, is the node's I/O scheduler: every user I/O of the
 	// volume waits for it (QoS limits), rebuild copies as background work.
 	Sched *iosched.Scheduler
+	// ScrubInterval is how often the engine scrubs the volume (see
+	// scrub.go), counted from the end of the last scrub recorded in the
+	// store (0: only when asked).
+	ScrubInterval time.Duration
 	// Maintenance opens an engine for a volume that is not attached, to
 	// rebuild its replicas: it claims the volume's current epoch and serves
 	// no I/O. An attachment (a higher epoch) fences it.
@@ -131,6 +135,9 @@ type Engine struct {
 	dirty      atomic.Bool     // writes since the last clean point
 	generation uint64          // clean point counter
 	rebuilding atomic.Bool     // a rebuild runs
+	checksums  atomic.Bool     // the volume keeps block checksums (set by reconfigure)
+	scrubbing  atomic.Bool     // a scrub runs
+	opened     time.Time       // when Open started: the periodic scrub counts from it at first
 	locks      *rangeLocks     // orders overlapping writes and rebuild copies
 	bg         context.Context // ends at Close
 
@@ -205,7 +212,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -270,6 +277,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			return err
 		}
 		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
+		e.checksums.Store(v.Checksummed())
 		if e.size == 0 {
 			// Set once, while Open still holds the engine alone: I/O and
 			// the rebuilder read the size without the lock.
@@ -797,6 +805,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		e.dirty.Store(true)
+		if n > 0 {
+			e.repairWrites(ctx, ms, errs, off, n)
+		}
 		failing := false
 		for _, err := range errs {
 			failing = failing || err != nil
@@ -968,8 +979,15 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 		return err
 	}
 	defer done()
+	if !e.checksums.Load() {
+		return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
+			return m.client.WriteAt(ctx, epoch, p, off, fua)
+		})
+	}
+	// One set of piece checksums over the bytes every replica is sent.
+	pieces := replica.PieceSums(make([]uint32, 0, replica.SumPieces(off, uint64(len(p)))), p, off)
 	return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
-		return m.client.WriteAt(ctx, epoch, p, off, fua)
+		return m.client.WriteAtSums(ctx, epoch, p, off, fua, pieces)
 	})
 }
 
@@ -1091,6 +1109,11 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		}
 		if ctx.Err() != nil {
 			return ctx.Err()
+		}
+		if errors.Is(err, replica.ErrChecksum) {
+			// The replica answered: it is not ejected, its blocks are
+			// repaired from a copy that verifies (readChecked).
+			return e.readChecked(ctx, p, off)
 		}
 		if errors.Is(err, context.DeadlineExceeded) && others > 0 {
 			e.log.Warn("read source silent past its deadline; reading another replica", zap.String("replica_id", src.replica.ID),
@@ -1315,6 +1338,13 @@ func (e *Engine) dirtyUnion(ctx context.Context) (map[uint64]bool, error) {
 // so no write is in flight.
 func (e *Engine) syncExtents(ctx context.Context, src *member, extents []uint64) (uint64, error) {
 	var copied uint64
+	// A write torn by a crash may have reached the data but not the sums:
+	// in these extents the data is taken as it is (it was never
+	// acknowledged, or every replica has it), and its sums recomputed,
+	// before the replicas are compared.
+	if err := e.rehash(ctx, extents); err != nil {
+		return 0, err
+	}
 	for _, x := range extents {
 		want, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {

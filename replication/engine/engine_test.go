@@ -27,6 +27,8 @@ type rig struct {
 	agent   *meta.Agent
 	meta    *meta.Client
 	servers map[string]*replicaServer
+	// checksums: createVolume makes replicas with a sums file.
+	checksums bool
 }
 
 type replicaServer struct {
@@ -108,7 +110,7 @@ func (r *rig) createVolume(name string, size uint64, replicas, quorum int, node 
 		r.t.Fatal(err)
 	}
 	for _, rep := range res.Volume.Replicas {
-		if _, err := r.servers[rep.Node].srv.Create(rep.ID, size); err != nil {
+		if _, err := r.servers[rep.Node].srv.CreateWith(rep.ID, size, replica.CreateOptions{Checksums: r.checksums}); err != nil {
 			r.t.Fatal(err)
 		}
 	}

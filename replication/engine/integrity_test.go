@@ -39,6 +39,14 @@ func (f *faultConn) WriteAt(ctx context.Context, epoch uint64, p []byte, off uin
 	return f.write(ctx, p, off, forward)
 }
 
+func (f *faultConn) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	forward := func(ctx context.Context) error { return f.replicaConn.WriteAtSums(ctx, epoch, p, off, fua, pieces) }
+	if f.write == nil {
+		return forward(ctx)
+	}
+	return f.write(ctx, p, off, forward)
+}
+
 // openWrapped opens an engine whose connections to the replicas on the
 // nodes in faults get those faults.
 func (r *rig) openWrapped(id, node string, faults map[string]func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error) *Engine {
@@ -246,14 +254,16 @@ func TestRangeLocks(t *testing.T) {
 
 	// x waits for h; y overlaps x only, so it waits for x. When x gives
 	// up, y goes at once, though h is still held.
-	h, err := l.lock(ctx, 20000, 100)
+	// Ranges are rounded out to whole 4 KiB blocks: x and h share a
+	// block, y shares one with x only.
+	h, err := l.lock(ctx, 5*4096, 100)
 	if err != nil {
 		t.Fatal(err)
 	}
 	xctx, cancel := context.WithCancel(ctx)
-	take("x", xctx, 20050, 150)
+	take("x", xctx, 5*4096+3000, 2000)
 	waitHeld(5)
-	take("y", ctx, 20150, 150)
+	take("y", ctx, 6*4096+1000, 150)
 	waitHeld(6)
 	cancel()
 	if got := <-ran; got != "x: "+context.Canceled.Error() {

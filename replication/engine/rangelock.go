@@ -3,6 +3,8 @@ package engine
 import (
 	"context"
 	"sync"
+
+	"github.com/cairn-csi/cairn/replication/replica"
 )
 
 // rangeLocks orders the operations that change overlapping byte ranges of
@@ -41,11 +43,19 @@ type rangeHold struct {
 
 func (h *rangeHold) overlaps(o *rangeHold) bool { return h.off < o.end && o.off < h.end }
 
-// lock takes [off, off+n) (n > 0) and returns the function that releases
-// it. It waits for every earlier overlapping hold, or fails with ctx's
-// error, having taken nothing.
+// lockGrain is the unit ranges are rounded out to: the replicas' checksum
+// block. A write that covers a block in part makes the replica read, merge
+// and re-sum the whole block, so two writes to different parts of one
+// block overlap as far as the replicas are concerned and must be ordered.
+const lockGrain = replica.SumBlockSize
+
+// lock takes [off, off+n) (n > 0), rounded out to whole lockGrain blocks,
+// and returns the function that releases it. It waits for every earlier
+// overlapping hold, or fails with ctx's error, having taken nothing.
 func (l *rangeLocks) lock(ctx context.Context, off, n uint64) (func(), error) {
-	h := &rangeHold{off: off, end: off + n, ready: make(chan struct{})}
+	end := (off + n + lockGrain - 1) / lockGrain * lockGrain
+	off = off / lockGrain * lockGrain
+	h := &rangeHold{off: off, end: end, ready: make(chan struct{})}
 	l.mu.Lock()
 	for o := l.head; o != nil; o = o.next {
 		if o.overlaps(h) {

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -140,18 +141,41 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 // waiting for a slot with the extent locked could wait for ever.
 func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (uint64, error) {
 	var same bool
-	err := e.withExtent(ctx, x, n, func(src *member) error {
+	compare := func(src *member) error {
 		a, err := src.client.Checksums(ctx, e.epoch, x, 1)
 		if err != nil {
 			return fmt.Errorf("checksum of extent %d on %s: %w", x, src.replica.ID, err)
 		}
 		b, err := target.client.Checksums(ctx, e.epoch, x, 1)
+		if errors.Is(err, replica.ErrChecksum) {
+			// The target's own copy fails its checksums (a write torn
+			// while it was away): it differs, and the copy replaces it.
+			same = false
+			return nil
+		}
 		if err != nil {
 			return fmt.Errorf("checksum of extent %d on %s: %w", x, target.replica.ID, err)
 		}
 		same = a[0] == b[0]
 		return nil
-	})
+	}
+	err := e.withExtent(ctx, x, n, compare)
+	if errors.Is(err, replica.ErrChecksum) {
+		// The source has a corrupt block: repair the healthy replicas
+		// from a copy that verifies (as a scrub does), then compare again.
+		// A block that verifies nowhere stops the rebuild here.
+		repaired, lost, ferr := e.fixExtent(ctx, x*e.extentSize, n)
+		if ferr != nil {
+			return 0, ferr
+		}
+		e.log.Warn("rebuild found a corrupt block on its source; repaired from a verified copy", zap.String("replica_id", target.replica.ID),
+			zap.Uint64("extent", x), zap.Uint64("repaired", repaired), zap.Int("unrecoverable", len(lost)))
+		if len(lost) > 0 {
+			e.markAbnormal(ctx, lost)
+			return 0, fmt.Errorf("extent %d: %d block(s) verify on no healthy replica: %w", x, len(lost), ErrIO)
+		}
+		err = e.withExtent(ctx, x, n, compare)
+	}
 	if err != nil || same {
 		return 0, err
 	}
@@ -227,6 +251,7 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		// reader (I/O), and I/O may hold the read lock a while: a rebuild
 		// copy waits for the disks with it. A rebuild to start is a
 		// change: it must start under the write lock (maybeRebuild).
+		e.maybeScrub(ctx, v)
 		e.mu.RLock()
 		change := e.usable() == nil && (v.Epoch > e.epoch || e.qosChanged(v) || e.rebuildTarget() != nil)
 		e.mu.RUnlock()

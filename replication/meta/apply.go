@@ -65,6 +65,10 @@ func apply(s *State, c Command) (Result, error) {
 		return applySetReplicaGeneration(s, c)
 	case *AdvanceEpoch:
 		return applyAdvanceEpoch(s, c)
+	case *SetVolumeCondition:
+		return applySetVolumeCondition(s, c)
+	case *ScrubProgressUpdate:
+		return applyScrubProgress(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -644,5 +648,37 @@ func applyAdvanceEpoch(s *State, c *AdvanceEpoch) (Result, error) {
 		return Result{}, err
 	}
 	v.Epoch++
+	return Result{Volume: v.Clone()}, nil
+}
+
+// maxConditionMessage bounds a condition's message in the store.
+const maxConditionMessage = 1024
+
+func applySetVolumeCondition(s *State, c *SetVolumeCondition) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if len(c.Message) > maxConditionMessage {
+		return Result{}, fmt.Errorf("condition message of %d bytes, at most %d: %w", len(c.Message), maxConditionMessage, ErrInvalidArgument)
+	}
+	if !c.Abnormal {
+		v.Condition = nil
+	} else {
+		v.Condition = &VolumeCondition{Abnormal: true, Message: c.Message}
+	}
+	return Result{Volume: v.Clone()}, nil
+}
+
+func applyScrubProgress(s *State, c *ScrubProgressUpdate) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	p := c.Progress
+	if p.BlocksChecked > p.BlocksTotal {
+		return Result{}, fmt.Errorf("scrub progress beyond its total: %w", ErrInvalidArgument)
+	}
+	v.Scrub = &p
 	return Result{Volume: v.Clone()}, nil
 }

@@ -32,6 +32,8 @@ const (
 	CmdSetParameters        CommandType = 17
 	CmdSetReplicaGeneration CommandType = 18
 	CmdAdvanceEpoch         CommandType = 19
+	CmdSetVolumeCondition   CommandType = 20
+	CmdScrubProgress        CommandType = 21
 )
 
 // commandVersion is the encoding version written in front of every command.
@@ -209,6 +211,24 @@ type AdvanceEpoch struct {
 	ExpectEpoch uint64 `json:"expect_epoch"`
 }
 
+// SetVolumeCondition records whether a volume's data is known damaged: the
+// engine sets Abnormal when a block verified on no replica (the read got
+// EIO), and clears it when a scrub finds every block verifying again. It is
+// what the CSI VolumeCondition reports. It changes no replica set and no
+// epoch.
+type SetVolumeCondition struct {
+	VolumeID string `json:"volume_id"`
+	Abnormal bool   `json:"abnormal,omitempty"`
+	Message  string `json:"message,omitempty"`
+}
+
+// ScrubProgressUpdate records how far a scrub of a volume has come (see
+// ScrubProgress). It changes no replica set and no epoch.
+type ScrubProgressUpdate struct {
+	VolumeID string        `json:"volume_id"`
+	Progress ScrubProgress `json:"progress"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -229,6 +249,8 @@ func (Request) Type() CommandType               { return CmdRequest }
 func (SetParameters) Type() CommandType         { return CmdSetParameters }
 func (SetReplicaGeneration) Type() CommandType  { return CmdSetReplicaGeneration }
 func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
+func (SetVolumeCondition) Type() CommandType    { return CmdSetVolumeCondition }
+func (ScrubProgressUpdate) Type() CommandType   { return CmdScrubProgress }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -271,6 +293,10 @@ func newCommand(t CommandType) Command {
 		return &SetReplicaGeneration{}
 	case CmdAdvanceEpoch:
 		return &AdvanceEpoch{}
+	case CmdSetVolumeCondition:
+		return &SetVolumeCondition{}
+	case CmdScrubProgress:
+		return &ScrubProgressUpdate{}
 	}
 	return nil
 }

@@ -129,6 +129,29 @@ type RebuildProgress struct {
 	Done          bool   `json:"done,omitempty"`
 }
 
+// VolumeCondition is set while a volume's data is known damaged: a block
+// that verified on no replica. nil: normal.
+type VolumeCondition struct {
+	Abnormal bool   `json:"abnormal"`
+	Message  string `json:"message,omitempty"`
+}
+
+// ScrubProgress is the progress and outcome of a volume's latest scrub, for
+// operators (cairn ctl volume scrub).
+type ScrubProgress struct {
+	// Seq numbers the scrubs of the volume; a requested scrub waits for a
+	// Seq above the one it saw.
+	Seq           uint64 `json:"seq"`
+	BlocksTotal   uint64 `json:"blocks_total"`
+	BlocksChecked uint64 `json:"blocks_checked"`
+	Repaired      uint64 `json:"repaired"`
+	Unrecoverable uint64 `json:"unrecoverable"`
+	Done          bool   `json:"done,omitempty"`
+	Error         string `json:"error,omitempty"`
+	StartedAt     int64  `json:"started_at,omitempty"`
+	FinishedAt    int64  `json:"finished_at,omitempty"`
+}
+
 // Volume is a replicated block volume.
 type Volume struct {
 	ID         string            `json:"id"`
@@ -148,6 +171,10 @@ type Volume struct {
 	Attachment    *Attachment      `json:"attachment,omitempty"`
 	ContentSource string           `json:"content_source,omitempty"`
 	Rebuild       *RebuildProgress `json:"rebuild,omitempty"`
+	// Condition is set while the volume's data is known damaged.
+	Condition *VolumeCondition `json:"condition,omitempty"`
+	// Scrub is the latest scrub's progress.
+	Scrub *ScrubProgress `json:"scrub,omitempty"`
 	// NextReplicaSeq numbers replicas so that a replacement never reuses an id.
 	NextReplicaSeq int   `json:"next_replica_seq"`
 	CreatedAt      int64 `json:"created_at"`
@@ -221,6 +248,14 @@ func (v *Volume) Clone() *Volume {
 	if v.Rebuild != nil {
 		r := *v.Rebuild
 		c.Rebuild = &r
+	}
+	if v.Condition != nil {
+		x := *v.Condition
+		c.Condition = &x
+	}
+	if v.Scrub != nil {
+		x := *v.Scrub
+		c.Scrub = &x
 	}
 	return &c
 }

@@ -47,6 +47,9 @@ type Client struct {
 	// and answered without it: a server older than generations. Info asks
 	// without the flag on this connection from then on.
 	noGeneration atomic.Bool
+	// noSums is set once the server refused FlagSums (a server older than
+	// checksums): writes go without their piece checksums from then on.
+	noSums atomic.Bool
 
 	queue chan *call    // frames for the writer goroutine, in send order
 	dead  chan struct{} // closed when the connection fails or is closed
@@ -72,6 +75,7 @@ const (
 type call struct {
 	h       RequestHeader
 	payload []byte
+	trailer []byte // sent right after payload (a WRITE's piece checksums)
 	dst     []byte // a successful reply's payload is read into dst when set
 
 	state   callState
@@ -173,16 +177,21 @@ func (c *Client) deadErr() error {
 // do sends one request, with the flag of ctx's class if it is a data
 // operation, and waits for its reply payload.
 func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) ([]byte, error) {
+	return c.doTrailer(ctx, h, payload, nil, dst)
+}
+
+// doTrailer is do with a trailer sent after the payload.
+func (c *Client) doTrailer(ctx context.Context, h RequestHeader, payload, trailer, dst []byte) ([]byte, error) {
 	if !scheduled(h.Op) || c.noClass.Load() {
-		return c.roundTrip(ctx, h, payload, dst)
+		return c.roundTrip(ctx, h, payload, trailer, dst)
 	}
 	flag := classFlag(ClassOf(ctx))
 	if flag == 0 {
-		return c.roundTrip(ctx, h, payload, dst)
+		return c.roundTrip(ctx, h, payload, trailer, dst)
 	}
 	marked := h
 	marked.Flags |= flag
-	reply, err := c.roundTrip(ctx, marked, payload, dst)
+	reply, err := c.roundTrip(ctx, marked, payload, trailer, dst)
 	if !errors.Is(err, ErrInvalidArgument) {
 		return reply, err
 	}
@@ -190,7 +199,7 @@ func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) (
 	// running it (BadRequest), so sending it again unmarked is safe. The
 	// request may also have been bad for another reason; then the second
 	// answer is the same refusal and the connection keeps marking.
-	reply, err = c.roundTrip(ctx, h, payload, dst)
+	reply, err = c.roundTrip(ctx, h, payload, trailer, dst)
 	var remote *RemoteError
 	if err == nil || errors.As(err, &remote) && !errors.Is(err, ErrInvalidArgument) {
 		// The server answered the unmarked request past its validation:
@@ -202,12 +211,12 @@ func (c *Client) do(ctx context.Context, h RequestHeader, payload, dst []byte) (
 }
 
 // roundTrip sends one request as it is and waits for its reply payload.
-func (c *Client) roundTrip(ctx context.Context, h RequestHeader, payload, dst []byte) ([]byte, error) {
+func (c *Client) roundTrip(ctx context.Context, h RequestHeader, payload, trailer, dst []byte) ([]byte, error) {
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	h.PayloadLen = uint32(len(payload))
-	cl := &call{h: h, payload: payload, dst: dst, written: make(chan struct{}), done: make(chan struct{})}
+	h.PayloadLen = uint32(len(payload) + len(trailer))
+	cl := &call{h: h, payload: payload, trailer: trailer, dst: dst, written: make(chan struct{}), done: make(chan struct{})}
 	c.mu.Lock()
 	if c.err != nil {
 		err := c.err
@@ -298,6 +307,9 @@ func (c *Client) writeLoop() {
 		_, err := bw.Write(AppendRequestHeader(hdr[:0], cl.h))
 		if err == nil && len(cl.payload) > 0 {
 			_, err = bw.Write(cl.payload)
+		}
+		if err == nil && len(cl.trailer) > 0 {
+			_, err = bw.Write(cl.trailer)
 		}
 		c.mu.Lock()
 		cl.state = callWritten
@@ -414,6 +426,40 @@ func (c *Client) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64
 		h.Flags = FlagFUA
 	}
 	_, err := c.do(ctx, h, p, nil)
+	return err
+}
+
+// WriteAtSums is WriteAt with p's piece checksums (PieceSums(nil, p, off)),
+// which the replica verifies before it writes: damage on the way →
+// ErrChecksum, nothing written. A server that predates checksums gets the
+// write without them, as does a write too large to carry them in one frame.
+func (c *Client) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	trailer := AppendUint32s(make([]byte, 0, 4*len(pieces)), pieces)
+	if pieces == nil || c.noSums.Load() || len(p)+len(trailer) > MaxPayload {
+		return c.WriteAt(ctx, epoch, p, off, fua)
+	}
+	h := RequestHeader{Op: OpWrite, Flags: FlagSums, Epoch: epoch, Offset: off, Length: uint32(len(p))}
+	if fua {
+		h.Flags |= FlagFUA
+	}
+	_, err := c.doTrailer(ctx, h, p, trailer, nil)
+	if !errors.Is(err, ErrInvalidArgument) {
+		return err
+	}
+	// As for the class flags (see do): an older server refuses the flag
+	// before it runs anything.
+	err = c.WriteAt(ctx, epoch, p, off, fua)
+	var remote *RemoteError
+	if err == nil || errors.As(err, &remote) && !errors.Is(err, ErrInvalidArgument) {
+		c.noSums.Store(true)
+	}
+	return err
+}
+
+// Rehash has the replica recompute the stored block checksums of extents
+// [firstExtent, firstExtent+count) from their data; see Replica.Rehash.
+func (c *Client) Rehash(ctx context.Context, epoch, firstExtent, count uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpRehash, Epoch: epoch, Offset: firstExtent, Length: uint32(count)}, nil, nil)
 	return err
 }
 

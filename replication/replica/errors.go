@@ -48,6 +48,11 @@ var (
 	// ErrProtocol: the peer sent a frame that cannot be decoded; the
 	// connection is closed because its framing can no longer be trusted.
 	ErrProtocol = errors.New("replica protocol error")
+	// ErrChecksum: data does not match its checksum — a write whose
+	// payload arrived damaged (nothing was written), or a stored block that
+	// no longer matches its stored sum (read, or the read of a block a
+	// write covers in part). On the wire this is status Checksum.
+	ErrChecksum = errors.New("checksum mismatch")
 	// ErrServerClosed is returned by Server.Serve after Server.Close.
 	ErrServerClosed = errors.New("replica server closed")
 )
@@ -65,6 +70,7 @@ const (
 	StatusNotFound   Status = 4
 	StatusIOError    Status = 5
 	StatusBadRequest Status = 6
+	StatusChecksum   Status = 7
 )
 
 func (s Status) String() string {
@@ -83,6 +89,8 @@ func (s Status) String() string {
 		return "io_error"
 	case StatusBadRequest:
 		return "bad_request"
+	case StatusChecksum:
+		return "checksum"
 	}
 	return fmt.Sprintf("status_%d", uint32(s))
 }
@@ -103,6 +111,8 @@ func statusOf(err error) Status {
 		return StatusNotFound
 	case errors.Is(err, ErrInvalidArgument), errors.Is(err, ErrProtocol):
 		return StatusBadRequest
+	case errors.Is(err, ErrChecksum):
+		return StatusChecksum
 	}
 	return StatusIOError
 }
@@ -120,6 +130,8 @@ func sentinelOf(s Status) error {
 		return ErrNotFound
 	case StatusBadRequest:
 		return ErrInvalidArgument
+	case StatusChecksum:
+		return ErrChecksum
 	}
 	return ErrIO
 }

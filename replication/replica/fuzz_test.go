@@ -66,6 +66,11 @@ func fuzzServerSeeds() [][]byte {
 			flagged(fuzzReq(OpRead, 5, 0, 0, 512, nil), FlagRebuild|FlagScrub), // two classes: refused
 			flagged(fuzzReq(OpClaim, 6, 0, 0, 0, nil), FlagRebuild),            // not a data op: refused
 			flagged(fuzzReq(OpFlush, 7, 0, 0, 0, nil), FlagScrub)),
+		fuzzStream(open,
+			flagged(fuzzReq(OpWrite, 2, 0, 4094, 4, append([]byte("sums"), AppendUint32s(nil, PieceSums(nil, []byte("sums"), 4094))...)), FlagSums),
+			flagged(fuzzReq(OpWrite, 3, 0, 0, 4, append([]byte("bad!"), 0, 0, 0, 0)), FlagSums), // wrong checksum: refused
+			flagged(fuzzReq(OpWrite, 4, 0, 0, 4, []byte("none")), FlagSums),                     // no checksums: refused
+			flagged(fuzzReq(OpRehash, 5, 0, 0, 2, nil), FlagScrub)),
 	}
 }
 

@@ -15,8 +15,8 @@ import (
 //
 //	 0  magic        u32  RequestMagic
 //	 4  op           u8
-//	 5  flags        u8   FlagFUA, FlagRebuild, FlagScrub, FlagGeneration;
-//	                      other bits must be 0
+//	 5  flags        u8   FlagFUA, FlagRebuild, FlagScrub, FlagGeneration,
+//	                      FlagSums; other bits must be 0
 //	 6  reserved     u16  must be 0
 //	 8  handle       u64  chosen by the client, echoed in the reply
 //	16  epoch        u64
@@ -41,6 +41,7 @@ import (
 //	CLAIM         new    -               -                 -          -
 //	READ          yes    byte offset     bytes             -          the data
 //	WRITE         yes    byte offset     bytes             the data   -
+//	                                                       [+ sums]
 //	FLUSH         yes    -               -                 -          -
 //	TRIM          yes    byte offset     bytes             -          -
 //	WRITE_ZEROES  yes    byte offset     bytes             -          -
@@ -53,6 +54,15 @@ import (
 //	                                                                  generation if
 //	                                                                  FlagGeneration)
 //	PING          -      -               -                 -          -
+//	REHASH        yes    first extent    extent count      -          -
+//
+// A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
+// each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
+// computed by the sender over the bytes it sent); the replica verifies them
+// before it writes anything and answers Checksum on a mismatch. A server
+// older than the flag answers BadRequest and the client sends the write
+// again without it. REHASH recomputes the stored block checksums of the
+// extents from their data (resync after an unclean stop).
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
@@ -92,6 +102,9 @@ const (
 	// FlagGeneration asks INFO to carry the replica's generation.
 	FlagGeneration uint8 = 1 << 3
 
+	// FlagSums on WRITE: the payload ends with the data's piece checksums.
+	FlagSums uint8 = 1 << 4
+
 	// flagsClass are the class bits; setting both is invalid.
 	flagsClass = FlagRebuild | FlagScrub
 )
@@ -115,7 +128,8 @@ const (
 	OpMarkClean   Op = 11
 	OpInfo        Op = 12
 	OpPing        Op = 13
-	opLimit          = 14 // one past the highest op
+	OpRehash      Op = 14
+	opLimit          = 15 // one past the highest op
 )
 
 // opSpec says which header fields an op uses; unused fields must be 0.
@@ -142,7 +156,7 @@ var opSpecs = [opLimit]opSpec{
 	OpOpen:        {name: "open", offset: true, payload: payloadIsOpenID},
 	OpClaim:       {name: "claim", epoch: true},
 	OpRead:        {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: flagsClass},
-	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass, payload: payloadIsData},
+	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass | FlagSums, payload: payloadIsData},
 	OpFlush:       {name: "flush", epoch: true, flags: flagsClass},
 	OpTrim:        {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
 	OpWriteZeroes: {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
@@ -152,6 +166,7 @@ var opSpecs = [opLimit]opSpec{
 	OpMarkClean:   {name: "mark_clean", epoch: true, offset: true},
 	OpInfo:        {name: "info", flags: FlagGeneration},
 	OpPing:        {name: "ping"},
+	OpRehash:      {name: "rehash", epoch: true, offset: true, length: true, flags: flagsClass},
 }
 
 // Limits that keep a reply within MaxPayload.
@@ -262,8 +277,12 @@ func ValidateRequest(h RequestHeader) error {
 			return bad("takes no payload, got %d bytes", h.PayloadLen)
 		}
 	case payloadIsData:
-		if h.PayloadLen != h.Length {
-			return bad("payload of %d bytes, length field says %d", h.PayloadLen, h.Length)
+		want := uint64(h.Length)
+		if h.Flags&FlagSums != 0 {
+			want += 4 * SumPieces(h.Offset, uint64(h.Length))
+		}
+		if uint64(h.PayloadLen) != want {
+			return bad("payload of %d bytes, length field and flags say %d", h.PayloadLen, want)
 		}
 	case payloadIsOpenID:
 		if h.PayloadLen == 0 || h.PayloadLen > MaxIDLen {

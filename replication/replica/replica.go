@@ -38,6 +38,9 @@ type Replica struct {
 	extents    uint64
 	data       *os.File
 	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
+	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
+	// replica without checksums.
+	sums *os.File
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
 	// across I/O: every data operation holds it shared for its whole
@@ -104,6 +107,19 @@ type Info struct {
 // replica gets a new random generation. A replica whose meta file predates
 // generations (version 1) gets one when it is opened, written back at once.
 func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
+	return OpenWith(dir, id, size, extentSize, CreateOptions{})
+}
+
+// CreateOptions are the choices made when a replica is created; an existing
+// replica keeps those it was created with.
+type CreateOptions struct {
+	// Checksums keeps a checksum per SumBlockSize block in a sums file
+	// beside the data (see sums.go).
+	Checksums bool
+}
+
+// OpenWith is Open with the options a new replica is created with.
+func OpenWith(dir, id string, size, extentSize uint64, opts CreateOptions) (*Replica, error) {
 	if err := validateID(id); err != nil {
 		return nil, err
 	}
@@ -120,7 +136,7 @@ func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
 		if err := validateGeometry(size, extentSize); err != nil {
 			return nil, fmt.Errorf("replica %s: %w", id, err)
 		}
-		if err := create(dir, id, size, extentSize); err != nil {
+		if err := create(dir, id, size, extentSize, opts); err != nil {
 			return nil, fmt.Errorf("replica %s: create: %w", id, err)
 		}
 	case err != nil:
@@ -142,7 +158,7 @@ func Open(dir, id string, size, extentSize uint64) (*Replica, error) {
 
 // create builds a new replica in a hidden directory and renames it to
 // dir/<id>. If another creator got there first, the existing replica wins.
-func create(dir, id string, size, extentSize uint64) (err error) {
+func create(dir, id string, size, extentSize uint64, opts CreateOptions) (err error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return err
 	}
@@ -169,6 +185,11 @@ func create(dir, id string, size, extentSize uint64) (err error) {
 	}
 	if err := f.Close(); err != nil {
 		return err
+	}
+	if opts.Checksums {
+		if err := createSumsFile(tmp, size); err != nil {
+			return err
+		}
 	}
 	m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: extentSize,
 		Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
@@ -241,6 +262,10 @@ func openExisting(path, id string) (*Replica, error) {
 			_ = f.Close() // the data file was not written
 			return nil, fmt.Errorf("replica %s: record a generation in the meta file: %w", id, err)
 		}
+	}
+	if err := r.openSums(); err != nil {
+		_ = f.Close() // opened read-write but never written
+		return nil, err
 	}
 	return r, nil
 }
@@ -467,6 +492,30 @@ func (r *Replica) extentsOf(off, n uint64) (first, last uint64) {
 // first. With fua the data is on stable storage when WriteAt returns;
 // otherwise only after the next Flush.
 func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
+	return r.WriteAtSums(epoch, p, off, fua, nil)
+}
+
+// WriteAtSums is WriteAt with the CRC32C of each SumBlockSize-aligned piece
+// of p (PieceSums), computed by the sender over exactly the bytes it sent:
+// a piece that does not match → ErrChecksum, and nothing is written. pieces
+// nil: nothing to verify (a replica with checksums computes them itself).
+func (r *Replica) WriteAtSums(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	return r.writeAt(epoch, p, off, fua, pieces, true)
+}
+
+// WriteAtLocal is WriteAtSums for a caller in the same process that
+// computed pieces over p itself (the engine's in-process replica): nothing
+// travelled, so the pieces are used for the stored sums without being
+// verified again. That saves a CRC pass over every write of the engine's
+// own node.
+func (r *Replica) WriteAtLocal(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	if pieces != nil && uint64(len(pieces)) != SumPieces(off, uint64(len(p))) {
+		return fmt.Errorf("replica %s: %w: %d checksums for a write of %d pieces", r.id, ErrInvalidArgument, len(pieces), SumPieces(off, uint64(len(p))))
+	}
+	return r.writeAt(epoch, p, off, fua, pieces, false)
+}
+
+func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32, verify bool) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if err := r.checkEpoch(epoch); err != nil {
@@ -479,11 +528,28 @@ func (r *Replica) WriteAt(epoch uint64, p []byte, off uint64, fua bool) error {
 	if n == 0 {
 		return nil
 	}
+	if pieces != nil && verify {
+		if err := r.checkPieces(p, off, pieces); err != nil {
+			return err
+		}
+	}
+	var sums []uint32
+	if r.sums != nil {
+		var err error
+		if sums, err = r.newSums(p, off, pieces); err != nil {
+			return err
+		}
+	}
 	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
 		return err
 	}
 	if err := r.pwrite(p, off); err != nil {
 		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
+	}
+	if sums != nil {
+		if err := r.writeSums(sums, off/SumBlockSize); err != nil {
+			return err
+		}
 	}
 	if fua {
 		return r.fdatasync()
@@ -556,6 +622,8 @@ func (r *Replica) precheck(epoch, off, n uint64) error {
 }
 
 // ReadAt fills p from off. Never-written ranges and holes read as zeros.
+// With checksums every block read is verified: a block whose data does not
+// match its stored sum → ErrChecksum, naming the block.
 func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
@@ -564,6 +632,9 @@ func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
 	}
 	if err := r.checkRange(off, uint64(len(p))); err != nil {
 		return err
+	}
+	if r.sums != nil && len(p) > 0 {
+		return r.readVerified(p, off)
 	}
 	return r.readAt(p, off)
 }
@@ -625,6 +696,9 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		err = r.writeZeros(off, length) // a file system without hole punching
 	}
+	if err == nil && r.sums != nil {
+		err = r.punchSums(off, length)
+	}
 	if err != nil {
 		return fmt.Errorf("replica %s: %s %d bytes at %d: %w", r.id, op, length, off, err)
 	}
@@ -652,7 +726,9 @@ func (r *Replica) extentBounds(i uint64) (off, n uint64) {
 }
 
 // Checksums returns the CRC32C (Castagnoli) of each extent in
-// [firstExtent, firstExtent+count); holes count as zeros. The epoch is
+// [firstExtent, firstExtent+count); holes count as zeros. With block
+// checksums every block read is verified (ErrChecksum), so a scrub's digest
+// of an extent also checks it. The epoch is
 // checked again before each extent, so a long scan does not hold up Claim.
 func (r *Replica) Checksums(epoch, firstExtent, count uint64) ([]uint32, error) {
 	r.epochMu.RLock()
@@ -691,6 +767,11 @@ func (r *Replica) extentChecksum(epoch, i uint64, buf []byte) (uint32, error) {
 		chunk := buf[:min(n, uint64(len(buf)))]
 		if err := r.readAt(chunk, off); err != nil {
 			return 0, err
+		}
+		if r.sums != nil {
+			if err := r.verifyBlocks(chunk, off); err != nil {
+				return 0, err
+			}
 		}
 		sum = crc32.Update(sum, castagnoli, chunk)
 		off, n = off+uint64(len(chunk)), n-uint64(len(chunk))
@@ -744,6 +825,11 @@ func (r *Replica) readExtentInto(epoch, index uint64, buf []byte) ([]byte, error
 	if err := r.readAt(buf, off); err != nil {
 		return nil, err
 	}
+	if r.sums != nil {
+		if err := r.verifyBlocks(buf, off); err != nil {
+			return nil, err
+		}
+	}
 	return buf, nil
 }
 
@@ -796,6 +882,12 @@ func (r *Replica) closeLocked() error {
 	r.closed = true
 	// Unflushed writes stay in the page cache and reach the disk later;
 	// Close is not a Flush, as for a block device.
+	if r.sums != nil {
+		if err := r.sums.Close(); err != nil {
+			_ = r.data.Close() // the sums error is the one to report
+			return fmt.Errorf("replica %s: close sums file: %w", r.id, err)
+		}
+	}
 	if err := r.data.Close(); err != nil {
 		return fmt.Errorf("replica %s: close data file: %w", r.id, err)
 	}

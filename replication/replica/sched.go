@@ -90,6 +90,8 @@ func schedOp(op Op, n, extentSize uint64) (sop iosched.Op, bytes uint64, ok bool
 		return iosched.Read, n * extentSize, true // at most: holes are not read
 	case OpReadExtent:
 		return iosched.Read, extentSize, true
+	case OpRehash:
+		return iosched.Read, n * extentSize, true // and small writes of sums
 	}
 	return 0, 0, false
 }

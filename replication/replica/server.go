@@ -194,6 +194,12 @@ func (s *Server) SetReservations(minIOPS map[string]uint64) {
 // that id and size is returned as it is; one with another size gives
 // ErrExists.
 func (s *Server) Create(id string, size uint64) (*Replica, error) {
+	return s.CreateWith(id, size, CreateOptions{})
+}
+
+// CreateWith is Create with the options a new replica gets (an existing
+// one keeps its own).
+func (s *Server) CreateWith(id string, size uint64, opts CreateOptions) (*Replica, error) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
 	if r, err := s.lookup(id); err != nil || r != nil {
@@ -202,7 +208,7 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 		}
 		return r, err
 	}
-	r, err := Open(s.dataDir, id, size, 0)
+	r, err := OpenWith(s.dataDir, id, size, 0, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -211,7 +217,7 @@ func (s *Server) Create(id string, size uint64) (*Replica, error) {
 	s.replicas[id] = r
 	s.mu.Unlock()
 	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()),
-		zap.String("generation", r.Generation()))
+		zap.String("generation", r.Generation()), zap.Bool("checksums", r.Checksummed()))
 	return r, nil
 }
 
@@ -525,9 +531,22 @@ func (c *serverConn) readLoop() {
 			return
 		}
 		var payload *[]byte
+		var trailer []byte
 		if h.PayloadLen > 0 {
-			payload = getBuf(int(h.PayloadLen))
-			if _, err := io.ReadFull(c.br, *payload); err != nil {
+			// A WRITE's piece checksums are read apart from its data, so
+			// that the data buffer is the size of the data: a 1 MiB write
+			// does not take a 2 MiB buffer for its 1 KiB of checksums.
+			dataLen := int(h.PayloadLen)
+			if h.Op == OpWrite && h.Flags&FlagSums != 0 {
+				dataLen = int(h.Length)
+				trailer = make([]byte, int(h.PayloadLen)-dataLen)
+			}
+			payload = getBuf(dataLen)
+			_, err := io.ReadFull(c.br, *payload)
+			if err == nil && len(trailer) > 0 {
+				_, err = io.ReadFull(c.br, trailer)
+			}
+			if err != nil {
 				putBuf(payload)
 				c.budget.release(cost)
 				c.log.Debug("replica connection: read payload failed", zap.Error(err))
@@ -549,7 +568,7 @@ func (c *serverConn) readLoop() {
 		go func() {
 			defer c.handlers.Done()
 			defer func() { <-c.inFlight }()
-			c.send(c.execute(h, payload, cost))
+			c.send(c.execute(h, payload, trailer, cost))
 		}()
 	}
 }
@@ -644,7 +663,7 @@ func (c *serverConn) open(h RequestHeader, payload []byte, cost uint64) reply {
 // execute runs one request against the connection's replica, once the
 // disk scheduler lets it go. The ticket is given back before the reply is
 // queued: a slot of the disk is never held waiting for the network.
-func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) reply {
+func (c *serverConn) execute(h RequestHeader, payload *[]byte, trailer []byte, cost uint64) reply {
 	start := time.Now()
 	var rep reply
 	var t iosched.Ticket
@@ -667,7 +686,7 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 		}
 	}
 	if err == nil {
-		rep, err = c.do(h, payload)
+		rep, err = c.do(h, payload, trailer)
 		t.Done()
 	}
 	putBuf(payload)
@@ -680,7 +699,7 @@ func (c *serverConn) execute(h RequestHeader, payload *[]byte, cost uint64) repl
 	return rep
 }
 
-func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
+func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply, error) {
 	r := c.replica
 	fua := h.Flags&FlagFUA != 0
 	switch h.Op {
@@ -714,7 +733,16 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte) (reply, error) {
 		if payload != nil {
 			p = *payload
 		}
-		return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
+		if h.Flags&FlagSums == 0 {
+			return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
+		}
+		pieces, err := DecodeUint32s(trailer)
+		if err != nil {
+			return reply{}, err
+		}
+		return reply{}, r.WriteAtSums(h.Epoch, p, h.Offset, fua, pieces)
+	case OpRehash:
+		return reply{}, r.Rehash(h.Epoch, h.Offset, uint64(h.Length))
 	case OpFlush:
 		return reply{}, r.Flush(h.Epoch)
 	case OpTrim, OpWriteZeroes:
@@ -767,6 +795,13 @@ func (c *serverConn) errorReply(h RequestHeader, err error, cost uint64) reply {
 		if c.fencedLogged.CompareAndSwap(false, true) {
 			c.log.Warn("replica fenced a request from an older epoch", zap.Uint64("epoch", h.Epoch), zap.Stringer("op", h.Op), zap.Error(err))
 		}
+	} else if errors.Is(err, ErrChecksum) {
+		c.s.metrics.checksum.Inc()
+		vol := ""
+		if c.replica != nil {
+			vol = c.s.volumeOf(c.replica.ID())
+		}
+		c.log.Warn("replica checksum mismatch", zap.String("volume_id", vol), zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	} else if statusOf(err) == StatusIOError {
 		c.log.Warn("replica request failed", zap.Stringer("op", h.Op), zap.Uint64("epoch", h.Epoch), zap.Error(err))
 	}
@@ -914,6 +949,7 @@ type serverMetrics struct {
 	fenced   prometheus.Counter
 	rejected prometheus.Counter
 	waiting  prometheus.Gauge
+	checksum prometheus.Counter
 
 	opsByOp      [opLimit]prometheus.Counter
 	durationByOp [opLimit]prometheus.Observer
@@ -942,6 +978,10 @@ func newServerMetrics() *serverMetrics {
 			Name: "cairn_replica_rejected_requests_total",
 			Help: "Requests refused before execution: malformed, unknown op, or before OPEN.",
 		}),
+		checksum: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_replica_checksum_errors_total",
+			Help: "Requests refused for a checksum mismatch: a write damaged on the wire, or a stored block that no longer matches its sum.",
+		}),
 		waiting: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "cairn_replica_sched_waiting_requests",
 			Help: "Data operations (from the network and in process) waiting for the disk scheduler.",
@@ -963,5 +1003,5 @@ func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
 }
 
 func (m *serverMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting}
+	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting, m.checksum}
 }

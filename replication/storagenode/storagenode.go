@@ -234,13 +234,14 @@ func (n *Node) realize() {
 // create makes a blank copy of replica p (with a new generation) and
 // records its generation.
 func (n *Node) create(p placed) {
-	r, err := n.server.Create(p.rep.ID, p.vol.SizeBytes)
+	r, err := n.server.CreateWith(p.rep.ID, p.vol.SizeBytes, replica.CreateOptions{Checksums: p.vol.Checksummed()})
 	if err != nil {
 		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
 		return
 	}
 	n.log.Info("replica created", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
-		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()))
+		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()),
+		zap.Bool("checksums", r.Checksummed()))
 	n.record(p, r.Generation())
 }
 

@@ -38,6 +38,7 @@ type nodeJSON struct {
 	ID      string `json:"id"`
 	Agent   string `json:"agent"`
 	Data    string `json:"data"`
+	DataDir string `json:"data_dir"`
 	Metrics string `json:"metrics"`
 	PID     int    `json:"pid"`
 	Log     string `json:"log"`

@@ -16,10 +16,7 @@ import (
 // with the part of issue #10 it waits for. TestTorture skips them (the
 // program, go run ./tests/torture, runs and reports them all). Remove an
 // entry when its fix lands; the goal is an empty map.
-var knownFailing = map[Kind]string{
-	BitFlip: "end-to-end crc32c block checksums with repair: today a flipped bit in a replica's data file is " +
-		"read back as is and the replicas differ",
-}
+var knownFailing = map[Kind]string{}
 
 // targetsPending lists the fault kinds whose stall or takeover target
 // (issue #10: no acknowledged write waits more than 2 s because of one

@@ -81,6 +81,19 @@ var goals = []goal{
 	{of: "b", wl: "write-1m-qd8", ratio: 0.25},
 }
 
+// checksumGoals are the targets of end-to-end checksums (docs/integrity.md):
+// IOPS of the 3-replica volume with checksumAlgorithm crc32c (b) at least
+// ratio times those of the same volume with checksumAlgorithm none (d).
+var checksumGoals = []struct {
+	wl    string
+	ratio float64
+}{
+	{"randwrite-4k-qd32", 0.9},
+	{"randread-4k-qd32", 0.9},
+	{"write-1m-qd8", 0.85},
+	{"read-1m-qd8", 0.85},
+}
+
 // rssGoalMiB is the bound on the node agent's RSS with
 // idle exported volumes.
 const rssGoalMiB = 200
@@ -315,9 +328,14 @@ func (b *bench) run(ctx context.Context) error {
 	tA := &target{key: "a", label: "(a) cairn 1 replica", sock: filepath.Join(b.tmp, "a.sock")}
 	tB := &target{key: "b", label: "(b) cairn 3 replicas", sock: filepath.Join(b.tmp, "b.sock")}
 	tC := &target{key: "c", label: "(c) nbdkit file", sock: filepath.Join(b.tmp, "c.sock")}
-	for _, t := range []*target{tA, tB} {
-		reps := map[string]int{"a": 1, "b": 3}[t.key]
-		v, err := b.createVolume(ctx, "bench-"+t.key, b.o.size, reps)
+	tD := &target{key: "d", label: "(d) cairn 3 replicas, no checksums", sock: filepath.Join(b.tmp, "d.sock")}
+	for _, t := range []*target{tA, tB, tD} {
+		reps := map[string]int{"a": 1, "b": 3, "d": 3}[t.key]
+		var extra []string
+		if t.key == "d" {
+			extra = []string{"--checksum-algorithm", "none"}
+		}
+		v, err := b.createVolume(ctx, "bench-"+t.key, b.o.size, reps, extra...)
 		if err != nil {
 			return err
 		}
@@ -337,7 +355,7 @@ func (b *bench) run(ctx context.Context) error {
 	if err := b.startNbdkit(ctx, tC); err != nil {
 		return err
 	}
-	targets := []*target{tA, tB, tC}
+	targets := []*target{tA, tB, tD, tC}
 
 	if b.o.perfDir != "" {
 		b.logf("perf profiles go to %s", b.o.perfDir)
@@ -388,6 +406,8 @@ func (b *bench) run(ctx context.Context) error {
 	printOps(os.Stdout, results)
 	fmt.Println()
 	printGoals(os.Stdout, results)
+	fmt.Println()
+	printChecksumGoals(os.Stdout, results)
 	fmt.Println()
 	printRSS(os.Stdout, n1.ID, b.o, rssFresh, rssIdle, rssLater, hwm, rssAfter)
 
@@ -453,12 +473,13 @@ func (b *bench) loadCluster() error {
 	return nil
 }
 
-func (b *bench) createVolume(ctx context.Context, name, size string, replicas int) (*benchkit.Volume, error) {
-	out, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "create", name,
+func (b *bench) createVolume(ctx context.Context, name, size string, replicas int, extra ...string) (*benchkit.Volume, error) {
+	args := []string{"ctl", "--server", b.servers, "volume", "create", name,
 		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json",
 		// nbdkit serves a local file; give the Cairn volume a replica on the
 		// exporting node too, so reads are local in both.
-		"--preferred-node", b.nodes[0].ID)
+		"--preferred-node", b.nodes[0].ID}
+	out, err := b.cmd(ctx, b.bin, append(args, extra...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -805,8 +826,9 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (b) %s volume, 3 replicas (node-1..3, write quorum per store), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (c) nbdkit --unix SOCK --foreground file %s (%s sparse file)\n", filepath.Join(b.tmp, "plain.img"), b.o.size)
+	fmt.Fprintf(w, "          (d) as (b) with checksumAlgorithm none (every volume else has crc32c, the default)\n")
 	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
-	fmt.Fprintf(w, "          on (a), (b), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
+	fmt.Fprintf(w, "          on (a), (b), (d), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
 }
 
 // version names the commit bin/cairn was built from and whether the
@@ -985,6 +1007,42 @@ func printGoals(w io.Writer, results []*result) {
 			verdict = "met"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%.2f\t≥ %.2f\t%s\t\n", name, wl.label, ratio, g.ratio, verdict)
+	}
+	tw.Flush()
+}
+
+// printChecksumGoals compares the 3-replica volume with checksums (b) and
+// without (d), side by side.
+func printChecksumGoals(w io.Writer, results []*result) {
+	find := func(key, wl string) *result {
+		for _, r := range results {
+			if r.tgt.key == key && r.wl.name == wl && r.err == nil {
+				return r
+			}
+		}
+		return nil
+	}
+	fmt.Fprintln(w, "cost of checksums (3 replicas: checksumAlgorithm crc32c (b) / none (d)):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "workload\tcrc32c IOPS\tnone IOPS\tcrc32c MiB/s\tnone MiB/s\tratio\tgoal\t\t")
+	for _, g := range checksumGoals {
+		label := g.wl
+		for _, x := range workloads {
+			if x.name == g.wl {
+				label = x.label
+			}
+		}
+		r, d := find("b", g.wl), find("d", g.wl)
+		if r == nil || d == nil || d.iops == 0 {
+			fmt.Fprintf(tw, "%s\t-\t-\t-\t-\t-\t≥ %.2f\tnot measured\t\n", label, g.ratio)
+			continue
+		}
+		ratio := r.iops / d.iops
+		verdict := "not met"
+		if ratio >= g.ratio {
+			verdict = "met"
+		}
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.1f\t%.1f\t%.2f\t≥ %.2f\t%s\t\n", label, r.iops, d.iops, r.mibps, d.mibps, ratio, g.ratio, verdict)
 	}
 	tw.Flush()
 }
