@@ -42,7 +42,6 @@ type nodeJSON struct {
 	Metrics string `json:"metrics"`
 	PID     int    `json:"pid"`
 	Log     string `json:"log"`
-	DataDir string `json:"data_dir"`
 }
 
 type clusterJSON struct {
