@@ -449,3 +449,35 @@ func TestChecksumReadsRacingWrites(t *testing.T) {
 		}
 	}
 }
+
+// TestScrubPeriodic: with a scrub interval the attached engine scrubs on
+// its own, counting from its start when the store has no scrub recorded.
+func TestScrubPeriodic(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("scrubtick", 4*mib, 3, 0, "n1")
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: time.Hour, WatchInterval: 20 * time.Millisecond, ScrubInterval: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	for {
+		v, err = r.meta.Volume(ctx, v.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if s := v.Scrub; s != nil && s.Done && s.Seq >= 2 {
+			if s.Error != "" || s.BlocksChecked != 3*1024 {
+				t.Fatalf("scrub %+v", s)
+			}
+			return // two in a row: the interval counts from the last one
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("no periodic scrubs: %+v", v.Scrub)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}

@@ -647,14 +647,28 @@ func (r *Replica) readAt(p []byte, off uint64) error {
 	return nil
 }
 
-// Flush makes every completed write durable (fdatasync of the data file).
+// Flush makes every completed write durable (fdatasync of the data file,
+// then of the sums file). The sums must be durable before a clean point
+// clears the dirty bits (MarkClean follows a Flush): after a power loss a
+// block whose data reached the disk and whose sum did not would otherwise
+// read as corrupt outside any dirty extent, on every replica at once. A
+// FUA write syncs its data only: its extent stays dirty until the next
+// Flush, and resync recomputes the sums of dirty extents.
 func (r *Replica) Flush(epoch uint64) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if err := r.checkEpoch(epoch); err != nil {
 		return err
 	}
-	return r.fdatasync()
+	if err := r.fdatasync(); err != nil {
+		return err
+	}
+	if r.sums != nil {
+		if err := unix.Fdatasync(int(r.sums.Fd())); err != nil {
+			return fmt.Errorf("replica %s: fdatasync sums: %w", r.id, err)
+		}
+	}
+	return nil
 }
 
 func (r *Replica) fdatasync() error {

@@ -84,6 +84,9 @@ func TestSumsWriteReadVerify(t *testing.T) {
 		t.Fatal(err)
 	}
 	clear(model[6*SumBlockSize : 8*SumBlockSize])
+	if err := r.Flush(1); err != nil {
+		t.Fatalf("Flush (data and sums): %v", err)
+	}
 	if got := readAll(t, r, 1); !bytes.Equal(got, model) {
 		t.Fatal("replica content differs from the model")
 	}
