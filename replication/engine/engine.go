@@ -1057,7 +1057,8 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	}
 	defer done()
 	passed := map[string]bool{} // replica ids passed over as silent
-	for attempt := 0; attempt < 2*meta.MaxReplicas; attempt++ {
+	patient := false            // every source was passed over once: wait IOTimeout now
+	for attempt := 0; attempt < 3*meta.MaxReplicas; attempt++ {
 		if err := e.checkLease(ctx); err != nil {
 			return err
 		}
@@ -1086,10 +1087,17 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 			}
 		}
 		timeout := e.cfg.IOTimeout
-		if src != nil && others > 0 {
+		if src != nil && others > 0 && !patient {
 			timeout = e.deadlineFor(src)
 		}
 		e.mu.RUnlock()
+		if src == nil && len(passed) > 0 {
+			// Every healthy replica was slow, none silent for good (a
+			// loaded machine): ask again, waiting IOTimeout this time.
+			clear(passed)
+			patient = true
+			continue
+		}
 		if src == nil {
 			return fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
 		}
@@ -1115,7 +1123,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 			// repaired from a copy that verifies (readChecked).
 			return e.readChecked(ctx, p, off)
 		}
-		if errors.Is(err, context.DeadlineExceeded) && others > 0 {
+		if errors.Is(err, context.DeadlineExceeded) && !patient && (others > 0 || len(passed) > 0) {
 			e.log.Warn("read source silent past its deadline; reading another replica", zap.String("replica_id", src.replica.ID),
 				zap.String("node", src.replica.Node), zap.Duration("deadline", timeout), zap.Uint64("epoch", epoch))
 			passed[src.replica.ID] = true

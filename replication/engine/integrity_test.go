@@ -475,3 +475,50 @@ func TestSilentReadSourceHoldsNothingUp(t *testing.T) {
 		t.Fatalf("write after %v, read after %v: something waited for IOTimeout, not the deadline", wrote, read)
 	}
 }
+
+// TestSlowReadsEverywhereStillAnswered: every replica answers reads, but
+// later than the replica deadline (a loaded machine). Passing over silent
+// sources must not turn that into "no healthy replica": the read waits
+// IOTimeout for one, and nothing is ejected.
+func TestSlowReadsEverywhereStillAnswered(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("slowreads", 16*mib, 3, 0, "n1")
+	var slowOn atomic.Bool
+	slow := func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+		if slowOn.Load() {
+			select {
+			case <-time.After(700 * time.Millisecond):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		return forward(ctx)
+	}
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 10 * time.Second,
+		ReplicaDeadline: 300 * time.Millisecond, CleanInterval: time.Hour,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn { return &faultConn{replicaConn: c, read: slow} }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	want := bytes.Repeat([]byte{9}, 4096)
+	if err := e.WriteAt(ctx, want, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	slowOn.Store(true)
+	got := make([]byte, 4096)
+	if err := e.ReadAt(ctx, got, 0); err != nil {
+		t.Fatalf("read with every replica slower than the deadline: %v", err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("read %#x..., want %#x...", got[0], want[0])
+	}
+	after, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := after.HealthyReplicas(); n != 3 {
+		t.Fatalf("%d healthy replicas after slow reads, want 3: %+v", n, after.Replicas)
+	}
+}
