@@ -88,15 +88,21 @@ type repairJob struct {
 }
 
 // readFrom reads p at off from m, bounded by IOTimeout for a remote replica.
-// Called with e.mu held for reading.
 func (e *Engine) readFrom(ctx context.Context, m *member, epoch uint64, p []byte, off uint64) error {
+	return e.readWithin(ctx, m, epoch, p, off, e.cfg.IOTimeout)
+}
+
+// readWithin reads p at off from m, bounded by timeout for a remote
+// replica; a replica served in process is read without a timer (a local
+// pread is not cancelled midway).
+func (e *Engine) readWithin(ctx context.Context, m *member, epoch uint64, p []byte, off uint64, timeout time.Duration) error {
 	switch {
 	case m.client == nil:
 		return errors.New("no connection")
-	case m.inProcess(): // a local pread is not cancelled midway: no timer
+	case m.inProcess():
 		return m.client.ReadAt(ctx, epoch, p, off)
 	}
-	rctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+	rctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	return m.client.ReadAt(rctx, epoch, p, off)
 }
@@ -314,6 +320,12 @@ func (e *Engine) repairWrites(ctx context.Context, ms []*member, errs []error, o
 // that the CSI volume condition reports it.
 func (e *Engine) markAbnormal(ctx context.Context, lost []uint64) {
 	metricChecksumUnrecoverable.WithLabelValues(e.cfg.VolumeID).Add(float64(len(lost)))
+	// Recorded once per first lost block: an application retrying the
+	// read, or readahead, must not make a store write and an Error line
+	// of every EIO.
+	if e.abnormalBlock.Swap(lost[0]+1) == lost[0]+1 {
+		return
+	}
 	msg := fmt.Sprintf("data damaged: %d block(s) of 4 KiB verify on no replica, first block %d (offset %d); reads of them fail with EIO",
 		len(lost), lost[0], lost[0]*replica.SumBlockSize)
 	e.log.Error("blocks verify on no replica: read fails with EIO, volume condition abnormal", zap.Uint64("block", lost[0]),
@@ -321,6 +333,7 @@ func (e *Engine) markAbnormal(ctx context.Context, lost []uint64) {
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
 	if _, err := e.cfg.Meta.Apply(sctx, &meta.SetVolumeCondition{VolumeID: e.cfg.VolumeID, Abnormal: true, Message: msg}); err != nil {
+		e.abnormalBlock.Store(0) // try again at the next one
 		e.log.Warn("cannot record the abnormal volume condition", zap.Error(err))
 	}
 }

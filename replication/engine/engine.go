@@ -12,6 +12,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -132,14 +133,17 @@ type Engine struct {
 	quorum     int
 	fenced     bool
 	closed     bool
-	dirty      atomic.Bool     // writes since the last clean point
-	generation uint64          // clean point counter
-	rebuilding atomic.Bool     // a rebuild runs
-	checksums  atomic.Bool     // the volume keeps block checksums (set by reconfigure)
-	scrubbing  atomic.Bool     // a scrub runs
-	opened     time.Time       // when Open started: the periodic scrub counts from it at first
-	locks      *rangeLocks     // orders overlapping writes and rebuild copies
-	bg         context.Context // ends at Close
+	dirty      atomic.Bool // writes since the last clean point
+	generation uint64      // clean point counter
+	rebuilding atomic.Bool // a rebuild runs
+	checksums  atomic.Bool // the volume keeps block checksums (set by reconfigure)
+	scrubbing  atomic.Bool // a scrub runs
+	// abnormalBlock is 1 + the first lost block of the abnormal condition
+	// last recorded in the store (0: none); see markAbnormal.
+	abnormalBlock atomic.Uint64
+	opened        time.Time       // when Open started: the periodic scrub counts from it at first
+	locks         *rangeLocks     // orders overlapping writes and rebuild copies
+	bg            context.Context // ends at Close
 
 	// unresolved holds the extents of changing operations that ended in an
 	// error after they were sent, without their failed replicas being
@@ -808,10 +812,7 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		if n > 0 {
 			e.repairWrites(ctx, ms, errs, off, n)
 		}
-		failing := false
-		for _, err := range errs {
-			failing = failing || err != nil
-		}
+		failing := slices.ContainsFunc(errs, func(err error) bool { return err != nil })
 		if failing {
 			// Announced before the read lock goes, so that a clean point
 			// that gets the write lock first steps aside (cleanPointLocked).
@@ -958,8 +959,8 @@ func (e *Engine) resolve(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("volume %s: resolve: %v: %w", e.cfg.VolumeID, err, ErrIO)
 	}
-	if err := e.flushAll(ctx); err != nil {
-		return fmt.Errorf("volume %s: resolve: %v: %w", e.cfg.VolumeID, err, ErrIO)
+	if err := e.flushOrEject(ctx, "resolving a failed write"); err != nil {
+		return fmt.Errorf("volume %s: resolve: %w", e.cfg.VolumeID, err)
 	}
 	e.log.Info("failed writes resolved: replicas identical again", zap.Int("extents", len(extents)),
 		zap.Uint64("bytes_copied", copied), zap.String("source", src.replica.ID), zap.Uint64("epoch", e.epoch))
@@ -1072,18 +1073,13 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		// network), else the first healthy one not passed over. A failed
 		// source is ejected below and the next attempt picks another.
 		var src *member
-		others := 0
+		others := -1 // candidates besides src
 		for _, m := range e.members {
-			if !m.healthy() || passed[m.replica.ID] {
-				continue
-			}
-			if src == nil || m.local && !src.local {
-				if src != nil {
-					others++
-				}
-				src = m
-			} else {
+			if m.healthy() && !passed[m.replica.ID] {
 				others++
+				if src == nil || m.local && !src.local {
+					src = m
+				}
 			}
 		}
 		timeout := e.cfg.IOTimeout
@@ -1101,17 +1097,7 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		if src == nil {
 			return fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
 		}
-		var err error
-		switch {
-		case src.client == nil:
-			err = errors.New("no connection")
-		case src.inProcess(): // a local pread is not cancelled midway: no timer
-			err = src.client.ReadAt(ctx, epoch, p, off)
-		default:
-			rctx, cancel := context.WithTimeout(ctx, timeout)
-			err = src.client.ReadAt(rctx, epoch, p, off)
-			cancel()
-		}
+		err := e.readWithin(ctx, src, epoch, p, off, timeout)
 		if err == nil {
 			return nil
 		}
@@ -1196,15 +1182,35 @@ func (e *Engine) CleanPoint(ctx context.Context) error {
 	return e.cleanPointLocked(ctx)
 }
 
-// flushAll flushes every member before a clean point. Called with e.mu held.
-func (e *Engine) flushAll(ctx context.Context) error {
+// flushOrEject flushes every member and ejects those that fail the flush
+// or stay silent past their deadline while the quorum flushed; it fails if
+// the write quorum is not left, or if a replica holds a newer epoch (a
+// newer engine: reconfigure finds out). Called with e.mu held for writing:
+// leaving a failing replica for the next write to find would make that
+// write wait for its deadline again.
+func (e *Engine) flushOrEject(ctx context.Context, why string) error {
 	epoch := e.epoch
-	for _, err := range e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) }) {
-		if err != nil {
-			return fmt.Errorf("flush before clean point: %w", err)
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
+	var failed []*member
+	for i, err := range errs {
+		if err == nil {
+			continue
 		}
+		if errors.Is(err, replica.ErrFenced) {
+			return fmt.Errorf("flush (%s): %w", why, err)
+		}
+		if errors.Is(err, errStraggler) {
+			e.noteSlow(e.members[i])
+		}
+		failed = append(failed, e.members[i])
 	}
-	return nil
+	if failed == nil {
+		return nil
+	}
+	if err := e.eject(ctx, failed, "flush ("+why+") failed"); err != nil {
+		return err
+	}
+	return e.checkQuorum()
 }
 
 // cleanPointLocked runs with the write lock held, so that no write lands
@@ -1225,35 +1231,11 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 	if err := e.resolve(ctx); err != nil {
 		return fmt.Errorf("clean point: %w", err)
 	}
-	// A replica that fails this flush, or stays silent past its deadline
-	// while the quorum flushed, is ejected now: the clean point holds the
-	// write lock, and leaving the replica for the next write to find would
-	// make that write wait for its deadline again.
-	epoch := e.epoch
-	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
-	var failed []*member
-	for i, err := range errs {
-		if err == nil {
-			continue
-		}
-		if errors.Is(err, replica.ErrFenced) {
-			return fmt.Errorf("flush before clean point: %w", err) // a newer engine: reconfigure finds out
-		}
-		if errors.Is(err, errStraggler) {
-			e.noteSlow(e.members[i])
-		}
-		failed = append(failed, e.members[i])
-	}
-	if failed != nil {
-		if err := e.eject(ctx, failed, "flush before clean point failed"); err != nil {
-			return err
-		}
-		if err := e.checkQuorum(); err != nil {
-			return err
-		}
+	if err := e.flushOrEject(ctx, "before a clean point"); err != nil {
+		return err
 	}
 	e.generation++
-	errs = e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
+	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error {
 		return m.client.MarkClean(ctx, e.epoch, e.generation)
 	})
 	for _, err := range errs {
@@ -1301,9 +1283,9 @@ func (e *Engine) resync(ctx context.Context) error {
 	return e.cleanPointLocked(ctx)
 }
 
-// source is the member that resync and resolve copy from: the local
-// replica when healthy (no network), else the first healthy one. Called
-// with e.mu held.
+// source is the member that resync, resolve and rebuild copy from: the
+// local replica when healthy (no network), else the first healthy one.
+// Called with e.mu held.
 func (e *Engine) source() *member {
 	var src *member
 	for _, m := range e.members {

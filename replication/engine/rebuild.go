@@ -215,12 +215,7 @@ func (e *Engine) withExtent(ctx context.Context, x, n uint64, fn func(src *membe
 	if err := e.usable(); err != nil {
 		return err
 	}
-	var src *member
-	for _, m := range e.members {
-		if m.healthy() && m.client != nil && (src == nil || m.local) {
-			src = m
-		}
-	}
+	src := e.source()
 	if src == nil {
 		return fmt.Errorf("no healthy source: %w", ErrIO)
 	}

@@ -231,6 +231,7 @@ func (e *Engine) clearAbnormal(ctx context.Context) {
 		e.log.Warn("cannot clear the volume condition", zap.Error(err))
 		return
 	}
+	e.abnormalBlock.Store(0)
 	e.log.Info("scrub found every block verifying: volume condition normal again", zap.Uint64("epoch", e.Epoch()))
 }
 
