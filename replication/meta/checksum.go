@@ -30,9 +30,9 @@ func ChecksumAlgorithm(p map[string]string) (string, error) {
 	}
 }
 
-// Checksummed reports whether the volume keeps block checksums. A volume
-// whose parameter was refused at creation never reaches the store; any
-// other value counts as the default.
+// Checksummed reports whether the volume keeps block checksums. An unknown
+// value counts as none; it cannot reach the store, since creation refuses
+// it.
 func (v *Volume) Checksummed() bool {
 	a, err := ChecksumAlgorithm(v.Parameters)
 	return err == nil && a == ChecksumCRC32C

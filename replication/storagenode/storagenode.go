@@ -11,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -217,6 +218,13 @@ func (n *Node) realize() {
 	}
 	for id, p := range want {
 		info, present := onDisk[id]
+		if !present && n.unopenable(id) {
+			// Its directory is there but List could not open it (busy, out
+			// of descriptors, an I/O error; said above): not a lost copy.
+			// Neither a blank copy nor an ejection; an engine that cannot
+			// open it either ejects it through its claim.
+			continue
+		}
 		switch decide(p.rep.State, p.rep.Generation, present, info.Generation) {
 		case actCreate:
 			n.create(p)
@@ -326,4 +334,11 @@ func (n *Node) startRebuild(v *meta.Volume) {
 		_ = e.Close(cctx)
 		ccancel()
 	}()
+}
+
+// unopenable reports whether replica id has a directory in this node's data
+// dir although the replica server could not open it.
+func (n *Node) unopenable(id string) bool {
+	_, err := os.Stat(filepath.Join(n.cfg.DataDir, "replicas", id))
+	return err == nil
 }
