@@ -117,6 +117,8 @@ func TestChecksumCorruptionUnderRunningVolume(t *testing.T) {
 	}
 	if err := conn.ReadAt(ctx, got[:4096], lostBlock); err == nil {
 		t.Fatalf("read of a block bad on every replica succeeded (data equal to the written: %v)", bytes.Equal(got[:4096], want[lostBlock:lostBlock+4096]))
+	} else if !isNBDErrno(err, nbdEIO) {
+		t.Fatalf("read of a block bad on every replica: %v, want an NBD EIO reply", err)
 	} else {
 		t.Logf("read of a block bad everywhere: %v", err)
 	}

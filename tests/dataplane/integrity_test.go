@@ -16,7 +16,10 @@ import (
 // the frozen replica ejected since it cannot be claimed, the extents made
 // identical) before the clean point, not hidden by it.
 func TestUnexportDuringWritesLeavesIdenticalReplicas(t *testing.T) {
-	c := startCluster(t, 3)
+	// No replica deadline (negative: the full I/O timeout): the writes in
+	// flight must still be waiting for node-3 when the unexport cancels
+	// them, or this test would watch an ordinary ejection instead.
+	c := startCluster(t, 3, "--node-arg=--replica-deadline=-1s")
 	v := c.createVolume("unexport", volSizeArg, "--replicas", "3")
 	sock, _ := c.export(v.ID, "node-1", 20*time.Second)
 	conn := c.dial(sock, 10*time.Second)
@@ -40,8 +43,19 @@ func TestUnexportDuringWritesLeavesIdenticalReplicas(t *testing.T) {
 		}
 		return nil
 	})
-	w.stop()
+	// Resume node-3 before waiting for the writer: a write still held by
+	// the frozen node would otherwise hold the test until its timeout.
 	c.cont("node-3")
+	w.stop()
+	b, err := os.ReadFile(log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{`"operation failed after it was sent`, `"failed writes resolved: replicas identical again"`} {
+		if !bytes.Contains(b, []byte(want)) {
+			t.Fatalf("node-1's log has no %s line: the cancelled writes were not resolved as this test means to show", want)
+		}
+	}
 	if err := c.verify(v.ID); err != nil {
 		t.Fatalf("after the unexport: %v", err)
 	}

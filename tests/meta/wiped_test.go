@@ -60,18 +60,23 @@ func TestWipedMemberRejoins(t *testing.T) {
 			if err := os.MkdirAll(c.DataDir(0), 0o750); err != nil {
 				t.Fatal(err)
 			}
-			if allRestart {
-				c.Restart(t, 1)
-				c.Restart(t, 2)
-				c.Restart(t, 0)
-				// Let member 0 look at its peers while none of them leads.
+			// Member 0 decides to bootstrap or join in the background after
+			// Restart returns: wait for the decision before judging it.
+			decided := func() {
 				waitFor(t, 10*time.Second, "member 0 to bootstrap or join", func() bool {
 					joins := c.Logs().FilterMessage("found a running cluster; joining it").FilterField(zap.String("node_id", c.NodeID(0)))
 					return bootstraps() > formed || joins.Len() > 0
 				})
+			}
+			if allRestart {
+				c.Restart(t, 1)
+				c.Restart(t, 2)
+				c.Restart(t, 0)
+				decided() // while none of its peers leads
 				c.Heal()
 			} else {
 				c.Restart(t, 0)
+				decided()
 			}
 			if n := bootstraps() - formed; n > 0 {
 				t.Fatalf("member 0 bootstrapped a cluster of its own over the existing one (%d times)", n)

@@ -138,11 +138,20 @@ func campaignMain(ctx context.Context, o *options) (failed bool, err error) {
 	if err != nil {
 		return false, err
 	}
+	// Deferred, so that a panic in a round still stops the nodes, the
+	// partition rules and the loop-mounted file system.
+	closed := false
+	defer func() {
+		if !closed {
+			c.close(true)
+		}
+	}()
 	runErr := c.runAll(ctx)
 	env := fmt.Sprintf("%s, load %s, %s", benchkit.Kernel(), benchkit.LoadAvg(), gitDescribe())
 	if len(c.results) > 0 {
 		failed = printReport(os.Stdout, o, c.results, time.Since(c.start), env)
 	}
+	closed = true
 	c.close(failed || runErr != nil)
 	return failed, runErr
 }
