@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -714,11 +715,11 @@ func TestServerProtocolErrors(t *testing.T) {
 	}
 }
 
-func benchServer(b *testing.B) (*Client, uint64) {
+func benchServer(b *testing.B, sums bool) (*Client, uint64) {
 	const size, span = 1 << 30, 256 << 20
 	dir := b.TempDir()
 	s, addr := startServer(b, dir)
-	if _, err := s.Create("bench", size); err != nil {
+	if _, err := s.CreateWith("bench", size, CreateOptions{Checksums: sums}); err != nil {
 		b.Fatal(err)
 	}
 	c := dial(b, addr, "bench", size)
@@ -737,9 +738,16 @@ func benchServer(b *testing.B) (*Client, uint64) {
 }
 
 // BenchmarkWrite4K: 4 KiB writes at random aligned offsets, client → server
-// over loopback, many goroutines through one pipelined client.
+// over loopback, many goroutines through one pipelined client; with and
+// without block checksums.
 func BenchmarkWrite4K(b *testing.B) {
-	c, span := benchServer(b)
+	for _, sums := range []bool{false, true} {
+		b.Run(fmt.Sprintf("sums=%v", sums), func(b *testing.B) { benchWrite4K(b, sums) })
+	}
+}
+
+func benchWrite4K(b *testing.B, sums bool) {
+	c, span := benchServer(b, sums)
 	b.SetBytes(4096)
 	b.SetParallelism(32)
 	var seed atomic.Uint64
@@ -763,7 +771,13 @@ func BenchmarkWrite4K(b *testing.B) {
 
 // BenchmarkRead4K is BenchmarkWrite4K for reads.
 func BenchmarkRead4K(b *testing.B) {
-	c, span := benchServer(b)
+	for _, sums := range []bool{false, true} {
+		b.Run(fmt.Sprintf("sums=%v", sums), func(b *testing.B) { benchRead4K(b, sums) })
+	}
+}
+
+func benchRead4K(b *testing.B, sums bool) {
+	c, span := benchServer(b, sums)
 	b.SetBytes(4096)
 	b.SetParallelism(32)
 	var seed atomic.Uint64
@@ -784,7 +798,7 @@ func BenchmarkRead4K(b *testing.B) {
 
 // BenchmarkWrite4KSerial: one writer, so ns/op is the round-trip latency.
 func BenchmarkWrite4KSerial(b *testing.B) {
-	c, span := benchServer(b)
+	c, span := benchServer(b, false)
 	b.SetBytes(4096)
 	p := make([]byte, 4096)
 	ctx := context.Background()
