@@ -15,6 +15,8 @@ import (
 	gofuse "github.com/hanwen/go-fuse/v2/fuse"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/driver/frontend"
 )
 
 // volumeFS is the FUSE file system: one flat root directory holding one
@@ -46,7 +48,7 @@ type volumeFS struct {
 type volumeFile struct {
 	name    string
 	ino     uint64
-	b       Backend
+	b       frontend.Backend
 	size    uint64
 	created time.Time
 
@@ -81,7 +83,7 @@ func newVolumeFS(ctx context.Context, log *zap.Logger) *volumeFS {
 func (fs *volumeFS) String() string { return fsName }
 
 // add starts serving a file.
-func (fs *volumeFS) add(name string, b Backend, size uint64) error {
+func (fs *volumeFS) add(name string, b frontend.Backend, size uint64) error {
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	if fs.closed {

@@ -15,28 +15,11 @@ import (
 
 	gofuse "github.com/hanwen/go-fuse/v2/fuse"
 	"go.uber.org/zap"
-	"golang.org/x/sys/unix"
-)
 
-// Backend is the storage behind one volume file: the engine implements it.
-// It is identical to driver/frontend/nbd.Backend.
-//
-// Its methods are called concurrently. Offsets and lengths are checked
-// against Size before a call; a call with FUA set must not return until the
-// data it wrote is durable. p is only valid during the call. In this frontend
-// Trim must leave the range reading as zeroes (see the package documentation).
-type Backend interface {
-	// Size is the volume size in bytes; read once, by Add.
-	Size() uint64
-	ReadAt(ctx context.Context, p []byte, off uint64) error
-	WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error
-	// Flush makes every write that has returned durable.
-	Flush(ctx context.Context) error
-	// Trim discards the range.
-	Trim(ctx context.Context, off, length uint64) error
-	// WriteZeroes makes the range read as zeroes.
-	WriteZeroes(ctx context.Context, off, length uint64, fua bool) error
-}
+	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/driver/frontend"
+)
 
 // Sentinel errors; callers match them with errors.Is.
 var (
@@ -225,7 +208,7 @@ func (s *Server) Dir() string { return s.dir }
 
 // Add serves b as the file dir/name of b.Size() bytes and returns its path.
 // The size must be a positive multiple of 512.
-func (s *Server) Add(name string, b Backend) (string, error) {
+func (s *Server) Add(name string, b frontend.Backend) (string, error) {
 	if err := validName(name); err != nil {
 		return "", fmt.Errorf("fuse add %q: %w", name, err)
 	}

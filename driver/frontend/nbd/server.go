@@ -26,24 +26,9 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-)
 
-// Backend is the block device an export serves (the engine implements it).
-// Its methods are called concurrently. Offsets and lengths are checked
-// against Size before a call; a call with FUA set must not return until the
-// data it wrote is durable.
-type Backend interface {
-	// Size is the export size in bytes; read once per connection.
-	Size() uint64
-	ReadAt(ctx context.Context, p []byte, off uint64) error
-	WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error
-	// Flush makes every write that has returned durable.
-	Flush(ctx context.Context) error
-	// Trim may discard the range; its content is then undefined.
-	Trim(ctx context.Context, off, length uint64) error
-	// WriteZeroes makes the range read as zeroes.
-	WriteZeroes(ctx context.Context, off, length uint64, fua bool) error
-}
+	"github.com/cairn-csi/cairn/driver/frontend"
+)
 
 // Options tune a Server. The zero value is usable.
 type Options struct {
@@ -98,7 +83,7 @@ var ErrServerClosed = errors.New("nbd: server closed")
 type Server struct {
 	log     *zap.Logger
 	name    string
-	backend Backend
+	backend frontend.Backend
 	opts    Options
 	metrics *Metrics
 
@@ -115,7 +100,7 @@ type Server struct {
 
 // NewServer returns a server for the export exportName, backed by b. A nil
 // log discards logs.
-func NewServer(log *zap.Logger, exportName string, b Backend, opts Options) *Server {
+func NewServer(log *zap.Logger, exportName string, b frontend.Backend, opts Options) *Server {
 	if log == nil {
 		log = zap.NewNop()
 	}

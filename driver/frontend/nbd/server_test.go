@@ -20,6 +20,8 @@ import (
 	"go.uber.org/goleak"
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
+
+	"github.com/cairn-csi/cairn/driver/frontend"
 )
 
 func TestMain(m *testing.M) {
@@ -29,7 +31,7 @@ func TestMain(m *testing.M) {
 const testExport = "vol-1"
 
 // startServer serves b on a fresh unix socket until the test ends.
-func startServer(t testing.TB, b Backend, opts Options) (*Server, string) {
+func startServer(t testing.TB, b frontend.Backend, opts Options) (*Server, string) {
 	t.Helper()
 	path := filepath.Join(t.TempDir(), "nbd.sock")
 	l, err := ListenUnix(path)
