@@ -10,7 +10,8 @@ import (
 	"github.com/cairn-csi/cairn/replication/meta"
 )
 
-// StorageClass parameter keys the driver accepts (ARCHITECTURE §5).
+// StorageClass parameter keys the driver accepts (docs/architecture.md,
+// "StorageClass parameters").
 const (
 	ParamReplicas            = "replicas"
 	ParamWriteQuorum         = "writeQuorum"

@@ -1131,9 +1131,9 @@ func TestApplySetVolumeStateAllPairs(t *testing.T) {
 // knownBugSetVolumeStateDetach: SetVolumeState(available) on an attached or
 // releasing volume (apply.go, applySetVolumeState) clears the attachment
 // without incrementing the epoch, breaking "every change of attachment
-// increments the epoch" (ARCHITECTURE §2): the old engine's epoch stays
-// valid after its attachment is gone. Set this to false once fixed; the test
-// below and the property test then enforce the rule.
+// increments the epoch" (docs/architecture.md, "Store contract"): the old
+// engine's epoch stays valid after its attachment is gone. Set this to false
+// once fixed; the test below and the property test then enforce the rule.
 const knownBugSetVolumeStateDetach = false
 
 // TestSetVolumeStateClearingAttachmentMovesEpoch: clearing an attachment
@@ -1301,9 +1301,8 @@ type foreignCommand struct{}
 
 func (foreignCommand) Type() CommandType { return 250 }
 
-// TestTransitionTablesPinned pins the lifecycle tables (ARCHITECTURE §2:
-// pending → provisioning → available → attached → releasing → available /
-// deleted, failed), so that a change to them is a deliberate edit of this
+// TestTransitionTablesPinned pins the lifecycle tables (docs/architecture.md,
+// "Lifecycles"), so that a change to them is a deliberate edit of this
 // test too; the pair tests above derive their expectations from the tables.
 func TestTransitionTablesPinned(t *testing.T) {
 	wantVolume := map[VolumeState][]VolumeState{

@@ -3,8 +3,8 @@
 // NBD on unix sockets, and a small NBD client of our own that records which
 // writes the server acknowledged. Faults are real: SIGKILL of node processes
 // (`cairn dev kill`), SIGSTOP/SIGCONT for a node that is cut off and comes
-// back. Each test names the faults it injects and the invariants of
-// ARCHITECTURE.md §6 it checks:
+// back. Each test names the faults it injects and the guarantees of
+// docs/architecture.md ("Guarantees", items 1 to 3) it checks:
 //
 //   - no acknowledged write is lost and no acknowledged flush is undone while
 //     a healthy replica survives;

@@ -58,8 +58,8 @@ var sidecarTags = map[string]string{
 var localImages = map[string]bool{"cairn:dev": true, "cairn-sanity:dev": true}
 
 // acceptedParameters are the StorageClass parameter keys the driver accepts
-// (ARCHITECTURE.md §5). Keys under csi.storage.k8s.io/ are accepted too: the
-// sidecars add and strip them.
+// (docs/architecture.md, "StorageClass parameters"). Keys under
+// csi.storage.k8s.io/ are accepted too: the sidecars add and strip them.
 var acceptedParameters = []string{
 	"replicas", "writeQuorum", "dataLocality", "staleReplicaTimeout",
 	"maxIOPS", "minIOPS", "maxBandwidth", "burstDuration",
@@ -512,8 +512,8 @@ func TestStorageClasses(t *testing.T) {
 }
 
 // checkParameters checks StorageClass parameters as the driver does
-// (ARCHITECTURE.md §5): keys from acceptedParameters or csi.storage.k8s.io/*,
-// and each value well formed.
+// (docs/architecture.md, "StorageClass parameters"): keys from
+// acceptedParameters or csi.storage.k8s.io/*, and each value well formed.
 func checkParameters(params map[string]string) []error {
 	var errs []error
 	bad := func(k, want string) {

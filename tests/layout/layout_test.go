@@ -22,8 +22,8 @@ import (
 	"testing"
 )
 
-// topLevel are the folders ARCHITECTURE.md names, top to bottom of the stack
-// where they take part in it.
+// topLevel are the folders docs/architecture.md names ("Layers"), top to
+// bottom of the stack where they take part in it.
 var topLevel = []string{"cmd", "driver", "replication", "iosched", "deploy", "tests"}
 
 // forbidden says, for a layer, which module layers its files may not import.
@@ -149,14 +149,14 @@ func TestImportRule(t *testing.T) {
 	}
 }
 
-// TestTopLevelFolders checks that the folders the architecture names exist.
+// TestTopLevelFolders checks that the folders docs/architecture.md names exist.
 func TestTopLevelFolders(t *testing.T) {
 	root := repoRoot(t)
 	for _, dir := range topLevel {
 		fi, err := os.Stat(filepath.Join(root, dir))
 		switch {
 		case errors.Is(err, fs.ErrNotExist):
-			t.Errorf("top-level folder %s/ is missing (ARCHITECTURE.md names %s)", dir, strings.Join(topLevel, ", "))
+			t.Errorf("top-level folder %s/ is missing (docs/architecture.md, section Layers, names %s)", dir, strings.Join(topLevel, ", "))
 		case err != nil:
 			t.Errorf("top-level folder %s/: %v", dir, err)
 		case !fi.IsDir():

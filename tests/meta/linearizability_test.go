@@ -20,8 +20,8 @@ import (
 )
 
 // The register checked for linearizability is one volume's attachment
-// guarded by its epoch (ARCHITECTURE.md §2: changes of the attachment are a
-// compare-and-set on the epoch and increment it).
+// guarded by its epoch (docs/architecture.md, "Store contract": changes of the
+// attachment are a compare-and-set on the epoch and increment it).
 //
 // Model state: (epoch, attached node). Operations and their sequential
 // specification, as apply.go defines them:
@@ -197,8 +197,8 @@ func (h *history) add(client int, in casInput, out casOutput, call, ret int64) {
 // linearizable reads and attach/detach it with the epoch they saw (sometimes a
 // stale one) for ~10s, while the leader is killed every ~1.5s and the previous
 // victim restarted.
-// Invariant (§6.4): the history is linearizable with respect to the model
-// above (porcupine).
+// Invariant (docs/architecture.md, "Guarantees", item 4): the history is
+// linearizable with respect to the model above (porcupine).
 func TestEpochCASLinearizable(t *testing.T) {
 	const (
 		clients  = 4

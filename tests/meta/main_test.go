@@ -1,8 +1,8 @@
 // Package meta_test runs the volume store as real clusters — in-process
 // agents, real TCP on loopback addresses, real bolt logs and file snapshots — and
-// checks what ARCHITECTURE.md §6.1 and §6.4 promise: no acknowledged write is
-// lost across kills, restarts and partitions; a minority never commits; the
-// history clients see is linearizable.
+// checks what docs/architecture.md promises of the store ("Guarantees", item
+// 4): no acknowledged command is lost across kills, restarts and partitions; a
+// minority never commits; the history clients see is linearizable.
 //
 // Every scenario names the faults it injects and the invariant it checks.
 package meta_test

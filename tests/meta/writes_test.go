@@ -41,9 +41,10 @@ func (l *ackLog) count() int {
 // Scenario: one writer creates volumes v-0, v-1, … through a client of all
 // members while members — leader or follower, one at a time — are killed and
 // restarted from their data dirs.
-// Invariant (§6.1): every create that was acknowledged is present, with the
-// id the store answered, in a linearizable read through every member and in
-// every member's own state once they have caught up.
+// Invariant (docs/architecture.md, "Guarantees", item 4): every create that
+// was acknowledged is present, with the id the store answered, in a
+// linearizable read through every member and in every member's own state once
+// they have caught up.
 func TestNoAcknowledgedWriteLost(t *testing.T) {
 	c := cluster.MakeCluster(t, 3)
 	cl := c.Client(t)
