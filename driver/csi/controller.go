@@ -158,6 +158,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	cmd := &meta.CreateVolume{
 		Name: req.GetName(), SizeBytes: size, Replicas: p.Replicas, WriteQuorum: p.WriteQuorum,
 		Parameters: p.Params(), AccessType: accessType,
+		PreferredNode: preferredNode(p, req.GetAccessibilityRequirements()),
 	}
 	for k, v := range vac {
 		if v == "" {
