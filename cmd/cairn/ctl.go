@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"slices"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -313,7 +312,7 @@ the CSI driver validates it; the other flags are spellings of some of them.`,
 			if bytes == 0 {
 				return errors.New("--size must be more than 0")
 			}
-			in, err := newSpecInput(cmd.Flags(), append(slices.Clone(replicasFlags), qosSpecFlags...), params)
+			in, err := newSpecInput(cmd.Flags(), createSpecFlags, params)
 			if err != nil {
 				return err
 			}

@@ -19,20 +19,21 @@ type specFlag struct {
 	unset string
 }
 
-var (
-	replicasFlags = []specFlag{
-		{"replicas", volspec.KeyReplicas, ""},
-		{"write-quorum", volspec.KeyWriteQuorum, "0"},                   // a majority
-		{"stale-replica-timeout", volspec.KeyStaleReplicaTimeout, "0s"}, // the cluster's default
-		{"checksum-algorithm", volspec.KeyChecksumAlgorithm, ""},
-	}
-	qosSpecFlags = []specFlag{
-		{"max-iops", volspec.KeyMaxIOPS, ""},
-		{"min-iops", volspec.KeyMinIOPS, ""},
-		{"max-bandwidth", volspec.KeyMaxBandwidth, ""},
-		{"burst-duration", volspec.KeyBurstDuration, ""},
-	}
-)
+// qosSpecFlags are the flags of the mutable keys (volume set-qos).
+var qosSpecFlags = []specFlag{
+	{"max-iops", volspec.KeyMaxIOPS, ""},
+	{"min-iops", volspec.KeyMinIOPS, ""},
+	{"max-bandwidth", volspec.KeyMaxBandwidth, ""},
+	{"burst-duration", volspec.KeyBurstDuration, ""},
+}
+
+// createSpecFlags are the flags of volume create that spell keys.
+var createSpecFlags = append([]specFlag{
+	{"replicas", volspec.KeyReplicas, ""},
+	{"write-quorum", volspec.KeyWriteQuorum, "0"},                   // a majority
+	{"stale-replica-timeout", volspec.KeyStaleReplicaTimeout, "0s"}, // the cluster's default
+	{"checksum-algorithm", volspec.KeyChecksumAlgorithm, ""},
+}, qosSpecFlags...)
 
 // paramFlagHelp is the help of --param.
 var paramFlagHelp = "volume parameter KEY=VALUE, as a StorageClass says it (repeatable): " + strings.Join(volspec.Keys(), ", ")

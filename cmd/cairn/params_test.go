@@ -3,7 +3,6 @@ package main
 import (
 	"io"
 	"maps"
-	"slices"
 	"strings"
 	"testing"
 
@@ -29,7 +28,6 @@ func specOf(t *testing.T, cmd *cobra.Command, flags []specFlag, args []string) (
 // TestVolumeCreateParams: ctl's flags and --param say what a StorageClass
 // says, through the same parser; an error names what the operator typed.
 func TestVolumeCreateParams(t *testing.T) {
-	createFlags := append(slices.Clone(replicasFlags), qosSpecFlags...)
 	cases := []struct {
 		args             []string
 		replicas, quorum int
@@ -68,7 +66,7 @@ func TestVolumeCreateParams(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(strings.Join(c.args, " "), func(t *testing.T) {
-			in, err := specOf(t, newVolumeCreateCommand(&ctlOptions{}), createFlags, c.args)
+			in, err := specOf(t, newVolumeCreateCommand(&ctlOptions{}), createSpecFlags, c.args)
 			var s volspec.Spec
 			if err == nil {
 				s, err = in.spec()
