@@ -13,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // ctlOptions are the flags shared by every `cairn ctl` command.
@@ -261,8 +262,8 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	} else {
 		fmt.Fprintf(w, "condition:    normal\n")
 	}
-	if a, err := meta.ChecksumAlgorithm(v.Parameters); err == nil {
-		fmt.Fprintf(w, "checksums:    %s\n", a)
+	if spec, err := v.Spec(); err == nil {
+		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
 	}
 	if s := v.Scrub; s != nil {
 		if s.Done {
@@ -291,16 +292,18 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 }
 
 func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
-	var size string
-	var replicas, quorum int
-	var staleTimeout time.Duration
-	var preferred, checksum string
-	q := &qosFlags{}
+	var size, preferred string
+	var params []string
 	cmd := &cobra.Command{
-		Use:     "create NAME",
-		Short:   "Create a volume and place its replicas",
-		Example: `  cairn ctl --server 127.0.0.1:7002 volume create data --size 64Mi --replicas 3`,
-		Args:    cobra.ExactArgs(1),
+		Use:   "create NAME",
+		Short: "Create a volume and place its replicas",
+		Long: `Create a volume and place its replicas.
+
+Every StorageClass parameter can be given with --param KEY=VALUE, validated as
+the CSI driver validates it; the other flags are spellings of some of them.`,
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume create data --size 64Mi --replicas 3
+  cairn ctl --server 127.0.0.1:7002 volume create db --size 1Gi --param maxBandwidth=100Mi --param dataLocality=best-effort --preferred-node node-2`,
+		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			bytes, err := parseSize(size)
 			if err != nil {
@@ -309,38 +312,26 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 			if bytes == 0 {
 				return errors.New("--size must be more than 0")
 			}
-			if replicas < 1 || replicas > meta.MaxReplicas {
-				return fmt.Errorf("--replicas %d: want 1 to %d", replicas, meta.MaxReplicas)
+			in, err := newSpecInput(cmd.Flags(), createSpecFlags, params)
+			if err != nil {
+				return err
 			}
-			if quorum < 0 || quorum > replicas {
-				return fmt.Errorf("--write-quorum %d: want 1 to --replicas (%d), or 0 for a majority", quorum, replicas)
+			spec, err := in.spec()
+			if err != nil {
+				return err
+			}
+			// A StorageClass's best-effort follows the pod's node; ctl has
+			// no pod, so the operator names the node.
+			if spec.DataLocality == volspec.LocalityBestEffort && preferred == "" {
+				return fmt.Errorf("%s: name the node to keep a replica on with --preferred-node", in.from[volspec.KeyDataLocality])
 			}
 			c, ctx, done, err := o.client(cmd)
 			if err != nil {
 				return err
 			}
 			defer done()
-			params, err := q.parameters(cmd.Flags())
-			if err != nil {
-				return err
-			}
-			for k, v := range params {
-				if v == "" {
-					delete(params, k) // a 0 limit on a new volume is no limit
-				}
-			}
-			if staleTimeout > 0 {
-				params[meta.ParamStaleReplicaTimeout] = staleTimeout.String()
-			}
-			algo, err := meta.ChecksumAlgorithm(map[string]string{meta.ParamChecksumAlgorithm: checksum})
-			if err != nil {
-				return fmt.Errorf("--checksum-algorithm: %w", err)
-			}
-			if algo != meta.ChecksumCRC32C {
-				params[meta.ParamChecksumAlgorithm] = algo
-			}
-			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: replicas, WriteQuorum: quorum,
-				Parameters: params, PreferredNode: preferred})
+			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: spec.Replicas, WriteQuorum: spec.WriteQuorum,
+				Parameters: spec.Params(), PreferredNode: preferred})
 			if err != nil {
 				return err
 			}
@@ -352,12 +343,13 @@ func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required)")
-	cmd.Flags().IntVar(&replicas, "replicas", 3, "number of replicas (1 to 5)")
-	cmd.Flags().IntVar(&quorum, "write-quorum", 0, "healthy replicas a write needs (0: a majority)")
-	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
-	q.add(cmd.Flags())
+	cmd.Flags().Int("replicas", volspec.DefaultReplicas, fmt.Sprintf("number of replicas (1 to %d)", volspec.MaxReplicas))
+	cmd.Flags().Int("write-quorum", 0, "healthy replicas a write needs (0: a majority)")
+	cmd.Flags().Duration("stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
+	addQoSFlags(cmd.Flags())
 	cmd.Flags().StringVar(&preferred, "preferred-node", "", "place a replica on this node if it has room (data locality: the engine there reads its own replica)")
-	cmd.Flags().StringVar(&checksum, "checksum-algorithm", meta.ChecksumCRC32C, "block checksums: crc32c (every block verified on write and read) or none")
+	cmd.Flags().String("checksum-algorithm", volspec.ChecksumCRC32C, "block checksums: crc32c (every block verified on write and read) or none")
+	cmd.Flags().StringArrayVar(&params, "param", nil, paramFlagHelp)
 	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }

@@ -98,13 +98,9 @@ func newDevCSICreate(dir *string) *cobra.Command {
 			if err != nil {
 				return fmt.Errorf("--size: %w", err)
 			}
-			p := map[string]string{}
-			for _, kv := range params {
-				k, v, ok := strings.Cut(kv, "=")
-				if !ok {
-					return fmt.Errorf("--param %q: want key=value", kv)
-				}
-				p[k] = v
+			p, err := parseParamFlags(params)
+			if err != nil {
+				return err
 			}
 			ctrl, _, done, err := csiConns(*dir, "")
 			if err != nil {

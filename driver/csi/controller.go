@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // Sizes: volumes are whole MiB (the replica format wants 512-byte sectors;
@@ -134,7 +135,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	if err != nil {
 		return nil, err
 	}
-	p, err := ParseParams(req.GetParameters())
+	p, err := volspec.Parse(req.GetParameters())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -156,7 +157,8 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	}
 	cmd := &meta.CreateVolume{
 		Name: req.GetName(), SizeBytes: size, Replicas: p.Replicas, WriteQuorum: p.WriteQuorum,
-		Parameters: p.volumeParameters(), AccessType: accessType,
+		Parameters: p.Params(), AccessType: accessType,
+		PreferredNode: preferredNode(p, req.GetAccessibilityRequirements()),
 	}
 	for k, v := range vac {
 		if v == "" {
@@ -277,7 +279,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 	if _, err := c.Meta.Volume(ctx, req.GetVolumeId()); err != nil {
 		return nil, toStatus(err)
 	}
-	if _, err := ParseParams(req.GetParameters()); err != nil {
+	if _, err := volspec.Parse(req.GetParameters()); err != nil {
 		return nil, toStatus(err)
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
@@ -411,7 +413,7 @@ func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.
 // topology segment: the largest free space on one up node (thin
 // provisioning: capacity × ratio minus what is placed there).
 func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
-	if _, err := ParseParams(req.GetParameters()); err != nil {
+	if _, err := volspec.Parse(req.GetParameters()); err != nil {
 		return nil, toStatus(err)
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {
@@ -469,21 +471,12 @@ func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.Cont
 }
 
 // mutableParameters validates VolumeAttributesClass parameters: only the
-// QoS keys, with valid values. It returns them as the store records them.
+// QoS keys, with valid values. It returns them as the store records them
+// ("" for a zero limit, which removes the key).
 func mutableParameters(mp map[string]string) (map[string]string, error) {
-	for k := range mp {
-		if !meta.MutableParameters[k] {
-			return nil, status.Errorf(codes.InvalidArgument, "parameter %q is not a mutable parameter (mutable: maxIOPS, minIOPS, maxBandwidth, burstDuration)", k)
-		}
-	}
-	p, err := ParseParams(mp)
+	set, err := volspec.Changes(mp)
 	if err != nil {
 		return nil, toStatus(err)
-	}
-	stored := p.volumeParameters()
-	set := map[string]string{}
-	for k := range mp {
-		set[k] = stored[k] // "" (a zero limit) removes the key
 	}
 	return set, nil
 }

@@ -104,10 +104,11 @@ func (n *Node) Close() {
 	}
 }
 
-// NodeGetInfo names the node and its zone.
+// NodeGetInfo names the node and its zone; the node's own topology segment
+// is what lets dataLocality find the pod's node (see preferredNode).
 func (n *Node) NodeGetInfo(context.Context, *csipb.NodeGetInfoRequest) (*csipb.NodeGetInfoResponse, error) {
 	return &csipb.NodeGetInfoResponse{NodeId: n.cfg.NodeID, MaxVolumesPerNode: n.cfg.MaxVolumes,
-		AccessibleTopology: &csipb.Topology{Segments: map[string]string{TopologyZoneKey: zoneLabel(n.cfg.Zone)}}}, nil
+		AccessibleTopology: &csipb.Topology{Segments: map[string]string{TopologyZoneKey: zoneLabel(n.cfg.Zone), TopologyNodeKey: n.cfg.NodeID}}}, nil
 }
 
 // NodeGetCapabilities lists the node's RPCs.

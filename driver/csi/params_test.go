@@ -1,25 +1,39 @@
 package csi
 
 import (
-	"errors"
+	"context"
 	"strings"
 	"testing"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
-func TestChecksumAlgorithmParam(t *testing.T) {
-	p, err := ParseParams(nil)
-	if err != nil || p.ChecksumAlgorithm != "crc32c" {
-		t.Fatalf("default: %q, %v; want crc32c", p.ChecksumAlgorithm, err)
+var testMountCap = &csipb.VolumeCapability{
+	AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: "ext4"}},
+	AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+}
+
+// TestParameterErrorsAreInvalidArgument: a refused StorageClass or
+// VolumeAttributesClass parameter is InvalidArgument naming the key, before
+// the store is asked.
+func TestParameterErrorsAreInvalidArgument(t *testing.T) {
+	c := NewController(nil)
+	for _, p := range []map[string]string{{"replicaz": "3"}, {"replicas": "9"}, {"maxBandwidth": "fast"}, {"dataLocality": "strict"}} {
+		_, err := c.CreateVolume(context.Background(), &csipb.CreateVolumeRequest{Name: "x", Parameters: p,
+			VolumeCapabilities: []*csipb.VolumeCapability{testMountCap}})
+		var key string
+		for k := range p {
+			key = k
+		}
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), key) {
+			t.Errorf("CreateVolume with %v: %v; want InvalidArgument naming %s", p, err, key)
+		}
 	}
-	if _, ok := p.volumeParameters()[ParamChecksumAlgorithm]; ok {
-		t.Fatal("the default is recorded in the volume's parameters; volumes made before the key existed would stop matching their CreateVolume retries")
-	}
-	p, err = ParseParams(map[string]string{ParamChecksumAlgorithm: "none"})
-	if err != nil || p.ChecksumAlgorithm != "none" || p.volumeParameters()[ParamChecksumAlgorithm] != "none" {
-		t.Fatalf("none: %+v, %v", p, err)
-	}
-	_, err = ParseParams(map[string]string{ParamChecksumAlgorithm: "sha256"})
-	if !errors.Is(err, errInvalid) || !strings.Contains(err.Error(), "checksumAlgorithm") || !strings.Contains(err.Error(), "sha256") {
-		t.Fatalf("unknown value: %v, want an invalid-argument error naming the key and the value", err)
+	for _, mp := range []map[string]string{{"replicas": "2"}, {"maxIOPS": "lots"}} {
+		if _, err := mutableParameters(mp); status.Code(err) != codes.InvalidArgument {
+			t.Errorf("mutable parameters %v: %v; want InvalidArgument", mp, err)
+		}
 	}
 }

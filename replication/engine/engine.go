@@ -22,6 +22,7 @@ import (
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // Errors of the engine.
@@ -176,7 +177,7 @@ type Engine struct {
 	wg        sync.WaitGroup
 	closeM    sync.Once
 	confirmed atomic.Int64 // unix nanos of the store's last word that the volume is ours
-	qos       meta.QoS     // the limits last given to the scheduler; written under mu held for writing
+	qos       volspec.QoS  // the limits last given to the scheduler; written under mu held for writing
 	// qosSet says the scheduler knows the volume (qos is valid). Every admit
 	// (user I/O and rebuild copies) reads it without e.mu, before taking it.
 	qosSet     atomic.Bool

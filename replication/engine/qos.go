@@ -8,6 +8,7 @@ import (
 
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // applyQoS gives the node's scheduler this volume's limits, when they
@@ -42,14 +43,15 @@ func (e *Engine) qosChanged(v *meta.Volume) bool {
 
 // pendingQoS parses v's QoS parameters and says whether they differ from
 // the limits last given to the scheduler (never, without a scheduler).
-func (e *Engine) pendingQoS(v *meta.Volume) (q meta.QoS, changed bool, err error) {
+func (e *Engine) pendingQoS(v *meta.Volume) (q volspec.QoS, changed bool, err error) {
 	if e.cfg.Sched == nil {
 		return q, false, nil
 	}
-	if q, err = meta.ParseQoS(v.Parameters); err != nil {
+	s, err := v.Spec()
+	if err != nil {
 		return q, false, err
 	}
-	return q, !e.qosSet.Load() || q != e.qos, nil
+	return s.QoS, !e.qosSet.Load() || s.QoS != e.qos, nil
 }
 
 // admit waits until the node's scheduler lets this I/O go (QoS limits,

@@ -9,6 +9,7 @@ import (
 	"strings"
 
 	"github.com/cairn-csi/cairn/replication/placement"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // Result is what applying a command returns: the object it created or changed.
@@ -19,7 +20,7 @@ type Result struct {
 }
 
 // MaxReplicas bounds a volume's replica count.
-const MaxReplicas = 5
+const MaxReplicas = volspec.MaxReplicas
 
 // apply changes s by c. Every apply function validates first and mutates
 // only when the whole command is legal, so an error leaves s unchanged.
@@ -194,6 +195,14 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 	}
 	if _, ok := s.Volumes[c.ID]; ok {
 		return Result{}, fmt.Errorf("volume id %q: %w", c.ID, ErrAlreadyExists)
+	}
+	// The parameters must decode, as volspec's stored form: every reader
+	// (engine, realizer, ctl) can then trust them. Unknown keys pass (see
+	// replication/volspec/doc.go); clients refuse those before they get here.
+	// After the idempotency check, so that a retry of a create made before
+	// the store validated still finds its volume.
+	if _, err := volspec.Decode(c.Parameters); err != nil {
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
 	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
 		Replicas:              c.Replicas,
@@ -557,8 +566,15 @@ func cloneResult(r Result) Result {
 	return out
 }
 
-// MutableParameters are the volume parameters SetParameters may change.
-var MutableParameters = map[string]bool{ParamMaxIOPS: true, ParamMinIOPS: true, ParamMaxBandwidth: true, ParamBurstDuration: true}
+// MutableParameters are the volume parameters SetParameters may change
+// (volspec.MutableKeys).
+var MutableParameters = func() map[string]bool {
+	m := map[string]bool{}
+	for _, k := range volspec.MutableKeys() {
+		m[k] = true
+	}
+	return m
+}()
 
 func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	v, err := s.liveVolume(c.VolumeID)
@@ -582,7 +598,7 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 			next[k] = val
 		}
 	}
-	if _, err := ParseQoS(next); err != nil {
+	if _, err := volspec.Decode(next); err != nil {
 		return Result{}, err
 	}
 	if len(next) == 0 {

@@ -8,18 +8,22 @@ import (
 )
 
 func TestChecksumAlgorithmParameter(t *testing.T) {
-	for in, want := range map[string]string{"": ChecksumCRC32C, "crc32c": ChecksumCRC32C, "none": ChecksumNone} {
-		got, err := ChecksumAlgorithm(map[string]string{ParamChecksumAlgorithm: in})
-		if err != nil || got != want {
-			t.Errorf("%q: %q, %v; want %q", in, got, err, want)
+	for in, want := range map[string]bool{"": true, "crc32c": true, "none": false, "md5": false} {
+		if got := (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: in}}).Checksummed(); got != want {
+			t.Errorf("%q: Checksummed %v, want %v", in, got, want)
 		}
 	}
-	_, err := ChecksumAlgorithm(map[string]string{ParamChecksumAlgorithm: "md5"})
+	_, err := (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: "md5"}}).Spec()
 	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), ParamChecksumAlgorithm) || !strings.Contains(err.Error(), "md5") {
 		t.Fatalf("unknown value: %v, want ErrInvalidArgument naming the key and the value", err)
 	}
 	if !(&Volume{}).Checksummed() || (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: "none"}}).Checksummed() {
 		t.Fatal("Checksummed: default must be on, none off")
+	}
+	// A bad value of another key does not turn checksums off (or on).
+	if !(&Volume{Parameters: map[string]string{ParamMaxIOPS: "lots"}}).Checksummed() ||
+		(&Volume{Parameters: map[string]string{ParamMaxIOPS: "lots", ParamChecksumAlgorithm: "none"}}).Checksummed() {
+		t.Fatal("Checksummed depends on another key's value")
 	}
 }
 

@@ -362,7 +362,7 @@ func TestDecodeAccepts(t *testing.T) {
 		{"request with an empty command", cmdBytes(CmdRequest, commandVersion, `{"id":"r","command":""}`),
 			&Request{ID: "r", Command: []byte{}}},
 		// Decode does not judge keys or values: apply refuses a key that is
-		// not mutable or a value ParseQoS does not read.
+		// not mutable or a value volspec.Decode does not read.
 		{"set parameters with any key and value", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"replicas":"3","maxIOPS":"lots"}}`),
 			&SetParameters{VolumeID: "v", Parameters: map[string]string{"replicas": "3", ParamMaxIOPS: "lots"}}},
 		{"set parameters with an empty map", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{}}`),

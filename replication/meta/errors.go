@@ -3,6 +3,8 @@ package meta
 import (
 	"errors"
 	"fmt"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // Sentinel errors of the volume store. Callers match them with errors.Is; the
@@ -21,10 +23,13 @@ var (
 	ErrIllegalTransition  = errors.New("illegal state transition")
 	ErrFailedPrecondition = errors.New("failed precondition")
 	ErrResourceExhausted  = errors.New("resource exhausted")
-	ErrInvalidArgument    = errors.New("invalid argument")
-	ErrBadCommand         = errors.New("bad command")
-	ErrClusterMismatch    = errors.New("cluster mismatch")
-	ErrQuorumLost         = errors.New("quorum lost")
+	// ErrInvalidArgument is volspec's sentinel: a volume parameter refused
+	// by volspec, in a client or in apply, is an invalid argument of the
+	// store too, with the same message.
+	ErrInvalidArgument = volspec.ErrInvalid
+	ErrBadCommand      = errors.New("bad command")
+	ErrClusterMismatch = errors.New("cluster mismatch")
+	ErrQuorumLost      = errors.New("quorum lost")
 	// ErrOutcomeUnknown: leadership was lost while a command was in flight;
 	// it may or may not have been committed. Read before retrying.
 	ErrOutcomeUnknown = errors.New("outcome unknown")

@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 const gib = uint64(1) << 30
@@ -819,7 +821,7 @@ func setParametersOutcome(s *State, c *SetParameters) (map[string]string, error)
 			next[k] = val
 		}
 	}
-	if _, err := ParseQoS(next); err != nil {
+	if _, err := volspec.Decode(next); err != nil {
 		return nil, ErrInvalidArgument
 	}
 	if len(next) == 0 {

@@ -172,8 +172,8 @@ func (n *Node) desired() (map[string]placed, []*meta.Volume, map[string]uint64, 
 					rebuild = append(rebuild, v.Clone())
 				}
 				// Bad parameters reserve nothing here; the engine says why.
-				if q, err := meta.ParseQoS(v.Parameters); err == nil && q.MinIOPS > 0 {
-					reserve[v.ID] = q.MinIOPS
+				if spec, err := v.Spec(); err == nil && spec.QoS.MinIOPS > 0 {
+					reserve[v.ID] = spec.QoS.MinIOPS
 				}
 			}
 		}

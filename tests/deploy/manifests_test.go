@@ -15,7 +15,6 @@ import (
 	"path/filepath"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"testing"
@@ -28,6 +27,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 const (
@@ -56,15 +57,6 @@ var sidecarTags = map[string]string{
 // localImages are built from this repository and loaded into the cluster
 // (deploy/README.md); kubelet must not try to pull them.
 var localImages = map[string]bool{"cairn:dev": true, "cairn-sanity:dev": true}
-
-// acceptedParameters are the StorageClass parameter keys the driver accepts
-// (docs/architecture.md, "StorageClass parameters"). Keys under
-// csi.storage.k8s.io/ are accepted too: the sidecars add and strip them.
-var acceptedParameters = []string{
-	"replicas", "writeQuorum", "dataLocality", "staleReplicaTimeout",
-	"maxIOPS", "minIOPS", "maxBandwidth", "burstDuration",
-	"csi.storage.k8s.io/fstype",
-}
 
 // ---------------------------------------------------------------------------
 // The checker checks itself
@@ -511,86 +503,16 @@ func TestStorageClasses(t *testing.T) {
 	}
 }
 
-// checkParameters checks StorageClass parameters as the driver does
-// (docs/architecture.md, "StorageClass parameters"): keys from
-// acceptedParameters or csi.storage.k8s.io/*, and each value well formed.
+// checkParameters checks StorageClass parameters with the driver's own
+// parser (replication/volspec; docs/architecture.md, "StorageClass
+// parameters"): the keys it accepts, or csi.storage.k8s.io/*, and each value
+// well formed. A manifest and the driver cannot disagree.
 func checkParameters(params map[string]string) []error {
-	var errs []error
-	bad := func(k, want string) {
-		errs = append(errs, fmt.Errorf("parameter %s=%q: want %s", k, params[k], want))
+	if _, err := volspec.Parse(params); err != nil {
+		return []error{err}
 	}
-	keys := make([]string, 0, len(params))
-	for k := range params {
-		keys = append(keys, k)
-	}
-	sort.Strings(keys)
-	replicas := 3
-	var minIOPS, maxIOPS uint64
-	for _, k := range keys {
-		v := params[k]
-		if !slices.Contains(acceptedParameters, k) && !strings.HasPrefix(k, "csi.storage.k8s.io/") {
-			errs = append(errs, fmt.Errorf("parameter %q is not one the driver accepts (%s, csi.storage.k8s.io/*)", k, strings.Join(acceptedParameters, ", ")))
-			continue
-		}
-		switch k {
-		case "replicas":
-			n, err := strconv.Atoi(v)
-			if err != nil || n < 1 || n > 5 {
-				bad(k, "a whole number from 1 to 5")
-				continue
-			}
-			replicas = n
-		case "writeQuorum":
-			if n, err := strconv.Atoi(v); err != nil || n < 1 || n > 5 {
-				bad(k, "a whole number from 1 to replicas")
-			}
-		case "dataLocality":
-			if v != "disabled" && v != "best-effort" {
-				bad(k, `"disabled" or "best-effort"`)
-			}
-		case "staleReplicaTimeout":
-			if _, err := strconv.ParseUint(v, 10, 32); err == nil {
-				continue // minutes
-			}
-			if d, err := time.ParseDuration(v); err != nil || d <= 0 {
-				bad(k, `a positive duration ("10m") or a whole number of minutes`)
-			}
-		case "maxIOPS", "minIOPS":
-			n, err := strconv.ParseUint(v, 10, 64)
-			if err != nil {
-				bad(k, "a whole number of I/O operations per second")
-			}
-			if k == "maxIOPS" {
-				maxIOPS = n
-			} else {
-				minIOPS = n
-			}
-		case "maxBandwidth":
-			if !quantity.MatchString(v) {
-				bad(k, `bytes per second ("100Mi", "1G", "4096")`)
-			}
-		case "burstDuration":
-			if d, err := time.ParseDuration(v); err != nil || d <= 0 {
-				bad(k, `a positive duration ("1s")`)
-			}
-		case "csi.storage.k8s.io/fstype":
-			if v != "ext4" && v != "xfs" {
-				bad(k, `"ext4" or "xfs"`)
-			}
-		}
-	}
-	if v, ok := params["writeQuorum"]; ok {
-		if n, err := strconv.Atoi(v); err == nil && n > replicas {
-			errs = append(errs, fmt.Errorf("parameter writeQuorum=%d is more than replicas (%d)", n, replicas))
-		}
-	}
-	if maxIOPS > 0 && minIOPS > maxIOPS {
-		errs = append(errs, fmt.Errorf("parameter minIOPS=%d is more than maxIOPS=%d", minIOPS, maxIOPS))
-	}
-	return errs
+	return nil
 }
-
-var quantity = regexp.MustCompile(`^[0-9]+(Ki|Mi|Gi|Ti|k|M|G|T)?$`)
 
 // TestControllerWiring checks the controller Deployment: one socket in an
 // emptyDir shared by every container, leader election and health endpoints

@@ -1,0 +1,391 @@
+package volspec
+
+import (
+	"errors"
+	"fmt"
+	"maps"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Parameter keys (StorageClass parameters of the same names).
+const (
+	KeyReplicas            = "replicas"
+	KeyWriteQuorum         = "writeQuorum"
+	KeyDataLocality        = "dataLocality"
+	KeyStaleReplicaTimeout = "staleReplicaTimeout"
+	KeyMaxIOPS             = "maxIOPS"
+	KeyMinIOPS             = "minIOPS"
+	KeyMaxBandwidth        = "maxBandwidth"
+	KeyBurstDuration       = "burstDuration"
+	KeyFSType              = "csi.storage.k8s.io/fstype"
+	KeyChecksumAlgorithm   = "checksumAlgorithm"
+)
+
+// sidecarPrefix marks the keys the CSI sidecars add (pvc and pv names from
+// --extra-create-metadata, secrets' names …); Parse ignores them, except
+// KeyFSType.
+const sidecarPrefix = "csi.storage.k8s.io/"
+
+// Values and bounds.
+const (
+	DefaultReplicas = 3
+	MaxReplicas     = 5
+
+	// LocalityDisabled places replicas by zone spread and balance alone.
+	LocalityDisabled = "disabled"
+	// LocalityBestEffort also puts one replica on the node that consumes the
+	// volume, when it has room (replication/placement, rule 3).
+	LocalityBestEffort = "best-effort"
+
+	// ChecksumCRC32C keeps a CRC32C per 4 KiB block on every replica and
+	// checks it on the wire and on every read (docs/integrity.md). The
+	// default.
+	ChecksumCRC32C = "crc32c"
+	// ChecksumNone keeps no block checksums.
+	ChecksumNone = "none"
+
+	FSExt4 = "ext4"
+	FSXFS  = "xfs"
+)
+
+// ErrInvalid is wrapped by every error of this package. replication/meta
+// uses it as its ErrInvalidArgument, so a refusal keeps its code wherever it
+// is made.
+var ErrInvalid = errors.New("invalid argument")
+
+// Error is a refused parameter.
+type Error struct {
+	Key string
+	// Problem says what is wrong with the value and what would do.
+	Problem string
+}
+
+func (e *Error) Error() string {
+	return fmt.Sprintf("parameter %q: %s: %v", e.Key, e.Problem, ErrInvalid)
+}
+
+func (e *Error) Unwrap() error { return ErrInvalid }
+
+// Spec is a volume's parameters, typed.
+type Spec struct {
+	// Replicas is the number of full copies, 1 to MaxReplicas.
+	Replicas int
+	// WriteQuorum is how many replicas acknowledge a write; 0 is a majority.
+	WriteQuorum int
+	// DataLocality is LocalityDisabled or LocalityBestEffort.
+	DataLocality string
+	// StaleReplicaTimeout is how long a replica's node may be down before
+	// the replica is replaced; 0 is the cluster's default.
+	StaleReplicaTimeout time.Duration
+	QoS                 QoS
+	// FSType is the filesystem of a mount volume; "" leaves it to the
+	// volume capability (or the node's default).
+	FSType string
+	// ChecksumAlgorithm is ChecksumCRC32C or ChecksumNone.
+	ChecksumAlgorithm string
+}
+
+// QoS are a volume's I/O limits; zero means unlimited (or the scheduler's
+// default burst of one second). Comparable: the engine compares the limits it
+// reads with those it last gave the scheduler.
+type QoS struct {
+	MaxIOPS, MinIOPS uint64
+	MaxBytesPerSec   uint64
+	BurstDuration    time.Duration
+}
+
+// Default is the spec of a StorageClass without parameters.
+func Default() Spec {
+	return Spec{Replicas: DefaultReplicas, DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C}
+}
+
+// Checksummed reports whether the volume keeps block checksums.
+func (s Spec) Checksummed() bool { return s.ChecksumAlgorithm == ChecksumCRC32C }
+
+// form says which syntax a value is read in (see doc.go).
+type form int
+
+const (
+	request form = iota
+	stored
+)
+
+// param describes one key: how to read it into a Spec and how to write it
+// in the stored form.
+type param struct {
+	key string
+	// want says what values are accepted, in each form.
+	want, wantStored string
+	// mutable: SetParameters (a VolumeAttributesClass, `ctl volume
+	// set-qos`) may change it on a live volume.
+	mutable bool
+	// parse reads v into s; false refuses it.
+	parse func(s *Spec, v string, f form) bool
+	// format writes the stored form; "" leaves the key out. nil: the key is
+	// not stored (it travels in typed fields), and Decode ignores it.
+	format func(s Spec) string
+}
+
+// params is every key, in the order errors list them.
+var params = []param{
+	{key: KeyReplicas, want: fmt.Sprintf("a whole number from 1 to %d", MaxReplicas),
+		parse: func(s *Spec, v string, _ form) bool {
+			n, err := strconv.Atoi(v)
+			s.Replicas = n
+			return err == nil && n >= 1 && n <= MaxReplicas
+		}},
+	{key: KeyWriteQuorum, want: "a whole number from 1 to replicas",
+		parse: func(s *Spec, v string, _ form) bool {
+			n, err := strconv.Atoi(v)
+			s.WriteQuorum = n
+			return err == nil && n >= 1 && n <= MaxReplicas
+		}},
+	{key: KeyDataLocality, want: strconv.Quote(LocalityDisabled) + " or " + strconv.Quote(LocalityBestEffort),
+		parse: func(s *Spec, v string, _ form) bool {
+			s.DataLocality = v
+			return v == LocalityDisabled || v == LocalityBestEffort
+		},
+		// Always recorded: volumes made before the default was left out
+		// must keep matching their CreateVolume retries.
+		format: func(s Spec) string { return s.DataLocality }},
+	{key: KeyStaleReplicaTimeout,
+		want:       `a positive duration such as "10m" (a bare number is minutes)`,
+		wantStored: `a positive Go duration such as "10m0s"`,
+		parse: func(s *Spec, v string, f form) bool {
+			d, err := time.ParseDuration(v)
+			if f == request {
+				if n, nerr := strconv.ParseUint(v, 10, 32); nerr == nil {
+					d, err = time.Duration(n)*time.Minute, nil
+				}
+			}
+			s.StaleReplicaTimeout = d
+			return err == nil && d > 0
+		},
+		format: func(s Spec) string { return durationOrEmpty(s.StaleReplicaTimeout) }},
+	{key: KeyMaxIOPS, want: "a whole number of I/O operations per second", mutable: true,
+		parse:  func(s *Spec, v string, _ form) bool { return parseUint(&s.QoS.MaxIOPS, v) },
+		format: func(s Spec) string { return uintOrEmpty(s.QoS.MaxIOPS) }},
+	{key: KeyMinIOPS, want: "a whole number of I/O operations per second", mutable: true,
+		parse:  func(s *Spec, v string, _ form) bool { return parseUint(&s.QoS.MinIOPS, v) },
+		format: func(s Spec) string { return uintOrEmpty(s.QoS.MinIOPS) }},
+	{key: KeyMaxBandwidth, mutable: true,
+		want:       `bytes per second, a whole number with an optional unit such as "100Mi" (` + unitList + `)`,
+		wantStored: "a whole number of bytes per second",
+		parse: func(s *Spec, v string, f form) bool {
+			if f == stored {
+				return parseUint(&s.QoS.MaxBytesPerSec, v)
+			}
+			n, err := ParseQuantity(v)
+			s.QoS.MaxBytesPerSec = n
+			return err == nil
+		},
+		format: func(s Spec) string { return uintOrEmpty(s.QoS.MaxBytesPerSec) }},
+	{key: KeyBurstDuration, want: `a positive duration such as "1s"`, mutable: true,
+		parse: func(s *Spec, v string, _ form) bool {
+			d, err := time.ParseDuration(v)
+			s.QoS.BurstDuration = d
+			return err == nil && d > 0
+		},
+		format: func(s Spec) string { return durationOrEmpty(s.QoS.BurstDuration) }},
+	{key: KeyFSType, want: strconv.Quote(FSExt4) + " or " + strconv.Quote(FSXFS),
+		parse: func(s *Spec, v string, _ form) bool {
+			s.FSType = v
+			return v == FSExt4 || v == FSXFS
+		},
+		format: func(s Spec) string { return s.FSType }},
+	{key: KeyChecksumAlgorithm, want: strconv.Quote(ChecksumCRC32C) + " or " + strconv.Quote(ChecksumNone),
+		parse: func(s *Spec, v string, _ form) bool {
+			if v == "" {
+				v = ChecksumCRC32C
+			}
+			// A bad value is kept, so that Checksummed says no to it.
+			s.ChecksumAlgorithm = v
+			return v == ChecksumCRC32C || v == ChecksumNone
+		},
+		// Only a choice other than the default is recorded, so volumes
+		// created before the key existed keep matching their CreateVolume
+		// retries.
+		format: func(s Spec) string {
+			if s.ChecksumAlgorithm == ChecksumCRC32C {
+				return ""
+			}
+			return s.ChecksumAlgorithm
+		}},
+}
+
+func parseUint(dst *uint64, v string) bool {
+	n, err := strconv.ParseUint(v, 10, 64)
+	*dst = n
+	return err == nil
+}
+
+func uintOrEmpty(n uint64) string {
+	if n == 0 {
+		return ""
+	}
+	return strconv.FormatUint(n, 10)
+}
+
+func durationOrEmpty(d time.Duration) string {
+	if d <= 0 {
+		return ""
+	}
+	return d.String()
+}
+
+func lookup(key string) (*param, bool) {
+	i := slices.IndexFunc(params, func(p param) bool { return p.key == key })
+	if i < 0 {
+		return nil, false
+	}
+	return &params[i], true
+}
+
+// Keys lists every key Parse accepts, besides the csi.storage.k8s.io/ keys
+// the sidecars add.
+func Keys() []string {
+	out := make([]string, len(params))
+	for i, p := range params {
+		out[i] = p.key
+	}
+	return out
+}
+
+// MutableKeys lists the keys SetParameters may change on a live volume.
+func MutableKeys() []string {
+	var out []string
+	for _, p := range params {
+		if p.mutable {
+			out = append(out, p.key)
+		}
+	}
+	return out
+}
+
+// Mutable reports whether key may change on a live volume.
+func Mutable(key string) bool {
+	p, ok := lookup(key)
+	return ok && p.mutable
+}
+
+// Parse reads parameters in the request form (a StorageClass, ctl's
+// --param), over Default. Values are trimmed of spaces. The error names the
+// first bad key in sorted order.
+func Parse(in map[string]string) (Spec, error) {
+	s := Default()
+	for _, k := range slices.Sorted(maps.Keys(in)) {
+		p, ok := lookup(k)
+		if !ok {
+			if strings.HasPrefix(k, sidecarPrefix) {
+				continue
+			}
+			return s, &Error{Key: k, Problem: "unknown parameter (accepted: " + strings.Join(Keys(), ", ") + ")"}
+		}
+		if !p.parse(&s, strings.TrimSpace(in[k]), request) {
+			return s, badValue(p, in[k], request)
+		}
+	}
+	if s.WriteQuorum > s.Replicas {
+		return s, &Error{Key: KeyWriteQuorum, Problem: fmt.Sprintf("%d is more than replicas (%d)", s.WriteQuorum, s.Replicas)}
+	}
+	return s, checkQoS(s)
+}
+
+// Decode reads parameters in the stored form (Volume.Parameters) over
+// Default: keys it does not know, the replica count and the write quorum are
+// ignored, and an empty value is an absent key (see doc.go). Replicas and
+// WriteQuorum are left zero.
+//
+// The error names the first bad key in sorted order, but every key is read:
+// a reader after one field is not misled by a bad value of another (a bad
+// checksumAlgorithm reads as no checksums; see Spec.Checksummed).
+func Decode(in map[string]string) (Spec, error) {
+	s := Default()
+	s.Replicas = 0
+	var first error
+	for _, k := range slices.Sorted(maps.Keys(in)) {
+		p, ok := lookup(k)
+		if !ok || p.format == nil || in[k] == "" {
+			continue
+		}
+		if !p.parse(&s, in[k], stored) && first == nil {
+			first = badValue(p, in[k], stored)
+		}
+	}
+	if first != nil {
+		return s, first
+	}
+	return s, checkQoS(s)
+}
+
+// Params returns s in the stored form: what the store records.
+func (s Spec) Params() map[string]string {
+	out := map[string]string{}
+	for _, p := range params {
+		if p.format == nil {
+			continue
+		}
+		if v := p.format(s); v != "" {
+			out[p.key] = v
+		}
+	}
+	return out
+}
+
+// Changes reads the request-form parameters of a change to a live volume
+// (a VolumeAttributesClass, `ctl volume set-qos`): only mutable keys, checked
+// together as Parse checks them. It returns them in the stored form, as
+// SetParameters takes them: a zero limit becomes "", which removes the key.
+func Changes(in map[string]string) (map[string]string, error) {
+	for _, k := range slices.Sorted(maps.Keys(in)) {
+		if !Mutable(k) {
+			return nil, &Error{Key: k, Problem: "cannot be changed on a live volume (mutable: " + strings.Join(MutableKeys(), ", ") + ")"}
+		}
+	}
+	s, err := Parse(in)
+	if err != nil {
+		return nil, err
+	}
+	st := s.Params()
+	out := make(map[string]string, len(in))
+	for k := range in {
+		out[k] = st[k]
+	}
+	return out, nil
+}
+
+// SameValue reports whether two request-form values of key mean the same
+// ("100Mi" and "104857600"); a value that does not parse is the same only as
+// itself.
+func SameValue(key, a, b string) bool {
+	if a == b {
+		return true
+	}
+	p, ok := lookup(key)
+	if !ok {
+		return false
+	}
+	var sa, sb Spec
+	if !p.parse(&sa, strings.TrimSpace(a), request) || !p.parse(&sb, strings.TrimSpace(b), request) {
+		return false
+	}
+	return sa == sb
+}
+
+func badValue(p *param, v string, f form) error {
+	want := p.want
+	if f == stored && p.wantStored != "" {
+		want = p.wantStored
+	}
+	return &Error{Key: p.key, Problem: fmt.Sprintf("value %q: want %s", v, want)}
+}
+
+func checkQoS(s Spec) error {
+	if q := s.QoS; q.MaxIOPS > 0 && q.MinIOPS > q.MaxIOPS {
+		return &Error{Key: KeyMinIOPS, Problem: fmt.Sprintf("%d is more than maxIOPS (%d)", q.MinIOPS, q.MaxIOPS)}
+	}
+	return nil
+}

@@ -1,0 +1,312 @@
+package volspec
+
+import (
+	"errors"
+	"maps"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+)
+
+// TestParseQuantity: the union of what ctl's parseSize and the driver's
+// ParseQuantity accepted before they became this one function.
+func TestParseQuantity(t *testing.T) {
+	good := map[string]uint64{
+		"0": 0, "4096": 4096, " 8Ki ": 8 << 10,
+		"64Mi": 64 << 20, "1Gi": 1 << 30, "2Ti": 2 << 40, "1Pi": 1 << 50,
+		"1k": 1000, "1K": 1000, "500M": 500e6, "1G": 1e9, "3T": 3e12, "2P": 2e15,
+		"100Mi": 100 << 20, "18446744073709551615": 1<<64 - 1,
+	}
+	for in, want := range good {
+		if got, err := ParseQuantity(in); err != nil || got != want {
+			t.Errorf("ParseQuantity(%q) = %d, %v; want %d", in, got, err, want)
+		}
+	}
+	for _, in := range []string{"", " ", "Mi", "-1Gi", "1.5Gi", "1GiB", "10MiB", "1e6", "+5", "fast", "1 Gi", "16384Pi", "99999999999Pi", "18446744073709551616"} {
+		if got, err := ParseQuantity(in); err == nil {
+			t.Errorf("ParseQuantity(%q) = %d, want an error", in, got)
+		}
+	}
+}
+
+func TestParseDefaults(t *testing.T) {
+	for _, in := range []map[string]string{nil, {}, {"csi.storage.k8s.io/pvc/name": "data", "csi.storage.k8s.io/provisioner-secret-name": "x"}} {
+		s, err := Parse(in)
+		if err != nil || s != Default() {
+			t.Fatalf("Parse(%v) = %+v, %v; want the default %+v", in, s, err, Default())
+		}
+	}
+	d := Default()
+	if d.Replicas != 3 || d.WriteQuorum != 0 || d.DataLocality != LocalityDisabled || d.ChecksumAlgorithm != ChecksumCRC32C || !d.Checksummed() {
+		t.Fatalf("default %+v", d)
+	}
+}
+
+func TestParseEveryKey(t *testing.T) {
+	in := map[string]string{
+		KeyReplicas: "3", KeyWriteQuorum: "2", KeyDataLocality: "best-effort",
+		KeyStaleReplicaTimeout: "15", KeyMaxIOPS: "5000", KeyMinIOPS: "100",
+		KeyMaxBandwidth: "100Mi", KeyBurstDuration: "2s", KeyFSType: "xfs",
+		KeyChecksumAlgorithm: "none", "csi.storage.k8s.io/pv/name": "pv-1",
+	}
+	got, err := Parse(in)
+	want := Spec{Replicas: 3, WriteQuorum: 2, DataLocality: LocalityBestEffort, StaleReplicaTimeout: 15 * time.Minute,
+		QoS:    QoS{MaxIOPS: 5000, MinIOPS: 100, MaxBytesPerSec: 100 << 20, BurstDuration: 2 * time.Second},
+		FSType: "xfs", ChecksumAlgorithm: ChecksumNone}
+	if err != nil || got != want {
+		t.Fatalf("Parse = %+v, %v\nwant %+v", got, err, want)
+	}
+	// Spaces around a value are not part of it.
+	if s, err := Parse(map[string]string{KeyReplicas: " 2 ", KeyStaleReplicaTimeout: " 90s"}); err != nil || s.Replicas != 2 || s.StaleReplicaTimeout != 90*time.Second {
+		t.Fatalf("trimmed: %+v, %v", s, err)
+	}
+	if s, err := Parse(map[string]string{KeyChecksumAlgorithm: ""}); err != nil || s.ChecksumAlgorithm != ChecksumCRC32C {
+		t.Fatalf("empty checksumAlgorithm: %+v, %v; want the default", s, err)
+	}
+}
+
+// TestParseRefuses: every refusal wraps ErrInvalid, is an *Error for the
+// key, and its message names the key, the value and what is accepted.
+func TestParseRefuses(t *testing.T) {
+	cases := []struct {
+		in      map[string]string
+		key     string
+		mention []string
+	}{
+		{map[string]string{KeyReplicas: "0"}, KeyReplicas, []string{`"0"`, "1 to 5"}},
+		{map[string]string{KeyReplicas: "6"}, KeyReplicas, []string{"1 to 5"}},
+		{map[string]string{KeyReplicas: "three"}, KeyReplicas, []string{`"three"`}},
+		{map[string]string{KeyReplicas: ""}, KeyReplicas, nil},
+		{map[string]string{KeyReplicas: "2", KeyWriteQuorum: "3"}, KeyWriteQuorum, []string{"more than replicas (2)"}},
+		{map[string]string{KeyWriteQuorum: "0"}, KeyWriteQuorum, []string{"1 to replicas"}},
+		{map[string]string{KeyDataLocality: "strict"}, KeyDataLocality, []string{`"disabled" or "best-effort"`}},
+		{map[string]string{KeyStaleReplicaTimeout: "-1m"}, KeyStaleReplicaTimeout, []string{"positive duration"}},
+		{map[string]string{KeyStaleReplicaTimeout: "soon"}, KeyStaleReplicaTimeout, nil},
+		{map[string]string{KeyStaleReplicaTimeout: "0"}, KeyStaleReplicaTimeout, nil},
+		{map[string]string{KeyMaxIOPS: "-5"}, KeyMaxIOPS, []string{"whole number"}},
+		{map[string]string{KeyMaxIOPS: "100", KeyMinIOPS: "200"}, KeyMinIOPS, []string{"more than maxIOPS (100)"}},
+		{map[string]string{KeyMaxBandwidth: "fast"}, KeyMaxBandwidth, []string{"100Mi", "Ki, Mi"}},
+		{map[string]string{KeyMaxBandwidth: "10MiB"}, KeyMaxBandwidth, nil},
+		{map[string]string{KeyBurstDuration: "0s"}, KeyBurstDuration, []string{"positive duration"}},
+		{map[string]string{KeyBurstDuration: "3"}, KeyBurstDuration, nil},
+		{map[string]string{KeyFSType: "btrfs"}, KeyFSType, []string{`"ext4" or "xfs"`}},
+		{map[string]string{KeyChecksumAlgorithm: "sha256"}, KeyChecksumAlgorithm, []string{`"sha256"`, `"crc32c" or "none"`}},
+		{map[string]string{"replica": "3"}, "replica", []string{"unknown", KeyReplicas, KeyChecksumAlgorithm}},
+		{map[string]string{"fsType": "ext4"}, "fsType", []string{"unknown"}},
+		{map[string]string{"maxiops": "5"}, "maxiops", []string{"unknown"}},
+		// The first bad key in sorted order is the one named.
+		{map[string]string{KeyReplicas: "9", KeyMaxIOPS: "x"}, KeyMaxIOPS, nil},
+	}
+	for _, c := range cases {
+		_, err := Parse(c.in)
+		var e *Error
+		if !errors.Is(err, ErrInvalid) || !errors.As(err, &e) || e.Key != c.key {
+			t.Errorf("Parse(%v) = %v; want an *Error for %q wrapping ErrInvalid", c.in, err, c.key)
+			continue
+		}
+		for _, m := range append([]string{`"` + c.key + `"`}, c.mention...) {
+			if !strings.Contains(err.Error(), m) {
+				t.Errorf("Parse(%v): %q does not mention %s", c.in, err, m)
+			}
+		}
+	}
+}
+
+// TestStoredFormIsTheOldOne: Params writes exactly the map the driver
+// recorded before this package, so a CreateVolume retried across an upgrade
+// still finds its volume (the store compares the maps).
+func TestStoredFormIsTheOldOne(t *testing.T) {
+	cases := []struct {
+		in, want map[string]string
+	}{
+		{nil, map[string]string{KeyDataLocality: "disabled"}},
+		{map[string]string{KeyReplicas: "2", KeyFSType: "ext4"}, map[string]string{KeyDataLocality: "disabled", KeyFSType: "ext4"}},
+		{map[string]string{KeyChecksumAlgorithm: "crc32c"}, map[string]string{KeyDataLocality: "disabled"}},
+		{map[string]string{KeyMaxIOPS: "0", KeyBurstDuration: "1s"}, map[string]string{KeyDataLocality: "disabled", KeyBurstDuration: "1s"}},
+		{map[string]string{
+			KeyReplicas: "3", KeyWriteQuorum: "2", KeyDataLocality: "best-effort",
+			KeyStaleReplicaTimeout: "15", KeyMaxIOPS: "5000", KeyMinIOPS: "100",
+			KeyMaxBandwidth: "100Mi", KeyBurstDuration: "2s", KeyFSType: "xfs", KeyChecksumAlgorithm: "none",
+		}, map[string]string{
+			KeyDataLocality: "best-effort", KeyStaleReplicaTimeout: "15m0s", KeyMaxIOPS: "5000", KeyMinIOPS: "100",
+			KeyMaxBandwidth: "104857600", KeyBurstDuration: "2s", KeyFSType: "xfs", KeyChecksumAlgorithm: "none",
+		}},
+	}
+	for _, c := range cases {
+		s, err := Parse(c.in)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got := s.Params(); !reflect.DeepEqual(got, c.want) {
+			t.Errorf("Parse(%v).Params() = %v, want %v", c.in, got, c.want)
+		}
+	}
+}
+
+// TestRoundTrip: what Params writes, Decode reads back to the same spec
+// (less the replica count and quorum, which the store keeps in typed
+// fields), and writing that again gives the same map.
+func TestRoundTrip(t *testing.T) {
+	specs := []Spec{
+		Default(),
+		{Replicas: 1, DataLocality: LocalityBestEffort, ChecksumAlgorithm: ChecksumNone, FSType: FSExt4},
+		{Replicas: 5, WriteQuorum: 5, DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C,
+			StaleReplicaTimeout: 90 * time.Second, QoS: QoS{MaxIOPS: 1, MinIOPS: 1, MaxBytesPerSec: 1<<64 - 1, BurstDuration: 250 * time.Millisecond}},
+		{Replicas: 2, DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C, QoS: QoS{MinIOPS: 7000}},
+	}
+	for _, s := range specs {
+		p := s.Params()
+		got, err := Decode(p)
+		if err != nil {
+			t.Fatalf("Decode(%v): %v", p, err)
+		}
+		got.Replicas, got.WriteQuorum = s.Replicas, s.WriteQuorum
+		if got != s {
+			t.Errorf("round trip of %+v through %v gave %+v", s, p, got)
+		}
+		if again := got.Params(); !maps.Equal(again, p) {
+			t.Errorf("Params not stable: %v then %v", p, again)
+		}
+	}
+}
+
+// TestDecodeReadsOldState: maps stored by earlier versions (the driver's,
+// ctl's, tests' hand-made ones) still decode; unknown and typed-field keys
+// are ignored, an empty value is absent.
+func TestDecodeReadsOldState(t *testing.T) {
+	cases := []struct {
+		in   map[string]string
+		want Spec
+	}{
+		{nil, Spec{DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C}},
+		// ctl never recorded dataLocality.
+		{map[string]string{KeyStaleReplicaTimeout: "10m0s", KeyChecksumAlgorithm: "none", KeyMaxIOPS: "500"},
+			Spec{DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumNone, StaleReplicaTimeout: 10 * time.Minute, QoS: QoS{MaxIOPS: 500}}},
+		{map[string]string{"replicas": "2", "fsType": "xfs", KeyMaxIOPS: "1000", KeyBurstDuration: "1s", "fromTheFuture": "x"},
+			Spec{DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C, QoS: QoS{MaxIOPS: 1000, BurstDuration: time.Second}}},
+		{map[string]string{KeyMaxIOPS: "", KeyMinIOPS: "5000", KeyChecksumAlgorithm: ""},
+			Spec{DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C, QoS: QoS{MinIOPS: 5000}}},
+	}
+	for _, c := range cases {
+		got, err := Decode(c.in)
+		if err != nil || got != c.want {
+			t.Errorf("Decode(%v) = %+v, %v; want %+v", c.in, got, err, c.want)
+		}
+	}
+}
+
+// TestDecodeIsStrictOnSyntax: the stored form has one spelling per value;
+// an older member of the store accepts no other, so neither does Decode.
+func TestDecodeIsStrictOnSyntax(t *testing.T) {
+	for _, c := range []struct {
+		in  map[string]string
+		key string
+	}{
+		{map[string]string{KeyMaxBandwidth: "10Mi"}, KeyMaxBandwidth},
+		{map[string]string{KeyMaxBandwidth: "1.5"}, KeyMaxBandwidth},
+		{map[string]string{KeyStaleReplicaTimeout: "15"}, KeyStaleReplicaTimeout},
+		{map[string]string{KeyMaxIOPS: "lots"}, KeyMaxIOPS},
+		{map[string]string{KeyMinIOPS: "-1"}, KeyMinIOPS},
+		{map[string]string{KeyBurstDuration: "5"}, KeyBurstDuration},
+		{map[string]string{KeyBurstDuration: "0s"}, KeyBurstDuration},
+		{map[string]string{KeyMaxIOPS: "100", KeyMinIOPS: "200"}, KeyMinIOPS},
+		{map[string]string{KeyDataLocality: "strict"}, KeyDataLocality},
+		{map[string]string{KeyChecksumAlgorithm: "md5"}, KeyChecksumAlgorithm},
+		{map[string]string{KeyFSType: "btrfs"}, KeyFSType},
+	} {
+		_, err := Decode(c.in)
+		var e *Error
+		if !errors.As(err, &e) || e.Key != c.key || !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), `"`+c.key+`"`) {
+			t.Errorf("Decode(%v) = %v; want an error naming %q", c.in, err, c.key)
+		}
+	}
+}
+
+func TestChanges(t *testing.T) {
+	got, err := Changes(map[string]string{KeyMaxIOPS: "0", KeyMaxBandwidth: "1Mi", KeyBurstDuration: "2s"})
+	want := map[string]string{KeyMaxIOPS: "", KeyMaxBandwidth: "1048576", KeyBurstDuration: "2s"}
+	if err != nil || !maps.Equal(got, want) {
+		t.Fatalf("Changes = %v, %v; want %v", got, err, want)
+	}
+	if got, err := Changes(nil); err != nil || len(got) != 0 {
+		t.Fatalf("no changes: %v, %v", got, err)
+	}
+	for _, c := range []struct {
+		in      map[string]string
+		key     string
+		mention string
+	}{
+		{map[string]string{KeyReplicas: "3"}, KeyReplicas, "minIOPS"},
+		{map[string]string{KeyMaxIOPS: "5", "zone": "a"}, "zone", "mutable"},
+		{map[string]string{KeyMaxIOPS: "lots"}, KeyMaxIOPS, "whole number"},
+		{map[string]string{KeyMaxIOPS: "10", KeyMinIOPS: "20"}, KeyMinIOPS, "maxIOPS"},
+	} {
+		_, err := Changes(c.in)
+		var e *Error
+		if !errors.As(err, &e) || e.Key != c.key || !strings.Contains(err.Error(), c.mention) {
+			t.Errorf("Changes(%v) = %v; want an error naming %q and mentioning %q", c.in, err, c.key, c.mention)
+		}
+	}
+	if got := MutableKeys(); !reflect.DeepEqual(got, []string{KeyMaxIOPS, KeyMinIOPS, KeyMaxBandwidth, KeyBurstDuration}) {
+		t.Fatalf("MutableKeys = %v", got)
+	}
+}
+
+func TestSameValue(t *testing.T) {
+	for _, c := range []struct {
+		key, a, b string
+		same      bool
+	}{
+		{KeyMaxBandwidth, "100Mi", "104857600", true},
+		{KeyMaxBandwidth, "1M", "1Mi", false},
+		{KeyStaleReplicaTimeout, "15", "15m", true},
+		{KeyStaleReplicaTimeout, "15", "15s", false},
+		{KeyReplicas, "3", " 3", true},
+		{KeyReplicas, "3", "2", false},
+		{KeyChecksumAlgorithm, "", "crc32c", true},
+		{KeyMaxIOPS, "x", "x", true},
+		{KeyMaxIOPS, "x", "y", false},
+		{"nope", "1", "01", false},
+	} {
+		if got := SameValue(c.key, c.a, c.b); got != c.same {
+			t.Errorf("SameValue(%s, %q, %q) = %v", c.key, c.a, c.b, got)
+		}
+	}
+}
+
+func TestKeys(t *testing.T) {
+	want := []string{"replicas", "writeQuorum", "dataLocality", "staleReplicaTimeout", "maxIOPS", "minIOPS",
+		"maxBandwidth", "burstDuration", "csi.storage.k8s.io/fstype", "checksumAlgorithm"}
+	if got := Keys(); !reflect.DeepEqual(got, want) {
+		t.Fatalf("Keys = %v, want %v", got, want)
+	}
+	// Every key parses a valid value and refuses garbage: a key added to
+	// the table without a parser that refuses anything would pass silently.
+	for _, k := range Keys() {
+		if _, err := Parse(map[string]string{k: "\x00garbage"}); err == nil {
+			t.Errorf("key %s accepts garbage", k)
+		}
+	}
+}
+
+// TestChecksumAlgorithmParam (from the driver's params_test.go): the
+// default is crc32c and not recorded, none is recorded, anything else is
+// refused by name.
+func TestChecksumAlgorithmParam(t *testing.T) {
+	s, err := Parse(nil)
+	if err != nil || s.ChecksumAlgorithm != ChecksumCRC32C {
+		t.Fatalf("default: %q, %v; want crc32c", s.ChecksumAlgorithm, err)
+	}
+	if _, ok := s.Params()[KeyChecksumAlgorithm]; ok {
+		t.Fatal("the default is recorded in the volume's parameters; volumes made before the key existed would stop matching their CreateVolume retries")
+	}
+	s, err = Parse(map[string]string{KeyChecksumAlgorithm: "none"})
+	if err != nil || s.ChecksumAlgorithm != ChecksumNone || s.Params()[KeyChecksumAlgorithm] != "none" || s.Checksummed() {
+		t.Fatalf("none: %+v, %v", s, err)
+	}
+	_, err = Parse(map[string]string{KeyChecksumAlgorithm: "sha256"})
+	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "checksumAlgorithm") || !strings.Contains(err.Error(), "sha256") {
+		t.Fatalf("unknown value: %v, want an invalid-argument error naming the key and the value", err)
+	}
+}
