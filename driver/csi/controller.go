@@ -25,12 +25,12 @@ const (
 // volume store.
 type Controller struct {
 	csipb.UnimplementedControllerServer
-	Meta  *meta.Client
+	Meta  VolumeStore
 	locks *volumeLocks
 }
 
 // NewController returns a controller using the store behind m.
-func NewController(m *meta.Client) *Controller {
+func NewController(m VolumeStore) *Controller {
 	return &Controller{Meta: m, locks: newVolumeLocks()}
 }
 

@@ -22,8 +22,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // DriverName is the CSI driver's name.
@@ -169,7 +167,7 @@ func redact(m protoreflect.Message) {
 type Identity struct {
 	csipb.UnimplementedIdentityServer
 	Version string
-	Meta    *meta.Client
+	Meta    VolumeStore
 	// Local makes Probe ask only whether this node's own store member
 	// answers, not whether the store has a leader: a node plugin's liveness
 	// must not restart every node agent when the cluster loses quorum.
