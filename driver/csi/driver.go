@@ -118,6 +118,10 @@ func logCalls(log *zap.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := h(ctx, req)
+		// Handlers map their errors with toStatus; doing it here too means
+		// an error that escapes unmapped still gets the mapping's code, not
+		// gRPC's Unknown. A status passes through unchanged.
+		err = toStatus(err)
 		fields := []zap.Field{zap.String("method", info.FullMethod), zap.Duration("took", time.Since(start))}
 		if m, ok := req.(proto.Message); ok {
 			fields = append(fields, zap.String("request", sanitized(m)))
