@@ -121,7 +121,11 @@ func (n *Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRe
 }
 
 // checkPath refuses relative paths and paths outside the allowed roots.
-func (n *Node) checkPath(what, p string) error {
+func (n *Node) checkPath(what, p string) error { return checkPathUnder(n.cfg.AllowedRoots, what, p) }
+
+// checkPathUnder refuses an empty or relative path p, and one outside roots
+// when roots are given; what names p in the message.
+func checkPathUnder(roots []string, what, p string) error {
 	if p == "" {
 		return failf(errInvalid, "%s is required", what)
 	}
@@ -129,16 +133,16 @@ func (n *Node) checkPath(what, p string) error {
 		return failf(errInvalid, "%s %q is not an absolute path", what, p)
 	}
 	clean := filepath.Clean(p)
-	if len(n.cfg.AllowedRoots) == 0 {
+	if len(roots) == 0 {
 		return nil
 	}
-	for _, root := range n.cfg.AllowedRoots {
+	for _, root := range roots {
 		root = filepath.Clean(root)
 		if clean == root || strings.HasPrefix(clean, root+string(filepath.Separator)) {
 			return nil
 		}
 	}
-	return failf(errInvalid, "%s %q is outside the allowed roots %v", what, p, n.cfg.AllowedRoots)
+	return failf(errInvalid, "%s %q is outside the allowed roots %v", what, p, roots)
 }
 
 // fuseServer mounts the FUSE file system on first use.
