@@ -27,8 +27,9 @@ var (
 	// errStaleToken: a list's starting token is not one the driver gave
 	// out, or the list has shrunk under it; the caller starts over.
 	errStaleToken = errors.New("stale starting token")
-	// errWrongOrder: the request comes out of the lifecycle's order
-	// (publish before stage, a second node while attached).
+	// errWrongOrder: the request does not fit the volume's state now
+	// (publish before stage, a second node while attached, staged at
+	// another path).
 	errWrongOrder = errors.New("failed precondition")
 	// errNoRoom: the node or cluster cannot hold another volume.
 	errNoRoom = errors.New("resource exhausted")
