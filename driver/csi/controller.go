@@ -26,12 +26,12 @@ const (
 // volume store.
 type Controller struct {
 	csipb.UnimplementedControllerServer
-	Meta  *meta.Client
+	Meta  VolumeStore
 	locks *volumeLocks
 }
 
 // NewController returns a controller using the store behind m.
-func NewController(m *meta.Client) *Controller {
+func NewController(m VolumeStore) *Controller {
 	return &Controller{Meta: m, locks: newVolumeLocks()}
 }
 
@@ -61,29 +61,29 @@ func (c *Controller) ControllerGetCapabilities(context.Context, *csipb.Controlle
 // raw block device. A replicated block device has one writer at a time.
 func checkCapabilities(caps []*csipb.VolumeCapability) error {
 	if len(caps) == 0 {
-		return status.Error(codes.InvalidArgument, "volume capabilities are required")
+		return failf(errInvalid, "volume capabilities are required")
 	}
 	for _, c := range caps {
 		if c == nil {
-			return status.Error(codes.InvalidArgument, "a volume capability is empty")
+			return failf(errInvalid, "a volume capability is empty")
 		}
 		switch {
 		case c.GetBlock() != nil:
 		case c.GetMount() != nil:
 			if fs := c.GetMount().GetFsType(); fs != "" && fs != "ext4" && fs != "xfs" {
-				return status.Errorf(codes.InvalidArgument, "fs type %q is not supported (ext4, xfs)", fs)
+				return failf(errInvalid, "fs type %q is not supported (ext4, xfs)", fs)
 			}
 		default:
-			return status.Error(codes.InvalidArgument, "a volume capability needs an access type (block or mount)")
+			return failf(errInvalid, "a volume capability needs an access type (block or mount)")
 		}
 		if c.GetAccessMode() == nil {
-			return status.Error(codes.InvalidArgument, "a volume capability needs an access mode")
+			return failf(errInvalid, "a volume capability needs an access mode")
 		}
 		switch c.GetAccessMode().GetMode() {
 		case csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER, csipb.VolumeCapability_AccessMode_SINGLE_NODE_READER_ONLY,
 			csipb.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER, csipb.VolumeCapability_AccessMode_SINGLE_NODE_MULTI_WRITER:
 		default:
-			return status.Errorf(codes.InvalidArgument, "access mode %s is not supported: a Cairn volume is attached to one node at a time", c.GetAccessMode().GetMode())
+			return failf(errInvalid, "access mode %s is not supported: a Cairn volume is attached to one node at a time", c.GetAccessMode().GetMode())
 		}
 	}
 	return nil
@@ -93,10 +93,10 @@ func checkCapabilities(caps []*csipb.VolumeCapability) error {
 func sizeFor(r *csipb.CapacityRange) (uint64, error) {
 	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
 	if req < 0 || lim < 0 {
-		return 0, status.Error(codes.InvalidArgument, "capacity range must not be negative")
+		return 0, failf(errInvalid, "capacity range must not be negative")
 	}
 	if lim > 0 && req > lim {
-		return 0, status.Errorf(codes.InvalidArgument, "required bytes %d exceed limit bytes %d", req, lim)
+		return 0, failf(errInvalid, "required bytes %d exceed limit bytes %d", req, lim)
 	}
 	size := uint64(req)
 	if size == 0 {
@@ -111,11 +111,11 @@ func sizeFor(r *csipb.CapacityRange) (uint64, error) {
 		// covers the required bytes.
 		size = uint64(lim) / SizeUnit * SizeUnit
 		if size < uint64(req) || size == 0 {
-			return 0, status.Errorf(codes.OutOfRange, "no size in whole MiB lies between %d and %d bytes", req, lim)
+			return 0, failf(errOutOfRange, "no size in whole MiB lies between %d and %d bytes", req, lim)
 		}
 	}
 	if size > MaxSize {
-		return 0, status.Errorf(codes.OutOfRange, "%d bytes is more than the largest volume (%d)", size, uint64(MaxSize))
+		return 0, failf(errOutOfRange, "%d bytes is more than the largest volume (%d)", size, uint64(MaxSize))
 	}
 	return size, nil
 }
@@ -123,17 +123,17 @@ func sizeFor(r *csipb.CapacityRange) (uint64, error) {
 // CreateVolume records the volume and places its replicas.
 func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRequest) (*csipb.CreateVolumeResponse, error) {
 	if req.GetName() == "" {
-		return nil, status.Error(codes.InvalidArgument, "name is required")
+		return nil, toStatus(failf(errInvalid, "name is required"))
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	if req.GetVolumeContentSource() != nil {
-		return nil, status.Error(codes.InvalidArgument, "volume content sources (snapshots, clones) are not supported yet")
+		return nil, toStatus(failf(errInvalid, "volume content sources (snapshots, clones) are not supported yet"))
 	}
 	size, err := sizeFor(req.GetCapacityRange())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	p, err := volspec.Parse(req.GetParameters())
 	if err != nil {
@@ -142,11 +142,11 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	// A VolumeAttributesClass given at creation sets the first QoS.
 	vac, err := mutableParameters(req.GetMutableParameters())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	unlock, err := c.locks.lock("name/" + req.GetName())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	accessType := "mount"
@@ -202,7 +202,7 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 	id := req.GetVolumeId()
 	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	_, err = c.Meta.Apply(ctx, &meta.DeleteVolume{VolumeID: id})
@@ -218,14 +218,14 @@ func isNotFound(err error) bool { return status.Code(toStatus(err)) == codes.Not
 func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.ControllerPublishVolumeRequest) (*csipb.ControllerPublishVolumeResponse, error) {
 	id, node := req.GetVolumeId(), req.GetNodeId()
 	if id == "" || node == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id and node id are required")
+		return nil, toStatus(failf(errInvalid, "volume id and node id are required"))
 	}
 	if err := checkCapabilities([]*csipb.VolumeCapability{req.GetVolumeCapability()}); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	unlock, err := c.locks.lock(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	st, err := c.Meta.State(ctx, true)
@@ -234,17 +234,17 @@ func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 	}
 	v, ok := st.Volumes[id]
 	if !ok || v.State == meta.VolumeDeleted {
-		return nil, status.Errorf(codes.NotFound, "volume %s does not exist", id)
+		return nil, toStatus(failf(errNotFound, "volume %s does not exist", id))
 	}
 	if _, ok := st.Nodes[node]; !ok {
-		return nil, status.Errorf(codes.NotFound, "node %s is not part of the cluster", node)
+		return nil, toStatus(failf(errNotFound, "node %s is not part of the cluster", node))
 	}
 	if a := v.Attachment; a != nil {
 		if a.Node != node {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is published to %s; a Cairn volume is attached to one node at a time", id, a.Node)
+			return nil, toStatus(failf(errWrongOrder, "volume %s is published to %s; a Cairn volume is attached to one node at a time", id, a.Node))
 		}
 		if a.ReadOnly != req.GetReadonly() {
-			return nil, status.Errorf(codes.AlreadyExists, "volume %s is published to %s with read-only %v", id, a.Node, a.ReadOnly)
+			return nil, toStatus(failf(errAlreadyExists, "volume %s is published to %s with read-only %v", id, a.Node, a.ReadOnly))
 		}
 	}
 	if _, err := c.Meta.Attach(ctx, id, node, req.GetReadonly(), ""); err != nil {
@@ -259,7 +259,7 @@ func (c *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.C
 	id := req.GetVolumeId()
 	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	if _, err := c.Meta.Detach(ctx, id, req.GetNodeId()); err != nil && !isNotFound(err) {
@@ -271,10 +271,10 @@ func (c *Controller) ControllerUnpublishVolume(ctx context.Context, req *csipb.C
 // ValidateVolumeCapabilities confirms the capabilities Cairn supports.
 func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.ValidateVolumeCapabilitiesRequest) (*csipb.ValidateVolumeCapabilitiesResponse, error) {
 	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	if len(req.GetVolumeCapabilities()) == 0 {
-		return nil, status.Error(codes.InvalidArgument, "volume capabilities are required")
+		return nil, toStatus(failf(errInvalid, "volume capabilities are required"))
 	}
 	if _, err := c.Meta.Volume(ctx, req.GetVolumeId()); err != nil {
 		return nil, toStatus(err)
@@ -283,7 +283,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 		return nil, toStatus(err)
 	}
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
-		return &csipb.ValidateVolumeCapabilitiesResponse{Message: status.Convert(err).Message()}, nil
+		return &csipb.ValidateVolumeCapabilitiesResponse{Message: err.Error()}, nil
 	}
 	return &csipb.ValidateVolumeCapabilitiesResponse{Confirmed: &csipb.ValidateVolumeCapabilitiesResponse_Confirmed{
 		VolumeContext: req.GetVolumeContext(), VolumeCapabilities: req.GetVolumeCapabilities(), Parameters: req.GetParameters(),
@@ -295,7 +295,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 func (c *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequest) (*csipb.ListVolumesResponse, error) {
 	vols, next, err := c.page(ctx, req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	resp := &csipb.ListVolumesResponse{NextToken: next}
 	for _, v := range vols {
@@ -308,18 +308,18 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequ
 // index of the next entry.
 func (c *Controller) page(ctx context.Context, token string, maxEntries int32) ([]*meta.Volume, string, error) {
 	if maxEntries < 0 {
-		return nil, "", status.Error(codes.InvalidArgument, "max entries must not be negative")
+		return nil, "", failf(errInvalid, "max entries must not be negative")
 	}
 	st, err := c.Meta.State(ctx, true)
 	if err != nil {
-		return nil, "", toStatus(err)
+		return nil, "", err
 	}
 	vols := st.SortedVolumes()
 	start := 0
 	if token != "" {
 		n, err := strconv.Atoi(token)
 		if err != nil || n < 0 || n > len(vols) {
-			return nil, "", status.Errorf(codes.Aborted, "starting token %q is not valid (any more)", token)
+			return nil, "", failf(errStaleToken, "starting token %q is not valid (any more)", token)
 		}
 		start = n
 	}
@@ -373,7 +373,7 @@ func volumeHealth(v *meta.Volume) *csipb.VolumeHealth {
 // ControllerGetVolume describes one volume and where it is published.
 func (c *Controller) ControllerGetVolume(ctx context.Context, req *csipb.ControllerGetVolumeRequest) (*csipb.ControllerGetVolumeResponse, error) {
 	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
 	if err != nil {
@@ -387,7 +387,7 @@ func (c *Controller) ControllerGetVolume(ctx context.Context, req *csipb.Control
 // ControllerGetVolumeHealth reports a degraded or inaccessible volume.
 func (c *Controller) ControllerGetVolumeHealth(ctx context.Context, req *csipb.ControllerGetVolumeHealthRequest) (*csipb.ControllerGetVolumeHealthResponse, error) {
 	if req.GetVolumeId() == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
 	if err != nil {
@@ -400,7 +400,7 @@ func (c *Controller) ControllerGetVolumeHealth(ctx context.Context, req *csipb.C
 func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.ControllerListVolumeHealthRequest) (*csipb.ControllerListVolumeHealthResponse, error) {
 	vols, next, err := c.page(ctx, req.GetStartingToken(), req.GetMaxEntries())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	resp := &csipb.ControllerListVolumeHealthResponse{NextToken: next}
 	for _, v := range vols {
@@ -451,7 +451,7 @@ func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.Cont
 	id := req.GetVolumeId()
 	unlock, err := c.locks.lockVolume(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	if _, err := c.Meta.Volume(ctx, id); err != nil {
@@ -459,7 +459,7 @@ func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.Cont
 	}
 	set, err := mutableParameters(req.GetMutableParameters())
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	if len(set) == 0 {
 		return &csipb.ControllerModifyVolumeResponse{}, nil

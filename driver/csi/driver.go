@@ -22,8 +22,6 @@ import (
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/reflect/protoreflect"
 	"google.golang.org/protobuf/types/known/wrapperspb"
-
-	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // DriverName is the CSI driver's name.
@@ -120,6 +118,10 @@ func logCalls(log *zap.Logger) grpc.UnaryServerInterceptor {
 	return func(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 		start := time.Now()
 		resp, err := h(ctx, req)
+		// Handlers map their errors with toStatus; doing it here too means
+		// an error that escapes unmapped still gets the mapping's code, not
+		// gRPC's Unknown. A status passes through unchanged.
+		err = toStatus(err)
 		fields := []zap.Field{zap.String("method", info.FullMethod), zap.Duration("took", time.Since(start))}
 		if m, ok := req.(proto.Message); ok {
 			fields = append(fields, zap.String("request", sanitized(m)))
@@ -169,7 +171,7 @@ func redact(m protoreflect.Message) {
 type Identity struct {
 	csipb.UnimplementedIdentityServer
 	Version string
-	Meta    *meta.Client
+	Meta    VolumeStore
 	// Local makes Probe ask only whether this node's own store member
 	// answers, not whether the store has a leader: a node plugin's liveness
 	// must not restart every node agent when the cluster loses quorum.

@@ -13,8 +13,6 @@ import (
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"go.uber.org/zap"
-	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/status"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
@@ -124,24 +122,28 @@ func (n *Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRe
 }
 
 // checkPath refuses relative paths and paths outside the allowed roots.
-func (n *Node) checkPath(what, p string) error {
+func (n *Node) checkPath(what, p string) error { return checkPathUnder(n.cfg.AllowedRoots, what, p) }
+
+// checkPathUnder refuses an empty or relative path p, and one outside roots
+// when roots are given; what names p in the message.
+func checkPathUnder(roots []string, what, p string) error {
 	if p == "" {
-		return status.Errorf(codes.InvalidArgument, "%s is required", what)
+		return failf(errInvalid, "%s is required", what)
 	}
 	if !filepath.IsAbs(p) {
-		return status.Errorf(codes.InvalidArgument, "%s %q is not an absolute path", what, p)
+		return failf(errInvalid, "%s %q is not an absolute path", what, p)
 	}
 	clean := filepath.Clean(p)
-	if len(n.cfg.AllowedRoots) == 0 {
+	if len(roots) == 0 {
 		return nil
 	}
-	for _, root := range n.cfg.AllowedRoots {
+	for _, root := range roots {
 		root = filepath.Clean(root)
 		if clean == root || strings.HasPrefix(clean, root+string(filepath.Separator)) {
 			return nil
 		}
 	}
-	return status.Errorf(codes.InvalidArgument, "%s %q is outside the allowed roots %v", what, p, n.cfg.AllowedRoots)
+	return failf(errInvalid, "%s %q is outside the allowed roots %v", what, p, roots)
 }
 
 // fuseServer mounts the FUSE file system on first use.
@@ -171,30 +173,30 @@ func (n *Node) fuseServer() (*fuse.Server, error) {
 func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRequest) (*csipb.NodeStageVolumeResponse, error) {
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	if err := n.checkPath("staging target path", staging); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	vc := req.GetVolumeCapability()
 	if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	unlock, err := n.locks.lock(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if s, ok := n.staged[id]; ok {
 		if s.staging != staging {
-			return nil, status.Errorf(codes.FailedPrecondition, "volume %s is staged at %s, not %s", id, s.staging, staging)
+			return nil, toStatus(failf(errWrongOrder, "volume %s is staged at %s, not %s", id, s.staging, staging))
 		}
 		return &csipb.NodeStageVolumeResponse{}, nil
 	}
 	if n.cfg.MaxVolumes > 0 && int64(len(n.staged)) >= n.cfg.MaxVolumes {
-		return nil, status.Errorf(codes.ResourceExhausted, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged))
+		return nil, toStatus(failf(errNoRoom, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged)))
 	}
 	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
 		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, ReplicaDeadline: n.cfg.ReplicaDeadline, ScrubInterval: n.cfg.ScrubInterval, Sched: n.cfg.Sched, Local: n.cfg.Local})
@@ -216,16 +218,16 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	fs, err := n.fuseServer()
 	if err != nil {
 		undo()
-		return nil, status.Error(codes.Internal, err.Error())
+		return nil, toStatus(err)
 	}
 	path, err := fs.Add(s.file, e)
 	if err != nil {
 		undo()
-		return nil, status.Errorf(codes.Internal, "expose volume %s: %v", id, err)
+		return nil, toStatus(fmt.Errorf("expose volume %s: %v", id, err))
 	}
 	if s.dev, err = fuse.AttachLoop(path); err != nil {
 		undo()
-		return nil, status.Errorf(codes.Internal, "attach a loop device to %s: %v", path, err)
+		return nil, toStatus(fmt.Errorf("attach a loop device to %s: %v", path, err))
 	}
 	if !s.block {
 		fsType := vc.GetMount().GetFsType()
@@ -234,12 +236,12 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		}
 		if err := os.MkdirAll(staging, 0o750); err != nil {
 			undo()
-			return nil, status.Errorf(codes.Internal, "create %s: %v", staging, err)
+			return nil, toStatus(fmt.Errorf("create %s: %v", staging, err))
 		}
 		// FormatAndMount formats only a device without a filesystem.
 		if err := n.mounter.FormatAndMount(s.dev, staging, fsType, vc.GetMount().GetMountFlags()); err != nil {
 			undo()
-			return nil, status.Errorf(codes.Internal, "format and mount %s (%s) at %s: %v", s.dev, fsType, staging, err)
+			return nil, toStatus(fmt.Errorf("format and mount %s (%s) at %s: %v", s.dev, fsType, staging, err))
 		}
 	}
 	n.staged[id] = s
@@ -255,16 +257,16 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	id, staging := req.GetVolumeId(), req.GetStagingTargetPath()
 	unlock, err := n.locks.lockVolume(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	if err := n.checkPath("staging target path", staging); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	if err := unmountIfMounted(n.mounter, staging); err != nil {
-		return nil, status.Errorf(codes.Internal, "unmount %s: %v", staging, err)
+		return nil, toStatus(fmt.Errorf("unmount %s: %v", staging, err))
 	}
 	s, ok := n.staged[id]
 	if !ok {
@@ -275,7 +277,7 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 		return &csipb.NodeUnstageVolumeResponse{}, nil
 	}
 	if err := fuse.DetachLoop(s.dev); err != nil {
-		return nil, status.Errorf(codes.Internal, "detach %s: %v", s.dev, err)
+		return nil, toStatus(fmt.Errorf("detach %s: %v", s.dev, err))
 	}
 	if err := n.fs.Remove(s.file); err != nil {
 		n.log.Warn("remove FUSE file", zap.String("volume_id", id), zap.Error(err))
@@ -307,31 +309,31 @@ func unmountIfMounted(m mount.Interface, path string) error {
 func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolumeRequest) (*csipb.NodePublishVolumeResponse, error) {
 	id, target, staging := req.GetVolumeId(), req.GetTargetPath(), req.GetStagingTargetPath()
 	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	if err := n.checkPath("target path", target); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	if err := n.checkPath("staging target path", staging); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	vc := req.GetVolumeCapability()
 	if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	unlock, err := n.locks.lock(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	n.mu.Lock()
 	s, ok := n.staged[id]
 	n.mu.Unlock()
 	if !ok {
-		return nil, status.Errorf(codes.FailedPrecondition, "volume %s is not staged on %s", id, n.cfg.NodeID)
+		return nil, toStatus(failf(errWrongOrder, "volume %s is not staged on %s", id, n.cfg.NodeID))
 	}
 	if s.block != (vc.GetBlock() != nil) {
-		return nil, status.Errorf(codes.InvalidArgument, "volume %s was staged as %s, published as the other", id, map[bool]string{true: "block", false: "mount"}[s.block])
+		return nil, toStatus(failf(errInvalid, "volume %s was staged as %s, published as the other", id, map[bool]string{true: "block", false: "mount"}[s.block]))
 	}
 	opts := []string{"bind"}
 	if req.GetReadonly() {
@@ -341,30 +343,30 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 	if s.block {
 		source = s.dev
 		if err := os.MkdirAll(filepath.Dir(target), 0o750); err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
+			return nil, toStatus(err)
 		}
 		f, err := os.OpenFile(target, os.O_CREATE, 0o640)
 		if err != nil {
-			return nil, status.Errorf(codes.Internal, "create %s: %v", target, err)
+			return nil, toStatus(fmt.Errorf("create %s: %v", target, err))
 		}
 		if err := f.Close(); err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
+			return nil, toStatus(err)
 		}
 	} else {
 		if err := os.MkdirAll(target, 0o750); err != nil {
-			return nil, status.Errorf(codes.Internal, "create %s: %v", target, err)
+			return nil, toStatus(fmt.Errorf("create %s: %v", target, err))
 		}
 		opts = append(opts, vc.GetMount().GetMountFlags()...)
 	}
 	notMnt, err := n.mounter.IsLikelyNotMountPoint(target)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(codes.Internal, "check %s: %v", target, err)
+		return nil, toStatus(fmt.Errorf("check %s: %v", target, err))
 	}
 	if err == nil && !notMnt {
 		return &csipb.NodePublishVolumeResponse{}, nil // already published
 	}
 	if err := n.mounter.Mount(source, target, "", opts); err != nil {
-		return nil, status.Errorf(codes.Internal, "bind mount %s at %s: %v", source, target, err)
+		return nil, toStatus(fmt.Errorf("bind mount %s at %s: %v", source, target, err))
 	}
 	return &csipb.NodePublishVolumeResponse{}, nil
 }
@@ -375,14 +377,14 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublish
 	id, target := req.GetVolumeId(), req.GetTargetPath()
 	unlock, err := n.locks.lockVolume(id)
 	if err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	defer unlock()
 	if err := n.checkPath("target path", target); err != nil {
-		return nil, err
+		return nil, toStatus(err)
 	}
 	if err := mount.CleanupMountPoint(target, n.mounter, true); err != nil {
-		return nil, status.Errorf(codes.Internal, "unmount %s: %v", target, err)
+		return nil, toStatus(fmt.Errorf("unmount %s: %v", target, err))
 	}
 	return &csipb.NodeUnpublishVolumeResponse{}, nil
 }
@@ -392,30 +394,30 @@ func (n *Node) NodeUnpublishVolume(ctx context.Context, req *csipb.NodeUnpublish
 func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeStatsRequest) (*csipb.NodeGetVolumeStatsResponse, error) {
 	id, p := req.GetVolumeId(), req.GetVolumePath()
 	if id == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume id is required")
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
 	if p == "" {
-		return nil, status.Error(codes.InvalidArgument, "volume path is required")
+		return nil, toStatus(failf(errInvalid, "volume path is required"))
 	}
 	fi, err := os.Stat(p)
 	if errors.Is(err, os.ErrNotExist) {
-		return nil, status.Errorf(codes.NotFound, "volume path %s does not exist", p)
+		return nil, toStatus(failf(errNotFound, "volume path %s does not exist", p))
 	}
 	if err != nil {
-		return nil, status.Error(codes.Internal, err.Error())
+		return nil, toStatus(err)
 	}
 	n.mu.Lock()
 	s, staged := n.staged[id]
 	n.mu.Unlock()
 	if !staged {
-		return nil, status.Errorf(codes.NotFound, "volume %s is not staged on %s", id, n.cfg.NodeID)
+		return nil, toStatus(failf(errNotFound, "volume %s is not staged on %s", id, n.cfg.NodeID))
 	}
 	if fi.Mode()&os.ModeDevice != 0 || s.block {
 		return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{{Unit: csipb.VolumeUsage_BYTES, Total: int64(s.engine.Size())}}}, nil
 	}
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(p, &st); err != nil {
-		return nil, status.Errorf(codes.Internal, "statfs %s: %v", p, err)
+		return nil, toStatus(fmt.Errorf("statfs %s: %v", p, err))
 	}
 	bs := int64(st.Bsize)
 	return &csipb.NodeGetVolumeStatsResponse{Usage: []*csipb.VolumeUsage{

@@ -163,6 +163,27 @@ func DetachLoop(dev string) error {
 	}
 }
 
+// RefreshLoopSize makes the loop device dev take the current size of its
+// backing file (LOOP_SET_CAPACITY): the loop driver reads the size only when
+// attached, so a volume that grew stays at its old size on dev until then.
+// A file system on dev is grown separately, afterwards.
+func RefreshLoopSize(dev string) error {
+	if _, ok := loopNumber(filepath.Base(dev)); !ok {
+		return fmt.Errorf("resize %s: not a loop device name", dev)
+	}
+	lf, err := os.OpenFile(dev, os.O_RDWR, 0)
+	if err != nil {
+		return fmt.Errorf("resize %s: %w", dev, err)
+	}
+	err = unix.IoctlSetInt(int(lf.Fd()), unix.LOOP_SET_CAPACITY, 0)
+	// A block device descriptor used for an ioctl: closing it writes nothing back.
+	_ = lf.Close()
+	if err != nil {
+		return fmt.Errorf("resize %s: LOOP_SET_CAPACITY: %w", dev, err)
+	}
+	return nil
+}
+
 // claimed reports whether dev is mounted or held exclusively (by a file
 // system, device mapper …): an O_EXCL open of a block device fails with
 // EBUSY then.
