@@ -180,14 +180,9 @@ func Start(cfg Config) (_ *Agent, err error) {
 	a.exports = export.Start(export.Config{NodeID: cfg.ID, FSM: a.store.Store().FSM(), Engines: a.engines, Logger: base, Registerer: reg})
 	a.closers = append(a.closers, func() error { a.exports.Close(); return nil })
 	if cfg.CSIEndpoint != "" {
-		lis, err := csi.Listen(cfg.CSIEndpoint)
-		if err != nil {
-			return nil, fmt.Errorf("--csi-endpoint: %w", err)
+		if err := a.serveCSI(); err != nil {
+			return nil, err
 		}
-		node := csi.NewNode(csi.NodeConfig{NodeID: cfg.ID, Zone: cfg.Zone, MaxVolumes: cfg.MaxVolumes,
-			StateDir: filepath.Join(cfg.DataDir, "csi"), AllowedRoots: cfg.CSIAllowedRoots, Engines: a.engines, Logger: base})
-		srv := csi.Serve(a.log, lis, &csi.Identity{Version: cfg.Version, Meta: a.self, Local: true}, nil, node)
-		a.closers = append(a.closers, func() error { srv.Stop(); node.Close(); return nil })
 	}
 	if cfg.MetricsAddr != "" {
 		if err := a.serveMetrics(reg); err != nil {
@@ -197,6 +192,19 @@ func Start(cfg Config) (_ *Agent, err error) {
 	a.log.Info("node agent running", zap.String("api_addr", a.store.APIAddr()), zap.String("raft_addr", a.store.Store().RaftAddr()),
 		zap.String("metrics_addr", cfg.MetricsAddr), zap.String("version", cfg.Version))
 	return a, nil
+}
+
+// serveCSI serves the CSI Identity and Node services on the CSI endpoint.
+func (a *Agent) serveCSI() error {
+	lis, err := csi.Listen(a.cfg.CSIEndpoint)
+	if err != nil {
+		return fmt.Errorf("--csi-endpoint: %w", err)
+	}
+	node := csi.NewNode(csi.NodeConfig{NodeID: a.cfg.ID, Zone: a.cfg.Zone, MaxVolumes: a.cfg.MaxVolumes,
+		StateDir: filepath.Join(a.cfg.DataDir, "csi"), AllowedRoots: a.cfg.CSIAllowedRoots, Engines: a.engines, Logger: a.cfg.Logger})
+	srv := csi.Serve(a.log, lis, &csi.Identity{Version: a.cfg.Version, Meta: a.self, Local: true}, nil, node)
+	a.closers = append(a.closers, func() error { srv.Stop(); node.Close(); return nil })
+	return nil
 }
 
 // serveMetrics serves /metrics, /healthz and, if asked, /debug/pprof on
