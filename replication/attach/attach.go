@@ -143,18 +143,26 @@ func (r *Registry) open(ctx context.Context, cfg engine.Config) (*engine.Engine,
 // volume's turn. ctx bounds the wait for the turn and the close; if the
 // turn does not come in time, Release returns ErrBusy and e stays open and
 // registered. Any other error is the close's: e is closed and forgotten.
+// Releasing an engine already released does nothing: a user's release and
+// a shutdown's (Close, a frontend stopping) may meet.
 func (r *Registry) Release(ctx context.Context, e *engine.Engine) error {
 	r.mu.Lock()
 	id, ok := r.owner[e]
 	r.mu.Unlock()
 	if !ok {
-		panic("BUG: attach: Release of an engine this registry did not open, or released twice")
+		return nil
 	}
 	v, err := r.take(ctx, id, true)
 	if err != nil {
 		return err
 	}
 	defer r.give(id, v)
+	r.mu.Lock()
+	_, ok = r.owner[e] // another release may have had the turn first
+	r.mu.Unlock()
+	if !ok {
+		return nil
+	}
 	err = e.Close(ctx)
 	r.mu.Lock()
 	delete(r.owner, e)

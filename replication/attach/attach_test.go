@@ -108,8 +108,8 @@ func TestOpenDoesNotWaitForAnotherVolume(t *testing.T) {
 	}
 }
 
-// TestClosedRefusesOpens: after Close, Open fails with ErrClosed and what
-// was still open is closed.
+// TestClosedRefusesOpens: after Close, Open fails with ErrClosed, what was
+// still open is closed, and a later release of it is harmless.
 func TestClosedRefusesOpens(t *testing.T) {
 	rig := testrig.New(t)
 	rig.AddNode("n1")
@@ -131,5 +131,9 @@ func TestClosedRefusesOpens(t *testing.T) {
 	}
 	if _, err := reg.Open(rig.Ctx(), b.ID); !errors.Is(err, attach.ErrClosed) {
 		t.Errorf("open after Close = %v, want ErrClosed", err)
+	}
+	// The user's own release, after the shutdown's, does nothing.
+	if err := reg.Release(rig.Ctx(), e); err != nil {
+		t.Errorf("release of an engine Close released = %v, want nil", err)
 	}
 }
