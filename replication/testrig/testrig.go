@@ -9,6 +9,7 @@ import (
 	"context"
 	"net"
 	"path/filepath"
+	"slices"
 	"testing"
 	"time"
 
@@ -148,24 +149,36 @@ func (r *Rig) register(id, dataAddr string) {
 	}
 }
 
-// CreateVolume records a volume of size bytes with one replica, on node
-// on, and creates the replica there unless the node is silent.
-func (r *Rig) CreateVolume(name string, size uint64, on string) *meta.Volume {
+// CreateVolume records a volume of size bytes with one replica on each of
+// the nodes on (the first is the preferred node, and the rig's nodes should
+// be just these), and creates the replicas on the nodes that are not silent.
+func (r *Rig) CreateVolume(name string, size uint64, on ...string) *meta.Volume {
 	r.t.Helper()
-	res, err := r.Meta.Apply(r.Ctx(), &meta.CreateVolume{ID: "vol-" + name, Name: name, SizeBytes: size, Replicas: 1, PreferredNode: on})
+	res, err := r.Meta.Apply(r.Ctx(), &meta.CreateVolume{ID: "vol-" + name, Name: name, SizeBytes: size, Replicas: len(on), PreferredNode: on[0]})
 	if err != nil {
 		r.t.Fatal(err)
 	}
 	v := res.Volume
-	if len(v.Replicas) != 1 || v.Replicas[0].Node != on {
-		r.t.Fatalf("volume %s placed on %v, want one replica on %s", v.ID, v.Replicas, on)
-	}
-	if srv, ok := r.Servers[on]; ok {
-		if _, err := srv.CreateWith(v.Replicas[0].ID, size, replica.CreateOptions{}); err != nil {
-			r.t.Fatal(err)
+	var placed []string
+	for _, rep := range v.Replicas {
+		placed = append(placed, rep.Node)
+		if srv, ok := r.Servers[rep.Node]; ok {
+			if _, err := srv.CreateWith(rep.ID, size, replica.CreateOptions{}); err != nil {
+				r.t.Fatal(err)
+			}
 		}
 	}
+	if !sameNodes(placed, on) {
+		r.t.Fatalf("volume %s placed on %v, want %v", v.ID, placed, on)
+	}
 	return v
+}
+
+func sameNodes(a, b []string) bool {
+	a, b = slices.Clone(a), slices.Clone(b)
+	slices.Sort(a)
+	slices.Sort(b)
+	return slices.Equal(a, b)
 }
 
 // Attach attaches volume id to node, exported over NBD on socket if it is
