@@ -12,7 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/replication/meta"
-	"github.com/cairn-csi/cairn/replication/replica"
+	"github.com/cairn-csi/cairn/replication/verify"
 )
 
 func newVolumeExportCommand(o *ctlOptions) *cobra.Command {
@@ -125,16 +125,6 @@ func newVolumeUnexportCommand(o *ctlOptions) *cobra.Command {
 	}
 }
 
-// verifyReport is `volume verify -o json`.
-type verifyReport struct {
-	VolumeID    string   `json:"volume_id"`
-	Replicas    []string `json:"replicas"`
-	Extents     uint64   `json:"extents"`
-	ExtentBytes uint64   `json:"extent_bytes"`
-	Differing   []uint64 `json:"differing_extents"`
-	Identical   bool     `json:"identical"`
-}
-
 func newVolumeVerifyCommand(o *ctlOptions) *cobra.Command {
 	return &cobra.Command{
 		Use:   "verify ID",
@@ -150,7 +140,7 @@ a write in flight can make replicas differ for a moment.`,
 				return err
 			}
 			defer done()
-			rep, err := verifyVolume(ctx, c, args[0])
+			rep, err := verify.Volume(ctx, c, args[0])
 			if err != nil {
 				return err
 			}
@@ -170,66 +160,6 @@ a write in flight can make replicas differ for a moment.`,
 			return nil
 		},
 	}
-}
-
-func verifyVolume(ctx context.Context, c *meta.Client, id string) (*verifyReport, error) {
-	st, err := c.State(ctx, true)
-	if err != nil {
-		return nil, err
-	}
-	v, ok := st.Volumes[id]
-	if !ok || v.State == meta.VolumeDeleted {
-		return nil, fmt.Errorf("volume %q: %w", id, meta.ErrNotFound)
-	}
-	rep := &verifyReport{VolumeID: id, Differing: []uint64{}}
-	var first []uint32
-	for _, r := range v.Replicas {
-		if r.State != meta.ReplicaHealthy {
-			continue
-		}
-		n, ok := st.Nodes[r.Node]
-		if !ok || n.DataAddr == "" {
-			return nil, fmt.Errorf("replica %s: node %s has no replica server address", r.ID, r.Node)
-		}
-		sums, extentBytes, err := replicaChecksums(ctx, n.DataAddr, r.ID, v.SizeBytes)
-		if err != nil {
-			return nil, fmt.Errorf("replica %s on %s: %w", r.ID, r.Node, err)
-		}
-		rep.Replicas = append(rep.Replicas, r.ID)
-		rep.ExtentBytes = extentBytes
-		if first == nil {
-			first = sums
-			rep.Extents = uint64(len(sums))
-			continue
-		}
-		for i := range first {
-			if i >= len(sums) || sums[i] != first[i] {
-				rep.Differing = append(rep.Differing, uint64(i))
-			}
-		}
-	}
-	if len(rep.Replicas) == 0 {
-		return nil, fmt.Errorf("volume %s has no healthy replica", id)
-	}
-	rep.Identical = len(rep.Differing) == 0
-	return rep, nil
-}
-
-// replicaChecksums reads every extent checksum of one replica, with the
-// replica's own epoch (verify changes nothing and fences nobody).
-func replicaChecksums(ctx context.Context, addr, id string, size uint64) ([]uint32, uint64, error) {
-	rc, err := replica.Dial(ctx, addr, id, size)
-	if err != nil {
-		return nil, 0, err
-	}
-	defer rc.Close()
-	info, err := rc.Info(ctx)
-	if err != nil {
-		return nil, 0, err
-	}
-	extents := (info.Size + info.ExtentSize - 1) / info.ExtentSize
-	sums, err := rc.Checksums(ctx, info.Epoch, 0, extents)
-	return sums, info.ExtentSize, err
 }
 
 // progressBar draws "[#####.....]  45.0%".

@@ -18,8 +18,8 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/cairn-csi/cairn/internal/loopback"
 	"github.com/cairn-csi/cairn/replication/meta"
-	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 // devCluster is DIR/cluster.json: what `cairn dev up` started. Later

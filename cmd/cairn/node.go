@@ -1,101 +1,32 @@
 package main
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
-	"net/http"
-	"net/http/pprof"
 	"os"
 	"os/signal"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"time"
 
 	"github.com/go-logr/zapr"
-	"github.com/prometheus/client_golang/prometheus"
-	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/spf13/cobra"
 	"github.com/spf13/pflag"
 	"go.uber.org/zap"
 	"k8s.io/klog/v2"
 
-	"github.com/cairn-csi/cairn/driver/csi"
-	"github.com/cairn-csi/cairn/driver/export"
-	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/driver/agent"
 	"github.com/cairn-csi/cairn/replication/engine"
-	"github.com/cairn-csi/cairn/replication/meta"
-	"github.com/cairn-csi/cairn/replication/storagenode"
 )
 
-// nodeOptions configures `cairn node`.
+// nodeOptions configures `cairn node`: the agent's Config, with the flags
+// that need parsing before it can take them, and the logger's.
 type nodeOptions struct {
-	// ID names this node; it is also its raft server id.
-	ID string
-	// DataDir holds the raft log, snapshots and (later) replicas.
-	DataDir string
-	// RaftAddr is the raft transport's listen address.
-	RaftAddr string
-	// RaftAdvertise is the raft address peers dial (default: RaftAddr).
-	RaftAdvertise string
-	// APIAddr is the meta API's listen address.
-	APIAddr string
-	// APIAdvertise is the meta API address others dial (default: APIAddr).
-	APIAdvertise string
-	// MetricsAddr serves Prometheus /metrics; empty disables it.
-	MetricsAddr string
-	// Pprof adds Go's /debug/pprof handlers to the metrics address, for
-	// profiling a running agent (off by default: they cost nothing idle,
-	// but a profile is not something to leave open to everyone).
-	Pprof bool
-	// DataAddr is the replica server's listen (and advertised) address.
-	DataAddr string
-	// RebuildRate paces rebuild copies ("100Mi" bytes per second; "0" unpaced).
+	agent.Config
+	// RebuildRate paces rebuild copies ("100Mi" bytes per second; "0"
+	// unpaced): Config.RebuildBytesPerSecond.
 	RebuildRate string
-	// ReplicaDeadline: see engine.Config.ReplicaDeadline.
-	ReplicaDeadline time.Duration
-	// ScrubInterval: see engine.Config.ScrubInterval.
-	ScrubInterval time.Duration
-	// StaleReplicaTimeout is how long a replica's node may be down before the
-	// replica is replaced elsewhere (volumes may override it).
-	StaleReplicaTimeout time.Duration
-	// Zone and Region are topology labels used by placement.
-	Zone, Region string
-	// BootstrapExpect forms a new cluster of that many members.
-	BootstrapExpect int
-	// Peers are the meta API addresses of the other first members.
-	Peers []string
-	// Join lists meta API addresses of a running cluster to join.
-	Join []string
-	// RaftTimeoutMultiplier scales raft's timeouts (1 = library defaults).
-	RaftTimeoutMultiplier float64
-	// HeartbeatInterval is how often the node reports to the leader.
-	HeartbeatInterval time.Duration
-	// NodeDownAfter is how long without heartbeats before a node is down.
-	NodeDownAfter time.Duration
-	// CSIEndpoint serves the CSI Identity and Node services ("" = off).
-	CSIEndpoint string
-	// CSIAllowedRoots are the directories staging and target paths may be in.
-	CSIAllowedRoots []string
-	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
-	MaxVolumes int64
-	// NoIOSched bypasses both I/O schedulers, the engines' (QoS limits stop
-	// applying) and the replica server's disk scheduler (no fairness, no
-	// class priority); it exists to measure what scheduling buys.
-	NoIOSched bool
-	// IOSchedDepth is how many volume I/Os the scheduler lets run at once
-	// on this node; more wait in its queue, in its order.
-	IOSchedDepth int
-	// IOSchedSpareWhileReserved bounds, in both schedulers, the I/Os on
-	// spare capacity in flight while a volume with a reservation is active
-	// (iosched.Config.SpareSlotsWhileReserved).
-	IOSchedSpareWhileReserved int
-	// IOSchedLatencyTolerance turns on the QoS scheduler's latency guard
-	// (iosched.Config.LatencyTolerance); 0 is off.
-	IOSchedLatencyTolerance float64
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
 }
@@ -209,9 +140,8 @@ func newNodeCommand() *cobra.Command {
 	return cmd
 }
 
+// runNode runs a node agent until a signal or the store member's failure.
 func runNode(o *nodeOptions) error {
-	// The components add node_id to their lines themselves, so they get
-	// base; this function's own lines (and the CSI server's) get log.
 	base, err := newLogger(o.LogLevel, o.LogFormat)
 	if err != nil {
 		return err
@@ -222,159 +152,22 @@ func runNode(o *nodeOptions) error {
 	// which would write its own text lines into this JSON log.
 	klog.SetLogger(zapr.NewLogger(log.Named("klog")))
 
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	reg.MustRegister(engine.Collectors()...)
-	agent, err := meta.StartAgent(meta.AgentConfig{
-		Store: meta.StoreConfig{
-			NodeID: o.ID, DataDir: o.DataDir,
-			RaftBind: o.RaftAddr, RaftAdvertise: o.RaftAdvertise,
-			TimeoutMultiplier: o.RaftTimeoutMultiplier,
-			Logger:            base,
-		},
-		APIBind: o.APIAddr, APIAdvertise: o.APIAdvertise,
-		Zone: o.Zone, Region: o.Region, DataAddr: o.DataAddr,
-		StaleReplicaTimeout: o.StaleReplicaTimeout,
-		BootstrapExpect:     o.BootstrapExpect, Peers: o.Peers, Join: o.Join,
-		HeartbeatInterval: o.HeartbeatInterval, NodeDownAfter: o.NodeDownAfter,
-		Registerer: reg,
-	})
+	cfg := o.Config
+	cfg.RebuildBytesPerSecond, _ = parseSize(o.RebuildRate) // checked by Validate
+	cfg.Version, cfg.Logger = version, base
+	a, err := agent.Start(cfg)
 	if err != nil {
 		return err
 	}
-	rate, _ := parseSize(o.RebuildRate)
-	// One scheduler for every volume I/O on this node. Its depth bounds the
-	// I/Os in flight across all volumes; QoS limits apply per volume. A
-	// quarter of the depth is kept for volumes under their reservation
-	// (minIOPS), so that a flood on spare capacity cannot make them wait
-	// for a slot; and while such a volume is busy, the flood runs only a
-	// few I/Os at once, because on a node whose CPUs serve both, every
-	// flood I/O in flight slows the reserved volume's I/Os down too.
-	//
-	// A reserved volume may have up to reservationBurst I/Os served under
-	// its reservation back to back: applications send I/O a few at a time
-	// (a queue depth of 4 to 8), and with strict spacing all but the first
-	// of such a burst would queue behind the flood.
-	//
-	// The latency guard (--iosched-latency-tolerance) goes further: it
-	// slows the flood's rate, not only its concurrency, while the reserved
-	// volume's I/Os take longer than on a quiet node. It acts here only:
-	// the disk scheduler holds no reservations.
-	const reservationBurst = 8
-	sched, err := iosched.New(iosched.Config{Depth: o.IOSchedDepth, ReservedSlots: o.IOSchedDepth / 4,
-		SpareSlotsWhileReserved: o.IOSchedSpareWhileReserved, ReservationBurst: reservationBurst,
-		LatencyTolerance: o.IOSchedLatencyTolerance,
-		Observer:         newSchedMetrics(reg), Disabled: o.NoIOSched})
-	if err != nil {
-		agent.Close()
-		return fmt.Errorf("--iosched-depth %d, --iosched-spare-while-reserved %d, --iosched-latency-tolerance %v: %w",
-			o.IOSchedDepth, o.IOSchedSpareWhileReserved, o.IOSchedLatencyTolerance, err)
-	}
-	defer sched.Close()
-	reg.MustRegister(newTokenCollector(sched))
-	// A second scheduler for the replica server's disk I/O: operations on
-	// this node's replicas, from the engines of every node (this node's
-	// own in process). It holds no QoS limits (the engines charged those
-	// once); it shares the disk fairly across volumes and lets rebuild and
-	// scrub yield to foreground I/O.
-	//
-	// Its depth is the number of disk operations that run at once. 32 is
-	// the command queue of a SATA or SAS disk and about where an NVMe drive
-	// stops gaining throughput from more parallel small I/O: beyond what
-	// the device can overlap, more concurrency only moves the waiting into
-	// the kernel and the device, which serve it in arrival order, blind to
-	// volumes and classes. It is also half of what one engine connection
-	// may have in flight (64), so a single busy engine makes a queue form
-	// here, where fairness and class priority can act; a depth as large as
-	// the QoS scheduler's would let a flood take the whole disk before any
-	// ordering applied.
-	const diskSchedDepth = 32
-	diskSched, err := iosched.New(iosched.Config{Depth: diskSchedDepth, ReservedSlots: diskSchedDepth / 4,
-		SpareSlotsWhileReserved: min(o.IOSchedSpareWhileReserved, diskSchedDepth-diskSchedDepth/4),
-		ReservationBurst:        reservationBurst,
-		Observer:                newDiskSchedMetrics(reg), Disabled: o.NoIOSched})
-	if err != nil {
-		agent.Close()
-		return err
-	}
-	defer diskSched.Close()
-	self, err := meta.NewClient([]string{agent.APIAddr()})
-	if err != nil {
-		agent.Close()
-		return err
-	}
-	defer self.Close()
-	storage, err := storagenode.Start(storagenode.Config{
-		NodeID: o.ID, DataDir: o.DataDir, Listen: o.DataAddr, FSM: agent.Store().FSM(), Meta: self,
-		Logger: base, RebuildBytesPerSecond: rate, Registerer: reg, Sched: sched, DiskSched: diskSched,
-	})
-	if err != nil {
-		agent.Close()
-		return err
-	}
-	exports := export.Start(export.Config{NodeID: o.ID, FSM: agent.Store().FSM(), Meta: self, Logger: base, RebuildBytesPerSecond: rate,
-		ReplicaDeadline: o.ReplicaDeadline, ScrubInterval: o.ScrubInterval, Sched: sched, Local: storage.Server(), Registerer: reg})
-	var csiNode *csi.Node
-	var csiSrv *csi.Server
-	if o.CSIEndpoint != "" {
-		lis, err := csi.Listen(o.CSIEndpoint)
-		if err != nil {
-			exports.Close()
-			storage.Close()
-			agent.Close()
-			return fmt.Errorf("--csi-endpoint: %w", err)
-		}
-		csiNode = csi.NewNode(csi.NodeConfig{NodeID: o.ID, Zone: o.Zone, MaxVolumes: o.MaxVolumes,
-			StateDir: filepath.Join(o.DataDir, "csi"), AllowedRoots: o.CSIAllowedRoots, Meta: self, Logger: base,
-			RebuildBytesPerSecond: rate, ReplicaDeadline: o.ReplicaDeadline, ScrubInterval: o.ScrubInterval, Sched: sched, Local: storage.Server()})
-		csiSrv = csi.Serve(log, lis, &csi.Identity{Version: version, Meta: self, Local: true}, nil, csiNode)
-	}
-	var metricsSrv *http.Server
-	if o.MetricsAddr != "" {
-		lis, err := net.Listen("tcp", o.MetricsAddr)
-		if err != nil {
-			exports.Close()
-			storage.Close()
-			agent.Close()
-			return fmt.Errorf("--metrics-addr: %w", err)
-		}
-		mux := http.NewServeMux()
-		mux.Handle("/metrics", promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg}))
-		mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok\n")) })
-		if o.Pprof {
-			mux.HandleFunc("/debug/pprof/", pprof.Index)
-			mux.HandleFunc("/debug/pprof/profile", pprof.Profile)
-			mux.HandleFunc("/debug/pprof/symbol", pprof.Symbol)
-			mux.HandleFunc("/debug/pprof/trace", pprof.Trace)
-		}
-		metricsSrv = &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
-		go func() { _ = metricsSrv.Serve(lis) }()
-	}
-	log.Info("node agent running", zap.String("api_addr", agent.APIAddr()), zap.String("raft_addr", agent.Store().RaftAddr()),
-		zap.String("metrics_addr", o.MetricsAddr), zap.String("version", version))
-
 	sig := make(chan os.Signal, 1)
 	signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)
 	var runErr error
 	select {
 	case s := <-sig:
 		log.Info("shutting down", zap.String("signal", s.String()))
-	case runErr = <-agent.Fatal():
+	case runErr = <-a.Fatal():
 	}
-	if metricsSrv != nil {
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-		_ = metricsSrv.Shutdown(ctx)
-		cancel()
-	}
-	if csiSrv != nil {
-		csiSrv.Stop()
-		csiNode.Close()
-	}
-	exports.Close()
-	if err := storage.Close(); err != nil && runErr == nil {
-		runErr = err
-	}
-	if err := agent.Close(); err != nil && runErr == nil {
+	if err := a.Close(); err != nil && runErr == nil {
 		runErr = err
 	}
 	return runErr

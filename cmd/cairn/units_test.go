@@ -4,6 +4,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/driver/agent"
 )
 
 func TestParseSize(t *testing.T) {
@@ -53,9 +55,9 @@ func TestFormatSize(t *testing.T) {
 
 func TestNodeOptionsValidate(t *testing.T) {
 	valid := func() nodeOptions {
-		return nodeOptions{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2", DataAddr: "127.0.0.1:3",
-			RebuildRate: "200Mi", StaleReplicaTimeout: time.Minute,
-			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second, IOSchedDepth: 256}
+		return nodeOptions{Config: agent.Config{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2", DataAddr: "127.0.0.1:3",
+			StaleReplicaTimeout:   time.Minute,
+			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second, IOSchedDepth: 256}, RebuildRate: "200Mi"}
 	}
 	cases := []struct {
 		name   string

@@ -8,6 +8,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
@@ -80,7 +81,7 @@ func toStatus(err error) error {
 		code = codes.ResourceExhausted
 	case errors.Is(err, errOutOfRange):
 		code = codes.OutOfRange
-	case errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, errBusy), errors.Is(err, errStaleToken):
+	case errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, errBusy), errors.Is(err, errStaleToken), errors.Is(err, attach.ErrBusy):
 		code = codes.Aborted
 	case errors.Is(err, meta.ErrNoLeader), errors.Is(err, meta.ErrNotLeader), errors.Is(err, meta.ErrOutcomeUnknown),
 		errors.Is(err, context.DeadlineExceeded):

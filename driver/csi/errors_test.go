@@ -9,6 +9,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
@@ -24,6 +25,7 @@ func TestToStatus(t *testing.T) {
 		{"driver already exists", errAlreadyExists, codes.AlreadyExists},
 		{"driver busy", errBusy, codes.Aborted},
 		{"driver stale token", errStaleToken, codes.Aborted},
+		{"engine registry busy", fmt.Errorf("close the engine of v1: %w", attach.ErrBusy), codes.Aborted},
 		{"driver wrong order", errWrongOrder, codes.FailedPrecondition},
 		{"driver no room", errNoRoom, codes.ResourceExhausted},
 		{"driver out of range", errOutOfRange, codes.OutOfRange},

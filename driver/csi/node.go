@@ -17,10 +17,8 @@ import (
 	utilexec "k8s.io/utils/exec"
 
 	"github.com/cairn-csi/cairn/driver/frontend/fuse"
-	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/engine"
-	"github.com/cairn-csi/cairn/replication/meta"
-	"github.com/cairn-csi/cairn/replication/replica"
 )
 
 // NodeConfig configures the CSI Node service.
@@ -34,19 +32,9 @@ type NodeConfig struct {
 	// AllowedRoots, if set, are the only directories staging and target
 	// paths may lie under (kubelet's directory in production).
 	AllowedRoots []string
-	Meta         *meta.Client
-	Logger       *zap.Logger
-	// RebuildBytesPerSecond paces rebuilds done by staged volumes' engines.
-	RebuildBytesPerSecond uint64
-	// ReplicaDeadline is the engines' engine.Config.ReplicaDeadline (0: its default).
-	ReplicaDeadline time.Duration
-	// ScrubInterval is the engines' engine.Config.ScrubInterval (0: scrub only when asked).
-	ScrubInterval time.Duration
-	// Sched is the node's I/O scheduler (nil: none).
-	Sched *iosched.Scheduler
-	// Local is this node's replica server, for in-process access to the
-	// local replica (nil: over TCP like the others).
-	Local *replica.Server
+	// Engines opens and closes the staged volumes' engines.
+	Engines *attach.Registry
+	Logger  *zap.Logger
 }
 
 // Node is the CSI Node service: stage = engine + FUSE file + loop device
@@ -56,15 +44,28 @@ type Node struct {
 	cfg     NodeConfig
 	log     *zap.Logger
 	mounter *mount.SafeFormatAndMount
-	locks   *volumeLocks
+	// locks orders the operations on one volume (and answers Aborted to a
+	// second one at once); operations on different volumes run side by
+	// side.
+	locks *volumeLocks
 
-	mu     sync.Mutex
-	fs     *fuse.Server
-	staged map[string]*stagedVolume
+	// fsMu serialises the one mount of the FUSE file system (fuseServer):
+	// it exists for that mount, which every staging needs before it can go
+	// on anyway.
+	fsMu sync.Mutex
+	fs   *fuse.Server
+
+	// mu guards staged and staging. It is held only to read or change
+	// them, never across an engine's open or close, mkfs, a mount or I/O,
+	// so that a volume slow to stage (a silent replica) holds up no other.
+	mu      sync.Mutex
+	staged  map[string]*stagedVolume
+	staging int // stagings past the MaxVolumes check, not yet in staged
 }
 
 type stagedVolume struct {
 	engine  *engine.Engine
+	fs      *fuse.Server
 	file    string // FUSE file name (the volume id)
 	dev     string // loop device
 	staging string
@@ -87,15 +88,21 @@ func NewNode(cfg NodeConfig) *Node {
 // engines and the FUSE mount; the loop devices lose their backing file.
 func (n *Node) Close() {
 	n.mu.Lock()
-	defer n.mu.Unlock()
+	staged := make(map[string]*stagedVolume, len(n.staged))
 	for id, s := range n.staged {
+		staged[id] = s
+	}
+	n.mu.Unlock()
+	for id, s := range staged {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = s.engine.Close(ctx)
+		_ = n.cfg.Engines.Release(ctx, s.engine)
 		cancel()
 		n.log.Warn("node plugin stopping with a staged volume", zap.String("volume_id", id), zap.String("device", s.dev))
 	}
+	n.fsMu.Lock()
+	defer n.fsMu.Unlock()
 	if n.fs != nil {
-		for _, s := range n.staged {
+		for _, s := range staged {
 			_ = fuse.DetachLoop(s.dev)
 		}
 		_ = n.fs.Unmount()
@@ -148,6 +155,8 @@ func checkPathUnder(roots []string, what, p string) error {
 
 // fuseServer mounts the FUSE file system on first use.
 func (n *Node) fuseServer() (*fuse.Server, error) {
+	n.fsMu.Lock()
+	defer n.fsMu.Unlock()
 	if n.fs != nil {
 		return n.fs, nil
 	}
@@ -188,18 +197,40 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	}
 	defer unlock()
 	n.mu.Lock()
-	defer n.mu.Unlock()
 	if s, ok := n.staged[id]; ok {
+		n.mu.Unlock()
 		if s.staging != staging {
 			return nil, toStatus(failf(errWrongOrder, "volume %s is staged at %s, not %s", id, s.staging, staging))
 		}
 		return &csipb.NodeStageVolumeResponse{}, nil
 	}
-	if n.cfg.MaxVolumes > 0 && int64(len(n.staged)) >= n.cfg.MaxVolumes {
-		return nil, toStatus(failf(errNoRoom, "node %s already has %d volumes staged", n.cfg.NodeID, len(n.staged)))
+	// Stagings still running count: they were let past this check.
+	if busy := int64(len(n.staged) + n.staging); n.cfg.MaxVolumes > 0 && busy >= n.cfg.MaxVolumes {
+		n.mu.Unlock()
+		return nil, toStatus(failf(errNoRoom, "node %s already has %d volumes staged", n.cfg.NodeID, busy))
 	}
-	e, err := engine.Open(ctx, engine.Config{VolumeID: id, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-		RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, ReplicaDeadline: n.cfg.ReplicaDeadline, ScrubInterval: n.cfg.ScrubInterval, Sched: n.cfg.Sched, Local: n.cfg.Local})
+	n.staging++
+	n.mu.Unlock()
+	s, err := n.stage(ctx, id, staging, vc)
+	n.mu.Lock()
+	n.staging--
+	if err == nil {
+		n.staged[id] = s
+	}
+	n.mu.Unlock()
+	if err != nil {
+		return nil, err
+	}
+	n.log.Info("volume staged", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("staging", staging),
+		zap.Bool("block", s.block), zap.Uint64("epoch", s.engine.Epoch()))
+	return &csipb.NodeStageVolumeResponse{}, nil
+}
+
+// stage opens the engine of volume id, exposes it as a loop device and,
+// for a mount volume, formats it when blank and mounts it at staging. On
+// failure it undoes what it did. Called with id's lock held, and no other.
+func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCapability) (*stagedVolume, error) {
+	e, err := n.cfg.Engines.Open(ctx, id)
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -208,11 +239,11 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		if s.dev != "" {
 			_ = fuse.DetachLoop(s.dev)
 		}
-		if n.fs != nil {
-			_ = n.fs.Remove(s.file)
+		if s.fs != nil {
+			_ = s.fs.Remove(s.file)
 		}
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = e.Close(cctx)
+		_ = n.cfg.Engines.Release(cctx, e)
 		cancel()
 	}
 	fs, err := n.fuseServer()
@@ -225,6 +256,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 		undo()
 		return nil, toStatus(fmt.Errorf("expose volume %s: %v", id, err))
 	}
+	s.fs = fs
 	if s.dev, err = fuse.AttachLoop(path); err != nil {
 		undo()
 		return nil, toStatus(fmt.Errorf("attach a loop device to %s: %v", path, err))
@@ -244,10 +276,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 			return nil, toStatus(fmt.Errorf("format and mount %s (%s) at %s: %v", s.dev, fsType, staging, err))
 		}
 	}
-	n.staged[id] = s
-	n.log.Info("volume staged", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("staging", staging),
-		zap.Bool("block", s.block), zap.Uint64("epoch", e.Epoch()))
-	return &csipb.NodeStageVolumeResponse{}, nil
+	return s, nil
 }
 
 // NodeUnstageVolume unmounts, detaches the loop device, flushes and stops
@@ -263,12 +292,12 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	if err := n.checkPath("staging target path", staging); err != nil {
 		return nil, toStatus(err)
 	}
-	n.mu.Lock()
-	defer n.mu.Unlock()
 	if err := unmountIfMounted(n.mounter, staging); err != nil {
 		return nil, toStatus(fmt.Errorf("unmount %s: %v", staging, err))
 	}
+	n.mu.Lock()
 	s, ok := n.staged[id]
+	n.mu.Unlock()
 	if !ok {
 		// Left over from before a restart: a loop device on the old FUSE file.
 		if dev, found := fuse.FindLoop(filepath.Join(n.cfg.StateDir, "fuse", id)); found {
@@ -276,16 +305,27 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 		}
 		return &csipb.NodeUnstageVolumeResponse{}, nil
 	}
-	if err := fuse.DetachLoop(s.dev); err != nil {
-		return nil, toStatus(fmt.Errorf("detach %s: %v", s.dev, err))
+	// A retry after ErrBusy below goes on where this call stopped.
+	if s.dev != "" {
+		if err := fuse.DetachLoop(s.dev); err != nil {
+			return nil, toStatus(fmt.Errorf("detach %s: %v", s.dev, err))
+		}
+		s.dev = ""
 	}
-	if err := n.fs.Remove(s.file); err != nil {
-		n.log.Warn("remove FUSE file", zap.String("volume_id", id), zap.Error(err))
+	if s.fs != nil {
+		if err := s.fs.Remove(s.file); err != nil {
+			n.log.Warn("remove FUSE file", zap.String("volume_id", id), zap.Error(err))
+		}
+		s.fs = nil
 	}
-	if err := s.engine.Close(ctx); err != nil {
+	if err := n.cfg.Engines.Release(ctx, s.engine); errors.Is(err, attach.ErrBusy) {
+		return nil, toStatus(fmt.Errorf("close the engine of %s: %w", id, err))
+	} else if err != nil {
 		n.log.Warn("engine did not close cleanly", zap.String("volume_id", id), zap.Error(err))
 	}
+	n.mu.Lock()
 	delete(n.staged, id)
+	n.mu.Unlock()
 	n.log.Info("volume unstaged", zap.String("volume_id", id))
 	return &csipb.NodeUnstageVolumeResponse{}, nil
 }

@@ -17,6 +17,7 @@ import (
 
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
+	"github.com/cairn-csi/cairn/replication/testrig"
 )
 
 // rig is a real volume store (one raft member on TCP) and real replica
@@ -41,27 +42,12 @@ type replicaServer struct {
 func newRig(t *testing.T, nodes int) *rig {
 	t.Helper()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	agent, err := meta.StartAgent(meta.AgentConfig{
-		Store:   meta.StoreConfig{NodeID: "meta-1", DataDir: filepath.Join(t.TempDir(), "meta"), RaftBind: "127.0.0.1:0", TimeoutMultiplier: 0.2, Logger: log},
-		APIBind: "127.0.0.1:0", BootstrapExpect: 1,
-		HeartbeatInterval: 100 * time.Millisecond, NodeDownAfter: time.Hour,
-		// No capacity: the store member holds no replicas in this rig.
-		DiskUsage: func() (uint64, uint64, error) { return 0, 0, nil },
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := meta.NewClient([]string{agent.APIAddr()})
-	if err != nil {
-		t.Fatal(err)
-	}
+	agent, c := testrig.StartStore(t, log)
 	r := &rig{t: t, log: log, agent: agent, meta: c, servers: map[string]*replicaServer{}}
-	t.Cleanup(func() {
+	t.Cleanup(func() { // before the store's (cleanups run last first)
 		for _, s := range r.servers {
 			s.srv.Close()
 		}
-		c.Close()
-		agent.Close()
 	})
 	ctx := r.ctx()
 	for i := 1; i <= nodes; i++ {

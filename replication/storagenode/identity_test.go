@@ -12,8 +12,10 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zaptest"
 
+	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
+	"github.com/cairn-csi/cairn/replication/testrig"
 )
 
 func TestDecide(t *testing.T) {
@@ -63,33 +65,22 @@ type storeRig struct {
 	agent *meta.Agent
 	meta  *meta.Client
 	nodes map[string]*Node
-	dirs  map[string]string
-	addrs map[string]string
+	// engines are the nodes' engine registries, closed after their nodes.
+	engines map[string]*attach.Registry
+	dirs    map[string]string
+	addrs   map[string]string
 }
 
 func newStoreRig(t *testing.T) *storeRig {
 	t.Helper()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
-	agent, err := meta.StartAgent(meta.AgentConfig{
-		Store:   meta.StoreConfig{NodeID: "meta-1", DataDir: filepath.Join(t.TempDir(), "meta"), RaftBind: "127.0.0.1:0", TimeoutMultiplier: 0.2, Logger: log},
-		APIBind: "127.0.0.1:0", BootstrapExpect: 1,
-		HeartbeatInterval: 100 * time.Millisecond, NodeDownAfter: time.Hour,
-		DiskUsage: func() (uint64, uint64, error) { return 0, 0, nil }, // holds no replicas
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c, err := meta.NewClient([]string{agent.APIAddr()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	r := &storeRig{t: t, log: log, agent: agent, meta: c, nodes: map[string]*Node{}, dirs: map[string]string{}, addrs: map[string]string{}}
+	agent, c := testrig.StartStore(t, log)
+	r := &storeRig{t: t, log: log, agent: agent, meta: c, nodes: map[string]*Node{}, engines: map[string]*attach.Registry{}, dirs: map[string]string{}, addrs: map[string]string{}}
 	t.Cleanup(func() {
-		for _, n := range r.nodes {
+		for id, n := range r.nodes {
 			_ = n.Close()
+			_ = r.engines[id].Close()
 		}
-		c.Close()
-		agent.Close()
 	})
 	return r
 }
@@ -108,11 +99,13 @@ func (r *storeRig) start(id string) {
 		r.dirs[id] = filepath.Join(r.t.TempDir(), id)
 		r.addrs[id] = "127.0.0.1:0"
 	}
-	n, err := Start(Config{NodeID: id, DataDir: r.dirs[id], Listen: r.addrs[id], FSM: r.agent.Store().FSM(), Meta: r.meta, Logger: r.log})
+	n, err := New(Config{NodeID: id, DataDir: r.dirs[id], Listen: r.addrs[id], FSM: r.agent.Store().FSM(), Meta: r.meta, Logger: r.log})
 	if err != nil {
 		r.t.Fatal(err)
 	}
-	r.nodes[id], r.addrs[id] = n, n.Addr()
+	engines := attach.New(attach.Config{NodeID: id, Meta: r.meta, Logger: r.log, Local: n.Server()})
+	n.Start(engines)
+	r.nodes[id], r.engines[id], r.addrs[id] = n, engines, n.Addr()
 	if _, err := r.meta.Apply(r.ctx(), &meta.RegisterNode{Node: meta.Node{
 		ID: id, RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:1", DataAddr: n.Addr(), CapacityBytes: 10 << 30, FreeBytes: 10 << 30,
 	}}); err != nil {
@@ -125,7 +118,11 @@ func (r *storeRig) stop(id string) {
 	if err := r.nodes[id].Close(); err != nil {
 		r.t.Fatal(err)
 	}
+	if err := r.engines[id].Close(); err != nil {
+		r.t.Fatal(err)
+	}
 	delete(r.nodes, id)
+	delete(r.engines, id)
 }
 
 // waitReplica polls replica rid of volume vid until ok accepts it.

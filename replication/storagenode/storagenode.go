@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
@@ -39,16 +40,12 @@ type Config struct {
 	Meta *meta.Client
 	// Logger receives the node's lines.
 	Logger *zap.Logger
-	// RebuildBytesPerSecond paces rebuilds run here (0: unpaced).
-	RebuildBytesPerSecond uint64
 	// Registerer receives the replica server's metrics (nil: none).
 	Registerer prometheus.Registerer
-	// Sched is the node's I/O scheduler, which maintenance rebuilds charge
-	// to the volume's QoS limits (nil: none).
-	Sched *iosched.Scheduler
 	// DiskSched is the replica server's disk scheduler (nil: none): every
 	// data operation on this node's replicas, from engines anywhere, waits
-	// for it. It must not be Sched: it holds no QoS limits (see
+	// for it. It must not be the QoS scheduler of the engines
+	// (attach.Config.Sched): it holds no QoS limits (see
 	// replica.ServerConfig.Sched).
 	DiskSched *iosched.Scheduler
 }
@@ -59,6 +56,8 @@ type Node struct {
 	log    *zap.Logger
 	server *replica.Server
 	lis    net.Listener
+	// engines opens the maintenance engines (set by Start).
+	engines *attach.Registry
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -80,8 +79,10 @@ type placed struct {
 	rep meta.Replica
 }
 
-// Start opens the replica server and starts realizing the store's state.
-func Start(cfg Config) (*Node, error) {
+// New opens the replica server's listener and the server, without serving
+// yet: the node's engine registry needs the server (its Local) before Start
+// can be given the registry.
+func New(cfg Config) (*Node, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
@@ -104,15 +105,21 @@ func Start(cfg Config) (*Node, error) {
 		}
 	}
 	n.ctx, n.cancel = context.WithCancel(context.Background())
+	return n, nil
+}
+
+// Start serves the replicas and starts realizing the store's state; the
+// maintenance rebuilds open their engines through engines.
+func (n *Node) Start(engines *attach.Registry) {
+	n.engines = engines
 	n.wg.Add(2)
 	go func() {
 		defer n.wg.Done()
-		if err := n.server.Serve(lis); err != nil && !errors.Is(err, replica.ErrServerClosed) {
+		if err := n.server.Serve(n.lis); err != nil && !errors.Is(err, replica.ErrServerClosed) {
 			n.log.Error("replica server stopped", zap.Error(err))
 		}
 	}()
 	go func() { defer n.wg.Done(); n.realizeLoop() }()
-	return n, nil
 }
 
 // Addr is the replica server's address.
@@ -121,10 +128,14 @@ func (n *Node) Addr() string { return n.lis.Addr().String() }
 // Server is the replica server.
 func (n *Node) Server() *replica.Server { return n.server }
 
-// Close stops the realizer, the rebuilds and the replica server.
+// Close stops the realizer, the rebuilds and the replica server (or, if
+// Start never ran, the listener and the server).
 func (n *Node) Close() error {
 	n.cancel()
 	err := n.server.Close() // ends Serve; rebuilds here fail and stop
+	if n.engines == nil {
+		_ = n.lis.Close() // nothing served it; its error says nothing more
+	}
 	n.wg.Wait()
 	return err
 }
@@ -316,11 +327,7 @@ func (n *Node) startRebuild(v *meta.Volume) {
 			cancel()
 		}()
 		done := make(chan engine.RebuildStats, 1)
-		e, err := engine.Open(ctx, engine.Config{
-			VolumeID: v.ID, NodeID: n.cfg.NodeID, Meta: n.cfg.Meta, Logger: n.cfg.Logger,
-			Maintenance: true, RebuildBytesPerSecond: n.cfg.RebuildBytesPerSecond, Sched: n.cfg.Sched, Local: n.server,
-			OnRebuilt: func(s engine.RebuildStats) { done <- s },
-		})
+		e, err := n.engines.OpenMaintenance(ctx, v.ID, func(s engine.RebuildStats) { done <- s })
 		if err != nil {
 			n.log.Info("maintenance rebuild not started", zap.String("volume_id", v.ID), zap.Error(err))
 			return
@@ -331,7 +338,9 @@ func (n *Node) startRebuild(v *meta.Volume) {
 		case <-e.Fenced():
 		}
 		cctx, ccancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = e.Close(cctx)
+		if err := n.engines.Release(cctx, e); errors.Is(err, attach.ErrBusy) {
+			n.log.Warn("maintenance engine left open: another open or close of the volume runs", zap.String("volume_id", v.ID))
+		}
 		ccancel()
 	}()
 }

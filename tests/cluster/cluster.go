@@ -25,8 +25,8 @@ import (
 	"go.uber.org/zap/zaptest"
 	"go.uber.org/zap/zaptest/observer"
 
+	"github.com/cairn-csi/cairn/internal/loopback"
 	"github.com/cairn-csi/cairn/replication/meta"
-	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 // DiskCapacity is the data disk every member reports (all of it free), so

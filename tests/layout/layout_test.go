@@ -1,7 +1,8 @@
 // Package layout checks rules about the repository's shape that the compiler
 // does not: the top-level folders exist, imports point one way
-// (cmd → driver → replication → iosched), and no file names a path on the
-// machine it was written on.
+// (cmd → driver → replication → iosched, with internal/ below them all), no
+// package outside cmd imports cmd, nothing outside tests/ imports tests/,
+// and no file names a path on the machine it was written on.
 package layout
 
 import (
@@ -28,12 +29,16 @@ var topLevel = []string{"cmd", "driver", "replication", "iosched", "deploy", "te
 
 // forbidden says, for a layer, which module layers its files may not import.
 // Layers not listed here (cmd, tests, deploy, the module root …) are only held
-// to the rules that apply to everyone in importRule.
+// to the rules that apply to everyone in importRule (no cmd, no tests).
 var forbidden = map[string][]string{
 	"driver":      {"cmd", "tests"},
 	"replication": {"driver", "cmd", "tests"},
 	// iosched is also limited to the standard library; see importRule.
-	"iosched": {"driver", "replication", "cmd", "tests"},
+	"iosched": {"driver", "replication", "internal", "cmd", "tests"},
+	// internal/ holds small helpers any layer may use (internal/loopback:
+	// listen addresses for local clusters, used by cmd and tests): it sits
+	// below every layer, so it imports none of them.
+	"internal": {"cmd", "driver", "replication", "iosched", "tests"},
 }
 
 // stdlibOnly names the pseudo-layer of imports outside the module that are not
@@ -62,12 +67,13 @@ func importRule(module, fileLayer, imp string, isTest bool) (ok bool, importedLa
 	if importedLayer == fileLayer {
 		return true, ""
 	}
-	// Rules for everyone: cmd holds only main packages and their helpers, and
-	// tests/ holds test harnesses that production code must not depend on.
-	if importedLayer == "cmd" {
-		return false, importedLayer
-	}
-	if importedLayer == "tests" && fileLayer != "cmd" {
+	// Rules for everyone: cmd holds only main packages and their flags and
+	// commands, so no package outside cmd imports it (what a test or another
+	// command needs of it belongs in a package below); and tests/ holds test
+	// harnesses that nothing outside tests/ may depend on, the production
+	// binary least of all. (A layer importing itself returned above: the
+	// harnesses under tests/ may import each other.)
+	if importedLayer == "cmd" || importedLayer == "tests" {
 		return false, importedLayer
 	}
 	if fileLayer == "iosched" {
@@ -131,11 +137,27 @@ func TestImportRule(t *testing.T) {
 		{"driver cmd", "driver", mod + "/cmd/cairn", false, false, "cmd"},
 		{"driver tests", "driver", mod + "/tests/e2e", true, false, "tests"},
 		{"cmd driver", "cmd", mod + "/driver", false, true, ""},
-		{"cmd tests", "cmd", mod + "/tests/harness", false, true, ""},
+		{"cmd tests", "cmd", mod + "/tests/harness", false, false, "tests"},
+		{"cmd test file tests", "cmd", mod + "/tests/harness", true, false, "tests"},
 		{"cmd own sub-package", "cmd", mod + "/cmd/cairn/internal/x", false, true, ""},
+		{"cmd internal", "cmd", mod + "/internal/loopback", false, true, ""},
 		{"tests driver", "tests", mod + "/driver", true, true, ""},
 		{"tests cmd", "tests", mod + "/cmd/cairn", true, false, "cmd"},
+		{"tests tests", "tests", mod + "/tests/cluster", false, true, ""},
+		{"tests internal", "tests", mod + "/internal/loopback", false, true, ""},
 		{"deploy tests", "deploy", mod + "/tests/x", false, false, "tests"},
+		{"driver internal", "driver", mod + "/internal/x", false, true, ""},
+		{"replication internal", "replication", mod + "/internal/x", false, true, ""},
+		{"iosched internal", "iosched", mod + "/internal/x", false, false, "internal"},
+		{"internal std", "internal", "net", false, true, ""},
+		{"internal own sub-package", "internal", mod + "/internal/y", false, true, ""},
+		{"internal iosched", "internal", mod + "/iosched", false, false, "iosched"},
+		{"internal replication", "internal", mod + "/replication/meta", false, false, "replication"},
+		{"internal driver", "internal", mod + "/driver/csi", false, false, "driver"},
+		{"internal cmd", "internal", mod + "/cmd/cairn", false, false, "cmd"},
+		{"internal tests", "internal", mod + "/tests/cluster", true, false, "tests"},
+		{"module root cmd", "", mod + "/cmd/cairn", false, false, "cmd"},
+		{"module root tests", "", mod + "/tests/cluster", false, false, "tests"},
 		{"not a prefix match", "iosched", mod + "x/iosched", false, false, stdlibOnly},
 	}
 	for _, tc := range tests {
@@ -166,7 +188,9 @@ func TestTopLevelFolders(t *testing.T) {
 }
 
 // TestImportDirection parses the imports of every .go file in the module and
-// checks that they point one way: cmd → driver → replication → iosched.
+// checks that they point one way: cmd → driver → replication → iosched, with
+// internal/ below all four; that nothing outside cmd imports cmd; and that
+// nothing outside tests/ imports tests/.
 func TestImportDirection(t *testing.T) {
 	root := repoRoot(t)
 	module := modulePath(t, root)

@@ -129,7 +129,7 @@ func mounted(dir string) bool {
 // its rules there, and removing the table removes them all at once.
 //
 // On loopback every connection between node agents leaves from 127.0.0.1
-// (see tests/loopback), so flows can only be told apart by the address they
+// (see internal/loopback), so flows can only be told apart by the address they
 // were made to. The partition therefore cuts the replica server address of
 // the victim node (both directions: requests to it and its replies), which
 // is the engine's only path to that replica; raft and the meta API still

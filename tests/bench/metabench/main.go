@@ -33,9 +33,9 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/cairn-csi/cairn/internal/loopback"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
-	"github.com/cairn-csi/cairn/tests/loopback"
 )
 
 const (
