@@ -14,11 +14,8 @@ import (
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"go.uber.org/zap"
 	mount "k8s.io/mount-utils"
-	utilexec "k8s.io/utils/exec"
 
-	"github.com/cairn-csi/cairn/driver/frontend/fuse"
 	"github.com/cairn-csi/cairn/replication/attach"
-	"github.com/cairn-csi/cairn/replication/engine"
 )
 
 // NodeConfig configures the CSI Node service.
@@ -34,6 +31,11 @@ type NodeConfig struct {
 	AllowedRoots []string
 	// Engines opens and closes the staged volumes' engines.
 	Engines *attach.Registry
+	// Mounter mounts, unmounts and formats; nil: the host's (newMounter).
+	Mounter Mounter
+	// Devices attaches and detaches loop devices; nil: the host's
+	// (newLoopDevices).
+	Devices BlockDevices
 	Logger  *zap.Logger
 }
 
@@ -43,7 +45,11 @@ type Node struct {
 	csipb.UnimplementedNodeServer
 	cfg     NodeConfig
 	log     *zap.Logger
-	mounter *mount.SafeFormatAndMount
+	mounter Mounter
+	devices BlockDevices
+	engines volumeEngines
+	// mountFiles mounts the FUSE file system at a directory (fuse.Mount).
+	mountFiles func(dir string) (fileServer, error)
 	// locks orders the operations on one volume (and answers Aborted to a
 	// second one at once); operations on different volumes run side by
 	// side.
@@ -53,7 +59,7 @@ type Node struct {
 	// it exists for that mount, which every staging needs before it can go
 	// on anyway.
 	fsMu sync.Mutex
-	fs   *fuse.Server
+	fs   fileServer
 
 	// mu guards staged and staging. It is held only to read or change
 	// them, never across an engine's open or close, mkfs, a mount or I/O,
@@ -64,8 +70,8 @@ type Node struct {
 }
 
 type stagedVolume struct {
-	engine  *engine.Engine
-	fs      *fuse.Server
+	engine  volumeEngine
+	fs      fileServer
 	file    string // FUSE file name (the volume id)
 	dev     string // loop device
 	staging string
@@ -74,14 +80,32 @@ type stagedVolume struct {
 
 // NewNode returns the Node service.
 func NewNode(cfg NodeConfig) *Node {
+	var engines volumeEngines
+	if cfg.Engines != nil {
+		engines = registryEngines{cfg.Engines}
+	}
+	return newNode(cfg, engines, mountFUSE)
+}
+
+// newNode returns the Node service over the given engines and FUSE file
+// system; NewNode gives the real ones, a unit test its fakes.
+func newNode(cfg NodeConfig, engines volumeEngines, mountFiles func(log *zap.Logger, dir string) (fileServer, error)) *Node {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	return &Node{
-		cfg: cfg, log: cfg.Logger.Named("csi-node").With(zap.String("node_id", cfg.NodeID)),
-		mounter: &mount.SafeFormatAndMount{Interface: mount.New(""), Exec: utilexec.New()},
-		locks:   newVolumeLocks(), staged: map[string]*stagedVolume{},
+	if cfg.Mounter == nil {
+		cfg.Mounter = newMounter()
 	}
+	if cfg.Devices == nil {
+		cfg.Devices = newLoopDevices()
+	}
+	n := &Node{
+		cfg: cfg, log: cfg.Logger.Named("csi-node").With(zap.String("node_id", cfg.NodeID)),
+		mounter: cfg.Mounter, devices: cfg.Devices, engines: engines,
+		locks: newVolumeLocks(), staged: map[string]*stagedVolume{},
+	}
+	n.mountFiles = func(dir string) (fileServer, error) { return mountFiles(n.log, dir) }
+	return n
 }
 
 // Close unstages nothing (volumes stay staged for kubelet) but stops the
@@ -95,7 +119,7 @@ func (n *Node) Close() {
 	n.mu.Unlock()
 	for id, s := range staged {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = n.cfg.Engines.Release(ctx, s.engine)
+		_ = n.engines.Release(ctx, s.engine)
 		cancel()
 		n.log.Warn("node plugin stopping with a staged volume", zap.String("volume_id", id), zap.String("device", s.dev))
 	}
@@ -103,7 +127,7 @@ func (n *Node) Close() {
 	defer n.fsMu.Unlock()
 	if n.fs != nil {
 		for _, s := range staged {
-			_ = fuse.DetachLoop(s.dev)
+			_ = n.devices.Detach(s.dev)
 		}
 		_ = n.fs.Unmount()
 	}
@@ -154,7 +178,7 @@ func checkPathUnder(roots []string, what, p string) error {
 }
 
 // fuseServer mounts the FUSE file system on first use.
-func (n *Node) fuseServer() (*fuse.Server, error) {
+func (n *Node) fuseServer() (fileServer, error) {
 	n.fsMu.Lock()
 	defer n.fsMu.Unlock()
 	if n.fs != nil {
@@ -169,7 +193,7 @@ func (n *Node) fuseServer() (*fuse.Server, error) {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, err
 	}
-	fs, err := fuse.Mount(n.log, dir)
+	fs, err := n.mountFiles(dir)
 	if err != nil {
 		return nil, fmt.Errorf("mount FUSE at %s: %w", dir, err)
 	}
@@ -230,20 +254,20 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 // for a mount volume, formats it when blank and mounts it at staging. On
 // failure it undoes what it did. Called with id's lock held, and no other.
 func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCapability) (*stagedVolume, error) {
-	e, err := n.cfg.Engines.Open(ctx, id)
+	e, err := n.engines.Open(ctx, id)
 	if err != nil {
 		return nil, toStatus(err)
 	}
 	s := &stagedVolume{engine: e, file: id, staging: staging, block: vc.GetBlock() != nil}
 	undo := func() {
 		if s.dev != "" {
-			_ = fuse.DetachLoop(s.dev)
+			_ = n.devices.Detach(s.dev)
 		}
 		if s.fs != nil {
 			_ = s.fs.Remove(s.file)
 		}
 		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = n.cfg.Engines.Release(cctx, e)
+		_ = n.engines.Release(cctx, e)
 		cancel()
 	}
 	fs, err := n.fuseServer()
@@ -257,7 +281,7 @@ func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCa
 		return nil, toStatus(fmt.Errorf("expose volume %s: %v", id, err))
 	}
 	s.fs = fs
-	if s.dev, err = fuse.AttachLoop(path); err != nil {
+	if s.dev, err = n.devices.Attach(path); err != nil {
 		undo()
 		return nil, toStatus(fmt.Errorf("attach a loop device to %s: %v", path, err))
 	}
@@ -300,14 +324,14 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	n.mu.Unlock()
 	if !ok {
 		// Left over from before a restart: a loop device on the old FUSE file.
-		if dev, found := fuse.FindLoop(filepath.Join(n.cfg.StateDir, "fuse", id)); found {
-			_ = fuse.DetachLoop(dev)
+		if dev, found := n.devices.Find(filepath.Join(n.cfg.StateDir, "fuse", id)); found {
+			_ = n.devices.Detach(dev)
 		}
 		return &csipb.NodeUnstageVolumeResponse{}, nil
 	}
 	// A retry after ErrBusy below goes on where this call stopped.
 	if s.dev != "" {
-		if err := fuse.DetachLoop(s.dev); err != nil {
+		if err := n.devices.Detach(s.dev); err != nil {
 			return nil, toStatus(fmt.Errorf("detach %s: %v", s.dev, err))
 		}
 		s.dev = ""
@@ -318,7 +342,7 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 		}
 		s.fs = nil
 	}
-	if err := n.cfg.Engines.Release(ctx, s.engine); errors.Is(err, attach.ErrBusy) {
+	if err := n.engines.Release(ctx, s.engine); errors.Is(err, attach.ErrBusy) {
 		return nil, toStatus(fmt.Errorf("close the engine of %s: %w", id, err))
 	} else if err != nil {
 		n.log.Warn("engine did not close cleanly", zap.String("volume_id", id), zap.Error(err))

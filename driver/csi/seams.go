@@ -1,19 +1,24 @@
 package csi
 
 import (
+	"context"
 	"fmt"
 
+	"go.uber.org/zap"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
+	"github.com/cairn-csi/cairn/driver/frontend"
 	"github.com/cairn-csi/cairn/driver/frontend/fuse"
+	"github.com/cairn-csi/cairn/replication/attach"
+	"github.com/cairn-csi/cairn/replication/engine"
 )
 
-// The Node service's seams to the host: mounting and block devices. Both
-// need root and a real kernel, so the Node's RPC logic can be unit-tested
-// only with them replaced. They are declared here with their real
-// implementations; node.go still calls mount-utils and the fuse package's
-// loop functions directly until the engine-registry work on it has landed.
+// The Node service's seams: mounting, block devices, the FUSE file system
+// and the node's engine registry. The first three need root and a real
+// kernel, the last a volume store and replicas, so the Node's RPC logic can
+// be unit-tested only with them replaced (node_test.go). They are declared
+// here with their real implementations.
 
 // Mounter is what the Node service needs of mounting: mount-utils'
 // mount.Interface (mount, unmount, mount-point checks; also what
@@ -79,4 +84,61 @@ func (l loopDevices) Resize(dev, mountPath string) error {
 		return fmt.Errorf("grow the file system on %s at %s: %w", dev, mountPath, err)
 	}
 	return nil
+}
+
+// volumeEngine is what the Node needs of a staged volume's engine: the
+// blocks the FUSE file serves, and the epoch it opened at (for the log).
+type volumeEngine interface {
+	frontend.Backend
+	Epoch() uint64
+}
+
+var _ volumeEngine = (*engine.Engine)(nil)
+
+// volumeEngines is what the Node needs of the node's engine registry
+// (attach.Registry): open a volume's engine, and flush and close it.
+type volumeEngines interface {
+	Open(ctx context.Context, id string) (volumeEngine, error)
+	// Release returns attach.ErrBusy when the volume's turn did not come
+	// before ctx ended: e then stays open.
+	Release(ctx context.Context, e volumeEngine) error
+}
+
+// registryEngines is volumeEngines over an attach.Registry.
+type registryEngines struct{ r *attach.Registry }
+
+func (r registryEngines) Open(ctx context.Context, id string) (volumeEngine, error) {
+	e, err := r.r.Open(ctx, id)
+	if err != nil {
+		return nil, err // not a nil *engine.Engine in a non-nil interface
+	}
+	return e, nil
+}
+
+func (r registryEngines) Release(ctx context.Context, e volumeEngine) error {
+	ee, ok := e.(*engine.Engine)
+	if !ok {
+		panic(fmt.Sprintf("BUG: releasing a %T, not an engine the registry opened", e))
+	}
+	return r.r.Release(ctx, ee)
+}
+
+// fileServer is what the Node needs of the FUSE file system that exposes
+// staged volumes as files (fuse.Server).
+type fileServer interface {
+	// Add serves b as the file name and returns its path.
+	Add(name string, b frontend.Backend) (string, error)
+	Remove(name string) error
+	Unmount() error
+}
+
+var _ fileServer = (*fuse.Server)(nil)
+
+// mountFUSE mounts the FUSE file system at dir.
+func mountFUSE(log *zap.Logger, dir string) (fileServer, error) {
+	fs, err := fuse.Mount(log, dir)
+	if err != nil {
+		return nil, err // not a nil *fuse.Server in a non-nil interface
+	}
+	return fs, nil
 }
