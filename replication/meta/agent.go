@@ -60,14 +60,10 @@ type Agent struct {
 	wg     sync.WaitGroup
 	fatal  chan error
 
-	mu       sync.Mutex
-	peers    map[string]*Client // leader API address → client
-	lastSeen map[string]time.Time
-	lastHB   map[string]time.Time // last committed heartbeat per node
-	downAt   map[string]time.Time // when the leader saw each down node go down
-	// rebuilds remembers, per replica id, the reconciler's restarts of its
-	// rebuild since it was last healthy (see repairReplicas).
-	rebuilds map[string]rebuildRestarts
+	mu     sync.Mutex
+	peers  map[string]*Client   // leader API address → client
+	live   *liveness            // the leader's view of heartbeats (liveness.go)
+	lastHB map[string]time.Time // last committed heartbeat per node
 }
 
 // StartAgent opens the store, serves the meta API and starts forming or
@@ -108,7 +104,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	a := &Agent{
 		cfg: cfg, log: cfg.Store.Logger.Named("agent").With(zap.String("node_id", cfg.Store.NodeID)),
 		store: store, lis: lis, fatal: make(chan error, 1),
-		peers: map[string]*Client{}, lastSeen: map[string]time.Time{}, lastHB: map[string]time.Time{}, rebuilds: map[string]rebuildRestarts{},
+		peers: map[string]*Client{}, live: newLiveness(), lastHB: map[string]time.Time{},
 	}
 	if cfg.Registerer != nil {
 		if err := store.Register(cfg.Registerer); err != nil {

@@ -76,7 +76,7 @@ func (a *Agent) recordHeartbeat(ctx context.Context, req *HeartbeatRequest) erro
 	}
 	now := time.Now()
 	a.mu.Lock()
-	a.lastSeen[req.NodeID] = now
+	a.live.heartbeat(req.NodeID, now)
 	last := a.lastHB[req.NodeID]
 	a.mu.Unlock()
 	if node.State == NodeDown {
