@@ -60,7 +60,6 @@ func (l *liveness) observe(s *State, now time.Time) {
 	for id, n := range s.Nodes {
 		if _, ok := l.known[id]; !ok {
 			l.known[id] = now
-			l.heard[id] = now // a new leader gives every node a full period
 		}
 		if n.State == NodeDown {
 			if _, ok := l.downAt[id]; !ok {
