@@ -15,6 +15,12 @@ import (
 func (a *Agent) heartbeatLoop() {
 	registered := false
 	for a.sleep(a.cfg.HeartbeatInterval) {
+		if err := a.store.FSM().Halted(); err != nil {
+			// See the command-evolution rule in command.go: a member that
+			// cannot read the log stops rather than serve a diverged state.
+			a.fail(err)
+			return
+		}
 		var clusterID string
 		a.store.FSM().View(func(s *State) { clusterID = s.ClusterID })
 		if clusterID != "" {
