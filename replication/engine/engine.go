@@ -259,6 +259,9 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		if attempt > 2*meta.MaxReplicas+2 {
 			return fmt.Errorf("volume %s: replica set keeps changing: %w", e.cfg.VolumeID, ErrIO)
 		}
+		// Linearizable (the leader answers after confirming it leads): the
+		// epoch claimed below and the attachment checked here must be the
+		// store's latest, not a lagging member's.
 		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
 		if err != nil {
 			return fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
@@ -485,14 +488,16 @@ func (e *Engine) replicaAddr(ctx context.Context, node string) (string, error) {
 	if a, ok := e.addrs[node]; ok {
 		return a, nil
 	}
-	st, err := e.cfg.Meta.State(ctx, false)
+	// The nodes alone (a status answer), not the whole state with every
+	// volume; a stale answer is fine: a wrong address fails the dial.
+	st, err := e.cfg.Meta.Status(ctx)
 	if err != nil {
 		return "", err
 	}
 	e.addrs = map[string]string{}
-	for id, n := range st.Nodes {
+	for _, n := range st.Nodes {
 		if n.DataAddr != "" {
-			e.addrs[id] = n.DataAddr
+			e.addrs[n.ID] = n.DataAddr
 		}
 	}
 	if a, ok := e.addrs[node]; ok {

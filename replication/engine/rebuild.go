@@ -234,6 +234,9 @@ func (e *Engine) watchLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		// One volume, read linearizably: it renews the lease below, which
+		// must be the store's own word that the volume is still ours, not
+		// a lagging member's copy (see checkLease).
 		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
 		if err != nil {
 			continue

@@ -2,6 +2,8 @@ package meta
 
 import (
 	"context"
+	"errors"
+	"reflect"
 	"testing"
 	"time"
 )
@@ -61,4 +63,53 @@ func testCreate(t *testing.T, ctx context.Context, c *Client, name string) *Volu
 		t.Fatalf("create %s: %v", name, err)
 	}
 	return res.Volume
+}
+
+// TestGetVolume: GetVolume answers with the one volume the whole state holds
+// under its id, linearizably or from the member asked, and ErrNotFound for
+// an unknown or deleted volume, whose tombstone stays for the retention.
+func TestGetVolume(t *testing.T) {
+	_, c := startTestAgent(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	v1 := testCreate(t, ctx, c, "one")
+	v2 := testCreate(t, ctx, c, "two")
+
+	got, err := c.Volume(ctx, v1.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s, err := c.State(ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := s.Volumes[v1.ID]; !reflect.DeepEqual(got, want) {
+		t.Fatalf("GetVolume = %s, state holds %s", dumpJSON(got), dumpJSON(want))
+	}
+	var local GetVolumeResponse
+	if err := c.invokeOnce(ctx, "GetVolume", &GetVolumeRequest{VolumeID: v1.ID}, &local); err != nil || local.Error != nil {
+		t.Fatalf("non-linearizable GetVolume: %v %+v", err, local.Error)
+	}
+	if !reflect.DeepEqual(local.Volume, got) || local.AppliedIndex == 0 {
+		t.Fatalf("non-linearizable GetVolume = %s at index %d, want %s", dumpJSON(local.Volume), local.AppliedIndex, dumpJSON(got))
+	}
+
+	if _, err := c.Volume(ctx, "vol-nope"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("GetVolume of an unknown volume: %v, want ErrNotFound", err)
+	}
+	if _, err := c.Apply(ctx, &DeleteVolume{VolumeID: v2.ID}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Volume(ctx, v2.ID); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("GetVolume of a deleted volume: %v, want ErrNotFound", err)
+	}
+	// The default retention keeps the tombstone through a few reconciler ticks.
+	time.Sleep(600 * time.Millisecond)
+	s, err = c.State(ctx, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := s.Volumes[v2.ID]; v == nil || v.State != VolumeDeleted {
+		t.Fatalf("tombstone of %s purged before its retention: %s", v2.ID, dumpJSON(v))
+	}
 }

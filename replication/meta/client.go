@@ -226,17 +226,28 @@ func (c *Client) Heartbeat(ctx context.Context, req *HeartbeatRequest) error {
 	return c.call(ctx, "Heartbeat", req, &resp, func() error { return fromWire(resp.Error) })
 }
 
-// Volume returns one live volume (a linearizable read).
+// Volume returns one live volume, read linearizably: the leader answers
+// after confirming that it still leads, so the volume is at least as new
+// as every change acknowledged before the call. A deleted volume is
+// ErrNotFound. The answer carries that one volume, not the whole state.
 func (c *Client) Volume(ctx context.Context, id string) (*Volume, error) {
-	s, err := c.State(ctx, true)
+	var resp GetVolumeResponse
+	err := c.call(ctx, "GetVolume", &GetVolumeRequest{VolumeID: id, Linearizable: true}, &resp, func() error { return fromWire(resp.Error) })
+	if status.Code(err) == codes.Unimplemented {
+		// A member of a build without GetVolume (a rolling upgrade).
+		s, err := c.State(ctx, true)
+		if err != nil {
+			return nil, err
+		}
+		return s.liveVolume(id)
+	}
 	if err != nil {
 		return nil, err
 	}
-	v, err := s.liveVolume(id)
-	if err != nil {
-		return nil, err
+	if resp.Volume == nil {
+		return nil, errors.New("meta: GetVolume answered without a volume")
 	}
-	return v, nil
+	return resp.Volume, nil
 }
 
 // Attach attaches volume id to node (read-only or not, optionally exported

@@ -2,7 +2,11 @@ package meta
 
 import (
 	"context"
+	"errors"
 	"fmt"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // The meta API handlers. Errors of the store travel inside the response
@@ -23,14 +27,8 @@ func (a *Agent) read(ctx context.Context, req *ReadRequest) (*ReadResponse, erro
 		return a.localRead(), nil
 	}
 	var out *ReadResponse
-	err := a.onLeader(ctx, req.Forwarded, true,
-		func() error {
-			if err := a.store.ReadBarrier(ctx); err != nil {
-				return err
-			}
-			out = a.localRead()
-			return nil
-		},
+	err := a.linearizableRead(ctx, req.Forwarded,
+		func() { out = a.localRead() },
 		func(ctx context.Context, cl *Client) error {
 			var resp ReadResponse
 			if err := cl.invokeOnce(ctx, "Read", &ReadRequest{Linearizable: true, Forwarded: true}, &resp); err != nil {
@@ -45,12 +43,87 @@ func (a *Agent) read(ctx context.Context, req *ReadRequest) (*ReadResponse, erro
 	return out, nil
 }
 
+// linearizableRead runs local on this member's state when it leads and
+// has passed a read barrier, else remote against the leader (once: a
+// forwarded request is never forwarded again).
+func (a *Agent) linearizableRead(ctx context.Context, forwarded bool, local func(), remote func(context.Context, *Client) error) error {
+	return a.onLeader(ctx, forwarded, true,
+		func() error {
+			if err := a.store.ReadBarrier(ctx); err != nil {
+				return err
+			}
+			local()
+			return nil
+		}, remote)
+}
+
 func (a *Agent) localRead() *ReadResponse {
 	var st *State
 	var idx uint64
 	a.store.FSM().View(func(s *State) { st = s.Clone() })
 	idx = a.store.AppliedIndex()
 	return &ReadResponse{State: st, AppliedIndex: idx}
+}
+
+// getVolume answers with one live volume: its cost does not grow with the
+// number of volumes in the store, nor with the deleted ones.
+func (a *Agent) getVolume(ctx context.Context, req *GetVolumeRequest) (*GetVolumeResponse, error) {
+	if !req.Linearizable {
+		return a.localVolume(req.VolumeID), nil
+	}
+	var out *GetVolumeResponse
+	err := a.linearizableRead(ctx, req.Forwarded,
+		func() { out = a.localVolume(req.VolumeID) },
+		func(ctx context.Context, cl *Client) error {
+			fwd := *req
+			fwd.Forwarded = true
+			var resp GetVolumeResponse
+			err := cl.invokeOnce(ctx, "GetVolume", &fwd, &resp)
+			if status.Code(err) == codes.Unimplemented {
+				// The leader runs a build without GetVolume (a rolling
+				// upgrade): read the whole state from it instead.
+				var r ReadResponse
+				if err := cl.invokeOnce(ctx, "Read", &ReadRequest{Linearizable: true, Forwarded: true}, &r); err != nil {
+					return err
+				}
+				if err := fromWire(r.Error); err != nil {
+					return err
+				}
+				resp = *volumeAnswer(r.State, req.VolumeID, r.AppliedIndex)
+			} else if err != nil {
+				return err
+			}
+			out = &resp
+			return fromWire(resp.Error)
+		})
+	if err != nil {
+		return &GetVolumeResponse{Error: toWire(err)}, nil
+	}
+	return out, nil
+}
+
+func (a *Agent) localVolume(id string) *GetVolumeResponse {
+	var out *GetVolumeResponse
+	a.store.FSM().View(func(s *State) { out = volumeAnswer(s, id, 0) })
+	out.AppliedIndex = a.store.AppliedIndex()
+	return out
+}
+
+// volumeAnswer is the answer to a GetVolume of id on s: a copy of the
+// volume, or ErrNotFound when it does not exist or is deleted.
+func volumeAnswer(s *State, id string, index uint64) *GetVolumeResponse {
+	resp := &GetVolumeResponse{AppliedIndex: index}
+	if s == nil {
+		resp.Error = toWire(errors.New("meta: read answered without a state"))
+		return resp
+	}
+	v, err := s.liveVolume(id)
+	if err != nil {
+		resp.Error = toWire(err)
+		return resp
+	}
+	resp.Volume = v.Clone()
+	return resp
 }
 
 func (a *Agent) status(ctx context.Context, _ *StatusRequest) (*StatusResponse, error) {
