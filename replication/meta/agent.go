@@ -40,6 +40,10 @@ type AgentConfig struct {
 	// the leader replaces the replica on another node; a volume's
 	// "staleReplicaTimeout" parameter overrides it (default 10 minutes).
 	StaleReplicaTimeout time.Duration
+	// TombstoneRetention is how long a deleted volume stays in the store
+	// before the leader purges it (default DefaultTombstoneRetention; see
+	// purge.go).
+	TombstoneRetention time.Duration
 	// DiskUsage reports the data disk's capacity and free bytes (defaults to
 	// statfs of the data dir).
 	DiskUsage func() (capacity, free uint64, err error)
@@ -64,6 +68,7 @@ type Agent struct {
 	peers  map[string]*Client   // leader API address → client
 	live   *liveness            // the leader's view of heartbeats (liveness.go)
 	lastHB map[string]time.Time // last committed heartbeat per node
+	tombs  tombstones           // deleted volumes the leader waits to purge (purge.go)
 }
 
 // StartAgent opens the store, serves the meta API and starts forming or
@@ -81,6 +86,9 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.StaleReplicaTimeout <= 0 {
 		cfg.StaleReplicaTimeout = 10 * time.Minute
+	}
+	if cfg.TombstoneRetention <= 0 {
+		cfg.TombstoneRetention = DefaultTombstoneRetention
 	}
 	if cfg.DiskUsage == nil {
 		dir := cfg.Store.DataDir

@@ -113,3 +113,31 @@ func TestGetVolume(t *testing.T) {
 		t.Fatalf("tombstone of %s purged before its retention: %s", v2.ID, dumpJSON(v))
 	}
 }
+
+// TestTombstonePurgedAfterRetention: the leader purges a deleted volume once
+// its retention has passed, and leaves the live ones alone.
+func TestTombstonePurgedAfterRetention(t *testing.T) {
+	_, c := startTestAgent(t, func(cfg *AgentConfig) { cfg.TombstoneRetention = 300 * time.Millisecond })
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	keep := testCreate(t, ctx, c, "keep")
+	drop := testCreate(t, ctx, c, "drop")
+	if _, err := c.Apply(ctx, &DeleteVolume{VolumeID: drop.ID}); err != nil {
+		t.Fatal(err)
+	}
+	deleted := time.Now()
+	var s *State
+	waitUntil(t, 10*time.Second, "tombstone purged", func() bool {
+		var err error
+		s, err = c.State(ctx, true)
+		return err == nil && s.Volumes[drop.ID] == nil
+	})
+	if d := time.Since(deleted); d < 300*time.Millisecond {
+		t.Fatalf("tombstone purged %v after the delete, before its retention", d)
+	}
+	if v := s.Volumes[keep.ID]; v == nil || v.State != VolumeAvailable {
+		t.Fatalf("live volume %s after the purge: %s", keep.ID, dumpJSON(v))
+	}
+	// The name is free again, as it was with the tombstone.
+	testCreate(t, ctx, c, "drop")
+}

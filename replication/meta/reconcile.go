@@ -23,6 +23,7 @@ func (a *Agent) reconcile(ctx context.Context) {
 	a.mu.Lock()
 	a.live.lead()
 	a.lastHB = map[string]time.Time{}
+	a.tombs = tombstones{}
 	a.mu.Unlock()
 	tick := min(max(a.cfg.NodeDownAfter/4, 50*time.Millisecond), time.Second)
 	t := time.NewTicker(tick)
@@ -49,6 +50,27 @@ func (a *Agent) reconcile(ctx context.Context) {
 			a.log.Warn("node marked down: no heartbeat", zap.String("node", c.NodeID), zap.Duration("after", a.cfg.NodeDownAfter))
 		}
 		a.repairReplicas(ctx)
+		a.purgeTombstones(ctx)
+	}
+}
+
+// purgeTombstones forgets the volumes deleted longer than the retention ago
+// (see purge.go).
+func (a *Agent) purgeTombstones(ctx context.Context) {
+	now := time.Now()
+	var purges []*PurgeVolume
+	a.mu.Lock()
+	a.store.FSM().View(func(s *State) {
+		a.tombs.observe(s, now)
+		purges = planPurges(s, a.tombs, a.cfg.TombstoneRetention, now)
+	})
+	a.mu.Unlock()
+	for _, c := range purges {
+		if _, err := a.store.Apply(ctx, c); err != nil {
+			a.log.Info("tombstone purge not taken", zap.String("volume_id", c.VolumeID), zap.Error(err))
+			continue
+		}
+		a.log.Info("deleted volume purged", zap.String("volume_id", c.VolumeID), zap.Duration("retention", a.cfg.TombstoneRetention))
 	}
 }
 
