@@ -141,6 +141,7 @@ type metaServer interface {
 	join(context.Context, *JoinRequest) (*JoinResponse, error)
 	info(context.Context, *InfoRequest) (*InfoResponse, error)
 	heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error)
+	watch(*WatchRequest, grpc.ServerStream) error
 }
 
 // unary describes one method whose handler is h.
@@ -173,6 +174,17 @@ var metaServiceDesc = grpc.ServiceDesc{
 		unary("Info", metaServer.info),
 		unary("Heartbeat", metaServer.heartbeat),
 	},
+	Streams: []grpc.StreamDesc{{
+		StreamName: "Watch",
+		Handler: func(srv any, stream grpc.ServerStream) error {
+			req := new(WatchRequest)
+			if err := stream.RecvMsg(req); err != nil {
+				return err
+			}
+			return srv.(metaServer).watch(req, stream)
+		},
+		ServerStreams: true,
+	}},
 	Metadata: "cairn/meta/v1",
 }
 

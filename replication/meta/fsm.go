@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math"
 	"sync"
 
 	"github.com/hashicorp/raft"
@@ -23,6 +24,11 @@ type FSM struct {
 	// changed is closed and replaced after every apply, so watchers can wait
 	// for the next change without polling.
 	changed chan struct{}
+
+	// changes is what recent entries changed, for watchers (watch.go);
+	// from changesFloor on it is complete.
+	changes      []changeRecord
+	changesFloor uint64
 
 	// halted is set at the first entry written by a newer build (see the
 	// command-evolution rule in command.go); from then on nothing is
@@ -64,6 +70,11 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 		// apply changes nothing when it fails, so a halt inside a Request
 		// leaves the state as it was before this entry.
 		if res, err = apply(f.state, c); !errors.Is(err, ErrNewerCommand) {
+			var vols, nodes []string
+			if err == nil {
+				vols, nodes = touched(c, res)
+			}
+			f.record(l.Index, vols, nodes)
 			return &applyResult{Result: res, Err: err}
 		}
 	}
@@ -134,6 +145,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.state = s
+	// Watchers get the whole state again: the changes that led here are
+	// not known.
+	f.changes, f.changesFloor = nil, math.MaxUint64
 	f.notify()
 	return nil
 }

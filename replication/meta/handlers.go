@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 )
@@ -124,6 +125,31 @@ func volumeAnswer(s *State, id string, index uint64) *GetVolumeResponse {
 	}
 	resp.Volume = v.Clone()
 	return resp
+}
+
+// watch streams the changes from req.FromIndex on (see watch.go), each
+// event as soon as this member applied it, until the watcher leaves or the
+// member stops. An event that says nothing to this watcher is not sent.
+func (a *Agent) watch(req *WatchRequest, stream grpc.ServerStream) error {
+	from := req.FromIndex
+	for {
+		changed := a.store.FSM().Changed()
+		if ev := a.store.FSM().WatchEvent(from, req.Node); ev != nil {
+			if !ev.empty() {
+				if err := stream.SendMsg(ev); err != nil {
+					return err
+				}
+			}
+			from = ev.Index
+		}
+		select {
+		case <-stream.Context().Done():
+			return nil
+		case <-a.ctx.Done():
+			return nil
+		case <-changed:
+		}
+	}
 }
 
 func (a *Agent) status(ctx context.Context, _ *StatusRequest) (*StatusResponse, error) {
