@@ -10,9 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -74,6 +76,36 @@ type Node struct {
 	// that each is reported once, not at every pass. Used by the realizer
 	// goroutine only.
 	reported map[string]bool
+
+	// here is the realizer's view of the volumes with a replica on this
+	// node, kept from its FSM's watch (meta.FSM.WatchEvent): a pass costs
+	// what changed and what lives here, not every volume in the store.
+	// Used by the realizer goroutine only.
+	here placedVolumes
+}
+
+// placedVolumes follows the volumes with a replica on one node.
+type placedVolumes struct {
+	index uint64
+	vols  map[string]*meta.Volume
+}
+
+// update applies the changes of f since the last update.
+func (p *placedVolumes) update(f *meta.FSM, node string) {
+	ev := f.WatchEvent(p.index, node)
+	if ev == nil {
+		return
+	}
+	if ev.Reset {
+		p.vols = map[string]*meta.Volume{}
+	}
+	for _, v := range ev.Volumes {
+		p.vols[v.ID] = v
+	}
+	for _, id := range ev.Removed {
+		delete(p.vols, id)
+	}
+	p.index = ev.Index
 }
 
 // placed is one replica the store places on this node, with its volume.
@@ -149,8 +181,8 @@ func (n *Node) realizeLoop() {
 // desired returns the replicas the store places on this node (by id), the
 // unattached volumes with a replica rebuilding here, and the minIOPS
 // reservation of each volume with a replica here. It reads this node's own
-// copy of the store (its FSM), which woke the realizer: realizing costs the
-// leader nothing. That copy can be far behind right after a restart (raft
+// copy of the store (its FSM, through its watch), which woke the realizer:
+// realizing costs the leader nothing. That copy can be far behind right after a restart (raft
 // replays the log only once the leader tells it the commit index). Acting on
 // it is safe for what realize does with the store, each a compare-and-set
 // that a stale copy fails (recording a generation, failing a replica) or
@@ -161,27 +193,23 @@ func (n *Node) desired() (map[string]placed, []*meta.Volume, map[string]uint64) 
 	want := map[string]placed{}
 	var rebuild []*meta.Volume
 	reserve := map[string]uint64{}
-	n.cfg.FSM.View(func(s *meta.State) {
-		for _, v := range s.SortedVolumes() {
-			var vc *meta.Volume // a copy: nothing may keep a reference into the FSM
-			for _, r := range v.Replicas {
-				if r.Node != n.cfg.NodeID {
-					continue
-				}
-				if vc == nil {
-					vc = v.Clone()
-				}
-				want[r.ID] = placed{vol: vc, rep: r}
-				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
-					rebuild = append(rebuild, vc)
-				}
-				// Bad parameters reserve nothing here; the engine says why.
-				if q, err := meta.ParseQoS(v.Parameters); err == nil && q.MinIOPS > 0 {
-					reserve[v.ID] = q.MinIOPS
-				}
+	n.here.update(n.cfg.FSM, n.cfg.NodeID)
+	for _, id := range slices.Sorted(maps.Keys(n.here.vols)) {
+		v := n.here.vols[id] // the watch's own copy: nothing refers into the FSM
+		for _, r := range v.Replicas {
+			if r.Node != n.cfg.NodeID {
+				continue
+			}
+			want[r.ID] = placed{vol: v, rep: r}
+			if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
+				rebuild = append(rebuild, v)
+			}
+			// Bad parameters reserve nothing here; the engine says why.
+			if q, err := meta.ParseQoS(v.Parameters); err == nil && q.MinIOPS > 0 {
+				reserve[v.ID] = q.MinIOPS
 			}
 		}
-	})
+	}
 	return want, rebuild, reserve
 }
 

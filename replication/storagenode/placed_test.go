@@ -1,0 +1,62 @@
+package storagenode
+
+import (
+	"testing"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+)
+
+// TestPlacedVolumesFollowsTheFSM: the realizer's view holds exactly the
+// live volumes with a replica on its node, as the FSM's entries move them.
+func TestPlacedVolumesFollowsTheFSM(t *testing.T) {
+	f := meta.NewFSM()
+	var index uint64
+	// Each entry's own outcome is not visible from here; the views checked
+	// below show that they applied.
+	apply := func(c meta.Command) {
+		t.Helper()
+		b, err := meta.Encode(c)
+		if err != nil {
+			t.Fatal(err)
+		}
+		index++
+		f.Apply(&raft.Log{Index: index, Type: raft.LogCommand, Data: b})
+	}
+	apply(&meta.InitCluster{ClusterID: "c", OverProvisioningRatio: 1})
+	for _, id := range []string{"n1", "n2"} {
+		apply(&meta.RegisterNode{Node: meta.Node{ID: id, RaftAddr: id + ":1", APIAddr: id + ":2", CapacityBytes: 1 << 40, FreeBytes: 1 << 40}})
+	}
+	apply(&meta.CreateVolume{ID: "a", Name: "a", SizeBytes: 1 << 30, Replicas: 1, PreferredNode: "n1"})
+	apply(&meta.CreateVolume{ID: "b", Name: "b", SizeBytes: 1 << 30, Replicas: 1, PreferredNode: "n2"})
+	apply(&meta.CreateVolume{ID: "c", Name: "c", SizeBytes: 1 << 30, Replicas: 2})
+
+	var p placedVolumes
+	check := func(what string, want ...string) {
+		t.Helper()
+		p.update(f, "n1")
+		var got []string
+		for id := range p.vols {
+			got = append(got, id)
+		}
+		if len(got) != len(want) {
+			t.Fatalf("%s: view holds %v, want %v", what, got, want)
+		}
+		for _, id := range want {
+			if p.vols[id] == nil {
+				t.Fatalf("%s: view holds %v, want %v", what, got, want)
+			}
+		}
+	}
+	check("first update", "a", "c")
+	apply(&meta.SetVolumeCondition{VolumeID: "a", Abnormal: true})
+	check("after a change of a", "a", "c")
+	if p.vols["a"].Condition == nil {
+		t.Fatal("view holds a as it was before its change")
+	}
+	apply(&meta.DeleteVolume{VolumeID: "c"})
+	check("after the delete of c", "a")
+	apply(&meta.CreateVolume{ID: "d", Name: "d", SizeBytes: 1 << 30, Replicas: 1, PreferredNode: "n1"})
+	check("after the create of d", "a", "d")
+}
