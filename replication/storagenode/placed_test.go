@@ -2,6 +2,7 @@ package storagenode
 
 import (
 	"testing"
+	"time"
 
 	"github.com/hashicorp/raft"
 
@@ -59,4 +60,42 @@ func TestPlacedVolumesFollowsTheFSM(t *testing.T) {
 	check("after the delete of c", "a")
 	apply(&meta.CreateVolume{ID: "d", Name: "d", SizeBytes: 1 << 30, Replicas: 1, PreferredNode: "n1"})
 	check("after the create of d", "a", "d")
+}
+
+// TestRealizerBehindKeepsReplicas: a realizer whose copy of the store is
+// behind (here: empty, as a wiped or just restarted member's) and so does
+// not see a replica placed on its node does not delete it; once the store
+// itself drops the replica, the realizer deletes it even though its copy
+// still says nothing.
+func TestRealizerBehindKeepsReplicas(t *testing.T) {
+	r := newStoreRig(t)
+	r.start("n1")
+	res, err := r.meta.Apply(r.ctx(), &meta.CreateVolume{Name: "v", SizeBytes: 1 << 20, Replicas: 1, PreferredNode: "n1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := res.Volume
+	rid := v.Replicas[0].ID
+	r.waitReplica(v.ID, rid, "generation recorded", func(rep meta.Replica) bool { return rep.Generation != "" })
+	r.stop("n1")
+
+	n, err := Start(Config{NodeID: "n1", DataDir: r.dirs["n1"], Listen: r.addrs["n1"], FSM: meta.NewFSM(), Meta: r.meta, Logger: r.log})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.nodes["n1"] = n
+	time.Sleep(4 * time.Second) // the first pass and the next, every 3 s
+	if r.onDisk("n1", rid) == "" {
+		t.Fatal("a realizer behind the store deleted a replica the store still places on its node")
+	}
+	if _, err := r.meta.Apply(r.ctx(), &meta.DeleteVolume{VolumeID: v.ID}); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for r.onDisk("n1", rid) != "" {
+		if time.Now().After(deadline) {
+			t.Fatal("replica of a deleted volume not deleted within 10 s")
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
