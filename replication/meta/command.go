@@ -37,9 +37,13 @@ const (
 	CmdScrubProgress        CommandType = 21
 )
 
-// commandVersion is the version this build writes and reads for every
-// command type. See "Command evolution" below before changing it.
-const commandVersion = 1
+// commandVersion is the highest command version this build reads, and
+// writeVersion the one it writes. They differ for one release each time a
+// version is added: see "Command evolution" below before changing either.
+const (
+	commandVersion = 1
+	writeVersion   = 1
+)
 
 // lastCommandType is the highest command type this build knows.
 const lastCommandType = CmdScrubProgress
@@ -313,7 +317,7 @@ func Encode(c Command) ([]byte, error) {
 		return nil, fmt.Errorf("encode %T: %w", c, err)
 	}
 	out := make([]byte, 0, 2+len(body))
-	out = append(out, byte(c.Type()), commandVersion)
+	out = append(out, byte(c.Type()), writeVersion)
 	return append(out, body...), nil
 }
 
@@ -343,8 +347,9 @@ func Encode(c Command) ([]byte, error) {
 //  3. So that a rolling upgrade does not halt the members not yet
 //     upgraded, a new version or type is written only once every member
 //     reads it: the release that adds it decodes it but does not write it
-//     (Encode keeps writing the old version, and no path issues the new
-//     type), and a later release, installed only over that one, writes it.
+//     (commandVersion moves up, writeVersion stays, and no path issues the
+//     new type), and a later release, installed only over that one, writes
+//     it.
 //     A member that skipped that release halts rather than diverges (2).
 //
 // TestDecodeNewerEntry and TestFSMHaltsOnNewerEntry hold the rule.

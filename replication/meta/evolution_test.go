@@ -61,6 +61,24 @@ func TestDecodeNewerEntry(t *testing.T) {
 	}
 }
 
+// TestWriteVersionReadable: a build never writes a version it cannot read
+// (rule 3 of command.go lets it write an older one).
+func TestWriteVersionReadable(t *testing.T) {
+	if writeVersion < 1 || writeVersion > commandVersion {
+		t.Fatalf("writeVersion %d, commandVersion %d: a build writes a version it reads", writeVersion, commandVersion)
+	}
+	b, err := Encode(&DeleteVolume{VolumeID: "v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[1] != writeVersion {
+		t.Fatalf("Encode wrote version %d, want writeVersion %d", b[1], writeVersion)
+	}
+	if _, err := Decode(b); err != nil {
+		t.Fatalf("Decode of this build's own entry: %v", err)
+	}
+}
+
 // TestFSMHaltsOnNewerEntry: a member that meets an entry of a newer build
 // applies nothing from then on, rather than skip that one entry and apply
 // the next ones on a state that newer members no longer have. It takes no
