@@ -65,8 +65,11 @@ type Config struct {
 	// crash; longer means fewer write stalls (a clean point flushes every
 	// replica under the write lock) and fewer dirty-bit writes.
 	CleanInterval time.Duration
-	// WatchInterval is how often the engine checks the store for changes of
-	// its replica set (default 500 ms).
+	// WatchInterval is how often the engine reads its volume from the store,
+	// linearizably, to renew its lease and to catch a change the store's
+	// watch did not bring (default 1.5 s, under a third of the default
+	// Lease). A change of the volume wakes the engine at once through the
+	// watch (see watchLoop).
 	WatchInterval time.Duration
 	// Lease is how long a confirmation from the store that the volume is
 	// still attached here stays good (default 5 s). Past it, I/O first asks
@@ -182,6 +185,9 @@ type Engine struct {
 	qosSet     atomic.Bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once
+	// changed wakes watchLoop when the store's watch reports a change of
+	// the volume (buffered: one wake-up stands for any number).
+	changed chan struct{}
 }
 
 // setFenced records that a newer engine owns the volume. Called with e.mu
@@ -208,7 +214,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		cfg.CleanInterval = 10 * time.Second
 	}
 	if cfg.WatchInterval <= 0 {
-		cfg.WatchInterval = 500 * time.Millisecond
+		cfg.WatchInterval = 1500 * time.Millisecond
 	}
 	if cfg.Lease <= 0 {
 		cfg.Lease = 5 * time.Second
@@ -216,7 +222,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), changed: make(chan struct{}, 1), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -229,9 +235,10 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	bg, cancel := context.WithCancel(context.Background())
 	e.bg, e.stop = bg, cancel
-	e.wg.Add(2)
+	e.wg.Add(3)
 	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
 	go func() { defer e.wg.Done(); e.watchLoop(bg) }()
+	go func() { defer e.wg.Done(); e.followStore(bg) }()
 	e.mu.Lock()
 	// Logged under the lock: the rebuild started here may reconfigure at once.
 	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
@@ -1406,7 +1413,7 @@ func (e *Engine) closeMembers() {
 
 // checkLease asks the store again whether the volume is still attached here
 // when its last word on that is older than the lease. Only then does it
-// cost a round trip; the watch loop renews the lease twice a second.
+// cost a round trip; the watch loop renews the lease every WatchInterval.
 func (e *Engine) checkLease(ctx context.Context) error {
 	if time.Since(time.Unix(0, e.confirmed.Load())) < e.cfg.Lease {
 		return nil

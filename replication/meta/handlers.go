@@ -134,7 +134,7 @@ func (a *Agent) watch(req *WatchRequest, stream grpc.ServerStream) error {
 	from := req.FromIndex
 	for {
 		changed := a.store.FSM().Changed()
-		if ev := a.store.FSM().WatchEvent(from, req.Node); ev != nil {
+		if ev := a.store.FSM().WatchEvent(from, req.Node, req.VolumeID); ev != nil {
 			if !ev.empty() {
 				if err := stream.SendMsg(ev); err != nil {
 					return err

@@ -75,6 +75,8 @@ type WatchRequest struct {
 	// Node, if set, limits the volumes to those with a replica on that
 	// node or attached to it. Nodes are never filtered.
 	Node string `json:"node,omitempty"`
+	// VolumeID, if set, limits the volumes to that one.
+	VolumeID string `json:"volume_id,omitempty"`
 }
 
 // WatchEvent is one answer of a watch.
@@ -98,9 +100,10 @@ func (e *WatchEvent) empty() bool {
 	return !e.Reset && len(e.Volumes) == 0 && len(e.Removed) == 0 && len(e.Nodes) == 0
 }
 
-// watched says whether v is in a watch limited to node ("" for all).
-func watched(v *Volume, node string) bool {
-	if v.State == VolumeDeleted {
+// watched says whether v is in a watch limited to node and to volume
+// ("" for all).
+func watched(v *Volume, node, volume string) bool {
+	if v.State == VolumeDeleted || volume != "" && v.ID != volume {
 		return false
 	}
 	if node == "" || v.Attachment != nil && v.Attachment.Node == node {
@@ -116,8 +119,9 @@ func watched(v *Volume, node string) bool {
 
 // WatchEvent returns the event that brings a watcher from index from to
 // this member's state, or nil when it has nothing newer (the watcher may
-// even be ahead of a member that lags; it waits for it).
-func (f *FSM) WatchEvent(from uint64, node string) *WatchEvent {
+// even be ahead of a member that lags; it waits for it). node and volume
+// filter the volumes as in WatchRequest.
+func (f *FSM) WatchEvent(from uint64, node, volume string) *WatchEvent {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
 	reset := from == 0 || from < f.changesFloor
@@ -127,7 +131,7 @@ func (f *FSM) WatchEvent(from uint64, node string) *WatchEvent {
 	ev := &WatchEvent{Index: f.applied, Reset: reset}
 	if reset {
 		for _, v := range f.state.Volumes {
-			if watched(v, node) {
+			if watched(v, node, volume) {
 				ev.Volumes = append(ev.Volumes, v.Clone())
 			}
 		}
@@ -146,7 +150,10 @@ func (f *FSM) WatchEvent(from uint64, node string) *WatchEvent {
 			}
 		}
 		for id := range vols {
-			if v, ok := f.state.Volumes[id]; ok && watched(v, node) {
+			if volume != "" && id != volume {
+				continue
+			}
+			if v, ok := f.state.Volumes[id]; ok && watched(v, node, volume) {
 				ev.Volumes = append(ev.Volumes, v.Clone())
 			} else {
 				ev.Removed = append(ev.Removed, id)

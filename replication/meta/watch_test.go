@@ -28,17 +28,17 @@ func TestWatchEvents(t *testing.T) {
 	v1 := h.createVolume("v1", 1, 1)
 	v2 := h.createVolume("v2", 1, 1)
 
-	ev := h.f.WatchEvent(0, "")
+	ev := h.f.WatchEvent(0, "", "")
 	if !ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1", "v2"}) || len(ev.Nodes) != 3 || ev.Index != h.index {
 		t.Fatalf("first event = %s", dumpJSON(ev))
 	}
-	if got := h.f.WatchEvent(ev.Index, ""); got != nil {
+	if got := h.f.WatchEvent(ev.Index, "", ""); got != nil {
 		t.Fatalf("event with nothing new: %s", dumpJSON(got))
 	}
 	from := ev.Index
 	h.must(&SetVolumeCondition{VolumeID: v1.ID, Abnormal: true, Message: "m"})
 	h.must(&DeleteVolume{VolumeID: v2.ID})
-	ev = h.f.WatchEvent(from, "")
+	ev = h.f.WatchEvent(from, "", "")
 	if ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) || !reflect.DeepEqual(ev.Removed, []string{"v2"}) ||
 		len(ev.Nodes) != 0 || ev.Index != h.index {
 		t.Fatalf("event after a change of v1 and the delete of v2 = %s", dumpJSON(ev))
@@ -48,7 +48,7 @@ func TestWatchEvents(t *testing.T) {
 	}
 	from = ev.Index
 	h.must(&PurgeVolume{VolumeID: v2.ID})
-	if ev = h.f.WatchEvent(from, ""); !reflect.DeepEqual(ev.Removed, []string{"v2"}) {
+	if ev = h.f.WatchEvent(from, "", ""); !reflect.DeepEqual(ev.Removed, []string{"v2"}) {
 		t.Fatalf("event after the purge of v2 = %s", dumpJSON(ev))
 	}
 	from = ev.Index
@@ -61,11 +61,19 @@ func TestWatchEvents(t *testing.T) {
 			other = id
 		}
 	}
-	if ev = h.f.WatchEvent(0, other); len(ev.Volumes) != 0 || len(ev.Nodes) != 3 {
+	if ev = h.f.WatchEvent(0, other, ""); len(ev.Volumes) != 0 || len(ev.Nodes) != 3 {
 		t.Fatalf("watch of node %s, which holds no replica: %s", other, dumpJSON(ev))
 	}
-	if ev = h.f.WatchEvent(0, node); !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
+	if ev = h.f.WatchEvent(0, node, ""); !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
 		t.Fatalf("watch of node %s, which holds v1: %s", node, dumpJSON(ev))
+	}
+	// A watcher of one volume sees that one only, and not the changes of others.
+	if ev = h.f.WatchEvent(0, "", "v1"); !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
+		t.Fatalf("watch of v1: %s", dumpJSON(ev))
+	}
+	// From before the delete and the purge of v2, which are all that changed.
+	if ev = h.f.WatchEvent(from-2, "", "v1"); !ev.empty() {
+		t.Fatalf("watch of v1 across the delete and purge of v2: %s", dumpJSON(ev))
 	}
 
 	// Fallen behind the change log: the whole state again.
@@ -74,10 +82,10 @@ func TestWatchEvents(t *testing.T) {
 	for i := range 5 {
 		h.must(&SetVolumeCondition{VolumeID: v1.ID, Abnormal: i%2 == 0})
 	}
-	if ev = h.f.WatchEvent(from, ""); !ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
+	if ev = h.f.WatchEvent(from, "", ""); !ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
 		t.Fatalf("event for a watcher behind the change log = %s", dumpJSON(ev))
 	}
-	if ev = h.f.WatchEvent(h.index-2, ""); ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
+	if ev = h.f.WatchEvent(h.index-2, "", ""); ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
 		t.Fatalf("event for a watcher within the change log = %s", dumpJSON(ev))
 	}
 
@@ -89,11 +97,11 @@ func TestWatchEvents(t *testing.T) {
 	if err := h.f.Restore(nopCloser{&buf}); err != nil {
 		t.Fatal(err)
 	}
-	if ev = h.f.WatchEvent(h.index-1, ""); !ev.Reset {
+	if ev = h.f.WatchEvent(h.index-1, "", ""); !ev.Reset {
 		t.Fatalf("event after a restore = %s", dumpJSON(ev))
 	}
 	h.must(&SetVolumeCondition{VolumeID: v1.ID})
-	if ev = h.f.WatchEvent(h.index-1, ""); ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
+	if ev = h.f.WatchEvent(h.index-1, "", ""); ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
 		t.Fatalf("event for the entry after a restore = %s", dumpJSON(ev))
 	}
 }

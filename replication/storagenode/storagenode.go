@@ -92,7 +92,7 @@ type placedVolumes struct {
 
 // update applies the changes of f since the last update.
 func (p *placedVolumes) update(f *meta.FSM, node string) {
-	ev := f.WatchEvent(p.index, node)
+	ev := f.WatchEvent(p.index, node, "")
 	if ev == nil {
 		return
 	}
