@@ -124,10 +124,12 @@ func watched(v *Volume, node, volume string) bool {
 func (f *FSM) WatchEvent(from uint64, node, volume string) *WatchEvent {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	reset := from == 0 || from < f.changesFloor
-	if !reset && from >= f.applied {
+	if from != 0 && from >= f.applied {
+		// Nothing newer here. This member may even lag the watcher (which
+		// came from another one): it waits rather than take it back.
 		return nil
 	}
+	reset := from == 0 || from < f.changesFloor
 	ev := &WatchEvent{Index: f.applied, Reset: reset}
 	if reset {
 		for _, v := range f.state.Volumes {

@@ -100,6 +100,12 @@ func TestWatchEvents(t *testing.T) {
 	if ev = h.f.WatchEvent(h.index-1, "", ""); !ev.Reset {
 		t.Fatalf("event after a restore = %s", dumpJSON(ev))
 	}
+	// A watcher ahead of this member (it came from another one) waits for
+	// it, even when the member has no change log to give: a whole state
+	// older than the watcher's would take it back.
+	if ev = h.f.WatchEvent(h.index+5, "", ""); ev != nil {
+		t.Fatalf("event for a watcher ahead of the member = %s", dumpJSON(ev))
+	}
 	h.must(&SetVolumeCondition{VolumeID: v1.ID})
 	if ev = h.f.WatchEvent(h.index-1, "", ""); ev.Reset || !reflect.DeepEqual(volumeIDs(ev.Volumes), []string{"v1"}) {
 		t.Fatalf("event for the entry after a restore = %s", dumpJSON(ev))
