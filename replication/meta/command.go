@@ -349,10 +349,10 @@ func Encode(c Command) ([]byte, error) {
 //     reads it: the release that adds it decodes it but does not write it
 //     (commandVersion moves up, writeVersion stays, and no path issues the
 //     new type), and a later release, installed only over that one, writes
-//     it.
-//     A member that skipped that release halts rather than diverges (2).
+//     it. A member that skipped that release halts rather than diverges (2).
 //
-// TestDecodeNewerEntry and TestFSMHaltsOnNewerEntry hold the rule.
+// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry
+// and TestWriteVersionReadable hold the rule.
 
 // Decode parses what Encode wrote. Bad bytes give an error wrapping
 // ErrBadCommand, and an entry of a newer build one wrapping ErrNewerCommand
