@@ -18,6 +18,7 @@ import (
 
 	"github.com/cairn-csi/cairn/driver/agent"
 	"github.com/cairn-csi/cairn/replication/engine"
+	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // nodeOptions configures `cairn node`: the agent's Config, with the flags
@@ -45,6 +46,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.ReplicaDeadline, "replica-deadline", engine.DefaultReplicaDeadline, "once the write quorum has answered, how long a write waits for a replica that has not before ejecting it (it comes back through a delta rebuild; each such ejection doubles that replica's deadline for a while, so a slow but alive replica is not ejected again and again; negative: wait the full I/O timeout)")
 	fs.DurationVar(&o.ScrubInterval, "scrub-interval", 7*24*time.Hour, "how often the engine of an attached volume reads and verifies every block of every replica, repairing what it can (docs/integrity.md; 0: only on demand, cairn ctl volume scrub)")
 	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
+	fs.DurationVar(&o.TombstoneRetention, "tombstone-retention", meta.DefaultTombstoneRetention, "how long the store keeps a deleted volume before the leader purges it")
 	fs.StringVar(&o.Zone, "zone", "", "topology zone of this node")
 	fs.StringVar(&o.Region, "region", "", "topology region of this node")
 	fs.IntVar(&o.BootstrapExpect, "bootstrap-expect", 0, "form a new cluster once this many members (this one and --peers) are reachable")

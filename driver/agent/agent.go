@@ -61,6 +61,9 @@ type Config struct {
 	// StaleReplicaTimeout is how long a replica's node may be down before the
 	// replica is replaced elsewhere (volumes may override it).
 	StaleReplicaTimeout time.Duration
+	// TombstoneRetention is how long the store keeps a deleted volume
+	// before the leader purges it (0: meta.DefaultTombstoneRetention).
+	TombstoneRetention time.Duration
 	// Zone and Region are topology labels used by placement.
 	Zone, Region string
 	// BootstrapExpect forms a new cluster of that many members.
@@ -143,8 +146,8 @@ func Start(cfg Config) (_ *Agent, err error) {
 		},
 		APIBind: cfg.APIAddr, APIAdvertise: cfg.APIAdvertise,
 		Zone: cfg.Zone, Region: cfg.Region, DataAddr: cfg.DataAddr,
-		StaleReplicaTimeout: cfg.StaleReplicaTimeout,
-		BootstrapExpect:     cfg.BootstrapExpect, Peers: cfg.Peers, Join: cfg.Join,
+		StaleReplicaTimeout: cfg.StaleReplicaTimeout, TombstoneRetention: cfg.TombstoneRetention,
+		BootstrapExpect: cfg.BootstrapExpect, Peers: cfg.Peers, Join: cfg.Join,
 		HeartbeatInterval: cfg.HeartbeatInterval, NodeDownAfter: cfg.NodeDownAfter,
 		Registerer: reg,
 	})

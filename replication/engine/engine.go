@@ -66,8 +66,11 @@ type Config struct {
 	// crash; longer means fewer write stalls (a clean point flushes every
 	// replica under the write lock) and fewer dirty-bit writes.
 	CleanInterval time.Duration
-	// WatchInterval is how often the engine checks the store for changes of
-	// its replica set (default 500 ms).
+	// WatchInterval is how often the engine reads its volume from the store,
+	// linearizably, to renew its lease and to catch a change the store's
+	// watch did not bring (default 1.5 s, under a third of the default
+	// Lease). A change of the volume wakes the engine at once through the
+	// watch (see watchLoop).
 	WatchInterval time.Duration
 	// Lease is how long a confirmation from the store that the volume is
 	// still attached here stays good (default 5 s). Past it, I/O first asks
@@ -183,6 +186,9 @@ type Engine struct {
 	qosSet     atomic.Bool
 	fencedCh   chan struct{} // closed once the engine is fenced
 	fencedOnce sync.Once
+	// changed wakes watchLoop when the store's watch reports a change of
+	// the volume (buffered: one wake-up stands for any number).
+	changed chan struct{}
 }
 
 // setFenced records that a newer engine owns the volume. Called with e.mu
@@ -209,7 +215,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		cfg.CleanInterval = 10 * time.Second
 	}
 	if cfg.WatchInterval <= 0 {
-		cfg.WatchInterval = 500 * time.Millisecond
+		cfg.WatchInterval = 1500 * time.Millisecond
 	}
 	if cfg.Lease <= 0 {
 		cfg.Lease = 5 * time.Second
@@ -217,7 +223,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), changed: make(chan struct{}, 1), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -230,9 +236,10 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	bg, cancel := context.WithCancel(context.Background())
 	e.bg, e.stop = bg, cancel
-	e.wg.Add(2)
+	e.wg.Add(3)
 	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
 	go func() { defer e.wg.Done(); e.watchLoop(bg) }()
+	go func() { defer e.wg.Done(); e.followStore(bg) }()
 	e.mu.Lock()
 	// Logged under the lock: the rebuild started here may reconfigure at once.
 	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
@@ -260,6 +267,9 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		if attempt > 2*meta.MaxReplicas+2 {
 			return fmt.Errorf("volume %s: replica set keeps changing: %w", e.cfg.VolumeID, ErrIO)
 		}
+		// Linearizable (the leader answers after confirming it leads): the
+		// epoch claimed below and the attachment checked here must be the
+		// store's latest, not a lagging member's.
 		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
 		if err != nil {
 			return fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
@@ -486,14 +496,16 @@ func (e *Engine) replicaAddr(ctx context.Context, node string) (string, error) {
 	if a, ok := e.addrs[node]; ok {
 		return a, nil
 	}
-	st, err := e.cfg.Meta.State(ctx, false)
+	// The nodes alone (a status answer), not the whole state with every
+	// volume; a stale answer is fine: a wrong address fails the dial.
+	st, err := e.cfg.Meta.Status(ctx)
 	if err != nil {
 		return "", err
 	}
 	e.addrs = map[string]string{}
-	for id, n := range st.Nodes {
+	for _, n := range st.Nodes {
 		if n.DataAddr != "" {
-			e.addrs[id] = n.DataAddr
+			e.addrs[n.ID] = n.DataAddr
 		}
 	}
 	if a, ok := e.addrs[node]; ok {
@@ -1402,7 +1414,7 @@ func (e *Engine) closeMembers() {
 
 // checkLease asks the store again whether the volume is still attached here
 // when its last word on that is older than the lease. Only then does it
-// cost a round trip; the watch loop renews the lease twice a second.
+// cost a round trip; the watch loop renews the lease every WatchInterval.
 func (e *Engine) checkLease(ctx context.Context) error {
 	if time.Since(time.Unix(0, e.confirmed.Load())) < e.cfg.Lease {
 		return nil

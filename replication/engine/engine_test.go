@@ -550,3 +550,34 @@ func TestFrozenEngineLearnsOfTakeoverBeforeWriting(t *testing.T) {
 		t.Fatal("the fenced engine changed its own node's replica")
 	}
 }
+
+// TestEngineWakesOnStoreChange: a change of the volume in the store reaches
+// the engine through the store's watch, long before its next periodic read
+// (an hour here): the engine takes the new epoch at once.
+func TestEngineWakesOnStoreChange(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("w", 4*mib, 3, 2, "n1")
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: time.Hour, WatchInterval: time.Hour, Lease: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	var other meta.Replica
+	for _, rep := range v.Replicas {
+		if rep.Node != "n1" {
+			other = rep
+		}
+	}
+	res, err := r.meta.Apply(r.ctx(), &meta.SetReplicaState{VolumeID: v.ID, ReplicaID: other.ID, State: meta.ReplicaStale, ExpectEpoch: e.Epoch()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for e.Epoch() < res.Volume.Epoch {
+		if time.Now().After(deadline) {
+			t.Fatalf("engine at epoch %d 5 s after the store moved to %d", e.Epoch(), res.Volume.Epoch)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}

@@ -222,9 +222,26 @@ func (e *Engine) withExtent(ctx context.Context, x, n uint64, fn func(src *membe
 	return fn(src)
 }
 
+// followStore watches the volume in the store (meta.Client.Watch) and wakes
+// watchLoop at each change of it. The watch comes from whichever member the
+// client reaches and may lag the leader, so it only says when to look:
+// watchLoop then reads the volume linearizably.
+func (e *Engine) followStore(ctx context.Context) {
+	_ = e.cfg.Meta.Watch(ctx, meta.WatchRequest{VolumeID: e.cfg.VolumeID}, func(ev *meta.WatchEvent) error {
+		if len(ev.Volumes) > 0 || len(ev.Removed) > 0 {
+			select {
+			case e.changed <- struct{}{}:
+			default:
+			}
+		}
+		return nil
+	})
+}
+
 // watchLoop follows the store: when the volume's epoch moves (the leader's
 // reconciler put a replica back to rebuilding or replaced one, or another
-// engine took over), the engine reconfigures, and it starts rebuilds.
+// engine took over), the engine reconfigures, and it starts rebuilds. It
+// looks every WatchInterval, and at once when followStore reports a change.
 func (e *Engine) watchLoop(ctx context.Context) {
 	t := time.NewTicker(e.cfg.WatchInterval)
 	defer t.Stop()
@@ -233,7 +250,11 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+		case <-e.changed:
 		}
+		// One volume, read linearizably: it renews the lease below, which
+		// must be the store's own word that the volume is still ours, not
+		// a lagging member's copy (see checkLease).
 		v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
 		if err != nil {
 			continue

@@ -54,6 +54,23 @@ type ReadResponse struct {
 	Error        *WireError `json:"error,omitempty"`
 }
 
+// GetVolumeRequest asks for one live volume.
+type GetVolumeRequest struct {
+	VolumeID string `json:"volume_id"`
+	// Linearizable reads are answered by the leader after confirming its
+	// leadership; others by the member asked, possibly stale.
+	Linearizable bool `json:"linearizable,omitempty"`
+	Forwarded    bool `json:"forwarded,omitempty"`
+}
+
+// GetVolumeResponse holds a copy of the volume, or ErrNotFound (also for a
+// deleted volume).
+type GetVolumeResponse struct {
+	Volume       *Volume    `json:"volume,omitempty"`
+	AppliedIndex uint64     `json:"applied_index"`
+	Error        *WireError `json:"error,omitempty"`
+}
+
 // StatusRequest asks a member for the cluster's status as it sees it.
 type StatusRequest struct{}
 
@@ -119,10 +136,12 @@ type HeartbeatResponse struct {
 type metaServer interface {
 	apply(context.Context, *ApplyRequest) (*ApplyResponse, error)
 	read(context.Context, *ReadRequest) (*ReadResponse, error)
+	getVolume(context.Context, *GetVolumeRequest) (*GetVolumeResponse, error)
 	status(context.Context, *StatusRequest) (*StatusResponse, error)
 	join(context.Context, *JoinRequest) (*JoinResponse, error)
 	info(context.Context, *InfoRequest) (*InfoResponse, error)
 	heartbeat(context.Context, *HeartbeatRequest) (*HeartbeatResponse, error)
+	watch(*WatchRequest, grpc.ServerStream) error
 }
 
 // unary describes one method whose handler is h.
@@ -149,11 +168,23 @@ var metaServiceDesc = grpc.ServiceDesc{
 	Methods: []grpc.MethodDesc{
 		unary("Apply", metaServer.apply),
 		unary("Read", metaServer.read),
+		unary("GetVolume", metaServer.getVolume),
 		unary("Status", metaServer.status),
 		unary("Join", metaServer.join),
 		unary("Info", metaServer.info),
 		unary("Heartbeat", metaServer.heartbeat),
 	},
+	Streams: []grpc.StreamDesc{{
+		StreamName: "Watch",
+		Handler: func(srv any, stream grpc.ServerStream) error {
+			req := new(WatchRequest)
+			if err := stream.RecvMsg(req); err != nil {
+				return err
+			}
+			return srv.(metaServer).watch(req, stream)
+		},
+		ServerStreams: true,
+	}},
 	Metadata: "cairn/meta/v1",
 }
 

@@ -226,17 +226,97 @@ func (c *Client) Heartbeat(ctx context.Context, req *HeartbeatRequest) error {
 	return c.call(ctx, "Heartbeat", req, &resp, func() error { return fromWire(resp.Error) })
 }
 
-// Volume returns one live volume (a linearizable read).
+// Volume returns one live volume, read linearizably: the leader answers
+// after confirming that it still leads, so the volume is at least as new
+// as every change acknowledged before the call. A deleted volume is
+// ErrNotFound. The answer carries that one volume, not the whole state.
 func (c *Client) Volume(ctx context.Context, id string) (*Volume, error) {
-	s, err := c.State(ctx, true)
+	var resp GetVolumeResponse
+	err := c.call(ctx, "GetVolume", &GetVolumeRequest{VolumeID: id, Linearizable: true}, &resp, func() error { return fromWire(resp.Error) })
+	if status.Code(err) == codes.Unimplemented {
+		// A member of a build without GetVolume (a rolling upgrade).
+		s, err := c.State(ctx, true)
+		if err != nil {
+			return nil, err
+		}
+		return s.liveVolume(id)
+	}
 	if err != nil {
 		return nil, err
 	}
-	v, err := s.liveVolume(id)
-	if err != nil {
-		return nil, err
+	if resp.Volume == nil {
+		return nil, errors.New("meta: GetVolume answered without a volume")
 	}
-	return v, nil
+	return resp.Volume, nil
+}
+
+// Watch follows the store's volumes and nodes (see watch.go): fn gets every
+// event from req.FromIndex on, in order, until ctx ends (Watch then returns
+// ctx's error) or fn returns an error (Watch returns it). A stream that
+// breaks is opened again, at the next member, from the Index of the last
+// event fn got; a member that no longer holds the changes since then
+// answers with the whole state (Reset). Events come from the member asked
+// and may lag the leader.
+func (c *Client) Watch(ctx context.Context, req WatchRequest, fn func(*WatchEvent) error) error {
+	backoff := 20 * time.Millisecond
+	for {
+		err := c.watchOnce(ctx, &req, fn)
+		var stop *watchStop
+		if errors.As(err, &stop) {
+			return stop.err
+		}
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		c.mu.Lock()
+		c.next = (c.next + 1) % len(c.addrs)
+		c.mu.Unlock()
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, time.Second)
+	}
+}
+
+// watchStop carries fn's error out of watchOnce: it ends the watch.
+type watchStop struct{ err error }
+
+func (s *watchStop) Error() string { return s.err.Error() }
+
+// watchOnce runs one stream against the current member, moving
+// req.FromIndex along with the events.
+func (c *Client) watchOnce(ctx context.Context, req *WatchRequest, fn func(*WatchEvent) error) error {
+	c.mu.Lock()
+	addr := c.addrs[c.next]
+	c.mu.Unlock()
+	cc, err := c.conn(addr)
+	if err != nil {
+		return err
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream, err := cc.NewStream(sctx, &metaServiceDesc.Streams[0], methodPath("Watch"))
+	if err != nil {
+		return err
+	}
+	if err := stream.SendMsg(req); err != nil {
+		return err
+	}
+	if err := stream.CloseSend(); err != nil {
+		return err
+	}
+	for {
+		var ev WatchEvent
+		if err := stream.RecvMsg(&ev); err != nil {
+			return err
+		}
+		if err := fn(&ev); err != nil {
+			return &watchStop{err}
+		}
+		req.FromIndex = ev.Index
+	}
 }
 
 // Attach attaches volume id to node (read-only or not, optionally exported

@@ -3,6 +3,7 @@ package meta
 import (
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 )
@@ -36,9 +37,16 @@ const (
 	CmdScrubProgress        CommandType = 21
 )
 
-// commandVersion is the encoding version written in front of every command.
-// Decode accepts versions up to this one.
-const commandVersion = 1
+// commandVersion is the highest command version this build reads, and
+// writeVersion the one it writes. They differ for one release each time a
+// version is added: see "Command evolution" below before changing either.
+const (
+	commandVersion = 1
+	writeVersion   = 1
+)
+
+// lastCommandType is the highest command type this build knows.
+const lastCommandType = CmdScrubProgress
 
 // Command is one change to the store's state.
 type Command interface {
@@ -309,31 +317,84 @@ func Encode(c Command) ([]byte, error) {
 		return nil, fmt.Errorf("encode %T: %w", c, err)
 	}
 	out := make([]byte, 0, 2+len(body))
-	out = append(out, byte(c.Type()), commandVersion)
+	out = append(out, byte(c.Type()), writeVersion)
 	return append(out, body...), nil
 }
 
+// Command evolution.
+//
+// The raft log outlives every build: an entry written by one version is
+// applied by every member, whatever version each runs, and again at every
+// replay. Two members must never apply the same entry differently, or
+// their states diverge with no error anywhere. Hence:
+//
+//  1. A command's JSON names and meaning never change. A new field, or a
+//     field that comes to mean something new, is a new version of the
+//     whole encoding (commandVersion); a new kind of change is a new command
+//     type, appended to the list above. A build reads every version up to
+//     its own: an older body lacks the newer fields and decodes to their
+//     zero values, which must mean what the older version meant.
+//  2. An entry a member cannot read — a command type above lastCommandType,
+//     a version above commandVersion, or a field its struct lacks — comes
+//     from a newer build. The member does not skip it: skipping while newer
+//     members apply it is the divergence this rule exists to prevent.
+//     Decode says ErrNewerCommand; the FSM then halts (applies nothing
+//     more, takes no snapshot; see FSM.Halted) and the agent stops the
+//     member (Agent.Fatal). Raft replays the entry into it after an
+//     upgrade. Bytes that are not a command of any version (bad JSON, type
+//     or version 0) stay ErrBadCommand: an error result that changes
+//     nothing, as before.
+//  3. So that a rolling upgrade does not halt the members not yet
+//     upgraded, a new version or type is written only once every member
+//     reads it: the release that adds it decodes it but does not write it
+//     (commandVersion moves up, writeVersion stays, and no path issues the
+//     new type), and a later release, installed only over that one, writes
+//     it. A member that skipped that release halts rather than diverges (2).
+//
+// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry
+// and TestWriteVersionReadable hold the rule.
+
 // Decode parses what Encode wrote. Bad bytes give an error wrapping
-// ErrBadCommand; Decode never panics.
+// ErrBadCommand, and an entry of a newer build one wrapping ErrNewerCommand
+// too; Decode never panics.
 func Decode(b []byte) (Command, error) {
 	if len(b) < 2 {
 		return nil, fmt.Errorf("command of %d bytes is too short: %w", len(b), ErrBadCommand)
 	}
 	t, version := CommandType(b[0]), b[1]
-	if version == 0 || version > commandVersion {
-		return nil, fmt.Errorf("command type %d has version %d, this build reads up to %d: %w", t, version, commandVersion, ErrBadCommand)
+	if t == 0 || version == 0 {
+		return nil, fmt.Errorf("command type %d version %d: %w", t, version, ErrBadCommand)
+	}
+	if t > lastCommandType || version > commandVersion {
+		return nil, fmt.Errorf("command type %d version %d: this build knows types up to %d and reads versions up to %d: %w: %w",
+			t, version, lastCommandType, commandVersion, ErrNewerCommand, ErrBadCommand)
 	}
 	c := newCommand(t)
 	if c == nil {
 		return nil, fmt.Errorf("unknown command type %d: %w", t, ErrBadCommand)
 	}
-	dec := json.NewDecoder(bytes.NewReader(b[2:]))
-	dec.DisallowUnknownFields()
-	if err := dec.Decode(c); err != nil {
+	if err := decodeBody(b[2:], c, true); err != nil {
+		// A body that decodes once unknown fields are allowed carries a
+		// field this build lacks: written by a newer one (rule 2).
+		if decodeBody(b[2:], newCommand(t), false) == nil {
+			return nil, fmt.Errorf("command type %d: %v: %w: %w", t, err, ErrNewerCommand, ErrBadCommand)
+		}
 		return nil, fmt.Errorf("command type %d: %v: %w", t, err, ErrBadCommand)
 	}
-	if _, err := dec.Token(); err != io.EOF { // dec.More misses a trailing '}' or ']'
-		return nil, fmt.Errorf("command type %d: trailing bytes: %w", t, ErrBadCommand)
-	}
 	return c, nil
+}
+
+// decodeBody decodes one JSON value into c, and nothing after it.
+func decodeBody(body []byte, c Command, strict bool) error {
+	dec := json.NewDecoder(bytes.NewReader(body))
+	if strict {
+		dec.DisallowUnknownFields()
+	}
+	if err := dec.Decode(c); err != nil {
+		return err
+	}
+	if _, err := dec.Token(); err != io.EOF { // dec.More misses a trailing '}' or ']'
+		return errors.New("trailing bytes")
+	}
+	return nil
 }

@@ -28,6 +28,11 @@ var (
 	// store too, with the same message.
 	ErrInvalidArgument = volspec.ErrInvalid
 	ErrBadCommand      = errors.New("bad command")
+	// ErrNewerCommand: a log entry written by a newer build (a command type,
+	// a version or a field this build does not know). It also wraps
+	// ErrBadCommand. The FSM halts on it rather than skip it; see the
+	// command-evolution rule in command.go.
+	ErrNewerCommand    = errors.New("command from a newer version")
 	ErrClusterMismatch = errors.New("cluster mismatch")
 	ErrQuorumLost      = errors.New("quorum lost")
 	// ErrOutcomeUnknown: leadership was lost while a command was in flight;

@@ -4,9 +4,11 @@ import (
 	"bytes"
 	"encoding/binary"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"io"
+	"math"
 	"sync"
 
 	"github.com/hashicorp/raft"
@@ -22,6 +24,16 @@ type FSM struct {
 	// changed is closed and replaced after every apply, so watchers can wait
 	// for the next change without polling.
 	changed chan struct{}
+
+	// changes is what recent entries changed, for watchers (watch.go);
+	// from changesFloor on it is complete.
+	changes      []changeRecord
+	changesFloor uint64
+
+	// halted is set at the first entry written by a newer build (see the
+	// command-evolution rule in command.go); from then on nothing is
+	// applied and no snapshot is taken.
+	halted error
 }
 
 // applyResult is what FSM.Apply returns to raft (and raft hands to the
@@ -38,21 +50,47 @@ func NewFSM() *FSM {
 
 // Apply applies one committed log entry. It never panics on bad bytes: a
 // command that does not decode or is illegal gives an error result and
-// leaves the state unchanged.
+// leaves the state unchanged. An entry of a newer build (ErrNewerCommand,
+// also inside a Request) halts the FSM instead: skipping it while newer
+// members apply it would make the states diverge (command.go).
 func (f *FSM) Apply(l *raft.Log) interface{} {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.applied = l.Index
 	defer f.notify()
+	if f.halted != nil {
+		return &applyResult{Err: f.halted}
+	}
 	if l.Type != raft.LogCommand {
 		return &applyResult{}
 	}
 	c, err := Decode(l.Data)
-	if err != nil {
-		return &applyResult{Err: err}
+	if err == nil {
+		var res Result
+		// apply changes nothing when it fails, so a halt inside a Request
+		// leaves the state as it was before this entry.
+		if res, err = apply(f.state, c); !errors.Is(err, ErrNewerCommand) {
+			var vols, nodes []string
+			if err == nil {
+				vols, nodes = touched(c, res)
+			}
+			f.record(l.Index, vols, nodes)
+			return &applyResult{Result: res, Err: err}
+		}
 	}
-	res, err := apply(f.state, c)
-	return &applyResult{Result: res, Err: err}
+	if errors.Is(err, ErrNewerCommand) {
+		// This entry answers with its own error; the ones after it, with
+		// the halt.
+		f.halted = fmt.Errorf("store halted at raft index %d, an entry this build cannot read; upgrade this member: %w", l.Index, err)
+	}
+	return &applyResult{Err: err}
+}
+
+// Halted returns the reason the FSM stopped applying entries, or nil.
+func (f *FSM) Halted() error {
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	return f.halted
 }
 
 // notify wakes everyone waiting in Changed. Called with f.mu held.
@@ -88,11 +126,16 @@ func (f *FSM) AppliedIndex() uint64 {
 func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
+	if f.halted != nil {
+		// A snapshot would mark the entries skipped since as applied.
+		return nil, f.halted
+	}
 	return &fsmSnapshot{state: f.state.Clone()}, nil
 }
 
 // Restore replaces the whole state with a snapshot. A corrupt snapshot is an
-// error and leaves the state as it was.
+// error and leaves the state as it was. A halted FSM stays halted: a
+// snapshot sent by a newer leader may hold state this build cannot read.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
 	s, err := ReadSnapshot(rc)
@@ -102,6 +145,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.state = s
+	// Watchers get the whole state again: the changes that led here are
+	// not known.
+	f.changes, f.changesFloor = nil, math.MaxUint64
 	f.notify()
 	return nil
 }

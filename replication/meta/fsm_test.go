@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"reflect"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -72,6 +73,19 @@ func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
 		h.t.Fatalf("AppliedIndex = %d after applying index %d", got, h.index)
 	}
 	checkEntry(h.t, typ, data, before, h.current(), r.Result, r.Err)
+	checkChangeLog(h.t, h.f, h.index, before, h.current())
+	if halt := h.f.Halted(); halt != nil {
+		if !errors.Is(r.Err, ErrNewerCommand) {
+			h.t.Fatalf("FSM halted (%v) at an entry that answered %v", halt, r.Err)
+		}
+		// Random or corrupted bytes often look like an entry of a newer
+		// build, and halt the FSM (TestFSMHaltsOnNewerEntry). The entry
+		// changed nothing (checked above): the harness goes on like a
+		// member that never saw it.
+		h.f.mu.Lock()
+		h.f.halted = nil
+		h.f.mu.Unlock()
+	}
 	return r.Result, r.Err
 }
 
@@ -125,6 +139,49 @@ func checkEntry(t testing.TB, typ raft.LogType, data []byte, before, after *Stat
 	if !recordsEqual(before.Requests, after.Requests) {
 		t.Fatalf("entry %q, not a new request, changed the request table:\nbefore %s\n after %s", data, dumpJSON(before.Requests), dumpJSON(after.Requests))
 	}
+}
+
+// checkChangeLog checks that the FSM's change log (watch.go) names every
+// volume and node that the entry at index changed from before to after.
+func checkChangeLog(t testing.TB, f *FSM, index uint64, before, after *State) {
+	t.Helper()
+	var vols, nodes []string
+	for id, v := range after.Volumes {
+		if w, ok := before.Volumes[id]; !ok || !reflect.DeepEqual(v, w) {
+			vols = append(vols, id)
+		}
+	}
+	for id := range before.Volumes {
+		if _, ok := after.Volumes[id]; !ok {
+			vols = append(vols, id)
+		}
+	}
+	for id, n := range after.Nodes {
+		if m, ok := before.Nodes[id]; !ok || !reflect.DeepEqual(n, m) {
+			nodes = append(nodes, id)
+		}
+	}
+	if len(vols) == 0 && len(nodes) == 0 {
+		return
+	}
+	f.mu.RLock()
+	defer f.mu.RUnlock()
+	var rec changeRecord
+	if n := len(f.changes); n > 0 {
+		rec = f.changes[n-1]
+	}
+	if rec.index != index || !subset(vols, rec.volumes) || !subset(nodes, rec.nodes) {
+		t.Fatalf("entry %d changed volumes %v and nodes %v; the change log says %+v", index, vols, nodes, rec)
+	}
+}
+
+func subset(a, b []string) bool {
+	for _, x := range a {
+		if !slices.Contains(b, x) {
+			return false
+		}
+	}
+	return true
 }
 
 // requestOf returns the Request a log entry carries, or nil.

@@ -10,9 +10,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sync"
 	"time"
 
@@ -34,9 +36,11 @@ type Config struct {
 	DataDir string
 	// Listen is the replica server's TCP address.
 	Listen string
-	// FSM is this node's copy of the store's state (watched for changes).
+	// FSM is this node's copy of the store's state: the realizer reads it,
+	// and runs at each of its changes.
 	FSM *meta.FSM
-	// Meta reaches the store for writes.
+	// Meta reaches the store for writes, and for the linearizable reads
+	// that confirm a replica may be deleted.
 	Meta *meta.Client
 	// Logger receives the node's lines.
 	Logger *zap.Logger
@@ -71,6 +75,36 @@ type Node struct {
 	// that each is reported once, not at every pass. Used by the realizer
 	// goroutine only.
 	reported map[string]bool
+
+	// here is the realizer's view of the volumes with a replica on this
+	// node, kept from its FSM's watch (meta.FSM.WatchEvent): a pass costs
+	// what changed and what lives here, not every volume in the store.
+	// Used by the realizer goroutine only.
+	here placedVolumes
+}
+
+// placedVolumes follows the volumes with a replica on one node.
+type placedVolumes struct {
+	index uint64
+	vols  map[string]*meta.Volume
+}
+
+// update applies the changes of f since the last update.
+func (p *placedVolumes) update(f *meta.FSM, node string) {
+	ev := f.WatchEvent(p.index, node, "")
+	if ev == nil {
+		return
+	}
+	if ev.Reset {
+		p.vols = map[string]*meta.Volume{}
+	}
+	for _, v := range ev.Volumes {
+		p.vols[v.ID] = v
+	}
+	for _, id := range ev.Removed {
+		delete(p.vols, id)
+	}
+	p.index = ev.Index
 }
 
 // placed is one replica the store places on this node, with its volume.
@@ -157,52 +191,69 @@ func (n *Node) realizeLoop() {
 
 // desired returns the replicas the store places on this node (by id), the
 // unattached volumes with a replica rebuilding here, and the minIOPS
-// reservation of each volume with a replica here. It reads the
-// state through the leader (linearizable): this node's own copy can be far
-// behind right after a restart (raft replays the log only once the leader
-// tells it the commit index), and realizing a stale state would delete
-// replicas that still hold data.
-func (n *Node) desired() (map[string]placed, []*meta.Volume, map[string]uint64, error) {
-	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
-	defer cancel()
-	s, err := n.cfg.Meta.State(ctx, true)
-	if err != nil {
-		return nil, nil, nil, err
-	}
+// reservation of each volume with a replica here. It reads this node's own
+// copy of the store (its FSM, through its watch), which woke the realizer:
+// realizing costs the leader nothing. That copy can be far behind right after a restart (raft
+// replays the log only once the leader tells it the commit index). Acting on
+// it is safe for what realize does with the store, each a compare-and-set
+// that a stale copy fails (recording a generation, failing a replica) or
+// that an engine re-reads linearizably (a maintenance rebuild), and for a
+// blank copy made for a replica placed here; not for deleting a replica,
+// which could be the one holding the data: dropped asks the leader first.
+func (n *Node) desired() (map[string]placed, []*meta.Volume, map[string]uint64) {
 	want := map[string]placed{}
 	var rebuild []*meta.Volume
 	reserve := map[string]uint64{}
-	{
-		for _, v := range s.SortedVolumes() {
-			for _, r := range v.Replicas {
-				if r.Node != n.cfg.NodeID {
-					continue
-				}
-				want[r.ID] = placed{vol: v, rep: r}
-				if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
-					rebuild = append(rebuild, v.Clone())
-				}
-				// Bad parameters reserve nothing here; the engine says why.
-				if spec, err := v.Spec(); err == nil && spec.QoS.MinIOPS > 0 {
-					reserve[v.ID] = spec.QoS.MinIOPS
-				}
+	n.here.update(n.cfg.FSM, n.cfg.NodeID)
+	for _, id := range slices.Sorted(maps.Keys(n.here.vols)) {
+		v := n.here.vols[id] // the watch's own copy: nothing refers into the FSM
+		for _, r := range v.Replicas {
+			if r.Node != n.cfg.NodeID {
+				continue
+			}
+			want[r.ID] = placed{vol: v, rep: r}
+			if r.State == meta.ReplicaRebuilding && v.Attachment == nil {
+				rebuild = append(rebuild, v)
+			}
+			// Bad parameters reserve nothing here; the engine says why.
+			if spec, err := v.Spec(); err == nil && spec.QoS.MinIOPS > 0 {
+				reserve[v.ID] = spec.QoS.MinIOPS
 			}
 		}
 	}
-	return want, rebuild, reserve, nil
+	return want, rebuild, reserve
+}
+
+// dropped confirms with the leader, by a linearizable read of the volume,
+// that the store no longer places replica id on this node: its volume is
+// gone or deleted, or has no replica of that id here. This node's copy of
+// the store may say so only because it is behind (see desired).
+func (n *Node) dropped(id string) bool {
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	v, err := n.cfg.Meta.Volume(ctx, meta.VolumeOfReplica(id))
+	if errors.Is(err, meta.ErrNotFound) {
+		return true
+	}
+	if err != nil {
+		if n.ctx.Err() == nil {
+			n.log.Debug("cannot confirm a replica was dropped; will retry", zap.String("replica_id", id), zap.Error(err))
+		}
+		return false
+	}
+	for _, r := range v.Replicas {
+		if r.ID == id && r.Node == n.cfg.NodeID {
+			return false
+		}
+	}
+	return true
 }
 
 // realize brings each replica placed here in line with the store (see
 // decide), deletes dropped ones, gives the disk scheduler the volumes'
 // reservations, and starts rebuilds of unattached volumes.
 func (n *Node) realize() {
-	want, rebuild, reserve, err := n.desired()
-	if err != nil {
-		if n.ctx.Err() == nil {
-			n.log.Debug("cannot read the store; will retry", zap.Error(err))
-		}
-		return
-	}
+	want, rebuild, reserve := n.desired()
 	n.server.SetReservations(reserve)
 	have, err := n.server.List()
 	if err != nil {
@@ -216,7 +267,7 @@ func (n *Node) realize() {
 	onDisk := map[string]replica.Info{}
 	for _, info := range have {
 		onDisk[info.ID] = info
-		if _, ok := want[info.ID]; ok {
+		if _, ok := want[info.ID]; ok || !n.dropped(info.ID) {
 			continue
 		}
 		// The store (as of a linearizable read) no longer places this

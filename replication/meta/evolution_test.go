@@ -1,0 +1,137 @@
+package meta
+
+import (
+	"encoding/json"
+	"errors"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+)
+
+// newerEntries are log entries as a build newer than this one could write
+// them: a known command at a version above commandVersion (with the field
+// that version added), a command type this build does not know, a known
+// command with a field it lacks, and such a command wrapped in a Request.
+func newerEntries(t *testing.T) map[string][]byte {
+	t.Helper()
+	inner := cmdBytes(CmdDeleteVolume, commandVersion+1, `{"volume_id":"v1","deleted_at":5}`)
+	req, err := json.Marshal(&Request{ID: "req-1", Command: inner})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return map[string][]byte{
+		"newer version with a new field":   cmdBytes(CmdDeleteVolume, commandVersion+1, `{"volume_id":"v1","deleted_at":5}`),
+		"newer version, same fields":       cmdBytes(CmdDeleteVolume, commandVersion+1, `{"volume_id":"v1"}`),
+		"new command type":                 cmdBytes(lastCommandType+1, commandVersion, `{"volume_id":"v1"}`),
+		"new field without a new version":  cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":"v1","deleted_at":5}`),
+		"request wrapping a newer command": cmdBytes(CmdRequest, commandVersion, string(req)),
+	}
+}
+
+// TestDecodeNewerEntry: Decode tells an entry of a newer build from garbage
+// (command.go, rule 2). Both are errors wrapping ErrBadCommand; only the
+// first wraps ErrNewerCommand, which halts the FSM.
+func TestDecodeNewerEntry(t *testing.T) {
+	for name, b := range newerEntries(t) {
+		if name == "request wrapping a newer command" {
+			continue // the Request itself decodes; its command does not (see TestFSMHaltsOnNewerEntry)
+		}
+		t.Run(name, func(t *testing.T) {
+			c, err := Decode(b)
+			if !errors.Is(err, ErrNewerCommand) || !errors.Is(err, ErrBadCommand) {
+				t.Fatalf("Decode(%q) = %#v, %v; want an error wrapping ErrNewerCommand and ErrBadCommand", b, c, err)
+			}
+		})
+	}
+	for name, b := range map[string][]byte{
+		"type 0":                     cmdBytes(0, commandVersion, `{}`),
+		"version 0":                  cmdBytes(CmdDeleteVolume, 0, `{"volume_id":"v1"}`),
+		"bad JSON":                   cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":`),
+		"wrong field type":           cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":5}`),
+		"trailing bytes":             cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":"v1"}}`),
+		"unknown field and bad JSON": cmdBytes(CmdDeleteVolume, commandVersion, `{"volume_id":"v1","x":`),
+	} {
+		t.Run("garbage "+name, func(t *testing.T) {
+			_, err := Decode(b)
+			if !errors.Is(err, ErrBadCommand) || errors.Is(err, ErrNewerCommand) {
+				t.Fatalf("Decode(%q) error %v; want ErrBadCommand and not ErrNewerCommand", b, err)
+			}
+		})
+	}
+}
+
+// TestWriteVersionReadable: a build never writes a version it cannot read
+// (rule 3 of command.go lets it write an older one).
+func TestWriteVersionReadable(t *testing.T) {
+	if writeVersion < 1 || writeVersion > commandVersion {
+		t.Fatalf("writeVersion %d, commandVersion %d: a build writes a version it reads", writeVersion, commandVersion)
+	}
+	b, err := Encode(&DeleteVolume{VolumeID: "v1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if b[1] != writeVersion {
+		t.Fatalf("Encode wrote version %d, want writeVersion %d", b[1], writeVersion)
+	}
+	if _, err := Decode(b); err != nil {
+		t.Fatalf("Decode of this build's own entry: %v", err)
+	}
+}
+
+// TestFSMHaltsOnNewerEntry: a member that meets an entry of a newer build
+// applies nothing from then on, rather than skip that one entry and apply
+// the next ones on a state that newer members no longer have. It takes no
+// snapshot either: the snapshot would count the skipped entries as applied.
+func TestFSMHaltsOnNewerEntry(t *testing.T) {
+	for name, b := range newerEntries(t) {
+		t.Run(name, func(t *testing.T) {
+			h := newHarness(t)
+			h.cluster(3, 10)
+			h.createVolume("v1", 1, 3)
+			before := h.state()
+			h.index++
+			res := h.f.Apply(&raft.Log{Index: h.index, Type: raft.LogCommand, Data: b}).(*applyResult)
+			if !errors.Is(res.Err, ErrNewerCommand) {
+				t.Fatalf("Apply(%q) = %v, want an error wrapping ErrNewerCommand", b, res.Err)
+			}
+			if h.f.Halted() == nil {
+				t.Fatal("FSM not halted after an entry of a newer build")
+			}
+			// The next entry, one this build reads well, is not applied.
+			next, _ := Encode(&SetVolumeCondition{VolumeID: before.SortedVolumes()[0].ID, Abnormal: true, Message: "x"})
+			h.index++
+			res = h.f.Apply(&raft.Log{Index: h.index, Type: raft.LogCommand, Data: next}).(*applyResult)
+			if !errors.Is(res.Err, ErrNewerCommand) {
+				t.Fatalf("entry after the halt answered %v, want the halt", res.Err)
+			}
+			if got := h.state(); !statesEqual(before, got) {
+				t.Fatalf("halted FSM changed its state:\nbefore %s\n after %s", dumpJSON(before), dumpJSON(got))
+			}
+			if got := h.f.AppliedIndex(); got != h.index {
+				t.Fatalf("AppliedIndex = %d, want %d (raft counts the entry as applied)", got, h.index)
+			}
+			if _, err := h.f.Snapshot(); !errors.Is(err, ErrNewerCommand) {
+				t.Fatalf("Snapshot of a halted FSM = %v, want the halt", err)
+			}
+		})
+	}
+}
+
+// TestAgentStopsOnNewerEntry: a member whose FSM halted stops itself
+// (Agent.Fatal), so that it serves no state that newer members have left.
+func TestAgentStopsOnNewerEntry(t *testing.T) {
+	a, _ := startTestAgent(t, nil)
+	f := a.store.raft.Apply(cmdBytes(lastCommandType+1, commandVersion, `{"volume_id":"v1"}`), 5*time.Second)
+	if err := f.Error(); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-a.Fatal():
+		if !errors.Is(err, ErrNewerCommand) {
+			t.Fatalf("member stopped with %v, want an error wrapping ErrNewerCommand", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("member did not stop after an entry of a newer build")
+	}
+}
