@@ -95,6 +95,22 @@ func (a *Agent) forward(ctx context.Context, c *Client, repeatable bool, remote 
 	return fmt.Errorf("leader %s did not answer within %v: %w", leader, forwardAttempt, ErrNoLeader)
 }
 
+// registers returns the node a RegisterNode command (or a Request that
+// wraps one) registers.
+func registers(c Command) (string, bool) {
+	if r, ok := c.(*Request); ok {
+		inner, err := Decode(r.Command)
+		if err != nil {
+			return "", false
+		}
+		c = inner
+	}
+	if r, ok := c.(*RegisterNode); ok {
+		return r.Node.ID, true
+	}
+	return "", false
+}
+
 // prepare fills in what the leader decides for a client's command: fresh
 // ids and timestamps. It refuses commands that only the store issues.
 func prepare(c Command) error {
@@ -149,6 +165,16 @@ func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (
 		func() (err error) {
 			if err = prepare(c); err != nil {
 				return err
+			}
+			if id, ok := registers(c); ok {
+				// A node that registers is alive now. Registering marks
+				// it up; without this its silence would still count from
+				// before (a node restarted after it was marked down), and
+				// the next tick would mark it down again until its first
+				// heartbeat: an export or a stage on it in between fails.
+				a.mu.Lock()
+				a.live.heartbeat(id, time.Now())
+				a.mu.Unlock()
 			}
 			res, err = a.store.Apply(ctx, c)
 			return err

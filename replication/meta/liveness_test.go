@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"context"
 	"testing"
 	"time"
 )
@@ -55,4 +56,41 @@ func TestLeaderChangeLiveness(t *testing.T) {
 	if len(downs) != 1 || downs[0].NodeID != "n2" {
 		t.Fatalf("after NodeDownAfter: marked down %s, want n2 alone", dumpJSON(downs))
 	}
+}
+
+// TestReregisteredNodeStaysUp: a node marked down that registers again (it
+// restarted) is up until it has been silent for NodeDownAfter from its
+// registration, not marked down again at the leader's next tick because
+// its silence counted from before it died.
+func TestReregisteredNodeStaysUp(t *testing.T) {
+	a, c := startTestAgent(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	n2 := Node{ID: "n2", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:1", DataAddr: "127.0.0.1:1", CapacityBytes: gib, FreeBytes: gib}
+	state := func() NodeState {
+		var st NodeState
+		a.Store().FSM().View(func(s *State) {
+			if n := s.Nodes["n2"]; n != nil {
+				st = n.State
+			}
+		})
+		return st
+	}
+	if _, err := c.Apply(ctx, &RegisterNode{Node: n2}); err != nil {
+		t.Fatal(err)
+	}
+	// n2 never heartbeats: it is marked down after NodeDownAfter (1 s).
+	waitUntil(t, 10*time.Second, "silent n2 marked down", func() bool { return state() == NodeDown })
+	time.Sleep(500 * time.Millisecond) // its silence is now well past NodeDownAfter
+	if _, err := c.Apply(ctx, &RegisterNode{Node: n2}); err != nil {
+		t.Fatal(err)
+	}
+	registered := time.Now()
+	for time.Since(registered) < 600*time.Millisecond {
+		if st := state(); st != NodeUp {
+			t.Fatalf("%v after registering again n2 is %v, want up until it is silent for NodeDownAfter", time.Since(registered), st)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	waitUntil(t, 10*time.Second, "n2, silent again, marked down", func() bool { return state() == NodeDown })
 }
