@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"regexp"
 	"strings"
 	"syscall"
 	"time"
@@ -66,13 +67,19 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
 
+// nodeIDPattern is a Kubernetes label value of at least one character.
+var nodeIDPattern = regexp.MustCompile(`^[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$`)
+
 // Validate fails fast with a message naming the flag.
 func (o *nodeOptions) Validate() error {
 	var errs []string
 	if o.ID == "" {
 		errs = append(errs, "--id is required")
-	} else if strings.ContainsAny(o.ID, " /\t\n") {
-		errs = append(errs, fmt.Sprintf("--id %q must not contain spaces or slashes", o.ID))
+	} else if !nodeIDPattern.MatchString(o.ID) {
+		// The id is also the value of the CSI topology key that names a
+		// node (driver/csi.TopologyNodeKey), so it must be a valid
+		// Kubernetes label value, or kubelet refuses to register the node.
+		errs = append(errs, fmt.Sprintf("--id %q: want at most 63 letters, digits, '-', '_' or '.', starting and ending with a letter or digit", o.ID))
 	}
 	if o.DataDir == "" {
 		errs = append(errs, "--data-dir is required")

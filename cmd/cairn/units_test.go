@@ -66,6 +66,11 @@ func TestNodeOptionsValidate(t *testing.T) {
 	}{
 		{"valid", func(*nodeOptions) {}, ""},
 		{"id with slash", func(o *nodeOptions) { o.ID = "a/b" }, "--id"},
+		{"id with a space", func(o *nodeOptions) { o.ID = "a b" }, "--id"},
+		{"id too long for a label value", func(o *nodeOptions) { o.ID = strings.Repeat("n", 64) }, "--id"},
+		{"id ending in a dash", func(o *nodeOptions) { o.ID = "node-" }, "--id"},
+		{"longest id", func(o *nodeOptions) { o.ID = strings.Repeat("n", 63) }, ""},
+		{"id with dots and underscores", func(o *nodeOptions) { o.ID = "rack1.node_2" }, ""},
 		{"bootstrap too big", func(o *nodeOptions) { o.BootstrapExpect = 9 }, "--bootstrap-expect 9"},
 		{"down before heartbeat", func(o *nodeOptions) { o.NodeDownAfter = time.Second }, "--node-down-after"},
 		{"negative heartbeat", func(o *nodeOptions) { o.HeartbeatInterval = -1 }, "--heartbeat-interval"},
