@@ -41,6 +41,9 @@ type Replica struct {
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
 	// replica without checksums.
 	sums *os.File
+	// sumsMap maps the sums file read-only (nil when the mapping failed:
+	// reads then use pread); see readSumsMapped.
+	sumsMap []byte
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
 	// across I/O: every data operation holds it shared for its whole
@@ -897,7 +900,7 @@ func (r *Replica) closeLocked() error {
 	// Unflushed writes stay in the page cache and reach the disk later;
 	// Close is not a Flush, as for a block device.
 	if r.sums != nil {
-		if err := r.sums.Close(); err != nil {
+		if err := r.closeSums(); err != nil {
 			_ = r.data.Close() // the sums error is the one to report
 			return fmt.Errorf("replica %s: close sums file: %w", r.id, err)
 		}

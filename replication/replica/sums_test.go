@@ -358,3 +358,26 @@ func TestLongReadVerifiedChunkByChunk(t *testing.T) {
 		t.Fatalf("unaligned long read: err %v", err)
 	}
 }
+
+// TestSumsMapFaultIsAnError: a page of the mapped sums file that cannot be
+// read (here: the file cut short behind the replica's back, so the mapped
+// page lies past its end and the kernel sends SIGBUS, as it does for a
+// disk's read error) fails the read with an error; the process goes on.
+func TestSumsMapFaultIsAnError(t *testing.T) {
+	dir := t.TempDir()
+	r := openSummed(t, dir, testSize)
+	if r.sumsMap == nil {
+		t.Fatal("the sums file is not mapped")
+	}
+	p := randBytes(SumBlockSize, 12)
+	if err := r.WriteAtSums(1, p, 0, false, PieceSums(nil, p, 0)); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Truncate(filepath.Join(dir, "r1", sumsFileName), 0); err != nil {
+		t.Fatal(err)
+	}
+	err := r.ReadAt(1, make([]byte, SumBlockSize), 0)
+	if err == nil || !strings.Contains(err.Error(), "fault on the mapped sums file") {
+		t.Fatalf("read with its sums page gone: %v, want the fault as an error", err)
+	}
+}
