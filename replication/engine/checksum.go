@@ -73,10 +73,9 @@ func Collectors() []prometheus.Collector {
 }
 
 // blockSpan rounds [off, off+n) out to whole checksum blocks, cut at the end
-// of the volume.
+// of the volume: an offset and a length.
 func (e *Engine) blockSpan(off, n uint64) (uint64, uint64) {
-	a := off / replica.SumBlockSize * replica.SumBlockSize
-	b := min(e.size, (off+n+replica.SumBlockSize-1)/replica.SumBlockSize*replica.SumBlockSize)
+	a, b := replica.BlockSpan(off, n, e.size)
 	return a, b - a
 }
 

@@ -782,13 +782,8 @@ func (r *Replica) extentChecksum(epoch, i uint64, buf []byte) (uint32, error) {
 	var sum uint32
 	for n > 0 {
 		chunk := buf[:min(n, uint64(len(buf)))]
-		if err := r.readAt(chunk, off); err != nil {
+		if err := r.readBlocks(chunk, off); err != nil {
 			return 0, err
-		}
-		if r.sums != nil {
-			if err := r.verifyBlocks(chunk, off); err != nil {
-				return 0, err
-			}
 		}
 		sum = crc32.Update(sum, castagnoli, chunk)
 		off, n = off+uint64(len(chunk)), n-uint64(len(chunk))
@@ -839,13 +834,8 @@ func (r *Replica) readExtentInto(epoch, index uint64, buf []byte) ([]byte, error
 		buf = make([]byte, n)
 	}
 	buf = buf[:n]
-	if err := r.readAt(buf, off); err != nil {
+	if err := r.readBlocks(buf, off); err != nil {
 		return nil, err
-	}
-	if r.sums != nil {
-		if err := r.verifyBlocks(buf, off); err != nil {
-			return nil, err
-		}
 	}
 	return buf, nil
 }

@@ -203,11 +203,20 @@ func (r *Replica) writeSums(vs []uint32, first uint64) error {
 	return nil
 }
 
-// blockSpan returns the block-aligned range around [off, off+n), cut at the
-// end of the replica.
-func (r *Replica) blockSpan(off, n uint64) (aoff, aend uint64) {
+// readBlocks reads whole blocks as readChecked takes them, checked when the
+// replica keeps sums.
+func (r *Replica) readBlocks(data []byte, aoff uint64) error {
+	if r.sums != nil {
+		return r.readChecked(data, aoff)
+	}
+	return r.readAt(data, aoff)
+}
+
+// BlockSpan returns the range of whole checksum blocks around [off, off+n),
+// cut at size (the end of the replica or volume).
+func BlockSpan(off, n, size uint64) (aoff, aend uint64) {
 	aoff = off / SumBlockSize * SumBlockSize
-	aend = min(r.size, (off+n+SumBlockSize-1)/SumBlockSize*SumBlockSize)
+	aend = min(size, (off+n+SumBlockSize-1)/SumBlockSize*SumBlockSize)
 	return aoff, aend
 }
 
@@ -216,18 +225,6 @@ func (r *Replica) blockSpan(off, n uint64) (aoff, aend uint64) {
 // checking a 1 MiB read after reading all of it walked the whole buffer
 // again from memory, which cost more than the CRC itself (fiobench, 1M reads).
 const verifyChunk = 128 << 10
-
-// verifyBlocks checks data, the bytes of [aoff, aoff+len(data)) where aoff
-// is block-aligned and the range ends on a block boundary or at the end of
-// the replica, against the stored sums.
-func (r *Replica) verifyBlocks(data []byte, aoff uint64) error {
-	var small [16]uint32
-	want, err := r.storedSums(small[:0], aoff, uint64(len(data)))
-	if err != nil {
-		return err
-	}
-	return r.checkBlocks(data, aoff, want)
-}
 
 // storedSums reads the stored sums of the blocks of [aoff, aoff+n) (aoff
 // block-aligned) into dst's array if it is large enough (a short read's
@@ -245,7 +242,7 @@ func (r *Replica) storedSums(dst []uint32, aoff, n uint64) ([]uint32, error) {
 	return want, nil
 }
 
-// checkBlocks compares data, the bytes of [aoff, ...) as verifyBlocks takes
+// checkBlocks compares data, the bytes of [aoff, ...) as readChecked takes
 // them, with want, the stored sums of its blocks.
 func (r *Replica) checkBlocks(data []byte, aoff uint64, want []uint32) error {
 	first := aoff / SumBlockSize
@@ -263,7 +260,7 @@ func (r *Replica) checkBlocks(data []byte, aoff uint64, want []uint32) error {
 // readVerified fills p from off and verifies every block it touches; blocks
 // that p covers only in part are read whole. Callers hold epochMu shared.
 func (r *Replica) readVerified(p []byte, off uint64) error {
-	aoff, aend := r.blockSpan(off, uint64(len(p)))
+	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
 	if aoff != off || aend != off+uint64(len(p)) {
 		buf := getBuf(int(aend - aoff))
 		defer putBuf(buf)
@@ -276,8 +273,10 @@ func (r *Replica) readVerified(p []byte, off uint64) error {
 	return r.readChecked(p, off)
 }
 
-// readChecked reads data, block-aligned as verifyBlocks takes it, chunk by
-// chunk, checking each chunk as soon as it is read.
+// readChecked reads data, the bytes of [aoff, aoff+len(data)) where aoff is
+// block-aligned and the range ends on a block boundary or at the end of the
+// replica, chunk by chunk, checking each chunk against the stored sums as
+// soon as it is read.
 func (r *Replica) readChecked(data []byte, aoff uint64) error {
 	var small [16]uint32
 	want, err := r.storedSums(small[:0], aoff, uint64(len(data)))
@@ -321,7 +320,7 @@ func (r *Replica) checkPieces(p []byte, off uint64, sums []uint32) error {
 // merged with p. Callers hold epochMu shared and the engine's range lock on
 // the blocks.
 func (r *Replica) newSums(p []byte, off uint64, pieces []uint32) ([]uint32, error) {
-	aoff, aend := r.blockSpan(off, uint64(len(p)))
+	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
 	out := make([]uint32, 0, (aend-aoff+SumBlockSize-1)/SumBlockSize)
 	end := off + uint64(len(p))
 	var block []byte
@@ -343,10 +342,7 @@ func (r *Replica) newSums(p []byte, off uint64, pieces []uint32) ([]uint32, erro
 			block = make([]byte, SumBlockSize)
 		}
 		b := block[:be-bo]
-		if err := r.readAt(b, bo); err != nil {
-			return nil, err
-		}
-		if err := r.verifyBlocks(b, bo); err != nil {
+		if err := r.readChecked(b, bo); err != nil {
 			return nil, err
 		}
 		copy(b[lo-bo:], p[lo-off:hi-off])
