@@ -261,6 +261,17 @@ func (e *Engine) repair(ctx context.Context, jobs []repairJob) int {
 	return done
 }
 
+// writeCopy writes data, copied from another replica, to m at off (a
+// rebuild, a resync, a repair). When the volume keeps checksums it goes
+// with its piece checksums, as a user write does: a copy damaged on the
+// way is refused, never stored under a fresh valid sum. Callers hold e.mu.
+func (e *Engine) writeCopy(ctx context.Context, m *member, data []byte, off uint64) error {
+	if !e.checksums.Load() {
+		return m.client.WriteAt(ctx, e.epoch, data, off, false)
+	}
+	return m.client.WriteAtSums(ctx, e.epoch, data, off, false, replica.PieceSums(nil, data, off))
+}
+
 // copyRange copies [off, off+n) from one member to another. Callers hold
 // the range and e.mu for reading.
 func (e *Engine) copyRange(ctx context.Context, from, to *member, off, n uint64) error {
@@ -273,7 +284,7 @@ func (e *Engine) copyRange(ctx context.Context, from, to *member, off, n uint64)
 	}
 	wctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
-	if err := to.client.WriteAtSums(wctx, e.epoch, buf, off, false, replica.PieceSums(nil, buf, off)); err != nil {
+	if err := e.writeCopy(wctx, to, buf, off); err != nil {
 		return fmt.Errorf("write to %s: %w", to.replica.ID, err)
 	}
 	e.dirty.Store(true)

@@ -1370,7 +1370,7 @@ func (e *Engine) syncExtents(ctx context.Context, src *member, extents []uint64)
 					return copied, fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
 				}
 			}
-			if err := m.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
+			if err := e.writeCopy(ctx, m, data, x*e.extentSize); err != nil {
 				return copied, fmt.Errorf("write extent %d to %s: %w", x, m.replica.ID, err)
 			}
 			copied += uint64(len(data))

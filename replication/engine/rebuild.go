@@ -192,7 +192,7 @@ func (e *Engine) copyExtent(ctx context.Context, target *member, x, n uint64) (u
 		if err != nil {
 			return fmt.Errorf("read extent %d from %s: %w", x, src.replica.ID, err)
 		}
-		if err := target.client.WriteAt(ctx, e.epoch, data, x*e.extentSize, false); err != nil {
+		if err := e.writeCopy(ctx, target, data, x*e.extentSize); err != nil {
 			return fmt.Errorf("write extent %d to %s: %w", x, target.replica.ID, err)
 		}
 		copied = uint64(len(data))

@@ -202,7 +202,7 @@ func (e *Engine) fixExtent(ctx context.Context, off, n uint64) (repaired uint64,
 		}
 		for i, m := range fix {
 			wctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
-			err := m.client.WriteAtSums(wctx, e.epoch, good, bo, false, replica.PieceSums(nil, good, bo))
+			err := e.writeCopy(wctx, m, good, bo)
 			cancel()
 			if err != nil {
 				e.log.Warn("block repair from a verified copy failed", zap.String("replica_id", m.replica.ID), zap.Uint64("block", blk),

@@ -434,10 +434,10 @@ func (c *Client) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64
 // ErrChecksum, nothing written. A server that predates checksums gets the
 // write without them, as does a write too large to carry them in one frame.
 func (c *Client) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
-	trailer := AppendUint32s(make([]byte, 0, 4*len(pieces)), pieces)
-	if pieces == nil || c.noSums.Load() || len(p)+len(trailer) > MaxPayload {
+	if pieces == nil || c.noSums.Load() || len(p)+4*len(pieces) > MaxPayload {
 		return c.WriteAt(ctx, epoch, p, off, fua)
 	}
+	trailer := AppendUint32s(make([]byte, 0, 4*len(pieces)), pieces)
 	h := RequestHeader{Op: OpWrite, Flags: FlagSums, Epoch: epoch, Offset: off, Length: uint32(len(p))}
 	if fua {
 		h.Flags |= FlagFUA

@@ -230,7 +230,7 @@ const verifyChunk = 128 << 10
 // block-aligned) into dst's array if it is large enough (a short read's
 // sums then stay on the caller's stack).
 func (r *Replica) storedSums(dst []uint32, aoff, n uint64) ([]uint32, error) {
-	want := dst[:0]
+	var want []uint32
 	if count := int((n + SumBlockSize - 1) / SumBlockSize); count <= cap(dst) {
 		want = dst[:count]
 	} else {
@@ -328,12 +328,9 @@ func (r *Replica) newSums(p []byte, off uint64, pieces []uint32) ([]uint32, erro
 		be := min(bo+SumBlockSize, r.size)
 		lo, hi := max(bo, off), min(be, end)
 		if lo == bo && hi == be {
-			switch {
-			case be-bo < SumBlockSize:
-				out = append(out, storedSum(p[lo-off:hi-off]))
-			case pieces != nil:
+			if pieces != nil && be-bo == SumBlockSize {
 				out = append(out, pieces[i]^zeroBlockCRC)
-			default:
+			} else {
 				out = append(out, storedSum(p[lo-off:hi-off]))
 			}
 			continue
