@@ -566,16 +566,6 @@ func cloneResult(r Result) Result {
 	return out
 }
 
-// MutableParameters are the volume parameters SetParameters may change
-// (volspec.MutableKeys).
-var MutableParameters = func() map[string]bool {
-	m := map[string]bool{}
-	for _, k := range volspec.MutableKeys() {
-		m[k] = true
-	}
-	return m
-}()
-
 func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	v, err := s.liveVolume(c.VolumeID)
 	if err != nil {
@@ -589,7 +579,7 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	// replicated state (remembered request results).
 	for _, k := range slices.Sorted(maps.Keys(c.Parameters)) {
 		val := c.Parameters[k]
-		if !MutableParameters[k] {
+		if !volspec.Mutable(k) {
 			return Result{}, fmt.Errorf("parameter %q cannot be changed on a live volume: %w", k, ErrInvalidArgument)
 		}
 		if val == "" {

@@ -1573,7 +1573,7 @@ func TestApplyRebuildProgress(t *testing.T) {
 
 // setParametersBase are the parameters volume v1 of TestApplySetParameters
 // is created with: two keys SetParameters may not change, two it may.
-var setParametersBase = map[string]string{"replicas": "2", "fsType": "xfs", ParamMaxIOPS: "1000", ParamBurstDuration: "1s"}
+var setParametersBase = map[string]string{"replicas": "2", "fsType": "xfs", volspec.KeyMaxIOPS: "1000", volspec.KeyBurstDuration: "1s"}
 
 // withParams returns a copy of setParametersBase changed by kv (key, value
 // pairs; an empty value removes the key).
@@ -1611,56 +1611,56 @@ func TestApplySetParameters(t *testing.T) {
 		// badKey is the key a refusal must name.
 		badKey string
 	}{
-		{name: "add a key, keep the others", params: p(ParamMaxBandwidth, "1048576"),
-			want: withParams(ParamMaxBandwidth, "1048576")},
-		{name: "change a key", params: p(ParamMaxIOPS, "2500"), want: withParams(ParamMaxIOPS, "2500")},
-		{name: "empty value removes the key", params: p(ParamBurstDuration, ""), want: withParams(ParamBurstDuration, "")},
-		{name: "remove a key that is not there", params: p(ParamMinIOPS, ""), want: withParams()},
-		{name: "remove every QoS key", params: p(ParamMaxIOPS, "", ParamBurstDuration, ""),
+		{name: "add a key, keep the others", params: p(volspec.KeyMaxBandwidth, "1048576"),
+			want: withParams(volspec.KeyMaxBandwidth, "1048576")},
+		{name: "change a key", params: p(volspec.KeyMaxIOPS, "2500"), want: withParams(volspec.KeyMaxIOPS, "2500")},
+		{name: "empty value removes the key", params: p(volspec.KeyBurstDuration, ""), want: withParams(volspec.KeyBurstDuration, "")},
+		{name: "remove a key that is not there", params: p(volspec.KeyMinIOPS, ""), want: withParams()},
+		{name: "remove every QoS key", params: p(volspec.KeyMaxIOPS, "", volspec.KeyBurstDuration, ""),
 			want: map[string]string{"replicas": "2", "fsType": "xfs"}},
-		{name: "every key at once", params: p(ParamMaxIOPS, "5000", ParamMinIOPS, "100", ParamMaxBandwidth, "1", ParamBurstDuration, "250ms"),
-			want: withParams(ParamMaxIOPS, "5000", ParamMinIOPS, "100", ParamMaxBandwidth, "1", ParamBurstDuration, "250ms")},
-		{name: "remove maxIOPS and set minIOPS above it", params: p(ParamMaxIOPS, "", ParamMinIOPS, "5000"),
-			want: withParams(ParamMaxIOPS, "", ParamMinIOPS, "5000")},
-		{name: "minIOPS equal to maxIOPS", params: p(ParamMinIOPS, "1000"), want: withParams(ParamMinIOPS, "1000")},
-		{name: "unlimited maxIOPS under any minIOPS", params: p(ParamMaxIOPS, "0", ParamMinIOPS, "7000"),
-			want: withParams(ParamMaxIOPS, "0", ParamMinIOPS, "7000")},
+		{name: "every key at once", params: p(volspec.KeyMaxIOPS, "5000", volspec.KeyMinIOPS, "100", volspec.KeyMaxBandwidth, "1", volspec.KeyBurstDuration, "250ms"),
+			want: withParams(volspec.KeyMaxIOPS, "5000", volspec.KeyMinIOPS, "100", volspec.KeyMaxBandwidth, "1", volspec.KeyBurstDuration, "250ms")},
+		{name: "remove maxIOPS and set minIOPS above it", params: p(volspec.KeyMaxIOPS, "", volspec.KeyMinIOPS, "5000"),
+			want: withParams(volspec.KeyMaxIOPS, "", volspec.KeyMinIOPS, "5000")},
+		{name: "minIOPS equal to maxIOPS", params: p(volspec.KeyMinIOPS, "1000"), want: withParams(volspec.KeyMinIOPS, "1000")},
+		{name: "unlimited maxIOPS under any minIOPS", params: p(volspec.KeyMaxIOPS, "0", volspec.KeyMinIOPS, "7000"),
+			want: withParams(volspec.KeyMaxIOPS, "0", volspec.KeyMinIOPS, "7000")},
 		{name: "raise maxIOPS and minIOPS together", setup: func(h *harness) {
-			h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "900")})
-		}, params: p(ParamMaxIOPS, "3000", ParamMinIOPS, "2000"), want: withParams(ParamMaxIOPS, "3000", ParamMinIOPS, "2000")},
-		{name: "the same values again", params: p(ParamMaxIOPS, "1000", ParamBurstDuration, "1s"), want: withParams()},
+			h.must(&SetParameters{VolumeID: "v1", Parameters: p(volspec.KeyMinIOPS, "900")})
+		}, params: p(volspec.KeyMaxIOPS, "3000", volspec.KeyMinIOPS, "2000"), want: withParams(volspec.KeyMaxIOPS, "3000", volspec.KeyMinIOPS, "2000")},
+		{name: "the same values again", params: p(volspec.KeyMaxIOPS, "1000", volspec.KeyBurstDuration, "1s"), want: withParams()},
 		{name: "no parameters changes nothing", params: nil, want: withParams()},
 		{name: "an empty map changes nothing", params: map[string]string{}, want: withParams()},
 		{name: "attached volume", setup: func(h *harness) { h.attachNBD("v1", h.volume("v1").Replicas[0].Node, sockA) },
-			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+			params: p(volspec.KeyMaxIOPS, "10"), want: withParams(volspec.KeyMaxIOPS, "10")},
 		{name: "failed volume", setup: func(h *harness) { h.must(&SetVolumeState{VolumeID: "v1", State: VolumeFailed}) },
-			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+			params: p(volspec.KeyMaxIOPS, "10"), want: withParams(volspec.KeyMaxIOPS, "10")},
 		{name: "replica ejected", setup: func(h *harness) { h.setReplica("v1", h.volume("v1").Replicas[0].ID, ReplicaFailed) },
-			params: p(ParamMaxIOPS, "10"), want: withParams(ParamMaxIOPS, "10")},
+			params: p(volspec.KeyMaxIOPS, "10"), want: withParams(volspec.KeyMaxIOPS, "10")},
 
 		{name: "immutable key", params: p("replicas", "3"), wantErr: ErrInvalidArgument, badKey: "replicas"},
 		{name: "immutable key removed", params: p("fsType", ""), wantErr: ErrInvalidArgument, badKey: "fsType"},
 		{name: "immutable key set to its value", params: p("replicas", "2"), wantErr: ErrInvalidArgument, badKey: "replicas"},
-		{name: "immutable key among good ones", params: p(ParamMaxIOPS, "5", "fsType", "ext4", ParamBurstDuration, ""),
+		{name: "immutable key among good ones", params: p(volspec.KeyMaxIOPS, "5", "fsType", "ext4", volspec.KeyBurstDuration, ""),
 			wantErr: ErrInvalidArgument, badKey: "fsType"},
 		{name: "unknown key", params: p("maxLatency", "5ms"), wantErr: ErrInvalidArgument, badKey: "maxLatency"},
 		{name: "key in another case", params: p("maxiops", "5"), wantErr: ErrInvalidArgument, badKey: "maxiops"},
 		{name: "empty key", params: p("", "5"), wantErr: ErrInvalidArgument, badKey: ""},
-		{name: "maxIOPS not a number", params: p(ParamMaxIOPS, "lots"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
-		{name: "maxIOPS negative", params: p(ParamMaxIOPS, "-1"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
-		{name: "minIOPS a fraction", params: p(ParamMinIOPS, "0.5"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
-		{name: "maxBandwidth with a unit", params: p(ParamMaxBandwidth, "10MiB"), wantErr: ErrInvalidArgument, badKey: ParamMaxBandwidth},
-		{name: "burstDuration zero", params: p(ParamBurstDuration, "0s"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
-		{name: "burstDuration negative", params: p(ParamBurstDuration, "-2s"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
-		{name: "burstDuration without a unit", params: p(ParamBurstDuration, "3"), wantErr: ErrInvalidArgument, badKey: ParamBurstDuration},
-		{name: "bad value among good ones", params: p(ParamMaxIOPS, "5000", ParamMaxBandwidth, "fast", ParamBurstDuration, ""),
-			wantErr: ErrInvalidArgument, badKey: ParamMaxBandwidth},
-		{name: "minIOPS above the stored maxIOPS", params: p(ParamMinIOPS, "1001"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
-		{name: "minIOPS above maxIOPS in one command", params: p(ParamMaxIOPS, "100", ParamMinIOPS, "200"),
-			wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+		{name: "maxIOPS not a number", params: p(volspec.KeyMaxIOPS, "lots"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMaxIOPS},
+		{name: "maxIOPS negative", params: p(volspec.KeyMaxIOPS, "-1"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMaxIOPS},
+		{name: "minIOPS a fraction", params: p(volspec.KeyMinIOPS, "0.5"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMinIOPS},
+		{name: "maxBandwidth with a unit", params: p(volspec.KeyMaxBandwidth, "10MiB"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMaxBandwidth},
+		{name: "burstDuration zero", params: p(volspec.KeyBurstDuration, "0s"), wantErr: ErrInvalidArgument, badKey: volspec.KeyBurstDuration},
+		{name: "burstDuration negative", params: p(volspec.KeyBurstDuration, "-2s"), wantErr: ErrInvalidArgument, badKey: volspec.KeyBurstDuration},
+		{name: "burstDuration without a unit", params: p(volspec.KeyBurstDuration, "3"), wantErr: ErrInvalidArgument, badKey: volspec.KeyBurstDuration},
+		{name: "bad value among good ones", params: p(volspec.KeyMaxIOPS, "5000", volspec.KeyMaxBandwidth, "fast", volspec.KeyBurstDuration, ""),
+			wantErr: ErrInvalidArgument, badKey: volspec.KeyMaxBandwidth},
+		{name: "minIOPS above the stored maxIOPS", params: p(volspec.KeyMinIOPS, "1001"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMinIOPS},
+		{name: "minIOPS above maxIOPS in one command", params: p(volspec.KeyMaxIOPS, "100", volspec.KeyMinIOPS, "200"),
+			wantErr: ErrInvalidArgument, badKey: volspec.KeyMinIOPS},
 		{name: "maxIOPS below the stored minIOPS", setup: func(h *harness) {
-			h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "500")})
-		}, params: p(ParamMaxIOPS, "499"), wantErr: ErrInvalidArgument, badKey: ParamMinIOPS},
+			h.must(&SetParameters{VolumeID: "v1", Parameters: p(volspec.KeyMinIOPS, "500")})
+		}, params: p(volspec.KeyMaxIOPS, "499"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMinIOPS},
 		// The store refuses a change that leaves a bad value behind, even
 		// one the command does not touch. CreateVolume refuses bad values
 		// now, but a store from before it did may hold one: the snapshot
@@ -1668,22 +1668,22 @@ func TestApplySetParameters(t *testing.T) {
 		{name: "a stored bad value must be fixed first", setup: func(h *harness) {
 			h.must(&CreateVolume{ID: "v-bad", Name: "pvc-v-bad", SizeBytes: gib, Replicas: 1, CreatedAt: 1})
 			st := h.state()
-			st.Volumes["v-bad"].Parameters = p(ParamMaxIOPS, "lots")
+			st.Volumes["v-bad"].Parameters = p(volspec.KeyMaxIOPS, "lots")
 			h.restoreState(st)
-		}, volume: "v-bad", params: p(ParamBurstDuration, "1s"), wantErr: ErrInvalidArgument, badKey: ParamMaxIOPS},
+		}, volume: "v-bad", params: p(volspec.KeyBurstDuration, "1s"), wantErr: ErrInvalidArgument, badKey: volspec.KeyMaxIOPS},
 
-		{name: "unknown volume", volume: "nope", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		{name: "unknown volume", volume: "nope", params: p(volspec.KeyMaxIOPS, "5"), wantErr: ErrNotFound},
 		{name: "unknown volume, bad key", volume: "nope", params: p("replicas", "5"), wantErr: ErrNotFound},
-		{name: "empty volume id", volume: "-", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		{name: "empty volume id", volume: "-", params: p(volspec.KeyMaxIOPS, "5"), wantErr: ErrNotFound},
 		{name: "deleted volume", setup: func(h *harness) {
 			h.createVolume("v-del", 1, 1)
 			h.must(&DeleteVolume{VolumeID: "v-del"})
-		}, volume: "v-del", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		}, volume: "v-del", params: p(volspec.KeyMaxIOPS, "5"), wantErr: ErrNotFound},
 		{name: "purged volume", setup: func(h *harness) {
 			h.createVolume("v-del", 1, 1)
 			h.must(&DeleteVolume{VolumeID: "v-del"})
 			h.must(&PurgeVolume{VolumeID: "v-del"})
-		}, volume: "v-del", params: p(ParamMaxIOPS, "5"), wantErr: ErrNotFound},
+		}, volume: "v-del", params: p(volspec.KeyMaxIOPS, "5"), wantErr: ErrNotFound},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -1691,7 +1691,7 @@ func TestApplySetParameters(t *testing.T) {
 			h.cluster(3, 10)
 			h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2, Parameters: withParams(), CreatedAt: 1})
 			h.must(&CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 2,
-				Parameters: p(ParamMaxIOPS, "7"), CreatedAt: 2})
+				Parameters: p(volspec.KeyMaxIOPS, "7"), CreatedAt: 2})
 			if tt.setup != nil {
 				tt.setup(h)
 			}
@@ -1739,7 +1739,7 @@ func TestApplySetParameters(t *testing.T) {
 				t.Fatalf("SetParameters changed more than the volume's parameters:\nbefore %s\n after %s", dumpJSON(before), dumpJSON(after))
 			}
 			// Neither the result nor the command aliases the stored map.
-			res.Volume.Parameters[ParamMaxIOPS] = "12345"
+			res.Volume.Parameters[volspec.KeyMaxIOPS] = "12345"
 			for k := range tt.params {
 				tt.params[k] = "54321"
 			}
@@ -1757,7 +1757,7 @@ func TestApplySetParameters(t *testing.T) {
 		v := h.createVolume("v1", 1, 2)
 		v = h.attach("v1", v.Replicas[0].Node)
 		for _, iops := range []string{"100", "200", "", "300"} {
-			got := h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMaxIOPS, iops)}).Volume
+			got := h.must(&SetParameters{VolumeID: "v1", Parameters: p(volspec.KeyMaxIOPS, iops)}).Volume
 			if got.Epoch != v.Epoch || !reflect.DeepEqual(got.Attachment, v.Attachment) || !reflect.DeepEqual(got.Replicas, v.Replicas) {
 				t.Fatalf("SetParameters moved epoch %d → %d, attachment %+v → %+v", v.Epoch, got.Epoch, v.Attachment, got.Attachment)
 			}
@@ -1771,13 +1771,13 @@ func TestApplySetParameters(t *testing.T) {
 		h := newHarness(t)
 		h.cluster(3, 10)
 		h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2, Parameters: withParams(), CreatedAt: 1})
-		h.must(&SetParameters{VolumeID: "v1", Parameters: p(ParamMaxIOPS, "", ParamMaxBandwidth, "4096")})
+		h.must(&SetParameters{VolumeID: "v1", Parameters: p(volspec.KeyMaxIOPS, "", volspec.KeyMaxBandwidth, "4096")})
 		r := newHarness(t)
 		r.restoreState(h.state())
 		if a, b := h.state(), r.state(); !reflect.DeepEqual(a, b) {
 			t.Fatalf("restored state differs:\n%s\n%s", dumpJSON(b), dumpJSON(a))
 		}
-		c := &SetParameters{VolumeID: "v1", Parameters: p(ParamMinIOPS, "9")}
+		c := &SetParameters{VolumeID: "v1", Parameters: p(volspec.KeyMinIOPS, "9")}
 		r1, err1 := h.apply(c)
 		r2, err2 := r.apply(c)
 		if err1 != nil || err2 != nil || !reflect.DeepEqual(r1, r2) {
@@ -1804,10 +1804,10 @@ func TestApplySetParametersNoneLeft(t *testing.T) {
 		create map[string]string
 		params map[string]string
 	}{
-		{"remove the last key", map[string]string{ParamMaxIOPS: "5"}, map[string]string{ParamMaxIOPS: ""}},
+		{"remove the last key", map[string]string{volspec.KeyMaxIOPS: "5"}, map[string]string{volspec.KeyMaxIOPS: ""}},
 		{"empty command on a volume without parameters", nil, nil},
 		{"empty map on a volume without parameters", nil, map[string]string{}},
-		{"remove a key from a volume without parameters", nil, map[string]string{ParamMinIOPS: ""}},
+		{"remove a key from a volume without parameters", nil, map[string]string{volspec.KeyMinIOPS: ""}},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			h := newHarness(t)
@@ -1841,7 +1841,7 @@ func TestApplySetParametersErrorIsDeterministic(t *testing.T) {
 		t.Skip("known bug: applySetParameters names a random one of several refused keys (see knownBugSetParametersErrorOrder)")
 	}
 	cmd := &SetParameters{VolumeID: "v1", Parameters: map[string]string{
-		"replicas": "3", "fsType": "ext4", "maxLatency": "1ms", "zone": "a", ParamMaxIOPS: "x", ParamMinIOPS: "-1"}}
+		"replicas": "3", "fsType": "ext4", "maxLatency": "1ms", "zone": "a", volspec.KeyMaxIOPS: "x", volspec.KeyMinIOPS: "-1"}}
 	var first *State
 	for i := 0; i < 20; i++ {
 		h := newHarness(t)
@@ -1937,13 +1937,13 @@ func TestApplyRequestAppliesOnce(t *testing.T) {
 			return &SetVolumeState{VolumeID: "v1", State: VolumeReleasing}
 		}, first: ErrIllegalTransition, again: ErrIllegalTransition},
 		{name: "set parameters (the same values again change nothing)", setup: withVolume, cmd: func(*State) Command {
-			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "800", ParamBurstDuration: "2s"}}
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{volspec.KeyMaxIOPS: "800", volspec.KeyBurstDuration: "2s"}}
 		}},
 		{name: "failing: parameter not mutable", setup: withVolume, cmd: func(*State) Command {
-			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "800", "replicas": "5"}}
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{volspec.KeyMaxIOPS: "800", "replicas": "5"}}
 		}, first: ErrInvalidArgument, again: ErrInvalidArgument},
 		{name: "failing: minIOPS above maxIOPS", setup: withVolume, cmd: func(*State) Command {
-			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "100", ParamMinIOPS: "200"}}
+			return &SetParameters{VolumeID: "v1", Parameters: map[string]string{volspec.KeyMaxIOPS: "100", volspec.KeyMinIOPS: "200"}}
 		}, first: ErrInvalidArgument, again: ErrInvalidArgument},
 	}
 	for _, tt := range tests {

@@ -5,24 +5,26 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 func TestChecksumAlgorithmParameter(t *testing.T) {
 	for in, want := range map[string]bool{"": true, "crc32c": true, "none": false, "md5": false} {
-		if got := (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: in}}).Checksummed(); got != want {
+		if got := (&Volume{Parameters: map[string]string{volspec.KeyChecksumAlgorithm: in}}).Checksummed(); got != want {
 			t.Errorf("%q: Checksummed %v, want %v", in, got, want)
 		}
 	}
-	_, err := (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: "md5"}}).Spec()
-	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), ParamChecksumAlgorithm) || !strings.Contains(err.Error(), "md5") {
+	_, err := (&Volume{Parameters: map[string]string{volspec.KeyChecksumAlgorithm: "md5"}}).Spec()
+	if !errors.Is(err, ErrInvalidArgument) || !strings.Contains(err.Error(), volspec.KeyChecksumAlgorithm) || !strings.Contains(err.Error(), "md5") {
 		t.Fatalf("unknown value: %v, want ErrInvalidArgument naming the key and the value", err)
 	}
-	if !(&Volume{}).Checksummed() || (&Volume{Parameters: map[string]string{ParamChecksumAlgorithm: "none"}}).Checksummed() {
+	if !(&Volume{}).Checksummed() || (&Volume{Parameters: map[string]string{volspec.KeyChecksumAlgorithm: "none"}}).Checksummed() {
 		t.Fatal("Checksummed: default must be on, none off")
 	}
 	// A bad value of another key does not turn checksums off (or on).
-	if !(&Volume{Parameters: map[string]string{ParamMaxIOPS: "lots"}}).Checksummed() ||
-		(&Volume{Parameters: map[string]string{ParamMaxIOPS: "lots", ParamChecksumAlgorithm: "none"}}).Checksummed() {
+	if !(&Volume{Parameters: map[string]string{volspec.KeyMaxIOPS: "lots"}}).Checksummed() ||
+		(&Volume{Parameters: map[string]string{volspec.KeyMaxIOPS: "lots", volspec.KeyChecksumAlgorithm: "none"}}).Checksummed() {
 		t.Fatal("Checksummed depends on another key's value")
 	}
 }

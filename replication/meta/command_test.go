@@ -5,6 +5,8 @@ import (
 	"errors"
 	"reflect"
 	"testing"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // fullCommands returns one command of every type with every field set, so a
@@ -40,7 +42,7 @@ func fullCommands() []Command {
 		&Request{ID: "req-1", Command: []byte{byte(CmdDeleteVolume), 1, '{', '}'}},
 		// An empty value (remove the key) must survive the round trip too.
 		&SetParameters{VolumeID: "vol-1", Parameters: map[string]string{
-			ParamMaxIOPS: "500", ParamMinIOPS: "100", ParamMaxBandwidth: "104857600", ParamBurstDuration: ""}},
+			volspec.KeyMaxIOPS: "500", volspec.KeyMinIOPS: "100", volspec.KeyMaxBandwidth: "104857600", volspec.KeyBurstDuration: ""}},
 		&SetReplicaGeneration{VolumeID: "vol-1", ReplicaID: "vol-1-r2", Generation: "00112233445566778899aabbccddeeff", Expect: "ffeeddccbbaa99887766554433221100"},
 	}
 }
@@ -204,7 +206,7 @@ func TestEncodeGolden(t *testing.T) {
 			"\x10\x01" + `{"id":"req-3","command":null}`},
 		// Map keys are written sorted, so the bytes are stable; an empty
 		// value (remove the key) is written as "".
-		{&SetParameters{VolumeID: "v1", Parameters: map[string]string{ParamMaxIOPS: "500", ParamMinIOPS: "", ParamBurstDuration: "2s", ParamMaxBandwidth: "1048576"}},
+		{&SetParameters{VolumeID: "v1", Parameters: map[string]string{volspec.KeyMaxIOPS: "500", volspec.KeyMinIOPS: "", volspec.KeyBurstDuration: "2s", volspec.KeyMaxBandwidth: "1048576"}},
 			"\x11\x01" + `{"volume_id":"v1","parameters":{"burstDuration":"2s","maxBandwidth":"1048576","maxIOPS":"500","minIOPS":""}}`},
 		{&SetParameters{VolumeID: "v1"},
 			"\x11\x01" + `{"volume_id":"v1","parameters":null}`},
@@ -364,7 +366,7 @@ func TestDecodeAccepts(t *testing.T) {
 		// Decode does not judge keys or values: apply refuses a key that is
 		// not mutable or a value volspec.Decode does not read.
 		{"set parameters with any key and value", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"replicas":"3","maxIOPS":"lots"}}`),
-			&SetParameters{VolumeID: "v", Parameters: map[string]string{"replicas": "3", ParamMaxIOPS: "lots"}}},
+			&SetParameters{VolumeID: "v", Parameters: map[string]string{"replicas": "3", volspec.KeyMaxIOPS: "lots"}}},
 		{"set parameters with an empty map", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{}}`),
 			&SetParameters{VolumeID: "v", Parameters: map[string]string{}}},
 		{"set parameters without parameters", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v"}`),
@@ -372,7 +374,7 @@ func TestDecodeAccepts(t *testing.T) {
 		// encoding/json stores a null map value as the zero string, which
 		// apply reads as "remove the key".
 		{"set parameters null value is empty", cmdBytes(CmdSetParameters, commandVersion, `{"volume_id":"v","parameters":{"maxIOPS":null}}`),
-			&SetParameters{VolumeID: "v", Parameters: map[string]string{ParamMaxIOPS: ""}}},
+			&SetParameters{VolumeID: "v", Parameters: map[string]string{volspec.KeyMaxIOPS: ""}}},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

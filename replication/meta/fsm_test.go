@@ -826,12 +826,12 @@ func (g *cmdGen) setReplicaGeneration(s *State, vid string) *SetReplicaGeneratio
 // or with a key that is not mutable.
 func (g *cmdGen) setParameters(vid string) *SetParameters {
 	values := map[string][]string{
-		ParamMaxIOPS:       {"", "0", "200", "500", "1000", "lots"},
-		ParamMinIOPS:       {"", "0", "100", "500", "800", "-1"},
-		ParamMaxBandwidth:  {"", "1048576", "104857600", "1.5"},
-		ParamBurstDuration: {"", "1s", "250ms", "0s", "5"},
+		volspec.KeyMaxIOPS:       {"", "0", "200", "500", "1000", "lots"},
+		volspec.KeyMinIOPS:       {"", "0", "100", "500", "800", "-1"},
+		volspec.KeyMaxBandwidth:  {"", "1048576", "104857600", "1.5"},
+		volspec.KeyBurstDuration: {"", "1s", "250ms", "0s", "5"},
 	}
-	keys := []string{ParamMaxIOPS, ParamMinIOPS, ParamMaxBandwidth, ParamBurstDuration}
+	keys := []string{volspec.KeyMaxIOPS, volspec.KeyMinIOPS, volspec.KeyMaxBandwidth, volspec.KeyBurstDuration}
 	c := &SetParameters{VolumeID: vid, Parameters: map[string]string{}}
 	for n := 1 + g.rng.IntN(3); n > 0; n-- {
 		k := keys[g.rng.IntN(len(keys))]
@@ -851,7 +851,7 @@ func (g *cmdGen) setParameters(vid string) *SetParameters {
 			has = has || v != ""
 		}
 		if !has {
-			c.Parameters[ParamMaxBandwidth] = "1048576"
+			c.Parameters[volspec.KeyMaxBandwidth] = "1048576"
 		}
 	}
 	return c
@@ -869,7 +869,7 @@ func setParametersOutcome(s *State, c *SetParameters) (map[string]string, error)
 		next[k] = val
 	}
 	for k, val := range c.Parameters {
-		if !MutableParameters[k] {
+		if !volspec.Mutable(k) {
 			return nil, ErrInvalidArgument
 		}
 		if val == "" {

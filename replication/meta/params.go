@@ -2,16 +2,6 @@ package meta
 
 import "github.com/cairn-csi/cairn/replication/volspec"
 
-// Volume parameter keys the store itself reads. volspec owns every key, its
-// syntax and its validation; these names stay for the store's callers.
-const (
-	ParamMaxIOPS           = volspec.KeyMaxIOPS
-	ParamMinIOPS           = volspec.KeyMinIOPS
-	ParamMaxBandwidth      = volspec.KeyMaxBandwidth // bytes per second, stored as a plain number
-	ParamBurstDuration     = volspec.KeyBurstDuration
-	ParamChecksumAlgorithm = volspec.KeyChecksumAlgorithm
-)
-
 // Spec reads the volume's parameters (in volspec's stored form) and its
 // typed replica count and write quorum into one typed spec. An error means
 // the stored parameters do not decode, which the store's own validation

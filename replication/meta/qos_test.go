@@ -3,6 +3,8 @@ package meta
 import (
 	"reflect"
 	"testing"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // TestMutableParametersPinned pins the keys SetParameters may change: the
@@ -10,10 +12,14 @@ import (
 // same set).
 func TestMutableParametersPinned(t *testing.T) {
 	want := map[string]bool{"maxIOPS": true, "minIOPS": true, "maxBandwidth": true, "burstDuration": true}
-	if !reflect.DeepEqual(MutableParameters, want) {
-		t.Errorf("MutableParameters = %v, want %v", MutableParameters, want)
+	got := map[string]bool{}
+	for _, k := range volspec.MutableKeys() {
+		got[k] = true
 	}
-	for _, k := range []string{ParamMaxIOPS, ParamMinIOPS, ParamMaxBandwidth, ParamBurstDuration} {
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("volspec.MutableKeys() = %v, want %v", got, want)
+	}
+	for _, k := range []string{volspec.KeyMaxIOPS, volspec.KeyMinIOPS, volspec.KeyMaxBandwidth, volspec.KeyBurstDuration} {
 		if !want[k] {
 			t.Errorf("QoS key constant %q is not one of the pinned names", k)
 		}

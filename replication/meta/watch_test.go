@@ -8,6 +8,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 func volumeIDs(vs []*Volume) []string {
@@ -173,7 +175,7 @@ func TestWatchOverTheAPI(t *testing.T) {
 	go func() { done <- c.Watch(wctx, WatchRequest{}, w.apply) }()
 	v1 := testCreate(t, ctx, c, "one")
 	v2 := testCreate(t, ctx, c, "two")
-	if _, err := c.Apply(ctx, &SetParameters{VolumeID: v1.ID, Parameters: map[string]string{ParamMaxIOPS: "100"}}); err != nil {
+	if _, err := c.Apply(ctx, &SetParameters{VolumeID: v1.ID, Parameters: map[string]string{volspec.KeyMaxIOPS: "100"}}); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := c.Apply(ctx, &DeleteVolume{VolumeID: v2.ID}); err != nil {
