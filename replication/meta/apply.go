@@ -685,6 +685,11 @@ func applyScrubProgress(s *State, c *ScrubProgressUpdate) (Result, error) {
 	if p.BlocksChecked > p.BlocksTotal {
 		return Result{}, fmt.Errorf("scrub progress beyond its total: %w", ErrInvalidArgument)
 	}
+	// A report of an older scrub (a late or retried one) must not erase
+	// the request for the next one that cairn ctl is waiting on.
+	if v.Scrub != nil && p.Seq < v.Scrub.Seq {
+		return Result{}, fmt.Errorf("progress of scrub %d after scrub %d was asked for: %w", p.Seq, v.Scrub.Seq, ErrFailedPrecondition)
+	}
 	v.Scrub = &p
 	return Result{Volume: v.Clone()}, nil
 }

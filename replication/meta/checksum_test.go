@@ -56,7 +56,14 @@ func TestApplyVolumeConditionAndScrub(t *testing.T) {
 	if got := h.volume("v1").Scrub; got == nil || *got != p {
 		t.Fatalf("scrub progress %+v, want %+v", got, p)
 	}
-	h.fails(&ScrubProgressUpdate{VolumeID: "v1", Progress: ScrubProgress{BlocksTotal: 1, BlocksChecked: 2}}, ErrInvalidArgument)
+	h.fails(&ScrubProgressUpdate{VolumeID: "v1", Progress: ScrubProgress{Seq: 3, BlocksTotal: 1, BlocksChecked: 2}}, ErrInvalidArgument)
+	// The next scrub is asked for; a late report of scrub 3 must not undo it.
+	next := ScrubProgress{Seq: 4}
+	h.must(&ScrubProgressUpdate{VolumeID: "v1", Progress: next})
+	h.fails(&ScrubProgressUpdate{VolumeID: "v1", Progress: ScrubProgress{Seq: 3, BlocksTotal: 100, BlocksChecked: 100, Done: true}}, ErrFailedPrecondition)
+	if got := h.volume("v1").Scrub; got == nil || *got != next {
+		t.Fatalf("scrub after a stale report %+v, want %+v", got, next)
+	}
 
 	for _, c := range []Command{&SetVolumeCondition{VolumeID: "v1", Abnormal: true, Message: "m"}, &ScrubProgressUpdate{VolumeID: "v1", Progress: p}} {
 		b, err := Encode(c)
