@@ -351,6 +351,12 @@ func Encode(c Command) ([]byte, error) {
 //     new type), and a later release, installed only over that one, writes
 //     it. A member that skipped that release halts rather than diverges (2).
 //
+// Version 1 with types 1 to 21 is the first release's command set, written
+// from the start: no earlier release exists that would have to read it. So
+// types 18 to 21 (replica generations, AdvanceEpoch, volume conditions,
+// scrub progress), added together with this rule, are written by the
+// release that adds them; rule 3 holds for everything added after it.
+//
 // TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry
 // and TestWriteVersionReadable hold the rule.
 
