@@ -94,9 +94,15 @@ func New(cfg Config) *Registry {
 // frontend (a CSI staging, an NBD export). ctx bounds the wait for the
 // volume's turn and the open.
 func (r *Registry) Open(ctx context.Context, id string) (*engine.Engine, error) {
-	return r.open(ctx, engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, Logger: r.cfg.Logger,
-		RebuildBytesPerSecond: r.cfg.RebuildBytesPerSecond, ReplicaDeadline: r.cfg.ReplicaDeadline, ScrubInterval: r.cfg.ScrubInterval,
-		Sched: r.cfg.Sched, Local: r.cfg.Local})
+	cfg := r.engineConfig(id)
+	cfg.ReplicaDeadline, cfg.ScrubInterval = r.cfg.ReplicaDeadline, r.cfg.ScrubInterval
+	return r.open(ctx, cfg)
+}
+
+// engineConfig is the wiring every engine of this node shares.
+func (r *Registry) engineConfig(id string) engine.Config {
+	return engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, Logger: r.cfg.Logger,
+		RebuildBytesPerSecond: r.cfg.RebuildBytesPerSecond, Sched: r.cfg.Sched, Local: r.cfg.Local}
 }
 
 // OpenMaintenance opens a maintenance engine of the unattached volume id,
@@ -105,9 +111,9 @@ func (r *Registry) Open(ctx context.Context, id string) (*engine.Engine, error) 
 // deadline and no scrub interval: it waits for no writes, and scrubbing is
 // the attached engine's.
 func (r *Registry) OpenMaintenance(ctx context.Context, id string, onRebuilt func(engine.RebuildStats)) (*engine.Engine, error) {
-	return r.open(ctx, engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, Logger: r.cfg.Logger,
-		Maintenance: true, RebuildBytesPerSecond: r.cfg.RebuildBytesPerSecond, Sched: r.cfg.Sched, Local: r.cfg.Local,
-		OnRebuilt: onRebuilt})
+	cfg := r.engineConfig(id)
+	cfg.Maintenance, cfg.OnRebuilt = true, onRebuilt
+	return r.open(ctx, cfg)
 }
 
 func (r *Registry) open(ctx context.Context, cfg engine.Config) (*engine.Engine, error) {
