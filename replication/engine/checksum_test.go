@@ -262,13 +262,29 @@ func TestScrubRepairsAndReports(t *testing.T) {
 	}
 	r.flipBit(v.Replicas[1], 10*replica.SumBlockSize+5)
 	r.flipBit(v.Replicas[2], 300*replica.SumBlockSize+5)
+	// A block that verifies but differs: other data, stored with its own
+	// valid sum, on a replica that is not the engine's first source (the
+	// local one on n1, which the scrub takes as the reference).
+	for _, rep := range v.Replicas {
+		if rep.Node == "n1" {
+			continue
+		}
+		rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := rr.WriteAt(rr.Epoch(), randomData(replica.SumBlockSize, 9), 600*replica.SumBlockSize, false); err != nil {
+			t.Fatal(err)
+		}
+		break
+	}
 	st, err := e.Scrub(ctx, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	blocks := uint64(8*mib) / replica.SumBlockSize
-	if st.BlocksChecked != 3*blocks || st.Repaired != 2 || st.Unrecoverable != 0 {
-		t.Fatalf("scrub: %+v, want %d checked, 2 repaired, 0 unrecoverable", st, 3*blocks)
+	if st.BlocksChecked != 3*blocks || st.Repaired != 3 || st.Unrecoverable != 0 {
+		t.Fatalf("scrub: %+v, want %d checked, 3 repaired, 0 unrecoverable", st, 3*blocks)
 	}
 	v = r.healthyIdentical(v.ID, want)
 	for _, rep := range v.Replicas {

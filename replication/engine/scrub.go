@@ -37,8 +37,10 @@ import (
 
 // ScrubStats is the outcome of a scrub.
 type ScrubStats struct {
-	// BlocksChecked counts replica blocks verified (blocks × replicas).
-	BlocksChecked uint64
+	// BlocksChecked counts replica blocks verified; BlocksTotal is what a
+	// scrub of every healthy replica at its start verifies (blocks ×
+	// replicas). They differ when a replica left (or joined) midway.
+	BlocksChecked, BlocksTotal uint64
 	Repaired      uint64
 	Unrecoverable uint64
 }
@@ -87,7 +89,7 @@ func (e *Engine) Scrub(ctx context.Context, report func(total uint64, s ScrubSta
 			last = time.Now()
 		}
 	}
-	st.BlocksChecked = total // a replica that left midway counts as checked: the total stays honest for the bar
+	st.BlocksTotal = total
 	if len(lost) > 0 {
 		e.markAbnormal(ctx, lost)
 	} else if e.checksums.Load() {
@@ -293,7 +295,7 @@ func (e *Engine) runScrub(ctx context.Context, seq uint64) {
 	if ctx.Err() != nil || errors.Is(err, ErrFenced) || errors.Is(err, ErrClosed) {
 		return // this engine is done: the volume's next one takes the scrub up again
 	}
-	p := meta.ScrubProgress{BlocksChecked: st.BlocksChecked, BlocksTotal: st.BlocksChecked, Repaired: st.Repaired,
+	p := meta.ScrubProgress{BlocksChecked: st.BlocksChecked, BlocksTotal: st.BlocksTotal, Repaired: st.Repaired,
 		Unrecoverable: st.Unrecoverable, Done: true, FinishedAt: time.Now().UnixNano()}
 	result := "ok"
 	if err != nil {
