@@ -41,8 +41,8 @@ type ScrubStats struct {
 	// scrub of every healthy replica at its start verifies (blocks ×
 	// replicas). They differ when a replica left (or joined) midway.
 	BlocksChecked, BlocksTotal uint64
-	Repaired      uint64
-	Unrecoverable uint64
+	Repaired                   uint64
+	Unrecoverable              uint64
 }
 
 // scrubProgressEvery is how often a running scrub records its progress.
