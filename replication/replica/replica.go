@@ -538,8 +538,9 @@ func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces [
 	}
 	var sums []uint32
 	if r.sums != nil {
+		var small [16]uint32
 		var err error
-		if sums, err = r.newSums(p, off, pieces); err != nil {
+		if sums, err = r.newSums(small[:0], p, off, pieces); err != nil {
 			return err
 		}
 	}

@@ -22,12 +22,13 @@ import (
 // zeros), so that a block never written (a hole in the data file) and a
 // block whose sum was never written (a hole in the sums file) agree: both
 // are "a zero block", stored as 0. A short last block counts as padded with
-// zeros to SumBlockSize. The sums file is sparse and read and written with
-// pread and pwrite through the page cache; it is never held in memory (a
-// 1 TiB volume has a 1 GiB sums file). Reads of the sums go through a
-// read-only shared mapping of the file (see readSums): the same page cache
-// pages pwrite fills, so they see every write at once, and a short read
-// costs no system call.
+// zeros to SumBlockSize. The sums file is sparse and lives in the page
+// cache; it is never copied into the process (a 1 TiB volume has a 1 GiB
+// sums file). It is read and written through a shared mapping (see
+// readSumsMapped and writeSumsMapped): a sum costs a load or a store, not a
+// system call, and the kernel writes the dirty pages back as it does those
+// of any file; fdatasync of the file (Flush) makes them durable. Where the
+// mapping cannot be made, pread and pwrite do the same job.
 //
 // Whether a replica keeps sums is the presence of the sums file, decided at
 // creation; a replica created before checksums existed has none and is
@@ -120,8 +121,9 @@ func (r *Replica) openSums() error {
 		return fmt.Errorf("replica %s: %w", r.id, err)
 	}
 	r.sums = f
-	// A failed mapping is no error: readSums then uses pread.
-	if m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ, unix.MAP_SHARED); err == nil {
+	// A failed mapping is no error: readSums and writeSums then use pread
+	// and pwrite.
+	if m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
 		r.sumsMap = m
 	}
 	return nil
@@ -165,21 +167,11 @@ func (r *Replica) readSums(dst []uint32, first uint64) error {
 // readSumsMapped is readSums from the mapping. The pread it replaces cost a
 // system call per verified read, a sixth of the CPU of a 4 KiB read
 // (fiobench). A page of the mapping that cannot be read (an I/O error of
-// the disk) arrives as a fault rather than an error; with SetPanicOnFault
-// the runtime turns it into a panic of this goroutine, recovered here into
-// an error, as the pread would have returned.
+// the disk) arrives as a fault rather than an error; onSumsFault turns it
+// into the error the pread would have returned.
 func (r *Replica) readSumsMapped(dst []uint32, first uint64) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
-	defer func() {
-		p := recover()
-		if p == nil {
-			return
-		}
-		if _, fault := p.(interface{ Addr() uintptr }); !fault {
-			panic(p) // not a memory fault: a bug, not the disk
-		}
-		err = fmt.Errorf("replica %s: read sums of blocks %d+%d: fault on the mapped sums file (the disk failed a read): %v", r.id, first, len(dst), p)
-	}()
+	defer r.onSumsFault("read", first, len(dst), &err)
 	b := r.sumsMap[4*first : 4*(first+uint64(len(dst)))]
 	for i := range dst {
 		dst[i] = binary.BigEndian.Uint32(b[4*i:])
@@ -189,6 +181,9 @@ func (r *Replica) readSumsMapped(dst []uint32, first uint64) (err error) {
 
 // writeSums stores sums for blocks [first, first+len(vs)).
 func (r *Replica) writeSums(vs []uint32, first uint64) error {
+	if r.sumsMap != nil {
+		return r.writeSumsMapped(vs, first)
+	}
 	var small [64]byte
 	b := small[:0]
 	if 4*len(vs) > len(small) {
@@ -201,6 +196,38 @@ func (r *Replica) writeSums(vs []uint32, first uint64) error {
 		return fmt.Errorf("replica %s: write sums of blocks %d+%d: %w", r.id, first, len(vs), err)
 	}
 	return nil
+}
+
+// writeSumsMapped is writeSums into the mapping. The pwrite of 4 bytes it
+// replaces went through the file system's whole write path for every write
+// of data (page lookup, block mapping, dirtying the page), about as much
+// CPU as the write of the data itself for a 4 KiB write (fiobench, perf).
+// A store into the mapping costs nothing once its page is dirty; the first
+// store after a writeback takes one page fault (the file system's
+// page_mkwrite). A page that cannot be made writable (the disk is full and
+// the page was a hole, or an I/O error) faults; onSumsFault turns that into
+// the error pwrite would have returned.
+func (r *Replica) writeSumsMapped(vs []uint32, first uint64) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer r.onSumsFault("write", first, len(vs), &err)
+	b := r.sumsMap[4*first : 4*(first+uint64(len(vs)))]
+	for i, v := range vs {
+		binary.BigEndian.PutUint32(b[4*i:], v)
+	}
+	return nil
+}
+
+// onSumsFault, deferred with SetPanicOnFault on, recovers a memory fault on
+// the mapped sums file into *err. Any other panic is a bug and goes on.
+func (r *Replica) onSumsFault(op string, first uint64, count int, err *error) {
+	p := recover()
+	if p == nil {
+		return
+	}
+	if _, fault := p.(interface{ Addr() uintptr }); !fault {
+		panic(p)
+	}
+	*err = fmt.Errorf("replica %s: %s sums of blocks %d+%d: fault on the mapped sums file (the disk failed the %s, or is full): %v", r.id, op, first, count, op, p)
 }
 
 // readBlocks reads whole blocks as readChecked takes them, checked when the
@@ -317,11 +344,15 @@ func (r *Replica) checkPieces(p []byte, off uint64, sums []uint32) error {
 // stored sum follows from its piece's without reading the data again. A
 // block the write covers in part is read, verified (a corrupt block is not
 // silently given a new valid sum: ErrChecksum, and nothing is written) and
-// merged with p. Callers hold epochMu shared and the engine's range lock on
-// the blocks.
-func (r *Replica) newSums(p []byte, off uint64, pieces []uint32) ([]uint32, error) {
+// merged with p. The sums are appended to dst (a caller's stack array
+// keeps a small write's sums off the heap). Callers hold epochMu shared and
+// the engine's range lock on the blocks.
+func (r *Replica) newSums(dst []uint32, p []byte, off uint64, pieces []uint32) ([]uint32, error) {
 	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
-	out := make([]uint32, 0, (aend-aoff+SumBlockSize-1)/SumBlockSize)
+	out := dst
+	if n := int((aend - aoff + SumBlockSize - 1) / SumBlockSize); n > cap(out) {
+		out = make([]uint32, 0, n)
+	}
 	end := off + uint64(len(p))
 	var block []byte
 	for i, bo := 0, aoff; bo < aend; i, bo = i+1, bo+SumBlockSize {

@@ -2,6 +2,7 @@ package replica
 
 import (
 	"bytes"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math/rand/v2"
@@ -379,5 +380,53 @@ func TestSumsMapFaultIsAnError(t *testing.T) {
 	err := r.ReadAt(1, make([]byte, SumBlockSize), 0)
 	if err == nil || !strings.Contains(err.Error(), "fault on the mapped sums file") {
 		t.Fatalf("read with its sums page gone: %v, want the fault as an error", err)
+	}
+}
+
+// TestSumsMapWriteFaultIsAnError: a sum that cannot be stored in the mapped
+// sums file (here: its page lies past the end of the file cut short behind
+// the replica's back; on a full disk a hole page faults the same way) fails
+// the write with an error; the process goes on.
+func TestSumsMapWriteFaultIsAnError(t *testing.T) {
+	dir := t.TempDir()
+	r := openSummed(t, dir, testSize)
+	if r.sumsMap == nil {
+		t.Fatal("the sums file is not mapped")
+	}
+	if err := os.Truncate(filepath.Join(dir, "r1", sumsFileName), 0); err != nil {
+		t.Fatal(err)
+	}
+	p := randBytes(SumBlockSize, 13)
+	err := r.WriteAtSums(1, p, 0, false, PieceSums(nil, p, 0))
+	if err == nil || !strings.Contains(err.Error(), "fault on the mapped sums file") {
+		t.Fatalf("write with its sums page gone: %v, want the fault as an error", err)
+	}
+}
+
+// TestMappedSumsReachTheFile: sums stored through the mapping are the
+// file's contents (read(2) of the file, as another process or a reopened
+// replica does, sees them) and Flush, which syncs them, succeeds.
+func TestMappedSumsReachTheFile(t *testing.T) {
+	dir := t.TempDir()
+	r := openSummed(t, dir, testSize)
+	if r.sumsMap == nil {
+		t.Fatal("the sums file is not mapped")
+	}
+	p := randBytes(3*SumBlockSize, 14)
+	if err := r.WriteAtSums(1, p, 5*SumBlockSize, false, PieceSums(nil, p, 5*SumBlockSize)); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Flush(1); err != nil {
+		t.Fatal(err)
+	}
+	raw, err := os.ReadFile(filepath.Join(dir, "r1", sumsFileName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 {
+		b := p[i*SumBlockSize : (i+1)*SumBlockSize]
+		if got, want := binary.BigEndian.Uint32(raw[4*(5+i):]), storedSum(b); got != want {
+			t.Fatalf("block %d: file holds %#08x, want %#08x", 5+i, got, want)
+		}
 	}
 }
