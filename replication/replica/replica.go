@@ -41,8 +41,8 @@ type Replica struct {
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
 	// replica without checksums.
 	sums *os.File
-	// sumsMap maps the sums file read-only (nil when the mapping failed:
-	// reads then use pread); see readSumsMapped.
+	// sumsMap maps the sums file read-write (nil when the mapping failed:
+	// reads and writes then use pread and pwrite); see writeSumsMapped.
 	sumsMap []byte
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
