@@ -7,8 +7,8 @@ import (
 	"fmt"
 	"hash/crc32"
 	"math/bits"
-	"os"
-	"path/filepath"
+
+	"github.com/cairn-csi/cairn/internal/atomicfile"
 )
 
 // Geometry limits of a replica.
@@ -310,37 +310,8 @@ func (b bitmap) clone() bitmap { return append(bitmap(nil), b...) }
 // holds either its old or its new content: write a temporary file, fsync it,
 // rename it over the old one and fsync the directory.
 func writeFileAtomic(dir, name string, data []byte) error {
-	tmp := filepath.Join(dir, name+".tmp")
-	f, err := os.OpenFile(tmp, os.O_WRONLY|os.O_CREATE|os.O_TRUNC, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := f.Write(data); err != nil {
-		_ = f.Close() // the write error is the one to report
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
-		return err
-	}
-	if err := os.Rename(tmp, filepath.Join(dir, name)); err != nil {
-		return err
-	}
-	return syncDir(dir)
+	return atomicfile.Write(dir, name, data)
 }
 
 // syncDir makes a directory's entries (creations, renames, removals) durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	if err := d.Sync(); err != nil {
-		_ = d.Close() // read-only handle: nothing written through it
-		return err
-	}
-	return d.Close()
-}
+func syncDir(dir string) error { return atomicfile.SyncDir(dir) }
