@@ -13,6 +13,8 @@ import (
 	"syscall"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/replication/layer"
 )
 
 // Replica is one replica's storage: dir/<id>/data, a sparse file of exactly
@@ -41,6 +43,12 @@ type Replica struct {
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
 	// replica without checksums.
 	sums *os.File
+	// chain is the list of the replica's layers (snapshots, layers.go);
+	// data, raw, sums and sumsMap are its head's files, below the sealed
+	// layers' (index i: layer i), opened read-write for merges.
+	chain   *layer.Chain
+	below   []layerFiles
+	dirLock *os.File // the directory, locked (lockDir)
 	// sumsMap maps the sums file read-write (nil when the mapping failed:
 	// reads and writes then use pread and pwrite); see writeSumsMapped.
 	sumsMap []byte
@@ -174,19 +182,7 @@ func create(dir, id string, size, extentSize uint64, opts CreateOptions) (err er
 			_ = os.RemoveAll(tmp) // best effort: a hidden leftover is harmless
 		}
 	}()
-	f, err := os.OpenFile(filepath.Join(tmp, dataFileName), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(int64(size)); err != nil {
-		_ = f.Close() // the truncate error is the one to report
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	if err := f.Close(); err != nil {
+	if err := createSized(filepath.Join(tmp, dataFileName), size); err != nil {
 		return err
 	}
 	if opts.Checksums {
@@ -229,13 +225,6 @@ func openExisting(path, id string) (*Replica, error) {
 	if err := os.Remove(filepath.Join(path, metaFileName+".tmp")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("replica %s: %w", id, err)
 	}
-	f, err := os.OpenFile(filepath.Join(path, dataFileName), os.O_RDWR, 0)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, fmt.Errorf("replica %s: %w: data file missing in %s", id, ErrCorrupt, path)
-	}
-	if err != nil {
-		return nil, fmt.Errorf("replica %s: %w", id, err)
-	}
 	r := &Replica{
 		dir:        path,
 		id:         id,
@@ -243,7 +232,6 @@ func openExisting(path, id string) (*Replica, error) {
 		size:       m.Size,
 		extentSize: m.ExtentSize,
 		extents:    extentCount(m.Size, m.ExtentSize),
-		data:       f,
 		epoch:      m.Epoch,
 		cleanEpoch: m.CleanEpoch,
 		cleanGen:   m.CleanGeneration,
@@ -251,9 +239,22 @@ func openExisting(path, id string) (*Replica, error) {
 		durable:    m.Dirty.clone(),
 	}
 	r.persisted = sync.NewCond(&r.mu)
-	if err := r.checkDataFile(); err != nil {
-		_ = f.Close() // opened read-write but never written
+	// The directory is locked before the chain is read: opening the chain
+	// removes the files of an unfinished snapshot, which must not happen
+	// under a process that is taking one.
+	if err := r.lockDir(); err != nil {
 		return nil, err
+	}
+	fail := func(err error) (*Replica, error) {
+		r.closed = true
+		_ = r.closeFiles() // the open error is the one to report
+		return nil, err
+	}
+	if err := r.openChain(); err != nil {
+		return fail(err)
+	}
+	if err := r.openHead(); err != nil {
+		return fail(err)
 	}
 	if r.generation == "" {
 		// A version-1 meta file: this copy gets its generation now, once,
@@ -262,15 +263,29 @@ func openExisting(path, id string) (*Replica, error) {
 		r.generation = newGeneration()
 		m := r.snapshotMeta()
 		if err := r.writeMeta(&m); err != nil {
-			_ = f.Close() // the data file was not written
-			return nil, fmt.Errorf("replica %s: record a generation in the meta file: %w", id, err)
+			return fail(fmt.Errorf("replica %s: record a generation in the meta file: %w", id, err))
 		}
 	}
-	if err := r.openSums(); err != nil {
-		_ = f.Close() // opened read-write but never written
-		return nil, err
-	}
 	return r, nil
+}
+
+// lockDir takes an exclusive lock on the replica's directory, held until
+// Close: a second opener (another process, or another Open in this one)
+// → ErrBusy.
+func (r *Replica) lockDir() error {
+	d, err := os.Open(r.dir)
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	if err := unix.Flock(int(d.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		_ = d.Close() // only read
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return fmt.Errorf("replica %s: %w", r.id, ErrBusy)
+		}
+		return fmt.Errorf("replica %s: lock directory: %w", r.id, err)
+	}
+	r.dirLock = d
+	return nil
 }
 
 func (r *Replica) checkDataFile() error {
@@ -531,6 +546,24 @@ func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces [
 	if n == 0 {
 		return nil
 	}
+	if err := r.writeData(p, off, pieces, verify); err != nil {
+		return err
+	}
+	if fua {
+		return r.syncHead()
+	}
+	if n >= earlyWritebackBytes {
+		r.startWriteback(off, n)
+	}
+	return nil
+}
+
+// writeData is the body of a write of p at off, after its checks: verify
+// the wire checksums, mark the extents dirty, write the data (whole blocks
+// into the head if the replica has snapshots) and then its sums. Callers
+// hold epochMu shared.
+func (r *Replica) writeData(p []byte, off uint64, pieces []uint32, verify bool) error {
+	n := uint64(len(p))
 	if pieces != nil && verify {
 		if err := r.checkPieces(p, off, pieces); err != nil {
 			return err
@@ -547,7 +580,14 @@ func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces [
 	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
 		return err
 	}
-	if err := r.pwrite(p, off); err != nil {
+	w, woff, buf, err := r.widen(p, off)
+	if err != nil {
+		return err
+	}
+	if buf != nil {
+		defer putBuf(buf)
+	}
+	if err := r.pwrite(w, woff); err != nil {
 		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
 	}
 	if sums != nil {
@@ -555,13 +595,7 @@ func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces [
 			return err
 		}
 	}
-	if fua {
-		return r.fdatasync()
-	}
-	if n >= earlyWritebackBytes {
-		r.startWriteback(off, n)
-	}
-	return nil
+	return r.markHeld(woff, uint64(len(w)))
 }
 
 // writeChunk bounds the size of one write(2) into a replica's data file, and
@@ -643,8 +677,19 @@ func (r *Replica) ReadAt(epoch uint64, p []byte, off uint64) error {
 	return r.readAt(p, off)
 }
 
+// readAt reads [off, off+len(p)) from the layers that hold it, unchecked.
 func (r *Replica) readAt(p []byte, off uint64) error {
-	n, err := r.data.ReadAt(p, int64(off))
+	if !r.layered() {
+		return r.readFile(r.data, p, off)
+	}
+	return r.chain.Spans(off, uint64(len(p)), func(i int, o, m uint64) error {
+		return r.readFile(r.layerFilesOf(i).data, p[o-off:o-off+m], o)
+	})
+}
+
+// readFile reads [off, off+len(p)) of one layer's data file.
+func (r *Replica) readFile(f *os.File, p []byte, off uint64) error {
+	n, err := f.ReadAt(p, int64(off))
 	if err != nil && !(errors.Is(err, io.EOF) && n == len(p)) {
 		return fmt.Errorf("replica %s: read %d bytes at %d: %w", r.id, len(p), off, err)
 	}
@@ -664,13 +709,19 @@ func (r *Replica) Flush(epoch uint64) error {
 	if err := r.checkEpoch(epoch); err != nil {
 		return err
 	}
-	if err := r.fdatasync(); err != nil {
+	if err := r.syncHead(); err != nil {
 		return err
 	}
-	if r.sums != nil {
-		if err := unix.Fdatasync(int(r.sums.Fd())); err != nil {
-			return fmt.Errorf("replica %s: fdatasync sums: %w", r.id, err)
-		}
+	return r.syncSums()
+}
+
+// syncSums makes the head's sums durable (if the replica keeps any).
+func (r *Replica) syncSums() error {
+	if r.sums == nil {
+		return nil
+	}
+	if err := unix.Fdatasync(int(r.sums.Fd())); err != nil {
+		return fmt.Errorf("replica %s: fdatasync sums: %w", r.id, err)
 	}
 	return nil
 }
@@ -707,6 +758,12 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 	}
 	if err := r.markDirty(r.extentsOf(off, length)); err != nil {
 		return err
+	}
+	if r.layered() {
+		if err := r.punchLayered(off, length); err != nil {
+			return fmt.Errorf("replica %s: %s %d bytes at %d: %w", r.id, op, length, off, err)
+		}
+		return nil
 	}
 	err := r.control(func(fd int) error {
 		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(length))
@@ -796,11 +853,10 @@ func (r *Replica) extentChecksum(epoch, i uint64, buf []byte) (uint32, error) {
 // none). When the file system cannot tell, it answers false and the caller
 // reads the range.
 func (r *Replica) isHole(off, n uint64) bool {
-	next, err := r.data.Seek(int64(off), unix.SEEK_DATA)
-	if errors.Is(err, unix.ENXIO) {
-		return true // no data from off to the end of the file
+	if r.layered() {
+		return r.isHoleLayered(off, n)
 	}
-	return err == nil && uint64(next) >= off+n
+	return fileHole(r.data, off, n)
 }
 
 func (r *Replica) zeroExtentChecksum() uint32 {
@@ -862,10 +918,9 @@ func (r *Replica) Info() Info {
 		Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
 	}
 	if !r.closed {
-		if st, err := r.data.Stat(); err == nil {
-			if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-				info.AllocatedBytes = uint64(sys.Blocks) * 512
-			}
+		info.AllocatedBytes = allocatedBytes(r.data)
+		for _, lf := range r.below {
+			info.AllocatedBytes += allocatedBytes(lf.data)
 		}
 	}
 	r.epochMu.RUnlock()
@@ -889,17 +944,39 @@ func (r *Replica) closeLocked() error {
 	}
 	r.closed = true
 	// Unflushed writes stay in the page cache and reach the disk later;
-	// Close is not a Flush, as for a block device.
+	// Close is not a Flush, as for a block device. With snapshots the
+	// head's written blocks are recorded only by a sync (layer.Chain.Sync),
+	// so Close syncs the head; otherwise they would read from below again.
+	var err error
+	if r.data != nil && r.layered() {
+		err = r.syncHead()
+	}
+	return errors.Join(err, r.closeFiles())
+}
+
+// closeFiles closes whatever of the replica's files are open.
+func (r *Replica) closeFiles() error {
+	var err error
 	if r.sums != nil {
-		if err := r.closeSums(); err != nil {
-			_ = r.data.Close() // the sums error is the one to report
-			return fmt.Errorf("replica %s: close sums file: %w", r.id, err)
+		if cerr := r.closeSums(); cerr != nil {
+			err = fmt.Errorf("replica %s: close sums file: %w", r.id, cerr)
 		}
+		r.sums = nil
 	}
-	if err := r.data.Close(); err != nil {
-		return fmt.Errorf("replica %s: close data file: %w", r.id, err)
+	if r.data != nil {
+		if cerr := r.data.Close(); cerr != nil {
+			err = errors.Join(err, fmt.Errorf("replica %s: close data file: %w", r.id, cerr))
+		}
+		r.data = nil
 	}
-	return nil
+	if cerr := r.closeLayers(); cerr != nil {
+		err = errors.Join(err, fmt.Errorf("replica %s: close layers: %w", r.id, cerr))
+	}
+	if r.dirLock != nil {
+		err = errors.Join(err, r.dirLock.Close())
+		r.dirLock = nil
+	}
+	return err
 }
 
 // Remove closes the replica and deletes its files. The directory is first

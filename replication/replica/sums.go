@@ -86,47 +86,47 @@ func storedSum(b []byte) uint32 {
 // createSumsFile makes an empty (all holes: every block a zero block) sums
 // file for a data file of size bytes in dir.
 func createSumsFile(dir string, size uint64) error {
-	f, err := os.OpenFile(filepath.Join(dir, sumsFileName), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
-	if err != nil {
-		return err
-	}
-	if err := f.Truncate(int64(4 * sumBlocks(size))); err != nil {
-		_ = f.Close() // the truncate error is the one to report
-		return err
-	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
-	}
-	return f.Close()
+	return createSumsFileAt(filepath.Join(dir, sumsFileName), size)
+}
+
+// createSumsFileAt is createSumsFile at any path (a layer's sums).
+func createSumsFileAt(path string, size uint64) error {
+	return createSized(path, 4*sumBlocks(size))
 }
 
 func sumBlocks(size uint64) uint64 { return (size + SumBlockSize - 1) / SumBlockSize }
 
-// openSums opens the replica's sums file if it has one.
+// openSums opens the head's sums file if the replica has one.
 func (r *Replica) openSums() error {
-	f, err := os.OpenFile(filepath.Join(r.dir, sumsFileName), os.O_RDWR, 0)
+	f, m, err := r.openSumsFile(r.chain.Path(r.chain.Head(), sumsFileName))
+	r.sums, r.sumsMap = f, m
+	return err
+}
+
+// openSumsFile opens and maps a layer's sums file; nil if there is none
+// (the replica keeps no checksums). A failed mapping is no error: readSums
+// and writeSums then use pread and pwrite.
+func (r *Replica) openSumsFile(path string) (*os.File, []byte, error) {
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
-		return nil
+		return nil, nil, nil
 	}
 	if err != nil {
-		return fmt.Errorf("replica %s: %w", r.id, err)
+		return nil, nil, fmt.Errorf("replica %s: %w", r.id, err)
 	}
 	st, err := f.Stat()
 	if err == nil && uint64(st.Size()) != 4*sumBlocks(r.size) {
-		err = fmt.Errorf("%w: sums file is %d bytes, want %d", ErrCorrupt, st.Size(), 4*sumBlocks(r.size))
+		err = fmt.Errorf("%w: sums file %s is %d bytes, want %d", ErrCorrupt, filepath.Base(path), st.Size(), 4*sumBlocks(r.size))
 	}
 	if err != nil {
 		_ = f.Close() // only read
-		return fmt.Errorf("replica %s: %w", r.id, err)
+		return nil, nil, fmt.Errorf("replica %s: %w", r.id, err)
 	}
-	r.sums = f
-	// A failed mapping is no error: readSums and writeSums then use pread
-	// and pwrite.
-	if m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
-		r.sumsMap = m
+	m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		m = nil
 	}
-	return nil
+	return f, m, nil
 }
 
 // closeSums unmaps and closes the sums file. Callers hold epochMu
@@ -142,11 +142,16 @@ func (r *Replica) closeSums() error {
 // Checksummed reports whether the replica keeps per-block checksums.
 func (r *Replica) Checksummed() bool { return r.sums != nil }
 
-// readSums reads the stored sums of blocks [first, first+len(dst)).
-// Callers hold epochMu shared (Close unmaps under it).
+// readSums reads the stored sums of the head's blocks [first,
+// first+len(dst)). Callers hold epochMu shared (Close unmaps under it).
 func (r *Replica) readSums(dst []uint32, first uint64) error {
-	if r.sumsMap != nil {
-		return r.readSumsMapped(dst, first)
+	return r.readSumsIn(r.headFiles(), dst, first)
+}
+
+// readSumsIn is readSums from the files of any layer.
+func (r *Replica) readSumsIn(lf layerFiles, dst []uint32, first uint64) error {
+	if lf.sumsMap != nil {
+		return r.readSumsMapped(lf.sumsMap, dst, first)
 	}
 	var small [64]byte
 	var b []byte
@@ -155,7 +160,7 @@ func (r *Replica) readSums(dst []uint32, first uint64) error {
 	} else {
 		b = make([]byte, n)
 	}
-	if n, err := r.sums.ReadAt(b, int64(4*first)); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+	if n, err := lf.sums.ReadAt(b, int64(4*first)); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
 		return fmt.Errorf("replica %s: read sums of blocks %d+%d: %w", r.id, first, len(dst), err)
 	}
 	for i := range dst {
@@ -169,20 +174,25 @@ func (r *Replica) readSums(dst []uint32, first uint64) error {
 // (fiobench). A page of the mapping that cannot be read (an I/O error of
 // the disk) arrives as a fault rather than an error; onSumsFault turns it
 // into the error the pread would have returned.
-func (r *Replica) readSumsMapped(dst []uint32, first uint64) (err error) {
+func (r *Replica) readSumsMapped(m []byte, dst []uint32, first uint64) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer r.onSumsFault("read", first, len(dst), &err)
-	b := r.sumsMap[4*first : 4*(first+uint64(len(dst)))]
+	b := m[4*first : 4*(first+uint64(len(dst)))]
 	for i := range dst {
 		dst[i] = binary.BigEndian.Uint32(b[4*i:])
 	}
 	return nil
 }
 
-// writeSums stores sums for blocks [first, first+len(vs)).
+// writeSums stores sums for the head's blocks [first, first+len(vs)).
 func (r *Replica) writeSums(vs []uint32, first uint64) error {
-	if r.sumsMap != nil {
-		return r.writeSumsMapped(vs, first)
+	return r.writeSumsIn(r.headFiles(), vs, first)
+}
+
+// writeSumsIn is writeSums into the sums of any layer.
+func (r *Replica) writeSumsIn(lf layerFiles, vs []uint32, first uint64) error {
+	if lf.sumsMap != nil {
+		return r.writeSumsMapped(lf.sumsMap, vs, first)
 	}
 	var small [64]byte
 	b := small[:0]
@@ -192,7 +202,7 @@ func (r *Replica) writeSums(vs []uint32, first uint64) error {
 	for _, v := range vs {
 		b = binary.BigEndian.AppendUint32(b, v)
 	}
-	if _, err := r.sums.WriteAt(b, int64(4*first)); err != nil {
+	if _, err := lf.sums.WriteAt(b, int64(4*first)); err != nil {
 		return fmt.Errorf("replica %s: write sums of blocks %d+%d: %w", r.id, first, len(vs), err)
 	}
 	return nil
@@ -207,10 +217,10 @@ func (r *Replica) writeSums(vs []uint32, first uint64) error {
 // page_mkwrite). A page that cannot be made writable (the disk is full and
 // the page was a hole, or an I/O error) faults; onSumsFault turns that into
 // the error pwrite would have returned.
-func (r *Replica) writeSumsMapped(vs []uint32, first uint64) (err error) {
+func (r *Replica) writeSumsMapped(m []byte, vs []uint32, first uint64) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer r.onSumsFault("write", first, len(vs), &err)
-	b := r.sumsMap[4*first : 4*(first+uint64(len(vs)))]
+	b := m[4*first : 4*(first+uint64(len(vs)))]
 	for i, v := range vs {
 		binary.BigEndian.PutUint32(b[4*i:], v)
 	}
@@ -254,16 +264,16 @@ func BlockSpan(off, n, size uint64) (aoff, aend uint64) {
 const verifyChunk = 128 << 10
 
 // storedSums reads the stored sums of the blocks of [aoff, aoff+n) (aoff
-// block-aligned) into dst's array if it is large enough (a short read's
-// sums then stay on the caller's stack).
-func (r *Replica) storedSums(dst []uint32, aoff, n uint64) ([]uint32, error) {
+// block-aligned) in layer lf into dst's array if it is large enough (a
+// short read's sums then stay on the caller's stack).
+func (r *Replica) storedSums(lf layerFiles, dst []uint32, aoff, n uint64) ([]uint32, error) {
 	var want []uint32
 	if count := int((n + SumBlockSize - 1) / SumBlockSize); count <= cap(dst) {
 		want = dst[:count]
 	} else {
 		want = make([]uint32, count)
 	}
-	if err := r.readSums(want, aoff/SumBlockSize); err != nil {
+	if err := r.readSumsIn(lf, want, aoff/SumBlockSize); err != nil {
 		return nil, err
 	}
 	return want, nil
@@ -302,17 +312,28 @@ func (r *Replica) readVerified(p []byte, off uint64) error {
 
 // readChecked reads data, the bytes of [aoff, aoff+len(data)) where aoff is
 // block-aligned and the range ends on a block boundary or at the end of the
-// replica, chunk by chunk, checking each chunk against the stored sums as
-// soon as it is read.
+// replica, from the layers that hold them, checking each block against its
+// layer's stored sums.
 func (r *Replica) readChecked(data []byte, aoff uint64) error {
+	if !r.layered() {
+		return r.readCheckedIn(r.headFiles(), data, aoff)
+	}
+	return r.chain.Spans(aoff, uint64(len(data)), func(i int, o, m uint64) error {
+		return r.readCheckedIn(r.layerFilesOf(i), data[o-aoff:o-aoff+m], o)
+	})
+}
+
+// readCheckedIn is readChecked from one layer, chunk by chunk, checking
+// each chunk as soon as it is read.
+func (r *Replica) readCheckedIn(lf layerFiles, data []byte, aoff uint64) error {
 	var small [16]uint32
-	want, err := r.storedSums(small[:0], aoff, uint64(len(data)))
+	want, err := r.storedSums(lf, small[:0], aoff, uint64(len(data)))
 	if err != nil {
 		return err
 	}
 	for o := 0; o < len(data); o += verifyChunk {
 		chunk := data[o:min(len(data), o+verifyChunk)]
-		if err := r.readAt(chunk, aoff+uint64(o)); err != nil {
+		if err := r.readFile(lf.data, chunk, aoff+uint64(o)); err != nil {
 			return err
 		}
 		w := want[o/SumBlockSize : o/SumBlockSize+(len(chunk)+SumBlockSize-1)/SumBlockSize]
@@ -385,7 +406,7 @@ func (r *Replica) newSums(dst []uint32, p []byte, off uint64, pieces []uint32) (
 func (r *Replica) rehashRange(off, n uint64, buf []byte) error {
 	for n > 0 {
 		chunk := buf[:min(n, uint64(len(buf)))]
-		if err := r.readAt(chunk, off); err != nil {
+		if err := r.readFile(r.data, chunk, off); err != nil {
 			return err
 		}
 		vs := make([]uint32, 0, (len(chunk)+SumBlockSize-1)/SumBlockSize)
@@ -430,7 +451,23 @@ func (r *Replica) rehashExtent(epoch, x uint64, buf []byte) error {
 		return err
 	}
 	off, n := r.extentBounds(x)
-	if n == r.extentSize && r.isHole(off, n) {
+	if !r.layered() {
+		return r.rehashHead(off, n, buf)
+	}
+	// Only the head's blocks can be torn: a sealed layer was synced whole
+	// before it was sealed.
+	head := r.chain.Head()
+	return r.chain.Spans(off, n, func(i int, o, m uint64) error {
+		if i != head {
+			return nil
+		}
+		return r.rehashHead(o, m, buf)
+	})
+}
+
+// rehashHead recomputes the head's sums of [off, off+n) (whole blocks).
+func (r *Replica) rehashHead(off, n uint64, buf []byte) error {
+	if n == r.extentSize && fileHole(r.data, off, n) {
 		return r.punchSums(off, n)
 	}
 	return r.rehashRange(off, n, buf)

@@ -1,0 +1,524 @@
+package replica
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/replication/layer"
+)
+
+// Layers: snapshots of a replica (docs/snapshots.md).
+//
+// A replica's data is a chain of layers (replication/layer): sealed,
+// read-only layers and the writable head. The head's files are the
+// replica's data, raw, sums and sumsMap fields, as for a replica without
+// snapshots, so the write path is the same; the sealed layers' files are in
+// below. A replica whose chain has one layer (every replica until its first
+// snapshot) reads and writes exactly as before: layered() is false.
+//
+// With more than one layer:
+//   - a read finds, per block, the newest layer that holds it (Spans) and
+//     verifies it against that layer's sums;
+//   - a write that covers a block in part is widened to whole blocks, the
+//     rest read from the layers below (copy-up), so that the head's copy of
+//     every block it holds is whole; after the data write the blocks are
+//     marked held (MarkHeld);
+//   - a trim or write-zeroes punches whole blocks in the head and marks
+//     them held (they read as zeros, not as what lies below), and zeroes
+//     the parts of blocks at its ends by writing;
+//   - Flush and FUA sync the head's data before its map (layer.Chain.Sync).
+
+// layerFiles are one layer's open files.
+type layerFiles struct {
+	data    *os.File
+	sums    *os.File // nil without checksums
+	sumsMap []byte   // sums mapped; nil if the mapping failed
+}
+
+// layerKinds are the files a replica keeps per layer besides the map.
+var layerKinds = []string{dataFileName, sumsFileName}
+
+func (r *Replica) headFiles() layerFiles {
+	return layerFiles{data: r.data, sums: r.sums, sumsMap: r.sumsMap}
+}
+
+// layerFilesOf returns the files of layer i of the chain.
+func (r *Replica) layerFilesOf(i int) layerFiles {
+	if i == r.chain.Head() {
+		return r.headFiles()
+	}
+	return r.below[i]
+}
+
+// layered reports whether the replica has snapshots: more than one layer.
+func (r *Replica) layered() bool { return r.chain.Len() > 1 }
+
+// openChain opens the chain of the replica at path and the files of its
+// sealed layers. The head's files are opened by the caller, at the paths
+// the chain gives.
+func (r *Replica) openChain() error {
+	c, err := layer.Open(r.dir, r.size, layer.Options{Kinds: layerKinds})
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	r.chain = c
+	for i := range c.Len() - 1 {
+		lf, err := r.openLayerFiles(i)
+		if err != nil {
+			return err
+		}
+		r.below = append(r.below, lf)
+	}
+	return nil
+}
+
+func (r *Replica) openLayerFiles(i int) (layerFiles, error) {
+	f, err := os.OpenFile(r.chain.Path(i, dataFileName), os.O_RDWR, 0)
+	if err != nil {
+		return layerFiles{}, fmt.Errorf("replica %s: %w: layer %d: %v", r.id, ErrCorrupt, i, err)
+	}
+	sums, m, err := r.openSumsFile(r.chain.Path(i, sumsFileName))
+	if err != nil {
+		_ = f.Close() // not written
+		return layerFiles{}, err
+	}
+	return layerFiles{data: f, sums: sums, sumsMap: m}, nil
+}
+
+func (lf *layerFiles) close() error {
+	var err error
+	if lf.sumsMap != nil {
+		err = unix.Munmap(lf.sumsMap)
+		lf.sumsMap = nil
+	}
+	if lf.sums != nil {
+		err = errors.Join(err, lf.sums.Close())
+	}
+	if lf.data != nil {
+		err = errors.Join(err, lf.data.Close())
+	}
+	return err
+}
+
+// closeLayers closes the sealed layers' files and the chain. Callers hold
+// epochMu exclusively.
+func (r *Replica) closeLayers() error {
+	var err error
+	for i := range r.below {
+		err = errors.Join(err, r.below[i].close())
+	}
+	r.below = nil
+	if r.chain != nil {
+		err = errors.Join(err, r.chain.Close())
+	}
+	return err
+}
+
+// syncHead makes the head's data durable and, with snapshots, then the
+// head's map (see layer.Chain.Sync).
+func (r *Replica) syncHead() error {
+	if !r.layered() {
+		return r.fdatasync()
+	}
+	if err := r.chain.Sync(r.fdatasync); err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	return nil
+}
+
+// widen returns the write of p at off as whole blocks: p itself if it is
+// block-aligned (or the replica has no snapshots), else a buffer holding
+// the blocks it touches as they read now with p copied over them (the
+// copy-up). The caller writes the result at the returned offset, and
+// returns the buffer with putBuf when done (nil: nothing to return).
+func (r *Replica) widen(p []byte, off uint64) (w []byte, woff uint64, buf *[]byte, err error) {
+	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
+	if !r.layered() || aoff == off && aend == off+uint64(len(p)) {
+		return p, off, nil, nil
+	}
+	buf = getBuf(int(aend - aoff))
+	b := *buf
+	for _, bo := range [...]uint64{aoff, (aend - 1) / SumBlockSize * SumBlockSize} {
+		blk := b[bo-aoff : min(bo+SumBlockSize, aend)-aoff]
+		if err := r.readBlocks(blk, bo); err != nil {
+			putBuf(buf)
+			return nil, 0, nil, err
+		}
+	}
+	copy(b[off-aoff:], p)
+	return b, aoff, buf, nil
+}
+
+// markHeld records, with snapshots, that the head holds the blocks of
+// [off, off+n) (written whole).
+func (r *Replica) markHeld(off, n uint64) error {
+	if !r.layered() {
+		return nil
+	}
+	if err := r.chain.MarkHeld(off, n); err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	return nil
+}
+
+// punchLayered is punch for a replica with snapshots: the whole blocks of
+// [off, off+length) are punched in the head and marked held (they must
+// read as zeros, not as the layers below); the parts of blocks at the ends
+// are written as zeros. Callers hold epochMu shared and have marked the
+// extents dirty.
+func (r *Replica) punchLayered(off, length uint64) error {
+	end := off + length
+	full0 := min(end, (off+SumBlockSize-1)/SumBlockSize*SumBlockSize)
+	full1 := max(full0, end/SumBlockSize*SumBlockSize)
+	if end == r.size {
+		full1 = end
+	}
+	for _, edge := range [...][2]uint64{{off, full0}, {full1, end}} {
+		if edge[0] < edge[1] {
+			if err := r.writeData(zeroChunk[:edge[1]-edge[0]], edge[0], nil, false); err != nil {
+				return err
+			}
+		}
+	}
+	if full0 >= full1 {
+		return nil
+	}
+	err := r.control(func(fd int) error {
+		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(full0), int64(full1-full0))
+	})
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		err = r.writeZeros(full0, full1-full0)
+	}
+	if err == nil && r.sums != nil {
+		err = r.punchSums(full0, full1-full0)
+	}
+	if err != nil {
+		return err
+	}
+	return r.markHeld(full0, full1-full0)
+}
+
+// isHoleLayered is isHole for a replica with snapshots: no layer that
+// holds a part of the range has data there.
+func (r *Replica) isHoleLayered(off, n uint64) bool {
+	hole := true
+	_ = r.chain.Spans(off, n, func(i int, o, m uint64) error {
+		if hole && !fileHole(r.layerFilesOf(i).data, o, m) {
+			hole = false
+		}
+		return nil
+	})
+	return hole
+}
+
+// Snapshot seals the replica's current contents as snapshot id: they stay
+// readable (ReadSnapshotAt) while writes go on into a new head. It costs
+// the same for any amount of data: no data is copied. The head's data and
+// sums are made durable first. Writes in progress finish before it and
+// none starts until it returns (epochMu exclusively); the engine stops
+// writes across all replicas for a consistent cut.
+func (r *Replica) Snapshot(epoch uint64, id string) error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	// The sealed layer's sums are never rehashed, so they are synced too.
+	syncData := func() error {
+		if err := r.fdatasync(); err != nil {
+			return err
+		}
+		return r.syncSums()
+	}
+	checksums := r.sums != nil
+	prepare := func(stem string) error {
+		path := func(kind string) string { return filepath.Join(r.dir, stem+"."+kind) }
+		if err := createSized(path(dataFileName), r.size); err != nil {
+			return err
+		}
+		if checksums {
+			return createSumsFileAt(path(sumsFileName), r.size)
+		}
+		return nil
+	}
+	if err := r.chain.Seal(id, syncData, prepare); err != nil {
+		if errors.Is(err, layer.ErrExists) {
+			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrExists)
+		}
+		if errors.Is(err, layer.ErrInvalid) || errors.Is(err, layer.ErrTooManyLayers) {
+			return fmt.Errorf("replica %s: snapshot %s: %w: %v", r.id, id, ErrInvalidArgument, err)
+		}
+		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, err)
+	}
+	// The old head's files become the sealed layer's; the new head's are
+	// opened. If that fails the replica cannot go on (its chain on disk is
+	// right; reopening it works).
+	r.below = append(r.below, r.headFiles())
+	r.data, r.sums, r.sumsMap = nil, nil, nil
+	if err := r.openHead(); err != nil {
+		r.closed = true
+		_ = r.closeLayers()
+		return fmt.Errorf("replica %s: snapshot %s taken, but the new head cannot be opened (reopen the replica): %w", r.id, id, err)
+	}
+	return nil
+}
+
+// openHead opens the head's data and sums files at the paths the chain
+// gives, locks the data file against other openers and checks its size.
+func (r *Replica) openHead() error {
+	f, err := os.OpenFile(r.chain.Path(r.chain.Head(), dataFileName), os.O_RDWR, 0)
+	if errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("replica %s: %w: data file missing in %s", r.id, ErrCorrupt, r.dir)
+	}
+	if err != nil {
+		return fmt.Errorf("replica %s: %w", r.id, err)
+	}
+	r.data = f
+	if err := r.checkDataFile(); err != nil {
+		_ = f.Close() // opened read-write but never written
+		r.data = nil
+		return err
+	}
+	if err := r.openSums(); err != nil {
+		_ = f.Close()
+		r.data = nil
+		return err
+	}
+	return nil
+}
+
+// Snapshots returns the ids of the replica's snapshots, oldest first.
+func (r *Replica) Snapshots() []string {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	var ids []string
+	for _, e := range r.chain.Entries() {
+		if e.ID != "" {
+			ids = append(ids, e.ID)
+		}
+	}
+	return ids
+}
+
+// ReadSnapshotAt fills p from off as snapshot id holds it, verified when
+// the replica keeps checksums. An unknown id → ErrNotFound.
+func (r *Replica) ReadSnapshotAt(epoch uint64, id string, p []byte, off uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if err := r.checkRange(off, uint64(len(p))); err != nil {
+		return err
+	}
+	k, err := r.chain.Find(id)
+	if err != nil {
+		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+	}
+	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
+	buf := getBuf(int(aend - aoff))
+	defer putBuf(buf)
+	err = r.chain.SpansIn(k, aoff, aend-aoff, func(i int, o, m uint64) error {
+		lf, dst := r.layerFilesOf(i), (*buf)[o-aoff:o-aoff+m]
+		if lf.sums != nil {
+			return r.readCheckedIn(lf, dst, o)
+		}
+		return r.readFile(lf.data, dst, o)
+	})
+	if err != nil {
+		return err
+	}
+	copy(p, (*buf)[off-aoff:])
+	return nil
+}
+
+// mergeStep is how much of the volume DeleteSnapshot moves at a time: the
+// bound on the extra space a deletion holds, and, when the layer's child is
+// the head, on how long writes wait for it.
+const mergeStep = 1 << 20
+
+// DeleteSnapshot removes snapshot id: the blocks its layer alone holds move
+// into the next layer up (whose contents stay the same), and its files are
+// removed. The cost is proportional to those blocks, not to the volume.
+// progress, if set, is called after each step with the bytes of the volume
+// gone through and the total. A crash at any point leaves every snapshot
+// and the head reading as before, and a new DeleteSnapshot finishes the
+// work. A layer whose child is shared with another replica →
+// ErrInvalidArgument naming the sharing (the snapshot must stay).
+func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, total uint64)) error {
+	r.epochMu.RLock()
+	k, err := r.chain.Find(id)
+	if err == nil {
+		err = r.checkEpoch(epoch)
+	}
+	r.epochMu.RUnlock()
+	if err != nil {
+		if errors.Is(err, layer.ErrNotFound) {
+			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+		}
+		return err
+	}
+	step := uint64(mergeStep / layer.Granule)
+	total := r.chain.Granules()
+	for g := uint64(0); g < total; g += step {
+		if err := r.mergeStep(epoch, id, g, g+step); err != nil {
+			return err
+		}
+		if progress != nil {
+			progress(min(g+step, total)*layer.Granule, total*layer.Granule)
+		}
+	}
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	k, err = r.chain.Find(id)
+	if err != nil {
+		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+	}
+	gone := r.below[k]
+	if err := r.chain.FinishMerge(k); err != nil {
+		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
+	}
+	r.below = append(r.below[:k:k], r.below[k+1:]...)
+	if err := gone.close(); err != nil {
+		return fmt.Errorf("replica %s: delete snapshot %s: close its files: %w", r.id, id, err)
+	}
+	return nil
+}
+
+// mergeStep moves the blocks of granules [g0, g1) of snapshot id's layer
+// into its child. Writes wait while it runs if the child is the head.
+func (r *Replica) mergeStep(epoch uint64, id string, g0, g1 uint64) error {
+	r.epochMu.RLock()
+	k, err := r.chain.Find(id)
+	childIsHead := err == nil && k+1 == r.chain.Head()
+	r.epochMu.RUnlock()
+	if err != nil {
+		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+	}
+	if childIsHead {
+		r.epochMu.Lock()
+		defer r.epochMu.Unlock()
+	} else {
+		// Writes go to the head; readers of the child see a block's bit
+		// only after its data was synced there.
+		r.epochMu.RLock()
+		defer r.epochMu.RUnlock()
+	}
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	from, to := r.layerFilesOf(k), r.layerFilesOf(k+1)
+	move := func(off, n uint64) error { return r.moveBlocks(from, to, off, n) }
+	sync := func() error {
+		if err := unix.Fdatasync(int(to.data.Fd())); err != nil {
+			return err
+		}
+		if to.sums != nil {
+			return unix.Fdatasync(int(to.sums.Fd()))
+		}
+		return nil
+	}
+	if _, err := r.chain.MergeRange(k, g0, g1, move, sync); err != nil {
+		if errors.Is(err, layer.ErrShared) {
+			return fmt.Errorf("replica %s: delete snapshot %s: %w: %v", r.id, id, ErrInvalidArgument, err)
+		}
+		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
+	}
+	return nil
+}
+
+// moveBlocks makes [off, off+n) (whole blocks) of layer to hold what it
+// holds in layer from: the data, verified on the way when the replica
+// keeps checksums, and its sums. A hole in from is punched in to.
+func (r *Replica) moveBlocks(from, to layerFiles, off, n uint64) error {
+	for n > 0 {
+		m := min(n, writeChunk)
+		if fileHole(from.data, off, m) {
+			if err := unix.Fallocate(int(to.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(m)); err != nil {
+				return err
+			}
+			if to.sums != nil {
+				if err := r.copySums(from, to, off, m); err != nil {
+					return err
+				}
+			}
+		} else {
+			var chunk [writeChunk]byte
+			b := chunk[:m]
+			if from.sums != nil {
+				if err := r.readCheckedIn(from, b, off); err != nil {
+					return err
+				}
+			} else if err := r.readFile(from.data, b, off); err != nil {
+				return err
+			}
+			if _, err := to.data.WriteAt(b, int64(off)); err != nil {
+				return err
+			}
+			if to.sums != nil {
+				if err := r.copySums(from, to, off, m); err != nil {
+					return err
+				}
+			}
+		}
+		off, n = off+m, n-m
+	}
+	return nil
+}
+
+// copySums copies the stored sums of the blocks of [off, off+n) from one
+// layer's sums file to another's.
+func (r *Replica) copySums(from, to layerFiles, off, n uint64) error {
+	vs := make([]uint32, (n+SumBlockSize-1)/SumBlockSize)
+	if err := r.readSumsIn(from, vs, off/SumBlockSize); err != nil {
+		return err
+	}
+	return r.writeSumsIn(to, vs, off/SumBlockSize)
+}
+
+// fileHole reports whether [off, off+n) of f holds no data (SEEK_DATA finds
+// none). When the file system cannot tell, it answers false.
+func fileHole(f *os.File, off, n uint64) bool {
+	next, err := f.Seek(int64(off), unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true // no data from off to the end of the file
+	}
+	return err == nil && uint64(next) >= off+n
+}
+
+// allocatedBytes is the disk space f occupies.
+func allocatedBytes(f *os.File) uint64 {
+	st, err := f.Stat()
+	if err != nil {
+		return 0
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return uint64(sys.Blocks) * 512
+	}
+	return 0
+}
+
+// createSized creates the file path, sparse, of size bytes, durably.
+func createSized(path string, size uint64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(int64(size)); err != nil {
+		_ = f.Close() // the truncate error is the one to report
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
+}

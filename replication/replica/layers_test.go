@@ -1,0 +1,260 @@
+package replica
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"path/filepath"
+	"testing"
+)
+
+// openLayered opens replica r1 under dir, with or without checksums,
+// claimed at epoch 1.
+func openLayered(t testing.TB, dir string, checksums bool) *Replica {
+	t.Helper()
+	r, err := OpenWith(dir, "r1", testSize, testExtent, CreateOptions{Checksums: checksums})
+	if err != nil {
+		t.Fatalf("OpenWith: %v", err)
+	}
+	claimed(t, r, 1)
+	return r
+}
+
+func readSnap(t testing.TB, r *Replica, id string) []byte {
+	t.Helper()
+	p := make([]byte, r.Size())
+	if err := r.ReadSnapshotAt(1, id, p, 0); err != nil {
+		t.Fatalf("ReadSnapshotAt %s: %v", id, err)
+	}
+	return p
+}
+
+// TestSnapshotModel: random writes (unaligned, across blocks), trims,
+// snapshots, deletions of random snapshots and reopenings, with and
+// without checksums; after each step the replica and every snapshot read
+// what a model of them holds, and every read verifies.
+func TestSnapshotModel(t *testing.T) {
+	for _, checksums := range []bool{true, false} {
+		t.Run(fmt.Sprint("checksums=", checksums), func(t *testing.T) {
+			dir := t.TempDir()
+			r := openLayered(t, dir, checksums)
+			defer func() { _ = r.Close() }()
+			rng := rand.New(rand.NewPCG(11, 12))
+			head := make([]byte, testSize)
+			snaps := map[string][]byte{}
+			var order []string
+			next := 0
+			for step := range 60 {
+				switch op := rng.IntN(12); {
+				case op < 6:
+					n := 1 + rng.IntN(3*SumBlockSize)
+					off := rng.IntN(testSize - n)
+					p := randBytes(n, uint64(step))
+					if err := r.WriteAt(1, p, uint64(off), rng.IntN(4) == 0); err != nil {
+						t.Fatalf("step %d: write: %v", step, err)
+					}
+					copy(head[off:], p)
+				case op < 7:
+					n := 1 + rng.IntN(3*SumBlockSize)
+					off := rng.IntN(testSize - n)
+					if err := r.Trim(1, uint64(off), uint64(n)); err != nil {
+						t.Fatalf("step %d: trim: %v", step, err)
+					}
+					clear(head[off : off+n])
+				case op < 9:
+					id := fmt.Sprint("s", next)
+					next++
+					if err := r.Snapshot(1, id); err != nil {
+						t.Fatalf("step %d: snapshot: %v", step, err)
+					}
+					snaps[id] = bytes.Clone(head)
+					order = append(order, id)
+				case op < 11 && len(order) > 0:
+					i := rng.IntN(len(order))
+					id := order[i]
+					if err := r.DeleteSnapshot(1, id, nil); err != nil {
+						t.Fatalf("step %d: delete snapshot %s: %v", step, id, err)
+					}
+					delete(snaps, id)
+					order = append(order[:i:i], order[i+1:]...)
+				default:
+					if err := r.Close(); err != nil {
+						t.Fatal(err)
+					}
+					var err error
+					if r, err = Open(dir, "r1", 0, 0); err != nil {
+						t.Fatalf("step %d: reopen: %v", step, err)
+					}
+				}
+				if i := firstDiff(readAll(t, r, 1), head); i >= 0 {
+					t.Fatalf("step %d: the volume differs first at byte %d", step, i)
+				}
+				for id, want := range snaps {
+					if i := firstDiff(readSnap(t, r, id), want); i >= 0 {
+						t.Fatalf("step %d: snapshot %s differs first at byte %d", step, id, i)
+					}
+				}
+				if got := r.Snapshots(); len(got) != len(order) {
+					t.Fatalf("step %d: Snapshots() = %v, want %v", step, got, order)
+				}
+			}
+		})
+	}
+}
+
+// TestSnapshotDigestsMatchAFlatReplica: the extent digests that resync and
+// scrub compare are those of what the replica reads, however its layers
+// hold it: a replica with snapshots and one without, written the same,
+// agree; and rehashing a layered replica's dirty extents changes nothing.
+func TestSnapshotDigestsMatchAFlatReplica(t *testing.T) {
+	layered := openLayered(t, t.TempDir(), true)
+	defer layered.Close()
+	flat := openLayered(t, t.TempDir(), true)
+	defer flat.Close()
+	write := func(p []byte, off uint64) {
+		for _, r := range []*Replica{layered, flat} {
+			if err := r.WriteAt(1, p, off, false); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	write(randBytes(testSize, 1), 0)
+	if err := layered.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	write(randBytes(3*SumBlockSize+5, 2), 5*testExtent-100)
+	if err := layered.Trim(1, 9*testExtent+7, 2*testExtent); err != nil {
+		t.Fatal(err)
+	}
+	if err := flat.Trim(1, 9*testExtent+7, 2*testExtent); err != nil {
+		t.Fatal(err)
+	}
+	want, err := flat.Checksums(1, 0, flat.Extents())
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := layered.Checksums(1, 0, layered.Extents())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !equalU32(got, want) {
+		t.Fatalf("extent digests of the layered replica %x, of the flat one %x", got, want)
+	}
+	if err := layered.Rehash(1, 0, layered.Extents()); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(readAll(t, layered, 1), readAll(t, flat, 1)); i >= 0 {
+		t.Fatalf("after Rehash the replicas differ at byte %d", i)
+	}
+}
+
+func equalU32(a, b []uint32) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+// TestCorruptSnapshotLayerIsCaught: a flipped bit in a sealed layer's data
+// fails the reads that reach it (of the snapshot and of the volume where
+// the head does not hold the block) with ErrChecksum.
+func TestCorruptSnapshotLayerIsCaught(t *testing.T) {
+	dir := t.TempDir()
+	r := openLayered(t, dir, true)
+	defer r.Close()
+	if err := r.WriteAt(1, randBytes(testSize, 3), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	flipByte(t, dir, 3*SumBlockSize+10) // the bottom layer's "data" file
+	p := make([]byte, SumBlockSize)
+	if err := r.ReadSnapshotAt(1, "a", p, 3*SumBlockSize); !errors.Is(err, ErrChecksum) {
+		t.Fatalf("snapshot read of the corrupt block: %v, want ErrChecksum", err)
+	}
+	if err := r.ReadAt(1, p, 3*SumBlockSize); !errors.Is(err, ErrChecksum) {
+		t.Fatalf("volume read of the corrupt block: %v, want ErrChecksum", err)
+	}
+	// Overwritten in the head, the block reads the new data.
+	q := randBytes(SumBlockSize, 4)
+	if err := r.WriteAt(1, q, 3*SumBlockSize, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.ReadAt(1, p, 3*SumBlockSize); err != nil || !bytes.Equal(p, q) {
+		t.Fatalf("read of the overwritten block: %v", err)
+	}
+}
+
+// TestDeleteSnapshotFreesItsSpace: deleting a snapshot whose blocks were
+// all overwritten frees them; deleting one whose blocks were not moves
+// them into the head (the space stays, the contents too).
+func TestDeleteSnapshotFreesItsSpace(t *testing.T) {
+	dir := t.TempDir()
+	r := openLayered(t, dir, false)
+	defer r.Close()
+	full := randBytes(testSize, 5)
+	if err := r.WriteAt(1, full, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "old"); err != nil {
+		t.Fatal(err)
+	}
+	newer := randBytes(testSize, 6)
+	if err := r.WriteAt(1, newer, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Flush(1); err != nil {
+		t.Fatal(err)
+	}
+	before := r.Info().AllocatedBytes
+	var calls int
+	if err := r.DeleteSnapshot(1, "old", func(done, total uint64) { calls++ }); err != nil {
+		t.Fatal(err)
+	}
+	after := r.Info().AllocatedBytes
+	if before-after < testSize {
+		t.Fatalf("deleting a wholly overwritten snapshot freed %d bytes (from %d to %d), want at least %d", before-after, before, after, testSize)
+	}
+	if calls == 0 {
+		t.Fatal("no progress reported")
+	}
+	if i := firstDiff(readAll(t, r, 1), newer); i >= 0 {
+		t.Fatalf("the volume changed at byte %d", i)
+	}
+	if err := r.ReadSnapshotAt(1, "old", make([]byte, 10), 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("read of a deleted snapshot: %v, want ErrNotFound", err)
+	}
+	if _, err := filepath.Glob(filepath.Join(dir, "r1", "layer-*")); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestSnapshotArguments: a duplicate id, a bad id and a stale epoch are
+// refused and change nothing.
+func TestSnapshotArguments(t *testing.T) {
+	r := openLayered(t, t.TempDir(), true)
+	defer r.Close()
+	if err := r.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "a"); !errors.Is(err, ErrExists) {
+		t.Fatalf("duplicate snapshot id: %v, want ErrExists", err)
+	}
+	if err := r.Snapshot(1, "../x"); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("bad snapshot id: %v, want ErrInvalidArgument", err)
+	}
+	claimed(t, r, 2)
+	if err := r.Snapshot(1, "b"); !errors.Is(err, ErrFenced) {
+		t.Fatalf("snapshot at a stale epoch: %v, want ErrFenced", err)
+	}
+	if got := r.Snapshots(); len(got) != 1 || got[0] != "a" {
+		t.Fatalf("Snapshots() = %v", got)
+	}
+}
