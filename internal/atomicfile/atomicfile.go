@@ -46,3 +46,22 @@ func SyncDir(dir string) error {
 	}
 	return d.Close()
 }
+
+// CreateSized creates a new file at path (it must not exist) of size bytes,
+// sparse, and syncs it: after a crash it exists with that size or not at
+// all once its directory is synced.
+func CreateSized(path string, size int64) error {
+	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		return err
+	}
+	if err := f.Truncate(size); err != nil {
+		_ = f.Close() // the truncate error is the one to report
+		return err
+	}
+	if err := f.Sync(); err != nil {
+		_ = f.Close()
+		return err
+	}
+	return f.Close()
+}

@@ -663,7 +663,7 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	if err := c.Sync(syncData); err != nil {
 		return err
 	}
-	stem := stemPrefix + randomHex()
+	stem := NewStem()
 	nl := &layer{Entry: Entry{Stem: stem}}
 	f, err := os.OpenFile(c.path(stem, mapKind), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
 	if err != nil {
@@ -786,6 +786,36 @@ func validID(s string) bool {
 		}
 	}
 	return true
+}
+
+// NewStem returns a fresh stem for a layer's files.
+func NewStem() string { return stemPrefix + randomHex() }
+
+// Assemble writes the chain of a new replica in dir, which holds no chain
+// yet: sealed are the layers it shares with another replica (a restore or a
+// clone), oldest first, whose files the caller has linked into dir under
+// the stems given; head is the stem of its new, empty head, whose map
+// Assemble creates (the caller creates its other files). The volume is
+// size bytes, at least as large as the sealed layers'.
+func Assemble(dir string, sealed []Entry, head string, size uint64) error {
+	if len(sealed)+1 > MaxLayers {
+		return fmt.Errorf("%w: %d layers", ErrTooManyLayers, len(sealed)+1)
+	}
+	stems, ids := map[string]bool{head: true}, map[string]bool{}
+	if !validStem(head) {
+		return fmt.Errorf("%w: head stem %q", ErrInvalid, head)
+	}
+	for _, e := range sealed {
+		if !validStem(e.Stem) || !validID(e.ID) || stems[e.Stem] || ids[e.ID] {
+			return fmt.Errorf("%w: layer %+v", ErrInvalid, e)
+		}
+		stems[e.Stem], ids[e.ID] = true, true
+	}
+	if err := atomicfile.CreateSized(filepath.Join(dir, head+"."+mapKind), int64(mapBytes(blocksOf(size)))); err != nil {
+		return err
+	}
+	c := &Chain{dir: dir}
+	return c.writeRecord(append(append([]Entry(nil), sealed...), Entry{Stem: head}))
 }
 
 func randomHex() string {

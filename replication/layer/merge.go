@@ -24,20 +24,23 @@ import (
 // (a clone holding a link to it): this replica only drops its own link. The
 // child must not be shared: its files would change under the other replica.
 
-// Shared reports whether layer i's files have other links (another
+// Shared reports whether any of layer i's files has other links (another
 // replica's chain holds the layer too).
 func (c *Chain) Shared(i int) (bool, error) {
-	if i == 0 && c.layers[0].Stem == "" {
-		return false, nil // the files a replica was created with are its own
-	}
-	var st unix.Stat_t
-	if err := unix.Stat(c.path(c.layers[i].Stem, mapKind), &st); err != nil {
-		if i == 0 && errors.Is(err, fs.ErrNotExist) {
-			return false, nil
+	for _, kind := range append([]string{mapKind}, c.kinds...) {
+		var st unix.Stat_t
+		err := unix.Stat(c.path(c.layers[i].Stem, kind), &st)
+		if errors.Is(err, fs.ErrNotExist) {
+			continue
 		}
-		return false, err
+		if err != nil {
+			return false, err
+		}
+		if st.Nlink > 1 {
+			return true, nil
+		}
 	}
-	return st.Nlink > 1, nil
+	return false, nil
 }
 
 // Granules returns the number of index granules: the range of MergeRange.

@@ -3,12 +3,14 @@ package replica
 import (
 	"errors"
 	"fmt"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"syscall"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/cairn-csi/cairn/internal/atomicfile"
 	"github.com/cairn-csi/cairn/replication/layer"
 )
 
@@ -82,7 +84,7 @@ func (r *Replica) openLayerFiles(i int) (layerFiles, error) {
 	if err != nil {
 		return layerFiles{}, fmt.Errorf("replica %s: %w: layer %d: %v", r.id, ErrCorrupt, i, err)
 	}
-	sums, m, err := r.openSumsFile(r.chain.Path(i, sumsFileName))
+	sums, m, err := r.openSumsFile(r.chain.Path(i, sumsFileName), false)
 	if err != nil {
 		_ = f.Close() // not written
 		return layerFiles{}, err
@@ -507,18 +509,82 @@ func allocatedBytes(f *os.File) uint64 {
 }
 
 // createSized creates the file path, sparse, of size bytes, durably.
-func createSized(path string, size uint64) error {
-	f, err := os.OpenFile(path, os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+func createSized(path string, size uint64) error { return atomicfile.CreateSized(path, int64(size)) }
+
+// CreateFromSnapshot creates replica id under dir holding what snapshot
+// snapID of src holds, in a volume of size bytes (0: src's size; never
+// less). The new replica's sealed layers are src's up to the snapshot's,
+// shared by hard links, so dir must be on src's file system; its head is
+// new and empty. It costs the same for any amount of data, and the data is
+// readable at once. A layer with more than one link is never changed
+// (writes go to each replica's own head; a merge refuses to change a
+// shared layer), so the link count is the layer's reference count and the
+// last replica to drop it frees it.
+//
+// The new replica has its own generation, the source's extent size and
+// checksum choice, and no dirty extents. As for a new replica, it is built
+// in a hidden directory and renamed into place.
+func CreateFromSnapshot(dir, id string, src *Replica, snapID string, size uint64) error {
+	if err := validateID(id); err != nil {
+		return err
+	}
+	src.epochMu.RLock() // the chain stays as it is while its files are linked
+	defer src.epochMu.RUnlock()
+	if src.closed {
+		return fmt.Errorf("replica %s: %w", src.id, ErrClosed)
+	}
+	if size == 0 {
+		size = src.size
+	}
+	if size < src.size {
+		return fmt.Errorf("replica %s: %w: a restore of %d bytes from a snapshot of %d", id, ErrInvalidArgument, size, src.size)
+	}
+	if err := validateGeometry(size, src.extentSize); err != nil {
+		return fmt.Errorf("replica %s: %w", id, err)
+	}
+	k, err := src.chain.Find(snapID)
 	if err != nil {
+		return fmt.Errorf("replica %s: snapshot %s: %w", src.id, snapID, ErrNotFound)
+	}
+	err = buildHidden(dir, id, func(tmp string) error {
+		return fillFromSnapshot(tmp, id, src, k, size)
+	})
+	if errors.Is(err, errLostRace) {
+		return fmt.Errorf("replica %s: %w", id, ErrExists)
+	}
+	return err
+}
+
+// fillFromSnapshot makes tmp the directory of replica id restored from
+// layer k of src (see CreateFromSnapshot).
+func fillFromSnapshot(tmp, id string, src *Replica, k int, size uint64) error {
+	var sealed []layer.Entry
+	for i, e := range src.chain.Entries()[:k+1] {
+		stem := e.Stem
+		if stem == "" {
+			stem = layer.NewStem() // the source's first files, "data" and "sums"
+		}
+		for _, kind := range append([]string{"map"}, layerKinds...) {
+			err := os.Link(src.chain.Path(i, kind), filepath.Join(tmp, stem+"."+kind))
+			if err != nil && !errors.Is(err, fs.ErrNotExist) {
+				return fmt.Errorf("replica %s: share layer %s of %s: %w", id, e.ID, src.id, err)
+			}
+		}
+		sealed = append(sealed, layer.Entry{ID: e.ID, Stem: stem})
+	}
+	head := layer.NewStem()
+	if err := createSized(filepath.Join(tmp, head+"."+dataFileName), size); err != nil {
 		return err
 	}
-	if err := f.Truncate(int64(size)); err != nil {
-		_ = f.Close() // the truncate error is the one to report
-		return err
+	if src.sums != nil {
+		if err := createSumsFileAt(filepath.Join(tmp, head+"."+sumsFileName), size); err != nil {
+			return err
+		}
 	}
-	if err := f.Sync(); err != nil {
-		_ = f.Close()
-		return err
+	if err := layer.Assemble(tmp, sealed, head, size); err != nil {
+		return fmt.Errorf("replica %s: %w", id, err)
 	}
-	return f.Close()
+	m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: src.extentSize,
+		Dirty: make(bitmap, bitmapLen(extentCount(size, src.extentSize)))}
+	return writeFileAtomic(tmp, metaFileName, encodeMeta(&m))
 }

@@ -7,6 +7,8 @@ import (
 	"math/rand/v2"
 	"path/filepath"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // openLayered opens replica r1 under dir, with or without checksums,
@@ -256,5 +258,94 @@ func TestSnapshotArguments(t *testing.T) {
 	}
 	if got := r.Snapshots(); len(got) != 1 || got[0] != "a" {
 		t.Fatalf("Snapshots() = %v", got)
+	}
+}
+
+// TestRestoreSharesLayers: a replica restored from a snapshot, larger than
+// the source, reads the snapshot (and zeros past its end) at once, shares
+// the source's layers by hard link instead of copying them, takes writes
+// of its own, and keeps its contents when the source deletes the snapshot
+// and is removed altogether.
+func TestRestoreSharesLayers(t *testing.T) {
+	for _, checksums := range []bool{true, false} {
+		t.Run(fmt.Sprint("checksums=", checksums), func(t *testing.T) {
+			dir := t.TempDir()
+			src := openLayered(t, dir, checksums)
+			defer src.Close()
+			a := randBytes(testSize, 7)
+			if err := src.WriteAt(1, a, 0, false); err != nil {
+				t.Fatal(err)
+			}
+			if err := src.Snapshot(1, "s1"); err != nil {
+				t.Fatal(err)
+			}
+			b := randBytes(testSize/2, 8)
+			if err := src.WriteAt(1, b, 100, false); err != nil {
+				t.Fatal(err)
+			}
+			const bigger = 2 * testSize
+			if err := CreateFromSnapshot(dir, "r2", src, "s1", bigger); err != nil {
+				t.Fatalf("CreateFromSnapshot: %v", err)
+			}
+			if err := CreateFromSnapshot(dir, "r3", src, "s1", testSize/2); !errors.Is(err, ErrInvalidArgument) {
+				t.Fatalf("restore into a smaller volume: %v, want ErrInvalidArgument", err)
+			}
+			if err := CreateFromSnapshot(dir, "r3", src, "nope", 0); !errors.Is(err, ErrNotFound) {
+				t.Fatalf("restore of an unknown snapshot: %v, want ErrNotFound", err)
+			}
+			r2, err := Open(dir, "r2", 0, 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer r2.Close()
+			claimed(t, r2, 1)
+			want := make([]byte, bigger)
+			copy(want, a)
+			if i := firstDiff(readAll(t, r2, 1), want); i >= 0 {
+				t.Fatalf("the restored replica differs from the snapshot at byte %d", i)
+			}
+			if r2.Generation() == src.Generation() {
+				t.Fatal("the restored replica has the source's generation")
+			}
+			// The data was linked, not copied: the shared data file has
+			// two links.
+			var st unix.Stat_t
+			if err := unix.Stat(filepath.Join(dir, "r1", dataFileName), &st); err != nil || st.Nlink != 2 {
+				t.Fatalf("the source's first data file has %d links (%v), want 2", st.Nlink, err)
+			}
+			c := randBytes(3*SumBlockSize, 9)
+			if err := r2.WriteAt(1, c, testSize-SumBlockSize, false); err != nil {
+				t.Fatal(err)
+			}
+			copy(want[testSize-SumBlockSize:], c)
+			// The source goes on as before, then drops the snapshot and
+			// itself; the restored replica keeps its contents.
+			srcWant := bytes.Clone(a)
+			copy(srcWant[100:], b)
+			if i := firstDiff(readAll(t, src, 1), srcWant); i >= 0 {
+				t.Fatalf("the source changed at byte %d", i)
+			}
+			if err := src.DeleteSnapshot(1, "s1", nil); err != nil {
+				t.Fatalf("the source deletes its shared snapshot: %v", err)
+			}
+			if i := firstDiff(readAll(t, src, 1), srcWant); i >= 0 {
+				t.Fatalf("the source changed at byte %d after deleting its snapshot", i)
+			}
+			if err := src.Remove(); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(readAll(t, r2, 1), want); i >= 0 {
+				t.Fatalf("the restored replica changed at byte %d after its source went", i)
+			}
+			if err := r2.Close(); err != nil {
+				t.Fatal(err)
+			}
+			if r2, err = Open(dir, "r2", 0, 0); err != nil {
+				t.Fatal(err)
+			}
+			if i := firstDiff(readAll(t, r2, 1), want); i >= 0 {
+				t.Fatalf("the restored replica differs at byte %d after reopening", i)
+			}
+		})
 	}
 }

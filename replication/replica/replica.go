@@ -169,9 +169,39 @@ func OpenWith(dir, id string, size, extentSize uint64, opts CreateOptions) (*Rep
 
 // create builds a new replica in a hidden directory and renames it to
 // dir/<id>. If another creator got there first, the existing replica wins.
-func create(dir, id string, size, extentSize uint64, opts CreateOptions) (err error) {
+func create(dir, id string, size, extentSize uint64, opts CreateOptions) error {
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return err
+	}
+	err := buildHidden(dir, id, func(tmp string) error {
+		if err := createSized(filepath.Join(tmp, dataFileName), size); err != nil {
+			return err
+		}
+		if opts.Checksums {
+			if err := createSumsFile(tmp, size); err != nil {
+				return err
+			}
+		}
+		m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: extentSize,
+			Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
+		return writeFileAtomic(tmp, metaFileName, encodeMeta(&m))
+	})
+	if errors.Is(err, errLostRace) {
+		return nil
+	}
+	return err
+}
+
+// errLostRace: buildHidden found dir/<id> made by someone else meanwhile.
+var errLostRace = errors.New("replica: another creator made it first")
+
+// buildHidden builds replica id's directory: fill fills a hidden
+// directory in dir, which is then renamed to dir/<id>, so a crash never
+// leaves a half-made replica. If dir/<id> appears meanwhile → errLostRace,
+// and the hidden directory is removed.
+func buildHidden(dir, id string, fill func(tmp string) error) (err error) {
+	if _, err := os.Stat(filepath.Join(dir, id)); err == nil {
+		return errLostRace
 	}
 	tmp, err := os.MkdirTemp(dir, "."+id+".creating-")
 	if err != nil {
@@ -182,23 +212,12 @@ func create(dir, id string, size, extentSize uint64, opts CreateOptions) (err er
 			_ = os.RemoveAll(tmp) // best effort: a hidden leftover is harmless
 		}
 	}()
-	if err := createSized(filepath.Join(tmp, dataFileName), size); err != nil {
-		return err
-	}
-	if opts.Checksums {
-		if err := createSumsFile(tmp, size); err != nil {
-			return err
-		}
-	}
-	m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: extentSize,
-		Dirty: make(bitmap, bitmapLen(extentCount(size, extentSize)))}
-	if err := writeFileAtomic(tmp, metaFileName, encodeMeta(&m)); err != nil {
+	if err := fill(tmp); err != nil {
 		return err
 	}
 	if err := os.Rename(tmp, filepath.Join(dir, id)); err != nil {
 		if _, serr := os.Stat(filepath.Join(dir, id)); serr == nil {
-			_ = os.RemoveAll(tmp) // lost the race to a concurrent creator
-			return nil
+			return errLostRace
 		}
 		return err
 	}
@@ -687,10 +706,18 @@ func (r *Replica) readAt(p []byte, off uint64) error {
 	})
 }
 
-// readFile reads [off, off+len(p)) of one layer's data file.
+// readFile reads [off, off+len(p)) of one layer's data file. Past the end
+// of the file it reads zeros: a layer sealed before the volume grew (or
+// shared with a smaller volume) is shorter than the volume, and the
+// blocks it lacks never held data in it. The head is always as long as
+// the volume, so its reads never get there.
 func (r *Replica) readFile(f *os.File, p []byte, off uint64) error {
 	n, err := f.ReadAt(p, int64(off))
-	if err != nil && !(errors.Is(err, io.EOF) && n == len(p)) {
+	if errors.Is(err, io.EOF) {
+		clear(p[n:])
+		return nil
+	}
+	if err != nil {
 		return fmt.Errorf("replica %s: read %d bytes at %d: %w", r.id, len(p), off, err)
 	}
 	return nil

@@ -98,15 +98,16 @@ func sumBlocks(size uint64) uint64 { return (size + SumBlockSize - 1) / SumBlock
 
 // openSums opens the head's sums file if the replica has one.
 func (r *Replica) openSums() error {
-	f, m, err := r.openSumsFile(r.chain.Path(r.chain.Head(), sumsFileName))
+	f, m, err := r.openSumsFile(r.chain.Path(r.chain.Head(), sumsFileName), true)
 	r.sums, r.sumsMap = f, m
 	return err
 }
 
 // openSumsFile opens and maps a layer's sums file; nil if there is none
 // (the replica keeps no checksums). A failed mapping is no error: readSums
-// and writeSums then use pread and pwrite.
-func (r *Replica) openSumsFile(path string) (*os.File, []byte, error) {
+// and writeSums then use pread and pwrite. The head's sums cover the
+// volume exactly; a sealed layer's may be shorter (see readFile).
+func (r *Replica) openSumsFile(path string, head bool) (*os.File, []byte, error) {
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	if errors.Is(err, fs.ErrNotExist) {
 		return nil, nil, nil
@@ -115,7 +116,7 @@ func (r *Replica) openSumsFile(path string) (*os.File, []byte, error) {
 		return nil, nil, fmt.Errorf("replica %s: %w", r.id, err)
 	}
 	st, err := f.Stat()
-	if err == nil && uint64(st.Size()) != 4*sumBlocks(r.size) {
+	if err == nil && (uint64(st.Size()) > 4*sumBlocks(r.size) || head && uint64(st.Size()) != 4*sumBlocks(r.size)) {
 		err = fmt.Errorf("%w: sums file %s is %d bytes, want %d", ErrCorrupt, filepath.Base(path), st.Size(), 4*sumBlocks(r.size))
 	}
 	if err != nil {
@@ -160,7 +161,12 @@ func (r *Replica) readSumsIn(lf layerFiles, dst []uint32, first uint64) error {
 	} else {
 		b = make([]byte, n)
 	}
-	if n, err := lf.sums.ReadAt(b, int64(4*first)); err != nil && !(errors.Is(err, io.EOF) && n == len(b)) {
+	n, err := lf.sums.ReadAt(b, int64(4*first))
+	if errors.Is(err, io.EOF) {
+		clear(b[n:]) // past the end of a shorter layer: zero blocks (see readFile)
+		err = nil
+	}
+	if err != nil {
 		return fmt.Errorf("replica %s: read sums of blocks %d+%d: %w", r.id, first, len(dst), err)
 	}
 	for i := range dst {
@@ -177,8 +183,16 @@ func (r *Replica) readSumsIn(lf layerFiles, dst []uint32, first uint64) error {
 func (r *Replica) readSumsMapped(m []byte, dst []uint32, first uint64) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer r.onSumsFault("read", first, len(dst), &err)
-	b := m[4*first : 4*(first+uint64(len(dst)))]
+	end := min(uint64(len(m)), 4*(first+uint64(len(dst))))
+	var b []byte
+	if 4*first < end {
+		b = m[4*first : end]
+	}
 	for i := range dst {
+		if 4*i+4 > len(b) {
+			dst[i] = 0 // past the end of a shorter layer (see readFile)
+			continue
+		}
 		dst[i] = binary.BigEndian.Uint32(b[4*i:])
 	}
 	return nil
