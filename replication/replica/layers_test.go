@@ -349,3 +349,61 @@ func TestRestoreSharesLayers(t *testing.T) {
 		})
 	}
 }
+
+// TestInterruptedDeleteResumes: a deletion stopped halfway (the process
+// died after some steps, with part of the layer's data already freed)
+// leaves the volume and the other snapshots intact after reopening, and a
+// new DeleteSnapshot finishes it.
+func TestInterruptedDeleteResumes(t *testing.T) {
+	dir := t.TempDir()
+	r := openLayered(t, dir, true)
+	a := randBytes(testSize, 10)
+	if err := r.WriteAt(1, a, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	b := randBytes(testSize/3, 11)
+	if err := r.WriteAt(1, b, testSize/2, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "b"); err != nil {
+		t.Fatal(err)
+	}
+	c := randBytes(testSize/4, 12)
+	if err := r.WriteAt(1, c, 1000, false); err != nil {
+		t.Fatal(err)
+	}
+	wantB := bytes.Clone(a)
+	copy(wantB[testSize/2:], b)
+	wantHead := bytes.Clone(wantB)
+	copy(wantHead[1000:], c)
+	// Half of the deletion of "a", into "b".
+	if err := r.mergeStep(1, "a", 0, r.chain.Granules()/2); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Open(dir, "r1", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if i := firstDiff(readAll(t, r, 1), wantHead); i >= 0 {
+		t.Fatalf("the volume differs at byte %d after an interrupted deletion", i)
+	}
+	if i := firstDiff(readSnap(t, r, "b"), wantB); i >= 0 {
+		t.Fatalf("snapshot b differs at byte %d after an interrupted deletion", i)
+	}
+	if err := r.DeleteSnapshot(1, "a", nil); err != nil {
+		t.Fatalf("resumed deletion: %v", err)
+	}
+	if i := firstDiff(readSnap(t, r, "b"), wantB); i >= 0 {
+		t.Fatalf("snapshot b differs at byte %d after the deletion", i)
+	}
+	if got := r.Snapshots(); len(got) != 1 || got[0] != "b" {
+		t.Fatalf("Snapshots() = %v", got)
+	}
+}
