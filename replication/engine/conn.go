@@ -28,6 +28,11 @@ type replicaConn interface {
 	DirtyExtents(ctx context.Context) ([]uint64, error)
 	MarkClean(ctx context.Context, epoch, generation uint64) error
 	Info(ctx context.Context) (replica.Info, error)
+	// Snapshot, DeleteSnapshot and ReadSnapshotAt: see the replica's
+	// methods of those names.
+	Snapshot(ctx context.Context, epoch uint64, id string) error
+	DeleteSnapshot(ctx context.Context, epoch uint64, id string) error
+	ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error
 	Close() error
 }
 
@@ -117,6 +122,21 @@ func (l localReplica) MarkClean(_ context.Context, epoch, generation uint64) err
 	return l.r.MarkClean(epoch, generation)
 }
 func (l localReplica) Info(context.Context) (replica.Info, error) { return l.r.Info(), nil }
+
+func (l localReplica) Snapshot(_ context.Context, epoch uint64, id string) error {
+	return l.r.Snapshot(epoch, id)
+}
+func (l localReplica) DeleteSnapshot(_ context.Context, epoch uint64, id string) error {
+	return l.r.DeleteSnapshot(epoch, id, nil)
+}
+func (l localReplica) ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpRead, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.ReadSnapshotAt(epoch, id, p, off)
+}
 
 // Close does nothing: the replica server owns the replica.
 func (l localReplica) Close() error { return nil }

@@ -463,6 +463,33 @@ func (c *Client) Rehash(ctx context.Context, epoch, firstExtent, count uint64) e
 	return err
 }
 
+// Snapshot seals the replica's contents as snapshot id. See
+// Replica.Snapshot.
+func (c *Client) Snapshot(ctx context.Context, epoch uint64, id string) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpSnapshot, Epoch: epoch}, []byte(id), nil)
+	return err
+}
+
+// DeleteSnapshot removes snapshot id; it returns when the snapshot's unique
+// data has moved. See Replica.DeleteSnapshot.
+func (c *Client) DeleteSnapshot(ctx context.Context, epoch uint64, id string) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpDeleteSnapshot, Epoch: epoch}, []byte(id), nil)
+	return err
+}
+
+// ReadSnapshotAt fills p (at most MaxPayload bytes) from off as snapshot id
+// holds it. See Replica.ReadSnapshotAt.
+func (c *Client) ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error {
+	if len(p) > MaxPayload {
+		return fmt.Errorf("%w: read of %d bytes exceeds %d", ErrInvalidArgument, len(p), MaxPayload)
+	}
+	if p == nil {
+		p = []byte{}
+	}
+	_, err := c.do(ctx, RequestHeader{Op: OpReadSnapshot, Epoch: epoch, Offset: off, Length: uint32(len(p))}, []byte(id), p)
+	return err
+}
+
 // ReadAt fills p (at most MaxPayload bytes) from off. On error p's content
 // is undefined.
 func (c *Client) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {

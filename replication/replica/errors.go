@@ -53,6 +53,9 @@ var (
 	// no longer matches its stored sum (read, or the read of a block a
 	// write covers in part). On the wire this is status Checksum.
 	ErrChecksum = errors.New("checksum mismatch")
+	// ErrSnapshotExists: the replica has a snapshot with that id already
+	// (a retried SNAPSHOT finds it). On the wire this is status Exists.
+	ErrSnapshotExists = errors.New("snapshot exists")
 	// ErrServerClosed is returned by Server.Serve after Server.Close.
 	ErrServerClosed = errors.New("replica server closed")
 )
@@ -71,6 +74,7 @@ const (
 	StatusIOError    Status = 5
 	StatusBadRequest Status = 6
 	StatusChecksum   Status = 7
+	StatusExists     Status = 8
 )
 
 func (s Status) String() string {
@@ -91,6 +95,8 @@ func (s Status) String() string {
 		return "bad_request"
 	case StatusChecksum:
 		return "checksum"
+	case StatusExists:
+		return "exists"
 	}
 	return fmt.Sprintf("status_%d", uint32(s))
 }
@@ -113,6 +119,8 @@ func statusOf(err error) Status {
 		return StatusBadRequest
 	case errors.Is(err, ErrChecksum):
 		return StatusChecksum
+	case errors.Is(err, ErrSnapshotExists):
+		return StatusExists
 	}
 	return StatusIOError
 }
@@ -132,6 +140,8 @@ func sentinelOf(s Status) error {
 		return ErrInvalidArgument
 	case StatusChecksum:
 		return ErrChecksum
+	case StatusExists:
+		return ErrSnapshotExists
 	}
 	return ErrIO
 }

@@ -250,7 +250,7 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 	}
 	if err := r.chain.Seal(id, syncData, prepare); err != nil {
 		if errors.Is(err, layer.ErrExists) {
-			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrExists)
+			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrSnapshotExists)
 		}
 		if errors.Is(err, layer.ErrInvalid) || errors.Is(err, layer.ErrTooManyLayers) {
 			return fmt.Errorf("replica %s: snapshot %s: %w: %v", r.id, id, ErrInvalidArgument, err)

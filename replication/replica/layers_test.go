@@ -246,7 +246,7 @@ func TestSnapshotArguments(t *testing.T) {
 	if err := r.Snapshot(1, "a"); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Snapshot(1, "a"); !errors.Is(err, ErrExists) {
+	if err := r.Snapshot(1, "a"); !errors.Is(err, ErrSnapshotExists) {
 		t.Fatalf("duplicate snapshot id: %v, want ErrExists", err)
 	}
 	if err := r.Snapshot(1, "../x"); !errors.Is(err, ErrInvalidArgument) {
@@ -405,5 +405,49 @@ func TestInterruptedDeleteResumes(t *testing.T) {
 	}
 	if got := r.Snapshots(); len(got) != 1 || got[0] != "b" {
 		t.Fatalf("Snapshots() = %v", got)
+	}
+}
+
+// TestSnapshotOpsOverNetwork: SNAPSHOT, READ_SNAP and DELETE_SNAP through
+// a client and a server, with their errors mapped to the sentinels.
+func TestSnapshotOpsOverNetwork(t *testing.T) {
+	s, addr := startServer(t, t.TempDir())
+	mustCreate(t, s, "vol1-r0")
+	c := dial(t, addr, "vol1-r0", testSize)
+	ctx := testCtx(t)
+	if err := c.Claim(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	a := randBytes(testSize, 20)
+	if err := c.WriteAt(ctx, 1, a, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Snapshot(ctx, 1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.WriteAt(ctx, 1, randBytes(testSize, 21), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, testSize)
+	if err := c.ReadSnapshotAt(ctx, 1, "s1", got, 0); err != nil || !bytes.Equal(got, a) {
+		t.Fatalf("READ_SNAP: %v", err)
+	}
+	if err := c.Snapshot(ctx, 1, "s1"); !errors.Is(err, ErrSnapshotExists) {
+		t.Fatalf("SNAPSHOT of an existing id: %v, want ErrExists", err)
+	}
+	if err := c.Snapshot(ctx, 0, "s2"); !errors.Is(err, ErrFenced) {
+		t.Fatalf("SNAPSHOT at an old epoch: %v, want ErrFenced", err)
+	}
+	if err := c.DeleteSnapshot(ctx, 1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.ReadSnapshotAt(ctx, 1, "s1", got[:10], 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("READ_SNAP of a deleted snapshot: %v, want ErrNotFound", err)
+	}
+	if err := c.DeleteSnapshot(ctx, 1, "s1"); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("DELETE_SNAP of a deleted snapshot: %v, want ErrNotFound", err)
+	}
+	if err := c.Snapshot(ctx, 1, string(make([]byte, MaxSnapshotIDLen+1))); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("SNAPSHOT with a too long id: %v, want ErrInvalidArgument", err)
 	}
 }

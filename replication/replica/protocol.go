@@ -55,6 +55,12 @@ import (
 //	                                                                  FlagGeneration)
 //	PING          -      -               -                 -          -
 //	REHASH        yes    first extent    extent count      -          -
+//	SNAPSHOT      yes    -               -                 snapshot   -
+//	                                                       id
+//	DELETE_SNAP   yes    -               -                 snapshot   -
+//	                                                       id
+//	READ_SNAP     yes    byte offset     bytes             snapshot   the data
+//	                                                       id
 //
 // A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
 // each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
@@ -62,7 +68,10 @@ import (
 // before it writes anything and answers Checksum on a mismatch. A server
 // older than the flag answers BadRequest and the client sends the write
 // again without it. REHASH recomputes the stored block checksums of the
-// extents from their data (resync after an unclean stop).
+// extents from their data (resync after an unclean stop). SNAPSHOT seals
+// the replica's contents as a snapshot (docs/snapshots.md), DELETE_SNAP
+// removes one (it runs until the snapshot's unique data has moved),
+// READ_SNAP reads one. A server older than these ops answers BadRequest.
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
@@ -129,7 +138,11 @@ const (
 	OpInfo        Op = 12
 	OpPing        Op = 13
 	OpRehash      Op = 14
-	opLimit          = 15 // one past the highest op
+	// 15 is OpGrow (online expansion).
+	OpSnapshot       Op = 16
+	OpDeleteSnapshot Op = 17
+	OpReadSnapshot   Op = 18
+	opLimit             = 19 // one past the highest op
 )
 
 // opSpec says which header fields an op uses; unused fields must be 0.
@@ -149,24 +162,32 @@ const (
 	payloadNone     payloadRule = iota
 	payloadIsData               // payload length == length field
 	payloadIsOpenID             // 1..MaxIDLen bytes of replica id
+	payloadIsSnapID             // 1..MaxSnapshotIDLen bytes of snapshot id
 )
+
+// MaxSnapshotIDLen bounds a snapshot id on the wire (the replica checks its
+// characters).
+const MaxSnapshotIDLen = 128
 
 // opSpecs is the table ValidateRequest checks requests against.
 var opSpecs = [opLimit]opSpec{
-	OpOpen:        {name: "open", offset: true, payload: payloadIsOpenID},
-	OpClaim:       {name: "claim", epoch: true},
-	OpRead:        {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: flagsClass},
-	OpWrite:       {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass | FlagSums, payload: payloadIsData},
-	OpFlush:       {name: "flush", epoch: true, flags: flagsClass},
-	OpTrim:        {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
-	OpWriteZeroes: {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
-	OpChecksums:   {name: "checksums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass},
-	OpReadExtent:  {name: "read_extent", epoch: true, offset: true, flags: flagsClass},
-	OpDirty:       {name: "dirty", offset: true, length: true, maxLength: MaxDirtyPerReply},
-	OpMarkClean:   {name: "mark_clean", epoch: true, offset: true},
-	OpInfo:        {name: "info", flags: FlagGeneration},
-	OpPing:        {name: "ping"},
-	OpRehash:      {name: "rehash", epoch: true, offset: true, length: true, flags: flagsClass},
+	OpOpen:           {name: "open", offset: true, payload: payloadIsOpenID},
+	OpClaim:          {name: "claim", epoch: true},
+	OpRead:           {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: flagsClass},
+	OpWrite:          {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass | FlagSums, payload: payloadIsData},
+	OpFlush:          {name: "flush", epoch: true, flags: flagsClass},
+	OpTrim:           {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
+	OpWriteZeroes:    {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
+	OpChecksums:      {name: "checksums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass},
+	OpReadExtent:     {name: "read_extent", epoch: true, offset: true, flags: flagsClass},
+	OpDirty:          {name: "dirty", offset: true, length: true, maxLength: MaxDirtyPerReply},
+	OpMarkClean:      {name: "mark_clean", epoch: true, offset: true},
+	OpInfo:           {name: "info", flags: FlagGeneration},
+	OpPing:           {name: "ping"},
+	OpRehash:         {name: "rehash", epoch: true, offset: true, length: true, flags: flagsClass},
+	OpSnapshot:       {name: "snapshot", epoch: true, payload: payloadIsSnapID},
+	OpDeleteSnapshot: {name: "delete_snapshot", epoch: true, payload: payloadIsSnapID},
+	OpReadSnapshot:   {name: "read_snapshot", epoch: true, offset: true, length: true, maxLength: MaxPayload, payload: payloadIsSnapID},
 }
 
 // Limits that keep a reply within MaxPayload.
@@ -287,6 +308,10 @@ func ValidateRequest(h RequestHeader) error {
 	case payloadIsOpenID:
 		if h.PayloadLen == 0 || h.PayloadLen > MaxIDLen {
 			return bad("replica id of %d bytes, want 1-%d", h.PayloadLen, MaxIDLen)
+		}
+	case payloadIsSnapID:
+		if h.PayloadLen == 0 || h.PayloadLen > MaxSnapshotIDLen {
+			return bad("snapshot id of %d bytes, want 1-%d", h.PayloadLen, MaxSnapshotIDLen)
 		}
 	}
 	return nil

@@ -779,6 +779,33 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 		return reply{payload: AppendUint64s(make([]byte, 0, 8*len(list)), list)}, nil
 	case OpMarkClean:
 		return reply{}, r.MarkClean(h.Epoch, h.Offset)
+	case OpSnapshot:
+		id := string(*payload)
+		if err := r.Snapshot(h.Epoch, id); err != nil {
+			return reply{}, err
+		}
+		c.log.Info("snapshot taken", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id), zap.Uint64("epoch", h.Epoch))
+		return reply{}, nil
+	case OpDeleteSnapshot:
+		id := string(*payload)
+		start := time.Now()
+		if err := r.DeleteSnapshot(h.Epoch, id, nil); err != nil {
+			return reply{}, err
+		}
+		c.log.Info("snapshot deleted", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id),
+			zap.Uint64("epoch", h.Epoch), zap.Duration("took", time.Since(start)))
+		return reply{}, nil
+	case OpReadSnapshot:
+		buf := getBuf(int(h.Length))
+		var p []byte
+		if buf != nil {
+			p = *buf
+		}
+		if err := r.ReadSnapshotAt(h.Epoch, string(*payload), p, h.Offset); err != nil {
+			putBuf(buf)
+			return reply{}, err
+		}
+		return reply{payload: p, buf: buf}, nil
 	case OpInfo:
 		if h.Flags&FlagGeneration != 0 {
 			return reply{payload: AppendInfoGeneration(nil, r.Info())}, nil

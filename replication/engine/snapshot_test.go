@@ -1,0 +1,138 @@
+package engine
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// TestSnapshotIsAConsistentCut: a snapshot taken while writers stream
+// acknowledged writes holds every write acknowledged before Snapshot was
+// called and none that started after it returned, and every replica holds
+// the same snapshot. Then the volume goes on, the snapshot keeps its
+// contents, and deleting it leaves the volume as it was.
+func TestSnapshotIsAConsistentCut(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v := r.createVolume("snap", 8*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+
+	const block = 4096
+	blocks := v.SizeBytes / block
+	// Each write fills one block, never written before, with its number.
+	var next atomic.Uint64 // the next block to write
+	type span struct{ started, acked atomic.Bool }
+	state := make([]span, blocks)
+	var stop atomic.Bool
+	var wg sync.WaitGroup
+	var writeErr atomic.Value
+	for range 4 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			p := make([]byte, block)
+			for !stop.Load() {
+				b := next.Add(1) - 1
+				if b >= blocks {
+					return
+				}
+				binary.BigEndian.PutUint64(p, b+1)
+				state[b].started.Store(true)
+				if err := e.WriteAt(ctx, p, b*block, false); err != nil {
+					writeErr.Store(err)
+					return
+				}
+				state[b].acked.Store(true)
+			}
+		}()
+	}
+	for next.Load() < blocks/4 { // let the writers get going
+		time.Sleep(time.Millisecond)
+	}
+	ackedBefore := make([]bool, blocks)
+	for b := range blocks {
+		ackedBefore[b] = state[b].acked.Load()
+	}
+	if err := e.Snapshot(ctx, "cut"); err != nil {
+		t.Fatalf("Snapshot: %v", err)
+	}
+	startedAfter := make([]bool, blocks)
+	for b := range blocks {
+		startedAfter[b] = !state[b].started.Load()
+	}
+	stop.Store(true)
+	wg.Wait()
+	if err, _ := writeErr.Load().(error); err != nil {
+		t.Fatalf("a write failed: %v", err)
+	}
+
+	var first []byte
+	for _, rep := range v.Replicas {
+		rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, v.SizeBytes)
+		if err := rr.ReadSnapshotAt(e.Epoch(), "cut", got, 0); err != nil {
+			t.Fatalf("replica %s: read the snapshot: %v", rep.ID, err)
+		}
+		if first == nil {
+			first = got
+		} else if !bytes.Equal(first, got) {
+			t.Fatalf("replica %s holds another snapshot than %s", rep.ID, v.Replicas[0].ID)
+		}
+	}
+	var in, out int
+	for b := range blocks {
+		n := binary.BigEndian.Uint64(first[b*block:])
+		switch {
+		case ackedBefore[b] && n != b+1:
+			t.Fatalf("block %d was acknowledged before the snapshot and is not in it (holds %d)", b, n)
+		case startedAfter[b] && n != 0:
+			t.Fatalf("block %d was written after the snapshot and is in it", b)
+		}
+		if ackedBefore[b] {
+			in++
+		}
+		if startedAfter[b] {
+			out++
+		}
+	}
+	if in == 0 || out == 0 {
+		t.Fatalf("the cut did not fall inside the stream (%d blocks before it, %d after)", in, out)
+	}
+
+	// The engine reads the snapshot too, and the volume goes on.
+	p := make([]byte, block)
+	if err := e.ReadSnapshotAt(ctx, "cut", p, 0); err != nil || !bytes.Equal(p, first[:block]) {
+		t.Fatalf("engine read of the snapshot: %v", err)
+	}
+	volume := make([]byte, v.SizeBytes)
+	if err := e.ReadAt(ctx, volume, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Snapshot(ctx, "cut"); err != nil {
+		t.Fatalf("a retried snapshot: %v", err)
+	}
+	if err := e.Snapshot(ctx, "../bad"); !errors.Is(err, replica.ErrInvalidArgument) {
+		t.Fatalf("a bad snapshot id: %v, want ErrInvalidArgument", err)
+	}
+	if err := e.DeleteSnapshot(ctx, "cut"); err != nil {
+		t.Fatalf("DeleteSnapshot: %v", err)
+	}
+	after := make([]byte, v.SizeBytes)
+	if err := e.ReadAt(ctx, after, 0); err != nil || !bytes.Equal(after, volume) {
+		t.Fatalf("the volume changed when its snapshot was deleted (%v)", err)
+	}
+	if err := e.ReadSnapshotAt(ctx, "cut", p, 0); !errors.Is(err, replica.ErrNotFound) {
+		t.Fatalf("read of a deleted snapshot: %v, want ErrNotFound", err)
+	}
+	r.healthyIdentical(v.ID, volume)
+}
