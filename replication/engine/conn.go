@@ -31,6 +31,7 @@ type replicaConn interface {
 	// Snapshot, DeleteSnapshot and ReadSnapshotAt: see the replica's
 	// methods of those names.
 	Snapshot(ctx context.Context, epoch uint64, id string) error
+	PrepareSnapshot(ctx context.Context, epoch uint64) error
 	DeleteSnapshot(ctx context.Context, epoch uint64, id string) error
 	ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error
 	Close() error
@@ -125,6 +126,9 @@ func (l localReplica) Info(context.Context) (replica.Info, error) { return l.r.I
 
 func (l localReplica) Snapshot(_ context.Context, epoch uint64, id string) error {
 	return l.r.Snapshot(epoch, id)
+}
+func (l localReplica) PrepareSnapshot(_ context.Context, epoch uint64) error {
+	return l.r.PrepareSnapshot(epoch)
 }
 func (l localReplica) DeleteSnapshot(_ context.Context, epoch uint64, id string) error {
 	return l.r.DeleteSnapshot(epoch, id, nil)

@@ -23,7 +23,7 @@ import (
 // rig is a real volume store (one raft member on TCP) and real replica
 // servers on 127.0.0.1, one per storage node, with their data in t.TempDir.
 type rig struct {
-	t       *testing.T
+	t       testing.TB
 	log     *zap.Logger
 	agent   *meta.Agent
 	meta    *meta.Client
@@ -39,7 +39,7 @@ type replicaServer struct {
 	dir  string
 }
 
-func newRig(t *testing.T, nodes int) *rig {
+func newRig(t testing.TB, nodes int) *rig {
 	t.Helper()
 	log := zaptest.NewLogger(t, zaptest.Level(zap.WarnLevel))
 	agent, c := testrig.StartStore(t, log)

@@ -29,6 +29,22 @@ import (
 // An invalid id, or a replica at its limit of layers, fails the snapshot
 // with replica.ErrInvalidArgument and changes nothing else.
 func (e *Engine) Snapshot(ctx context.Context, id string) error {
+	// While writes go on (the read lock), the replicas make the files of
+	// their next head (PREPARE_SNAP) and the bulk of the flushing happens,
+	// as for a clean point: what is left under the write lock is to sync
+	// what came in meanwhile and record the new head, and writes wait that
+	// much less. Errors here are left to the steps under the write lock.
+	e.mu.RLock()
+	if e.usable() == nil && !e.unresolvedFlush && len(e.unresolved) == 0 {
+		epoch := e.epoch
+		e.fanOutWith(ctx, e.members, func(ctx context.Context, m *member) error {
+			if m.healthy() {
+				_ = m.client.PrepareSnapshot(ctx, epoch) // optional: Snapshot makes the files if need be
+			}
+			return m.client.Flush(ctx, epoch)
+		}, false)
+	}
+	e.mu.RUnlock()
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.usable(); err != nil {

@@ -42,6 +42,7 @@ import (
 	"path/filepath"
 	"runtime/debug"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"unsafe"
 
@@ -115,6 +116,11 @@ type Chain struct {
 	// touched has a bit per page of the head's pending bits that MarkHeld
 	// wrote to since the last Sync, so that Sync does not scan the rest.
 	touched []uint32
+	// spare is the stem of files made ahead for the next head
+	// (PrepareSpare), for a volume of spareBlocks blocks; "" if none.
+	spareMu     sync.Mutex
+	spare       string
+	spareBlocks uint64
 }
 
 type layer struct {
@@ -663,9 +669,17 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	if err := c.Sync(syncData); err != nil {
 		return err
 	}
-	stem := NewStem()
+	stem, err := c.takeSpare()
+	if err != nil {
+		return err
+	}
+	if stem == "" {
+		if stem, err = c.makeHeadFiles(prepare); err != nil {
+			return err
+		}
+	}
 	nl := &layer{Entry: Entry{Stem: stem}}
-	f, err := os.OpenFile(c.path(stem, mapKind), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	f, err := os.OpenFile(c.path(stem, mapKind), os.O_RDWR, 0)
 	if err != nil {
 		return err
 	}
@@ -673,15 +687,6 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	fail := func(err error) error {
 		_ = nl.unmap() // the files are strays now; the next Open removes them
 		return err
-	}
-	if err := f.Truncate(int64(mapBytes(c.blocks))); err != nil {
-		return fail(err)
-	}
-	if err := f.Sync(); err != nil {
-		return fail(err)
-	}
-	if err := prepare(stem); err != nil {
-		return fail(fmt.Errorf("layer: prepare the new head %s: %w", stem, err))
 	}
 	entries := c.Entries()
 	entries[len(entries)-1].ID = id
@@ -709,6 +714,62 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	}
 	c.layers = append(c.layers, nl)
 	return nil
+}
+
+// makeHeadFiles creates the files of a new head: its empty map, durably,
+// and through prepare the caller's. Until a record lists them they are
+// strays, which the next Open removes.
+func (c *Chain) makeHeadFiles(prepare func(stem string) error) (string, error) {
+	stem := NewStem()
+	if err := atomicfile.CreateSized(c.path(stem, mapKind), int64(mapBytes(c.blocks))); err != nil {
+		return "", err
+	}
+	if err := prepare(stem); err != nil {
+		c.removeFiles(stem)
+		return "", fmt.Errorf("layer: prepare the new head %s: %w", stem, err)
+	}
+	return stem, nil
+}
+
+// removeFiles removes the files of a layer that no record lists, as far as
+// it can (what is left, the next Open removes).
+func (c *Chain) removeFiles(stem string) {
+	for _, kind := range append([]string{mapKind}, c.kinds...) {
+		_ = os.Remove(c.path(stem, kind))
+	}
+}
+
+// PrepareSpare makes the files of the next head ahead of the next Seal,
+// which then only has to record them: creating and syncing files is most
+// of the time a seal takes, and a seal holds writes. The replica calls it
+// after a seal, in the background. Callers hold the chain shared (no Seal
+// or Grow running); concurrent calls make one spare.
+func (c *Chain) PrepareSpare(prepare func(stem string) error) error {
+	c.spareMu.Lock()
+	defer c.spareMu.Unlock()
+	if c.spare != "" {
+		return nil
+	}
+	stem, err := c.makeHeadFiles(prepare)
+	if err != nil {
+		return err
+	}
+	c.spare, c.spareBlocks = stem, c.blocks
+	return nil
+}
+
+// takeSpare returns the spare head's stem ("" if there is none), removing
+// a spare made for another size of volume.
+func (c *Chain) takeSpare() (string, error) {
+	c.spareMu.Lock()
+	defer c.spareMu.Unlock()
+	stem := c.spare
+	c.spare = ""
+	if stem != "" && c.spareBlocks != c.blocks {
+		c.removeFiles(stem)
+		return "", nil
+	}
+	return stem, nil
 }
 
 func (c *Chain) find(id string) int {

@@ -470,6 +470,13 @@ func (c *Client) Snapshot(ctx context.Context, epoch uint64, id string) error {
 	return err
 }
 
+// PrepareSnapshot makes the files of the next snapshot's head ahead of it.
+// See Replica.PrepareSnapshot.
+func (c *Client) PrepareSnapshot(ctx context.Context, epoch uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpPrepareSnap, Epoch: epoch}, nil, nil)
+	return err
+}
+
 // DeleteSnapshot removes snapshot id; it returns when the snapshot's unique
 // data has moved. See Replica.DeleteSnapshot.
 func (c *Client) DeleteSnapshot(ctx context.Context, epoch uint64, id string) error {

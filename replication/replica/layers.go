@@ -237,18 +237,7 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 		}
 		return r.syncSums()
 	}
-	checksums := r.sums != nil
-	prepare := func(stem string) error {
-		path := func(kind string) string { return filepath.Join(r.dir, stem+"."+kind) }
-		if err := createSized(path(dataFileName), r.size); err != nil {
-			return err
-		}
-		if checksums {
-			return createSumsFileAt(path(sumsFileName), r.size)
-		}
-		return nil
-	}
-	if err := r.chain.Seal(id, syncData, prepare); err != nil {
+	if err := r.chain.Seal(id, syncData, r.makeHeadFiles); err != nil {
 		if errors.Is(err, layer.ErrExists) {
 			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrSnapshotExists)
 		}
@@ -266,6 +255,35 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 		r.closed = true
 		_ = r.closeLayers()
 		return fmt.Errorf("replica %s: snapshot %s taken, but the new head cannot be opened (reopen the replica): %w", r.id, id, err)
+	}
+	return nil
+}
+
+// makeHeadFiles creates the data file (and the sums file, if the replica
+// keeps checksums) of a new head under stem, empty, durably.
+func (r *Replica) makeHeadFiles(stem string) error {
+	path := func(kind string) string { return filepath.Join(r.dir, stem+"."+kind) }
+	if err := createSized(path(dataFileName), r.size); err != nil {
+		return err
+	}
+	if r.sums != nil {
+		return createSumsFileAt(path(sumsFileName), r.size)
+	}
+	return nil
+}
+
+// PrepareSnapshot makes the files of the next snapshot's new head ahead of
+// it, while writes go on, so that Snapshot, which holds writes, only has
+// to record them (layer.Chain.PrepareSpare). Optional: Snapshot makes them
+// itself if they are not there.
+func (r *Replica) PrepareSnapshot(epoch uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	if err := r.chain.PrepareSpare(r.makeHeadFiles); err != nil {
+		return fmt.Errorf("replica %s: prepare a snapshot: %w", r.id, err)
 	}
 	return nil
 }

@@ -45,43 +45,59 @@ func fillReplica(b *testing.B, dir string, size uint64) *Replica {
 // snapshot copies nothing. Reports p50 and p99 in ms beside ns/op.
 func BenchmarkSnapshotCreate(b *testing.B) {
 	for _, size := range []uint64{1 << 30, 16 << 30} {
-		b.Run(fmt.Sprintf("size=%dGiB", size>>30), func(b *testing.B) {
-			var r *Replica
-			fresh := func() {
-				if r != nil {
-					if err := r.Remove(); err != nil {
-						b.Fatal(err)
-					}
-				}
-				r = fillReplica(b, b.TempDir(), size)
-			}
-			fresh()
-			defer func() { _ = r.Remove() }()
-			p := randBytes(SumBlockSize, 2)
-			rng := rand.New(rand.NewPCG(1, 2))
-			var took []time.Duration
-			n := 0
-			for b.Loop() {
-				if len(r.Snapshots()) >= 200 { // under the default limit of layers
-					b.StopTimer()
-					fresh()
-					b.StartTimer()
-				}
-				if err := r.WriteAt(1, p, rng.Uint64N(size/SumBlockSize)*SumBlockSize, false); err != nil {
-					b.Fatal(err)
-				}
-				t0 := time.Now()
-				if err := r.Snapshot(1, fmt.Sprint("s", n)); err != nil {
-					b.Fatal(err)
-				}
-				took = append(took, time.Since(t0))
-				n++
-			}
-			slices.Sort(took)
-			b.ReportMetric(float64(took[len(took)/2])/1e6, "p50-ms")
-			b.ReportMetric(float64(took[len(took)*99/100])/1e6, "p99-ms")
-		})
+		for _, prepared := range []bool{false, true} {
+			b.Run(fmt.Sprintf("size=%dGiB/prepared=%v", size>>30, prepared), func(b *testing.B) {
+				benchSnapshotCreate(b, size, prepared)
+			})
+		}
 	}
+}
+
+// benchSnapshotCreate times Snapshot; prepared: with the next head's files
+// made beforehand (PrepareSnapshot, untimed), as the engine does while
+// writes go on.
+func benchSnapshotCreate(b *testing.B, size uint64, prepared bool) {
+	var r *Replica
+	fresh := func() {
+		if r != nil {
+			if err := r.Remove(); err != nil {
+				b.Fatal(err)
+			}
+		}
+		r = fillReplica(b, b.TempDir(), size)
+	}
+	fresh()
+	defer func() { _ = r.Remove() }()
+	p := randBytes(SumBlockSize, 2)
+	rng := rand.New(rand.NewPCG(1, 2))
+	var took []time.Duration
+	n := 0
+	for b.Loop() {
+		if len(r.Snapshots()) >= 200 { // under the default limit of layers
+			b.StopTimer()
+			fresh()
+			b.StartTimer()
+		}
+		if err := r.WriteAt(1, p, rng.Uint64N(size/SumBlockSize)*SumBlockSize, false); err != nil {
+			b.Fatal(err)
+		}
+		if prepared {
+			b.StopTimer()
+			if err := r.PrepareSnapshot(1); err != nil {
+				b.Fatal(err)
+			}
+			b.StartTimer()
+		}
+		t0 := time.Now()
+		if err := r.Snapshot(1, fmt.Sprint("s", n)); err != nil {
+			b.Fatal(err)
+		}
+		took = append(took, time.Since(t0))
+		n++
+	}
+	slices.Sort(took)
+	b.ReportMetric(float64(took[len(took)/2])/1e6, "p50-ms")
+	b.ReportMetric(float64(took[len(took)*99/100])/1e6, "p99-ms")
 }
 
 // BenchmarkLayeredRandIO: 4 KiB random writes and reads on a 256 MiB volume

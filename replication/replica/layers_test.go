@@ -451,3 +451,59 @@ func TestSnapshotOpsOverNetwork(t *testing.T) {
 		t.Fatalf("SNAPSHOT with a too long id: %v, want ErrInvalidArgument", err)
 	}
 }
+
+// TestPreparedSnapshot: files made ahead by PrepareSnapshot serve the next
+// snapshot; unused, they are removed when the replica opens again.
+func TestPreparedSnapshot(t *testing.T) {
+	dir := t.TempDir()
+	r := openLayered(t, dir, true)
+	strays := func() []string {
+		m, err := filepath.Glob(filepath.Join(dir, "r1", "layer-*"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	if err := r.PrepareSnapshot(1); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(strays()); n != 3 {
+		t.Fatalf("PrepareSnapshot made %d files, want 3 (data, sums, map)", n)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	r, err := Open(dir, "r1", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got := strays(); len(got) != 0 {
+		t.Fatalf("unused prepared files left after reopening: %v", got)
+	}
+	a := randBytes(testSize, 30)
+	if err := r.WriteAt(1, a, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.PrepareSnapshot(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if n := len(strays()); n != 3 {
+		t.Fatalf("after a prepared snapshot %d layer files, want the 3 of the new head", n)
+	}
+	if err := r.PrepareSnapshot(1); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "s2"); err != nil {
+		t.Fatal(err)
+	}
+	if i := firstDiff(readSnap(t, r, "s2"), a); i >= 0 {
+		t.Fatalf("snapshot s2 differs at byte %d", i)
+	}
+	if n := len(strays()); n != 6 {
+		t.Fatalf("%d layer files, want 6 (the sealed s2 layer's and the new head's)", n)
+	}
+}

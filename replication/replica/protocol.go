@@ -61,6 +61,7 @@ import (
 //	                                                       id
 //	READ_SNAP     yes    byte offset     bytes             snapshot   the data
 //	                                                       id
+//	PREPARE_SNAP  yes    -               -                 -          -
 //
 // A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
 // each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
@@ -71,7 +72,10 @@ import (
 // extents from their data (resync after an unclean stop). SNAPSHOT seals
 // the replica's contents as a snapshot (docs/snapshots.md), DELETE_SNAP
 // removes one (it runs until the snapshot's unique data has moved),
-// READ_SNAP reads one. A server older than these ops answers BadRequest.
+// READ_SNAP reads one, PREPARE_SNAP makes the files of the next
+// snapshot's head ahead of it (so that SNAPSHOT, which the engine sends
+// with writes held, has less to do). A server older than these ops
+// answers BadRequest.
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
@@ -142,7 +146,8 @@ const (
 	OpSnapshot       Op = 16
 	OpDeleteSnapshot Op = 17
 	OpReadSnapshot   Op = 18
-	opLimit             = 19 // one past the highest op
+	OpPrepareSnap    Op = 19
+	opLimit             = 20 // one past the highest op
 )
 
 // opSpec says which header fields an op uses; unused fields must be 0.
@@ -188,6 +193,7 @@ var opSpecs = [opLimit]opSpec{
 	OpSnapshot:       {name: "snapshot", epoch: true, payload: payloadIsSnapID},
 	OpDeleteSnapshot: {name: "delete_snapshot", epoch: true, payload: payloadIsSnapID},
 	OpReadSnapshot:   {name: "read_snapshot", epoch: true, offset: true, length: true, maxLength: MaxPayload, payload: payloadIsSnapID},
+	OpPrepareSnap:    {name: "prepare_snapshot", epoch: true},
 }
 
 // Limits that keep a reply within MaxPayload.

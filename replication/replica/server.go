@@ -786,6 +786,8 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 		}
 		c.log.Info("snapshot taken", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id), zap.Uint64("epoch", h.Epoch))
 		return reply{}, nil
+	case OpPrepareSnap:
+		return reply{}, r.PrepareSnapshot(h.Epoch)
 	case OpDeleteSnapshot:
 		id := string(*payload)
 		start := time.Now()

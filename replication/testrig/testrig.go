@@ -34,7 +34,7 @@ type Rig struct {
 
 // StartStore starts a store of one member, "meta-1", that holds no
 // replicas, and a client of it; both stop when the test ends.
-func StartStore(t *testing.T, log *zap.Logger) (*meta.Agent, *meta.Client) {
+func StartStore(t testing.TB, log *zap.Logger) (*meta.Agent, *meta.Client) {
 	t.Helper()
 	store, err := meta.StartAgent(meta.AgentConfig{
 		Store:   meta.StoreConfig{NodeID: "meta-1", DataDir: filepath.Join(t.TempDir(), "meta"), RaftBind: "127.0.0.1:0", TimeoutMultiplier: 0.2, Logger: log},
