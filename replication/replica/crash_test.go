@@ -1,0 +1,136 @@
+package replica
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// childEnv names what a re-executed test binary does instead of running
+// the tests: "delete-snapshot DIR ID", the child of
+// TestKillDuringSnapshotDeletion.
+const childEnv = "CAIRN_REPLICA_TEST_CHILD"
+
+// runChild plays the child process of a crash test and returns its exit
+// code. It prints "step N" after each step, for the parent to kill it at.
+func runChild(what string) int {
+	f := strings.Fields(what)
+	if len(f) != 3 || f[0] != "delete-snapshot" {
+		fmt.Fprintln(os.Stderr, "unknown child:", what)
+		return 2
+	}
+	r, err := Open(f[1], "r1", 0, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	step := 0
+	err = r.DeleteSnapshot(1, f[2], func(done, total uint64) {
+		step++
+		fmt.Printf("step %d\n", step)
+		time.Sleep(20 * time.Millisecond) // leave the parent time to kill mid-way
+	})
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	fmt.Println("done")
+	return 0
+}
+
+// TestKillDuringSnapshotDeletion: a process deleting a snapshot is killed
+// (SIGKILL) partway; the replica, opened again, reads as before (the head
+// and the other snapshot), the deleted snapshot is still listed, and a new
+// deletion finishes the work.
+func TestKillDuringSnapshotDeletion(t *testing.T) {
+	const size = 64 << 20 // 16 merge steps
+	dir := t.TempDir()
+	r, err := OpenWith(dir, "r1", size, 0, CreateOptions{Checksums: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	claimed(t, r, 1)
+	head := make([]byte, size)
+	write := func(p []byte, off int) {
+		if err := r.WriteAt(1, p, uint64(off), false); err != nil {
+			t.Fatal(err)
+		}
+		copy(head[off:], p)
+	}
+	write(randBytes(size, 40), 0)
+	if err := r.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	write(randBytes(size/2, 41), size/4+100)
+	if err := r.Snapshot(1, "b"); err != nil {
+		t.Fatal(err)
+	}
+	snapB := bytes.Clone(head)
+	write(randBytes(size/4, 42), 3*size/4-7)
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"=delete-snapshot "+dir+" a")
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(out)
+	killed := false
+	for lines.Scan() {
+		if lines.Text() == "step 5" {
+			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			killed = true
+			break
+		}
+	}
+	err = cmd.Wait()
+	if !killed {
+		t.Fatalf("the child did not reach step 5 (%v): %s", err, stderr.String())
+	}
+
+	r, err = Open(dir, "r1", 0, 0)
+	if err != nil {
+		t.Fatalf("reopen after the kill: %v", err)
+	}
+	defer r.Close()
+	check := func(when string) {
+		t.Helper()
+		if i := firstDiff(readAll(t, r, 1), head); i >= 0 {
+			t.Fatalf("%s: the volume differs at byte %d", when, i)
+		}
+		if i := firstDiff(readSnap(t, r, "b"), snapB); i >= 0 {
+			t.Fatalf("%s: snapshot b differs at byte %d", when, i)
+		}
+	}
+	check("after the kill")
+	if got := r.Snapshots(); strings.Join(got, ",") != "a,b" {
+		t.Fatalf("after the kill: Snapshots() = %v, want a, b (the deletion did not finish)", got)
+	}
+	if err := r.DeleteSnapshot(1, "a", nil); err != nil {
+		t.Fatalf("resumed deletion: %v", err)
+	}
+	check("after the resumed deletion")
+	if got := r.Snapshots(); strings.Join(got, ",") != "b" {
+		t.Fatalf("Snapshots() = %v, want b", got)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "r1", dataFileName)); !os.IsNotExist(err) {
+		t.Fatalf("the deleted bottom layer's data file is still there: %v", err)
+	}
+}
