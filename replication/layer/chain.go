@@ -31,7 +31,6 @@ package layer
 
 import (
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -80,6 +79,10 @@ var (
 	ErrCorrupt       = errors.New("layer: chain record or map file is damaged")
 	ErrInvalid       = errors.New("layer: invalid argument")
 	ErrUnmerged      = errors.New("layer: the layer still holds blocks its child does not")
+	// ErrReopen: a Seal failed after its commit point may have passed;
+	// the chain in memory may not be the one on disk. Close and open it
+	// again.
+	ErrReopen = errors.New("layer: the chain must be opened again")
 )
 
 // Entry names one layer of a chain.
@@ -92,6 +95,9 @@ type Entry struct {
 	// directory (Stem.map, Stem.data, …); empty for the layer that
 	// predates chains, whose files are "data" and "sums".
 	Stem string `json:"stem,omitempty"`
+	// Deleting: the layer's snapshot is being deleted (MarkDeleting); its
+	// data may be partly freed, so it must not be read as a snapshot.
+	Deleting bool `json:"deleting,omitempty"`
 }
 
 type record struct {
@@ -105,6 +111,7 @@ type record struct {
 // chain to themselves (no Spans or MarkHeld running).
 type Chain struct {
 	dir       string
+	size      uint64 // the volume's, in bytes
 	blocks    uint64
 	maxLayers int
 	kinds     []string
@@ -116,6 +123,7 @@ type Chain struct {
 	// touched has a bit per page of the head's pending bits that MarkHeld
 	// wrote to since the last Sync, so that Sync does not scan the rest.
 	touched []uint32
+	syncMu  sync.Mutex // one Sync at a time
 	// spare is the stem of files made ahead for the next head
 	// (PrepareSpare), for a volume of spareBlocks blocks; "" if none.
 	spareMu     sync.Mutex
@@ -161,7 +169,7 @@ func Open(dir string, size uint64, opts Options) (*Chain, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Chain{dir: dir, blocks: blocksOf(size), maxLayers: maxLayers, kinds: opts.Kinds}
+	c := &Chain{dir: dir, size: size, blocks: blocksOf(size), maxLayers: maxLayers, kinds: opts.Kinds}
 	for i, e := range entries {
 		l := &layer{Entry: e}
 		c.layers = append(c.layers, l)
@@ -415,6 +423,13 @@ func (l *layer) load(b uint64) uint32 {
 
 func (l *layer) has(b uint64) bool { return l.load(b)&(1<<(b%32)) != 0 }
 
+// hasDurable is has without the pending bits: the layer holds the block
+// in a way a crash keeps.
+func (l *layer) hasDurable(b uint64) bool {
+	w := word(l.bits, b)
+	return w != nil && atomic.LoadUint32(w)&(1<<(b%32)) != 0
+}
+
 // anyInGranule reports whether l holds any block of granule g (16 blocks:
 // half of one word).
 func (l *layer) anyInGranule(g uint64) bool {
@@ -590,7 +605,13 @@ func (c *Chain) MarkHeld(off, n uint64) error {
 // syncs the map. A write that the crash caught before a Sync reads as its
 // old contents, as from a disk that lost its cache. Reads see a moved bit
 // throughout: it is set in the map before it is cleared from pending.
+//
+// Syncs run one at a time: a Sync that found nothing to move while another
+// still held bits waiting for its data sync would otherwise return before
+// writes that completed ahead of it were recorded.
 func (c *Chain) Sync(syncData func() error) error {
+	c.syncMu.Lock()
+	defer c.syncMu.Unlock()
 	if len(c.layers) == 1 {
 		return syncData()
 	}
@@ -684,15 +705,15 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 		return err
 	}
 	nl.mapFile = f
-	fail := func(err error) error {
-		_ = nl.unmap() // the files are strays now; the next Open removes them
-		return err
-	}
 	entries := c.Entries()
 	entries[len(entries)-1].ID = id
 	entries = append(entries, nl.Entry)
 	if err := c.writeRecord(entries); err != nil {
-		return fail(fmt.Errorf("layer: record the sealed chain: %w", err))
+		// The record may have been replaced before the error (a failed
+		// sync of the directory after the rename): which chain is on disk
+		// is unknown, so the chain must be opened again.
+		_ = nl.unmap()
+		return fmt.Errorf("%w: record the sealed chain: %v", ErrReopen, err)
 	}
 	old := c.layers[len(c.layers)-1]
 	old.ID = id
@@ -710,7 +731,7 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	if err != nil {
 		// The record names the new head already; the next Open maps it.
 		_ = nl.unmap()
-		return fmt.Errorf("layer: the chain is sealed but its new head cannot be used until reopened: %w", err)
+		return fmt.Errorf("%w: the chain is sealed but its new head cannot be used: %v", ErrReopen, err)
 	}
 	c.layers = append(c.layers, nl)
 	return nil
@@ -797,6 +818,7 @@ func (c *Chain) Grow(size uint64) error {
 		return fmt.Errorf("%w: shrink from %d to %d blocks", ErrInvalid, c.blocks, blocks)
 	}
 	if blocks == c.blocks {
+		c.size = max(c.size, size)
 		return nil
 	}
 	if len(c.layers) > 1 {
@@ -807,24 +829,27 @@ func (c *Chain) Grow(size uint64) error {
 		if err := head.mapFile.Sync(); err != nil {
 			return err
 		}
-		if head.bits != nil {
-			if err := unix.Munmap(head.bits); err != nil {
-				return err
-			}
-			head.bits = nil
-		}
-		if err := mapFile(head, unix.PROT_READ|unix.PROT_WRITE); err != nil {
+		// The new mappings are made before the old ones go, so that a
+		// failure leaves the head as it was (its map file only longer).
+		nl := &layer{Entry: head.Entry, mapFile: head.mapFile}
+		if err := mapFile(nl, unix.PROT_READ|unix.PROT_WRITE); err != nil {
 			return err
 		}
-		old := head.pending
-		if err := c.newPending(head, old); err != nil {
+		oldBits, oldPending, oldTouched := head.bits, head.pending, c.touched
+		if err := c.newPending(nl, oldPending); err != nil {
+			_ = unix.Munmap(nl.bits)
+			c.touched = oldTouched
 			return err
 		}
-		if old != nil {
-			_ = unix.Munmap(old) // copied; only fails on a bad address
+		head.bits, head.pending = nl.bits, nl.pending
+		if oldBits != nil {
+			_ = unix.Munmap(oldBits) // only fails on a bad address
+		}
+		if oldPending != nil {
+			_ = unix.Munmap(oldPending)
 		}
 	}
-	c.blocks = blocks
+	c.size, c.blocks = size, blocks
 	top := make([]uint32, (c.granules()+1)/2)
 	copy(top, c.top)
 	c.top = top
@@ -889,10 +914,7 @@ func randomHex() string {
 func (l *layer) popcount(blocks uint64) uint64 {
 	var n uint64
 	for i := uint64(0); i+4 <= uint64(len(l.bits)) && i/4*32 < blocks; i += 4 {
-		w := binary.LittleEndian.Uint32(l.bits[i:])
-		if l.pending != nil {
-			w |= binary.LittleEndian.Uint32(l.pending[i:])
-		}
+		w := l.load(i / 4 * 32)
 		if rest := blocks - i/4*32; rest < 32 {
 			w &= 1<<rest - 1
 		}

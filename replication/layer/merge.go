@@ -46,26 +46,39 @@ func (c *Chain) Shared(i int) (bool, error) {
 // Granules returns the number of index granules: the range of MergeRange.
 func (c *Chain) Granules() uint64 { return c.granules() }
 
+// PrepareMerge readies layer k's merge into its child: it checks that the
+// child is not shared and maps the child's map writable. The caller holds
+// the chain to itself (the old mapping goes away under no reader), and
+// then runs MergeRange over the volume and FinishMerge.
+func (c *Chain) PrepareMerge(k int) error {
+	if err := c.checkMerge(k); err != nil {
+		return err
+	}
+	return c.writableMap(k + 1)
+}
+
 // MergeRange moves the blocks of granules [g0, g1) that layer k holds and
-// its child does not into the child. move copies layer k's bytes [off,
-// off+n) into the child's files (a hole may be punched rather than
-// copied); sync makes what move wrote durable. It returns the bytes moved.
-// The caller keeps writes out of the range while it runs (the child may be
-// the head).
+// its child does not durably hold into the child. move copies layer k's
+// bytes [off, off+n) into the child's files (a hole may be punched rather
+// than copied); sync makes what move wrote durable. It returns the bytes
+// moved. Only the child's durable bits count: if the child is the head,
+// the caller syncs it first (Sync) and keeps writes out while the range
+// is merged, or a block written but not yet synced there would lose its
+// older copy here. PrepareMerge came first. One merge at a time.
 func (c *Chain) MergeRange(k int, g0, g1 uint64, move func(off, n uint64) error, sync func() error) (moved uint64, err error) {
 	if err := c.checkMerge(k); err != nil {
 		return 0, err
 	}
 	g1 = min(g1, c.granules())
 	child := c.layers[k+1]
-	if err := c.writableMap(k + 1); err != nil {
-		return 0, err
+	if k+1 != len(c.layers)-1 && !child.writable {
+		return 0, fmt.Errorf("%w: merge of layer %d not prepared", ErrInvalid, k)
 	}
 	type run struct{ first, n uint64 } // in blocks
 	var runs []run
 	if err := c.guard("find the blocks to merge", func() {
 		for b := g0 * blocksPerGranule; b < min(c.blocks, g1*blocksPerGranule); b++ {
-			if child.has(b) || k > 0 && !c.layers[k].has(b) {
+			if child.hasDurable(b) || k > 0 && !c.layers[k].has(b) {
 				continue
 			}
 			if len(runs) > 0 && runs[len(runs)-1].first+runs[len(runs)-1].n == b {
@@ -81,10 +94,14 @@ func (c *Chain) MergeRange(k int, g0, g1 uint64, move func(off, n uint64) error,
 		return 0, nil
 	}
 	for _, r := range runs {
-		if err := move(r.first*BlockSize, r.n*BlockSize); err != nil {
+		// The short last block of a volume is moved as far as the volume
+		// goes: a layer's files are never longer than the volume.
+		off := r.first * BlockSize
+		n := min(r.n*BlockSize, c.size-off)
+		if err := move(off, n); err != nil {
 			return moved, err
 		}
-		moved += r.n * BlockSize
+		moved += n
 	}
 	if err := sync(); err != nil {
 		return moved, err
@@ -123,27 +140,29 @@ func (c *Chain) checkMerge(k int) error {
 
 // writableMap maps layer i's map read-write (a sealed layer's is mapped
 // read-only until a merge writes into it).
+// The new mapping is made before the old one goes, so that a failure
+// leaves the layer as it was.
 func (c *Chain) writableMap(i int) error {
 	l := c.layers[i]
 	if i == len(c.layers)-1 || l.writable {
 		return nil
 	}
-	if err := l.unmap(); err != nil {
-		return err
-	}
 	f, err := os.OpenFile(c.path(l.Stem, mapKind), os.O_RDWR, 0)
 	if err != nil {
 		return err
 	}
-	l.mapFile = f
+	nl := &layer{Entry: l.Entry, mapFile: f}
 	// The map must cover the volume: blocks past its end are set too.
 	if err := f.Truncate(int64(mapBytes(c.blocks))); err != nil {
+		_ = f.Close() // the truncate error is the one to report
 		return err
 	}
-	if err := mapFile(l, unix.PROT_READ|unix.PROT_WRITE); err != nil {
+	if err := mapFile(nl, unix.PROT_READ|unix.PROT_WRITE); err != nil {
+		_ = f.Close()
 		return err
 	}
-	l.writable = true
+	_ = l.unmap() // read-only: only fails on a bad address
+	l.mapFile, l.bits, l.writable = nl.mapFile, nl.bits, true
 	return nil
 }
 
@@ -161,7 +180,7 @@ func (c *Chain) FinishMerge(k int) error {
 	if err := c.guard("check a merge", func() {
 		child := c.layers[k+1]
 		for b := range c.blocks {
-			if !child.has(b) && (k == 0 || c.layers[k].has(b)) {
+			if !child.hasDurable(b) && (k == 0 || c.layers[k].has(b)) {
 				left++
 			}
 		}
@@ -177,6 +196,8 @@ func (c *Chain) FinishMerge(k int) error {
 	if err := c.writeRecord(entries); err != nil {
 		return fmt.Errorf("layer: record the chain without %s: %w", gone.Stem, err)
 	}
+	// Committed. What follows cannot fail in a way that matters: a file
+	// left behind is a stray, which the next Open removes.
 	l := c.layers[k]
 	c.layers = append(c.layers[:k:k], c.layers[k+1:]...)
 	for g := range c.granules() {
@@ -184,18 +205,35 @@ func (c *Chain) FinishMerge(k int) error {
 			c.setTop(g, t-1)
 		}
 	}
-	err := l.unmap()
-	if k == 0 {
+	_ = l.unmap()
+	if k == 0 && len(c.layers) > 1 {
 		// The child is the bottom now, which holds every block: its map
-		// is not read any more.
-		err = errors.Join(err, c.layers[0].unmap())
+		// is not read any more. (A head that became the bottom keeps its
+		// map: the chain of one layer does not read it either.)
+		_ = c.layers[0].unmap()
 	}
-	for _, kind := range append([]string{mapKind}, c.kinds...) {
-		if rerr := os.Remove(c.path(gone.Stem, kind)); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-			err = errors.Join(err, rerr)
-		}
+	c.removeFiles(gone.Stem)
+	return nil
+}
+
+// MarkDeleting records in the chain that layer k's snapshot is being
+// deleted, before a merge frees any of its data: from then on it is no
+// snapshot any more (Entry.Deleting), whatever happens to the merge, and
+// a restart resumes the deletion. The caller holds the chain to itself.
+func (c *Chain) MarkDeleting(k int) error {
+	if k < 0 || k >= len(c.layers)-1 {
+		return fmt.Errorf("%w: layer %d of %d", ErrInvalid, k, len(c.layers))
 	}
-	return err
+	if c.layers[k].Deleting {
+		return nil
+	}
+	entries := c.Entries()
+	entries[k].Deleting = true
+	if err := c.writeRecord(entries); err != nil {
+		return fmt.Errorf("layer: record that %s is being deleted: %w", c.layers[k].ID, err)
+	}
+	c.layers[k].Deleting = true
+	return nil
 }
 
 // Usage is what a layer occupies, in blocks: Held, the blocks it holds

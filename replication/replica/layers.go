@@ -145,9 +145,13 @@ func (r *Replica) widen(p []byte, off uint64) (w []byte, woff uint64, buf *[]byt
 	}
 	buf = getBuf(int(aend - aoff))
 	b := *buf
+	end := off + uint64(len(p))
 	for _, bo := range [...]uint64{aoff, (aend - 1) / SumBlockSize * SumBlockSize} {
-		blk := b[bo-aoff : min(bo+SumBlockSize, aend)-aoff]
-		if err := r.readBlocks(blk, bo); err != nil {
+		be := min(bo+SumBlockSize, aend)
+		if off <= bo && end >= be {
+			continue // the write covers this block whole
+		}
+		if err := r.readBlocks(b[bo-aoff:be-aoff], bo); err != nil {
 			putBuf(buf)
 			return nil, 0, nil, err
 		}
@@ -209,13 +213,13 @@ func (r *Replica) punchLayered(off, length uint64) error {
 // holds a part of the range has data there.
 func (r *Replica) isHoleLayered(off, n uint64) bool {
 	hole := true
-	_ = r.chain.Spans(off, n, func(i int, o, m uint64) error {
+	err := r.chain.Spans(off, n, func(i int, o, m uint64) error {
 		if hole && !fileHole(r.layerFilesOf(i).data, o, m) {
 			hole = false
 		}
 		return nil
 	})
-	return hole
+	return hole && err == nil // when in doubt, the caller reads the range
 }
 
 // Snapshot seals the replica's current contents as snapshot id: they stay
@@ -238,6 +242,13 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 		return r.syncSums()
 	}
 	if err := r.chain.Seal(id, syncData, r.makeHeadFiles); err != nil {
+		if errors.Is(err, layer.ErrReopen) {
+			// Which chain is on disk is unknown: this replica stops, and
+			// opening it again reads the chain that is.
+			r.closed = true
+			_ = r.closeFiles()
+			return fmt.Errorf("replica %s: snapshot %s: %w (the replica is closed; open it again)", r.id, id, err)
+		}
 		if errors.Is(err, layer.ErrExists) {
 			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrSnapshotExists)
 		}
@@ -253,7 +264,7 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 	r.data, r.sums, r.sumsMap = nil, nil, nil
 	if err := r.openHead(); err != nil {
 		r.closed = true
-		_ = r.closeLayers()
+		_ = r.closeFiles()
 		return fmt.Errorf("replica %s: snapshot %s taken, but the new head cannot be opened (reopen the replica): %w", r.id, id, err)
 	}
 	return nil
@@ -318,7 +329,7 @@ func (r *Replica) Snapshots() []string {
 	defer r.epochMu.RUnlock()
 	var ids []string
 	for _, e := range r.chain.Entries() {
-		if e.ID != "" {
+		if e.ID != "" && !e.Deleting {
 			ids = append(ids, e.ID)
 		}
 	}
@@ -336,9 +347,9 @@ func (r *Replica) ReadSnapshotAt(epoch uint64, id string, p []byte, off uint64) 
 	if err := r.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}
-	k, err := r.chain.Find(id)
+	k, err := r.snapshotLayer(id)
 	if err != nil {
-		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+		return err
 	}
 	aoff, aend := BlockSpan(off, uint64(len(p)), r.size)
 	buf := getBuf(int(aend - aoff))
@@ -357,6 +368,17 @@ func (r *Replica) ReadSnapshotAt(epoch uint64, id string, p []byte, off uint64) 
 	return nil
 }
 
+// snapshotLayer returns the position of snapshot id's layer; a snapshot
+// being deleted is no snapshot any more (ErrNotFound). Callers hold
+// epochMu.
+func (r *Replica) snapshotLayer(id string) (int, error) {
+	k, err := r.chain.Find(id)
+	if err != nil || r.chain.Entries()[k].Deleting {
+		return 0, fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+	}
+	return k, nil
+}
+
 // mergeStep is how much of the volume DeleteSnapshot moves at a time: the
 // bound on the extra space a deletion holds, and, when the layer's child is
 // the head, on how long writes wait for it. Each step ends with two
@@ -368,24 +390,20 @@ const mergeStep = 4 << 20
 // DeleteSnapshot removes snapshot id: the blocks its layer alone holds move
 // into the next layer up (whose contents stay the same), and its files are
 // removed. The cost is proportional to those blocks, not to the volume,
-// and its space comes back as it goes. Once a deletion has begun the
-// snapshot is no longer readable (its blocks fail their checksums).
-// progress, if set, is called after each step with the bytes of the volume
-// gone through and the total. A crash at any point leaves every snapshot
-// and the head reading as before, and a new DeleteSnapshot finishes the
-// work. A layer whose child is shared with another replica →
+// and its space comes back as it goes. progress, if set, is called after
+// each step with the bytes of the volume gone through and the total.
+//
+// The deletion is first recorded in the chain (layer.Chain.MarkDeleting):
+// from then on the snapshot is gone for readers and restores, whatever
+// happens to the merge, and a new DeleteSnapshot after a crash finishes
+// the work; the volume and the other snapshots read the same at every
+// point. A layer whose child is shared with another replica →
 // ErrInvalidArgument naming the sharing (the snapshot must stay).
+// Deletions of one replica run one at a time.
 func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, total uint64)) error {
-	r.epochMu.RLock()
-	k, err := r.chain.Find(id)
-	if err == nil {
-		err = r.checkEpoch(epoch)
-	}
-	r.epochMu.RUnlock()
-	if err != nil {
-		if errors.Is(err, layer.ErrNotFound) {
-			return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
-		}
+	r.mergeMu.Lock()
+	defer r.mergeMu.Unlock()
+	if err := r.prepareDelete(epoch, id); err != nil {
 		return err
 	}
 	step := uint64(mergeStep / layer.Granule)
@@ -400,45 +418,113 @@ func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, to
 	}
 	r.epochMu.Lock()
 	defer r.epochMu.Unlock()
-	if err := r.checkEpoch(epoch); err != nil {
-		return err
-	}
-	k, err = r.chain.Find(id)
+	k, err := r.findLayer(epoch, id)
 	if err != nil {
-		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+		return err
 	}
 	gone := r.below[k]
 	if err := r.chain.FinishMerge(k); err != nil {
 		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
 	}
 	r.below = append(r.below[:k:k], r.below[k+1:]...)
-	if err := gone.close(); err != nil {
-		return fmt.Errorf("replica %s: delete snapshot %s: close its files: %w", r.id, id, err)
+	_ = gone.close() // its files are gone from the chain; closing cannot matter
+	return nil
+}
+
+// findLayer checks the epoch and returns the position of snapshot id's
+// layer, deleting or not. Callers hold epochMu.
+func (r *Replica) findLayer(epoch uint64, id string) (int, error) {
+	if err := r.checkEpoch(epoch); err != nil {
+		return 0, err
+	}
+	k, err := r.chain.Find(id)
+	if err != nil {
+		return 0, fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+	}
+	return k, nil
+}
+
+// prepareDelete, with the replica to itself: records the deletion, maps
+// the child's map writable, and makes the child's files as long as the
+// volume (a layer sealed before the volume grew is shorter; the merge
+// writes up to the volume's end).
+func (r *Replica) prepareDelete(epoch uint64, id string) error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	k, err := r.findLayer(epoch, id)
+	if err != nil {
+		return err
+	}
+	if err := r.chain.PrepareMerge(k); err != nil {
+		if errors.Is(err, layer.ErrShared) {
+			return fmt.Errorf("replica %s: delete snapshot %s: %w: %v", r.id, id, ErrInvalidArgument, err)
+		}
+		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
+	}
+	if err := r.chain.MarkDeleting(k); err != nil {
+		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
+	}
+	if k+1 == r.chain.Head() {
+		return nil
+	}
+	child := &r.below[k+1]
+	if st, err := child.data.Stat(); err != nil || uint64(st.Size()) < r.size {
+		if err == nil {
+			err = extendFile(child.data, r.size)
+		}
+		if err != nil {
+			return fmt.Errorf("replica %s: delete snapshot %s: extend the next layer's data: %w", r.id, id, err)
+		}
+	}
+	if child.sums != nil && uint64(len(child.sumsMap)) < 4*sumBlocks(r.size) {
+		if err := extendFile(child.sums, 4*sumBlocks(r.size)); err != nil {
+			return fmt.Errorf("replica %s: delete snapshot %s: extend the next layer's sums: %w", r.id, id, err)
+		}
+		m, err := unix.Mmap(int(child.sums.Fd()), 0, int(4*sumBlocks(r.size)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+		if err != nil {
+			m = nil // pread and pwrite then
+		}
+		if child.sumsMap != nil {
+			_ = unix.Munmap(child.sumsMap) // only fails on a bad address
+		}
+		child.sumsMap = m
 	}
 	return nil
 }
 
 // mergeStep moves the blocks of granules [g0, g1) of snapshot id's layer
-// into its child. Writes wait while it runs if the child is the head.
+// into its child. If the child is the head, it runs with the replica to
+// itself and syncs the head first (a block written there but not synced
+// must not count as holding its older copy: a crash would forget it).
+// Otherwise writes go on meanwhile (they go to the head), and readers of
+// the child see a block's bit only once its data there was synced.
 func (r *Replica) mergeStep(epoch uint64, id string, g0, g1 uint64) error {
 	r.epochMu.RLock()
-	k, err := r.chain.Find(id)
+	k, err := r.findLayer(epoch, id)
 	childIsHead := err == nil && k+1 == r.chain.Head()
-	r.epochMu.RUnlock()
+	locked := false
+	if err == nil && childIsHead {
+		// Seals (the only other change to the chain while mergeMu is
+		// held) only move the head away, so the position holds.
+		r.epochMu.RUnlock()
+		r.epochMu.Lock()
+		locked = true
+		k, err = r.findLayer(epoch, id)
+		childIsHead = err == nil && k+1 == r.chain.Head()
+	}
+	unlock := r.epochMu.RUnlock
+	if locked {
+		unlock = r.epochMu.Unlock
+	}
 	if err != nil {
-		return fmt.Errorf("replica %s: snapshot %s: %w", r.id, id, ErrNotFound)
+		unlock()
+		return err
 	}
 	if childIsHead {
-		r.epochMu.Lock()
-		defer r.epochMu.Unlock()
-	} else {
-		// Writes go to the head; readers of the child see a block's bit
-		// only after its data was synced there.
-		r.epochMu.RLock()
-		defer r.epochMu.RUnlock()
-	}
-	if err := r.checkEpoch(epoch); err != nil {
-		return err
+		if err := r.syncHead(); err != nil {
+			unlock()
+			return err
+		}
 	}
 	from, to := r.layerFilesOf(k), r.layerFilesOf(k+1)
 	move := func(off, n uint64) error { return r.moveBlocks(from, to, off, n) }
@@ -451,21 +537,29 @@ func (r *Replica) mergeStep(epoch uint64, id string, g0, g1 uint64) error {
 		}
 		return nil
 	}
-	if _, err := r.chain.MergeRange(k, g0, g1, move, sync); err != nil {
-		if errors.Is(err, layer.ErrShared) {
-			return fmt.Errorf("replica %s: delete snapshot %s: %w: %v", r.id, id, ErrInvalidArgument, err)
-		}
+	_, err = r.chain.MergeRange(k, g0, g1, move, sync)
+	unlock()
+	if err != nil {
 		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
 	}
-	// The child now holds, or shadows, every block of the range: the
-	// layer's data there is needed by nobody in this chain. Freeing it now
-	// rather than at the end bounds the extra space of a deletion to a
-	// step. Not if another replica shares the layer. Its sums stay until
-	// the end, so that the deleted snapshot, should anything read it
-	// before a crash-interrupted deletion resumes, fails its checksums
-	// rather than reading zeros.
-	shared, err := r.chain.Shared(k)
-	if err != nil || shared {
+	return r.freeMerged(epoch, id, g0, g1)
+}
+
+// freeMerged punches the range [g0, g1) that a merge step finished out of
+// the deleted layer's data: its child now holds, or shadows, every block
+// of it, so nobody in this chain needs it, and freeing it step by step
+// bounds the extra space of a deletion to a step. It takes the replica to
+// itself: a reader or a copy-up that resolved a block to this layer before
+// the child's bit was set must finish its read first. Not if another
+// replica shares the layer.
+func (r *Replica) freeMerged(epoch uint64, id string, g0, g1 uint64) error {
+	r.epochMu.Lock()
+	defer r.epochMu.Unlock()
+	k, err := r.findLayer(epoch, id)
+	if err != nil {
+		return err
+	}
+	if shared, err := r.chain.Shared(k); err != nil || shared {
 		return err
 	}
 	off := g0 * layer.Granule
@@ -473,8 +567,8 @@ func (r *Replica) mergeStep(epoch uint64, id string, g0, g1 uint64) error {
 		return nil
 	}
 	n := min(g1*layer.Granule, r.size) - off
-	if err := unix.Fallocate(int(from.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n)); err != nil &&
-		!errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
+	err = unix.Fallocate(int(r.below[k].data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
+	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
 		return fmt.Errorf("replica %s: delete snapshot %s: free its data: %w", r.id, id, err)
 	}
 	return nil
@@ -585,9 +679,9 @@ func CreateFromSnapshot(dir, id string, src *Replica, snapID string, size uint64
 	if err := validateGeometry(size, src.extentSize); err != nil {
 		return fmt.Errorf("replica %s: %w", id, err)
 	}
-	k, err := src.chain.Find(snapID)
+	k, err := src.snapshotLayer(snapID)
 	if err != nil {
-		return fmt.Errorf("replica %s: snapshot %s: %w", src.id, snapID, ErrNotFound)
+		return err
 	}
 	err = buildHidden(dir, id, func(tmp string) error {
 		return fillFromSnapshot(tmp, id, src, k, size)
@@ -630,4 +724,13 @@ func fillFromSnapshot(tmp, id string, src *Replica, k int, size uint64) error {
 	m := metaState{ID: id, Generation: newGeneration(), Size: size, ExtentSize: src.extentSize,
 		Dirty: make(bitmap, bitmapLen(extentCount(size, src.extentSize)))}
 	return writeFileAtomic(tmp, metaFileName, encodeMeta(&m))
+}
+
+// extendFile sets f's length to n bytes (more than now) and makes the new
+// length durable: fsync, not fdatasync, which may leave a size change out.
+func extendFile(f *os.File, n uint64) error {
+	if err := f.Truncate(int64(n)); err != nil {
+		return err
+	}
+	return f.Sync()
 }

@@ -380,6 +380,9 @@ func TestInterruptedDeleteResumes(t *testing.T) {
 	wantHead := bytes.Clone(wantB)
 	copy(wantHead[1000:], c)
 	// Half of the deletion of "a", into "b".
+	if err := r.prepareDelete(1, "a"); err != nil {
+		t.Fatal(err)
+	}
 	if err := r.mergeStep(1, "a", 0, r.chain.Granules()/2); err != nil {
 		t.Fatal(err)
 	}
@@ -396,6 +399,13 @@ func TestInterruptedDeleteResumes(t *testing.T) {
 	}
 	if i := firstDiff(readSnap(t, r, "b"), wantB); i >= 0 {
 		t.Fatalf("snapshot b differs at byte %d after an interrupted deletion", i)
+	}
+	// Its deletion begun, "a" is no snapshot any more.
+	if err := r.ReadSnapshotAt(1, "a", make([]byte, 10), 0); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("read of a half-deleted snapshot: %v, want ErrNotFound", err)
+	}
+	if got := r.Snapshots(); len(got) != 1 || got[0] != "b" {
+		t.Fatalf("Snapshots() during a deletion = %v, want b", got)
 	}
 	if err := r.DeleteSnapshot(1, "a", nil); err != nil {
 		t.Fatalf("resumed deletion: %v", err)

@@ -48,7 +48,8 @@ type Replica struct {
 	// layers' (index i: layer i), opened read-write for merges.
 	chain   *layer.Chain
 	below   []layerFiles
-	dirLock *os.File // the directory, locked (lockDir)
+	dirLock *os.File   // the directory, locked (lockDir)
+	mergeMu sync.Mutex // one snapshot deletion at a time (DeleteSnapshot)
 	// sumsMap maps the sums file read-write (nil when the mapping failed:
 	// reads and writes then use pread and pwrite); see writeSumsMapped.
 	sumsMap []byte

@@ -234,6 +234,9 @@ func (r *Replica) writeSumsIn(lf layerFiles, vs []uint32, first uint64) error {
 func (r *Replica) writeSumsMapped(m []byte, vs []uint32, first uint64) (err error) {
 	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
 	defer r.onSumsFault("write", first, len(vs), &err)
+	if 4*(first+uint64(len(vs))) > uint64(len(m)) {
+		return fmt.Errorf("replica %s: %w: sums of blocks %d+%d past the end of a layer's sums (%d blocks)", r.id, ErrOutOfRange, first, len(vs), len(m)/4)
+	}
 	b := m[4*first : 4*(first+uint64(len(vs)))]
 	for i, v := range vs {
 		binary.BigEndian.PutUint32(b[4*i:], v)

@@ -48,11 +48,10 @@ func flipByte(t testing.TB, dir string, off int64) {
 }
 
 func randBytes(n int, seed uint64) []byte {
-	rng := rand.New(rand.NewPCG(seed, 1))
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[:], seed)
 	p := make([]byte, n)
-	for i := range p {
-		p[i] = byte(rng.Uint32())
-	}
+	_, _ = rand.NewChaCha8(key).Read(p) // never fails; fast, even under -race
 	return p
 }
 
