@@ -25,9 +25,12 @@ import (
 // in the replica package). A replica rebuilding meanwhile gets no snapshot:
 // rebuilds carry the volume's current contents only, for now.
 //
-// Taking a snapshot that a replica already has (a retry) succeeds there.
-// An invalid id, or a replica at its limit of layers, fails the snapshot
-// with replica.ErrInvalidArgument and changes nothing else.
+// Taking a snapshot that every replica already has (a retry of one that
+// succeeded) succeeds. Whenever the snapshot fails, the replicas that
+// sealed it remove it again, so that no two replicas hold different cuts
+// under one id: an invalid id or a replica at its limit of layers
+// (replica.ErrInvalidArgument), a fenced engine, a retry that finds it on
+// some replicas only, or too few replicas left.
 func (e *Engine) Snapshot(ctx context.Context, id string) error {
 	// While writes go on (the read lock), the replicas make the files of
 	// their next head (PREPARE_SNAP) and the bulk of the flushing happens,
@@ -45,19 +48,41 @@ func (e *Engine) Snapshot(ctx context.Context, id string) error {
 		}, false)
 	}
 	e.mu.RUnlock()
+	undo, epoch, err := e.snapshotLocked(ctx, id)
+	if len(undo) > 0 {
+		// Some replicas sealed while the snapshot as a whole failed (or
+		// some had sealed in an earlier attempt: another cut). None may
+		// keep it: the replicas would hold different contents under one
+		// id. Removed with writes going on: it changes no one's view.
+		errs := e.fanOutWith(ctx, undo, func(ctx context.Context, m *member) error {
+			return m.client.DeleteSnapshot(ctx, epoch, id)
+		}, true)
+		for i, derr := range errs {
+			if derr != nil && !errors.Is(derr, replica.ErrNotFound) {
+				e.log.Warn("snapshot left on a replica after a failed snapshot", zap.String("snapshot", id),
+					zap.String("replica_id", undo[i].replica.ID), zap.Error(derr))
+			}
+		}
+	}
+	return err
+}
+
+// snapshotLocked is Snapshot under the write lock. On failure it returns
+// the members whose copy of the snapshot must be removed.
+func (e *Engine) snapshotLocked(ctx context.Context, id string) (undo []*member, epoch uint64, err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.usable(); err != nil {
-		return err
+		return nil, 0, err
 	}
 	start := time.Now()
 	if err := e.resolve(ctx); err != nil {
-		return fmt.Errorf("snapshot %s: %w", id, err)
+		return nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
 	if err := e.flushOrEject(ctx, "before a snapshot"); err != nil {
-		return fmt.Errorf("snapshot %s: %w", id, err)
+		return nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
-	epoch := e.epoch
+	epoch = e.epoch
 	var sealing []*member
 	for _, m := range e.members {
 		if m.healthy() {
@@ -67,29 +92,42 @@ func (e *Engine) Snapshot(ctx context.Context, id string) error {
 	errs := e.fanOut(ctx, sealing, func(ctx context.Context, m *member) error {
 		return m.client.Snapshot(ctx, epoch, id)
 	})
-	var failed []*member
+	var sealed, had, failed []*member
+	var fatal error
 	for i, err := range errs {
 		switch {
-		case err == nil, errors.Is(err, replica.ErrSnapshotExists):
+		case err == nil:
+			sealed = append(sealed, sealing[i])
+		case errors.Is(err, replica.ErrSnapshotExists):
+			had = append(had, sealing[i])
 		case errors.Is(err, replica.ErrFenced), errors.Is(err, replica.ErrInvalidArgument):
-			return fmt.Errorf("snapshot %s: %w", id, err)
+			fatal = err
 		default:
 			e.log.Warn("replica failed to take a snapshot", zap.String("snapshot", id),
 				zap.String("replica_id", sealing[i].replica.ID), zap.String("node", sealing[i].replica.Node), zap.Error(err))
 			failed = append(failed, sealing[i])
 		}
 	}
+	switch {
+	case fatal != nil:
+		return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, fatal)
+	case len(sealed) > 0 && len(had) > 0:
+		// A retry found the snapshot on some replicas only: they sealed an
+		// earlier cut than the others now did.
+		return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %d replicas had it from an earlier attempt, %d took it now; removed everywhere, take it again: %w",
+			id, len(had), len(sealed), ErrIO)
+	}
 	if failed != nil {
 		if err := e.eject(ctx, failed, "snapshot failed"); err != nil {
-			return fmt.Errorf("snapshot %s: %w", id, err)
+			return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
 		}
 		if err := e.checkQuorum(); err != nil {
-			return fmt.Errorf("snapshot %s: %w", id, err)
+			return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
 		}
 	}
 	e.log.Info("snapshot taken", zap.String("snapshot", id), zap.Uint64("epoch", epoch),
-		zap.Int("replicas", len(sealing)-len(failed)), zap.Duration("writes_paused", time.Since(start)))
-	return nil
+		zap.Int("replicas", len(sealed)+len(had)), zap.Duration("writes_paused", time.Since(start)))
+	return nil, epoch, nil
 }
 
 // DeleteSnapshot removes snapshot id from every healthy replica. It runs

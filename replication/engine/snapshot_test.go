@@ -136,3 +136,49 @@ func TestSnapshotIsAConsistentCut(t *testing.T) {
 	}
 	r.healthyIdentical(v.ID, volume)
 }
+
+// TestSnapshotThatFailsLeavesNoCopy: a snapshot id that one replica holds
+// from an earlier, failed attempt (another cut) makes the snapshot fail,
+// and no replica keeps it; taken again, it is on every replica.
+func TestSnapshotThatFailsLeavesNoCopy(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolume("undo", 4*mib, 3, 0, "n1")
+	e := r.open(v.ID, "n1")
+	ctx := r.ctx()
+	if err := e.WriteAt(ctx, make([]byte, 4096), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	first, err := r.servers[v.Replicas[0].Node].srv.Get(v.Replicas[0].ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Snapshot(e.Epoch(), "x"); err != nil { // an earlier attempt's cut
+		t.Fatal(err)
+	}
+	if err := e.Snapshot(ctx, "x"); err == nil {
+		t.Fatal("a snapshot that one replica had from another cut succeeded")
+	}
+	holders := func() (n int) {
+		for _, rep := range v.Replicas {
+			rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, id := range rr.Snapshots() {
+				if id == "x" {
+					n++
+				}
+			}
+		}
+		return n
+	}
+	if n := holders(); n != 0 {
+		t.Fatalf("after the failed snapshot %d replicas hold it, want 0", n)
+	}
+	if err := e.Snapshot(ctx, "x"); err != nil {
+		t.Fatalf("taking it again: %v", err)
+	}
+	if n := holders(); n != 3 {
+		t.Fatalf("%d replicas hold the snapshot, want 3", n)
+	}
+}
