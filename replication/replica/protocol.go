@@ -55,6 +55,7 @@ import (
 //	                                                                  FlagGeneration)
 //	PING          -      -               -                 -          -
 //	REHASH        yes    first extent    extent count      -          -
+//	GROW          yes    new size        -                 -          -
 //
 // A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
 // each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
@@ -62,7 +63,10 @@ import (
 // before it writes anything and answers Checksum on a mismatch. A server
 // older than the flag answers BadRequest and the client sends the write
 // again without it. REHASH recomputes the stored block checksums of the
-// extents from their data (resync after an unclean stop).
+// extents from their data (resync after an unclean stop). GROW makes the
+// replica the new size, durably (online expansion; a size already reached
+// is a success that changes nothing, and nothing ever shrinks); a server
+// older than the op answers BadRequest.
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
@@ -129,7 +133,8 @@ const (
 	OpInfo        Op = 12
 	OpPing        Op = 13
 	OpRehash      Op = 14
-	opLimit          = 15 // one past the highest op
+	OpGrow        Op = 15
+	opLimit          = 16 // one past the highest op
 )
 
 // opSpec says which header fields an op uses; unused fields must be 0.
@@ -167,6 +172,7 @@ var opSpecs = [opLimit]opSpec{
 	OpInfo:        {name: "info", flags: FlagGeneration},
 	OpPing:        {name: "ping"},
 	OpRehash:      {name: "rehash", epoch: true, offset: true, length: true, flags: flagsClass},
+	OpGrow:        {name: "grow", epoch: true, offset: true},
 }
 
 // Limits that keep a reply within MaxPayload.

@@ -112,20 +112,24 @@ func (r *Replica) openSums() error {
 	if err != nil {
 		return fmt.Errorf("replica %s: %w", r.id, err)
 	}
+	want := 4 * sumBlocks(r.size)
 	st, err := f.Stat()
-	if err == nil && uint64(st.Size()) != 4*sumBlocks(r.size) {
-		err = fmt.Errorf("%w: sums file is %d bytes, want %d", ErrCorrupt, st.Size(), 4*sumBlocks(r.size))
+	if err == nil {
+		// Longer: left by a grow that stopped before its commit point
+		// (grow.go); cut back. Shorter: damage.
+		err = trimInterruptedGrow(f, uint64(st.Size()), want)
+	}
+	if err == nil && uint64(st.Size()) < want {
+		err = fmt.Errorf("%w: sums file is %d bytes, want %d", ErrCorrupt, st.Size(), want)
 	}
 	if err != nil {
-		_ = f.Close() // only read
+		_ = f.Close() // the error above is the one to report
 		return fmt.Errorf("replica %s: %w", r.id, err)
 	}
 	r.sums = f
 	// A failed mapping is no error: readSums and writeSums then use pread
 	// and pwrite.
-	if m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
-		r.sumsMap = m
-	}
+	r.remapSums()
 	return nil
 }
 
@@ -406,8 +410,8 @@ func (r *Replica) rehashRange(off, n uint64, buf []byte) error {
 // have reached the data but not the sums (a torn write). Without checksums
 // it does nothing. The epoch is checked before each extent.
 func (r *Replica) Rehash(epoch, firstExtent, count uint64) error {
-	if firstExtent > r.extents || count > r.extents-firstExtent {
-		return fmt.Errorf("replica %s: %w: extents %d+%d, replica has %d", r.id, ErrOutOfRange, firstExtent, count, r.extents)
+	if err := r.checkExtents(firstExtent, count); err != nil {
+		return err
 	}
 	if r.sums == nil {
 		r.epochMu.RLock()
