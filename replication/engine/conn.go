@@ -28,6 +28,9 @@ type replicaConn interface {
 	DirtyExtents(ctx context.Context) ([]uint64, error)
 	MarkClean(ctx context.Context, epoch, generation uint64) error
 	Info(ctx context.Context) (replica.Info, error)
+	// Grow makes the replica size bytes long (a size reached is a
+	// success); see replica.Replica.Grow.
+	Grow(ctx context.Context, epoch, size uint64) error
 	Close() error
 }
 
@@ -117,6 +120,9 @@ func (l localReplica) MarkClean(_ context.Context, epoch, generation uint64) err
 	return l.r.MarkClean(epoch, generation)
 }
 func (l localReplica) Info(context.Context) (replica.Info, error) { return l.r.Info(), nil }
+func (l localReplica) Grow(_ context.Context, epoch, size uint64) error {
+	return l.r.Grow(epoch, size)
+}
 
 // Close does nothing: the replica server owns the replica.
 func (l localReplica) Close() error { return nil }
