@@ -87,10 +87,14 @@ func (l loopDevices) Resize(dev, mountPath string) error {
 }
 
 // volumeEngine is what the Node needs of a staged volume's engine: the
-// blocks the FUSE file serves, and the epoch it opened at (for the log).
+// blocks the FUSE file serves, the epoch it opened at (for the log), and
+// growing to the size the store records (NodeExpandVolume).
 type volumeEngine interface {
 	frontend.Backend
 	Epoch() uint64
+	// Expand grows the replicas and then the engine to the volume's size
+	// in the store, and returns the engine's size.
+	Expand(ctx context.Context) (uint64, error)
 }
 
 var _ volumeEngine = (*engine.Engine)(nil)
@@ -128,6 +132,9 @@ func (r registryEngines) Release(ctx context.Context, e volumeEngine) error {
 type fileServer interface {
 	// Add serves b as the file name and returns its path.
 	Add(name string, b frontend.Backend) (string, error)
+	// Resize gives the file its backend's current size (the volume grew),
+	// as the kernel sees it once it returns; it returns that size.
+	Resize(name string) (uint64, error)
 	Remove(name string) error
 	Unmount() error
 }
