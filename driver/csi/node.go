@@ -186,10 +186,12 @@ func (n *Node) fuseServer() (fileServer, error) {
 		return n.fs, nil
 	}
 	dir := filepath.Join(n.cfg.StateDir, "fuse")
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	// A FUSE mount left by a crashed node agent must go before a new one.
+	// First: MkdirAll on it fails (its stat answers ENOTCONN, its mkdir
+	// EEXIST), so a restarted agent could stage nothing.
+	if err := os.MkdirAll(filepath.Dir(dir), 0o750); err != nil {
 		return nil, err
 	}
-	// A FUSE mount left by a crashed node agent must go before a new one.
 	_ = mount.CleanupMountPoint(dir, n.mounter, true)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, err
