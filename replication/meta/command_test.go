@@ -58,8 +58,7 @@ var allCommandTypes = []CommandType{
 	CmdCreateVolume, CmdDeleteVolume, CmdAttachVolume, CmdDetachVolume,
 	CmdSetReplicaState, CmdReplaceReplica, CmdSetVolumeState,
 	CmdCreateSnapshot, CmdDeleteSnapshot, CmdPurgeVolume, CmdRebuildProgress, CmdRequest,
-	CmdSetParameters, CmdSetReplicaGeneration, CmdAdvanceEpoch, CmdSetVolumeCondition,
-	CmdScrubProgress, CmdExpandVolume,
+	CmdSetParameters, CmdSetReplicaGeneration,
 }
 
 // TestCommandTypeNumbersAreStable pins the on-disk type numbers: changing one
