@@ -379,8 +379,9 @@ func Encode(c Command) ([]byte, error) {
 // scrub progress), added together with this rule, are written by the
 // release that adds them; rule 3 holds for everything added after it.
 //
-// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry
-// and TestWriteVersionReadable hold the rule.
+// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry,
+// TestWriteVersionReadable and TestGatedTypeWaitsForEveryMember hold the
+// rule.
 
 // Decode parses what Encode wrote. Bad bytes give an error wrapping
 // ErrBadCommand, and an entry of a newer build one wrapping ErrNewerCommand
