@@ -20,8 +20,9 @@ import (
 // firstGatedType is the first command type written through the gate.
 const firstGatedType = CmdExpandVolume
 
-// gateWait bounds how long a gated command waits for members that have not
-// reported since this member became leader (a heartbeat interval or two).
+// gateWait is the least a gated command waits for members that have not
+// reported since this member became leader; it waits three heartbeat
+// intervals when that is longer (a loaded node's heartbeat can be late).
 const gateWait = 3 * time.Second
 
 // gatedType returns the type of c, or of the command a Request wraps, and
@@ -54,7 +55,7 @@ func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
 	if !gated {
 		return nil
 	}
-	deadline := time.Now().Add(gateWait)
+	deadline := time.Now().Add(max(gateWait, 3*a.cfg.HeartbeatInterval))
 	for {
 		members, err := a.store.Members()
 		if err != nil {
