@@ -164,9 +164,9 @@ func orDash(s string) string {
 }
 
 func newVolumeCommand(o *ctlOptions) *cobra.Command {
-	cmd := &cobra.Command{Use: "volume", Short: "List, show, create and delete volumes"}
+	cmd := &cobra.Command{Use: "volume", Short: "List, show, create, expand and delete volumes"}
 	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o),
-		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o), newVolumeScrubCommand(o))
+		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o), newVolumeScrubCommand(o), newVolumeExpandCommand(o))
 	return cmd
 }
 

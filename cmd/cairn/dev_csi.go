@@ -22,14 +22,15 @@ func newDevCSICommand() *cobra.Command {
 	var dir string
 	cmd := &cobra.Command{
 		Use:   "csi",
-		Short: "Drive the dev cluster's CSI services as Kubernetes would (create, publish, unpublish, delete)",
+		Short: "Drive the dev cluster's CSI services as Kubernetes would (create, publish, expand, unpublish, delete)",
 		Example: `  id=$(cairn dev csi --dir .demo create data --size 256Mi --param replicas=3)
   cairn dev csi --dir .demo publish $id --node node-1     # prints the mounted path
+  cairn dev csi --dir .demo expand $id --size 1Gi --node node-1
   cairn dev csi --dir .demo unpublish $id --node node-1
   cairn dev csi --dir .demo delete $id`,
 	}
 	cmd.PersistentFlags().StringVar(&dir, "dir", "", "the dev cluster's directory (required)")
-	cmd.AddCommand(newDevCSICreate(&dir), newDevCSIPublish(&dir), newDevCSIUnpublish(&dir), newDevCSIDelete(&dir))
+	cmd.AddCommand(newDevCSICreate(&dir), newDevCSIPublish(&dir), newDevCSIUnpublish(&dir), newDevCSIExpand(&dir), newDevCSIDelete(&dir))
 	return cmd
 }
 
@@ -199,6 +200,49 @@ func newDevCSIUnpublish(dir *string) *cobra.Command {
 		},
 	}
 	cmd.Flags().StringVar(&node, "node", "", "node the volume is published on (required)")
+	return cmd
+}
+
+func newDevCSIExpand(dir *string) *cobra.Command {
+	var node, size string
+	cmd := &cobra.Command{
+		Use:   "expand ID --size SIZE [--node NODE_ID]",
+		Short: "ControllerExpandVolume, then NodeExpandVolume on the node it is published on; prints the new size",
+		Args:  cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			bytes, err := parseSize(size)
+			if err != nil {
+				return fmt.Errorf("--size: %w", err)
+			}
+			ctrl, nc, done, err := csiConns(*dir, node)
+			if err != nil {
+				return err
+			}
+			defer done()
+			ctx, cancel := context.WithTimeout(cmd.Context(), 2*time.Minute)
+			defer cancel()
+			id, r := args[0], &csipb.CapacityRange{RequiredBytes: int64(bytes)}
+			resp, err := ctrl.ControllerExpandVolume(ctx, &csipb.ControllerExpandVolumeRequest{VolumeId: id, CapacityRange: r})
+			if err != nil {
+				return fmt.Errorf("ControllerExpandVolume: %w", err)
+			}
+			capacity := resp.GetCapacityBytes()
+			if node != "" && resp.GetNodeExpansionRequired() {
+				// As kubelet: the path the volume is published at.
+				_, target := devPaths(*dir, node, id)
+				nr, err := nc.NodeExpandVolume(ctx, &csipb.NodeExpandVolumeRequest{VolumeId: id, VolumePath: target, CapacityRange: r})
+				if err != nil {
+					return fmt.Errorf("NodeExpandVolume: %w", err)
+				}
+				capacity = nr.GetCapacityBytes()
+			}
+			fmt.Fprintln(cmd.OutOrStdout(), capacity)
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&size, "size", "", "the new size (required)")
+	cmd.Flags().StringVar(&node, "node", "", "node the volume is published on: grow its device and file system there too")
+	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }
 

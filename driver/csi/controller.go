@@ -46,6 +46,7 @@ var controllerCaps = []csipb.ControllerServiceCapability_RPC_Type{
 	csipb.ControllerServiceCapability_RPC_LIST_VOLUME_HEALTH,
 	csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 	csipb.ControllerServiceCapability_RPC_MODIFY_VOLUME,
+	csipb.ControllerServiceCapability_RPC_EXPAND_VOLUME,
 }
 
 // ControllerGetCapabilities lists exactly what works.
@@ -89,14 +90,24 @@ func checkCapabilities(caps []*csipb.VolumeCapability) error {
 	return nil
 }
 
-// sizeFor rounds a capacity range to whole MiB within its limit.
-func sizeFor(r *csipb.CapacityRange) (uint64, error) {
-	req, lim := r.GetRequiredBytes(), r.GetLimitBytes()
+// capacityRange returns a range's required and limit bytes once they are
+// consistent (0: not given).
+func capacityRange(r *csipb.CapacityRange) (req, lim int64, err error) {
+	req, lim = r.GetRequiredBytes(), r.GetLimitBytes()
 	if req < 0 || lim < 0 {
-		return 0, failf(errInvalid, "capacity range must not be negative")
+		return 0, 0, failf(errInvalid, "capacity range must not be negative")
 	}
 	if lim > 0 && req > lim {
-		return 0, failf(errInvalid, "required bytes %d exceed limit bytes %d", req, lim)
+		return 0, 0, failf(errInvalid, "required bytes %d exceed limit bytes %d", req, lim)
+	}
+	return req, lim, nil
+}
+
+// sizeFor rounds a capacity range to whole MiB within its limit.
+func sizeFor(r *csipb.CapacityRange) (uint64, error) {
+	req, lim, err := capacityRange(r)
+	if err != nil {
+		return 0, err
 	}
 	size := uint64(req)
 	if size == 0 {
@@ -479,4 +490,70 @@ func mutableParameters(mp map[string]string) (map[string]string, error) {
 		return nil, toStatus(err)
 	}
 	return set, nil
+}
+
+// ControllerExpandVolume grows a volume, online or not: the store records
+// the new size (ExpandVolume); the engine of an attached volume grows its
+// replicas and then its size, and NodeExpandVolume grows the device and
+// the file system (docs/expansion.md). A volume already at least the
+// required size is a success with its size, as the CSI spec asks of a
+// retried or overtaken expansion, and nothing shrinks: a limit below the
+// volume's size is OutOfRange, and so is a size past MaxSize.
+//
+// Node expansion is required for every volume: for a file system to grow
+// it, and for a raw block volume so that its loop device takes the new
+// size before kubelet reports the expansion done.
+func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.ControllerExpandVolumeRequest) (*csipb.ControllerExpandVolumeResponse, error) {
+	id := req.GetVolumeId()
+	if id == "" {
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
+	}
+	r := req.GetCapacityRange()
+	if r == nil || r.GetRequiredBytes() <= 0 && r.GetLimitBytes() <= 0 {
+		return nil, toStatus(failf(errInvalid, "a capacity range with required bytes is required"))
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	unlock, err := c.locks.lockVolume(id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer unlock()
+	v, err := c.Meta.Volume(ctx, id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	size, err := expandSize(r, v.SizeBytes)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	if size > v.SizeBytes {
+		res, err := c.Meta.Apply(ctx, &meta.ExpandVolume{VolumeID: id, SizeBytes: size})
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		v = res.Volume
+	}
+	return &csipb.ControllerExpandVolumeResponse{CapacityBytes: int64(v.SizeBytes), NodeExpansionRequired: true}, nil
+}
+
+// expandSize is the size to grow a volume of size current to for r: the
+// required bytes rounded up to whole MiB (within the limit), or current
+// when that is already enough. A limit below current would need a shrink:
+// OutOfRange, as is a size past MaxSize.
+func expandSize(r *csipb.CapacityRange, current uint64) (uint64, error) {
+	req, lim, err := capacityRange(r)
+	if err != nil {
+		return 0, err
+	}
+	if lim > 0 && uint64(lim) < current {
+		return 0, failf(errOutOfRange, "the volume is %d bytes, more than the limit of %d: volumes cannot shrink", current, lim)
+	}
+	if uint64(req) <= current {
+		return current, nil
+	}
+	return sizeFor(r)
 }

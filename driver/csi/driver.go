@@ -195,6 +195,10 @@ func (i *Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabi
 	return &csipb.GetPluginCapabilitiesResponse{Capabilities: []*csipb.PluginCapability{
 		svc(csipb.PluginCapability_Service_CONTROLLER_SERVICE),
 		svc(csipb.PluginCapability_Service_VOLUME_ACCESSIBILITY_CONSTRAINTS),
+		// Volumes grow while published and in use (ControllerExpandVolume,
+		// NodeExpandVolume; docs/expansion.md).
+		{Type: &csipb.PluginCapability_VolumeExpansion_{VolumeExpansion: &csipb.PluginCapability_VolumeExpansion{
+			Type: csipb.PluginCapability_VolumeExpansion_ONLINE}}},
 	}}, nil
 }
 

@@ -20,11 +20,23 @@ import (
 // root, a kernel's FUSE and loop devices, or replicas. Each records what is
 // left open, attached or mounted, and fails where a test tells it to.
 
-// fakeEngine is a volume's engine that holds no data.
+// fakeEngine is a volume's engine that holds no data. Expand grows it to
+// stored, the size the store records (0: its own), or fails with
+// expandErr.
 type fakeEngine struct {
-	id    string
-	size  uint64
-	epoch uint64
+	id        string
+	size      uint64
+	epoch     uint64
+	stored    uint64
+	expandErr error
+}
+
+func (e *fakeEngine) Expand(context.Context) (uint64, error) {
+	if e.expandErr != nil {
+		return e.size, e.expandErr
+	}
+	e.size = max(e.size, e.stored)
+	return e.size, nil
 }
 
 func (e *fakeEngine) Size() uint64                                      { return e.size }
@@ -104,6 +116,7 @@ type fakeFiles struct {
 	mountErr  error // what mounting it returns
 	addErr    error // what Add returns
 	files     map[string]frontend.Backend
+	sizes     map[string]uint64 // what Resize gave each file
 	mounts    int
 	unmounted bool
 }
@@ -127,6 +140,20 @@ func (f *fakeFiles) Add(name string, b frontend.Backend) (string, error) {
 	}
 	f.files[name] = b
 	return filepath.Join(f.dir, name), nil
+}
+
+func (f *fakeFiles) Resize(name string) (uint64, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	b, ok := f.files[name]
+	if !ok {
+		return 0, fmt.Errorf("no file %s", name)
+	}
+	if f.sizes == nil {
+		f.sizes = map[string]uint64{}
+	}
+	f.sizes[name] = b.Size()
+	return b.Size(), nil
 }
 
 func (f *fakeFiles) Remove(name string) error {
@@ -157,6 +184,7 @@ type fakeDevices struct {
 	next      int
 	attached  map[string]string // device → file
 	detaches  int
+	resized   []string // "device mount path" of each Resize
 }
 
 func (f *fakeDevices) Attach(path string) (string, error) {
@@ -197,7 +225,12 @@ func (f *fakeDevices) Find(path string) (string, bool) {
 	return "", false
 }
 
-func (f *fakeDevices) Resize(string, string) error { return nil }
+func (f *fakeDevices) Resize(dev, mountPath string) error {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.resized = append(f.resized, dev+" "+mountPath)
+	return nil
+}
 
 func (f *fakeDevices) devices() []string {
 	f.mu.Lock()

@@ -78,6 +78,14 @@ func (f *fakeStore) Apply(_ context.Context, cmd meta.Command) (meta.Result, err
 			}
 		}
 		return meta.Result{Volume: v.Clone()}, nil
+	case *meta.ExpandVolume:
+		// The store's rule: a size reached is a success, nothing shrinks.
+		v, err := f.live(c.VolumeID)
+		if err != nil {
+			return meta.Result{}, err
+		}
+		v.SizeBytes = max(v.SizeBytes, c.SizeBytes)
+		return meta.Result{Volume: v.Clone()}, nil
 	}
 	return meta.Result{}, fmt.Errorf("fake store: command %T is not faked", cmd)
 }

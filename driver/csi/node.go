@@ -146,6 +146,7 @@ func (n *Node) NodeGetCapabilities(context.Context, *csipb.NodeGetCapabilitiesRe
 	for _, t := range []csipb.NodeServiceCapability_RPC_Type{
 		csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
 		csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS,
+		csipb.NodeServiceCapability_RPC_EXPAND_VOLUME,
 	} {
 		caps = append(caps, &csipb.NodeServiceCapability{Type: &csipb.NodeServiceCapability_Rpc{Rpc: &csipb.NodeServiceCapability_RPC{Type: t}}})
 	}
@@ -185,10 +186,12 @@ func (n *Node) fuseServer() (fileServer, error) {
 		return n.fs, nil
 	}
 	dir := filepath.Join(n.cfg.StateDir, "fuse")
-	if err := os.MkdirAll(dir, 0o750); err != nil {
+	// A FUSE mount left by a crashed node agent must go before a new one.
+	// First: MkdirAll on it fails (its stat answers ENOTCONN, its mkdir
+	// EEXIST), so a restarted agent could stage nothing.
+	if err := os.MkdirAll(filepath.Dir(dir), 0o750); err != nil {
 		return nil, err
 	}
-	// A FUSE mount left by a crashed node agent must go before a new one.
 	_ = mount.CleanupMountPoint(dir, n.mounter, true)
 	if err := os.MkdirAll(dir, 0o750); err != nil {
 		return nil, err
@@ -319,9 +322,7 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	if err := unmountIfMounted(n.mounter, staging); err != nil {
 		return nil, toStatus(fmt.Errorf("unmount %s: %v", staging, err))
 	}
-	n.mu.Lock()
-	s, ok := n.staged[id]
-	n.mu.Unlock()
+	s, ok := n.lookupStaged(id)
 	if !ok {
 		// Left over from before a restart: a loop device on the old FUSE file.
 		if dev, found := n.devices.Find(filepath.Join(n.cfg.StateDir, "fuse", id)); found {
@@ -390,9 +391,7 @@ func (n *Node) NodePublishVolume(ctx context.Context, req *csipb.NodePublishVolu
 		return nil, toStatus(err)
 	}
 	defer unlock()
-	n.mu.Lock()
-	s, ok := n.staged[id]
-	n.mu.Unlock()
+	s, ok := n.lookupStaged(id)
 	if !ok {
 		return nil, toStatus(failf(errWrongOrder, "volume %s is not staged on %s", id, n.cfg.NodeID))
 	}
@@ -470,9 +469,7 @@ func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeS
 	if err != nil {
 		return nil, toStatus(err)
 	}
-	n.mu.Lock()
-	s, staged := n.staged[id]
-	n.mu.Unlock()
+	s, staged := n.lookupStaged(id)
 	if !staged {
 		return nil, toStatus(failf(errNotFound, "volume %s is not staged on %s", id, n.cfg.NodeID))
 	}
@@ -488,4 +485,75 @@ func (n *Node) NodeGetVolumeStats(ctx context.Context, req *csipb.NodeGetVolumeS
 		{Unit: csipb.VolumeUsage_BYTES, Total: int64(st.Blocks) * bs, Available: int64(st.Bavail) * bs, Used: int64(st.Blocks-st.Bfree) * bs},
 		{Unit: csipb.VolumeUsage_INODES, Total: int64(st.Files), Available: int64(st.Ffree), Used: int64(st.Files - st.Ffree)},
 	}}, nil
+}
+
+// lookupStaged returns the record of volume id's staging on this node.
+func (n *Node) lookupStaged(id string) (*stagedVolume, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	s, ok := n.staged[id]
+	return s, ok
+}
+
+// NodeExpandVolume grows a staged volume on this node after the store
+// recorded its new size (ControllerExpandVolume), while it is mounted and
+// in use: the engine grows the replicas and its own size, the FUSE file
+// takes that size, the loop device takes the file's (LOOP_SET_CAPACITY),
+// and the file system mounted at the staging path grows to fill it
+// (resize2fs, xfs_growfs). A raw block volume stops after the loop
+// device. Every step does nothing when already done, so a retry finishes
+// an interrupted expansion. The request names only the volume and a path;
+// the device comes from this node's own record of the staging.
+func (n *Node) NodeExpandVolume(ctx context.Context, req *csipb.NodeExpandVolumeRequest) (*csipb.NodeExpandVolumeResponse, error) {
+	id, p := req.GetVolumeId(), req.GetVolumePath()
+	if id == "" {
+		return nil, toStatus(failf(errInvalid, "volume id is required"))
+	}
+	if p == "" {
+		return nil, toStatus(failf(errInvalid, "volume path is required"))
+	}
+	if vc := req.GetVolumeCapability(); vc != nil {
+		if err := checkCapabilities([]*csipb.VolumeCapability{vc}); err != nil {
+			return nil, toStatus(err)
+		}
+	}
+	unlock, err := n.locks.lock(id)
+	if err != nil {
+		return nil, toStatus(err)
+	}
+	defer unlock()
+	s, ok := n.lookupStaged(id)
+	if !ok {
+		return nil, toStatus(failf(errNotFound, "volume %s is not staged on %s", id, n.cfg.NodeID))
+	}
+	if err := n.checkPath("volume path", p); err != nil {
+		return nil, toStatus(err)
+	}
+	if _, err := os.Stat(p); errors.Is(err, os.ErrNotExist) {
+		return nil, toStatus(failf(errNotFound, "volume path %s does not exist", p))
+	}
+	before := s.engine.Size()
+	size, err := s.engine.Expand(ctx)
+	if err != nil {
+		return nil, toStatus(fmt.Errorf("grow the replicas of %s: %w", id, err))
+	}
+	if r := req.GetCapacityRange(); r != nil {
+		if req, lim := r.GetRequiredBytes(), r.GetLimitBytes(); req > 0 && uint64(req) > size || lim > 0 && uint64(lim) < size {
+			return nil, toStatus(failf(errOutOfRange, "volume %s is %d bytes, outside the range [%d, %d] asked for: expand it through the controller first",
+				id, size, req, lim))
+		}
+	}
+	if _, err := s.fs.Resize(s.file); err != nil {
+		return nil, toStatus(fmt.Errorf("grow the file of %s: %w", id, err))
+	}
+	mountPath := s.staging
+	if s.block {
+		mountPath = ""
+	}
+	if err := n.devices.Resize(s.dev, mountPath); err != nil {
+		return nil, toStatus(fmt.Errorf("grow %s of volume %s: %w", s.dev, id, err))
+	}
+	n.log.Info("volume expanded on the node", zap.String("volume_id", id), zap.String("device", s.dev), zap.Bool("block", s.block),
+		zap.Uint64("previous_size", before), zap.Uint64("size", size), zap.Uint64("epoch", s.engine.Epoch()))
+	return &csipb.NodeExpandVolumeResponse{CapacityBytes: int64(size)}, nil
 }

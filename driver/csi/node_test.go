@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -233,8 +234,10 @@ func TestNodeGetInfoAndCapabilities(t *testing.T) {
 	for _, c := range caps.GetCapabilities() {
 		got = append(got, c.GetRpc().GetType())
 	}
-	if len(got) != 2 || got[0] != csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME || got[1] != csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS {
-		t.Fatalf("capabilities %v", got)
+	want := []csipb.NodeServiceCapability_RPC_Type{csipb.NodeServiceCapability_RPC_STAGE_UNSTAGE_VOLUME,
+		csipb.NodeServiceCapability_RPC_GET_VOLUME_STATS, csipb.NodeServiceCapability_RPC_EXPAND_VOLUME}
+	if !slices.Equal(got, want) {
+		t.Fatalf("capabilities %v, want %v", got, want)
 	}
 }
 

@@ -5,6 +5,7 @@ import (
 	"fmt"
 
 	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
 	mount "k8s.io/mount-utils"
 	utilexec "k8s.io/utils/exec"
 
@@ -81,16 +82,36 @@ func (l loopDevices) Resize(dev, mountPath string) error {
 		return nil
 	}
 	if _, err := l.fs.Resize(dev, mountPath); err != nil {
+		if !haveCapability(unix.CAP_SYS_RESOURCE) {
+			// ext4 refuses to grow while mounted (EPERM) to a process
+			// without it, whatever its uid; resize2fs only says
+			// "Permission denied". Say what is missing.
+			return fmt.Errorf("grow the file system on %s at %s: %w (the node agent lacks CAP_SYS_RESOURCE, which growing a mounted ext4 needs)", dev, mountPath, err)
+		}
 		return fmt.Errorf("grow the file system on %s at %s: %w", dev, mountPath, err)
 	}
 	return nil
 }
 
+// haveCapability reports whether this process has capability c in its
+// effective set (false when it cannot tell).
+func haveCapability(c int) bool {
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}, &data[0]); err != nil {
+		return false
+	}
+	return data[c/32].Effective&(1<<(c%32)) != 0
+}
+
 // volumeEngine is what the Node needs of a staged volume's engine: the
-// blocks the FUSE file serves, and the epoch it opened at (for the log).
+// blocks the FUSE file serves, the epoch it opened at (for the log), and
+// growing to the size the store records (NodeExpandVolume).
 type volumeEngine interface {
 	frontend.Backend
 	Epoch() uint64
+	// Expand grows the replicas and then the engine to the volume's size
+	// in the store, and returns the engine's size.
+	Expand(ctx context.Context) (uint64, error)
 }
 
 var _ volumeEngine = (*engine.Engine)(nil)
@@ -128,6 +149,9 @@ func (r registryEngines) Release(ctx context.Context, e volumeEngine) error {
 type fileServer interface {
 	// Add serves b as the file name and returns its path.
 	Add(name string, b frontend.Backend) (string, error)
+	// Resize gives the file its backend's current size (the volume grew),
+	// as the kernel sees it once it returns; it returns that size.
+	Resize(name string) (uint64, error)
 	Remove(name string) error
 	Unmount() error
 }

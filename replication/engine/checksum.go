@@ -69,13 +69,14 @@ var (
 // per process.
 func Collectors() []prometheus.Collector {
 	return []prometheus.Collector{metricChecksumErrors, metricChecksumRepairs, metricChecksumUnrecoverable,
-		metricScrubBlocks, metricScrubRepaired, metricScrubUnrecoverable, metricScrubRuns, metricScrubLast}
+		metricScrubBlocks, metricScrubRepaired, metricScrubUnrecoverable, metricScrubRuns, metricScrubLast,
+		metricReplicaGrows, metricExpansions}
 }
 
 // blockSpan rounds [off, off+n) out to whole checksum blocks, cut at the end
 // of the volume: an offset and a length.
 func (e *Engine) blockSpan(off, n uint64) (uint64, uint64) {
-	a, b := replica.BlockSpan(off, n, e.size)
+	a, b := replica.BlockSpan(off, n, e.size.Load())
 	return a, b - a
 }
 
@@ -181,7 +182,7 @@ func (e *Engine) readAround(ctx context.Context, p []byte, off, epoch uint64, fi
 		} else {
 			for _, b := range badHere {
 				jobs = append(jobs, repairJob{from: good, to: b, off: blk * replica.SumBlockSize,
-					n: min(e.size, (blk+1)*replica.SumBlockSize) - blk*replica.SumBlockSize, why: "read"})
+					n: min(e.size.Load(), (blk+1)*replica.SumBlockSize) - blk*replica.SumBlockSize, why: "read"})
 			}
 		}
 		bo = be

@@ -28,6 +28,9 @@ type replicaConn interface {
 	DirtyExtents(ctx context.Context) ([]uint64, error)
 	MarkClean(ctx context.Context, epoch, generation uint64) error
 	Info(ctx context.Context) (replica.Info, error)
+	// Grow makes the replica size bytes long (a size reached is a
+	// success); see replica.Replica.Grow.
+	Grow(ctx context.Context, epoch, size uint64) error
 	// Snapshot, DeleteSnapshot and ReadSnapshotAt: see the replica's
 	// methods of those names.
 	Snapshot(ctx context.Context, epoch uint64, id string) error
@@ -123,6 +126,9 @@ func (l localReplica) MarkClean(_ context.Context, epoch, generation uint64) err
 	return l.r.MarkClean(epoch, generation)
 }
 func (l localReplica) Info(context.Context) (replica.Info, error) { return l.r.Info(), nil }
+func (l localReplica) Grow(_ context.Context, epoch, size uint64) error {
+	return l.r.Grow(epoch, size)
+}
 
 func (l localReplica) Snapshot(_ context.Context, epoch uint64, id string) error {
 	return l.r.Snapshot(epoch, id)

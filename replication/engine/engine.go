@@ -108,6 +108,11 @@ type member struct {
 	replica meta.Replica
 	client  replicaConn
 	local   bool
+	// size is the replica's size as last seen (at OPEN, after a grow):
+	// one smaller than the volume is grown before it serves (expand.go).
+	// Written under e.mu held for writing, or held for reading together
+	// with e.growMu.
+	size uint64
 }
 
 func (m *member) healthy() bool { return m.replica.State == meta.ReplicaHealthy }
@@ -129,10 +134,14 @@ type Engine struct {
 	// lock, so no I/O with an old epoch is in flight while replicas are
 	// claimed with a new one. A write takes its range in locks before mu,
 	// never the other way round.
-	mu         sync.RWMutex
-	epoch      uint64
-	members    []*member
-	size       uint64
+	mu      sync.RWMutex
+	epoch   uint64
+	members []*member
+	// size is the volume's size as I/O sees it: set by the first
+	// reconfigure, raised only once every member has grown to it
+	// (expand.go). Read without the lock.
+	size       atomic.Uint64
+	growMu     sync.Mutex // one grow at a time (expand.go)
 	extentSize uint64
 	quorum     int
 	fenced     bool
@@ -248,8 +257,10 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	return e, nil
 }
 
-// Size is the volume's size in bytes.
-func (e *Engine) Size() uint64 { return e.size }
+// Size is the volume's size in bytes. It grows when the volume is
+// expanded (Expand, and the watch loop); a frontend reads it again to see
+// the new size.
+func (e *Engine) Size() uint64 { return e.size.Load() }
 
 // Epoch is the epoch the engine writes with.
 func (e *Engine) Epoch() uint64 {
@@ -293,16 +304,33 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		}
 		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
 		e.checksums.Store(v.Checksummed())
-		if e.size == 0 {
-			// Set once, while Open still holds the engine alone: I/O and
-			// the rebuilder read the size without the lock.
-			e.size = v.SizeBytes
-		}
 		failed, err := e.claimAll(ctx)
 		if err != nil {
 			return err
 		}
 		if failed == nil {
+			// A replica that missed an expansion (its node was down, or
+			// the engine that grew the others died first) is grown now,
+			// before any I/O: replicas that disagree on the size never
+			// serve together (expand.go).
+			failed, err = e.growMembers(ctx, v.SizeBytes)
+			if errors.Is(err, ErrFenced) {
+				e.setFenced()
+			}
+			if err != nil {
+				return err
+			}
+		}
+		if failed == nil {
+			if old := e.size.Load(); v.SizeBytes > old {
+				// Every member has this size now. I/O, the rebuilder and
+				// the frontends read the size without the lock.
+				e.size.Store(v.SizeBytes)
+				if old != 0 {
+					metricExpansions.Inc()
+					e.log.Info("volume grown", zap.Uint64("previous_size", old), zap.Uint64("size", v.SizeBytes), zap.Uint64("epoch", v.Epoch))
+				}
+			}
 			e.applyQoS(v)
 			if n := e.healthyCount(); n < e.quorum {
 				e.log.Warn("fewer healthy replicas than the write quorum", zap.Int("healthy", n), zap.Int("write_quorum", e.quorum))
@@ -364,13 +392,13 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 		go func() {
 			defer func() { finished <- struct{}{} }()
 			defer close(d.done)
-			c, err := e.dial(dctx, addr, r, v.SizeBytes, &d.answered)
+			c, size, err := e.dial(dctx, addr, r, &d.answered)
 			if err != nil {
 				// Keep it without a connection: the claim fails and ejects it.
 				e.log.Warn("cannot reach replica", zap.String("replica_id", r.ID), zap.String("node", r.Node), zap.Error(err))
 				return
 			}
-			m.client = c
+			m.client, m.size = c, size
 		}()
 	}
 	// Take the dials as they end. The deadline counts only once the
@@ -451,23 +479,27 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 // generation the store has recorded is not waited for: it existed, and its
 // node has lost it.
 //
-// answered is set once the replica server has answered anything.
-func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uint64, answered *atomic.Bool) (replicaConn, error) {
+// answered is set once the replica server has answered anything. The
+// replica may have any size: one smaller than the volume missed an
+// expansion and is grown after the claim (growMembers); the size it had
+// when opened is returned.
+func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, answered *atomic.Bool) (replicaConn, uint64, error) {
 	dctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
 	defer cancel()
 	for {
 		var c replicaConn
+		var size uint64
 		var err error
 		if e.cfg.Local != nil && r.Node == e.cfg.NodeID {
 			var rr *replica.Replica
 			if rr, err = e.cfg.Local.Get(r.ID); err == nil {
-				if rr.Size() != size {
-					return nil, fmt.Errorf("local replica %s has size %d, the volume %d", r.ID, rr.Size(), size)
-				}
-				c = localReplica{rr}
+				c, size = localReplica{rr}, rr.Size()
 			}
 		} else {
-			c, err = replica.Dial(dctx, addr, r.ID, size)
+			var rc *replica.Client
+			if rc, err = replica.Dial(dctx, addr, r.ID, 0); err == nil {
+				c, size = rc, rc.Opened().Size
+			}
 		}
 		if err == nil || errors.Is(err, replica.ErrNotFound) {
 			answered.Store(true)
@@ -476,16 +508,16 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, size uin
 			if e.cfg.wrapConn != nil {
 				c = e.cfg.wrapConn(r, c)
 			}
-			return c, nil
+			return c, size, nil
 		}
 		// A replica whose generation the store recorded existed once: its
 		// node has lost it, and waiting will not bring it back.
 		if r.State != meta.ReplicaHealthy || !errors.Is(err, replica.ErrNotFound) || r.Generation != "" {
-			return nil, err // a nil interface, not a nil *replica.Client
+			return nil, 0, err // a nil interface, not a nil *replica.Client
 		}
 		select {
 		case <-dctx.Done():
-			return nil, err
+			return nil, 0, err
 		case <-time.After(50 * time.Millisecond):
 		}
 	}
@@ -1147,8 +1179,8 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 }
 
 func (e *Engine) checkRange(off, n uint64) error {
-	if off > e.size || n > e.size-off {
-		return fmt.Errorf("range %d+%d beyond volume size %d: %w", off, n, e.size, replica.ErrOutOfRange)
+	if size := e.size.Load(); off > size || n > size-off {
+		return fmt.Errorf("range %d+%d beyond volume size %d: %w", off, n, size, replica.ErrOutOfRange)
 	}
 	return nil
 }

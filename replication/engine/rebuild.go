@@ -75,8 +75,12 @@ func (e *Engine) maybeRebuild() {
 func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, error) {
 	copyCtx := replica.WithClass(ctx, iosched.Rebuild)
 	start := time.Now()
-	st := RebuildStats{ReplicaID: target.replica.ID, BytesTotal: e.size}
-	extents := (e.size + e.extentSize - 1) / e.extentSize
+	// The size when the rebuild starts: an expansion meanwhile grows the
+	// target with every member, and its new range only ever holds writes
+	// the target took too.
+	size := e.size.Load()
+	st := RebuildStats{ReplicaID: target.replica.ID, BytesTotal: size}
+	extents := (size + e.extentSize - 1) / e.extentSize
 	e.log.Info("rebuild started", zap.String("replica_id", target.replica.ID), zap.String("node", target.replica.Node),
 		zap.Uint64("extents", extents))
 	lastReport := time.Time{}
@@ -92,7 +96,7 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 		}
 	}
 	for x := uint64(0); x < extents; x++ {
-		n := min(e.extentSize, e.size-x*e.extentSize)
+		n := min(e.extentSize, size-x*e.extentSize)
 		copied, err := e.copyExtent(copyCtx, target, x, n)
 		if err != nil {
 			return st, err
@@ -268,6 +272,14 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		// copy waits for the disks with it. A rebuild to start is a
 		// change: it must start under the write lock (maybeRebuild).
 		e.maybeScrub(ctx, v)
+		if v.SizeBytes > e.size.Load() {
+			// The volume was expanded (cairn ctl, CSI, or while this
+			// engine was opening): grow the replicas, then the size. An
+			// NBD export's new connections see it then.
+			if err := e.growTo(ctx, v.SizeBytes); err != nil && ctx.Err() == nil {
+				e.log.Warn("grow to the volume's new size failed; will retry", zap.Uint64("size", v.SizeBytes), zap.Error(err))
+			}
+		}
 		e.mu.RLock()
 		change := e.usable() == nil && (v.Epoch > e.epoch || e.qosChanged(v) || e.rebuildTarget() != nil)
 		e.mu.RUnlock()

@@ -64,15 +64,16 @@ func (e *Engine) Scrub(ctx context.Context, report func(total uint64, s ScrubSta
 	if extentSize == 0 {
 		return st, fmt.Errorf("volume %s: extent size unknown: %w", e.cfg.VolumeID, ErrIO)
 	}
-	blocks := (e.size + replica.SumBlockSize - 1) / replica.SumBlockSize
+	size := e.size.Load() // an expansion meanwhile is scrubbed next time
+	blocks := (size + replica.SumBlockSize - 1) / replica.SumBlockSize
 	total := blocks * replicas
-	extents := (e.size + extentSize - 1) / extentSize
+	extents := (size + extentSize - 1) / extentSize
 	sctx := replica.WithClass(ctx, iosched.Scrub)
 	var lost []uint64
 	last := time.Now()
 	for x := uint64(0); x < extents; x++ {
 		off := x * extentSize
-		n := min(extentSize, e.size-off)
+		n := min(extentSize, size-off)
 		checked, repaired, bad, err := e.scrubExtent(ctx, sctx, x, off, n)
 		if err != nil {
 			return st, fmt.Errorf("volume %s: scrub extent %d: %w", e.cfg.VolumeID, x, err)
@@ -178,7 +179,7 @@ func (e *Engine) fixExtent(ctx context.Context, off, n uint64) (repaired uint64,
 		bufs[i] = make([]byte, replica.SumBlockSize)
 	}
 	for bo := off; bo < off+n; bo += replica.SumBlockSize {
-		bl := min(uint64(replica.SumBlockSize), e.size-bo)
+		bl := min(uint64(replica.SumBlockSize), e.size.Load()-bo)
 		var good []byte
 		var src *member
 		var fix []*member

@@ -69,6 +69,9 @@ type Agent struct {
 	live   *liveness            // the leader's view of heartbeats (liveness.go)
 	lastHB map[string]time.Time // last committed heartbeat per node
 	tombs  tombstones           // deleted volumes the leader waits to purge (purge.go)
+	// reads is, on the leader, the highest command type each node's last
+	// heartbeat said its build reads (gate.go).
+	reads map[string]CommandType
 }
 
 // StartAgent opens the store, serves the meta API and starts forming or
@@ -113,6 +116,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 		cfg: cfg, log: cfg.Store.Logger.Named("agent").With(zap.String("node_id", cfg.Store.NodeID)),
 		store: store, lis: lis, fatal: make(chan error, 1),
 		peers: map[string]*Client{}, live: newLiveness(), lastHB: map[string]time.Time{},
+		reads: map[string]CommandType{},
 	}
 	if cfg.Registerer != nil {
 		if err := store.Register(cfg.Registerer); err != nil {

@@ -124,7 +124,11 @@ type HeartbeatRequest struct {
 	NodeID        string `json:"node_id"`
 	CapacityBytes uint64 `json:"capacity_bytes"`
 	FreeBytes     uint64 `json:"free_bytes"`
-	Forwarded     bool   `json:"forwarded,omitempty"`
+	// CommandTypes is the highest command type the node's build reads (0
+	// from a build older than the field): the leader writes a command type
+	// from firstGatedType on only once every member reads it (gate.go).
+	CommandTypes uint8 `json:"command_types,omitempty"`
+	Forwarded    bool  `json:"forwarded,omitempty"`
 }
 
 // HeartbeatResponse acknowledges a heartbeat.

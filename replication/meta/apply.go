@@ -70,6 +70,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applySetVolumeCondition(s, c)
 	case *ScrubProgressUpdate:
 		return applyScrubProgress(s, c)
+	case *ExpandVolume:
+		return applyExpandVolume(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -693,3 +695,39 @@ func applyScrubProgress(s *State, c *ScrubProgressUpdate) (Result, error) {
 	v.Scrub = &p
 	return Result{Volume: v.Clone()}, nil
 }
+
+// applyExpandVolume records a volume's new, larger size. A size already
+// reached is a success with the volume as it is (idempotent; nothing
+// shrinks). Every node holding one of its replicas must have room for the
+// growth under thin provisioning, the rule placement applies to a new
+// replica: the replica files are sparse, but the space is promised.
+func applyExpandVolume(s *State, c *ExpandVolume) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if c.SizeBytes <= v.SizeBytes {
+		return Result{Volume: v.Clone()}, nil
+	}
+	if c.SizeBytes%sectorSize != 0 {
+		return Result{}, fmt.Errorf("volume %s: size %d is not a multiple of %d bytes: %w", v.ID, c.SizeBytes, sectorSize, ErrInvalidArgument)
+	}
+	grow := c.SizeBytes - v.SizeBytes
+	free := map[string]uint64{}
+	for _, n := range s.PlacementNodes() {
+		free[n.ID] = n.FreeBytes(s.OverProvisioningRatio)
+	}
+	// Sorted by replica order: the error names the first node short of
+	// room, the same on every member.
+	for _, r := range v.Replicas {
+		if f, ok := free[r.Node]; ok && f < grow {
+			return Result{}, fmt.Errorf("volume %s: node %s has %d bytes free for replicas, growing to %d needs %d more: %w",
+				v.ID, r.Node, f, c.SizeBytes, grow, ErrResourceExhausted)
+		}
+	}
+	v.SizeBytes = c.SizeBytes
+	return Result{Volume: v.Clone()}, nil
+}
+
+// sectorSize: a volume's size is whole sectors (the replica format's unit).
+const sectorSize = 512

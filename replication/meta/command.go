@@ -35,6 +35,7 @@ const (
 	CmdAdvanceEpoch         CommandType = 19
 	CmdSetVolumeCondition   CommandType = 20
 	CmdScrubProgress        CommandType = 21
+	CmdExpandVolume         CommandType = 22
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -46,7 +47,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdScrubProgress
+const lastCommandType = CmdExpandVolume
 
 // Command is one change to the store's state.
 type Command interface {
@@ -237,6 +238,18 @@ type ScrubProgressUpdate struct {
 	Progress ScrubProgress `json:"progress"`
 }
 
+// ExpandVolume grows a volume to SizeBytes (online expansion). A size the
+// volume already has, or a smaller one, is a success that changes nothing
+// and answers with the volume as it is: volumes never shrink, and a retry
+// of an expansion that was applied finds it done. The replicas are grown
+// after the store records the size (docs/expansion.md). It changes no
+// replica set and no epoch. Written only once every member reads it
+// (command.go, rule 3; Agent.checkMembersRead).
+type ExpandVolume struct {
+	VolumeID  string `json:"volume_id"`
+	SizeBytes uint64 `json:"size"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -259,6 +272,7 @@ func (SetReplicaGeneration) Type() CommandType  { return CmdSetReplicaGeneration
 func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
 func (SetVolumeCondition) Type() CommandType    { return CmdSetVolumeCondition }
 func (ScrubProgressUpdate) Type() CommandType   { return CmdScrubProgress }
+func (ExpandVolume) Type() CommandType          { return CmdExpandVolume }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -305,6 +319,8 @@ func newCommand(t CommandType) Command {
 		return &SetVolumeCondition{}
 	case CmdScrubProgress:
 		return &ScrubProgressUpdate{}
+	case CmdExpandVolume:
+		return &ExpandVolume{}
 	}
 	return nil
 }
@@ -350,6 +366,12 @@ func Encode(c Command) ([]byte, error) {
 //     (commandVersion moves up, writeVersion stays, and no path issues the
 //     new type), and a later release, installed only over that one, writes
 //     it. A member that skipped that release halts rather than diverges (2).
+//     Or, within one release: the leader writes the new type only after
+//     every member of the raft configuration has said, through the meta
+//     API's Info (command_types), that it reads it, and refuses the command
+//     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
+//     member cannot say so, so nothing it cannot read reaches the log while
+//     it is a member. Type 22 (ExpandVolume) is written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So
@@ -357,8 +379,9 @@ func Encode(c Command) ([]byte, error) {
 // scrub progress), added together with this rule, are written by the
 // release that adds them; rule 3 holds for everything added after it.
 //
-// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry
-// and TestWriteVersionReadable hold the rule.
+// TestDecodeNewerEntry, TestFSMHaltsOnNewerEntry, TestAgentStopsOnNewerEntry,
+// TestWriteVersionReadable and TestGatedTypeWaitsForEveryMember hold the
+// rule.
 
 // Decode parses what Encode wrote. Bad bytes give an error wrapping
 // ErrBadCommand, and an entry of a newer build one wrapping ErrNewerCommand

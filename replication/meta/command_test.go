@@ -44,6 +44,11 @@ func fullCommands() []Command {
 		&SetParameters{VolumeID: "vol-1", Parameters: map[string]string{
 			volspec.KeyMaxIOPS: "500", volspec.KeyMinIOPS: "100", volspec.KeyMaxBandwidth: "104857600", volspec.KeyBurstDuration: ""}},
 		&SetReplicaGeneration{VolumeID: "vol-1", ReplicaID: "vol-1-r2", Generation: "00112233445566778899aabbccddeeff", Expect: "ffeeddccbbaa99887766554433221100"},
+		&AdvanceEpoch{VolumeID: "vol-1", NodeID: "n2", ExpectEpoch: 11},
+		&SetVolumeCondition{VolumeID: "vol-1", Abnormal: true, Message: "block 7 verifies on no replica"},
+		&ScrubProgressUpdate{VolumeID: "vol-1", Progress: ScrubProgress{Seq: 2, BlocksTotal: 100, BlocksChecked: 100,
+			Repaired: 1, Unrecoverable: 1, Done: true, Error: "e", StartedAt: 46, FinishedAt: 47}},
+		&ExpandVolume{VolumeID: "vol-1", SizeBytes: 2 << 30},
 	}
 }
 
@@ -90,7 +95,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdAdvanceEpoch, &AdvanceEpoch{}},
 		{CmdSetVolumeCondition, &SetVolumeCondition{}},
 		{CmdScrubProgress, &ScrubProgressUpdate{}},
-		{CmdScrubProgress + 1, nil},
+		{CmdExpandVolume, &ExpandVolume{}},
+		{CmdExpandVolume + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -245,7 +251,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 22", cmdBytes(CmdScrubProgress+1, commandVersion, `{}`)},
+		{"unknown type 23", cmdBytes(CmdExpandVolume+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"testing"
@@ -133,5 +134,41 @@ func TestAgentStopsOnNewerEntry(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("member did not stop after an entry of a newer build")
+	}
+}
+
+// TestGatedTypeWaitsForEveryMember: the leader writes a gated command type
+// (ExpandVolume) only once every member's heartbeat said its build reads it
+// (command.go, rule 3; gate.go).
+func TestGatedTypeWaitsForEveryMember(t *testing.T) {
+	a, c := startTestAgent(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	v := testCreate(t, ctx, c, "grow")
+	// A lone member reads what it writes.
+	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 2 * gib}); err != nil {
+		t.Fatalf("ExpandVolume on a one-member cluster: %v", err)
+	}
+	// A second member whose build is older, as its heartbeat says: no
+	// entry of the new type may reach the log.
+	f := a.store.raft.AddNonvoter("old-member", "127.0.0.1:1", 0, 5*time.Second)
+	if err := f.Error(); err != nil {
+		t.Fatal(err)
+	}
+	a.noteCommandTypes("old-member", uint8(CmdScrubProgress))
+	_, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 3 * gib})
+	if !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("ExpandVolume with an older member = %v, want ErrFailedPrecondition", err)
+	}
+	if got, _ := c.Volume(ctx, v.ID); got.SizeBytes != 2*gib {
+		t.Fatalf("refused expansion changed the size to %d", got.SizeBytes)
+	}
+	// Other commands are not held up.
+	if _, err := c.Apply(ctx, &SetVolumeCondition{VolumeID: v.ID}); err != nil {
+		t.Fatalf("an older command while a member is older: %v", err)
+	}
+	a.noteCommandTypes("old-member", uint8(lastCommandType))
+	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 3 * gib}); err != nil {
+		t.Fatalf("ExpandVolume once every member reads it: %v", err)
 	}
 }

@@ -166,6 +166,9 @@ func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (
 			if err = prepare(c); err != nil {
 				return err
 			}
+			if err = a.checkMembersRead(ctx, c); err != nil {
+				return err
+			}
 			if id, ok := registers(c); ok {
 				// A node that registers is alive now. Registering marks
 				// it up; without this its silence would still count from

@@ -45,7 +45,8 @@ func (a *Agent) heartbeatLoop() {
 				a.log.Info("node registered")
 			}
 		} else {
-			_, err = a.heartbeat(ctx, &HeartbeatRequest{NodeID: a.store.NodeID(), CapacityBytes: capacity, FreeBytes: free})
+			_, err = a.heartbeat(ctx, &HeartbeatRequest{NodeID: a.store.NodeID(), CapacityBytes: capacity, FreeBytes: free,
+				CommandTypes: uint8(lastCommandType)})
 			if errors.Is(err, ErrNotFound) {
 				registered = false
 			}
@@ -81,6 +82,7 @@ func (a *Agent) recordHeartbeat(ctx context.Context, req *HeartbeatRequest) erro
 		return fmt.Errorf("node %q is not registered: %w", req.NodeID, ErrNotFound)
 	}
 	now := time.Now()
+	a.noteCommandTypes(req.NodeID, req.CommandTypes)
 	a.mu.Lock()
 	a.live.heartbeat(req.NodeID, now)
 	last := a.lastHB[req.NodeID]

@@ -38,6 +38,8 @@ const dirtyPage = 1 << 16
 type Client struct {
 	nc        net.Conn
 	replicaID string
+	// opened is the replica as OPEN described it; set before Dial returns.
+	opened Info
 
 	// noClass is set once the server refused a class flag and took the same
 	// request without it: a server older than the flags (during a rolling
@@ -402,11 +404,17 @@ func (c *Client) open(ctx context.Context, size uint64) error {
 	if err != nil {
 		return err
 	}
-	if _, err := DecodeInfo(reply); err != nil {
+	info, err := DecodeInfo(reply)
+	if err != nil {
 		return err
 	}
+	c.opened = info
 	return nil
 }
+
+// Opened describes the replica as it was when the connection opened it
+// (its size then, for the engine to grow a replica that missed a grow).
+func (c *Client) Opened() Info { return c.opened }
 
 // Claim makes epoch the replica's epoch; it is durable when Claim returns.
 // See Replica.Claim.
@@ -599,6 +607,13 @@ func (c *Client) DirtyExtents(ctx context.Context) ([]uint64, error) {
 // Replica.MarkClean for when the engine may call it.
 func (c *Client) MarkClean(ctx context.Context, epoch, generation uint64) error {
 	_, err := c.do(ctx, RequestHeader{Op: OpMarkClean, Epoch: epoch, Offset: generation}, nil, nil)
+	return err
+}
+
+// Grow makes the replica size bytes long, durably; a size it already has
+// (or passed) is a success. See Replica.Grow.
+func (c *Client) Grow(ctx context.Context, epoch, size uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpGrow, Epoch: epoch, Offset: size}, nil, nil)
 	return err
 }
 

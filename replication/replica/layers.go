@@ -725,12 +725,3 @@ func fillFromSnapshot(tmp, id string, src *Replica, k int, size uint64) error {
 		Dirty: make(bitmap, bitmapLen(extentCount(size, src.extentSize)))}
 	return writeFileAtomic(tmp, metaFileName, encodeMeta(&m))
 }
-
-// extendFile sets f's length to n bytes (more than now) and makes the new
-// length durable: fsync, not fdatasync, which may leave a size change out.
-func extendFile(f *os.File, n uint64) error {
-	if err := f.Truncate(int64(n)); err != nil {
-		return err
-	}
-	return f.Sync()
-}

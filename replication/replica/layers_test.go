@@ -463,7 +463,8 @@ func TestSnapshotOpsOverNetwork(t *testing.T) {
 }
 
 // TestPreparedSnapshot: files made ahead by PrepareSnapshot serve the next
-// snapshot; unused, they are removed when the replica opens again.
+// snapshot; unused, they are removed when the replica opens again; made
+// for a smaller size (a grow came between), they are not used.
 func TestPreparedSnapshot(t *testing.T) {
 	dir := t.TempDir()
 	r := openLayered(t, dir, true)
@@ -507,13 +508,69 @@ func TestPreparedSnapshot(t *testing.T) {
 	if err := r.PrepareSnapshot(1); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Snapshot(1, "s2"); err != nil {
+	if err := r.Grow(1, 2*testSize); err != nil {
 		t.Fatal(err)
 	}
-	if i := firstDiff(readSnap(t, r, "s2"), a); i >= 0 {
+	if err := r.Snapshot(1, "s2"); err != nil {
+		t.Fatalf("snapshot after a grow, with files prepared for the old size: %v", err)
+	}
+	want := make([]byte, 2*testSize)
+	copy(want, a)
+	if i := firstDiff(readSnap(t, r, "s2"), want); i >= 0 {
 		t.Fatalf("snapshot s2 differs at byte %d", i)
 	}
 	if n := len(strays()); n != 6 {
-		t.Fatalf("%d layer files, want 6 (the sealed s2 layer's and the new head's)", n)
+		t.Fatalf("%d layer files, want 6 (two layers; the unused prepared ones removed)", n)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err = Open(dir, "r1", 0, 0); err != nil {
+		t.Fatalf("reopen after a snapshot of the grown volume: %v", err)
+	}
+}
+
+// TestGrowWithSnapshots: growing a replica that has snapshots keeps them
+// (they read their old contents, and zeros past their old end), and the
+// volume takes writes in the new range; all of it after reopening too.
+func TestGrowWithSnapshots(t *testing.T) {
+	dir := t.TempDir()
+	r := openLayered(t, dir, true)
+	a := randBytes(testSize, 13)
+	if err := r.WriteAt(1, a, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "a"); err != nil {
+		t.Fatal(err)
+	}
+	const bigger = 3 * testSize
+	if err := r.Grow(1, bigger); err != nil {
+		t.Fatal(err)
+	}
+	b := randBytes(testSize, 14)
+	if err := r.WriteAt(1, b, testSize+SumBlockSize+3, false); err != nil {
+		t.Fatal(err)
+	}
+	wantA := make([]byte, bigger)
+	copy(wantA, a)
+	want := bytes.Clone(wantA)
+	copy(want[testSize+SumBlockSize+3:], b)
+	for pass := range 2 {
+		if i := firstDiff(readAll(t, r, 1), want); i >= 0 {
+			t.Fatalf("pass %d: the volume differs at byte %d", pass, i)
+		}
+		if i := firstDiff(readSnap(t, r, "a"), wantA); i >= 0 {
+			t.Fatalf("pass %d: snapshot a differs at byte %d", pass, i)
+		}
+		if err := r.Close(); err != nil {
+			t.Fatal(err)
+		}
+		var err error
+		if r, err = Open(dir, "r1", 0, 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
 	}
 }

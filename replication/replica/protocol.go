@@ -55,6 +55,7 @@ import (
 //	                                                                  FlagGeneration)
 //	PING          -      -               -                 -          -
 //	REHASH        yes    first extent    extent count      -          -
+//	GROW          yes    new size        -                 -          -
 //	SNAPSHOT      yes    -               -                 snapshot   -
 //	                                                       id
 //	DELETE_SNAP   yes    -               -                 snapshot   -
@@ -69,12 +70,14 @@ import (
 // before it writes anything and answers Checksum on a mismatch. A server
 // older than the flag answers BadRequest and the client sends the write
 // again without it. REHASH recomputes the stored block checksums of the
-// extents from their data (resync after an unclean stop). SNAPSHOT seals
-// the replica's contents as a snapshot (docs/snapshots.md), DELETE_SNAP
-// removes one (it runs until the snapshot's unique data has moved),
-// READ_SNAP reads one, PREPARE_SNAP makes the files of the next
+// extents from their data (resync after an unclean stop). GROW makes the
+// replica the new size, durably (online expansion; a size already reached
+// is a success that changes nothing, and nothing ever shrinks). SNAPSHOT
+// seals the replica's contents as a snapshot (docs/snapshots.md),
+// DELETE_SNAP removes one (it runs until the snapshot's unique data has
+// moved), READ_SNAP reads one, PREPARE_SNAP makes the files of the next
 // snapshot's head ahead of it (so that SNAPSHOT, which the engine sends
-// with writes held, has less to do). A server older than these ops
+// with writes held, has less to do). A server older than any of these ops
 // answers BadRequest.
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
@@ -128,21 +131,21 @@ type Op uint8
 
 // Operations.
 const (
-	OpOpen        Op = 1
-	OpClaim       Op = 2
-	OpRead        Op = 3
-	OpWrite       Op = 4
-	OpFlush       Op = 5
-	OpTrim        Op = 6
-	OpWriteZeroes Op = 7
-	OpChecksums   Op = 8
-	OpReadExtent  Op = 9
-	OpDirty       Op = 10
-	OpMarkClean   Op = 11
-	OpInfo        Op = 12
-	OpPing        Op = 13
-	OpRehash      Op = 14
-	// 15 is OpGrow (online expansion).
+	OpOpen           Op = 1
+	OpClaim          Op = 2
+	OpRead           Op = 3
+	OpWrite          Op = 4
+	OpFlush          Op = 5
+	OpTrim           Op = 6
+	OpWriteZeroes    Op = 7
+	OpChecksums      Op = 8
+	OpReadExtent     Op = 9
+	OpDirty          Op = 10
+	OpMarkClean      Op = 11
+	OpInfo           Op = 12
+	OpPing           Op = 13
+	OpRehash         Op = 14
+	OpGrow           Op = 15
 	OpSnapshot       Op = 16
 	OpDeleteSnapshot Op = 17
 	OpReadSnapshot   Op = 18
@@ -190,6 +193,7 @@ var opSpecs = [opLimit]opSpec{
 	OpInfo:           {name: "info", flags: FlagGeneration},
 	OpPing:           {name: "ping"},
 	OpRehash:         {name: "rehash", epoch: true, offset: true, length: true, flags: flagsClass},
+	OpGrow:           {name: "grow", epoch: true, offset: true},
 	OpSnapshot:       {name: "snapshot", epoch: true, payload: payloadIsSnapID},
 	OpDeleteSnapshot: {name: "delete_snapshot", epoch: true, payload: payloadIsSnapID},
 	OpReadSnapshot:   {name: "read_snapshot", epoch: true, offset: true, length: true, maxLength: MaxPayload, payload: payloadIsSnapID},

@@ -50,17 +50,19 @@ type Replica struct {
 	below   []layerFiles
 	dirLock *os.File   // the directory, locked (lockDir)
 	mergeMu sync.Mutex // one snapshot deletion at a time (DeleteSnapshot)
-	// sumsMap maps the sums file read-write (nil when the mapping failed:
-	// reads and writes then use pread and pwrite); see writeSumsMapped.
+	// sumsMap maps the whole sums file, shared and writable (nil when the
+	// mapping failed: reads and writes then use pread and pwrite); see
+	// readSumsMapped. Grow replaces it, with epochMu held exclusively.
 	sumsMap []byte
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
 	// across I/O: every data operation holds it shared for its whole
-	// duration, while Claim, MarkClean and Close hold it exclusively. So when
+	// duration, while Claim, MarkClean, Grow and Close hold it exclusively. So when
 	// Claim(e) returns no operation with an epoch below e is still running,
 	// and none can start.
 	epochMu sync.RWMutex
 	// Written only with epochMu held exclusively; read with it held shared.
+	// So are size and extents (Grow).
 	epoch      uint64
 	cleanEpoch uint64
 	cleanGen   uint64
@@ -327,7 +329,12 @@ func (r *Replica) checkDataFile() error {
 	if !st.Mode().IsRegular() {
 		return fmt.Errorf("replica %s: %w: data is not a regular file", r.id, ErrCorrupt)
 	}
-	if uint64(st.Size()) != r.size {
+	// Longer than the meta file says: a grow that stopped before its
+	// commit point (grow.go). Shorter: damage.
+	if err := trimInterruptedGrow(r.data, uint64(st.Size()), r.size); err != nil {
+		return fmt.Errorf("replica %s: cut the data file back to %d bytes after an interrupted grow: %w", r.id, r.size, err)
+	}
+	if uint64(st.Size()) < r.size {
 		return fmt.Errorf("replica %s: %w: data file is %d bytes, meta says %d", r.id, ErrCorrupt, st.Size(), r.size)
 	}
 	return nil
@@ -350,14 +357,34 @@ func (r *Replica) ID() string { return r.id }
 // was created, the same for as long as it exists.
 func (r *Replica) Generation() string { return r.generation }
 
-// Size returns the replica's size in bytes.
-func (r *Replica) Size() uint64 { return r.size }
+// Size returns the replica's size in bytes; Grow may raise it.
+func (r *Replica) Size() uint64 {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	return r.size
+}
 
 // ExtentSize returns the size of the replica's extents.
 func (r *Replica) ExtentSize() uint64 { return r.extentSize }
 
-// Extents returns the number of extents; the last one may be short.
-func (r *Replica) Extents() uint64 { return r.extents }
+// Extents returns the number of extents; the last one may be short. Grow
+// may raise it.
+func (r *Replica) Extents() uint64 {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	return r.extents
+}
+
+// checkExtents admits extents [first, first+count). It takes epochMu
+// shared: Grow changes the extent count under it.
+func (r *Replica) checkExtents(first, count uint64) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if first > r.extents || count > r.extents-first {
+		return fmt.Errorf("replica %s: %w: extents %d+%d, replica has %d", r.id, ErrOutOfRange, first, count, r.extents)
+	}
+	return nil
+}
 
 // Epoch returns the highest epoch the replica has accepted.
 func (r *Replica) Epoch() uint64 {
@@ -840,8 +867,8 @@ func (r *Replica) Checksums(epoch, firstExtent, count uint64) ([]uint32, error) 
 	if err != nil {
 		return nil, err
 	}
-	if firstExtent > r.extents || count > r.extents-firstExtent {
-		return nil, fmt.Errorf("replica %s: %w: extents %d+%d, replica has %d", r.id, ErrOutOfRange, firstExtent, count, r.extents)
+	if err := r.checkExtents(firstExtent, count); err != nil {
+		return nil, err
 	}
 	sums := make([]uint32, 0, count)
 	buf := make([]byte, min(r.extentSize, 256<<10))

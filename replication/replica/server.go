@@ -779,6 +779,16 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 		return reply{payload: AppendUint64s(make([]byte, 0, 8*len(list)), list)}, nil
 	case OpMarkClean:
 		return reply{}, r.MarkClean(h.Epoch, h.Offset)
+	case OpGrow:
+		prev := r.Size()
+		if err := r.Grow(h.Epoch, h.Offset); err != nil {
+			return reply{}, err
+		}
+		if h.Offset > prev {
+			c.log.Info("replica grown", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.Uint64("epoch", h.Epoch),
+				zap.Uint64("previous_size", prev), zap.Uint64("size", h.Offset))
+		}
+		return reply{}, nil
 	case OpSnapshot:
 		id := string(*payload)
 		if err := r.Snapshot(h.Epoch, id); err != nil {

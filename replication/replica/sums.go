@@ -115,15 +115,35 @@ func (r *Replica) openSumsFile(path string, head bool) (*os.File, []byte, error)
 	if err != nil {
 		return nil, nil, fmt.Errorf("replica %s: %w", r.id, err)
 	}
+	want := 4 * sumBlocks(r.size)
 	st, err := f.Stat()
-	if err == nil && (uint64(st.Size()) > 4*sumBlocks(r.size) || head && uint64(st.Size()) != 4*sumBlocks(r.size)) {
-		err = fmt.Errorf("%w: sums file %s is %d bytes, want %d", ErrCorrupt, filepath.Base(path), st.Size(), 4*sumBlocks(r.size))
+	var have uint64
+	if err == nil {
+		have = uint64(st.Size())
+	}
+	switch {
+	case err != nil:
+	case head:
+		// Longer: left by a grow that stopped before its commit point
+		// (grow.go); cut back. Shorter: damage.
+		err = trimInterruptedGrow(f, have, want)
+		if err == nil && have < want {
+			err = fmt.Errorf("%w: sums file %s is %d bytes, want %d", ErrCorrupt, filepath.Base(path), have, want)
+		}
+		have = want
+	case have > want:
+		// A sealed layer is never longer than the volume (it may be
+		// shorter: see readFile).
+		err = fmt.Errorf("%w: sums file %s is %d bytes, the volume needs %d", ErrCorrupt, filepath.Base(path), have, want)
 	}
 	if err != nil {
-		_ = f.Close() // only read
+		_ = f.Close() // the error above is the one to report
 		return nil, nil, fmt.Errorf("replica %s: %w", r.id, err)
 	}
-	m, err := unix.Mmap(int(f.Fd()), 0, int(st.Size()), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if have == 0 {
+		return f, nil, nil
+	}
+	m, err := unix.Mmap(int(f.Fd()), 0, int(have), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		m = nil
 	}
@@ -444,8 +464,8 @@ func (r *Replica) rehashRange(off, n uint64, buf []byte) error {
 // have reached the data but not the sums (a torn write). Without checksums
 // it does nothing. The epoch is checked before each extent.
 func (r *Replica) Rehash(epoch, firstExtent, count uint64) error {
-	if firstExtent > r.extents || count > r.extents-firstExtent {
-		return fmt.Errorf("replica %s: %w: extents %d+%d, replica has %d", r.id, ErrOutOfRange, firstExtent, count, r.extents)
+	if err := r.checkExtents(firstExtent, count); err != nil {
+		return err
 	}
 	if r.sums == nil {
 		r.epochMu.RLock()

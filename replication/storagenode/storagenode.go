@@ -62,6 +62,8 @@ type Node struct {
 	lis    net.Listener
 	// engines opens the maintenance engines (set by Start).
 	engines *attach.Registry
+	// grows counts the replicas the realizer grew (grow).
+	grows prometheus.Counter
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -125,13 +127,17 @@ func New(cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("replica server listen on %s: %w", cfg.Listen, err)
 	}
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
-	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{}}
+	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
+		grows: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_storage_replica_grows_total",
+			Help: "Replicas this node grew to their volume's new size (expanded while no engine served them, or while the node was down).",
+		})}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"),
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
-		for _, c := range n.server.Collectors() {
+		for _, c := range append(n.server.Collectors(), n.grows) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err
@@ -287,13 +293,17 @@ func (n *Node) realize() {
 			// open it either ejects it through its claim.
 			continue
 		}
-		switch decide(p.rep.State, p.rep.Generation, present, info.Generation) {
+		act := decide(p.rep.State, p.rep.Generation, present, info.Generation)
+		switch act {
 		case actCreate:
 			n.create(p)
 		case actRecord:
 			n.record(p, info.Generation)
 		case actFail:
 			n.fail(p, present, info.Generation)
+		}
+		if present && (act == actNone || act == actRecord) && info.Size < p.vol.SizeBytes {
+			n.grow(p, info.Size)
 		}
 	}
 	for _, v := range rebuild {
@@ -313,6 +323,29 @@ func (n *Node) create(p placed) {
 		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()),
 		zap.Bool("checksums", r.Checksummed()))
 	n.record(p, r.Generation())
+}
+
+// grow brings replica p, found at size from, to its volume's size: the
+// volume was expanded while no engine served it, or while this node was
+// down. An engine grows its replicas itself (and again at every claim, so
+// a replica never serves at another size than its volume's); this makes a
+// replica of an unattached volume ready before the next attach, and one
+// that missed an expansion ready for its rebuild. The size comes from this
+// node's copy of the store, which may lag but never names a size the store
+// did not record: sizes only grow.
+func (n *Node) grow(p placed, from uint64) {
+	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Uint64("epoch", p.vol.Epoch),
+		zap.Uint64("previous_size", from), zap.Uint64("size", p.vol.SizeBytes))
+	r, err := n.server.Get(p.rep.ID)
+	if err == nil {
+		err = r.GrowTo(p.vol.SizeBytes)
+	}
+	if err != nil {
+		log.Warn("cannot grow replica to its volume's size; will retry", zap.Error(err))
+		return
+	}
+	n.grows.Inc()
+	log.Info("replica grown to its volume's size")
 }
 
 // record asks the store to record gen as the generation of replica p. A

@@ -146,23 +146,11 @@ var mountCap = &csipb.VolumeCapability{
 	AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
 }
 
-// attach publishes, stages and publishes the volume on node; it returns
-// the target path where the filesystem is mounted.
+// attach publishes, stages and publishes the volume on node as ext4; it
+// returns the target path where the filesystem is mounted.
 func (c *cluster) attach(id, node string) (staging, target string) {
-	t := c.t
-	t.Helper()
-	staging = filepath.Join(c.dir, "kubelet", node, "staging", id)
-	target = filepath.Join(c.dir, "kubelet", node, "target", id)
-	if _, err := c.controller.ControllerPublishVolume(ctx(t), &csipb.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: mountCap}); err != nil {
-		t.Fatalf("ControllerPublishVolume on %s: %v", node, err)
-	}
-	if _, err := c.nodes[node].NodeStageVolume(ctx(t), &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: mountCap}); err != nil {
-		t.Fatalf("NodeStageVolume on %s: %v", node, err)
-	}
-	if _, err := c.nodes[node].NodePublishVolume(ctx(t), &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: mountCap}); err != nil {
-		t.Fatalf("NodePublishVolume on %s: %v", node, err)
-	}
-	return staging, target
+	c.t.Helper()
+	return c.attachAs(id, node, mountCap)
 }
 
 func (c *cluster) detach(id, node, staging, target string) {

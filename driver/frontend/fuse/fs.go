@@ -20,9 +20,10 @@ import (
 )
 
 // volumeFS is the FUSE file system: one flat root directory holding one
-// fixed-size regular file per volume. It speaks go-fuse's raw protocol
-// interface, which exposes what the mapping needs (the WRITE flags that carry
-// O_DSYNC, the fallocate mode) and keeps the per-request path short.
+// regular file per volume, of the volume's size (resize grows it). It
+// speaks go-fuse's raw protocol interface, which exposes what the mapping
+// needs (the WRITE flags that carry O_DSYNC, the fallocate mode) and keeps
+// the per-request path short.
 type volumeFS struct {
 	// RawFileSystem answers ENOSYS for everything not served here.
 	gofuse.RawFileSystem
@@ -46,10 +47,13 @@ type volumeFS struct {
 
 // volumeFile is one served volume.
 type volumeFile struct {
-	name    string
-	ino     uint64
-	b       frontend.Backend
-	size    uint64
+	name string
+	ino  uint64
+	b    frontend.Backend
+	// size is the file's size: the backend's when the file was added,
+	// raised by resize after the volume grew. Requests read it without
+	// fs.mu.
+	size    atomic.Uint64
 	created time.Time
 
 	// Guarded by volumeFS.mu.
@@ -94,11 +98,34 @@ func (fs *volumeFS) add(name string, b frontend.Backend, size uint64) error {
 	}
 	// Inode numbers are never reused, so a kernel reference to a removed
 	// file can never reach a new one.
-	f := &volumeFile{name: name, ino: fs.nextIno, b: b, size: size, created: time.Now()}
+	f := &volumeFile{name: name, ino: fs.nextIno, b: b, created: time.Now()}
+	f.size.Store(size)
 	fs.nextIno++
 	fs.byName[name] = f
 	fs.byIno[f.ino] = f
 	return nil
+}
+
+// resize takes the backend's current size as the file's size (the volume
+// grew) and returns the file's inode with its old and new sizes. A smaller
+// backend size is refused: the kernel and a loop device may already use
+// the larger one.
+func (fs *volumeFS) resize(name string) (ino, old, size uint64, err error) {
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	f, ok := fs.byName[name]
+	if !ok {
+		return 0, 0, 0, ErrNotFound
+	}
+	old, size = f.size.Load(), f.b.Size()
+	switch {
+	case size < old:
+		return f.ino, old, old, fmt.Errorf("%w: the volume is %d bytes, its file already %d", ErrInvalidSize, size, old)
+	case size%512 != 0:
+		return f.ino, old, old, fmt.Errorf("%w: %d is not a multiple of 512", ErrInvalidSize, size)
+	}
+	f.size.Store(size)
+	return f.ino, old, size, nil
 }
 
 // remove stops serving a file, waiting up to wait for its handles to close.
@@ -192,8 +219,8 @@ func (fs *volumeFS) rootAttr(a *gofuse.Attr) {
 func fileAttr(f *volumeFile, a *gofuse.Attr) {
 	*a = gofuse.Attr{
 		Ino:     f.ino,
-		Size:    f.size,
-		Blocks:  f.size / 512,
+		Size:    f.size.Load(),
+		Blocks:  f.size.Load() / 512,
 		Mode:    syscall.S_IFREG | 0o600,
 		Nlink:   1,
 		Blksize: 4096,
@@ -274,7 +301,7 @@ func (fs *volumeFS) SetAttr(_ <-chan struct{}, in *gofuse.SetAttrIn, out *gofuse
 	if !ok {
 		return gofuse.ENOENT
 	}
-	if in.Valid&gofuse.FATTR_SIZE != 0 && in.Size != f.size {
+	if in.Valid&gofuse.FATTR_SIZE != 0 && in.Size != f.size.Load() {
 		return gofuse.EPERM
 	}
 	fileAttr(f, &out.Attr)
@@ -313,7 +340,7 @@ func (fs *volumeFS) Read(_ <-chan struct{}, in *gofuse.ReadIn, buf []byte) (gofu
 	if h == nil {
 		return nil, gofuse.EBADF
 	}
-	size := h.f.size
+	size := h.f.size.Load()
 	if in.Offset >= size {
 		return gofuse.ReadResultData(nil), gofuse.OK
 	}
@@ -340,7 +367,7 @@ func (fs *volumeFS) Writev(_ <-chan struct{}, in *gofuse.WriteIn, data [][]byte)
 			p = append(p, d...)
 		}
 	}
-	if uint64(len(p)) > h.f.size || in.Offset > h.f.size-uint64(len(p)) {
+	if size := h.f.size.Load(); uint64(len(p)) > size || in.Offset > size-uint64(len(p)) {
 		// The file is the volume: like a block device, it cannot grow.
 		return 0, gofuse.Status(syscall.ENOSPC)
 	}
@@ -431,7 +458,7 @@ func (fs *volumeFS) Fallocate(_ <-chan struct{}, in *gofuse.FallocateIn) gofuse.
 	if h == nil {
 		return gofuse.EBADF
 	}
-	size := h.f.size
+	size := h.f.size.Load()
 	keepSize := in.Mode&unix.FALLOC_FL_KEEP_SIZE != 0
 	mode := in.Mode &^ unix.FALLOC_FL_KEEP_SIZE
 	end := in.Offset + in.Length
@@ -469,7 +496,7 @@ func (fs *volumeFS) StatFs(_ <-chan struct{}, _ *gofuse.InHeader, out *gofuse.St
 	defer fs.mu.RUnlock()
 	var total uint64
 	for _, f := range fs.byName {
-		total += f.size
+		total += f.size.Load()
 	}
 	*out = gofuse.StatfsOut{
 		Blocks:  total / 4096,

@@ -53,7 +53,7 @@ const (
 	// kernel's default max_pages_limit.
 	maxWrite = 1 << 20
 	// attrTimeout is how long the kernel caches attributes and entries.
-	// Sizes never change, and Remove invalidates the entry explicitly.
+	// Resize and Remove invalidate them explicitly.
 	attrTimeout = time.Second
 	// releaseWait bounds how long Remove and Unmount wait for the kernel's
 	// RELEASE of a file whose loop device was just detached: the loop
@@ -222,6 +222,40 @@ func (s *Server) Add(name string, b frontend.Backend) (string, error) {
 	p := filepath.Join(s.dir, name)
 	s.log.Info("volume file added", zap.String("volume_id", name), zap.String("path", p), zap.Uint64("size", size))
 	return p, nil
+}
+
+// Resize gives the file dir/name its backend's current size, after the
+// volume grew, and makes the kernel see it: the attributes it caches are
+// invalidated and fetched again, so that the file's size in the kernel
+// (what a loop device's LOOP_SET_CAPACITY reads, see RefreshLoopSize) is
+// the new one when Resize returns. It returns the new size. A backend that
+// shrank is refused (ErrInvalidSize).
+func (s *Server) Resize(name string) (uint64, error) {
+	if err := validName(name); err != nil {
+		return 0, fmt.Errorf("fuse resize %q: %w", name, err)
+	}
+	ino, old, size, err := s.fs.resize(name)
+	if err != nil {
+		return 0, fmt.Errorf("fuse resize %q: %w", name, err)
+	}
+	// Not under fs.mu: the kernel may be waiting on a request that needs
+	// it. An offset below 0 drops the cached attributes only; the file has
+	// no page cache (direct I/O).
+	if st := s.srv.InodeNotify(ino, -1, 0); !st.Ok() && st != gofuse.ENOENT {
+		return 0, fmt.Errorf("fuse resize %q: invalidate the kernel's attributes: %v", name, st)
+	}
+	p := filepath.Join(s.dir, name)
+	fi, err := os.Stat(p) // fetches the attributes again: the kernel's file size moves
+	if err != nil {
+		return 0, fmt.Errorf("fuse resize %q: %w", name, err)
+	}
+	if uint64(fi.Size()) != size {
+		return 0, fmt.Errorf("fuse resize %q: the kernel sees %d bytes after the resize to %d", name, fi.Size(), size)
+	}
+	if size != old {
+		s.log.Info("volume file grown", zap.String("volume_id", name), zap.String("path", p), zap.Uint64("previous_size", old), zap.Uint64("size", size))
+	}
+	return size, nil
 }
 
 // Remove stops serving dir/name. It fails with ErrBusy while a loop device

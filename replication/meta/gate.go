@@ -1,0 +1,97 @@
+package meta
+
+import (
+	"context"
+	"fmt"
+	"slices"
+	"strings"
+	"time"
+)
+
+// The command gate: rule 3 of command evolution (command.go) within one
+// release. A command type from firstGatedType on is written to the log only
+// once every member of the raft configuration has said that it reads it;
+// otherwise a member running an older build would meet an entry it cannot
+// read and halt. Members say so in their heartbeats (HeartbeatRequest's
+// CommandTypes, the highest type their build reads); the leader keeps the
+// last word of each in memory, beside its liveness view. A heartbeat of an
+// older build carries nothing, which reads as "not this type".
+
+// firstGatedType is the first command type written through the gate.
+const firstGatedType = CmdExpandVolume
+
+// gateWait is the least a gated command waits for members that have not
+// reported since this member became leader; it waits three heartbeat
+// intervals when that is longer (a loaded node's heartbeat can be late).
+const gateWait = 3 * time.Second
+
+// gatedType returns the type of c, or of the command a Request wraps, and
+// whether it is written through the gate.
+func gatedType(c Command) (CommandType, bool) {
+	if r, ok := c.(*Request); ok {
+		inner, err := Decode(r.Command)
+		if err != nil {
+			return 0, false // apply refuses it anyway
+		}
+		c = inner
+	}
+	t := c.Type()
+	return t, t >= firstGatedType
+}
+
+// noteCommandTypes records what a member's heartbeat says it reads.
+// Called on the leader.
+func (a *Agent) noteCommandTypes(node string, types uint8) {
+	a.mu.Lock()
+	a.reads[node] = CommandType(types)
+	a.mu.Unlock()
+}
+
+// checkMembersRead refuses c, on the leader, while some member of the raft
+// configuration has not said that it reads c's type: ErrFailedPrecondition
+// naming the members. Commands before firstGatedType pass at once.
+func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
+	t, gated := gatedType(c)
+	if !gated {
+		return nil
+	}
+	deadline := time.Now().Add(max(gateWait, 3*a.cfg.HeartbeatInterval))
+	for {
+		members, err := a.store.Members()
+		if err != nil {
+			return err
+		}
+		var older, silent []string
+		a.mu.Lock()
+		for _, m := range members {
+			if m.ID == a.store.NodeID() {
+				continue // this build reads every type up to lastCommandType
+			}
+			switch reads, ok := a.reads[m.ID]; {
+			case !ok:
+				silent = append(silent, m.ID)
+			case reads < t:
+				older = append(older, m.ID)
+			}
+		}
+		a.mu.Unlock()
+		slices.Sort(older)
+		slices.Sort(silent)
+		if len(older) > 0 {
+			return fmt.Errorf("members %s run a build that cannot read command type %d; upgrade every member first: %w",
+				strings.Join(older, ", "), t, ErrFailedPrecondition)
+		}
+		if len(silent) == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("members %s have not reported which commands they read (down, or not heard from since this leader took over); command type %d waits for every member: %w",
+				strings.Join(silent, ", "), t, ErrFailedPrecondition)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
