@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"os"
 	"path/filepath"
 	"testing"
 
@@ -572,5 +573,37 @@ func TestGrowWithSnapshots(t *testing.T) {
 	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestListRemovesLeftovers: the hidden directory of an interrupted restore
+// (its hard links would pin the source's layers for ever: never merged,
+// never freed) is removed when the server lists its replicas.
+func TestListRemovesLeftovers(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := startServer(t, dir)
+	r, err := s.CreateWith("vol1-r0", testSize, CreateOptions{Checksums: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	claimed(t, r, 1)
+	if err := r.Snapshot(1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	left := filepath.Join(dir, ".vol2-r0.creating-123")
+	if err := os.MkdirAll(left, 0o750); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Link(filepath.Join(dir, "vol1-r0", dataFileName), filepath.Join(left, "layer-x.data")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.List(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(left); !os.IsNotExist(err) {
+		t.Fatalf("the leftover is still there: %v", err)
+	}
+	if shared, err := r.chain.Shared(0); err != nil || shared {
+		t.Fatalf("the layer is still shared (%v, %v)", shared, err)
 	}
 }

@@ -1074,3 +1074,9 @@ func removeReplicaDir(path string) error {
 // isHiddenEntry reports whether a data-directory entry is a leftover of an
 // interrupted create or remove rather than a replica.
 func isHiddenEntry(name string) bool { return strings.HasPrefix(name, ".") }
+
+// isLeftover reports whether name is the hidden directory of a replica
+// create (buildHidden) or delete (removeReplicaDir) that did not finish.
+func isLeftover(name string) bool {
+	return isHiddenEntry(name) && (strings.Contains(name, ".creating-") || strings.Contains(name, ".deleting-"))
+}

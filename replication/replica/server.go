@@ -289,7 +289,8 @@ func (s *Server) Delete(id string) error {
 
 // List opens every replica under the data directory and describes them,
 // sorted by id. A replica that cannot be opened is left out and its error
-// joined into the returned error.
+// joined into the returned error. On the way it removes what an
+// interrupted create or delete left (see isLeftover).
 func (s *Server) List() ([]Info, error) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
@@ -299,8 +300,19 @@ func (s *Server) List() ([]Info, error) {
 	}
 	var errs []error
 	for _, e := range entries {
+		if e.IsDir() && isLeftover(e.Name()) {
+			// No create or delete runs (lifeMu). Left, such a directory
+			// would hold its hard links to another replica's layers for
+			// ever, and those layers could never be merged or freed.
+			if err := os.RemoveAll(filepath.Join(s.dataDir, e.Name())); err != nil {
+				errs = append(errs, fmt.Errorf("remove leftover %s: %w", e.Name(), err))
+			} else {
+				s.log.Info("removed the leftover of an interrupted replica create or delete", zap.String("dir", e.Name()))
+			}
+			continue
+		}
 		if !e.IsDir() || isHiddenEntry(e.Name()) || validateID(e.Name()) != nil {
-			continue // not a replica: leftovers, lost+found …
+			continue // not a replica: lost+found …
 		}
 		if _, err := s.getLocked(e.Name()); err != nil {
 			errs = append(errs, err)
