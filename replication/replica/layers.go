@@ -336,6 +336,40 @@ func (r *Replica) Snapshots() []string {
 	return ids
 }
 
+// SnapshotUsage is the space one snapshot of a replica takes.
+type SnapshotUsage struct {
+	ID string
+	// HeldBytes is what the snapshot's layer holds: the blocks written
+	// between the snapshot before it and this one (for the oldest, the
+	// whole volume as it was, holes included).
+	HeldBytes uint64
+	// FreedByDelete is what deleting the snapshot would free: those of its
+	// blocks that were written again since (the rest moves up).
+	FreedByDelete uint64
+}
+
+// SnapshotUsage returns the space each snapshot takes, oldest first. It
+// reads the layers' maps whole (a bit per 4 KiB block of the volume).
+func (r *Replica) SnapshotUsage() ([]SnapshotUsage, error) {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if r.closed {
+		return nil, fmt.Errorf("replica %s: %w", r.id, ErrClosed)
+	}
+	var out []SnapshotUsage
+	for i, e := range r.chain.Entries() {
+		if e.ID == "" || e.Deleting {
+			continue
+		}
+		u, err := r.chain.Usage(i)
+		if err != nil {
+			return nil, fmt.Errorf("replica %s: %w", r.id, err)
+		}
+		out = append(out, SnapshotUsage{ID: e.ID, HeldBytes: u.Held * layer.BlockSize, FreedByDelete: u.Shadowed * layer.BlockSize})
+	}
+	return out, nil
+}
+
 // ReadSnapshotAt fills p from off as snapshot id holds it, verified when
 // the replica keeps checksums. An unknown id → ErrNotFound.
 func (r *Replica) ReadSnapshotAt(epoch uint64, id string, p []byte, off uint64) error {

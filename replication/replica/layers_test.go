@@ -607,3 +607,61 @@ func TestListRemovesLeftovers(t *testing.T) {
 		t.Fatalf("the layer is still shared (%v, %v)", shared, err)
 	}
 }
+
+// TestServerRestoreAndUsage: the server restores a replica from another's
+// snapshot and serves it; SnapshotUsage says what each snapshot holds and
+// what deleting it would free.
+func TestServerRestoreAndUsage(t *testing.T) {
+	dir := t.TempDir()
+	s, _ := startServer(t, dir)
+	src, err := s.CreateWith("vol1-r0", testSize, CreateOptions{Checksums: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	claimed(t, src, 1)
+	a := randBytes(testSize, 50)
+	if err := src.WriteAt(1, a, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Snapshot(1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt(1, randBytes(4*SumBlockSize, 51), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Snapshot(1, "s2"); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.WriteAt(1, randBytes(2*SumBlockSize, 52), SumBlockSize, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := src.Flush(1); err != nil {
+		t.Fatal(err)
+	}
+	u, err := src.SnapshotUsage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []SnapshotUsage{
+		{ID: "s1", HeldBytes: testSize, FreedByDelete: 4 * SumBlockSize},
+		{ID: "s2", HeldBytes: 4 * SumBlockSize, FreedByDelete: 2 * SumBlockSize},
+	}
+	if fmt.Sprint(u) != fmt.Sprint(want) {
+		t.Fatalf("SnapshotUsage() = %+v, want %+v", u, want)
+	}
+
+	r2, err := s.CreateFromSnapshot("vol2-r0", "vol1-r0", "s1", 0)
+	if err != nil {
+		t.Fatalf("CreateFromSnapshot: %v", err)
+	}
+	if got, err := s.Get("vol2-r0"); err != nil || got != r2 {
+		t.Fatalf("the restored replica is not served: %v", err)
+	}
+	claimed(t, r2, 1)
+	if i := firstDiff(readAll(t, r2, 1), a); i >= 0 {
+		t.Fatalf("the restored replica differs from s1 at byte %d", i)
+	}
+	if _, err := s.CreateFromSnapshot("vol2-r0", "vol1-r0", "s1", 0); !errors.Is(err, ErrExists) {
+		t.Fatalf("restoring onto an existing replica: %v, want ErrExists", err)
+	}
+}

@@ -221,6 +221,39 @@ func (s *Server) CreateWith(id string, size uint64, opts CreateOptions) (*Replic
 	return r, nil
 }
 
+// CreateFromSnapshot creates replica id holding snapshot snapID of replica
+// src, in a volume of size bytes (0: src's size), sharing src's layers by
+// hard links (see the package function CreateFromSnapshot), and serves it.
+// A replica id that exists → ErrExists.
+func (s *Server) CreateFromSnapshot(id, src, snapID string, size uint64) (*Replica, error) {
+	source, err := s.Get(src)
+	if err != nil {
+		return nil, err
+	}
+	s.lifeMu.Lock()
+	defer s.lifeMu.Unlock()
+	if r, err := s.lookup(id); err != nil || r != nil {
+		if r != nil {
+			return nil, fmt.Errorf("replica %s: %w", id, ErrExists)
+		}
+		return nil, err
+	}
+	if err := CreateFromSnapshot(s.dataDir, id, source, snapID, size); err != nil {
+		return nil, err
+	}
+	r, err := Open(s.dataDir, id, 0, 0)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.schedAttach(r)
+	s.replicas[id] = r
+	s.mu.Unlock()
+	s.log.Info("replica restored from a snapshot", zap.String("replica_id", id), zap.String("source", src),
+		zap.String("snapshot", snapID), zap.Uint64("size", r.Size()), zap.String("generation", r.Generation()))
+	return r, nil
+}
+
 // lookup returns an open replica, nil if it is not open, or ErrServerClosed.
 func (s *Server) lookup(id string) (*Replica, error) {
 	s.mu.Lock()
