@@ -241,14 +241,10 @@ func (s *Server) CreateFromSnapshot(id, src, snapID string, size uint64) (*Repli
 	if err := CreateFromSnapshot(s.dataDir, id, source, snapID, size); err != nil {
 		return nil, err
 	}
-	r, err := Open(s.dataDir, id, 0, 0)
+	r, err := s.getLocked(id)
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	s.schedAttach(r)
-	s.replicas[id] = r
-	s.mu.Unlock()
 	s.log.Info("replica restored from a snapshot", zap.String("replica_id", id), zap.String("source", src),
 		zap.String("snapshot", snapID), zap.Uint64("size", r.Size()), zap.String("generation", r.Generation()))
 	return r, nil
