@@ -128,6 +128,39 @@ func (r *rig) attach(id, node string) *meta.Volume {
 	return res.Volume
 }
 
+// openWatching opens the engine of volume id on n1 with short clean and
+// watch intervals; the rebuilds it finishes arrive on the channel.
+func (r *rig) openWatching(id string) (*Engine, <-chan RebuildStats) {
+	r.t.Helper()
+	rebuilt := make(chan RebuildStats, 4)
+	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { _ = e.Close(context.Background()) })
+	return e, rebuilt
+}
+
+// modelWriter returns a model of a volume of size bytes and a function
+// that writes n random bytes at off through e and into the model.
+func (r *rig) modelWriter(e *Engine, size uint64, seed uint64) ([]byte, func(off uint64, n int)) {
+	model := make([]byte, size)
+	rng := rand.New(rand.NewPCG(seed, seed))
+	ctx := r.ctx()
+	return model, func(off uint64, n int) {
+		r.t.Helper()
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(rng.Uint32())
+		}
+		if err := e.WriteAt(ctx, p, off, false); err != nil {
+			r.t.Fatal(err)
+		}
+		copy(model[off:], p)
+	}
+}
+
 func (r *rig) open(id, node string) *Engine {
 	r.t.Helper()
 	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: node, Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second, CleanInterval: time.Hour})
@@ -398,26 +431,9 @@ func TestReturningReplicaRebuildsOnlyWhatChanged(t *testing.T) {
 	r := newRig(t, 3)
 	r.heartbeat("n1", "n2", "n3")
 	v := r.createVolume("rb", 64*mib, 3, 0, "n1")
-	rebuilt := make(chan RebuildStats, 4)
-	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
-		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	e, rebuilt := r.openWatching(v.ID)
 	ctx := r.ctx()
-	model := make([]byte, v.SizeBytes)
-	rng := rand.New(rand.NewPCG(7, 7))
-	write := func(off uint64, n int) {
-		p := make([]byte, n)
-		for i := range p {
-			p[i] = byte(rng.Uint32())
-		}
-		if err := e.WriteAt(ctx, p, off, false); err != nil {
-			t.Fatal(err)
-		}
-		copy(model[off:], p)
-	}
+	model, write := r.modelWriter(e, v.SizeBytes, 7)
 	for off := uint64(0); off < v.SizeBytes; off += mib {
 		write(off, mib) // the whole volume, before the outage
 	}

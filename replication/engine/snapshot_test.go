@@ -182,3 +182,59 @@ func TestSnapshotThatFailsLeavesNoCopy(t *testing.T) {
 		t.Fatalf("%d replicas hold the snapshot, want 3", n)
 	}
 }
+
+// TestSnapshotSurvivesReplicaOutage: a replica that was away while the
+// volume changed keeps its snapshot through the delta rebuild that brings
+// it back (the rebuild writes into its head, its sealed layers stay), and
+// after the rebuild every replica holds the same snapshot and the same
+// volume; deleting the snapshot afterwards works on all three.
+func TestSnapshotSurvivesReplicaOutage(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("snapout", 16*mib, 3, 0, "n1")
+	e, rebuilt := r.openWatching(v.ID)
+	ctx := r.ctx()
+	model, write := r.modelWriter(e, v.SizeBytes, 8)
+	for off := uint64(0); off < v.SizeBytes; off += mib {
+		write(off, mib)
+	}
+	if err := e.Snapshot(ctx, "before"); err != nil {
+		t.Fatal(err)
+	}
+	snap := bytes.Clone(model)
+	n3 := r.servers["n3"]
+	r.kill("n3")
+	write(3*mib+5*512, 64<<10) // changes while n3 is away
+	write(9*mib, 200<<10)
+	r.startServer("n3", n3.dir, n3.addr)
+	select {
+	case <-rebuilt:
+	case <-time.After(30 * time.Second):
+		t.Fatal("no rebuild finished within 30s")
+	}
+	if got := r.healthyIdentical(v.ID, model).HealthyReplicas(); got != 3 {
+		t.Fatalf("%d healthy replicas after the rebuild, want 3", got)
+	}
+	vol, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rep := range vol.Replicas {
+		rr, err := r.servers[rep.Node].srv.Get(rep.ID)
+		if err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, v.SizeBytes)
+		if err := rr.ReadSnapshotAt(e.Epoch(), "before", got, 0); err != nil {
+			t.Fatalf("replica %s on %s: read the snapshot: %v", rep.ID, rep.Node, err)
+		}
+		if !bytes.Equal(got, snap) {
+			t.Fatalf("replica %s on %s holds another snapshot", rep.ID, rep.Node)
+		}
+	}
+	if err := e.DeleteSnapshot(ctx, "before"); err != nil {
+		t.Fatal(err)
+	}
+	r.healthyIdentical(v.ID, model)
+}
