@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"sync"
 	"time"
 
 	"go.uber.org/zap"
@@ -54,9 +55,9 @@ func (e *Engine) Snapshot(ctx context.Context, id string) error {
 		// some had sealed in an earlier attempt: another cut). None may
 		// keep it: the replicas would hold different contents under one
 		// id. Removed with writes going on: it changes no one's view.
-		errs := e.fanOutWith(ctx, undo, func(ctx context.Context, m *member) error {
+		errs := eachMember(ctx, undo, func(ctx context.Context, m *member) error {
 			return m.client.DeleteSnapshot(ctx, epoch, id)
-		}, true)
+		})
 		for i, derr := range errs {
 			if derr != nil && !errors.Is(derr, replica.ErrNotFound) {
 				e.log.Warn("snapshot left on a replica after a failed snapshot", zap.String("snapshot", id),
@@ -135,16 +136,18 @@ func (e *Engine) snapshotLocked(ctx context.Context, id string) (undo []*member,
 // writes go on, and each replica keeps them apart from its merge), so a
 // failover meanwhile makes the replicas refuse the old epoch: the caller
 // retries. A replica that never had the snapshot (it was rebuilt since)
-// counts as done.
+// counts as done, and so does one whose deletion a retry finds finished.
+// It waits as long as ctx allows, not the engine's I/O timeout: a
+// deletion's time grows with the data it moves.
 func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
 	epoch, ms, err := e.healthySnapshot()
 	if err != nil {
 		return err
 	}
 	start := time.Now()
-	errs := e.fanOutWith(ctx, ms, func(ctx context.Context, m *member) error {
+	errs := eachMember(ctx, ms, func(ctx context.Context, m *member) error {
 		return m.client.DeleteSnapshot(ctx, epoch, id)
-	}, true)
+	})
 	for i, err := range errs {
 		if err != nil && !errors.Is(err, replica.ErrNotFound) {
 			return fmt.Errorf("delete snapshot %s on replica %s: %w", id, ms[i].replica.ID, err)
@@ -185,4 +188,21 @@ func (e *Engine) healthySnapshot() (uint64, []*member, error) {
 		return 0, nil, err
 	}
 	return e.epoch, e.healthyMembers(), nil
+}
+
+// eachMember runs op on every member at once and waits for all of them,
+// bounded by ctx only (unlike fanOut, which bounds every operation by the
+// I/O timeout: right for I/O, not for work that grows with the data).
+func eachMember(ctx context.Context, ms []*member, op func(context.Context, *member) error) []error {
+	errs := make([]error, len(ms))
+	var wg sync.WaitGroup
+	for i, m := range ms {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = one(ctx, m, op)
+		}()
+	}
+	wg.Wait()
+	return errs
 }
