@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"golang.org/x/sys/unix"
 )
 
@@ -436,6 +437,9 @@ func TestSnapshotOpsOverNetwork(t *testing.T) {
 	if err := c.Snapshot(ctx, 1, "s1"); err != nil {
 		t.Fatal(err)
 	}
+	if n := snapshotGauge(t, s, "vol1-r0"); n != 1 {
+		t.Fatalf("cairn_replica_snapshots = %v after a snapshot, want 1", n)
+	}
 	if err := c.WriteAt(ctx, 1, randBytes(testSize, 21), 0, false); err != nil {
 		t.Fatal(err)
 	}
@@ -451,6 +455,9 @@ func TestSnapshotOpsOverNetwork(t *testing.T) {
 	}
 	if err := c.DeleteSnapshot(ctx, 1, "s1"); err != nil {
 		t.Fatal(err)
+	}
+	if n := snapshotGauge(t, s, "vol1-r0"); n != 0 {
+		t.Fatalf("cairn_replica_snapshots = %v after the deletion, want 0", n)
 	}
 	if err := c.ReadSnapshotAt(ctx, 1, "s1", got[:10], 0); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("READ_SNAP of a deleted snapshot: %v, want ErrNotFound", err)
@@ -664,4 +671,29 @@ func TestServerRestoreAndUsage(t *testing.T) {
 	if _, err := s.CreateFromSnapshot("vol2-r0", "vol1-r0", "s1", 0); !errors.Is(err, ErrExists) {
 		t.Fatalf("restoring onto an existing replica: %v, want ErrExists", err)
 	}
+}
+
+// snapshotGauge scrapes s's metrics and returns cairn_replica_snapshots
+// for replica id (-1 if absent).
+func snapshotGauge(t testing.TB, s *Server, id string) float64 {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(s.Collectors()...)
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		if mf.GetName() != "cairn_replica_snapshots" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "replica" && l.GetValue() == id {
+					return m.GetGauge().GetValue()
+				}
+			}
+		}
+	}
+	return -1
 }

@@ -453,7 +453,30 @@ func (s *Server) Close() error {
 }
 
 // Collectors returns the server's Prometheus metrics.
-func (s *Server) Collectors() []prometheus.Collector { return s.metrics.collectors() }
+func (s *Server) Collectors() []prometheus.Collector {
+	return append(s.metrics.collectors(), snapshotCollector{s})
+}
+
+// snapshotCollector reports, at each scrape, how many snapshots each open
+// replica holds (cheap: the chain's list, no map is read).
+type snapshotCollector struct{ s *Server }
+
+var snapshotsDesc = prometheus.NewDesc("cairn_replica_snapshots",
+	"Snapshots held by a replica (being deleted not counted).", []string{"volume", "replica"}, nil)
+
+func (c snapshotCollector) Describe(ch chan<- *prometheus.Desc) { ch <- snapshotsDesc }
+
+func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
+	c.s.mu.Lock()
+	rs := make([]*Replica, 0, len(c.s.replicas))
+	for _, r := range c.s.replicas {
+		rs = append(rs, r)
+	}
+	c.s.mu.Unlock()
+	for _, r := range rs {
+		ch <- prometheus.MustNewConstMetric(snapshotsDesc, prometheus.GaugeValue, float64(len(r.Snapshots())), c.s.volumeOf(r.ID()), r.ID())
+	}
+}
 
 // serverConn is one client connection. Its reader goroutine decodes requests
 // and starts a goroutine per request (at most maxInFlight at once); replies go
@@ -842,7 +865,19 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 	case OpDeleteSnapshot:
 		id := string(*payload)
 		start := time.Now()
-		if err := r.DeleteSnapshot(h.Epoch, id, nil); err != nil {
+		vol := c.s.volumeOf(r.ID())
+		progress := c.s.metrics.deleteProgress.WithLabelValues(vol, id)
+		defer c.s.metrics.deleteProgress.DeleteLabelValues(vol, id)
+		quarter := 0
+		err := r.DeleteSnapshot(h.Epoch, id, func(done, total uint64) {
+			progress.Set(float64(done) / float64(total))
+			if q := int(4 * done / total); q > quarter && q < 4 {
+				quarter = q
+				c.log.Info("deleting a snapshot", zap.String("volume_id", vol), zap.String("snapshot", id),
+					zap.Int("percent", 25*q), zap.Duration("elapsed", time.Since(start)))
+			}
+		})
+		if err != nil {
 			return reply{}, err
 		}
 		c.log.Info("snapshot deleted", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id),
@@ -1030,6 +1065,9 @@ type serverMetrics struct {
 	rejected prometheus.Counter
 	waiting  prometheus.Gauge
 	checksum prometheus.Counter
+	// deleteProgress is the share of the volume a snapshot deletion has
+	// gone through, while it runs.
+	deleteProgress *prometheus.GaugeVec
 
 	opsByOp      [opLimit]prometheus.Counter
 	durationByOp [opLimit]prometheus.Observer
@@ -1066,6 +1104,10 @@ func newServerMetrics() *serverMetrics {
 			Name: "cairn_replica_sched_waiting_requests",
 			Help: "Data operations (from the network and in process) waiting for the disk scheduler.",
 		}),
+		deleteProgress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cairn_replica_snapshot_delete_progress_ratio",
+			Help: "Share of the volume a running snapshot deletion has gone through (0 to 1), by volume and snapshot.",
+		}, []string{"volume", "snapshot"}),
 	}
 	for op := Op(1); op < opLimit; op++ {
 		m.opsByOp[op] = m.ops.WithLabelValues(op.String())
@@ -1083,5 +1125,5 @@ func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
 }
 
 func (m *serverMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting, m.checksum}
+	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting, m.checksum, m.deleteProgress}
 }
