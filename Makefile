@@ -49,11 +49,11 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 		/^\? /       { skipped++ } \
 		END { printf "packages: %d passed, %d failed, %d skipped\n", passed, failed, skipped }'
 
-# Go benchmarks (per-request costs), then the programs that run a local
+# Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against
 # nbdkit with node RSS, and the noisy-neighbour comparison.
 bench: deps ## Run the benchmarks and print their tables (never fails on a number)
-	go test -run '^$$' -bench . -benchmem ./iosched ./replication/replica ./driver/frontend/nbd
+	go test -run '^$$' -bench . -benchmem ./iosched ./replication/replica ./replication/engine ./driver/frontend/nbd
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
 	go run ./tests/bench/noisybench
