@@ -616,23 +616,26 @@ func (r *Replica) writeData(p []byte, off uint64, pieces []uint32, verify bool) 
 			return err
 		}
 	}
-	var sums []uint32
-	if r.sums != nil {
-		var small [16]uint32
-		var err error
-		if sums, err = r.newSums(small[:0], p, off, pieces); err != nil {
-			return err
-		}
-	}
-	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
-		return err
-	}
+	// With snapshots a write covering a block in part is widened to whole
+	// blocks first (the copy-up reads and verifies the rest); its sums then
+	// follow from the widened bytes, with no second read of those blocks.
 	w, woff, buf, err := r.widen(p, off)
 	if err != nil {
 		return err
 	}
 	if buf != nil {
 		defer putBuf(buf)
+		pieces = nil // p's pieces, not w's
+	}
+	var sums []uint32
+	if r.sums != nil {
+		var small [16]uint32
+		if sums, err = r.newSums(small[:0], w, woff, pieces); err != nil {
+			return err
+		}
+	}
+	if err := r.markDirty(r.extentsOf(off, n)); err != nil {
+		return err
 	}
 	if err := r.pwrite(w, woff); err != nil {
 		return fmt.Errorf("replica %s: write %d bytes at %d: %w", r.id, n, off, err)
