@@ -33,6 +33,14 @@ import (
 // (replica.ErrInvalidArgument), a fenced engine, a retry that finds it on
 // some replicas only, or too few replicas left.
 func (e *Engine) Snapshot(ctx context.Context, id string) error {
+	_, err := e.TakeSnapshot(ctx, id)
+	return err
+}
+
+// TakeSnapshot is Snapshot, and on success it also returns the ids of the
+// replicas that hold the snapshot (the healthy members at the cut): the
+// store records them, and a restore places its replicas on their nodes.
+func (e *Engine) TakeSnapshot(ctx context.Context, id string) ([]string, error) {
 	// While writes go on (the read lock), the replicas make the files of
 	// their next head (PREPARE_SNAP) and the bulk of the flushing happens,
 	// as for a clean point: what is left under the write lock is to sync
@@ -49,7 +57,7 @@ func (e *Engine) Snapshot(ctx context.Context, id string) error {
 		}, false)
 	}
 	e.mu.RUnlock()
-	undo, epoch, err := e.snapshotLocked(ctx, id)
+	holders, undo, epoch, err := e.snapshotLocked(ctx, id)
 	if len(undo) > 0 {
 		// Some replicas sealed while the snapshot as a whole failed (or
 		// some had sealed in an earlier attempt: another cut). None may
@@ -65,23 +73,27 @@ func (e *Engine) Snapshot(ctx context.Context, id string) error {
 			}
 		}
 	}
-	return err
+	if err != nil {
+		return nil, err
+	}
+	return holders, nil
 }
 
-// snapshotLocked is Snapshot under the write lock. On failure it returns
-// the members whose copy of the snapshot must be removed.
-func (e *Engine) snapshotLocked(ctx context.Context, id string) (undo []*member, epoch uint64, err error) {
+// snapshotLocked is Snapshot under the write lock. On success it returns
+// the ids of the replicas holding the snapshot; on failure, the members
+// whose copy of the snapshot must be removed.
+func (e *Engine) snapshotLocked(ctx context.Context, id string) (holders []string, undo []*member, epoch uint64, err error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.usable(); err != nil {
-		return nil, 0, err
+		return nil, nil, 0, err
 	}
 	start := time.Now()
 	if err := e.resolve(ctx); err != nil {
-		return nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
+		return nil, nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
 	if err := e.flushOrEject(ctx, "before a snapshot"); err != nil {
-		return nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
+		return nil, nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
 	epoch = e.epoch
 	var sealing []*member
@@ -111,24 +123,27 @@ func (e *Engine) snapshotLocked(ctx context.Context, id string) (undo []*member,
 	}
 	switch {
 	case fatal != nil:
-		return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, fatal)
+		return nil, append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, fatal)
 	case len(sealed) > 0 && len(had) > 0:
 		// A retry found the snapshot on some replicas only: they sealed an
 		// earlier cut than the others now did.
-		return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %d replicas had it from an earlier attempt, %d took it now; removed everywhere, take it again: %w",
+		return nil, append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %d replicas had it from an earlier attempt, %d took it now; removed everywhere, take it again: %w",
 			id, len(had), len(sealed), ErrIO)
 	}
 	if failed != nil {
 		if err := e.eject(ctx, failed, "snapshot failed"); err != nil {
-			return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
+			return nil, append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
 		}
 		if err := e.checkQuorum(); err != nil {
-			return append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
+			return nil, append(sealed, had...), epoch, fmt.Errorf("snapshot %s: %w", id, err)
 		}
 	}
 	e.log.Info("snapshot taken", zap.String("snapshot", id), zap.Uint64("epoch", epoch),
 		zap.Int("replicas", len(sealed)+len(had)), zap.Duration("writes_paused", time.Since(start)))
-	return nil, epoch, nil
+	for _, m := range append(sealed, had...) {
+		holders = append(holders, m.replica.ID)
+	}
+	return holders, nil, epoch, nil
 }
 
 // DeleteSnapshot removes snapshot id from every healthy replica. It runs
