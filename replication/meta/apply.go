@@ -72,6 +72,14 @@ func apply(s *State, c Command) (Result, error) {
 		return applyScrubProgress(s, c)
 	case *ExpandVolume:
 		return applyExpandVolume(s, c)
+	case *SetSnapshotReady:
+		return applySetSnapshotReady(s, c)
+	case *MarkSnapshotDeleting:
+		return applyMarkSnapshotDeleting(s, c)
+	case *RestoreVolume:
+		return applyRestoreVolume(s, c)
+	case *RetireVolume:
+		return applyRetireVolume(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -172,24 +180,13 @@ func placementError(err error) error {
 }
 
 func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
-	switch {
-	case c.ID == "" || c.Name == "":
-		return Result{}, fmt.Errorf("volume needs an id and a name: %w", ErrInvalidArgument)
-	case c.SizeBytes == 0:
-		return Result{}, fmt.Errorf("volume %q: size is zero: %w", c.Name, ErrInvalidArgument)
-	case c.Replicas < 1 || c.Replicas > MaxReplicas:
-		return Result{}, fmt.Errorf("volume %q: replicas %d not in 1..%d: %w", c.Name, c.Replicas, MaxReplicas, ErrInvalidArgument)
-	case c.WriteQuorum < 0 || c.WriteQuorum > c.Replicas:
-		return Result{}, fmt.Errorf("volume %q: write quorum %d not in 1..%d: %w", c.Name, c.WriteQuorum, c.Replicas, ErrInvalidArgument)
-	}
-	quorum := c.WriteQuorum
-	if quorum == 0 {
-		quorum = c.Replicas/2 + 1
+	quorum, err := checkCreate(c)
+	if err != nil {
+		return Result{}, err
 	}
 	if v := s.volumeByName(c.Name); v != nil {
 		// Idempotent create: the same request returns the same volume.
-		if v.SizeBytes == c.SizeBytes && v.ReplicaCount == c.Replicas && v.WriteQuorum == quorum &&
-			sameParameters(v.Parameters, c.Parameters) && v.ContentSource == c.ContentSource {
+		if sameVolume(v, c, quorum) {
 			return Result{Volume: v.Clone()}, nil
 		}
 		return Result{}, fmt.Errorf("volume name %q is taken by %s with size %d and %d replicas: %w",
@@ -216,19 +213,10 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, placementError(err))
 	}
-	v := &Volume{
-		ID: c.ID, Name: c.Name, SizeBytes: c.SizeBytes,
-		Parameters: c.Parameters, AccessType: c.AccessType,
-		// A new volume's replicas are all zeros, so they are identical and
-		// healthy from the start; a volume with a content source is filled
-		// first (provisioning).
-		State:         VolumeAvailable,
-		ReplicaCount:  c.Replicas,
-		WriteQuorum:   quorum,
-		Epoch:         1,
-		ContentSource: c.ContentSource,
-		CreatedAt:     c.CreatedAt,
-	}
+	// A new volume's replicas are all zeros, so they are identical and
+	// healthy from the start; a volume with a content source is filled
+	// first (provisioning).
+	v := newVolume(c, quorum)
 	if c.ContentSource != "" {
 		v.State = VolumeProvisioning
 	}
@@ -237,6 +225,20 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 	}
 	s.Volumes[v.ID] = v
 	return Result{Volume: v.Clone()}, nil
+}
+
+// newVolume is the volume create c makes, available, without replicas.
+func newVolume(c *CreateVolume, quorum int) *Volume {
+	return &Volume{
+		ID: c.ID, Name: c.Name, SizeBytes: c.SizeBytes,
+		Parameters: c.Parameters, AccessType: c.AccessType,
+		State:         VolumeAvailable,
+		ReplicaCount:  c.Replicas,
+		WriteQuorum:   quorum,
+		Epoch:         1,
+		ContentSource: c.ContentSource,
+		CreatedAt:     c.CreatedAt,
+	}
 }
 
 // nextReplicaID hands out the volume's next replica id,
@@ -292,6 +294,12 @@ func applyDeleteVolume(s *State, c *DeleteVolume) (Result, error) {
 	if err != nil {
 		return Result{}, err
 	}
+	if v.Hidden {
+		// Deleted by its user already, and kept for its snapshots: the
+		// last DeleteSnapshot deletes it (a hidden volume exists only
+		// once every member reads RetireVolume).
+		return Result{Volume: v.Clone()}, nil
+	}
 	if v.Attachment != nil {
 		return Result{}, fmt.Errorf("volume %s is attached to %s: %w", v.ID, v.Attachment.Node, ErrFailedPrecondition)
 	}
@@ -307,6 +315,9 @@ func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
 	v, err := s.liveVolume(c.VolumeID)
 	if err != nil {
 		return Result{}, err
+	}
+	if v.Hidden {
+		return Result{}, fmt.Errorf("volume %q was deleted (kept for its snapshots): %w", v.ID, ErrNotFound)
 	}
 	n, ok := s.Nodes[c.NodeID]
 	if !ok {
@@ -447,40 +458,6 @@ func applySetVolumeState(s *State, c *SetVolumeState) (Result, error) {
 	}
 	v.State = c.State
 	return Result{Volume: v.Clone()}, nil
-}
-
-func applyCreateSnapshot(s *State, c *CreateSnapshot) (Result, error) {
-	if c.ID == "" || c.Name == "" || c.SourceVolumeID == "" {
-		return Result{}, fmt.Errorf("snapshot needs an id, a name and a source volume: %w", ErrInvalidArgument)
-	}
-	for _, sn := range s.Snapshots {
-		if sn.Name == c.Name {
-			if sn.SourceVolumeID == c.SourceVolumeID {
-				out := *sn
-				return Result{Snapshot: &out}, nil
-			}
-			return Result{}, fmt.Errorf("snapshot name %q is taken by a snapshot of %s: %w", c.Name, sn.SourceVolumeID, ErrAlreadyExists)
-		}
-	}
-	if _, ok := s.Snapshots[c.ID]; ok {
-		return Result{}, fmt.Errorf("snapshot id %q: %w", c.ID, ErrAlreadyExists)
-	}
-	v, err := s.liveVolume(c.SourceVolumeID)
-	if err != nil {
-		return Result{}, err
-	}
-	sn := &Snapshot{ID: c.ID, Name: c.Name, SourceVolumeID: v.ID, SizeBytes: v.SizeBytes, CreatedAt: c.CreatedAt}
-	s.Snapshots[sn.ID] = sn
-	out := *sn
-	return Result{Snapshot: &out}, nil
-}
-
-func applyDeleteSnapshot(s *State, c *DeleteSnapshot) (Result, error) {
-	if _, ok := s.Snapshots[c.SnapshotID]; !ok {
-		return Result{}, fmt.Errorf("snapshot %q: %w", c.SnapshotID, ErrNotFound)
-	}
-	delete(s.Snapshots, c.SnapshotID)
-	return Result{}, nil
 }
 
 func applyPurgeVolume(s *State, c *PurgeVolume) (Result, error) {
@@ -705,6 +682,9 @@ func applyExpandVolume(s *State, c *ExpandVolume) (Result, error) {
 	v, err := s.liveVolume(c.VolumeID)
 	if err != nil {
 		return Result{}, err
+	}
+	if v.Hidden {
+		return Result{}, fmt.Errorf("volume %q was deleted (kept for its snapshots): %w", v.ID, ErrNotFound)
 	}
 	if c.SizeBytes <= v.SizeBytes {
 		return Result{Volume: v.Clone()}, nil

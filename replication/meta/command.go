@@ -36,6 +36,10 @@ const (
 	CmdSetVolumeCondition   CommandType = 20
 	CmdScrubProgress        CommandType = 21
 	CmdExpandVolume         CommandType = 22
+	CmdSetSnapshotReady     CommandType = 23
+	CmdMarkSnapshotDeleting CommandType = 24
+	CmdRestoreVolume        CommandType = 25
+	CmdRetireVolume         CommandType = 26
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -47,7 +51,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdExpandVolume
+const lastCommandType = CmdRetireVolume
 
 // Command is one change to the store's state.
 type Command interface {
@@ -153,7 +157,10 @@ type CreateSnapshot struct {
 	CreatedAt      int64  `json:"created_at"`
 }
 
-// DeleteSnapshot removes a snapshot record.
+// DeleteSnapshot removes a snapshot record: the node that took the
+// snapshot applies it once the replicas dropped its layer (after
+// MarkSnapshotDeleting). The last record of a hidden volume (RetireVolume)
+// takes the volume with it: it becomes deleted, and its replicas go.
 type DeleteSnapshot struct {
 	SnapshotID string `json:"snapshot_id"`
 }
@@ -250,6 +257,43 @@ type ExpandVolume struct {
 	SizeBytes uint64 `json:"size"`
 }
 
+// SetSnapshotReady records the outcome of taking a snapshot (CreateSnapshot
+// records the request): the replicas that sealed it, after which it is
+// ready to use; or, with Error set, why it could not be taken yet (the
+// node retries). It changes no replica set and no epoch. Written only once
+// every member reads it (rule 3), as are the types after it.
+type SetSnapshotReady struct {
+	SnapshotID string   `json:"snapshot_id"`
+	Replicas   []string `json:"replicas,omitempty"`
+	Error      string   `json:"error,omitempty"`
+}
+
+// MarkSnapshotDeleting hides a snapshot from users and asks the node that
+// took it to remove its layers (docs/snapshots.md); DeleteSnapshot then
+// forgets the record.
+type MarkSnapshotDeleting struct {
+	SnapshotID string `json:"snapshot_id"`
+}
+
+// RestoreVolume creates a volume holding what a ready snapshot holds. Its
+// replicas go first to the nodes of the replicas that hold the snapshot,
+// where each is made from the snapshot's layers by hard links (its Source
+// names the replica it is made from) and is healthy from the start; any
+// more are placed as for a new volume, in state rebuilding, and receive a
+// copy from those. ContentSource says what the user asked for
+// ("snapshot:<id>" or "volume:<id>", a clone through a hidden snapshot).
+type RestoreVolume struct {
+	CreateVolume
+	SnapshotID string `json:"snapshot_id"`
+}
+
+// RetireVolume deletes a volume as DeleteVolume does, unless snapshots of
+// it remain: then the volume is hidden (its name is free, users no longer
+// see it) and kept for them, until DeleteSnapshot removes the last one.
+type RetireVolume struct {
+	VolumeID string `json:"volume_id"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -273,6 +317,10 @@ func (AdvanceEpoch) Type() CommandType          { return CmdAdvanceEpoch }
 func (SetVolumeCondition) Type() CommandType    { return CmdSetVolumeCondition }
 func (ScrubProgressUpdate) Type() CommandType   { return CmdScrubProgress }
 func (ExpandVolume) Type() CommandType          { return CmdExpandVolume }
+func (SetSnapshotReady) Type() CommandType      { return CmdSetSnapshotReady }
+func (MarkSnapshotDeleting) Type() CommandType  { return CmdMarkSnapshotDeleting }
+func (RestoreVolume) Type() CommandType         { return CmdRestoreVolume }
+func (RetireVolume) Type() CommandType          { return CmdRetireVolume }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -321,6 +369,14 @@ func newCommand(t CommandType) Command {
 		return &ScrubProgressUpdate{}
 	case CmdExpandVolume:
 		return &ExpandVolume{}
+	case CmdSetSnapshotReady:
+		return &SetSnapshotReady{}
+	case CmdMarkSnapshotDeleting:
+		return &MarkSnapshotDeleting{}
+	case CmdRestoreVolume:
+		return &RestoreVolume{}
+	case CmdRetireVolume:
+		return &RetireVolume{}
 	}
 	return nil
 }
@@ -371,7 +427,7 @@ func Encode(c Command) ([]byte, error) {
 //     API's Info (command_types), that it reads it, and refuses the command
 //     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
 //     member cannot say so, so nothing it cannot read reaches the log while
-//     it is a member. Type 22 (ExpandVolume) is written so.
+//     it is a member. Types 22 (ExpandVolume) to 26 are written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So

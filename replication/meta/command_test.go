@@ -49,6 +49,11 @@ func fullCommands() []Command {
 		&ScrubProgressUpdate{VolumeID: "vol-1", Progress: ScrubProgress{Seq: 2, BlocksTotal: 100, BlocksChecked: 100,
 			Repaired: 1, Unrecoverable: 1, Done: true, Error: "e", StartedAt: 46, FinishedAt: 47}},
 		&ExpandVolume{VolumeID: "vol-1", SizeBytes: 2 << 30},
+		&SetSnapshotReady{SnapshotID: "snap-1", Replicas: []string{"vol-1-r1"}},
+		&SetSnapshotReady{SnapshotID: "snap-1", Error: "e"},
+		&MarkSnapshotDeleting{SnapshotID: "snap-1"},
+		&RestoreVolume{CreateVolume: CreateVolume{ID: "vol-2", Name: "n", SizeBytes: 1 << 30, Replicas: 3, ContentSource: "snapshot:snap-1", CreatedAt: 48}, SnapshotID: "snap-1"},
+		&RetireVolume{VolumeID: "vol-1"},
 	}
 }
 
@@ -96,7 +101,11 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdSetVolumeCondition, &SetVolumeCondition{}},
 		{CmdScrubProgress, &ScrubProgressUpdate{}},
 		{CmdExpandVolume, &ExpandVolume{}},
-		{CmdExpandVolume + 1, nil},
+		{CmdSetSnapshotReady, &SetSnapshotReady{}},
+		{CmdMarkSnapshotDeleting, &MarkSnapshotDeleting{}},
+		{CmdRestoreVolume, &RestoreVolume{}},
+		{CmdRetireVolume, &RetireVolume{}},
+		{CmdRetireVolume + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -251,7 +260,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 23", cmdBytes(CmdExpandVolume+1, commandVersion, `{}`)},
+		{"unknown type 27", cmdBytes(CmdRetireVolume+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -2,7 +2,9 @@ package meta
 
 import (
 	"fmt"
+	"slices"
 	"sort"
+	"strings"
 )
 
 // NodeState is the liveness of a storage node as the leader last judged it.
@@ -110,6 +112,10 @@ type Replica struct {
 	// healthy replica whose copy on disk has another generation, or none,
 	// has lost the data the store trusts it with.
 	Generation string `json:"generation,omitempty"`
+	// Source, for a replica of a restored volume placed where the
+	// snapshot's layers are, names the replica on the same node it is made
+	// from (RestoreVolume); the node makes it by hard links, not blank.
+	Source string `json:"source,omitempty"`
 }
 
 // Attachment says which node's engine may write a volume.
@@ -178,9 +184,15 @@ type Volume struct {
 	// NextReplicaSeq numbers replicas so that a replacement never reuses an id.
 	NextReplicaSeq int   `json:"next_replica_seq"`
 	CreatedAt      int64 `json:"created_at"`
+	// Hidden: deleted by its user while snapshots of it remain
+	// (RetireVolume). Its name is free and users do not see it; it stays,
+	// with its replicas, until DeleteSnapshot removes the last snapshot.
+	Hidden bool `json:"hidden,omitempty"`
 }
 
-// Snapshot is a point-in-time copy of a volume.
+// Snapshot is a point-in-time copy of a volume (docs/snapshots.md).
+// CreateSnapshot records the request; the node serving the volume takes
+// it and SetSnapshotReady records the replicas that hold it.
 type Snapshot struct {
 	ID             string `json:"id"`
 	Name           string `json:"name"`
@@ -188,6 +200,23 @@ type Snapshot struct {
 	SizeBytes      uint64 `json:"size"`
 	CreatedAt      int64  `json:"created_at"`
 	ReadyToUse     bool   `json:"ready_to_use"`
+	// Replicas are the ids of the source's replicas that sealed it.
+	Replicas []string `json:"replicas,omitempty"`
+	// Error says why the snapshot could not be taken yet (it is retried).
+	Error string `json:"error,omitempty"`
+	// Deleting: deleted by its user; its layers are being removed, and
+	// the record goes once they are (DeleteSnapshot).
+	Deleting bool `json:"deleting,omitempty"`
+}
+
+// HiddenSnapshotPrefix starts the names of the snapshots Cairn takes for
+// itself (a clone is restored from one): users do not see them.
+const HiddenSnapshotPrefix = "cairn-internal-"
+
+// Hidden reports whether users should not see sn: deleted by them, or one
+// Cairn took for itself.
+func (sn *Snapshot) Hidden() bool {
+	return sn.Deleting || strings.HasPrefix(sn.Name, HiddenSnapshotPrefix)
 }
 
 // State is the whole replicated state of the store. Only the FSM mutates it,
@@ -285,6 +314,7 @@ func (s *State) Clone() *State {
 	}
 	for id, sn := range s.Snapshots {
 		sc := *sn
+		sc.Replicas = slices.Clone(sn.Replicas)
 		c.Snapshots[id] = &sc
 	}
 	c.Requests = append([]RequestRecord(nil), s.Requests...)
@@ -316,7 +346,7 @@ func (s *State) SortedVolumes() []*Volume {
 // volumeByName finds a live (not deleted) volume by CSI name.
 func (s *State) volumeByName(name string) *Volume {
 	for _, v := range s.Volumes {
-		if v.Name == name && v.State != VolumeDeleted {
+		if v.Name == name && v.State != VolumeDeleted && !v.Hidden {
 			return v
 		}
 	}
