@@ -1,0 +1,163 @@
+package meta
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+)
+
+// Snapshots through the store (docs/snapshots.md, "The control plane"):
+// the client records what it wants, the node serving the volume does it,
+// and the client waits for the record to say so.
+
+// snapshotPoll is how often TakeSnapshot looks at the record.
+const snapshotPoll = 50 * time.Millisecond
+
+// Snapshot returns snapshot id as the leader knows it (hidden ones too):
+// ErrNotFound if there is none.
+func (c *Client) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	sn, ok := st.Snapshots[id]
+	if !ok {
+		return nil, fmt.Errorf("snapshot %q: %w", id, ErrNotFound)
+	}
+	return sn, nil
+}
+
+// TakeSnapshot asks for a snapshot of volume vol named name and waits
+// until it is ready or ctx ends. The same name and volume give the same
+// snapshot, so a retry after any failure finds the first attempt's. When
+// ctx ends first it returns the snapshot as recorded so far (not ready;
+// its Error says what the last attempt met) with ctx's error.
+func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot, error) {
+	res, err := c.Apply(ctx, &CreateSnapshot{Name: name, SourceVolumeID: vol})
+	if err != nil {
+		return nil, err
+	}
+	sn := res.Snapshot
+	for !sn.ReadyToUse {
+		select {
+		case <-ctx.Done():
+			if sn.Error != "" {
+				return sn, fmt.Errorf("snapshot %s of %s not taken yet (last attempt: %s): %w", sn.ID, vol, sn.Error, ctx.Err())
+			}
+			return sn, fmt.Errorf("snapshot %s of %s not taken yet: %w", sn.ID, vol, ctx.Err())
+		case <-time.After(snapshotPoll):
+		}
+		st, err := c.State(ctx, false)
+		if err != nil {
+			continue // a member restarting; ctx bounds the wait
+		}
+		now, ok := st.Snapshots[sn.ID]
+		switch {
+		case !ok || now.Deleting:
+			return nil, fmt.Errorf("snapshot %s of %s was deleted while it was being taken: %w", sn.ID, vol, ErrNotFound)
+		}
+		sn = now
+	}
+	return sn, nil
+}
+
+// DeleteSnapshot deletes snapshot id: it disappears for users at once and
+// its space comes back in the background. A snapshot already gone is a
+// success. A snapshot whose volume is gone has no layers left to remove:
+// its record is forgotten at once.
+func (c *Client) DeleteSnapshot(ctx context.Context, id string) error {
+	res, err := c.Apply(ctx, &MarkSnapshotDeleting{SnapshotID: id})
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	if _, err := c.Volume(ctx, res.Snapshot.SourceVolumeID); errors.Is(err, ErrNotFound) {
+		if _, err := c.Apply(ctx, &DeleteSnapshot{SnapshotID: id}); err != nil && !errors.Is(err, ErrNotFound) {
+			return err
+		}
+	}
+	return nil
+}
+
+// RetireVolume deletes volume id, or hides it while snapshots of it remain
+// (RetireVolume). A volume without snapshots is deleted by DeleteVolume, so
+// that deleting works while a member that cannot read the newer command is
+// down or not upgraded yet.
+func (c *Client) RetireVolume(ctx context.Context, id string) (*Volume, error) {
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	var cmd Command = &DeleteVolume{VolumeID: id}
+	if st.hasSnapshots(id) {
+		cmd = &RetireVolume{VolumeID: id}
+	}
+	res, err := c.Apply(ctx, cmd)
+	return res.Volume, err
+}
+
+// CloneSnapshotName is the name of the hidden snapshot a clone named
+// volume is restored from.
+func CloneSnapshotName(volume string) string { return HiddenSnapshotPrefix + "clone-" + volume }
+
+// ContentSource values of restored volumes.
+const (
+	SourceSnapshotPrefix = "snapshot:"
+	SourceVolumePrefix   = "volume:"
+)
+
+// ParseContentSource splits a volume's ContentSource into its kind
+// ("snapshot" or "volume") and id.
+func ParseContentSource(s string) (kind, id string) {
+	switch {
+	case strings.HasPrefix(s, SourceSnapshotPrefix):
+		return "snapshot", strings.TrimPrefix(s, SourceSnapshotPrefix)
+	case strings.HasPrefix(s, SourceVolumePrefix):
+		return "volume", strings.TrimPrefix(s, SourceVolumePrefix)
+	}
+	return "", s
+}
+
+// Restore creates volume c (its ContentSource unset) from snapshot
+// snapID, or, with fromVolume set, as a clone of volume fromVolume: a
+// hidden snapshot is taken (ctx bounds the wait), restored and deleted
+// again (its layers stay shared with the clone). A retry finds the volume
+// made by the first attempt.
+func (c *Client) Restore(ctx context.Context, cv CreateVolume, snapID, fromVolume string) (*Volume, error) {
+	if fromVolume == "" {
+		cv.ContentSource = SourceSnapshotPrefix + snapID
+		res, err := c.Apply(ctx, &RestoreVolume{CreateVolume: cv, SnapshotID: snapID})
+		return res.Volume, err
+	}
+	cv.ContentSource = SourceVolumePrefix + fromVolume
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	if v := st.volumeByName(cv.Name); v != nil {
+		// A retry after the clone was made (its hidden snapshot may be
+		// gone by now): the store compares it with the request.
+		res, err := c.Apply(ctx, &RestoreVolume{CreateVolume: cv, SnapshotID: "-"})
+		return res.Volume, err
+	}
+	sn, err := c.TakeSnapshot(ctx, fromVolume, CloneSnapshotName(cv.Name))
+	if err != nil {
+		return nil, err
+	}
+	res, err := c.Apply(ctx, &RestoreVolume{CreateVolume: cv, SnapshotID: sn.ID})
+	if err != nil {
+		// Nothing uses the temporary snapshot: it goes (a retry takes
+		// another).
+		return nil, errors.Join(err, c.DeleteSnapshot(ctx, sn.ID))
+	}
+	// The clone's replicas hold the layers by hard links once their nodes
+	// made them; the node removing the snapshot waits for that.
+	if err := c.DeleteSnapshot(ctx, sn.ID); err != nil {
+		return res.Volume, fmt.Errorf("clone %s made; its temporary snapshot %s stays until deleted: %w", res.Volume.ID, sn.ID, err)
+	}
+	return res.Volume, nil
+}
