@@ -3,6 +3,7 @@ package csi
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strconv"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
@@ -47,6 +48,10 @@ var controllerCaps = []csipb.ControllerServiceCapability_RPC_Type{
 	csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 	csipb.ControllerServiceCapability_RPC_MODIFY_VOLUME,
 	csipb.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+	csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+	csipb.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+	csipb.ControllerServiceCapability_RPC_CLONE_VOLUME,
+	csipb.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 }
 
 // ControllerGetCapabilities lists exactly what works.
@@ -139,12 +144,18 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {
 		return nil, toStatus(err)
 	}
-	if req.GetVolumeContentSource() != nil {
-		return nil, toStatus(failf(errInvalid, "volume content sources (snapshots, clones) are not supported yet"))
+	src, err := c.contentSource(ctx, req.GetVolumeContentSource())
+	if err != nil {
+		return nil, toStatus(err)
 	}
 	size, err := sizeFor(req.GetCapacityRange())
 	if err != nil {
 		return nil, toStatus(err)
+	}
+	if src != nil {
+		if size, err = src.size(req.GetCapacityRange()); err != nil {
+			return nil, toStatus(err)
+		}
 	}
 	p, err := volspec.Parse(req.GetParameters())
 	if err != nil {
@@ -181,6 +192,15 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	if zones := zonesOf(req.GetAccessibilityRequirements().GetRequisite()); len(zones) > 0 {
 		cmd.AllowedZones = zones
 	}
+	if src != nil {
+		v, err := c.Meta.Restore(ctx, *cmd, src.snapshot, src.volume)
+		if err != nil {
+			return nil, toStatus(err)
+		}
+		vol := csiVolume(v)
+		vol.ContentSource = req.GetVolumeContentSource()
+		return &csipb.CreateVolumeResponse{Volume: vol}, nil
+	}
 	res, err := c.Meta.Apply(ctx, cmd)
 	if err != nil {
 		return nil, toStatus(err)
@@ -216,7 +236,8 @@ func (c *Controller) DeleteVolume(ctx context.Context, req *csipb.DeleteVolumeRe
 		return nil, toStatus(err)
 	}
 	defer unlock()
-	_, err = c.Meta.Apply(ctx, &meta.DeleteVolume{VolumeID: id})
+	// A volume with snapshots is hidden until they go (RetireVolume).
+	_, err = c.Meta.RetireVolume(ctx, id)
 	if err != nil && !isNotFound(err) {
 		return nil, toStatus(err)
 	}
@@ -244,7 +265,7 @@ func (c *Controller) ControllerPublishVolume(ctx context.Context, req *csipb.Con
 		return nil, toStatus(err)
 	}
 	v, ok := st.Volumes[id]
-	if !ok || v.State == meta.VolumeDeleted {
+	if !ok || v.State == meta.VolumeDeleted || v.Hidden {
 		return nil, toStatus(failf(errNotFound, "volume %s does not exist", id))
 	}
 	if _, ok := st.Nodes[node]; !ok {
@@ -287,7 +308,7 @@ func (c *Controller) ValidateVolumeCapabilities(ctx context.Context, req *csipb.
 	if len(req.GetVolumeCapabilities()) == 0 {
 		return nil, toStatus(failf(errInvalid, "volume capabilities are required"))
 	}
-	if _, err := c.Meta.Volume(ctx, req.GetVolumeId()); err != nil {
+	if _, err := c.volume(ctx, req.GetVolumeId()); err != nil {
 		return nil, toStatus(err)
 	}
 	if _, err := volspec.Parse(req.GetParameters()); err != nil {
@@ -315,8 +336,8 @@ func (c *Controller) ListVolumes(ctx context.Context, req *csipb.ListVolumesRequ
 	return resp, nil
 }
 
-// page returns one page of the live volumes in id order; a token is the
-// index of the next entry.
+// page returns one page of the live volumes users see, in id order; a
+// token is the index of the next entry.
 func (c *Controller) page(ctx context.Context, token string, maxEntries int32) ([]*meta.Volume, string, error) {
 	if maxEntries < 0 {
 		return nil, "", failf(errInvalid, "max entries must not be negative")
@@ -325,24 +346,34 @@ func (c *Controller) page(ctx context.Context, token string, maxEntries int32) (
 	if err != nil {
 		return nil, "", err
 	}
-	vols := st.SortedVolumes()
+	vols := slices.DeleteFunc(st.SortedVolumes(), func(v *meta.Volume) bool { return v.Hidden })
+	return pageOf(vols, token, maxEntries)
+}
+
+// pageOf returns the page of items that token starts (the index of its
+// first entry; "" for the first page) with at most maxEntries entries (0:
+// no limit), and the token of the next page ("" after the last).
+func pageOf[T any](items []T, token string, maxEntries int32) ([]T, string, error) {
+	if maxEntries < 0 {
+		return nil, "", failf(errInvalid, "max entries must not be negative")
+	}
 	start := 0
 	if token != "" {
 		n, err := strconv.Atoi(token)
-		if err != nil || n < 0 || n > len(vols) {
+		if err != nil || n < 0 || n > len(items) {
 			return nil, "", failf(errStaleToken, "starting token %q is not valid (any more)", token)
 		}
 		start = n
 	}
-	end := len(vols)
+	end := len(items)
 	if m := int(maxEntries); m > 0 && start+m < end {
 		end = start + m
 	}
 	next := ""
-	if end < len(vols) {
+	if end < len(items) {
 		next = strconv.Itoa(end)
 	}
-	return vols[start:end], next, nil
+	return items[start:end], next, nil
 }
 
 // volumeStatus gives the node the volume is published to.
@@ -386,7 +417,7 @@ func (c *Controller) ControllerGetVolume(ctx context.Context, req *csipb.Control
 	if req.GetVolumeId() == "" {
 		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
-	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
+	v, err := c.volume(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -400,7 +431,7 @@ func (c *Controller) ControllerGetVolumeHealth(ctx context.Context, req *csipb.C
 	if req.GetVolumeId() == "" {
 		return nil, toStatus(failf(errInvalid, "volume id is required"))
 	}
-	v, err := c.Meta.Volume(ctx, req.GetVolumeId())
+	v, err := c.volume(ctx, req.GetVolumeId())
 	if err != nil {
 		return nil, toStatus(err)
 	}
@@ -465,7 +496,7 @@ func (c *Controller) ControllerModifyVolume(ctx context.Context, req *csipb.Cont
 		return nil, toStatus(err)
 	}
 	defer unlock()
-	if _, err := c.Meta.Volume(ctx, id); err != nil {
+	if _, err := c.volume(ctx, id); err != nil {
 		return nil, toStatus(err)
 	}
 	set, err := mutableParameters(req.GetMutableParameters())
@@ -522,7 +553,7 @@ func (c *Controller) ControllerExpandVolume(ctx context.Context, req *csipb.Cont
 		return nil, toStatus(err)
 	}
 	defer unlock()
-	v, err := c.Meta.Volume(ctx, id)
+	v, err := c.volume(ctx, id)
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -111,9 +111,16 @@ func TestCreateVolumeInvalid(t *testing.T) {
 			r.VolumeCapabilities[0].GetMount().FsType = "btrfs"
 		}, codes.InvalidArgument},
 		{"xfs", func(r *csipb.CreateVolumeRequest) { r.VolumeCapabilities[0].GetMount().FsType = "xfs" }, codes.OK},
-		{"content source", func(r *csipb.CreateVolumeRequest) {
+		{"unknown source volume", func(r *csipb.CreateVolumeRequest) {
 			r.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: "v"}}}
+		}, codes.NotFound},
+		{"unknown source snapshot", func(r *csipb.CreateVolumeRequest) {
+			r.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: "s"}}}
+		}, codes.NotFound},
+		{"content source without an id", func(r *csipb.CreateVolumeRequest) {
+			r.VolumeContentSource = &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{}}}
 		}, codes.InvalidArgument},
+		{"empty content source", func(r *csipb.CreateVolumeRequest) { r.VolumeContentSource = &csipb.VolumeContentSource{} }, codes.InvalidArgument},
 		{"negative required bytes", func(r *csipb.CreateVolumeRequest) { r.CapacityRange = &csipb.CapacityRange{RequiredBytes: -1} }, codes.InvalidArgument},
 		{"negative limit bytes", func(r *csipb.CreateVolumeRequest) { r.CapacityRange = &csipb.CapacityRange{LimitBytes: -1} }, codes.InvalidArgument},
 		{"required above limit", func(r *csipb.CreateVolumeRequest) {
@@ -662,13 +669,14 @@ func TestControllerGetCapabilities(t *testing.T) {
 		csipb.ControllerServiceCapability_RPC_PUBLISH_READONLY,
 		csipb.ControllerServiceCapability_RPC_MODIFY_VOLUME,
 		csipb.ControllerServiceCapability_RPC_EXPAND_VOLUME,
+		csipb.ControllerServiceCapability_RPC_CREATE_DELETE_SNAPSHOT,
+		csipb.ControllerServiceCapability_RPC_LIST_SNAPSHOTS,
+		csipb.ControllerServiceCapability_RPC_CLONE_VOLUME,
+		csipb.ControllerServiceCapability_RPC_GET_SNAPSHOT,
 	}
 	if !slices.Equal(got, want) {
 		t.Fatalf("capabilities %v, want %v", got, want)
 	}
-	// What is not offered answers Unimplemented.
-	_, err = c.CreateSnapshot(context.Background(), &csipb.CreateSnapshotRequest{})
-	wantCode(t, err, codes.Unimplemented)
 }
 
 func TestControllerModifyVolume(t *testing.T) {

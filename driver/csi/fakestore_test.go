@@ -225,3 +225,24 @@ func (f *fakeStore) lastCreate() *meta.CreateVolume {
 	}
 	return nil
 }
+
+// The snapshot calls: the fake keeps no snapshots (the real store's
+// snapshot path is tested against real clusters: tests/sanity, tests/csie2e).
+var errFakeSnapshots = fmt.Errorf("the fake store keeps no snapshots: %w", meta.ErrFailedPrecondition)
+
+func (f *fakeStore) TakeSnapshot(context.Context, string, string) (*meta.Snapshot, error) {
+	return nil, errFakeSnapshots
+}
+
+func (f *fakeStore) DeleteSnapshot(context.Context, string) error { return errFakeSnapshots }
+
+func (f *fakeStore) Restore(context.Context, meta.CreateVolume, string, string) (*meta.Volume, error) {
+	return nil, errFakeSnapshots
+}
+
+// RetireVolume deletes as DeleteVolume does: the fake has no snapshots to
+// keep a volume for.
+func (f *fakeStore) RetireVolume(ctx context.Context, id string) (*meta.Volume, error) {
+	res, err := f.Apply(ctx, &meta.DeleteVolume{VolumeID: id})
+	return res.Volume, err
+}

@@ -27,6 +27,16 @@ type VolumeStore interface {
 	Status(ctx context.Context) (*meta.StatusResponse, error)
 	// Info asks one member about itself (a node's local Probe).
 	Info(ctx context.Context) (*meta.InfoResponse, error)
+	// TakeSnapshot asks for a snapshot and waits until it is ready or ctx
+	// ends (then it returns the snapshot so far with ctx's error).
+	TakeSnapshot(ctx context.Context, vol, name string) (*meta.Snapshot, error)
+	// DeleteSnapshot deletes a snapshot; one already gone is a success.
+	DeleteSnapshot(ctx context.Context, id string) error
+	// RetireVolume deletes a volume, or hides it while snapshots of it
+	// remain.
+	RetireVolume(ctx context.Context, id string) (*meta.Volume, error)
+	// Restore creates a volume from a snapshot, or clones fromVolume.
+	Restore(ctx context.Context, cv meta.CreateVolume, snapID, fromVolume string) (*meta.Volume, error)
 }
 
 var _ VolumeStore = (*meta.Client)(nil)

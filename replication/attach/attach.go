@@ -177,6 +177,26 @@ func (r *Registry) Release(ctx context.Context, e *engine.Engine) error {
 	return err
 }
 
+// Find returns an open engine of volume id that is not fenced, or nil: a
+// task on the volume (a snapshot) uses the engine already serving it
+// rather than open another, which would fence it. Its owner may release
+// it meanwhile; the task's operations then fail and it tries again.
+func (r *Registry) Find(id string) *engine.Engine {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for e, vol := range r.owner {
+		if vol != id {
+			continue
+		}
+		select {
+		case <-e.Fenced():
+		default:
+			return e
+		}
+	}
+	return nil
+}
+
 // Count reports how many engines are open.
 func (r *Registry) Count() int {
 	r.mu.Lock()

@@ -100,6 +100,23 @@ func applyDeleteSnapshot(s *State, c *DeleteSnapshot) (Result, error) {
 	return Result{Volume: v.Clone()}, nil
 }
 
+// RestorePending reports whether a volume restored from snapshot id still
+// waits for a replica to be made from its layers: the snapshot's layers
+// must stay on the source's replicas until then.
+func (s *State) RestorePending(id string) bool {
+	for _, v := range s.Volumes {
+		if v.RestoredFrom != id || v.State == VolumeDeleted {
+			continue
+		}
+		for _, r := range v.Replicas {
+			if r.Source != "" && r.Generation == "" && r.State == ReplicaHealthy {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // hasSnapshots reports whether any snapshot record names volume id.
 func (s *State) hasSnapshots(id string) bool {
 	for _, sn := range s.Snapshots {
@@ -193,6 +210,7 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	// Readable at once: the replicas made from the snapshot's layers hold
 	// its data from the start.
 	v := newVolume(&c.CreateVolume, quorum)
+	v.RestoredFrom = sn.ID
 	var used []string
 	for _, r := range src.Replicas {
 		if len(used) == c.Replicas {

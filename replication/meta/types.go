@@ -184,6 +184,9 @@ type Volume struct {
 	// NextReplicaSeq numbers replicas so that a replacement never reuses an id.
 	NextReplicaSeq int   `json:"next_replica_seq"`
 	CreatedAt      int64 `json:"created_at"`
+	// RestoredFrom is the snapshot a restored volume's replicas with a
+	// Source are made from (RestoreVolume).
+	RestoredFrom string `json:"restored_from,omitempty"`
 	// Hidden: deleted by its user while snapshots of it remain
 	// (RetireVolume). Its name is free and users do not see it; it stays,
 	// with its replicas, until DeleteSnapshot removes the last snapshot.

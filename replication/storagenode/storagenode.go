@@ -64,6 +64,11 @@ type Node struct {
 	engines *attach.Registry
 	// grows counts the replicas the realizer grew (grow).
 	grows prometheus.Counter
+	// snapshotsTaken and snapshotsDeleted count the snapshot jobs done
+	// here (snapshots.go).
+	snapshotsTaken, snapshotsDeleted prometheus.Counter
+	// again wakes the realizer early (a snapshot job finished).
+	again chan struct{}
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -71,6 +76,7 @@ type Node struct {
 
 	mu       sync.Mutex
 	rebuilds map[string]context.CancelFunc // volume id → running maintenance rebuild
+	snapJobs map[string]bool               // volume id → a snapshot job runs (snapshots.go)
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -128,16 +134,25 @@ func New(cfg Config) (*Node, error) {
 	}
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
+		snapJobs: map[string]bool{}, again: make(chan struct{}, 1),
 		grows: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_replica_grows_total",
 			Help: "Replicas this node grew to their volume's new size (expanded while no engine served them, or while the node was down).",
+		}),
+		snapshotsTaken: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_storage_snapshots_taken_total",
+			Help: "Snapshots this node took for the store (of volumes it serves) and recorded ready.",
+		}),
+		snapshotsDeleted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_storage_snapshots_deleted_total",
+			Help: "Deleted snapshots whose layers this node removed from their volume's replicas.",
 		})}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"),
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
-		for _, c := range append(n.server.Collectors(), n.grows) {
+		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err
@@ -186,10 +201,12 @@ func (n *Node) realizeLoop() {
 	for {
 		changed := n.cfg.FSM.Changed()
 		n.realize()
+		n.runSnapshots()
 		select {
 		case <-n.ctx.Done():
 			return
 		case <-changed:
+		case <-n.again:
 		case <-time.After(3 * time.Second):
 		}
 	}
@@ -314,6 +331,10 @@ func (n *Node) realize() {
 // create makes a blank copy of replica p (with a new generation) and
 // records its generation.
 func (n *Node) create(p placed) {
+	if p.rep.Source != "" {
+		n.restore(p)
+		return
+	}
 	r, err := n.server.CreateWith(p.rep.ID, p.vol.SizeBytes, replica.CreateOptions{Checksums: p.vol.Checksummed()})
 	if err != nil {
 		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
@@ -322,6 +343,28 @@ func (n *Node) create(p placed) {
 	n.log.Info("replica created", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
 		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()),
 		zap.Bool("checksums", r.Checksummed()))
+	n.record(p, r.Generation())
+}
+
+// restore makes replica p of a restored volume from the snapshot's layers
+// in replica p.rep.Source on this node, by hard links (RestoreVolume), and
+// records its generation. If the source replica or its snapshot is not
+// here any more, the replica is failed, to be rebuilt from the volume's
+// other replicas; never made blank: it stands for the snapshot's data.
+func (n *Node) restore(p placed) {
+	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
+		zap.String("source", p.rep.Source), zap.String("snapshot", p.vol.RestoredFrom))
+	r, err := n.server.CreateFromSnapshot(p.rep.ID, p.rep.Source, p.vol.RestoredFrom, p.vol.SizeBytes)
+	switch {
+	case errors.Is(err, replica.ErrNotFound):
+		log.Error("cannot restore a replica here: its source replica or the snapshot is not on this node", zap.Error(err))
+		n.fail(p, false, "")
+		return
+	case err != nil:
+		log.Warn("cannot restore replica from a snapshot; will retry", zap.Error(err))
+		return
+	}
+	log.Info("replica restored from a snapshot", zap.Uint64("size", r.Size()), zap.String("generation", r.Generation()))
 	n.record(p, r.Generation())
 }
 
