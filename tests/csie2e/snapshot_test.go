@@ -1,0 +1,229 @@
+package csie2e
+
+import (
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"testing"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// The snapshot services on a real 3-node cluster (docs/snapshots.md): the
+// data a snapshot, a restore and a clone hold, read through ext4 on
+// another node, and deletion in every order with the space coming back.
+
+// syncFS makes everything written under dir durable (the file system's
+// journal included): what a snapshot then holds is what the files hold.
+func syncFS(t *testing.T, dir string) {
+	t.Helper()
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unix.Close(fd)
+	if err := unix.Syncfs(fd); err != nil {
+		t.Fatalf("syncfs %s: %v", dir, err)
+	}
+}
+
+func (c *cluster) snapshot(name, vol string) *csipb.Snapshot {
+	c.t.Helper()
+	start := time.Now()
+	resp, err := c.controller.CreateSnapshot(ctx(c.t), &csipb.CreateSnapshotRequest{Name: name, SourceVolumeId: vol})
+	if err != nil {
+		c.t.Fatalf("CreateSnapshot %s of %s: %v", name, vol, err)
+	}
+	sn := resp.GetSnapshot()
+	if !sn.GetReadyToUse() || sn.GetSourceVolumeId() != vol || sn.GetSnapshotId() == "" {
+		c.t.Fatalf("CreateSnapshot %s answered %v: want ready, of %s", name, sn, vol)
+	}
+	c.t.Logf("snapshot %s (%s) of %s ready in %v", name, sn.GetSnapshotId(), vol, time.Since(start).Round(time.Millisecond))
+	return sn
+}
+
+// createFrom creates a 3-replica volume from a snapshot or a volume.
+func (c *cluster) createFrom(name string, size int64, src *csipb.VolumeContentSource) (*csipb.Volume, error) {
+	resp, err := c.controller.CreateVolume(ctx(c.t), &csipb.CreateVolumeRequest{
+		Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csipb.VolumeCapability{mountCap}, Parameters: map[string]string{"replicas": "3"},
+		VolumeContentSource: src,
+	})
+	return resp.GetVolume(), err
+}
+
+func fromSnapshot(id string) *csipb.VolumeContentSource {
+	return &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Snapshot{Snapshot: &csipb.VolumeContentSource_SnapshotSource{SnapshotId: id}}}
+}
+
+func fromVolume(id string) *csipb.VolumeContentSource {
+	return &csipb.VolumeContentSource{Type: &csipb.VolumeContentSource_Volume{Volume: &csipb.VolumeContentSource_VolumeSource{VolumeId: id}}}
+}
+
+// checkExactly checks that dir holds the files of sums, unchanged, and no
+// other file of the test.
+func checkExactly(t *testing.T, dir string, sums map[string][32]byte) {
+	t.Helper()
+	checkFiles(t, dir, sums)
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if _, ok := sums[e.Name()]; !ok && e.Name() != "lost+found" {
+			t.Fatalf("%s holds %s, written after the data it should hold", dir, e.Name())
+		}
+	}
+}
+
+// replicaDirs lists the replica directories of volume id on every node.
+func (c *cluster) replicaDirs(id string) []string {
+	dirs, _ := filepath.Glob(filepath.Join(c.dir, "node-*", "data", "replicas", id+"-r*"))
+	return dirs
+}
+
+// waitGone waits until no node holds a replica directory of volume id.
+func (c *cluster) waitGone(id string) {
+	c.t.Helper()
+	deadline := time.Now().Add(60 * time.Second)
+	for len(c.replicaDirs(id)) > 0 {
+		if time.Now().After(deadline) {
+			c.t.Fatalf("replicas of %s still on disk after 60s: %v", id, c.replicaDirs(id))
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func (c *cluster) listSnapshots(req *csipb.ListSnapshotsRequest) []string {
+	c.t.Helper()
+	resp, err := c.controller.ListSnapshots(ctx(c.t), req)
+	if err != nil {
+		c.t.Fatalf("ListSnapshots: %v", err)
+	}
+	var ids []string
+	for _, e := range resp.GetEntries() {
+		ids = append(ids, e.GetSnapshot().GetSnapshotId())
+	}
+	return ids
+}
+
+func TestSnapshotRestoreAndClone(t *testing.T) {
+	c := startCluster(t)
+	src, err := c.createFrom("snap-src", 128<<20, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := src.GetVolumeId()
+	staging, target := c.attach(id, "node-1")
+	atSnap := map[string][32]byte{}
+	writeFiles(t, target, "before", 10, 11, atSnap)
+	syncFS(t, target)
+
+	// The snapshot holds what was written before it; the volume moves on.
+	snap := c.snapshot("snap-1", id)
+	if again := c.snapshot("snap-1", id); again.GetSnapshotId() != snap.GetSnapshotId() {
+		t.Fatalf("CreateSnapshot retried gave %s, want the first %s", again.GetSnapshotId(), snap.GetSnapshotId())
+	}
+	now := maps.Clone(atSnap)
+	writeFiles(t, target, "after", 10, 12, now)
+	// Overwrite a file the snapshot holds.
+	writeFiles(t, target, "before", 1, 13, now)
+	syncFS(t, target)
+
+	// A restore reads the old data, on another node.
+	restored, err := c.createFrom("snap-restored", 128<<20, fromSnapshot(snap.GetSnapshotId()))
+	if err != nil {
+		t.Fatalf("restore: %v", err)
+	}
+	if restored.GetContentSource().GetSnapshot().GetSnapshotId() != snap.GetSnapshotId() {
+		t.Fatalf("restored volume's content source: %v", restored.GetContentSource())
+	}
+	rStaging, rTarget := c.attach(restored.GetVolumeId(), "node-2")
+	checkExactly(t, rTarget, atSnap)
+	checkExactly(t, target, now)
+
+	// A clone of the volume in use holds what it holds now.
+	clone, err := c.createFrom("snap-clone", 128<<20, fromVolume(id))
+	if err != nil {
+		t.Fatalf("clone: %v", err)
+	}
+	cStaging, cTarget := c.attach(clone.GetVolumeId(), "node-3")
+	checkExactly(t, cTarget, now)
+	// The clone's own snapshot is not the user's to see.
+	if ids := c.listSnapshots(&csipb.ListSnapshotsRequest{}); !slices.Equal(ids, []string{snap.GetSnapshotId()}) {
+		t.Fatalf("ListSnapshots = %v, want only %s", ids, snap.GetSnapshotId())
+	}
+
+	// Each changes apart from the others.
+	cloneNow := maps.Clone(now)
+	writeFiles(t, cTarget, "clone", 3, 14, cloneNow)
+	restoredNow := maps.Clone(atSnap)
+	writeFiles(t, rTarget, "restored", 3, 15, restoredNow)
+	syncFS(t, cTarget)
+	syncFS(t, rTarget)
+	checkExactly(t, target, now)
+	checkExactly(t, cTarget, cloneNow)
+	checkExactly(t, rTarget, restoredNow)
+
+	// Refused, and nothing made: a restore smaller than the snapshot, a
+	// snapshot of a volume that does not exist, a restore of one that
+	// does not exist.
+	if _, err := c.createFrom("too-small", 64<<20, fromSnapshot(snap.GetSnapshotId())); status.Code(err) != codes.OutOfRange {
+		t.Fatalf("restore into a smaller volume: %v, want OutOfRange", err)
+	}
+	if _, err := c.controller.CreateSnapshot(ctx(t), &csipb.CreateSnapshotRequest{Name: "nope", SourceVolumeId: "vol-nope"}); status.Code(err) != codes.NotFound {
+		t.Fatalf("snapshot of an unknown volume: %v, want NotFound", err)
+	}
+	if _, err := c.createFrom("nope", 128<<20, fromSnapshot("snap-nope")); status.Code(err) != codes.NotFound {
+		t.Fatalf("restore of an unknown snapshot: %v, want NotFound", err)
+	}
+
+	// Delete the source volume while its snapshot remains: it is hidden,
+	// its replicas stay for the snapshot, and a restore still works.
+	c.detach(id, "node-1", staging, target)
+	if _, err := c.controller.DeleteVolume(ctx(t), &csipb.DeleteVolumeRequest{VolumeId: id}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.controller.ControllerGetVolume(ctx(t), &csipb.ControllerGetVolumeRequest{VolumeId: id}); status.Code(err) != codes.NotFound {
+		t.Fatalf("a deleted volume kept for its snapshot: %v, want NotFound", err)
+	}
+	if n := len(c.replicaDirs(id)); n != 3 {
+		t.Fatalf("a deleted volume with a snapshot has %d replicas on disk, want 3 kept", n)
+	}
+	late, err := c.createFrom("snap-late", 128<<20, fromSnapshot(snap.GetSnapshotId()))
+	if err != nil {
+		t.Fatalf("restore after its volume was deleted: %v", err)
+	}
+	lStaging, lTarget := c.attach(late.GetVolumeId(), "node-1")
+	checkExactly(t, lTarget, atSnap)
+	c.detach(late.GetVolumeId(), "node-1", lStaging, lTarget)
+
+	// Deleting the snapshot, the last thing the volume was kept for,
+	// frees its replicas; the restores, sharing layers by hard links,
+	// keep their data.
+	if _, err := c.controller.DeleteSnapshot(ctx(t), &csipb.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshotId()}); err != nil {
+		t.Fatal(err)
+	}
+	if ids := c.listSnapshots(&csipb.ListSnapshotsRequest{}); len(ids) != 0 {
+		t.Fatalf("ListSnapshots after the delete = %v, want none", ids)
+	}
+	c.waitGone(id)
+	checkExactly(t, rTarget, restoredNow)
+	checkExactly(t, cTarget, cloneNow)
+	c.detach(restored.GetVolumeId(), "node-2", rStaging, rTarget)
+	c.detach(clone.GetVolumeId(), "node-3", cStaging, cTarget)
+	lStaging, lTarget = c.attach(late.GetVolumeId(), "node-2")
+	checkExactly(t, lTarget, atSnap)
+	c.detach(late.GetVolumeId(), "node-2", lStaging, lTarget)
+	for _, v := range []string{restored.GetVolumeId(), clone.GetVolumeId(), late.GetVolumeId()} {
+		if _, err := c.controller.DeleteVolume(ctx(t), &csipb.DeleteVolumeRequest{VolumeId: v}); err != nil {
+			t.Fatal(err)
+		}
+		c.waitGone(v)
+	}
+}
