@@ -100,10 +100,10 @@ func (src *restoreSource) size(r *csipb.CapacityRange) (uint64, error) {
 	return sizeFor(r)
 }
 
-// checkSnapshotParameters accepts only the keys Kubernetes' sidecars add
+// CheckSnapshotParameters accepts only the keys Kubernetes' sidecars add
 // (csi.storage.k8s.io/...): a VolumeSnapshotClass has no parameters of
 // Cairn's, and a key that would be silently ignored is refused by name.
-func checkSnapshotParameters(params map[string]string) error {
+func CheckSnapshotParameters(params map[string]string) error {
 	for k := range params {
 		if !strings.HasPrefix(k, "csi.storage.k8s.io/") {
 			return failf(errInvalid, "snapshot parameter %q is not known: a Cairn VolumeSnapshotClass takes no parameters", k)
@@ -126,7 +126,7 @@ func (c *Controller) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapsh
 	case strings.HasPrefix(name, meta.HiddenSnapshotPrefix):
 		return nil, toStatus(failf(errInvalid, "snapshot names starting with %q are Cairn's own", meta.HiddenSnapshotPrefix))
 	}
-	if err := checkSnapshotParameters(req.GetParameters()); err != nil {
+	if err := CheckSnapshotParameters(req.GetParameters()); err != nil {
 		return nil, toStatus(err)
 	}
 	unlock, err := c.locks.lock("snapshot/" + name)

@@ -28,6 +28,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
+	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
@@ -499,6 +500,11 @@ func TestStorageClasses(t *testing.T) {
 		}
 		if v.DeletionPolicy != "Delete" && v.DeletionPolicy != "Retain" {
 			t.Errorf("VolumeSnapshotClass %s: deletionPolicy %q, want Delete or Retain", v.Name, v.DeletionPolicy)
+		}
+		// The parameters pass the driver's own check (CreateSnapshot
+		// refuses the same ones), so a snapshot of this class is taken.
+		if err := csi.CheckSnapshotParameters(v.Parameters); err != nil {
+			t.Errorf("VolumeSnapshotClass %s: %v", v.Name, err)
 		}
 	}
 }
