@@ -1,10 +1,16 @@
 package csie2e
 
 import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
 	"maps"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 	"slices"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -226,4 +232,124 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 		}
 		c.waitGone(v)
 	}
+}
+
+// seqBlock is the content of the k-th write of writer w in
+// TestSnapshotIsACutOfAcknowledgedWrites: its own 4 KiB block, named by
+// its first bytes and filled from them.
+func seqBlock(w, k int) []byte {
+	b := alignedBuf(4096)
+	rng := rand.New(rand.NewPCG(uint64(w), uint64(k)))
+	for i := range b {
+		b[i] = byte(rng.Uint32())
+	}
+	binary.LittleEndian.PutUint64(b[0:], uint64(w))
+	binary.LittleEndian.PutUint64(b[8:], uint64(k))
+	return b
+}
+
+// TestSnapshotIsACutOfAcknowledgedWrites takes a snapshot of a raw block
+// volume while four writers write, each at queue depth 1 with O_DSYNC, to
+// blocks of their own, and checks the restored snapshot: it holds every
+// write acknowledged before CreateSnapshot was called and none that
+// started after it returned, and each block holds a whole write or none.
+func TestSnapshotIsACutOfAcknowledgedWrites(t *testing.T) {
+	const writers, size = 4, 64 << 20
+	const blocks = size / 4096
+	c := startCluster(t)
+	resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+		Name: "cut-src", CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+		VolumeCapabilities: []*csipb.VolumeCapability{blockCap}, Parameters: map[string]string{"replicas": "3"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.GetVolume().GetVolumeId()
+	staging, target := c.attachAs(id, "node-1", blockCap)
+
+	type write struct{ start, ack time.Time }
+	done := make([][]write, writers) // per writer, its writes in order
+	stop := make(chan struct{})
+	errs := make(chan error, writers)
+	var wg sync.WaitGroup
+	for w := range writers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f, err := os.OpenFile(target, os.O_WRONLY|syscall.O_DIRECT|syscall.O_DSYNC, 0)
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer f.Close()
+			for k := 0; w+k*writers < blocks; k++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				b := seqBlock(w, k)
+				start := time.Now()
+				if _, err := f.WriteAt(b, int64(w+k*writers)*4096); err != nil {
+					errs <- fmt.Errorf("writer %d, write %d: %w", w, k, err)
+					return
+				}
+				done[w] = append(done[w], write{start, time.Now()})
+			}
+			errs <- fmt.Errorf("writer %d ran out of blocks before the snapshot", w)
+		}()
+	}
+	time.Sleep(time.Second)
+	called := time.Now()
+	snap := c.snapshot("cut", id)
+	returned := time.Now()
+	time.Sleep(500 * time.Millisecond)
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	c.detach(id, "node-1", staging, target)
+
+	restored, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+		Name: "cut-restored", VolumeCapabilities: []*csipb.VolumeCapability{blockCap},
+		Parameters: map[string]string{"replicas": "3"}, VolumeContentSource: fromSnapshot(snap.GetSnapshotId()),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	rStaging, rTarget := c.attachAs(restored.GetVolume().GetVolumeId(), "node-2", blockCap)
+	img := readDirect(t, rTarget, 0, size)
+	var before, after, held int
+	zero := make([]byte, 4096)
+	for w := range writers {
+		for k, wr := range done[w] {
+			got := img[(w+k*writers)*4096:][:4096]
+			has := bytes.Equal(got, seqBlock(w, k))
+			switch {
+			case !has && !bytes.Equal(got, zero):
+				t.Fatalf("writer %d, write %d: the snapshot's block is neither the write nor zeros (torn or misplaced)", w, k)
+			case wr.ack.Before(called) && !has:
+				t.Fatalf("writer %d, write %d, acknowledged %v before CreateSnapshot was called, is not in the snapshot", w, k, called.Sub(wr.ack))
+			case wr.start.After(returned) && has:
+				t.Fatalf("writer %d, write %d, started %v after CreateSnapshot returned, is in the snapshot", w, k, wr.start.Sub(returned))
+			}
+			switch {
+			case wr.ack.Before(called):
+				before++
+			case wr.start.After(returned):
+				after++
+			}
+			if has {
+				held++
+			}
+		}
+	}
+	if before == 0 || after == 0 {
+		t.Fatalf("%d writes acknowledged before the snapshot, %d started after it: the test proves nothing", before, after)
+	}
+	t.Logf("%d writes acknowledged before CreateSnapshot, %d started after it returned (%v later); the snapshot holds %d",
+		before, after, returned.Sub(called).Round(time.Millisecond), held)
+	c.detach(restored.GetVolume().GetVolumeId(), "node-2", rStaging, rTarget)
 }
