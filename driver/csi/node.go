@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -297,10 +298,34 @@ func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCa
 			undo()
 			return nil, toStatus(fmt.Errorf("create %s: %v", staging, err))
 		}
+		// A restore or clone into a larger size: grow its file system
+		// (fsgrow.go); ext4 before mounting it.
+		grow := smallerFS(s.dev)
+		if grow == "ext4" {
+			if err := growExt4Offline(s.dev); err != nil {
+				undo()
+				return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+			}
+			n.log.Info("file system grown to fill its larger volume", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("fs_type", grow))
+		}
+		flags := vc.GetMount().GetMountFlags()
+		if fsType == "xfs" {
+			// A restore or clone holds its source's xfs UUID, which xfs
+			// refuses to mount twice on one node without this.
+			flags = append(slices.Clone(flags), "nouuid")
+		}
 		// FormatAndMount formats only a device without a filesystem.
-		if err := n.mounter.FormatAndMount(s.dev, staging, fsType, vc.GetMount().GetMountFlags()); err != nil {
+		if err := n.mounter.FormatAndMount(s.dev, staging, fsType, flags); err != nil {
 			undo()
 			return nil, toStatus(fmt.Errorf("format and mount %s (%s) at %s: %v", s.dev, fsType, staging, err))
+		}
+		if grow == "xfs" {
+			if err := n.devices.Resize(s.dev, staging); err != nil {
+				_ = n.mounter.Unmount(staging) // undone as a whole; the error says why
+				undo()
+				return nil, toStatus(fmt.Errorf("volume %s: %w", id, err))
+			}
+			n.log.Info("file system grown to fill its larger volume", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("fs_type", grow))
 		}
 	}
 	return s, nil

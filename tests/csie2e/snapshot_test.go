@@ -353,3 +353,70 @@ func TestSnapshotIsACutOfAcknowledgedWrites(t *testing.T) {
 		before, after, returned.Sub(called).Round(time.Millisecond), held)
 	c.detach(restored.GetVolume().GetVolumeId(), "node-2", rStaging, rTarget)
 }
+
+// TestRestoreIntoLargerVolume restores a snapshot, and clones a volume,
+// into twice the source's size, on the node where the source is mounted:
+// the file system fills the larger device when staged (ext4 grown before
+// mounting, xfs after), its files are intact, and xfs mounts beside the
+// source that has the same UUID.
+func TestRestoreIntoLargerVolume(t *testing.T) {
+	c := startCluster(t)
+	for _, fsType := range []string{"ext4", "xfs"} {
+		t.Run(fsType, func(t *testing.T) {
+			from, to := int64(64<<20), int64(128<<20)
+			if fsType == "xfs" {
+				from, to = 320<<20, 640<<20 // mkfs.xfs wants 300 MB at least
+			}
+			vc := fsCap(fsType)
+			resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+				Name: "grow-src-" + fsType, CapacityRange: &csipb.CapacityRange{RequiredBytes: from},
+				VolumeCapabilities: []*csipb.VolumeCapability{vc}, Parameters: map[string]string{"replicas": "3"},
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			id := resp.GetVolume().GetVolumeId()
+			staging, target := c.attachAs(id, "node-1", vc)
+			sums := map[string][32]byte{}
+			writeFiles(t, target, "f", 5, 21, sums)
+			syncFS(t, target)
+			small := fsSize(t, target)
+			snap := c.snapshot("grow-snap-"+fsType, id)
+			for _, src := range []*csipb.VolumeContentSource{fromSnapshot(snap.GetSnapshotId()), fromVolume(id)} {
+				kind := "restore"
+				if src.GetVolume() != nil {
+					kind = "clone"
+				}
+				r, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+					Name: "grow-" + kind + "-" + fsType, CapacityRange: &csipb.CapacityRange{RequiredBytes: to},
+					VolumeCapabilities: []*csipb.VolumeCapability{vc}, Parameters: map[string]string{"replicas": "3"},
+					VolumeContentSource: src,
+				})
+				if err != nil {
+					t.Fatalf("%s into %d bytes: %v", kind, to, err)
+				}
+				if r.GetVolume().GetCapacityBytes() != to {
+					t.Fatalf("%s: capacity %d, want %d", kind, r.GetVolume().GetCapacityBytes(), to)
+				}
+				rid := r.GetVolume().GetVolumeId()
+				rStaging, rTarget := c.attachAs(rid, "node-1", vc)
+				checkExactly(t, rTarget, sums)
+				if big := fsSize(t, rTarget); big < small+(to-from)*9/10 {
+					t.Fatalf("%s: file system of %d bytes on a %d-byte volume (the source's was %d): not grown", kind, big, to, small)
+				}
+				c.detach(rid, "node-1", rStaging, rTarget)
+				if _, err := c.controller.DeleteVolume(ctx(t), &csipb.DeleteVolumeRequest{VolumeId: rid}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			c.detach(id, "node-1", staging, target)
+			if _, err := c.controller.DeleteSnapshot(ctx(t), &csipb.DeleteSnapshotRequest{SnapshotId: snap.GetSnapshotId()}); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := c.controller.DeleteVolume(ctx(t), &csipb.DeleteVolumeRequest{VolumeId: id}); err != nil {
+				t.Fatal(err)
+			}
+			c.waitGone(id)
+		})
+	}
+}
