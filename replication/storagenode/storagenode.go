@@ -152,7 +152,7 @@ func New(cfg Config) (*Node, error) {
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
-		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted) {
+		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, &usageCollector{server: n.server}) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err

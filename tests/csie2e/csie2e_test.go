@@ -36,14 +36,16 @@ type cluster struct {
 	agents     string
 	controller csipb.ControllerClient
 	nodes      map[string]csipb.NodeClient
+	metrics    map[string]string // node id → metrics host:port
 }
 
 type clusterJSON struct {
 	Nodes []struct {
-		ID    string `json:"id"`
-		Agent string `json:"agent"`
-		CSI   string `json:"csi"`
-		Log   string `json:"log"`
+		ID      string `json:"id"`
+		Agent   string `json:"agent"`
+		CSI     string `json:"csi"`
+		Log     string `json:"log"`
+		Metrics string `json:"metrics"`
 	} `json:"nodes"`
 	Controller struct {
 		CSI string `json:"csi"`
@@ -97,11 +99,12 @@ func startCluster(t *testing.T) *cluster {
 	if err := json.Unmarshal(raw, &cj); err != nil {
 		t.Fatal(err)
 	}
-	c := &cluster{t: t, dir: dir, nodes: map[string]csipb.NodeClient{}}
+	c := &cluster{t: t, dir: dir, nodes: map[string]csipb.NodeClient{}, metrics: map[string]string{}}
 	c.controller = csipb.NewControllerClient(dial(t, cj.Controller.CSI))
 	var agents []string
 	for _, n := range cj.Nodes {
 		c.nodes[n.ID] = csipb.NewNodeClient(dial(t, n.CSI))
+		c.metrics[n.ID] = n.Metrics
 		agents = append(agents, n.Agent)
 	}
 	c.agents = strings.Join(agents, ",")
