@@ -470,13 +470,18 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 	zone, byZone := req.GetAccessibleTopology().GetSegments()[TopologyZoneKey]
 	zone = storeZone(zone)
 	// The same space rule as placement: capacity × over-provisioning ratio
-	// minus the replicas already placed.
+	// minus the replicas already placed; and no more than the disk has
+	// free, which counts what snapshots take (their layers grow with the
+	// writes after them) and what hidden volumes keep.
 	var best, total uint64
 	for _, n := range st.PlacementNodes() {
 		if !n.Up || (byZone && n.Zone != zone) {
 			continue
 		}
 		free := n.FreeBytes(st.OverProvisioningRatio)
+		if disk := st.Nodes[n.ID].FreeBytes; disk > 0 {
+			free = min(free, disk)
+		}
 		total += free
 		best = max(best, free)
 	}

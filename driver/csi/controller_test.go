@@ -641,6 +641,17 @@ func TestGetCapacity(t *testing.T) {
 			t.Errorf("available %d, largest %d; want 75 GiB and 55 GiB", resp.GetAvailableCapacity(), resp.GetMaximumVolumeSize().GetValue())
 		}
 	})
+	t.Run("no more than the disk has free (snapshots take space)", func(t *testing.T) {
+		f.mu.Lock()
+		f.st.Nodes["a2"].FreeBytes = 12 * gib // a2's disk: 12 GiB free, less than its 55 GiB of thin room
+		f.mu.Unlock()
+		defer func() { f.mu.Lock(); f.st.Nodes["a2"].FreeBytes = 0; f.mu.Unlock() }()
+		resp, err := c.GetCapacity(ctx, &csipb.GetCapacityRequest{AccessibleTopology: zone("a")})
+		wantCode(t, err, codes.OK)
+		if resp.GetAvailableCapacity() != 20*gib+12*gib || resp.GetMaximumVolumeSize().GetValue() != 20*gib {
+			t.Errorf("available %d, largest %d; want 32 GiB and 20 GiB", resp.GetAvailableCapacity(), resp.GetMaximumVolumeSize().GetValue())
+		}
+	})
 	t.Run("store unavailable", func(t *testing.T) {
 		f.fail["State"] = meta.ErrNoLeader
 		defer delete(f.fail, "State")
