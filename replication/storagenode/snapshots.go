@@ -37,6 +37,22 @@ import (
 // dirty first), and the record.
 const snapshotTakeTimeout = 2 * time.Minute
 
+// Backoff of a snapshot job that failed: the next attempt waits this long,
+// doubling with each failure up to snapshotRetryMax. An attempt is not
+// free: for a volume attached nowhere it opens a maintenance engine, which
+// advances the volume's epoch through the store. A deletion kept waiting
+// by a shared layer would otherwise do so at every pass.
+const (
+	snapshotRetryMin = time.Second
+	snapshotRetryMax = 5 * time.Minute
+)
+
+// retry is when a failed snapshot job may run again, and how long it waited.
+type retry struct {
+	after time.Time
+	wait  time.Duration
+}
+
 // snapshotJob is one snapshot to take or to delete.
 type snapshotJob struct {
 	snap   meta.Snapshot
@@ -83,14 +99,22 @@ func (n *Node) snapshotJobs() []snapshotJob {
 	return jobs
 }
 
-// runSnapshots starts the snapshot jobs this node should do and that are
-// not running yet. At most one job per volume runs at a time: a volume's
+// runSnapshots starts the snapshot jobs this node should do, that are not
+// running and whose backoff after a failure is over. At most one job per volume runs at a time: a volume's
 // engine takes one cut at a time anyway, and a deletion merges while the
 // next waits.
 func (n *Node) runSnapshots() {
-	for _, j := range n.snapshotJobs() {
+	jobs := n.snapshotJobs()
+	n.mu.Lock()
+	for id := range n.snapRetry { // forget the backoff of work that is gone
+		if !slices.ContainsFunc(jobs, func(j snapshotJob) bool { return j.snap.ID == id }) {
+			delete(n.snapRetry, id)
+		}
+	}
+	n.mu.Unlock()
+	for _, j := range jobs {
 		n.mu.Lock()
-		if n.snapJobs[j.vol.ID] || n.ctx.Err() != nil {
+		if n.snapJobs[j.vol.ID] || n.ctx.Err() != nil || time.Now().Before(n.snapRetry[j.snap.ID].after) {
 			n.mu.Unlock()
 			continue
 		}
@@ -105,7 +129,17 @@ func (n *Node) runSnapshots() {
 				n.mu.Unlock()
 				n.kick()
 			}()
-			n.runSnapshotJob(j)
+			ok := n.runSnapshotJob(j)
+			n.mu.Lock()
+			if ok {
+				delete(n.snapRetry, j.snap.ID)
+			} else {
+				r := n.snapRetry[j.snap.ID]
+				r.wait = min(max(2*r.wait, snapshotRetryMin), snapshotRetryMax)
+				r.after = time.Now().Add(r.wait)
+				n.snapRetry[j.snap.ID] = r
+			}
+			n.mu.Unlock()
 		}()
 	}
 }
@@ -119,8 +153,9 @@ func (n *Node) kick() {
 	}
 }
 
-// runSnapshotJob takes or deletes one snapshot.
-func (n *Node) runSnapshotJob(j snapshotJob) {
+// runSnapshotJob takes or deletes one snapshot, and reports whether it
+// did.
+func (n *Node) runSnapshotJob(j snapshotJob) bool {
 	log := n.log.With(zap.String("volume_id", j.vol.ID), zap.String("snapshot", j.snap.ID), zap.String("name", j.snap.Name),
 		zap.Uint64("epoch", j.vol.Epoch))
 	ctx, cancel := context.WithCancel(n.ctx)
@@ -133,32 +168,32 @@ func (n *Node) runSnapshotJob(j snapshotJob) {
 	e, release, err := n.engineFor(ctx, j.vol)
 	if err != nil {
 		n.snapshotFailed(log, j, err)
-		return
+		return false
 	}
 	defer release()
 	if j.delete {
-		n.deleteSnapshot(ctx, log, e, j)
-		return
+		return n.deleteSnapshot(ctx, log, e, j)
 	}
 	start := time.Now()
 	holders, err := e.TakeSnapshot(ctx, j.snap.ID)
 	if err != nil {
 		n.snapshotFailed(log, j, err)
-		return
+		return false
 	}
 	if _, err := n.cfg.Meta.Apply(ctx, &meta.SetSnapshotReady{SnapshotID: j.snap.ID, Replicas: holders}); err != nil {
-		// The replicas hold it; the next pass takes it again (which
+		// The replicas hold it; the next attempt takes it again (which
 		// finds it taken) and records it.
-		log.Warn("snapshot taken but not recorded; will record it at the next pass", zap.Error(err))
-		return
+		log.Warn("snapshot taken but not recorded; will record it at the next attempt", zap.Error(err))
+		return false
 	}
 	n.snapshotsTaken.Inc()
 	log.Info("snapshot taken and recorded ready", zap.Strings("replicas", holders), zap.Duration("took", time.Since(start)))
+	return true
 }
 
 // deleteSnapshot removes a deleted snapshot's layers from the volume's
-// replicas and forgets its record.
-func (n *Node) deleteSnapshot(ctx context.Context, log *zap.Logger, e *engine.Engine, j snapshotJob) {
+// replicas and forgets its record; it reports whether it did.
+func (n *Node) deleteSnapshot(ctx context.Context, log *zap.Logger, e *engine.Engine, j snapshotJob) bool {
 	start := time.Now()
 	log.Info("removing a deleted snapshot's layers from the replicas")
 	err := e.DeleteSnapshot(ctx, j.snap.ID)
@@ -166,19 +201,20 @@ func (n *Node) deleteSnapshot(ctx context.Context, log *zap.Logger, e *engine.En
 		// A later layer is shared with a restored volume: merging into it
 		// would change that volume. The snapshot stays, hidden, until the
 		// sharing ends (docs/snapshots.md).
-		log.Debug("deleted snapshot kept: the layer it would merge into is shared", zap.Error(err))
-		return
+		log.Info("deleted snapshot kept for now: the layer it would merge into is shared with a restored volume", zap.Error(err))
+		return false
 	}
 	if err != nil {
 		n.snapshotFailed(log, j, err)
-		return
+		return false
 	}
 	if _, err := n.cfg.Meta.Apply(ctx, &meta.DeleteSnapshot{SnapshotID: j.snap.ID}); err != nil && !errors.Is(err, meta.ErrNotFound) {
 		log.Warn("snapshot layers removed but its record not forgotten; will try again", zap.Error(err))
-		return
+		return false
 	}
 	n.snapshotsDeleted.Inc()
 	log.Info("deleted snapshot's layers removed and its record forgotten", zap.Duration("took", time.Since(start)))
+	return true
 }
 
 // snapshotFailed reports a failed job; it is tried again at a later pass.

@@ -74,9 +74,10 @@ type Node struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 
-	mu       sync.Mutex
-	rebuilds map[string]context.CancelFunc // volume id → running maintenance rebuild
-	snapJobs map[string]bool               // volume id → a snapshot job runs (snapshots.go)
+	mu        sync.Mutex
+	rebuilds  map[string]context.CancelFunc // volume id → running maintenance rebuild
+	snapJobs  map[string]bool               // volume id → a snapshot job runs (snapshots.go)
+	snapRetry map[string]retry              // snapshot id → backoff after a failed job
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -134,7 +135,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
-		snapJobs: map[string]bool{}, again: make(chan struct{}, 1),
+		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
 		grows: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_replica_grows_total",
 			Help: "Replicas this node grew to their volume's new size (expanded while no engine served them, or while the node was down).",
