@@ -317,9 +317,11 @@ func (a *Agent) applyScheduleStep(ctx context.Context, sc *scheduler, st schedul
 		c.ID = NewSnapshotID()
 		res, err := a.store.Apply(ctx, c)
 		if err != nil {
-			// The volume went meanwhile, or leadership was lost; the slot
-			// stays due for this leader or the next.
-			log.Info("scheduled snapshot not asked for", zap.Error(err))
+			// The volume went meanwhile, or leadership was lost (then the
+			// next leader says what it does); the slot stays due.
+			if ctx.Err() == nil {
+				log.Info("scheduled snapshot not asked for", zap.Error(err))
+			}
 			return
 		}
 		sc.taken[st.VolumeID] = st.Slot
@@ -332,13 +334,15 @@ func (a *Agent) applyScheduleStep(ctx context.Context, sc *scheduler, st schedul
 		return
 	}
 	_, err := a.store.Apply(ctx, st.Cmd)
-	if errors.Is(err, ErrNotFound) {
-		return // deleted meanwhile, by its user or by the node
-	}
-	if err != nil {
+	switch {
+	case errors.Is(err, ErrNotFound):
+		// Deleted meanwhile, by its user or by the node.
+	case err != nil && ctx.Err() != nil:
+		// Leadership lost: the next leader plans again.
+	case err != nil:
 		log.Info("scheduled snapshot deletion not taken", zap.String("snapshot_id", st.SnapshotID), zap.String("reason", st.Reason), zap.Error(err))
-		return
+	default:
+		a.store.metrics.scheduledDeletions.WithLabelValues(st.Reason).Inc()
+		log.Info("scheduled snapshot deleted", zap.String("snapshot_id", st.SnapshotID), zap.String("reason", st.Reason))
 	}
-	a.store.metrics.scheduledDeletions.WithLabelValues(st.Reason).Inc()
-	log.Info("scheduled snapshot deleted", zap.String("snapshot_id", st.SnapshotID), zap.String("reason", st.Reason))
 }
