@@ -67,7 +67,7 @@ func newCtlCommand() *cobra.Command {
 	pf.StringSliceVar(&o.Servers, "server", nil, "meta API address(es) of any member(s)")
 	pf.StringVarP(&o.Output, "output", "o", "table", "output format: table or json")
 	pf.DurationVar(&o.Timeout, "timeout", 30*time.Second, "give up after this long")
-	cmd.AddCommand(newStatusCommand(o), newVolumeCommand(o))
+	cmd.AddCommand(newStatusCommand(o), newVolumeCommand(o), newSnapshotCommand(o))
 	return cmd
 }
 
@@ -197,7 +197,11 @@ func newVolumeListCommand(o *ctlOptions) *cobra.Command {
 			tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 			fmt.Fprintln(tw, "ID\tNAME\tSIZE\tSTATE\tEPOCH\tATTACHED\tREPLICAS")
 			for _, v := range vols {
-				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.ID, v.Name, formatSize(v.SizeBytes), v.State, v.Epoch, attachedTo(v), replicaSummary(v))
+				state := string(v.State)
+				if v.Hidden {
+					state += " (deleted, kept for its snapshots)"
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%d\t%s\t%s\n", v.ID, v.Name, formatSize(v.SizeBytes), state, v.Epoch, attachedTo(v), replicaSummary(v))
 			}
 			return tw.Flush()
 		},
@@ -264,6 +268,12 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
+		if spec.SnapshotSchedule != "" {
+			fmt.Fprintf(w, "snapshots:    on schedule %q (UTC), the newest %d kept\n", spec.SnapshotSchedule, spec.Retain())
+		}
+	}
+	if kind, id := meta.ParseContentSource(v.ContentSource); kind != "" {
+		fmt.Fprintf(w, "made from:    %s %s\n", kind, id)
 	}
 	if s := v.Scrub; s != nil {
 		if s.Done {
@@ -293,24 +303,40 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 
 func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size, preferred string
+	var from restoreSource
 	var params []string
 	cmd := &cobra.Command{
 		Use:   "create NAME",
-		Short: "Create a volume and place its replicas",
+		Short: "Create a volume and place its replicas, blank or from a snapshot or another volume",
 		Long: `Create a volume and place its replicas.
 
 Every StorageClass parameter can be given with --param KEY=VALUE, validated as
-the CSI driver validates it; the other flags are spellings of some of them.`,
+the CSI driver validates it; the other flags are spellings of some of them.
+
+With --from-snapshot the volume holds what the snapshot holds; with
+--from-volume it is a clone of the volume as it is now (through a snapshot
+taken for it and deleted again). Its replicas go first to the nodes that hold
+the snapshot, where they are made at once from its layers, whatever the size.
+--size defaults to the source's; a larger one grows the copy, a smaller one is
+refused.`,
 		Example: `  cairn ctl --server 127.0.0.1:7002 volume create data --size 64Mi --replicas 3
-  cairn ctl --server 127.0.0.1:7002 volume create db --size 1Gi --param maxBandwidth=100Mi --param dataLocality=best-effort --preferred-node node-2`,
+  cairn ctl --server 127.0.0.1:7002 volume create db --size 1Gi --param maxBandwidth=100Mi --param dataLocality=best-effort --preferred-node node-2
+  cairn ctl --server 127.0.0.1:7002 volume create data-copy --from-snapshot snap-0123456789abcdef
+  cairn ctl --server 127.0.0.1:7002 volume create data-clone --from-volume vol-0123456789abcdef --size 2Gi`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			bytes, err := parseSize(size)
-			if err != nil {
-				return fmt.Errorf("--size: %w", err)
+			if err := from.check(preferred); err != nil {
+				return err
 			}
-			if bytes == 0 {
-				return errors.New("--size must be more than 0")
+			var bytes uint64
+			if size != "" || !from.set() {
+				var err error
+				if bytes, err = parseSize(size); err != nil {
+					return fmt.Errorf("--size: %w", err)
+				}
+				if bytes == 0 {
+					return errors.New("--size must be more than 0")
+				}
 			}
 			in, err := newSpecInput(cmd.Flags(), createSpecFlags, params)
 			if err != nil {
@@ -321,8 +347,9 @@ the CSI driver validates it; the other flags are spellings of some of them.`,
 				return err
 			}
 			// A StorageClass's best-effort follows the pod's node; ctl has
-			// no pod, so the operator names the node.
-			if spec.DataLocality == volspec.LocalityBestEffort && preferred == "" {
+			// no pod, so the operator names the node. A restored volume's
+			// replicas go where the snapshot is instead.
+			if spec.DataLocality == volspec.LocalityBestEffort && preferred == "" && !from.set() {
 				return fmt.Errorf("%s: name the node to keep a replica on with --preferred-node", in.from[volspec.KeyDataLocality])
 			}
 			c, ctx, done, err := o.client(cmd)
@@ -330,34 +357,48 @@ the CSI driver validates it; the other flags are spellings of some of them.`,
 				return err
 			}
 			defer done()
-			res, err := c.Apply(ctx, &meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: spec.Replicas, WriteQuorum: spec.WriteQuorum,
-				Parameters: spec.Params(), PreferredNode: preferred})
+			cv := meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: spec.Replicas, WriteQuorum: spec.WriteQuorum,
+				Parameters: spec.Params(), PreferredNode: preferred}
+			var v *meta.Volume
+			if from.set() {
+				v, err = from.restore(ctx, c, cv)
+			} else {
+				var res meta.Result
+				res, err = c.Apply(ctx, &cv)
+				v = res.Volume
+			}
 			if err != nil {
 				return err
 			}
 			if o.Output == "json" {
-				return printJSON(cmd.OutOrStdout(), res.Volume)
+				return printJSON(cmd.OutOrStdout(), v)
 			}
-			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s\n", res.Volume.ID)
-			return printVolume(cmd.OutOrStdout(), "table", res.Volume)
+			fmt.Fprintf(cmd.OutOrStdout(), "created volume %s%s\n", v.ID, from.describe())
+			return printVolume(cmd.OutOrStdout(), "table", v)
 		},
 	}
-	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required)")
+	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required, unless the volume is made from a snapshot or a volume: then the source's size)")
 	cmd.Flags().Int("replicas", volspec.DefaultReplicas, fmt.Sprintf("number of replicas (1 to %d)", volspec.MaxReplicas))
 	cmd.Flags().Int("write-quorum", 0, "healthy replicas a write needs (0: a majority)")
 	cmd.Flags().Duration("stale-replica-timeout", 0, "replace a replica whose node stays down this long (0: the cluster's default)")
 	addQoSFlags(cmd.Flags())
 	cmd.Flags().StringVar(&preferred, "preferred-node", "", "place a replica on this node if it has room (data locality: the engine there reads its own replica)")
 	cmd.Flags().String("checksum-algorithm", volspec.ChecksumCRC32C, "block checksums: crc32c (every block verified on write and read) or none")
+	cmd.Flags().String("snapshot-schedule", "", `take a snapshot on this 5-field cron schedule, in UTC, e.g. "0 */6 * * *" (the store's leader takes them)`)
+	cmd.Flags().Int("snapshot-retain", 0, fmt.Sprintf("how many scheduled snapshots to keep (0: %d)", volspec.DefaultSnapshotRetain))
+	cmd.Flags().StringVar(&from.snapshot, "from-snapshot", "", "make the volume from this snapshot (an id)")
+	cmd.Flags().StringVar(&from.volume, "from-volume", "", "make the volume a clone of this volume (an id)")
 	cmd.Flags().StringArrayVar(&params, "param", nil, paramFlagHelp)
-	_ = cmd.MarkFlagRequired("size")
 	return cmd
 }
 
 func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {
 	return &cobra.Command{
-		Use:     "delete ID",
-		Short:   "Delete a volume (refused while it is attached)",
+		Use:   "delete ID",
+		Short: "Delete a volume (refused while it is attached)",
+		Long: `Delete a volume. While snapshots of it remain, it is hidden instead: its name
+is free and it is no longer listed, and it goes with its last snapshot. Its
+scheduled snapshots (snapshotSchedule) are deleted with it.`,
 		Example: `  cairn ctl --server 127.0.0.1:7002 volume delete vol-0123456789abcdef`,
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
@@ -366,8 +407,15 @@ func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {
 				return err
 			}
 			defer done()
-			if _, err := c.Apply(ctx, &meta.DeleteVolume{VolumeID: args[0]}); err != nil {
+			// Not DeleteVolume: that would take the volume's replicas, and
+			// with them the layers its snapshots live in.
+			v, err := c.RetireVolume(ctx, strings.TrimSpace(args[0]))
+			if err != nil {
 				return err
+			}
+			if v != nil && v.Hidden {
+				fmt.Fprintf(cmd.OutOrStdout(), "deleted volume %s; it stays hidden until its snapshots are deleted\n", v.ID)
+				return nil
 			}
 			fmt.Fprintf(cmd.OutOrStdout(), "deleted volume %s\n", strings.TrimSpace(args[0]))
 			return nil

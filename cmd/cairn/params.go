@@ -33,6 +33,8 @@ var createSpecFlags = append([]specFlag{
 	{"write-quorum", volspec.KeyWriteQuorum, "0"},                   // a majority
 	{"stale-replica-timeout", volspec.KeyStaleReplicaTimeout, "0s"}, // the cluster's default
 	{"checksum-algorithm", volspec.KeyChecksumAlgorithm, ""},
+	{"snapshot-schedule", volspec.KeySnapshotSchedule, ""},
+	{"snapshot-retain", volspec.KeySnapshotRetain, "0"}, // the default
 }, qosSpecFlags...)
 
 // paramFlagHelp is the help of --param.

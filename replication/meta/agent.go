@@ -44,6 +44,13 @@ type AgentConfig struct {
 	// before the leader purges it (default DefaultTombstoneRetention; see
 	// purge.go).
 	TombstoneRetention time.Duration
+	// ScheduleInterval is how often the leader looks for scheduled
+	// snapshots that are due (default DefaultScheduleInterval; see
+	// schedule.go).
+	ScheduleInterval time.Duration
+	// Clock is the snapshot schedule's clock (default time.Now); tests set
+	// it to move time past slots.
+	Clock func() time.Time
 	// DiskUsage reports the data disk's capacity and free bytes (defaults to
 	// statfs of the data dir).
 	DiskUsage func() (capacity, free uint64, err error)
@@ -93,6 +100,9 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	if cfg.TombstoneRetention <= 0 {
 		cfg.TombstoneRetention = DefaultTombstoneRetention
 	}
+	if cfg.ScheduleInterval <= 0 {
+		cfg.ScheduleInterval = DefaultScheduleInterval
+	}
 	if cfg.DiskUsage == nil {
 		dir := cfg.Store.DataDir
 		cfg.DiskUsage = func() (uint64, uint64, error) { return statfs(dir) }
@@ -127,6 +137,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	store.OnLeading(a.reconcile)
+	store.OnLeading(a.runSchedules)
 	a.srv = grpc.NewServer(grpc.ForceServerCodec(jsonCodec{}), grpc.MaxRecvMsgSize(maxMessageBytes))
 	a.srv.RegisterService(&metaServiceDesc, a)
 	a.wg.Add(3)

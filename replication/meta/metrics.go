@@ -9,7 +9,11 @@ import (
 // time from raft and the FSM, so they never go stale.
 type storeMetrics struct {
 	commitLatency prometheus.Histogram
-	collectors    []prometheus.Collector
+	// scheduledSnapshots and scheduledDeletions count what this member's
+	// snapshot schedules did while it led (schedule.go).
+	scheduledSnapshots prometheus.Counter
+	scheduledDeletions *prometheus.CounterVec
+	collectors         []prometheus.Collector
 }
 
 func newStoreMetrics(s *Store) *storeMetrics {
@@ -19,9 +23,20 @@ func newStoreMetrics(s *Store) *storeMetrics {
 			Help:    "Time from proposing a command on the leader to its commit and apply.",
 			Buckets: prometheus.ExponentialBuckets(0.0002, 2, 16),
 		}),
+		scheduledSnapshots: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_meta_scheduled_snapshots_total",
+			Help: "Scheduled snapshots this member asked for while it led (snapshotSchedule).",
+		}),
+		scheduledDeletions: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "cairn_meta_scheduled_snapshot_deletions_total",
+			Help: "Scheduled snapshots this member deleted while it led, by reason: retention (snapshotRetain), superseded (not taken before the next slot), volume_deleted.",
+		}, []string{"reason"}),
+	}
+	for _, reason := range []string{retireRetention, retireSuperseded, retireVolumeDeleted} {
+		m.scheduledDeletions.WithLabelValues(reason) // shown from 0, not from the first deletion
 	}
 	m.collectors = []prometheus.Collector{
-		m.commitLatency,
+		m.commitLatency, m.scheduledSnapshots, m.scheduledDeletions,
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 			Name: "cairn_meta_raft_leader",
 			Help: "1 if this member is the raft leader, else 0.",

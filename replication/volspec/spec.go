@@ -8,6 +8,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/cairn-csi/cairn/replication/cron"
 )
 
 // Parameter keys (StorageClass parameters of the same names).
@@ -22,6 +24,8 @@ const (
 	KeyBurstDuration       = "burstDuration"
 	KeyFSType              = "csi.storage.k8s.io/fstype"
 	KeyChecksumAlgorithm   = "checksumAlgorithm"
+	KeySnapshotSchedule    = "snapshotSchedule"
+	KeySnapshotRetain      = "snapshotRetain"
 )
 
 // sidecarPrefix marks the keys the CSI sidecars add (pvc and pv names from
@@ -49,6 +53,10 @@ const (
 
 	FSExt4 = "ext4"
 	FSXFS  = "xfs"
+
+	// DefaultSnapshotRetain is how many scheduled snapshots of a volume
+	// are kept when snapshotRetain is not given.
+	DefaultSnapshotRetain = 7
 )
 
 // ErrInvalid is wrapped by every error of this package. replication/meta
@@ -86,6 +94,13 @@ type Spec struct {
 	FSType string
 	// ChecksumAlgorithm is ChecksumCRC32C or ChecksumNone.
 	ChecksumAlgorithm string
+	// SnapshotSchedule is a 5-field cron expression (replication/cron),
+	// in UTC, with its fields separated by one space; "" takes no
+	// scheduled snapshots. The store's leader takes them.
+	SnapshotSchedule string
+	// SnapshotRetain is how many scheduled snapshots to keep; 0 is
+	// DefaultSnapshotRetain (see Retain).
+	SnapshotRetain int
 }
 
 // QoS are a volume's I/O limits; zero means unlimited (or the scheduler's
@@ -104,6 +119,23 @@ func Default() Spec {
 
 // Checksummed reports whether the volume keeps block checksums.
 func (s Spec) Checksummed() bool { return s.ChecksumAlgorithm == ChecksumCRC32C }
+
+// Schedule returns the volume's snapshot schedule, or nil when it has none.
+// A spec from Parse or Decode without an error always parses.
+func (s Spec) Schedule() (*cron.Schedule, error) {
+	if s.SnapshotSchedule == "" {
+		return nil, nil
+	}
+	return cron.Parse(s.SnapshotSchedule)
+}
+
+// Retain is how many scheduled snapshots to keep.
+func (s Spec) Retain() int {
+	if s.SnapshotRetain <= 0 {
+		return DefaultSnapshotRetain
+	}
+	return s.SnapshotRetain
+}
 
 // form says which syntax a value is read in (see doc.go).
 type form int
@@ -124,6 +156,10 @@ type param struct {
 	mutable bool
 	// parse reads v into s; false refuses it.
 	parse func(s *Spec, v string, f form) bool
+	// why, when set, says what is wrong with a value parse refused, where
+	// "want …" alone would not point at the mistake (which field of a
+	// cron expression).
+	why func(v string) string
 	// format writes the stored form; "" leaves the key out. nil: the key is
 	// not stored (it travels in typed fields), and Decode ignores it.
 	format func(s Spec) string
@@ -214,6 +250,44 @@ var params = []param{
 			}
 			return s.ChecksumAlgorithm
 		}},
+	// The schedule is stored as cron reads it back (fields separated by
+	// one space), so that two spellings of one schedule record the same map.
+	// Not mutable: an older member's SetParameters refuses keys it does not
+	// know, so changing it on a live volume needs a gated command first.
+	{key: KeySnapshotSchedule,
+		want: `a 5-field cron expression in UTC (minute hour day-of-month month day-of-week), such as "0 */6 * * *"`,
+		parse: func(s *Spec, v string, _ form) bool {
+			s.SnapshotSchedule = ""
+			if v == "" {
+				return true // no schedule, as when the key is absent
+			}
+			sched, err := cron.Parse(v)
+			if err != nil {
+				s.SnapshotSchedule = v
+				return false
+			}
+			s.SnapshotSchedule = sched.String()
+			return true
+		},
+		why: func(v string) string {
+			if _, err := cron.Parse(v); err != nil {
+				return err.Error()
+			}
+			return ""
+		},
+		format: func(s Spec) string { return s.SnapshotSchedule }},
+	{key: KeySnapshotRetain, want: fmt.Sprintf("a whole number of scheduled snapshots to keep, 1 or more (default %d)", DefaultSnapshotRetain),
+		parse: func(s *Spec, v string, _ form) bool {
+			n, err := strconv.Atoi(v)
+			s.SnapshotRetain = n
+			return err == nil && n >= 1
+		},
+		format: func(s Spec) string {
+			if s.SnapshotRetain <= 0 {
+				return ""
+			}
+			return strconv.Itoa(s.SnapshotRetain)
+		}},
 }
 
 func parseUint(dst *uint64, v string) bool {
@@ -284,8 +358,8 @@ func Parse(in map[string]string) (Spec, error) {
 			}
 			return s, &Error{Key: k, Problem: "unknown parameter (accepted: " + strings.Join(Keys(), ", ") + ")"}
 		}
-		if !p.parse(&s, strings.TrimSpace(in[k]), request) {
-			return s, badValue(p, in[k], request)
+		if v := strings.TrimSpace(in[k]); !p.parse(&s, v, request) {
+			return s, badValue(p, v, request)
 		}
 	}
 	if s.WriteQuorum > s.Replicas {
@@ -379,6 +453,11 @@ func badValue(p *param, v string, f form) error {
 	want := p.want
 	if f == stored && p.wantStored != "" {
 		want = p.wantStored
+	}
+	if p.why != nil {
+		if why := p.why(v); why != "" {
+			return &Error{Key: p.key, Problem: fmt.Sprintf("value %q: %s; want %s", v, why, want)}
+		}
 	}
 	return &Error{Key: p.key, Problem: fmt.Sprintf("value %q: want %s", v, want)}
 }
