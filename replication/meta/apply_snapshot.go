@@ -189,7 +189,8 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	if c.ContentSource == "" {
 		return Result{}, fmt.Errorf("volume %q: a restore names its content source: %w", c.Name, ErrInvalidArgument)
 	}
-	if _, err := volspec.Decode(c.Parameters); err != nil {
+	spec, err := volspec.Decode(c.Parameters)
+	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
 	sn, ok := s.Snapshots[c.SnapshotID]
@@ -206,6 +207,12 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	src, ok := s.Volumes[sn.SourceVolumeID]
 	if !ok || src.State == VolumeDeleted {
 		return Result{}, fmt.Errorf("snapshot %s: its volume %s is gone: %w", sn.ID, sn.SourceVolumeID, ErrFailedPrecondition)
+	}
+	if spec.Checksummed() != src.Checksummed() {
+		// The restored replicas share the source's layers, sums included
+		// or not: the new volume cannot choose otherwise.
+		return Result{}, fmt.Errorf("volume %q: checksumAlgorithm must be the source volume's (checksums %v): a restore shares its layers: %w",
+			c.Name, src.Checksummed(), ErrInvalidArgument)
 	}
 	// Readable at once: the replicas made from the snapshot's layers hold
 	// its data from the start.

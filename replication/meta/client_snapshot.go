@@ -35,6 +35,13 @@ func (c *Client) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 // ctx ends first it returns the snapshot as recorded so far (not ready;
 // its Error says what the last attempt met) with ctx's error.
 func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot, error) {
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.checkSnapshotLimit(vol, name); err != nil {
+		return nil, err
+	}
 	res, err := c.Apply(ctx, &CreateSnapshot{Name: name, SourceVolumeID: vol})
 	if err != nil {
 		return nil, err
@@ -98,6 +105,38 @@ func (c *Client) RetireVolume(ctx context.Context, id string) (*Volume, error) {
 	}
 	res, err := c.Apply(ctx, cmd)
 	return res.Volume, err
+}
+
+// checkSnapshotLimit refuses a new snapshot named name of volume vol once
+// the volume has as many as its snapshotLimit allows (ResourceExhausted);
+// a retry of one already recorded passes. It is checked before asking the
+// store, not in apply, so that a store member of an older build cannot
+// disagree: requests at the same time may each pass it, and the replicas'
+// own bound on their chain (replication/layer) is the hard one.
+func (s *State) checkSnapshotLimit(vol, name string) error {
+	v, ok := s.Volumes[vol]
+	if !ok {
+		return nil // the store says what is wrong
+	}
+	spec, err := v.Spec()
+	if err != nil {
+		return nil
+	}
+	n := 0
+	for _, sn := range s.Snapshots {
+		if sn.SourceVolumeID != vol || sn.Deleting {
+			continue
+		}
+		if sn.Name == name {
+			return nil
+		}
+		n++
+	}
+	if n >= spec.Limit() {
+		return fmt.Errorf("volume %s has %d snapshots, as many as its snapshotLimit (%d) allows: delete one first: %w",
+			vol, n, spec.Limit(), ErrResourceExhausted)
+	}
+	return nil
 }
 
 // CloneSnapshotName is the name of the hidden snapshot a clone named

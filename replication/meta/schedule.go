@@ -125,9 +125,10 @@ func schedulable(v *Volume) bool {
 //     is usable;
 //   - a hidden volume's scheduled snapshots are deleted.
 //
-// Scheduled snapshots of a volume that is deleted or gone are forgotten
-// (DeleteSnapshot), as Client.DeleteSnapshot does: no layers are left.
-// Snapshots that ScheduledSlot does not recognise are never touched.
+// Snapshots of a volume that is deleted or gone, scheduled or not, are
+// forgotten (DeleteSnapshot), as Client.DeleteSnapshot does: no layers are
+// left. Otherwise, snapshots that ScheduledSlot does not recognise are
+// never touched.
 func planSchedules(s *State, taken map[string]time.Time, now time.Time) []scheduleStep {
 	byVolume := map[string][]*Snapshot{}
 	for _, sn := range s.Snapshots {
@@ -161,7 +162,7 @@ func planSchedules(s *State, taken map[string]time.Time, now time.Time) []schedu
 			last = latest(last, newest)
 		}
 		last = latest(last, taken[v.ID])
-		if slot, due := sched.Due(last, now); due && schedulable(v) {
+		if slot, due := sched.Due(last, now); due && schedulable(v) && s.checkSnapshotLimit(v.ID, ScheduledSnapshotName(v.ID, slot)) == nil {
 			name := ScheduledSnapshotName(v.ID, slot)
 			creates = append(creates, scheduleStep{
 				Cmd:      &CreateSnapshot{Name: name, SourceVolumeID: v.ID, CreatedAt: now.UnixNano()},
@@ -170,10 +171,19 @@ func planSchedules(s *State, taken map[string]time.Time, now time.Time) []schedu
 		}
 		deletes = append(deletes, planRetention(snaps, spec.Retain())...)
 	}
-	// Volumes deleted (tombstones) or purged: the snapshots left over.
+	// Volumes deleted (tombstones) or purged: the snapshots left over,
+	// scheduled or not (a volume deleted by DeleteVolume rather than
+	// RetireVolume, by an older client or in a race with a new snapshot,
+	// took their layers with it).
+	orphans := map[string][]*Snapshot{}
+	for _, sn := range s.Snapshots {
+		if v, ok := s.Volumes[sn.SourceVolumeID]; !ok || v.State == VolumeDeleted {
+			orphans[sn.SourceVolumeID] = append(orphans[sn.SourceVolumeID], sn)
+		}
+	}
 	var forgets []scheduleStep
-	for _, vol := range slices.Sorted(maps.Keys(byVolume)) {
-		for _, sn := range newestFirst(byVolume[vol]) {
+	for _, vol := range slices.Sorted(maps.Keys(orphans)) {
+		for _, sn := range newestFirst(orphans[vol]) {
 			slot, _ := ScheduledSlot(sn)
 			forgets = append(forgets, scheduleStep{Cmd: &DeleteSnapshot{SnapshotID: sn.ID},
 				VolumeID: vol, Snapshot: sn.Name, SnapshotID: sn.ID, Slot: slot, Reason: retireVolumeDeleted})

@@ -160,14 +160,14 @@ func TestPlanSchedules(t *testing.T) {
 				s.Snapshots["u"] = &Snapshot{ID: "u", Name: "keep-me", SourceVolumeID: "vol-a", ReadyToUse: true}
 			},
 			want: []string{"volume_deleted sched-vol-a-202612051200", "volume_deleted sched-vol-a-202612051100"}},
-		{name: "a deleted or purged volume's scheduled snapshots are forgotten", now: "2026-12-05 10:30:00",
+		{name: "a deleted or purged volume's snapshots are forgotten, scheduled or not", now: "2026-12-05 10:30:00",
 			setup: func(s *State, _ map[string]time.Time) {
 				s.Volumes["vol-a"].State = VolumeDeleted
 				addScheduled(s, "vol-a", "2026-12-05 10:00:00", true)
 				addScheduled(s, "vol-gone", "2026-12-05 09:00:00", true)
 				s.Snapshots["u"] = &Snapshot{ID: "u", Name: "orphan", SourceVolumeID: "vol-gone"}
 			},
-			want: []string{"forget sched-vol-a-202612051000", "forget sched-vol-gone-202612050900"}},
+			want: []string{"forget sched-vol-a-202612051000", "forget sched-vol-gone-202612050900", "forget orphan"}},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -1,7 +1,9 @@
 package meta
 
 import (
+	"errors"
 	"reflect"
+	"strings"
 	"testing"
 )
 
@@ -125,6 +127,9 @@ func TestApplyRestoreVolume(t *testing.T) {
 	h.fails(restore("r1", "pvc-r1", gib/2, 2), ErrInvalidArgument) // smaller than the snapshot
 	h.fails(&RestoreVolume{CreateVolume: CreateVolume{ID: "r1", Name: "pvc-r1", SizeBytes: gib, Replicas: 2}, SnapshotID: "s1"}, ErrInvalidArgument)
 	h.fails(&RestoreVolume{CreateVolume: CreateVolume{ID: "r1", Name: "pvc-r1", SizeBytes: gib, Replicas: 2, ContentSource: "snapshot:x"}, SnapshotID: "x"}, ErrNotFound)
+	noSums := restore("r1", "pvc-r1", gib, 2)
+	noSums.Parameters = map[string]string{"checksumAlgorithm": "none"} // the source keeps checksums
+	h.fails(noSums, ErrInvalidArgument)
 
 	// Three replicas from a snapshot two replicas hold: two made from the
 	// layers on their nodes, one placed elsewhere to be rebuilt.
@@ -154,4 +159,26 @@ func TestApplyRestoreVolume(t *testing.T) {
 	// A snapshot whose holders are gone cannot be restored here.
 	h.must(&MarkSnapshotDeleting{SnapshotID: "s1"})
 	h.fails(restore("r3", "pvc-r3", gib, 1), ErrNotFound)
+}
+
+func TestSnapshotLimit(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 1, Parameters: map[string]string{"snapshotLimit": "2"}})
+	h.readySnapshot("s1", "v1")
+	h.readySnapshot("s2", "v1")
+	s := h.state()
+	if err := s.checkSnapshotLimit("v1", "vs-s3"); !errors.Is(err, ErrResourceExhausted) || !strings.Contains(err.Error(), "snapshotLimit (2)") {
+		t.Fatalf("a third snapshot with snapshotLimit 2: %v, want ResourceExhausted naming the limit", err)
+	}
+	if err := s.checkSnapshotLimit("v1", "vs-s2"); err != nil {
+		t.Fatalf("a retry of a recorded snapshot is refused: %v", err)
+	}
+	h.must(&MarkSnapshotDeleting{SnapshotID: "s1"})
+	if err := h.state().checkSnapshotLimit("v1", "vs-s3"); err != nil {
+		t.Fatalf("a deleting snapshot still counts: %v", err)
+	}
+	if err := h.state().checkSnapshotLimit("nope", "x"); err != nil {
+		t.Fatalf("an unknown volume is the store's to refuse: %v", err)
+	}
 }

@@ -15,7 +15,7 @@ func TestServingNode(t *testing.T) {
 		s.Nodes[n.id] = &meta.Node{ID: n.id, State: n.state}
 	}
 	replicas := []meta.Replica{
-		{ID: "v-r1", Node: "n1", State: meta.ReplicaHealthy},   // its node is down
+		{ID: "v-r1", Node: "n1", State: meta.ReplicaHealthy},    // its node is down
 		{ID: "v-r2", Node: "n2", State: meta.ReplicaRebuilding}, // no data to cut yet
 		{ID: "v-r3", Node: "n3", State: meta.ReplicaHealthy},
 	}

@@ -105,3 +105,21 @@ func TestSnapshotRetainParam(t *testing.T) {
 		t.Error("the schedule's keys are mutable; an older member's SetParameters would refuse them")
 	}
 }
+
+// TestSnapshotLimitParam: the default (64) is not recorded; 1 to 128 are;
+// anything else is refused naming the key and the range.
+func TestSnapshotLimitParam(t *testing.T) {
+	if s := Default(); s.Limit() != DefaultSnapshotLimit || s.Params()[KeySnapshotLimit] != "" {
+		t.Fatalf("default limit: %d, stored %q", s.Limit(), s.Params()[KeySnapshotLimit])
+	}
+	s, err := Parse(map[string]string{KeySnapshotLimit: "10"})
+	if err != nil || s.Limit() != 10 || s.Params()[KeySnapshotLimit] != "10" {
+		t.Fatalf("limit 10: %d, %v, stored %q", s.Limit(), err, s.Params()[KeySnapshotLimit])
+	}
+	for _, v := range []string{"0", "-1", "129", "many", ""} {
+		_, err := Parse(map[string]string{KeySnapshotLimit: v})
+		if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), `"snapshotLimit"`) || !strings.Contains(err.Error(), "1 to 128") {
+			t.Errorf("snapshotLimit %q: %v, want an error naming the key and the range", v, err)
+		}
+	}
+}

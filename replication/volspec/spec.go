@@ -26,6 +26,7 @@ const (
 	KeyChecksumAlgorithm   = "checksumAlgorithm"
 	KeySnapshotSchedule    = "snapshotSchedule"
 	KeySnapshotRetain      = "snapshotRetain"
+	KeySnapshotLimit       = "snapshotLimit"
 )
 
 // sidecarPrefix marks the keys the CSI sidecars add (pvc and pv names from
@@ -57,6 +58,12 @@ const (
 	// DefaultSnapshotRetain is how many scheduled snapshots of a volume
 	// are kept when snapshotRetain is not given.
 	DefaultSnapshotRetain = 7
+	// DefaultSnapshotLimit bounds a volume's snapshots when snapshotLimit
+	// is not given, and MaxSnapshotLimit when it is: a replica's chain
+	// holds at most 256 layers (replication/layer), and a restored
+	// volume's chain starts with its source's.
+	DefaultSnapshotLimit = 64
+	MaxSnapshotLimit     = 128
 )
 
 // ErrInvalid is wrapped by every error of this package. replication/meta
@@ -101,6 +108,9 @@ type Spec struct {
 	// SnapshotRetain is how many scheduled snapshots to keep; 0 is
 	// DefaultSnapshotRetain (see Retain).
 	SnapshotRetain int
+	// SnapshotLimit is how many snapshots the volume may have; 0 is
+	// DefaultSnapshotLimit (see Limit).
+	SnapshotLimit int
 }
 
 // QoS are a volume's I/O limits; zero means unlimited (or the scheduler's
@@ -127,6 +137,15 @@ func (s Spec) Schedule() (*cron.Schedule, error) {
 		return nil, nil
 	}
 	return cron.Parse(s.SnapshotSchedule)
+}
+
+// Limit is how many snapshots the volume may have at once, its users' and
+// its scheduled ones together.
+func (s Spec) Limit() int {
+	if s.SnapshotLimit <= 0 {
+		return DefaultSnapshotLimit
+	}
+	return s.SnapshotLimit
 }
 
 // Retain is how many scheduled snapshots to keep.
@@ -287,6 +306,18 @@ var params = []param{
 				return ""
 			}
 			return strconv.Itoa(s.SnapshotRetain)
+		}},
+	{key: KeySnapshotLimit, want: fmt.Sprintf("a whole number of snapshots the volume may have, 1 to %d (default %d)", MaxSnapshotLimit, DefaultSnapshotLimit),
+		parse: func(s *Spec, v string, _ form) bool {
+			n, err := strconv.Atoi(v)
+			s.SnapshotLimit = n
+			return err == nil && n >= 1 && n <= MaxSnapshotLimit
+		},
+		format: func(s Spec) string {
+			if s.SnapshotLimit <= 0 {
+				return ""
+			}
+			return strconv.Itoa(s.SnapshotLimit)
 		}},
 }
 

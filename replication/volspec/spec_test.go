@@ -277,7 +277,8 @@ func TestSameValue(t *testing.T) {
 
 func TestKeys(t *testing.T) {
 	want := []string{"replicas", "writeQuorum", "dataLocality", "staleReplicaTimeout", "maxIOPS", "minIOPS",
-		"maxBandwidth", "burstDuration", "csi.storage.k8s.io/fstype", "checksumAlgorithm", "snapshotSchedule", "snapshotRetain"}
+		"maxBandwidth", "burstDuration", "csi.storage.k8s.io/fstype", "checksumAlgorithm", "snapshotSchedule", "snapshotRetain",
+		"snapshotLimit"}
 	if got := Keys(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("Keys = %v, want %v", got, want)
 	}
