@@ -11,10 +11,11 @@ import (
 	"go.uber.org/zap"
 )
 
-// form bootstraps or joins the cluster unless the data dir already holds
-// raft state, in which case raft itself reconnects to the old peers.
+// form bootstraps or joins the cluster unless the data dir held raft
+// state when the store opened, in which case raft itself reconnects to the
+// old peers.
 func (a *Agent) form() {
-	if a.store.HasState() {
+	if a.store.HadStateAtOpen() {
 		a.log.Info("rejoining from data dir")
 		a.checkPeersCluster(append(append([]string{}, a.cfg.Join...), a.cfg.Peers...))
 		return

@@ -50,6 +50,9 @@ type Store struct {
 	fsm       *FSM
 	logStore  *raftboltdb.BoltStore
 	snaps     raft.SnapshotStore
+	// hadState: the data dir held raft state when the store opened,
+	// before raft ran and could store a term or entries a peer sent.
+	hadState bool
 	transport *raft.NetworkTransport
 	stream    *streamLayer
 	metrics   *storeMetrics
@@ -145,6 +148,7 @@ func OpenStore(cfg StoreConfig) (*Store, error) {
 		s.logStore.Close()
 		return nil, fmt.Errorf("store: log cache: %w", err)
 	}
+	s.hadState, _ = raft.HasExistingState(s.logStore, s.logStore, snaps) // an error reads as none: form then asks its peers
 	s.raft, err = raft.NewRaft(rc, s.fsm, logs, s.logStore, snaps, s.transport)
 	if err != nil {
 		s.transport.Close()
@@ -229,6 +233,13 @@ func (s *Store) HasState() bool {
 	ok, err := raft.HasExistingState(s.logStore, s.logStore, s.snaps)
 	return (err == nil && ok) || s.raft.LastIndex() > 0
 }
+
+// HadStateAtOpen reports whether the data dir held raft state when the
+// store opened. Unlike HasState, it cannot turn true because a peer
+// reached this member first: a leader that still counts a wiped member as
+// a voter sends it its term and entries as soon as raft listens, which
+// made a wiped member think its empty data dir was its old one.
+func (s *Store) HadStateAtOpen() bool { return s.hadState }
 
 // Bootstrap starts a new cluster whose voters are servers. Every member of
 // the first configuration may call it with the same list.
