@@ -44,15 +44,15 @@ type StoreConfig struct {
 
 // Store is one member of the Raft-replicated volume store.
 type Store struct {
-	cfg       StoreConfig
-	log       *zap.Logger
-	raft      *raft.Raft
-	fsm       *FSM
-	logStore  *raftboltdb.BoltStore
-	snaps     raft.SnapshotStore
+	cfg      StoreConfig
+	log      *zap.Logger
+	raft     *raft.Raft
+	fsm      *FSM
+	logStore *raftboltdb.BoltStore
+	snaps    raft.SnapshotStore
 	// hadState: the data dir held raft state when the store opened,
 	// before raft ran and could store a term or entries a peer sent.
-	hadState bool
+	hadState  bool
 	transport *raft.NetworkTransport
 	stream    *streamLayer
 	metrics   *storeMetrics
