@@ -218,21 +218,27 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	// its data from the start.
 	v := newVolume(&c.CreateVolume, quorum)
 	v.RestoredFrom = sn.ID
+	// The replicas that sealed the snapshot first, then the source's other
+	// healthy replicas: a replica placed since received the snapshot's
+	// layers with its rebuild. One whose node turns out not to have them
+	// is failed there and rebuilt from the others (storagenode.restore).
 	var used []string
-	for _, r := range src.Replicas {
-		if len(used) == c.Replicas {
-			break
+	for _, sealed := range []bool{true, false} {
+		for _, r := range src.Replicas {
+			if len(used) == c.Replicas {
+				break
+			}
+			n := s.Nodes[r.Node]
+			if r.State != ReplicaHealthy || slices.Contains(sn.Replicas, r.ID) != sealed || n == nil || n.State != NodeUp ||
+				len(c.AllowedZones) > 0 && !slices.Contains(c.AllowedZones, n.Zone) || slices.Contains(used, r.Node) {
+				continue
+			}
+			used = append(used, r.Node)
+			v.Replicas = append(v.Replicas, Replica{ID: v.nextReplicaID(), Node: r.Node, State: ReplicaHealthy, Source: r.ID})
 		}
-		n := s.Nodes[r.Node]
-		if r.State != ReplicaHealthy || !slices.Contains(sn.Replicas, r.ID) || n == nil || n.State != NodeUp ||
-			len(c.AllowedZones) > 0 && !slices.Contains(c.AllowedZones, n.Zone) || slices.Contains(used, r.Node) {
-			continue
-		}
-		used = append(used, r.Node)
-		v.Replicas = append(v.Replicas, Replica{ID: v.nextReplicaID(), Node: r.Node, State: ReplicaHealthy, Source: r.ID})
 	}
 	if len(used) == 0 {
-		return Result{}, fmt.Errorf("snapshot %s: no healthy replica that holds it is on a node that is up (and in the allowed zones): %w",
+		return Result{}, fmt.Errorf("snapshot %s: no healthy replica of its volume is on a node that is up (and in the allowed zones): %w",
 			sn.ID, ErrFailedPrecondition)
 	}
 	if more := c.Replicas - len(used); more > 0 {

@@ -276,7 +276,9 @@ type MarkSnapshotDeleting struct {
 }
 
 // RestoreVolume creates a volume holding what a ready snapshot holds. Its
-// replicas go first to the nodes of the replicas that hold the snapshot,
+// replicas go first to the nodes of the source's healthy replicas (those
+// that sealed the snapshot first; the others received it with their
+// rebuild),
 // where each is made from the snapshot's layers by hard links (its Source
 // names the replica it is made from) and is healthy from the start; any
 // more are placed as for a new volume, in state rebuilding, and receive a

@@ -182,3 +182,21 @@ func TestSnapshotLimit(t *testing.T) {
 		t.Fatalf("an unknown volume is the store's to refuse: %v", err)
 	}
 }
+
+// A replica placed after the snapshot (it received the snapshot's layers
+// with its rebuild) serves a restore too, after those that sealed it.
+func TestApplyRestoreUsesRebuiltReplicas(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	src := h.createVolume("v1", 1, 3)
+	h.must(&CreateSnapshot{ID: "s1", Name: "vs-1", SourceVolumeID: "v1"})
+	h.must(&SetSnapshotReady{SnapshotID: "s1", Replicas: []string{src.Replicas[2].ID}})
+	v := h.must(&RestoreVolume{CreateVolume: CreateVolume{ID: "r1", Name: "pvc-r1", SizeBytes: gib, Replicas: 3,
+		ContentSource: "snapshot:s1"}, SnapshotID: "s1"}).Volume
+	want := []string{src.Replicas[2].ID, src.Replicas[0].ID, src.Replicas[1].ID}
+	for i, r := range v.Replicas {
+		if r.Source != want[i] || r.State != ReplicaHealthy {
+			t.Fatalf("replica %d: %+v, want healthy made from %s (sealing replicas first)", i, r, want[i])
+		}
+	}
+}
