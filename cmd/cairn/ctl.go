@@ -303,6 +303,7 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 
 func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
 	var size, preferred string
+	var wait bool
 	var from restoreSource
 	var params []string
 	cmd := &cobra.Command{
@@ -370,6 +371,11 @@ refused.`,
 			if err != nil {
 				return err
 			}
+			if wait && from.set() {
+				if v, err = waitFilled(ctx, c, v.ID, cmd.ErrOrStderr()); err != nil {
+					return err
+				}
+			}
 			if o.Output == "json" {
 				return printJSON(cmd.OutOrStdout(), v)
 			}
@@ -377,6 +383,7 @@ refused.`,
 			return printVolume(cmd.OutOrStdout(), "table", v)
 		},
 	}
+	cmd.Flags().BoolVar(&wait, "wait", false, "with --from-snapshot or --from-volume: wait (within --timeout) until every replica holds the data, showing the copies' progress")
 	cmd.Flags().StringVar(&size, "size", "", "volume size, e.g. 64Mi or 10Gi (required, unless the volume is made from a snapshot or a volume: then the source's size)")
 	cmd.Flags().Int("replicas", volspec.DefaultReplicas, fmt.Sprintf("number of replicas (1 to %d)", volspec.MaxReplicas))
 	cmd.Flags().Int("write-quorum", 0, "healthy replicas a write needs (0: a majority)")
@@ -390,6 +397,37 @@ refused.`,
 	cmd.Flags().StringVar(&from.volume, "from-volume", "", "make the volume a clone of this volume (an id)")
 	cmd.Flags().StringArrayVar(&params, "param", nil, paramFlagHelp)
 	return cmd
+}
+
+// waitFilled waits until every replica of the restored volume id holds its
+// data: those made from the snapshot's layers are made (their generation
+// recorded), and those placed elsewhere are rebuilt from them, whose copy
+// it shows as a progress bar on w.
+func waitFilled(ctx context.Context, c *meta.Client, id string, w io.Writer) (*meta.Volume, error) {
+	for {
+		v, err := c.Volume(ctx, id)
+		if err != nil {
+			return nil, err
+		}
+		filled := v.HealthyReplicas() == v.ReplicaCount
+		for _, r := range v.Replicas {
+			filled = filled && r.Generation != ""
+		}
+		if rb := v.Rebuild; rb != nil && !rb.Done && rb.BytesTotal > 0 {
+			progressBar(w, "\rcopying to "+rb.ReplicaID, rb.BytesCompared, rb.BytesTotal)
+		}
+		if filled {
+			if v.Rebuild != nil {
+				fmt.Fprintln(w)
+			}
+			return v, nil
+		}
+		select {
+		case <-ctx.Done():
+			return nil, fmt.Errorf("volume %s: %d of %d replicas hold its data so far: %w", id, v.HealthyReplicas(), v.ReplicaCount, ctx.Err())
+		case <-time.After(250 * time.Millisecond):
+		}
+	}
 }
 
 func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {

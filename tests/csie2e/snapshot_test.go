@@ -198,6 +198,12 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 	checkExactly(t, rTarget, atSnap)
 	checkExactly(t, target, now)
 
+	// cairn ctl restores too, and waits until every replica holds the data.
+	out := cairn(t, "ctl", "--server", c.agents, "volume", "create", "ctl-restored", "--from-snapshot", snap.GetSnapshotId(), "--wait")
+	if !strings.Contains(out, "created volume") || strings.Count(out, "healthy") < 3 {
+		t.Fatalf("cairn ctl volume create --from-snapshot --wait:\n%s", out)
+	}
+
 	// A clone of the volume in use holds what it holds now.
 	clone, err := c.createFrom("snap-clone", 128<<20, fromVolume(id))
 	if err != nil {
