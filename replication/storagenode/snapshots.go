@@ -4,6 +4,7 @@ import (
 	"cmp"
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"time"
 
@@ -236,21 +237,22 @@ func (n *Node) snapshotFailed(log *zap.Logger, j snapshotJob, err error) {
 }
 
 // engineFor returns an engine of v to take or delete a snapshot with: the
-// one this node has open (its frontend's, or a rebuild's), or a new one,
-// released by the returned function.
+// one this node has open (its frontend's, or a rebuild's), or, for a
+// volume attached nowhere, a new maintenance engine, released by the
+// returned function. A volume attached here is served by its frontend's
+// engine only: one opened beside it (while a staging or an export opens
+// its own, during a takeover) would claim the replicas with the same
+// epoch, and its close would take the volume's QoS entry from the other.
+// Until the frontend's engine is open, the job fails and is tried again.
 func (n *Node) engineFor(ctx context.Context, v *meta.Volume) (*engine.Engine, func(), error) {
 	if e := n.engines.Find(v.ID); e != nil {
 		return e, func() {}, nil
 	}
-	var e *engine.Engine
-	var err error
 	if v.Attachment != nil {
-		// Attached here with no engine open yet (published, not staged):
-		// the staging that follows opens its own and fences this one.
-		e, err = n.engines.Open(ctx, v.ID)
-	} else {
-		e, err = n.engines.OpenMaintenance(ctx, v.ID, nil)
+		return nil, nil, fmt.Errorf("volume %s is attached to %s and no engine serves it there yet (not staged or exported yet): the snapshot is taken once one does",
+			v.ID, v.Attachment.Node)
 	}
+	e, err := n.engines.OpenMaintenance(ctx, v.ID, nil)
 	if err != nil {
 		return nil, nil, err
 	}
