@@ -16,7 +16,18 @@ import (
 // with the part of issue #10 it waits for. TestTorture skips them (the
 // program, go run ./tests/torture, runs and reports them all). Remove an
 // entry when its fix lands; the goal is an empty map.
-var knownFailing = map[Kind]string{}
+var knownFailing = map[Kind]string{
+	// Both snapshot kinds found bugs in the snapshot control plane (issue
+	// 12); the campaign reports them with their logs.
+	Snapshot: "storagenode.engineFor opens a second engine of a volume attached to its node when it asks " +
+		"before the export's engine is registered (a snapshot asked for during a takeover): the two claim " +
+		"with one epoch and fence each other, or the second's Close removes the volume from the QoS " +
+		"scheduler under the first (\"iosched: unknown volume\"); the export then fails every I/O",
+	DeleteSnapCrash: "a SIGKILLed node's replica with snapshot layers loses the head's pending map bits " +
+		"(acknowledged writes not flushed read as the layer below) and the next engine resyncs from it " +
+		"(stale blocks); a replica down when the deletion ends keeps the deleted layer for good; " +
+		"and the second-engine bug of the snapshot kind",
+}
 
 // targetsPending lists the fault kinds whose stall or takeover target
 // (issue #10: no acknowledged write waits more than 2 s because of one
@@ -124,6 +135,10 @@ func checkTargets(t *testing.T, k *faultKind, res result) {
 func describeFailure(res result) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "round %d (%s): %d blocks lost, %d stale, %d divergent extents, healed %v", res.n, res.kind, res.lost, res.stale, res.divergent, res.healed)
+	if sn := res.snap; sn.taken > 0 {
+		fmt.Fprintf(&b, "; snapshots: %d taken, %d never ready, %d restored: %d blocks lost, %d stale, %d newer than the cut, %d divergent extents; %d of %d deletions resumed; %d replicas kept a deleted layer",
+			sn.taken, sn.stuck, sn.restores, sn.lost, sn.stale, sn.newer, sn.divergent, sn.resumed, sn.deletions, sn.leftover)
+	}
 	if res.err != nil {
 		fmt.Fprintf(&b, "; %v", res.err)
 	}
