@@ -14,8 +14,9 @@ import (
 
 // knownFailing lists the fault kinds that cannot pass on today's code, each
 // with the part of issue #10 it waits for. TestTorture skips them (the
-// program, go run ./tests/torture, runs and reports them all). Remove an
-// entry when its fix lands; the goal is an empty map.
+// program, go run ./tests/torture, runs and reports them all), unless
+// CAIRN_TORTURE_KNOWN_FAILING=run, to try a fix. Remove an entry when its
+// fix lands; the goal is an empty map.
 var knownFailing = map[Kind]string{
 	// Both snapshot kinds found bugs in the snapshot control plane (issue
 	// 12); the campaign reports them with their logs.
@@ -92,7 +93,7 @@ func TestTorture(t *testing.T) {
 			if broken {
 				t.Skip("the cluster could not be restored after an earlier round")
 			}
-			if why, ok := knownFailing[k.kind]; ok {
+			if why, ok := knownFailing[k.kind]; ok && os.Getenv("CAIRN_TORTURE_KNOWN_FAILING") != "run" {
 				t.Skipf("known to fail until this lands: %s", why)
 			}
 			res, err := c.runRound(ctx, i+1, len(faultKinds), k)
