@@ -201,7 +201,8 @@ func printSnapshotReport(w io.Writer, sums []*kindSummary) {
 	}
 	fmt.Fprint(w, `
   taken: snapshots asked for through the store; ready: within 30s; ready late: only when asked again after the
-  volume healed (the fault explains the delay); never ready: not even then (a failure). restores checked: snapshots
+  volume healed (the fault explains the delay); never ready: not even then (a failure); the rest were not checked
+  (their round ended before, see its error). restores checked: snapshots
   restored into a new volume and read whole against the model at their cut, where a block must hold the last write
   acknowledged before the snapshot was asked for, or one started before it was ready. lost: zeroes where an
   acknowledged write was, or corrupt, torn, misplaced data; stale: an older write; newer: a write started after the

@@ -532,6 +532,12 @@ func (r *round) teardown() {
 	}
 	r.countWrites()
 	r.res.snap.taken = len(r.snaps)
+	r.res.snap.ready = 0
+	for _, t := range r.snaps {
+		if t.ready {
+			r.res.snap.ready++
+		}
+	}
 	if r.vol.ID == "" {
 		return
 	}

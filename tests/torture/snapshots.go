@@ -50,7 +50,9 @@ type snapTake struct {
 
 // snapResult is what a round found about its snapshots.
 type snapResult struct {
-	taken, ready, late   int // asked for; ready within the bound; ready only after the round healed
+	// Asked for; ready within the bound; ready only when asked again after
+	// the round healed. The others were not checked: the round ended first.
+	taken, ready, late   int
 	stuck                int // not ready even after the volume healed: nothing explains that
 	restores             int // restored and read whole against the model
 	lost, stale, newer   int // blocks of restored snapshots (see judgeAt)
@@ -214,7 +216,6 @@ func (r *round) checkSnapshots(ctx context.Context) error {
 			t.late, t.id, t.holders, t.returned = true, sn.ID, sn.Replicas, time.Now()
 			s.late++
 		} else {
-			s.ready++
 			r.note(fmt.Sprintf("snapshot %s (%s) asked for %s, ready in %v, held by %d replicas", t.name, t.id, r.when(t), took, len(t.holders)))
 		}
 		if err := r.checkRestore(ctx, mc, t); err != nil {
