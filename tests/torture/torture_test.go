@@ -19,7 +19,7 @@ import (
 // fix lands; the goal is an empty map.
 var knownFailing = map[Kind]string{
 	// The kill lands before or during the merge depending on timing, so the
-	// round fails or passes by luck until both land (the campaign reports
+	// round fails or passes by luck until both fixes land (the campaign reports
 	// them with their logs; see tests/torture/README.md).
 	DeleteSnapCrash: "a SIGKILLed node's replica with snapshot layers loses the head's pending map bits " +
 		"(acknowledged writes not flushed read as the layer below) and the next engine may resync from it " +
