@@ -208,8 +208,8 @@ func printSnapshotReport(w io.Writer, sums []*kindSummary) {
   acknowledged write was, or corrupt, torn, misplaced data; stale: an older write; newer: a write started after the
   snapshot was ready; divergent: extents where a restored volume's replicas differ. deletions resumed: deleted
   snapshots whose record was gone within the heal timeout of the lift, after their serving node was killed; kills
-  mid-merge: kills that came before that node's replica had finished its merge; layers left: replicas that still
-  list a deleted snapshot's layer after the store forgot it.
+  mid-merge: kills that cut that node's replica's merge short (its chain lists the layer as deleting); layers
+  left: replicas that still list a deleted snapshot's layer after the store forgot it.
 `)
 }
 

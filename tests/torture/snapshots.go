@@ -58,7 +58,7 @@ type snapResult struct {
 	lost, stale, newer   int // blocks of restored snapshots (see judgeAt)
 	divergent            int // extents in which a restored volume's replicas differ
 	deletions, resumed   int // snapshots deleted; deletions that finished after the crash
-	killsMidMerge, kills int // SIGKILLs of the serving node that landed before its replica's merge ended; all of them
+	killsMidMerge, kills int // SIGKILLs of the serving node that cut its replica's merge short; all of them
 	leftover             int // replicas that still list a deleted snapshot's layer once its record is gone
 }
 
