@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"os"
 	"os/exec"
@@ -539,26 +540,71 @@ func (c *cluster) logOffsets() map[string]int64 {
 // waitLogLine waits until node id's log, from byte offset from on, has a
 // line containing every one of parts, and returns that line.
 func (c *cluster) waitLogLine(ctx context.Context, id string, from int64, timeout time.Duration, parts ...string) (string, error) {
+	l, _, err := c.watchLog(ctx, id, from, timeout, 100*time.Millisecond, parts)
+	return l, err
+}
+
+// watchLog waits until node id's log, from byte offset from on, has a line
+// containing every string of one of alts, and returns that line and which
+// of alts it matched (the first such line). A timeout of 0 looks once.
+func (c *cluster) watchLog(ctx context.Context, id string, from int64, timeout, poll time.Duration, alts ...[]string) (string, int, error) {
 	n, ok := c.node(id)
 	if !ok {
-		return "", fmt.Errorf("no node %s", id)
+		return "", -1, fmt.Errorf("no node %s", id)
 	}
+	t := &logTail{path: n.Log, off: from}
 	deadline := time.Now().Add(timeout)
 	for {
-		if raw, err := os.ReadFile(n.Log); err == nil && from <= int64(len(raw)) {
-			for _, l := range strings.Split(string(raw[from:]), "\n") {
-				if !slices.ContainsFunc(parts, func(p string) bool { return !strings.Contains(l, p) }) {
-					return l, nil
-				}
+		for _, l := range t.lines() {
+			if i := matchLine(l, alts); i >= 0 {
+				return l, i, nil
 			}
 		}
-		if time.Now().After(deadline) {
-			return "", fmt.Errorf("%s logged no line with %q within %v", id, parts, timeout)
+		if !time.Now().Before(deadline) {
+			return "", -1, fmt.Errorf("%s logged no line with %q within %v", id, alts, timeout)
 		}
-		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
-			return "", err
+		if err := benchkit.Sleep(ctx, poll); err != nil {
+			return "", -1, err
 		}
 	}
+}
+
+// matchLine returns the index of the first of alts whose every string l
+// contains, or -1.
+func matchLine(l string, alts [][]string) int {
+	for i, parts := range alts {
+		if !slices.ContainsFunc(parts, func(p string) bool { return !strings.Contains(l, p) }) {
+			return i
+		}
+	}
+	return -1
+}
+
+// logTail follows a node's log: each look reads only what was appended
+// since the last, so that a short poll (a snapshot merge logs its
+// quarters milliseconds apart) stays cheap.
+type logTail struct {
+	path    string
+	off     int64
+	partial []byte // a line not ended yet at the last look
+}
+
+// lines returns the lines completed since the last call.
+func (t *logTail) lines() []string {
+	f, err := os.Open(t.path)
+	if err != nil {
+		return nil
+	}
+	chunk, _ := io.ReadAll(io.NewSectionReader(f, t.off, 1<<40))
+	f.Close()
+	t.off += int64(len(chunk))
+	chunk = append(t.partial, chunk...)
+	end := bytes.LastIndexByte(chunk, '\n') + 1
+	t.partial = slices.Clone(chunk[end:])
+	if end == 0 {
+		return nil
+	}
+	return strings.Split(string(chunk[:end-1]), "\n")
 }
 
 // logExcerpt returns up to max warn and error lines (and engine, export and

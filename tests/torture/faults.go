@@ -28,6 +28,8 @@ const (
 	DiskFull         Kind = "disk-full"
 	BitFlip          Kind = "bit-flip"
 	DeleteReplicaDir Kind = "delete-replica-dir"
+	Snapshot         Kind = "snapshot"
+	DeleteSnapCrash  Kind = "delete-snapshot-crash"
 )
 
 // faultKind is how one kind of fault is set up, injected and lifted.
@@ -45,6 +47,13 @@ type faultKind struct {
 	// engineOn, if set, narrows the nodes the volume may be exported on.
 	engineOn func(r *round) []string
 	run      func(ctx context.Context, r *round) error
+	// with, if set, makes the kind of others: each round injects one of
+	// them (drawn), with its placement, export and run; run is unused.
+	with []Kind
+	// snapshots, if set, is how many snapshots the round takes through
+	// the store while the fault acts (see snapshots.go); each one that
+	// gets ready is restored and checked against the model at its cut.
+	snapshots int
 }
 
 // faultKinds lists every kind, in the order the report prints them.
@@ -301,14 +310,34 @@ var faultKinds = []*faultKind{
 			if err := r.lift(func() error { return r.cl.start(ctx, victim) }, "restart %s", victim); err != nil {
 				return err
 			}
-			target := pick(r.rng, r.cl.nodeIDs())
-			if err := r.export(ctx, target); err != nil {
-				return fmt.Errorf("export again on %s: %w", target, err)
-			}
-			r.say("exported again on %s: %s", target, r.vol.summary())
-			r.resumeWrites()
-			return nil
+			return r.exportAgain(ctx)
 		},
+	},
+	{
+		kind: Snapshot, what: "take snapshots through the store while a replica or the engine's node is killed, frozen or partitioned; restore each, check it at its cut",
+		// The faults a cut must get through: a replica that dies, freezes
+		// or is cut off while the engine flushes and seals (it is ejected,
+		// the snapshot is taken on the others), and the engine's node
+		// dying or freezing with a snapshot asked for (the node the export
+		// moves to must take it).
+		with:      []Kind{KillReplica, StopReplica, Partition, KillEngine, StopEngine},
+		snapshots: 4,
+	},
+	{
+		kind: DeleteSnapCrash, what: "snapshot, overwrite, snapshot, overwrite; delete the first and SIGKILL the serving node mid-merge, restart it",
+		// The node that serves the volume must hold a replica, so that the
+		// kill cuts a merge short on disk; not the leader, so that the kill
+		// is that and nothing more.
+		engineOn: func(r *round) []string {
+			var out []string
+			for _, rep := range r.vol.Replicas {
+				if rep.Node != r.leader {
+					out = append(out, rep.Node)
+				}
+			}
+			return out
+		},
+		run: runDeleteSnapCrash,
 	},
 }
 

@@ -44,6 +44,14 @@
 //     written again before the check.
 //   - delete-replica-dir: with writes paused, a replica node is killed, the
 //     replica's directory deleted, the node restarted; writes resume.
+//   - snapshot: one of kill-replica, stop-replica, partition, kill-engine and
+//     stop-engine, with up to 4 snapshots asked for through the store while
+//     it acts; each is then restored, read whole and judged against the
+//     model at its cut (see snapshots.go).
+//   - delete-snapshot-crash: two snapshots with writes between and after
+//     them, the first deleted and the node serving the volume SIGKILLed
+//     while the layer merges; the deletion must finish, leave no layer
+//     behind, and the second snapshot restore to its cut.
 //
 // It prints a table per fault kind: rounds, writes acknowledged and failed,
 // blocks lost and stale, divergent extents, unhealed rounds, time to heal (p50,

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -51,6 +52,10 @@ func blockContent(p []byte, salt, id uint64, b int) {
 // A block never has two writes in flight at once (busy), so the ids of one
 // block's writes increase in the order they were made, and an acknowledged
 // write supersedes every earlier one.
+//
+// It also keeps every block's writes with the times they started and ended
+// (hist), so that a snapshot can be judged against the volume as it was
+// when the snapshot was taken (judgeAt), not as it is at the end.
 type model struct {
 	salt uint64
 	seq  atomic.Uint64
@@ -59,11 +64,21 @@ type model struct {
 	acked []uint64
 	maybe [][]uint64
 	busy  []bool // a write in flight, or the block held by a fault
+	hist  [][]writeRec
+}
+
+// writeRec is one write of a block: when it was sent and when its answer
+// came (the zero time while it is in flight), and whether it was
+// acknowledged.
+type writeRec struct {
+	id         uint64
+	start, end time.Time
+	ok, fua    bool
 }
 
 func newModel(size, salt uint64) *model {
 	n := int(size / blockSize)
-	return &model{salt: salt, acked: make([]uint64, n), maybe: make([][]uint64, n), busy: make([]bool, n)}
+	return &model{salt: salt, acked: make([]uint64, n), maybe: make([][]uint64, n), busy: make([]bool, n), hist: make([][]writeRec, n)}
 }
 
 func (m *model) blocks() int { return len(m.acked) }
@@ -86,12 +101,58 @@ func (m *model) release(b int) {
 	m.mu.Unlock()
 }
 
+// startAt records that write id to block b (reserved with begin) was sent
+// at t. It is taken before the request goes out, so that no write counts
+// as started later than it did.
+func (m *model) startAt(b int, id uint64, t time.Time, fua bool) {
+	m.mu.Lock()
+	m.hist[b] = append(m.hist[b], writeRec{id: id, start: t, fua: fua})
+	m.mu.Unlock()
+}
+
+// when describes write id of block b for a report: when it was sent and
+// answered, and whether it had FUA.
+func (m *model) when(b int, id uint64) string {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	i := slices.IndexFunc(m.hist[b], func(w writeRec) bool { return w.id == id })
+	if i < 0 {
+		return ""
+	}
+	w := m.hist[b][i]
+	s := " (sent " + w.start.Format("15:04:05.000")
+	switch {
+	case w.end.IsZero():
+		s += ", no answer"
+	case w.ok:
+		s += ", acknowledged " + w.end.Format("15:04:05.000")
+	default:
+		s += ", failed " + w.end.Format("15:04:05.000")
+	}
+	if w.fua {
+		s += ", FUA"
+	}
+	return s + ")"
+}
+
 // end records the outcome of write id to block b: acknowledged (err == nil)
 // or unknown.
-func (m *model) end(b int, id uint64, err error) {
+func (m *model) end(b int, id uint64, err error) { m.endAt(b, id, err, time.Now()) }
+
+// endAt is end with the time the answer came, taken after it came: a write
+// never counts as acknowledged earlier than it was.
+func (m *model) endAt(b int, id uint64, err error, t time.Time) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.busy[b] = false
+	h := m.hist[b]
+	if len(h) == 0 || h[len(h)-1].id != id {
+		// Not started through startAt (the unit tests): it started as late
+		// as it could have.
+		h = append(h, writeRec{id: id, start: t})
+	}
+	h[len(h)-1].end, h[len(h)-1].ok = t, err == nil
+	m.hist[b] = h
 	if err == nil {
 		m.acked[b] = id
 		m.maybe[b] = nil
@@ -126,6 +187,7 @@ func (m *model) write(ctx context.Context, c *nbdclient.Conn, b int, fua bool) (
 	id := m.seq.Add(1)
 	p := make([]byte, blockSize)
 	blockContent(p, m.salt, id, b)
+	m.startAt(b, id, time.Now(), fua)
 	err := c.WriteAt(ctx, p, uint64(b)*blockSize, fua)
 	m.end(b, id, err)
 	return id, err
@@ -170,6 +232,7 @@ const (
 	blockOK    verdict = iota // the last acknowledged write or an uncertain one after it
 	blockStale                // an older write of this block: an acknowledged write was rolled back
 	blockLost                 // no write of this block at all: zeroes, corrupt, torn or misplaced data
+	blockNewer                // in a snapshot: a write that started after the snapshot was taken
 )
 
 // judge classifies the content got of block b; why describes anything but
@@ -184,7 +247,7 @@ func (m *model) judge(b int, got, want []byte) (v verdict, why string) {
 			return blockOK, ""
 		}
 	}
-	allowed := fmt.Sprintf("last acknowledged write %#x", acked)
+	allowed := fmt.Sprintf("last acknowledged write %#x%s", acked, m.when(b, acked))
 	if len(maybe) > 0 {
 		allowed += fmt.Sprintf(", uncertain %#x", maybe)
 	}
@@ -195,7 +258,7 @@ func (m *model) judge(b int, got, want []byte) (v verdict, why string) {
 	if salt == m.salt && hb == uint64(b) && id != 0 && id < acked {
 		blockContent(want, m.salt, id, b)
 		if bytes.Equal(got, want) {
-			return blockStale, fmt.Sprintf("holds the older write %#x; %s", id, allowed)
+			return blockStale, fmt.Sprintf("holds the older write %#x%s; %s", id, m.when(b, id), allowed)
 		}
 	}
 	desc := fmt.Sprintf("header says write %#x for block %d", id, hb)
@@ -208,6 +271,84 @@ func (m *model) judge(b int, got, want []byte) (v verdict, why string) {
 		}
 	}
 	return blockLost, "matches no write (" + desc + "); " + allowed
+}
+
+// judgeAt classifies the content got of block b in a snapshot that was
+// asked for at called and reported ready at returned. The snapshot is a cut
+// of the volume somewhere in between, so it may hold the last write
+// acknowledged before called (zeroes if there was none), or any later write
+// of the block that started before returned (acknowledged or not: the cut
+// may fall before or after it). An older write is stale, a write started
+// after returned is newer, anything else is lost. want is scratch space of
+// blockSize bytes.
+//
+// A block's content names its write in its header, so only that write is
+// generated and compared, however many writes the block had meanwhile.
+func (m *model) judgeAt(b int, got, want []byte, called, returned time.Time) (v verdict, why string) {
+	m.mu.Lock()
+	h := slices.Clone(m.hist[b])
+	m.mu.Unlock()
+	// last: the last write acknowledged before the call. Writes of a block
+	// do not overlap, so their answers come in the order of their ids.
+	last := -1
+	for i, w := range h {
+		if w.ok && w.end.Before(called) {
+			last = i
+		}
+	}
+	allowed := func() string {
+		s := "zeroes (nothing acknowledged before the snapshot was asked for)"
+		if last >= 0 {
+			s = fmt.Sprintf("write %#x (acknowledged %s before the snapshot was asked for)", h[last].id, called.Sub(h[last].end).Round(time.Microsecond))
+		}
+		var later []string
+		for _, w := range h[last+1:] {
+			if w.start.Before(returned) {
+				later = append(later, fmt.Sprintf("%#x", w.id))
+			}
+		}
+		if len(later) > 6 {
+			later = append(later[:6], "…")
+		}
+		if len(later) > 0 {
+			s += ", or one started before it was ready: " + strings.Join(later, " ")
+		}
+		return "the snapshot may hold " + s
+	}
+	if !slices.ContainsFunc(got, func(c byte) bool { return c != 0 }) {
+		if last < 0 {
+			return blockOK, ""
+		}
+		return blockLost, "reads back as zeroes; " + allowed()
+	}
+	id, hb, salt := binary.BigEndian.Uint64(got[0:]), binary.BigEndian.Uint64(got[8:]), binary.BigEndian.Uint64(got[16:])
+	i := slices.IndexFunc(h, func(w writeRec) bool { return w.id == id })
+	if salt == m.salt && hb == uint64(b) && i >= 0 {
+		blockContent(want, m.salt, id, b)
+		if bytes.Equal(got, want) {
+			switch {
+			case i == last || i > last && h[i].start.Before(returned):
+				return blockOK, ""
+			case i < last:
+				return blockStale, fmt.Sprintf("holds the older write %#x%s; %s", id, m.when(b, id), allowed())
+			default:
+				return blockNewer, fmt.Sprintf("holds write %#x, started %s after the snapshot was ready; %s",
+					id, h[i].start.Sub(returned).Round(time.Millisecond), allowed())
+			}
+		}
+	}
+	desc := fmt.Sprintf("header says write %#x for block %d", id, hb)
+	switch {
+	case salt != m.salt:
+		desc = "header is not one of this round's writes"
+	case hb == uint64(b) && i >= 0:
+		if n := diffBytes(got, want); n > 0 && n <= 16 {
+			desc += fmt.Sprintf(", %d bytes differ from that write (first at byte %d)", n, firstDiff(got, want))
+		}
+	case hb == uint64(b):
+		desc += ", which this block never had"
+	}
+	return blockLost, "matches no write (" + desc + "); " + allowed()
 }
 
 func diffBytes(a, b []byte) int {
@@ -231,13 +372,27 @@ func firstDiff(a, b []byte) int {
 
 // checkResult is one read of the whole volume against the model.
 type checkResult struct {
-	stale, lost int
-	problems    []string // the first few, sorted by block
+	stale, lost, newer int
+	problems           []string // the first few, sorted by block
 }
 
 // check reads the whole volume through c, 1 MiB at a time, 8 reads in
 // flight, and judges every block.
 func (m *model) check(ctx context.Context, c *nbdclient.Conn) (checkResult, error) {
+	return m.checkWith(ctx, c, m.judge)
+}
+
+// checkAt reads a restored snapshot through c and judges every block
+// against the volume at the snapshot's cut (judgeAt).
+func (m *model) checkAt(ctx context.Context, c *nbdclient.Conn, called, returned time.Time) (checkResult, error) {
+	return m.checkWith(ctx, c, func(b int, got, want []byte) (verdict, string) {
+		return m.judgeAt(b, got, want, called, returned)
+	})
+}
+
+// checkWith reads the whole volume through c, 1 MiB at a time, 8 reads in
+// flight, and judges every block with judge.
+func (m *model) checkWith(ctx context.Context, c *nbdclient.Conn, judge func(b int, got, want []byte) (verdict, string)) (checkResult, error) {
 	const chunk = 1 << 20
 	const qd = 8
 	size := uint64(m.blocks()) * blockSize
@@ -269,14 +424,17 @@ func (m *model) check(ctx context.Context, c *nbdclient.Conn) (checkResult, erro
 			want := make([]byte, blockSize)
 			for i := 0; i < len(buf); i += blockSize {
 				b := int((off + uint64(i)) / blockSize)
-				v, why := m.judge(b, buf[i:i+blockSize], want)
+				v, why := judge(b, buf[i:i+blockSize], want)
 				if v == blockOK {
 					continue
 				}
 				mu.Lock()
-				if v == blockStale {
+				switch v {
+				case blockStale:
 					res.stale++
-				} else {
+				case blockNewer:
+					res.newer++
+				default:
 					res.lost++
 				}
 				problems = append(problems, struct {
@@ -492,5 +650,13 @@ func isClosed(ch chan struct{}) bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// closeOnce closes ch unless it is nil or closed already (only one
+// goroutine closes it).
+func closeOnce(ch chan struct{}) {
+	if ch != nil && !isClosed(ch) {
+		close(ch)
 	}
 }

@@ -3,6 +3,7 @@ package main
 import (
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 	"text/tabwriter"
@@ -21,6 +22,8 @@ type kindSummary struct {
 	heals              []time.Duration
 	maxAck             time.Duration
 	takeovers          []time.Duration
+	snap               snapResult // summed over rounds
+	subs               []string   // the faults a kind made of others injected, with their counts
 	failedRounds       []result
 }
 
@@ -50,6 +53,10 @@ func summarize(kinds []*faultKind, results []result) []*kindSummary {
 			s.maxAck = max(s.maxAck, r.maxAck)
 			if r.takeover > 0 {
 				s.takeovers = append(s.takeovers, r.takeover)
+			}
+			s.snap.add(r.snap)
+			if r.sub != "" {
+				s.subs = append(s.subs, string(r.sub))
 			}
 			if r.failed() {
 				s.failedRounds = append(s.failedRounds, r)
@@ -123,9 +130,14 @@ func printReport(w io.Writer, o *options, results []result, took time.Duration, 
   Targets (issue #10): no acknowledged write waits more than 2s because of one frozen or partitioned replica
   (stop-replica, slow-replica, partition); takeover off a frozen exporter under 3s (stop-engine).
 `)
+	printSnapshotReport(w, sums)
 	for _, s := range sums {
 		for _, r := range s.failedRounds {
-			fmt.Fprintf(w, "\nround %d (%s) failed:", r.n, r.kind)
+			kind := string(r.kind)
+			if r.sub != "" {
+				kind += ", " + string(r.sub)
+			}
+			fmt.Fprintf(w, "\nround %d (%s) failed:", r.n, kind)
 			if r.err != nil {
 				fmt.Fprintf(w, " %v", r.err)
 			}
@@ -142,6 +154,63 @@ func printReport(w io.Writer, o *options, results []result, took time.Duration, 
 		}
 	}
 	return failed
+}
+
+// printSnapshotReport writes the snapshot figures of the kinds that took
+// snapshots, if any did.
+func printSnapshotReport(w io.Writer, sums []*kindSummary) {
+	if !slices.ContainsFunc(sums, func(s *kindSummary) bool { return s.snap.taken > 0 }) {
+		return
+	}
+	fmt.Fprintln(w)
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
+	fmt.Fprintln(tw, "snapshots of\trounds\ttaken\tready\tready late\tnever ready\trestores checked\tlost\tstale\tnewer\tdivergent\tdeletions resumed\tkills mid-merge\tlayers left\tverdict\t")
+	for _, s := range sums {
+		if s.snap.taken == 0 {
+			continue
+		}
+		verdict := "ok"
+		if s.snap.failed() {
+			verdict = "FAIL"
+		}
+		sn := s.snap
+		deletions, kills := "-", "-"
+		if sn.deletions > 0 {
+			deletions = fmt.Sprintf("%d/%d", sn.resumed, sn.deletions)
+		}
+		if sn.kills > 0 {
+			kills = fmt.Sprintf("%d/%d", sn.killsMidMerge, sn.kills)
+		}
+		fmt.Fprintf(tw, "%s\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%d\t%s\t%s\t%d\t%s\t\n",
+			s.k.kind, s.rounds, sn.taken, sn.ready, sn.late, sn.stuck, sn.restores, sn.lost, sn.stale, sn.newer, sn.divergent,
+			deletions, kills, sn.leftover, verdict)
+	}
+	_ = tw.Flush()
+	for _, s := range sums {
+		if len(s.subs) > 0 {
+			counts := map[string]int{}
+			for _, k := range s.subs {
+				counts[k]++
+			}
+			var parts []string
+			for _, k := range slices.Sorted(maps.Keys(counts)) {
+				parts = append(parts, fmt.Sprintf("%s %d", k, counts[k]))
+			}
+			fmt.Fprintf(w, "  %s rounds injected: %s\n", s.k.kind, strings.Join(parts, ", "))
+		}
+	}
+	fmt.Fprint(w, `
+  taken: snapshots asked for through the store; ready: within 30s; ready late: only when asked again after the
+  volume healed (the fault explains the delay); never ready: not even then (a failure); the rest were not checked
+  (their round ended before, see its error). restores checked: snapshots
+  restored into a new volume and read whole against the model at their cut, where a block must hold the last write
+  acknowledged before the snapshot was asked for, or one started before it was ready. lost: zeroes where an
+  acknowledged write was, or corrupt, torn, misplaced data; stale: an older write; newer: a write started after the
+  snapshot was ready; divergent: extents where a restored volume's replicas differ. deletions resumed: deleted
+  snapshots whose record was gone within the heal timeout of the lift, after their serving node was killed; kills
+  mid-merge: kills that cut that node's replica's merge short (its chain lists the layer as deleting); layers
+  left: replicas that still list a deleted snapshot's layer after the store forgot it.
+`)
 }
 
 // withTarget prints d, and against target when there is one: "2.31s > 2s".

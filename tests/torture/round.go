@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
@@ -18,6 +19,7 @@ import (
 type result struct {
 	n    int
 	kind Kind
+	sub  Kind // the fault a kind made of others injected (snapshot)
 
 	acked, writeErrors int64 // writes acknowledged / failed (error reply or broken connection)
 	reads, readErrors  int64 // reads of single blocks while the writes went on / failed
@@ -28,6 +30,7 @@ type result struct {
 	heal               time.Duration // from lifting the fault to every replica healthy
 	maxAck             time.Duration // longest acknowledged write in flight between the fault and the heal
 	takeover           time.Duration // from the fault to the first write acknowledged on another node (0: none)
+	snap               snapResult    // the snapshot kinds' figures
 
 	err      error    // what ended the round early, or failed in it (export, check, verify …)
 	problems []string // blocks that differ from the model, replicas that differ
@@ -37,7 +40,7 @@ type result struct {
 // failed reports whether the round found loss, divergence, no healing or an
 // error.
 func (res *result) failed() bool {
-	return res.err != nil || res.lost > 0 || res.stale > 0 || res.divergent > 0 || !res.healed
+	return res.err != nil || res.lost > 0 || res.stale > 0 || res.divergent > 0 || !res.healed || res.snap.failed()
 }
 
 // round is one fault injected into a fresh volume.
@@ -64,7 +67,16 @@ type round struct {
 	ios     ioLog
 
 	faultAt, liftAt time.Time
+	faulted, lifted chan struct{} // closed at inject and at lift, for the snapshotter
 	res             result
+
+	// The snapshot kinds: the snapshots asked for in the round, the
+	// snapshotter that takes them while the fault acts, the volumes
+	// restored from them (removed at teardown if a check did not).
+	snapMu   sync.Mutex
+	snaps    []*snapTake
+	snapWG   sync.WaitGroup
+	restored []string
 
 	readLost, readStale int      // blocks the readers found wrong while writes went on
 	readProblems        []string // the first of them
@@ -83,6 +95,7 @@ func (r *round) note(s string) {
 // restored afterwards and the campaign cannot go on.
 func (r *round) run(ctx context.Context) (result, error) {
 	r.res = result{n: r.n, kind: r.kind.kind}
+	r.faulted, r.lifted = make(chan struct{}), make(chan struct{})
 	logFrom := r.cl.logOffsets()
 	r.res.err = r.steps(ctx)
 	if r.res.err != nil {
@@ -107,9 +120,20 @@ func (r *round) steps(ctx context.Context) error {
 	if err := r.waitLeader(ctx); err != nil {
 		return err
 	}
+	// A kind made of others (snapshot) takes the setup and the injection
+	// of one of them, drawn per round.
+	fault := r.kind
+	if len(r.kind.with) > 0 {
+		name := r.kind.with[r.rng.IntN(len(r.kind.with))]
+		var ok bool
+		if fault, ok = kindByName(name); !ok {
+			return fmt.Errorf("BUG: kind %s is made of the unknown kind %s", r.kind.kind, name)
+		}
+		r.res.sub = fault.kind
+	}
 	preferred := ""
-	if r.kind.place != nil {
-		preferred = r.kind.place(r)
+	if fault.place != nil {
+		preferred = fault.place(r)
 	} else if r.rng.IntN(2) == 0 {
 		preferred = pick(r.rng, r.cl.nodeIDs())
 	}
@@ -118,8 +142,8 @@ func (r *round) steps(ctx context.Context) error {
 		return err
 	}
 	candidates := r.cl.nodeIDs()
-	if r.kind.engineOn != nil {
-		candidates = r.kind.engineOn(r)
+	if fault.engineOn != nil {
+		candidates = fault.engineOn(r)
 	}
 	if len(candidates) == 0 {
 		return fmt.Errorf("no node may serve the export (%s)", r.vol.summary())
@@ -128,7 +152,11 @@ func (r *round) steps(ctx context.Context) error {
 	if err := r.export(ctx, r.engine); err != nil {
 		return err
 	}
-	r.say("volume %s %s, leader %s, hold %v", r.vol.ID, r.vol.summary(), r.leader, r.hold.Round(time.Millisecond))
+	with := ""
+	if fault != r.kind {
+		with = ", fault " + string(fault.kind)
+	}
+	r.say("volume %s %s, leader %s, hold %v%s", r.vol.ID, r.vol.summary(), r.leader, r.hold.Round(time.Millisecond), with)
 
 	r.m = newModel(r.o.size, r.rng.Uint64())
 	fctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
@@ -142,7 +170,10 @@ func (r *round) steps(ctx context.Context) error {
 		return err
 	}
 
-	if err := r.kind.run(ctx, r); err != nil {
+	if r.kind.snapshots > 0 {
+		r.startSnapshotter(ctx, r.kind.snapshots)
+	}
+	if err := fault.run(ctx, r); err != nil {
 		return err
 	}
 	if r.liftAt.IsZero() {
@@ -164,7 +195,10 @@ func (r *round) steps(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	return r.checkData(ctx)
+	if err := r.checkData(ctx); err != nil {
+		return err
+	}
+	return r.checkSnapshots(ctx)
 }
 
 // waitLeader waits until the store has a leader (a node restarted by the
@@ -242,6 +276,18 @@ func (r *round) pauseWrites() error {
 
 func (r *round) resumeWrites() { r.startWrites() }
 
+// exportAgain exports the volume on a random node, once the writes were
+// paused or their connection died with its node, and writes through it.
+func (r *round) exportAgain(ctx context.Context) error {
+	target := pick(r.rng, r.cl.nodeIDs())
+	if err := r.export(ctx, target); err != nil {
+		return fmt.Errorf("export again on %s: %w", target, err)
+	}
+	r.say("exported again on %s: %s", target, r.vol.summary())
+	r.resumeWrites()
+	return nil
+}
+
 // waitAcked waits until the current writer has n more writes acknowledged.
 func (r *round) waitAcked(ctx context.Context, n int64, timeout time.Duration, what string) error {
 	w := r.w
@@ -262,7 +308,9 @@ func (r *round) waitAcked(ctx context.Context, n int64, timeout time.Duration, w
 func (r *round) inject(do func() error, desc string, args ...any) error {
 	r.faultAt = time.Now()
 	r.say("fault: %s", fmt.Sprintf(desc, args...))
-	if err := do(); err != nil {
+	err := do()
+	closeOnce(r.faulted)
+	if err != nil {
 		return fmt.Errorf("inject the fault: %w", err)
 	}
 	return nil
@@ -277,6 +325,7 @@ func (r *round) holdRest(ctx context.Context) {
 func (r *round) lift(do func() error, desc string, args ...any) error {
 	r.liftAt = time.Now()
 	r.say("lift after %v: %s", r.liftAt.Sub(r.faultAt).Round(time.Millisecond), fmt.Sprintf(desc, args...))
+	closeOnce(r.lifted)
 	if err := do(); err != nil {
 		return fmt.Errorf("lift the fault: %w", err)
 	}
@@ -472,13 +521,23 @@ func (r *round) checkData(ctx context.Context) error {
 // teardown closes the round's connections and removes its volume; the
 // cluster itself is restored by run.
 func (r *round) teardown() {
+	closeOnce(r.faulted)
+	closeOnce(r.lifted) // the snapshotter starts no more
 	for _, w := range r.writers {
 		w.stop()
 	}
+	r.snapWG.Wait() // bounded: each snapshot is waited for snapshotBound at most
 	for _, c := range r.conns {
 		_ = c.Close()
 	}
 	r.countWrites()
+	r.res.snap.taken = len(r.snaps)
+	r.res.snap.ready = 0
+	for _, t := range r.snaps {
+		if t.ready {
+			r.res.snap.ready++
+		}
+	}
 	if r.vol.ID == "" {
 		return
 	}
@@ -488,7 +547,13 @@ func (r *round) teardown() {
 	if err := r.cl.restore(ctx); err != nil {
 		r.say("restore before removing the volume: %v", err)
 	}
+	for _, id := range r.restored {
+		if err := r.cl.removeVolume(ctx, id); err != nil {
+			r.say("remove restored volume %s: %v", id, err)
+		}
+	}
 	if err := r.cl.removeVolume(ctx, r.vol.ID); err != nil {
 		r.say("remove volume %s: %v", r.vol.ID, err)
 	}
+	r.forgetSnapshots(ctx)
 }

@@ -14,9 +14,17 @@ import (
 
 // knownFailing lists the fault kinds that cannot pass on today's code, each
 // with the part of issue #10 it waits for. TestTorture skips them (the
-// program, go run ./tests/torture, runs and reports them all). Remove an
-// entry when its fix lands; the goal is an empty map.
-var knownFailing = map[Kind]string{}
+// program, go run ./tests/torture, runs and reports them all), unless
+// CAIRN_TORTURE_KNOWN_FAILING=run, to try a fix. Remove an entry when its
+// fix lands; the goal is an empty map.
+var knownFailing = map[Kind]string{
+	// The kill lands before or during the merge depending on timing, so the
+	// round fails or passes by luck until both fixes land (the campaign reports
+	// them with their logs; see tests/torture/README.md).
+	DeleteSnapCrash: "a SIGKILLed node's replica with snapshot layers loses the head's pending map bits " +
+		"(acknowledged writes not flushed read as the layer below) and the next engine may resync from it " +
+		"(stale blocks); a replica that was down when the deletion ended keeps the deleted layer for good",
+}
 
 // targetsPending lists the fault kinds whose stall or takeover target
 // (issue #10: no acknowledged write waits more than 2 s because of one
@@ -81,7 +89,7 @@ func TestTorture(t *testing.T) {
 			if broken {
 				t.Skip("the cluster could not be restored after an earlier round")
 			}
-			if why, ok := knownFailing[k.kind]; ok {
+			if why, ok := knownFailing[k.kind]; ok && os.Getenv("CAIRN_TORTURE_KNOWN_FAILING") != "run" {
 				t.Skipf("known to fail until this lands: %s", why)
 			}
 			res, err := c.runRound(ctx, i+1, len(faultKinds), k)
@@ -124,6 +132,10 @@ func checkTargets(t *testing.T, k *faultKind, res result) {
 func describeFailure(res result) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "round %d (%s): %d blocks lost, %d stale, %d divergent extents, healed %v", res.n, res.kind, res.lost, res.stale, res.divergent, res.healed)
+	if sn := res.snap; sn.taken > 0 {
+		fmt.Fprintf(&b, "; snapshots: %d taken, %d never ready, %d restored: %d blocks lost, %d stale, %d newer than the cut, %d divergent extents; %d of %d deletions resumed; %d replicas kept a deleted layer",
+			sn.taken, sn.stuck, sn.restores, sn.lost, sn.stale, sn.newer, sn.divergent, sn.resumed, sn.deletions, sn.leftover)
+	}
 	if res.err != nil {
 		fmt.Fprintf(&b, "; %v", res.err)
 	}
