@@ -46,7 +46,11 @@ type replicaConn interface {
 // takes its turn in the server's disk scheduler (Replica.Admit), in the
 // class of its context, as the same request over the network would: an
 // engine next to its replica gets no more of the disk than a remote one.
-type localReplica struct{ r *replica.Replica }
+// localReplica is a replica of this node's server, reached in process.
+type localReplica struct {
+	r *replica.Replica
+	s *replica.Server
+}
 
 func (l localReplica) Claim(_ context.Context, epoch uint64) error { return l.r.Claim(epoch) }
 func (l localReplica) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
@@ -137,7 +141,7 @@ func (l localReplica) PrepareSnapshot(_ context.Context, epoch uint64) error {
 	return l.r.PrepareSnapshot(epoch)
 }
 func (l localReplica) DeleteSnapshot(_ context.Context, epoch uint64, id string) error {
-	return l.r.DeleteSnapshot(epoch, id, nil)
+	return l.s.DeleteSnapshot(l.r, epoch, id)
 }
 func (l localReplica) ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error {
 	t, err := l.r.Admit(ctx, replica.OpRead, uint64(len(p)))

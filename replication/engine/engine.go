@@ -493,7 +493,7 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, answered
 		if e.cfg.Local != nil && r.Node == e.cfg.NodeID {
 			var rr *replica.Replica
 			if rr, err = e.cfg.Local.Get(r.ID); err == nil {
-				c, size = localReplica{rr}, rr.Size()
+				c, size = localReplica{rr, e.cfg.Local}, rr.Size()
 			}
 		} else {
 			var rc *replica.Client

@@ -250,6 +250,31 @@ func (s *Server) CreateFromSnapshot(id, src, snapID string, size uint64) (*Repli
 	return r, nil
 }
 
+// DeleteSnapshot deletes snapshot id of r, one of this server's replicas
+// (Replica.DeleteSnapshot), showing its progress in the server's metrics
+// and its log: for an engine anywhere (OpDeleteSnapshot) and for the one
+// on this node, which reaches r in process.
+func (s *Server) DeleteSnapshot(r *Replica, epoch uint64, id string) error {
+	start := time.Now()
+	vol := s.volumeOf(r.ID())
+	log := s.log.With(zap.String("volume_id", vol), zap.String("replica_id", r.ID()), zap.String("snapshot", id), zap.Uint64("epoch", epoch))
+	progress := s.metrics.deleteProgress.WithLabelValues(vol, id)
+	defer s.metrics.deleteProgress.DeleteLabelValues(vol, id)
+	quarter := 0
+	err := r.DeleteSnapshot(epoch, id, func(done, total uint64) {
+		progress.Set(float64(done) / float64(total))
+		if q := int(4 * done / total); q > quarter && q < 4 {
+			quarter = q
+			log.Info("deleting a snapshot", zap.Int("percent", 25*q), zap.Duration("elapsed", time.Since(start)))
+		}
+	})
+	if err != nil {
+		return err
+	}
+	log.Info("snapshot deleted", zap.Duration("took", time.Since(start)))
+	return nil
+}
+
 // lookup returns an open replica, nil if it is not open, or ErrServerClosed.
 func (s *Server) lookup(id string) (*Replica, error) {
 	s.mu.Lock()
@@ -863,26 +888,7 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 	case OpPrepareSnap:
 		return reply{}, r.PrepareSnapshot(h.Epoch)
 	case OpDeleteSnapshot:
-		id := string(*payload)
-		start := time.Now()
-		vol := c.s.volumeOf(r.ID())
-		progress := c.s.metrics.deleteProgress.WithLabelValues(vol, id)
-		defer c.s.metrics.deleteProgress.DeleteLabelValues(vol, id)
-		quarter := 0
-		err := r.DeleteSnapshot(h.Epoch, id, func(done, total uint64) {
-			progress.Set(float64(done) / float64(total))
-			if q := int(4 * done / total); q > quarter && q < 4 {
-				quarter = q
-				c.log.Info("deleting a snapshot", zap.String("volume_id", vol), zap.String("snapshot", id),
-					zap.Int("percent", 25*q), zap.Duration("elapsed", time.Since(start)))
-			}
-		})
-		if err != nil {
-			return reply{}, err
-		}
-		c.log.Info("snapshot deleted", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id),
-			zap.Uint64("epoch", h.Epoch), zap.Duration("took", time.Since(start)))
-		return reply{}, nil
+		return reply{}, c.s.DeleteSnapshot(r, h.Epoch, string(*payload))
 	case OpReadSnapshot:
 		buf := getBuf(int(h.Length))
 		var p []byte

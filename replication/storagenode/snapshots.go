@@ -48,6 +48,10 @@ const (
 	snapshotRetryMax = 5 * time.Minute
 )
 
+// snapshotSettle is how long a job that succeeded is not run again while
+// this node's copy of the store does not show its outcome yet.
+const snapshotSettle = 10 * time.Second
+
 // retry is when a failed snapshot job may run again, and how long it waited.
 type retry struct {
 	after time.Time
@@ -133,7 +137,11 @@ func (n *Node) runSnapshots() {
 			ok := n.runSnapshotJob(j)
 			n.mu.Lock()
 			if ok {
-				delete(n.snapRetry, j.snap.ID)
+				// Done: not again while this node's copy of the store
+				// has not caught up with the record (it would cut the
+				// snapshot a second time, pausing writes for nothing).
+				// The entry goes once the job is no longer listed.
+				n.snapRetry[j.snap.ID] = retry{after: time.Now().Add(snapshotSettle)}
 			} else {
 				r := n.snapRetry[j.snap.ID]
 				r.wait = min(max(2*r.wait, snapshotRetryMin), snapshotRetryMax)
@@ -208,6 +216,23 @@ func (n *Node) deleteSnapshot(ctx context.Context, log *zap.Logger, e *engine.En
 	if err != nil {
 		n.snapshotFailed(log, j, err)
 		return false
+	}
+	// engine.DeleteSnapshot reaches the healthy replicas only. One that
+	// sealed the snapshot and is away now (ejected, rebuilding) would keep
+	// the layer for good once the record is gone: keep the record, and
+	// delete again once it is back. A replica replaced meanwhile is no
+	// longer the volume's and does not count.
+	v, err := n.cfg.Meta.Volume(ctx, j.vol.ID)
+	if err != nil {
+		n.snapshotFailed(log, j, err)
+		return false
+	}
+	for _, r := range v.Replicas {
+		if slices.Contains(j.snap.Replicas, r.ID) && r.State != meta.ReplicaHealthy {
+			log.Info("snapshot's layers removed from the healthy replicas; waiting for a replica that holds it too to come back",
+				zap.String("replica_id", r.ID), zap.String("state", string(r.State)))
+			return false
+		}
 	}
 	if _, err := n.cfg.Meta.Apply(ctx, &meta.DeleteSnapshot{SnapshotID: j.snap.ID}); err != nil && !errors.Is(err, meta.ErrNotFound) {
 		log.Warn("snapshot layers removed but its record not forgotten; will try again", zap.Error(err))
