@@ -737,12 +737,10 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	old := c.layers[len(c.layers)-1]
 	old.ID = id
 	// Its pending bits are none: Sync moved every bit, and no write ran
-	// since. A sealed layer has no pending file; a crash before this
-	// removal leaves one, which Open removes.
+	// since. A sealed layer has no pending file; one that a crash (or a
+	// failed removal) leaves, Open removes.
 	err = old.unmapPending()
-	if rerr := os.Remove(c.path(old.Stem, pendingKind)); rerr != nil && !errors.Is(rerr, fs.ErrNotExist) {
-		err = errors.Join(err, rerr)
-	}
+	_ = os.Remove(c.path(old.Stem, pendingKind))
 	if err == nil {
 		err = mapFile(nl, unix.PROT_READ|unix.PROT_WRITE)
 	}

@@ -159,11 +159,14 @@ func (c *Chain) UncleanRuns(fn func(first, n uint64)) error {
 	head := c.layers[len(c.layers)-1]
 	return c.guard("read the pending bits", func() {
 		var first, n uint64
-		for b := uint64(0); b < min(c.blocks, uint64(len(head.pending))*8); b++ {
-			if atomic.LoadUint32(word(head.pending, b))&(1<<(b%32)) != 0 {
-				if n > 0 && first+n == b {
+		for w := uint64(0); w < uint64(len(head.pending))*8; w += 32 {
+			for v := atomic.LoadUint32(word(head.pending, w)); v != 0; v &= v - 1 {
+				b := w + uint64(bits.TrailingZeros32(v))
+				switch {
+				case b >= c.blocks:
+				case n > 0 && first+n == b:
 					n++
-				} else {
+				default:
 					if n > 0 {
 						fn(first, n)
 					}
