@@ -182,7 +182,7 @@ func pokeFile(t *testing.T, path string, off int64, p []byte) {
 	}
 }
 
-func punchFile(t *testing.T, path string, off, n int64) {
+func punchPath(t *testing.T, path string, off, n int64) {
 	t.Helper()
 	f, err := os.OpenFile(path, os.O_RDWR, 0)
 	must(t, err)
@@ -270,9 +270,9 @@ func TestPowerLossKeepsOnlyIntactBlocks(t *testing.T) {
 	dir, data, sums, old, written := powerLossCase(t, true, false)
 	pokeFile(t, data, 12*SumBlockSize, make([]byte, SumBlockSize))  // data lost, sum kept
 	pokeFile(t, data, 13*SumBlockSize+77, []byte{0xff, 0x00, 0xff}) // torn
-	punchFile(t, data, 14*SumBlockSize, SumBlockSize)               // neither data
+	punchPath(t, data, 14*SumBlockSize, SumBlockSize)               // neither data
 	pokeFile(t, sums, 4*14, make([]byte, 4))                        // nor sum
-	punchFile(t, data, 15*SumBlockSize, SumBlockSize)               // data lost, sum kept
+	punchPath(t, data, 15*SumBlockSize, SumBlockSize)               // data lost, sum kept
 	// The meta file lost the dirty bits (it cannot, as a write marks
 	// its extents dirty first; the open marks them all the same).
 	meta := filepath.Join(dir, "r1", metaFileName)
@@ -296,7 +296,7 @@ func TestPowerLossKeepsOnlyIntactBlocks(t *testing.T) {
 func TestProcessCrashKeepsZeroBlocks(t *testing.T) {
 	dir, data, sums, old, written := powerLossCase(t, true, true)
 	pokeFile(t, data, 13*SumBlockSize+77, []byte{0xff, 0x00, 0xff})
-	punchFile(t, data, 14*SumBlockSize, SumBlockSize)
+	punchPath(t, data, 14*SumBlockSize, SumBlockSize)
 	pokeFile(t, sums, 4*14, make([]byte, 4))
 	written = bytes.Clone(written)
 	clear(written[14*SumBlockSize : 15*SumBlockSize]) // what a zero block with a zero sum is
@@ -314,7 +314,7 @@ func TestProcessCrashKeepsZeroBlocks(t *testing.T) {
 func TestUncleanStopWithoutChecksums(t *testing.T) {
 	t.Run("process crash", func(t *testing.T) {
 		dir, data, _, old, written := powerLossCase(t, false, true)
-		punchFile(t, data, 15*SumBlockSize, SumBlockSize)
+		punchPath(t, data, 15*SumBlockSize, SumBlockSize)
 		written = bytes.Clone(written)
 		clear(written[15*SumBlockSize : 16*SumBlockSize])
 		st := checkBlocks(t, dir, old, written, nil)
@@ -326,13 +326,13 @@ func TestUncleanStopWithoutChecksums(t *testing.T) {
 		dir, data, _, old, written := powerLossCase(t, false, false)
 		torn := []byte{0xff, 0x00, 0xff}
 		pokeFile(t, data, 13*SumBlockSize+77, torn)
-		punchFile(t, data, 15*SumBlockSize, SumBlockSize)
+		punchPath(t, data, 15*SumBlockSize, SumBlockSize)
 		written = bytes.Clone(written)
 		copy(written[13*SumBlockSize+77:], torn)
 		// 41 was zeroed by a punch: a hole (which the copy did not keep),
 		// like a write that never reached the disk. 40 was written as
 		// zeros: data, kept.
-		punchFile(t, data, 41*SumBlockSize, SumBlockSize)
+		punchPath(t, data, 41*SumBlockSize, SumBlockSize)
 		st := checkBlocks(t, dir, old, written, map[uint64]bool{15: true, 41: true})
 		if st.SameBoot || st.FellBack != 2 || st.Kept != 20 {
 			t.Fatalf("UncleanStop() = %+v, want 20 blocks kept and 2 fallen back", st)
