@@ -67,6 +67,7 @@ const (
 	recordName       = "chain"
 	stemPrefix       = "layer-"
 	mapKind          = "map"
+	pendingKind      = "pending"
 	recordVersion    = 1
 )
 
@@ -129,6 +130,8 @@ type Chain struct {
 	spareMu     sync.Mutex
 	spare       string
 	spareBlocks uint64
+	// unclean is what Open found in the head's pending file (Recover).
+	unclean Unclean
 }
 
 type layer struct {
@@ -137,9 +140,11 @@ type layer struct {
 	bits     []byte   // mapFile's mapping; nil if the file is empty
 	writable bool     // mapped read-write although sealed (a merge writes into it)
 	// pending (the head only) has the bits of blocks written since the
-	// last Sync: an anonymous mapping as long as bits, whose pages the
-	// kernel allocates only when written to. See Sync.
-	pending []byte
+	// last Sync, as long as bits: the part of pendingMap past the header
+	// of pendingFile (the stem's "pending" file). See Sync and Recover.
+	pending     []byte
+	pendingMap  []byte
+	pendingFile *os.File
 }
 
 // Options are a chain's settings.
@@ -156,7 +161,9 @@ type Options struct {
 
 // Open reads the chain of the replica in dir, whose volume is size bytes.
 // Files of layers that the record does not list (left by a Seal or a
-// FinishMerge that a crash interrupted) are removed.
+// FinishMerge that a crash interrupted) are removed. Pending bits that a
+// stop without a Sync left in the head's pending file count as held until
+// Recover (or a Sync) settles them; Unclean reports them.
 func Open(dir string, size uint64, opts Options) (*Chain, error) {
 	maxLayers := opts.MaxLayers
 	if maxLayers == 0 {
@@ -256,29 +263,27 @@ func (c *Chain) openMap(l *layer, head bool) error {
 		return err
 	}
 	if head {
-		return c.newPending(l, nil)
-	}
-	return nil
-}
-
-// newPending gives the head l a pending map as long as its map, holding
-// old's bits (a Grow keeps those of the smaller map).
-func (c *Chain) newPending(l *layer, old []byte) error {
-	m, err := unix.Mmap(-1, 0, len(l.bits), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_PRIVATE|unix.MAP_ANONYMOUS)
-	if err != nil {
-		return fmt.Errorf("layer %q: map memory for pending bits: %w", l.Stem, err)
-	}
-	copy(m, old)
-	l.pending = m
-	c.touched = make([]uint32, ((len(m)+pageBytes-1)/pageBytes+31)/32)
-	for p := range (len(old) + pageBytes - 1) / pageBytes {
-		c.touched[p/32] |= 1 << (p % 32)
+		return c.openPending(l)
 	}
 	return nil
 }
 
 // pageBytes is the span of a pending map that one bit of touched covers.
 const pageBytes = 4096
+
+// unmapPending unmaps and closes l's pending file; its bits stay in it.
+func (l *layer) unmapPending() error {
+	var err error
+	if l.pendingMap != nil {
+		err = unix.Munmap(l.pendingMap)
+		l.pendingMap, l.pending = nil, nil
+	}
+	if l.pendingFile != nil {
+		err = errors.Join(err, l.pendingFile.Close())
+		l.pendingFile = nil
+	}
+	return err
+}
 
 func mapFile(l *layer, prot int) error {
 	st, err := l.mapFile.Stat()
@@ -298,11 +303,7 @@ func mapFile(l *layer, prot int) error {
 }
 
 func (l *layer) unmap() error {
-	var err error
-	if l.pending != nil {
-		err = unix.Munmap(l.pending)
-		l.pending = nil
-	}
+	err := l.unmapPending()
 	if l.bits != nil {
 		err = unix.Munmap(l.bits)
 		l.bits = nil
@@ -314,9 +315,10 @@ func (l *layer) unmap() error {
 	return err
 }
 
-// Close unmaps and closes the map files. Blocks written since the last Sync
-// are forgotten, as a crash forgets them: their reads go to the layers
-// below again. Sync first to keep them.
+// Close unmaps and closes the map files. The bits of blocks written since
+// the last Sync stay in the head's pending file, as after a process crash:
+// the next Open finds them and Recover settles them. Sync first to make
+// them durable.
 func (c *Chain) Close() error {
 	var err error
 	for _, l := range c.layers {
@@ -335,9 +337,13 @@ func (c *Chain) removeStrays() error {
 	for _, l := range c.layers {
 		listed[l.Stem] = true
 	}
+	head := c.layers[len(c.layers)-1].Stem
 	for _, e := range ents {
-		stem, _, _ := strings.Cut(e.Name(), ".")
-		if !strings.HasPrefix(stem, stemPrefix) || listed[stem] {
+		stem, kind, _ := strings.Cut(e.Name(), ".")
+		if !strings.HasPrefix(stem, stemPrefix) || listed[stem] && (kind != pendingKind || stem == head) {
+			// Not a layer's, or a listed layer's, but for the pending
+			// file of a sealed one: Seal removes it (empty) once the
+			// layer is sealed, a crash may leave it.
 			continue
 		}
 		if err := os.Remove(filepath.Join(c.dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -566,7 +572,11 @@ func (c *Chain) Holder(off uint64) (i int, err error) {
 // block the range covers in part was first copied up from its holder, see
 // Holder), and calls MarkHeld after the data write returned: until the bit
 // is set, reads go on to find the block below. The bits are pending until
-// the next Sync: a crash forgets them (see Sync).
+// the next Sync, in the head's pending file, which is never synced: a
+// process crash leaves them in the page cache, where the next Open finds
+// them, with the data (Recover); a power loss keeps any part of either (see
+// Sync). Only atomics on the words: writes of neighbouring blocks set bits
+// of one word at the same time, and touched tells Sync which pages to scan.
 func (c *Chain) MarkHeld(off, n uint64) error {
 	if len(c.layers) == 1 || n == 0 {
 		return nil // the bottom holds everything already
@@ -599,12 +609,16 @@ func (c *Chain) MarkHeld(off, n uint64) error {
 // that reached the disk before its block's data would, after a power
 // loss, make the block read from the head's file what never reached it
 // (zeros, where the block's old contents lie intact in a layer below).
-// So MarkHeld sets bits in memory only (pending), and Sync moves the
-// pending bits it found before syncData, whose data writes had returned
-// before their bits were set, into the map after syncData succeeded, and
-// syncs the map. A write that the crash caught before a Sync reads as its
-// old contents, as from a disk that lost its cache. Reads see a moved bit
-// throughout: it is set in the map before it is cleared from pending.
+// So MarkHeld sets bits in the pending file only (never synced), and Sync
+// moves the pending bits it found before syncData, whose data writes had
+// returned before their bits were set, into the map after syncData
+// succeeded, and syncs the map. A write that a crash caught before a Sync
+// is settled by the next Open (Recover): after a process crash its data
+// and its pending bit are both in the page cache and it reads as written;
+// after a power loss it reads as written only where its data is found
+// intact, and as its old contents elsewhere, as from a disk that lost its
+// cache. Reads see a moved bit throughout: it is set in the map before it
+// is cleared from pending.
 //
 // Syncs run one at a time: a Sync that found nothing to move while another
 // still held bits waiting for its data sync would otherwise return before
@@ -622,23 +636,27 @@ func (c *Chain) Sync(syncData func() error) error {
 	}
 	var words []moving
 	var pages []uint64
-	for j := range c.touched {
-		t := atomic.SwapUint32(&c.touched[j], 0)
-		for t != 0 {
-			p := uint64(j)*32 + uint64(bits.TrailingZeros32(t))
-			t &= t - 1
-			pages = append(pages, p)
+	retouch := func() {
+		for _, p := range pages {
+			atomic.OrUint32(&c.touched[p/32], 1<<(p%32))
+		}
+	}
+	if err := c.guard("find written blocks", func() {
+		for j := range c.touched {
+			for t := atomic.SwapUint32(&c.touched[j], 0); t != 0; t &= t - 1 {
+				pages = append(pages, uint64(j)*32+uint64(bits.TrailingZeros32(t)))
+			}
+		}
+		for _, p := range pages {
 			for b := p * pageBytes * 8; b < min(uint64(len(head.pending))*8, (p+1)*pageBytes*8); b += 32 {
 				if v := atomic.LoadUint32(word(head.pending, b)); v != 0 {
 					words = append(words, moving{b, v})
 				}
 			}
 		}
-	}
-	retouch := func() {
-		for _, p := range pages {
-			atomic.OrUint32(&c.touched[p/32], 1<<(p%32))
-		}
+	}); err != nil {
+		retouch()
+		return err
 	}
 	if err := syncData(); err != nil {
 		retouch()
@@ -665,6 +683,7 @@ func (c *Chain) Sync(syncData func() error) error {
 	if err := unix.Fdatasync(int(head.mapFile.Fd())); err != nil {
 		return fmt.Errorf("layer: sync the head's map in %s: %w", c.dir, err)
 	}
+	c.settled()
 	return nil
 }
 
@@ -717,16 +736,16 @@ func (c *Chain) Seal(id string, syncData func() error, prepare func(stem string)
 	}
 	old := c.layers[len(c.layers)-1]
 	old.ID = id
-	if old.pending != nil {
-		// Empty: Sync moved every bit, and no write ran since.
-		err = unix.Munmap(old.pending)
-		old.pending = nil
-	}
+	// Its pending bits are none: Sync moved every bit, and no write ran
+	// since. A sealed layer has no pending file; one that a crash (or a
+	// failed removal) leaves, Open removes.
+	err = old.unmapPending()
+	_ = os.Remove(c.path(old.Stem, pendingKind))
 	if err == nil {
 		err = mapFile(nl, unix.PROT_READ|unix.PROT_WRITE)
 	}
 	if err == nil {
-		err = c.newPending(nl, nil)
+		err = c.openPending(nl)
 	}
 	if err != nil {
 		// The record names the new head already; the next Open maps it.
@@ -755,7 +774,7 @@ func (c *Chain) makeHeadFiles(prepare func(stem string) error) (string, error) {
 // removeFiles removes the files of a layer that no record lists, as far as
 // it can (what is left, the next Open removes).
 func (c *Chain) removeFiles(stem string) {
-	for _, kind := range append([]string{mapKind}, c.kinds...) {
+	for _, kind := range append([]string{mapKind, pendingKind}, c.kinds...) {
 		_ = os.Remove(c.path(stem, kind))
 	}
 }
@@ -830,24 +849,27 @@ func (c *Chain) Grow(size uint64) error {
 			return err
 		}
 		// The new mappings are made before the old ones go, so that a
-		// failure leaves the head as it was (its map file only longer).
+		// failure leaves the head as it was (its map and pending files
+		// only longer). The pending bits stay where they are, in the
+		// file; only the mapping grows.
 		nl := &layer{Entry: head.Entry, mapFile: head.mapFile}
 		if err := mapFile(nl, unix.PROT_READ|unix.PROT_WRITE); err != nil {
 			return err
 		}
-		oldBits, oldPending, oldTouched := head.bits, head.pending, c.touched
-		if err := c.newPending(nl, oldPending); err != nil {
+		pm, err := mapPending(head.pendingFile, len(nl.bits))
+		if err != nil {
 			_ = unix.Munmap(nl.bits)
-			c.touched = oldTouched
-			return err
+			return fmt.Errorf("layer: grow the head's pending bits: %w", err)
 		}
-		head.bits, head.pending = nl.bits, nl.pending
+		oldBits, oldPending := head.bits, head.pendingMap
+		head.bits, head.pendingMap, head.pending = nl.bits, pm, pm[pendingHeader:]
+		touched := make([]uint32, touchedLen(len(head.pending)))
+		copy(touched, c.touched)
+		c.touched = touched
 		if oldBits != nil {
 			_ = unix.Munmap(oldBits) // only fails on a bad address
 		}
-		if oldPending != nil {
-			_ = unix.Munmap(oldPending)
-		}
+		_ = unix.Munmap(oldPending)
 	}
 	c.size, c.blocks = size, blocks
 	top := make([]uint32, (c.granules()+1)/2)

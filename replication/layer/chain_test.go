@@ -94,10 +94,35 @@ func (s *store) reopen() {
 	s.crash()
 }
 
-// crash closes and opens the store without a Flush: the bits of blocks
-// written since the last one are forgotten, as a crash forgets them (their
-// data may or may not have reached the head's file).
+// crash closes and opens the store without a Flush, as a power loss that
+// kept none of the head's pending file leaves it: the bits of blocks
+// written since the last Flush are forgotten (their data may or may not
+// have reached the head's file).
 func (s *store) crash() {
+	s.t.Helper()
+	s.close()
+	s.losePending()
+	s.open()
+}
+
+// losePending removes the pending files: none of them reached the disk.
+func (s *store) losePending() {
+	s.t.Helper()
+	names, err := filepath.Glob(filepath.Join(s.dir, "*."+pendingKind))
+	if err != nil {
+		s.t.Fatal(err)
+	}
+	for _, name := range names {
+		if err := os.Remove(name); err != nil {
+			s.t.Fatal(err)
+		}
+	}
+}
+
+// kill closes and opens the store without a Flush, as a process crash
+// leaves it: the page cache keeps every file as written, the pending bits
+// included, for Recover.
+func (s *store) kill() {
 	s.t.Helper()
 	s.close()
 	s.open()

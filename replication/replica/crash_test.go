@@ -15,13 +15,17 @@ import (
 
 // childEnv names what a re-executed test binary does instead of running
 // the tests: "delete-snapshot DIR ID", the child of
-// TestKillDuringSnapshotDeletion.
+// TestKillDuringSnapshotDeletion, or "write-unflushed DIR", the child of
+// TestKillKeepsUnflushedWrites.
 const childEnv = "CAIRN_REPLICA_TEST_CHILD"
 
 // runChild plays the child process of a crash test and returns its exit
 // code. It prints "step N" after each step, for the parent to kill it at.
 func runChild(what string) int {
 	f := strings.Fields(what)
+	if len(f) == 2 && f[0] == "write-unflushed" {
+		return writeUnflushed(f[1])
+	}
 	if len(f) != 3 || f[0] != "delete-snapshot" {
 		fmt.Fprintln(os.Stderr, "unknown child:", what)
 		return 2
@@ -43,6 +47,38 @@ func runChild(what string) int {
 	}
 	fmt.Println("done")
 	return 0
+}
+
+// killChildAt runs a child of this test binary doing what (see childEnv)
+// and kills it (SIGKILL) once it prints the line at.
+func killChildAt(t *testing.T, what, at string) {
+	t.Helper()
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), childEnv+"="+what)
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := bufio.NewScanner(out)
+	killed := false
+	for lines.Scan() {
+		if lines.Text() == at {
+			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
+				t.Fatal(err)
+			}
+			killed = true
+			break
+		}
+	}
+	err = cmd.Wait()
+	if !killed {
+		t.Fatalf("the child did not reach %q (%v): %s", at, err, stderr.String())
+	}
 }
 
 // TestKillDuringSnapshotDeletion: a process deleting a snapshot is killed
@@ -78,32 +114,7 @@ func TestKillDuringSnapshotDeletion(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	cmd := exec.Command(os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), childEnv+"=delete-snapshot "+dir+" a")
-	out, err := cmd.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	lines := bufio.NewScanner(out)
-	killed := false
-	for lines.Scan() {
-		if lines.Text() == "step 5" {
-			if err := cmd.Process.Signal(syscall.SIGKILL); err != nil {
-				t.Fatal(err)
-			}
-			killed = true
-			break
-		}
-	}
-	err = cmd.Wait()
-	if !killed {
-		t.Fatalf("the child did not reach step 5 (%v): %s", err, stderr.String())
-	}
+	killChildAt(t, "delete-snapshot "+dir+" a", "step 5")
 
 	r, err = Open(dir, "r1", 0, 0)
 	if err != nil {

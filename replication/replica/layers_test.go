@@ -507,8 +507,8 @@ func TestPreparedSnapshot(t *testing.T) {
 	if err := r.Snapshot(1, "s1"); err != nil {
 		t.Fatal(err)
 	}
-	if n := len(strays()); n != 3 {
-		t.Fatalf("after a prepared snapshot %d layer files, want the 3 of the new head", n)
+	if n := len(strays()); n != 4 {
+		t.Fatalf("after a prepared snapshot %d layer files, want the 4 of the new head (data, sums, map, pending)", n)
 	}
 	if err := r.PrepareSnapshot(1); err != nil {
 		t.Fatal(err)
@@ -524,8 +524,8 @@ func TestPreparedSnapshot(t *testing.T) {
 	if i := firstDiff(readSnap(t, r, "s2"), want); i >= 0 {
 		t.Fatalf("snapshot s2 differs at byte %d", i)
 	}
-	if n := len(strays()); n != 6 {
-		t.Fatalf("%d layer files, want 6 (two layers; the unused prepared ones removed)", n)
+	if n := len(strays()); n != 7 {
+		t.Fatalf("%d layer files, want 7 (two layers, the head's pending file; the unused prepared ones removed)", n)
 	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)

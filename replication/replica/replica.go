@@ -82,6 +82,10 @@ type Replica struct {
 	zeroSumOnce sync.Once
 	zeroSum     uint32 // CRC32C of a full extent of zeros
 
+	// unclean is what the open settled of writes an unclean stop left
+	// unflushed (pending.go); set before the replica is published.
+	unclean UncleanStop
+
 	// adm is set by the Server that opens the replica, before any other
 	// goroutine can reach it, and never changes afterwards.
 	adm admission
@@ -276,6 +280,9 @@ func openExisting(path, id string) (*Replica, error) {
 		return fail(err)
 	}
 	if err := r.openHead(); err != nil {
+		return fail(err)
+	}
+	if err := r.settlePending(); err != nil {
 		return fail(err)
 	}
 	if r.generation == "" {
@@ -1003,8 +1010,10 @@ func (r *Replica) closeLocked() error {
 	r.closed = true
 	// Unflushed writes stay in the page cache and reach the disk later;
 	// Close is not a Flush, as for a block device. With snapshots the
-	// head's written blocks are recorded only by a sync (layer.Chain.Sync),
-	// so Close syncs the head; otherwise they would read from below again.
+	// head's written blocks are recorded durably only by a sync
+	// (layer.Chain.Sync), so Close syncs the head: a clean stop leaves the
+	// next open nothing to settle (pending.go), which after a power loss
+	// could keep less than was written.
 	var err error
 	if r.data != nil && r.layered() {
 		err = r.syncHead()

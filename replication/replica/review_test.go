@@ -18,8 +18,8 @@ import (
 )
 
 // crashCopy copies the replica directory as the page cache holds it now:
-// the most favourable crash (every page of every file reached the disk),
-// except the anonymous pending bits, which no crash keeps.
+// the most favourable power loss (every page of every file reached the
+// disk), after which the head's pending file names no boot (forgetBoot).
 func crashCopy(t *testing.T, src, dst string) {
 	t.Helper()
 	if err := os.MkdirAll(dst, 0o750); err != nil {
@@ -44,6 +44,7 @@ func crashCopy(t *testing.T, src, dst string) {
 		in.Close()
 		out.Close()
 	}
+	forgetBoot(t, dst)
 }
 
 // Deleting a snapshot into the head, whose newest write was not synced,

@@ -218,7 +218,28 @@ func (s *Server) CreateWith(id string, size uint64, opts CreateOptions) (*Replic
 	s.mu.Unlock()
 	s.log.Info("replica ready", zap.String("replica_id", id), zap.Uint64("size", size), zap.Uint64("epoch", r.Epoch()),
 		zap.String("generation", r.Generation()), zap.Bool("checksums", r.Checksummed()))
+	s.logUncleanStop(r)
 	return r, nil
+}
+
+// logUncleanStop says what opening r settled of the writes that a stop
+// without a Flush left (Replica.UncleanStop), if anything: after a process
+// crash every block is kept; blocks that fell back read their old
+// contents, which an operator looking for lost writes wants to know.
+func (s *Server) logUncleanStop(r *Replica) {
+	st, ok := r.UncleanStop()
+	if !ok {
+		return
+	}
+	log := s.log.Info
+	if st.FellBack > 0 {
+		log = s.log.Warn
+	}
+	log("replica opened after an unclean stop: settled its unflushed writes",
+		zap.String("volume_id", s.volumeOf(r.id)), zap.String("replica_id", r.id),
+		zap.Bool("same_boot", st.SameBoot), zap.Bool("checksums", r.Checksummed()),
+		zap.Uint64("pending_blocks", st.Pending), zap.Uint64("kept_blocks", st.Kept),
+		zap.Uint64("fell_back_blocks", st.FellBack), zap.Uint64("dirty_extents_added", st.DirtyAdded))
 }
 
 // CreateFromSnapshot creates replica id holding snapshot snapID of replica
@@ -310,6 +331,7 @@ func (s *Server) getLocked(id string) (*Replica, error) {
 	s.replicas[id] = r
 	s.mu.Unlock()
 	s.log.Info("replica opened", zap.String("replica_id", id), zap.Uint64("epoch", r.Epoch()), zap.String("generation", r.Generation()))
+	s.logUncleanStop(r)
 	return r, nil
 }
 
