@@ -50,6 +50,12 @@ type Replica struct {
 	below   []layerFiles
 	dirLock *os.File   // the directory, locked (lockDir)
 	mergeMu sync.Mutex // one snapshot deletion at a time (DeleteSnapshot)
+	// layerSums caches the extent checksums of sealed layers, for
+	// rebuilds (carry.go); build is the layer a rebuild is building here,
+	// guarded by buildMu (taken after epochMu).
+	layerSums layerSumCache
+	buildMu   sync.Mutex
+	build     *layerBuild
 	// sumsMap maps the whole sums file, shared and writable (nil when the
 	// mapping failed: reads and writes then use pread and pwrite); see
 	// readSumsMapped. Grow replaces it, with epochMu held exclusively.
@@ -1027,6 +1033,11 @@ func (r *Replica) closeFiles() error {
 		}
 		r.data = nil
 	}
+	// A layer under construction is a stray once the replica is closed
+	// (the next open would remove its files); it is removed now.
+	r.buildMu.Lock()
+	r.discardBuild()
+	r.buildMu.Unlock()
 	if cerr := r.closeLayers(); cerr != nil {
 		err = errors.Join(err, fmt.Errorf("replica %s: close layers: %w", r.id, cerr))
 	}
