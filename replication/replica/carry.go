@@ -341,7 +341,9 @@ func (r *Replica) layerExtentSum(epoch uint64, id string, x uint64) (uint32, err
 	if v, ok := r.layerSums.get(stem, x); ok {
 		return v, nil
 	}
-	_, v, err := r.encodeSealedExtent(nil, k, x)
+	buf := getBuf(int(layerExtentMax(r.extentSize)))
+	defer putBuf(buf)
+	_, v, err := r.encodeSealedExtent((*buf)[:0], k, x)
 	return v, err
 }
 
