@@ -98,7 +98,7 @@ func firstDiff(a, b []byte) int {
 }
 
 // waitRebuilt waits for the rebuild of replica id.
-func waitRebuilt(t *testing.T, rebuilt <-chan RebuildStats, id string) RebuildStats {
+func waitRebuilt(t testing.TB, rebuilt <-chan RebuildStats, id string) RebuildStats {
 	t.Helper()
 	deadline := time.After(90 * time.Second)
 	for {
@@ -274,7 +274,7 @@ func (r *rig) outage(id, node string, rebuilt <-chan RebuildStats, during func()
 	during()
 	r.startServer(node, s.dir, s.addr)
 	_, rep := r.replicaOn(id, node)
-	st := waitRebuilt(r.t.(*testing.T), rebuilt, rep.ID)
+	st := waitRebuilt(r.t, rebuilt, rep.ID)
 	rr, _ := r.replicaOn(id, node)
 	return st, rr
 }
