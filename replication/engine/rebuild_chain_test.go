@@ -464,3 +464,60 @@ func TestLayerBuildCrash(t *testing.T) {
 	expectSnapshots(t, rr, []string{"s1", "s2"}, a, b)
 	r.healthyIdentical(v.ID, c())
 }
+
+// snapshotMidRebuild is a connection to a rebuild target that, at the
+// first extent checksum of the head's compare (the layers are carried by
+// then), has the engine take a snapshot: it goes to the healthy replicas
+// only.
+type snapshotMidRebuild struct {
+	replicaConn
+	once sync.Once
+	snap func()
+}
+
+func (c *snapshotMidRebuild) Checksums(ctx context.Context, epoch, first, count uint64) ([]uint32, error) {
+	c.once.Do(func() { go c.snap() }) // the snapshot waits for this compare's lock
+	return c.replicaConn.Checksums(ctx, epoch, first, count)
+}
+
+// TestSnapshotDuringRebuild: a snapshot taken while a replica is rebuilt
+// (after its layers were carried) reaches it anyway: the rebuild sees the
+// chains differ before it ends and runs again, carrying the new layer.
+func TestSnapshotDuringRebuild(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("mid", 16*mib, 3, 0, "n1")
+	var target meta.Replica
+	for _, rep := range v.Replicas {
+		if rep.Node == "n3" {
+			target = rep
+		}
+	}
+	var e *Engine
+	snapped := make(chan error, 1)
+	rebuilt := make(chan RebuildStats, 4)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s },
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.ID != target.ID || rep.State != meta.ReplicaRebuilding {
+				return c
+			}
+			return &snapshotMidRebuild{replicaConn: c, snap: func() { snapped <- e.Snapshot(context.Background(), "s3") }}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	a, b, c, write := r.chainVolume(e, v.SizeBytes, 15)
+	st, rr := r.outage(v.ID, "n3", rebuilt, func() { write(6*mib, 8192) })
+	t.Logf("rebuild: %+v", st)
+	if err := <-snapped; err != nil {
+		t.Fatalf("the snapshot during the rebuild: %v", err)
+	}
+	if st.Passes < 2 || st.LayersCarried != 1 {
+		t.Errorf("rebuild ran %d passes and carried %d layers; want a second pass carrying s3", st.Passes, st.LayersCarried)
+	}
+	expectSnapshots(t, rr, []string{"s1", "s2", "s3"}, a, b, c())
+	r.healthyIdentical(v.ID, c())
+}
