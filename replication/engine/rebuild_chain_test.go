@@ -172,6 +172,7 @@ func TestRebuildCarriesChainToNewNode(t *testing.T) {
 		t.Run(name, func(t *testing.T) {
 			r := newRig(t, 4)
 			r.checksums = sums
+			r.local = sums // the source in process once, over TCP once
 			v := r.createVolume("chain", 16*mib, 3, 0, "n1")
 			var lost string
 			for _, rep := range v.Replicas {
@@ -187,6 +188,12 @@ func TestRebuildCarriesChainToNewNode(t *testing.T) {
 			}
 			r.heartbeat(live...)
 			e, rebuilt := r.openWatching(v.ID)
+			e.mu.RLock()
+			inProcess := slices.ContainsFunc(e.members, func(m *member) bool { return m.inProcess() })
+			e.mu.RUnlock()
+			if r.local && !inProcess {
+				t.Fatal("no replica on n1 to reach in process")
+			}
 			a, b, c, write := r.chainVolume(e, v.SizeBytes, 11)
 
 			r.kill(lost) // the node and its disk are gone
