@@ -222,7 +222,19 @@ func (e *Engine) layerExtentSums(ctx context.Context, target *member, srcID, id 
 		if a, err = src.client.LayerSums(ctx, epoch, id, false, first, n); err != nil {
 			return fmt.Errorf("layer %s sums on %s: %w", id, src.replica.ID, err)
 		}
-		if b, err = target.client.LayerSums(ctx, epoch, id, build, first, n); err != nil {
+		b, err = target.client.LayerSums(ctx, epoch, id, build, first, n)
+		if errors.Is(err, replica.ErrChecksum) {
+			// The target's copy fails its own block sums (a bad disk): it
+			// differs, and is built again, as copyExtent does for the head.
+			b = make([]uint32, len(a))
+			for j := range a {
+				b[j] = ^a[j]
+			}
+			e.log.Warn("a snapshot layer of the rebuild target fails its checksums; building it again",
+				zap.String("replica_id", target.replica.ID), zap.String("snapshot", id), zap.Error(err))
+			return nil
+		}
+		if err != nil {
 			return fmt.Errorf("layer %s sums on %s: %w", id, target.replica.ID, err)
 		}
 		return nil

@@ -271,6 +271,30 @@ func TestDeltaRebuildCopiesNoLayer(t *testing.T) {
 	r.healthyIdentical(v.ID, c())
 }
 
+// TestRebuildReplacesCorruptLayer: a returning replica whose oldest
+// snapshot layer was damaged while it was away (a bit flipped on its disk,
+// in a block only that layer holds) gets the layer built again, and the
+// head's view of the block copied; the layer above it stays as it was.
+func TestRebuildReplacesCorruptLayer(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	r.heartbeat("n1", "n2", "n3")
+	v := r.createVolume("rot", 16*mib, 3, 0, "n1")
+	e, rebuilt := r.openWatching(v.ID)
+	a, b, c, write := r.chainVolume(e, v.SizeBytes, 16)
+	_, rep := r.replicaOn(v.ID, "n3")
+	st, rr := r.outage(v.ID, "n3", rebuilt, func() {
+		write(5*mib, 4096)
+		r.flipBit(rep, 14*mib+100) // the file the replica was created with: s1
+	})
+	t.Logf("rebuild: %+v", st)
+	if st.LayersCarried != 1 || st.LayerBytesCopied < 16*mib {
+		t.Errorf("carried %d layers (%d bytes); want s1 again, whole", st.LayersCarried, st.LayerBytesCopied)
+	}
+	expectSnapshots(t, rr, []string{"s1", "s2"}, a, b)
+	r.healthyIdentical(v.ID, c())
+}
+
 // outage stops node's replica server, runs during (the volume changes
 // meanwhile), starts the server again on its data and returns the rebuild
 // of its replica, and the replica.
@@ -472,59 +496,78 @@ func TestLayerBuildCrash(t *testing.T) {
 	r.healthyIdentical(v.ID, c())
 }
 
-// snapshotMidRebuild is a connection to a rebuild target that, at the
-// first extent checksum of the head's compare (the layers are carried by
-// then), has the engine take a snapshot: it goes to the healthy replicas
+// midRebuild is a connection to a rebuild target that, at the first
+// extent checksum of the head's compare (the layers are carried by then),
+// starts act: a snapshot or a deletion, which go to the healthy replicas
 // only.
-type snapshotMidRebuild struct {
+type midRebuild struct {
 	replicaConn
 	once sync.Once
-	snap func()
+	act  func()
 }
 
-func (c *snapshotMidRebuild) Checksums(ctx context.Context, epoch, first, count uint64) ([]uint32, error) {
-	c.once.Do(func() { go c.snap() }) // the snapshot waits for this compare's lock
+func (c *midRebuild) Checksums(ctx context.Context, epoch, first, count uint64) ([]uint32, error) {
+	c.once.Do(func() { go c.act() }) // a snapshot waits for this compare's lock
 	return c.replicaConn.Checksums(ctx, epoch, first, count)
 }
 
-// TestSnapshotDuringRebuild: a snapshot taken while a replica is rebuilt
-// (after its layers were carried) reaches it anyway: the rebuild sees the
-// chains differ before it ends and runs again, carrying the new layer.
-func TestSnapshotDuringRebuild(t *testing.T) {
-	r := newRig(t, 3)
-	r.checksums = true
-	r.heartbeat("n1", "n2", "n3")
-	v := r.createVolume("mid", 16*mib, 3, 0, "n1")
-	var target meta.Replica
-	for _, rep := range v.Replicas {
-		if rep.Node == "n3" {
-			target = rep
-		}
-	}
-	var e *Engine
-	snapped := make(chan error, 1)
-	rebuilt := make(chan RebuildStats, 4)
-	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
-		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s },
-		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
-			if rep.ID != target.ID || rep.State != meta.ReplicaRebuilding {
-				return c
+// TestSnapshotChangesDuringRebuild: a snapshot taken, or one deleted,
+// while a replica is rebuilt (after its layers were carried) reaches it
+// anyway: the rebuild sees the chains differ (or a deletion running)
+// before it ends and runs again, carrying the new layer or dropping the
+// deleted one.
+func TestSnapshotChangesDuringRebuild(t *testing.T) {
+	for _, tc := range []struct {
+		name    string
+		act     func(e *Engine) error
+		carried int
+		dropped int
+	}{
+		{"snapshot", func(e *Engine) error { return e.Snapshot(context.Background(), "s3") }, 1, 0},
+		{"delete", func(e *Engine) error { return e.DeleteSnapshot(context.Background(), "s1") }, 0, 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			r := newRig(t, 3)
+			r.checksums = true
+			r.heartbeat("n1", "n2", "n3")
+			v := r.createVolume("mid", 16*mib, 3, 0, "n1")
+			var target meta.Replica
+			for _, rep := range v.Replicas {
+				if rep.Node == "n3" {
+					target = rep
+				}
 			}
-			return &snapshotMidRebuild{replicaConn: c, snap: func() { snapped <- e.Snapshot(context.Background(), "s3") }}
-		}})
-	if err != nil {
-		t.Fatal(err)
+			var e *Engine
+			acted := make(chan error, 1)
+			rebuilt := make(chan RebuildStats, 4)
+			e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+				CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s },
+				wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+					if rep.ID != target.ID || rep.State != meta.ReplicaRebuilding {
+						return c
+					}
+					return &midRebuild{replicaConn: c, act: func() { acted <- tc.act(e) }}
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = e.Close(context.Background()) })
+			a, b, c, write := r.chainVolume(e, v.SizeBytes, 15)
+			st, rr := r.outage(v.ID, "n3", rebuilt, func() { write(6*mib, 8192) })
+			t.Logf("rebuild: %+v", st)
+			if err := <-acted; err != nil {
+				t.Fatalf("the %s during the rebuild: %v", tc.name, err)
+			}
+			if st.Passes < 2 || st.LayersCarried != tc.carried || st.LayersDropped != tc.dropped {
+				t.Errorf("rebuild ran %d passes, carried %d layers, dropped %d; want a second pass carrying %d, dropping %d",
+					st.Passes, st.LayersCarried, st.LayersDropped, tc.carried, tc.dropped)
+			}
+			if tc.name == "snapshot" {
+				expectSnapshots(t, rr, []string{"s1", "s2", "s3"}, a, b, c())
+			} else {
+				expectSnapshots(t, rr, []string{"s2"}, b)
+			}
+			r.healthyIdentical(v.ID, c())
+		})
 	}
-	t.Cleanup(func() { _ = e.Close(context.Background()) })
-	a, b, c, write := r.chainVolume(e, v.SizeBytes, 15)
-	st, rr := r.outage(v.ID, "n3", rebuilt, func() { write(6*mib, 8192) })
-	t.Logf("rebuild: %+v", st)
-	if err := <-snapped; err != nil {
-		t.Fatalf("the snapshot during the rebuild: %v", err)
-	}
-	if st.Passes < 2 || st.LayersCarried != 1 {
-		t.Errorf("rebuild ran %d passes and carried %d layers; want a second pass carrying s3", st.Passes, st.LayersCarried)
-	}
-	expectSnapshots(t, rr, []string{"s1", "s2", "s3"}, a, b, c())
-	r.healthyIdentical(v.ID, c())
 }
