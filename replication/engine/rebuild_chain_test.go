@@ -246,14 +246,21 @@ func TestRebuildCarriesChainToNewNode(t *testing.T) {
 	}
 }
 
+// chainRig is a rig of three nodes, heard from, with a checksummed 16 MiB
+// volume attached to n1, for the tests of a replica (n3's) that returns.
+func chainRig(t *testing.T, name string) (*rig, *meta.Volume) {
+	t.Helper()
+	r := newRig(t, 3)
+	r.checksums = true
+	r.heartbeat("n1", "n2", "n3")
+	return r, r.createVolume(name, 16*mib, 3, 0, "n1")
+}
+
 // TestDeltaRebuildCopiesNoLayer: a replica away for a moment already holds
 // every snapshot: its delta rebuild compares them (by cached sums) and
 // copies nothing into them, only what changed in the head.
 func TestDeltaRebuildCopiesNoLayer(t *testing.T) {
-	r := newRig(t, 3)
-	r.checksums = true
-	r.heartbeat("n1", "n2", "n3")
-	v := r.createVolume("delta", 16*mib, 3, 0, "n1")
+	r, v := chainRig(t, "delta")
 	e, rebuilt := r.openWatching(v.ID)
 	a, b, c, write := r.chainVolume(e, v.SizeBytes, 12)
 	st, rr := r.outage(v.ID, "n3", rebuilt, func() { write(5*mib, 64<<10) })
@@ -276,10 +283,7 @@ func TestDeltaRebuildCopiesNoLayer(t *testing.T) {
 // in a block only that layer holds) gets the layer built again, and the
 // head's view of the block copied; the layer above it stays as it was.
 func TestRebuildReplacesCorruptLayer(t *testing.T) {
-	r := newRig(t, 3)
-	r.checksums = true
-	r.heartbeat("n1", "n2", "n3")
-	v := r.createVolume("rot", 16*mib, 3, 0, "n1")
+	r, v := chainRig(t, "rot")
 	e, rebuilt := r.openWatching(v.ID)
 	a, b, c, write := r.chainVolume(e, v.SizeBytes, 16)
 	_, rep := r.replicaOn(v.ID, "n3")
@@ -315,10 +319,7 @@ func (r *rig) outage(id, node string, rebuilt <-chan RebuildStats, during func()
 // (so the layer above it is equal at once, nothing copied), and the
 // snapshot above reads as before.
 func TestRebuildDropsDeletedSnapshot(t *testing.T) {
-	r := newRig(t, 3)
-	r.checksums = true
-	r.heartbeat("n1", "n2", "n3")
-	v := r.createVolume("drop", 16*mib, 3, 0, "n1")
+	r, v := chainRig(t, "drop")
 	e, rebuilt := r.openWatching(v.ID)
 	_, b, c, write := r.chainVolume(e, v.SizeBytes, 13)
 	st, rr := r.outage(v.ID, "n3", rebuilt, func() {
@@ -527,10 +528,7 @@ func TestSnapshotChangesDuringRebuild(t *testing.T) {
 		{"delete", func(e *Engine) error { return e.DeleteSnapshot(context.Background(), "s1") }, 0, 1},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			r := newRig(t, 3)
-			r.checksums = true
-			r.heartbeat("n1", "n2", "n3")
-			v := r.createVolume("mid", 16*mib, 3, 0, "n1")
+			r, v := chainRig(t, "mid")
 			var target meta.Replica
 			for _, rep := range v.Replicas {
 				if rep.Node == "n3" {
