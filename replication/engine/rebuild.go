@@ -16,8 +16,8 @@ import (
 
 // RebuildStats says what one rebuild did. The byte counts include the
 // snapshot layers (rebuild_chain.go): the total is the volume's size once
-// for the head and once per snapshot of the source, again for each pass
-// that had to run again.
+// for the head and once per snapshot of the source, and what an earlier
+// pass compared when one had to run again.
 type RebuildStats struct {
 	ReplicaID     string
 	BytesTotal    uint64
@@ -142,15 +142,17 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 			e.log.Debug("rebuild progress not recorded", zap.Error(err))
 		}
 	}
+	var avoid []string // sources whose layers failed their checksums
 	for {
 		st.Passes++
-		e.mu.RLock()
-		src := e.source()
-		e.mu.RUnlock()
+		src := e.rebuildSource(avoid)
 		if src == nil {
-			return st, fmt.Errorf("no healthy source: %w", ErrIO)
+			return st, fmt.Errorf("no healthy source (passed over %v): %w", avoid, ErrIO)
 		}
-		st.BytesTotal += size
+		// What the passes before compared, and this one's head (carryChain
+		// adds its layers): a pass cut short leaves no gap that the
+		// progress could never fill.
+		st.BytesTotal = st.BytesCompared + size
 		err := e.carryChain(copyCtx, target, src.replica.ID, size, &st, report)
 		if err == nil {
 			err = e.rebuildHead(copyCtx, target, size, &st, report)
@@ -160,10 +162,15 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 			finished, err = e.finishRebuild(ctx, target, src.replica.ID, start, &st, report)
 		}
 		switch {
-		case finished || err != nil && !errors.Is(err, errChainMoved):
+		case finished || err != nil && !errors.Is(err, errChainMoved) && !errors.Is(err, errSourceCorrupt):
 			return st, err
 		case st.Passes >= maxRebuildPasses:
-			return st, fmt.Errorf("the source's snapshots changed during %d passes: %w", st.Passes, ErrIO)
+			return st, fmt.Errorf("no pass could finish in %d (%v): %w", st.Passes, err, ErrIO)
+		case errors.Is(err, errSourceCorrupt):
+			avoid = append(avoid, src.replica.ID)
+			e.log.Warn("rebuild runs again from another source: a layer of its source fails its checksums",
+				zap.String("replica_id", target.replica.ID), zap.String("source", src.replica.ID), zap.Error(err))
+			continue
 		}
 		e.log.Info("rebuild runs again: snapshots were taken or deleted meanwhile", zap.String("replica_id", target.replica.ID),
 			zap.Int("pass", st.Passes+1), zap.NamedError("reason", err))

@@ -56,6 +56,38 @@ const layerSumsBatch = 64
 // rebuild (a deletion, a failover): the pass runs again.
 var errChainMoved = errors.New("rebuild: a replica's chain of layers changed meanwhile")
 
+// errSourceCorrupt: a block of one of the source's layers fails its sums
+// (a layer's shadowed blocks have no repair yet): the pass runs again from
+// another healthy replica, whose layers are the same snapshots.
+var errSourceCorrupt = errors.New("rebuild: a layer of the source fails its checksums")
+
+// sourceErr wraps an error of the rebuild's source, marking a checksum
+// failure as errSourceCorrupt.
+func sourceErr(err error, format string, args ...any) error {
+	msg := fmt.Sprintf(format, args...)
+	if errors.Is(err, replica.ErrChecksum) {
+		return fmt.Errorf("%s: %w: %w", msg, errSourceCorrupt, err)
+	}
+	return fmt.Errorf("%s: %w", msg, err)
+}
+
+// rebuildSource picks a pass's source: a healthy member, the local one
+// first (as e.source()), none of avoid.
+func (e *Engine) rebuildSource(avoid []string) *member {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	var src *member
+	for _, m := range e.members {
+		if m.client == nil || !m.healthy() || slices.Contains(avoid, m.replica.ID) {
+			continue
+		}
+		if src == nil || m.local && !src.local {
+			src = m
+		}
+	}
+	return src
+}
+
 // Rebuild metrics (registered with the others: Collectors).
 var (
 	metricRebuildLayerBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
@@ -220,7 +252,7 @@ func (e *Engine) layerExtentSums(ctx context.Context, target *member, srcID, id 
 	err = e.layerOp(srcID, target, func(epoch uint64, src *member) error {
 		var err error
 		if a, err = src.client.LayerSums(ctx, epoch, id, false, first, n); err != nil {
-			return fmt.Errorf("layer %s sums on %s: %w", id, src.replica.ID, err)
+			return sourceErr(err, "layer %s sums on %s", id, src.replica.ID)
 		}
 		b, err = target.client.LayerSums(ctx, epoch, id, build, first, n)
 		if errors.Is(err, replica.ErrChecksum) {
@@ -350,7 +382,7 @@ func (e *Engine) copyLayerExtent(ctx context.Context, target *member, srcID, id 
 	err = e.layerOp(srcID, target, func(epoch uint64, src *member) error {
 		enc, err := src.client.ReadLayerExtent(ctx, epoch, id, x)
 		if err != nil {
-			return fmt.Errorf("read extent %d of layer %s from %s: %w", x, id, src.replica.ID, err)
+			return sourceErr(err, "read extent %d of layer %s from %s", x, id, src.replica.ID)
 		}
 		if err := target.client.WriteLayerExtent(ctx, epoch, id, x, enc); err != nil {
 			return fmt.Errorf("write extent %d of layer %s to %s: %w", x, id, target.replica.ID, err)

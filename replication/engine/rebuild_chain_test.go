@@ -204,8 +204,9 @@ func TestRebuildCarriesChainToNewNode(t *testing.T) {
 			if st.LayersCarried != 2 || st.LayerBytesCopied == 0 {
 				t.Errorf("carried %d layers, %d bytes; want both snapshots", st.LayersCarried, st.LayerBytesCopied)
 			}
-			if want := 3 * v.SizeBytes * uint64(st.Passes); st.BytesTotal != want || st.BytesCompared != want {
-				t.Errorf("rebuild compared %d of %d bytes, want %d of %d (two layers and the head)", st.BytesCompared, st.BytesTotal, want, want)
+			if want := 3 * v.SizeBytes; st.Passes != 1 || st.BytesTotal != want || st.BytesCompared != want {
+				t.Errorf("rebuild compared %d of %d bytes in %d passes, want %d of %d in one (two layers and the head)",
+					st.BytesCompared, st.BytesTotal, st.Passes, want, want)
 			}
 			rr, err := r.servers[fresh.Node].srv.Get(fresh.ID)
 			if err != nil {
@@ -271,8 +272,9 @@ func TestDeltaRebuildCopiesNoLayer(t *testing.T) {
 	if st.BytesCopied == 0 || st.BytesCopied > 2*4*mib {
 		t.Errorf("copied %d bytes; want the changed extent of the head only", st.BytesCopied)
 	}
-	if want := 3 * v.SizeBytes * uint64(st.Passes); st.BytesCompared != want {
-		t.Errorf("compared %d bytes, want %d (two layers and the head)", st.BytesCompared, want)
+	if want := 3 * v.SizeBytes; st.Passes != 1 || st.BytesTotal != want || st.BytesCompared != want {
+		t.Errorf("compared %d of %d bytes in %d passes, want %d of %d in one (two layers and the head)",
+			st.BytesCompared, st.BytesTotal, st.Passes, want, want)
 	}
 	expectSnapshots(t, rr, []string{"s1", "s2"}, a, b)
 	r.healthyIdentical(v.ID, c())
@@ -297,6 +299,34 @@ func TestRebuildReplacesCorruptLayer(t *testing.T) {
 	}
 	expectSnapshots(t, rr, []string{"s1", "s2"}, a, b)
 	r.healthyIdentical(v.ID, c())
+}
+
+// TestRebuildAvoidsCorruptSource: when a block of the source's oldest
+// layer fails its checksums (a block no newer layer holds), the rebuild
+// takes its layers from another healthy replica instead of failing.
+func TestRebuildAvoidsCorruptSource(t *testing.T) {
+	r, v := chainRig(t, "badsrc")
+	e, rebuilt := r.openWatching(v.ID)
+	a, b, c, write := r.chainVolume(e, v.SizeBytes, 17)
+	e.mu.RLock()
+	src := e.source().replica
+	e.mu.RUnlock()
+	if src.Node == "n3" {
+		t.Fatal("the engine's source is the replica meant to return")
+	}
+	st, rr := r.outage(v.ID, "n3", rebuilt, func() {
+		write(5*mib, 4096)
+		r.flipBit(src, 14*mib+100) // the file the source was created with: s1
+	})
+	t.Logf("rebuild: %+v", st)
+	if st.Passes < 2 || st.LayerBytesCopied != 0 {
+		t.Errorf("rebuild ran %d passes and copied %d layer bytes; want a second pass from another source, nothing copied", st.Passes, st.LayerBytesCopied)
+	}
+	expectSnapshots(t, rr, []string{"s1", "s2"}, a, b)
+	got := r.contents(v, meta.Replica{ID: rr.ID(), Node: "n3"})
+	if !bytes.Equal(got, c()) {
+		t.Fatal("the rebuilt replica's head differs from the volume")
+	}
 }
 
 // outage stops node's replica server, runs during (the volume changes
