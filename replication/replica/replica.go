@@ -41,8 +41,12 @@ type Replica struct {
 	data       *os.File
 	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
-	// replica without checksums.
-	sums *os.File
+	// replica without checksums. checksummed says the same, but never
+	// changes once the replica is open, for readers without epochMu: the
+	// head's files (sums among them) are replaced when a snapshot or a
+	// rebuild's layer makes a new head.
+	sums        *os.File
+	checksummed bool
 	// chain is the list of the replica's layers (snapshots, layers.go);
 	// data, raw, sums and sumsMap are its head's files, below the sealed
 	// layers' (index i: layer i), opened read-write for merges.
@@ -284,6 +288,7 @@ func openExisting(path, id string) (*Replica, error) {
 	if err := r.openHead(); err != nil {
 		return fail(err)
 	}
+	r.checksummed = r.sums != nil
 	if r.generation == "" {
 		// A version-1 meta file: this copy gets its generation now, once,
 		// and keeps it (the store records it on first sight). Written
