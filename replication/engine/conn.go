@@ -37,6 +37,16 @@ type replicaConn interface {
 	PrepareSnapshot(ctx context.Context, epoch uint64) error
 	DeleteSnapshot(ctx context.Context, epoch uint64, id string) error
 	ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p []byte, off uint64) error
+	// Layers, LayerSums, ReadLayerExtent, BeginLayer, WriteLayerExtent,
+	// SealLayer and DropLayer carry the chain of sealed layers to a
+	// replica being rebuilt: see the replica's methods (carry.go).
+	Layers(ctx context.Context, epoch uint64) ([]replica.LayerInfo, error)
+	LayerSums(ctx context.Context, epoch uint64, id string, build bool, firstExtent, count uint64) ([]uint32, error)
+	ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error)
+	BeginLayer(ctx context.Context, epoch uint64, id string, pos uint64) error
+	WriteLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, enc []byte) error
+	SealLayer(ctx context.Context, epoch uint64, id string) error
+	DropLayer(ctx context.Context, epoch uint64, id string) error
 	Close() error
 }
 
@@ -150,6 +160,46 @@ func (l localReplica) ReadSnapshotAt(ctx context.Context, epoch uint64, id strin
 	}
 	defer t.Done()
 	return l.r.ReadSnapshotAt(epoch, id, p, off)
+}
+
+func (l localReplica) Layers(_ context.Context, epoch uint64) ([]replica.LayerInfo, error) {
+	return l.r.Layers(epoch)
+}
+func (l localReplica) LayerSums(ctx context.Context, epoch uint64, id string, build bool, first, count uint64) ([]uint32, error) {
+	t, err := l.r.Admit(ctx, replica.OpLayerSums, count)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Done()
+	if build {
+		return l.r.BuildSums(epoch, id, first, count)
+	}
+	return l.r.LayerSums(epoch, id, first, count)
+}
+func (l localReplica) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error) {
+	t, err := l.r.Admit(ctx, replica.OpLayerRead, 0)
+	if err != nil {
+		return nil, err
+	}
+	defer t.Done()
+	return l.r.ReadLayerExtent(epoch, id, x, nil)
+}
+func (l localReplica) BeginLayer(_ context.Context, epoch uint64, id string, pos uint64) error {
+	return l.r.BeginLayer(epoch, id, pos)
+}
+func (l localReplica) WriteLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, enc []byte) error {
+	t, err := l.r.Admit(ctx, replica.OpLayerWrite, uint64(len(enc)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.WriteLayerExtent(epoch, id, x, enc)
+}
+func (l localReplica) SealLayer(_ context.Context, epoch uint64, id string) error {
+	return l.r.SealLayer(epoch, id)
+}
+func (l localReplica) DropLayer(_ context.Context, epoch uint64, id string) error {
+	return l.r.DropLayer(epoch, id)
 }
 
 // Close does nothing: the replica server owns the replica.

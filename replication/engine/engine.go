@@ -149,8 +149,12 @@ type Engine struct {
 	dirty      atomic.Bool // writes since the last clean point
 	generation uint64      // clean point counter
 	rebuilding atomic.Bool // a rebuild runs
-	checksums  atomic.Bool // the volume keeps block checksums (set by reconfigure)
-	scrubbing  atomic.Bool // a scrub runs
+	// snapDeletes counts the DeleteSnapshot calls running: a rebuild does
+	// not end while one runs (it goes to the healthy replicas only, not to
+	// the target; rebuild_chain.go).
+	snapDeletes atomic.Int32
+	checksums   atomic.Bool // the volume keeps block checksums (set by reconfigure)
+	scrubbing   atomic.Bool // a scrub runs
 	// abnormalBlock is 1 + the first lost block of the abnormal condition
 	// last recorded in the store (0: none); see markAbnormal.
 	abnormalBlock atomic.Uint64

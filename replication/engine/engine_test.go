@@ -30,6 +30,8 @@ type rig struct {
 	servers map[string]*replicaServer
 	// checksums: createVolume makes replicas with a sums file.
 	checksums bool
+	// local: openWatching's engine reaches n1's replica in process.
+	local bool
 }
 
 type replicaServer struct {
@@ -133,8 +135,12 @@ func (r *rig) attach(id, node string) *meta.Volume {
 func (r *rig) openWatching(id string) (*Engine, <-chan RebuildStats) {
 	r.t.Helper()
 	rebuilt := make(chan RebuildStats, 4)
-	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
-		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }})
+	cfg := Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }}
+	if r.local {
+		cfg.Local = r.servers["n1"].srv
+	}
+	e, err := Open(r.ctx(), cfg)
 	if err != nil {
 		r.t.Fatal(err)
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -13,13 +14,24 @@ import (
 	"github.com/cairn-csi/cairn/replication/replica"
 )
 
-// RebuildStats says what one rebuild did.
+// RebuildStats says what one rebuild did. The byte counts include the
+// snapshot layers (rebuild_chain.go): the total is the volume's size once
+// for the head and once per snapshot of the source, and what an earlier
+// pass compared when one had to run again.
 type RebuildStats struct {
 	ReplicaID     string
 	BytesTotal    uint64
 	BytesCompared uint64
 	BytesCopied   uint64
-	Duration      time.Duration
+	// LayerBytesCopied is the part of BytesCopied that went into snapshot
+	// layers; LayersCarried the layers built on the target, LayersDropped
+	// those removed from it (the source no longer had them).
+	LayerBytesCopied uint64
+	LayersCarried    int
+	LayersDropped    int
+	// Passes is 1, or more when the source's snapshots changed meanwhile.
+	Passes   int
+	Duration time.Duration
 }
 
 // rebuildTarget returns the member a rebuild should start on now: the first
@@ -53,21 +65,56 @@ func (e *Engine) maybeRebuild() {
 		if err != nil {
 			if e.bg.Err() == nil {
 				e.log.Warn("rebuild stopped", zap.String("replica_id", target.replica.ID), zap.Error(err))
+				e.ejectLostTarget(target)
 			}
 			return
 		}
 		e.log.Info("rebuild done", zap.String("replica_id", stats.ReplicaID), zap.Uint64("bytes_compared", stats.BytesCompared),
-			zap.Uint64("bytes_copied", stats.BytesCopied), zap.Duration("took", stats.Duration))
+			zap.Uint64("bytes_copied", stats.BytesCopied), zap.Uint64("layer_bytes_copied", stats.LayerBytesCopied),
+			zap.Int("layers_carried", stats.LayersCarried), zap.Int("layers_dropped", stats.LayersDropped),
+			zap.Int("passes", stats.Passes), zap.Duration("took", stats.Duration))
 		if e.cfg.OnRebuilt != nil {
 			e.cfg.OnRebuilt(stats)
 		}
 	}()
 }
 
-// rebuild walks every extent, compares the target's checksum with a
-// healthy source's and copies the extents that differ, at most
-// RebuildBytesPerSecond. The target takes every new write meanwhile. At the
-// end it is flushed and marked healthy through the store (epoch CAS).
+// ejectLostTarget ejects a rebuild target whose connection is gone (its
+// replica server restarted, or its node died). Writes eject such a replica,
+// but with none coming every later rebuild would fail at once on the dead
+// connection, for ever; failed, it comes back through the store's
+// reconciler as rebuilding and is dialled again.
+func (e *Engine) ejectLostTarget(target *member) {
+	ctx, cancel := context.WithTimeout(e.bg, e.cfg.IOTimeout)
+	defer cancel()
+	e.mu.RLock()
+	c := target.client
+	e.mu.RUnlock()
+	if c == nil {
+		return
+	}
+	if _, err := c.Info(ctx); !errors.Is(err, replica.ErrClosed) {
+		return
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.usable() != nil || !slices.Contains(e.members, target) {
+		return
+	}
+	if err := e.eject(ctx, []*member{target}, "rebuild target unreachable"); err != nil && ctx.Err() == nil {
+		e.log.Warn("could not eject an unreachable rebuild target", zap.String("replica_id", target.replica.ID), zap.Error(err))
+	}
+}
+
+// rebuild makes the target equal to a healthy source: first its chain of
+// snapshot layers (carryChain, rebuild_chain.go), then its head: every
+// extent of the volume, compared by checksum with the source's and copied
+// where it differs, at most RebuildBytesPerSecond. The target takes every
+// new write meanwhile. At the end, under the write lock, the target's
+// snapshots are checked against the source's (a snapshot taken or deleted
+// meanwhile reached only the healthy replicas: then it all runs again),
+// and the target is flushed and marked healthy through the store (epoch
+// CAS).
 //
 // The compare and copy requests are marked as rebuild traffic, so the disk
 // scheduler of every replica server they reach (the source's and the
@@ -79,7 +126,7 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 	// target with every member, and its new range only ever holds writes
 	// the target took too.
 	size := e.size.Load()
-	st := RebuildStats{ReplicaID: target.replica.ID, BytesTotal: size}
+	st := RebuildStats{ReplicaID: target.replica.ID}
 	extents := (size + e.extentSize - 1) / e.extentSize
 	e.log.Info("rebuild started", zap.String("replica_id", target.replica.ID), zap.String("node", target.replica.Node),
 		zap.Uint64("extents", extents))
@@ -90,47 +137,91 @@ func (e *Engine) rebuild(ctx context.Context, target *member) (RebuildStats, err
 		}
 		lastReport = time.Now()
 		_, err := e.cfg.Meta.Apply(ctx, &meta.RebuildProgressUpdate{VolumeID: e.cfg.VolumeID, ReplicaID: target.replica.ID,
-			BytesTotal: st.BytesTotal, BytesCompared: st.BytesCompared, BytesCopied: st.BytesCopied, Done: done})
+			BytesTotal: st.BytesTotal, BytesCompared: st.BytesCompared, BytesCopied: min(st.BytesCopied, st.BytesTotal), Done: done})
 		if err != nil && ctx.Err() == nil {
 			e.log.Debug("rebuild progress not recorded", zap.Error(err))
 		}
 	}
+	var avoid []string // sources whose layers failed their checksums
+	for {
+		st.Passes++
+		src := e.rebuildSource(avoid)
+		if src == nil {
+			return st, fmt.Errorf("no healthy source (passed over %v): %w", avoid, ErrIO)
+		}
+		// What the passes before compared, and this one's head (carryChain
+		// adds its layers): a pass cut short leaves no gap that the
+		// progress could never fill.
+		st.BytesTotal = st.BytesCompared + size
+		err := e.carryChain(copyCtx, target, src.replica.ID, size, &st, report)
+		if err == nil {
+			err = e.rebuildHead(copyCtx, target, size, &st, report)
+		}
+		finished := false
+		if err == nil {
+			finished, err = e.finishRebuild(ctx, target, src.replica.ID, start, &st, report)
+		}
+		switch {
+		case finished || err != nil && !errors.Is(err, errChainMoved) && !errors.Is(err, errSourceCorrupt):
+			return st, err
+		case st.Passes >= maxRebuildPasses:
+			return st, fmt.Errorf("no pass could finish in %d (%v): %w", st.Passes, err, ErrIO)
+		case errors.Is(err, errSourceCorrupt):
+			avoid = append(avoid, src.replica.ID)
+			e.log.Warn("rebuild runs again from another source: a layer of its source fails its checksums",
+				zap.String("replica_id", target.replica.ID), zap.String("source", src.replica.ID), zap.Error(err))
+			continue
+		}
+		e.log.Info("rebuild runs again: snapshots were taken or deleted meanwhile", zap.String("replica_id", target.replica.ID),
+			zap.Int("pass", st.Passes+1), zap.NamedError("reason", err))
+	}
+}
+
+// rebuildHead compares and copies every extent of the volume's first size
+// bytes, as the target's head shows them.
+func (e *Engine) rebuildHead(ctx context.Context, target *member, size uint64, st *RebuildStats, report func(bool)) error {
+	extents := (size + e.extentSize - 1) / e.extentSize
 	for x := uint64(0); x < extents; x++ {
 		n := min(e.extentSize, size-x*e.extentSize)
-		copied, err := e.copyExtent(copyCtx, target, x, n)
+		copied, err := e.copyExtent(ctx, target, x, n)
 		if err != nil {
-			return st, err
+			return err
 		}
 		st.BytesCompared += n
 		st.BytesCopied += copied
 		report(false)
-		if rate := e.cfg.RebuildBytesPerSecond; rate > 0 && copied > 0 {
-			// Pace by what was copied: rebuild I/O yields to foreground I/O.
-			select {
-			case <-ctx.Done():
-				return st, ctx.Err()
-			case <-time.After(time.Duration(float64(copied) / float64(rate) * float64(time.Second))):
-			}
+		if err := e.paceRebuild(ctx, copied); err != nil {
+			return err
 		}
 	}
+	return nil
+}
+
+// finishRebuild ends a pass under the write lock: if the target's
+// snapshots are the source's, it is flushed and marked healthy (done);
+// if not, the pass must run again (not done, no error).
+func (e *Engine) finishRebuild(ctx context.Context, target *member, srcID string, start time.Time, st *RebuildStats, report func(bool)) (bool, error) {
 	e.mu.Lock()
 	defer e.mu.Unlock()
 	if err := e.usable(); err != nil {
-		return st, err
+		return false, err
+	}
+	if agree, err := e.chainsAgree(ctx, target, srcID); err != nil || !agree {
+		return false, err
 	}
 	// Foreground, not rebuild class: this flush holds the engine's write
 	// lock, so every I/O of the volume waits for it; it must not wait
 	// behind other volumes' foreground I/O as well.
 	if err := target.client.Flush(ctx, e.epoch); err != nil {
-		return st, fmt.Errorf("flush rebuilt replica: %w", err)
+		return false, fmt.Errorf("flush rebuilt replica: %w", err)
 	}
 	if _, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: e.cfg.VolumeID, ReplicaID: target.replica.ID,
 		State: meta.ReplicaHealthy, ExpectEpoch: e.epoch}); err != nil {
-		return st, fmt.Errorf("mark %s healthy: %w", target.replica.ID, err)
+		return false, fmt.Errorf("mark %s healthy: %w", target.replica.ID, err)
 	}
 	st.Duration = time.Since(start)
 	report(true)
-	return st, e.reconfigure(ctx)
+	return true, e.reconfigure(ctx)
 }
 
 // copyExtent makes extent x of target, n bytes long, equal to a healthy

@@ -23,8 +23,9 @@ import (
 // acknowledged before Snapshot was called and none that started after it
 // returned. A replica that fails to seal is ejected, to be rebuilt. Writes
 // wait for the flush and the seals: milliseconds (BenchmarkSnapshotCreate
-// in the replica package). A replica rebuilding meanwhile gets no snapshot:
-// rebuilds carry the volume's current contents only, for now.
+// in the replica package). A replica rebuilding meanwhile gets no snapshot
+// here: its rebuild carries it (rebuild_chain.go checks the chains again,
+// under the write lock, before it ends).
 //
 // Taking a snapshot that every replica already has (a retry of one that
 // succeeded) succeeds. Whenever the snapshot fails, the replicas that
@@ -150,11 +151,15 @@ func (e *Engine) snapshotLocked(ctx context.Context, id string) (holders []strin
 // without the engine's lock (a deletion moves data and may take seconds;
 // writes go on, and each replica keeps them apart from its merge), so a
 // failover meanwhile makes the replicas refuse the old epoch: the caller
-// retries. A replica that never had the snapshot (it was rebuilt since)
-// counts as done, and so does one whose deletion a retry finds finished.
-// It waits as long as ctx allows, not the engine's I/O timeout: a
-// deletion's time grows with the data it moves.
+// retries. A replica without the snapshot counts as done: one whose
+// deletion a retry finds finished, or one rebuilt before rebuilds carried
+// the chain. A replica being rebuilt is not asked: its rebuild drops the
+// snapshot once it finds it gone from its source, and does not end while a
+// deletion runs. It waits as long as ctx allows, not the engine's I/O
+// timeout: a deletion's time grows with the data it moves.
 func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
+	e.snapDeletes.Add(1)
+	defer e.snapDeletes.Add(-1)
 	epoch, ms, err := e.healthySnapshot()
 	if err != nil {
 		return err

@@ -192,16 +192,23 @@ func Open(dir string, size uint64, opts Options) (*Chain, error) {
 		_ = c.Close()
 		return nil, err
 	}
-	c.top = make([]uint32, (c.granules()+1)/2)
-	if err := c.guard("build the index", func() {
-		for g := range c.granules() {
-			c.setTop(g, c.newestHolderOfGranule(g, len(c.layers)-1))
-		}
-	}); err != nil {
+	if err := c.buildIndex(); err != nil {
 		_ = c.Close()
 		return nil, err
 	}
 	return c, nil
+}
+
+// buildIndex computes the index from the maps: for every granule, the
+// newest layer holding any of its blocks. Open does it once; a change that
+// moves layers to other positions (Insert, Drop) does it again.
+func (c *Chain) buildIndex() error {
+	c.top = make([]uint32, (c.granules()+1)/2)
+	return c.guard("build the index", func() {
+		for g := range c.granules() {
+			c.setTop(g, c.newestHolderOfGranule(g, len(c.layers)-1))
+		}
+	})
 }
 
 func readRecord(dir string) ([]Entry, error) {

@@ -505,6 +505,67 @@ func (c *Client) ReadSnapshotAt(ctx context.Context, epoch uint64, id string, p 
 	return err
 }
 
+// Layers lists the replica's sealed layers, oldest first. See
+// Replica.Layers.
+func (c *Client) Layers(ctx context.Context, epoch uint64) ([]LayerInfo, error) {
+	reply, err := c.do(ctx, RequestHeader{Op: OpLayers, Epoch: epoch}, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	return DecodeLayerInfos(reply)
+}
+
+// LayerSums returns the checksum of each extent [firstExtent,
+// firstExtent+count) of snapshot id's sealed layer, or, with build, of the
+// layer id under construction. See Replica.LayerSums and BuildSums.
+func (c *Client) LayerSums(ctx context.Context, epoch uint64, id string, build bool, firstExtent, count uint64) ([]uint32, error) {
+	h := RequestHeader{Op: OpLayerSums, Epoch: epoch}
+	if build {
+		h.Flags = FlagLayerBuild
+	}
+	return c.extentSums(ctx, h, []byte(id), firstExtent, count)
+}
+
+// ReadLayerExtent returns extent x of snapshot id's layer, encoded (see
+// carry.go). See Replica.ReadLayerExtent.
+func (c *Client) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error) {
+	return c.do(ctx, RequestHeader{Op: OpLayerRead, Epoch: epoch, Offset: x}, []byte(id), nil)
+}
+
+// BeginLayer starts (or resumes) building snapshot id's layer for position
+// pos. See Replica.BeginLayer.
+func (c *Client) BeginLayer(ctx context.Context, epoch uint64, id string, pos uint64) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpLayerBegin, Epoch: epoch, Offset: pos}, []byte(id), nil)
+	return err
+}
+
+// WriteLayerExtent sets extent x of the layer id under construction to the
+// encoding enc. See Replica.WriteLayerExtent.
+func (c *Client) WriteLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, enc []byte) error {
+	if len(id) == 0 || len(id) > MaxSnapshotIDLen || len(enc)+1+len(id) > MaxPayload {
+		return fmt.Errorf("%w: layer write of %d bytes for layer %q", ErrInvalidArgument, len(enc), id)
+	}
+	// The id goes first and the encoding after it as a trailer: one frame,
+	// no copy of the extent.
+	prefix := append([]byte{byte(len(id))}, id...)
+	_, err := c.doTrailer(ctx, RequestHeader{Op: OpLayerWrite, Epoch: epoch, Offset: x, Length: uint32(len(enc))}, prefix, enc, nil)
+	return err
+}
+
+// SealLayer publishes the layer id under construction. See
+// Replica.SealLayer.
+func (c *Client) SealLayer(ctx context.Context, epoch uint64, id string) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpLayerSeal, Epoch: epoch}, []byte(id), nil)
+	return err
+}
+
+// DropLayer takes snapshot id's layer out without merging it. See
+// Replica.DropLayer.
+func (c *Client) DropLayer(ctx context.Context, epoch uint64, id string) error {
+	_, err := c.do(ctx, RequestHeader{Op: OpLayerDrop, Epoch: epoch}, []byte(id), nil)
+	return err
+}
+
 // ReadAt fills p (at most MaxPayload bytes) from off. On error p's content
 // is undefined.
 func (c *Client) ReadAt(ctx context.Context, epoch uint64, p []byte, off uint64) error {
@@ -552,10 +613,18 @@ func (c *Client) rangeOp(ctx context.Context, op Op, epoch, off, length uint64) 
 // Checksums returns the CRC32C of each extent in [firstExtent,
 // firstExtent+count). Large counts are split into several requests.
 func (c *Client) Checksums(ctx context.Context, epoch, firstExtent, count uint64) ([]uint32, error) {
+	return c.extentSums(ctx, RequestHeader{Op: OpChecksums, Epoch: epoch}, nil, firstExtent, count)
+}
+
+// extentSums sends h (CHECKSUMS, LAYER_SUMS) for extents [firstExtent,
+// firstExtent+count), split into requests whose replies fit a frame, and
+// returns a u32 per extent.
+func (c *Client) extentSums(ctx context.Context, h RequestHeader, payload []byte, firstExtent, count uint64) ([]uint32, error) {
 	sums := make([]uint32, 0, min(count, MaxChecksumsPerRequest))
 	for {
 		n := min(count, MaxChecksumsPerRequest)
-		reply, err := c.do(ctx, RequestHeader{Op: OpChecksums, Epoch: epoch, Offset: firstExtent, Length: uint32(n)}, nil, nil)
+		h.Offset, h.Length = firstExtent, uint32(n)
+		reply, err := c.do(ctx, h, payload, nil)
 		if err != nil {
 			return nil, err
 		}
@@ -564,7 +633,7 @@ func (c *Client) Checksums(ctx context.Context, epoch, firstExtent, count uint64
 			return nil, err
 		}
 		if uint64(len(part)) != n {
-			return nil, fmt.Errorf("%w: %d checksums in reply to a request for %d", ErrProtocol, len(part), n)
+			return nil, fmt.Errorf("%w: %d checksums in reply to a %s request for %d", ErrProtocol, len(part), h.Op, n)
 		}
 		sums = append(sums, part...)
 		firstExtent, count = firstExtent+n, count-n

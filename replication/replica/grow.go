@@ -119,6 +119,9 @@ func (r *Replica) growLocked(size uint64) error {
 		return err
 	}
 	r.size, r.extents = size, extents
+	// The last extent of the old size is longer now, in every layer: its
+	// cached layer sums are wrong (carry.go). A grow is rare; all go.
+	r.layerSums.drop(nil)
 	r.mu.Lock()
 	r.want = r.want.grow(extents)
 	r.mu.Unlock()

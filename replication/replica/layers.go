@@ -457,6 +457,7 @@ func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, to
 		return err
 	}
 	gone := r.below[k]
+	r.forgetSumsFrom(k)
 	if err := r.chain.FinishMerge(k); err != nil {
 		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
 	}
@@ -498,6 +499,9 @@ func (r *Replica) prepareDelete(epoch uint64, id string) error {
 	if err := r.chain.MarkDeleting(k); err != nil {
 		return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
 	}
+	// The layer above holds, for a rebuild, what it will once merged:
+	// its cached sums are those of its own blocks only (carry.go).
+	r.forgetSumsFrom(k)
 	if k+1 == r.chain.Head() {
 		return nil
 	}

@@ -63,6 +63,20 @@ import (
 //	READ_SNAP     yes    byte offset     bytes             snapshot   the data
 //	                                                       id
 //	PREPARE_SNAP  yes    -               -                 -          -
+//	LAYERS        yes    -               -                 -          layer list
+//	LAYER_SUMS    yes    first extent    extent count      snapshot   count × u32
+//	                                                       id
+//	LAYER_READ    yes    extent index    -                 snapshot   layer extent
+//	                                                       id
+//	LAYER_BEGIN   yes    position        -                 snapshot   -
+//	                                                       id
+//	LAYER_WRITE   yes    extent index    encoding length   u8 id len, -
+//	                                                       id, layer
+//	                                                       extent
+//	LAYER_SEAL    yes    -               -                 snapshot   -
+//	                                                       id
+//	LAYER_DROP    yes    -               -                 snapshot   -
+//	                                                       id
 //
 // A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
 // each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
@@ -79,6 +93,16 @@ import (
 // snapshot's head ahead of it (so that SNAPSHOT, which the engine sends
 // with writes held, has less to do). A server older than any of these ops
 // answers BadRequest.
+//
+// The LAYER ops carry a replica's chain of sealed layers to a replica being
+// rebuilt (carry.go has the encodings): LAYERS lists the sealed layers
+// (per layer u8 flags, 1 = being deleted, u8 id length, id), LAYER_SUMS
+// gives a checksum per extent of one (of the layer under construction with
+// FlagLayerBuild), LAYER_READ one extent of it (held and zero bitmaps,
+// block sums, data), LAYER_BEGIN starts building a layer at a position
+// below the head, LAYER_WRITE sets one extent of it, LAYER_SEAL publishes
+// it (the chain record is the commit point) and LAYER_DROP takes a sealed
+// layer out without merging it.
 //
 // A connection must send OPEN (once) before anything but PING. FUA is allowed
 // on WRITE, TRIM and WRITE_ZEROES: the replica syncs before replying.
@@ -120,6 +144,9 @@ const (
 
 	// FlagSums on WRITE: the payload ends with the data's piece checksums.
 	FlagSums uint8 = 1 << 4
+	// FlagLayerBuild on LAYER_SUMS: the sums of the layer under
+	// construction with that id, not of the sealed one.
+	FlagLayerBuild uint8 = 1 << 5
 
 	// flagsClass are the class bits; setting both is invalid.
 	flagsClass = FlagRebuild | FlagScrub
@@ -150,7 +177,14 @@ const (
 	OpDeleteSnapshot Op = 17
 	OpReadSnapshot   Op = 18
 	OpPrepareSnap    Op = 19
-	opLimit             = 20 // one past the highest op
+	OpLayers         Op = 20
+	OpLayerSums      Op = 21
+	OpLayerRead      Op = 22
+	OpLayerBegin     Op = 23
+	OpLayerWrite     Op = 24
+	OpLayerSeal      Op = 25
+	OpLayerDrop      Op = 26
+	opLimit             = 27 // one past the highest op
 )
 
 // opSpec says which header fields an op uses; unused fields must be 0.
@@ -167,10 +201,11 @@ type opSpec struct {
 type payloadRule uint8
 
 const (
-	payloadNone     payloadRule = iota
-	payloadIsData               // payload length == length field
-	payloadIsOpenID             // 1..MaxIDLen bytes of replica id
-	payloadIsSnapID             // 1..MaxSnapshotIDLen bytes of snapshot id
+	payloadNone        payloadRule = iota
+	payloadIsData                  // payload length == length field
+	payloadIsOpenID                // 1..MaxIDLen bytes of replica id
+	payloadIsSnapID                // 1..MaxSnapshotIDLen bytes of snapshot id
+	payloadIsLayerData             // u8 n, n (1..MaxSnapshotIDLen) bytes of snapshot id, length bytes
 )
 
 // MaxSnapshotIDLen bounds a snapshot id on the wire (the replica checks its
@@ -198,6 +233,13 @@ var opSpecs = [opLimit]opSpec{
 	OpDeleteSnapshot: {name: "delete_snapshot", epoch: true, payload: payloadIsSnapID},
 	OpReadSnapshot:   {name: "read_snapshot", epoch: true, offset: true, length: true, maxLength: MaxPayload, payload: payloadIsSnapID},
 	OpPrepareSnap:    {name: "prepare_snapshot", epoch: true},
+	OpLayers:         {name: "layers", epoch: true},
+	OpLayerSums:      {name: "layer_sums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass | FlagLayerBuild, payload: payloadIsSnapID},
+	OpLayerRead:      {name: "layer_read", epoch: true, offset: true, flags: flagsClass, payload: payloadIsSnapID},
+	OpLayerBegin:     {name: "layer_begin", epoch: true, offset: true, payload: payloadIsSnapID},
+	OpLayerWrite:     {name: "layer_write", epoch: true, offset: true, length: true, maxLength: MaxPayload - 1 - MaxSnapshotIDLen, flags: flagsClass, payload: payloadIsLayerData},
+	OpLayerSeal:      {name: "layer_seal", epoch: true, payload: payloadIsSnapID},
+	OpLayerDrop:      {name: "layer_drop", epoch: true, payload: payloadIsSnapID},
 }
 
 // Limits that keep a reply within MaxPayload.
@@ -322,6 +364,10 @@ func ValidateRequest(h RequestHeader) error {
 	case payloadIsSnapID:
 		if h.PayloadLen == 0 || h.PayloadLen > MaxSnapshotIDLen {
 			return bad("snapshot id of %d bytes, want 1-%d", h.PayloadLen, MaxSnapshotIDLen)
+		}
+	case payloadIsLayerData:
+		if uint64(h.PayloadLen) < uint64(h.Length)+2 || uint64(h.PayloadLen)-uint64(h.Length) > 1+MaxSnapshotIDLen {
+			return bad("payload of %d bytes for %d bytes of layer data and a snapshot id", h.PayloadLen, h.Length)
 		}
 	}
 	return nil

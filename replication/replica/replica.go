@@ -41,8 +41,12 @@ type Replica struct {
 	data       *os.File
 	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
-	// replica without checksums.
-	sums *os.File
+	// replica without checksums. checksummed says the same, but never
+	// changes once the replica is open, for readers without epochMu: the
+	// head's files (sums among them) are replaced when a snapshot or a
+	// rebuild's layer makes a new head.
+	sums        *os.File
+	checksummed bool
 	// chain is the list of the replica's layers (snapshots, layers.go);
 	// data, raw, sums and sumsMap are its head's files, below the sealed
 	// layers' (index i: layer i), opened read-write for merges.
@@ -50,6 +54,12 @@ type Replica struct {
 	below   []layerFiles
 	dirLock *os.File   // the directory, locked (lockDir)
 	mergeMu sync.Mutex // one snapshot deletion at a time (DeleteSnapshot)
+	// layerSums caches the extent checksums of sealed layers, for
+	// rebuilds (carry.go); build is the layer a rebuild is building here,
+	// guarded by buildMu (taken after epochMu).
+	layerSums layerSumCache
+	buildMu   sync.Mutex
+	build     *layerBuild
 	// sumsMap maps the whole sums file, shared and writable (nil when the
 	// mapping failed: reads and writes then use pread and pwrite); see
 	// readSumsMapped. Grow replaces it, with epochMu held exclusively.
@@ -282,6 +292,7 @@ func openExisting(path, id string) (*Replica, error) {
 	if err := r.openHead(); err != nil {
 		return fail(err)
 	}
+	r.checksummed = r.sums != nil
 	if err := r.settlePending(); err != nil {
 		return fail(err)
 	}
@@ -1036,6 +1047,11 @@ func (r *Replica) closeFiles() error {
 		}
 		r.data = nil
 	}
+	// A layer under construction is a stray once the replica is closed
+	// (the next open would remove its files); it is removed now.
+	r.buildMu.Lock()
+	r.discardBuild()
+	r.buildMu.Unlock()
 	if cerr := r.closeLayers(); cerr != nil {
 		err = errors.Join(err, fmt.Errorf("replica %s: close layers: %w", r.id, cerr))
 	}

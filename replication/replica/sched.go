@@ -92,6 +92,12 @@ func schedOp(op Op, n, extentSize uint64) (sop iosched.Op, bytes uint64, ok bool
 		return iosched.Read, extentSize, true
 	case OpRehash:
 		return iosched.Read, n * extentSize, true // and small writes of sums
+	case OpLayerSums:
+		return iosched.Read, n * extentSize, true // at most: cached sums read nothing
+	case OpLayerRead:
+		return iosched.Read, extentSize, true
+	case OpLayerWrite:
+		return iosched.Write, n, true
 	}
 	return 0, 0, false
 }

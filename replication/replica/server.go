@@ -745,8 +745,10 @@ func (c *serverConn) replyCost(h RequestHeader) uint64 {
 		return uint64(h.Length)
 	case OpReadExtent:
 		return c.replica.ExtentSize()
-	case OpChecksums:
+	case OpChecksums, OpLayerSums:
 		return 4 * uint64(h.Length)
+	case OpLayerRead:
+		return layerExtentMax(c.replica.ExtentSize())
 	case OpDirty:
 		if h.Length == 0 {
 			return MaxPayload
@@ -922,6 +924,55 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 			return reply{}, err
 		}
 		return reply{payload: p, buf: buf}, nil
+	case OpLayers:
+		ls, err := r.Layers(h.Epoch)
+		if err != nil {
+			return reply{}, err
+		}
+		return reply{payload: AppendLayerInfos(nil, ls)}, nil
+	case OpLayerSums:
+		var sums []uint32
+		var err error
+		if h.Flags&FlagLayerBuild != 0 {
+			sums, err = r.BuildSums(h.Epoch, string(*payload), h.Offset, uint64(h.Length))
+		} else {
+			sums, err = r.LayerSums(h.Epoch, string(*payload), h.Offset, uint64(h.Length))
+		}
+		if err != nil {
+			return reply{}, err
+		}
+		return reply{payload: AppendUint32s(make([]byte, 0, 4*len(sums)), sums)}, nil
+	case OpLayerRead:
+		buf := getBuf(int(layerExtentMax(r.ExtentSize())))
+		p, err := r.ReadLayerExtent(h.Epoch, string(*payload), h.Offset, *buf)
+		if err != nil {
+			putBuf(buf)
+			return reply{}, err
+		}
+		return reply{payload: p, buf: buf}, nil
+	case OpLayerBegin:
+		return reply{}, r.BeginLayer(h.Epoch, string(*payload), h.Offset)
+	case OpLayerWrite:
+		p := *payload
+		n := int(p[0])
+		if n == 0 || 1+n+int(h.Length) != len(p) {
+			return reply{}, fmt.Errorf("%w: layer_write: snapshot id of %d bytes in a payload of %d with %d bytes of data", ErrInvalidArgument, n, len(p), h.Length)
+		}
+		return reply{}, r.WriteLayerExtent(h.Epoch, string(p[1:1+n]), h.Offset, p[1+n:])
+	case OpLayerSeal:
+		id := string(*payload)
+		if err := r.SealLayer(h.Epoch, id); err != nil {
+			return reply{}, err
+		}
+		c.log.Info("layer published", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id), zap.Uint64("epoch", h.Epoch))
+		return reply{}, nil
+	case OpLayerDrop:
+		id := string(*payload)
+		if err := r.DropLayer(h.Epoch, id); err != nil {
+			return reply{}, err
+		}
+		c.log.Info("layer dropped", zap.String("volume_id", c.s.volumeOf(r.ID())), zap.String("snapshot", id), zap.Uint64("epoch", h.Epoch))
+		return reply{}, nil
 	case OpInfo:
 		if h.Flags&FlagGeneration != 0 {
 			return reply{payload: AppendInfoGeneration(nil, r.Info())}, nil

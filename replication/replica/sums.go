@@ -161,7 +161,7 @@ func (r *Replica) closeSums() error {
 }
 
 // Checksummed reports whether the replica keeps per-block checksums.
-func (r *Replica) Checksummed() bool { return r.sums != nil }
+func (r *Replica) Checksummed() bool { return r.checksummed }
 
 // readSums reads the stored sums of the head's blocks [first,
 // first+len(dst)). Callers hold epochMu shared (Close unmaps under it).
@@ -467,7 +467,7 @@ func (r *Replica) Rehash(epoch, firstExtent, count uint64) error {
 	if err := r.checkExtents(firstExtent, count); err != nil {
 		return err
 	}
-	if r.sums == nil {
+	if !r.checksummed { // r.sums may be replaced meanwhile (a new head)
 		r.epochMu.RLock()
 		defer r.epochMu.RUnlock()
 		return r.checkEpoch(epoch)
