@@ -17,14 +17,7 @@ import (
 // program, go run ./tests/torture, runs and reports them all), unless
 // CAIRN_TORTURE_KNOWN_FAILING=run, to try a fix. Remove an entry when its
 // fix lands; the goal is an empty map.
-var knownFailing = map[Kind]string{
-	// The kill lands before or during the merge depending on timing, so the
-	// round fails or passes by luck until both fixes land (the campaign reports
-	// them with their logs; see tests/torture/README.md).
-	DeleteSnapCrash: "a SIGKILLed node's replica with snapshot layers loses the head's pending map bits " +
-		"(acknowledged writes not flushed read as the layer below) and the next engine may resync from it " +
-		"(stale blocks); a replica that was down when the deletion ended keeps the deleted layer for good",
-}
+var knownFailing = map[Kind]string{}
 
 // targetsPending lists the fault kinds whose stall or takeover target
 // (issue #10: no acknowledged write waits more than 2 s because of one
