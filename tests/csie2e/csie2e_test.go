@@ -15,6 +15,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -73,6 +74,12 @@ func dial(t *testing.T, endpoint string) *grpc.ClientConn {
 
 func startCluster(t *testing.T) *cluster {
 	t.Helper()
+	return startClusterOf(t, 3)
+}
+
+// startClusterOf starts a dev cluster of n nodes (cairn dev up).
+func startClusterOf(t *testing.T, n int) *cluster {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root (FUSE, loop devices, mkfs, mount); run it as root, as CI does")
 	}
@@ -91,7 +98,7 @@ func startCluster(t *testing.T) *cluster {
 		}
 		assertNothingLeft(t, dir)
 	})
-	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	cairn(t, "dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir)
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -3,6 +3,7 @@ package csie2e
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"fmt"
 	"io"
 	"maps"
@@ -22,6 +23,8 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // The snapshot services on a real 3-node cluster (docs/snapshots.md): the
@@ -470,4 +473,97 @@ func TestRestoreIntoLargerVolume(t *testing.T) {
 			c.waitGone(id)
 		})
 	}
+}
+
+// volumeJSON is a volume as cairn ctl volume get -o json prints it.
+func (c *cluster) volumeJSON(id string) *meta.Volume {
+	c.t.Helper()
+	var v meta.Volume
+	if err := json.Unmarshal([]byte(cairn(c.t, "ctl", "--server", c.agents, "volume", "get", id, "-o", "json")), &v); err != nil {
+		c.t.Fatal(err)
+	}
+	return &v
+}
+
+// TestRestoreAfterHolderReplaced: a node holding a replica of a volume
+// with a snapshot dies for good; its replica is replaced on the fourth
+// node and rebuilt there, snapshot layers included. A restore then uses
+// that rebuilt replica too, and reads the snapshot's data through ext4 on
+// the new node.
+func TestRestoreAfterHolderReplaced(t *testing.T) {
+	c := startClusterOf(t, 4)
+	resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+		Name: "replaced-src", CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20},
+		VolumeCapabilities: []*csipb.VolumeCapability{mountCap},
+		Parameters:         map[string]string{"replicas": "3", "staleReplicaTimeout": "2s"},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := resp.GetVolume().GetVolumeId()
+	v := c.volumeJSON(id)
+	holders := map[string]string{} // node → replica id
+	for _, r := range v.Replicas {
+		holders[r.Node] = r.ID
+	}
+	var spare string
+	for n := range c.nodes {
+		if _, ok := holders[n]; !ok {
+			spare = n
+		}
+	}
+	attachNode := v.Replicas[0].Node
+	staging, target := c.attach(id, attachNode)
+	atSnap := map[string][32]byte{}
+	writeFiles(t, target, "held", 6, 31, atSnap)
+	syncFS(t, target)
+	snap := c.snapshot("replaced-snap", id)
+	now := maps.Clone(atSnap)
+	writeFiles(t, target, "held", 2, 32, now) // overwrite two files after the snapshot
+	syncFS(t, target)
+	c.detach(id, attachNode, staging, target)
+
+	// The node of another replica dies for good; its replica moves to the
+	// spare node and is rebuilt there from the others.
+	victim := v.Replicas[1].Node
+	cairn(t, "dev", "kill", "--dir", c.dir, victim)
+	deadline := time.Now().Add(90 * time.Second)
+	var moved meta.Replica
+	for moved.ID == "" {
+		for _, r := range c.volumeJSON(id).Replicas {
+			if r.Node == spare && r.State == meta.ReplicaHealthy && r.Generation != "" {
+				moved = r
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the replica on %s was not replaced on %s and rebuilt within 90s:\n%s", victim, spare,
+				cairn(t, "ctl", "--server", c.agents, "volume", "get", id, "-o", "json"))
+		}
+		time.Sleep(300 * time.Millisecond)
+	}
+	t.Logf("replica %s of %s (killed) replaced by %s on %s", holders[victim], victim, moved.ID, spare)
+
+	// A restore puts a replica on the spare node, made from the rebuilt
+	// replica's carried layers, and reads the snapshot's data there.
+	restored, err := c.createFrom("replaced-restored", 64<<20, fromSnapshot(snap.GetSnapshotId()))
+	if err != nil {
+		t.Fatalf("restore after a holder was replaced: %v", err)
+	}
+	rv := c.volumeJSON(restored.GetVolumeId())
+	var onSpare bool
+	for _, r := range rv.Replicas {
+		if r.Node == spare && r.Source == moved.ID {
+			onSpare = true
+		}
+		if r.Node == victim {
+			t.Fatalf("the restore placed a replica on the dead node %s: %+v", victim, rv.Replicas)
+		}
+	}
+	if !onSpare {
+		t.Fatalf("the restore made no replica from the rebuilt replica %s on %s: %+v", moved.ID, spare, rv.Replicas)
+	}
+	rStaging, rTarget := c.attach(restored.GetVolumeId(), spare)
+	checkExactly(t, rTarget, atSnap)
+	c.detach(restored.GetVolumeId(), spare, rStaging, rTarget)
+	cairn(t, "dev", "start", "--dir", c.dir, victim)
 }
