@@ -266,6 +266,9 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	} else {
 		fmt.Fprintf(w, "condition:    normal\n")
 	}
+	if u := v.Usage; u != nil {
+		fmt.Fprintf(w, "on disk:      %s on replica %s, snapshots included\n", formatSize(u.AllocatedBytes), u.ReplicaID)
+	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
 		if spec.SnapshotSchedule != "" {

@@ -166,10 +166,11 @@ func formatCreated(ns int64) string {
 
 func printSnapshotTable(w io.Writer, snaps []*meta.Snapshot) error {
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "ID\tNAME\tVOLUME\tSIZE\tREADY\tCREATED\tSTATE")
+	fmt.Fprintln(tw, "ID\tNAME\tVOLUME\tSIZE\tHELD\tALONE\tREADY\tCREATED\tSTATE")
 	for _, sn := range snaps {
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%v\t%s\t%s\n", sn.ID, sn.Name, sn.SourceVolumeID, formatSize(sn.SizeBytes),
-			sn.ReadyToUse, formatCreated(sn.CreatedAt), snapshotState(sn))
+		held, alone := snapshotSpace(sn)
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%v\t%s\t%s\n", sn.ID, sn.Name, sn.SourceVolumeID, formatSize(sn.SizeBytes),
+			held, alone, sn.ReadyToUse, formatCreated(sn.CreatedAt), snapshotState(sn))
 	}
 	return tw.Flush()
 }
@@ -191,7 +192,18 @@ func printSnapshot(w io.Writer, format string, sn *meta.Snapshot) error {
 	if len(sn.Replicas) > 0 {
 		fmt.Fprintf(tw, "held by:\t%s\n", strings.Join(sn.Replicas, ", "))
 	}
+	held, alone := snapshotSpace(sn)
+	fmt.Fprintf(tw, "space:\t%s held, %s of it alone (freed by deleting it)\n", held, alone)
 	return tw.Flush()
+}
+
+// snapshotSpace formats what a snapshot holds on a replica and what it
+// alone holds ("-" until a node reported it: RecordUsage).
+func snapshotSpace(sn *meta.Snapshot) (held, alone string) {
+	if sn.Space == nil {
+		return "-", "-"
+	}
+	return formatSize(sn.Space.HeldBytes), formatSize(sn.Space.AloneBytes)
 }
 
 func newSnapshotGetCommand(o *ctlOptions) *cobra.Command {

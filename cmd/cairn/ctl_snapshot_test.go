@@ -81,7 +81,8 @@ func TestListSnapshotsAndTable(t *testing.T) {
 	at := func(min int) int64 { return time.Date(2026, 12, 5, 10, min, 0, 0, time.UTC).UnixNano() }
 	for _, sn := range []*meta.Snapshot{
 		{ID: "s3", Name: "c", SourceVolumeID: "v1", SizeBytes: 1 << 30, CreatedAt: at(3), Error: "replica v1-r2 unreachable"},
-		{ID: "s1", Name: "a", SourceVolumeID: "v1", SizeBytes: 1 << 30, CreatedAt: at(1), ReadyToUse: true},
+		{ID: "s1", Name: "a", SourceVolumeID: "v1", SizeBytes: 1 << 30, CreatedAt: at(1), ReadyToUse: true,
+			Space: &meta.SnapshotSpace{HeldBytes: 512 << 20, AloneBytes: 64 << 20}},
 		{ID: "s2", Name: "b", SourceVolumeID: "v2", SizeBytes: 64 << 20, CreatedAt: at(2)},
 		{ID: "s4", Name: "d", SourceVolumeID: "v1", CreatedAt: at(4), ReadyToUse: true, Deleting: true},
 		{ID: "s5", Name: meta.HiddenSnapshotPrefix + "clone-x", SourceVolumeID: "v1", CreatedAt: at(5), ReadyToUse: true},
@@ -115,14 +116,14 @@ func TestListSnapshotsAndTable(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	if len(lines) != 6 || strings.Join(strings.Fields(lines[0]), " ") != "ID NAME VOLUME SIZE READY CREATED STATE" {
+	if len(lines) != 6 || strings.Join(strings.Fields(lines[0]), " ") != "ID NAME VOLUME SIZE HELD ALONE READY CREATED STATE" {
 		t.Fatalf("table:\n%s", out.String())
 	}
 	for i, want := range []string{
-		"s1 a v1 1 GiB true 2026-12-05T10:01:00Z ready",
-		"s2 b v2 64 MiB false 2026-12-05T10:02:00Z pending",
-		"s3 c v1 1 GiB false 2026-12-05T10:03:00Z error: replica v1-r2 unreachable",
-		"s4 d v1 0 B true 2026-12-05T10:04:00Z deleting",
+		"s1 a v1 1 GiB 512 MiB 64 MiB true 2026-12-05T10:01:00Z ready",
+		"s2 b v2 64 MiB - - false 2026-12-05T10:02:00Z pending",
+		"s3 c v1 1 GiB - - false 2026-12-05T10:03:00Z error: replica v1-r2 unreachable",
+		"s4 d v1 0 B - - true 2026-12-05T10:04:00Z deleting",
 	} {
 		if got := strings.Join(strings.Fields(lines[i+1]), " "); got != want {
 			t.Errorf("row %d: %q, want %q", i+1, got, want)

@@ -80,6 +80,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyRestoreVolume(s, c)
 	case *RetireVolume:
 		return applyRetireVolume(s, c)
+	case *RecordUsage:
+		return applyRecordUsage(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }

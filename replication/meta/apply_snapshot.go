@@ -257,3 +257,21 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	s.Volumes[v.ID] = v
 	return Result{Volume: v.Clone()}, nil
 }
+
+func applyRecordUsage(s *State, c *RecordUsage) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	if _, err := v.replicaIndex(c.ReplicaID); err != nil {
+		return Result{}, err
+	}
+	v.Usage = &VolumeUsage{ReplicaID: c.ReplicaID, AllocatedBytes: c.AllocatedBytes}
+	for id, sp := range c.Snapshots {
+		if sn, ok := s.Snapshots[id]; ok && sn.SourceVolumeID == v.ID {
+			x := sp
+			sn.Space = &x
+		}
+	}
+	return Result{Volume: v.Clone()}, nil
+}

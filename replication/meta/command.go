@@ -40,6 +40,7 @@ const (
 	CmdMarkSnapshotDeleting CommandType = 24
 	CmdRestoreVolume        CommandType = 25
 	CmdRetireVolume         CommandType = 26
+	CmdRecordUsage          CommandType = 27
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -51,7 +52,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdRetireVolume
+const lastCommandType = CmdRecordUsage
 
 // Command is one change to the store's state.
 type Command interface {
@@ -296,6 +297,17 @@ type RetireVolume struct {
 	VolumeID string `json:"volume_id"`
 }
 
+// RecordUsage records the space a volume's replica takes on its node and
+// what each of the volume's snapshots holds there (docs/snapshots.md,
+// "Space"), for operators: the node of the volume's first healthy replica
+// reports it when it changed. It changes no replica set and no epoch.
+type RecordUsage struct {
+	VolumeID       string                   `json:"volume_id"`
+	ReplicaID      string                   `json:"replica_id"`
+	AllocatedBytes uint64                   `json:"allocated_bytes"`
+	Snapshots      map[string]SnapshotSpace `json:"snapshots,omitempty"`
+}
+
 // Type implementations.
 func (InitCluster) Type() CommandType           { return CmdInitCluster }
 func (RegisterNode) Type() CommandType          { return CmdRegisterNode }
@@ -323,6 +335,7 @@ func (SetSnapshotReady) Type() CommandType      { return CmdSetSnapshotReady }
 func (MarkSnapshotDeleting) Type() CommandType  { return CmdMarkSnapshotDeleting }
 func (RestoreVolume) Type() CommandType         { return CmdRestoreVolume }
 func (RetireVolume) Type() CommandType          { return CmdRetireVolume }
+func (RecordUsage) Type() CommandType           { return CmdRecordUsage }
 
 // newCommand returns an empty command of type t, or nil for an unknown type.
 func newCommand(t CommandType) Command {
@@ -379,6 +392,8 @@ func newCommand(t CommandType) Command {
 		return &RestoreVolume{}
 	case CmdRetireVolume:
 		return &RetireVolume{}
+	case CmdRecordUsage:
+		return &RecordUsage{}
 	}
 	return nil
 }
@@ -429,7 +444,7 @@ func Encode(c Command) ([]byte, error) {
 //     API's Info (command_types), that it reads it, and refuses the command
 //     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
 //     member cannot say so, so nothing it cannot read reaches the log while
-//     it is a member. Types 22 (ExpandVolume) to 26 are written so.
+//     it is a member. Types 22 (ExpandVolume) to 27 are written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So

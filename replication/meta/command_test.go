@@ -54,6 +54,7 @@ func fullCommands() []Command {
 		&MarkSnapshotDeleting{SnapshotID: "snap-1"},
 		&RestoreVolume{CreateVolume: CreateVolume{ID: "vol-2", Name: "n", SizeBytes: 1 << 30, Replicas: 3, ContentSource: "snapshot:snap-1", CreatedAt: 48}, SnapshotID: "snap-1"},
 		&RetireVolume{VolumeID: "vol-1"},
+		&RecordUsage{VolumeID: "vol-1", ReplicaID: "vol-1-r1", AllocatedBytes: 7, Snapshots: map[string]SnapshotSpace{"snap-1": {HeldBytes: 5, AloneBytes: 2}}},
 	}
 }
 
@@ -105,7 +106,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdMarkSnapshotDeleting, &MarkSnapshotDeleting{}},
 		{CmdRestoreVolume, &RestoreVolume{}},
 		{CmdRetireVolume, &RetireVolume{}},
-		{CmdRetireVolume + 1, nil},
+		{CmdRecordUsage, &RecordUsage{}},
+		{CmdRecordUsage + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -260,7 +262,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 27", cmdBytes(CmdRetireVolume+1, commandVersion, `{}`)},
+		{"unknown type 28", cmdBytes(CmdRecordUsage+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -200,3 +200,26 @@ func TestApplyRestoreUsesRebuiltReplicas(t *testing.T) {
 		}
 	}
 }
+
+func TestApplyRecordUsage(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	v := h.createVolume("v1", 1, 3)
+	h.createVolume("v2", 1, 3)
+	h.readySnapshot("s1", "v1")
+	h.readySnapshot("s2", "v2")
+	h.fails(&RecordUsage{VolumeID: "v1", ReplicaID: "nope"}, ErrNotFound)
+	h.fails(&RecordUsage{VolumeID: "nope", ReplicaID: "x"}, ErrNotFound)
+	res := h.must(&RecordUsage{VolumeID: "v1", ReplicaID: v.Replicas[0].ID, AllocatedBytes: 9 << 20,
+		Snapshots: map[string]SnapshotSpace{"s1": {HeldBytes: 8 << 20, AloneBytes: 1 << 20}, "s2": {HeldBytes: 1}}})
+	if u := res.Volume.Usage; u == nil || u.AllocatedBytes != 9<<20 || u.ReplicaID != v.Replicas[0].ID {
+		t.Fatalf("volume usage %+v", u)
+	}
+	s := h.state()
+	if sp := s.Snapshots["s1"].Space; sp == nil || *sp != (SnapshotSpace{HeldBytes: 8 << 20, AloneBytes: 1 << 20}) {
+		t.Fatalf("s1 space %+v", sp)
+	}
+	if s.Snapshots["s2"].Space != nil {
+		t.Fatal("a report for one volume changed another volume's snapshot")
+	}
+}

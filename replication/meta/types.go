@@ -187,6 +187,8 @@ type Volume struct {
 	// RestoredFrom is the snapshot a restored volume's replicas with a
 	// Source are made from (RestoreVolume).
 	RestoredFrom string `json:"restored_from,omitempty"`
+	// Usage is the space a replica of the volume takes, as last reported.
+	Usage *VolumeUsage `json:"usage,omitempty"`
 	// Hidden: deleted by its user while snapshots of it remain
 	// (RetireVolume). Its name is free and users do not see it; it stays,
 	// with its replicas, until DeleteSnapshot removes the last snapshot.
@@ -210,6 +212,23 @@ type Snapshot struct {
 	// Deleting: deleted by its user; its layers are being removed, and
 	// the record goes once they are (DeleteSnapshot).
 	Deleting bool `json:"deleting,omitempty"`
+	// Space is what the snapshot takes on one replica, as last reported
+	// (RecordUsage); nil until then.
+	Space *SnapshotSpace `json:"space,omitempty"`
+}
+
+// SnapshotSpace is what a snapshot's layer takes on a replica: what it
+// holds, and what it alone holds (the space deleting it would free).
+type SnapshotSpace struct {
+	HeldBytes  uint64 `json:"held_bytes"`
+	AloneBytes uint64 `json:"alone_bytes"`
+}
+
+// VolumeUsage is the disk space one of a volume's replicas takes on its
+// node, snapshots' layers included, as last reported (RecordUsage).
+type VolumeUsage struct {
+	ReplicaID      string `json:"replica_id"`
+	AllocatedBytes uint64 `json:"allocated_bytes"`
 }
 
 // HiddenSnapshotPrefix starts the names of the snapshots Cairn takes for
@@ -289,6 +308,10 @@ func (v *Volume) Clone() *Volume {
 		x := *v.Scrub
 		c.Scrub = &x
 	}
+	if v.Usage != nil {
+		x := *v.Usage
+		c.Usage = &x
+	}
 	return &c
 }
 
@@ -318,6 +341,10 @@ func (s *State) Clone() *State {
 	for id, sn := range s.Snapshots {
 		sc := *sn
 		sc.Replicas = slices.Clone(sn.Replicas)
+		if sn.Space != nil {
+			sp := *sn.Space
+			sc.Space = &sp
+		}
 		c.Snapshots[id] = &sc
 	}
 	c.Requests = append([]RequestRecord(nil), s.Requests...)

@@ -199,10 +199,15 @@ func (n *Node) Close() error {
 // realizeLoop runs realize after every change of the store's state (and
 // every few seconds, to retry what failed).
 func (n *Node) realizeLoop() {
+	var lastUsage time.Time
 	for {
 		changed := n.cfg.FSM.Changed()
 		n.realize()
 		n.runSnapshots()
+		if time.Since(lastUsage) >= usageInterval {
+			n.recordUsage()
+			lastUsage = time.Now()
+		}
 		select {
 		case <-n.ctx.Done():
 			return

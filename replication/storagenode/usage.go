@@ -1,10 +1,12 @@
 package storagenode
 
 import (
+	"context"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
@@ -81,3 +83,77 @@ func (u *usageCollector) measure() []prometheus.Metric {
 	}
 	return out
 }
+
+// usageInterval is how often a node looks at whether the space its
+// replicas take changed enough to report to the store (recordUsage).
+const usageInterval = 10 * time.Second
+
+// recordUsage reports to the store, for each volume whose first healthy
+// replica is on this node, the space that replica takes and what each of
+// the volume's snapshots holds there (RecordUsage), when it changed by
+// more than a MiB or a snapshot came or went since the store's record:
+// operators see it in cairn ctl. One node per volume reports, and only
+// changes, so the log stays small.
+func (n *Node) recordUsage() {
+	type job struct {
+		vol   *meta.Volume
+		rep   string
+		snaps map[string]*meta.Snapshot
+	}
+	var jobs []job
+	n.cfg.FSM.View(func(s *meta.State) {
+		bySource := map[string]map[string]*meta.Snapshot{}
+		for _, sn := range s.Snapshots {
+			if bySource[sn.SourceVolumeID] == nil {
+				bySource[sn.SourceVolumeID] = map[string]*meta.Snapshot{}
+			}
+			x := *sn
+			bySource[sn.SourceVolumeID][sn.ID] = &x
+		}
+		for _, v := range n.here.vols {
+			for _, r := range v.Replicas {
+				if r.State != meta.ReplicaHealthy {
+					continue
+				}
+				if r.Node == n.cfg.NodeID {
+					jobs = append(jobs, job{vol: v, rep: r.ID, snaps: bySource[v.ID]})
+				}
+				break // the first healthy replica's node reports
+			}
+		}
+	})
+	for _, j := range jobs {
+		r, err := n.server.Get(j.rep)
+		if err != nil {
+			continue
+		}
+		usage, err := r.SnapshotUsage()
+		if err != nil {
+			continue
+		}
+		cmd := &meta.RecordUsage{VolumeID: j.vol.ID, ReplicaID: j.rep, AllocatedBytes: r.Info().AllocatedBytes,
+			Snapshots: map[string]meta.SnapshotSpace{}}
+		changed := j.vol.Usage == nil || j.vol.Usage.ReplicaID != j.rep || far(j.vol.Usage.AllocatedBytes, cmd.AllocatedBytes)
+		for _, u := range usage {
+			sn, ok := j.snaps[u.ID]
+			if !ok {
+				continue // a layer inherited from a restore's source: not this volume's snapshot
+			}
+			sp := meta.SnapshotSpace{HeldBytes: u.HeldBytes, AloneBytes: u.FreedByDelete}
+			cmd.Snapshots[u.ID] = sp
+			changed = changed || sn.Space == nil || far(sn.Space.HeldBytes, sp.HeldBytes) || far(sn.Space.AloneBytes, sp.AloneBytes)
+		}
+		if !changed {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+		_, err = n.cfg.Meta.Apply(ctx, cmd)
+		cancel()
+		if err != nil {
+			n.log.Debug("space of a replica not recorded; will try again", zap.String("volume_id", j.vol.ID), zap.String("replica_id", j.rep), zap.Error(err))
+		}
+	}
+}
+
+// far reports whether two byte counts differ by more than a MiB.
+func far(a, b uint64) bool { return max(a, b)-min(a, b) > 1<<20 }

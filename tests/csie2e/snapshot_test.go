@@ -189,6 +189,28 @@ func TestSnapshotRestoreAndClone(t *testing.T) {
 		t.Logf("%s: the snapshot holds %.1f MiB, %.1f MiB of it alone", node, held/(1<<20), alone/(1<<20))
 	}
 
+	// The store learns the same from the node of the first healthy
+	// replica, and cairn ctl shows it.
+	deadline := time.Now().Add(40 * time.Second)
+	for {
+		var sn meta.Snapshot
+		out := cairn(t, "ctl", "--server", c.agents, "snapshot", "get", snap.GetSnapshotId(), "-o", "json")
+		if err := json.Unmarshal([]byte(out), &sn); err != nil {
+			t.Fatal(err)
+		}
+		if sp := sn.Space; sp != nil && sp.HeldBytes >= 10*256<<10 && sp.AloneBytes > 0 {
+			t.Logf("cairn ctl snapshot get: %s", grepLines(cairn(t, "ctl", "--server", c.agents, "snapshot", "get", snap.GetSnapshotId()), "space"))
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the snapshot's space did not reach the store within 40s: %s", out)
+		}
+		time.Sleep(time.Second)
+	}
+	if u := c.volumeJSON(id).Usage; u == nil || u.AllocatedBytes < 10*256<<10 {
+		t.Fatalf("the volume's space on disk in the store: %+v", u)
+	}
+
 	// A restore reads the old data, on another node.
 	restored, err := c.createFrom("snap-restored", 128<<20, fromSnapshot(snap.GetSnapshotId()))
 	if err != nil {
