@@ -61,8 +61,7 @@ func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot,
 			continue // a member restarting; ctx bounds the wait
 		}
 		now, ok := st.Snapshots[sn.ID]
-		switch {
-		case !ok || now.Deleting:
+		if !ok || now.Deleting {
 			return nil, fmt.Errorf("snapshot %s of %s was deleted while it was being taken: %w", sn.ID, vol, ErrNotFound)
 		}
 		sn = now

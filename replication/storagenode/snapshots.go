@@ -71,12 +71,18 @@ func servingNode(s *meta.State, v *meta.Volume) string {
 	if v.Attachment != nil {
 		return v.Attachment.Node
 	}
+	r, _ := firstHealthy(s, v)
+	return r.Node
+}
+
+// firstHealthy returns v's first healthy replica on a node that is up.
+func firstHealthy(s *meta.State, v *meta.Volume) (meta.Replica, bool) {
 	for _, r := range v.Replicas {
 		if n := s.Nodes[r.Node]; r.State == meta.ReplicaHealthy && n != nil && n.State == meta.NodeUp {
-			return r.Node
+			return r, true
 		}
 	}
-	return ""
+	return meta.Replica{}, false
 }
 
 // snapshotJobs returns the snapshot work this node should do, from its

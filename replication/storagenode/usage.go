@@ -67,12 +67,8 @@ func (u *usageCollector) measure() []prometheus.Metric {
 	for _, info := range infos {
 		vol := meta.VolumeOfReplica(info.ID)
 		out = append(out, prometheus.MustNewConstMetric(allocatedDesc, prometheus.GaugeValue, float64(info.AllocatedBytes), vol, info.ID))
-		r, err := u.server.Get(info.ID)
-		if err != nil {
-			continue
-		}
-		snaps, err := r.SnapshotUsage()
-		if err != nil {
+		_, snaps, ok := spaceOf(u.server, info.ID)
+		if !ok {
 			continue
 		}
 		for _, s := range snaps {
@@ -84,6 +80,21 @@ func (u *usageCollector) measure() []prometheus.Metric {
 	return out
 }
 
+// spaceOf reads what replica id takes on disk and what each of its
+// snapshots holds; not ok for a replica that cannot be read now (being
+// deleted, closed): it is left out until the next look.
+func spaceOf(server *replica.Server, id string) (allocated uint64, snaps []replica.SnapshotUsage, ok bool) {
+	r, err := server.Get(id)
+	if err != nil {
+		return 0, nil, false
+	}
+	snaps, err = r.SnapshotUsage()
+	if err != nil {
+		return 0, nil, false
+	}
+	return r.Info().AllocatedBytes, snaps, true
+}
+
 // usageInterval is how often a node looks at whether the space its
 // replicas take changed enough to report to the store (recordUsage).
 const usageInterval = 10 * time.Second
@@ -91,7 +102,7 @@ const usageInterval = 10 * time.Second
 // recordUsage reports to the store, for each volume whose first healthy
 // replica is on this node, the space that replica takes and what each of
 // the volume's snapshots holds there (RecordUsage), when it changed by
-// more than a MiB or a snapshot came or went since the store's record:
+// more than a MiB, or a snapshot has no figures recorded yet:
 // operators see it in cairn ctl. One node per volume reports, and only
 // changes, so the log stays small.
 func (n *Node) recordUsage() {
@@ -111,27 +122,19 @@ func (n *Node) recordUsage() {
 			bySource[sn.SourceVolumeID][sn.ID] = &x
 		}
 		for _, v := range n.here.vols {
-			for _, r := range v.Replicas {
-				if r.State != meta.ReplicaHealthy {
-					continue
-				}
-				if r.Node == n.cfg.NodeID {
-					jobs = append(jobs, job{vol: v, rep: r.ID, snaps: bySource[v.ID]})
-				}
-				break // the first healthy replica's node reports
+			// The node of the first healthy replica on a node that is up
+			// reports, as it serves an unattached volume's snapshots.
+			if r, ok := firstHealthy(s, v); ok && r.Node == n.cfg.NodeID {
+				jobs = append(jobs, job{vol: v, rep: r.ID, snaps: bySource[v.ID]})
 			}
 		}
 	})
 	for _, j := range jobs {
-		r, err := n.server.Get(j.rep)
-		if err != nil {
+		allocated, usage, ok := spaceOf(n.server, j.rep)
+		if !ok {
 			continue
 		}
-		usage, err := r.SnapshotUsage()
-		if err != nil {
-			continue
-		}
-		cmd := &meta.RecordUsage{VolumeID: j.vol.ID, ReplicaID: j.rep, AllocatedBytes: r.Info().AllocatedBytes,
+		cmd := &meta.RecordUsage{VolumeID: j.vol.ID, ReplicaID: j.rep, AllocatedBytes: allocated,
 			Snapshots: map[string]meta.SnapshotSpace{}}
 		changed := j.vol.Usage == nil || j.vol.Usage.ReplicaID != j.rep || far(j.vol.Usage.AllocatedBytes, cmd.AllocatedBytes)
 		for _, u := range usage {
@@ -147,7 +150,7 @@ func (n *Node) recordUsage() {
 			continue
 		}
 		ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
-		_, err = n.cfg.Meta.Apply(ctx, cmd)
+		_, err := n.cfg.Meta.Apply(ctx, cmd)
 		cancel()
 		if err != nil {
 			n.log.Debug("space of a replica not recorded; will try again", zap.String("volume_id", j.vol.ID), zap.String("replica_id", j.rep), zap.Error(err))
