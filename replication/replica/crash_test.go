@@ -3,6 +3,7 @@ package replica
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
@@ -15,7 +16,8 @@ import (
 
 // childEnv names what a re-executed test binary does instead of running
 // the tests: "delete-snapshot DIR ID", the child of
-// TestKillDuringSnapshotDeletion, or "write-unflushed DIR", the child of
+// TestKillDuringSnapshotDeletion, "flatten DIR REPLICA LAYER", the child of
+// TestKillDuringFlatten, or "write-unflushed DIR", the child of
 // TestKillKeepsUnflushedWrites.
 const childEnv = "CAIRN_REPLICA_TEST_CHILD"
 
@@ -26,6 +28,9 @@ func runChild(what string) int {
 	if len(f) == 2 && f[0] == "write-unflushed" {
 		return writeUnflushed(f[1])
 	}
+	if len(f) == 4 && f[0] == "flatten" {
+		return flattenChild(f[1], f[2], f[3])
+	}
 	if len(f) != 3 || f[0] != "delete-snapshot" {
 		fmt.Fprintln(os.Stderr, "unknown child:", what)
 		return 2
@@ -35,18 +40,39 @@ func runChild(what string) int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
+	return childDone(r.DeleteSnapshot(1, f[2], printSteps()))
+}
+
+// printSteps returns a progress function that prints "step N" at each call,
+// then pauses, leaving the parent time to kill the child mid-way.
+func printSteps() func(done, total uint64) {
 	step := 0
-	err = r.DeleteSnapshot(1, f[2], func(done, total uint64) {
+	return func(done, total uint64) {
 		step++
 		fmt.Printf("step %d\n", step)
-		time.Sleep(20 * time.Millisecond) // leave the parent time to kill mid-way
-	})
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// childDone reports how a child's work ended, as its exit code.
+func childDone(err error) int {
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
 	fmt.Println("done")
 	return 0
+}
+
+// flattenChild flattens replica id under dir into layer layerID, printing
+// "step N" after each step (the child of TestKillDuringFlatten).
+func flattenChild(dir, id, layerID string) int {
+	r, err := Open(dir, id, 0, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return childDone(r.Flatten(context.Background(), layerID, printSteps()))
 }
 
 // killChildAt runs a child of this test binary doing what (see childEnv)
