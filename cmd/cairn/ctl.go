@@ -268,6 +268,13 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	if u := v.Usage; u != nil {
 		fmt.Fprintf(w, "on disk:      %s on replica %s, snapshots included\n", formatSize(u.AllocatedBytes), u.ReplicaID)
+		if u.Depth > 0 {
+			fmt.Fprintf(w, "chain:        %d layers, the head included (a new snapshot is refused at %d)\n", u.Depth, meta.ChainDepthHardLimit)
+		}
+		if f := u.Flatten; f != nil {
+			progressBar(w, "flattening into "+f.Layer, f.DoneBytes, f.TotalBytes)
+			fmt.Fprintln(w)
+		}
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)

@@ -58,6 +58,8 @@ type Config struct {
 	ReplicaDeadline time.Duration
 	// ScrubInterval: see engine.Config.ScrubInterval.
 	ScrubInterval time.Duration
+	// ChainSoftLimit: see storagenode.Config.ChainSoftLimit.
+	ChainSoftLimit int
 	// StaleReplicaTimeout is how long a replica's node may be down before the
 	// replica is replaced elsewhere (volumes may override it).
 	StaleReplicaTimeout time.Duration
@@ -167,7 +169,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 	a.closers = append(a.closers, func() error { a.self.Close(); return nil })
 	storage, err := storagenode.New(storagenode.Config{
 		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, FSM: a.store.Store().FSM(), Meta: a.self,
-		Logger: base, Registerer: reg, DiskSched: diskSched,
+		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit,
 	})
 	if err != nil {
 		return nil, err

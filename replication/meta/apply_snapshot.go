@@ -266,7 +266,11 @@ func applyRecordUsage(s *State, c *RecordUsage) (Result, error) {
 	if _, err := v.replicaIndex(c.ReplicaID); err != nil {
 		return Result{}, err
 	}
-	v.Usage = &VolumeUsage{ReplicaID: c.ReplicaID, AllocatedBytes: c.AllocatedBytes}
+	v.Usage = &VolumeUsage{ReplicaID: c.ReplicaID, AllocatedBytes: c.AllocatedBytes, Depth: c.Depth}
+	if c.Flatten != nil {
+		f := *c.Flatten
+		v.Usage.Flatten = &f
+	}
 	for id, sp := range c.Snapshots {
 		if sn, ok := s.Snapshots[id]; ok && sn.SourceVolumeID == v.ID {
 			x := sp

@@ -107,7 +107,8 @@ func (c *Client) RetireVolume(ctx context.Context, id string) (*Volume, error) {
 }
 
 // checkSnapshotLimit refuses a new snapshot named name of volume vol once
-// the volume has as many as its snapshotLimit allows (ResourceExhausted);
+// the volume has as many as its snapshotLimit allows, or its chain is at
+// ChainDepthHardLimit as last reported (RecordUsage) (ResourceExhausted);
 // a retry of one already recorded passes. It is checked before asking the
 // store, not in apply, so that a store member of an older build cannot
 // disagree: requests at the same time may each pass it, and the replicas'
@@ -121,7 +122,7 @@ func (s *State) checkSnapshotLimit(vol, name string) error {
 	if err != nil {
 		return nil
 	}
-	n := 0
+	n, pending := 0, 0
 	for _, sn := range s.Snapshots {
 		if sn.SourceVolumeID != vol || sn.Deleting {
 			continue
@@ -130,13 +131,29 @@ func (s *State) checkSnapshotLimit(vol, name string) error {
 			return nil
 		}
 		n++
+		if !sn.ReadyToUse {
+			pending++ // not in the depth the replicas reported yet
+		}
 	}
 	if n >= spec.Limit() {
 		return fmt.Errorf("volume %s has %d snapshots, as many as its snapshotLimit (%d) allows: delete one first: %w",
 			vol, n, spec.Limit(), ErrResourceExhausted)
 	}
+	if v.Usage != nil && v.Usage.Depth+pending >= ChainDepthHardLimit {
+		return fmt.Errorf("volume %s's chain has %d layers (with the snapshots being taken), at the hard limit of %d: "+
+			"the layers it shares with the snapshot it was restored from are being flattened (cairn ctl volume get shows the progress), "+
+			"or delete some of its snapshots: %w", vol, v.Usage.Depth+pending, ChainDepthHardLimit, ErrResourceExhausted)
+	}
 	return nil
 }
+
+// ChainDepthHardLimit bounds the layers of a volume's chain (its replicas'
+// head included) that a new snapshot may add to (docs/snapshots.md, "Chain
+// depth and flattening"): room for the most snapshots a volume may keep
+// (volspec's snapshotLimit, at most 128), a flattened base and the head,
+// and for layers inherited from a restore that wait to be flattened. The
+// replicas' own bound (replication/layer, 256) is above it.
+const ChainDepthHardLimit = 192
 
 // CloneSnapshotName is the name of the hidden snapshot a clone named
 // volume is restored from.

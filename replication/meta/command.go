@@ -306,6 +306,9 @@ type RecordUsage struct {
 	ReplicaID      string                   `json:"replica_id"`
 	AllocatedBytes uint64                   `json:"allocated_bytes"`
 	Snapshots      map[string]SnapshotSpace `json:"snapshots,omitempty"`
+	// Depth and Flatten: see VolumeUsage.
+	Depth   int              `json:"depth,omitempty"`
+	Flatten *FlattenProgress `json:"flatten,omitempty"`
 }
 
 // Type implementations.

@@ -2,6 +2,7 @@ package meta
 
 import (
 	"errors"
+	"fmt"
 	"reflect"
 	"strings"
 	"testing"
@@ -221,5 +222,33 @@ func TestApplyRecordUsage(t *testing.T) {
 	}
 	if s.Snapshots["s2"].Space != nil {
 		t.Fatal("a report for one volume changed another volume's snapshot")
+	}
+}
+
+// TestChainDepthHardLimit: once the depth a replica reported, with the
+// snapshots still being taken, reaches ChainDepthHardLimit, a new snapshot
+// is refused with a message naming the limit; below it, it passes; the
+// report records the depth and a flatten's progress.
+func TestChainDepthHardLimit(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(3, 10)
+	v := h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 1}).Volume
+	rep := v.Replicas[0].ID
+	h.must(&CreateSnapshot{ID: "s-pending", Name: "vs-pending", SourceVolumeID: "v1"})
+	report := func(depth int, f *FlattenProgress) {
+		h.must(&RecordUsage{VolumeID: "v1", ReplicaID: rep, AllocatedBytes: 1, Depth: depth, Flatten: f})
+	}
+	report(ChainDepthHardLimit-2, nil)
+	if err := h.state().checkSnapshotLimit("v1", "vs-new"); err != nil {
+		t.Fatalf("depth %d with one snapshot being taken: %v", ChainDepthHardLimit-2, err)
+	}
+	report(ChainDepthHardLimit-1, &FlattenProgress{Layer: "s0", DoneBytes: 1 << 20, TotalBytes: gib})
+	err := h.state().checkSnapshotLimit("v1", "vs-new")
+	if !errors.Is(err, ErrResourceExhausted) || !strings.Contains(err.Error(), fmt.Sprintf("hard limit of %d", ChainDepthHardLimit)) {
+		t.Fatalf("depth %d with one snapshot being taken: %v, want ResourceExhausted naming the hard limit", ChainDepthHardLimit-1, err)
+	}
+	u := h.state().Volumes["v1"].Clone().Usage
+	if u.Depth != ChainDepthHardLimit-1 || u.Flatten == nil || u.Flatten.DoneBytes != 1<<20 {
+		t.Fatalf("recorded usage %+v", u)
 	}
 }

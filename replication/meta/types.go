@@ -229,6 +229,20 @@ type SnapshotSpace struct {
 type VolumeUsage struct {
 	ReplicaID      string `json:"replica_id"`
 	AllocatedBytes uint64 `json:"allocated_bytes"`
+	// Depth is the number of layers in the replica's chain, the head
+	// included (docs/snapshots.md, "Chain depth and flattening"); 0 if the
+	// node that reported did not say.
+	Depth int `json:"depth,omitempty"`
+	// Flatten is the progress of a flatten running on that replica.
+	Flatten *FlattenProgress `json:"flatten,omitempty"`
+}
+
+// FlattenProgress is how far a replica's flatten has gone: the bytes of
+// the volume copied into the new bottom layer, which takes Layer's id.
+type FlattenProgress struct {
+	Layer      string `json:"layer"`
+	DoneBytes  uint64 `json:"done_bytes"`
+	TotalBytes uint64 `json:"total_bytes"`
 }
 
 // HiddenSnapshotPrefix starts the names of the snapshots Cairn takes for
@@ -310,6 +324,10 @@ func (v *Volume) Clone() *Volume {
 	}
 	if v.Usage != nil {
 		x := *v.Usage
+		if x.Flatten != nil {
+			f := *x.Flatten
+			x.Flatten = &f
+		}
 		c.Usage = &x
 	}
 	return &c

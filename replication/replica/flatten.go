@@ -28,18 +28,38 @@ func (r *Replica) Depth() int {
 	return r.chain.Len()
 }
 
-// LayerIDs returns the ids of the replica's sealed layers, oldest first,
-// with those being deleted: what Flatten may be asked to flatten into.
-func (r *Replica) LayerIDs() []string {
+// ChainLayer is one sealed layer of a replica's chain, as ChainLayers
+// lists them.
+type ChainLayer struct {
+	ID string
+	// Shared: another replica on this node links the layer's files (a
+	// restore made from it, or the replica it was restored from).
+	Shared bool
+}
+
+// ChainLayers lists the replica's sealed layers, oldest first, those being
+// deleted included: what Flatten may be asked to flatten into. A layer
+// whose files cannot be looked at counts as shared.
+func (r *Replica) ChainLayers() []ChainLayer {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if r.chain == nil {
 		return nil
 	}
 	es := r.chain.Entries()
-	ids := make([]string, 0, len(es)-1)
-	for _, e := range es[:len(es)-1] {
-		ids = append(ids, e.ID)
+	out := make([]ChainLayer, 0, len(es)-1)
+	for i, e := range es[:len(es)-1] {
+		shared, err := r.chain.Shared(i)
+		out = append(out, ChainLayer{ID: e.ID, Shared: shared || err != nil})
+	}
+	return out
+}
+
+// LayerIDs returns the ids of the replica's sealed layers, oldest first.
+func (r *Replica) LayerIDs() []string {
+	var ids []string
+	for _, l := range r.ChainLayers() {
+		ids = append(ids, l.ID)
 	}
 	return ids
 }

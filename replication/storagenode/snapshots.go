@@ -58,6 +58,14 @@ type retry struct {
 	wait  time.Duration
 }
 
+// failed returns the retry after one more failure: the wait doubled, from
+// snapshotRetryMin up to snapshotRetryMax.
+func (r retry) failed() retry {
+	r.wait = min(max(2*r.wait, snapshotRetryMin), snapshotRetryMax)
+	r.after = time.Now().Add(r.wait)
+	return r
+}
+
 // snapshotJob is one snapshot to take or to delete.
 type snapshotJob struct {
 	snap   meta.Snapshot
@@ -149,10 +157,7 @@ func (n *Node) runSnapshots() {
 				// The entry goes once the job is no longer listed.
 				n.snapRetry[j.snap.ID] = retry{after: time.Now().Add(snapshotSettle)}
 			} else {
-				r := n.snapRetry[j.snap.ID]
-				r.wait = min(max(2*r.wait, snapshotRetryMin), snapshotRetryMax)
-				r.after = time.Now().Add(r.wait)
-				n.snapRetry[j.snap.ID] = r
+				n.snapRetry[j.snap.ID] = n.snapRetry[j.snap.ID].failed()
 			}
 			n.mu.Unlock()
 		}()

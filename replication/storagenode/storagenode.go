@@ -52,6 +52,10 @@ type Config struct {
 	// (attach.Config.Sched): it holds no QoS limits (see
 	// replica.ServerConfig.Sched).
 	DiskSched *iosched.Scheduler
+	// ChainSoftLimit is the chain depth (layers, the head included) past
+	// which this node flattens the layers a restored replica inherited
+	// (flatten.go); 0: DefaultChainSoftLimit, negative: never.
+	ChainSoftLimit int
 }
 
 // Node is a running storage node.
@@ -67,6 +71,10 @@ type Node struct {
 	// snapshotsTaken and snapshotsDeleted count the snapshot jobs done
 	// here (snapshots.go).
 	snapshotsTaken, snapshotsDeleted prometheus.Counter
+	// flattens counts the flattens done here, flattenProgress shows the
+	// running one (flatten.go).
+	flattens        prometheus.Counter
+	flattenProgress *prometheus.GaugeVec
 	// again wakes the realizer early (a snapshot job finished).
 	again chan struct{}
 
@@ -78,6 +86,12 @@ type Node struct {
 	rebuilds  map[string]context.CancelFunc // volume id → running maintenance rebuild
 	snapJobs  map[string]bool               // volume id → a snapshot job runs (snapshots.go)
 	snapRetry map[string]retry              // snapshot id → backoff after a failed job
+	// flattening: a flatten runs; flattenRetry: replica id → backoff after
+	// a failed one; flatteningNow: replica id → the running one's progress,
+	// for recordUsage (flatten.go).
+	flattening    bool
+	flattenRetry  map[string]retry
+	flatteningNow map[string]meta.FlattenProgress
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -136,6 +150,15 @@ func New(cfg Config) (*Node, error) {
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
+		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.FlattenProgress{},
+		flattens: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "cairn_storage_flattens_total",
+			Help: "Replicas this node flattened: the layers a restore shared with its source replaced by one of the replica's own.",
+		}),
+		flattenProgress: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "cairn_storage_flatten_progress_ratio",
+			Help: "Progress of the flatten running on a replica of this node, from 0 to 1 (absent when none runs).",
+		}, []string{"volume_id", "replica_id"}),
 		grows: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_replica_grows_total",
 			Help: "Replicas this node grew to their volume's new size (expanded while no engine served them, or while the node was down).",
@@ -153,7 +176,7 @@ func New(cfg Config) (*Node, error) {
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
-		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, &usageCollector{server: n.server}) {
+		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server}) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err
@@ -204,6 +227,7 @@ func (n *Node) realizeLoop() {
 		changed := n.cfg.FSM.Changed()
 		n.realize()
 		n.runSnapshots()
+		n.runFlattens()
 		if time.Since(lastUsage) >= usageInterval {
 			n.recordUsage()
 			lastUsage = time.Now()

@@ -101,8 +101,10 @@ const usageInterval = 10 * time.Second
 
 // recordUsage reports to the store, for each volume whose first healthy
 // replica is on this node, the space that replica takes and what each of
-// the volume's snapshots holds there (RecordUsage), when it changed by
-// more than a MiB, or a snapshot has no figures recorded yet:
+// the volume's snapshots holds there, its chain's depth and the progress
+// of a flatten running on it (RecordUsage), when the space changed by
+// more than a MiB, the depth or the progress changed, or a snapshot has no
+// figures recorded yet:
 // operators see it in cairn ctl. One node per volume reports, and only
 // changes, so the log stays small.
 func (n *Node) recordUsage() {
@@ -136,7 +138,17 @@ func (n *Node) recordUsage() {
 		}
 		cmd := &meta.RecordUsage{VolumeID: j.vol.ID, ReplicaID: j.rep, AllocatedBytes: allocated,
 			Snapshots: map[string]meta.SnapshotSpace{}}
-		changed := j.vol.Usage == nil || j.vol.Usage.ReplicaID != j.rep || far(j.vol.Usage.AllocatedBytes, cmd.AllocatedBytes)
+		if r, err := n.server.Get(j.rep); err == nil {
+			cmd.Depth = r.Depth()
+		}
+		n.mu.Lock()
+		if f, ok := n.flatteningNow[j.rep]; ok {
+			cmd.Flatten = &f
+		}
+		n.mu.Unlock()
+		u := j.vol.Usage
+		changed := u == nil || u.ReplicaID != j.rep || far(u.AllocatedBytes, cmd.AllocatedBytes) ||
+			u.Depth != cmd.Depth || !sameFlatten(u.Flatten, cmd.Flatten)
 		for _, u := range usage {
 			sn, ok := j.snaps[u.ID]
 			if !ok {
@@ -156,6 +168,15 @@ func (n *Node) recordUsage() {
 			n.log.Debug("space of a replica not recorded; will try again", zap.String("volume_id", j.vol.ID), zap.String("replica_id", j.rep), zap.Error(err))
 		}
 	}
+}
+
+// sameFlatten reports whether two reports of a flatten's progress say the
+// same.
+func sameFlatten(a, b *meta.FlattenProgress) bool {
+	if a == nil || b == nil {
+		return a == b
+	}
+	return *a == *b
 }
 
 // far reports whether two byte counts differ by more than a MiB.

@@ -77,8 +77,9 @@ func startCluster(t *testing.T) *cluster {
 	return startClusterOf(t, 3)
 }
 
-// startClusterOf starts a dev cluster of n nodes (cairn dev up).
-func startClusterOf(t *testing.T, n int) *cluster {
+// startClusterOf starts a dev cluster of n nodes (cairn dev up), each node
+// agent given nodeArgs besides its own flags.
+func startClusterOf(t *testing.T, n int, nodeArgs ...string) *cluster {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root (FUSE, loop devices, mkfs, mount); run it as root, as CI does")
@@ -98,7 +99,11 @@ func startClusterOf(t *testing.T, n int) *cluster {
 		}
 		assertNothingLeft(t, dir)
 	})
-	cairn(t, "dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir)
+	args := []string{"dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir}
+	for _, a := range nodeArgs {
+		args = append(args, "--node-arg="+a)
+	}
+	cairn(t, args...)
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)

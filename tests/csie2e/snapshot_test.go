@@ -95,7 +95,7 @@ func checkExactly(t *testing.T, dir string, sums map[string][32]byte) {
 }
 
 // metricSum scrapes the metrics at addr and sums the samples of name whose
-// labels mention label.
+// labels mention label (an empty label also takes a sample without labels).
 func metricSum(t *testing.T, addr, name, label string) float64 {
 	t.Helper()
 	resp, err := http.Get("http://" + addr + "/metrics")
@@ -109,7 +109,8 @@ func metricSum(t *testing.T, addr, name, label string) float64 {
 	}
 	var sum float64
 	for _, line := range strings.Split(string(body), "\n") {
-		if !strings.HasPrefix(line, name+"{") || !strings.Contains(line, `"`+label+`"`) {
+		labelled := strings.HasPrefix(line, name+"{") && strings.Contains(line, `"`+label+`"`)
+		if !labelled && (label != "" || !strings.HasPrefix(line, name+" ")) {
 			continue
 		}
 		f := strings.Fields(line)
