@@ -41,8 +41,8 @@ type replicaConn interface {
 	// SealLayer and DropLayer carry the chain of sealed layers to a
 	// replica being rebuilt: see the replica's methods (carry.go).
 	Layers(ctx context.Context, epoch uint64) ([]replica.LayerInfo, error)
-	LayerSums(ctx context.Context, epoch uint64, id string, build bool, firstExtent, count uint64) ([]uint32, error)
-	ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error)
+	LayerSums(ctx context.Context, epoch uint64, id string, part replica.LayerPart, firstExtent, count uint64) ([]uint32, error)
+	ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, flat bool) ([]byte, error)
 	BeginLayer(ctx context.Context, epoch uint64, id string, pos uint64) error
 	WriteLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, enc []byte) error
 	SealLayer(ctx context.Context, epoch uint64, id string) error
@@ -165,24 +165,27 @@ func (l localReplica) ReadSnapshotAt(ctx context.Context, epoch uint64, id strin
 func (l localReplica) Layers(_ context.Context, epoch uint64) ([]replica.LayerInfo, error) {
 	return l.r.Layers(epoch)
 }
-func (l localReplica) LayerSums(ctx context.Context, epoch uint64, id string, build bool, first, count uint64) ([]uint32, error) {
+func (l localReplica) LayerSums(ctx context.Context, epoch uint64, id string, part replica.LayerPart, first, count uint64) ([]uint32, error) {
 	t, err := l.r.Admit(ctx, replica.OpLayerSums, count)
 	if err != nil {
 		return nil, err
 	}
 	defer t.Done()
-	if build {
+	switch part {
+	case replica.LayerBuilding:
 		return l.r.BuildSums(epoch, id, first, count)
+	case replica.LayerFlat:
+		return l.r.FlatSums(epoch, id, first, count)
 	}
 	return l.r.LayerSums(epoch, id, first, count)
 }
-func (l localReplica) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error) {
+func (l localReplica) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, flat bool) ([]byte, error) {
 	t, err := l.r.Admit(ctx, replica.OpLayerRead, 0)
 	if err != nil {
 		return nil, err
 	}
 	defer t.Done()
-	return l.r.ReadLayerExtent(epoch, id, x, nil)
+	return l.r.ReadLayerExtent(epoch, id, x, flat, nil)
 }
 func (l localReplica) BeginLayer(_ context.Context, epoch uint64, id string, pos uint64) error {
 	return l.r.BeginLayer(epoch, id, pos)

@@ -154,7 +154,11 @@ type Engine struct {
 	// the target; rebuild_chain.go).
 	snapDeletes atomic.Int32
 	checksums   atomic.Bool // the volume keeps block checksums (set by reconfigure)
-	scrubbing   atomic.Bool // a scrub runs
+	// restoredFrom is the snapshot the volume was restored from (set by
+	// reconfigure): a rebuild carries the layers up to it flattened to a
+	// replica that has none of them (rebuild_chain.go).
+	restoredFrom atomic.Pointer[string]
+	scrubbing    atomic.Bool // a scrub runs
 	// abnormalBlock is 1 + the first lost block of the abnormal condition
 	// last recorded in the store (0: none); see markAbnormal.
 	abnormalBlock atomic.Uint64
@@ -308,6 +312,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 		}
 		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
 		e.checksums.Store(v.Checksummed())
+		e.restoredFrom.Store(&v.RestoredFrom)
 		failed, err := e.claimAll(ctx)
 		if err != nil {
 			return err

@@ -35,6 +35,15 @@ import (
 //     where it differs. Publishing a layer may have changed what the
 //     target's head shows; this step, after every layer change, restores it.
 //
+// A restored volume's replicas inherit the layers of their source up to the
+// snapshot they were restored from. A target that has none of those layers
+// (a new replica placed where they were not, or one whose node flattened
+// them) receives them flattened: one bottom layer holding everything the
+// snapshot's layer shows (LAYER_SUMS and LAYER_READ with FlagLayerFlat),
+// so that the copy is the volume's data once, not every inherited layer.
+// The chains then differ below that layer; everywhere above they are the
+// source's, position for position, and the rebuild counts them equal.
+//
 // Sealed layers never change with writes, so the layer steps take no range
 // locks and run without the engine's lock (each replica checks the epoch
 // of every request). A snapshot taken or deleted while the rebuild runs
@@ -183,6 +192,8 @@ func (e *Engine) carryChain(ctx context.Context, target *member, srcID string, s
 		return nil
 	}
 	want := snapshotIDs(srcLayers)
+	flat := e.flatBase(ctx, target, srcID, want, snapshotIDs(tgtLayers))
+	want = want[flat:]
 	st.BytesTotal += uint64(len(want)) * size
 	for _, l := range tgtLayers {
 		if !l.Deleting && slices.Contains(want, l.ID) {
@@ -202,8 +213,9 @@ func (e *Engine) carryChain(ctx context.Context, target *member, srcID string, s
 		if len(tgt) < i || !slices.Equal(tgt[:i], want[:i]) || len(tgt) != len(tgtLayers) {
 			return fmt.Errorf("target %s lists %v, the rebuild made %v: %w", target.replica.ID, tgt, want[:i], errChainMoved)
 		}
+		asFlat := i == 0 && flat > 0
 		if i < len(tgt) && tgt[i] == id {
-			same, err := e.compareLayer(ctx, target, srcID, id, size, st, report)
+			same, err := e.compareLayer(ctx, target, srcID, id, asFlat, size, st, report)
 			if err != nil {
 				return err
 			}
@@ -211,11 +223,49 @@ func (e *Engine) carryChain(ctx context.Context, target *member, srcID string, s
 				continue
 			}
 		}
-		if err := e.carryLayer(ctx, target, srcID, id, i, size, st, report); err != nil {
+		if err := e.carryLayer(ctx, target, srcID, id, i, asFlat, size, st, report); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// flatBase returns the position in the source's snapshots (want) of the
+// layer that the target is to hold flattened at its bottom, 0 for none:
+// the volume's restore snapshot, when layers lie below it and the target
+// has none of them (tgt). A source that predates flattened reads (a
+// rolling upgrade) is carried layer by layer.
+func (e *Engine) flatBase(ctx context.Context, target *member, srcID string, want, tgt []string) int {
+	restored := ""
+	if p := e.restoredFrom.Load(); p != nil {
+		restored = *p
+	}
+	k := slices.Index(want, restored)
+	if restored == "" || k < 1 || slices.ContainsFunc(want[:k], func(id string) bool { return slices.Contains(tgt, id) }) {
+		return 0
+	}
+	err := e.layerOp(srcID, target, func(epoch uint64, src *member) error {
+		_, err := src.client.LayerSums(ctx, epoch, restored, replica.LayerFlat, 0, 1)
+		return err
+	})
+	if err != nil {
+		e.log.Info("rebuild carries the restored volume's inherited layers one by one, not flattened", zap.String("replica_id", target.replica.ID),
+			zap.String("source", srcID), zap.String("snapshot", restored), zap.Error(err))
+		return 0
+	}
+	return k
+}
+
+// flattenedFrom reports whether the target's snapshots (tgt) are the
+// source's (src) with the layers below its first one flattened into it: the
+// chains a rebuild in flat mode makes (flatBase), or a node's flattening
+// (replication/storagenode/flatten.go).
+func flattenedFrom(src, tgt []string) bool {
+	if len(tgt) == 0 {
+		return false
+	}
+	k := slices.Index(src, tgt[0])
+	return k >= 1 && slices.Equal(src[k:], tgt)
 }
 
 // dropLayer removes layer id from the target: merged into its child, as a
@@ -247,14 +297,22 @@ func (e *Engine) dropLayer(ctx context.Context, target *member, srcID, id string
 }
 
 // layerExtentSums returns the sums of extents [first, first+n) of layer id
-// on the source and on the target (its layer under construction if build).
-func (e *Engine) layerExtentSums(ctx context.Context, target *member, srcID, id string, build bool, first, n uint64) (a, b []uint32, err error) {
+// on the source (flattened if flat: see flatBase) and on the target (its
+// layer under construction if build).
+func (e *Engine) layerExtentSums(ctx context.Context, target *member, srcID, id string, build, flat bool, first, n uint64) (a, b []uint32, err error) {
+	srcPart, tgtPart := replica.LayerSealed, replica.LayerSealed
+	if flat {
+		srcPart = replica.LayerFlat
+	}
+	if build {
+		tgtPart = replica.LayerBuilding
+	}
 	err = e.layerOp(srcID, target, func(epoch uint64, src *member) error {
 		var err error
-		if a, err = src.client.LayerSums(ctx, epoch, id, false, first, n); err != nil {
+		if a, err = src.client.LayerSums(ctx, epoch, id, srcPart, first, n); err != nil {
 			return sourceErr(err, "layer %s sums on %s", id, src.replica.ID)
 		}
-		b, err = target.client.LayerSums(ctx, epoch, id, build, first, n)
+		b, err = target.client.LayerSums(ctx, epoch, id, tgtPart, first, n)
 		if errors.Is(err, replica.ErrChecksum) {
 			// The target's copy fails its own block sums (a bad disk): it
 			// differs, and is built again, as copyExtent does for the head.
@@ -274,12 +332,12 @@ func (e *Engine) layerExtentSums(ctx context.Context, target *member, srcID, id 
 	return a, b, err
 }
 
-// compareLayer compares the target's layer id with the source's, extent
-// by extent, and reports whether they are equal.
-func (e *Engine) compareLayer(ctx context.Context, target *member, srcID, id string, size uint64, st *RebuildStats, report func(bool)) (bool, error) {
+// compareLayer compares the target's layer id with the source's (flattened
+// if flat), extent by extent, and reports whether they are equal.
+func (e *Engine) compareLayer(ctx context.Context, target *member, srcID, id string, flat bool, size uint64, st *RebuildStats, report func(bool)) (bool, error) {
 	var compared uint64
 	same := true
-	err := e.eachLayerBatch(ctx, target, srcID, id, false, size, func(_ uint64, a, b []uint32, bytes uint64) (bool, error) {
+	err := e.eachLayerBatch(ctx, target, srcID, id, false, flat, size, func(_ uint64, a, b []uint32, bytes uint64) (bool, error) {
 		if !slices.Equal(a, b) {
 			same = false
 			return false, nil
@@ -300,16 +358,16 @@ func (e *Engine) compareLayer(ctx context.Context, target *member, srcID, id str
 	return false, nil
 }
 
-// eachLayerBatch gets the sums of layer id on the source and the target
-// (its build if build), layerSumsBatch extents at a time over the volume's
-// first size bytes, and calls fn with each batch's first extent, sums and
-// bytes, until it returns false.
-func (e *Engine) eachLayerBatch(ctx context.Context, target *member, srcID, id string, build bool, size uint64,
+// eachLayerBatch gets the sums of layer id on the source (flattened if
+// flat) and the target (its build if build), layerSumsBatch extents at a
+// time over the volume's first size bytes, and calls fn with each batch's
+// first extent, sums and bytes, until it returns false.
+func (e *Engine) eachLayerBatch(ctx context.Context, target *member, srcID, id string, build, flat bool, size uint64,
 	fn func(first uint64, a, b []uint32, bytes uint64) (bool, error)) error {
 	extents := (size + e.extentSize - 1) / e.extentSize
 	for first := uint64(0); first < extents; first += layerSumsBatch {
 		n := min(layerSumsBatch, extents-first)
-		a, b, err := e.layerExtentSums(ctx, target, srcID, id, build, first, n)
+		a, b, err := e.layerExtentSums(ctx, target, srcID, id, build, flat, first, n)
 		if err != nil {
 			return err
 		}
@@ -320,9 +378,10 @@ func (e *Engine) eachLayerBatch(ctx context.Context, target *member, srcID, id s
 	return nil
 }
 
-// carryLayer builds layer id on the target from the source's, copying the
-// extents whose sums differ, and publishes it at position pos.
-func (e *Engine) carryLayer(ctx context.Context, target *member, srcID, id string, pos int, size uint64, st *RebuildStats, report func(bool)) error {
+// carryLayer builds layer id on the target from the source's (flattened if
+// flat), copying the extents whose sums differ, and publishes it at
+// position pos.
+func (e *Engine) carryLayer(ctx context.Context, target *member, srcID, id string, pos int, flat bool, size uint64, st *RebuildStats, report func(bool)) error {
 	start := time.Now()
 	if err := e.layerOp(srcID, target, func(epoch uint64, _ *member) error {
 		return target.client.BeginLayer(ctx, epoch, id, uint64(pos))
@@ -330,12 +389,12 @@ func (e *Engine) carryLayer(ctx context.Context, target *member, srcID, id strin
 		return fmt.Errorf("begin layer %s on %s: %w", id, target.replica.ID, err)
 	}
 	var copied uint64
-	err := e.eachLayerBatch(ctx, target, srcID, id, true, size, func(first uint64, a, b []uint32, bytes uint64) (bool, error) {
+	err := e.eachLayerBatch(ctx, target, srcID, id, true, flat, size, func(first uint64, a, b []uint32, bytes uint64) (bool, error) {
 		for j := range a {
 			if a[j] == b[j] {
 				continue
 			}
-			c, err := e.copyLayerExtent(ctx, target, srcID, id, first+uint64(j))
+			c, err := e.copyLayerExtent(ctx, target, srcID, id, flat, first+uint64(j))
 			if err != nil {
 				return false, err
 			}
@@ -364,15 +423,16 @@ func (e *Engine) carryLayer(ctx context.Context, target *member, srcID, id strin
 	st.LayersCarried++
 	metricRebuildLayers.WithLabelValues(e.cfg.VolumeID, "carried").Inc()
 	e.log.Info("rebuild carried a snapshot layer", zap.String("replica_id", target.replica.ID), zap.String("snapshot", id),
-		zap.Int("position", pos), zap.Uint64("epoch", epoch), zap.Uint64("bytes", copied), zap.Duration("took", time.Since(start)))
+		zap.Int("position", pos), zap.Bool("flattened", flat), zap.Uint64("epoch", epoch), zap.Uint64("bytes", copied),
+		zap.Duration("took", time.Since(start)))
 	return nil
 }
 
-// copyLayerExtent copies extent x of layer id from the source to the
-// target's layer under construction, as rebuild I/O (the QoS scheduler
-// first, then each replica's disk scheduler). It returns the data bytes
-// the extent carried (zero blocks travel as bits).
-func (e *Engine) copyLayerExtent(ctx context.Context, target *member, srcID, id string, x uint64) (uint64, error) {
+// copyLayerExtent copies extent x of layer id (flattened if flat) from the
+// source to the target's layer under construction, as rebuild I/O (the QoS
+// scheduler first, then each replica's disk scheduler). It returns the
+// data bytes the extent carried (zero blocks travel as bits).
+func (e *Engine) copyLayerExtent(ctx context.Context, target *member, srcID, id string, flat bool, x uint64) (uint64, error) {
 	done, err := e.admit(ctx, iosched.Write, e.extentSize, iosched.Rebuild)
 	if err != nil {
 		return 0, err
@@ -380,7 +440,7 @@ func (e *Engine) copyLayerExtent(ctx context.Context, target *member, srcID, id 
 	defer done()
 	var copied uint64
 	err = e.layerOp(srcID, target, func(epoch uint64, src *member) error {
-		enc, err := src.client.ReadLayerExtent(ctx, epoch, id, x)
+		enc, err := src.client.ReadLayerExtent(ctx, epoch, id, x, flat)
 		if err != nil {
 			return sourceErr(err, "read extent %d of layer %s from %s", x, id, src.replica.ID)
 		}
@@ -409,7 +469,8 @@ func (e *Engine) paceRebuild(ctx context.Context, n uint64) error {
 }
 
 // chainsAgree reports whether the target lists exactly the snapshots the
-// source does and no snapshot deletion runs: the rebuild may end. Called
+// source does (or those above a layer it holds flattened: flattenedFrom)
+// and no snapshot deletion runs: the rebuild may end. Called
 // with e.mu held for writing, so no snapshot is being taken.
 func (e *Engine) chainsAgree(ctx context.Context, target *member, srcID string) (bool, error) {
 	if e.snapDeletes.Load() > 0 {
@@ -440,6 +501,6 @@ func (e *Engine) chainsAgree(ctx context.Context, target *member, srcID string) 
 	if err != nil {
 		return false, fmt.Errorf("list the layers of %s: %w", target.replica.ID, err)
 	}
-	tgt := snapshotIDs(tl)
-	return len(tgt) == len(tl) && slices.Equal(snapshotIDs(sl), tgt), nil
+	tgtIDs, srcIDs := snapshotIDs(tl), snapshotIDs(sl)
+	return len(tgtIDs) == len(tl) && (slices.Equal(srcIDs, tgtIDs) || flattenedFrom(srcIDs, tgtIDs)), nil
 }

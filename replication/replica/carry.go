@@ -343,8 +343,28 @@ func (r *Replica) layerExtentSum(epoch uint64, id string, x uint64) (uint32, err
 	}
 	buf := getBuf(int(layerExtentMax(r.extentSize)))
 	defer putBuf(buf)
-	_, v, err := r.encodeSealedExtent((*buf)[:0], k, x)
+	_, v, err := r.encodeSealedExtent((*buf)[:0], k, x, false)
 	return v, err
+}
+
+// FlatSums is LayerSums of the layer that flattening layers 0 to id into
+// one would make (Flatten): a bottom layer holding every block, as layer id
+// shows it. A rebuild carries a restored volume's inherited layers in that
+// form to a replica that has none of them (docs/snapshots.md, "Chain depth
+// and flattening"). Not cached: it reads what the extents show.
+func (r *Replica) FlatSums(epoch uint64, id string, first, count uint64) ([]uint32, error) {
+	return r.eachExtentSum(first, count, func(x uint64) (uint32, error) {
+		r.epochMu.RLock()
+		defer r.epochMu.RUnlock()
+		k, err := r.sealedLayer(epoch, id, x)
+		if err != nil {
+			return 0, err
+		}
+		buf := getBuf(int(layerExtentMax(r.extentSize)))
+		defer putBuf(buf)
+		_, v, err := r.encodeSealedExtent((*buf)[:0], k, x, true)
+		return v, err
+	})
 }
 
 // sealedLayer checks the epoch and the extent and finds snapshot id's
@@ -360,12 +380,18 @@ func (r *Replica) sealedLayer(epoch uint64, id string, x uint64) (int, error) {
 }
 
 // encodeSealedExtent appends the encoding of extent x of sealed layer k to
-// dst, and caches its sum. Callers hold epochMu shared.
-func (r *Replica) encodeSealedExtent(dst []byte, k int, x uint64) ([]byte, uint32, error) {
+// dst, and caches its sum. With flat, it is the encoding of the extent of
+// the layer that flattening layers 0 to k would make (see FlatSums), not
+// cached. Callers hold epochMu shared.
+func (r *Replica) encodeSealedExtent(dst []byte, k int, x uint64, flat bool) ([]byte, uint32, error) {
 	off, n := r.extentBounds(x)
 	blocks := (n + SumBlockSize - 1) / SumBlockSize
 	held := make([]byte, (blocks+7)/8)
-	if err := r.chain.HeldIn(k, r.liveBelow(k), off/SumBlockSize, blocks, held); err != nil {
+	below := r.liveBelow(k)
+	if flat {
+		below = -1 // a bottom holds every block
+	}
+	if err := r.chain.HeldIn(k, below, off/SumBlockSize, blocks, held); err != nil {
 		return nil, 0, fmt.Errorf("replica %s: %w", r.id, err)
 	}
 	scratch := getBuf(int(n))
@@ -380,7 +406,9 @@ func (r *Replica) encodeSealedExtent(dst []byte, k int, x uint64) ([]byte, uint3
 		return nil, 0, err
 	}
 	v := crc32.Checksum(dst[start:], castagnoli)
-	r.layerSums.put(r.chain.Entries()[k].Stem, x, r.extents, v)
+	if !flat {
+		r.layerSums.put(r.chain.Entries()[k].Stem, x, r.extents, v)
+	}
 	return dst, v, nil
 }
 
@@ -398,15 +426,16 @@ func (r *Replica) readLayerRun(lf layerFiles, p []byte, o uint64) error {
 }
 
 // ReadLayerExtent returns the encoding of extent x of snapshot id's layer
-// (see above), in buf when it is large enough.
-func (r *Replica) ReadLayerExtent(epoch uint64, id string, x uint64, buf []byte) ([]byte, error) {
+// (see above), in buf when it is large enough; with flat, of the layer
+// that flattening layers 0 to id would make (see FlatSums).
+func (r *Replica) ReadLayerExtent(epoch uint64, id string, x uint64, flat bool, buf []byte) ([]byte, error) {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	k, err := r.sealedLayer(epoch, id, x)
 	if err != nil {
 		return nil, err
 	}
-	out, _, err := r.encodeSealedExtent(buf[:0], k, x)
+	out, _, err := r.encodeSealedExtent(buf[:0], k, x, flat)
 	return out, err
 }
 

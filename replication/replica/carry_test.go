@@ -75,7 +75,7 @@ func carry(t *testing.T, src, dst *Replica) uint64 {
 			if a[x] == b[x] {
 				continue
 			}
-			enc, err := src.ReadLayerExtent(1, l.ID, x, nil)
+			enc, err := src.ReadLayerExtent(1, l.ID, x, false, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -239,7 +239,7 @@ func TestLayerBuildCrashSafe(t *testing.T) {
 		t.Fatal(err)
 	}
 	for x := range uint64(3) {
-		enc, err := src.ReadLayerExtent(1, "s1", x, nil)
+		enc, err := src.ReadLayerExtent(1, "s1", x, false, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -276,7 +276,7 @@ func TestLayerBuildCrashSafe(t *testing.T) {
 		t.Fatalf("a resumed build lost what it held (%v)", err)
 	}
 	// A damaged extent is refused whole.
-	enc, _ := src.ReadLayerExtent(1, "s1", 3, nil)
+	enc, _ := src.ReadLayerExtent(1, "s1", 3, false, nil)
 	enc[len(enc)-1] ^= 1
 	if err := dst.WriteLayerExtent(1, "s1", 3, enc); !errors.Is(err, ErrChecksum) {
 		t.Fatalf("a damaged extent: %v, want ErrChecksum", err)

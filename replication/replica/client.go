@@ -515,21 +515,42 @@ func (c *Client) Layers(ctx context.Context, epoch uint64) ([]LayerInfo, error) 
 	return DecodeLayerInfos(reply)
 }
 
+// LayerPart says which layer of a given id LayerSums is about.
+type LayerPart uint8
+
+const (
+	// LayerSealed is the sealed layer (Replica.LayerSums).
+	LayerSealed LayerPart = iota
+	// LayerBuilding is the layer under construction (Replica.BuildSums).
+	LayerBuilding
+	// LayerFlat is the layer that flattening the chain up to the sealed
+	// one would make (Replica.FlatSums).
+	LayerFlat
+)
+
 // LayerSums returns the checksum of each extent [firstExtent,
-// firstExtent+count) of snapshot id's sealed layer, or, with build, of the
-// layer id under construction. See Replica.LayerSums and BuildSums.
-func (c *Client) LayerSums(ctx context.Context, epoch uint64, id string, build bool, firstExtent, count uint64) ([]uint32, error) {
+// firstExtent+count) of snapshot id's layer, the part of it that part
+// names. A server that predates LayerFlat refuses it (ErrInvalidArgument).
+func (c *Client) LayerSums(ctx context.Context, epoch uint64, id string, part LayerPart, firstExtent, count uint64) ([]uint32, error) {
 	h := RequestHeader{Op: OpLayerSums, Epoch: epoch}
-	if build {
+	switch part {
+	case LayerBuilding:
 		h.Flags = FlagLayerBuild
+	case LayerFlat:
+		h.Flags = FlagLayerFlat
 	}
 	return c.extentSums(ctx, h, []byte(id), firstExtent, count)
 }
 
 // ReadLayerExtent returns extent x of snapshot id's layer, encoded (see
-// carry.go). See Replica.ReadLayerExtent.
-func (c *Client) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64) ([]byte, error) {
-	return c.do(ctx, RequestHeader{Op: OpLayerRead, Epoch: epoch, Offset: x}, []byte(id), nil)
+// carry.go); with flat, of the layer flattening the chain up to it would
+// make. See Replica.ReadLayerExtent.
+func (c *Client) ReadLayerExtent(ctx context.Context, epoch uint64, id string, x uint64, flat bool) ([]byte, error) {
+	h := RequestHeader{Op: OpLayerRead, Epoch: epoch, Offset: x}
+	if flat {
+		h.Flags = FlagLayerFlat
+	}
+	return c.do(ctx, h, []byte(id), nil)
 }
 
 // BeginLayer starts (or resumes) building snapshot id's layer for position

@@ -98,8 +98,9 @@ import (
 // rebuilt (carry.go has the encodings): LAYERS lists the sealed layers
 // (per layer u8 flags, 1 = being deleted, u8 id length, id), LAYER_SUMS
 // gives a checksum per extent of one (of the layer under construction with
-// FlagLayerBuild), LAYER_READ one extent of it (held and zero bitmaps,
-// block sums, data), LAYER_BEGIN starts building a layer at a position
+// FlagLayerBuild; with FlagLayerFlat, of the layer that flattening the
+// chain up to it would make), LAYER_READ one extent of it (held and zero
+// bitmaps, block sums, data; FlagLayerFlat likewise), LAYER_BEGIN starts building a layer at a position
 // below the head, LAYER_WRITE sets one extent of it, LAYER_SEAL publishes
 // it (the chain record is the commit point) and LAYER_DROP takes a sealed
 // layer out without merging it.
@@ -147,6 +148,10 @@ const (
 	// FlagLayerBuild on LAYER_SUMS: the sums of the layer under
 	// construction with that id, not of the sealed one.
 	FlagLayerBuild uint8 = 1 << 5
+	// FlagLayerFlat on LAYER_SUMS and LAYER_READ: the layer that
+	// flattening the layers up to the one with that id would make (a
+	// bottom holding every block as that layer shows it), not the layer.
+	FlagLayerFlat uint8 = 1 << 6
 
 	// flagsClass are the class bits; setting both is invalid.
 	flagsClass = FlagRebuild | FlagScrub
@@ -234,8 +239,8 @@ var opSpecs = [opLimit]opSpec{
 	OpReadSnapshot:   {name: "read_snapshot", epoch: true, offset: true, length: true, maxLength: MaxPayload, payload: payloadIsSnapID},
 	OpPrepareSnap:    {name: "prepare_snapshot", epoch: true},
 	OpLayers:         {name: "layers", epoch: true},
-	OpLayerSums:      {name: "layer_sums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass | FlagLayerBuild, payload: payloadIsSnapID},
-	OpLayerRead:      {name: "layer_read", epoch: true, offset: true, flags: flagsClass, payload: payloadIsSnapID},
+	OpLayerSums:      {name: "layer_sums", epoch: true, offset: true, length: true, maxLength: MaxChecksumsPerRequest, flags: flagsClass | FlagLayerBuild | FlagLayerFlat, payload: payloadIsSnapID},
+	OpLayerRead:      {name: "layer_read", epoch: true, offset: true, flags: flagsClass | FlagLayerFlat, payload: payloadIsSnapID},
 	OpLayerBegin:     {name: "layer_begin", epoch: true, offset: true, payload: payloadIsSnapID},
 	OpLayerWrite:     {name: "layer_write", epoch: true, offset: true, length: true, maxLength: MaxPayload - 1 - MaxSnapshotIDLen, flags: flagsClass, payload: payloadIsLayerData},
 	OpLayerSeal:      {name: "layer_seal", epoch: true, payload: payloadIsSnapID},
@@ -335,6 +340,8 @@ func ValidateRequest(h RequestHeader) error {
 		return bad("flags %#02x not allowed", h.Flags)
 	case h.Flags&flagsClass == flagsClass:
 		return bad("flags %#02x name two classes", h.Flags)
+	case h.Flags&(FlagLayerBuild|FlagLayerFlat) == FlagLayerBuild|FlagLayerFlat:
+		return bad("flags %#02x ask for a layer being built and a flattened one", h.Flags)
 	case !spec.epoch && h.Epoch != 0:
 		return bad("epoch must be 0")
 	case !spec.offset && h.Offset != 0:

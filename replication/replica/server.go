@@ -933,9 +933,12 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 	case OpLayerSums:
 		var sums []uint32
 		var err error
-		if h.Flags&FlagLayerBuild != 0 {
+		switch {
+		case h.Flags&FlagLayerBuild != 0:
 			sums, err = r.BuildSums(h.Epoch, string(*payload), h.Offset, uint64(h.Length))
-		} else {
+		case h.Flags&FlagLayerFlat != 0:
+			sums, err = r.FlatSums(h.Epoch, string(*payload), h.Offset, uint64(h.Length))
+		default:
 			sums, err = r.LayerSums(h.Epoch, string(*payload), h.Offset, uint64(h.Length))
 		}
 		if err != nil {
@@ -944,7 +947,7 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 		return reply{payload: AppendUint32s(make([]byte, 0, 4*len(sums)), sums)}, nil
 	case OpLayerRead:
 		buf := getBuf(int(layerExtentMax(r.ExtentSize())))
-		p, err := r.ReadLayerExtent(h.Epoch, string(*payload), h.Offset, *buf)
+		p, err := r.ReadLayerExtent(h.Epoch, string(*payload), h.Offset, h.Flags&FlagLayerFlat != 0, *buf)
 		if err != nil {
 			putBuf(buf)
 			return reply{}, err
