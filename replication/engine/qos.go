@@ -22,7 +22,8 @@ func (e *Engine) applyQoS(v *meta.Volume) {
 	if !changed {
 		return
 	}
-	l := iosched.Limits{MaxIOPS: q.MaxIOPS, MinIOPS: q.MinIOPS, MaxBytesPerSec: q.MaxBytesPerSec, BurstDuration: q.BurstDuration}
+	l := iosched.Limits{MaxIOPS: q.MaxIOPS, MinIOPS: q.MinIOPS, MaxBytesPerSec: q.MaxBytesPerSec, BurstDuration: q.BurstDuration,
+		Weight: q.Weight()}
 	if err := e.cfg.Sched.SetLimits(e.cfg.VolumeID, l); err != nil {
 		e.log.Warn("scheduler refused the volume's limits", zap.Error(err))
 		return
@@ -30,7 +31,7 @@ func (e *Engine) applyQoS(v *meta.Volume) {
 	e.qos = q
 	e.qosSet.Store(true)
 	e.log.Info("QoS limits set", zap.Uint64("max_iops", q.MaxIOPS), zap.Uint64("min_iops", q.MinIOPS),
-		zap.Uint64("max_bytes_per_sec", q.MaxBytesPerSec), zap.Duration("burst", q.BurstDuration))
+		zap.Uint64("max_bytes_per_sec", q.MaxBytesPerSec), zap.Duration("burst", q.BurstDuration), zap.String("class", q.Class))
 }
 
 // qosChanged says whether v's QoS parameters differ from the limits last

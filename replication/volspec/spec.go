@@ -27,7 +27,28 @@ const (
 	KeySnapshotSchedule    = "snapshotSchedule"
 	KeySnapshotRetain      = "snapshotRetain"
 	KeySnapshotLimit       = "snapshotLimit"
+	KeyQoSClass            = "qosClass"
+	KeyConsistencyLevel    = "consistencyLevel"
+	KeyReplicationMode     = "replicationMode"
+	KeyEncryption          = "encryption"
+	KeyDeduplication       = "deduplication"
+	KeyCompression         = "compression"
+	KeyDiskType            = "type"
+
+	// Synonyms, as the design's StorageClass spells them (request form
+	// only: the stored form keeps the key each one stands for).
+	KeyReplicationFactor = "replicationFactor" // replicas
+	KeyIOPS              = "iops"              // maxIOPS
+	KeyThroughput        = "throughput"        // maxBandwidth
 )
+
+// synonyms maps each synonym to the key it stands for. Giving both with
+// values that mean different things is refused.
+var synonyms = map[string]string{
+	KeyReplicationFactor: KeyReplicas,
+	KeyIOPS:              KeyMaxIOPS,
+	KeyThroughput:        KeyMaxBandwidth,
+}
 
 // sidecarPrefix marks the keys the CSI sidecars add (pvc and pv names from
 // --extra-create-metadata, secrets' names …); Parse ignores them, except
@@ -64,7 +85,42 @@ const (
 	// volume's chain starts with its source's.
 	DefaultSnapshotLimit = 64
 	MaxSnapshotLimit     = 128
+
+	// QoS classes (docs/architecture.md, "StorageClass parameters", has
+	// each one's promise). Burstable, the
+	// default: limits, a reservation if minIOPS is given, the default
+	// share of spare capacity. Best effort: no reservation and a quarter
+	// of the default share (BestEffortWeight). Guaranteed: a reservation
+	// admitted against the disks' reservable IOPS, not built yet.
+	QoSBurstable  = "burstable"
+	QoSBestEffort = "besteffort"
+	QoSGuaranteed = "guaranteed"
+	// BestEffortWeight is a best-effort volume's share of spare capacity,
+	// against iosched.DefaultWeight (100) for the others.
+	BestEffortWeight = 25
+
+	ConsistencyStrong   = "strong"
+	ConsistencyEventual = "eventual"
+	ReplicationSync     = "synchronous"
+	ReplicationAsync    = "asynchronous"
+	EncryptionNone      = "none"
+	EncryptionAESGCM    = "aes-256-gcm"
+	CompressionNone     = "none"
+	CompressionLZ4      = "lz4"
+	DiskTypeDefault     = "default"
 )
+
+// notBuilt are the values of the design's StorageClass that name a
+// feature Cairn does not have yet, by key: each is refused with the
+// feature's name rather than accepted and ignored.
+var notBuilt = map[string]map[string]string{
+	KeyQoSClass: {QoSGuaranteed: "admitting a guaranteed volume only where its disks still have minIOPS " +
+		"of unreserved capacity is not built yet; burstable with minIOPS reserves without that admission"},
+	KeyReplicationMode: {ReplicationAsync: "asynchronous replication is not built yet; every write is acknowledged once written to the write quorum"},
+	KeyEncryption:      {EncryptionAESGCM: "encryption at rest is not built yet"},
+	KeyDeduplication:   {"true": "deduplication is not built yet (the space-efficiency work)"},
+	KeyCompression:     {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
+}
 
 // ErrInvalid is wrapped by every error of this package. replication/meta
 // uses it as its ErrInvalidArgument, so a refusal keeps its code wherever it
@@ -111,6 +167,11 @@ type Spec struct {
 	// SnapshotLimit is how many snapshots the volume may have; 0 is
 	// DefaultSnapshotLimit (see Limit).
 	SnapshotLimit int
+	// ConsistencyLevel is ConsistencyEventual, or "" for
+	// ConsistencyStrong (the default): with synchronous replication (the
+	// only mode yet) every replica a read may use holds every acknowledged
+	// write, so both read the same.
+	ConsistencyLevel string
 }
 
 // QoS are a volume's I/O limits; zero means unlimited (or the scheduler's
@@ -120,6 +181,17 @@ type QoS struct {
 	MaxIOPS, MinIOPS uint64
 	MaxBytesPerSec   uint64
 	BurstDuration    time.Duration
+	// Class is QoSBestEffort, or "" for QoSBurstable (the default).
+	Class string
+}
+
+// Weight is the volume's share of the disks' spare capacity for the
+// scheduler (iosched.Limits.Weight; 0 is the default share).
+func (q QoS) Weight() uint32 {
+	if q.Class == QoSBestEffort {
+		return BestEffortWeight
+	}
+	return 0
 }
 
 // Default is the spec of a StorageClass without parameters.
@@ -184,8 +256,8 @@ type param struct {
 	format func(s Spec) string
 }
 
-// params is every key, in the order errors list them.
-var params = []param{
+// paramsBase is every key but the synonyms, in the order errors list them.
+var paramsBase = []param{
 	{key: KeyReplicas, want: fmt.Sprintf("a whole number from 1 to %d", MaxReplicas),
 		parse: func(s *Spec, v string, _ form) bool {
 			n, err := strconv.Atoi(v)
@@ -319,6 +391,75 @@ var params = []param{
 			}
 			return strconv.Itoa(s.SnapshotLimit)
 		}},
+	// Not mutable: an older member's SetParameters refuses keys it does
+	// not know. Recorded only when not the default, so that volumes made
+	// before the key existed keep matching their CreateVolume retries.
+	{key: KeyQoSClass, want: strconv.Quote(QoSBurstable) + " (the default) or " + strconv.Quote(QoSBestEffort),
+		parse: func(s *Spec, v string, _ form) bool {
+			return choose(&s.QoS.Class, v, QoSBurstable, QoSBestEffort)
+		},
+		why:    notBuiltWhy(KeyQoSClass),
+		format: func(s Spec) string { return s.QoS.Class }},
+	{key: KeyConsistencyLevel, want: strconv.Quote(ConsistencyStrong) + " (the default) or " + strconv.Quote(ConsistencyEventual),
+		parse: func(s *Spec, v string, _ form) bool {
+			return choose(&s.ConsistencyLevel, v, ConsistencyStrong, ConsistencyEventual)
+		},
+		format: func(s Spec) string { return s.ConsistencyLevel }},
+	onlyToday(KeyReplicationMode, ReplicationSync),
+	onlyToday(KeyEncryption, EncryptionNone),
+	onlyToday(KeyDeduplication, "false"),
+	onlyToday(KeyCompression, CompressionNone),
+	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " (every node serves one data directory, of that type)",
+		parse: func(_ *Spec, v string, _ form) bool { return v == DiskTypeDefault },
+		why: func(v string) string {
+			return "disk types are not built yet: no node serves a data directory of type " + strconv.Quote(v)
+		}},
+}
+
+// params is every key, the synonyms last, in the order errors list them.
+var params = append(slices.Clone(paramsBase), synonym(KeyReplicationFactor), synonym(KeyIOPS), synonym(KeyThroughput))
+
+// choose sets *dst to "" for the default value def, to v for one of
+// others, and reports whether v was either.
+func choose(dst *string, v, def string, others ...string) bool {
+	switch {
+	case v == def:
+		*dst = ""
+	case slices.Contains(others, v):
+		*dst = v
+	default:
+		return false
+	}
+	return true
+}
+
+// onlyToday is a key of the design's StorageClass whose only value with an
+// effect yet is today's behaviour, value: it is accepted (and changes
+// nothing), the values in notBuilt are refused naming what is missing, and
+// anything else is refused as a bad value. Not recorded.
+func onlyToday(key, value string) param {
+	var others []string
+	for v := range notBuilt[key] {
+		others = append(others, strconv.Quote(v))
+	}
+	return param{key: key,
+		want:  strconv.Quote(value) + " (" + strings.Join(others, ", ") + " not yet)",
+		parse: func(_ *Spec, v string, _ form) bool { return v == value },
+		why:   notBuiltWhy(key)}
+}
+
+// notBuiltWhy says why a value of key that notBuilt lists is refused.
+func notBuiltWhy(key string) func(v string) string {
+	return func(v string) string { return notBuilt[key][v] }
+}
+
+// synonym is a key that stands for another (synonyms): it reads as that
+// one and is recorded under it.
+func synonym(key string) param {
+	of := synonyms[key]
+	i := slices.IndexFunc(paramsBase, func(p param) bool { return p.key == of })
+	p := paramsBase[i]
+	return param{key: key, want: p.want + " (the same as " + of + ")", parse: p.parse, why: p.why}
 }
 
 func parseUint(dst *uint64, v string) bool {
@@ -391,6 +532,14 @@ func Parse(in map[string]string) (Spec, error) {
 		}
 		if v := strings.TrimSpace(in[k]); !p.parse(&s, v, request) {
 			return s, badValue(p, v, request)
+		}
+	}
+	for _, alias := range slices.Sorted(maps.Keys(synonyms)) {
+		key := synonyms[alias]
+		a, okA := in[alias]
+		k, okK := in[key]
+		if okA && okK && !SameValue(key, k, a) {
+			return s, &Error{Key: alias, Problem: fmt.Sprintf("value %q differs from %s %q, which it stands for: give one of them", a, key, k)}
 		}
 	}
 	if s.WriteQuorum > s.Replicas {
@@ -496,6 +645,9 @@ func badValue(p *param, v string, f form) error {
 func checkQoS(s Spec) error {
 	if q := s.QoS; q.MaxIOPS > 0 && q.MinIOPS > q.MaxIOPS {
 		return &Error{Key: KeyMinIOPS, Problem: fmt.Sprintf("%d is more than maxIOPS (%d)", q.MinIOPS, q.MaxIOPS)}
+	}
+	if q := s.QoS; q.Class == QoSBestEffort && q.MinIOPS > 0 {
+		return &Error{Key: KeyQoSClass, Problem: fmt.Sprintf("%q reserves nothing, and minIOPS asks for %d: drop minIOPS, or use %q", QoSBestEffort, q.MinIOPS, QoSBurstable)}
 	}
 	return nil
 }

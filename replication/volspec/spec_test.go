@@ -278,7 +278,8 @@ func TestSameValue(t *testing.T) {
 func TestKeys(t *testing.T) {
 	want := []string{"replicas", "writeQuorum", "dataLocality", "staleReplicaTimeout", "maxIOPS", "minIOPS",
 		"maxBandwidth", "burstDuration", "csi.storage.k8s.io/fstype", "checksumAlgorithm", "snapshotSchedule", "snapshotRetain",
-		"snapshotLimit"}
+		"snapshotLimit", "qosClass", "consistencyLevel", "replicationMode", "encryption", "deduplication", "compression", "type",
+		"replicationFactor", "iops", "throughput"}
 	if got := Keys(); !reflect.DeepEqual(got, want) {
 		t.Fatalf("Keys = %v, want %v", got, want)
 	}
@@ -309,5 +310,109 @@ func TestChecksumAlgorithmParam(t *testing.T) {
 	_, err = Parse(map[string]string{KeyChecksumAlgorithm: "sha256"})
 	if !errors.Is(err, ErrInvalid) || !strings.Contains(err.Error(), "checksumAlgorithm") || !strings.Contains(err.Error(), "sha256") {
 		t.Fatalf("unknown value: %v, want an invalid-argument error naming the key and the value", err)
+	}
+}
+
+// designParameters are the parameters of the StorageClass in the design
+// (deploy/examples/design-storageclass.yaml holds it whole).
+var designParameters = map[string]string{
+	"type": "nvme-ssd", "iops": "50000", "throughput": "1000Mi", "replicationFactor": "3",
+	"replicationMode": "synchronous", "consistencyLevel": "strong", "encryption": "aes-256-gcm",
+	"checksumAlgorithm": "crc32c", "deduplication": "true", "compression": "lz4", "snapshotSchedule": "0 */6 * * *",
+	"qosClass": "guaranteed", "minIOPS": "10000", "maxIOPS": "50000", "burstDuration": "60s",
+}
+
+// TestDesignKeys: every key of the design's StorageClass is known. Each
+// value either takes effect or, naming a feature not built yet, is refused
+// with that feature's name, never accepted and ignored.
+func TestDesignKeys(t *testing.T) {
+	notYet := map[string]string{
+		"type": "disk types are not built yet", "encryption": "encryption at rest is not built yet",
+		"deduplication": "deduplication is not built yet", "compression": "compression is not built yet",
+		"qosClass": "admitting a guaranteed volume",
+	}
+	for k, v := range designParameters {
+		_, err := Parse(map[string]string{k: v})
+		if want, ok := notYet[k]; ok {
+			var pe *Error
+			if !errors.As(err, &pe) || pe.Key != k || !strings.Contains(pe.Problem, want) {
+				t.Errorf("%s: %q: %v, want a refusal naming %q", k, v, err, want)
+			}
+			continue
+		}
+		if err != nil {
+			t.Errorf("%s: %q: %v", k, v, err)
+		}
+	}
+	// The whole class is refused at its first such key in sorted order.
+	if _, err := Parse(designParameters); err == nil || !strings.Contains(err.Error(), `"compression"`) {
+		t.Fatalf("the design's class: %v, want the refusal of compression", err)
+	}
+}
+
+// TestSynonyms: replicationFactor, iops and throughput read as replicas,
+// maxIOPS and maxBandwidth, are recorded under those keys, and may be given
+// with them only with values that mean the same.
+func TestSynonyms(t *testing.T) {
+	s, err := Parse(map[string]string{"replicationFactor": "2", "iops": "500", "throughput": "1Mi", "maxBandwidth": "1048576"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Replicas != 2 || s.QoS.MaxIOPS != 500 || s.QoS.MaxBytesPerSec != 1<<20 {
+		t.Fatalf("spec %+v", s)
+	}
+	if got := s.Params(); got[KeyMaxIOPS] != "500" || got[KeyMaxBandwidth] != "1048576" || got["iops"] != "" || got["throughput"] != "" {
+		t.Fatalf("stored %v, want them under maxIOPS and maxBandwidth", got)
+	}
+	for _, c := range []map[string]string{
+		{"replicas": "3", "replicationFactor": "2"},
+		{"maxIOPS": "100", "iops": "200"},
+		{"maxBandwidth": "1Gi", "throughput": "1000Mi"},
+	} {
+		_, err := Parse(c)
+		var pe *Error
+		if !errors.As(err, &pe) || !strings.Contains(pe.Problem, "differs from") || synonyms[pe.Key] == "" {
+			t.Errorf("Parse(%v) = %v, want a refusal of the synonym naming the conflict", c, err)
+		}
+	}
+	if _, err := Parse(map[string]string{"replicationFactor": "9"}); err == nil || !strings.Contains(err.Error(), "the same as replicas") {
+		t.Fatalf("replicationFactor 9: %v", err)
+	}
+}
+
+// TestQoSClassAndConsistency: besteffort is recorded and gets a quarter of
+// the default share, and reserves nothing; burstable and strong are the
+// defaults and not recorded; a value that is neither is refused listing
+// the accepted ones.
+func TestQoSClassAndConsistency(t *testing.T) {
+	s, err := Parse(map[string]string{"qosClass": "besteffort", "maxIOPS": "100", "consistencyLevel": "eventual"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.QoS.Weight() != BestEffortWeight || s.Params()[KeyQoSClass] != QoSBestEffort || s.Params()[KeyConsistencyLevel] != ConsistencyEventual {
+		t.Fatalf("spec %+v, stored %v", s, s.Params())
+	}
+	back, err := Decode(s.Params())
+	if err != nil || back.QoS != s.QoS || back.ConsistencyLevel != ConsistencyEventual {
+		t.Fatalf("decoded %+v, %v", back, err)
+	}
+	s, err = Parse(map[string]string{"qosClass": "burstable", "consistencyLevel": "strong"})
+	if err != nil || s.QoS.Weight() != 0 || len(s.Params()) != 1 { // dataLocality only
+		t.Fatalf("defaults: %+v, stored %v, %v", s, s.Params(), err)
+	}
+	for _, c := range []struct {
+		in   map[string]string
+		want string
+	}{
+		{map[string]string{"qosClass": "besteffort", "minIOPS": "10"}, "reserves nothing"},
+		{map[string]string{"qosClass": "gold"}, `"burstable" (the default) or "besteffort"`},
+		{map[string]string{"consistencyLevel": "linearizable"}, `"strong" (the default) or "eventual"`},
+		{map[string]string{"replicationMode": "asynchronous"}, "asynchronous replication is not built yet"},
+		{map[string]string{"replicationMode": "semi"}, `want "synchronous"`},
+		{map[string]string{"deduplication": "yes"}, `want "false"`},
+	} {
+		if _, err := Parse(c.in); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("Parse(%v) = %v, want an error with %q", c.in, err, c.want)
+		}
 	}
 }

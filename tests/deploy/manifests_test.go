@@ -1335,3 +1335,27 @@ func sanityLocation(p podTemplate, c *corev1.Container, f string) (string, error
 	}
 	return location(p.spec, c, sock)
 }
+
+// TestDesignStorageClass: the StorageClass of the design
+// (deploy/examples/design-storageclass.yaml) uses only keys the driver
+// knows. Each of its values the driver does not refuse takes effect; each
+// it refuses names a feature not built yet. None is unknown or ignored.
+func TestDesignStorageClass(t *testing.T) {
+	s := load(t, "deploy/examples")
+	sc := one[storagev1.StorageClass](t, s, "high-performance-replicated")
+	if sc.Provisioner != driverName {
+		t.Errorf("provisioner %q, want %q", sc.Provisioner, driverName)
+	}
+	if len(sc.Parameters) != 15 {
+		t.Errorf("%d parameters, want the design's 15", len(sc.Parameters))
+	}
+	for k, v := range sc.Parameters {
+		_, err := volspec.Parse(map[string]string{k: v})
+		if err == nil {
+			continue
+		}
+		if strings.Contains(err.Error(), "unknown parameter") || !strings.Contains(err.Error(), "not built yet") {
+			t.Errorf("%s: %q: %v, want it accepted or refused as not built yet", k, v, err)
+		}
+	}
+}
