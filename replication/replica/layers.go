@@ -1,6 +1,7 @@
 package replica
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -11,6 +12,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cairn-csi/cairn/internal/atomicfile"
+	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/layer"
 )
 
@@ -433,7 +435,8 @@ const mergeStep = 4 << 20
 // the work; the volume and the other snapshots read the same at every
 // point. A layer whose child is shared with another replica →
 // ErrInvalidArgument naming the sharing (the snapshot must stay).
-// Deletions of one replica run one at a time.
+// Deletions of one replica run one at a time, each step of it through the
+// disk scheduler's rebuild class (background I/O).
 func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, total uint64)) error {
 	r.mergeMu.Lock()
 	defer r.mergeMu.Unlock()
@@ -443,7 +446,16 @@ func (r *Replica) DeleteSnapshot(epoch uint64, id string, progress func(done, to
 	step := uint64(mergeStep / layer.Granule)
 	total := r.chain.Granules()
 	for g := uint64(0); g < total; g += step {
-		if err := r.mergeStep(epoch, id, g, g+step); err != nil {
+		// Each step waits for the disk scheduler's rebuild class, as
+		// background work: it yields to foreground I/O. The wait ends
+		// with an error only if the server or the volume goes away.
+		t, err := r.admit(context.Background(), OpWrite, mergeStep, iosched.Rebuild)
+		if err != nil {
+			return fmt.Errorf("replica %s: delete snapshot %s: %w", r.id, id, err)
+		}
+		err = r.mergeStep(epoch, id, g, g+step)
+		t.Done()
+		if err != nil {
 			return err
 		}
 		if progress != nil {

@@ -556,3 +556,50 @@ func TestClosedConnectionDropsQueuedRequests(t *testing.T) {
 		})
 	}
 }
+
+// TestBackgroundWorkWaitsForTheDiskScheduler: a snapshot deletion's merge
+// and a flatten go through the server's disk scheduler, a step at a time:
+// while the disk is held by another request, each waits there, and it
+// finishes once the disk is free.
+func TestBackgroundWorkWaitsForTheDiskScheduler(t *testing.T) {
+	sched, _, hold := newDiskSched(t)
+	s, _ := schedServer(t, sched)
+	r := mustCreate(t, s, "bg-r0")
+	claimed(t, r, 1)
+	for i, id := range []string{"s1", "s2", "s3"} {
+		if err := r.WriteAt(1, randBytes(testSize/2, uint64(i)), uint64(i)*testExtent, false); err != nil {
+			t.Fatal(err)
+		}
+		if err := r.Snapshot(1, id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	want := readAll(t, r, 1)
+	for _, work := range []struct {
+		name string
+		run  func() error
+	}{
+		{"delete s1", func() error { return s.DeleteSnapshot(r, 1, "s1") }},
+		{"flatten into s3", func() error { return r.Flatten(testCtx(t), "s3", nil) }},
+	} {
+		release := hold()
+		errc := make(chan error, 1)
+		go func() { errc <- work.run() }()
+		waitQueued(t, s, 1)
+		select {
+		case err := <-errc:
+			t.Fatalf("%s finished while the disk was held: %v", work.name, err)
+		default:
+		}
+		release()
+		if err := <-errc; err != nil {
+			t.Fatalf("%s: %v", work.name, err)
+		}
+		if i := firstDiff(readAll(t, r, 1), want); i >= 0 {
+			t.Fatalf("after %s the volume differs at byte %d", work.name, i)
+		}
+	}
+	if got := r.LayerIDs(); !slices.Equal(got, []string{"s3"}) {
+		t.Fatalf("layers %v, want [s3]", got)
+	}
+}

@@ -225,12 +225,20 @@ func (r *round) checkSnapshots(ctx context.Context) error {
 	return nil
 }
 
-// checkRestore restores snapshot t into a new volume (as many replicas as
-// hold it, up to 3, so that every replica is made of its layers), exports
-// it on a random node, judges every block against the model at t's cut,
-// compares the new volume's replicas and removes it.
+// checkRestore restores snapshot t into a new volume, exports it on a
+// random node, judges every block against the model at t's cut, compares
+// the new volume's replicas and removes it. The new volume has as many
+// replicas as hold the snapshot, up to 3, so that every replica is made of
+// its layers; or, one time in two while every node is up, one more, placed
+// where the layers are not and filled by a rebuild with them flattened
+// (docs/snapshots.md, "Chain depth and flattening"): its replicas are
+// compared once it is healthy too.
 func (r *round) checkRestore(ctx context.Context, mc *meta.Client, t *snapTake) error {
 	replicas := min(3, max(1, len(t.holders)))
+	elsewhere := replicas < nodes && len(r.cl.nodeIDs()) == nodes && r.rng.IntN(2) == 0
+	if elsewhere {
+		replicas++
+	}
 	rctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	v, err := mc.Restore(rctx, meta.CreateVolume{Name: t.name + "-restore", SizeBytes: r.o.size, Replicas: replicas}, t.id, "")
 	cancel()
@@ -267,9 +275,21 @@ func (r *round) checkRestore(ctx context.Context, mc *meta.Client, t *snapTake) 
 	} else {
 		r.say("snapshot %s restored as %s (%d replicas), exported on %s: all %d blocks match the model at its cut", t.name, v.ID, replicas, node, r.m.blocks())
 	}
+	if elsewhere {
+		if err := r.waitAllHealthy(ctx, v.ID); err != nil {
+			return fmt.Errorf("%s, restored from %s with a replica where its layers are not: %w", v.ID, t.name, err)
+		}
+		r.say("snapshot %s restored as %s: the replica placed where its layers are not is healthy", t.name, v.ID)
+	}
 	rep, err := r.cl.verify(ctx, v.ID)
 	if err != nil {
 		return err
+	}
+	if elsewhere && len(rep.Replicas) != replicas {
+		p := fmt.Sprintf("snapshot %s restored as %s: verify compared replicas %v, want all %d", t.name, v.ID, rep.Replicas, replicas)
+		r.res.problems = append(r.res.problems, p)
+		s.divergent++
+		r.say("DIVERGENT: %s", p)
 	}
 	if differing := slices.Compact(slices.Sorted(slices.Values(rep.Differing))); !rep.Identical {
 		s.divergent += len(differing)
@@ -283,6 +303,25 @@ func (r *round) checkRestore(ctx context.Context, mc *meta.Client, t *snapTake) 
 		r.restored = slices.DeleteFunc(r.restored, func(id string) bool { return id == v.ID })
 	}
 	return nil
+}
+
+// waitAllHealthy waits up to two minutes until every replica of volume id
+// is healthy (a restore's replica being rebuilt, while the restore is
+// exported and its engine rebuilds it).
+func (r *round) waitAllHealthy(ctx context.Context, id string) error {
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		v, err := r.cl.volume(ctx, id)
+		if err == nil && v.healthy() {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("not every replica healthy within 2m (%s, %v)", v.summary(), err)
+		}
+		if err := benchkit.Sleep(ctx, 200*time.Millisecond); err != nil {
+			return err
+		}
+	}
 }
 
 // waitSnapshotGone waits until deleted snapshot t's record is gone: the
