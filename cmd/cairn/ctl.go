@@ -375,7 +375,7 @@ refused.`,
 				v, err = from.restore(ctx, c, cv)
 			} else {
 				var res meta.Result
-				res, err = c.Apply(ctx, &cv)
+				res, err = c.Apply(ctx, meta.CreateCommand(&cv))
 				v = res.Volume
 			}
 			if err != nil {

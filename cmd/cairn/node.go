@@ -47,6 +47,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
 	fs.DurationVar(&o.ReplicaDeadline, "replica-deadline", engine.DefaultReplicaDeadline, "once the write quorum has answered, how long a write waits for a replica that has not before ejecting it (it comes back through a delta rebuild; each such ejection doubles that replica's deadline for a while, so a slow but alive replica is not ejected again and again; negative: wait the full I/O timeout)")
 	fs.DurationVar(&o.ScrubInterval, "scrub-interval", 7*24*time.Hour, "how often the engine of an attached volume reads and verifies every block of every replica, repairing what it can (docs/integrity.md; 0: only on demand, cairn ctl volume scrub)")
+	fs.Uint64Var(&o.ReservableIOPS, "reservable-iops", 0, "IOPS this node's disks can promise to volumes of qosClass guaranteed: each is placed only where its minIOPS is still unreserved (0: none here)")
 	fs.IntVar(&o.ChainSoftLimit, "chain-soft-limit", storagenode.DefaultChainSoftLimit, "flatten the layers a restored replica shares with its source once its chain has more layers than this (docs/snapshots.md; negative: never)")
 	fs.DurationVar(&o.StaleReplicaTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	fs.DurationVar(&o.TombstoneRetention, "tombstone-retention", meta.DefaultTombstoneRetention, "how long the store keeps a deleted volume before the leader purges it")

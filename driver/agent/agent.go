@@ -60,6 +60,8 @@ type Config struct {
 	ScrubInterval time.Duration
 	// ChainSoftLimit: see storagenode.Config.ChainSoftLimit.
 	ChainSoftLimit int
+	// ReservableIOPS: see storagenode.Config.ReservableIOPS.
+	ReservableIOPS uint64
 	// StaleReplicaTimeout is how long a replica's node may be down before the
 	// replica is replaced elsewhere (volumes may override it).
 	StaleReplicaTimeout time.Duration
@@ -170,6 +172,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 	storage, err := storagenode.New(storagenode.Config{
 		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, FSM: a.store.Store().FSM(), Meta: a.self,
 		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit,
+		ReservableIOPS: cfg.ReservableIOPS,
 	})
 	if err != nil {
 		return nil, err

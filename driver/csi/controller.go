@@ -201,7 +201,7 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 		vol.ContentSource = req.GetVolumeContentSource()
 		return &csipb.CreateVolumeResponse{Volume: vol}, nil
 	}
-	res, err := c.Meta.Apply(ctx, cmd)
+	res, err := c.Meta.Apply(ctx, meta.CreateCommand(cmd))
 	if err != nil {
 		return nil, toStatus(err)
 	}

@@ -82,6 +82,10 @@ func apply(s *State, c Command) (Result, error) {
 		return applyRetireVolume(s, c)
 	case *RecordUsage:
 		return applyRecordUsage(s, c)
+	case *SetNodeReservable:
+		return applySetNodeReservable(s, c)
+	case *AdmitVolume:
+		return applyAdmitVolume(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -170,7 +174,7 @@ func (s *State) PlacementNodes() []placement.Node {
 			AllocatedBytes: used[n.ID],
 		})
 	}
-	return out
+	return s.withReservations(out)
 }
 
 // placementError turns a placement failure into a store sentinel.
@@ -182,6 +186,12 @@ func placementError(err error) error {
 }
 
 func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
+	return createVolume(s, c, 0)
+}
+
+// createVolume is CreateVolume, its replicas placed only on nodes that can
+// still promise reserveIOPS (AdmitVolume) when that is not 0.
+func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error) {
 	quorum, err := checkCreate(c)
 	if err != nil {
 		return Result{}, err
@@ -211,6 +221,7 @@ func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
 		OverProvisioningRatio: s.OverProvisioningRatio,
 		AllowedZones:          c.AllowedZones,
 		PreferredNode:         c.PreferredNode,
+		ReserveIOPS:           reserveIOPS,
 	})
 	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, placementError(err))
@@ -432,6 +443,7 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
 		Replicas: 1, SizeBytes: v.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
+		ReserveIOPS: v.guaranteedIOPS(), // 0 but for a guaranteed volume (admission.go)
 	})
 	if err != nil {
 		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, placementError(err))
@@ -571,6 +583,11 @@ func applySetParameters(s *State, c *SetParameters) (Result, error) {
 	}
 	if _, err := volspec.Decode(next); err != nil {
 		return Result{}, err
+	}
+	if was := v.guaranteedIOPS(); was > 0 && (&Volume{Parameters: next}).guaranteedIOPS() != was {
+		// Its nodes promised this much (admission.go); a new amount
+		// would need admitting again.
+		return Result{}, fmt.Errorf("the minIOPS of guaranteed volume %s cannot change (its nodes admitted %d): %w", v.ID, was, ErrFailedPrecondition)
 	}
 	if len(next) == 0 {
 		next = nil // as a snapshot restores it

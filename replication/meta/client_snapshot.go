@@ -183,6 +183,9 @@ func ParseContentSource(s string) (kind, id string) {
 // again (its layers stay shared with the clone). A retry finds the volume
 // made by the first attempt.
 func (c *Client) Restore(ctx context.Context, cv CreateVolume, snapID, fromVolume string) (*Volume, error) {
+	if err := checkRestorable(cv); err != nil {
+		return nil, err
+	}
 	if fromVolume == "" {
 		cv.ContentSource = SourceSnapshotPrefix + snapID
 		res, err := c.Apply(ctx, &RestoreVolume{CreateVolume: cv, SnapshotID: snapID})

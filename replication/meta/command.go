@@ -41,6 +41,8 @@ const (
 	CmdRestoreVolume        CommandType = 25
 	CmdRetireVolume         CommandType = 26
 	CmdRecordUsage          CommandType = 27
+	CmdSetNodeReservable    CommandType = 28
+	CmdAdmitVolume          CommandType = 29
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -52,7 +54,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdRecordUsage
+const lastCommandType = CmdAdmitVolume
 
 // Command is one change to the store's state.
 type Command interface {
@@ -397,6 +399,10 @@ func newCommand(t CommandType) Command {
 		return &RetireVolume{}
 	case CmdRecordUsage:
 		return &RecordUsage{}
+	case CmdSetNodeReservable:
+		return &SetNodeReservable{}
+	case CmdAdmitVolume:
+		return &AdmitVolume{}
 	}
 	return nil
 }

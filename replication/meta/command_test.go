@@ -55,6 +55,9 @@ func fullCommands() []Command {
 		&RestoreVolume{CreateVolume: CreateVolume{ID: "vol-2", Name: "n", SizeBytes: 1 << 30, Replicas: 3, ContentSource: "snapshot:snap-1", CreatedAt: 48}, SnapshotID: "snap-1"},
 		&RetireVolume{VolumeID: "vol-1"},
 		&RecordUsage{VolumeID: "vol-1", ReplicaID: "vol-1-r1", AllocatedBytes: 7, Snapshots: map[string]SnapshotSpace{"snap-1": {HeldBytes: 5, AloneBytes: 2}}},
+		&SetNodeReservable{NodeID: "node-1", IOPS: 20000},
+		&AdmitVolume{CreateVolume: CreateVolume{ID: "vol-3", Name: "g", SizeBytes: 1 << 30, Replicas: 3,
+			Parameters: map[string]string{"qosClass": "guaranteed", "minIOPS": "100"}, CreatedAt: 49}},
 	}
 }
 
@@ -107,7 +110,9 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdRestoreVolume, &RestoreVolume{}},
 		{CmdRetireVolume, &RetireVolume{}},
 		{CmdRecordUsage, &RecordUsage{}},
-		{CmdRecordUsage + 1, nil},
+		{CmdSetNodeReservable, &SetNodeReservable{}},
+		{CmdAdmitVolume, &AdmitVolume{}},
+		{CmdAdmitVolume + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -262,7 +267,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 28", cmdBytes(CmdRecordUsage+1, commandVersion, `{}`)},
+		{"unknown type 30", cmdBytes(CmdAdmitVolume+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -145,6 +145,13 @@ func prepare(c Command) error {
 		if c.CreatedAt == 0 {
 			c.CreatedAt = now
 		}
+	case *AdmitVolume:
+		if c.ID == "" {
+			c.ID = NewVolumeID()
+		}
+		if c.CreatedAt == 0 {
+			c.CreatedAt = now
+		}
 	case *CreateSnapshot:
 		if c.ID == "" {
 			c.ID = NewSnapshotID()

@@ -30,6 +30,9 @@ type Node struct {
 	// CapacityBytes and FreeBytes describe the node's data disk.
 	CapacityBytes uint64 `json:"capacity_bytes"`
 	FreeBytes     uint64 `json:"free_bytes"`
+	// ReservableIOPS is what the node's disks can promise to guaranteed
+	// volumes (SetNodeReservable; admission.go).
+	ReservableIOPS uint64 `json:"reservable_iops,omitempty"`
 	// LastHeartbeat is the leader's clock (unix nanoseconds) at the node's last
 	// recorded heartbeat. The leader records heartbeats in memory and commits
 	// them only with state or capacity changes, so this lags by design.

@@ -13,6 +13,8 @@
 //     for the full size of the volume under thin provisioning:
 //     AllocatedBytes + SizeBytes <= CapacityBytes × OverProvisioningRatio,
 //     computed exactly (no float rounding, no uint64 overflow).
+//     A request with ReserveIOPS (a guaranteed volume) also needs the node
+//     to have that many IOPS unreserved: ReservableIOPS − ReservedIOPS.
 //  2. One replica per node. Never two replicas on one node.
 //  3. Locality. The preferred node (the node that will attach the volume, for
 //     dataLocality=best-effort) is chosen first when it is eligible, and
@@ -30,7 +32,8 @@
 // When fewer nodes are eligible than replicas are wanted, Place fails with an
 // error wrapping ErrInsufficientNodes (the driver answers ResourceExhausted)
 // whose message counts the eligible nodes and says, in a stable order, why the
-// others were not: down, excluded, not in an allowed zone, lacking space.
+// others were not: down, excluded, not in an allowed zone, lacking IOPS to
+// reserve, lacking space.
 // Region is carried for callers but plays no part in the choice.
 package placement
 
@@ -64,6 +67,18 @@ type Node struct {
 	Up             bool   // only up nodes are eligible
 	CapacityBytes  uint64 // size of the node's data disk
 	AllocatedBytes uint64 // sum of the sizes of replicas already placed on it (thin provisioning)
+	// ReservableIOPS is what the node's disks can promise to guaranteed
+	// volumes, ReservedIOPS what replicas placed on it were promised
+	// (their minIOPS). Only a request with ReserveIOPS looks at them.
+	ReservableIOPS, ReservedIOPS uint64
+}
+
+// UnreservedIOPS is what n can still promise to a guaranteed volume.
+func (n Node) UnreservedIOPS() uint64 {
+	if n.ReservedIOPS >= n.ReservableIOPS {
+		return 0
+	}
+	return n.ReservableIOPS - n.ReservedIOPS
 }
 
 // Request says what to place.
@@ -75,6 +90,9 @@ type Request struct {
 	ExistingZones         []string // zones of the volume's replicas that stay (for spreading a replacement replica)
 	AllowedZones          []string // if non-empty, only nodes in these zones (CSI accessibility requirements)
 	PreferredNode         string   // if eligible, chosen first (data locality best-effort); "" = none
+	// ReserveIOPS, if not 0, admits the volume only on nodes that can
+	// still promise it that many IOPS (a guaranteed volume's minIOPS).
+	ReserveIOPS uint64
 }
 
 // FreeBytes returns how many more bytes can be allocated on n at the given
@@ -122,6 +140,8 @@ func Place(nodes []Node, req Request) ([]string, error) {
 			rejected[reasonExcluded] = append(rejected[reasonExcluded], rejection{node: n})
 		case len(allowed) > 0 && !allowed[n.Zone]:
 			rejected[reasonZone] = append(rejected[reasonZone], rejection{node: n})
+		case req.ReserveIOPS > 0 && n.UnreservedIOPS() < req.ReserveIOPS:
+			rejected[reasonIOPS] = append(rejected[reasonIOPS], rejection{node: n})
 		default:
 			if free := freeBytes(n, limit); free < req.SizeBytes {
 				rejected[reasonSpace] = append(rejected[reasonSpace], rejection{node: n, free: free})
@@ -291,6 +311,7 @@ const (
 	reasonDown reason = iota
 	reasonExcluded
 	reasonZone
+	reasonIOPS
 	reasonSpace
 	numReasons
 )
@@ -304,7 +325,7 @@ func insufficientReason(req Request, ratio float64, total, eligible int, rejecte
 	head := fmt.Sprintf("need %d %s, %d eligible", req.Replicas, plural(req.Replicas, "node", "nodes"), eligible)
 	var parts []string
 	for r := range numReasons {
-		if s := describe(r, rejected[r], req.SizeBytes, ratio); s != "" {
+		if s := describe(r, rejected[r], req, ratio); s != "" {
 			parts = append(parts, s)
 		}
 	}
@@ -320,10 +341,11 @@ func insufficientReason(req Request, ratio float64, total, eligible int, rejecte
 
 // describe renders one reason: the node itself when there is one, else a
 // count and the first few ids (they arrive sorted by id).
-func describe(r reason, rs []rejection, size uint64, ratio float64) string {
+func describe(r reason, rs []rejection, req Request, ratio float64) string {
 	if len(rs) == 0 {
 		return ""
 	}
+	size := req.SizeBytes
 	if len(rs) == 1 {
 		n := rs[0].node
 		switch r {
@@ -333,6 +355,8 @@ func describe(r reason, rs []rejection, size uint64, ratio float64) string {
 			return n.ID + " is excluded"
 		case reasonZone:
 			return fmt.Sprintf("%s is not in an allowed zone (zone %q)", n.ID, n.Zone)
+		case reasonIOPS:
+			return fmt.Sprintf("%s cannot reserve %d IOPS (%d of its %d reservable are unreserved)", n.ID, req.ReserveIOPS, n.UnreservedIOPS(), n.ReservableIOPS)
 		case reasonSpace:
 			need, free := formatPair(size, rs[0].free)
 			return fmt.Sprintf("%s lacks space (needs %s, %s free at ratio %s)", n.ID, need, free, formatRatio(ratio))
@@ -344,6 +368,8 @@ func describe(r reason, rs []rejection, size uint64, ratio float64) string {
 		switch r {
 		case reasonZone:
 			items = append(items, fmt.Sprintf("%s in %q", x.node.ID, x.node.Zone))
+		case reasonIOPS:
+			items = append(items, fmt.Sprintf("%s has %d unreserved", x.node.ID, x.node.UnreservedIOPS()))
 		case reasonSpace:
 			_, free := formatPair(size, x.free)
 			items = append(items, fmt.Sprintf("%s has %s free", x.node.ID, free))
@@ -360,6 +386,8 @@ func describe(r reason, rs []rejection, size uint64, ratio float64) string {
 		return fmt.Sprintf("%d nodes are excluded (%s)", count, list)
 	case reasonZone:
 		return fmt.Sprintf("%d nodes are not in an allowed zone (%s)", count, list)
+	case reasonIOPS:
+		return fmt.Sprintf("%d nodes cannot reserve %d IOPS (%s)", count, req.ReserveIOPS, list)
 	case reasonSpace:
 		return fmt.Sprintf("%d nodes lack space (needs %s at ratio %s; %s)", count, formatBytes(size), formatRatio(ratio), list)
 	}

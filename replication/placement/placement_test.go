@@ -623,3 +623,26 @@ func TestFormatBytes(t *testing.T) {
 		})
 	}
 }
+
+// TestReserveIOPS: a request that reserves IOPS goes only to nodes with that
+// much unreserved, and says which nodes lacked it; one without a
+// reservation ignores reservations.
+func TestReserveIOPS(t *testing.T) {
+	nodes := []Node{
+		{ID: "n1", Up: true, CapacityBytes: 100, ReservableIOPS: 10000, ReservedIOPS: 9500},
+		{ID: "n2", Up: true, CapacityBytes: 100, ReservableIOPS: 10000, ReservedIOPS: 2000},
+		{ID: "n3", Up: true, CapacityBytes: 100, ReservableIOPS: 10000},
+		{ID: "n4", Up: true, CapacityBytes: 100},
+	}
+	got, err := Place(nodes, Request{Replicas: 2, SizeBytes: 10, ReserveIOPS: 1000})
+	if err != nil || !slices.Equal(slices.Sorted(slices.Values(got)), []string{"n2", "n3"}) {
+		t.Fatalf("Place = %v, %v; want n2 and n3", got, err)
+	}
+	_, err = Place(nodes, Request{Replicas: 3, SizeBytes: 10, ReserveIOPS: 1000})
+	if !errors.Is(err, ErrInsufficientNodes) || !strings.Contains(err.Error(), "2 nodes cannot reserve 1000 IOPS (n1 has 500 unreserved, n4 has 0 unreserved)") {
+		t.Fatalf("three replicas: %v", err)
+	}
+	if got, err := Place(nodes, Request{Replicas: 4, SizeBytes: 10}); err != nil || len(got) != 4 {
+		t.Fatalf("no reservation: %v, %v", got, err)
+	}
+}

@@ -52,6 +52,10 @@ type Config struct {
 	// (attach.Config.Sched): it holds no QoS limits (see
 	// replica.ServerConfig.Sched).
 	DiskSched *iosched.Scheduler
+	// ReservableIOPS is what this node's disks can promise to guaranteed
+	// volumes (meta.SetNodeReservable; 0: nothing). The node records it in
+	// the store while the store says otherwise (reservable.go).
+	ReservableIOPS uint64
 	// ChainSoftLimit is the chain depth (layers, the head included) past
 	// which this node flattens the layers a restored replica inherited
 	// (flatten.go); 0: DefaultChainSoftLimit, negative: never.
@@ -228,6 +232,7 @@ func (n *Node) realizeLoop() {
 		n.realize()
 		n.runSnapshots()
 		n.runFlattens()
+		n.recordReservable()
 		if time.Since(lastUsage) >= usageInterval {
 			n.recordUsage()
 			lastUsage = time.Now()

@@ -87,11 +87,12 @@ const (
 	MaxSnapshotLimit     = 128
 
 	// QoS classes (docs/architecture.md, "StorageClass parameters", has
-	// each one's promise). Burstable, the
-	// default: limits, a reservation if minIOPS is given, the default
-	// share of spare capacity. Best effort: no reservation and a quarter
-	// of the default share (BestEffortWeight). Guaranteed: a reservation
-	// admitted against the disks' reservable IOPS, not built yet.
+	// each one's promise). Burstable, the default: limits, a reservation
+	// if minIOPS is given, the default share of spare capacity. Best
+	// effort: no reservation and a quarter of the default share
+	// (BestEffortWeight). Guaranteed: minIOPS is required, and the volume
+	// is admitted only on nodes whose disks can still promise it
+	// (replication/placement, ReserveIOPS).
 	QoSBurstable  = "burstable"
 	QoSBestEffort = "besteffort"
 	QoSGuaranteed = "guaranteed"
@@ -114,8 +115,6 @@ const (
 // feature Cairn does not have yet, by key: each is refused with the
 // feature's name rather than accepted and ignored.
 var notBuilt = map[string]map[string]string{
-	KeyQoSClass: {QoSGuaranteed: "admitting a guaranteed volume only where its disks still have minIOPS " +
-		"of unreserved capacity is not built yet; burstable with minIOPS reserves without that admission"},
 	KeyReplicationMode: {ReplicationAsync: "asynchronous replication is not built yet; every write is acknowledged once written to the write quorum"},
 	KeyEncryption:      {EncryptionAESGCM: "encryption at rest is not built yet"},
 	KeyDeduplication:   {"true": "deduplication is not built yet (the space-efficiency work)"},
@@ -394,11 +393,12 @@ var paramsBase = []param{
 	// Not mutable: an older member's SetParameters refuses keys it does
 	// not know. Recorded only when not the default, so that volumes made
 	// before the key existed keep matching their CreateVolume retries.
-	{key: KeyQoSClass, want: strconv.Quote(QoSBurstable) + " (the default) or " + strconv.Quote(QoSBestEffort),
+	{key: KeyQoSClass,
+		want: strconv.Quote(QoSBurstable) + " (the default), " + strconv.Quote(QoSBestEffort) + " or " +
+			strconv.Quote(QoSGuaranteed) + " (with minIOPS)",
 		parse: func(s *Spec, v string, _ form) bool {
-			return choose(&s.QoS.Class, v, QoSBurstable, QoSBestEffort)
+			return choose(&s.QoS.Class, v, QoSBurstable, QoSBestEffort, QoSGuaranteed)
 		},
-		why:    notBuiltWhy(KeyQoSClass),
 		format: func(s Spec) string { return s.QoS.Class }},
 	{key: KeyConsistencyLevel, want: strconv.Quote(ConsistencyStrong) + " (the default) or " + strconv.Quote(ConsistencyEventual),
 		parse: func(s *Spec, v string, _ form) bool {
@@ -649,5 +649,12 @@ func checkQoS(s Spec) error {
 	if q := s.QoS; q.Class == QoSBestEffort && q.MinIOPS > 0 {
 		return &Error{Key: KeyQoSClass, Problem: fmt.Sprintf("%q reserves nothing, and minIOPS asks for %d: drop minIOPS, or use %q", QoSBestEffort, q.MinIOPS, QoSBurstable)}
 	}
+	if q := s.QoS; q.Class == QoSGuaranteed && q.MinIOPS == 0 {
+		return &Error{Key: KeyQoSClass, Problem: fmt.Sprintf("%q promises minIOPS, and none is given: set minIOPS", QoSGuaranteed)}
+	}
 	return nil
 }
+
+// Guaranteed reports whether the volume is of class guaranteed: placed only
+// where its minIOPS can still be promised.
+func (s Spec) Guaranteed() bool { return s.QoS.Class == QoSGuaranteed }

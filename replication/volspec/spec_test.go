@@ -329,10 +329,10 @@ func TestDesignKeys(t *testing.T) {
 	notYet := map[string]string{
 		"type": "disk types are not built yet", "encryption": "encryption at rest is not built yet",
 		"deduplication": "deduplication is not built yet", "compression": "compression is not built yet",
-		"qosClass": "admitting a guaranteed volume",
 	}
 	for k, v := range designParameters {
-		_, err := Parse(map[string]string{k: v})
+		// With the class's minIOPS: guaranteed needs it.
+		_, err := Parse(map[string]string{k: v, KeyMinIOPS: designParameters[KeyMinIOPS]})
 		if want, ok := notYet[k]; ok {
 			var pe *Error
 			if !errors.As(err, &pe) || pe.Key != k || !strings.Contains(pe.Problem, want) {
@@ -405,7 +405,8 @@ func TestQoSClassAndConsistency(t *testing.T) {
 		want string
 	}{
 		{map[string]string{"qosClass": "besteffort", "minIOPS": "10"}, "reserves nothing"},
-		{map[string]string{"qosClass": "gold"}, `"burstable" (the default) or "besteffort"`},
+		{map[string]string{"qosClass": "gold"}, `"burstable" (the default), "besteffort" or "guaranteed" (with minIOPS)`},
+		{map[string]string{"qosClass": "guaranteed"}, "set minIOPS"},
 		{map[string]string{"consistencyLevel": "linearizable"}, `"strong" (the default) or "eventual"`},
 		{map[string]string{"replicationMode": "asynchronous"}, "asynchronous replication is not built yet"},
 		{map[string]string{"replicationMode": "semi"}, `want "synchronous"`},

@@ -1350,7 +1350,8 @@ func TestDesignStorageClass(t *testing.T) {
 		t.Errorf("%d parameters, want the design's 15", len(sc.Parameters))
 	}
 	for k, v := range sc.Parameters {
-		_, err := volspec.Parse(map[string]string{k: v})
+		// With the class's minIOPS: qosClass guaranteed needs it.
+		_, err := volspec.Parse(map[string]string{k: v, volspec.KeyMinIOPS: sc.Parameters[volspec.KeyMinIOPS]})
 		if err == nil {
 			continue
 		}

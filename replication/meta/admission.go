@@ -1,0 +1,119 @@
+package meta
+
+import (
+	"fmt"
+
+	"github.com/cairn-csi/cairn/replication/placement"
+)
+
+// Admission of guaranteed volumes (docs/architecture.md, "StorageClass
+// parameters"). A node says how many IOPS its disks can promise
+// (SetNodeReservable, from `cairn node --reservable-iops`); a volume of QoS
+// class guaranteed holds its minIOPS on the node of each of its replicas;
+// such a volume is placed, and its replicas replaced, only on nodes that
+// still have its minIOPS unreserved.
+//
+// A guaranteed volume is made by AdmitVolume, a command of its own written
+// through the command gate (gate.go): a member of an older build, which
+// knows nothing of classes, would place it without admission and its state
+// would part from the others'. Once one exists, every member reads type 29
+// and so knows the rules below, which the older commands (ReplaceReplica,
+// SetParameters) then apply to it too.
+
+// SetNodeReservable records what node NodeID's disks can promise to
+// guaranteed volumes, in IOPS (0: nothing; such volumes go elsewhere).
+type SetNodeReservable struct {
+	NodeID string `json:"node_id"`
+	IOPS   uint64 `json:"iops"`
+}
+
+// AdmitVolume creates a guaranteed volume: CreateVolume, its replicas
+// placed only where its minIOPS can still be promised.
+type AdmitVolume struct {
+	CreateVolume
+}
+
+func (SetNodeReservable) Type() CommandType { return CmdSetNodeReservable }
+func (AdmitVolume) Type() CommandType       { return CmdAdmitVolume }
+
+func applySetNodeReservable(s *State, c *SetNodeReservable) (Result, error) {
+	n, ok := s.Nodes[c.NodeID]
+	if !ok {
+		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
+	}
+	n.ReservableIOPS = c.IOPS
+	out := *n
+	return Result{Node: &out}, nil
+}
+
+func applyAdmitVolume(s *State, c *AdmitVolume) (Result, error) {
+	v := &Volume{Parameters: c.Parameters}
+	spec, err := v.Spec()
+	if err != nil {
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
+	}
+	if !spec.Guaranteed() {
+		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed: %w", c.Name, ErrInvalidArgument)
+	}
+	return createVolume(s, &c.CreateVolume, spec.QoS.MinIOPS)
+}
+
+// reservedIOPS is, per node, the minIOPS of the guaranteed volumes with a
+// replica there.
+func (s *State) reservedIOPS() map[string]uint64 {
+	out := map[string]uint64{}
+	for _, v := range s.Volumes {
+		if v.State == VolumeDeleted {
+			continue
+		}
+		if iops := v.guaranteedIOPS(); iops > 0 {
+			for _, r := range v.Replicas {
+				out[r.Node] += iops
+			}
+		}
+	}
+	return out
+}
+
+// guaranteedIOPS is the minIOPS the volume holds on each of its replicas'
+// nodes: 0 unless it is of class guaranteed.
+func (v *Volume) guaranteedIOPS() uint64 {
+	spec, err := v.Spec()
+	if err != nil || !spec.Guaranteed() {
+		return 0
+	}
+	return spec.QoS.MinIOPS
+}
+
+// withReservations adds what each node can promise and has promised to
+// nodes (PlacementNodes).
+func (s *State) withReservations(nodes []placement.Node) []placement.Node {
+	reserved := s.reservedIOPS()
+	for i := range nodes {
+		if n := s.Nodes[nodes[i].ID]; n != nil {
+			nodes[i].ReservableIOPS = n.ReservableIOPS
+		}
+		nodes[i].ReservedIOPS = reserved[nodes[i].ID]
+	}
+	return nodes
+}
+
+// CreateCommand is the command that creates volume cv: AdmitVolume for a
+// guaranteed one, cv itself otherwise.
+func CreateCommand(cv *CreateVolume) Command {
+	if (&Volume{Parameters: cv.Parameters}).guaranteedIOPS() > 0 {
+		return &AdmitVolume{CreateVolume: *cv}
+	}
+	return cv
+}
+
+// checkRestorable refuses a restore or clone into a guaranteed volume: its
+// replicas go where the snapshot's layers are, which RestoreVolume does
+// without admission.
+func checkRestorable(cv CreateVolume) error {
+	if (&Volume{Parameters: cv.Parameters}).guaranteedIOPS() > 0 {
+		return fmt.Errorf("volume %q: a restore or clone cannot be of qosClass guaranteed yet (its replicas go where the snapshot is, "+
+			"without admission): restore into burstable: %w", cv.Name, ErrFailedPrecondition)
+	}
+	return nil
+}
