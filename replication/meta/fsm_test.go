@@ -708,7 +708,7 @@ func (g *cmdGen) registerNode(id string) Command {
 
 func (g *cmdGen) random(s *State) Command {
 	vid := g.volumeID()
-	switch g.rng.IntN(37) {
+	switch g.rng.IntN(39) {
 	case 0:
 		return &InitCluster{ClusterID: g.pick("prop", "prop", "other", ""), OverProvisioningRatio: float64(g.rng.IntN(3)) - 0.5}
 	case 1:
@@ -773,6 +773,15 @@ func (g *cmdGen) random(s *State) Command {
 		return g.setParameters(vid)
 	case 33, 34:
 		return g.setReplicaGeneration(s, vid)
+	case 35:
+		return &SetNodeReservable{NodeID: g.nodeID(), IOPS: uint64(g.rng.IntN(4)) * 500}
+	case 36:
+		// A guaranteed volume (minIOPS 0 to 1000 in steps of 250; 0 and a
+		// burstable class are refused), placed by admission.
+		params := map[string]string{"qosClass": g.pick("guaranteed", "guaranteed", "burstable"),
+			"minIOPS": fmt.Sprint(250 * g.rng.IntN(5))}
+		return &AdmitVolume{CreateVolume: CreateVolume{ID: vid, Name: fmt.Sprintf("pvc-%d", g.rng.IntN(7)),
+			SizeBytes: uint64(1+g.rng.IntN(4)) * gib, Replicas: 1 + g.rng.IntN(3), Parameters: params, CreatedAt: int64(g.step)}}
 	}
 	return nil // a non-command entry or garbage
 }
@@ -878,8 +887,13 @@ func setParametersOutcome(s *State, c *SetParameters) (map[string]string, error)
 			next[k] = val
 		}
 	}
-	if _, err := volspec.Decode(next); err != nil {
+	after, err := volspec.Decode(next)
+	if err != nil {
 		return nil, ErrInvalidArgument
+	}
+	// A guaranteed volume keeps the minIOPS its nodes admitted.
+	if before, _ := volspec.Decode(v.Parameters); before.Guaranteed() && after.QoS.MinIOPS != before.QoS.MinIOPS {
+		return nil, ErrFailedPrecondition
 	}
 	if len(next) == 0 {
 		return nil, nil // no parameters, as a snapshot restores them
@@ -1012,7 +1026,19 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 	for id, v := range cur.Volumes {
 		pv, existed := prev.Volumes[id]
 		if !existed {
-			if cc, ok := c.(*CreateVolume); !ok || cc.ID != id {
+			cc, ok := c.(*CreateVolume)
+			if ac, admitted := c.(*AdmitVolume); admitted {
+				cc, ok = &ac.CreateVolume, true
+				// Admission: each replica's node could still promise
+				// the volume's minIOPS.
+				reserved, minIOPS := prev.reservedIOPS(), v.guaranteedIOPS()
+				for _, r := range v.Replicas {
+					if n := prev.Nodes[r.Node]; minIOPS == 0 || n == nil || n.ReservableIOPS < reserved[r.Node]+minIOPS {
+						fail("guaranteed volume %s (%d IOPS) placed on %s, which could not promise it (reserved %d)", id, minIOPS, r.Node, reserved[r.Node])
+					}
+				}
+			}
+			if !ok || cc.ID != id {
 				fail("volume %s appeared", id)
 			}
 			if v.Epoch != 1 {
