@@ -455,7 +455,8 @@ func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.
 // topology segment: the largest free space on one up node (thin
 // provisioning: capacity × ratio minus what is placed there).
 func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
-	if _, err := volspec.Parse(req.GetParameters()); err != nil {
+	spec, err := volspec.Parse(req.GetParameters())
+	if err != nil {
 		return nil, toStatus(err)
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {
@@ -473,13 +474,14 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 	// minus the replicas already placed; and no more than the disk has
 	// free, which counts what snapshots take (their layers grow with the
 	// writes after them) and what hidden volumes keep.
+	// Per disk type: the StorageClass's.
 	var best, total uint64
-	for _, n := range st.PlacementNodes() {
+	for _, n := range st.PlacementNodesFor(spec.DiskType) {
 		if !n.Up || (byZone && n.Zone != zone) {
 			continue
 		}
 		free := n.FreeBytes(st.OverProvisioningRatio)
-		if disk := st.Nodes[n.ID].FreeBytes; disk > 0 {
+		if disk := st.DiskFree(n.ID, spec.DiskType); disk > 0 {
 			free = min(free, disk)
 		}
 		total += free

@@ -27,8 +27,10 @@ type SetNodeReservable struct {
 	IOPS   uint64 `json:"iops"`
 }
 
-// AdmitVolume creates a guaranteed volume: CreateVolume, its replicas
-// placed only where its minIOPS can still be promised.
+// AdmitVolume creates a volume with the placement rules newer than
+// CreateVolume's: a guaranteed volume's replicas only where its minIOPS
+// can still be promised, and a volume of a disk type only on disks of that
+// type (disktypes.go). CreateCommand picks it for such volumes.
 type AdmitVolume struct {
 	CreateVolume
 }
@@ -52,10 +54,10 @@ func applyAdmitVolume(s *State, c *AdmitVolume) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
-	if !spec.Guaranteed() {
-		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed: %w", c.Name, ErrInvalidArgument)
+	if !spec.Guaranteed() && spec.DiskType == "" {
+		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed or a disk type: %w", c.Name, ErrInvalidArgument)
 	}
-	return createVolume(s, &c.CreateVolume, spec.QoS.MinIOPS)
+	return createVolume(s, &c.CreateVolume, v.guaranteedIOPS())
 }
 
 // reservedIOPS is, per node, the minIOPS of the guaranteed volumes with a
@@ -99,9 +101,9 @@ func (s *State) withReservations(nodes []placement.Node) []placement.Node {
 }
 
 // CreateCommand is the command that creates volume cv: AdmitVolume for a
-// guaranteed one, cv itself otherwise.
+// guaranteed one or one of a disk type, cv itself otherwise.
 func CreateCommand(cv *CreateVolume) Command {
-	if (&Volume{Parameters: cv.Parameters}).guaranteedIOPS() > 0 {
+	if v := (&Volume{Parameters: cv.Parameters}); v.guaranteedIOPS() > 0 || v.diskType() != "" {
 		return &AdmitVolume{CreateVolume: *cv}
 	}
 	return cv

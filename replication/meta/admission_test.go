@@ -22,16 +22,8 @@ func TestAdmitVolume(t *testing.T) {
 		return &AdmitVolume{CreateVolume: CreateVolume{ID: id, Name: "pvc-" + id, SizeBytes: gib, Replicas: replicas,
 			Parameters: map[string]string{"qosClass": "guaranteed", "minIOPS": minIOPS}}}
 	}
-	nodesOf := func(v *Volume) []string {
-		var ns []string
-		for _, r := range v.Replicas {
-			ns = append(ns, r.Node)
-		}
-		slices.Sort(ns)
-		return ns
-	}
 	g1 := h.must(guaranteed("g1", 3, "600")).Volume
-	if got := nodesOf(g1); !slices.Equal(got, []string{"n1", "n2", "n3"}) {
+	if got := replicaNodes(g1); !slices.Equal(got, []string{"n1", "n2", "n3"}) {
 		t.Fatalf("g1 on %v, want n1–n3 (n4 can promise only 300)", got)
 	}
 	// 400 left on n1–n3, 300 on n4: a second of 500 fits nowhere.
@@ -40,7 +32,7 @@ func TestAdmitVolume(t *testing.T) {
 		t.Fatalf("refusal %q does not say why", err)
 	}
 	// One of 400 on three nodes fits, exactly.
-	if got := nodesOf(h.must(guaranteed("g3", 3, "400")).Volume); !slices.Equal(got, []string{"n1", "n2", "n3"}) {
+	if got := replicaNodes(h.must(guaranteed("g3", 3, "400")).Volume); !slices.Equal(got, []string{"n1", "n2", "n3"}) {
 		t.Fatalf("g3 on %v", got)
 	}
 	// A burstable volume with a reservation is not admitted: it goes anywhere.
@@ -61,7 +53,7 @@ func TestAdmitVolume(t *testing.T) {
 	g3 = h.volume("g3")
 	h.fails(&ReplaceReplica{VolumeID: "g3", ReplicaID: rid, ExpectEpoch: g3.Epoch}, ErrResourceExhausted)
 	h.must(&SetNodeReservable{NodeID: "n4", IOPS: 1000})
-	if got := nodesOf(h.must(&ReplaceReplica{VolumeID: "g3", ReplicaID: rid, ExpectEpoch: g3.Epoch}).Volume); !slices.Contains(got, "n4") {
+	if got := replicaNodes(h.must(&ReplaceReplica{VolumeID: "g3", ReplicaID: rid, ExpectEpoch: g3.Epoch}).Volume); !slices.Contains(got, "n4") {
 		t.Fatalf("g3's replacement on %v, want n4", got)
 	}
 	// Deleting g1 frees its 600 on n2 and n3.
@@ -71,4 +63,14 @@ func TestAdmitVolume(t *testing.T) {
 	}
 	h.fails(&SetParameters{VolumeID: "g3", Parameters: map[string]string{"minIOPS": "100"}}, ErrFailedPrecondition)
 	h.must(&SetParameters{VolumeID: "g3", Parameters: map[string]string{"maxIOPS": "5000"}})
+}
+
+// replicaNodes lists the nodes of v's replicas, sorted.
+func replicaNodes(v *Volume) []string {
+	var ns []string
+	for _, r := range v.Replicas {
+		ns = append(ns, r.Node)
+	}
+	slices.Sort(ns)
+	return ns
 }

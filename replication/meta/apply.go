@@ -86,6 +86,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applySetNodeReservable(s, c)
 	case *AdmitVolume:
 		return applyAdmitVolume(s, c)
+	case *SetNodeDisks:
+		return applySetNodeDisks(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -147,35 +149,9 @@ func applySetNodeState(s *State, c *SetNodeState) (Result, error) {
 	return Result{Node: &out}, nil
 }
 
-// allocatedBytes sums, per node, the sizes of the live volumes' replicas on it.
-func (s *State) allocatedBytes() map[string]uint64 {
-	used := map[string]uint64{}
-	for _, v := range s.Volumes {
-		if v.State == VolumeDeleted {
-			continue
-		}
-		for _, r := range v.Replicas {
-			used[r.Node] += v.SizeBytes
-		}
-	}
-	return used
-}
-
-// PlacementNodes describes the cluster's nodes as placement sees them:
-// topology, liveness, capacity and the bytes of replicas already placed.
-func (s *State) PlacementNodes() []placement.Node {
-	used := s.allocatedBytes()
-	out := make([]placement.Node, 0, len(s.Nodes))
-	for _, n := range s.Nodes {
-		out = append(out, placement.Node{
-			ID: n.ID, Zone: n.Zone, Region: n.Region,
-			Up:             n.State == NodeUp,
-			CapacityBytes:  n.CapacityBytes,
-			AllocatedBytes: used[n.ID],
-		})
-	}
-	return s.withReservations(out)
-}
+// PlacementNodes describes the cluster's nodes as placement sees them for
+// a volume on the default disks (PlacementNodesFor).
+func (s *State) PlacementNodes() []placement.Node { return s.PlacementNodesFor("") }
 
 // placementError turns a placement failure into a store sentinel.
 func placementError(err error) error {
@@ -212,10 +188,11 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error)
 	// replication/volspec/doc.go); clients refuse those before they get here.
 	// After the idempotency check, so that a retry of a create made before
 	// the store validated still finds its volume.
-	if _, err := volspec.Decode(c.Parameters); err != nil {
+	spec, err := volspec.Decode(c.Parameters)
+	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
-	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
+	nodes, err := placement.Place(s.PlacementNodesFor(spec.DiskType), placement.Request{
 		Replicas:              c.Replicas,
 		SizeBytes:             c.SizeBytes,
 		OverProvisioningRatio: s.OverProvisioningRatio,
@@ -224,7 +201,7 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error)
 		ReserveIOPS:           reserveIOPS,
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("volume %q: %w", c.Name, placementError(err))
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(spec.DiskType, err))
 	}
 	// A new volume's replicas are all zeros, so they are identical and
 	// healthy from the start; a volume with a content source is filled
@@ -440,13 +417,13 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 			}
 		}
 	}
-	nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
+	nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
 		Replicas: 1, SizeBytes: v.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
 		ReserveIOPS: v.guaranteedIOPS(), // 0 but for a guaranteed volume (admission.go)
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, placementError(err))
+		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, typedPlacementError(v.diskType(), err))
 	}
 	v.Replicas[i] = Replica{ID: v.nextReplicaID(), Node: nodes[0], State: ReplicaRebuilding}
 	v.Epoch++
@@ -713,7 +690,7 @@ func applyExpandVolume(s *State, c *ExpandVolume) (Result, error) {
 	}
 	grow := c.SizeBytes - v.SizeBytes
 	free := map[string]uint64{}
-	for _, n := range s.PlacementNodes() {
+	for _, n := range s.PlacementNodesFor(v.diskType()) {
 		free[n.ID] = n.FreeBytes(s.OverProvisioningRatio)
 	}
 	// Sorted by replica order: the error names the first node short of

@@ -214,6 +214,11 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 		return Result{}, fmt.Errorf("volume %q: checksumAlgorithm must be the source volume's (checksums %v): a restore shares its layers: %w",
 			c.Name, src.Checksummed(), ErrInvalidArgument)
 	}
+	if spec.DiskType != src.diskType() {
+		// Hard links stay on the source's disks (disktypes.go).
+		return Result{}, fmt.Errorf("volume %q: type must be the source volume's (%q): a restore shares its layers: %w",
+			c.Name, src.diskType(), ErrInvalidArgument)
+	}
 	// Readable at once: the replicas made from the snapshot's layers hold
 	// its data from the start.
 	v := newVolume(&c.CreateVolume, quorum)
@@ -242,12 +247,12 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 			sn.ID, ErrFailedPrecondition)
 	}
 	if more := c.Replicas - len(used); more > 0 {
-		nodes, err := placement.Place(s.PlacementNodes(), placement.Request{
+		nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
 			Replicas: more, SizeBytes: c.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
 			Exclude: used, AllowedZones: c.AllowedZones,
 		})
 		if err != nil {
-			return Result{}, fmt.Errorf("volume %q: %w", c.Name, placementError(err))
+			return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(v.diskType(), err))
 		}
 		for _, node := range nodes {
 			// Filled from the replicas above, through a rebuild.

@@ -43,6 +43,7 @@ const (
 	CmdRecordUsage          CommandType = 27
 	CmdSetNodeReservable    CommandType = 28
 	CmdAdmitVolume          CommandType = 29
+	CmdSetNodeDisks         CommandType = 30
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -54,7 +55,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdAdmitVolume
+const lastCommandType = CmdSetNodeDisks
 
 // Command is one change to the store's state.
 type Command interface {
@@ -403,6 +404,8 @@ func newCommand(t CommandType) Command {
 		return &SetNodeReservable{}
 	case CmdAdmitVolume:
 		return &AdmitVolume{}
+	case CmdSetNodeDisks:
+		return &SetNodeDisks{}
 	}
 	return nil
 }

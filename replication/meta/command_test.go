@@ -56,6 +56,7 @@ func fullCommands() []Command {
 		&RetireVolume{VolumeID: "vol-1"},
 		&RecordUsage{VolumeID: "vol-1", ReplicaID: "vol-1-r1", AllocatedBytes: 7, Snapshots: map[string]SnapshotSpace{"snap-1": {HeldBytes: 5, AloneBytes: 2}}},
 		&SetNodeReservable{NodeID: "node-1", IOPS: 20000},
+		&SetNodeDisks{NodeID: "node-1", Disks: map[string]DiskSpace{"hdd": {CapacityBytes: 1 << 40, FreeBytes: 1 << 39}}},
 		&AdmitVolume{CreateVolume: CreateVolume{ID: "vol-3", Name: "g", SizeBytes: 1 << 30, Replicas: 3,
 			Parameters: map[string]string{"qosClass": "guaranteed", "minIOPS": "100"}, CreatedAt: 49}},
 	}
@@ -112,7 +113,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdRecordUsage, &RecordUsage{}},
 		{CmdSetNodeReservable, &SetNodeReservable{}},
 		{CmdAdmitVolume, &AdmitVolume{}},
-		{CmdAdmitVolume + 1, nil},
+		{CmdSetNodeDisks, &SetNodeDisks{}},
+		{CmdSetNodeDisks + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -267,7 +269,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 30", cmdBytes(CmdAdmitVolume+1, commandVersion, `{}`)},
+		{"unknown type 31", cmdBytes(CmdSetNodeDisks+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -780,8 +780,20 @@ func (g *cmdGen) random(s *State) Command {
 		// burstable class are refused), placed by admission.
 		params := map[string]string{"qosClass": g.pick("guaranteed", "guaranteed", "burstable"),
 			"minIOPS": fmt.Sprint(250 * g.rng.IntN(5))}
+		if g.rng.IntN(2) == 0 { // of a disk type, that some nodes have (case 37)
+			params["type"] = g.pick("hdd", "ssd", "Bad")
+		}
 		return &AdmitVolume{CreateVolume: CreateVolume{ID: vid, Name: fmt.Sprintf("pvc-%d", g.rng.IntN(7)),
 			SizeBytes: uint64(1+g.rng.IntN(4)) * gib, Replicas: 1 + g.rng.IntN(3), Parameters: params, CreatedAt: int64(g.step)}}
+	case 37:
+		disks := map[string]DiskSpace{}
+		for _, t := range []string{"hdd", "ssd", "default", "Bad"} {
+			if g.rng.IntN(3) == 0 {
+				c := uint64(g.rng.IntN(16)) * gib
+				disks[t] = DiskSpace{CapacityBytes: c, FreeBytes: c / 2}
+			}
+		}
+		return &SetNodeDisks{NodeID: g.nodeID(), Disks: disks}
 	}
 	return nil // a non-command entry or garbage
 }
@@ -1033,8 +1045,13 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 				// the volume's minIOPS.
 				reserved, minIOPS := prev.reservedIOPS(), v.guaranteedIOPS()
 				for _, r := range v.Replicas {
-					if n := prev.Nodes[r.Node]; minIOPS == 0 || n == nil || n.ReservableIOPS < reserved[r.Node]+minIOPS {
+					n := prev.Nodes[r.Node]
+					if minIOPS > 0 && (n == nil || n.ReservableIOPS < reserved[r.Node]+minIOPS) {
 						fail("guaranteed volume %s (%d IOPS) placed on %s, which could not promise it (reserved %d)", id, minIOPS, r.Node, reserved[r.Node])
+					}
+					// And of a disk type, on a disk of that type.
+					if dt := v.diskType(); dt != "" && (n == nil || n.Disks[dt].CapacityBytes < v.SizeBytes) {
+						fail("volume %s of type %s placed on %s, which has no such disk with room", id, dt, r.Node)
 					}
 				}
 			}

@@ -2,6 +2,7 @@ package meta
 
 import (
 	"fmt"
+	"maps"
 	"slices"
 	"sort"
 	"strings"
@@ -33,6 +34,10 @@ type Node struct {
 	// ReservableIOPS is what the node's disks can promise to guaranteed
 	// volumes (SetNodeReservable; admission.go).
 	ReservableIOPS uint64 `json:"reservable_iops,omitempty"`
+	// Disks are the node's data disks of a type other than the default,
+	// by type (SetNodeDisks; disktypes.go). CapacityBytes and FreeBytes
+	// are the default one's.
+	Disks map[string]DiskSpace `json:"disks,omitempty"`
 	// LastHeartbeat is the leader's clock (unix nanoseconds) at the node's last
 	// recorded heartbeat. The leader records heartbeats in memory and commits
 	// them only with state or capacity changes, so this lags by design.
@@ -354,6 +359,7 @@ func (s *State) Clone() *State {
 	c.OverProvisioningRatio = s.OverProvisioningRatio
 	for id, n := range s.Nodes {
 		nc := *n
+		nc.Disks = maps.Clone(n.Disks)
 		c.Nodes[id] = &nc
 	}
 	for id, v := range s.Volumes {

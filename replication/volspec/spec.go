@@ -166,6 +166,9 @@ type Spec struct {
 	// SnapshotLimit is how many snapshots the volume may have; 0 is
 	// DefaultSnapshotLimit (see Limit).
 	SnapshotLimit int
+	// DiskType is the type of the disks the volume's replicas go on, ""
+	// for DiskTypeDefault.
+	DiskType string
 	// ConsistencyLevel is ConsistencyEventual, or "" for
 	// ConsistencyStrong (the default): with synchronous replication (the
 	// only mode yet) every replica a read may use holds every acknowledged
@@ -409,11 +412,26 @@ var paramsBase = []param{
 	onlyToday(KeyEncryption, EncryptionNone),
 	onlyToday(KeyDeduplication, "false"),
 	onlyToday(KeyCompression, CompressionNone),
+	// Recorded only when not the default. The stored form takes any
+	// valid type (the store places by it); the request form only the
+	// default until the nodes serve typed disks.
 	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " (every node serves one data directory, of that type)",
-		parse: func(_ *Spec, v string, _ form) bool { return v == DiskTypeDefault },
+		wantStored: "a disk type: 1 to 63 of a-z, 0-9 and -",
+		parse: func(s *Spec, v string, f form) bool {
+			if v == DiskTypeDefault {
+				s.DiskType = ""
+				return true
+			}
+			s.DiskType = v
+			return f == stored && ValidDiskType(v)
+		},
 		why: func(v string) string {
+			if !ValidDiskType(v) {
+				return ""
+			}
 			return "disk types are not built yet: no node serves a data directory of type " + strconv.Quote(v)
-		}},
+		},
+		format: func(s Spec) string { return s.DiskType }},
 }
 
 // params is every key, the synonyms last, in the order errors list them.
@@ -653,6 +671,20 @@ func checkQoS(s Spec) error {
 		return &Error{Key: KeyQoSClass, Problem: fmt.Sprintf("%q promises minIOPS, and none is given: set minIOPS", QoSGuaranteed)}
 	}
 	return nil
+}
+
+// ValidDiskType reports whether t can name a disk type: 1 to 63 of a-z,
+// 0-9 and -.
+func ValidDiskType(t string) bool {
+	if len(t) == 0 || len(t) > 63 {
+		return false
+	}
+	for _, c := range t {
+		if !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '-') {
+			return false
+		}
+	}
+	return true
 }
 
 // Guaranteed reports whether the volume is of class guaranteed: placed only
