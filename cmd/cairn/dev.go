@@ -184,7 +184,7 @@ func newDevUpCommand() *cobra.Command {
 	var wait time.Duration
 	var zones bool
 	var staleTimeout time.Duration
-	var nodeArgs []string
+	var nodeArgs, diskTypes []string
 	cmd := &cobra.Command{
 		Use:     "up",
 		Short:   "Start N node agents in the background and wait for the cluster",
@@ -213,7 +213,7 @@ func newDevUpCommand() *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			c, st, err := startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, wait)
+			c, st, err := startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, diskTypes, wait)
 			if err != nil {
 				return err
 			}
@@ -236,6 +236,7 @@ func newDevUpCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	cmd.Flags().StringArrayVar(&nodeArgs, "node-arg", nil, "extra flag for every node agent, repeatable (e.g. --node-arg=--pprof)")
+	cmd.Flags().StringSliceVar(&diskTypes, "disk-types", nil, "give every node a data directory of each of these disk types besides its default one (e.g. nvme-ssd,hdd)")
 	return cmd
 }
 
@@ -279,7 +280,7 @@ func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResp
 // startDevCluster starts the node agents and the CSI controller of a dev
 // cluster in abs on fresh ports, writes cluster.json and waits for the
 // cluster to form. On failure it stops what it started.
-func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
+func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs, diskTypes []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
 	w := cmd.OutOrStdout()
 	// Each node on a loopback address of its own, so that its ports are
 	// still free when it restarts (see package loopback).
@@ -303,7 +304,12 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 			DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
 		}
 		n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")
-		n.Args = []string{"node", "--id", id, "--data-dir", n.DataDir,
+		dataDirs := n.DataDir
+		for _, t := range diskTypes {
+			// The node's data directory of each other disk type.
+			dataDirs += "," + t + "=" + filepath.Join(ndir, "disk-"+t)
+		}
+		n.Args = []string{"node", "--id", id, "--data-dir", dataDirs,
 			"--csi-endpoint", n.CSI, "--csi-allowed-roots", abs,
 			"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
 			"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),

@@ -21,6 +21,7 @@ import (
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/storagenode"
+	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
 // nodeOptions configures `cairn node`: the agent's Config, with the flags
@@ -36,7 +37,7 @@ type nodeOptions struct {
 
 func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.ID, "id", "", "node id, unique in the cluster (required)")
-	fs.StringVar(&o.DataDir, "data-dir", "", "directory for the raft log, snapshots and replicas (required)")
+	fs.StringVar(&o.DataDir, "data-dir", "", "directory for the raft log, snapshots and replicas (required); with disk types, a list of TYPE=PATH (a plain PATH is of type default), e.g. nvme-ssd=/mnt/nvme,hdd=/mnt/hdd: the first holds the node's state too")
 	fs.StringVar(&o.RaftAddr, "raft-addr", "127.0.0.1:7001", "raft transport listen address")
 	fs.StringVar(&o.RaftAdvertise, "raft-advertise", "", "raft address peers dial (default: --raft-addr)")
 	fs.StringVar(&o.APIAddr, "api-addr", "127.0.0.1:7002", "meta API listen address")
@@ -86,6 +87,10 @@ func (o *nodeOptions) Validate() error {
 	}
 	if o.DataDir == "" {
 		errs = append(errs, "--data-dir is required")
+	} else if dir, disks, noDefault, err := parseDataDirs(o.DataDir); err != nil {
+		errs = append(errs, "--data-dir: "+err.Error())
+	} else {
+		o.DataDir, o.DiskDirs, o.NoDefaultDisk = dir, disks, noDefault
 	}
 	if _, err := parseSize(o.RebuildRate); err != nil {
 		errs = append(errs, fmt.Sprintf("--rebuild-rate: %v", err))
@@ -183,4 +188,44 @@ func runNode(o *nodeOptions) error {
 		runErr = err
 	}
 	return runErr
+}
+
+// parseDataDirs reads --data-dir: a PATH (the default disk), or a list of
+// TYPE=PATH and PATH (type default) entries. The directory of the node's
+// state is the default disk's, else the first entry's. disks are the
+// other types'; noDefault says there is no default disk.
+func parseDataDirs(v string) (dir string, disks map[string]string, noDefault bool, err error) {
+	if !strings.Contains(v, "=") && !strings.Contains(v, ",") {
+		return v, nil, false, nil
+	}
+	noDefault = true
+	for i, e := range strings.Split(v, ",") {
+		t, path, typed := strings.Cut(strings.TrimSpace(e), "=")
+		if !typed {
+			t, path = volspec.DiskTypeDefault, t
+		}
+		switch {
+		case path == "":
+			return "", nil, false, fmt.Errorf("entry %q has no path", e)
+		case !volspec.ValidDiskType(t):
+			return "", nil, false, fmt.Errorf("disk type %q: want 1 to 63 of a-z, 0-9 and -", t)
+		case t == volspec.DiskTypeDefault:
+			if !noDefault {
+				return "", nil, false, fmt.Errorf("two directories of type %s", t)
+			}
+			dir, noDefault = path, false
+		default:
+			if disks == nil {
+				disks = map[string]string{}
+			}
+			if _, dup := disks[t]; dup {
+				return "", nil, false, fmt.Errorf("two directories of type %s", t)
+			}
+			disks[t] = path
+		}
+		if i == 0 && dir == "" {
+			dir = path
+		}
+	}
+	return dir, disks, noDefault, nil
 }

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"maps"
 	"strings"
 	"testing"
 	"time"
@@ -95,5 +96,35 @@ func TestNodeOptionsValidate(t *testing.T) {
 				t.Fatalf("Validate = %v, want a message naming %s", err, c.want)
 			}
 		})
+	}
+}
+
+func TestParseDataDirs(t *testing.T) {
+	for _, c := range []struct {
+		in        string
+		dir       string
+		disks     map[string]string
+		noDefault bool
+		bad       string
+	}{
+		{in: "/d", dir: "/d"},
+		{in: "/d,hdd=/h", dir: "/d", disks: map[string]string{"hdd": "/h"}},
+		{in: "nvme-ssd=/n,hdd=/h", dir: "/n", disks: map[string]string{"nvme-ssd": "/n", "hdd": "/h"}, noDefault: true},
+		{in: "hdd=/h,default=/d", dir: "/d", disks: map[string]string{"hdd": "/h"}},
+		{in: "HDD=/h", bad: `disk type "HDD"`},
+		{in: "hdd=", bad: "has no path"},
+		{in: "hdd=/a,hdd=/b", bad: "two directories of type hdd"},
+		{in: "/a,/b", bad: "two directories of type default"},
+	} {
+		dir, disks, noDefault, err := parseDataDirs(c.in)
+		if c.bad != "" {
+			if err == nil || !strings.Contains(err.Error(), c.bad) {
+				t.Errorf("parseDataDirs(%q) = %v, want an error with %q", c.in, err, c.bad)
+			}
+			continue
+		}
+		if err != nil || dir != c.dir || !maps.Equal(disks, c.disks) || noDefault != c.noDefault {
+			t.Errorf("parseDataDirs(%q) = %q, %v, %v, %v", c.in, dir, disks, noDefault, err)
+		}
 	}
 }

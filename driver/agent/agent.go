@@ -36,6 +36,12 @@ type Config struct {
 	ID string
 	// DataDir holds the raft log, snapshots and replicas.
 	DataDir string
+	// DiskDirs are data directories of disk types other than the default,
+	// by type (storagenode.Config.DiskDirs).
+	DiskDirs map[string]string
+	// NoDefaultDisk: DataDir holds state only; no replica of the default
+	// disk type is placed here (the heartbeat reports no capacity).
+	NoDefaultDisk bool
 	// RaftAddr is the raft transport's listen address.
 	RaftAddr string
 	// RaftAdvertise is the raft address peers dial (default: RaftAddr).
@@ -153,7 +159,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 		StaleReplicaTimeout: cfg.StaleReplicaTimeout, TombstoneRetention: cfg.TombstoneRetention,
 		BootstrapExpect: cfg.BootstrapExpect, Peers: cfg.Peers, Join: cfg.Join,
 		HeartbeatInterval: cfg.HeartbeatInterval, NodeDownAfter: cfg.NodeDownAfter,
-		Registerer: reg,
+		Registerer: reg, DiskUsage: defaultDiskUsage(cfg),
 	})
 	if err != nil {
 		return nil, err
@@ -171,7 +177,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 	a.closers = append(a.closers, func() error { a.self.Close(); return nil })
 	storage, err := storagenode.New(storagenode.Config{
 		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, FSM: a.store.Store().FSM(), Meta: a.self,
-		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit,
+		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit, DiskDirs: cfg.DiskDirs,
 		ReservableIOPS: cfg.ReservableIOPS,
 	})
 	if err != nil {
@@ -259,4 +265,13 @@ func (a *Agent) Close() error {
 	}
 	a.closers = nil
 	return errors.Join(errs...)
+}
+
+// defaultDiskUsage is what the heartbeat reports of the default disk: nil
+// (the store's agent measures DataDir), or nothing when the node has none.
+func defaultDiskUsage(cfg Config) func() (uint64, uint64, error) {
+	if !cfg.NoDefaultDisk {
+		return nil
+	}
+	return func() (uint64, uint64, error) { return 0, 0, nil }
 }

@@ -105,7 +105,7 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.DiskUsage == nil {
 		dir := cfg.Store.DataDir
-		cfg.DiskUsage = func() (uint64, uint64, error) { return statfs(dir) }
+		cfg.DiskUsage = func() (uint64, uint64, error) { return Statfs(dir) }
 	}
 	if cfg.Store.Logger == nil {
 		cfg.Store.Logger = zap.NewNop()

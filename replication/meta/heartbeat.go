@@ -58,8 +58,8 @@ func (a *Agent) heartbeatLoop() {
 	}
 }
 
-// statfs returns the capacity and free bytes of the file system holding dir.
-func statfs(dir string) (uint64, uint64, error) {
+// Statfs returns the capacity and free bytes of the file system holding dir.
+func Statfs(dir string) (uint64, uint64, error) {
 	var st syscall.Statfs_t
 	if err := syscall.Statfs(dir, &st); err != nil {
 		return 0, 0, err

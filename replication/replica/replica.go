@@ -144,6 +144,9 @@ type CreateOptions struct {
 	// Checksums keeps a checksum per SumBlockSize block in a sums file
 	// beside the data (see sums.go).
 	Checksums bool
+	// DiskType, for Server.CreateWith, is the type of the server's data
+	// directory to make the replica in ("": the default one).
+	DiskType string
 }
 
 // OpenWith is Open with the options a new replica is created with.

@@ -7,10 +7,12 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"maps"
 	"math/bits"
 	"net"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -40,11 +42,13 @@ const (
 // Server hosts the replicas stored under one data directory and serves the
 // replica protocol to engines.
 type Server struct {
-	log      *zap.Logger
-	dataDir  string
-	metrics  *serverMetrics
-	sched    *iosched.Scheduler
-	volumeOf func(replicaID string) string
+	log     *zap.Logger
+	dataDir string
+	// typedDirs: ServerConfig.TypedDirs.
+	typedDirs map[string]string
+	metrics   *serverMetrics
+	sched     *iosched.Scheduler
+	volumeOf  func(replicaID string) string
 
 	// ctx ends at Close, so that requests waiting for the disk scheduler
 	// give up instead of holding Close back.
@@ -73,8 +77,12 @@ type Server struct {
 type ServerConfig struct {
 	// Logger receives the server's lines (nil: none).
 	Logger *zap.Logger
-	// DataDir holds the replicas, one directory each.
+	// DataDir holds the replicas, one directory each: those on the
+	// node's default disk.
 	DataDir string
+	// TypedDirs hold the replicas on the node's disks of other types, by
+	// type (disk types: replication/meta disktypes.go).
+	TypedDirs map[string]string
 	// Sched, if set, is the node's disk scheduler: every data operation on
 	// a replica waits for it (see Replica.Admit). It must be a scheduler of
 	// its own, not the one the engines charge QoS limits to: the server
@@ -106,6 +114,7 @@ func NewServerWithConfig(cfg ServerConfig) *Server {
 	return &Server{
 		log:       cfg.Logger.Named("replica"),
 		dataDir:   cfg.DataDir,
+		typedDirs: maps.Clone(cfg.TypedDirs),
 		metrics:   newServerMetrics(),
 		sched:     cfg.Sched,
 		volumeOf:  cfg.VolumeOf,
@@ -208,7 +217,14 @@ func (s *Server) CreateWith(id string, size uint64, opts CreateOptions) (*Replic
 		}
 		return r, err
 	}
-	r, err := OpenWith(s.dataDir, id, size, 0, opts)
+	root, err := s.dirFor(opts.DiskType)
+	if err != nil {
+		return nil, err
+	}
+	if have := s.dirOf(id); have != root && dirExists(filepath.Join(have, id)) {
+		return nil, fmt.Errorf("replica %s: %w: it is on the disk of another type (%s)", id, ErrExists, have)
+	}
+	r, err := OpenWith(root, id, size, 0, opts)
 	if err != nil {
 		return nil, err
 	}
@@ -259,7 +275,8 @@ func (s *Server) CreateFromSnapshot(id, src, snapID string, size uint64) (*Repli
 		}
 		return nil, err
 	}
-	if err := CreateFromSnapshot(s.dataDir, id, source, snapID, size); err != nil {
+	// On the source's disk: the layers are hard links.
+	if err := CreateFromSnapshot(filepath.Dir(source.dir), id, source, snapID, size); err != nil {
 		return nil, err
 	}
 	r, err := s.getLocked(id)
@@ -322,7 +339,7 @@ func (s *Server) getLocked(id string) (*Replica, error) {
 	if r, err := s.lookup(id); err != nil || r != nil {
 		return r, err
 	}
-	r, err := Open(s.dataDir, id, 0, 0)
+	r, err := Open(s.dirOf(id), id, 0, 0)
 	if err != nil {
 		return nil, err
 	}
@@ -354,7 +371,7 @@ func (s *Server) Delete(id string) error {
 		s.mu.Unlock()
 		err = r.Remove()
 	} else {
-		err = removeReplicaDir(filepath.Join(s.dataDir, id))
+		err = removeReplicaDir(filepath.Join(s.dirOf(id), id))
 	}
 	if err != nil {
 		return err
@@ -370,17 +387,28 @@ func (s *Server) Delete(id string) error {
 func (s *Server) List() ([]Info, error) {
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
-	entries, err := os.ReadDir(s.dataDir)
-	if err != nil && !errors.Is(err, fs.ErrNotExist) {
-		return nil, err
+	var errs []error
+	for _, root := range s.roots() {
+		entries, err := os.ReadDir(root)
+		if err != nil && !errors.Is(err, fs.ErrNotExist) {
+			return nil, err
+		}
+		errs = append(errs, s.openAll(root, entries)...)
 	}
+	return s.listOpen(errs)
+}
+
+// openAll opens the replicas among the entries of root (one of the data
+// directories), removing leftovers of interrupted creates and deletes.
+// Callers hold lifeMu.
+func (s *Server) openAll(root string, entries []fs.DirEntry) []error {
 	var errs []error
 	for _, e := range entries {
 		if e.IsDir() && isLeftover(e.Name()) {
 			// No create or delete runs (lifeMu). Left, such a directory
 			// would hold its hard links to another replica's layers for
 			// ever, and those layers could never be merged or freed.
-			if err := os.RemoveAll(filepath.Join(s.dataDir, e.Name())); err != nil {
+			if err := os.RemoveAll(filepath.Join(root, e.Name())); err != nil {
 				errs = append(errs, fmt.Errorf("remove leftover %s: %w", e.Name(), err))
 			} else {
 				s.log.Info("removed the leftover of an interrupted replica create or delete", zap.String("dir", e.Name()))
@@ -394,6 +422,11 @@ func (s *Server) List() ([]Info, error) {
 			errs = append(errs, err)
 		}
 	}
+	return errs
+}
+
+// listOpen describes the open replicas, sorted by id, with errs joined.
+func (s *Server) listOpen(errs []error) ([]Info, error) {
 	s.mu.Lock()
 	rs := make([]*Replica, 0, len(s.replicas))
 	for _, r := range s.replicas {
@@ -1208,4 +1241,41 @@ func (m *serverMetrics) observe(op Op, d time.Duration, err error) {
 
 func (m *serverMetrics) collectors() []prometheus.Collector {
 	return []prometheus.Collector{m.ops, m.duration, m.errors, m.fenced, m.rejected, m.waiting, m.checksum, m.deleteProgress}
+}
+
+// roots lists the server's data directories: the default one, then those
+// of the other disk types by type.
+func (s *Server) roots() []string {
+	out := []string{s.dataDir}
+	for _, t := range slices.Sorted(maps.Keys(s.typedDirs)) {
+		out = append(out, s.typedDirs[t])
+	}
+	return out
+}
+
+// dirFor is the data directory of disk type t ("": the default one).
+func (s *Server) dirFor(t string) (string, error) {
+	if t == "" {
+		return s.dataDir, nil
+	}
+	if d, ok := s.typedDirs[t]; ok {
+		return d, nil
+	}
+	return "", fmt.Errorf("%w: this node has no data directory of disk type %q", ErrInvalidArgument, t)
+}
+
+// dirOf is the data directory that holds replica id: the first that has
+// it, else the default one.
+func (s *Server) dirOf(id string) string {
+	for _, root := range s.roots() {
+		if dirExists(filepath.Join(root, id)) {
+			return root
+		}
+	}
+	return s.dataDir
+}
+
+func dirExists(path string) bool {
+	st, err := os.Stat(path)
+	return err == nil && st.IsDir()
 }

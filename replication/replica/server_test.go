@@ -8,6 +8,8 @@ import (
 	"io"
 	"math/rand/v2"
 	"net"
+	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -825,4 +827,53 @@ func metricValue(t testing.TB, m prometheus.Metric) float64 {
 	}
 	t.Fatalf("metric %v is neither a counter nor a gauge", m.Desc())
 	return 0
+}
+
+// TestServerTypedDirs: a replica of a disk type is made in the server's
+// directory of that type, found there by List and by a new server, restored
+// from on the same disk, and deleted from it; a type the server has no
+// directory of is refused.
+func TestServerTypedDirs(t *testing.T) {
+	def, hdd := t.TempDir(), t.TempDir()
+	cfg := ServerConfig{DataDir: def, TypedDirs: map[string]string{"hdd": hdd}}
+	s := NewServerWithConfig(cfg)
+	r, err := s.CreateWith("t-r1", testSize, CreateOptions{DiskType: "hdd"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(hdd, "t-r1")); err != nil {
+		t.Fatalf("not in the hdd directory: %v", err)
+	}
+	if _, err := s.CreateWith("t-r2", testSize, CreateOptions{DiskType: "nvme"}); !errors.Is(err, ErrInvalidArgument) {
+		t.Fatalf("a type without a directory: %v, want ErrInvalidArgument", err)
+	}
+	claimed(t, r, 1)
+	if err := r.WriteAt(1, randBytes(4096, 1), 0, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(1, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.CreateFromSnapshot("t-r3", "t-r1", "s1", 0); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(hdd, "t-r3")); err != nil {
+		t.Fatalf("the restore is not on its source's disk: %v", err)
+	}
+	if _, err := s.CreateWith("d-r1", testSize, CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	s = NewServerWithConfig(cfg)
+	defer s.Close()
+	infos, err := s.List()
+	if err != nil || len(infos) != 3 {
+		t.Fatalf("a new server lists %+v, %v; want the three replicas", infos, err)
+	}
+	if err := s.Delete("t-r1"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(hdd, "t-r1")); !os.IsNotExist(err) {
+		t.Fatalf("t-r1 is still in the hdd directory: %v", err)
+	}
 }

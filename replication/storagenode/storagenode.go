@@ -52,6 +52,10 @@ type Config struct {
 	// (attach.Config.Sched): it holds no QoS limits (see
 	// replica.ServerConfig.Sched).
 	DiskSched *iosched.Scheduler
+	// DiskDirs are the node's data directories of disk types other than
+	// the default, by type: replicas of volumes of that type live in
+	// DIR/replicas (disks.go).
+	DiskDirs map[string]string
 	// ReservableIOPS is what this node's disks can promise to guaranteed
 	// volumes (meta.SetNodeReservable; 0: nothing). The node records it in
 	// the store while the store says otherwise (reservable.go).
@@ -175,8 +179,16 @@ func New(cfg Config) (*Node, error) {
 			Name: "cairn_storage_snapshots_deleted_total",
 			Help: "Deleted snapshots whose layers this node removed from their volume's replicas.",
 		})}
+	typed := map[string]string{}
+	for t, dir := range cfg.DiskDirs {
+		typed[t] = filepath.Join(dir, "replicas")
+		if err := os.MkdirAll(typed[t], 0o755); err != nil {
+			lis.Close()
+			return nil, fmt.Errorf("data directory of disk type %s: %w", t, err)
+		}
+	}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
-		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"),
+		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"), TypedDirs: typed,
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
 	})
 	if cfg.Registerer != nil {
@@ -226,13 +238,17 @@ func (n *Node) Close() error {
 // realizeLoop runs realize after every change of the store's state (and
 // every few seconds, to retry what failed).
 func (n *Node) realizeLoop() {
-	var lastUsage time.Time
+	var lastUsage, lastDisks time.Time
 	for {
 		changed := n.cfg.FSM.Changed()
 		n.realize()
 		n.runSnapshots()
 		n.runFlattens()
 		n.recordReservable()
+		if time.Since(lastDisks) >= usageInterval {
+			n.recordDisks()
+			lastDisks = time.Now()
+		}
 		if time.Since(lastUsage) >= usageInterval {
 			n.recordUsage()
 			lastUsage = time.Now()
@@ -370,7 +386,8 @@ func (n *Node) create(p placed) {
 		n.restore(p)
 		return
 	}
-	r, err := n.server.CreateWith(p.rep.ID, p.vol.SizeBytes, replica.CreateOptions{Checksums: p.vol.Checksummed()})
+	spec, _ := p.vol.Spec() // a bad spec reads as the default type; the engine says what is wrong
+	r, err := n.server.CreateWith(p.rep.ID, p.vol.SizeBytes, replica.CreateOptions{Checksums: p.vol.Checksummed(), DiskType: spec.DiskType})
 	if err != nil {
 		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
 		return

@@ -412,24 +412,15 @@ var paramsBase = []param{
 	onlyToday(KeyEncryption, EncryptionNone),
 	onlyToday(KeyDeduplication, "false"),
 	onlyToday(KeyCompression, CompressionNone),
-	// Recorded only when not the default. The stored form takes any
-	// valid type (the store places by it); the request form only the
-	// default until the nodes serve typed disks.
-	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " (every node serves one data directory, of that type)",
-		wantStored: "a disk type: 1 to 63 of a-z, 0-9 and -",
-		parse: func(s *Spec, v string, f form) bool {
+	// Recorded only when not the default.
+	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " or another disk type: 1 to 63 of a-z, 0-9 and - (a node serves it with cairn node --data-dir TYPE=PATH)",
+		parse: func(s *Spec, v string, _ form) bool {
 			if v == DiskTypeDefault {
 				s.DiskType = ""
 				return true
 			}
 			s.DiskType = v
-			return f == stored && ValidDiskType(v)
-		},
-		why: func(v string) string {
-			if !ValidDiskType(v) {
-				return ""
-			}
-			return "disk types are not built yet: no node serves a data directory of type " + strconv.Quote(v)
+			return ValidDiskType(v)
 		},
 		format: func(s Spec) string { return s.DiskType }},
 }

@@ -327,7 +327,7 @@ var designParameters = map[string]string{
 // with that feature's name, never accepted and ignored.
 func TestDesignKeys(t *testing.T) {
 	notYet := map[string]string{
-		"type": "disk types are not built yet", "encryption": "encryption at rest is not built yet",
+		"encryption":    "encryption at rest is not built yet",
 		"deduplication": "deduplication is not built yet", "compression": "compression is not built yet",
 	}
 	for k, v := range designParameters {

@@ -81,6 +81,12 @@ func startCluster(t *testing.T) *cluster {
 // agent given nodeArgs besides its own flags.
 func startClusterOf(t *testing.T, n int, nodeArgs ...string) *cluster {
 	t.Helper()
+	return startClusterWith(t, n, nil, nodeArgs...)
+}
+
+// startClusterWith is startClusterOf with upArgs for cairn dev up.
+func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) *cluster {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root (FUSE, loop devices, mkfs, mount); run it as root, as CI does")
 	}
@@ -99,7 +105,7 @@ func startClusterOf(t *testing.T, n int, nodeArgs ...string) *cluster {
 		}
 		assertNothingLeft(t, dir)
 	})
-	args := []string{"dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir}
+	args := append([]string{"dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir}, upArgs...)
 	for _, a := range nodeArgs {
 		args = append(args, "--node-arg="+a)
 	}
