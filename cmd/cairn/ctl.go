@@ -275,6 +275,10 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 			progressBar(w, "flattening into "+f.Layer, f.DoneBytes, f.TotalBytes)
 			fmt.Fprintln(w)
 		}
+		if m := u.Merge; m != nil {
+			progressBar(w, "deleting snapshot "+m.Layer, m.DoneBytes, m.TotalBytes)
+			fmt.Fprintln(w)
+		}
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)

@@ -276,6 +276,10 @@ func applyRecordUsage(s *State, c *RecordUsage) (Result, error) {
 		f := *c.Flatten
 		v.Usage.Flatten = &f
 	}
+	if c.Merge != nil {
+		m := *c.Merge
+		v.Usage.Merge = &m
+	}
 	for id, sp := range c.Snapshots {
 		if sn, ok := s.Snapshots[id]; ok && sn.SourceVolumeID == v.ID {
 			x := sp

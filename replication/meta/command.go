@@ -309,9 +309,10 @@ type RecordUsage struct {
 	ReplicaID      string                   `json:"replica_id"`
 	AllocatedBytes uint64                   `json:"allocated_bytes"`
 	Snapshots      map[string]SnapshotSpace `json:"snapshots,omitempty"`
-	// Depth and Flatten: see VolumeUsage.
-	Depth   int              `json:"depth,omitempty"`
-	Flatten *FlattenProgress `json:"flatten,omitempty"`
+	// Depth, Flatten and Merge: see VolumeUsage.
+	Depth   int            `json:"depth,omitempty"`
+	Flatten *LayerProgress `json:"flatten,omitempty"`
+	Merge   *LayerProgress `json:"merge,omitempty"`
 }
 
 // Type implementations.

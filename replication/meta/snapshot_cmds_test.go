@@ -235,14 +235,19 @@ func TestChainDepthHardLimit(t *testing.T) {
 	v := h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 1}).Volume
 	rep := v.Replicas[0].ID
 	h.must(&CreateSnapshot{ID: "s-pending", Name: "vs-pending", SourceVolumeID: "v1"})
-	report := func(depth int, f *FlattenProgress) {
+	report := func(depth int, f *LayerProgress) {
 		h.must(&RecordUsage{VolumeID: "v1", ReplicaID: rep, AllocatedBytes: 1, Depth: depth, Flatten: f})
 	}
 	report(ChainDepthHardLimit-2, nil)
 	if err := h.state().checkSnapshotLimit("v1", "vs-new"); err != nil {
 		t.Fatalf("depth %d with one snapshot being taken: %v", ChainDepthHardLimit-2, err)
 	}
-	report(ChainDepthHardLimit-1, &FlattenProgress{Layer: "s0", DoneBytes: 1 << 20, TotalBytes: gib})
+	report(ChainDepthHardLimit-1, &LayerProgress{Layer: "s0", DoneBytes: 1 << 20, TotalBytes: gib})
+	h.must(&RecordUsage{VolumeID: "v1", ReplicaID: rep, AllocatedBytes: 1, Depth: ChainDepthHardLimit - 1,
+		Flatten: &LayerProgress{Layer: "s0", DoneBytes: 1 << 20, TotalBytes: gib}, Merge: &LayerProgress{Layer: "s9", DoneBytes: 5, TotalBytes: gib}})
+	if m := h.state().Volumes["v1"].Clone().Usage.Merge; m == nil || m.Layer != "s9" || m.DoneBytes != 5 {
+		t.Fatalf("recorded merge progress %+v", m)
+	}
 	err := h.state().checkSnapshotLimit("v1", "vs-new")
 	if !errors.Is(err, ErrResourceExhausted) || !strings.Contains(err.Error(), fmt.Sprintf("hard limit of %d", ChainDepthHardLimit)) {
 		t.Fatalf("depth %d with one snapshot being taken: %v, want ResourceExhausted naming the hard limit", ChainDepthHardLimit-1, err)

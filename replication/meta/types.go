@@ -241,13 +241,17 @@ type VolumeUsage struct {
 	// included (docs/snapshots.md, "Chain depth and flattening"); 0 if the
 	// node that reported did not say.
 	Depth int `json:"depth,omitempty"`
-	// Flatten is the progress of a flatten running on that replica.
-	Flatten *FlattenProgress `json:"flatten,omitempty"`
+	// Flatten is the progress of a flatten running on that replica: Layer
+	// is the layer flattened into.
+	Flatten *LayerProgress `json:"flatten,omitempty"`
+	// Merge is the progress of a snapshot deletion's merge running on that
+	// replica: Layer is the snapshot.
+	Merge *LayerProgress `json:"merge,omitempty"`
 }
 
-// FlattenProgress is how far a replica's flatten has gone: the bytes of
-// the volume copied into the new bottom layer, which takes Layer's id.
-type FlattenProgress struct {
+// LayerProgress is how far a long operation on a replica's layers has
+// gone, in bytes of the volume.
+type LayerProgress struct {
 	Layer      string `json:"layer"`
 	DoneBytes  uint64 `json:"done_bytes"`
 	TotalBytes uint64 `json:"total_bytes"`
@@ -335,6 +339,10 @@ func (v *Volume) Clone() *Volume {
 		if x.Flatten != nil {
 			f := *x.Flatten
 			x.Flatten = &f
+		}
+		if x.Merge != nil {
+			m := *x.Merge
+			x.Merge = &m
 		}
 		c.Usage = &x
 	}

@@ -591,9 +591,16 @@ func TestBackgroundWorkWaitsForTheDiskScheduler(t *testing.T) {
 			t.Fatalf("%s finished while the disk was held: %v", work.name, err)
 		default:
 		}
+		p, deleting := s.Deleting("bg-r0")
+		if want := work.name == "delete s1"; deleting != want || want && (p.Snapshot != "s1" || p.TotalBytes != testSize) {
+			t.Fatalf("%s: Deleting = %+v, %v", work.name, p, deleting)
+		}
 		release()
 		if err := <-errc; err != nil {
 			t.Fatalf("%s: %v", work.name, err)
+		}
+		if _, deleting := s.Deleting("bg-r0"); deleting {
+			t.Fatalf("%s: a deletion is still shown once it is done", work.name)
 		}
 		if i := firstDiff(readAll(t, r, 1), want); i >= 0 {
 			t.Fatalf("after %s the volume differs at byte %d", work.name, i)

@@ -46,9 +46,12 @@ type Server struct {
 	dataDir string
 	// typedDirs: ServerConfig.TypedDirs.
 	typedDirs map[string]string
-	metrics   *serverMetrics
-	sched     *iosched.Scheduler
-	volumeOf  func(replicaID string) string
+	// deleting: replica id → the progress of the snapshot deletion running
+	// on it (guarded by mu).
+	deleting map[string]DeleteProgress
+	metrics  *serverMetrics
+	sched    *iosched.Scheduler
+	volumeOf func(replicaID string) string
 
 	// ctx ends at Close, so that requests waiting for the disk scheduler
 	// give up instead of holding Close back.
@@ -125,6 +128,7 @@ func NewServerWithConfig(cfg ServerConfig) *Server {
 		conns:     make(map[*serverConn]struct{}),
 		schedVols: make(map[string]int),
 		reserve:   make(map[string]uint64),
+		deleting:  make(map[string]DeleteProgress),
 	}
 }
 
@@ -298,9 +302,12 @@ func (s *Server) DeleteSnapshot(r *Replica, epoch uint64, id string) error {
 	log := s.log.With(zap.String("volume_id", vol), zap.String("replica_id", r.ID()), zap.String("snapshot", id), zap.Uint64("epoch", epoch))
 	progress := s.metrics.deleteProgress.WithLabelValues(vol, id)
 	defer s.metrics.deleteProgress.DeleteLabelValues(vol, id)
+	s.setDeleting(r.ID(), &DeleteProgress{Snapshot: id, TotalBytes: r.Size()})
+	defer s.setDeleting(r.ID(), nil)
 	quarter := 0
 	err := r.DeleteSnapshot(epoch, id, func(done, total uint64) {
 		progress.Set(float64(done) / float64(total))
+		s.setDeleting(r.ID(), &DeleteProgress{Snapshot: id, DoneBytes: done, TotalBytes: total})
 		if q := int(4 * done / total); q > quarter && q < 4 {
 			quarter = q
 			log.Info("deleting a snapshot", zap.Int("percent", 25*q), zap.Duration("elapsed", time.Since(start)))
@@ -311,6 +318,34 @@ func (s *Server) DeleteSnapshot(r *Replica, epoch uint64, id string) error {
 	}
 	log.Info("snapshot deleted", zap.Duration("took", time.Since(start)))
 	return nil
+}
+
+// DeleteProgress is how far a snapshot deletion running on a replica has
+// gone, in bytes of the volume.
+type DeleteProgress struct {
+	Snapshot              string
+	DoneBytes, TotalBytes uint64
+}
+
+// Deleting returns the progress of the snapshot deletion running on
+// replica id, if one is.
+func (s *Server) Deleting(id string) (DeleteProgress, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	p, ok := s.deleting[id]
+	return p, ok
+}
+
+// setDeleting records (nil: forgets) the progress of a deletion on
+// replica id.
+func (s *Server) setDeleting(id string, p *DeleteProgress) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if p == nil {
+		delete(s.deleting, id)
+		return
+	}
+	s.deleting[id] = *p
 }
 
 // lookup returns an open replica, nil if it is not open, or ErrServerClosed.

@@ -167,7 +167,7 @@ func (n *Node) flatten(j flattenJob) error {
 	err := j.rep.Flatten(n.ctx, j.layer, func(done, total uint64) {
 		gauge.Set(float64(done) / float64(total))
 		n.mu.Lock()
-		n.flatteningNow[j.rep.ID()] = meta.FlattenProgress{Layer: j.layer, DoneBytes: done, TotalBytes: total}
+		n.flatteningNow[j.rep.ID()] = meta.LayerProgress{Layer: j.layer, DoneBytes: done, TotalBytes: total}
 		n.mu.Unlock()
 		if t := done * 10 / total; t > tenth {
 			tenth = t

@@ -99,7 +99,7 @@ type Node struct {
 	// for recordUsage (flatten.go).
 	flattening    bool
 	flattenRetry  map[string]retry
-	flatteningNow map[string]meta.FlattenProgress
+	flatteningNow map[string]meta.LayerProgress
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -158,7 +158,7 @@ func New(cfg Config) (*Node, error) {
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
-		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.FlattenProgress{},
+		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{},
 		flattens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_flattens_total",
 			Help: "Replicas this node flattened: the layers a restore shared with its source replaced by one of the replica's own.",

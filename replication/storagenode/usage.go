@@ -102,7 +102,7 @@ const usageInterval = 10 * time.Second
 // recordUsage reports to the store, for each volume whose first healthy
 // replica is on this node, the space that replica takes and what each of
 // the volume's snapshots holds there, its chain's depth and the progress
-// of a flatten running on it (RecordUsage), when the space changed by
+// of a flatten or a snapshot deletion running on it (RecordUsage), when the space changed by
 // more than a MiB, the depth or the progress changed, or a snapshot has no
 // figures recorded yet:
 // operators see it in cairn ctl. One node per volume reports, and only
@@ -146,9 +146,12 @@ func (n *Node) recordUsage() {
 			cmd.Flatten = &f
 		}
 		n.mu.Unlock()
+		if d, ok := n.server.Deleting(j.rep); ok {
+			cmd.Merge = &meta.LayerProgress{Layer: d.Snapshot, DoneBytes: d.DoneBytes, TotalBytes: d.TotalBytes}
+		}
 		u := j.vol.Usage
 		changed := u == nil || u.ReplicaID != j.rep || far(u.AllocatedBytes, cmd.AllocatedBytes) ||
-			u.Depth != cmd.Depth || !sameFlatten(u.Flatten, cmd.Flatten)
+			u.Depth != cmd.Depth || !sameProgress(u.Flatten, cmd.Flatten) || !sameProgress(u.Merge, cmd.Merge)
 		for _, u := range usage {
 			sn, ok := j.snaps[u.ID]
 			if !ok {
@@ -170,9 +173,9 @@ func (n *Node) recordUsage() {
 	}
 }
 
-// sameFlatten reports whether two reports of a flatten's progress say the
-// same.
-func sameFlatten(a, b *meta.FlattenProgress) bool {
+// sameProgress reports whether two reports of an operation's progress say
+// the same.
+func sameProgress(a, b *meta.LayerProgress) bool {
 	if a == nil || b == nil {
 		return a == b
 	}
