@@ -625,8 +625,9 @@ func (r *Replica) freeMerged(epoch uint64, id string, g0, g1 uint64) error {
 }
 
 // moveBlocks makes [off, off+n) (whole blocks) of layer to hold what it
-// holds in layer from: the data, verified on the way when the replica
-// keeps checksums, and its sums. A hole in from is punched in to.
+// holds in layer from: the data (moveData: cloned or copied in the kernel
+// where the file system can; verified on the way when the replica keeps
+// checksums), and its sums. A hole in from is punched in to.
 func (r *Replica) moveBlocks(from, to layerFiles, off, n uint64) error {
 	for n > 0 {
 		m := min(n, writeChunk)
@@ -641,15 +642,7 @@ func (r *Replica) moveBlocks(from, to layerFiles, off, n uint64) error {
 			}
 		} else {
 			var chunk [writeChunk]byte
-			b := chunk[:m]
-			if from.sums != nil {
-				if err := r.readCheckedIn(from, b, off); err != nil {
-					return err
-				}
-			} else if err := r.readFile(from.data, b, off); err != nil {
-				return err
-			}
-			if _, err := to.data.WriteAt(b, int64(off)); err != nil {
+			if err := r.moveData(from, to, chunk[:m], off); err != nil {
 				return err
 			}
 			if to.sums != nil {

@@ -54,6 +54,8 @@ type Replica struct {
 	below   []layerFiles
 	dirLock *os.File   // the directory, locked (lockDir)
 	mergeMu sync.Mutex // one snapshot deletion at a time (DeleteSnapshot)
+	// moves counts how merges and flattens moved data (copyrange.go).
+	moves moveStats
 	// layerSums caches the extent checksums of sealed layers, for
 	// rebuilds (carry.go); build is the layer a rebuild is building here,
 	// guarded by buildMu (taken after epochMu).
