@@ -25,24 +25,6 @@ func newSnapshotCommand(o *ctlOptions) *cobra.Command {
 	return cmd
 }
 
-// checkSnapshotName refuses the names a user's snapshot may not have: the
-// store would hide one in Cairn's own form, and the schedule's retention
-// would delete one in the form of a scheduled snapshot of its volume.
-func checkSnapshotName(vol, name string) error {
-	switch {
-	case strings.TrimSpace(vol) == "":
-		return errors.New("the volume id is empty")
-	case strings.TrimSpace(name) == "" || name != strings.TrimSpace(name):
-		return fmt.Errorf("snapshot name %q: want a name without leading or trailing spaces", name)
-	case strings.HasPrefix(name, meta.HiddenSnapshotPrefix):
-		return fmt.Errorf("snapshot name %q: names starting with %q are Cairn's own (hidden from users)", name, meta.HiddenSnapshotPrefix)
-	}
-	if _, ok := meta.ScheduledSlot(&meta.Snapshot{Name: name, SourceVolumeID: vol}); ok {
-		return fmt.Errorf("snapshot name %q is the form of the volume's scheduled snapshots (snapshotSchedule), which retention deletes; choose another", name)
-	}
-	return nil
-}
-
 func newSnapshotCreateCommand(o *ctlOptions) *cobra.Command {
 	var noWait bool
 	cmd := &cobra.Command{
@@ -56,7 +38,7 @@ timeout waits for the same one. The snapshot's size is the volume's.`,
 		Args:    cobra.ExactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			vol, name := strings.TrimSpace(args[0]), args[1]
-			if err := checkSnapshotName(vol, name); err != nil {
+			if err := meta.CheckUserSnapshotName(vol, name); err != nil {
 				return err
 			}
 			c, ctx, done, err := o.client(cmd)
@@ -66,11 +48,9 @@ timeout waits for the same one. The snapshot's size is the volume's.`,
 			defer done()
 			var sn *meta.Snapshot
 			if noWait {
-				res, err := c.Apply(ctx, &meta.CreateSnapshot{Name: name, SourceVolumeID: vol})
-				if err != nil {
+				if sn, err = c.RequestSnapshot(ctx, vol, name); err != nil {
 					return err
 				}
-				sn = res.Snapshot
 			} else if sn, err = c.TakeSnapshot(ctx, vol, name); err != nil {
 				if sn != nil && ctx.Err() != nil {
 					return fmt.Errorf("snapshot %s is recorded but not ready within --timeout %v (run the command again to keep waiting): %w", sn.ID, o.Timeout, err)

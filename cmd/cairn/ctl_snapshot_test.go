@@ -12,27 +12,6 @@ import (
 	"github.com/cairn-csi/cairn/replication/meta"
 )
 
-func TestCheckSnapshotName(t *testing.T) {
-	scheduled := meta.ScheduledSnapshotName("vol-1", time.Date(2026, 12, 5, 6, 0, 0, 0, time.UTC))
-	for _, c := range []struct {
-		vol, name, err string
-	}{
-		{"vol-1", "before-upgrade", ""},
-		{"vol-1", "sched-nightly", ""},
-		{"vol-2", scheduled, ""}, // another volume's form: retention of vol-2 would not take it
-		{"vol-1", "", "without leading or trailing spaces"},
-		{"vol-1", " x", "without leading or trailing spaces"},
-		{"", "x", "volume id is empty"},
-		{"vol-1", meta.HiddenSnapshotPrefix + "clone-x", "Cairn's own"},
-		{"vol-1", scheduled, "scheduled snapshots"},
-	} {
-		err := checkSnapshotName(c.vol, c.name)
-		if c.err == "" && err != nil || c.err != "" && (err == nil || !strings.Contains(err.Error(), c.err)) {
-			t.Errorf("checkSnapshotName(%q, %q) = %v; want %q", c.vol, c.name, err, c.err)
-		}
-	}
-}
-
 // runCtl runs `cairn ctl ARGS…` and returns what it printed.
 func runCtl(args ...string) (string, error) {
 	cmd := newCtlCommand()

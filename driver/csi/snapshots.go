@@ -123,8 +123,9 @@ func (c *Controller) CreateSnapshot(ctx context.Context, req *csipb.CreateSnapsh
 		return nil, toStatus(failf(errInvalid, "name is required"))
 	case src == "":
 		return nil, toStatus(failf(errInvalid, "source volume id is required"))
-	case strings.HasPrefix(name, meta.HiddenSnapshotPrefix):
-		return nil, toStatus(failf(errInvalid, "snapshot names starting with %q are Cairn's own", meta.HiddenSnapshotPrefix))
+	}
+	if err := meta.CheckUserSnapshotName(src, name); err != nil {
+		return nil, toStatus(err)
 	}
 	if err := CheckSnapshotParameters(req.GetParameters()); err != nil {
 		return nil, toStatus(err)

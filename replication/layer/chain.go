@@ -678,15 +678,8 @@ func (c *Chain) Sync(syncData func() error) error {
 		retouch()
 		return err
 	}
-	// A page whose pending bits were set again meanwhile is touched again.
-	for _, p := range pages {
-		for b := p * pageBytes * 8; b < min(uint64(len(head.pending))*8, (p+1)*pageBytes*8); b += 32 {
-			if atomic.LoadUint32(word(head.pending, b)) != 0 {
-				atomic.OrUint32(&c.touched[p/32], 1<<(p%32))
-				break
-			}
-		}
-	}
+	// A page whose pending bits were set again meanwhile is touched
+	// already: MarkHeld marks the page after it sets a bit.
 	if err := unix.Fdatasync(int(head.mapFile.Fd())); err != nil {
 		return fmt.Errorf("layer: sync the head's map in %s: %w", c.dir, err)
 	}

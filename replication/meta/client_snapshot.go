@@ -35,18 +35,10 @@ func (c *Client) Snapshot(ctx context.Context, id string) (*Snapshot, error) {
 // ctx ends first it returns the snapshot as recorded so far (not ready;
 // its Error says what the last attempt met) with ctx's error.
 func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot, error) {
-	st, err := c.State(ctx, true)
+	sn, err := c.RequestSnapshot(ctx, vol, name)
 	if err != nil {
 		return nil, err
 	}
-	if err := st.checkSnapshotLimit(vol, name); err != nil {
-		return nil, err
-	}
-	res, err := c.Apply(ctx, &CreateSnapshot{Name: name, SourceVolumeID: vol})
-	if err != nil {
-		return nil, err
-	}
-	sn := res.Snapshot
 	for !sn.ReadyToUse {
 		select {
 		case <-ctx.Done():
@@ -67,6 +59,45 @@ func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot,
 		sn = now
 	}
 	return sn, nil
+}
+
+// RequestSnapshot asks for a snapshot of volume vol named name and returns
+// its record at once, not ready yet (or as a retry finds it), once the
+// volume's snapshot limits allow it (checkSnapshotLimit).
+func (c *Client) RequestSnapshot(ctx context.Context, vol, name string) (*Snapshot, error) {
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, err
+	}
+	if err := st.checkSnapshotLimit(vol, name); err != nil {
+		return nil, err
+	}
+	res, err := c.Apply(ctx, &CreateSnapshot{Name: name, SourceVolumeID: vol})
+	if err != nil {
+		return nil, err
+	}
+	return res.Snapshot, nil
+}
+
+// CheckUserSnapshotName refuses the names a user's snapshot of volume vol
+// may not have (ErrInvalidArgument): the store would hide one in Cairn's
+// own form, and the schedule's retention would delete one in the form of
+// a scheduled snapshot of its volume. The CSI controller and cairn ctl
+// both ask it.
+func CheckUserSnapshotName(vol, name string) error {
+	switch {
+	case strings.TrimSpace(vol) == "":
+		return fmt.Errorf("the volume id is empty: %w", ErrInvalidArgument)
+	case strings.TrimSpace(name) == "" || name != strings.TrimSpace(name):
+		return fmt.Errorf("snapshot name %q: want a name without leading or trailing spaces: %w", name, ErrInvalidArgument)
+	case strings.HasPrefix(name, HiddenSnapshotPrefix):
+		return fmt.Errorf("snapshot name %q: names starting with %q are Cairn's own (hidden from users): %w", name, HiddenSnapshotPrefix, ErrInvalidArgument)
+	}
+	if _, ok := ScheduledSlot(&Snapshot{Name: name, SourceVolumeID: vol}); ok {
+		return fmt.Errorf("snapshot name %q is the form of the volume's scheduled snapshots (snapshotSchedule), which retention deletes; choose another: %w",
+			name, ErrInvalidArgument)
+	}
+	return nil
 }
 
 // DeleteSnapshot deletes snapshot id: it disappears for users at once and

@@ -221,6 +221,12 @@ type cachedSums struct {
 	have bitmap
 }
 
+// flatKey is the cache's key for the sums of the layer that flattening
+// the chain up to the layer under stem would make (FlatSums): they change
+// exactly when that layer's own sums may (a view never changes while its
+// layer stays; a change below it drops it), so they go with them.
+func flatKey(stem string) string { return stem + "#flat" }
+
 func (c *layerSumCache) get(stem string, x uint64) (uint32, bool) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
@@ -261,6 +267,7 @@ func (c *layerSumCache) drop(stems []string) {
 	}
 	for _, s := range stems {
 		delete(c.layers, s)
+		delete(c.layers, flatKey(s))
 	}
 }
 
@@ -311,7 +318,7 @@ func (r *Replica) liveBelow(k int) int {
 // from the cache when it has it. The epoch is checked before each extent,
 // so a long scan does not hold up Claim.
 func (r *Replica) LayerSums(epoch uint64, id string, first, count uint64) ([]uint32, error) {
-	return r.eachExtentSum(first, count, func(x uint64) (uint32, error) { return r.layerExtentSum(epoch, id, x) })
+	return r.eachExtentSum(first, count, func(x uint64) (uint32, error) { return r.layerExtentSum(epoch, id, x, false) })
 }
 
 // eachExtentSum returns sum(x) for each extent of [first, first+count).
@@ -330,20 +337,26 @@ func (r *Replica) eachExtentSum(first, count uint64, sum func(x uint64) (uint32,
 	return sums, nil
 }
 
-func (r *Replica) layerExtentSum(epoch uint64, id string, x uint64) (uint32, error) {
+// layerExtentSum is the sum of extent x of snapshot id's layer, or with
+// flat of the layer flattening the chain up to it would make, from the
+// cache when it has it.
+func (r *Replica) layerExtentSum(epoch uint64, id string, x uint64, flat bool) (uint32, error) {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	k, err := r.sealedLayer(epoch, id, x)
 	if err != nil {
 		return 0, err
 	}
-	stem := r.chain.Entries()[k].Stem
-	if v, ok := r.layerSums.get(stem, x); ok {
+	key := r.chain.Entries()[k].Stem
+	if flat {
+		key = flatKey(key)
+	}
+	if v, ok := r.layerSums.get(key, x); ok {
 		return v, nil
 	}
 	buf := getBuf(int(layerExtentMax(r.extentSize)))
 	defer putBuf(buf)
-	_, v, err := r.encodeSealedExtent((*buf)[:0], k, x, false)
+	_, v, err := r.encodeSealedExtent((*buf)[:0], k, x, flat)
 	return v, err
 }
 
@@ -351,20 +364,9 @@ func (r *Replica) layerExtentSum(epoch uint64, id string, x uint64) (uint32, err
 // one would make (Flatten): a bottom layer holding every block, as layer id
 // shows it. A rebuild carries a restored volume's inherited layers in that
 // form to a replica that has none of them (docs/snapshots.md, "Chain depth
-// and flattening"). Not cached: it reads what the extents show.
+// and flattening"). Cached as LayerSums are.
 func (r *Replica) FlatSums(epoch uint64, id string, first, count uint64) ([]uint32, error) {
-	return r.eachExtentSum(first, count, func(x uint64) (uint32, error) {
-		r.epochMu.RLock()
-		defer r.epochMu.RUnlock()
-		k, err := r.sealedLayer(epoch, id, x)
-		if err != nil {
-			return 0, err
-		}
-		buf := getBuf(int(layerExtentMax(r.extentSize)))
-		defer putBuf(buf)
-		_, v, err := r.encodeSealedExtent((*buf)[:0], k, x, true)
-		return v, err
-	})
+	return r.eachExtentSum(first, count, func(x uint64) (uint32, error) { return r.layerExtentSum(epoch, id, x, true) })
 }
 
 // sealedLayer checks the epoch and the extent and finds snapshot id's
@@ -381,8 +383,8 @@ func (r *Replica) sealedLayer(epoch uint64, id string, x uint64) (int, error) {
 
 // encodeSealedExtent appends the encoding of extent x of sealed layer k to
 // dst, and caches its sum. With flat, it is the encoding of the extent of
-// the layer that flattening layers 0 to k would make (see FlatSums), not
-// cached. Callers hold epochMu shared.
+// the layer that flattening layers 0 to k would make (see FlatSums).
+// Callers hold epochMu shared.
 func (r *Replica) encodeSealedExtent(dst []byte, k int, x uint64, flat bool) ([]byte, uint32, error) {
 	off, n := r.extentBounds(x)
 	blocks := (n + SumBlockSize - 1) / SumBlockSize
@@ -406,9 +408,11 @@ func (r *Replica) encodeSealedExtent(dst []byte, k int, x uint64, flat bool) ([]
 		return nil, 0, err
 	}
 	v := crc32.Checksum(dst[start:], castagnoli)
-	if !flat {
-		r.layerSums.put(r.chain.Entries()[k].Stem, x, r.extents, v)
+	key := r.chain.Entries()[k].Stem
+	if flat {
+		key = flatKey(key)
 	}
+	r.layerSums.put(key, x, r.extents, v)
 	return dst, v, nil
 }
 

@@ -159,7 +159,8 @@ func TestCarryLayers(t *testing.T) {
 	}
 }
 
-// TestLayerSumsCached: a sealed layer's sums are computed once (a change
+// TestLayerSumsCached: a sealed layer's sums, and those of its flattened
+// form, are computed once (a change
 // of its file behind the replica's back is not seen: nothing is read
 // again) until a deletion below it changes what it holds once merged.
 func TestLayerSumsCached(t *testing.T) {
@@ -170,6 +171,10 @@ func TestLayerSumsCached(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	flatFirst, err := r.FlatSums(1, "s2", 0, r.Extents())
+	if err != nil || slices.Equal(flatFirst, first) {
+		t.Fatalf("the flattened sums of s2 equal its own (%v)", err)
+	}
 	k, _ := r.chain.Find("s2")
 	if _, err := r.below[k].data.WriteAt(bytes.Repeat([]byte{0xAB}, 9000), 1000); err != nil {
 		t.Fatal(err)
@@ -177,6 +182,9 @@ func TestLayerSumsCached(t *testing.T) {
 	again, err := r.LayerSums(1, "s2", 0, r.Extents())
 	if err != nil || !slices.Equal(first, again) {
 		t.Fatalf("the second sums of an unchanged layer were computed again (%v)", err)
+	}
+	if flatAgain, err := r.FlatSums(1, "s2", 0, r.Extents()); err != nil || !slices.Equal(flatFirst, flatAgain) {
+		t.Fatalf("the second flattened sums of an unchanged layer were computed again (%v)", err)
 	}
 	if err := r.DeleteSnapshot(1, "s1", nil); err != nil {
 		t.Fatal(err)
@@ -187,6 +195,9 @@ func TestLayerSumsCached(t *testing.T) {
 	}
 	if after[0] == first[0] {
 		t.Error("a deletion below a layer did not drop its cached sums")
+	}
+	if flatAfter, err := r.FlatSums(1, "s2", 0, r.Extents()); err != nil || flatAfter[0] == flatFirst[0] {
+		t.Errorf("a deletion below a layer did not drop its cached flattened sums (%v)", err)
 	}
 }
 

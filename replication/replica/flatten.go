@@ -138,7 +138,8 @@ func (r *Replica) Flatten(ctx context.Context, id string, progress func(done, to
 		return fmt.Errorf("replica %s: flatten into %s: %w", r.id, id, err)
 	}
 	published = true
-	r.layerSums.drop(stemsOf(before))
+	// The layers above keep their sums: every view is the same.
+	r.layerSums.drop(stemsOf(before[:k+1]))
 	return r.reopenLayers(before, false, "flatten into "+id)
 }
 

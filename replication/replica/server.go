@@ -1310,6 +1310,12 @@ func (s *Server) dirOf(id string) string {
 	return s.dataDir
 }
 
+// Has reports whether replica id has a directory in one of the server's
+// data directories, opened or not.
+func (s *Server) Has(id string) bool {
+	return validateID(id) == nil && dirExists(filepath.Join(s.dirOf(id), id))
+}
+
 func dirExists(path string) bool {
 	st, err := os.Stat(path)
 	return err == nil && st.IsDir()

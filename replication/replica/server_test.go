@@ -844,6 +844,9 @@ func TestServerTypedDirs(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(hdd, "t-r1")); err != nil {
 		t.Fatalf("not in the hdd directory: %v", err)
 	}
+	if !s.Has("t-r1") || s.Has("t-r9") {
+		t.Fatalf("Has(t-r1) = %v, Has(t-r9) = %v; want true, false", s.Has("t-r1"), s.Has("t-r9"))
+	}
 	if _, err := s.CreateWith("t-r2", testSize, CreateOptions{DiskType: "nvme"}); !errors.Is(err, ErrInvalidArgument) {
 		t.Fatalf("a type without a directory: %v, want ErrInvalidArgument", err)
 	}

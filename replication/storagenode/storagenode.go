@@ -524,9 +524,6 @@ func (n *Node) startRebuild(v *meta.Volume) {
 	}()
 }
 
-// unopenable reports whether replica id has a directory in this node's data
-// dir although the replica server could not open it.
-func (n *Node) unopenable(id string) bool {
-	_, err := os.Stat(filepath.Join(n.cfg.DataDir, "replicas", id))
-	return err == nil
-}
+// unopenable reports whether replica id has a directory in one of this
+// node's data directories although the replica server could not open it.
+func (n *Node) unopenable(id string) bool { return n.server.Has(id) }
