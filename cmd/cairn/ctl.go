@@ -449,8 +449,9 @@ func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {
 		Use:   "delete ID",
 		Short: "Delete a volume (refused while it is attached)",
 		Long: `Delete a volume. While snapshots of it remain, it is hidden instead: its name
-is free and it is no longer listed, and it goes with its last snapshot. Its
-scheduled snapshots (snapshotSchedule) are deleted with it.`,
+is free, CSI no longer lists it (volume list shows it marked "deleted, kept for
+its snapshots"), and it goes with its last snapshot. Its scheduled snapshots
+(snapshotSchedule) are deleted with it.`,
 		Example: `  cairn ctl --server 127.0.0.1:7002 volume delete vol-0123456789abcdef`,
 		Args:    cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {

@@ -481,7 +481,7 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 			continue
 		}
 		free := n.FreeBytes(st.OverProvisioningRatio)
-		if disk := st.DiskFree(n.ID, spec.DiskType); disk > 0 {
+		if disk := st.DiskSpace(n.ID, spec.DiskType).FreeBytes; disk > 0 {
 			free = min(free, disk)
 		}
 		total += free

@@ -230,7 +230,12 @@ func (f *fakeStore) lastCreate() *meta.CreateVolume {
 // snapshot path is tested against real clusters: tests/sanity, tests/csie2e).
 var errFakeSnapshots = fmt.Errorf("the fake store keeps no snapshots: %w", meta.ErrFailedPrecondition)
 
-func (f *fakeStore) TakeSnapshot(context.Context, string, string) (*meta.Snapshot, error) {
+// TakeSnapshot counts as a command that reached the store (applied), so
+// that a test can tell a refused request never got here.
+func (f *fakeStore) TakeSnapshot(_ context.Context, vol, name string) (*meta.Snapshot, error) {
+	f.mu.Lock()
+	f.applied = append(f.applied, &meta.CreateSnapshot{Name: name, SourceVolumeID: vol})
+	f.mu.Unlock()
 	return nil, errFakeSnapshots
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"slices"
 	"testing"
+	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -80,6 +81,8 @@ func TestCreateSnapshotRefusesBadInput(t *testing.T) {
 		{"no name", &csipb.CreateSnapshotRequest{SourceVolumeId: vol}, codes.InvalidArgument},
 		{"no source", &csipb.CreateSnapshotRequest{Name: "s"}, codes.InvalidArgument},
 		{"a name of Cairn's own", &csipb.CreateSnapshotRequest{Name: meta.CloneSnapshotName("x"), SourceVolumeId: vol}, codes.InvalidArgument},
+		{"a scheduled snapshot's name", &csipb.CreateSnapshotRequest{Name: meta.ScheduledSnapshotName(vol, time.Date(2026, 12, 5, 6, 0, 0, 0, time.UTC)),
+			SourceVolumeId: vol}, codes.InvalidArgument},
 		{"an unknown parameter", &csipb.CreateSnapshotRequest{Name: "s", SourceVolumeId: vol, Parameters: map[string]string{"colour": "blue"}}, codes.InvalidArgument},
 		{"an unknown volume", &csipb.CreateSnapshotRequest{Name: "s", SourceVolumeId: "nope"}, codes.NotFound},
 	} {

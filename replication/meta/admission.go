@@ -2,8 +2,6 @@ package meta
 
 import (
 	"fmt"
-
-	"github.com/cairn-csi/cairn/replication/placement"
 )
 
 // Admission of guaranteed volumes (docs/architecture.md, "StorageClass
@@ -57,24 +55,7 @@ func applyAdmitVolume(s *State, c *AdmitVolume) (Result, error) {
 	if !spec.Guaranteed() && spec.DiskType == "" {
 		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed or a disk type: %w", c.Name, ErrInvalidArgument)
 	}
-	return createVolume(s, &c.CreateVolume, v.guaranteedIOPS())
-}
-
-// reservedIOPS is, per node, the minIOPS of the guaranteed volumes with a
-// replica there.
-func (s *State) reservedIOPS() map[string]uint64 {
-	out := map[string]uint64{}
-	for _, v := range s.Volumes {
-		if v.State == VolumeDeleted {
-			continue
-		}
-		if iops := v.guaranteedIOPS(); iops > 0 {
-			for _, r := range v.Replicas {
-				out[r.Node] += iops
-			}
-		}
-	}
-	return out
+	return createVolume(s, &c.CreateVolume, v.guaranteedIOPS(), spec.DiskType)
 }
 
 // guaranteedIOPS is the minIOPS the volume holds on each of its replicas'
@@ -85,19 +66,6 @@ func (v *Volume) guaranteedIOPS() uint64 {
 		return 0
 	}
 	return spec.QoS.MinIOPS
-}
-
-// withReservations adds what each node can promise and has promised to
-// nodes (PlacementNodes).
-func (s *State) withReservations(nodes []placement.Node) []placement.Node {
-	reserved := s.reservedIOPS()
-	for i := range nodes {
-		if n := s.Nodes[nodes[i].ID]; n != nil {
-			nodes[i].ReservableIOPS = n.ReservableIOPS
-		}
-		nodes[i].ReservedIOPS = reserved[nodes[i].ID]
-	}
-	return nodes
 }
 
 // CreateCommand is the command that creates volume cv: AdmitVolume for a

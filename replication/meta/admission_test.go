@@ -1,6 +1,8 @@
 package meta
 
 import (
+	"context"
+	"errors"
 	"slices"
 	"strings"
 	"testing"
@@ -58,7 +60,7 @@ func TestAdmitVolume(t *testing.T) {
 	}
 	// Deleting g1 frees its 600 on n2 and n3.
 	h.must(&DeleteVolume{VolumeID: "g1"})
-	if got := h.state().reservedIOPS(); got["n2"] != 400 || got["n4"] != 400 || got["n1"] != 0 {
+	if _, got := h.state().placementLoad(""); got["n2"] != 400 || got["n4"] != 400 || got["n1"] != 0 {
 		t.Fatalf("reserved after the delete: %v", got)
 	}
 	h.fails(&SetParameters{VolumeID: "g3", Parameters: map[string]string{"minIOPS": "100"}}, ErrFailedPrecondition)
@@ -73,4 +75,21 @@ func replicaNodes(v *Volume) []string {
 	}
 	slices.Sort(ns)
 	return ns
+}
+
+// TestRestoreCannotBeGuaranteed: a restore or clone into qosClass
+// guaranteed is refused before it reaches the store (its replicas go where
+// the snapshot's layers are, without admission); another class passes.
+func TestRestoreCannotBeGuaranteed(t *testing.T) {
+	g := CreateVolume{Name: "pvc-g", Parameters: map[string]string{"qosClass": "guaranteed", "minIOPS": "100"}}
+	if err := checkRestorable(g); !errors.Is(err, ErrFailedPrecondition) || !strings.Contains(err.Error(), "guaranteed") {
+		t.Fatalf("a guaranteed restore: %v, want FailedPrecondition naming the class", err)
+	}
+	var c *Client // Restore refuses before it uses the client
+	if _, err := c.Restore(context.Background(), g, "snap-1", ""); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("Client.Restore of a guaranteed volume: %v, want FailedPrecondition", err)
+	}
+	if err := checkRestorable(CreateVolume{Name: "pvc-b", Parameters: map[string]string{"minIOPS": "100"}}); err != nil {
+		t.Fatalf("a burstable restore: %v", err)
+	}
 }

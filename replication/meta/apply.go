@@ -161,13 +161,17 @@ func placementError(err error) error {
 	return fmt.Errorf("placement: %v: %w", err, ErrInvalidArgument)
 }
 
+// applyCreateVolume places on the default disks without reservations, as
+// builds before AdmitVolume did: a member of one of them applies the same
+// entry the same way (a typed or guaranteed volume comes as AdmitVolume).
 func applyCreateVolume(s *State, c *CreateVolume) (Result, error) {
-	return createVolume(s, c, 0)
+	return createVolume(s, c, 0, "")
 }
 
-// createVolume is CreateVolume, its replicas placed only on nodes that can
-// still promise reserveIOPS (AdmitVolume) when that is not 0.
-func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error) {
+// createVolume is CreateVolume, its replicas placed on disks of type
+// diskType ("" for the default), and only on nodes that can still promise
+// reserveIOPS when that is not 0 (AdmitVolume).
+func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string) (Result, error) {
 	quorum, err := checkCreate(c)
 	if err != nil {
 		return Result{}, err
@@ -188,11 +192,10 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error)
 	// replication/volspec/doc.go); clients refuse those before they get here.
 	// After the idempotency check, so that a retry of a create made before
 	// the store validated still finds its volume.
-	spec, err := volspec.Decode(c.Parameters)
-	if err != nil {
+	if _, err := volspec.Decode(c.Parameters); err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
-	nodes, err := placement.Place(s.PlacementNodesFor(spec.DiskType), placement.Request{
+	nodes, err := placement.Place(s.PlacementNodesFor(diskType), placement.Request{
 		Replicas:              c.Replicas,
 		SizeBytes:             c.SizeBytes,
 		OverProvisioningRatio: s.OverProvisioningRatio,
@@ -201,7 +204,7 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64) (Result, error)
 		ReserveIOPS:           reserveIOPS,
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(spec.DiskType, err))
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(diskType, err))
 	}
 	// A new volume's replicas are all zeros, so they are identical and
 	// healthy from the start; a volume with a content source is filled

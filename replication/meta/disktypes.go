@@ -76,17 +76,10 @@ func (n *Node) space(t string) DiskSpace {
 // PlacementNodesFor describes the cluster's nodes as placement sees them
 // for a volume on disks of type t ("" for the default): topology,
 // liveness, the capacity of their disk of that type, the bytes of the
-// replicas already placed on disks of that type, and reservations.
+// replicas already placed on disks of that type, and the IOPS they can
+// promise and have promised to guaranteed volumes (admission.go).
 func (s *State) PlacementNodesFor(t string) []placement.Node {
-	used := map[string]uint64{}
-	for _, v := range s.Volumes {
-		if v.State == VolumeDeleted || v.diskType() != t {
-			continue
-		}
-		for _, r := range v.Replicas {
-			used[r.Node] += v.SizeBytes
-		}
-	}
+	used, reserved := s.placementLoad(t)
 	out := make([]placement.Node, 0, len(s.Nodes))
 	for _, n := range s.Nodes {
 		out = append(out, placement.Node{
@@ -94,18 +87,45 @@ func (s *State) PlacementNodesFor(t string) []placement.Node {
 			Up:             n.State == NodeUp,
 			CapacityBytes:  n.space(t).CapacityBytes,
 			AllocatedBytes: used[n.ID],
+			ReservableIOPS: n.ReservableIOPS,
+			ReservedIOPS:   reserved[n.ID],
 		})
 	}
-	return s.withReservations(out)
+	return out
 }
 
-// DiskFree is the free bytes of node id's disk of type t, as it last
-// reported ("" for the default disk; 0 for none).
-func (s *State) DiskFree(id, t string) uint64 {
-	if n := s.Nodes[id]; n != nil {
-		return n.space(t).FreeBytes
+// placementLoad sums, per node, the sizes of the live volumes' replicas on
+// disks of type t, and the minIOPS of the live guaranteed volumes with a
+// replica there, reading each volume's parameters once.
+func (s *State) placementLoad(t string) (used, reserved map[string]uint64) {
+	used, reserved = map[string]uint64{}, map[string]uint64{}
+	for _, v := range s.Volumes {
+		if v.State == VolumeDeleted {
+			continue
+		}
+		spec, err := v.Spec() // a bad spec reads as the default type, no reservation
+		onType := spec.DiskType == t || err != nil && t == ""
+		iops := uint64(0)
+		if err == nil && spec.Guaranteed() {
+			iops = spec.QoS.MinIOPS
+		}
+		for _, r := range v.Replicas {
+			if onType {
+				used[r.Node] += v.SizeBytes
+			}
+			reserved[r.Node] += iops
+		}
 	}
-	return 0
+	return used, reserved
+}
+
+// DiskSpace is the size and free bytes of node id's disk of type t ("" for
+// the default one), as it last reported; zero for none.
+func (s *State) DiskSpace(id, t string) DiskSpace {
+	if n := s.Nodes[id]; n != nil {
+		return n.space(t)
+	}
+	return DiskSpace{}
 }
 
 // typedPlacementError says which disk type a placement that failed was for.

@@ -35,6 +35,14 @@ func TestTypedPlacement(t *testing.T) {
 	// A type no node has.
 	h.fails(&AdmitVolume{CreateVolume: CreateVolume{ID: "t3", Name: "pvc-t3", SizeBytes: gib, Replicas: 1,
 		Parameters: map[string]string{"type": "nvme-ssd"}}}, ErrResourceExhausted)
+	// A plain CreateVolume places on the default disks whatever its type,
+	// as a member of a build before disk types does (clients send typed
+	// volumes as AdmitVolume).
+	if got := replicaNodes(h.must(&CreateVolume{ID: "p1", Name: "pvc-p1", SizeBytes: 10 * gib, Replicas: 1,
+		Parameters: map[string]string{"type": "nvme-ssd"}}).Volume); len(got) != 1 {
+		t.Fatalf("p1 on %v", got)
+	}
+	h.must(&DeleteVolume{VolumeID: "p1"})
 	// Default volumes still have all 10 GiB of each default disk.
 	if got := replicaNodes(h.must(&CreateVolume{ID: "d1", Name: "pvc-d1", SizeBytes: 10 * gib, Replicas: 4}).Volume); len(got) != 4 {
 		t.Fatalf("d1 on %v", got)
@@ -54,8 +62,8 @@ func TestTypedPlacement(t *testing.T) {
 	if got := replicaNodes(h.must(&ReplaceReplica{VolumeID: "t1", ReplicaID: rid, ExpectEpoch: t1.Epoch}).Volume); !slices.Contains(got, "n4") {
 		t.Fatalf("t1's replacement on %v, want n4", got)
 	}
-	if got := h.state().DiskFree("n4", "hdd"); got != 4*gib {
-		t.Fatalf("DiskFree(n4, hdd) = %d", got)
+	if got := h.state().DiskSpace("n4", "hdd"); got.FreeBytes != 4*gib || got.CapacityBytes != 4*gib {
+		t.Fatalf("DiskSpace(n4, hdd) = %+v", got)
 	}
 	h.must(&SetNodeDisks{NodeID: "n4"})
 	if h.state().Nodes["n4"].Disks != nil {

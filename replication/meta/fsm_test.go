@@ -1043,15 +1043,41 @@ func (p *propertyChecker) check(step int, c Command, cmdErr error, prev, cur *St
 				cc, ok = &ac.CreateVolume, true
 				// Admission: each replica's node could still promise
 				// the volume's minIOPS.
-				reserved, minIOPS := prev.reservedIOPS(), v.guaranteedIOPS()
+				// Counted here, apart from the code under test: the IOPS
+				// reserved and the bytes placed on disks of the new
+				// volume's type, per node, before the command.
+				spec, _ := volspec.Decode(v.Parameters)
+				minIOPS := uint64(0)
+				if spec.QoS.Class == volspec.QoSGuaranteed {
+					minIOPS = spec.QoS.MinIOPS
+				}
+				reserved, placed := map[string]uint64{}, map[string]uint64{}
+				for _, pv := range prev.Volumes {
+					ps, err := volspec.Decode(pv.Parameters)
+					if pv.State == VolumeDeleted || err != nil {
+						continue
+					}
+					for _, r := range pv.Replicas {
+						if ps.QoS.Class == volspec.QoSGuaranteed {
+							reserved[r.Node] += ps.QoS.MinIOPS
+						}
+						if ps.DiskType == spec.DiskType {
+							placed[r.Node] += pv.SizeBytes
+						}
+					}
+				}
+				ratio := prev.OverProvisioningRatio
+				if ratio <= 0 {
+					ratio = 1 // placement's default
+				}
 				for _, r := range v.Replicas {
 					n := prev.Nodes[r.Node]
 					if minIOPS > 0 && (n == nil || n.ReservableIOPS < reserved[r.Node]+minIOPS) {
 						fail("guaranteed volume %s (%d IOPS) placed on %s, which could not promise it (reserved %d)", id, minIOPS, r.Node, reserved[r.Node])
 					}
-					// And of a disk type, on a disk of that type.
-					if dt := v.diskType(); dt != "" && (n == nil || n.Disks[dt].CapacityBytes < v.SizeBytes) {
-						fail("volume %s of type %s placed on %s, which has no such disk with room", id, dt, r.Node)
+					// And of a disk type, on a disk of that type with room.
+					if dt := spec.DiskType; dt != "" && (n == nil || float64(placed[r.Node]+v.SizeBytes) > float64(n.Disks[dt].CapacityBytes)*ratio+1) {
+						fail("volume %s of type %s placed on %s, which has no such disk with room (%d placed there)", id, dt, r.Node, placed[r.Node])
 					}
 				}
 			}

@@ -28,40 +28,38 @@ func (r *Replica) Depth() int {
 	return r.chain.Len()
 }
 
-// ChainLayer is one sealed layer of a replica's chain, as ChainLayers
-// lists them.
-type ChainLayer struct {
-	ID string
-	// Shared: another replica on this node links the layer's files (a
-	// restore made from it, or the replica it was restored from).
-	Shared bool
-}
-
-// ChainLayers lists the replica's sealed layers, oldest first, those being
-// deleted included: what Flatten may be asked to flatten into. A layer
-// whose files cannot be looked at counts as shared.
-func (r *Replica) ChainLayers() []ChainLayer {
+// LayerIDs returns the ids of the replica's sealed layers, oldest first,
+// those being deleted included: what Flatten may be asked to flatten into.
+func (r *Replica) LayerIDs() []string {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if r.chain == nil {
 		return nil
 	}
 	es := r.chain.Entries()
-	out := make([]ChainLayer, 0, len(es)-1)
-	for i, e := range es[:len(es)-1] {
-		shared, err := r.chain.Shared(i)
-		out = append(out, ChainLayer{ID: e.ID, Shared: shared || err != nil})
-	}
-	return out
-}
-
-// LayerIDs returns the ids of the replica's sealed layers, oldest first.
-func (r *Replica) LayerIDs() []string {
-	var ids []string
-	for _, l := range r.ChainLayers() {
-		ids = append(ids, l.ID)
+	ids := make([]string, 0, len(es)-1)
+	for _, e := range es[:len(es)-1] {
+		ids = append(ids, e.ID)
 	}
 	return ids
+}
+
+// SharedUpTo reports whether another replica on this node links any of
+// the layers from the bottom up to position k (a restore made from them,
+// or the replica they came from). A layer whose files cannot be looked at
+// counts as shared.
+func (r *Replica) SharedUpTo(k int) bool {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if r.chain == nil {
+		return true
+	}
+	for i := 0; i <= k && i < r.chain.Len()-1; i++ {
+		if shared, err := r.chain.Shared(i); shared || err != nil {
+			return true
+		}
+	}
+	return false
 }
 
 // Flatten replaces the layers from the bottom up to layer id with one

@@ -31,37 +31,43 @@ import (
 // replica's inherited layers, when Config.ChainSoftLimit is 0.
 const DefaultChainSoftLimit = 16
 
-// flattenTarget is the layer of a replica's chain to flatten into, or ""
-// for none. The candidates are the run of layers at the bottom that are
-// not the volume's own snapshots (they came with the restore), when it has
-// two layers or more; the newest of them is the target when the chain is
-// deeper than limit, or when no other replica here shares any of them: a
-// replica placed where the layers were not (rebuilt from a replica that
-// had them), or one whose source and sibling restores are gone. Sharing
-// was all they were kept apart for; flattened, the blocks written over in
-// the lower layers take no space.
-func flattenTarget(layers []replica.ChainLayer, depth, limit int, own func(id string) bool) string {
-	k, shared := -1, false
-	for i, l := range layers {
-		if own(l.ID) {
+// flattenTarget returns the position in a replica's sealed layers (ids,
+// oldest first) of the layer to flatten into, -1 for none, and why. The
+// candidates are the run of layers at the bottom that are not the volume's
+// own snapshots (they came with the restore), when it has two layers or
+// more; the newest of them is the target when the chain (the head
+// included) is deeper than limit, or when no other replica here shares
+// any of them (shared, asked only then): a replica placed where the layers
+// were not, or one whose source and sibling restores are gone. Sharing was
+// all they were kept apart for; flattened, the blocks written over in the
+// lower layers take no space.
+func flattenTarget(ids []string, limit int, own func(id string) bool, shared func(k int) bool) (int, string) {
+	k := -1
+	for i, id := range ids {
+		if own(id) {
 			break
 		}
-		k, shared = i, shared || l.Shared
+		k = i
 	}
-	if k < 1 || depth <= limit && shared {
-		return ""
+	switch {
+	case k < 1:
+		return -1, ""
+	case len(ids)+1 > limit:
+		return k, "the chain is past its soft limit"
+	case !shared(k):
+		return k, "no other replica shares them"
 	}
-	return layers[k].ID
+	return -1, ""
 }
 
 // flattenJob is one replica of this node to flatten.
 type flattenJob struct {
-	vol    string
-	rep    *replica.Replica
-	layer  string
-	depth  int
-	layers int
-	shared bool // the layers are shared: flattened past the soft limit
+	vol   string
+	rep   *replica.Replica
+	layer string
+	k     int    // the layer's position: layers 0 to k become one
+	depth int    // of the chain before, the head included
+	why   string // flattenTarget's reason
 }
 
 // nextFlatten returns the first replica of this node that needs
@@ -76,7 +82,7 @@ func (n *Node) nextFlatten() (flattenJob, bool) {
 	}
 	type cand struct{ vol, rep string }
 	var cands []cand
-	own := map[string]bool{} // snapshot ids of the volumes placed here
+	own := map[string]string{} // snapshot id → its volume, for the volumes placed here
 	n.cfg.FSM.View(func(s *meta.State) {
 		for _, v := range n.here.vols {
 			// Not while any replica of the volume is not healthy: a
@@ -92,7 +98,7 @@ func (n *Node) nextFlatten() (flattenJob, bool) {
 		}
 		for id, sn := range s.Snapshots {
 			if _, ok := n.here.vols[sn.SourceVolumeID]; ok {
-				own[sn.SourceVolumeID+"/"+id] = true
+				own[id] = sn.SourceVolumeID
 			}
 		}
 	})
@@ -108,11 +114,10 @@ func (n *Node) nextFlatten() (flattenJob, bool) {
 		if err != nil {
 			continue
 		}
-		layers, depth := r.ChainLayers(), r.Depth()
-		target := flattenTarget(layers, depth, limit, func(id string) bool { return own[c.vol+"/"+id] })
-		if target != "" {
-			k := slices.IndexFunc(layers, func(l replica.ChainLayer) bool { return l.ID == target })
-			return flattenJob{vol: c.vol, rep: r, layer: target, depth: depth, layers: k + 1, shared: layers[k].Shared}, true
+		ids := r.LayerIDs()
+		k, why := flattenTarget(ids, limit, func(id string) bool { return own[id] == c.vol }, r.SharedUpTo)
+		if k >= 0 {
+			return flattenJob{vol: c.vol, rep: r, layer: ids[k], k: k, depth: len(ids) + 1, why: why}, true
 		}
 	}
 	return flattenJob{}, false
@@ -153,12 +158,8 @@ func (n *Node) runFlattens() {
 // its end, and showing its progress in the metrics and to recordUsage.
 func (n *Node) flatten(j flattenJob) error {
 	log := n.log.With(zap.String("volume_id", j.vol), zap.String("replica_id", j.rep.ID()), zap.String("layer", j.layer))
-	why := "no other replica shares them"
-	if j.shared {
-		why = "the chain is past its soft limit"
-	}
-	log.Info("flattening the layers the replica's volume was restored from: "+why,
-		zap.Int("depth", j.depth), zap.Int("layers_flattened", j.layers))
+	log.Info("flattening the layers the replica's volume was restored from: "+j.why,
+		zap.Int("depth", j.depth), zap.Int("layers_flattened", j.k+1))
 	start := time.Now()
 	labels := prometheus.Labels{"volume_id": j.vol, "replica_id": j.rep.ID()}
 	gauge := n.flattenProgress.With(labels)
