@@ -53,6 +53,14 @@ func (c *Client) TakeSnapshot(ctx context.Context, vol, name string) (*Snapshot,
 			continue // a member restarting; ctx bounds the wait
 		}
 		now, ok := st.Snapshots[sn.ID]
+		if !ok {
+			// The member that answered may not have the record yet (a
+			// read that is not linearizable can lag): ask the leader.
+			if st, err = c.State(ctx, true); err != nil {
+				continue
+			}
+			now, ok = st.Snapshots[sn.ID]
+		}
 		if !ok || now.Deleting {
 			return nil, fmt.Errorf("snapshot %s of %s was deleted while it was being taken: %w", sn.ID, vol, ErrNotFound)
 		}
