@@ -159,6 +159,9 @@ type Engine struct {
 	// replica that has none of them (rebuild_chain.go).
 	restoredFrom atomic.Pointer[string]
 	scrubbing    atomic.Bool // a scrub runs
+	// lastScrub is the final record of the last scrub this engine ran to
+	// its end (scrub.go: a stale view of the store must not run it again).
+	lastScrub atomic.Pointer[meta.ScrubProgress]
 	// abnormalBlock is 1 + the first lost block of the abnormal condition
 	// last recorded in the store (0: none); see markAbnormal.
 	abnormalBlock atomic.Uint64

@@ -252,6 +252,16 @@ func (e *Engine) maybeScrub(ctx context.Context, v *meta.Volume) {
 	}
 	var p meta.ScrubProgress
 	switch {
+	case v.Scrub != nil && !v.Scrub.Done && e.finishedScrub(v.Scrub.Seq):
+		// This engine ran that scrub already: v was read before its end
+		// was recorded, or the record failed. Record it (again) rather
+		// than run it twice, which would write over its repair counts.
+		e.wg.Add(1)
+		go func() {
+			defer e.wg.Done()
+			e.recordScrub(ctx, *e.lastScrub.Load())
+		}()
+		return
 	case v.Scrub != nil && !v.Scrub.Done:
 		p = *v.Scrub // asked for, or cut short by a previous engine
 	case e.cfg.ScrubInterval > 0:
@@ -278,16 +288,27 @@ func (e *Engine) maybeScrub(ctx context.Context, v *meta.Volume) {
 	}()
 }
 
+// finishedScrub reports whether this engine ran scrub seq to its end.
+func (e *Engine) finishedScrub(seq uint64) bool {
+	last := e.lastScrub.Load()
+	return last != nil && last.Seq == seq
+}
+
+// recordScrub records a scrub's progress in the store.
+func (e *Engine) recordScrub(ctx context.Context, p meta.ScrubProgress) {
+	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if _, err := e.cfg.Meta.Apply(sctx, &meta.ScrubProgressUpdate{VolumeID: e.cfg.VolumeID, Progress: p}); err != nil {
+		e.log.Debug("cannot record scrub progress", zap.Error(err))
+	}
+}
+
 // runScrub runs scrub number seq and records it in the store.
 func (e *Engine) runScrub(ctx context.Context, seq uint64) {
 	started := time.Now()
 	put := func(p meta.ScrubProgress) {
 		p.Seq, p.StartedAt = seq, started.UnixNano()
-		sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
-		defer cancel()
-		if _, err := e.cfg.Meta.Apply(sctx, &meta.ScrubProgressUpdate{VolumeID: e.cfg.VolumeID, Progress: p}); err != nil {
-			e.log.Debug("cannot record scrub progress", zap.Error(err))
-		}
+		e.recordScrub(ctx, p)
 	}
 	e.log.Info("scrub started", zap.Uint64("scrub", seq), zap.Uint64("epoch", e.Epoch()))
 	st, err := e.Scrub(ctx, func(total uint64, s ScrubStats) {
@@ -309,5 +330,7 @@ func (e *Engine) runScrub(ctx context.Context, seq uint64) {
 	}
 	metricScrubRuns.WithLabelValues(e.cfg.VolumeID, result).Inc()
 	metricScrubLast.WithLabelValues(e.cfg.VolumeID).Set(float64(time.Now().Unix()))
-	put(p)
+	p.Seq, p.StartedAt = seq, started.UnixNano()
+	e.lastScrub.Store(&p)
+	e.recordScrub(ctx, p)
 }
