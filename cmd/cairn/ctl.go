@@ -364,8 +364,10 @@ refused.`,
 			// A StorageClass's best-effort follows the pod's node; ctl has
 			// no pod, so the operator names the node. A restored volume's
 			// replicas go where the snapshot is instead.
-			if spec.DataLocality == volspec.LocalityBestEffort && preferred == "" && !from.set() {
-				return fmt.Errorf("%s: name the node to keep a replica on with --preferred-node", in.from[volspec.KeyDataLocality])
+			// The default best-effort with no node named places as
+			// disabled does; only asking for it needs the node.
+			if by, asked := in.from[volspec.KeyDataLocality]; asked && spec.DataLocality == volspec.LocalityBestEffort && preferred == "" && !from.set() {
+				return fmt.Errorf("%s: name the node to keep a replica on with --preferred-node", by)
 			}
 			c, ctx, done, err := o.client(cmd)
 			if err != nil {

@@ -34,21 +34,21 @@ func TestVolumeCreateParams(t *testing.T) {
 		params           map[string]string // the stored form
 		err              []string
 	}{
-		{args: nil, replicas: 3, params: map[string]string{"dataLocality": "disabled"}},
+		{args: nil, replicas: 3, params: map[string]string{"dataLocality": "best-effort"}},
 		{args: []string{"--replicas", "2", "--write-quorum", "0", "--stale-replica-timeout", "0s"}, replicas: 2,
-			params: map[string]string{"dataLocality": "disabled"}},
+			params: map[string]string{"dataLocality": "best-effort"}},
 		{args: []string{"--replicas", "5", "--write-quorum", "4", "--stale-replica-timeout", "10m", "--checksum-algorithm", "none",
 			"--max-iops", "500", "--min-iops", "0", "--max-bandwidth", "1Mi", "--burst-duration", "2s"}, replicas: 5, quorum: 4,
-			params: map[string]string{"dataLocality": "disabled", "staleReplicaTimeout": "10m0s", "checksumAlgorithm": "none",
+			params: map[string]string{"dataLocality": "best-effort", "staleReplicaTimeout": "10m0s", "checksumAlgorithm": "none",
 				"maxIOPS": "500", "maxBandwidth": "1048576", "burstDuration": "2s"}},
 		{args: []string{"--param", "replicas=2", "--param", "writeQuorum=1", "--param", "maxBandwidth=1Ki", "--param", "staleReplicaTimeout=15",
 			"--param", "csi.storage.k8s.io/fstype=xfs", "--param", "minIOPS=10"}, replicas: 2, quorum: 1,
-			params: map[string]string{"dataLocality": "disabled", "maxBandwidth": "1024", "staleReplicaTimeout": "15m0s",
+			params: map[string]string{"dataLocality": "best-effort", "maxBandwidth": "1024", "staleReplicaTimeout": "15m0s",
 				"csi.storage.k8s.io/fstype": "xfs", "minIOPS": "10"}},
 		// The same value twice, spelled differently, is no conflict.
 		{args: []string{"--max-bandwidth", "1Mi", "--param", "maxBandwidth=1048576", "--replicas", "3", "--param", "replicas=3"}, replicas: 3,
-			params: map[string]string{"dataLocality": "disabled", "maxBandwidth": "1048576"}},
-		{args: []string{"--param", "maxIOPS=7", "--param", "maxIOPS=7"}, replicas: 3, params: map[string]string{"dataLocality": "disabled", "maxIOPS": "7"}},
+			params: map[string]string{"dataLocality": "best-effort", "maxBandwidth": "1048576"}},
+		{args: []string{"--param", "maxIOPS=7", "--param", "maxIOPS=7"}, replicas: 3, params: map[string]string{"dataLocality": "best-effort", "maxIOPS": "7"}},
 
 		{args: []string{"--max-bandwidth", "1Mi", "--param", "maxBandwidth=2Mi"}, err: []string{"--max-bandwidth 1Mi", "maxBandwidth=2Mi", "disagree"}},
 		{args: []string{"--replicas", "2", "--param", "replicas=3"}, err: []string{"--replicas 2", "disagree"}},

@@ -87,12 +87,17 @@ func TestDataLocality(t *testing.T) {
 		}
 		return nodes
 	}
-	one := map[string]string{"replicas": "1"}
+	off := map[string]string{"replicas": "1", "dataLocality": "disabled"}
 	local := map[string]string{"replicas": "1", "dataLocality": "best-effort"}
 
 	// All nodes empty: without locality, the id breaks the tie (n1).
-	if got := create("disabled", one, onNode("n3")); !slices.Equal(got, []string{"n1"}) {
+	if got := create("disabled", off, onNode("n3")); !slices.Equal(got, []string{"n1"}) {
 		t.Fatalf("dataLocality disabled, pod on n3: replica on %v, want n1 (placement's own choice)", got)
+	}
+	// Best-effort is the default: a class that does not name it follows
+	// the pod too.
+	if got := create("default", map[string]string{"replicas": "1"}, onNode("n4")); !slices.Equal(got, []string{"n4"}) {
+		t.Fatalf("dataLocality unset, pod on n4: replica on %v, want n4 (best-effort is the default)", got)
 	}
 	for i, n := range []string{"n3", "n4", "n1", "n3"} {
 		if got := create(fmt.Sprintf("local-%d", i), local, onNode(n)); !slices.Equal(got, []string{n}) {

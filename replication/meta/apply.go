@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"maps"
-	"reflect"
 	"slices"
 	"strings"
 
@@ -257,11 +256,21 @@ func VolumeOfReplica(id string) string {
 	return id[:i]
 }
 
+// sameParameters reports whether a CreateVolume retry asks for the volume
+// that exists. Keys that only steered its placement do not count: a volume
+// recorded with the old default locality still matches a retry after an
+// upgrade changed it.
 func sameParameters(a, b map[string]string) bool {
-	if len(a) == 0 && len(b) == 0 {
-		return true
+	strip := func(m map[string]string) map[string]string {
+		out := make(map[string]string, len(m))
+		for k, v := range m {
+			if !volspec.PlacementOnly(k) {
+				out[k] = v
+			}
+		}
+		return out
 	}
-	return reflect.DeepEqual(a, b)
+	return maps.Equal(strip(a), strip(b))
 }
 
 // liveVolume returns a volume that exists and is not deleted.

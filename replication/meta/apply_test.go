@@ -336,7 +336,7 @@ func TestApplyCreateVolume(t *testing.T) {
 
 func TestApplyCreateVolumeIdempotency(t *testing.T) {
 	first := CreateVolume{ID: "v1", Name: "pvc-1", SizeBytes: 2 * gib, Replicas: 3,
-		Parameters: map[string]string{"replicas": "3"}, ContentSource: "", CreatedAt: 1}
+		Parameters: map[string]string{"replicas": "3", "dataLocality": "disabled"}, ContentSource: "", CreatedAt: 1}
 	with := func(f func(c *CreateVolume)) *CreateVolume { c := first; f(&c); return &c }
 	tests := []struct {
 		name    string
@@ -353,6 +353,11 @@ func TestApplyCreateVolumeIdempotency(t *testing.T) {
 		{"different parameters", with(func(c *CreateVolume) { c.Parameters = map[string]string{"replicas": "2"} }), ErrAlreadyExists},
 		{"no parameters", with(func(c *CreateVolume) { c.Parameters = nil }), ErrAlreadyExists},
 		{"different content source", with(func(c *CreateVolume) { c.ContentSource = "snap-1" }), ErrAlreadyExists},
+		// A volume recorded with the old default locality matches a retry
+		// made after the default changed: locality only steered placement.
+		{"other locality only", with(func(c *CreateVolume) {
+			c.Parameters = map[string]string{"replicas": "3", "dataLocality": "best-effort"}
+		}), nil},
 		{"same id, other name", with(func(c *CreateVolume) { c.Name = "pvc-other" }), ErrAlreadyExists},
 	}
 	for _, tt := range tests {

@@ -18,7 +18,7 @@ func TestSnapshotScheduleParam(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := map[string]string{KeyDataLocality: LocalityDisabled, KeySnapshotSchedule: "0 */6 * * *", KeySnapshotRetain: "3"}
+	want := map[string]string{KeyDataLocality: LocalityBestEffort, KeySnapshotSchedule: "0 */6 * * *", KeySnapshotRetain: "3"}
 	if s.SnapshotSchedule != "0 */6 * * *" || s.Retain() != 3 || !maps.Equal(s.Params(), want) {
 		t.Fatalf("spec %+v, params %v; want schedule %q, retain 3, params %v", s, s.Params(), "0 */6 * * *", want)
 	}

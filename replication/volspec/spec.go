@@ -63,7 +63,9 @@ const (
 	// LocalityDisabled places replicas by zone spread and balance alone.
 	LocalityDisabled = "disabled"
 	// LocalityBestEffort also puts one replica on the node that consumes the
-	// volume, when it has room (replication/placement, rule 3).
+	// volume, when it has room (replication/placement, rule 3). It is the
+	// default: under WaitForFirstConsumer the pod's node then reads its own
+	// replica, and a node without a suitable disk is simply passed over.
 	LocalityBestEffort = "best-effort"
 
 	// ChecksumCRC32C keeps a CRC32C per 4 KiB block on every replica and
@@ -198,7 +200,7 @@ func (q QoS) Weight() uint32 {
 
 // Default is the spec of a StorageClass without parameters.
 func Default() Spec {
-	return Spec{Replicas: DefaultReplicas, DataLocality: LocalityDisabled, ChecksumAlgorithm: ChecksumCRC32C}
+	return Spec{Replicas: DefaultReplicas, DataLocality: LocalityBestEffort, ChecksumAlgorithm: ChecksumCRC32C}
 }
 
 // Checksummed reports whether the volume keeps block checksums.
@@ -278,7 +280,10 @@ var paramsBase = []param{
 			return v == LocalityDisabled || v == LocalityBestEffort
 		},
 		// Always recorded: volumes made before the default was left out
-		// must keep matching their CreateVolume retries.
+		// must keep matching their CreateVolume retries. It only steers
+		// placement, so a retry that differs only here still matches
+		// (PlacementOnly): volumes made when the default was "disabled"
+		// record that.
 		format: func(s Spec) string { return s.DataLocality }},
 	{key: KeyStaleReplicaTimeout,
 		want:       `a positive duration such as "10m" (a bare number is minutes)`,
@@ -526,6 +531,11 @@ func Mutable(key string) bool {
 	return ok && p.mutable
 }
 
+// PlacementOnly reports whether key only steers where a new volume's
+// replicas go, so that two CreateVolume requests differing only in it ask for
+// the same volume (the store's idempotency check).
+func PlacementOnly(key string) bool { return key == KeyDataLocality }
+
 // Parse reads parameters in the request form (a StorageClass, ctl's
 // --param), over Default. Values are trimmed of spaces. The error names the
 // first bad key in sorted order.
@@ -568,6 +578,9 @@ func Parse(in map[string]string) (Spec, error) {
 func Decode(in map[string]string) (Spec, error) {
 	s := Default()
 	s.Replicas = 0
+	// A stored volume without the key was made when locality was off by
+	// default (or by ctl, which recorded none).
+	s.DataLocality = LocalityDisabled
 	var first error
 	for _, k := range slices.Sorted(maps.Keys(in)) {
 		p, ok := lookup(k)

@@ -38,7 +38,7 @@ func TestParseDefaults(t *testing.T) {
 		}
 	}
 	d := Default()
-	if d.Replicas != 3 || d.WriteQuorum != 0 || d.DataLocality != LocalityDisabled || d.ChecksumAlgorithm != ChecksumCRC32C || !d.Checksummed() {
+	if d.Replicas != 3 || d.WriteQuorum != 0 || d.DataLocality != LocalityBestEffort || d.ChecksumAlgorithm != ChecksumCRC32C || !d.Checksummed() {
 		t.Fatalf("default %+v", d)
 	}
 }
@@ -115,15 +115,17 @@ func TestParseRefuses(t *testing.T) {
 
 // TestStoredFormIsTheOldOne: Params writes exactly the map the driver
 // recorded before this package, so a CreateVolume retried across an upgrade
-// still finds its volume (the store compares the maps).
+// still finds its volume (the store compares the maps). The one change is
+// the default dataLocality, now best-effort; the store's comparison leaves
+// that key out (PlacementOnly, meta's TestCreateRetryAcrossLocalityDefault).
 func TestStoredFormIsTheOldOne(t *testing.T) {
 	cases := []struct {
 		in, want map[string]string
 	}{
-		{nil, map[string]string{KeyDataLocality: "disabled"}},
-		{map[string]string{KeyReplicas: "2", KeyFSType: "ext4"}, map[string]string{KeyDataLocality: "disabled", KeyFSType: "ext4"}},
-		{map[string]string{KeyChecksumAlgorithm: "crc32c"}, map[string]string{KeyDataLocality: "disabled"}},
-		{map[string]string{KeyMaxIOPS: "0", KeyBurstDuration: "1s"}, map[string]string{KeyDataLocality: "disabled", KeyBurstDuration: "1s"}},
+		{nil, map[string]string{KeyDataLocality: "best-effort"}},
+		{map[string]string{KeyReplicas: "2", KeyFSType: "ext4"}, map[string]string{KeyDataLocality: "best-effort", KeyFSType: "ext4"}},
+		{map[string]string{KeyChecksumAlgorithm: "crc32c"}, map[string]string{KeyDataLocality: "best-effort"}},
+		{map[string]string{KeyMaxIOPS: "0", KeyBurstDuration: "1s"}, map[string]string{KeyDataLocality: "best-effort", KeyBurstDuration: "1s"}},
 		{map[string]string{
 			KeyReplicas: "3", KeyWriteQuorum: "2", KeyDataLocality: "best-effort",
 			KeyStaleReplicaTimeout: "15", KeyMaxIOPS: "5000", KeyMinIOPS: "100",
