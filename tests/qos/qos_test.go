@@ -38,11 +38,19 @@ func cairn(t *testing.T, args ...string) string {
 // seconds.
 func fioIOPS(t *testing.T, sock, rw string, seconds int, midway func()) float64 {
 	t.Helper()
+	iops, _ := fioRun(t, sock, rw, "4k", seconds, midway)
+	return iops
+}
+
+// fioRun is fioIOPS with the block size given; it returns read+write IOPS
+// and bytes per second.
+func fioRun(t *testing.T, sock, rw, bs string, seconds int, midway func()) (float64, float64) {
+	t.Helper()
 	if _, err := exec.LookPath("fio"); err != nil {
 		t.Fatal("fio is not installed (make test installs it with scripts/install-deps.sh)")
 	}
 	out := filepath.Join(t.TempDir(), "fio.json")
-	cmd := exec.Command("fio", "--name=qos", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw="+rw, "--bs=4k",
+	cmd := exec.Command("fio", "--name=qos", "--ioengine=nbd", "--uri=nbd+unix:///?socket="+sock, "--rw="+rw, "--bs="+bs,
 		"--iodepth=32", fmt.Sprintf("--runtime=%d", seconds), "--ramp_time=2", "--time_based", "--output-format=json", "--output="+out)
 	var b bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &b, &b
@@ -68,14 +76,21 @@ func fioIOPS(t *testing.T, sock, rw string, seconds int, midway func()) float64 
 	}
 	var res struct {
 		Jobs []struct {
-			Read  struct{ IOPS float64 } `json:"read"`
-			Write struct{ IOPS float64 } `json:"write"`
+			Read  fioSide `json:"read"`
+			Write fioSide `json:"write"`
 		} `json:"jobs"`
 	}
 	if err := json.Unmarshal(raw, &res); err != nil || len(res.Jobs) == 0 {
 		t.Fatalf("fio output: %v\n%s", err, raw)
 	}
-	return res.Jobs[0].Read.IOPS + res.Jobs[0].Write.IOPS
+	j := res.Jobs[0]
+	return j.Read.IOPS + j.Write.IOPS, j.Read.BWBytes + j.Write.BWBytes
+}
+
+// fioSide is one direction of a fio job's JSON result.
+type fioSide struct {
+	IOPS    float64 `json:"iops"`
+	BWBytes float64 `json:"bw_bytes"`
 }
 
 func within(got, want, tolerance float64) bool {
@@ -162,6 +177,45 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	t.Logf("after set-qos 1500: %.0f IOPS", got)
 	if !within(got, 1500, 0.10) {
 		t.Errorf("measured %.0f IOPS after set-qos --max-iops 1500; want within ±10%%", got)
+	}
+}
+
+// TestDesignLimitKeysHoldOnRealIO: the design StorageClass's names for the
+// limits, iops and throughput, hold on real I/O as maxIOPS and maxBandwidth
+// do (they are synonyms, replication/volspec).
+func TestDesignLimitKeysHoldOnRealIO(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "cluster")
+	t.Cleanup(func() { _, _ = exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput() })
+	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	_, server, err := benchkit.LoadCluster(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	export := func(name string, params ...string) string {
+		t.Helper()
+		args := []string{"ctl", "--server", server, "volume", "create", name, "--size", "256Mi", "--replicas", "2", "-o", "json"}
+		for _, p := range params {
+			args = append(args, "--param", p)
+		}
+		var v struct{ ID string }
+		if err := json.Unmarshal([]byte(cairn(t, args...)), &v); err != nil {
+			t.Fatal(err)
+		}
+		sock := filepath.Join(dir, name+".sock")
+		cairn(t, "ctl", "--server", server, "volume", "export", v.ID, "--node", "node-1", "--nbd", sock)
+		return sock
+	}
+
+	iops, _ := fioRun(t, export("design-iops", "iops=600"), "randread", "4k", 6, nil)
+	t.Logf("iops 600: fio 4k randread at iodepth 32 measured %.0f IOPS (%.1f%% off)", iops, 100*(iops-600)/600)
+	if !within(iops, 600, 0.10) {
+		t.Errorf("measured %.0f IOPS with iops 600; want within ±10%%", iops)
+	}
+	const limit = 8 << 20 // throughput: 8Mi
+	_, bw := fioRun(t, export("design-throughput", "throughput=8Mi"), "read", "1M", 6, nil)
+	t.Logf("throughput 8Mi: fio 1M reads at iodepth 32 measured %.2f MiB/s (%.1f%% off)", bw/(1<<20), 100*(bw-limit)/limit)
+	if !within(bw, limit, 0.10) {
+		t.Errorf("measured %.2f MiB/s with throughput 8Mi; want within ±10%%", bw/(1<<20))
 	}
 }
 
