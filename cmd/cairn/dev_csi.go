@@ -89,7 +89,7 @@ func devCapability(fsType string, block bool) *csipb.VolumeCapability {
 
 func newDevCSICreate(dir *string) *cobra.Command {
 	var size string
-	var params []string
+	var params, secrets []string
 	cmd := &cobra.Command{
 		Use:   "create NAME",
 		Short: "CreateVolume; prints the volume id",
@@ -110,7 +110,11 @@ func newDevCSICreate(dir *string) *cobra.Command {
 			defer done()
 			ctx, cancel := context.WithTimeout(cmd.Context(), time.Minute)
 			defer cancel()
-			resp, err := ctrl.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: args[0], Parameters: p,
+			sec, err := parseSecretFlags(secrets)
+			if err != nil {
+				return err
+			}
+			resp, err := ctrl.CreateVolume(ctx, &csipb.CreateVolumeRequest{Name: args[0], Parameters: p, Secrets: sec,
 				CapacityRange:      &csipb.CapacityRange{RequiredBytes: int64(bytes)},
 				VolumeCapabilities: []*csipb.VolumeCapability{devCapability("", false)}})
 			if err != nil {
@@ -122,7 +126,25 @@ func newDevCSICreate(dir *string) *cobra.Command {
 	}
 	cmd.Flags().StringVar(&size, "size", "1Gi", "volume size")
 	cmd.Flags().StringArrayVar(&params, "param", nil, "StorageClass parameter key=value (repeatable)")
+	cmd.Flags().StringArrayVar(&secrets, "secret", nil, "CSI secret KEY=VALUE of CreateVolume, as the provisioner passes its Secret's keys (repeatable; encryptionPassphrase=… for encryption)")
 	return cmd
+}
+
+// parseSecretFlags reads --secret KEY=VALUE flags into the map of secrets
+// a CSI request carries. The values never appear in errors.
+func parseSecretFlags(flags []string) (map[string]string, error) {
+	out := map[string]string{}
+	for _, f := range flags {
+		k, v, ok := strings.Cut(f, "=")
+		if !ok || k == "" {
+			return nil, fmt.Errorf("--secret %s=…: want KEY=VALUE", k)
+		}
+		if _, dup := out[k]; dup {
+			return nil, fmt.Errorf("--secret %s given twice", k)
+		}
+		out[k] = v
+	}
+	return out, nil
 }
 
 // devPaths are the staging and target paths kubelet would use.
@@ -133,6 +155,7 @@ func devPaths(dir, node, id string) (string, string) {
 
 func newDevCSIPublish(dir *string) *cobra.Command {
 	var node, fsType string
+	var secrets []string
 	cmd := &cobra.Command{
 		Use:   "publish ID --node NODE_ID",
 		Short: "ControllerPublish + NodeStage + NodePublish; prints the mounted path",
@@ -153,7 +176,11 @@ func newDevCSIPublish(dir *string) *cobra.Command {
 			if _, err := ctrl.ControllerPublishVolume(ctx, &csipb.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: vc}); err != nil {
 				return fmt.Errorf("ControllerPublishVolume: %w", err)
 			}
-			if _, err := nc.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+			sec, err := parseSecretFlags(secrets)
+			if err != nil {
+				return err
+			}
+			if _, err := nc.NodeStageVolume(ctx, &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc, Secrets: sec}); err != nil {
 				return fmt.Errorf("NodeStageVolume: %w", err)
 			}
 			if _, err := nc.NodePublishVolume(ctx, &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {
@@ -165,6 +192,7 @@ func newDevCSIPublish(dir *string) *cobra.Command {
 	}
 	cmd.Flags().StringVar(&node, "node", "", "node to publish on (required)")
 	cmd.Flags().StringVar(&fsType, "fs-type", "ext4", "file system: ext4 or xfs")
+	cmd.Flags().StringArrayVar(&secrets, "secret", nil, "CSI secret KEY=VALUE of NodeStageVolume, as kubelet passes the node-stage Secret's keys (repeatable)")
 	return cmd
 }
 

@@ -10,6 +10,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
@@ -191,6 +192,19 @@ func (c *Controller) CreateVolume(ctx context.Context, req *csipb.CreateVolumeRe
 	}
 	if zones := zonesOf(req.GetAccessibilityRequirements().GetRequisite()); len(zones) > 0 {
 		cmd.AllowedZones = zones
+	}
+	if p.Encrypted() && src == nil {
+		// A new data key, wrapped by the passphrase of the provisioner's
+		// Secret. A restore or clone shares its source's (the store
+		// copies it).
+		pass := req.GetSecrets()[crypt.SecretKey]
+		if pass == "" {
+			return nil, toStatus(failf(errInvalid, "encryption %s: the Secret that the StorageClass's %sprovisioner-secret-name and -namespace name must hold a passphrase under the key %s",
+				p.Encryption, "csi.storage.k8s.io/", crypt.SecretKey))
+		}
+		if cmd.Encryption, _, err = crypt.NewDataKey([]byte(pass)); err != nil {
+			return nil, toStatus(err)
+		}
 	}
 	if src != nil {
 		v, err := c.Meta.Restore(ctx, *cmd, src.snapshot, src.volume)

@@ -67,7 +67,7 @@ type fakeEngines struct {
 
 const fakeVolumeSize = 64 << 20
 
-func (f *fakeEngines) Open(_ context.Context, id string) (volumeEngine, error) {
+func (f *fakeEngines) Open(_ context.Context, id string, _ []byte) (volumeEngine, error) {
 	f.mu.Lock()
 	hold := f.hold
 	f.mu.Unlock()

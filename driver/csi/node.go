@@ -17,6 +17,8 @@ import (
 	mount "k8s.io/mount-utils"
 
 	"github.com/cairn-csi/cairn/replication/attach"
+	"github.com/cairn-csi/cairn/replication/crypt"
+	"github.com/cairn-csi/cairn/replication/engine"
 )
 
 // NodeConfig configures the CSI Node service.
@@ -239,7 +241,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	}
 	n.staging++
 	n.mu.Unlock()
-	s, err := n.stage(ctx, id, staging, vc)
+	s, err := n.stage(ctx, id, staging, vc, req.GetSecrets())
 	n.mu.Lock()
 	n.staging--
 	if err == nil {
@@ -257,8 +259,17 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 // stage opens the engine of volume id, exposes it as a loop device and,
 // for a mount volume, formats it when blank and mounts it at staging. On
 // failure it undoes what it did. Called with id's lock held, and no other.
-func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCapability) (*stagedVolume, error) {
-	e, err := n.engines.Open(ctx, id)
+func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCapability, secrets map[string]string) (*stagedVolume, error) {
+	var passphrase []byte
+	if p := secrets[crypt.SecretKey]; p != "" {
+		passphrase = []byte(p)
+	}
+	e, err := n.engines.Open(ctx, id, passphrase)
+	if errors.Is(err, engine.ErrNeedsKey) || errors.Is(err, crypt.ErrWrongKey) {
+		// Nothing was claimed or written.
+		return nil, toStatus(failf(errInvalid, "%v: the Secret that the StorageClass's %snode-stage-secret-name and -namespace name must hold the volume's passphrase under the key %s",
+			err, "csi.storage.k8s.io/", crypt.SecretKey))
+	}
 	if err != nil {
 		return nil, toStatus(err)
 	}

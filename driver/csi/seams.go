@@ -119,7 +119,9 @@ var _ volumeEngine = (*engine.Engine)(nil)
 // volumeEngines is what the Node needs of the node's engine registry
 // (attach.Registry): open a volume's engine, and flush and close it.
 type volumeEngines interface {
-	Open(ctx context.Context, id string) (volumeEngine, error)
+	// Open's passphrase unwraps an encrypted volume's data key (nil for
+	// none; a plain volume ignores it).
+	Open(ctx context.Context, id string, passphrase []byte) (volumeEngine, error)
 	// Release returns attach.ErrBusy when the volume's turn did not come
 	// before ctx ended: e then stays open.
 	Release(ctx context.Context, e volumeEngine) error
@@ -128,8 +130,8 @@ type volumeEngines interface {
 // registryEngines is volumeEngines over an attach.Registry.
 type registryEngines struct{ r *attach.Registry }
 
-func (r registryEngines) Open(ctx context.Context, id string) (volumeEngine, error) {
-	e, err := r.r.Open(ctx, id)
+func (r registryEngines) Open(ctx context.Context, id string, passphrase []byte) (volumeEngine, error) {
+	e, err := r.r.OpenWith(ctx, id, passphrase)
 	if err != nil {
 		return nil, err // not a nil *engine.Engine in a non-nil interface
 	}

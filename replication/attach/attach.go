@@ -94,8 +94,27 @@ func New(cfg Config) *Registry {
 // frontend (a CSI staging, an NBD export). ctx bounds the wait for the
 // volume's turn and the open.
 func (r *Registry) Open(ctx context.Context, id string) (*engine.Engine, error) {
+	return r.OpenWith(ctx, id, nil)
+}
+
+// OpenWith is Open of a volume that may be encrypted: passphrase unwraps
+// its data key (replication/crypt). A wrong one fails with
+// crypt.ErrWrongKey, and none with engine.ErrNeedsKey, before anything is
+// claimed or written. A plain volume ignores it.
+func (r *Registry) OpenWith(ctx context.Context, id string, passphrase []byte) (*engine.Engine, error) {
 	cfg := r.engineConfig(id)
 	cfg.ReplicaDeadline, cfg.ScrubInterval = r.cfg.ReplicaDeadline, r.cfg.ScrubInterval
+	if len(passphrase) > 0 {
+		v, err := r.cfg.Meta.Volume(ctx, id)
+		if err != nil {
+			return nil, fmt.Errorf("read volume %s: %w", id, err)
+		}
+		if v.Encrypted() {
+			if cfg.DataKey, err = v.Encryption.Unwrap(passphrase); err != nil {
+				return nil, fmt.Errorf("volume %s (key id %s): %w", id, v.Encryption.KeyID, err)
+			}
+		}
+	}
 	return r.open(ctx, cfg)
 }
 

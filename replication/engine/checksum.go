@@ -70,7 +70,7 @@ var (
 func Collectors() []prometheus.Collector {
 	return []prometheus.Collector{metricChecksumErrors, metricChecksumRepairs, metricChecksumUnrecoverable,
 		metricScrubBlocks, metricScrubRepaired, metricScrubUnrecoverable, metricScrubRuns, metricScrubLast,
-		metricReplicaGrows, metricExpansions, metricRebuildLayerBytes, metricRebuildLayers}
+		metricReplicaGrows, metricExpansions, metricRebuildLayerBytes, metricRebuildLayers, metricSealRepairs, metricSealUnrecoverable}
 }
 
 // blockSpan rounds [off, off+n) out to whole checksum blocks, cut at the end

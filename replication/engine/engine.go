@@ -20,6 +20,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
 	"github.com/cairn-csi/cairn/replication/volspec"
@@ -38,6 +39,9 @@ var (
 	ErrNotAttached = errors.New("volume not attached to this node")
 	// ErrClosed: the engine was closed.
 	ErrClosed = errors.New("engine closed")
+	// ErrNeedsKey: the volume is encrypted and the engine was given no
+	// data key (Config.DataKey).
+	ErrNeedsKey = errors.New("encrypted volume opened without its key")
 )
 
 // Config configures an engine.
@@ -97,6 +101,10 @@ type Config struct {
 	// rebuild its replicas: it claims the volume's current epoch and serves
 	// no I/O. An attachment (a higher epoch) fences it.
 	Maintenance bool
+	// DataKey is the 32-byte data key of an encrypted volume, unwrapped by
+	// the caller (replication/crypt); nil for a plain one. An encrypted
+	// volume's engine does not open without it, but for Maintenance.
+	DataKey []byte
 
 	// wrapConn, if set, wraps every replica connection the engine makes
 	// (tests: delays and lost requests on one replica).
@@ -165,9 +173,12 @@ type Engine struct {
 	// abnormalBlock is 1 + the first lost block of the abnormal condition
 	// last recorded in the store (0: none); see markAbnormal.
 	abnormalBlock atomic.Uint64
-	opened        time.Time       // when Open started: the periodic scrub counts from it at first
-	locks         *rangeLocks     // orders overlapping writes and rebuild copies
-	bg            context.Context // ends at Close
+	opened        time.Time   // when Open started: the periodic scrub counts from it at first
+	locks         *rangeLocks // orders overlapping writes and rebuild copies
+	// seal is set, for an encrypted volume, by the first reconfigure in
+	// Open, and read without the lock after (sealed.go).
+	seal *sealState
+	bg   context.Context // ends at Close
 
 	// unresolved holds the extents of changing operations that ended in an
 	// error after they were sent, without their failed replicas being
@@ -271,7 +282,12 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 // Size is the volume's size in bytes. It grows when the volume is
 // expanded (Expand, and the watch loop); a frontend reads it again to see
 // the new size.
-func (e *Engine) Size() uint64 { return e.size.Load() }
+func (e *Engine) Size() uint64 {
+	if e.seal != nil {
+		return crypt.LogicalSize(e.size.Load())
+	}
+	return e.size.Load()
+}
 
 // Epoch is the epoch the engine writes with.
 func (e *Engine) Epoch() uint64 {
@@ -307,6 +323,13 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			return fmt.Errorf("volume %s is attached to %v, not %s: %w", v.ID, v.Attachment, e.cfg.NodeID, ErrNotAttached)
 		}
 		e.confirmed.Store(time.Now().UnixNano())
+		if e.epoch == 0 && e.seal == nil {
+			// Opening: before anything is claimed, so that an encrypted
+			// volume opened without its key changes nothing.
+			if err := e.openSeal(ctx, v.Encrypted()); err != nil {
+				return err
+			}
+		}
 		if e.epoch != 0 && v.Epoch < e.epoch {
 			return fmt.Errorf("volume %s: store says epoch %d, engine has %d: %w", v.ID, v.Epoch, e.epoch, ErrIO)
 		}
@@ -325,7 +348,7 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			// the engine that grew the others died first) is grown now,
 			// before any I/O: replicas that disagree on the size never
 			// serve together (expand.go).
-			failed, err = e.growMembers(ctx, v.SizeBytes)
+			failed, err = e.growMembers(ctx, v.ReplicaBytes())
 			if errors.Is(err, ErrFenced) {
 				e.setFenced()
 			}
@@ -334,13 +357,13 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			}
 		}
 		if failed == nil {
-			if old := e.size.Load(); v.SizeBytes > old {
+			if old, size := e.size.Load(), v.ReplicaBytes(); size > old {
 				// Every member has this size now. I/O, the rebuilder and
 				// the frontends read the size without the lock.
-				e.size.Store(v.SizeBytes)
+				e.size.Store(size)
 				if old != 0 {
 					metricExpansions.Inc()
-					e.log.Info("volume grown", zap.Uint64("previous_size", old), zap.Uint64("size", v.SizeBytes), zap.Uint64("epoch", v.Epoch))
+					e.log.Info("volume grown", zap.Uint64("previous_size", old), zap.Uint64("size", size), zap.Uint64("epoch", v.Epoch))
 				}
 			}
 			e.applyQoS(v)
@@ -1029,7 +1052,7 @@ func (e *Engine) resolve(ctx context.Context) error {
 // WriteAt writes p at off on every replica; with fua it is durable when it
 // returns.
 func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) error {
-	if err := e.checkRange(off, uint64(len(p))); err != nil {
+	if err := e.checkUserRange(off, uint64(len(p))); err != nil {
 		return err
 	}
 	done, err := e.admit(ctx, iosched.Write, uint64(len(p)), iosched.Foreground)
@@ -1037,6 +1060,14 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 		return err
 	}
 	defer done()
+	if e.seal != nil {
+		return e.sealedWrite(ctx, p, off, fua)
+	}
+	return e.writePhys(ctx, p, off, fua)
+}
+
+// writePhys writes p at off of the replicas.
+func (e *Engine) writePhys(ctx context.Context, p []byte, off uint64, fua bool) error {
 	if !e.checksums.Load() {
 		return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
 			return m.client.WriteAt(ctx, epoch, p, off, fua)
@@ -1051,7 +1082,7 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 
 // Trim discards a range (punches holes on every replica).
 func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
-	if err := e.checkRange(off, length); err != nil {
+	if err := e.checkUserRange(off, length); err != nil {
 		return err
 	}
 	done, err := e.admit(ctx, iosched.Discard, 0, iosched.Foreground)
@@ -1059,6 +1090,14 @@ func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
 		return err
 	}
 	defer done()
+	if e.seal != nil {
+		return e.sealedDiscard(ctx, off, length, false)
+	}
+	return e.trimPhys(ctx, off, length)
+}
+
+// trimPhys punches [off, off+length) of the replicas.
+func (e *Engine) trimPhys(ctx context.Context, off, length uint64) error {
 	return e.mutate(ctx, "trim", off, length, func(ctx context.Context, m *member, epoch uint64) error {
 		return m.client.Trim(ctx, epoch, off, length)
 	})
@@ -1066,21 +1105,30 @@ func (e *Engine) Trim(ctx context.Context, off, length uint64) error {
 
 // WriteZeroes zeroes a range on every replica.
 func (e *Engine) WriteZeroes(ctx context.Context, off, length uint64, fua bool) error {
-	if err := e.checkRange(off, length); err != nil {
+	if err := e.checkUserRange(off, length); err != nil {
 		return err
 	}
 	done, err := e.admit(ctx, iosched.Discard, 0, iosched.Foreground)
 	if err != nil {
 		return err
 	}
-	err = e.mutate(ctx, "write-zeroes", off, length, func(ctx context.Context, m *member, epoch uint64) error {
-		return m.client.WriteZeroes(ctx, epoch, off, length)
-	})
+	if e.seal != nil {
+		err = e.sealedDiscard(ctx, off, length, true)
+	} else {
+		err = e.zeroPhys(ctx, off, length)
+	}
 	done()
 	if err == nil && fua {
 		err = e.Flush(ctx)
 	}
 	return err
+}
+
+// zeroPhys zeroes [off, off+length) of the replicas.
+func (e *Engine) zeroPhys(ctx context.Context, off, length uint64) error {
+	return e.mutate(ctx, "write-zeroes", off, length, func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.WriteZeroes(ctx, epoch, off, length)
+	})
 }
 
 // Flush makes every acknowledged write durable on every healthy replica.
@@ -1106,7 +1154,7 @@ func (e *Engine) Flush(ctx context.Context) error {
 // silent for its replica deadline while another healthy replica could
 // answer is passed over, not ejected: a write ejects it if it is gone.
 func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
-	if err := e.checkRange(off, uint64(len(p))); err != nil {
+	if err := e.checkUserRange(off, uint64(len(p))); err != nil {
 		return err
 	}
 	done, err := e.admit(ctx, iosched.Read, uint64(len(p)), iosched.Foreground)
@@ -1114,6 +1162,14 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 		return err
 	}
 	defer done()
+	if e.seal != nil {
+		return e.sealedRead(ctx, p, off)
+	}
+	return e.readPhys(ctx, p, off)
+}
+
+// readPhys reads p at off of the replicas (ReadAt).
+func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
 	passed := map[string]bool{} // replica ids passed over as silent
 	patient := false            // every source was passed over once: wait IOTimeout now
 	for attempt := 0; attempt < 3*meta.MaxReplicas; attempt++ {
@@ -1190,6 +1246,15 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 	return fmt.Errorf("volume %s: reads keep failing: %w", e.cfg.VolumeID, ErrIO)
 }
 
+// checkUserRange checks a range of the volume as users see it (Size).
+func (e *Engine) checkUserRange(off, n uint64) error {
+	if size := e.Size(); off > size || n > size-off {
+		return fmt.Errorf("range %d+%d beyond volume size %d: %w", off, n, size, replica.ErrOutOfRange)
+	}
+	return nil
+}
+
+// checkRange checks a range of the replicas.
 func (e *Engine) checkRange(off, n uint64) error {
 	if size := e.size.Load(); off > size || n > size-off {
 		return fmt.Errorf("range %d+%d beyond volume size %d: %w", off, n, size, replica.ErrOutOfRange)

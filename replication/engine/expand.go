@@ -51,7 +51,7 @@ func (e *Engine) Expand(ctx context.Context) (uint64, error) {
 	if err != nil {
 		return e.Size(), fmt.Errorf("read volume %s: %w", e.cfg.VolumeID, err)
 	}
-	if err := e.growTo(ctx, v.SizeBytes); err != nil {
+	if err := e.growTo(ctx, v.ReplicaBytes()); err != nil {
 		return e.Size(), err
 	}
 	return e.Size(), nil

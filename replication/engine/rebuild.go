@@ -363,12 +363,12 @@ func (e *Engine) watchLoop(ctx context.Context) {
 		// copy waits for the disks with it. A rebuild to start is a
 		// change: it must start under the write lock (maybeRebuild).
 		e.maybeScrub(ctx, v)
-		if v.SizeBytes > e.size.Load() {
+		if v.ReplicaBytes() > e.size.Load() {
 			// The volume was expanded (cairn ctl, CSI, or while this
 			// engine was opening): grow the replicas, then the size. An
 			// NBD export's new connections see it then.
-			if err := e.growTo(ctx, v.SizeBytes); err != nil && ctx.Err() == nil {
-				e.log.Warn("grow to the volume's new size failed; will retry", zap.Uint64("size", v.SizeBytes), zap.Error(err))
+			if err := e.growTo(ctx, v.ReplicaBytes()); err != nil && ctx.Err() == nil {
+				e.log.Warn("grow to the volume's new size failed; will retry", zap.Uint64("size", v.ReplicaBytes()), zap.Error(err))
 			}
 		}
 		e.mu.RLock()

@@ -52,8 +52,8 @@ func applyAdmitVolume(s *State, c *AdmitVolume) (Result, error) {
 	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
 	}
-	if !spec.Guaranteed() && spec.DiskType == "" {
-		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed or a disk type: %w", c.Name, ErrInvalidArgument)
+	if !spec.Guaranteed() && spec.DiskType == "" && !spec.Encrypted() {
+		return Result{}, fmt.Errorf("volume %q: AdmitVolume is for qosClass guaranteed, a disk type or encryption: %w", c.Name, ErrInvalidArgument)
 	}
 	return createVolume(s, &c.CreateVolume, v.guaranteedIOPS(), spec.DiskType)
 }
@@ -69,9 +69,10 @@ func (v *Volume) guaranteedIOPS() uint64 {
 }
 
 // CreateCommand is the command that creates volume cv: AdmitVolume for a
-// guaranteed one or one of a disk type, cv itself otherwise.
+// guaranteed one, one of a disk type or an encrypted one, cv itself
+// otherwise.
 func CreateCommand(cv *CreateVolume) Command {
-	if v := (&Volume{Parameters: cv.Parameters}); v.guaranteedIOPS() > 0 || v.diskType() != "" {
+	if v := (&Volume{Parameters: cv.Parameters}); v.guaranteedIOPS() > 0 || v.diskType() != "" || cv.Encryption != nil {
 		return &AdmitVolume{CreateVolume: *cv}
 	}
 	return cv

@@ -16,6 +16,8 @@ type Result struct {
 	Volume   *Volume   `json:"volume,omitempty"`
 	Node     *Node     `json:"node,omitempty"`
 	Snapshot *Snapshot `json:"snapshot,omitempty"`
+	// Lease is LeaseNonces's answer.
+	Lease uint64 `json:"lease,omitempty"`
 }
 
 // MaxReplicas bounds a volume's replica count.
@@ -87,6 +89,8 @@ func apply(s *State, c Command) (Result, error) {
 		return applyAdmitVolume(s, c)
 	case *SetNodeDisks:
 		return applySetNodeDisks(s, c)
+	case *LeaseNonces:
+		return applyLeaseNonces(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -191,12 +195,16 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string
 	// replication/volspec/doc.go); clients refuse those before they get here.
 	// After the idempotency check, so that a retry of a create made before
 	// the store validated still finds its volume.
-	if _, err := volspec.Decode(c.Parameters); err != nil {
+	spec, err := volspec.Decode(c.Parameters)
+	if err != nil {
 		return Result{}, fmt.Errorf("volume %q: %w", c.Name, err)
+	}
+	if err := checkEncryption(c, spec); err != nil {
+		return Result{}, err
 	}
 	nodes, err := placement.Place(s.PlacementNodesFor(diskType), placement.Request{
 		Replicas:              c.Replicas,
-		SizeBytes:             c.SizeBytes,
+		SizeBytes:             replicaBytes(c.SizeBytes, spec.Encrypted()),
 		OverProvisioningRatio: s.OverProvisioningRatio,
 		AllowedZones:          c.AllowedZones,
 		PreferredNode:         c.PreferredNode,
@@ -230,6 +238,7 @@ func newVolume(c *CreateVolume, quorum int) *Volume {
 		Epoch:         1,
 		ContentSource: c.ContentSource,
 		CreatedAt:     c.CreatedAt,
+		Encryption:    c.Encryption.Clone(),
 	}
 }
 

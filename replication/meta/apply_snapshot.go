@@ -167,6 +167,9 @@ func checkCreate(c *CreateVolume) (int, error) {
 // sameVolume reports whether v is what create c would make (an idempotent
 // retry).
 func sameVolume(v *Volume, c *CreateVolume, quorum int) bool {
+	// The wrapped data keys are not compared: a retried CreateVolume wraps
+	// a new random one, and the volume keeps its first. Whether there is
+	// one is in the parameters (encryption).
 	return v.SizeBytes == c.SizeBytes && v.ReplicaCount == c.Replicas && v.WriteQuorum == quorum &&
 		sameParameters(v.Parameters, c.Parameters) && v.ContentSource == c.ContentSource
 }
@@ -214,6 +217,15 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 		return Result{}, fmt.Errorf("volume %q: checksumAlgorithm must be the source volume's (checksums %v): a restore shares its layers: %w",
 			c.Name, src.Checksummed(), ErrInvalidArgument)
 	}
+	if spec.Encrypted() != src.Encrypted() {
+		// The restored replicas share the source's layers, encrypted
+		// under its data key or not at all.
+		return Result{}, fmt.Errorf("volume %q: encryption must be the source volume's (%s): a restore shares its layers: %w",
+			c.Name, map[bool]string{true: volspec.EncryptionAESGCM, false: volspec.EncryptionNone}[src.Encrypted()], ErrInvalidArgument)
+	}
+	if c.Encryption != nil {
+		return Result{}, fmt.Errorf("volume %q: a restore shares its source's data key; it brings none of its own: %w", c.Name, ErrInvalidArgument)
+	}
 	if spec.DiskType != src.diskType() {
 		// Hard links stay on the source's disks (disktypes.go).
 		return Result{}, fmt.Errorf("volume %q: type must be the source volume's (%q): a restore shares its layers: %w",
@@ -223,6 +235,7 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	// its data from the start.
 	v := newVolume(&c.CreateVolume, quorum)
 	v.RestoredFrom = sn.ID
+	v.Encryption = src.Encryption.Clone()
 	// The replicas that sealed the snapshot first, then the source's other
 	// healthy replicas: a replica placed since received the snapshot's
 	// layers with its rebuild. One whose node turns out not to have them

@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+
+	"github.com/cairn-csi/cairn/replication/crypt"
 )
 
 // CommandType tags each Raft log entry of the store. The numbers are part of
@@ -44,6 +46,7 @@ const (
 	CmdSetNodeReservable    CommandType = 28
 	CmdAdmitVolume          CommandType = 29
 	CmdSetNodeDisks         CommandType = 30
+	CmdLeaseNonces          CommandType = 31
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -55,7 +58,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdSetNodeDisks
+const lastCommandType = CmdLeaseNonces
 
 // Command is one change to the store's state.
 type Command interface {
@@ -103,6 +106,10 @@ type CreateVolume struct {
 	AllowedZones  []string          `json:"allowed_zones,omitempty"`
 	PreferredNode string            `json:"preferred_node,omitempty"`
 	CreatedAt     int64             `json:"created_at"`
+	// Encryption is the data key of a volume with encryption aes-256-gcm,
+	// wrapped (replication/crypt). Only through AdmitVolume (gated), so
+	// that no member that would drop it applies it.
+	Encryption *crypt.WrappedKey `json:"encryption,omitempty"`
 }
 
 // DeleteVolume marks a volume deleted (a tombstone until its replicas are gone).
@@ -407,6 +414,8 @@ func newCommand(t CommandType) Command {
 		return &AdmitVolume{}
 	case CmdSetNodeDisks:
 		return &SetNodeDisks{}
+	case CmdLeaseNonces:
+		return &LeaseNonces{}
 	}
 	return nil
 }

@@ -114,7 +114,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdSetNodeReservable, &SetNodeReservable{}},
 		{CmdAdmitVolume, &AdmitVolume{}},
 		{CmdSetNodeDisks, &SetNodeDisks{}},
-		{CmdSetNodeDisks + 1, nil},
+		{CmdLeaseNonces, &LeaseNonces{}},
+		{CmdLeaseNonces + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -269,7 +270,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 31", cmdBytes(CmdSetNodeDisks+1, commandVersion, `{}`)},
+		{"unknown type 32", cmdBytes(CmdLeaseNonces+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sort"
 	"strings"
+
+	"github.com/cairn-csi/cairn/replication/crypt"
 )
 
 // NodeState is the liveness of a storage node as the leader last judged it.
@@ -201,6 +203,9 @@ type Volume struct {
 	// (RetireVolume). Its name is free and users do not see it; it stays,
 	// with its replicas, until DeleteSnapshot removes the last snapshot.
 	Hidden bool `json:"hidden,omitempty"`
+	// Encryption is the wrapped data key of an encrypted volume
+	// (docs/encryption.md); a restore or clone shares its source's.
+	Encryption *crypt.WrappedKey `json:"encryption,omitempty"`
 }
 
 // Snapshot is a point-in-time copy of a volume (docs/snapshots.md).
@@ -277,6 +282,9 @@ type State struct {
 	Nodes                 map[string]*Node     `json:"nodes"`
 	Volumes               map[string]*Volume   `json:"volumes"`
 	Snapshots             map[string]*Snapshot `json:"snapshots"`
+	// NonceLeases counts the nonce leases handed out (LeaseNonces): each
+	// number is given once in the cluster's life.
+	NonceLeases uint64 `json:"nonce_leases,omitempty"`
 	// Requests remembers the results of the most recent client requests, in
 	// the order they were applied, so that a request sent twice is applied
 	// once (see Request). Bounded by MaxRememberedRequests.
@@ -318,6 +326,7 @@ func (v *Volume) Clone() *Volume {
 		}
 	}
 	c.Replicas = append([]Replica(nil), v.Replicas...)
+	c.Encryption = v.Encryption.Clone()
 	if v.Attachment != nil {
 		a := *v.Attachment
 		c.Attachment = &a

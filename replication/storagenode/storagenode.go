@@ -370,7 +370,7 @@ func (n *Node) realize() {
 		case actFail:
 			n.fail(p, present, info.Generation)
 		}
-		if present && (act == actNone || act == actRecord) && info.Size < p.vol.SizeBytes {
+		if present && (act == actNone || act == actRecord) && info.Size < p.vol.ReplicaBytes() {
 			n.grow(p, info.Size)
 		}
 	}
@@ -387,13 +387,13 @@ func (n *Node) create(p placed) {
 		return
 	}
 	spec, _ := p.vol.Spec() // a bad spec reads as the default type; the engine says what is wrong
-	r, err := n.server.CreateWith(p.rep.ID, p.vol.SizeBytes, replica.CreateOptions{Checksums: p.vol.Checksummed(), DiskType: spec.DiskType})
+	r, err := n.server.CreateWith(p.rep.ID, p.vol.ReplicaBytes(), replica.CreateOptions{Checksums: p.vol.Checksummed(), DiskType: spec.DiskType})
 	if err != nil {
 		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
 		return
 	}
 	n.log.Info("replica created", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
-		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.SizeBytes), zap.String("generation", r.Generation()),
+		zap.String("state", string(p.rep.State)), zap.Uint64("size", p.vol.ReplicaBytes()), zap.String("generation", r.Generation()),
 		zap.Bool("checksums", r.Checksummed()))
 	n.record(p, r.Generation())
 }
@@ -406,7 +406,7 @@ func (n *Node) create(p placed) {
 func (n *Node) restore(p placed) {
 	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID),
 		zap.String("source", p.rep.Source), zap.String("snapshot", p.vol.RestoredFrom))
-	r, err := n.server.CreateFromSnapshot(p.rep.ID, p.rep.Source, p.vol.RestoredFrom, p.vol.SizeBytes)
+	r, err := n.server.CreateFromSnapshot(p.rep.ID, p.rep.Source, p.vol.RestoredFrom, p.vol.ReplicaBytes())
 	switch {
 	case errors.Is(err, replica.ErrNotFound):
 		log.Error("cannot restore a replica here: its source replica or the snapshot is not on this node", zap.Error(err))
@@ -430,10 +430,10 @@ func (n *Node) restore(p placed) {
 // did not record: sizes only grow.
 func (n *Node) grow(p placed, from uint64) {
 	log := n.log.With(zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Uint64("epoch", p.vol.Epoch),
-		zap.Uint64("previous_size", from), zap.Uint64("size", p.vol.SizeBytes))
+		zap.Uint64("previous_size", from), zap.Uint64("size", p.vol.ReplicaBytes()))
 	r, err := n.server.Get(p.rep.ID)
 	if err == nil {
-		err = r.GrowTo(p.vol.SizeBytes)
+		err = r.GrowTo(p.vol.ReplicaBytes())
 	}
 	if err != nil {
 		log.Warn("cannot grow replica to its volume's size; will retry", zap.Error(err))

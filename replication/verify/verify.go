@@ -45,7 +45,7 @@ func Volume(ctx context.Context, c *meta.Client, id string) (*Report, error) {
 		if !ok || n.DataAddr == "" {
 			return nil, fmt.Errorf("replica %s: node %s has no replica server address", r.ID, r.Node)
 		}
-		sums, extentBytes, err := replicaChecksums(ctx, n.DataAddr, r.ID, v.SizeBytes)
+		sums, extentBytes, err := replicaChecksums(ctx, n.DataAddr, r.ID, v.ReplicaBytes())
 		if err != nil {
 			return nil, fmt.Errorf("replica %s on %s: %w", r.ID, r.Node, err)
 		}

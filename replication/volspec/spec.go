@@ -118,7 +118,6 @@ const (
 // feature's name rather than accepted and ignored.
 var notBuilt = map[string]map[string]string{
 	KeyReplicationMode: {ReplicationAsync: "asynchronous replication is not built yet; every write is acknowledged once written to the write quorum"},
-	KeyEncryption:      {EncryptionAESGCM: "encryption at rest is not built yet"},
 	KeyDeduplication:   {"true": "deduplication is not built yet (the space-efficiency work)"},
 	KeyCompression:     {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
 }
@@ -149,6 +148,8 @@ type Spec struct {
 	WriteQuorum int
 	// DataLocality is LocalityDisabled or LocalityBestEffort.
 	DataLocality string
+	// Encryption is EncryptionAESGCM, or "" for none.
+	Encryption string
 	// StaleReplicaTimeout is how long a replica's node may be down before
 	// the replica is replaced; 0 is the cluster's default.
 	StaleReplicaTimeout time.Duration
@@ -202,6 +203,9 @@ func (q QoS) Weight() uint32 {
 func Default() Spec {
 	return Spec{Replicas: DefaultReplicas, DataLocality: LocalityBestEffort, ChecksumAlgorithm: ChecksumCRC32C}
 }
+
+// Encrypted reports whether the volume's blocks are encrypted at rest.
+func (s Spec) Encrypted() bool { return s.Encryption == EncryptionAESGCM }
 
 // Checksummed reports whether the volume keeps block checksums.
 func (s Spec) Checksummed() bool { return s.ChecksumAlgorithm == ChecksumCRC32C }
@@ -414,7 +418,13 @@ var paramsBase = []param{
 		},
 		format: func(s Spec) string { return s.ConsistencyLevel }},
 	onlyToday(KeyReplicationMode, ReplicationSync),
-	onlyToday(KeyEncryption, EncryptionNone),
+	// Recorded only when on. The volume's data key, wrapped, is kept
+	// beside the parameters (meta.Volume.Encryption; docs/encryption.md).
+	{key: KeyEncryption, want: strconv.Quote(EncryptionNone) + " (the default) or " + strconv.Quote(EncryptionAESGCM),
+		parse: func(s *Spec, v string, _ form) bool {
+			return choose(&s.Encryption, v, EncryptionNone, EncryptionAESGCM)
+		},
+		format: func(s Spec) string { return s.Encryption }},
 	onlyToday(KeyDeduplication, "false"),
 	onlyToday(KeyCompression, CompressionNone),
 	// Recorded only when not the default.

@@ -329,7 +329,6 @@ var designParameters = map[string]string{
 // with that feature's name, never accepted and ignored.
 func TestDesignKeys(t *testing.T) {
 	notYet := map[string]string{
-		"encryption":    "encryption at rest is not built yet",
 		"deduplication": "deduplication is not built yet", "compression": "compression is not built yet",
 	}
 	for k, v := range designParameters {
@@ -349,6 +348,22 @@ func TestDesignKeys(t *testing.T) {
 	// The whole class is refused at its first such key in sorted order.
 	if _, err := Parse(designParameters); err == nil || !strings.Contains(err.Error(), `"compression"`) {
 		t.Fatalf("the design's class: %v, want the refusal of compression", err)
+	}
+}
+
+// TestEncryptionParam: aes-256-gcm is recorded, none (the default) is not.
+func TestEncryptionParam(t *testing.T) {
+	s, err := Parse(map[string]string{"encryption": "aes-256-gcm"})
+	if err != nil || !s.Encrypted() || s.Params()["encryption"] != "aes-256-gcm" {
+		t.Fatalf("aes-256-gcm: %+v, %v", s, err)
+	}
+	d, err := Decode(s.Params())
+	if err != nil || !d.Encrypted() {
+		t.Fatalf("stored form: %+v, %v", d, err)
+	}
+	s, err = Parse(map[string]string{"encryption": "none"})
+	if _, recorded := s.Params()["encryption"]; err != nil || s.Encrypted() || recorded {
+		t.Fatalf("none: %+v, %v", s, err)
 	}
 }
 
@@ -413,6 +428,7 @@ func TestQoSClassAndConsistency(t *testing.T) {
 		{map[string]string{"replicationMode": "asynchronous"}, "asynchronous replication is not built yet"},
 		{map[string]string{"replicationMode": "semi"}, `want "synchronous"`},
 		{map[string]string{"deduplication": "yes"}, `want "false"`},
+		{map[string]string{"encryption": "aes-128-xts"}, `"none" (the default) or "aes-256-gcm"`},
 	} {
 		if _, err := Parse(c.in); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("Parse(%v) = %v, want an error with %q", c.in, err, c.want)

@@ -1,0 +1,337 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/crypt"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// Encryption at rest (docs/encryption.md). The engine of an encrypted
+// volume seals each 4 KiB block with AES-256-GCM before it fans the write
+// out, and opens it after the read: the replicas hold ciphertext and the
+// blocks' entries (nonce and tag) beside it, in the layout of
+// replication/crypt, and never a key. Everything below the user's I/O —
+// rebuilds, resyncs, scrubs, snapshots, checksums, expansion — works on the
+// replicas' bytes as it always does.
+//
+// The user's I/O works on logical blocks; a range of them is one data range
+// and one entry range of the replicas per group (crypt.Runs). Two I/Os on
+// the same logical blocks are ordered by sealState.locks: a read must not
+// see one write's data with another's entries, and a write that covers a
+// block in part reads, merges and seals it again.
+
+var (
+	metricSealRepairs = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cairn_engine_decrypt_repairs_total",
+		Help: "Encrypted blocks that failed authentication on a replica and were rewritten from another replica's copy.",
+	}, []string{"volume_id"})
+	metricSealUnrecoverable = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cairn_engine_decrypt_unrecoverable_total",
+		Help: "Encrypted blocks that failed authentication on every replica (the read failed with EIO).",
+	}, []string{"volume_id"})
+)
+
+// sealState is an encrypted volume's part of its engine.
+type sealState struct {
+	s     *crypt.Sealer
+	locks *rangeLocks // over logical offsets
+}
+
+const blockSize = crypt.BlockSize
+
+// openSeal prepares the engine of an encrypted volume: a Sealer with the
+// data key and, for an engine that writes, a nonce lease of its own from
+// the store. Called by Open before it claims anything.
+func (e *Engine) openSeal(ctx context.Context, encrypted bool) error {
+	switch {
+	case !encrypted && e.cfg.DataKey != nil:
+		return fmt.Errorf("volume %s is not encrypted, but a data key was given: %w", e.cfg.VolumeID, ErrIO)
+	case !encrypted || e.cfg.Maintenance:
+		return nil // a maintenance engine copies ciphertext; it needs no key
+	case e.cfg.DataKey == nil:
+		return fmt.Errorf("volume %s is encrypted: it opens only with its key (CSI NodeStage with the secret's %s): %w",
+			e.cfg.VolumeID, crypt.SecretKey, ErrNeedsKey)
+	}
+	lease, err := e.cfg.Meta.LeaseNonces(ctx, e.cfg.VolumeID)
+	if err != nil {
+		return fmt.Errorf("volume %s: lease nonces: %w", e.cfg.VolumeID, err)
+	}
+	s, err := crypt.NewSealer(e.cfg.DataKey, lease)
+	if err != nil {
+		return fmt.Errorf("volume %s: %w", e.cfg.VolumeID, err)
+	}
+	e.seal = &sealState{s: s, locks: &rangeLocks{}}
+	e.log.Info("volume encrypted: blocks sealed with aes-256-gcm", zap.Uint64("nonce_lease", lease))
+	return nil
+}
+
+// lockBlocks takes the logical blocks [first, first+count) that
+// [off, off+n) touches (n > 0).
+func (e *Engine) lockBlocks(ctx context.Context, off, n uint64) (first, count uint64, unlock func(), err error) {
+	first = off / blockSize
+	count = (off+n+blockSize-1)/blockSize - first
+	unlock, err = e.seal.locks.lock(ctx, first*blockSize, count*blockSize)
+	return first, count, unlock, err
+}
+
+// sealedWrite writes p at logical offset off.
+func (e *Engine) sealedWrite(ctx context.Context, p []byte, off uint64, fua bool) error {
+	if len(p) == 0 {
+		return nil
+	}
+	first, count, unlock, err := e.lockBlocks(ctx, off, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	plain := p
+	if head, end := off-first*blockSize, off+uint64(len(p)); head != 0 || end%blockSize != 0 {
+		// A block written in part: merge into what it holds.
+		plain = make([]byte, count*blockSize)
+		if head != 0 {
+			if err := e.sealedReadLocked(ctx, plain[:blockSize], first); err != nil {
+				return err
+			}
+		}
+		if last := first + count - 1; end%blockSize != 0 && (last != first || head == 0) {
+			if err := e.sealedReadLocked(ctx, plain[(count-1)*blockSize:], last); err != nil {
+				return err
+			}
+		}
+		copy(plain[head:], p)
+	}
+	return e.sealRuns(ctx, plain, first, fua)
+}
+
+// sealRuns seals the whole blocks of plain, from logical block first, and
+// writes their ciphertext and entries to the replicas. The caller holds
+// their logical range.
+func (e *Engine) sealRuns(ctx context.Context, plain []byte, first uint64, fua bool) error {
+	runs := crypt.Runs(first, uint64(len(plain))/blockSize)
+	type write struct {
+		p   []byte
+		off uint64
+	}
+	writes := make([]write, 0, 2*len(runs))
+	for _, r := range runs {
+		data := make([]byte, r.Count*blockSize, r.Count*blockSize+16)
+		entries := make([]byte, r.Count*crypt.EntrySize)
+		for i := range r.Count {
+			pi := plain[(r.First-first+i)*blockSize:][:blockSize]
+			if err := e.seal.s.Seal(data[i*blockSize:], entries[i*crypt.EntrySize:][:crypt.EntrySize], pi, r.First+i); err != nil {
+				return fmt.Errorf("volume %s: seal block %d: %w", e.cfg.VolumeID, r.First+i, err)
+			}
+		}
+		writes = append(writes, write{data, crypt.DataOffset(r.First)}, write{entries, crypt.EntryOffset(r.First)})
+	}
+	// The data and the entries go out together: each is a write of its
+	// own to every replica, ordered against others by the engine's range
+	// locks as any write is.
+	return parallel(len(writes), func(i int) error { return e.writePhys(ctx, writes[i].p, writes[i].off, fua) })
+}
+
+// sealedDiscard makes [off, off+n) read as zeroes (Trim, WriteZeroes): the
+// whole blocks' entries are zeroed first, then their data punched (trim)
+// or zeroed; the blocks covered in part are written with zeroes. A crash
+// in between leaves a zero entry, which reads as zeroes whatever the data.
+func (e *Engine) sealedDiscard(ctx context.Context, off, n uint64, zero bool) error {
+	if n == 0 {
+		return nil
+	}
+	// Whole blocks inside the range.
+	a, b := (off+blockSize-1)/blockSize, (off+n)/blockSize
+	if a >= b {
+		return e.sealedWrite(ctx, make([]byte, n), off, false)
+	}
+	if head := a*blockSize - off; head > 0 {
+		if err := e.sealedWrite(ctx, make([]byte, head), off, false); err != nil {
+			return err
+		}
+	}
+	if tail := off + n - b*blockSize; tail > 0 {
+		if err := e.sealedWrite(ctx, make([]byte, tail), b*blockSize, false); err != nil {
+			return err
+		}
+	}
+	unlock, err := e.seal.locks.lock(ctx, a*blockSize, (b-a)*blockSize)
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	runs := crypt.Runs(a, b-a)
+	if err := parallel(len(runs), func(i int) error {
+		return e.zeroPhys(ctx, crypt.EntryOffset(runs[i].First), runs[i].Count*crypt.EntrySize)
+	}); err != nil {
+		return err
+	}
+	return parallel(len(runs), func(i int) error {
+		off, n := crypt.DataOffset(runs[i].First), runs[i].Count*blockSize
+		if zero {
+			return e.zeroPhys(ctx, off, n)
+		}
+		return e.trimPhys(ctx, off, n)
+	})
+}
+
+// sealedRead reads p at logical offset off.
+func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
+	if len(p) == 0 {
+		return nil
+	}
+	first, count, unlock, err := e.lockBlocks(ctx, off, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	buf := p
+	head := off - first*blockSize
+	if head != 0 || uint64(len(p)) != count*blockSize {
+		buf = make([]byte, count*blockSize)
+	}
+	if err := e.sealedReadLocked(ctx, buf, first); err != nil {
+		return err
+	}
+	if &buf[0] != &p[0] {
+		copy(p, buf[head:])
+	}
+	return nil
+}
+
+// sealedReadLocked reads and opens the whole logical blocks dst covers,
+// from block first. The caller holds their logical range. A block that
+// fails authentication is read from the other replicas and repaired
+// (sealedRepair).
+func (e *Engine) sealedReadLocked(ctx context.Context, dst []byte, first uint64) error {
+	runs := crypt.Runs(first, uint64(len(dst))/blockSize)
+	return parallel(len(runs), func(i int) error {
+		r := runs[i]
+		data := dst[(r.First-first)*blockSize:][:r.Count*blockSize]
+		entries := make([]byte, r.Count*crypt.EntrySize)
+		err := parallel(2, func(j int) error {
+			if j == 0 {
+				return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+			}
+			return e.readPhys(ctx, entries, crypt.EntryOffset(r.First))
+		})
+		if err != nil {
+			return err
+		}
+		scratch := make([]byte, blockSize+16)
+		for k := range r.Count {
+			b := r.First + k
+			block := data[k*blockSize:][:blockSize]
+			err := e.seal.s.Open(block, block, entries[k*crypt.EntrySize:][:crypt.EntrySize], scratch, b)
+			if errors.Is(err, crypt.ErrAuth) {
+				err = e.sealedRepair(ctx, block, b)
+			}
+			if err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// sealedRepair serves logical block b, which failed authentication as
+// read: it reads the block and its entry from every healthy replica, opens
+// the first copy that authenticates into dst and rewrites the block and
+// entry of the replicas whose copy does not. A block that authenticates
+// nowhere fails the read with ErrIO and marks the volume's condition
+// abnormal. It holds the replicas' ranges of the block and its entry, so
+// no rebuild copy or write slips in between.
+func (e *Engine) sealedRepair(ctx context.Context, dst []byte, b uint64) error {
+	doff, eoff := crypt.DataOffset(b), crypt.EntryOffset(b)
+	// The entry's metadata block comes before the data in the replicas:
+	// taken in that order, as every holder of two ranges does.
+	unlockE, err := e.locks.lock(ctx, eoff, crypt.EntrySize)
+	if err != nil {
+		return err
+	}
+	defer unlockE()
+	unlockD, err := e.locks.lock(ctx, doff, blockSize)
+	if err != nil {
+		return err
+	}
+	defer unlockD()
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	if err := e.usable(); err != nil {
+		return err
+	}
+	type copyOf struct {
+		m           *member
+		data, entry []byte
+	}
+	var good *copyOf
+	var bad []*member
+	scratch := make([]byte, blockSize+16)
+	for _, m := range e.healthyMembers() {
+		c := &copyOf{m: m, data: make([]byte, blockSize), entry: make([]byte, crypt.EntrySize)}
+		err := e.readFrom(ctx, m, e.epoch, c.data, doff)
+		if err == nil {
+			err = e.readFrom(ctx, m, e.epoch, c.entry, eoff)
+		}
+		if err == nil {
+			err = e.seal.s.Open(dst, c.data, c.entry, scratch, b)
+		}
+		switch {
+		case err == nil && good == nil:
+			good = c
+		case err == nil:
+		case errors.Is(err, crypt.ErrAuth) || errors.Is(err, replica.ErrChecksum):
+			bad = append(bad, m)
+		default:
+			e.log.Warn("replica unreadable while repairing an encrypted block", zap.String("replica_id", m.replica.ID),
+				zap.Uint64("block", b), zap.Uint64("epoch", e.epoch), zap.Error(err))
+		}
+	}
+	if good == nil {
+		metricSealUnrecoverable.WithLabelValues(e.cfg.VolumeID).Inc()
+		e.markAbnormal(ctx, []uint64{doff / blockSize})
+		return fmt.Errorf("volume %s: encrypted block %d fails authentication on every replica: %w", e.cfg.VolumeID, b, ErrIO)
+	}
+	// dst may hold a failed copy's bytes: open the good one last.
+	if err := e.seal.s.Open(dst, good.data, good.entry, scratch, b); err != nil {
+		return fmt.Errorf("volume %s: block %d: %w", e.cfg.VolumeID, b, err)
+	}
+	for _, m := range bad {
+		wctx, cancel := context.WithTimeout(ctx, e.cfg.IOTimeout)
+		err := e.writeCopy(wctx, m, good.data, doff)
+		if err == nil {
+			err = e.writeCopy(wctx, m, good.entry, eoff)
+		}
+		cancel()
+		if err != nil {
+			e.log.Warn("rewriting an encrypted block that failed authentication failed", zap.String("replica_id", m.replica.ID),
+				zap.String("source", good.m.replica.ID), zap.Uint64("block", b), zap.Uint64("epoch", e.epoch), zap.Error(err))
+			continue
+		}
+		e.dirty.Store(true)
+		metricSealRepairs.WithLabelValues(e.cfg.VolumeID).Inc()
+		e.log.Warn("encrypted block failed authentication; repaired from another replica", zap.String("replica_id", m.replica.ID),
+			zap.String("source", good.m.replica.ID), zap.Uint64("block", b), zap.Uint64("epoch", e.epoch))
+	}
+	return nil
+}
+
+// parallel runs f(0..n-1) at once and returns the first error.
+func parallel(n int, f func(int) error) error {
+	if n == 1 {
+		return f(0)
+	}
+	errs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() { defer wg.Done(); errs[i] = f(i) }()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
+}
