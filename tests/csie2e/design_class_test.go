@@ -16,13 +16,14 @@ import (
 
 // TestDesignStorageClass: the StorageClass of the design
 // (deploy/examples/design-storageclass.yaml), decoded from the file, on
-// three nodes that serve nvme-ssd disks and can promise 20000 IOPS each.
+// three nodes that serve nvme-ssd disks and can promise 20000 IOPS each,
+// with the Secret its encryption names passed as the sidecars pass it.
 // As it is, CreateVolume refuses it at its first value that names a
-// feature not built yet (compression: lz4). With those values (encryption,
-// deduplication, compression) set to today's behaviour, every other key is
-// in effect: the volume is provisioned on nvme-ssd directories, admitted
-// as guaranteed, with its limits and snapshot schedule recorded; it is
-// staged, written, read back and verified.
+// feature not built yet (compression: lz4). With those values
+// (deduplication, compression) set to today's behaviour, every other key is
+// in effect: the volume is provisioned encrypted on nvme-ssd directories,
+// admitted as guaranteed, with its limits and snapshot schedule recorded;
+// it is staged, written, read back and verified.
 func TestDesignStorageClass(t *testing.T) {
 	raw, err := os.ReadFile(filepath.Join("..", "..", "deploy", "examples", "design-storageclass.yaml"))
 	if err != nil {
@@ -35,14 +36,17 @@ func TestDesignStorageClass(t *testing.T) {
 	if err := yaml.Unmarshal(raw, &sc); err != nil {
 		t.Fatal(err)
 	}
-	if sc.Provisioner != "csi.cairn.io" || len(sc.Parameters) != 15 {
-		t.Fatalf("the design's class: provisioner %q, %d parameters", sc.Provisioner, len(sc.Parameters))
+	if sc.Provisioner != "csi.cairn.io" || len(sc.Parameters) != 15+4 {
+		t.Fatalf("the design's class: provisioner %q, %d parameters (want its 15 and 4 secret references)", sc.Provisioner, len(sc.Parameters))
 	}
+	// The provisioner and kubelet read the Secret the class names and pass
+	// its keys as the CSI secrets.
+	secrets := map[string]string{"encryptionPassphrase": "design passphrase"}
 	c := startClusterWith(t, 3, []string{"--disk-types", "nvme-ssd"}, "--reservable-iops=20000")
 	create := func(name string, params map[string]string) (*csipb.Volume, error) {
 		resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
 			Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: 64 << 20},
-			VolumeCapabilities: []*csipb.VolumeCapability{mountCap}, Parameters: params,
+			VolumeCapabilities: []*csipb.VolumeCapability{mountCap}, Parameters: params, Secrets: secrets,
 		})
 		return resp.GetVolume(), err
 	}
@@ -51,7 +55,7 @@ func TestDesignStorageClass(t *testing.T) {
 		t.Fatalf("the design's class as it is: %v, want InvalidArgument naming compression as not built yet", err)
 	}
 	today := maps.Clone(sc.Parameters)
-	today["encryption"], today["deduplication"], today["compression"] = "none", "false", "none"
+	today["deduplication"], today["compression"] = "false", "none"
 	var v *csipb.Volume
 	waitFor(t, 30*time.Second, "the class provisioned (nodes record their disks and IOPS first)", func() bool {
 		v, err = create("design-today", today)
@@ -64,7 +68,8 @@ func TestDesignStorageClass(t *testing.T) {
 		t.Fatal(err)
 	}
 	if spec.Replicas != 3 || spec.DiskType != "nvme-ssd" || !spec.Guaranteed() || spec.QoS.MinIOPS != 10000 ||
-		spec.QoS.MaxIOPS != 50000 || spec.QoS.MaxBytesPerSec != 1000<<20 || spec.SnapshotSchedule != "0 */6 * * *" {
+		spec.QoS.MaxIOPS != 50000 || spec.QoS.MaxBytesPerSec != 1000<<20 || spec.SnapshotSchedule != "0 */6 * * *" ||
+		!spec.Encrypted() || rec.Encryption == nil {
 		t.Fatalf("the volume's recorded spec %+v", spec)
 	}
 	for _, r := range rec.Replicas {
@@ -72,12 +77,12 @@ func TestDesignStorageClass(t *testing.T) {
 			t.Fatalf("replica %s is not in %s's nvme-ssd directory: %v", r.ID, r.Node, err)
 		}
 	}
-	staging, target := c.attach(id, "node-1")
+	staging, target := c.attachWith(id, "node-1", mountCap, secrets)
 	sums := map[string][32]byte{}
 	writeFiles(t, target, "design", 4, 51, sums)
 	syncFS(t, target)
 	c.detach(id, "node-1", staging, target)
-	staging, target = c.attach(id, "node-3")
+	staging, target = c.attachWith(id, "node-3", mountCap, secrets)
 	checkExactly(t, target, sums)
 	c.detach(id, "node-3", staging, target)
 }

@@ -87,6 +87,13 @@ var blockCap = &csipb.VolumeCapability{
 // attachAs publishes, stages and publishes volume id on node with vc; it
 // returns the staging and target paths.
 func (c *cluster) attachAs(id, node string, vc *csipb.VolumeCapability) (staging, target string) {
+	c.t.Helper()
+	return c.attachWith(id, node, vc, nil)
+}
+
+// attachWith is attachAs with the CSI secrets of NodeStageVolume (an
+// encrypted volume's passphrase).
+func (c *cluster) attachWith(id, node string, vc *csipb.VolumeCapability, secrets map[string]string) (staging, target string) {
 	t := c.t
 	t.Helper()
 	staging = filepath.Join(c.dir, "kubelet", node, "staging", id)
@@ -94,7 +101,7 @@ func (c *cluster) attachAs(id, node string, vc *csipb.VolumeCapability) (staging
 	if _, err := c.controller.ControllerPublishVolume(ctx(t), &csipb.ControllerPublishVolumeRequest{VolumeId: id, NodeId: node, VolumeCapability: vc}); err != nil {
 		t.Fatalf("ControllerPublishVolume on %s: %v", node, err)
 	}
-	if _, err := c.nodes[node].NodeStageVolume(ctx(t), &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc}); err != nil {
+	if _, err := c.nodes[node].NodeStageVolume(ctx(t), &csipb.NodeStageVolumeRequest{VolumeId: id, StagingTargetPath: staging, VolumeCapability: vc, Secrets: secrets}); err != nil {
 		t.Fatalf("NodeStageVolume on %s: %v", node, err)
 	}
 	if _, err := c.nodes[node].NodePublishVolume(ctx(t), &csipb.NodePublishVolumeRequest{VolumeId: id, StagingTargetPath: staging, TargetPath: target, VolumeCapability: vc}); err != nil {

@@ -1346,8 +1346,21 @@ func TestDesignStorageClass(t *testing.T) {
 	if sc.Provisioner != driverName {
 		t.Errorf("provisioner %q, want %q", sc.Provisioner, driverName)
 	}
-	if len(sc.Parameters) != 15 {
-		t.Errorf("%d parameters, want the design's 15", len(sc.Parameters))
+	design := 0
+	for k, v := range sc.Parameters {
+		if !strings.HasPrefix(k, "csi.storage.k8s.io/") {
+			design++
+		} else if !strings.HasSuffix(k, "-secret-name") && !strings.HasSuffix(k, "-secret-namespace") || v == "" {
+			t.Errorf("%s: %q: the class adds only the references of its encryption Secret", k, v)
+		}
+	}
+	if design != 15 {
+		t.Errorf("%d parameters of the design, want its 15", design)
+	}
+	for _, k := range []string{"provisioner-secret-name", "node-stage-secret-name"} {
+		if sc.Parameters["csi.storage.k8s.io/"+k] == "" {
+			t.Errorf("no csi.storage.k8s.io/%s: encryption needs its passphrase at CreateVolume and NodeStage", k)
+		}
 	}
 	for k, v := range sc.Parameters {
 		// With the class's minIOPS: qosClass guaranteed needs it.
