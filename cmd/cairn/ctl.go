@@ -6,12 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"os"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/spf13/cobra"
 
+	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
@@ -282,6 +284,9 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
+		if v.Encryption != nil {
+			fmt.Fprintf(w, "encryption:   %s (key id %s)\n", v.Encryption.Cipher, v.Encryption.KeyID)
+		}
 		if spec.SnapshotSchedule != "" {
 			fmt.Fprintf(w, "snapshots:    on schedule %q (UTC), the newest %d kept\n", spec.SnapshotSchedule, spec.Retain())
 		}
@@ -316,7 +321,7 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 }
 
 func newVolumeCreateCommand(o *ctlOptions) *cobra.Command {
-	var size, preferred string
+	var size, preferred, passFile string
 	var wait bool
 	var from restoreSource
 	var params []string
@@ -376,6 +381,20 @@ refused.`,
 			defer done()
 			cv := meta.CreateVolume{Name: args[0], SizeBytes: bytes, Replicas: spec.Replicas, WriteQuorum: spec.WriteQuorum,
 				Parameters: spec.Params(), PreferredNode: preferred}
+			if spec.Encrypted() && !from.set() {
+				// As CSI does with the provisioner's Secret: a new data
+				// key, wrapped by the passphrase.
+				if passFile == "" {
+					return fmt.Errorf("%s: an encrypted volume needs --passphrase-file (the file holds the passphrase that wraps its key)", in.from[volspec.KeyEncryption])
+				}
+				pass, err := os.ReadFile(passFile)
+				if err != nil {
+					return fmt.Errorf("--passphrase-file: %w", err)
+				}
+				if cv.Encryption, _, err = crypt.NewDataKey([]byte(strings.TrimRight(string(pass), "\r\n"))); err != nil {
+					return fmt.Errorf("--passphrase-file %s: %w", passFile, err)
+				}
+			}
 			var v *meta.Volume
 			if from.set() {
 				v, err = from.restore(ctx, c, cv)
@@ -412,6 +431,7 @@ refused.`,
 	cmd.Flags().StringVar(&from.snapshot, "from-snapshot", "", "make the volume from this snapshot (an id)")
 	cmd.Flags().StringVar(&from.volume, "from-volume", "", "make the volume a clone of this volume (an id)")
 	cmd.Flags().StringArrayVar(&params, "param", nil, paramFlagHelp)
+	cmd.Flags().StringVar(&passFile, "passphrase-file", "", "with --param encryption=aes-256-gcm: a file holding the passphrase that wraps the volume's key (CSI staging then needs the same one)")
 	return cmd
 }
 

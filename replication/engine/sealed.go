@@ -180,22 +180,32 @@ func (e *Engine) sealedDiscard(ctx context.Context, off, n uint64, zero bool) er
 	})
 }
 
-// sealedRead reads p at logical offset off.
+// sealedRead reads p at logical offset off. It reads without the blocks'
+// logical range first: a write running at the same time may then show its
+// data with the entries before it (or the reverse), which fails to open,
+// so a read that meets a block failing authentication reads again holding
+// the range, and only a failure then is a damaged block.
 func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
 	if len(p) == 0 {
 		return nil
 	}
-	first, count, unlock, err := e.lockBlocks(ctx, off, uint64(len(p)))
-	if err != nil {
-		return err
-	}
-	defer unlock()
+	first := off / blockSize
+	count := (off+uint64(len(p))+blockSize-1)/blockSize - first
 	buf := p
 	head := off - first*blockSize
 	if head != 0 || uint64(len(p)) != count*blockSize {
 		buf = make([]byte, count*blockSize)
 	}
-	if err := e.sealedReadLocked(ctx, buf, first); err != nil {
+	err := e.sealedReadBlocks(ctx, buf, first, false)
+	if errors.Is(err, crypt.ErrAuth) {
+		var unlock func()
+		if _, _, unlock, err = e.lockBlocks(ctx, off, uint64(len(p))); err != nil {
+			return err
+		}
+		err = e.sealedReadLocked(ctx, buf, first)
+		unlock()
+	}
+	if err != nil {
 		return err
 	}
 	if &buf[0] != &p[0] {
@@ -209,6 +219,14 @@ func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
 // fails authentication is read from the other replicas and repaired
 // (sealedRepair).
 func (e *Engine) sealedReadLocked(ctx context.Context, dst []byte, first uint64) error {
+	return e.sealedReadBlocks(ctx, dst, first, true)
+}
+
+// sealedReadBlocks reads and opens the whole logical blocks dst covers,
+// from block first. A block that fails authentication is repaired when
+// the caller holds the blocks' logical range (locked), and fails the read
+// with crypt.ErrAuth otherwise.
+func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64, locked bool) error {
 	runs := crypt.Runs(first, uint64(len(dst))/blockSize)
 	return parallel(len(runs), func(i int) error {
 		r := runs[i]
@@ -223,12 +241,13 @@ func (e *Engine) sealedReadLocked(ctx context.Context, dst []byte, first uint64)
 		if err != nil {
 			return err
 		}
-		scratch := make([]byte, blockSize+16)
+		scratch := scratchPool.Get().(*[]byte)
+		defer scratchPool.Put(scratch)
 		for k := range r.Count {
 			b := r.First + k
 			block := data[k*blockSize:][:blockSize]
-			err := e.seal.s.Open(block, block, entries[k*crypt.EntrySize:][:crypt.EntrySize], scratch, b)
-			if errors.Is(err, crypt.ErrAuth) {
+			err := e.seal.s.Open(block, block, entries[k*crypt.EntrySize:][:crypt.EntrySize], *scratch, b)
+			if errors.Is(err, crypt.ErrAuth) && locked {
 				err = e.sealedRepair(ctx, block, b)
 			}
 			if err != nil {
@@ -321,17 +340,23 @@ func (e *Engine) sealedRepair(ctx context.Context, dst []byte, b uint64) error {
 	return nil
 }
 
-// parallel runs f(0..n-1) at once and returns the first error.
+// scratchPool holds the buffers crypt.Sealer.Open wants (a block and its
+// tag).
+var scratchPool = sync.Pool{New: func() any { b := make([]byte, blockSize+16); return &b }}
+
+// parallel runs f(0..n-1) at once, f(0) on the caller's goroutine, and
+// returns their errors joined.
 func parallel(n int, f func(int) error) error {
 	if n == 1 {
 		return f(0)
 	}
 	errs := make([]error, n)
 	var wg sync.WaitGroup
-	for i := range n {
+	for i := 1; i < n; i++ {
 		wg.Add(1)
 		go func() { defer wg.Done(); errs[i] = f(i) }()
 	}
+	errs[0] = f(0)
 	wg.Wait()
 	return errors.Join(errs...)
 }
