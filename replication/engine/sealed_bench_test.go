@@ -9,7 +9,6 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
-
 )
 
 // BenchmarkEncryption: the cost of encryption at rest where it is paid,
@@ -135,4 +134,3 @@ func fmtRatios(rs []float64) string {
 	}
 	return out
 }
-
