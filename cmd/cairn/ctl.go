@@ -391,7 +391,7 @@ refused.`,
 				if err != nil {
 					return fmt.Errorf("--passphrase-file: %w", err)
 				}
-				if cv.Encryption, _, err = crypt.NewDataKey([]byte(strings.TrimRight(string(pass), "\r\n"))); err != nil {
+				if cv.Encryption, _, err = crypt.NewDataKey(pass); err != nil {
 					return fmt.Errorf("--passphrase-file %s: %w", passFile, err)
 				}
 			}
@@ -431,7 +431,7 @@ refused.`,
 	cmd.Flags().StringVar(&from.snapshot, "from-snapshot", "", "make the volume from this snapshot (an id)")
 	cmd.Flags().StringVar(&from.volume, "from-volume", "", "make the volume a clone of this volume (an id)")
 	cmd.Flags().StringArrayVar(&params, "param", nil, paramFlagHelp)
-	cmd.Flags().StringVar(&passFile, "passphrase-file", "", "with --param encryption=aes-256-gcm: a file holding the passphrase that wraps the volume's key (CSI staging then needs the same one)")
+	cmd.Flags().StringVar(&passFile, "passphrase-file", "", "with --param encryption=aes-256-gcm: a file whose bytes, a final newline included, are the passphrase that wraps the volume's key (as kubectl create secret --from-file takes them; CSI staging then needs the same)")
 	return cmd
 }
 

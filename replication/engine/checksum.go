@@ -331,15 +331,22 @@ func (e *Engine) repairWrites(ctx context.Context, ms []*member, errs []error, o
 // that the CSI volume condition reports it.
 func (e *Engine) markAbnormal(ctx context.Context, lost []uint64) {
 	metricChecksumUnrecoverable.WithLabelValues(e.cfg.VolumeID).Add(float64(len(lost)))
+	e.recordAbnormal(ctx, lost, "verify on no replica")
+}
+
+// recordAbnormal records in the store that the volume's blocks lost (of 4
+// KiB, as the volume's users count them) could be read from no replica,
+// and why. Called with no lock of the engine held: it writes to the store.
+func (e *Engine) recordAbnormal(ctx context.Context, lost []uint64, why string) {
 	// Recorded once per first lost block: an application retrying the
 	// read, or readahead, must not make a store write and an Error line
 	// of every EIO.
 	if e.abnormalBlock.Swap(lost[0]+1) == lost[0]+1 {
 		return
 	}
-	msg := fmt.Sprintf("data damaged: %d block(s) of 4 KiB verify on no replica, first block %d (offset %d); reads of them fail with EIO",
-		len(lost), lost[0], lost[0]*replica.SumBlockSize)
-	e.log.Error("blocks verify on no replica: read fails with EIO, volume condition abnormal", zap.Uint64("block", lost[0]),
+	msg := fmt.Sprintf("data damaged: %d block(s) of 4 KiB %s, first block %d (offset %d); reads of them fail with EIO",
+		len(lost), why, lost[0], lost[0]*replica.SumBlockSize)
+	e.log.Error("blocks "+why+": read fails with EIO, volume condition abnormal", zap.Uint64("block", lost[0]),
 		zap.Int("blocks", len(lost)), zap.Uint64("offset", lost[0]*replica.SumBlockSize), zap.Uint64("epoch", e.Epoch()))
 	sctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()

@@ -266,19 +266,32 @@ func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64,
 // abnormal. It holds the replicas' ranges of the block and its entry, so
 // no rebuild copy or write slips in between.
 func (e *Engine) sealedRepair(ctx context.Context, dst []byte, b uint64) error {
+	err := e.sealedRepairLocked(ctx, dst, b)
+	if errors.Is(err, errSealLost) {
+		// Recorded with no lock held: it writes to the store.
+		metricSealUnrecoverable.WithLabelValues(e.cfg.VolumeID).Inc()
+		e.recordAbnormal(ctx, []uint64{b}, "fail authentication on every replica")
+		return fmt.Errorf("volume %s: encrypted block %d fails authentication on every replica: %w", e.cfg.VolumeID, b, ErrIO)
+	}
+	return err
+}
+
+// errSealLost: no replica's copy of the block opens (sealedRepairLocked).
+var errSealLost = errors.New("no copy opens")
+
+// sealedRepairLocked is sealedRepair's work, under the replicas' range of
+// the block and its entry and e.mu for reading.
+func (e *Engine) sealedRepairLocked(ctx context.Context, dst []byte, b uint64) error {
 	doff, eoff := crypt.DataOffset(b), crypt.EntryOffset(b)
-	// The entry's metadata block comes before the data in the replicas:
-	// taken in that order, as every holder of two ranges does.
-	unlockE, err := e.locks.lock(ctx, eoff, crypt.EntrySize)
+	// One hold from the entry's metadata block to the data block (they are
+	// in one group, the metadata first): two holds taken one after the
+	// other could wait, holding the first, behind a rebuild copy's hold of
+	// the whole extent that waits for it.
+	unlock, err := e.locks.lock(ctx, eoff, doff+blockSize-eoff)
 	if err != nil {
 		return err
 	}
-	defer unlockE()
-	unlockD, err := e.locks.lock(ctx, doff, blockSize)
-	if err != nil {
-		return err
-	}
-	defer unlockD()
+	defer unlock()
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if err := e.usable(); err != nil {
@@ -312,9 +325,7 @@ func (e *Engine) sealedRepair(ctx context.Context, dst []byte, b uint64) error {
 		}
 	}
 	if good == nil {
-		metricSealUnrecoverable.WithLabelValues(e.cfg.VolumeID).Inc()
-		e.markAbnormal(ctx, []uint64{doff / blockSize})
-		return fmt.Errorf("volume %s: encrypted block %d fails authentication on every replica: %w", e.cfg.VolumeID, b, ErrIO)
+		return errSealLost
 	}
 	// dst may hold a failed copy's bytes: open the good one last.
 	if err := e.seal.s.Open(dst, good.data, good.entry, scratch, b); err != nil {

@@ -178,8 +178,13 @@ func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
 }
 
 // ReadSnapshotAt fills p from off as snapshot id holds it, from a healthy
-// replica that has it, the local one first.
+// replica that has it, the local one first. Offsets are the replicas': an
+// encrypted volume's snapshot reads as its ciphertext and entries, so it is
+// refused there.
 func (e *Engine) ReadSnapshotAt(ctx context.Context, id string, p []byte, off uint64) error {
+	if e.seal != nil {
+		return fmt.Errorf("volume %s is encrypted: its snapshots are read by restoring them: %w", e.cfg.VolumeID, ErrIO)
+	}
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/placement"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
@@ -343,6 +344,13 @@ func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
 	if n.State != NodeUp {
 		return Result{}, fmt.Errorf("node %s is %s: %w", n.ID, n.State, ErrFailedPrecondition)
 	}
+	if c.NBDSocket != "" && v.Encrypted() {
+		// The node's export has no way to receive the passphrase; only
+		// CSI staging brings it (docs/encryption.md). Only members that
+		// know encryption hold encrypted volumes (gate.go).
+		return Result{}, fmt.Errorf("volume %s is encrypted: it is served only through CSI staging, which brings its passphrase, not exported over NBD: %w",
+			v.ID, ErrInvalidArgument)
+	}
 	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
 		return Result{}, err
 	}
@@ -439,7 +447,7 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 		}
 	}
 	nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
-		Replicas: 1, SizeBytes: v.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
+		Replicas: 1, SizeBytes: v.ReplicaBytes(), OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
 		ReserveIOPS: v.guaranteedIOPS(), // 0 but for a guaranteed volume (admission.go)
 	})
@@ -709,7 +717,11 @@ func applyExpandVolume(s *State, c *ExpandVolume) (Result, error) {
 	if c.SizeBytes%sectorSize != 0 {
 		return Result{}, fmt.Errorf("volume %s: size %d is not a multiple of %d bytes: %w", v.ID, c.SizeBytes, sectorSize, ErrInvalidArgument)
 	}
-	grow := c.SizeBytes - v.SizeBytes
+	if v.Encrypted() && c.SizeBytes%crypt.BlockSize != 0 {
+		return Result{}, fmt.Errorf("volume %s: size %d of an encrypted volume is not a multiple of its %d-byte blocks: %w", v.ID, c.SizeBytes, crypt.BlockSize, ErrInvalidArgument)
+	}
+	// What each replica grows by (an encrypted one by its entries too).
+	grow := replicaBytes(c.SizeBytes, v.Encrypted()) - v.ReplicaBytes()
 	free := map[string]uint64{}
 	for _, n := range s.PlacementNodesFor(v.diskType()) {
 		free[n.ID] = n.FreeBytes(s.OverProvisioningRatio)

@@ -261,7 +261,7 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	}
 	if more := c.Replicas - len(used); more > 0 {
 		nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
-			Replicas: more, SizeBytes: c.SizeBytes, OverProvisioningRatio: s.OverProvisioningRatio,
+			Replicas: more, SizeBytes: replicaBytes(c.SizeBytes, src.Encrypted()), OverProvisioningRatio: s.OverProvisioningRatio,
 			Exclude: used, AllowedZones: c.AllowedZones,
 		})
 		if err != nil {

@@ -107,8 +107,9 @@ type CreateVolume struct {
 	PreferredNode string            `json:"preferred_node,omitempty"`
 	CreatedAt     int64             `json:"created_at"`
 	// Encryption is the data key of a volume with encryption aes-256-gcm,
-	// wrapped (replication/crypt). Only through AdmitVolume (gated), so
-	// that no member that would drop it applies it.
+	// wrapped (replication/crypt). Only through AdmitVolume, which the gate
+	// then holds as type 31 (gate.go), so that no member that would drop it
+	// applies it.
 	Encryption *crypt.WrappedKey `json:"encryption,omitempty"`
 }
 

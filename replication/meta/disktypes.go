@@ -111,7 +111,7 @@ func (s *State) placementLoad(t string) (used, reserved map[string]uint64) {
 		}
 		for _, r := range v.Replicas {
 			if onType {
-				used[r.Node] += v.SizeBytes
+				used[r.Node] += v.ReplicaBytes()
 			}
 			reserved[r.Node] += iops
 		}

@@ -13,8 +13,9 @@ import (
 // (Volume.Encryption; never a plaintext key), and the cluster's count of
 // nonce leases (State.NonceLeases), from which every engine that writes an
 // encrypted volume takes a lease of its own (LeaseNonces, 31). An
-// encrypted volume is made by AdmitVolume (gated), so every member that
-// applies it keeps its key.
+// encrypted volume is made by AdmitVolume or RestoreVolume, which the gate
+// holds as if they were of type 31 (gate.go), so every member that applies
+// one keeps its key.
 
 // LeaseNonces hands out the next nonce lease: a number no engine in the
 // cluster ever had before. VolumeID names the volume it is for (logs only;
@@ -58,12 +59,21 @@ func checkEncryption(c *CreateVolume, spec volspec.Spec) error {
 		return fmt.Errorf("volume %q: encryption %s without a wrapped data key: %w", c.Name, spec.Encryption, ErrInvalidArgument)
 	case !spec.Encrypted() && c.Encryption != nil:
 		return fmt.Errorf("volume %q: a wrapped data key, but encryption is not %s: %w", c.Name, volspec.EncryptionAESGCM, ErrInvalidArgument)
+	case spec.Encrypted() && c.SizeBytes%crypt.BlockSize != 0:
+		return fmt.Errorf("volume %q: size %d of an encrypted volume is not a multiple of its %d-byte blocks: %w", c.Name, c.SizeBytes, crypt.BlockSize, ErrInvalidArgument)
 	}
 	return nil
 }
 
 // Encrypted reports whether the volume's blocks are encrypted at rest.
 func (v *Volume) Encrypted() bool { return v.Encryption != nil }
+
+// encryptedParam reports whether the volume's parameters ask for
+// encryption.
+func (v *Volume) encryptedParam() bool {
+	s, err := v.Spec()
+	return err == nil && s.Encrypted()
+}
 
 // ReplicaBytes is the size of the volume's replicas: SizeBytes, or for an
 // encrypted volume that much data and the blocks' metadata beside it

@@ -36,6 +36,18 @@ func TestEncryptedVolumeRecord(t *testing.T) {
 		t.Fatalf("a retry with another wrapped key: %+v, want the first volume and key", got)
 	}
 
+	// The gate holds an encrypted create as the type that brought
+	// encryption; other admissions as their own.
+	if ty, gated := gatedType(CreateCommand(&cv)); ty != CmdLeaseNonces || !gated {
+		t.Fatalf("an encrypted create goes through the gate as type %d (gated %v), want %d", ty, gated, CmdLeaseNonces)
+	}
+	typed := &AdmitVolume{CreateVolume: CreateVolume{Parameters: map[string]string{"type": "hdd"}}}
+	if ty, _ := gatedType(typed); ty != CmdAdmitVolume {
+		t.Fatalf("a typed create goes through the gate as type %d, want %d", ty, CmdAdmitVolume)
+	}
+	// Not exported over NBD: the export cannot receive the passphrase.
+	h.fails(&AttachVolume{VolumeID: "v1", NodeID: "n1", NBDSocket: "/run/x.sock", ExpectEpoch: v.Epoch}, ErrInvalidArgument)
+
 	// Leases: cluster-wide, strictly increasing, only for encrypted volumes.
 	plain := h.createVolume("v2", 1, 2)
 	h.fails(&LeaseNonces{VolumeID: plain.ID}, ErrInvalidArgument)
@@ -64,5 +76,13 @@ func TestEncryptedVolumeRecord(t *testing.T) {
 	}
 	if l := h.must(&LeaseNonces{VolumeID: "r1"}).Lease; l != last+1 {
 		t.Fatalf("the clone's lease %d, want %d: leases are cluster-wide", l, last+1)
+	}
+	last++
+
+	// A Raft snapshot keeps the count: a member restored from one must
+	// never hand out a lease again (a nonce would repeat under the key).
+	h.restoreState(h.state().Clone())
+	if l := h.must(&LeaseNonces{VolumeID: "v1"}).Lease; l != last+1 {
+		t.Fatalf("after a snapshot round trip, lease %d, want %d", l, last+1)
 	}
 }

@@ -36,6 +36,19 @@ func gatedType(c Command) (CommandType, bool) {
 		c = inner
 	}
 	t := c.Type()
+	// An encrypted volume's record is new with LeaseNonces: a member of
+	// an older build would refuse the parameter or drop the key, so the
+	// create waits for members that read that type.
+	switch c := c.(type) {
+	case *AdmitVolume:
+		if c.Encryption != nil || (&Volume{Parameters: c.Parameters}).encryptedParam() {
+			t = CmdLeaseNonces
+		}
+	case *RestoreVolume:
+		if (&Volume{Parameters: c.Parameters}).encryptedParam() {
+			t = CmdLeaseNonces
+		}
+	}
 	return t, t >= firstGatedType
 }
 

@@ -374,6 +374,7 @@ func (s *State) Clone() *State {
 	c := NewState()
 	c.ClusterID = s.ClusterID
 	c.OverProvisioningRatio = s.OverProvisioningRatio
+	c.NonceLeases = s.NonceLeases
 	for id, n := range s.Nodes {
 		nc := *n
 		nc.Disks = maps.Clone(n.Disks)
