@@ -133,8 +133,13 @@ func (e *Engine) sealRuns(ctx context.Context, plain []byte, first uint64, fua b
 	}
 	// The data and the entries go out together: each is a write of its
 	// own to every replica, ordered against others by the engine's range
-	// locks as any write is.
-	return parallel(len(writes), func(i int) error { return e.writePhys(ctx, writes[i].p, writes[i].off, fua) })
+	// locks as any write is. Once sent, neither is given up because the
+	// caller's context ended: half of the pair on the replicas is a block
+	// that opens nowhere (docs/encryption.md, torn writes). The replicas'
+	// own timeouts still bound them.
+	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*e.cfg.IOTimeout)
+	defer cancel()
+	return parallel(len(writes), func(i int) error { return e.writePhys(wctx, writes[i].p, writes[i].off, fua) })
 }
 
 // sealedDiscard makes [off, off+n) read as zeroes (Trim, WriteZeroes): the
