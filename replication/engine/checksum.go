@@ -297,7 +297,7 @@ func (e *Engine) copyRange(ctx context.Context, from, to *member, off, n uint64)
 // was already corrupt there. Nothing was written on them; the range (held
 // by the caller, with e.mu for reading) is copied to them from a healthy
 // member that took the write, and their error is cleared when that works.
-func (e *Engine) repairWrites(ctx context.Context, ms []*member, errs []error, off, n uint64) {
+func (e *Engine) repairWrites(ctx context.Context, ms []*member, errs []error, spans []span) {
 	var good *member
 	for i, m := range ms {
 		if errs[i] == nil && m.healthy() {
@@ -313,17 +313,24 @@ func (e *Engine) repairWrites(ctx context.Context, ms []*member, errs []error, o
 		if good == nil {
 			continue
 		}
-		aoff, an := e.blockSpan(off, n)
-		if err := e.copyRange(ctx, good, m, aoff, an); err != nil {
-			e.log.Warn("checksum repair of a write failed", zap.String("replica_id", m.replica.ID), zap.String("source", good.replica.ID),
-				zap.Uint64("block", aoff/replica.SumBlockSize), zap.Uint64("epoch", e.epoch), zap.NamedError("checksum_error", errs[i]), zap.Error(err))
-			continue
+		repaired := true
+		for _, s := range spans {
+			off, n := s.off, s.end-s.off
+			aoff, an := e.blockSpan(off, n)
+			if err := e.copyRange(ctx, good, m, aoff, an); err != nil {
+				e.log.Warn("checksum repair of a write failed", zap.String("replica_id", m.replica.ID), zap.String("source", good.replica.ID),
+					zap.Uint64("block", aoff/replica.SumBlockSize), zap.Uint64("epoch", e.epoch), zap.NamedError("checksum_error", errs[i]), zap.Error(err))
+				repaired = false
+				break
+			}
+			metricChecksumRepairs.WithLabelValues(e.cfg.VolumeID).Inc()
+			e.log.Warn("write refused for a checksum mismatch; range copied from another replica", zap.String("replica_id", m.replica.ID),
+				zap.String("source", good.replica.ID), zap.Uint64("block", aoff/replica.SumBlockSize), zap.Uint64("offset", off),
+				zap.Uint64("length", n), zap.Uint64("epoch", e.epoch), zap.NamedError("checksum_error", errs[i]))
 		}
-		metricChecksumRepairs.WithLabelValues(e.cfg.VolumeID).Inc()
-		e.log.Warn("write refused for a checksum mismatch; range copied from another replica", zap.String("replica_id", m.replica.ID),
-			zap.String("source", good.replica.ID), zap.Uint64("block", aoff/replica.SumBlockSize), zap.Uint64("offset", off),
-			zap.Uint64("length", n), zap.Uint64("epoch", e.epoch), zap.NamedError("checksum_error", errs[i]))
-		errs[i] = nil
+		if repaired {
+			errs[i] = nil
+		}
 	}
 }
 

@@ -16,6 +16,9 @@ type replicaConn interface {
 	// WriteAtSums is WriteAt with p's piece checksums (replica.PieceSums),
 	// which the replica verifies before it writes.
 	WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error
+	// WritePair writes p at off and pair.Data at pair.Off as one request
+	// (replica.Client.WritePair).
+	WritePair(ctx context.Context, epoch uint64, p []byte, off uint64, pair replica.Pair, fua bool) error
 	// Rehash has the replica recompute its stored block checksums of the
 	// extents from their data (resync of torn writes).
 	Rehash(ctx context.Context, epoch, firstExtent, count uint64) error
@@ -78,6 +81,14 @@ func (l localReplica) WriteAtSums(ctx context.Context, epoch uint64, p []byte, o
 	}
 	defer t.Done()
 	return l.r.WriteAtLocal(epoch, p, off, fua, pieces)
+}
+func (l localReplica) WritePair(ctx context.Context, epoch uint64, p []byte, off uint64, pair replica.Pair, fua bool) error {
+	t, err := l.r.Admit(ctx, replica.OpWrite, uint64(len(p)+len(pair.Data)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.WritePairLocal(epoch, p, off, pair, fua)
 }
 func (l localReplica) Rehash(ctx context.Context, epoch, first, count uint64) error {
 	t, err := l.r.Admit(ctx, replica.OpRehash, count)

@@ -847,8 +847,19 @@ func (e *Engine) usable() error {
 // marked unresolved before its range is released: the next changing
 // operation first resolves it (see resolve).
 func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func(context.Context, *member, uint64) error) (err error) {
+	var spans []span
 	if n > 0 {
-		unlock, err := e.locks.lock(ctx, off, n)
+		spans = []span{{off, off + n}}
+	}
+	return e.mutateSpans(ctx, what, spans, op)
+}
+
+// mutateSpans is mutate of an operation that changes several ranges at
+// once (a write pair: an encrypted volume's blocks and their entries). It
+// holds them all as one hold; none is a flush.
+func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op func(context.Context, *member, uint64) error) (err error) {
+	if len(spans) > 0 {
+		unlock, err := e.locks.lockSpans(ctx, spans)
 		if err != nil {
 			return err
 		}
@@ -857,7 +868,12 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 	sent := false
 	defer func() {
 		if err != nil && sent {
-			e.markUnresolved(what, off, n, err)
+			if len(spans) == 0 {
+				e.markUnresolved(what, 0, 0, err)
+			}
+			for _, s := range spans {
+				e.markUnresolved(what, s.off, s.end-s.off, err)
+			}
 		}
 	}()
 	for attempt := 0; ; attempt++ {
@@ -889,8 +905,8 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		e.dirty.Store(true)
-		if n > 0 {
-			e.repairWrites(ctx, ms, errs, off, n)
+		if len(spans) > 0 {
+			e.repairWrites(ctx, ms, errs, spans)
 		}
 		failing := slices.ContainsFunc(errs, func(err error) bool { return err != nil })
 		if failing {

@@ -33,15 +33,30 @@ type rangeLocks struct {
 }
 
 // rangeHold is one operation's place in the queue: held once ready is
-// closed.
+// closed. An operation on several ranges (an encrypted volume's blocks and
+// their entries) holds them all as one hold, taken at once: holds of one
+// range each, taken one after the other, could wait holding the first
+// behind a later hold that waits for it.
 type rangeHold struct {
-	off, end   uint64 // [off, end)
+	spans      []span // [off, end) each
 	blockers   int    // earlier holds that overlap this one
 	ready      chan struct{}
 	prev, next *rangeHold
 }
 
-func (h *rangeHold) overlaps(o *rangeHold) bool { return h.off < o.end && o.off < h.end }
+// span is a byte range [off, end) of the replicas.
+type span struct{ off, end uint64 }
+
+func (h *rangeHold) overlaps(o *rangeHold) bool {
+	for _, a := range h.spans {
+		for _, b := range o.spans {
+			if a.off < b.end && b.off < a.end {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 // lockGrain is the unit ranges are rounded out to: the replicas' checksum
 // block. A write that covers a block in part makes the replica read, merge
@@ -53,9 +68,16 @@ const lockGrain = replica.SumBlockSize
 // and returns the function that releases it. It waits for every earlier
 // overlapping hold, or fails with ctx's error, having taken nothing.
 func (l *rangeLocks) lock(ctx context.Context, off, n uint64) (func(), error) {
-	end := (off + n + lockGrain - 1) / lockGrain * lockGrain
-	off = off / lockGrain * lockGrain
-	h := &rangeHold{off: off, end: end, ready: make(chan struct{})}
+	return l.lockSpans(ctx, []span{{off, off + n}})
+}
+
+// lockSpans is lock of several ranges ([off, end) each, not empty) as one
+// hold.
+func (l *rangeLocks) lockSpans(ctx context.Context, spans []span) (func(), error) {
+	h := &rangeHold{spans: make([]span, len(spans)), ready: make(chan struct{})}
+	for i, s := range spans {
+		h.spans[i] = span{s.off / lockGrain * lockGrain, (s.end + lockGrain - 1) / lockGrain * lockGrain}
+	}
 	l.mu.Lock()
 	for o := l.head; o != nil; o = o.next {
 		if o.overlaps(h) {

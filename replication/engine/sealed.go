@@ -116,10 +116,10 @@ func (e *Engine) sealedWrite(ctx context.Context, p []byte, off uint64, fua bool
 func (e *Engine) sealRuns(ctx context.Context, plain []byte, first uint64, fua bool) error {
 	runs := crypt.Runs(first, uint64(len(plain))/blockSize)
 	type write struct {
-		p   []byte
-		off uint64
+		data, entries []byte
+		first         uint64
 	}
-	writes := make([]write, 0, 2*len(runs))
+	writes := make([]write, 0, len(runs))
 	for _, r := range runs {
 		data := make([]byte, r.Count*blockSize, r.Count*blockSize+16)
 		entries := make([]byte, r.Count*crypt.EntrySize)
@@ -129,17 +129,37 @@ func (e *Engine) sealRuns(ctx context.Context, plain []byte, first uint64, fua b
 				return fmt.Errorf("volume %s: seal block %d: %w", e.cfg.VolumeID, r.First+i, err)
 			}
 		}
-		writes = append(writes, write{data, crypt.DataOffset(r.First)}, write{entries, crypt.EntryOffset(r.First)})
+		writes = append(writes, write{data, entries, r.First})
 	}
-	// The data and the entries go out together: each is a write of its
-	// own to every replica, ordered against others by the engine's range
-	// locks as any write is. Once sent, neither is given up because the
-	// caller's context ended: half of the pair on the replicas is a block
-	// that opens nowhere (docs/encryption.md, torn writes). The replicas'
-	// own timeouts still bound them.
+	// Each group's data and entries go to every replica as one request
+	// (writePair), so that no replica takes one without the other. Once
+	// sent, a write is not given up because the caller's context ended
+	// (a replica that took it would hold a pair the others lack until the
+	// resolve); the replicas' own timeouts still bound it.
 	wctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 2*e.cfg.IOTimeout)
 	defer cancel()
-	return parallel(len(writes), func(i int) error { return e.writePhys(wctx, writes[i].p, writes[i].off, fua) })
+	return parallel(len(writes), func(i int) error {
+		w := writes[i]
+		return e.writePair(wctx, w.data, crypt.DataOffset(w.first), w.entries, crypt.EntryOffset(w.first), fua)
+	})
+}
+
+// writePair writes an encrypted volume's ciphertext at doff and its
+// entries at eoff as one request to every replica (replica.FlagPair),
+// ordered against other writes by one hold of both ranges. A replica
+// takes both or neither: an engine that dies midway, or a request that
+// fails, leaves no block with its data but not its entry (or the reverse)
+// on a replica that answered.
+func (e *Engine) writePair(ctx context.Context, data []byte, doff uint64, entries []byte, eoff uint64, fua bool) error {
+	pair := replica.Pair{Off: eoff, Data: entries}
+	if e.checksums.Load() {
+		pair.FirstPieces = replica.PieceSums(nil, data, doff)
+		pair.SecondPieces = replica.PieceSums(nil, entries, eoff)
+	}
+	spans := []span{{eoff, eoff + uint64(len(entries))}, {doff, doff + uint64(len(data))}}
+	return e.mutateSpans(ctx, "write", spans, func(ctx context.Context, m *member, epoch uint64) error {
+		return m.client.WritePair(ctx, epoch, data, doff, pair, fua)
+	})
 }
 
 // sealedDiscard makes [off, off+n) read as zeroes (Trim, WriteZeroes): the

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -37,8 +38,12 @@ func (r *rig) createEncrypted(name string, size uint64) (*meta.Volume, []byte) {
 }
 
 func (r *rig) openSealed(id string, key []byte) (*Engine, error) {
+	return r.openSealedWrapped(id, key, nil)
+}
+
+func (r *rig) openSealedWrapped(id string, key []byte, wrap func(meta.Replica, replicaConn) replicaConn) (*Engine, error) {
 	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
-		CleanInterval: time.Hour, DataKey: key})
+		CleanInterval: time.Hour, DataKey: key, wrapConn: wrap})
 	if err == nil {
 		r.t.Cleanup(func() { _ = e.Close(context.Background()) })
 	}
@@ -242,4 +247,60 @@ func (r *rig) modelWriterOver(e *Engine, model []byte, seed uint64) ([]byte, fun
 	m, write := r.modelWriter(e, uint64(len(model)), seed)
 	copy(m, model)
 	return m, write
+}
+
+// countingConn counts the writes that reach a replica, by kind.
+type countingConn struct {
+	replicaConn
+	plain, pairs *atomic.Int64
+}
+
+func (c *countingConn) WriteAt(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool) error {
+	c.plain.Add(1)
+	return c.replicaConn.WriteAt(ctx, epoch, p, off, fua)
+}
+
+func (c *countingConn) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off uint64, fua bool, pieces []uint32) error {
+	c.plain.Add(1)
+	return c.replicaConn.WriteAtSums(ctx, epoch, p, off, fua, pieces)
+}
+
+func (c *countingConn) WritePair(ctx context.Context, epoch uint64, p []byte, off uint64, pair replica.Pair, fua bool) error {
+	c.pairs.Add(1)
+	return c.replicaConn.WritePair(ctx, epoch, p, off, pair, fua)
+}
+
+// TestEncryptedWritesArePairs: every user write of an encrypted volume
+// reaches each replica as write pairs, one per group it touches (data and
+// entries in one request), never as a lone write of either, so no replica
+// can take a block without its entry.
+func TestEncryptedWritesArePairs(t *testing.T) {
+	r := newRig(t, 3)
+	r.checksums = true
+	v, key := r.createEncrypted("pairs", 4*mib)
+	var plain, pairs atomic.Int64
+	e, err := r.openSealedWrapped(v.ID, key, func(_ meta.Replica, c replicaConn) replicaConn {
+		return &countingConn{replicaConn: c, plain: &plain, pairs: &pairs}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := r.ctx()
+	// Blocks 120..260: three groups (8, 128 and 5 blocks), and a 512-byte
+	// write inside one block.
+	p := bytes.Repeat([]byte{7}, 141*4096)
+	if err := e.WriteAt(ctx, p, 120*4096, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.WriteAt(ctx, p[:512], 5*4096+512, false); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := pairs.Load(), int64(3*(3+1)); got != want || plain.Load() != 0 {
+		t.Fatalf("%d pair writes and %d lone writes reached the replicas, want %d pairs and none", got, plain.Load(), want)
+	}
+	got := make([]byte, len(p))
+	if err := e.ReadAt(ctx, got, 120*4096); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("read back: %v", err)
+	}
+	r.healthyIdentical(v.ID, nil)
 }

@@ -49,6 +49,9 @@ type Client struct {
 	// and answered without it: a server older than generations. Info asks
 	// without the flag on this connection from then on.
 	noGeneration atomic.Bool
+	// noPair is set once the server refused FlagPair (a server older than
+	// it): pairs then go as two writes.
+	noPair atomic.Bool
 	// noSums is set once the server refused FlagSums (a server older than
 	// checksums): writes go without their piece checksums from then on.
 	noSums atomic.Bool
@@ -462,6 +465,49 @@ func (c *Client) WriteAtSums(ctx context.Context, epoch uint64, p []byte, off ui
 		c.noSums.Store(true)
 	}
 	return err
+}
+
+// WritePair writes p at off and pair.Data at pair.Off as one request (a
+// WRITE with FlagPair; pair's pieces nil: without checksums). A server that
+// predates the flag gets the two as two writes, as does a pair too large
+// for one frame: then they are not one request any more.
+func (c *Client) WritePair(ctx context.Context, epoch uint64, p []byte, off uint64, pair Pair, fua bool) error {
+	// Checked here too: a server's refusal then means it predates the flag.
+	if len(p) == 0 || len(pair.Data) == 0 || blockAlignedOverlap(off, uint64(len(p)), pair.Off, uint64(len(pair.Data))) {
+		return fmt.Errorf("%w: write pair %d+%d and %d+%d empty or sharing a block", ErrInvalidArgument, off, len(p), pair.Off, len(pair.Data))
+	}
+	size := len(p) + pairHeaderLen + len(pair.Data) + 4*(len(pair.FirstPieces)+len(pair.SecondPieces))
+	if c.noPair.Load() || size > MaxPayload {
+		return c.writePairApart(ctx, epoch, p, off, pair, fua)
+	}
+	if c.noSums.Load() {
+		pair.FirstPieces, pair.SecondPieces = nil, nil
+	}
+	h := RequestHeader{Op: OpWrite, Flags: FlagPair, Epoch: epoch, Offset: off, Length: uint32(len(p))}
+	if pair.FirstPieces != nil {
+		h.Flags |= FlagSums
+	}
+	if fua {
+		h.Flags |= FlagFUA
+	}
+	_, err := c.doTrailer(ctx, h, p, AppendPair(nil, pair), nil)
+	if !errors.Is(err, ErrInvalidArgument) {
+		return err
+	}
+	// An older server refuses the flag before it runs anything.
+	err = c.writePairApart(ctx, epoch, p, off, pair, fua)
+	var remote *RemoteError
+	if err == nil || errors.As(err, &remote) && !errors.Is(err, ErrInvalidArgument) {
+		c.noPair.Store(true)
+	}
+	return err
+}
+
+func (c *Client) writePairApart(ctx context.Context, epoch uint64, p []byte, off uint64, pair Pair, fua bool) error {
+	if err := c.WriteAtSums(ctx, epoch, pair.Data, pair.Off, fua, pair.SecondPieces); err != nil {
+		return err
+	}
+	return c.WriteAtSums(ctx, epoch, p, off, fua, pair.FirstPieces)
 }
 
 // Rehash has the replica recompute the stored block checksums of extents

@@ -78,6 +78,14 @@ import (
 //	LAYER_DROP    yes    -               -                 snapshot   -
 //	                                                       id
 //
+// A WRITE with FlagPair writes two ranges as one request: after the first
+// range's data (Length bytes at Offset) come the second range's offset (u64)
+// and length (u32) and its data, then, with FlagSums, the piece checksums of
+// the first range and of the second. The replica verifies both before it
+// writes either, and a sender whose request did not arrive whole has written
+// neither: an encrypted volume's block and its entry never part that way
+// (docs/encryption.md). A server older than the flag answers BadRequest.
+//
 // A WRITE with FlagSums carries, after its data, the CRC32C (Castagnoli) of
 // each SumBlockSize-aligned piece of the data (SumPieces of them, u32 each,
 // computed by the sender over the bytes it sent); the replica verifies them
@@ -145,6 +153,10 @@ const (
 
 	// FlagSums on WRITE: the payload ends with the data's piece checksums.
 	FlagSums uint8 = 1 << 4
+	// FlagPair on WRITE: a second range follows the data, written with it
+	// as one request (an encrypted volume's blocks and their entries; see
+	// "A WRITE with FlagPair" below).
+	FlagPair uint8 = 1 << 7
 	// FlagLayerBuild on LAYER_SUMS: the sums of the layer under
 	// construction with that id, not of the sealed one.
 	FlagLayerBuild uint8 = 1 << 5
@@ -222,7 +234,7 @@ var opSpecs = [opLimit]opSpec{
 	OpOpen:           {name: "open", offset: true, payload: payloadIsOpenID},
 	OpClaim:          {name: "claim", epoch: true},
 	OpRead:           {name: "read", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: flagsClass},
-	OpWrite:          {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass | FlagSums, payload: payloadIsData},
+	OpWrite:          {name: "write", epoch: true, offset: true, length: true, maxLength: MaxPayload, flags: FlagFUA | flagsClass | FlagSums | FlagPair, payload: payloadIsData},
 	OpFlush:          {name: "flush", epoch: true, flags: flagsClass},
 	OpTrim:           {name: "trim", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
 	OpWriteZeroes:    {name: "write_zeroes", epoch: true, offset: true, length: true, flags: FlagFUA | flagsClass},
@@ -358,6 +370,13 @@ func ValidateRequest(h RequestHeader) error {
 		}
 	case payloadIsData:
 		want := uint64(h.Length)
+		if h.Flags&FlagPair != 0 {
+			// The second range's size is in the payload (DecodePair).
+			if uint64(h.PayloadLen) < want+pairHeaderLen {
+				return bad("payload of %d bytes, too short for %d bytes and a second range", h.PayloadLen, want)
+			}
+			break
+		}
 		if h.Flags&FlagSums != 0 {
 			want += 4 * SumPieces(h.Offset, uint64(h.Length))
 		}
@@ -533,4 +552,61 @@ func DecodeUint64s(b []byte) ([]uint64, error) {
 		vs[i] = binary.BigEndian.Uint64(b[8*i:])
 	}
 	return vs, nil
+}
+
+// pairHeaderLen is the second range's offset and length in a WRITE with
+// FlagPair.
+const pairHeaderLen = 12
+
+// Pair is the second range of a WRITE with FlagPair, with the piece
+// checksums of both ranges when the request has FlagSums.
+type Pair struct {
+	Off          uint64
+	Data         []byte
+	FirstPieces  []uint32
+	SecondPieces []uint32
+}
+
+// AppendPair appends the part of a FlagPair WRITE's payload that follows
+// the first range's data.
+func AppendPair(dst []byte, p Pair) []byte {
+	dst = binary.BigEndian.AppendUint64(dst, p.Off)
+	dst = binary.BigEndian.AppendUint32(dst, uint32(len(p.Data)))
+	dst = append(dst, p.Data...)
+	if p.FirstPieces != nil {
+		dst = AppendUint32s(dst, p.FirstPieces)
+		dst = AppendUint32s(dst, p.SecondPieces)
+	}
+	return dst
+}
+
+// DecodePair reads what follows a FlagPair WRITE's first range (h's) from
+// rest, checking every length against the header and flags.
+func DecodePair(h RequestHeader, rest []byte) (Pair, error) {
+	if len(rest) < pairHeaderLen {
+		return Pair{}, fmt.Errorf("%w: write pair: %d bytes after the data", ErrProtocol, len(rest))
+	}
+	p := Pair{Off: binary.BigEndian.Uint64(rest)}
+	n := uint64(binary.BigEndian.Uint32(rest[8:]))
+	rest = rest[pairHeaderLen:]
+	if n == 0 || n > uint64(len(rest)) {
+		return Pair{}, fmt.Errorf("%w: write pair: second range of %d bytes, %d left", ErrProtocol, n, len(rest))
+	}
+	p.Data, rest = rest[:n], rest[n:]
+	var sums uint64
+	if h.Flags&FlagSums != 0 {
+		sums = SumPieces(h.Offset, uint64(h.Length)) + SumPieces(p.Off, n)
+	}
+	if uint64(len(rest)) != 4*sums {
+		return Pair{}, fmt.Errorf("%w: write pair: %d bytes of checksums, want %d", ErrProtocol, len(rest), 4*sums)
+	}
+	if sums > 0 {
+		all, err := DecodeUint32s(rest)
+		if err != nil {
+			return Pair{}, err
+		}
+		k := SumPieces(h.Offset, uint64(h.Length))
+		p.FirstPieces, p.SecondPieces = all[:k], all[k:]
+	}
+	return p, nil
 }

@@ -603,6 +603,68 @@ func (r *Replica) WriteAtLocal(epoch uint64, p []byte, off uint64, fua bool, pie
 	return r.writeAt(epoch, p, off, fua, pieces, false)
 }
 
+// WritePair writes p at off and pair.Data at pair.Off as one request (a
+// WRITE with FlagPair): the pieces of both are verified before either is
+// written, and a failure after that fails the whole request. The ranges
+// must not overlap.
+func (r *Replica) WritePair(epoch uint64, p []byte, off uint64, pair Pair, fua bool) error {
+	return r.writePair(epoch, p, off, pair, fua, true)
+}
+
+// WritePairLocal is WritePair for a caller in the same process (see
+// WriteAtLocal): its pieces are stored without being verified again.
+func (r *Replica) WritePairLocal(epoch uint64, p []byte, off uint64, pair Pair, fua bool) error {
+	if pair.FirstPieces != nil && (uint64(len(pair.FirstPieces)) != SumPieces(off, uint64(len(p))) ||
+		uint64(len(pair.SecondPieces)) != SumPieces(pair.Off, uint64(len(pair.Data)))) {
+		return fmt.Errorf("replica %s: %w: write pair checksums do not match its ranges", r.id, ErrInvalidArgument)
+	}
+	return r.writePair(epoch, p, off, pair, fua, false)
+}
+
+func (r *Replica) writePair(epoch uint64, p []byte, off uint64, pair Pair, fua bool, verify bool) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if err := r.checkEpoch(epoch); err != nil {
+		return err
+	}
+	n, m := uint64(len(p)), uint64(len(pair.Data))
+	if err := r.checkRange(off, n); err != nil {
+		return err
+	}
+	if err := r.checkRange(pair.Off, m); err != nil {
+		return err
+	}
+	// Whole checksum blocks apart: each range's write may widen to whole
+	// blocks (copy-up, partial-block sums).
+	if n == 0 || m == 0 || blockAlignedOverlap(off, n, pair.Off, m) {
+		return fmt.Errorf("replica %s: %w: write pair %d+%d and %d+%d empty or sharing a block", r.id, ErrInvalidArgument, off, n, pair.Off, m)
+	}
+	if verify && pair.FirstPieces != nil {
+		if err := r.checkPieces(p, off, pair.FirstPieces); err != nil {
+			return err
+		}
+		if err := r.checkPieces(pair.Data, pair.Off, pair.SecondPieces); err != nil {
+			return err
+		}
+	}
+	if err := r.writeData(pair.Data, pair.Off, pair.SecondPieces, false); err != nil {
+		return err
+	}
+	if err := r.writeData(p, off, pair.FirstPieces, false); err != nil {
+		return err
+	}
+	if fua {
+		return r.syncHead()
+	}
+	return nil
+}
+
+// blockAlignedOverlap reports whether two ranges touch a common
+// SumBlockSize block.
+func blockAlignedOverlap(a, n, b, m uint64) bool {
+	return a/SumBlockSize <= (b+m-1)/SumBlockSize && b/SumBlockSize <= (a+n-1)/SumBlockSize
+}
+
 func (r *Replica) writeAt(epoch uint64, p []byte, off uint64, fua bool, pieces []uint32, verify bool) error {
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()

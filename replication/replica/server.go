@@ -716,7 +716,7 @@ func (c *serverConn) readLoop() {
 			// that the data buffer is the size of the data: a 1 MiB write
 			// does not take a 2 MiB buffer for its 1 KiB of checksums.
 			dataLen := int(h.PayloadLen)
-			if h.Op == OpWrite && h.Flags&FlagSums != 0 {
+			if h.Op == OpWrite && h.Flags&(FlagSums|FlagPair) != 0 {
 				dataLen = int(h.Length)
 				trailer = make([]byte, int(h.PayloadLen)-dataLen)
 			}
@@ -913,6 +913,13 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 		var p []byte
 		if payload != nil {
 			p = *payload
+		}
+		if h.Flags&FlagPair != 0 {
+			pair, err := DecodePair(h, trailer)
+			if err != nil {
+				return reply{}, fmt.Errorf("%w: %v", ErrInvalidArgument, err)
+			}
+			return reply{}, r.WritePair(h.Epoch, p, h.Offset, pair, fua)
 		}
 		if h.Flags&FlagSums == 0 {
 			return reply{}, r.WriteAt(h.Epoch, p, h.Offset, fua)
