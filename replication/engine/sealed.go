@@ -40,8 +40,9 @@ var (
 
 // sealState is an encrypted volume's part of its engine.
 type sealState struct {
-	s     *crypt.Sealer
-	locks *rangeLocks // over logical offsets
+	s       *crypt.Sealer
+	locks   *rangeLocks // over logical offsets
+	entries entryCache  // recent metadata blocks (entrycache.go)
 }
 
 const blockSize = crypt.BlockSize
@@ -140,7 +141,13 @@ func (e *Engine) sealRuns(ctx context.Context, plain []byte, first uint64, fua b
 	defer cancel()
 	return parallel(len(writes), func(i int) error {
 		w := writes[i]
-		return e.writePair(wctx, w.data, crypt.DataOffset(w.first), w.entries, crypt.EntryOffset(w.first), fua)
+		err := e.writePair(wctx, w.data, crypt.DataOffset(w.first), w.entries, crypt.EntryOffset(w.first), fua)
+		if err != nil {
+			e.seal.entries.drop(w.first) // the replicas may hold either
+		} else {
+			e.seal.entries.update(w.first, w.entries)
+		}
+		return err
 	})
 }
 
@@ -191,6 +198,9 @@ func (e *Engine) sealedDiscard(ctx context.Context, off, n uint64, zero bool) er
 	}
 	defer unlock()
 	runs := crypt.Runs(a, b-a)
+	for _, r := range runs {
+		e.seal.entries.drop(r.First)
+	}
 	if err := parallel(len(runs), func(i int) error {
 		return e.zeroPhys(ctx, crypt.EntryOffset(runs[i].First), runs[i].Count*crypt.EntrySize)
 	}); err != nil {
@@ -257,13 +267,7 @@ func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64,
 		r := runs[i]
 		data := dst[(r.First-first)*blockSize:][:r.Count*blockSize]
 		entries := make([]byte, r.Count*crypt.EntrySize)
-		err := parallel(2, func(j int) error {
-			if j == 0 {
-				return e.readPhys(ctx, data, crypt.DataOffset(r.First))
-			}
-			return e.readPhys(ctx, entries, crypt.EntryOffset(r.First))
-		})
-		if err != nil {
+		if err := e.readRun(ctx, data, entries, r, locked); err != nil {
 			return err
 		}
 		scratch := scratchPool.Get().(*[]byte)
@@ -283,6 +287,44 @@ func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64,
 	})
 }
 
+// readRun reads run r's ciphertext into data and its entries into
+// entries. Unlocked, the entries come from the cache when their group is
+// there, and a miss reads the group's whole metadata block (the same one
+// request) and caches it. Locked (a read again after a block failed to
+// open, or a write's merge), the group is dropped and the entries are read
+// from the replicas: a stale cached entry is never trusted twice.
+func (e *Engine) readRun(ctx context.Context, data, entries []byte, r crypt.Run, locked bool) error {
+	c := &e.seal.entries
+	if locked {
+		c.drop(r.First)
+		return parallel(2, func(j int) error {
+			if j == 0 {
+				return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+			}
+			return e.readPhys(ctx, entries, crypt.EntryOffset(r.First))
+		})
+	}
+	if c.get(r.First, entries) {
+		return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+	}
+	group := r.First / crypt.GroupBlocks
+	meta := make([]byte, blockSize)
+	err := parallel(2, func(j int) error {
+		if j == 0 {
+			return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+		}
+		// A group's metadata block is whole on the replicas even in the
+		// volume's last, partial group: it comes before the group's data.
+		return e.readPhys(ctx, meta, crypt.EntryOffset(group*crypt.GroupBlocks))
+	})
+	if err != nil {
+		return err
+	}
+	c.put(group, meta)
+	copy(entries, meta[r.First%crypt.GroupBlocks*crypt.EntrySize:])
+	return nil
+}
+
 // sealedRepair serves logical block b, which failed authentication as
 // read: it reads the block and its entry from every healthy replica, opens
 // the first copy that authenticates into dst and rewrites the block and
@@ -291,6 +333,7 @@ func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64,
 // abnormal. It holds the replicas' ranges of the block and its entry, so
 // no rebuild copy or write slips in between.
 func (e *Engine) sealedRepair(ctx context.Context, dst []byte, b uint64) error {
+	e.seal.entries.drop(b)
 	err := e.sealedRepairLocked(ctx, dst, b)
 	if errors.Is(err, errSealLost) {
 		// Recorded with no lock held: it writes to the store.

@@ -304,3 +304,36 @@ func TestEncryptedWritesArePairs(t *testing.T) {
 	}
 	r.healthyIdentical(v.ID, nil)
 }
+
+// TestEncryptedStaleEntryCache: a cached metadata block older than the
+// replicas' (a fill that raced a write) costs a retry, never wrong data.
+func TestEncryptedStaleEntryCache(t *testing.T) {
+	r := newRig(t, 3)
+	v, key := r.createEncrypted("stale", 2*mib)
+	e, err := r.openSealed(v.ID, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := r.ctx()
+	old := bytes.Repeat([]byte{1}, 4096)
+	if err := e.WriteAt(ctx, old, 3*4096, false); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, 4096)
+	if err := e.ReadAt(ctx, got, 3*4096); err != nil || !bytes.Equal(got, old) {
+		t.Fatalf("first read: %v", err)
+	}
+	stale := make([]byte, 4096)
+	if !e.seal.entries.get(0, stale[:crypt.GroupBlocks*crypt.EntrySize]) {
+		t.Fatal("a read did not cache its group's metadata block")
+	}
+	next := bytes.Repeat([]byte{2}, 4096)
+	if err := e.WriteAt(ctx, next, 3*4096, false); err != nil {
+		t.Fatal(err)
+	}
+	e.seal.entries.put(0, stale) // as a fill that raced the write would
+	if err := e.ReadAt(ctx, got, 3*4096); err != nil || !bytes.Equal(got, next) {
+		t.Fatalf("read over a stale cached entry: %v, the new data %v", err, bytes.Equal(got, next))
+	}
+	r.healthyIdentical(v.ID, nil)
+}
