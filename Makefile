@@ -53,7 +53,7 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # cluster and print tables: the store's commit rate, fio over NBD against
 # nbdkit with node RSS, and the noisy-neighbour comparison.
 bench: deps ## Run the benchmarks and print their tables (never fails on a number)
-	go test -run '^$$' -bench . -benchmem ./iosched ./replication/replica ./replication/engine ./driver/frontend/nbd
+	go test -run '^$$' -bench . -benchmem ./iosched ./replication/crypt ./replication/replica ./replication/engine ./driver/frontend/nbd
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
 	go run ./tests/bench/noisybench

@@ -97,12 +97,12 @@ func (e *Engine) sealedWrite(ctx context.Context, p []byte, off uint64, fua bool
 		// A block written in part: merge into what it holds.
 		plain = make([]byte, count*blockSize)
 		if head != 0 {
-			if err := e.sealedReadLocked(ctx, plain[:blockSize], first); err != nil {
+			if err := e.sealedReadBlocks(ctx, plain[:blockSize], first, true); err != nil {
 				return err
 			}
 		}
 		if last := first + count - 1; end%blockSize != 0 && (last != first || head == 0) {
-			if err := e.sealedReadLocked(ctx, plain[(count-1)*blockSize:], last); err != nil {
+			if err := e.sealedReadBlocks(ctx, plain[(count-1)*blockSize:], last, true); err != nil {
 				return err
 			}
 		}
@@ -198,11 +198,16 @@ func (e *Engine) sealedDiscard(ctx context.Context, off, n uint64, zero bool) er
 	}
 	defer unlock()
 	runs := crypt.Runs(a, b-a)
-	for _, r := range runs {
-		e.seal.entries.drop(r.First)
-	}
 	if err := parallel(len(runs), func(i int) error {
-		return e.zeroPhys(ctx, crypt.EntryOffset(runs[i].First), runs[i].Count*crypt.EntrySize)
+		r := runs[i]
+		zeroes := make([]byte, r.Count*crypt.EntrySize)
+		err := e.zeroPhys(ctx, crypt.EntryOffset(r.First), uint64(len(zeroes)))
+		if err != nil {
+			e.seal.entries.drop(r.First) // the replicas may hold either
+		} else {
+			e.seal.entries.update(r.First, zeroes)
+		}
+		return err
 	}); err != nil {
 		return err
 	}
@@ -237,7 +242,7 @@ func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
 		if _, _, unlock, err = e.lockBlocks(ctx, off, uint64(len(p))); err != nil {
 			return err
 		}
-		err = e.sealedReadLocked(ctx, buf, first)
+		err = e.sealedReadBlocks(ctx, buf, first, true)
 		unlock()
 	}
 	if err != nil {
@@ -247,14 +252,6 @@ func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
 		copy(p, buf[head:])
 	}
 	return nil
-}
-
-// sealedReadLocked reads and opens the whole logical blocks dst covers,
-// from block first. The caller holds their logical range. A block that
-// fails authentication is read from the other replicas and repaired
-// (sealedRepair).
-func (e *Engine) sealedReadLocked(ctx context.Context, dst []byte, first uint64) error {
-	return e.sealedReadBlocks(ctx, dst, first, true)
 }
 
 // sealedReadBlocks reads and opens the whole logical blocks dst covers,
@@ -351,11 +348,8 @@ var errSealLost = errors.New("no copy opens")
 // the block and its entry and e.mu for reading.
 func (e *Engine) sealedRepairLocked(ctx context.Context, dst []byte, b uint64) error {
 	doff, eoff := crypt.DataOffset(b), crypt.EntryOffset(b)
-	// One hold from the entry's metadata block to the data block (they are
-	// in one group, the metadata first): two holds taken one after the
-	// other could wait, holding the first, behind a rebuild copy's hold of
-	// the whole extent that waits for it.
-	unlock, err := e.locks.lock(ctx, eoff, doff+blockSize-eoff)
+	// The entry and the block as one hold, as a write pair holds them.
+	unlock, err := e.locks.lockSpans(ctx, []span{{eoff, eoff + crypt.EntrySize}, {doff, doff + blockSize}})
 	if err != nil {
 		return err
 	}
@@ -371,7 +365,8 @@ func (e *Engine) sealedRepairLocked(ctx context.Context, dst []byte, b uint64) e
 	}
 	var good *copyOf
 	var bad []*member
-	scratch := make([]byte, blockSize+16)
+	scratch := scratchPool.Get().(*[]byte)
+	defer scratchPool.Put(scratch)
 	for _, m := range e.healthyMembers() {
 		c := &copyOf{m: m, data: make([]byte, blockSize), entry: make([]byte, crypt.EntrySize)}
 		err := e.readFrom(ctx, m, e.epoch, c.data, doff)
@@ -379,7 +374,7 @@ func (e *Engine) sealedRepairLocked(ctx context.Context, dst []byte, b uint64) e
 			err = e.readFrom(ctx, m, e.epoch, c.entry, eoff)
 		}
 		if err == nil {
-			err = e.seal.s.Open(dst, c.data, c.entry, scratch, b)
+			err = e.seal.s.Open(dst, c.data, c.entry, *scratch, b)
 		}
 		switch {
 		case err == nil && good == nil:
@@ -396,7 +391,7 @@ func (e *Engine) sealedRepairLocked(ctx context.Context, dst []byte, b uint64) e
 		return errSealLost
 	}
 	// dst may hold a failed copy's bytes: open the good one last.
-	if err := e.seal.s.Open(dst, good.data, good.entry, scratch, b); err != nil {
+	if err := e.seal.s.Open(dst, good.data, good.entry, *scratch, b); err != nil {
 		return fmt.Errorf("volume %s: block %d: %w", e.cfg.VolumeID, b, err)
 	}
 	for _, m := range bad {

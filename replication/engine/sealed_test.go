@@ -9,6 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
@@ -211,6 +213,7 @@ func TestEncryptedTamperRepaired(t *testing.T) {
 		flip(rep, 9)
 	}
 	before := r.physContents(v, v.Replicas[2])
+	repairs := testutil.ToFloat64(metricSealRepairs.WithLabelValues(v.ID))
 	got := make([]byte, 4096)
 	if err := e.ReadAt(ctx, got, 9*4096); err != nil || !bytes.Equal(got, model[9*4096:10*4096]) {
 		t.Fatalf("read of a tampered block: %v (right data %v)", err, bytes.Equal(got, model[9*4096:10*4096]))
@@ -219,13 +222,20 @@ func TestEncryptedTamperRepaired(t *testing.T) {
 	if after := r.physContents(v, v.Replicas[2]); !bytes.Equal(before, after) {
 		t.Fatal("the good copy changed")
 	}
+	if n := testutil.ToFloat64(metricSealRepairs.WithLabelValues(v.ID)) - repairs; n != 2 {
+		t.Fatalf("cairn_engine_decrypt_repairs_total rose by %v, want 2 (two replicas rewritten)", n)
+	}
 
 	// Changed everywhere: EIO, never wrong data, and the condition says so.
 	for _, rep := range v.Replicas {
 		flip(rep, 20)
 	}
+	lost := testutil.ToFloat64(metricSealUnrecoverable.WithLabelValues(v.ID))
 	if err := e.ReadAt(ctx, got, 20*4096); !errors.Is(err, ErrIO) {
 		t.Fatalf("read of a block changed on every replica: %v, want ErrIO", err)
+	}
+	if n := testutil.ToFloat64(metricSealUnrecoverable.WithLabelValues(v.ID)) - lost; n != 1 {
+		t.Fatalf("cairn_engine_decrypt_unrecoverable_total rose by %v, want 1", n)
 	}
 	if vv, _ := r.meta.Volume(ctx, v.ID); vv.Condition == nil || !vv.Condition.Abnormal {
 		t.Fatalf("condition %+v, want abnormal", vv.Condition)
@@ -281,9 +291,13 @@ func TestEncryptedWritesArePairs(t *testing.T) {
 	r := newRig(t, 3)
 	r.checksums = true
 	v, key := r.createEncrypted("pairs", 4*mib)
-	var plain, pairs atomic.Int64
-	e, err := r.openSealedWrapped(v.ID, key, func(_ meta.Replica, c replicaConn) replicaConn {
-		return &countingConn{replicaConn: c, plain: &plain, pairs: &pairs}
+	var plain atomic.Int64
+	pairs := map[string]*atomic.Int64{}
+	for _, rep := range v.Replicas {
+		pairs[rep.ID] = &atomic.Int64{}
+	}
+	e, err := r.openSealedWrapped(v.ID, key, func(rep meta.Replica, c replicaConn) replicaConn {
+		return &countingConn{replicaConn: c, plain: &plain, pairs: pairs[rep.ID]}
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -298,10 +312,15 @@ func TestEncryptedWritesArePairs(t *testing.T) {
 	if err := e.WriteAt(ctx, p[:512], 5*4096+512, false); err != nil {
 		t.Fatal(err)
 	}
-	// At least one pair per group and replica (a retry after a failed
-	// attempt sends more), and no lone write.
-	if got, want := pairs.Load(), int64(3*(3+1)); got < want || plain.Load() != 0 {
-		t.Fatalf("%d pair writes and %d lone writes reached the replicas, want at least %d pairs and no lone write", got, plain.Load(), want)
+	// At least one pair per group on every replica (a retry after a
+	// failed attempt sends more), and no lone write anywhere.
+	if plain.Load() != 0 {
+		t.Fatalf("%d lone writes reached the replicas, want none", plain.Load())
+	}
+	for id, n := range pairs {
+		if n.Load() < 3+1 {
+			t.Fatalf("replica %s got %d pair writes, want at least 4 (3 groups and a 512-byte write)", id, n.Load())
+		}
 	}
 	got := make([]byte, len(p))
 	if err := e.ReadAt(ctx, got, 120*4096); err != nil || !bytes.Equal(got, p) {
