@@ -6,6 +6,7 @@ package verify
 
 import (
 	"context"
+	"errors"
 	"fmt"
 
 	"github.com/cairn-csi/cairn/replication/meta"
@@ -69,19 +70,31 @@ func Volume(ctx context.Context, c *meta.Client, id string) (*Report, error) {
 	return rep, nil
 }
 
+// fencedRetries bounds how often replicaChecksums starts over after an
+// engine claimed a newer epoch between its two requests.
+const fencedRetries = 5
+
 // replicaChecksums reads every extent checksum of one replica, with the
-// replica's own epoch (verify changes nothing and fences nobody).
+// replica's own epoch (verify changes nothing and fences nobody). An engine
+// may claim the replica between the Info and the Checksums request (a
+// rebuild starting on another node does); the read is then fenced, and it
+// starts over at the new epoch.
 func replicaChecksums(ctx context.Context, addr, id string, size uint64) ([]uint32, uint64, error) {
 	rc, err := replica.Dial(ctx, addr, id, size)
 	if err != nil {
 		return nil, 0, err
 	}
 	defer rc.Close()
-	info, err := rc.Info(ctx)
-	if err != nil {
-		return nil, 0, err
+	for attempt := 0; ; attempt++ {
+		info, err := rc.Info(ctx)
+		if err != nil {
+			return nil, 0, err
+		}
+		extents := (info.Size + info.ExtentSize - 1) / info.ExtentSize
+		sums, err := rc.Checksums(ctx, info.Epoch, 0, extents)
+		if errors.Is(err, replica.ErrFenced) && attempt < fencedRetries {
+			continue
+		}
+		return sums, info.ExtentSize, err
 	}
-	extents := (info.Size + info.ExtentSize - 1) / info.ExtentSize
-	sums, err := rc.Checksums(ctx, info.Epoch, 0, extents)
-	return sums, info.ExtentSize, err
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"slices"
 	"testing"
+	"time"
 
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/testrig"
@@ -49,4 +50,51 @@ func TestVolume(t *testing.T) {
 	if _, err := verify.Volume(rig.Ctx(), rig.Meta, "vol-none"); !errors.Is(err, meta.ErrNotFound) {
 		t.Fatalf("verify of an unknown volume = %v, want ErrNotFound", err)
 	}
+}
+
+// TestVolumeWhileClaimed: an engine claiming a replica between verify's
+// two requests (a rebuild starting elsewhere does) fences the checksum
+// read; verify starts over at the new epoch instead of failing.
+func TestVolumeWhileClaimed(t *testing.T) {
+	rig := testrig.New(t)
+	rig.AddNode("n1")
+	rig.AddNode("n2")
+	v := rig.CreateVolume("v", 16<<20, "n1", "n2")
+	r := v.Replicas[0]
+	rr, err := rig.Servers[r.Node].Get(r.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	stop := make(chan struct{})
+	claimed := make(chan uint64)
+	go func() {
+		var n uint64
+		defer func() { claimed <- n }()
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			if err := rr.Claim(rr.Epoch() + 1); err != nil {
+				t.Error(err)
+				return
+			}
+			n++
+			time.Sleep(time.Millisecond)
+		}
+	}()
+	for i := 0; i < 200; i++ {
+		rep, err := verify.Volume(rig.Ctx(), rig.Meta, v.ID)
+		if err != nil {
+			close(stop)
+			<-claimed
+			t.Fatalf("verify %d while claims go on: %v", i, err)
+		}
+		if !rep.Identical {
+			t.Fatalf("verify %d: %+v, want identical", i, rep)
+		}
+	}
+	close(stop)
+	t.Logf("200 verifies identical while %d claims moved the epoch", <-claimed)
 }
