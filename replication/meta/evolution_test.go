@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -170,5 +171,44 @@ func TestGatedTypeWaitsForEveryMember(t *testing.T) {
 	a.noteCommandTypes("old-member", uint8(lastCommandType))
 	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 3 * gib}); err != nil {
 		t.Fatalf("ExpandVolume once every member reads it: %v", err)
+	}
+}
+
+// TestGatedTypeAppliedPassesSilentMembers: once an entry of a gated type
+// is in the log, a member that has not reported (down when leadership
+// moved) holds up only newer types: it must read the applied type anyway.
+func TestGatedTypeAppliedPassesSilentMembers(t *testing.T) {
+	a, c := startTestAgent(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	v := testCreate(t, ctx, c, "grow")
+	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 2 * gib}); err != nil {
+		t.Fatalf("ExpandVolume on a one-member cluster: %v", err)
+	}
+	var applied CommandType
+	a.store.FSM().View(func(s *State) { applied = s.MaxCommandType })
+	if applied != CmdExpandVolume {
+		t.Fatalf("MaxCommandType after one ExpandVolume = %d, want %d", applied, CmdExpandVolume)
+	}
+	if got := a.store.FSM().state.Clone().MaxCommandType; got != applied {
+		t.Fatalf("Clone kept MaxCommandType %d, want %d", got, applied)
+	}
+	// A member that never reports: a second expansion goes through.
+	f := a.store.raft.AddNonvoter("silent-member", "127.0.0.1:1", 0, 5*time.Second)
+	if err := f.Error(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 3 * gib}); err != nil {
+		t.Fatalf("ExpandVolume (applied before) with a silent member: %v", err)
+	}
+	// A type never applied still waits for it, then is refused by name.
+	_, err := c.Apply(ctx, &LeaseNonces{})
+	if !errors.Is(err, ErrFailedPrecondition) || !strings.Contains(err.Error(), "silent-member") {
+		t.Fatalf("LeaseNonces (never applied) with a silent member = %v, want ErrFailedPrecondition naming it", err)
+	}
+	// A member that says its build is older still holds up the applied type.
+	a.noteCommandTypes("silent-member", uint8(CmdScrubProgress))
+	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 4 * gib}); !errors.Is(err, ErrFailedPrecondition) {
+		t.Fatalf("ExpandVolume with a member of an older build = %v, want ErrFailedPrecondition", err)
 	}
 }

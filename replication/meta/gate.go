@@ -16,6 +16,15 @@ import (
 // CommandTypes, the highest type their build reads); the leader keeps the
 // last word of each in memory, beside its liveness view. A heartbeat of an
 // older build carries nothing, which reads as "not this type".
+//
+// Only the first entry of a type needs every member's word. A build reads
+// every type up to its highest, so once an entry of type m is in the log
+// (State.MaxCommandType = m), a member that has not reported since this
+// member became leader (it is down, or its heartbeat is late) must read
+// every t <= m anyway to apply the log it already holds: more such entries
+// cannot stop it where the first would not. So a silent
+// member holds up only types newer than every applied one; a member that
+// said its build is older still holds up every gated type above its own.
 
 // firstGatedType is the first command type written through the gate.
 const firstGatedType = CmdExpandVolume
@@ -68,6 +77,8 @@ func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
 	if !gated {
 		return nil
 	}
+	var applied CommandType
+	a.store.FSM().View(func(s *State) { applied = s.MaxCommandType })
 	deadline := time.Now().Add(max(gateWait, 3*a.cfg.HeartbeatInterval))
 	for {
 		members, err := a.store.Members()
@@ -82,7 +93,9 @@ func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
 			}
 			switch reads, ok := a.reads[m.ID]; {
 			case !ok:
-				silent = append(silent, m.ID)
+				if t > applied {
+					silent = append(silent, m.ID)
+				}
 			case reads < t:
 				older = append(older, m.ID)
 			}

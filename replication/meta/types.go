@@ -285,6 +285,10 @@ type State struct {
 	// NonceLeases counts the nonce leases handed out (LeaseNonces): each
 	// number is given once in the cluster's life.
 	NonceLeases uint64 `json:"nonce_leases,omitempty"`
+	// MaxCommandType is the highest gated command type (gate.go) applied
+	// so far: every member must read entries up to it already, so later
+	// entries of these types need no word from a silent member.
+	MaxCommandType CommandType `json:"max_command_type,omitempty"`
 	// Requests remembers the results of the most recent client requests, in
 	// the order they were applied, so that a request sent twice is applied
 	// once (see Request). Bounded by MaxRememberedRequests.
@@ -375,6 +379,7 @@ func (s *State) Clone() *State {
 	c.ClusterID = s.ClusterID
 	c.OverProvisioningRatio = s.OverProvisioningRatio
 	c.NonceLeases = s.NonceLeases
+	c.MaxCommandType = s.MaxCommandType
 	for id, n := range s.Nodes {
 		nc := *n
 		nc.Disks = maps.Clone(n.Disks)
