@@ -32,6 +32,12 @@ type rig struct {
 	checksums bool
 	// local: openWatching's engine reaches n1's replica in process.
 	local bool
+	// patient: openWatching's engine waits up to a long IOTimeout for
+	// every replica instead of ejecting one that answers a second after
+	// the others. Tests whose premise is that no replica is ejected
+	// before the outage they stage set it: on a loaded machine an fsync
+	// can lag that long.
+	patient bool
 }
 
 type replicaServer struct {
@@ -139,6 +145,9 @@ func (r *rig) openWatching(id string) (*Engine, <-chan RebuildStats) {
 		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond, OnRebuilt: func(s RebuildStats) { rebuilt <- s }}
 	if r.local {
 		cfg.Local = r.servers["n1"].srv
+	}
+	if r.patient {
+		cfg.IOTimeout, cfg.ReplicaDeadline = 20*time.Second, -1
 	}
 	e, err := Open(r.ctx(), cfg)
 	if err != nil {

@@ -253,6 +253,7 @@ func chainRig(t *testing.T, name string) (*rig, *meta.Volume) {
 	t.Helper()
 	r := newRig(t, 3)
 	r.checksums = true
+	r.patient = true // the outages below must be the only ones
 	r.heartbeat("n1", "n2", "n3")
 	return r, r.createVolume(name, 16*mib, 3, 0, "n1")
 }
@@ -348,6 +349,15 @@ func deleteSnapshot(e *Engine, id string) error {
 // of its replica, and the replica.
 func (r *rig) outage(id, node string, rebuilt <-chan RebuildStats, during func()) (RebuildStats, *replica.Replica) {
 	r.t.Helper()
+	v, err := r.meta.Volume(r.ctx(), id)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	if n := v.HealthyReplicas(); n != len(v.Replicas) {
+		// The rebuild this test watches would then start from a replica
+		// that missed more than the outage.
+		r.t.Fatalf("before the outage of %s: %d of %d replicas healthy, want all", node, n, len(v.Replicas))
+	}
 	s := r.servers[node]
 	r.kill(node)
 	during()
