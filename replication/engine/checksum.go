@@ -70,7 +70,8 @@ var (
 func Collectors() []prometheus.Collector {
 	return []prometheus.Collector{metricChecksumErrors, metricChecksumRepairs, metricChecksumUnrecoverable,
 		metricScrubBlocks, metricScrubRepaired, metricScrubUnrecoverable, metricScrubRuns, metricScrubLast,
-		metricReplicaGrows, metricExpansions, metricRebuildLayerBytes, metricRebuildLayers, metricSealRepairs, metricSealUnrecoverable}
+		metricReplicaGrows, metricExpansions, metricRebuildLayerBytes, metricRebuildLayers, metricSealRepairs, metricSealUnrecoverable,
+		metricFollowLagWrites, metricFollowLagBytes, metricFollowLagSeconds, metricFollowResyncExtents, metricFollowOverflows}
 }
 
 // blockSpan rounds [off, off+n) out to whole checksum blocks, cut at the end

@@ -9,6 +9,7 @@
 package engine
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -109,6 +110,8 @@ type Config struct {
 	// wrapConn, if set, wraps every replica connection the engine makes
 	// (tests: delays and lost requests on one replica).
 	wrapConn func(meta.Replica, replicaConn) replicaConn
+	// followWrites, if set, replaces followQueueWrites (tests: overflow).
+	followWrites int
 }
 
 // member is one replica the engine sends I/O to.
@@ -220,6 +223,22 @@ type Engine struct {
 	// changed wakes watchLoop when the store's watch reports a change of
 	// the volume (buffered: one wake-up stands for any number).
 	changed chan struct{}
+
+	// Asynchronous replication (follow.go). followers and writeSet (the
+	// members that are not followers) are guarded by mu; seq numbers the
+	// acknowledged writes; epochNow is epoch, for the senders, which hold
+	// no lock; async and eventual are the volume's parameters.
+	followers map[string]*follower
+	writeSet  []*member
+	seq       atomic.Uint64
+	epochNow  atomic.Uint64
+	async     atomic.Bool
+	eventual  atomic.Bool
+	followWG  sync.WaitGroup
+	// fctx ends the followers' senders: after Close drained them, not
+	// with bg (Close's clean point still needs them).
+	fctx  context.Context
+	fstop context.CancelFunc
 }
 
 // setFenced records that a newer engine owns the volume. Called with e.mu
@@ -255,6 +274,11 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		cfg.Logger = zap.NewNop()
 	}
 	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), changed: make(chan struct{}, 1), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	// The contexts exist before the first reconfigure: it may start the
+	// followers' senders.
+	bg, cancel := context.WithCancel(context.Background())
+	e.bg, e.stop = bg, cancel
+	e.fctx, e.fstop = context.WithCancel(context.Background())
 	e.mu.Lock()
 	err := e.reconfigure(ctx)
 	if err == nil {
@@ -262,15 +286,16 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	}
 	e.mu.Unlock()
 	if err != nil {
+		e.stopFollowers()
+		cancel()
 		e.closeMembers()
 		return nil, err
 	}
-	bg, cancel := context.WithCancel(context.Background())
-	e.bg, e.stop = bg, cancel
-	e.wg.Add(3)
+	e.wg.Add(4)
 	go func() { defer e.wg.Done(); e.cleanLoop(bg) }()
 	go func() { defer e.wg.Done(); e.watchLoop(bg) }()
 	go func() { defer e.wg.Done(); e.followStore(bg) }()
+	go func() { defer e.wg.Done(); e.lagLoop(bg) }()
 	e.mu.Lock()
 	// Logged under the lock: the rebuild started here may reconfigure at once.
 	e.log.Info("engine started", zap.Uint64("epoch", e.epoch), zap.Int("replicas", len(e.members)))
@@ -337,6 +362,11 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 			return err
 		}
 		e.epoch, e.quorum = v.Epoch, v.WriteQuorum
+		e.epochNow.Store(v.Epoch)
+		if s, err := v.Spec(); err == nil {
+			e.async.Store(s.Async())
+			e.eventual.Store(s.ConsistencyLevel == volspec.ConsistencyEventual)
+		}
 		e.checksums.Store(v.Checksummed())
 		e.restoredFrom.Store(&v.RestoredFrom)
 		failed, err := e.claimAll(ctx)
@@ -365,6 +395,11 @@ func (e *Engine) reconfigure(ctx context.Context) error {
 					metricExpansions.Inc()
 					e.log.Info("volume grown", zap.Uint64("previous_size", old), zap.Uint64("size", size), zap.Uint64("epoch", v.Epoch))
 				}
+			}
+			if changed, err := e.arrangeFollowers(ctx, v); err != nil {
+				return err
+			} else if changed {
+				continue // claim the set with the followers' new epoch
 			}
 			e.applyQoS(v)
 			if n := e.healthyCount(); n < e.quorum {
@@ -402,7 +437,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 	connected := 0                                   // healthy members with a connection
 	var quorumAt time.Time                           // when connected reached the quorum
 	for _, r := range v.Replicas {
-		if r.State != meta.ReplicaHealthy && r.State != meta.ReplicaRebuilding {
+		if r.State != meta.ReplicaHealthy && r.State != meta.ReplicaRebuilding && r.State != meta.ReplicaFollowing {
 			continue
 		}
 		if m, ok := old[r.ID]; ok {
@@ -502,6 +537,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 		}
 	}
 	e.members = members
+	e.syncFollowers()
 	return nil
 }
 
@@ -901,7 +937,7 @@ func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op 
 		}
 		// connect replaces e.members with a new slice and never changes
 		// one in place, so ms stays valid after the lock is released.
-		epoch, ms := e.epoch, e.members
+		epoch, ms := e.epoch, e.writers()
 		sent = true
 		errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return op(ctx, m, epoch) })
 		e.dirty.Store(true)
@@ -909,6 +945,10 @@ func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op 
 			e.repairWrites(ctx, ms, errs, spans)
 		}
 		failing := slices.ContainsFunc(errs, func(err error) bool { return err != nil })
+		if !failing {
+			// Under the same read lock and range hold (follow.go).
+			e.enqueue(spans, op)
+		}
 		if failing {
 			// Announced before the read lock goes, so that a clean point
 			// that gets the write lock first steps aside (cleanPointLocked).
@@ -1009,6 +1049,11 @@ func (e *Engine) resolve(ctx context.Context) error {
 	if err := e.cleanable(); err != nil {
 		return err
 	}
+	// The extents copied below must not be overwritten on a follower by
+	// an older write still in its queue.
+	if err := e.drainFollowers(ctx, "resolving a failed write"); err != nil {
+		return fmt.Errorf("volume %s: resolve: %w", e.cfg.VolumeID, err)
+	}
 	node := e.cfg.NodeID
 	if e.cfg.Maintenance {
 		node = ""
@@ -1084,6 +1129,9 @@ func (e *Engine) WriteAt(ctx context.Context, p []byte, off uint64, fua bool) er
 
 // writePhys writes p at off of the replicas.
 func (e *Engine) writePhys(ctx context.Context, p []byte, off uint64, fua bool) error {
+	if e.async.Load() {
+		p = bytes.Clone(p) // the followers' queue keeps it after we return
+	}
 	if !e.checksums.Load() {
 		return e.mutate(ctx, "write", off, uint64(len(p)), func(ctx context.Context, m *member, epoch uint64) error {
 			return m.client.WriteAt(ctx, epoch, p, off, fua)
@@ -1203,8 +1251,12 @@ func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
 		// source is ejected below and the next attempt picks another.
 		var src *member
 		others := -1 // candidates besides src
+		eventual := e.eventual.Load()
 		for _, m := range e.members {
-			if m.healthy() && !passed[m.replica.ID] {
+			// consistencyLevel eventual: the node's own follower may
+			// answer, though it may lack the latest writes.
+			ok := m.healthy() || eventual && m.local && m.following() && m.client != nil
+			if ok && !passed[m.replica.ID] {
 				others++
 				if src == nil || m.local && !src.local {
 					src = m
@@ -1364,6 +1416,17 @@ func (e *Engine) cleanPointLocked(ctx context.Context) error {
 		// more, and the write with it. The next clean point will do.
 		return nil
 	}
+	if len(e.followers) > 0 {
+		if e.releasing {
+			if err := e.drainFollowers(ctx, "closing"); err != nil {
+				return fmt.Errorf("clean point: %w", err)
+			}
+		} else if !e.followersIdle() {
+			// A write still queued for a follower is in no dirty map but
+			// the healthy members': keep theirs (follow.go).
+			return nil
+		}
+	}
 	// An unresolved write may have reached some replicas only: clearing
 	// the dirty bits would hide it from every later resync.
 	if err := e.resolve(ctx); err != nil {
@@ -1518,8 +1581,14 @@ func (e *Engine) Close(ctx context.Context) error {
 		e.mu.Unlock()
 		err = e.CleanPoint(ctx)
 		e.mu.Lock()
+		if err == nil && e.cleanable() == nil {
+			if rerr := e.releaseFollowers(ctx); rerr != nil {
+				e.log.Warn("followers left following: the next engine resyncs them", zap.Error(rerr))
+			}
+		}
 		e.closed = true
 		e.mu.Unlock()
+		e.stopFollowers()
 		e.closeMembers()
 		if e.cfg.Sched != nil && e.qosSet.Load() && !e.cfg.Maintenance {
 			e.cfg.Sched.RemoveVolume(e.cfg.VolumeID)
@@ -1527,6 +1596,18 @@ func (e *Engine) Close(ctx context.Context) error {
 		e.log.Info("engine stopped")
 	})
 	return err
+}
+
+// stopFollowers ends the followers' senders and waits for them.
+func (e *Engine) stopFollowers() {
+	e.mu.Lock()
+	for id, f := range e.followers {
+		f.close()
+		delete(e.followers, id)
+	}
+	e.mu.Unlock()
+	e.fstop()
+	e.followWG.Wait()
 }
 
 func (e *Engine) closeMembers() {

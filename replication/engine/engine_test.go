@@ -101,8 +101,14 @@ func (r *rig) kill(node string) {
 // (the node agents' job in production) and attaches it to node.
 func (r *rig) createVolume(name string, size uint64, replicas, quorum int, node string) *meta.Volume {
 	r.t.Helper()
+	return r.createVolumeWith(name, size, replicas, quorum, node, nil)
+}
+
+// createVolumeWith is createVolume with parameters.
+func (r *rig) createVolumeWith(name string, size uint64, replicas, quorum int, node string, params map[string]string) *meta.Volume {
+	r.t.Helper()
 	ctx := r.ctx()
-	res, err := r.meta.Apply(ctx, &meta.CreateVolume{ID: "vol-" + name, Name: name, SizeBytes: size, Replicas: replicas, WriteQuorum: quorum})
+	res, err := r.meta.Apply(ctx, &meta.CreateVolume{ID: "vol-" + name, Name: name, SizeBytes: size, Replicas: replicas, WriteQuorum: quorum, Parameters: params})
 	if err != nil {
 		r.t.Fatal(err)
 	}

@@ -53,7 +53,8 @@ func verdictOf(state meta.ReplicaState, stored, reported string) identityVerdict
 	switch {
 	case reported == stored:
 		return identityOK
-	case state == meta.ReplicaHealthy && stored != "":
+	case (state == meta.ReplicaHealthy || state == meta.ReplicaFollowing) && stored != "":
+		// A follower was healthy first: its copy is recorded.
 		return identityLost
 	case reported == "":
 		return identityOK

@@ -93,13 +93,18 @@ func (e *Engine) snapshotLocked(ctx context.Context, id string) (holders []strin
 	if err := e.resolve(ctx); err != nil {
 		return nil, nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
+	// A follower takes the snapshot too, with everything acknowledged
+	// before it (follow.go).
+	if err := e.drainFollowers(ctx, "before a snapshot"); err != nil {
+		return nil, nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
+	}
 	if err := e.flushOrEject(ctx, "before a snapshot"); err != nil {
 		return nil, nil, 0, fmt.Errorf("snapshot %s: %w", id, err)
 	}
 	epoch = e.epoch
 	var sealing []*member
 	for _, m := range e.members {
-		if m.healthy() {
+		if m.holdsData() {
 			sealing = append(sealing, m)
 		}
 	}
@@ -164,6 +169,14 @@ func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
 	if err != nil {
 		return err
 	}
+	// Followers hold the snapshots too (snapshotLocked).
+	e.mu.RLock()
+	for _, m := range e.members {
+		if m.following() && m.client != nil {
+			ms = append(ms, m)
+		}
+	}
+	e.mu.RUnlock()
 	start := time.Now()
 	errs := eachMember(ctx, ms, func(ctx context.Context, m *member) error {
 		return m.client.DeleteSnapshot(ctx, epoch, id)

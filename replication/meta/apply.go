@@ -19,6 +19,9 @@ type Result struct {
 	Snapshot *Snapshot `json:"snapshot,omitempty"`
 	// Lease is LeaseNonces's answer.
 	Lease uint64 `json:"lease,omitempty"`
+	// Promoted is PromoteVolume's answer: the follower made healthy, with
+	// its last reported lag (the recovery point).
+	Promoted *Replica `json:"promoted,omitempty"`
 }
 
 // MaxReplicas bounds a volume's replica count.
@@ -92,6 +95,10 @@ func apply(s *State, c Command) (Result, error) {
 		return applySetNodeDisks(s, c)
 	case *LeaseNonces:
 		return applyLeaseNonces(s, c)
+	case *ReportLag:
+		return applyReportLag(s, c)
+	case *PromoteVolume:
+		return applyPromoteVolume(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }
@@ -352,6 +359,9 @@ func applyAttachVolume(s *State, c *AttachVolume) (Result, error) {
 			v.ID, ErrInvalidArgument)
 	}
 	if err := checkEpoch(v, c.ExpectEpoch); err != nil {
+		return Result{}, err
+	}
+	if err := checkFollowersAttach(s, v); err != nil {
 		return Result{}, err
 	}
 	if err := checkTransition(v.State, VolumeAttached); err != nil {

@@ -159,6 +159,9 @@ func checkCreate(c *CreateVolume) (int, error) {
 		return 0, fmt.Errorf("volume %q: write quorum %d not in 1..%d: %w", c.Name, c.WriteQuorum, c.Replicas, ErrInvalidArgument)
 	}
 	if c.WriteQuorum == 0 {
+		if (&Volume{Parameters: c.Parameters}).asyncParam() {
+			return 1, nil // the engine's own replica (docs/replication-modes.md)
+		}
 		return c.Replicas/2 + 1, nil
 	}
 	return c.WriteQuorum, nil

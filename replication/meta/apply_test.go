@@ -1341,10 +1341,11 @@ func TestTransitionTablesPinned(t *testing.T) {
 		t.Errorf("volumeTransitions = %v\nwant %v", volumeTransitions, wantVolume)
 	}
 	wantReplica := map[ReplicaState][]ReplicaState{
-		ReplicaHealthy:    {ReplicaStale, ReplicaFailed},
+		ReplicaHealthy:    {ReplicaStale, ReplicaFailed, ReplicaFollowing},
 		ReplicaRebuilding: {ReplicaHealthy, ReplicaFailed, ReplicaStale},
 		ReplicaStale:      {ReplicaRebuilding, ReplicaFailed},
 		ReplicaFailed:     {ReplicaRebuilding},
+		ReplicaFollowing:  {ReplicaHealthy, ReplicaFailed, ReplicaStale},
 	}
 	if !reflect.DeepEqual(replicaTransitions, wantReplica) {
 		t.Errorf("replicaTransitions = %v\nwant %v", replicaTransitions, wantReplica)

@@ -47,6 +47,8 @@ const (
 	CmdAdmitVolume          CommandType = 29
 	CmdSetNodeDisks         CommandType = 30
 	CmdLeaseNonces          CommandType = 31
+	CmdReportLag            CommandType = 32
+	CmdPromoteVolume        CommandType = 33
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -58,7 +60,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdLeaseNonces
+const lastCommandType = CmdPromoteVolume
 
 // Command is one change to the store's state.
 type Command interface {
@@ -417,6 +419,10 @@ func newCommand(t CommandType) Command {
 		return &SetNodeDisks{}
 	case CmdLeaseNonces:
 		return &LeaseNonces{}
+	case CmdReportLag:
+		return &ReportLag{}
+	case CmdPromoteVolume:
+		return &PromoteVolume{}
 	}
 	return nil
 }
@@ -467,7 +473,7 @@ func Encode(c Command) ([]byte, error) {
 //     API's Info (command_types), that it reads it, and refuses the command
 //     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
 //     member cannot say so, so nothing it cannot read reaches the log while
-//     it is a member. Types 22 (ExpandVolume) to 30 are written so.
+//     it is a member. Types 22 (ExpandVolume) to 33 are written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So

@@ -57,6 +57,11 @@ func gatedType(c Command) (CommandType, bool) {
 		if (&Volume{Parameters: c.Parameters}).encryptedParam() {
 			t = CmdLeaseNonces
 		}
+	case *SetReplicaState:
+		// Followers are new with ReportLag (async.go).
+		if c.State == ReplicaFollowing {
+			t = CmdReportLag
+		}
 	}
 	return t, t >= firstGatedType
 }

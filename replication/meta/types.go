@@ -91,14 +91,22 @@ const (
 	ReplicaRebuilding ReplicaState = "rebuilding"
 	ReplicaStale      ReplicaState = "stale"
 	ReplicaFailed     ReplicaState = "failed"
+	// ReplicaFollowing: a replica of an asynchronous volume that receives
+	// the writes after they were acknowledged (docs/replication-modes.md).
+	// It may lack the latest acknowledged writes, so it is never a
+	// source, and a volume whose healthy replicas are all on nodes that
+	// are down is attached again only after `ctl volume promote
+	// --accept-data-loss` (PromoteVolume).
+	ReplicaFollowing ReplicaState = "following"
 )
 
 // replicaTransitions lists legal replica state moves.
 var replicaTransitions = map[ReplicaState][]ReplicaState{
-	ReplicaHealthy:    {ReplicaStale, ReplicaFailed},
+	ReplicaHealthy:    {ReplicaStale, ReplicaFailed, ReplicaFollowing},
 	ReplicaRebuilding: {ReplicaHealthy, ReplicaFailed, ReplicaStale},
 	ReplicaStale:      {ReplicaRebuilding, ReplicaFailed},
 	ReplicaFailed:     {ReplicaRebuilding},
+	ReplicaFollowing:  {ReplicaHealthy, ReplicaFailed, ReplicaStale},
 }
 
 func checkReplicaTransition(from, to ReplicaState) error {
@@ -126,6 +134,9 @@ type Replica struct {
 	// snapshot's layers are, names the replica on the same node it is made
 	// from (RestoreVolume); the node makes it by hard links, not blank.
 	Source string `json:"source,omitempty"`
+	// Lag is how far a following replica was behind at the engine's last
+	// report (ReportLag); nil for the others.
+	Lag *ReplicaLag `json:"lag,omitempty"`
 }
 
 // Attachment says which node's engine may write a volume.
@@ -330,6 +341,12 @@ func (v *Volume) Clone() *Volume {
 		}
 	}
 	c.Replicas = append([]Replica(nil), v.Replicas...)
+	for i, r := range c.Replicas {
+		if r.Lag != nil {
+			l := *r.Lag
+			c.Replicas[i].Lag = &l
+		}
+	}
 	c.Encryption = v.Encryption.Clone()
 	if v.Attachment != nil {
 		a := *v.Attachment

@@ -51,6 +51,11 @@ func (a replicaAction) String() string {
 //	present, g       healthy     h         fail    (another copy: not the data)
 //	present, none    any         any       none    (a server older than generations)
 func decide(state meta.ReplicaState, recorded string, present bool, onDisk string) replicaAction {
+	if state == meta.ReplicaFollowing {
+		// A follower of an asynchronous volume was healthy first, and
+		// holds the data as a healthy replica does (if not the latest).
+		state = meta.ReplicaHealthy
+	}
 	if !present {
 		switch {
 		case state == meta.ReplicaRebuilding:

@@ -117,9 +117,8 @@ const (
 // feature Cairn does not have yet, by key: each is refused with the
 // feature's name rather than accepted and ignored.
 var notBuilt = map[string]map[string]string{
-	KeyReplicationMode: {ReplicationAsync: "asynchronous replication is not built yet; every write is acknowledged once written to the write quorum"},
-	KeyDeduplication:   {"true": "deduplication is not built yet (the space-efficiency work)"},
-	KeyCompression:     {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
+	KeyDeduplication: {"true": "deduplication is not built yet (the space-efficiency work)"},
+	KeyCompression:   {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
 }
 
 // ErrInvalid is wrapped by every error of this package. replication/meta
@@ -173,11 +172,21 @@ type Spec struct {
 	// for DiskTypeDefault.
 	DiskType string
 	// ConsistencyLevel is ConsistencyEventual, or "" for
-	// ConsistencyStrong (the default): with synchronous replication (the
-	// only mode yet) every replica a read may use holds every acknowledged
-	// write, so both read the same.
+	// ConsistencyStrong (the default). Eventual lets a read use the
+	// engine's own replica while it follows (asynchronous mode), which may
+	// miss the latest writes; with synchronous replication every replica a
+	// read may use holds every acknowledged write, so both read the same
+	// (docs/replication-modes.md).
 	ConsistencyLevel string
+	// ReplicationMode is ReplicationAsync, or "" for ReplicationSync (the
+	// default): asynchronously, a write is acknowledged once the write
+	// quorum (default 1: the engine's own replica) has it, and the other
+	// replicas follow from a bounded queue.
+	ReplicationMode string
 }
+
+// Async reports whether the volume is replicated asynchronously.
+func (s Spec) Async() bool { return s.ReplicationMode == ReplicationAsync }
 
 // QoS are a volume's I/O limits; zero means unlimited (or the scheduler's
 // default burst of one second). Comparable: the engine compares the limits it
@@ -417,7 +426,13 @@ var paramsBase = []param{
 			return choose(&s.ConsistencyLevel, v, ConsistencyStrong, ConsistencyEventual)
 		},
 		format: func(s Spec) string { return s.ConsistencyLevel }},
-	onlyToday(KeyReplicationMode, ReplicationSync),
+	// Not mutable (the engine's replica set depends on it). Recorded only
+	// when not the default.
+	{key: KeyReplicationMode, want: strconv.Quote(ReplicationSync) + " (the default) or " + strconv.Quote(ReplicationAsync),
+		parse: func(s *Spec, v string, _ form) bool {
+			return choose(&s.ReplicationMode, v, ReplicationSync, ReplicationAsync)
+		},
+		format: func(s Spec) string { return s.ReplicationMode }},
 	// Recorded only when on. The volume's data key, wrapped, is kept
 	// beside the parameters (meta.Volume.Encryption; docs/encryption.md).
 	{key: KeyEncryption, want: strconv.Quote(EncryptionNone) + " (the default) or " + strconv.Quote(EncryptionAESGCM),

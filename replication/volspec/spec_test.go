@@ -413,7 +413,14 @@ func TestQoSClassAndConsistency(t *testing.T) {
 	if err != nil || back.QoS != s.QoS || back.ConsistencyLevel != ConsistencyEventual {
 		t.Fatalf("decoded %+v, %v", back, err)
 	}
-	s, err = Parse(map[string]string{"qosClass": "burstable", "consistencyLevel": "strong"})
+	s, err = Parse(map[string]string{"replicationMode": "asynchronous"})
+	if err != nil || !s.Async() || s.Params()[KeyReplicationMode] != ReplicationAsync {
+		t.Fatalf("asynchronous: %+v, stored %v, %v", s, s.Params(), err)
+	}
+	if back, err := Decode(s.Params()); err != nil || !back.Async() {
+		t.Fatalf("asynchronous decoded: %+v, %v", back, err)
+	}
+	s, err = Parse(map[string]string{"qosClass": "burstable", "consistencyLevel": "strong", "replicationMode": "synchronous"})
 	if err != nil || s.QoS.Weight() != 0 || len(s.Params()) != 1 { // dataLocality only
 		t.Fatalf("defaults: %+v, stored %v, %v", s, s.Params(), err)
 	}
@@ -425,8 +432,7 @@ func TestQoSClassAndConsistency(t *testing.T) {
 		{map[string]string{"qosClass": "gold"}, `"burstable" (the default), "besteffort" or "guaranteed" (with minIOPS)`},
 		{map[string]string{"qosClass": "guaranteed"}, "set minIOPS"},
 		{map[string]string{"consistencyLevel": "linearizable"}, `"strong" (the default) or "eventual"`},
-		{map[string]string{"replicationMode": "asynchronous"}, "asynchronous replication is not built yet"},
-		{map[string]string{"replicationMode": "semi"}, `want "synchronous"`},
+		{map[string]string{"replicationMode": "semi"}, `"synchronous" (the default) or "asynchronous"`},
 		{map[string]string{"deduplication": "yes"}, `want "false"`},
 		{map[string]string{"encryption": "aes-128-xts"}, `"none" (the default) or "aes-256-gcm"`},
 	} {

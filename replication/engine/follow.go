@@ -1,0 +1,710 @@
+package engine
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+)
+
+// Asynchronous replication (docs/replication-modes.md). The engine of an
+// asynchronous volume keeps its write quorum of replicas healthy (its own
+// replica first) and turns the others into followers: a write is
+// acknowledged once the healthy members have it, and each follower gets
+// it afterwards from a bounded queue, in order.
+//
+// The rules that keep a follower from silently missing a write:
+//
+//   - A write is queued under the same read lock (and range hold) it was
+//     sent with, so nothing that takes the write lock (a clean point, a
+//     snapshot, a resolve) finds a write acknowledged but not queued, and
+//     overlapping writes are queued in the order the replicas took them.
+//   - A queue that overflows is dropped and its ranges are remembered as
+//     extents to copy from a healthy replica, under each extent's range
+//     hold (the follower is "lagging" until none is left).
+//   - A clean point (which clears the replicas' dirty maps) happens only
+//     while every follower has everything: otherwise a write still queued
+//     would be in no dirty map, and a resync after a crash would miss it.
+//   - Anything that needs the replicas identical (a resolve, a snapshot,
+//     closing the engine) drains the followers first, under the write
+//     lock; a follower that cannot be drained is ejected.
+//   - A follower is never a read source (but for consistencyLevel
+//     eventual, its own node's) nor a copy source, and the store never
+//     makes one healthy without the operator (meta.PromoteVolume).
+
+// Bounds of a follower's queue: past either, it overflows.
+const (
+	followQueueWrites = 8192
+	followQueueBytes  = 64 << 20
+	// followBatch bounds the writes sent at once to a follower; they never
+	// overlap each other.
+	followBatch = 64
+	// lagReportInterval is how often the engine records its followers'
+	// lag in the store (when it changed).
+	lagReportInterval = 2 * time.Second
+)
+
+var (
+	metricFollowLagWrites = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "cairn_engine_follower_lag_writes",
+		Help: "Acknowledged writes a following replica (asynchronous volume) has not been sent yet.",
+	}, []string{"volume_id", "replica_id"})
+	metricFollowLagBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "cairn_engine_follower_lag_bytes",
+		Help: "Bytes of acknowledged writes a following replica has not been sent yet.",
+	}, []string{"volume_id", "replica_id"})
+	metricFollowLagSeconds = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "cairn_engine_follower_lag_seconds",
+		Help: "Age of the oldest acknowledged write a following replica has not been sent yet.",
+	}, []string{"volume_id", "replica_id"})
+	metricFollowResyncExtents = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "cairn_engine_follower_resync_extents",
+		Help: "Extents left to copy to a following replica whose queue overflowed (0: it streams).",
+	}, []string{"volume_id", "replica_id"})
+	metricFollowOverflows = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cairn_engine_follower_overflows_total",
+		Help: "Times a following replica's queue overflowed and it fell back to copying dirty extents.",
+	}, []string{"volume_id"})
+)
+
+// queued is one acknowledged write (or trim, or zeroing) waiting for a
+// follower: op as the healthy members ran it, its ranges, and its place in
+// the engine's order of writes.
+type queued struct {
+	seq   uint64
+	spans []span
+	op    func(context.Context, *member, uint64) error
+	bytes uint64
+	at    time.Time
+}
+
+// follower streams the acknowledged writes to one following member.
+type follower struct {
+	e  *Engine
+	id string
+
+	mu        sync.Mutex
+	m         *member // the member it sends to (replaced at a reconfigure)
+	queue     []*queued
+	bytes     uint64
+	sending   int             // writes taken from the head, not yet done
+	resync    map[uint64]bool // extents to copy; non-nil while lagging
+	applied   uint64          // seq of the last write it has
+	err       error           // the last send or copy failed: drain ejects it
+	idle      *sync.Cond      // broadcast when the queue or resync set shrinks
+	wake      chan struct{}   // a write was queued or an extent marked
+	stop      chan struct{}   // closed when the member leaves the set
+	lastLag   meta.ReplicaLag // last reported to the store
+	reportedA bool            // lastLag was reported once
+}
+
+// following reports whether m is a following replica.
+func (m *member) following() bool { return m.replica.State == meta.ReplicaFollowing }
+
+// holdsData reports whether m holds the volume's data for snapshot work:
+// healthy, or following (drained first where it matters).
+func (m *member) holdsData() bool { return m.healthy() || m.following() }
+
+// writers returns the members a write is sent to and waited for: every
+// member but the followers. Called with e.mu held.
+func (e *Engine) writers() []*member {
+	return e.writeSet
+}
+
+// syncFollowers makes e.followers match the following members after a
+// change of the set: a new follower starts with nothing queued (it was
+// made equal when it became one, or at Open's resync), one whose member
+// left stops. A maintenance engine writes nothing, so it has no
+// followers (and never makes them healthy at its close). Called with e.mu
+// held for writing.
+func (e *Engine) syncFollowers() {
+	seen := map[string]bool{}
+	e.writeSet = e.writeSet[:0:0]
+	for _, m := range e.members {
+		if !m.following() {
+			e.writeSet = append(e.writeSet, m)
+			continue
+		}
+		if e.cfg.Maintenance {
+			continue
+		}
+		seen[m.replica.ID] = true
+		if f, ok := e.followers[m.replica.ID]; ok {
+			f.mu.Lock()
+			f.m = m
+			f.mu.Unlock()
+			continue
+		}
+		f := &follower{e: e, id: m.replica.ID, m: m, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		f.idle = sync.NewCond(&f.mu)
+		f.applied = e.seq.Load()
+		if e.followers == nil {
+			e.followers = map[string]*follower{}
+		}
+		e.followers[m.replica.ID] = f
+		e.followWG.Add(1)
+		go func() { defer e.followWG.Done(); f.run() }()
+		e.log.Info("replica follows", zap.String("replica_id", m.replica.ID), zap.String("node", m.replica.Node), zap.Uint64("epoch", e.epoch))
+	}
+	for id, f := range e.followers {
+		if !seen[id] {
+			f.close()
+			delete(e.followers, id)
+		}
+	}
+}
+
+// close stops the follower's sender and forgets its metrics.
+func (f *follower) close() {
+	close(f.stop)
+	f.mu.Lock()
+	f.err = errors.New("no longer a follower")
+	f.idle.Broadcast()
+	f.mu.Unlock()
+	for _, g := range []*prometheus.GaugeVec{metricFollowLagWrites, metricFollowLagBytes, metricFollowLagSeconds, metricFollowResyncExtents} {
+		g.DeleteLabelValues(f.e.cfg.VolumeID, f.id)
+	}
+}
+
+// enqueue hands an acknowledged write to every follower. Called with e.mu
+// held for reading and the write's ranges held, right after the healthy
+// members took it.
+func (e *Engine) enqueue(spans []span, op func(context.Context, *member, uint64) error) {
+	if len(e.followers) == 0 || len(spans) == 0 {
+		return
+	}
+	q := &queued{seq: e.seq.Add(1), spans: spans, op: op, at: time.Now()}
+	for _, s := range spans {
+		q.bytes += s.end - s.off
+	}
+	for _, f := range e.followers {
+		f.mu.Lock()
+		switch {
+		case f.resync != nil:
+			f.markExtents(spans)
+		case len(f.queue) >= e.queueLimit() || f.bytes+q.bytes > followQueueBytes:
+			f.overflow(spans)
+		default:
+			f.queue = append(f.queue, q)
+			f.bytes += q.bytes
+		}
+		f.mu.Unlock()
+		select {
+		case f.wake <- struct{}{}:
+		default:
+		}
+	}
+}
+
+func (e *Engine) queueLimit() int {
+	if e.cfg.followWrites > 0 {
+		return e.cfg.followWrites
+	}
+	return followQueueWrites
+}
+
+// overflow drops the queue for the extents it covers. Called with f.mu.
+func (f *follower) overflow(spans []span) {
+	f.resync = map[uint64]bool{}
+	for _, q := range f.queue[f.sending:] {
+		f.markExtents(q.spans)
+	}
+	// The writes being sent stay until they are done (run drops them);
+	// their extents are copied again too, in case they fail.
+	for _, q := range f.queue[:f.sending] {
+		f.markExtents(q.spans)
+	}
+	f.queue = f.queue[:f.sending]
+	f.bytes = 0
+	for _, q := range f.queue {
+		f.bytes += q.bytes
+	}
+	f.markExtents(spans)
+	metricFollowOverflows.WithLabelValues(f.e.cfg.VolumeID).Inc()
+	f.e.log.Warn("follower's queue overflowed; it is lagging and gets the changed extents copied instead",
+		zap.String("replica_id", f.id), zap.Int("extents", len(f.resync)), zap.Uint64("epoch", f.e.epochNow.Load()))
+}
+
+// markExtents adds the extents spans touch to the resync set. Called with
+// f.mu.
+func (f *follower) markExtents(spans []span) {
+	x := f.e.extentSize // learned at Open's resync, before any write
+	for _, s := range spans {
+		for i := s.off / x; i*x < s.end; i++ {
+			f.resync[i] = true
+		}
+	}
+}
+
+// run sends the queue in order, a batch of non-overlapping writes at a
+// time, and copies the extents of a lagging follower.
+func (f *follower) run() {
+	for {
+		select {
+		case <-f.stop:
+			return
+		case <-f.e.fctx.Done():
+			return
+		case <-f.wake:
+		}
+		for f.step() {
+		}
+	}
+}
+
+// step does one batch; it reports whether there may be more to do.
+func (f *follower) step() bool {
+	f.mu.Lock()
+	if f.err != nil {
+		f.mu.Unlock()
+		return false
+	}
+	if f.resync != nil && len(f.queue) == 0 {
+		f.mu.Unlock()
+		return f.copyOne()
+	}
+	if len(f.queue) == 0 {
+		f.mu.Unlock()
+		return false
+	}
+	var batch []*queued
+	for _, q := range f.queue {
+		if len(batch) == followBatch || slices.ContainsFunc(batch, func(b *queued) bool { return overlapping(b.spans, q.spans) }) {
+			break
+		}
+		batch = append(batch, q)
+	}
+	f.sending = len(batch)
+	m := f.m
+	f.mu.Unlock()
+
+	errs := make([]error, len(batch))
+	var wg sync.WaitGroup
+	for i, q := range batch {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = f.send(m, q)
+		}()
+	}
+	wg.Wait()
+	err := errors.Join(errs...)
+
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := min(f.sending, len(f.queue))
+	for _, q := range f.queue[:n] {
+		f.bytes -= q.bytes
+	}
+	if err == nil && n > 0 {
+		f.applied = f.queue[n-1].seq
+	}
+	f.queue = slices.Delete(f.queue, 0, n)
+	f.sending = 0
+	if err != nil {
+		f.fail(err)
+		return false
+	}
+	f.idle.Broadcast()
+	return true
+}
+
+// send sends one queued write, with the engine's current epoch: a claim
+// of the follower by this engine (after an ejection elsewhere in the set)
+// moves it on, and the write is sent again at the new epoch. A newer
+// engine's claim fences it for good.
+func (f *follower) send(m *member, q *queued) error {
+	e := f.e
+	for attempt := 0; ; attempt++ {
+		epoch := e.epochNow.Load()
+		ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
+		err := one(ctx, m, func(ctx context.Context, m *member) error { return q.op(ctx, m, epoch) })
+		cancel()
+		if errors.Is(err, replica.ErrFenced) && attempt < 3 && e.epochNow.Load() != epoch {
+			continue
+		}
+		return err
+	}
+}
+
+// copyOne copies one extent of a lagging follower from a healthy replica
+// under the extent's range hold, so that no write to it runs meanwhile;
+// when none is left the follower streams again.
+func (f *follower) copyOne() bool {
+	e := f.e
+	f.mu.Lock()
+	var x uint64
+	found := false
+	for i := range f.resync {
+		if !found || i < x {
+			x, found = i, true
+		}
+	}
+	if !found {
+		f.resync = nil
+		f.idle.Broadcast()
+		f.mu.Unlock()
+		e.log.Info("follower caught up: it streams the writes again", zap.String("replica_id", f.id), zap.Uint64("epoch", e.epochNow.Load()))
+		return true
+	}
+	f.mu.Unlock()
+	off := x * e.extentSize
+	n := min(e.extentSize, e.size.Load()-min(off, e.size.Load()))
+	unlock, err := e.locks.lockSpans(e.fctx, []span{{off, off + max(n, 1)}})
+	if err != nil {
+		return false
+	}
+	defer unlock()
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	f.mu.Lock()
+	if !f.resync[x] || f.err != nil {
+		// Copied by a drain meanwhile, or failed.
+		f.mu.Unlock()
+		return f.err == nil
+	}
+	delete(f.resync, x)
+	m, seq := f.m, e.seq.Load()
+	f.mu.Unlock()
+	src := e.source()
+	if n > 0 {
+		if src == nil {
+			err = fmt.Errorf("no healthy replica to copy from")
+		} else {
+			ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
+			err = e.copyRange(ctx, src, m, off, n)
+			cancel()
+		}
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if err != nil {
+		f.resync[x] = true
+		f.fail(fmt.Errorf("copy extent %d: %w", x, err))
+		return false
+	}
+	if len(f.resync) == 0 {
+		f.applied = seq
+	}
+	f.idle.Broadcast()
+	return true
+}
+
+// fail records a follower's failure: the next drain (or the background
+// ejection started here) ejects it. Called with f.mu.
+func (f *follower) fail(err error) {
+	if f.err != nil {
+		return
+	}
+	f.err = err
+	f.idle.Broadcast()
+	select {
+	case <-f.stop:
+		return // no longer a follower: nothing to eject
+	default:
+	}
+	f.e.log.Warn("follower failed; it is ejected", zap.String("replica_id", f.id), zap.Uint64("epoch", f.e.epochNow.Load()), zap.Error(err))
+	go f.e.ejectFollower(f)
+}
+
+// ejectFollower ejects a failed follower under the write lock (not from
+// the sender itself: a drain may hold the lock and wait for it).
+func (e *Engine) ejectFollower(f *follower) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.usable() != nil || e.followers[f.id] != f {
+		return
+	}
+	f.mu.Lock()
+	m := f.m
+	f.mu.Unlock()
+	if err := e.eject(e.bg, []*member{m}, "follower failed"); err != nil && e.bg.Err() == nil {
+		e.log.Warn("ejecting a failed follower", zap.String("replica_id", f.id), zap.Error(err))
+	}
+}
+
+// followersIdle reports whether every follower has every acknowledged
+// write. Called with e.mu held for writing (no write is being queued).
+func (e *Engine) followersIdle() bool {
+	for _, f := range e.followers {
+		f.mu.Lock()
+		idle := len(f.queue) == 0 && f.resync == nil && f.err == nil
+		f.mu.Unlock()
+		if !idle {
+			return false
+		}
+	}
+	return true
+}
+
+// drainFollowers brings every follower up to every acknowledged write and
+// flushes it, or ejects it: a lagging one's extents are copied here, a
+// streaming one's queue is waited for (its sender runs without the
+// engine's lock) up to IOTimeout. Called with e.mu held for writing.
+func (e *Engine) drainFollowers(ctx context.Context, why string) error {
+	if len(e.followers) == 0 {
+		return nil
+	}
+	start := time.Now()
+	var failed []*member
+	deadline := time.Now().Add(e.cfg.IOTimeout)
+	for _, f := range e.followers {
+		if err := e.drainOne(ctx, f, deadline); err != nil {
+			e.log.Warn("follower could not be drained; it is ejected", zap.String("replica_id", f.id), zap.String("reason", why),
+				zap.Uint64("epoch", e.epoch), zap.Error(err))
+			failed = append(failed, f.m)
+		}
+	}
+	if len(failed) > 0 {
+		return e.eject(ctx, failed, "follower could not be drained ("+why+")")
+	}
+	var ms []*member
+	for _, f := range e.followers {
+		ms = append(ms, f.m)
+	}
+	epoch := e.epoch
+	errs := e.fanOut(ctx, ms, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
+	for i, err := range errs {
+		if err != nil {
+			failed = append(failed, ms[i])
+		}
+	}
+	if len(failed) > 0 {
+		return e.eject(ctx, failed, "follower flush failed ("+why+")")
+	}
+	e.log.Debug("followers drained", zap.String("reason", why), zap.Int("followers", len(ms)), zap.Duration("took", time.Since(start)))
+	return nil
+}
+
+// drainOne drains f; see drainFollowers.
+func (e *Engine) drainOne(ctx context.Context, f *follower, deadline time.Time) error {
+	f.mu.Lock()
+	if f.err != nil {
+		defer f.mu.Unlock()
+		return f.err
+	}
+	if f.resync != nil {
+		// Nothing else copies now: the copier needs the read lock.
+		extents := make([]uint64, 0, len(f.resync))
+		for x := range f.resync {
+			extents = append(extents, x)
+		}
+		m := f.m
+		f.mu.Unlock()
+		slices.Sort(extents)
+		src := e.source()
+		if src == nil {
+			return fmt.Errorf("no healthy replica to copy from")
+		}
+		size := e.size.Load()
+		for _, x := range extents {
+			off := x * e.extentSize
+			if off >= size {
+				continue
+			}
+			if err := e.copyRange(ctx, src, m, off, min(e.extentSize, size-off)); err != nil {
+				return fmt.Errorf("copy extent %d: %w", x, err)
+			}
+		}
+		f.mu.Lock()
+		f.resync = nil
+		f.applied = e.seq.Load()
+	}
+	// Wait for the sender. It holds no engine lock; a timer wakes the wait
+	// at the deadline.
+	t := time.AfterFunc(time.Until(deadline), func() {
+		f.mu.Lock()
+		f.idle.Broadcast()
+		f.mu.Unlock()
+	})
+	defer t.Stop()
+	select {
+	case f.wake <- struct{}{}:
+	default:
+	}
+	for (len(f.queue) > 0 || f.sending > 0) && f.err == nil && time.Now().Before(deadline) && ctx.Err() == nil {
+		f.idle.Wait()
+	}
+	defer f.mu.Unlock()
+	switch {
+	case f.err != nil:
+		return f.err
+	case len(f.queue) > 0:
+		return fmt.Errorf("%d writes still queued after %s", len(f.queue), e.cfg.IOTimeout)
+	}
+	return nil
+}
+
+// lag is f's lag now.
+func (f *follower) lag(now time.Time) meta.ReplicaLag {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	l := meta.ReplicaLag{Writes: uint64(len(f.queue)), Bytes: f.bytes, Applied: f.applied, ReportedAt: now.UnixNano()}
+	if len(f.queue) > 0 {
+		l.Seconds = now.Sub(f.queue[0].at).Seconds()
+	}
+	if f.resync != nil {
+		l.Resyncing, l.Extents = true, uint64(len(f.resync))
+	}
+	return l
+}
+
+// Lags returns the lag of every follower now, by replica id (tests,
+// `volume get` through the store's reports).
+func (e *Engine) Lags() map[string]meta.ReplicaLag {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	now := time.Now()
+	out := map[string]meta.ReplicaLag{}
+	for id, f := range e.followers {
+		out[id] = f.lag(now)
+	}
+	return out
+}
+
+// lagLoop measures the followers' lag, sets the metrics, and records it in
+// the store when it changed (and once a report interval while behind).
+func (e *Engine) lagLoop(ctx context.Context) {
+	t := time.NewTicker(lagReportInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		e.reportLags(ctx)
+	}
+}
+
+// reportLags is one round of lagLoop.
+func (e *Engine) reportLags(ctx context.Context) {
+	e.mu.RLock()
+	epoch := e.epoch
+	now := time.Now()
+	report := map[string]*meta.ReplicaLag{}
+	for id, f := range e.followers {
+		l := f.lag(now)
+		metricFollowLagWrites.WithLabelValues(e.cfg.VolumeID, id).Set(float64(l.Writes))
+		metricFollowLagBytes.WithLabelValues(e.cfg.VolumeID, id).Set(float64(l.Bytes))
+		metricFollowLagSeconds.WithLabelValues(e.cfg.VolumeID, id).Set(l.Seconds)
+		metricFollowResyncExtents.WithLabelValues(e.cfg.VolumeID, id).Set(float64(l.Extents))
+		f.mu.Lock()
+		changed := !f.reportedA || l.Behind() || f.lastLag.Behind() || l.Applied != f.lastLag.Applied
+		if changed {
+			f.lastLag, f.reportedA = l, true
+			report[id] = &l
+		}
+		f.mu.Unlock()
+	}
+	e.mu.RUnlock()
+	if len(report) == 0 {
+		return
+	}
+	if err := e.cfg.Meta.ReportLag(ctx, e.cfg.VolumeID, epoch, report); err != nil && ctx.Err() == nil {
+		e.log.Debug("lag report not recorded", zap.Uint64("epoch", epoch), zap.Error(err))
+		for id := range report {
+			if f := e.followerByID(id); f != nil {
+				f.mu.Lock()
+				f.reportedA = false
+				f.mu.Unlock()
+			}
+		}
+	}
+}
+
+func (e *Engine) followerByID(id string) *follower {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return e.followers[id]
+}
+
+// overlapping reports whether two sets of spans share a byte.
+func overlapping(a, b []span) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x.off < y.end && y.off < x.end {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// arrangeFollowers, for an asynchronous volume, turns the healthy members
+// beyond the write quorum into followers in the store, keeping this node's
+// replica healthy first. It reports whether it changed the set (the caller
+// then reads and claims it again). Safe only when the demoted replicas
+// hold every acknowledged write: called with e.mu held for writing, before
+// Open's resync (which makes every member equal) or after one.
+func (e *Engine) arrangeFollowers(ctx context.Context, v *meta.Volume) (bool, error) {
+	if !v.Async() || e.cfg.Maintenance {
+		return false, nil
+	}
+	var healthy []*member
+	for _, m := range e.members {
+		if m.healthy() && m.client != nil {
+			healthy = append(healthy, m)
+		}
+	}
+	if len(healthy) <= e.quorum {
+		return false, nil
+	}
+	// Keep the local replica, then the first ones.
+	slices.SortStableFunc(healthy, func(a, b *member) int {
+		switch {
+		case a.local == b.local:
+			return 0
+		case a.local:
+			return -1
+		}
+		return 1
+	})
+	epoch := v.Epoch
+	for _, m := range healthy[e.quorum:] {
+		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: v.ID, ReplicaID: m.replica.ID, State: meta.ReplicaFollowing, ExpectEpoch: epoch})
+		if errors.Is(err, meta.ErrEpochMismatch) {
+			return true, nil // the set moved: read it again
+		}
+		if err != nil {
+			return false, fmt.Errorf("make replica %s a follower: %w", m.replica.ID, err)
+		}
+		epoch = res.Volume.Epoch
+		e.log.Info("replica made a follower (asynchronous replication)", zap.String("replica_id", m.replica.ID),
+			zap.String("node", m.replica.Node), zap.Uint64("epoch", epoch))
+	}
+	return true, nil
+}
+
+// releaseFollowers, when the engine closes with every follower drained,
+// makes them healthy again in the store: they hold everything, and the
+// next engine (on any node) may use them as sources. Called with e.mu held
+// for writing.
+func (e *Engine) releaseFollowers(ctx context.Context) error {
+	if len(e.followers) == 0 {
+		return nil
+	}
+	if err := e.drainFollowers(ctx, "closing"); err != nil {
+		return err
+	}
+	epoch := e.epoch
+	for id, f := range e.followers {
+		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: e.cfg.VolumeID, ReplicaID: id, State: meta.ReplicaHealthy, ExpectEpoch: epoch})
+		if err != nil {
+			return fmt.Errorf("make follower %s healthy: %w", id, err)
+		}
+		epoch = res.Volume.Epoch
+		f.close()
+		delete(e.followers, id)
+	}
+	e.log.Info("followers healthy again: the engine closed with every write on them", zap.Uint64("epoch", epoch))
+	return nil
+}

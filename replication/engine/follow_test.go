@@ -1,0 +1,287 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/volspec"
+)
+
+var asyncParams = map[string]string{volspec.KeyReplicationMode: volspec.ReplicationAsync}
+
+// gate holds every write to one node's replica until it is opened.
+type gate struct{ open chan struct{} }
+
+func newGate() *gate { return &gate{open: make(chan struct{})} }
+
+func (g *gate) hold(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+	select {
+	case <-g.open:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	return forward(ctx)
+}
+
+// openAsync opens the engine of an asynchronous volume on n1 whose writes
+// to the replica on n3 wait for g; queue bounds the followers' queues
+// (0: the default).
+func (r *rig) openAsync(id string, g *gate, queue int) *Engine {
+	r.t.Helper()
+	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, CleanInterval: time.Hour,
+		followWrites: queue,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.Node == "n3" {
+				return &faultConn{replicaConn: c, write: g.hold}
+			}
+			return c
+		}})
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	r.t.Cleanup(func() { _ = e.Close(context.Background()) })
+	return e
+}
+
+// replicaOnNode returns v's replica on node.
+func replicaOnNode(t *testing.T, v *meta.Volume, node string) meta.Replica {
+	t.Helper()
+	for _, rep := range v.Replicas {
+		if rep.Node == node {
+			return rep
+		}
+	}
+	t.Fatalf("volume %s has no replica on %s", v.ID, node)
+	return meta.Replica{}
+}
+
+// asyncWrites writes n blocks of 64 KiB at distinct offsets through e
+// into model and returns how long the slowest acknowledgement took.
+func asyncWrites(t *testing.T, e *Engine, model []byte, n int, seed uint64) time.Duration {
+	t.Helper()
+	rng := rand.New(rand.NewPCG(seed, 1))
+	var slowest time.Duration
+	for i := range n {
+		p := make([]byte, 64<<10)
+		for j := range p {
+			p[j] = byte(rng.Uint32())
+		}
+		off := uint64(i%(len(model)/len(p))) * uint64(len(p))
+		start := time.Now()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		err := e.WriteAt(ctx, p, off, false)
+		cancel()
+		if err != nil {
+			t.Fatalf("write %d with a follower held up: %v", i, err)
+		}
+		slowest = max(slowest, time.Since(start))
+		copy(model[off:], p)
+	}
+	return slowest
+}
+
+// waitFor polls cond until it holds or 30 s pass.
+func waitFor(t *testing.T, what string, cond func() error) {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		err := cond()
+		if err == nil {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: %v", what, err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestAsyncAcknowledgesBeforeFollower: an asynchronous volume's writes are
+// acknowledged while a follower has none of them; the lag is reported (the
+// engine, the store, the metrics); the follower catches up once it can;
+// and at close every replica is healthy and identical.
+func TestAsyncAcknowledgesBeforeFollower(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("async", 16*mib, 3, 0, "n1", asyncParams)
+	if v.WriteQuorum != 1 {
+		t.Fatalf("asynchronous volume's write quorum %d, want 1 (the engine's own replica)", v.WriteQuorum)
+	}
+	g := newGate()
+	e := r.openAsync(v.ID, g, 0)
+	ctx := r.ctx()
+	v, err := r.meta.Volume(ctx, v.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r1, r3 := replicaOnNode(t, v, "n1"), replicaOnNode(t, v, "n3")
+	if r1.State != meta.ReplicaHealthy || replicaOnNode(t, v, "n2").State != meta.ReplicaFollowing || r3.State != meta.ReplicaFollowing {
+		t.Fatalf("replicas after open: %+v; want n1's healthy, the others following", v.Replicas)
+	}
+
+	model := make([]byte, v.SizeBytes)
+	slowest := asyncWrites(t, e, model, 24, 7)
+	t.Logf("24 writes acknowledged with n3 held up; slowest %v", slowest)
+	if got := r.contents(v, r3); bytes.Equal(got, model) {
+		t.Fatal("n3's replica already has the writes: the test did not hold it up")
+	}
+	if got := r.contents(v, r1); !bytes.Equal(got, model) {
+		t.Fatal("n1's replica lacks acknowledged writes")
+	}
+	lag := e.Lags()[r3.ID]
+	if lag.Writes != 24 || lag.Bytes != 24*64<<10 || lag.Seconds <= 0 {
+		t.Fatalf("n3's lag %+v, want 24 writes of 64 KiB", lag)
+	}
+	waitFor(t, "the store records n3's lag", func() error {
+		v, err := r.meta.Volume(ctx, v.ID)
+		if err != nil {
+			return err
+		}
+		if l := replicaOnNode(t, v, "n3").Lag; !l.Behind() || l.Writes != 24 {
+			return fmt.Errorf("recorded lag %v", l)
+		}
+		return nil
+	})
+	if got := testutil.ToFloat64(metricFollowLagWrites.WithLabelValues(v.ID, r3.ID)); got != 24 {
+		t.Fatalf("cairn_engine_follower_lag_writes = %v, want 24", got)
+	}
+
+	close(g.open)
+	waitFor(t, "n3 catches up", func() error {
+		if l := e.Lags()[r3.ID]; l.Writes != 0 || l.Applied < 24 {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	if got := r.contents(v, r3); !bytes.Equal(got, model) {
+		t.Fatal("n3's replica differs after catching up")
+	}
+	if err := e.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v = r.healthyIdentical(v.ID, model)
+	if n := v.HealthyReplicas(); n != 3 {
+		t.Fatalf("after close %d healthy replicas, want 3: %+v", n, v.Replicas)
+	}
+}
+
+// TestAsyncOverflowResyncs: a follower's queue that overflows is dropped
+// for the extents it covered; the follower is reported lagging, and once
+// it answers again the extents are copied and it streams again.
+func TestAsyncOverflowResyncs(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("overflow", 16*mib, 3, 0, "n1", asyncParams)
+	g := newGate()
+	e := r.openAsync(v.ID, g, 8)
+	ctx := r.ctx()
+	v, _ = r.meta.Volume(ctx, v.ID)
+	r3 := replicaOnNode(t, v, "n3")
+	before := testutil.ToFloat64(metricFollowOverflows.WithLabelValues(v.ID))
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, e, model, 40, 9)
+	lag := e.Lags()[r3.ID]
+	if !lag.Resyncing || lag.Extents == 0 {
+		t.Fatalf("n3's lag after 40 writes with a queue of 8: %+v, want resyncing", lag)
+	}
+	// n2's follower may overflow too: its queue is as short.
+	if got := testutil.ToFloat64(metricFollowOverflows.WithLabelValues(v.ID)) - before; got < 1 {
+		t.Fatalf("overflows counted %v, want at least n3's", got)
+	}
+	waitFor(t, "the store records n3 lagging", func() error {
+		v, err := r.meta.Volume(ctx, v.ID)
+		if err != nil {
+			return err
+		}
+		if l := replicaOnNode(t, v, "n3").Lag; l == nil || !l.Resyncing {
+			return fmt.Errorf("recorded lag %v", l)
+		}
+		return nil
+	})
+	close(g.open)
+	waitFor(t, "n3 copies its extents and streams again", func() error {
+		if l := e.Lags()[r3.ID]; l.Resyncing || l.Writes != 0 {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	asyncWrites(t, e, model, 5, 10) // streamed again
+	waitFor(t, "n3 has the writes after the resync", func() error {
+		if l := e.Lags()[r3.ID]; l.Writes != 0 {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	if got := r.contents(v, r3); !bytes.Equal(got, model) {
+		t.Fatal("n3's replica differs after its resync")
+	}
+	if err := e.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.healthyIdentical(v.ID, model)
+}
+
+// TestAsyncFailoverResyncsFollowers: the engine dies (another node takes
+// the volume) while a follower lacks acknowledged writes; a clean point in
+// between must not have hidden them. The new engine makes every replica
+// equal to the healthy one, and the old engine's late writes are fenced.
+func TestAsyncFailoverResyncsFollowers(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("failover", 16*mib, 3, 0, "n1", asyncParams)
+	g := newGate()
+	old := r.openAsync(v.ID, g, 0)
+	ctx := r.ctx()
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, old, model, 16, 11)
+	if err := old.CleanPoint(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.attach(v.ID, "n2")
+	e := r.open(v.ID, "n2")
+	close(g.open) // the old engine's writes reach n3 now: fenced
+	if err := e.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	v = r.healthyIdentical(v.ID, model)
+	if n := v.HealthyReplicas(); n != 3 {
+		t.Fatalf("after close %d healthy replicas, want 3: %+v", n, v.Replicas)
+	}
+}
+
+// TestAsyncSnapshotHoldsEveryWrite: a snapshot taken while a follower lags
+// drains it first, so the follower's snapshot holds the same writes.
+func TestAsyncSnapshotHoldsEveryWrite(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("asnap", 16*mib, 3, 0, "n1", asyncParams)
+	g := newGate()
+	e := r.openAsync(v.ID, g, 0)
+	ctx := r.ctx()
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, e, model, 12, 13)
+	go func() { time.Sleep(300 * time.Millisecond); close(g.open) }()
+	holders, err := e.TakeSnapshot(ctx, "s1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(holders) != 3 {
+		t.Fatalf("snapshot held by %v, want all three replicas", holders)
+	}
+	v, _ = r.meta.Volume(ctx, v.ID)
+	r3 := replicaOnNode(t, v, "n3")
+	rr, err := r.servers["n3"].srv.Get(r3.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, v.SizeBytes)
+	if err := rr.ReadSnapshotAt(rr.Epoch(), "s1", got, 0); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, model) {
+		t.Fatal("the follower's snapshot lacks writes acknowledged before it")
+	}
+}
