@@ -168,7 +168,8 @@ func orDash(s string) string {
 func newVolumeCommand(o *ctlOptions) *cobra.Command {
 	cmd := &cobra.Command{Use: "volume", Short: "List, show, create, expand and delete volumes"}
 	cmd.AddCommand(newVolumeListCommand(o), newVolumeGetCommand(o), newVolumeCreateCommand(o), newVolumeDeleteCommand(o),
-		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o), newVolumeScrubCommand(o), newVolumeExpandCommand(o))
+		newVolumeExportCommand(o), newVolumeUnexportCommand(o), newVolumeVerifyCommand(o), newVolumeSetQoSCommand(o), newVolumeScrubCommand(o), newVolumeExpandCommand(o),
+		newVolumePromoteCommand(o))
 	return cmd
 }
 
@@ -224,7 +225,7 @@ func replicaSummary(v *meta.Volume) string {
 		counts[r.State]++
 	}
 	s := fmt.Sprintf("%d/%d healthy", counts[meta.ReplicaHealthy], v.ReplicaCount)
-	for _, st := range []meta.ReplicaState{meta.ReplicaRebuilding, meta.ReplicaStale, meta.ReplicaFailed} {
+	for _, st := range []meta.ReplicaState{meta.ReplicaFollowing, meta.ReplicaRebuilding, meta.ReplicaStale, meta.ReplicaFailed} {
 		if counts[st] > 0 {
 			s += fmt.Sprintf(", %d %s", counts[st], st)
 		}
@@ -284,6 +285,13 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
+		if spec.Async() {
+			level := spec.ConsistencyLevel
+			if level == "" {
+				level = "strong"
+			}
+			fmt.Fprintf(w, "replication:  asynchronous (acknowledged by %d; reads %s)\n", v.WriteQuorum, level)
+		}
 		if v.Encryption != nil {
 			fmt.Fprintf(w, "encryption:   %s (key id %s)\n", v.Encryption.Cipher, v.Encryption.KeyID)
 		}
@@ -313,9 +321,13 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	fmt.Fprintln(w, "replicas:")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "  ID\tNODE\tSTATE")
+	fmt.Fprintln(tw, "  ID\tNODE\tSTATE\tLAG")
 	for _, r := range v.Replicas {
-		fmt.Fprintf(tw, "  %s\t%s\t%s\n", r.ID, r.Node, r.State)
+		lag := "-"
+		if r.State == meta.ReplicaFollowing {
+			lag = r.Lag.String()
+		}
+		fmt.Fprintf(tw, "  %s\t%s\t%s\t%s\n", r.ID, r.Node, r.State, lag)
 	}
 	return tw.Flush()
 }
@@ -464,6 +476,46 @@ func waitFilled(ctx context.Context, c *meta.Client, id string, w io.Writer) (*m
 		case <-time.After(250 * time.Millisecond):
 		}
 	}
+}
+
+func newVolumePromoteCommand(o *ctlOptions) *cobra.Command {
+	var accept bool
+	cmd := &cobra.Command{
+		Use:   "promote ID --accept-data-loss",
+		Short: "Make a follower of an asynchronous volume healthy when its healthy replicas' nodes are down",
+		Long: `An asynchronous volume's followers may lack its latest acknowledged writes, so
+while every healthy replica is on a node that is down the volume is not attached
+again. Bring a node back if you can. Otherwise promote: the follower that had
+applied the most writes becomes healthy, the acknowledged writes it lacks are
+lost, and the replicas that were healthy are rebuilt from it when their nodes
+return. The command prints the recovery point: how far that follower was behind
+at the engine's last report. The volume must be detached.`,
+		Example: `  cairn ctl --server 127.0.0.1:7002 volume promote vol-0123456789abcdef --accept-data-loss`,
+		Args:    cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if !accept {
+				return fmt.Errorf("promoting a follower of %s loses the acknowledged writes it lacks; run again with --accept-data-loss to do it anyway", args[0])
+			}
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			v, err := c.Volume(ctx, args[0])
+			if err != nil {
+				return err
+			}
+			res, err := c.Apply(ctx, &meta.PromoteVolume{VolumeID: v.ID, AcceptDataLoss: true, ExpectEpoch: v.Epoch})
+			if err != nil {
+				return err
+			}
+			p := res.Promoted
+			fmt.Fprintf(cmd.OutOrStdout(), "volume %s: replica %s on %s promoted to healthy\nrecovery point: %s\n", v.ID, p.ID, p.Node, p.Lag)
+			return nil
+		},
+	}
+	cmd.Flags().BoolVar(&accept, "accept-data-loss", false, "lose the acknowledged writes the follower lacks")
+	return cmd
 }
 
 func newVolumeDeleteCommand(o *ctlOptions) *cobra.Command {

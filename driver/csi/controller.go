@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strconv"
+	"strings"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
 	"google.golang.org/grpc/codes"
@@ -410,8 +411,20 @@ func volumeHealth(v *meta.Volume) *csipb.VolumeHealth {
 		h.HealthStatuses = append(h.HealthStatuses, &csipb.VolumeHealth_VolumeHealthEntry{
 			Status: csipb.VolumeHealthErrorType_DATA_LOSS, Reason: "ChecksumMismatch", Message: c.Message})
 	}
+	// An asynchronous volume's followers are in service: they are
+	// reported while behind, with their lag (docs/replication-modes.md).
+	var behind []string
+	for _, r := range v.Following() {
+		if r.Lag.Behind() {
+			behind = append(behind, fmt.Sprintf("replica %s on %s: %s", r.ID, r.Node, r.Lag))
+		}
+	}
+	if len(behind) > 0 {
+		h.HealthStatuses = append(h.HealthStatuses, &csipb.VolumeHealth_VolumeHealthEntry{
+			Status: csipb.VolumeHealthErrorType_DEGRADED, Reason: "ReplicaLag", Message: "asynchronous followers behind the acknowledged writes: " + strings.Join(behind, "; ")})
+	}
 	healthy := v.HealthyReplicas()
-	if healthy >= v.ReplicaCount {
+	if healthy+len(v.Following()) >= v.ReplicaCount {
 		return h
 	}
 	msg := fmt.Sprintf("%d of %d replicas healthy", healthy, v.ReplicaCount)

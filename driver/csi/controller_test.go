@@ -745,3 +745,23 @@ func TestIdentityProbe(t *testing.T) {
 		})
 	}
 }
+
+// TestVolumeHealthReportsFollowerLag: an asynchronous volume's followers
+// are in service (not "degraded" for not being healthy), and are reported
+// with their lag while behind.
+func TestVolumeHealthReportsFollowerLag(t *testing.T) {
+	v := &meta.Volume{ID: "v", ReplicaCount: 3, Replicas: []meta.Replica{
+		{ID: "v-r1", Node: "n1", State: meta.ReplicaHealthy},
+		{ID: "v-r2", Node: "n2", State: meta.ReplicaFollowing, Lag: &meta.ReplicaLag{Applied: 10}},
+		{ID: "v-r3", Node: "n3", State: meta.ReplicaFollowing, Lag: &meta.ReplicaLag{Applied: 10}},
+	}}
+	if h := volumeHealth(v); len(h.HealthStatuses) != 0 {
+		t.Fatalf("caught-up followers: %v, want no status", h.HealthStatuses)
+	}
+	v.Replicas[2].Lag = &meta.ReplicaLag{Writes: 12, Bytes: 48 << 10, Seconds: 0.25}
+	h := volumeHealth(v)
+	if len(h.HealthStatuses) != 1 || h.HealthStatuses[0].Reason != "ReplicaLag" ||
+		!strings.Contains(h.HealthStatuses[0].Message, "replica v-r3 on n3: 12 writes, 49152 bytes, 0.250s behind") {
+		t.Fatalf("a follower behind: %v", h.HealthStatuses)
+	}
+}

@@ -47,6 +47,9 @@ const (
 	// followBatch bounds the writes sent at once to a follower; they never
 	// overlap each other.
 	followBatch = 64
+	// followFinalExtents: a catch-up pass that leaves no more extents
+	// than this copies them with writes paused (catchUp).
+	followFinalExtents = 64
 	// lagReportInterval is how often the engine records its followers'
 	// lag in the store (when it changed).
 	lagReportInterval = 2 * time.Second
@@ -97,6 +100,7 @@ type follower struct {
 	bytes     uint64
 	sending   int             // writes taken from the head, not yet done
 	resync    map[uint64]bool // extents to copy; non-nil while lagging
+	passes    int             // catch-up passes over resync so far
 	applied   uint64          // seq of the last write it has
 	err       error           // the last send or copy failed: drain ejects it
 	idle      *sync.Cond      // broadcast when the queue or resync set shrinks
@@ -213,7 +217,7 @@ func (e *Engine) queueLimit() int {
 
 // overflow drops the queue for the extents it covers. Called with f.mu.
 func (f *follower) overflow(spans []span) {
-	f.resync = map[uint64]bool{}
+	f.resync, f.passes = map[uint64]bool{}, 0
 	for _, q := range f.queue[f.sending:] {
 		f.markExtents(q.spans)
 	}
@@ -269,7 +273,7 @@ func (f *follower) step() bool {
 	}
 	if f.resync != nil && len(f.queue) == 0 {
 		f.mu.Unlock()
-		return f.copyOne()
+		return f.catchUp()
 	}
 	if len(f.queue) == 0 {
 		f.mu.Unlock()
@@ -335,27 +339,55 @@ func (f *follower) send(m *member, q *queued) error {
 	}
 }
 
-// copyOne copies one extent of a lagging follower from a healthy replica
-// under the extent's range hold, so that no write to it runs meanwhile;
-// when none is left the follower streams again.
-func (f *follower) copyOne() bool {
+// catchUp makes a lagging follower equal again. It copies the extents
+// marked so far, one at a time, from a healthy replica under the extent's
+// range hold (so that no write to it runs meanwhile) while writes go on and
+// mark more. Writes spread over the volume can mark extents as fast as
+// they are copied, so a pass that leaves few extents (followFinalExtents),
+// or the third one, copies what is left under the engine's write lock,
+// writes paused, and the follower streams again.
+func (f *follower) catchUp() bool {
 	e := f.e
 	f.mu.Lock()
-	var x uint64
-	found := false
-	for i := range f.resync {
-		if !found || i < x {
-			x, found = i, true
-		}
-	}
-	if !found {
-		f.resync = nil
-		f.idle.Broadcast()
-		f.mu.Unlock()
-		e.log.Info("follower caught up: it streams the writes again", zap.String("replica_id", f.id), zap.Uint64("epoch", e.epochNow.Load()))
-		return true
+	extents := make([]uint64, 0, len(f.resync))
+	for x := range f.resync {
+		extents = append(extents, x)
 	}
 	f.mu.Unlock()
+	slices.Sort(extents)
+	for _, x := range extents {
+		if !f.copyExtent(x) {
+			return false
+		}
+	}
+	f.mu.Lock()
+	f.passes++
+	left, passes := len(f.resync), f.passes
+	f.mu.Unlock()
+	if left > followFinalExtents && passes < 3 {
+		return true
+	}
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.usable() != nil {
+		return false
+	}
+	start := time.Now()
+	if err := e.copyResync(e.fctx, f); err != nil {
+		f.mu.Lock()
+		f.fail(err)
+		f.mu.Unlock()
+		return false
+	}
+	e.log.Info("follower caught up: it streams the writes again", zap.String("replica_id", f.id), zap.Int("passes", passes),
+		zap.Int("last_extents", left), zap.Duration("writes_paused", time.Since(start)), zap.Uint64("epoch", e.epoch))
+	return true
+}
+
+// copyExtent copies extent x of a lagging follower under its range hold
+// and the read lock; see catchUp.
+func (f *follower) copyExtent(x uint64) bool {
+	e := f.e
 	off := x * e.extentSize
 	n := min(e.extentSize, e.size.Load()-min(off, e.size.Load()))
 	unlock, err := e.locks.lockSpans(e.fctx, []span{{off, off + max(n, 1)}})
@@ -366,18 +398,20 @@ func (f *follower) copyOne() bool {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	f.mu.Lock()
-	if !f.resync[x] || f.err != nil {
-		// Copied by a drain meanwhile, or failed.
+	if f.err != nil || f.resync == nil {
 		f.mu.Unlock()
-		return f.err == nil
+		return false
+	}
+	if !f.resync[x] {
+		f.mu.Unlock()
+		return true // not marked (again) since the pass began
 	}
 	delete(f.resync, x)
-	m, seq := f.m, e.seq.Load()
+	m := f.m
 	f.mu.Unlock()
-	src := e.source()
 	if n > 0 {
-		if src == nil {
-			err = fmt.Errorf("no healthy replica to copy from")
+		if src := e.source(); src == nil {
+			err = errors.New("no healthy replica to copy from")
 		} else {
 			ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
 			err = e.copyRange(ctx, src, m, off, n)
@@ -391,11 +425,42 @@ func (f *follower) copyOne() bool {
 		f.fail(fmt.Errorf("copy extent %d: %w", x, err))
 		return false
 	}
-	if len(f.resync) == 0 {
-		f.applied = seq
-	}
 	f.idle.Broadcast()
 	return true
+}
+
+// copyResync copies every extent left in f's resync set, and f streams
+// again. Called with e.mu held for writing: no write is in flight, none is
+// marked meanwhile, and the copier waits for the read lock.
+func (e *Engine) copyResync(ctx context.Context, f *follower) error {
+	f.mu.Lock()
+	extents := make([]uint64, 0, len(f.resync))
+	for x := range f.resync {
+		extents = append(extents, x)
+	}
+	m := f.m
+	f.mu.Unlock()
+	slices.Sort(extents)
+	src := e.source()
+	if src == nil && len(extents) > 0 {
+		return errors.New("no healthy replica to copy from")
+	}
+	size := e.size.Load()
+	for _, x := range extents {
+		off := x * e.extentSize
+		if off >= size {
+			continue
+		}
+		if err := e.copyRange(ctx, src, m, off, min(e.extentSize, size-off)); err != nil {
+			return fmt.Errorf("copy extent %d: %w", x, err)
+		}
+	}
+	f.mu.Lock()
+	f.resync, f.passes = nil, 0
+	f.applied = e.seq.Load()
+	f.idle.Broadcast()
+	f.mu.Unlock()
+	return nil
 }
 
 // fail records a follower's failure: the next drain (or the background
@@ -493,30 +558,11 @@ func (e *Engine) drainOne(ctx context.Context, f *follower, deadline time.Time) 
 	}
 	if f.resync != nil {
 		// Nothing else copies now: the copier needs the read lock.
-		extents := make([]uint64, 0, len(f.resync))
-		for x := range f.resync {
-			extents = append(extents, x)
-		}
-		m := f.m
 		f.mu.Unlock()
-		slices.Sort(extents)
-		src := e.source()
-		if src == nil {
-			return fmt.Errorf("no healthy replica to copy from")
-		}
-		size := e.size.Load()
-		for _, x := range extents {
-			off := x * e.extentSize
-			if off >= size {
-				continue
-			}
-			if err := e.copyRange(ctx, src, m, off, min(e.extentSize, size-off)); err != nil {
-				return fmt.Errorf("copy extent %d: %w", x, err)
-			}
+		if err := e.copyResync(ctx, f); err != nil {
+			return err
 		}
 		f.mu.Lock()
-		f.resync = nil
-		f.applied = e.seq.Load()
 	}
 	// Wait for the sender. It holds no engine lock; a timer wakes the wait
 	// at the deadline.
@@ -695,7 +741,21 @@ func (e *Engine) releaseFollowers(ctx context.Context) error {
 	if err := e.drainFollowers(ctx, "closing"); err != nil {
 		return err
 	}
+	// The volume may be detached already (an unexport, NodeUnpublish):
+	// the detach took a new epoch. Still unattached at that epoch, nobody
+	// has written since; an attach would move it and fail the commands
+	// below.
+	v, err := e.cfg.Meta.Volume(ctx, e.cfg.VolumeID)
+	if err != nil {
+		return err
+	}
 	epoch := e.epoch
+	switch a := v.Attachment; {
+	case a == nil:
+		epoch = v.Epoch
+	case a.Node != e.cfg.NodeID || v.Epoch != e.epoch:
+		return fmt.Errorf("volume %s is attached to %s at epoch %d now", v.ID, a.Node, v.Epoch)
+	}
 	for id, f := range e.followers {
 		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: e.cfg.VolumeID, ReplicaID: id, State: meta.ReplicaHealthy, ExpectEpoch: epoch})
 		if err != nil {

@@ -90,6 +90,9 @@ func TestAsyncFollowersAndPromotion(t *testing.T) {
 	if ty, gated := gatedType(&SetReplicaState{State: ReplicaFollowing}); ty != CmdReportLag || !gated {
 		t.Fatalf("SetReplicaState to following goes through the gate as %d (gated %v), want %d", ty, gated, CmdReportLag)
 	}
+	if ty, _ := gatedType(&PromoteVolume{}); ty != CmdReportLag {
+		t.Fatalf("PromoteVolume goes through the gate as %d, want %d (its sibling, applied before any follower exists)", ty, CmdReportLag)
+	}
 	if !errors.Is(checkReplicaTransition(ReplicaFollowing, ReplicaRebuilding), ErrIllegalTransition) {
 		t.Fatal("a follower went straight to rebuilding")
 	}

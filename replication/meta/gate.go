@@ -62,6 +62,13 @@ func gatedType(c Command) (CommandType, bool) {
 		if c.State == ReplicaFollowing {
 			t = CmdReportLag
 		}
+	case *PromoteVolume:
+		// Added in the same build as ReportLag, so a member that reads 32
+		// reads 33; and there is a follower to promote only once a type
+		// 32 entry passed the gate. Gated as 32, a promotion is not held
+		// up by the very member whose death it answers (State.
+		// MaxCommandType lets silent members pass for applied types).
+		t = CmdReportLag
 	}
 	return t, t >= firstGatedType
 }
