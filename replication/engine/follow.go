@@ -47,9 +47,12 @@ const (
 	// followBatch bounds the writes sent at once to a follower; they never
 	// overlap each other.
 	followBatch = 64
-	// followFinalExtents: a catch-up pass that leaves no more extents
-	// than this copies them with writes paused (catchUp).
-	followFinalExtents = 64
+	// followFinalBytes: a catch-up pass that leaves no more extents than
+	// this many bytes copies them with writes paused (catchUp); after
+	// three passes, up to followForceBytes are (a pause of a second or
+	// so at disk speed), and more are left to further passes.
+	followFinalBytes = 32 << 20
+	followForceBytes = 512 << 20
 	// lagReportInterval is how often the engine records its followers'
 	// lag in the store (when it changed).
 	lagReportInterval = 2 * time.Second
@@ -241,6 +244,10 @@ func (f *follower) overflow(spans []span) {
 // f.mu.
 func (f *follower) markExtents(spans []span) {
 	x := f.e.extentSize // learned at Open's resync, before any write
+	if x == 0 {
+		f.fail(errors.New("extent size unknown: cannot mark extents to copy"))
+		return
+	}
 	for _, s := range spans {
 		for i := s.off / x; i*x < s.end; i++ {
 			f.resync[i] = true
@@ -343,9 +350,10 @@ func (f *follower) send(m *member, q *queued) error {
 // marked so far, one at a time, from a healthy replica under the extent's
 // range hold (so that no write to it runs meanwhile) while writes go on and
 // mark more. Writes spread over the volume can mark extents as fast as
-// they are copied, so a pass that leaves few extents (followFinalExtents),
-// or the third one, copies what is left under the engine's write lock,
-// writes paused, and the follower streams again.
+// they are copied, so a pass that leaves few (followFinalBytes), or the
+// third one if it leaves at most followForceBytes, copies what is left
+// under the engine's write lock, writes paused, and the follower streams
+// again.
 func (f *follower) catchUp() bool {
 	e := f.e
 	f.mu.Lock()
@@ -364,7 +372,7 @@ func (f *follower) catchUp() bool {
 	f.passes++
 	left, passes := len(f.resync), f.passes
 	f.mu.Unlock()
-	if left > followFinalExtents && passes < 3 {
+	if bytes := uint64(left) * e.extentSize; bytes > followFinalBytes && (passes < 3 || bytes > followForceBytes) {
 		return true
 	}
 	e.mu.Lock()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -283,5 +284,56 @@ func TestAsyncSnapshotHoldsEveryWrite(t *testing.T) {
 	}
 	if !bytes.Equal(got, model) {
 		t.Fatal("the follower's snapshot lacks writes acknowledged before it")
+	}
+}
+
+// TestAsyncEventualReadsLocalFollower: after a failover the new engine's
+// own replica follows (the replica that was healthy stays so). With
+// consistencyLevel strong it reads the healthy replica on the other node;
+// with eventual it reads its own follower.
+func TestAsyncEventualReadsLocalFollower(t *testing.T) {
+	for _, level := range []string{volspec.ConsistencyStrong, volspec.ConsistencyEventual} {
+		t.Run(level, func(t *testing.T) {
+			r := newRig(t, 3)
+			params := map[string]string{volspec.KeyReplicationMode: volspec.ReplicationAsync, volspec.KeyConsistencyLevel: level}
+			v := r.createVolumeWith("eventual", 16*mib, 3, 0, "n1", params)
+			old := r.open(v.ID, "n1")
+			ctx := r.ctx()
+			model := make([]byte, v.SizeBytes)
+			asyncWrites(t, old, model, 8, 17)
+			r.attach(v.ID, "n2")
+			var remote atomic.Int64 // reads sent to n1
+			e, err := Open(ctx, Config{VolumeID: v.ID, NodeID: "n2", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, CleanInterval: time.Hour,
+				wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+					if rep.Node != "n1" {
+						return c
+					}
+					return &faultConn{replicaConn: c, read: func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+						remote.Add(1)
+						return forward(ctx)
+					}}
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = e.Close(context.Background()) })
+			v, _ = r.meta.Volume(ctx, v.ID)
+			if st := replicaOnNode(t, v, "n2").State; st != meta.ReplicaFollowing {
+				t.Fatalf("the new engine's own replica is %s, want following", st)
+			}
+			got := make([]byte, v.SizeBytes)
+			if err := e.ReadAt(ctx, got, 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, model) {
+				t.Fatal("read back differs")
+			}
+			switch n := remote.Load(); {
+			case level == volspec.ConsistencyStrong && n == 0:
+				t.Fatal("strong: the read did not go to the healthy replica on n1")
+			case level == volspec.ConsistencyEventual && n != 0:
+				t.Fatalf("eventual: %d reads went to n1, want the local follower", n)
+			}
+		})
 	}
 }

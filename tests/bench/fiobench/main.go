@@ -334,11 +334,15 @@ func (b *bench) run(ctx context.Context) error {
 	tB := &target{key: "b", label: "(b) cairn 3 replicas", sock: filepath.Join(b.tmp, "b.sock")}
 	tC := &target{key: "c", label: "(c) nbdkit file", sock: filepath.Join(b.tmp, "c.sock")}
 	tD := &target{key: "d", label: "(d) cairn 3 replicas, no checksums", sock: filepath.Join(b.tmp, "d.sock")}
-	for _, t := range []*target{tA, tB, tD} {
-		reps := map[string]int{"a": 1, "b": 3, "d": 3}[t.key]
+	tE := &target{key: "e", label: "(e) cairn 3 replicas, asynchronous", sock: filepath.Join(b.tmp, "e.sock")}
+	for _, t := range []*target{tA, tB, tD, tE} {
+		reps := map[string]int{"a": 1, "b": 3, "d": 3, "e": 3}[t.key]
 		var extra []string
-		if t.key == "d" {
+		switch t.key {
+		case "d":
 			extra = []string{"--checksum-algorithm", "none"}
+		case "e":
+			extra = []string{"--param", "replicationMode=asynchronous"}
 		}
 		v, err := b.createVolume(ctx, "bench-"+t.key, b.o.size, reps, extra...)
 		if err != nil {
@@ -360,7 +364,7 @@ func (b *bench) run(ctx context.Context) error {
 	if err := b.startNbdkit(ctx, tC); err != nil {
 		return err
 	}
-	targets := []*target{tA, tB, tD, tC}
+	targets := []*target{tA, tB, tD, tE, tC}
 
 	if b.o.perfDir != "" {
 		b.logf("perf profiles go to %s", b.o.perfDir)
@@ -418,6 +422,8 @@ func (b *bench) run(ctx context.Context) error {
 	printGoals(os.Stdout, results)
 	fmt.Println()
 	printChecksumGoals(os.Stdout, pairs)
+	fmt.Println()
+	printAsync(os.Stdout, results)
 	fmt.Println()
 	printRSS(os.Stdout, n1.ID, b.o, rssFresh, rssIdle, rssLater, hwm, rssAfter)
 
@@ -1017,6 +1023,36 @@ func printGoals(w io.Writer, results []*result) {
 			verdict = "met"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%.2f\t≥ %.2f\t%s\t\n", name, wl.label, ratio, g.ratio, verdict)
+	}
+	tw.Flush()
+}
+
+// printAsync compares asynchronous replication (e) with synchronous (b)
+// and with one replica (a), the same run: an asynchronous volume
+// acknowledges once its own replica has a write, so it should approach
+// (a) on writes.
+func printAsync(w io.Writer, results []*result) {
+	find := func(key, wl string) *result {
+		for _, r := range results {
+			if r.tgt.key == key && r.wl.name == wl && r.err == nil {
+				return r
+			}
+		}
+		return nil
+	}
+	fmt.Fprintln(w, "replicationMode (3 replicas): IOPS of asynchronous (e) / synchronous (b), and / 1 replica (a):")
+	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
+	fmt.Fprintln(tw, "workload\tasync IOPS\tsync IOPS\t1-replica IOPS\tasync/sync\tasync/1-replica\t")
+	for _, wl := range workloads {
+		if !wl.write {
+			continue
+		}
+		e, b, a := find("e", wl.name), find("b", wl.name), find("a", wl.name)
+		if e == nil || b == nil || a == nil || b.iops == 0 || a.iops == 0 {
+			fmt.Fprintf(tw, "%s\t-\t-\t-\tnot measured\t\t\n", wl.label)
+			continue
+		}
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%.0f\t%.2f\t%.2f\t\n", wl.label, e.iops, b.iops, a.iops, e.iops/b.iops, e.iops/a.iops)
 	}
 	tw.Flush()
 }
