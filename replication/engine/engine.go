@@ -231,9 +231,11 @@ type Engine struct {
 	followers map[string]*follower
 	writeSet  []*member
 	seq       atomic.Uint64
+	enqMu     sync.Mutex // orders enqueue's numbering and appends
 	epochNow  atomic.Uint64
 	async     atomic.Bool
 	eventual  atomic.Bool
+	started   atomic.Bool // Open's resync is done: every member is equal
 	followWG  sync.WaitGroup
 	// fctx ends the followers' senders: after Close drained them, not
 	// with bg (Close's clean point still needs them).
@@ -283,6 +285,15 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	err := e.reconfigure(ctx)
 	if err == nil {
 		err = e.resync(ctx)
+	}
+	if err == nil {
+		// The resync made every member equal, followers included.
+		e.started.Store(true)
+		for _, f := range e.followers {
+			f.mu.Lock()
+			f.current = true
+			f.mu.Unlock()
+		}
 	}
 	e.mu.Unlock()
 	if err != nil {
@@ -1255,7 +1266,7 @@ func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
 		for _, m := range e.members {
 			// consistencyLevel eventual: the node's own follower may
 			// answer, though it may lack the latest writes.
-			ok := m.healthy() || eventual && m.local && m.following() && m.client != nil
+			ok := m.healthy() || eventual && m.local && m.following() && m.client != nil && e.followerHas(m, off, uint64(len(p)))
 			if ok && !passed[m.replica.ID] {
 				others++
 				if src == nil || m.local && !src.local {

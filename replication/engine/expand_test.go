@@ -131,7 +131,12 @@ func TestExpandWhileReplicaDown(t *testing.T) {
 	r := newRig(t, 3)
 	r.heartbeat("n1", "n2", "n3")
 	v := r.createVolume("down", 8*mib, 3, 0, "n1")
-	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 2 * time.Second,
+	// No replica deadline: n3's server is closed (its requests fail at
+	// once), and the others must not be ejected for being slow on a
+	// loaded machine (CI saw n1's replica miss a 1 s deadline), or the
+	// volume would fall below its write quorum and the test watch
+	// another story.
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, ReplicaDeadline: -1,
 		CleanInterval: 200 * time.Millisecond, WatchInterval: 100 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)

@@ -97,13 +97,17 @@ type follower struct {
 	e  *Engine
 	id string
 
-	mu        sync.Mutex
-	m         *member // the member it sends to (replaced at a reconfigure)
-	queue     []*queued
-	bytes     uint64
-	sending   int             // writes taken from the head, not yet done
-	resync    map[uint64]bool // extents to copy; non-nil while lagging
-	passes    int             // catch-up passes over resync so far
+	mu      sync.Mutex
+	m       *member // the member it sends to (replaced at a reconfigure)
+	queue   []*queued
+	bytes   uint64
+	sending int             // writes taken from the head, not yet done
+	resync  map[uint64]bool // extents to copy; non-nil while lagging
+	passes  int             // catch-up passes over resync so far
+	// current: the engine made the follower equal to the healthy
+	// replicas (at Open's resync, or when it became one at runtime);
+	// until then it is neither read nor made healthy.
+	current   bool
 	applied   uint64          // seq of the last write it has
 	err       error           // the last send or copy failed: drain ejects it
 	idle      *sync.Cond      // broadcast when the queue or resync set shrinks
@@ -150,7 +154,7 @@ func (e *Engine) syncFollowers() {
 			f.mu.Unlock()
 			continue
 		}
-		f := &follower{e: e, id: m.replica.ID, m: m, wake: make(chan struct{}, 1), stop: make(chan struct{})}
+		f := &follower{e: e, id: m.replica.ID, m: m, wake: make(chan struct{}, 1), stop: make(chan struct{}), current: e.started.Load()}
 		f.idle = sync.NewCond(&f.mu)
 		f.applied = e.seq.Load()
 		if e.followers == nil {
@@ -188,10 +192,16 @@ func (e *Engine) enqueue(spans []span, op func(context.Context, *member, uint64)
 	if len(e.followers) == 0 || len(spans) == 0 {
 		return
 	}
-	q := &queued{seq: e.seq.Add(1), spans: spans, op: op, at: time.Now()}
+	q := &queued{spans: spans, op: op, at: time.Now()}
 	for _, s := range spans {
 		q.bytes += s.end - s.off
 	}
+	// Writes queue under the read lock, several at once: numbered and
+	// appended under one mutex, every queue is in sequence order (a
+	// follower's last done write is then its applied point).
+	e.enqMu.Lock()
+	defer e.enqMu.Unlock()
+	q.seq = e.seq.Add(1)
 	for _, f := range e.followers {
 		f.mu.Lock()
 		switch {
@@ -334,12 +344,26 @@ func (f *follower) step() bool {
 // engine's claim fences it for good.
 func (f *follower) send(m *member, q *queued) error {
 	e := f.e
-	for attempt := 0; ; attempt++ {
+	deadline := time.Now().Add(e.cfg.IOTimeout)
+	for {
 		epoch := e.epochNow.Load()
 		ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
 		err := one(ctx, m, func(ctx context.Context, m *member) error { return q.op(ctx, m, epoch) })
 		cancel()
-		if errors.Is(err, replica.ErrFenced) && attempt < 3 && e.epochNow.Load() != epoch {
+		// This engine's reconfigure is claiming the set with a new epoch
+		// (epochNow moves before the claims): the replica held the old
+		// one when the write went, or is not claimed with the new one
+		// yet. A newer engine's claim does not pass: epochNow moves only
+		// after this engine checked its attachment, and a fenced engine
+		// stops at once.
+		select {
+		case <-e.fencedCh:
+			return err
+		default:
+		}
+		retry := errors.Is(err, replica.ErrFenced) && e.epochNow.Load() != epoch || errors.Is(err, replica.ErrNotClaimed)
+		if retry && time.Now().Before(deadline) && e.fctx.Err() == nil {
+			time.Sleep(10 * time.Millisecond)
 			continue
 		}
 		return err
@@ -442,6 +466,14 @@ func (f *follower) copyExtent(x uint64) bool {
 // marked meanwhile, and the copier waits for the read lock.
 func (e *Engine) copyResync(ctx context.Context, f *follower) error {
 	f.mu.Lock()
+	if f.resync == nil {
+		f.mu.Unlock()
+		return nil // a drain copied them meanwhile
+	}
+	if f.sending > 0 || len(f.queue) > 0 {
+		f.mu.Unlock()
+		return errors.New("writes in flight to a lagging follower") // callers wait for them first
+	}
 	extents := make([]uint64, 0, len(f.resync))
 	for x := range f.resync {
 		extents = append(extents, x)
@@ -485,23 +517,45 @@ func (f *follower) fail(err error) {
 	default:
 	}
 	f.e.log.Warn("follower failed; it is ejected", zap.String("replica_id", f.id), zap.Uint64("epoch", f.e.epochNow.Load()), zap.Error(err))
-	go f.e.ejectFollower(f)
+	f.e.followWG.Add(1)
+	go func() { defer f.e.followWG.Done(); f.e.ejectFollower(f) }()
 }
 
 // ejectFollower ejects a failed follower under the write lock (not from
 // the sender itself: a drain may hold the lock and wait for it).
+// It tries again (backing off up to 10 s) while the follower is still
+// there: a failed follower sends nothing, and no clean point happens
+// while it is in the set.
 func (e *Engine) ejectFollower(f *follower) {
+	wait := 100 * time.Millisecond
+	for {
+		if !e.tryEjectFollower(f) {
+			return
+		}
+		select {
+		case <-e.fctx.Done():
+			return
+		case <-time.After(wait):
+		}
+		wait = min(2*wait, 10*time.Second)
+	}
+}
+
+// tryEjectFollower is one attempt of ejectFollower; it reports whether
+// the follower is still to be ejected.
+func (e *Engine) tryEjectFollower(f *follower) bool {
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if e.usable() != nil || e.followers[f.id] != f {
-		return
+	if e.usable() != nil || e.fctx.Err() != nil || e.followers[f.id] != f {
+		return false
 	}
 	f.mu.Lock()
 	m := f.m
 	f.mu.Unlock()
-	if err := e.eject(e.bg, []*member{m}, "follower failed"); err != nil && e.bg.Err() == nil {
-		e.log.Warn("ejecting a failed follower", zap.String("replica_id", f.id), zap.Error(err))
+	if err := e.eject(e.fctx, []*member{m}, "follower failed"); err != nil && e.fctx.Err() == nil {
+		e.log.Warn("ejecting a failed follower; will try again", zap.String("replica_id", f.id), zap.Error(err))
 	}
+	return e.followers[f.id] == f
 }
 
 // followersIdle reports whether every follower has every acknowledged
@@ -537,7 +591,9 @@ func (e *Engine) drainFollowers(ctx context.Context, why string) error {
 		}
 	}
 	if len(failed) > 0 {
-		return e.eject(ctx, failed, "follower could not be drained ("+why+")")
+		if err := e.ejectGone(ctx, failed, "follower could not be drained ("+why+")"); err != nil {
+			return err
+		}
 	}
 	var ms []*member
 	for _, f := range e.followers {
@@ -551,9 +607,25 @@ func (e *Engine) drainFollowers(ctx context.Context, why string) error {
 		}
 	}
 	if len(failed) > 0 {
-		return e.eject(ctx, failed, "follower flush failed ("+why+")")
+		return e.ejectGone(ctx, failed, "follower flush failed ("+why+")")
 	}
 	e.log.Debug("followers drained", zap.String("reason", why), zap.Int("followers", len(ms)), zap.Duration("took", time.Since(start)))
+	return nil
+}
+
+// ejectGone ejects the followers ms and checks that they left the set:
+// eject also succeeds when the store's epoch had moved for another reason
+// and the reconfigure found them still following. Called with e.mu held
+// for writing.
+func (e *Engine) ejectGone(ctx context.Context, ms []*member, why string) error {
+	if err := e.eject(ctx, ms, why); err != nil {
+		return err
+	}
+	for _, m := range ms {
+		if _, ok := e.followers[m.replica.ID]; ok {
+			return fmt.Errorf("follower %s could not be ejected (%s): %w", m.replica.ID, why, ErrIO)
+		}
+	}
 	return nil
 }
 
@@ -564,16 +636,10 @@ func (e *Engine) drainOne(ctx context.Context, f *follower, deadline time.Time) 
 		defer f.mu.Unlock()
 		return f.err
 	}
-	if f.resync != nil {
-		// Nothing else copies now: the copier needs the read lock.
-		f.mu.Unlock()
-		if err := e.copyResync(ctx, f); err != nil {
-			return err
-		}
-		f.mu.Lock()
-	}
-	// Wait for the sender. It holds no engine lock; a timer wakes the wait
-	// at the deadline.
+	// Wait for the sender: every queued write, and the batch in flight
+	// when the queue overflowed, must have landed before extents are
+	// copied, or a late one would undo a copy. The sender holds no engine
+	// lock; a timer wakes the wait at the deadline.
 	t := time.AfterFunc(time.Until(deadline), func() {
 		f.mu.Lock()
 		f.idle.Broadcast()
@@ -587,21 +653,66 @@ func (e *Engine) drainOne(ctx context.Context, f *follower, deadline time.Time) 
 	for (len(f.queue) > 0 || f.sending > 0) && f.err == nil && time.Now().Before(deadline) && ctx.Err() == nil {
 		f.idle.Wait()
 	}
-	defer f.mu.Unlock()
 	switch {
 	case f.err != nil:
+		f.mu.Unlock()
 		return f.err
-	case len(f.queue) > 0:
-		return fmt.Errorf("%d writes still queued after %s", len(f.queue), e.cfg.IOTimeout)
+	case len(f.queue) > 0 || f.sending > 0:
+		n := len(f.queue)
+		f.mu.Unlock()
+		return fmt.Errorf("%d writes still queued after %s", n, e.cfg.IOTimeout)
 	}
-	return nil
+	resync := f.resync
+	f.mu.Unlock()
+	if resync == nil {
+		return nil
+	}
+	// Copied with writes paused: bounded, or the follower is ejected
+	// (and rebuilt) rather than the volume stalled.
+	if bytes := uint64(len(resync)) * e.extentSize; bytes > followForceBytes {
+		return fmt.Errorf("%d extents (%d bytes) behind: too far to copy with writes paused", len(resync), bytes)
+	}
+	// Nothing else copies now: the copier needs the read lock.
+	return e.copyResync(ctx, f)
+}
+
+// followerHas reports whether follower m holds every acknowledged write
+// to [off, off+n): nothing for the range waits in its queue or its
+// resync set. An eventual read may then use it, and a read that feeds a
+// write (an encrypted block's merge) never returns older data than the
+// healthy replicas hold. Called with e.mu held.
+func (e *Engine) followerHas(m *member, off, n uint64) bool {
+	f := e.followers[m.replica.ID]
+	if f == nil {
+		return false
+	}
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.err != nil || !f.current {
+		return false
+	}
+	want := []span{{off, off + n}}
+	for _, q := range f.queue {
+		if overlapping(q.spans, want) {
+			return false
+		}
+	}
+	if f.resync != nil && e.extentSize > 0 {
+		for x := off / e.extentSize; x*e.extentSize < off+n; x++ {
+			if f.resync[x] {
+				return false
+			}
+		}
+	}
+	return true
 }
 
 // lag is f's lag now.
 func (f *follower) lag(now time.Time) meta.ReplicaLag {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	l := meta.ReplicaLag{Writes: uint64(len(f.queue)), Bytes: f.bytes, Applied: f.applied, ReportedAt: now.UnixNano()}
+	l := meta.ReplicaLag{Writes: uint64(len(f.queue)), Bytes: f.bytes, Applied: f.applied, ReportedAt: now.UnixNano(),
+		Epoch: f.e.epochNow.Load(), Engine: f.e.opened.UnixNano()}
 	if len(f.queue) > 0 {
 		l.Seconds = now.Sub(f.queue[0].at).Seconds()
 	}
@@ -709,6 +820,9 @@ func (e *Engine) arrangeFollowers(ctx context.Context, v *meta.Volume) (bool, er
 			healthy = append(healthy, m)
 		}
 	}
+	if len(healthy) < e.quorum && e.started.Load() {
+		return e.promoteFollower(ctx, v)
+	}
 	if len(healthy) <= e.quorum {
 		return false, nil
 	}
@@ -738,6 +852,45 @@ func (e *Engine) arrangeFollowers(ctx context.Context, v *meta.Volume) (bool, er
 	return true, nil
 }
 
+// promoteFollower makes a follower healthy when fewer healthy replicas
+// than the write quorum are left (one was ejected): drained and flushed
+// under the write lock, it holds every acknowledged write, and writes go
+// on instead of failing until a rebuild ends. It reports whether it
+// changed the set. Called with e.mu held for writing, from reconfigure.
+func (e *Engine) promoteFollower(ctx context.Context, v *meta.Volume) (bool, error) {
+	for _, m := range e.members {
+		f := e.followers[m.replica.ID]
+		if f == nil || m.client == nil {
+			continue
+		}
+		f.mu.Lock()
+		ok := f.current && f.err == nil
+		f.mu.Unlock()
+		if !ok {
+			continue
+		}
+		if err := e.drainOne(ctx, f, time.Now().Add(e.cfg.IOTimeout)); err != nil {
+			e.log.Warn("follower not promoted: it could not be drained", zap.String("replica_id", m.replica.ID), zap.Error(err))
+			continue
+		}
+		if err := m.client.Flush(ctx, e.epoch); err != nil {
+			e.log.Warn("follower not promoted: flush failed", zap.String("replica_id", m.replica.ID), zap.Error(err))
+			continue
+		}
+		_, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: v.ID, ReplicaID: m.replica.ID, State: meta.ReplicaHealthy, ExpectEpoch: v.Epoch})
+		if errors.Is(err, meta.ErrEpochMismatch) {
+			return true, nil
+		}
+		if err != nil {
+			return false, fmt.Errorf("make follower %s healthy: %w", m.replica.ID, err)
+		}
+		e.log.Info("follower made healthy: fewer healthy replicas than the write quorum were left", zap.String("replica_id", m.replica.ID),
+			zap.String("node", m.replica.Node), zap.Int("write_quorum", e.quorum), zap.Uint64("epoch", v.Epoch+1))
+		return true, nil
+	}
+	return false, nil
+}
+
 // releaseFollowers, when the engine closes with every follower drained,
 // makes them healthy again in the store: they hold everything, and the
 // next engine (on any node) may use them as sources. Called with e.mu held
@@ -765,6 +918,19 @@ func (e *Engine) releaseFollowers(ctx context.Context) error {
 		return fmt.Errorf("volume %s is attached to %s at epoch %d now", v.ID, a.Node, v.Epoch)
 	}
 	for id, f := range e.followers {
+		f.mu.Lock()
+		ready := f.current && f.err == nil && len(f.queue) == 0 && f.sending == 0 && f.resync == nil
+		m := f.m
+		f.mu.Unlock()
+		if !ready {
+			return fmt.Errorf("follower %s is not drained", id)
+		}
+		// Nobody claimed it since this engine did (an engine that
+		// attached, wrote and went away after our drain): then it may
+		// lack that engine's writes.
+		if info, err := m.client.Info(ctx); err != nil || info.Epoch != e.epoch {
+			return fmt.Errorf("follower %s: claimed by another engine since (epoch %d, ours %d) or unreachable: %v", id, info.Epoch, e.epoch, err)
+		}
 		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{VolumeID: e.cfg.VolumeID, ReplicaID: id, State: meta.ReplicaHealthy, ExpectEpoch: epoch})
 		if err != nil {
 			return fmt.Errorf("make follower %s healthy: %w", id, err)

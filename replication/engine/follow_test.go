@@ -303,8 +303,18 @@ func TestAsyncEventualReadsLocalFollower(t *testing.T) {
 			asyncWrites(t, old, model, 8, 17)
 			r.attach(v.ID, "n2")
 			var remote atomic.Int64 // reads sent to n1
+			held := newGate()       // writes to n2's follower, once armed
+			var arm atomic.Bool
 			e, err := Open(ctx, Config{VolumeID: v.ID, NodeID: "n2", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, CleanInterval: time.Hour,
 				wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+					if rep.Node == "n2" {
+						return &faultConn{replicaConn: c, write: func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+							if arm.Load() {
+								return held.hold(ctx, p, off, forward)
+							}
+							return forward(ctx)
+						}}
+					}
 					if rep.Node != "n1" {
 						return c
 					}
@@ -334,6 +344,59 @@ func TestAsyncEventualReadsLocalFollower(t *testing.T) {
 			case level == volspec.ConsistencyEventual && n != 0:
 				t.Fatalf("eventual: %d reads went to n1, want the local follower", n)
 			}
+			// A write the local follower does not have yet: a read of its
+			// range goes to the healthy replica even when eventual (an
+			// encrypted block's merge reads so before it writes).
+			arm.Store(true)
+			asyncWrites(t, e, model, 1, 19) // 64 KiB at 0
+			before := remote.Load()
+			if err := e.ReadAt(ctx, got[:64<<10], 0); err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got[:64<<10], model[:64<<10]) || remote.Load() == before {
+				t.Fatalf("a read of a range the follower lacks: equal %v, reads to n1 %d→%d; want the new data from n1",
+					bytes.Equal(got[:64<<10], model[:64<<10]), before, remote.Load())
+			}
+			close(held.open)
 		})
+	}
+}
+
+// TestAsyncQuorumTwoPromotesFollower: with writeQuorum 2, losing one of the
+// two healthy replicas makes the engine drain its follower and make it
+// healthy, so writes go on instead of failing until a rebuild ends.
+func TestAsyncQuorumTwoPromotesFollower(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("q2", 16*mib, 3, 2, "n1", asyncParams)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, CleanInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	v, _ = r.meta.Volume(ctx, v.ID)
+	var healthyOther, follower meta.Replica
+	for _, rep := range v.Replicas {
+		switch {
+		case rep.Node == "n1":
+		case rep.State == meta.ReplicaHealthy:
+			healthyOther = rep
+		case rep.State == meta.ReplicaFollowing:
+			follower = rep
+		}
+	}
+	if healthyOther.ID == "" || follower.ID == "" {
+		t.Fatalf("replicas %+v: want n1's and one more healthy, one following", v.Replicas)
+	}
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, e, model, 8, 23)
+	r.kill(healthyOther.Node)
+	asyncWrites(t, e, model, 8, 29) // ejects it, promotes the follower
+	v, _ = r.meta.Volume(ctx, v.ID)
+	if st := replicaOnNode(t, v, follower.Node).State; st != meta.ReplicaHealthy {
+		t.Fatalf("the follower on %s is %s after the healthy replica on %s was lost, want healthy", follower.Node, st, healthyOther.Node)
+	}
+	if got := r.contents(v, replicaOnNode(t, v, follower.Node)); !bytes.Equal(got, model) {
+		t.Fatal("the promoted follower lacks acknowledged writes")
 	}
 }

@@ -428,6 +428,7 @@ func applySetReplicaState(s *State, c *SetReplicaState) (Result, error) {
 		return Result{}, fmt.Errorf("replica %s is the last healthy replica of %s: %w", r.ID, v.ID, ErrQuorumLost)
 	}
 	v.Replicas[i].State = c.State
+	v.Replicas[i].Lag = nil // a report belongs to one spell of following
 	v.Epoch++
 	return Result{Volume: v.Clone()}, nil
 }

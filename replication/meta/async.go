@@ -39,9 +39,13 @@ type ReplicaLag struct {
 	// again by copying Extents dirty extents from a healthy replica.
 	Resyncing bool   `json:"resyncing,omitempty"`
 	Extents   uint64 `json:"extents,omitempty"`
-	// Applied is the sequence number of the last write the replica has
-	// (writes are numbered from 1 at each engine start, with its epoch).
+	// Applied is the sequence number of the last write the replica has.
+	// Writes are numbered from 1 at each engine start: Applied compares
+	// only between reports of the same engine (Epoch, the epoch it wrote
+	// with at the report, and Engine, when it started).
 	Applied uint64 `json:"applied"`
+	Epoch   uint64 `json:"epoch"`
+	Engine  int64  `json:"engine"`
 	// ReportedAt is when the engine measured this (unix nanoseconds).
 	ReportedAt int64 `json:"reported_at"`
 }
@@ -138,7 +142,7 @@ func applyPromoteVolume(s *State, c *PromoteVolume) (Result, error) {
 		if r.State != ReplicaFollowing || n == nil || n.State != NodeUp {
 			continue
 		}
-		if best < 0 || appliedOf(r) > appliedOf(v.Replicas[best]) {
+		if best < 0 || ahead(r.Lag, v.Replicas[best].Lag) {
 			best = i
 		}
 	}
@@ -157,11 +161,22 @@ func applyPromoteVolume(s *State, c *PromoteVolume) (Result, error) {
 	return Result{Volume: v.Clone(), Promoted: &promoted}, nil
 }
 
-func appliedOf(r Replica) uint64 {
-	if r.Lag == nil {
-		return 0
+// ahead reports whether a follower whose last report is a had more of
+// the acknowledged writes than one whose last report is b: a report of a
+// later engine wins; within one engine, the more writes applied (fewer
+// left, if equal).
+func ahead(a, b *ReplicaLag) bool {
+	switch {
+	case a == nil:
+		return false
+	case b == nil:
+		return true
+	case a.Epoch != b.Epoch || a.Engine != b.Engine:
+		return a.Epoch > b.Epoch || a.Epoch == b.Epoch && a.Engine > b.Engine
+	case a.Applied != b.Applied:
+		return a.Applied > b.Applied
 	}
-	return r.Lag.Applied
+	return !a.Resyncing && b.Resyncing || a.Writes < b.Writes
 }
 
 // healthyOnUpNodes lists the healthy replicas of v whose nodes are up.

@@ -206,6 +206,18 @@ func TestGatedTypeAppliedPassesSilentMembers(t *testing.T) {
 	if !errors.Is(err, ErrFailedPrecondition) || !strings.Contains(err.Error(), "silent-member") {
 		t.Fatalf("LeaseNonces (never applied) with a silent member = %v, want ErrFailedPrecondition naming it", err)
 	}
+	// Nor does a member whose node the store marked down: it runs no
+	// build now.
+	if _, err := c.Apply(ctx, &RegisterNode{Node: Node{ID: "silent-member", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2"}, Time: 1}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Apply(ctx, &SetNodeState{NodeID: "silent-member", State: NodeDown, Time: 2}); err != nil {
+		t.Fatal(err)
+	}
+	// (It reaches apply, which refuses it for its missing volume.)
+	if _, err := c.Apply(ctx, &LeaseNonces{}); !errors.Is(err, ErrNotFound) || strings.Contains(err.Error(), "silent-member") {
+		t.Fatalf("LeaseNonces with the silent member's node down: %v, want it through the gate (then not found)", err)
+	}
 	// A member that says its build is older still holds up the applied type.
 	a.noteCommandTypes("silent-member", uint8(CmdScrubProgress))
 	if _, err := c.Apply(ctx, &ExpandVolume{VolumeID: v.ID, SizeBytes: 4 * gib}); !errors.Is(err, ErrFailedPrecondition) {

@@ -25,6 +25,13 @@ import (
 // cannot stop it where the first would not. So a silent
 // member holds up only types newer than every applied one; a member that
 // said its build is older still holds up every gated type above its own.
+//
+// Nor does a silent member whose node the store has marked down: it runs
+// no build at all now. If it comes back with a build that cannot read the
+// new entry, it halts at it (rule 2 of command.go) instead of diverging,
+// and is upgraded; waiting for it instead would hold up, for as long as
+// it is gone, the very commands (a restore, a promotion) that work around
+// its loss.
 
 // firstGatedType is the first command type written through the gate.
 const firstGatedType = CmdExpandVolume
@@ -89,10 +96,18 @@ func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
 	if !gated {
 		return nil
 	}
-	var applied CommandType
-	a.store.FSM().View(func(s *State) { applied = s.MaxCommandType })
 	deadline := time.Now().Add(max(gateWait, 3*a.cfg.HeartbeatInterval))
 	for {
+		var applied CommandType
+		down := map[string]bool{}
+		a.store.FSM().View(func(s *State) {
+			applied = s.MaxCommandType
+			for id, n := range s.Nodes {
+				if n.State == NodeDown {
+					down[id] = true
+				}
+			}
+		})
 		members, err := a.store.Members()
 		if err != nil {
 			return err
@@ -105,7 +120,7 @@ func (a *Agent) checkMembersRead(ctx context.Context, c Command) error {
 			}
 			switch reads, ok := a.reads[m.ID]; {
 			case !ok:
-				if t > applied {
+				if t > applied && !down[m.ID] {
 					silent = append(silent, m.ID)
 				}
 			case reads < t:
