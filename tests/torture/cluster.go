@@ -632,6 +632,26 @@ func (c *cluster) logExcerpt(from map[string]int64, max int) string {
 			}
 		}
 		if len(lines) == 0 {
+			// Say so, with the node's last lines of any kind: a node that
+			// hangs or dies says nothing of note (CI once saw a node stop
+			// serving exports for three rounds without a word).
+			var all []string
+			for _, l := range strings.Split(string(raw), "\n") {
+				if l != "" && !strings.Contains(l, `"logger":"raft"`) {
+					all = append(all, l)
+				}
+			}
+			if len(all) > 3 {
+				all = all[len(all)-3:]
+			}
+			lines = all
+			fmt.Fprintf(&b, "  --- %s (%s): nothing of note; process alive: %v; its last lines ---\n", n.ID, n.Log, c.alive(n.ID))
+			for _, l := range lines {
+				if len(l) > 600 {
+					l = l[:600] + "…"
+				}
+				b.WriteString("  " + l + "\n")
+			}
 			continue
 		}
 		if len(lines) > max {
