@@ -3,6 +3,8 @@
 // all healthy and rebuilding replicas, ejects a failing replica through the
 // volume store before it acknowledges, reads from a healthy replica (the
 // local one first), and resyncs dirty extents after a crash or failover.
+// An asynchronous volume's other replicas follow: they get each write after
+// it was acknowledged, from a bounded queue (follow.go).
 //
 // Invariant: every healthy replica in the committed replica set holds every
 // acknowledged write.
