@@ -237,7 +237,7 @@ type Engine struct {
 	epochNow  atomic.Uint64
 	async     atomic.Bool
 	eventual  atomic.Bool
-	started   atomic.Bool // Open's resync is done: every member is equal
+	started   atomic.Bool // Open's resync is done: every follower was made equal
 	followWG  sync.WaitGroup
 	// fctx ends the followers' senders: after Close drained them, not
 	// with bg (Close's clean point still needs them).
@@ -289,13 +289,10 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		err = e.resync(ctx)
 	}
 	if err == nil {
-		// The resync made every member equal, followers included.
+		// The resync made every member equal, followers included: from
+		// now on a follower may be read and made healthy (follow.go; one
+		// made later is made equal when it becomes one).
 		e.started.Store(true)
-		for _, f := range e.followers {
-			f.mu.Lock()
-			f.current = true
-			f.mu.Unlock()
-		}
 	}
 	e.mu.Unlock()
 	if err != nil {

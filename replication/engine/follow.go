@@ -97,24 +97,20 @@ type follower struct {
 	e  *Engine
 	id string
 
-	mu      sync.Mutex
-	m       *member // the member it sends to (replaced at a reconfigure)
-	queue   []*queued
-	bytes   uint64
-	sending int             // writes taken from the head, not yet done
-	resync  map[uint64]bool // extents to copy; non-nil while lagging
-	passes  int             // catch-up passes over resync so far
-	// current: the engine made the follower equal to the healthy
-	// replicas (at Open's resync, or when it became one at runtime);
-	// until then it is neither read nor made healthy.
-	current   bool
-	applied   uint64          // seq of the last write it has
-	err       error           // the last send or copy failed: drain ejects it
-	idle      *sync.Cond      // broadcast when the queue or resync set shrinks
-	wake      chan struct{}   // a write was queued or an extent marked
-	stop      chan struct{}   // closed when the member leaves the set
-	lastLag   meta.ReplicaLag // last reported to the store
-	reportedA bool            // lastLag was reported once
+	mu       sync.Mutex
+	m        *member // the member it sends to (replaced at a reconfigure)
+	queue    []*queued
+	bytes    uint64
+	sending  int             // writes taken from the head, not yet done
+	resync   map[uint64]bool // extents to copy; non-nil while lagging
+	passes   int             // catch-up passes over resync so far
+	applied  uint64          // seq of the last write it has
+	err      error           // the last send or copy failed: drain ejects it
+	idle     *sync.Cond      // broadcast when the queue or resync set shrinks
+	wake     chan struct{}   // a write was queued or an extent marked
+	stop     chan struct{}   // closed when the member leaves the set
+	lastLag  meta.ReplicaLag // last reported to the store
+	reported bool            // lastLag was reported once
 }
 
 // following reports whether m is a following replica.
@@ -154,7 +150,7 @@ func (e *Engine) syncFollowers() {
 			f.mu.Unlock()
 			continue
 		}
-		f := &follower{e: e, id: m.replica.ID, m: m, wake: make(chan struct{}, 1), stop: make(chan struct{}), current: e.started.Load()}
+		f := &follower{e: e, id: m.replica.ID, m: m, wake: make(chan struct{}, 1), stop: make(chan struct{})}
 		f.idle = sync.NewCond(&f.mu)
 		f.applied = e.seq.Load()
 		if e.followers == nil {
@@ -381,12 +377,8 @@ func (f *follower) send(m *member, q *queued) error {
 func (f *follower) catchUp() bool {
 	e := f.e
 	f.mu.Lock()
-	extents := make([]uint64, 0, len(f.resync))
-	for x := range f.resync {
-		extents = append(extents, x)
-	}
+	extents := f.marked()
 	f.mu.Unlock()
-	slices.Sort(extents)
 	for _, x := range extents {
 		if !f.copyExtent(x) {
 			return false
@@ -421,8 +413,7 @@ func (f *follower) catchUp() bool {
 func (f *follower) copyExtent(x uint64) bool {
 	e := f.e
 	off := x * e.extentSize
-	n := min(e.extentSize, e.size.Load()-min(off, e.size.Load()))
-	unlock, err := e.locks.lockSpans(e.fctx, []span{{off, off + max(n, 1)}})
+	unlock, err := e.locks.lockSpans(e.fctx, []span{{off, off + e.extentSize}})
 	if err != nil {
 		return false
 	}
@@ -441,24 +432,47 @@ func (f *follower) copyExtent(x uint64) bool {
 	delete(f.resync, x)
 	m := f.m
 	f.mu.Unlock()
-	if n > 0 {
-		if src := e.source(); src == nil {
-			err = errors.New("no healthy replica to copy from")
-		} else {
-			ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
-			err = e.copyRange(ctx, src, m, off, n)
-			cancel()
-		}
-	}
+	ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
+	err = e.copyExtentTo(ctx, m, x)
+	cancel()
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err != nil {
 		f.resync[x] = true
-		f.fail(fmt.Errorf("copy extent %d: %w", x, err))
+		f.fail(err)
 		return false
 	}
 	f.idle.Broadcast()
 	return true
+}
+
+// marked returns the extents in f's resync set, in order. Called with
+// f.mu.
+func (f *follower) marked() []uint64 {
+	extents := make([]uint64, 0, len(f.resync))
+	for x := range f.resync {
+		extents = append(extents, x)
+	}
+	slices.Sort(extents)
+	return extents
+}
+
+// copyExtentTo copies extent x, as far as the volume goes, from a healthy
+// replica to follower m. Callers hold the extent (its range, or the write
+// lock) and e.mu.
+func (e *Engine) copyExtentTo(ctx context.Context, m *member, x uint64) error {
+	size, off := e.size.Load(), x*e.extentSize
+	if off >= size {
+		return nil
+	}
+	src := e.source()
+	if src == nil {
+		return fmt.Errorf("copy extent %d: no healthy replica to copy from", x)
+	}
+	if err := e.copyRange(ctx, src, m, off, min(e.extentSize, size-off)); err != nil {
+		return fmt.Errorf("copy extent %d: %w", x, err)
+	}
+	return nil
 }
 
 // copyResync copies every extent left in f's resync set, and f streams
@@ -474,25 +488,11 @@ func (e *Engine) copyResync(ctx context.Context, f *follower) error {
 		f.mu.Unlock()
 		return errors.New("writes in flight to a lagging follower") // callers wait for them first
 	}
-	extents := make([]uint64, 0, len(f.resync))
-	for x := range f.resync {
-		extents = append(extents, x)
-	}
-	m := f.m
+	extents, m := f.marked(), f.m
 	f.mu.Unlock()
-	slices.Sort(extents)
-	src := e.source()
-	if src == nil && len(extents) > 0 {
-		return errors.New("no healthy replica to copy from")
-	}
-	size := e.size.Load()
 	for _, x := range extents {
-		off := x * e.extentSize
-		if off >= size {
-			continue
-		}
-		if err := e.copyRange(ctx, src, m, off, min(e.extentSize, size-off)); err != nil {
-			return fmt.Errorf("copy extent %d: %w", x, err)
+		if err := e.copyExtentTo(ctx, m, x); err != nil {
+			return err
 		}
 	}
 	f.mu.Lock()
@@ -688,7 +688,7 @@ func (e *Engine) followerHas(m *member, off, n uint64) bool {
 	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	if f.err != nil || !f.current {
+	if f.err != nil || !e.started.Load() {
 		return false
 	}
 	want := []span{{off, off + n}}
@@ -722,8 +722,8 @@ func (f *follower) lag(now time.Time) meta.ReplicaLag {
 	return l
 }
 
-// Lags returns the lag of every follower now, by replica id (tests,
-// `volume get` through the store's reports).
+// Lags returns the lag of every follower now, by replica id, as this
+// engine sees it (users see the store's copy, recorded by reportLags).
 func (e *Engine) Lags() map[string]meta.ReplicaLag {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
@@ -756,6 +756,7 @@ func (e *Engine) reportLags(ctx context.Context) {
 	epoch := e.epoch
 	now := time.Now()
 	report := map[string]*meta.ReplicaLag{}
+	sent := map[string]*follower{}
 	for id, f := range e.followers {
 		l := f.lag(now)
 		metricFollowLagWrites.WithLabelValues(e.cfg.VolumeID, id).Set(float64(l.Writes))
@@ -763,10 +764,10 @@ func (e *Engine) reportLags(ctx context.Context) {
 		metricFollowLagSeconds.WithLabelValues(e.cfg.VolumeID, id).Set(l.Seconds)
 		metricFollowResyncExtents.WithLabelValues(e.cfg.VolumeID, id).Set(float64(l.Extents))
 		f.mu.Lock()
-		changed := !f.reportedA || l.Behind() || f.lastLag.Behind() || l.Applied != f.lastLag.Applied
+		changed := !f.reported || l.Behind() || f.lastLag.Behind() || l.Applied != f.lastLag.Applied
 		if changed {
-			f.lastLag, f.reportedA = l, true
-			report[id] = &l
+			f.lastLag, f.reported = l, true
+			report[id], sent[id] = &l, f
 		}
 		f.mu.Unlock()
 	}
@@ -776,32 +777,12 @@ func (e *Engine) reportLags(ctx context.Context) {
 	}
 	if err := e.cfg.Meta.ReportLag(ctx, e.cfg.VolumeID, epoch, report); err != nil && ctx.Err() == nil {
 		e.log.Debug("lag report not recorded", zap.Uint64("epoch", epoch), zap.Error(err))
-		for id := range report {
-			if f := e.followerByID(id); f != nil {
-				f.mu.Lock()
-				f.reportedA = false
-				f.mu.Unlock()
-			}
+		for _, f := range sent {
+			f.mu.Lock()
+			f.reported = false // report it again next round
+			f.mu.Unlock()
 		}
 	}
-}
-
-func (e *Engine) followerByID(id string) *follower {
-	e.mu.RLock()
-	defer e.mu.RUnlock()
-	return e.followers[id]
-}
-
-// overlapping reports whether two sets of spans share a byte.
-func overlapping(a, b []span) bool {
-	for _, x := range a {
-		for _, y := range b {
-			if x.off < y.end && y.off < x.end {
-				return true
-			}
-		}
-	}
-	return false
 }
 
 // arrangeFollowers, for an asynchronous volume, turns the healthy members
@@ -864,7 +845,7 @@ func (e *Engine) promoteFollower(ctx context.Context, v *meta.Volume) (bool, err
 			continue
 		}
 		f.mu.Lock()
-		ok := f.current && f.err == nil
+		ok := e.started.Load() && f.err == nil
 		f.mu.Unlock()
 		if !ok {
 			continue
@@ -919,7 +900,7 @@ func (e *Engine) releaseFollowers(ctx context.Context) error {
 	}
 	for id, f := range e.followers {
 		f.mu.Lock()
-		ready := f.current && f.err == nil && len(f.queue) == 0 && f.sending == 0 && f.resync == nil
+		ready := e.started.Load() && f.err == nil && len(f.queue) == 0 && f.sending == 0 && f.resync == nil
 		m := f.m
 		f.mu.Unlock()
 		if !ready {

@@ -104,6 +104,24 @@ func waitFor(t *testing.T, what string, cond func() error) {
 	}
 }
 
+// waitStoredLag waits until the lag the store recorded for volume id's
+// replica on node satisfies ok.
+func (r *rig) waitStoredLag(id, node string, ok func(*meta.ReplicaLag) bool) {
+	r.t.Helper()
+	t := r.t.(*testing.T)
+	ctx := r.ctx()
+	waitFor(t, "the store records "+node+"'s lag", func() error {
+		v, err := r.meta.Volume(ctx, id)
+		if err != nil {
+			return err
+		}
+		if l := replicaOnNode(t, v, node).Lag; !ok(l) {
+			return fmt.Errorf("recorded lag %v", l)
+		}
+		return nil
+	})
+}
+
 // TestAsyncAcknowledgesBeforeFollower: an asynchronous volume's writes are
 // acknowledged while a follower has none of them; the lag is reported (the
 // engine, the store, the metrics); the follower catches up once it can;
@@ -139,16 +157,7 @@ func TestAsyncAcknowledgesBeforeFollower(t *testing.T) {
 	if lag.Writes != 24 || lag.Bytes != 24*64<<10 || lag.Seconds <= 0 {
 		t.Fatalf("n3's lag %+v, want 24 writes of 64 KiB", lag)
 	}
-	waitFor(t, "the store records n3's lag", func() error {
-		v, err := r.meta.Volume(ctx, v.ID)
-		if err != nil {
-			return err
-		}
-		if l := replicaOnNode(t, v, "n3").Lag; !l.Behind() || l.Writes != 24 {
-			return fmt.Errorf("recorded lag %v", l)
-		}
-		return nil
-	})
+	r.waitStoredLag(v.ID, "n3", func(l *meta.ReplicaLag) bool { return l.Behind() && l.Writes == 24 })
 	if got := testutil.ToFloat64(metricFollowLagWrites.WithLabelValues(v.ID, r3.ID)); got != 24 {
 		t.Fatalf("cairn_engine_follower_lag_writes = %v, want 24", got)
 	}
@@ -194,16 +203,7 @@ func TestAsyncOverflowResyncs(t *testing.T) {
 	if got := testutil.ToFloat64(metricFollowOverflows.WithLabelValues(v.ID)) - before; got < 1 {
 		t.Fatalf("overflows counted %v, want at least n3's", got)
 	}
-	waitFor(t, "the store records n3 lagging", func() error {
-		v, err := r.meta.Volume(ctx, v.ID)
-		if err != nil {
-			return err
-		}
-		if l := replicaOnNode(t, v, "n3").Lag; l == nil || !l.Resyncing {
-			return fmt.Errorf("recorded lag %v", l)
-		}
-		return nil
-	})
+	r.waitStoredLag(v.ID, "n3", func(l *meta.ReplicaLag) bool { return l != nil && l.Resyncing })
 	close(g.open)
 	waitFor(t, "n3 copies its extents and streams again", func() error {
 		if l := e.Lags()[r3.ID]; l.Resyncing || l.Writes != 0 {

@@ -47,10 +47,13 @@ type rangeHold struct {
 // span is a byte range [off, end) of the replicas.
 type span struct{ off, end uint64 }
 
-func (h *rangeHold) overlaps(o *rangeHold) bool {
-	for _, a := range h.spans {
-		for _, b := range o.spans {
-			if a.off < b.end && b.off < a.end {
+func (h *rangeHold) overlaps(o *rangeHold) bool { return overlapping(h.spans, o.spans) }
+
+// overlapping reports whether two sets of spans share a byte.
+func overlapping(a, b []span) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x.off < y.end && y.off < x.end {
 				return true
 			}
 		}

@@ -165,18 +165,11 @@ func (e *Engine) snapshotLocked(ctx context.Context, id string) (holders []strin
 func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
 	e.snapDeletes.Add(1)
 	defer e.snapDeletes.Add(-1)
-	epoch, ms, err := e.healthySnapshot()
+	// Followers hold the snapshots too (snapshotLocked).
+	epoch, ms, err := e.healthySnapshot(true)
 	if err != nil {
 		return err
 	}
-	// Followers hold the snapshots too (snapshotLocked).
-	e.mu.RLock()
-	for _, m := range e.members {
-		if m.following() && m.client != nil {
-			ms = append(ms, m)
-		}
-	}
-	e.mu.RUnlock()
 	start := time.Now()
 	errs := eachMember(ctx, ms, func(ctx context.Context, m *member) error {
 		return m.client.DeleteSnapshot(ctx, epoch, id)
@@ -201,7 +194,7 @@ func (e *Engine) ReadSnapshotAt(ctx context.Context, id string, p []byte, off ui
 	if err := e.checkRange(off, uint64(len(p))); err != nil {
 		return err
 	}
-	epoch, ms, err := e.healthySnapshot()
+	epoch, ms, err := e.healthySnapshot(false)
 	if err != nil {
 		return err
 	}
@@ -217,15 +210,22 @@ func (e *Engine) ReadSnapshotAt(ctx context.Context, id string, p []byte, off ui
 }
 
 // healthySnapshot returns the engine's epoch and its healthy members
-// (healthyMembers: the usual source first), for work done without the
-// engine's lock.
-func (e *Engine) healthySnapshot() (uint64, []*member, error) {
+// (healthyMembers: the usual source first), and with followers its
+// connected followers after them, for work done without the engine's
+// lock.
+func (e *Engine) healthySnapshot(followers bool) (uint64, []*member, error) {
 	e.mu.RLock()
 	defer e.mu.RUnlock()
 	if err := e.usable(); err != nil {
 		return 0, nil, err
 	}
-	return e.epoch, e.healthyMembers(), nil
+	ms := e.healthyMembers()
+	for _, m := range e.members {
+		if followers && m.following() && m.client != nil {
+			ms = append(ms, m)
+		}
+	}
+	return e.epoch, ms, nil
 }
 
 // eachMember runs op on every member at once and waits for all of them,

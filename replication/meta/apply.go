@@ -32,6 +32,19 @@ const MaxReplicas = volspec.MaxReplicas
 // It does no I/O and reads no clock: the same log gives the same state on
 // every member.
 func apply(s *State, c Command) (Result, error) {
+	res, err := applyCommand(s, c)
+	// A Request's inner command comes through here too (applyRequest),
+	// already decoded.
+	if err == nil {
+		if t, gated := gateType(c); gated && t > s.MaxCommandType {
+			s.MaxCommandType = t
+		}
+	}
+	return res, err
+}
+
+// applyCommand is apply's dispatch to each command's apply function.
+func applyCommand(s *State, c Command) (Result, error) {
 	switch c := c.(type) {
 	case *InitCluster:
 		return applyInitCluster(s, c)

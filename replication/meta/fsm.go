@@ -73,9 +73,6 @@ func (f *FSM) Apply(l *raft.Log) interface{} {
 			var vols, nodes []string
 			if err == nil {
 				vols, nodes = touched(c, res)
-				if t, gated := gatedType(c); gated && t > f.state.MaxCommandType {
-					f.state.MaxCommandType = t
-				}
 			}
 			f.record(l.Index, vols, nodes)
 			return &applyResult{Result: res, Err: err}

@@ -51,6 +51,11 @@ func gatedType(c Command) (CommandType, bool) {
 		}
 		c = inner
 	}
+	return gateType(c)
+}
+
+// gateType is gatedType of a command that is not a Request.
+func gateType(c Command) (CommandType, bool) {
 	t := c.Type()
 	// An encrypted volume's record is new with LeaseNonces: a member of
 	// an older build would refuse the parameter or drop the key, so the
