@@ -118,6 +118,10 @@ type Config struct {
 
 // member is one replica the engine sends I/O to.
 type member struct {
+	// id is replica.ID, which never changes for a member: read it, not
+	// replica, without e.mu (connect rewrites replica under the write
+	// lock).
+	id      string
 	replica meta.Replica
 	client  replicaConn
 	local   bool
@@ -459,7 +463,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 			}
 			continue
 		}
-		m := &member{replica: r, local: r.Node == e.cfg.NodeID}
+		m := &member{id: r.ID, replica: r, local: r.Node == e.cfg.NodeID}
 		members = append(members, m)
 		addr, err := e.replicaAddr(ctx, r.Node)
 		if err != nil {
@@ -535,7 +539,7 @@ func (e *Engine) connect(ctx context.Context, v *meta.Volume) error {
 			}()
 			for j, m := range members {
 				if m == abandoned {
-					members[j] = &member{replica: abandoned.replica, local: abandoned.local}
+					members[j] = &member{id: abandoned.id, replica: abandoned.replica, local: abandoned.local}
 				}
 			}
 			dials[i], open = nil, open-1
@@ -1301,9 +1305,9 @@ func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
 			return e.readChecked(ctx, p, off)
 		}
 		if errors.Is(err, context.DeadlineExceeded) && !patient && (others > 0 || len(passed) > 0) {
-			e.log.Warn("read source silent past its deadline; reading another replica", zap.String("replica_id", src.replica.ID),
-				zap.String("node", src.replica.Node), zap.Duration("deadline", timeout), zap.Uint64("epoch", epoch))
-			passed[src.replica.ID] = true
+			e.log.Warn("read source silent past its deadline; reading another replica", zap.String("replica_id", src.id),
+				zap.Duration("deadline", timeout), zap.Uint64("epoch", epoch))
+			passed[src.id] = true
 			continue
 		}
 		e.mu.Lock()

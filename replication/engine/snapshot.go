@@ -70,7 +70,7 @@ func (e *Engine) TakeSnapshot(ctx context.Context, id string) ([]string, error) 
 		for i, derr := range errs {
 			if derr != nil && !errors.Is(derr, replica.ErrNotFound) {
 				e.log.Warn("snapshot left on a replica after a failed snapshot", zap.String("snapshot", id),
-					zap.String("replica_id", undo[i].replica.ID), zap.Error(derr))
+					zap.String("replica_id", undo[i].id), zap.Error(derr))
 			}
 		}
 	}
@@ -176,7 +176,7 @@ func (e *Engine) DeleteSnapshot(ctx context.Context, id string) error {
 	})
 	for i, err := range errs {
 		if err != nil && !errors.Is(err, replica.ErrNotFound) {
-			return fmt.Errorf("delete snapshot %s on replica %s: %w", id, ms[i].replica.ID, err)
+			return fmt.Errorf("delete snapshot %s on replica %s: %w", id, ms[i].id, err)
 		}
 	}
 	e.log.Info("snapshot deleted", zap.String("snapshot", id), zap.Uint64("epoch", epoch), zap.Duration("took", time.Since(start)))
@@ -204,7 +204,7 @@ func (e *Engine) ReadSnapshotAt(ctx context.Context, id string, p []byte, off ui
 		if err == nil {
 			return nil
 		}
-		errs = append(errs, fmt.Errorf("replica %s: %w", m.replica.ID, err))
+		errs = append(errs, fmt.Errorf("replica %s: %w", m.id, err))
 	}
 	return fmt.Errorf("read snapshot %s: no replica could: %w", id, errors.Join(errs...))
 }
