@@ -151,3 +151,61 @@ func TestWrapUnwrap(t *testing.T) {
 		t.Fatal("absurd scrypt cost accepted")
 	}
 }
+
+// TestOpenRun: a run of blocks opens in place to what was sealed, a zero
+// entry opens as zeroes, and a damaged block in the middle stops the run at
+// its index with ErrAuth while the blocks after it keep their ciphertext
+// (the 16 bytes each borrows for the tag are put back), so the run goes on
+// from the next block.
+func TestOpenRun(t *testing.T) {
+	s, err := NewSealer(bytes.Repeat([]byte{7}, 32), 3)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const count, first = 5, 40
+	plain := make([]byte, count*BlockSize)
+	for i := range plain {
+		plain[i] = byte(i*31 + i/BlockSize)
+	}
+	buf := make([]byte, count*BlockSize, count*BlockSize+16)
+	entries := make([]byte, count*EntrySize)
+	for k := range count {
+		if err := s.Seal(buf[k*BlockSize:][:BlockSize], entries[k*EntrySize:][:EntrySize], plain[k*BlockSize:][:BlockSize], first+uint64(k)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	clear(entries[1*EntrySize:][:EntrySize]) // block 1: never written
+	want := bytes.Clone(plain)
+	clear(want[1*BlockSize:][:BlockSize])
+	scratch := make([]byte, BlockSize+16)
+
+	whole := bytes.Clone(buf)
+	if n, err := s.OpenRun(whole, entries, scratch, first); n != count || err != nil {
+		t.Fatalf("OpenRun = %d, %v; want %d, nil", n, err, count)
+	}
+	if !bytes.Equal(whole, want) {
+		t.Fatal("OpenRun opened to other bytes than were sealed")
+	}
+
+	damaged := bytes.Clone(buf)
+	damaged[2*BlockSize+100] ^= 1
+	cipherAfter := bytes.Clone(damaged[3*BlockSize:])
+	n, err := s.OpenRun(damaged, entries, scratch, first)
+	if n != 2 || !errors.Is(err, ErrAuth) {
+		t.Fatalf("OpenRun of a run damaged in block 2 = %d, %v; want 2, ErrAuth", n, err)
+	}
+	if !bytes.Equal(damaged[:2*BlockSize], want[:2*BlockSize]) || !bytes.Equal(damaged[3*BlockSize:], cipherAfter) {
+		t.Fatal("blocks before the damaged one not opened, or blocks after it changed")
+	}
+	if n, err := s.OpenRun(damaged[3*BlockSize:], entries[3*EntrySize:], scratch, first+3); n != 2 || err != nil {
+		t.Fatalf("OpenRun after the damaged block = %d, %v", n, err)
+	}
+	if !bytes.Equal(damaged[3*BlockSize:], want[3*BlockSize:]) {
+		t.Fatal("blocks after the damaged one opened to other bytes")
+	}
+	// A block moved to another address does not open.
+	moved := bytes.Clone(buf[:BlockSize])
+	if _, err := s.OpenRun(moved, entries[:EntrySize], scratch, first+9); !errors.Is(err, ErrAuth) {
+		t.Fatalf("block opened at another address: %v", err)
+	}
+}

@@ -123,6 +123,52 @@ func (s *Sealer) Open(dst, ciphertext, entry, scratch []byte, b uint64) error {
 	return nil
 }
 
+// OpenRun decrypts in place the blocks of buf (a multiple of BlockSize:
+// consecutive logical blocks from first, their ciphertext in, their
+// plaintext out), with their entries (EntrySize each). It stops at the
+// first block that fails and returns its index with ErrAuth (that block's
+// bytes are then undefined; the others before it are opened and the ones
+// after it untouched); it returns len(buf)/BlockSize and nil when every
+// block opens. scratch is BlockSize+16 bytes of the caller's.
+//
+// GCM wants the tag right after the ciphertext. Each block but the last
+// borrows the 16 bytes after it (the next block's first ciphertext bytes,
+// put back at once), so a read of many blocks is opened with no copy; the
+// last block goes through scratch, as Open does.
+func (s *Sealer) OpenRun(buf, entries, scratch []byte, first uint64) (int, error) {
+	count := len(buf) / BlockSize
+	if len(buf)%BlockSize != 0 || len(entries) != count*EntrySize {
+		return 0, fmt.Errorf("open: %d bytes with %d bytes of entries", len(buf), len(entries))
+	}
+	var saved [16]byte
+	var ad [8]byte
+	for k := range count {
+		block := buf[k*BlockSize:][:BlockSize]
+		entry := entries[k*EntrySize:][:EntrySize]
+		b := first + uint64(k)
+		if k == count-1 {
+			if err := s.Open(block, block, entry, scratch, b); err != nil {
+				return k, err
+			}
+			continue
+		}
+		if isZero(entry) {
+			clear(block)
+			continue
+		}
+		sealed := buf[k*BlockSize:][:BlockSize+16]
+		copy(saved[:], sealed[BlockSize:])
+		copy(sealed[BlockSize:], entry[12:28])
+		binary.BigEndian.PutUint64(ad[:], b)
+		_, err := s.aead.Open(block[:0], entry[:12], sealed, ad[:])
+		copy(sealed[BlockSize:], saved[:])
+		if err != nil {
+			return k, fmt.Errorf("block %d: %w", b, ErrAuth)
+		}
+	}
+	return count, nil
+}
+
 func isZero(p []byte) bool {
 	for len(p) >= 8 {
 		if binary.LittleEndian.Uint64(p) != 0 {

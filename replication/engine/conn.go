@@ -106,6 +106,17 @@ func (l localReplica) ReadAt(ctx context.Context, epoch uint64, p []byte, off ui
 	defer t.Done()
 	return l.r.ReadAt(epoch, p, off)
 }
+
+// readAuthenticated reads ciphertext that the caller opens with AES-GCM,
+// without checking the replica's sums (replica.ReadAtAuthenticated).
+func (l localReplica) readAuthenticated(ctx context.Context, epoch uint64, p []byte, off uint64) error {
+	t, err := l.r.Admit(ctx, replica.OpRead, uint64(len(p)))
+	if err != nil {
+		return err
+	}
+	defer t.Done()
+	return l.r.ReadAtAuthenticated(epoch, p, off)
+}
 func (l localReplica) Flush(ctx context.Context, epoch uint64) error {
 	t, err := l.r.Admit(ctx, replica.OpFlush, 0)
 	if err != nil {

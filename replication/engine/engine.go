@@ -1248,6 +1248,13 @@ func (e *Engine) ReadAt(ctx context.Context, p []byte, off uint64) error {
 
 // readPhys reads p at off of the replicas (ReadAt).
 func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
+	return e.readPhysFrom(ctx, p, off, false)
+}
+
+// readPhysFrom is readPhys; authenticated says the caller authenticates
+// the bytes itself (an encrypted volume's ciphertext), so a replica served
+// in process skips its sums (replica.ReadAtAuthenticated).
+func (e *Engine) readPhysFrom(ctx context.Context, p []byte, off uint64, authenticated bool) error {
 	passed := map[string]bool{} // replica ids passed over as silent
 	patient := false            // every source was passed over once: wait IOTimeout now
 	for attempt := 0; attempt < 3*meta.MaxReplicas; attempt++ {
@@ -1292,7 +1299,12 @@ func (e *Engine) readPhys(ctx context.Context, p []byte, off uint64) error {
 		if src == nil {
 			return fmt.Errorf("volume %s: no healthy replica to read from: %w", e.cfg.VolumeID, ErrIO)
 		}
-		err := e.readWithin(ctx, src, epoch, p, off, timeout)
+		var err error
+		if l, ok := src.client.(localReplica); ok && authenticated {
+			err = l.readAuthenticated(ctx, epoch, p, off)
+		} else {
+			err = e.readWithin(ctx, src, epoch, p, off, timeout)
+		}
 		if err == nil {
 			return nil
 		}

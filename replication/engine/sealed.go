@@ -260,29 +260,48 @@ func (e *Engine) sealedRead(ctx context.Context, p []byte, off uint64) error {
 // with crypt.ErrAuth otherwise.
 func (e *Engine) sealedReadBlocks(ctx context.Context, dst []byte, first uint64, locked bool) error {
 	runs := crypt.Runs(first, uint64(len(dst))/blockSize)
+	if len(runs) == 1 { // most reads: no goroutine, no closure
+		return e.openRun(ctx, dst, first, runs[0], locked)
+	}
 	return parallel(len(runs), func(i int) error {
-		r := runs[i]
-		data := dst[(r.First-first)*blockSize:][:r.Count*blockSize]
-		entries := make([]byte, r.Count*crypt.EntrySize)
-		if err := e.readRun(ctx, data, entries, r, locked); err != nil {
-			return err
-		}
-		scratch := scratchPool.Get().(*[]byte)
-		defer scratchPool.Put(scratch)
-		for k := range r.Count {
-			b := r.First + k
-			block := data[k*blockSize:][:blockSize]
-			err := e.seal.s.Open(block, block, entries[k*crypt.EntrySize:][:crypt.EntrySize], *scratch, b)
-			if errors.Is(err, crypt.ErrAuth) && locked {
-				err = e.sealedRepair(ctx, block, b)
-			}
-			if err != nil {
-				return err
-			}
-		}
-		return nil
+		return e.openRun(ctx, dst, first, runs[i], locked)
 	})
 }
+
+// openRun is sealedReadBlocks for the blocks of one run.
+func (e *Engine) openRun(ctx context.Context, dst []byte, first uint64, r crypt.Run, locked bool) error {
+	data := dst[(r.First-first)*blockSize:][:r.Count*blockSize]
+	eb := entriesPool.Get().(*[]byte)
+	defer entriesPool.Put(eb)
+	if need := int(r.Count * crypt.EntrySize); cap(*eb) < need {
+		*eb = make([]byte, need)
+	}
+	entries := (*eb)[:r.Count*crypt.EntrySize]
+	if err := e.readRun(ctx, data, entries, r, locked); err != nil {
+		return err
+	}
+	scratch := scratchPool.Get().(*[]byte)
+	defer scratchPool.Put(scratch)
+	for k := uint64(0); k < r.Count; {
+		n, err := e.seal.s.OpenRun(data[k*blockSize:], entries[k*crypt.EntrySize:], *scratch, r.First+k)
+		k += uint64(n)
+		if err == nil {
+			break
+		}
+		if errors.Is(err, crypt.ErrAuth) && locked {
+			err = e.sealedRepair(ctx, data[k*blockSize:][:blockSize], r.First+k)
+		}
+		if err != nil {
+			return err
+		}
+		k++
+	}
+	return nil
+}
+
+// entriesPool holds the buffers a read's entries go into: a group's
+// entries at most (crypt.GroupBlocks of them) once grown.
+var entriesPool = sync.Pool{New: func() any { b := make([]byte, 0, 16*crypt.EntrySize); return &b }}
 
 // readRun reads run r's ciphertext into data and its entries into
 // entries. Unlocked, the entries come from the cache when their group is
@@ -301,14 +320,18 @@ func (e *Engine) readRun(ctx context.Context, data, entries []byte, r crypt.Run,
 			return e.readPhys(ctx, entries, crypt.EntryOffset(r.First))
 		})
 	}
+	// Unlocked, the ciphertext is read without the replica's sums when
+	// the replica is in process: GCM authenticates it against an entry
+	// that was read checked (or written by this engine), and a block that
+	// fails is read again locked, checked.
 	if c.get(r.First, entries) {
-		return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+		return e.readPhysFrom(ctx, data, crypt.DataOffset(r.First), true)
 	}
 	group := r.First / crypt.GroupBlocks
 	meta := make([]byte, blockSize)
 	err := parallel(2, func(j int) error {
 		if j == 0 {
-			return e.readPhys(ctx, data, crypt.DataOffset(r.First))
+			return e.readPhysFrom(ctx, data, crypt.DataOffset(r.First), true)
 		}
 		// A group's metadata block is whole on the replicas even in the
 		// volume's last, partial group: it comes before the group's data.
