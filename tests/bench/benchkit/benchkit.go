@@ -18,6 +18,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -106,6 +107,22 @@ func GitDescribe(dir string) (string, error) {
 		return "", err
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// Version names the commit of the checkout at root (git describe) and
+// whether its working tree differed from it, for a header that says what
+// bin/cairn was built from.
+func Version(root string) string {
+	v, err := GitDescribe(root)
+	if err != nil {
+		return "unknown version (not a git checkout)"
+	}
+	c := exec.Command("git", "status", "--porcelain", "--", ".")
+	c.Dir = root
+	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
+	}
+	return v
 }
 
 // RemoveTemp removes the temporary directory dir, or with keep only logs
@@ -201,9 +218,10 @@ func ReplicaFile(v *Volume, n Node) string {
 
 // FioStat is one direction (read or write) of a fio job's JSON output.
 type FioStat struct {
-	IOPS    float64 `json:"iops"`
-	BWBytes float64 `json:"bw_bytes"`
-	ClatNs  struct {
+	IOPS     float64 `json:"iops"`
+	BWBytes  float64 `json:"bw_bytes"`
+	TotalIOs uint64  `json:"total_ios"`
+	ClatNs   struct {
 		Percentile map[string]float64 `json:"percentile"`
 	} `json:"clat_ns"`
 }
@@ -392,6 +410,45 @@ func Kernel() string {
 	return "Linux " + strings.TrimSpace(string(raw))
 }
 
+// CPUModel is the first CPU's model name from /proc/cpuinfo, or the
+// architecture if unknown.
+func CPUModel() string {
+	raw, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOARCH
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+		}
+	}
+	return runtime.GOARCH
+}
+
+// MemInfo describes the machine's memory ("23.5 GiB RAM (22.9 GiB
+// available)") from /proc/meminfo.
+func MemInfo() string {
+	total, err1 := procMemKiB("MemTotal")
+	avail, err2 := procMemKiB("MemAvailable")
+	if err1 != nil || err2 != nil {
+		return "memory unknown"
+	}
+	return fmt.Sprintf("%.1f GiB RAM (%.1f GiB available)", float64(total)/(1<<20), float64(avail)/(1<<20))
+}
+
+func procMemKiB(field string) (uint64, error) {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/meminfo has no %s", field)
+}
+
 // LoadAvg returns the 1, 5 and 15 minute load averages as "X Y Z", or ""
 // where /proc/loadavg cannot be read.
 func LoadAvg() string {
@@ -446,6 +503,16 @@ func Mount(dir string) (fstype, source string) {
 		}
 	}
 	return fstype, source
+}
+
+// Median of xs (not empty); sorts xs.
+func Median(xs []float64) float64 {
+	sort.Float64s(xs)
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 // Dur prints nanoseconds as µs below 1 ms and as ms above, and "-" for 0.

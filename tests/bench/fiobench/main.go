@@ -30,7 +30,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -832,9 +831,9 @@ func (b *bench) printHeader(w io.Writer) {
 		loadAvg = ", load average " + la
 	}
 	fmt.Fprintf(w, "fiobench: fio's nbd engine against Cairn NBD exports and nbdkit's file plugin\n")
-	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), benchkit.Kernel(), loadAvg, memInfo())
+	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), benchkit.CPUModel(), benchkit.Kernel(), loadAvg, benchkit.MemInfo())
 	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
-	fmt.Fprintf(w, "cairn:    %s\n", b.version())
+	fmt.Fprintf(w, "cairn:    %s\n", benchkit.Version(b.root))
 	if len(b.o.nodeArgs) > 0 {
 		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.nodeArgs, " "))
 	}
@@ -845,21 +844,6 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "          (d) as (b) with checksumAlgorithm none (every volume else has crc32c, the default)\n")
 	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
 	fmt.Fprintf(w, "          on (a), (b), (d), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
-}
-
-// version names the commit bin/cairn was built from and whether the
-// working tree differed from it.
-func (b *bench) version() string {
-	v, err := benchkit.GitDescribe(b.root)
-	if err != nil {
-		return "unknown version (not a git checkout)"
-	}
-	c := exec.Command("git", "status", "--porcelain", "--", ".")
-	c.Dir = b.root
-	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
-		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
-	}
-	return v
 }
 
 func printTable(w io.Writer, results []*result) {
@@ -1163,25 +1147,15 @@ func printChecksumGoals(w io.Writer, pairs []checksumPair) {
 			fmt.Fprintf(tw, "%s\t-\t-\t%s\t-\t≥ %.2f\tnot measured\t\t\t\n", label, strings.Join(cells, " "), g.ratio)
 			continue
 		}
-		m := median(ratios)
+		m := benchkit.Median(ratios)
 		verdict := "not met"
 		if m >= g.ratio {
 			verdict = "met"
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%s\t%.2f\t≥ %.2f\t%s\t%s\t%s\t\n", label, median(sumsIOPS), median(noIOPS),
-			strings.Join(cells, " "), m, g.ratio, verdict, benchkit.Dur(median(cpuSums)), benchkit.Dur(median(cpuNo)))
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%s\t%.2f\t≥ %.2f\t%s\t%s\t%s\t\n", label, benchkit.Median(sumsIOPS), benchkit.Median(noIOPS),
+			strings.Join(cells, " "), m, g.ratio, verdict, benchkit.Dur(benchkit.Median(cpuSums)), benchkit.Dur(benchkit.Median(cpuNo)))
 	}
 	tw.Flush()
-}
-
-// median of xs (not empty); sorts xs.
-func median(xs []float64) float64 {
-	sort.Float64s(xs)
-	n := len(xs)
-	if n%2 == 1 {
-		return xs[n/2]
-	}
-	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 func printRSS(w io.Writer, node string, o options, fresh uint64, idle, later rssSample, hwm, afterBench uint64) {
@@ -1321,41 +1295,6 @@ func readTail(path string) string {
 		s = "…" + s[len(s)-500:]
 	}
 	return s
-}
-
-func cpuModel() string {
-	raw, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return runtime.GOARCH
-	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(line, "model name"); ok {
-			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
-		}
-	}
-	return runtime.GOARCH
-}
-
-func memInfo() string {
-	total, err1 := procMemKiB("MemTotal")
-	avail, err2 := procMemKiB("MemAvailable")
-	if err1 != nil || err2 != nil {
-		return "memory unknown"
-	}
-	return fmt.Sprintf("%.1f GiB RAM (%.1f GiB available)", float64(total)/(1<<20), float64(avail)/(1<<20))
-}
-
-func procMemKiB(field string) (uint64, error) {
-	raw, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("/proc/meminfo has no %s", field)
 }
 
 // fsType names the file system holding dir (from /proc/self/mountinfo), or
