@@ -109,11 +109,8 @@ type options struct {
 	// checksumPairs is how many (b, d) pairs of each checksum workload
 	// are measured; the first pair is the main table's.
 	checksumPairs int
-	parent        string
 	perfDir       string
-	nodeArgs      []string // extra flags for every node agent (cairn dev up --node-arg)
-	keep          bool
-	verbose       bool
+	benchkit.Flags
 }
 
 func main() { os.Exit(run()) }
@@ -129,14 +126,8 @@ func run() int {
 	flag.IntVar(&o.idleReplicas, "idle-replicas", 3, "replicas of each idle volume")
 	flag.DurationVar(&o.settle, "settle", time.Second, "pause after sync(2) before each run")
 	flag.IntVar(&o.checksumPairs, "checksum-pairs", 5, "runs of each checksum workload on (b) and on (d), in alternating order, for the cost-of-checksums table (1: only the main table's)")
-	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, plain file, sockets)")
 	flag.StringVar(&o.perfDir, "perf", "", "record `perf record -g` of the serving processes during each run into this directory")
-	flag.Func("node-arg", "pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32", func(v string) error {
-		o.nodeArgs = append(o.nodeArgs, v)
-		return nil
-	})
-	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
-	flag.BoolVar(&o.verbose, "v", false, "print every command run")
+	o.Register("cluster data, plain file, sockets")
 	flag.Parse()
 	if flag.NArg() != 0 {
 		fmt.Fprintf(os.Stderr, "fiobench: unexpected arguments %q\n", flag.Args())
@@ -165,31 +156,12 @@ func run() int {
 	return benchkit.ExitCode(ctx, "fiobench", err)
 }
 
-func workloadNames() string {
-	var s []string
-	for _, w := range workloads {
-		s = append(s, w.name)
-	}
-	return strings.Join(s, ",")
-}
+func workloadNames() string { return benchkit.Names(workloads, workloadName) }
+
+func workloadName(w workload) string { return w.name }
 
 func selectWorkloads(list string) ([]workload, error) {
-	if list == "" {
-		return workloads, nil
-	}
-	var out []workload
-	for _, name := range strings.Split(list, ",") {
-		found := false
-		for _, w := range workloads {
-			if w.name == strings.TrimSpace(name) {
-				out, found = append(out, w), true
-			}
-		}
-		if !found {
-			return nil, fmt.Errorf("unknown workload %q (have %s)", name, workloadNames())
-		}
-	}
-	return out, nil
+	return benchkit.Select(workloads, workloadName, list, "workload")
 }
 
 // target is one NBD export under test.
@@ -280,30 +252,19 @@ func (b *bench) run(ctx context.Context) error {
 	size, _ := benchkit.ParseSize(b.o.size)
 	b.sizeBytes = size
 
-	root, err := benchkit.ModuleRoot(ctx, "fiobench")
-	if err != nil {
+	var err error
+	if b.root, b.bin, err = benchkit.BuildCairn(ctx, "fiobench", b.o.Verbose, b.logf); err != nil {
 		return err
 	}
-	b.root, b.bin = root, filepath.Join(root, "bin", "cairn")
-	b.logf("building %s", b.bin)
-	if _, err := b.cmd(ctx, "go", "build", "-o", b.bin, "./cmd/cairn"); err != nil {
-		return fmt.Errorf("build: %w", err)
-	}
 
-	if b.tmp, err = os.MkdirTemp(b.o.parent, "cairn-fiobench-"); err != nil {
+	if b.tmp, err = os.MkdirTemp(b.o.Parent, "cairn-fiobench-"); err != nil {
 		return err
 	}
 	if n := len(filepath.Join(b.tmp, "idle-10.sock")); n > 100 {
-		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.parent, n)
+		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.Parent, n)
 	}
 	b.clusterDir = filepath.Join(b.tmp, "cluster")
-	b.logf("starting a 3-node dev cluster in %s", b.clusterDir)
-	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
-	// agents running that no cluster.json names.
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, benchkit.DevUpArgs(b.clusterDir, b.o.nodeArgs)...); err != nil {
-		return fmt.Errorf("dev up: %w", err)
-	}
-	if err := b.loadCluster(); err != nil {
+	if b.nodes, b.servers, err = benchkit.DevUp(ctx, b.root, b.bin, b.clusterDir, b.o.NodeArgs, b.o.Verbose, b.logf); err != nil {
 		return err
 	}
 	n1 := b.nodes[0]
@@ -473,19 +434,12 @@ func (b *bench) measureIdle(ctx context.Context, ids []string, n benchkit.Node) 
 
 // cmd runs a command from the repository root and returns its stdout.
 func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, error) {
-	return benchkit.Command(ctx, b.root, b.o.verbose, b.logf, name, args...)
+	return benchkit.Command(ctx, b.root, b.o.Verbose, b.logf, name, args...)
 }
 
-func (b *bench) loadCluster() error {
-	nodes, servers, err := benchkit.LoadCluster(b.clusterDir)
-	if err != nil {
-		return err
-	}
-	if len(nodes) != 3 {
-		return fmt.Errorf("cluster.json lists %d nodes, want 3", len(nodes))
-	}
-	b.nodes, b.servers = nodes, servers
-	return nil
+func (b *bench) loadCluster() (err error) {
+	b.nodes, b.servers, err = benchkit.LoadDevNodes(b.clusterDir)
+	return err
 }
 
 func (b *bench) createVolume(ctx context.Context, name, size string, replicas int, extra ...string) (*benchkit.Volume, error) {
@@ -541,7 +495,7 @@ func (b *bench) startNbdkit(ctx context.Context, t *target) error {
 		return err
 	}
 	args := []string{"--unix", t.sock, "--foreground", "file", img}
-	if b.o.verbose {
+	if b.o.Verbose {
 		b.logf("$ nbdkit %s", strings.Join(args, " "))
 	}
 	c := exec.Command("nbdkit", args...)
@@ -600,16 +554,11 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 		"--output-format=json", "--output=" + out,
 	}
 	if wl.name != fill.name {
-		args = append(args, "--time_based", "--runtime="+strconv.Itoa(int(b.o.runtime/time.Second)),
-			"--norandommap", "--randrepeat=0")
-	}
-	if b.o.verbose {
-		b.logf("$ fio %s", strings.Join(args, " "))
+		args = append(args, benchkit.FioTimed(b.o.runtime)...)
 	}
 	fctx, cancel := context.WithTimeout(ctx, b.o.runtime+10*time.Minute)
 	defer cancel()
-	c := exec.CommandContext(fctx, "fio", args...)
-	c.SysProcAttr = benchkit.OwnGroup()
+	c := benchkit.FioCommand(fctx, b.o.Verbose, b.logf, args...)
 	var stderr bytes.Buffer
 	c.Stderr = &stderr
 
@@ -804,10 +753,7 @@ func (b *bench) cleanup() {
 					b.logf("cleanup: %v", err)
 				}
 			}
-			if _, err := b.cmd(ctx, b.bin, "dev", "down", "--dir", b.clusterDir, "--keep-data="+strconv.FormatBool(b.o.keep)); err != nil {
-				b.logf("cleanup: %v; killing the node agents", err)
-				benchkit.KillNodeAgents(b.nodes)
-			}
+			benchkit.DevDown(ctx, b.root, b.bin, b.clusterDir, b.o.Keep, b.o.Verbose, b.logf, b.nodes)
 		}
 	}
 	if b.nbdkit != nil {
@@ -821,21 +767,16 @@ func (b *bench) cleanup() {
 			<-done
 		}
 	}
-	benchkit.RemoveTemp(b.tmp, b.o.keep, b.logf)
+	benchkit.RemoveTemp(b.tmp, b.o.Keep, b.logf)
 }
 
 func (b *bench) printHeader(w io.Writer) {
-	host, _ := os.Hostname()
-	loadAvg := ""
-	if la := benchkit.LoadAvg(); la != "" {
-		loadAvg = ", load average " + la
-	}
 	fmt.Fprintf(w, "fiobench: fio's nbd engine against Cairn NBD exports and nbdkit's file plugin\n")
-	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), benchkit.CPUModel(), benchkit.Kernel(), loadAvg, benchkit.MemInfo())
+	fmt.Fprintf(w, "machine:  %s\n", benchkit.Machine())
 	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
 	fmt.Fprintf(w, "cairn:    %s\n", benchkit.Version(b.root))
-	if len(b.o.nodeArgs) > 0 {
-		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.nodeArgs, " "))
+	if len(b.o.NodeArgs) > 0 {
+		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.NodeArgs, " "))
 	}
 	fmt.Fprintf(w, "tools:    %s, %s\n", benchkit.FirstLine("fio (version unknown)", "fio", "--version"), benchkit.FirstLine("nbdkit (version unknown)", "nbdkit", "--version"))
 	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
