@@ -166,16 +166,19 @@ func Names[T any](all []T, name func(T) string) string {
 }
 
 // FioCommand returns a command that runs fio with args (logged with logf
-// if verbose) in a process group of its own, killed as a whole when ctx is
-// done: fio runs each job in a process of its own, which would otherwise
-// go on with its I/O and keep its file system busy or its connection open.
+// if verbose) in a process group of its own. When ctx is done, fio gets
+// SIGTERM, on which it stops its jobs and exits within a moment; killing
+// it would not stop them: each job runs in a process of its own, in a
+// session of its own (fio calls setsid), which would go on with its I/O
+// until its runtime is over and keep its file system busy or its
+// connection open. SIGKILL follows if fio has not exited after 10 s.
 func FioCommand(ctx context.Context, verbose bool, logf func(format string, args ...any), args ...string) *exec.Cmd {
 	if verbose {
 		logf("$ fio %s", strings.Join(args, " "))
 	}
 	c := exec.CommandContext(ctx, "fio", args...)
 	c.SysProcAttr = OwnGroup()
-	c.Cancel = func() error { return syscall.Kill(-c.Process.Pid, syscall.SIGKILL) }
+	c.Cancel = func() error { return c.Process.Signal(syscall.SIGTERM) }
 	c.WaitDelay = 10 * time.Second
 	return c
 }
