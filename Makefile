@@ -51,11 +51,13 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 
 # Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against
-# nbdkit with node RSS, and the noisy-neighbour comparison.
+# nbdkit with node RSS, fio on CSI-published file systems against a plain loop
+# file, and the noisy-neighbour comparison.
 bench: deps ## Run the benchmarks and print their tables (never fails on a number)
 	go test -run '^$$' -bench . -benchmem ./iosched ./replication/crypt ./replication/replica ./replication/engine ./driver/frontend/nbd
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
+	go run ./tests/bench/fsbench
 	go run ./tests/bench/noisybench
 
 # The randomized fault campaign (tests/torture/README.md): ROUNDS shuffled

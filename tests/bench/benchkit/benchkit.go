@@ -9,6 +9,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"math"
@@ -18,6 +19,7 @@ import (
 	"os/signal"
 	"path/filepath"
 	"runtime"
+	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -54,6 +56,27 @@ func Sleep(ctx context.Context, d time.Duration) error {
 	case <-t.C:
 		return nil
 	}
+}
+
+// Flags are the flags of every benchmark program that runs a dev cluster
+// in a temporary directory.
+type Flags struct {
+	Parent   string   // -dir: where to make the temporary directory
+	NodeArgs []string // -node-arg: extra flags for every node agent (cairn dev up --node-arg)
+	Keep     bool     // -keep: keep the temporary directory
+	Verbose  bool     // -v: log every command run
+}
+
+// Register defines -dir, -node-arg, -keep and -v on the default flag set;
+// holds says what the temporary directory holds.
+func (f *Flags) Register(holds string) {
+	flag.StringVar(&f.Parent, "dir", os.TempDir(), "where to make the temporary directory ("+holds+")")
+	flag.Func("node-arg", "pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32", func(v string) error {
+		f.NodeArgs = append(f.NodeArgs, v)
+		return nil
+	})
+	flag.BoolVar(&f.Keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
+	flag.BoolVar(&f.Verbose, "v", false, "print every command run")
 }
 
 // ModuleRoot finds the repository root (the directory of go.mod); prog names
@@ -97,6 +120,75 @@ func Command(ctx context.Context, dir string, verbose bool, logf func(format str
 	return out.Bytes(), nil
 }
 
+// BuildCairn builds bin/cairn in the module prog runs in (see ModuleRoot)
+// and returns the module root and the binary's path.
+func BuildCairn(ctx context.Context, prog string, verbose bool, logf func(format string, args ...any)) (root, bin string, err error) {
+	if root, err = ModuleRoot(ctx, prog); err != nil {
+		return "", "", err
+	}
+	bin = filepath.Join(root, "bin", "cairn")
+	logf("building %s", bin)
+	if _, err := Command(ctx, root, verbose, logf, "go", "build", "-o", bin, "./cmd/cairn"); err != nil {
+		return "", "", fmt.Errorf("build: %w", err)
+	}
+	return root, bin, nil
+}
+
+// Select returns the entries of all that list names, comma-separated, in
+// list's order; all of them for an empty list. name gives an entry's name,
+// what the kind of entry in errors ("workload").
+func Select[T any](all []T, name func(T) string, list, what string) ([]T, error) {
+	if list == "" {
+		return all, nil
+	}
+	var out []T
+	for _, want := range strings.Split(list, ",") {
+		found := false
+		for _, e := range all {
+			if name(e) == strings.TrimSpace(want) {
+				out, found = append(out, e), true
+			}
+		}
+		if !found {
+			return nil, fmt.Errorf("unknown %s %q (have %s)", what, want, Names(all, name))
+		}
+	}
+	return out, nil
+}
+
+// Names joins the names of all's entries with commas.
+func Names[T any](all []T, name func(T) string) string {
+	var s []string
+	for _, e := range all {
+		s = append(s, name(e))
+	}
+	return strings.Join(s, ",")
+}
+
+// FioCommand returns a command that runs fio with args (logged with logf
+// if verbose) in a process group of its own. When ctx is done, fio gets
+// SIGTERM, on which it stops its jobs and exits within a moment; killing
+// it would not stop them: each job runs in a process of its own, in a
+// session of its own (fio calls setsid), which would go on with its I/O
+// until its runtime is over and keep its file system busy or its
+// connection open. SIGKILL follows if fio has not exited after 10 s.
+func FioCommand(ctx context.Context, verbose bool, logf func(format string, args ...any), args ...string) *exec.Cmd {
+	if verbose {
+		logf("$ fio %s", strings.Join(args, " "))
+	}
+	c := exec.CommandContext(ctx, "fio", args...)
+	c.SysProcAttr = OwnGroup()
+	c.Cancel = func() error { return c.Process.Signal(syscall.SIGTERM) }
+	c.WaitDelay = 10 * time.Second
+	return c
+}
+
+// FioTimed are fio's options for a run of d (whole seconds) that picks
+// random offsets afresh: no random map, no repeated seed.
+func FioTimed(d time.Duration) []string {
+	return []string{"--time_based", "--runtime=" + strconv.Itoa(int(d/time.Second)), "--norandommap", "--randrepeat=0"}
+}
+
 // GitDescribe returns `git describe --always --dirty` run in dir.
 func GitDescribe(dir string) (string, error) {
 	c := exec.Command("git", "describe", "--always", "--dirty")
@@ -106,6 +198,22 @@ func GitDescribe(dir string) (string, error) {
 		return "", err
 	}
 	return strings.TrimSpace(string(out)), nil
+}
+
+// Version names the commit of the checkout at root (git describe) and
+// whether its working tree differed from it, for a header that says what
+// bin/cairn was built from.
+func Version(root string) string {
+	v, err := GitDescribe(root)
+	if err != nil {
+		return "unknown version (not a git checkout)"
+	}
+	c := exec.Command("git", "status", "--porcelain", "--", ".")
+	c.Dir = root
+	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
+		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
+	}
+	return v
 }
 
 // RemoveTemp removes the temporary directory dir, or with keep only logs
@@ -161,6 +269,40 @@ func LoadCluster(dir string) (nodes []Node, servers string, err error) {
 	return c.Nodes, strings.Join(agents, ","), nil
 }
 
+// LoadDevNodes is LoadCluster for a cluster that DevUpArgs started: it
+// checks that there are three nodes.
+func LoadDevNodes(dir string) (nodes []Node, servers string, err error) {
+	if nodes, servers, err = LoadCluster(dir); err != nil {
+		return nil, "", err
+	}
+	if len(nodes) != 3 {
+		return nil, "", fmt.Errorf("cluster.json lists %d nodes, want 3", len(nodes))
+	}
+	return nodes, servers, nil
+}
+
+// DevUp starts a 3-node dev cluster in dir with `bin dev up`, run from
+// root, every node agent with nodeArgs, and returns its nodes as
+// LoadDevNodes does. Ctrl-C does not cancel it: killed halfway, dev up
+// could leave node agents running that no cluster.json names.
+func DevUp(ctx context.Context, root, bin, dir string, nodeArgs []string, verbose bool, logf func(format string, args ...any)) (nodes []Node, servers string, err error) {
+	logf("starting a 3-node dev cluster in %s", dir)
+	if _, err := Command(context.WithoutCancel(ctx), root, verbose, logf, bin, DevUpArgs(dir, nodeArgs)...); err != nil {
+		return nil, "", fmt.Errorf("dev up: %w", err)
+	}
+	return LoadDevNodes(dir)
+}
+
+// DevDown runs `bin dev down` on the dev cluster in dir, from root, keeping
+// its data with keep. If that fails it logs why and kills those of nodes'
+// agents that still run.
+func DevDown(ctx context.Context, root, bin, dir string, keep, verbose bool, logf func(format string, args ...any), nodes []Node) {
+	if _, err := Command(ctx, root, verbose, logf, bin, "dev", "down", "--dir", dir, "--keep-data="+strconv.FormatBool(keep)); err != nil {
+		logf("cleanup: %v; killing the node agents", err)
+		KillNodeAgents(nodes)
+	}
+}
+
 // IsNodeAgent checks that n.PID still is this node's agent (pids get
 // reused).
 func IsNodeAgent(n Node) bool {
@@ -201,9 +343,10 @@ func ReplicaFile(v *Volume, n Node) string {
 
 // FioStat is one direction (read or write) of a fio job's JSON output.
 type FioStat struct {
-	IOPS    float64 `json:"iops"`
-	BWBytes float64 `json:"bw_bytes"`
-	ClatNs  struct {
+	IOPS     float64 `json:"iops"`
+	BWBytes  float64 `json:"bw_bytes"`
+	TotalIOs uint64  `json:"total_ios"`
+	ClatNs   struct {
 		Percentile map[string]float64 `json:"percentile"`
 	} `json:"clat_ns"`
 }
@@ -392,6 +535,56 @@ func Kernel() string {
 	return "Linux " + strings.TrimSpace(string(raw))
 }
 
+// Machine describes this machine for a header: host name, CPUs, CPU
+// model, kernel, load average and memory.
+func Machine() string {
+	host, _ := os.Hostname()
+	loadAvg := ""
+	if la := LoadAvg(); la != "" {
+		loadAvg = ", load average " + la
+	}
+	return fmt.Sprintf("%s, %d CPUs, %s, %s%s, %s", host, runtime.NumCPU(), CPUModel(), Kernel(), loadAvg, MemInfo())
+}
+
+// CPUModel is the first CPU's model name from /proc/cpuinfo, or the
+// architecture if unknown.
+func CPUModel() string {
+	raw, err := os.ReadFile("/proc/cpuinfo")
+	if err != nil {
+		return runtime.GOARCH
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, "model name"); ok {
+			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
+		}
+	}
+	return runtime.GOARCH
+}
+
+// MemInfo describes the machine's memory ("23.5 GiB RAM (22.9 GiB
+// available)") from /proc/meminfo.
+func MemInfo() string {
+	total, err1 := procMemKiB("MemTotal")
+	avail, err2 := procMemKiB("MemAvailable")
+	if err1 != nil || err2 != nil {
+		return "memory unknown"
+	}
+	return fmt.Sprintf("%.1f GiB RAM (%.1f GiB available)", float64(total)/(1<<20), float64(avail)/(1<<20))
+}
+
+func procMemKiB(field string) (uint64, error) {
+	raw, err := os.ReadFile("/proc/meminfo")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(raw), "\n") {
+		if v, ok := strings.CutPrefix(line, field+":"); ok {
+			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+		}
+	}
+	return 0, fmt.Errorf("/proc/meminfo has no %s", field)
+}
+
 // LoadAvg returns the 1, 5 and 15 minute load averages as "X Y Z", or ""
 // where /proc/loadavg cannot be read.
 func LoadAvg() string {
@@ -446,6 +639,16 @@ func Mount(dir string) (fstype, source string) {
 		}
 	}
 	return fstype, source
+}
+
+// Median of xs (not empty); sorts xs.
+func Median(xs []float64) float64 {
+	sort.Float64s(xs)
+	n := len(xs)
+	if n%2 == 1 {
+		return xs[n/2]
+	}
+	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 // Dur prints nanoseconds as µs below 1 ms and as ms above, and "-" for 0.

@@ -30,7 +30,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"sort"
 	"strconv"
 	"strings"
 	"syscall"
@@ -110,11 +109,8 @@ type options struct {
 	// checksumPairs is how many (b, d) pairs of each checksum workload
 	// are measured; the first pair is the main table's.
 	checksumPairs int
-	parent        string
 	perfDir       string
-	nodeArgs      []string // extra flags for every node agent (cairn dev up --node-arg)
-	keep          bool
-	verbose       bool
+	benchkit.Flags
 }
 
 func main() { os.Exit(run()) }
@@ -130,14 +126,8 @@ func run() int {
 	flag.IntVar(&o.idleReplicas, "idle-replicas", 3, "replicas of each idle volume")
 	flag.DurationVar(&o.settle, "settle", time.Second, "pause after sync(2) before each run")
 	flag.IntVar(&o.checksumPairs, "checksum-pairs", 5, "runs of each checksum workload on (b) and on (d), in alternating order, for the cost-of-checksums table (1: only the main table's)")
-	flag.StringVar(&o.parent, "dir", os.TempDir(), "where to make the temporary directory (cluster data, plain file, sockets)")
 	flag.StringVar(&o.perfDir, "perf", "", "record `perf record -g` of the serving processes during each run into this directory")
-	flag.Func("node-arg", "pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32", func(v string) error {
-		o.nodeArgs = append(o.nodeArgs, v)
-		return nil
-	})
-	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory (node logs, fio JSON) instead of removing it")
-	flag.BoolVar(&o.verbose, "v", false, "print every command run")
+	o.Register("cluster data, plain file, sockets")
 	flag.Parse()
 	if flag.NArg() != 0 {
 		fmt.Fprintf(os.Stderr, "fiobench: unexpected arguments %q\n", flag.Args())
@@ -166,31 +156,12 @@ func run() int {
 	return benchkit.ExitCode(ctx, "fiobench", err)
 }
 
-func workloadNames() string {
-	var s []string
-	for _, w := range workloads {
-		s = append(s, w.name)
-	}
-	return strings.Join(s, ",")
-}
+func workloadNames() string { return benchkit.Names(workloads, workloadName) }
+
+func workloadName(w workload) string { return w.name }
 
 func selectWorkloads(list string) ([]workload, error) {
-	if list == "" {
-		return workloads, nil
-	}
-	var out []workload
-	for _, name := range strings.Split(list, ",") {
-		found := false
-		for _, w := range workloads {
-			if w.name == strings.TrimSpace(name) {
-				out, found = append(out, w), true
-			}
-		}
-		if !found {
-			return nil, fmt.Errorf("unknown workload %q (have %s)", name, workloadNames())
-		}
-	}
-	return out, nil
+	return benchkit.Select(workloads, workloadName, list, "workload")
 }
 
 // target is one NBD export under test.
@@ -281,30 +252,19 @@ func (b *bench) run(ctx context.Context) error {
 	size, _ := benchkit.ParseSize(b.o.size)
 	b.sizeBytes = size
 
-	root, err := benchkit.ModuleRoot(ctx, "fiobench")
-	if err != nil {
+	var err error
+	if b.root, b.bin, err = benchkit.BuildCairn(ctx, "fiobench", b.o.Verbose, b.logf); err != nil {
 		return err
 	}
-	b.root, b.bin = root, filepath.Join(root, "bin", "cairn")
-	b.logf("building %s", b.bin)
-	if _, err := b.cmd(ctx, "go", "build", "-o", b.bin, "./cmd/cairn"); err != nil {
-		return fmt.Errorf("build: %w", err)
-	}
 
-	if b.tmp, err = os.MkdirTemp(b.o.parent, "cairn-fiobench-"); err != nil {
+	if b.tmp, err = os.MkdirTemp(b.o.Parent, "cairn-fiobench-"); err != nil {
 		return err
 	}
 	if n := len(filepath.Join(b.tmp, "idle-10.sock")); n > 100 {
-		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.parent, n)
+		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.Parent, n)
 	}
 	b.clusterDir = filepath.Join(b.tmp, "cluster")
-	b.logf("starting a 3-node dev cluster in %s", b.clusterDir)
-	// Not cancelled by Ctrl-C: killed halfway, dev up could leave node
-	// agents running that no cluster.json names.
-	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, benchkit.DevUpArgs(b.clusterDir, b.o.nodeArgs)...); err != nil {
-		return fmt.Errorf("dev up: %w", err)
-	}
-	if err := b.loadCluster(); err != nil {
+	if b.nodes, b.servers, err = benchkit.DevUp(ctx, b.root, b.bin, b.clusterDir, b.o.NodeArgs, b.o.Verbose, b.logf); err != nil {
 		return err
 	}
 	n1 := b.nodes[0]
@@ -474,19 +434,12 @@ func (b *bench) measureIdle(ctx context.Context, ids []string, n benchkit.Node) 
 
 // cmd runs a command from the repository root and returns its stdout.
 func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, error) {
-	return benchkit.Command(ctx, b.root, b.o.verbose, b.logf, name, args...)
+	return benchkit.Command(ctx, b.root, b.o.Verbose, b.logf, name, args...)
 }
 
-func (b *bench) loadCluster() error {
-	nodes, servers, err := benchkit.LoadCluster(b.clusterDir)
-	if err != nil {
-		return err
-	}
-	if len(nodes) != 3 {
-		return fmt.Errorf("cluster.json lists %d nodes, want 3", len(nodes))
-	}
-	b.nodes, b.servers = nodes, servers
-	return nil
+func (b *bench) loadCluster() (err error) {
+	b.nodes, b.servers, err = benchkit.LoadDevNodes(b.clusterDir)
+	return err
 }
 
 func (b *bench) createVolume(ctx context.Context, name, size string, replicas int, extra ...string) (*benchkit.Volume, error) {
@@ -542,7 +495,7 @@ func (b *bench) startNbdkit(ctx context.Context, t *target) error {
 		return err
 	}
 	args := []string{"--unix", t.sock, "--foreground", "file", img}
-	if b.o.verbose {
+	if b.o.Verbose {
 		b.logf("$ nbdkit %s", strings.Join(args, " "))
 	}
 	c := exec.Command("nbdkit", args...)
@@ -601,16 +554,11 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 		"--output-format=json", "--output=" + out,
 	}
 	if wl.name != fill.name {
-		args = append(args, "--time_based", "--runtime="+strconv.Itoa(int(b.o.runtime/time.Second)),
-			"--norandommap", "--randrepeat=0")
-	}
-	if b.o.verbose {
-		b.logf("$ fio %s", strings.Join(args, " "))
+		args = append(args, benchkit.FioTimed(b.o.runtime)...)
 	}
 	fctx, cancel := context.WithTimeout(ctx, b.o.runtime+10*time.Minute)
 	defer cancel()
-	c := exec.CommandContext(fctx, "fio", args...)
-	c.SysProcAttr = benchkit.OwnGroup()
+	c := benchkit.FioCommand(fctx, b.o.Verbose, b.logf, args...)
 	var stderr bytes.Buffer
 	c.Stderr = &stderr
 
@@ -805,10 +753,7 @@ func (b *bench) cleanup() {
 					b.logf("cleanup: %v", err)
 				}
 			}
-			if _, err := b.cmd(ctx, b.bin, "dev", "down", "--dir", b.clusterDir, "--keep-data="+strconv.FormatBool(b.o.keep)); err != nil {
-				b.logf("cleanup: %v; killing the node agents", err)
-				benchkit.KillNodeAgents(b.nodes)
-			}
+			benchkit.DevDown(ctx, b.root, b.bin, b.clusterDir, b.o.Keep, b.o.Verbose, b.logf, b.nodes)
 		}
 	}
 	if b.nbdkit != nil {
@@ -822,21 +767,16 @@ func (b *bench) cleanup() {
 			<-done
 		}
 	}
-	benchkit.RemoveTemp(b.tmp, b.o.keep, b.logf)
+	benchkit.RemoveTemp(b.tmp, b.o.Keep, b.logf)
 }
 
 func (b *bench) printHeader(w io.Writer) {
-	host, _ := os.Hostname()
-	loadAvg := ""
-	if la := benchkit.LoadAvg(); la != "" {
-		loadAvg = ", load average " + la
-	}
 	fmt.Fprintf(w, "fiobench: fio's nbd engine against Cairn NBD exports and nbdkit's file plugin\n")
-	fmt.Fprintf(w, "machine:  %s, %d CPUs, %s, %s%s, %s\n", host, runtime.NumCPU(), cpuModel(), benchkit.Kernel(), loadAvg, memInfo())
+	fmt.Fprintf(w, "machine:  %s\n", benchkit.Machine())
 	fmt.Fprintf(w, "disk:     %s on %s (cluster data dirs and the plain file)\n", b.tmp, fsType(b.tmp))
-	fmt.Fprintf(w, "cairn:    %s\n", b.version())
-	if len(b.o.nodeArgs) > 0 {
-		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.nodeArgs, " "))
+	fmt.Fprintf(w, "cairn:    %s\n", benchkit.Version(b.root))
+	if len(b.o.NodeArgs) > 0 {
+		fmt.Fprintf(w, "nodes:    every node agent runs with %s\n", strings.Join(b.o.NodeArgs, " "))
 	}
 	fmt.Fprintf(w, "tools:    %s, %s\n", benchkit.FirstLine("fio (version unknown)", "fio", "--version"), benchkit.FirstLine("nbdkit (version unknown)", "nbdkit", "--version"))
 	fmt.Fprintf(w, "targets:  (a) %s volume, 1 replica (node-1), exported on node-1\n", b.o.size)
@@ -845,21 +785,6 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "          (d) as (b) with checksumAlgorithm none (every volume else has crc32c, the default)\n")
 	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
 	fmt.Fprintf(w, "          on (a), (b), (d), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
-}
-
-// version names the commit bin/cairn was built from and whether the
-// working tree differed from it.
-func (b *bench) version() string {
-	v, err := benchkit.GitDescribe(b.root)
-	if err != nil {
-		return "unknown version (not a git checkout)"
-	}
-	c := exec.Command("git", "status", "--porcelain", "--", ".")
-	c.Dir = b.root
-	if st, err := c.Output(); err == nil && len(bytes.TrimSpace(st)) > 0 {
-		v += fmt.Sprintf(" (%d paths differ from the commit: built from the working tree)", len(strings.Split(strings.TrimSpace(string(st)), "\n")))
-	}
-	return v
 }
 
 func printTable(w io.Writer, results []*result) {
@@ -1163,25 +1088,15 @@ func printChecksumGoals(w io.Writer, pairs []checksumPair) {
 			fmt.Fprintf(tw, "%s\t-\t-\t%s\t-\t≥ %.2f\tnot measured\t\t\t\n", label, strings.Join(cells, " "), g.ratio)
 			continue
 		}
-		m := median(ratios)
+		m := benchkit.Median(ratios)
 		verdict := "not met"
 		if m >= g.ratio {
 			verdict = "met"
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%s\t%.2f\t≥ %.2f\t%s\t%s\t%s\t\n", label, median(sumsIOPS), median(noIOPS),
-			strings.Join(cells, " "), m, g.ratio, verdict, benchkit.Dur(median(cpuSums)), benchkit.Dur(median(cpuNo)))
+		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%s\t%.2f\t≥ %.2f\t%s\t%s\t%s\t\n", label, benchkit.Median(sumsIOPS), benchkit.Median(noIOPS),
+			strings.Join(cells, " "), m, g.ratio, verdict, benchkit.Dur(benchkit.Median(cpuSums)), benchkit.Dur(benchkit.Median(cpuNo)))
 	}
 	tw.Flush()
-}
-
-// median of xs (not empty); sorts xs.
-func median(xs []float64) float64 {
-	sort.Float64s(xs)
-	n := len(xs)
-	if n%2 == 1 {
-		return xs[n/2]
-	}
-	return (xs[n/2-1] + xs[n/2]) / 2
 }
 
 func printRSS(w io.Writer, node string, o options, fresh uint64, idle, later rssSample, hwm, afterBench uint64) {
@@ -1321,41 +1236,6 @@ func readTail(path string) string {
 		s = "…" + s[len(s)-500:]
 	}
 	return s
-}
-
-func cpuModel() string {
-	raw, err := os.ReadFile("/proc/cpuinfo")
-	if err != nil {
-		return runtime.GOARCH
-	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(line, "model name"); ok {
-			return strings.TrimSpace(strings.TrimPrefix(strings.TrimSpace(v), ":"))
-		}
-	}
-	return runtime.GOARCH
-}
-
-func memInfo() string {
-	total, err1 := procMemKiB("MemTotal")
-	avail, err2 := procMemKiB("MemAvailable")
-	if err1 != nil || err2 != nil {
-		return "memory unknown"
-	}
-	return fmt.Sprintf("%.1f GiB RAM (%.1f GiB available)", float64(total)/(1<<20), float64(avail)/(1<<20))
-}
-
-func procMemKiB(field string) (uint64, error) {
-	raw, err := os.ReadFile("/proc/meminfo")
-	if err != nil {
-		return 0, err
-	}
-	for _, line := range strings.Split(string(raw), "\n") {
-		if v, ok := strings.CutPrefix(line, field+":"); ok {
-			return strconv.ParseUint(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
-		}
-	}
-	return 0, fmt.Errorf("/proc/meminfo has no %s", field)
 }
 
 // fsType names the file system holding dir (from /proc/self/mountinfo), or
