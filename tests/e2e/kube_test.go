@@ -115,6 +115,23 @@ func events(ns string) string {
 	return out
 }
 
+// storageClass makes a StorageClass of the driver for one test, deleted
+// when the test ends.
+func storageClass(t *testing.T, name string, params map[string]string, reclaim corev1.PersistentVolumeReclaimPolicy, binding storagev1.VolumeBindingMode) *storagev1.StorageClass {
+	t.Helper()
+	class := &storagev1.StorageClass{
+		TypeMeta:          metav1.TypeMeta{APIVersion: "storage.k8s.io/v1", Kind: "StorageClass"},
+		ObjectMeta:        metav1.ObjectMeta{Name: name},
+		Provisioner:       driverName,
+		Parameters:        params,
+		ReclaimPolicy:     &reclaim,
+		VolumeBindingMode: &binding,
+	}
+	apply(t, class)
+	t.Cleanup(func() { _, _ = env.kube.Kubectl(context.Background(), nil, "delete", "storageclass", name) })
+	return class
+}
+
 // claim is a PersistentVolumeClaim of size on class.
 func claim(ns, name, class, size string, mode corev1.PersistentVolumeMode) *corev1.PersistentVolumeClaim {
 	return &corev1.PersistentVolumeClaim{
@@ -147,7 +164,10 @@ func shellPod(ns, name, claimName string, block bool, script string) *corev1.Pod
 		TypeMeta:   metav1.TypeMeta{APIVersion: "v1", Kind: "Pod"},
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
 		Spec: corev1.PodSpec{
-			RestartPolicy:                 corev1.RestartPolicyNever,
+			RestartPolicy: corev1.RestartPolicyNever,
+			// No cluster DNS here: the node's resolver, without the
+			// MissingClusterDNS warning on every pod.
+			DNSPolicy:                     corev1.DNSDefault,
 			AutomountServiceAccountToken:  &noToken,
 			TerminationGracePeriodSeconds: &grace,
 			Containers:                    []corev1.Container{c},

@@ -25,6 +25,7 @@ var (
 	cacheFlag = flag.String("e2e.cache", "", "directory of the cached builds (default: the user cache directory's cairn-e2e)")
 	runFlag   = flag.String("e2e.run", "", "run directory: the cluster's state and logs (default: CACHE/run)")
 	keepFlag  = flag.Bool("e2e.keep", false, "leave the cluster running after the tests (clean up with the next run, or see README.md)")
+	buildOnly = flag.Bool("e2e.build-only", false, "build (or find in the cache) what the tests need, then stop: no cluster, no tests")
 )
 
 // env is the cluster the tests share, set up by TestMain.
@@ -88,6 +89,9 @@ func run(m *testing.M) (code int, err error) {
 		return 1, err
 	}
 	phase("build", start)
+	if *buildOnly {
+		return 0, nil
+	}
 
 	start = time.Now()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)

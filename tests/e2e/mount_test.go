@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -113,9 +114,10 @@ func checkPV(t *testing.T, pv *corev1.PersistentVolume, ns string) {
 			t.Errorf("PV fsType %q, want ext4", csi.FSType)
 		}
 	}
-	// The volume is reachable from the node only through its topology.
-	if pv.Spec.NodeAffinity == nil || pv.Spec.NodeAffinity.Required == nil {
-		t.Errorf("PV %s has no node affinity", pv.Name)
+	// The replicas are reached over the network from any node, so the
+	// PV needs no node affinity; if it has one, it must admit this node.
+	if na := pv.Spec.NodeAffinity; na != nil && na.Required != nil && !admitsNode(t, na.Required) {
+		t.Errorf("PV %s node affinity %+v excludes node %s", pv.Name, na.Required, env.kube.NodeName)
 	}
 	v, err := volume(pv)
 	if err != nil {
@@ -134,6 +136,26 @@ func checkPV(t *testing.T, pv *corev1.PersistentVolume, ns string) {
 	if want := pvSize(pv); v.SizeBytes < want {
 		t.Errorf("volume %s: %d bytes, less than the PV's %d", v.ID, v.SizeBytes, want)
 	}
+}
+
+// admitsNode reports whether sel admits the cluster's node by its labels
+// (the only operator CSI topology uses is In).
+func admitsNode(t *testing.T, sel *corev1.NodeSelector) bool {
+	t.Helper()
+	var node corev1.Node
+	get(t, &node, "get", "node", env.kube.NodeName)
+	for _, term := range sel.NodeSelectorTerms {
+		ok := true
+		for _, e := range term.MatchExpressions {
+			if e.Operator != corev1.NodeSelectorOpIn || !slices.Contains(e.Values, node.Labels[e.Key]) {
+				ok = false
+			}
+		}
+		if ok {
+			return true
+		}
+	}
+	return false
 }
 
 func pvSize(pv *corev1.PersistentVolume) uint64 {

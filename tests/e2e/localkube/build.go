@@ -82,16 +82,16 @@ type Builder struct {
 func (b *Builder) Build() (*Binaries, error) {
 	bins := &Binaries{Sidecar: map[string]string{}}
 	k8sDir := filepath.Join(b.SourceDir, "k8sbin")
-	key, err := hashTree(k8sDir)
+	key, err := hashTree(k8sDir, kubeVersionLDFlags())
 	if err != nil {
 		return nil, err
 	}
-	dir, err := b.cached("kubernetes-"+KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~10 min cold on 2 cores)", func(out string) error {
+	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~15-25 min cold on 2 cores)", func(out string) error {
 		pkgs := []string{"./etcd", "./registrar"}
 		for _, c := range []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"} {
 			pkgs = append(pkgs, "k8s.io/kubernetes/cmd/"+c)
 		}
-		return b.goBuild(k8sDir, out, nil, pkgs...)
+		return b.goBuild(k8sDir, out, nil, []string{"-ldflags=" + kubeVersionLDFlags()}, pkgs...)
 	})
 	if err != nil {
 		return nil, err
@@ -102,7 +102,7 @@ func (b *Builder) Build() (*Binaries, error) {
 
 	for _, sc := range Sidecars {
 		name := filepath.Base(strings.TrimSuffix(sc.Module, "/"+majorSuffix(sc.Module)))
-		dir, err := b.cached(name+"-"+sc.Version, sc.Module+"@"+sc.Version, func(out string) error {
+		dir, err := b.cached(name, sc.Version, sc.Module+"@"+sc.Version, func(out string) error {
 			return b.buildModuleZip(sc, out)
 		})
 		if err != nil {
@@ -120,7 +120,7 @@ func (b *Builder) Build() (*Binaries, error) {
 	bins.SnapshotCRDs = filepath.Join(crdDir, "config", "crd")
 
 	imgDir := filepath.Join(b.SourceDir, "imagetool")
-	imgKey, err := hashTree(imgDir)
+	imgKey, err := hashTree(imgDir, "")
 	if err != nil {
 		return nil, err
 	}
@@ -132,8 +132,8 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err = b.cached("images-"+imgKey+"-"+bbSum[:12], "the pause and busybox images", func(out string) error {
-		if err := b.goBuild(imgDir, out, []string{"CGO_ENABLED=0"}, ".", "./pause"); err != nil {
+	dir, err = b.cached("images", imgKey+"-"+bbSum[:12], "the pause and busybox images", func(out string) error {
+		if err := b.goBuild(imgDir, out, []string{"CGO_ENABLED=0"}, nil, ".", "./pause"); err != nil {
 			return err
 		}
 		tool := filepath.Join(out, "imagetool")
@@ -163,11 +163,12 @@ func majorSuffix(module string) string {
 	return ""
 }
 
-// cached returns CacheDir/bin/key, building it with build first if it is
-// not complete. build writes into a fresh directory that becomes key only
-// when it succeeds, so an interrupted build is never taken for a cached one.
-func (b *Builder) cached(key, what string, build func(out string) error) (string, error) {
-	final := filepath.Join(b.CacheDir, "bin", key)
+// cached returns CacheDir/bin/NAME-VERSION, building it with build first
+// if it is not complete. build writes into a fresh directory that becomes
+// NAME-VERSION only when it succeeds, so an interrupted build is never
+// taken for a cached one. A new build removes the other versions of name.
+func (b *Builder) cached(name, version, what string, build func(out string) error) (string, error) {
+	final := filepath.Join(b.CacheDir, "bin", name+"-"+version)
 	if _, err := os.Stat(filepath.Join(final, ".complete")); err == nil {
 		fmt.Fprintf(b.Progress, "cached: %s (%s)\n", what, final)
 		return final, nil
@@ -209,12 +210,37 @@ func (b *Builder) cached(key, what string, build func(out string) error) (string
 		return "", err
 	}
 	fmt.Fprintf(b.Progress, "built %s in %s\n", what, time.Since(start).Round(time.Second))
+	old, _ := filepath.Glob(filepath.Join(b.CacheDir, "bin", name+"-*"))
+	for _, o := range old {
+		if o != final && !strings.HasPrefix(strings.TrimPrefix(o, final), ".") {
+			if err := os.RemoveAll(o); err != nil {
+				return "", err
+			}
+		}
+	}
 	return final, nil
 }
 
-// goBuild runs go build -o out/ pkgs in dir, outside any workspace.
-func (b *Builder) goBuild(dir, out string, env []string, pkgs ...string) error {
-	args := append([]string{"build", "-trimpath", "-o", out + "/"}, pkgs...)
+// kubeVersionLDFlags stamp the version into the Kubernetes binaries, as
+// Kubernetes' own build does: without it they call themselves
+// v0.0.0-master, and kubectl version and the Node's kubeletVersion say so.
+func kubeVersionLDFlags() string {
+	minor := strings.Split(KubernetesVersion, ".")[1]
+	var fl []string
+	for _, pkg := range []string{"k8s.io/component-base/version", "k8s.io/client-go/pkg/version"} {
+		fl = append(fl, "-X "+pkg+".gitVersion="+KubernetesVersion, "-X "+pkg+".gitMajor=1", "-X "+pkg+".gitMinor="+minor, "-X "+pkg+".gitTreeState=clean")
+	}
+	return "-s -w " + strings.Join(fl, " ")
+}
+
+// goBuild runs go build -o out/ pkgs in dir, outside any workspace, with
+// extra flags. The binaries carry no symbol tables (-s -w): linking is a
+// good part of a build here, and nobody debugs them.
+func (b *Builder) goBuild(dir, out string, env, flags []string, pkgs ...string) error {
+	if len(flags) == 0 {
+		flags = []string{"-ldflags=-s -w"}
+	}
+	args := append(append([]string{"build", "-trimpath", "-o", out + "/"}, flags...), pkgs...)
 	cmd := exec.Command("go", args...)
 	cmd.Dir = dir
 	cmd.Env = append(os.Environ(), append([]string{"GOWORK=off", "GOFLAGS=-mod=mod"}, env...)...)
@@ -253,7 +279,7 @@ func (b *Builder) buildModuleZip(sc Sidecar, out string) error {
 	for _, c := range sc.Cmds {
 		pkgs = append(pkgs, "./cmd/"+c)
 	}
-	return b.goBuild(work, out, nil, pkgs...)
+	return b.goBuild(work, out, nil, nil, pkgs...)
 }
 
 // moduleDir downloads a module (path@version) into the module cache and
@@ -278,8 +304,9 @@ func moduleDir(mv string) (string, error) {
 }
 
 // hashTree returns a short hash of the go.mod, go.sum and .go files under
-// dir and of the Go toolchain's version: the cache key of what it builds.
-func hashTree(dir string) (string, error) {
+// dir, of the Go toolchain's version and of flags: the cache key of what
+// it builds.
+func hashTree(dir, flags string) (string, error) {
 	var files []string
 	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
@@ -300,6 +327,7 @@ func hashTree(dir string) (string, error) {
 		return "", fmt.Errorf("go env GOVERSION: %w", err)
 	}
 	h.Write(ver)
+	fmt.Fprintf(h, "flags %q\n", flags)
 	for _, f := range files {
 		b, err := os.ReadFile(f)
 		if err != nil {

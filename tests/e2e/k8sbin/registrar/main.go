@@ -22,6 +22,7 @@ import (
 
 // registration answers kubelet's plugin watcher.
 type registration struct {
+	registerapi.UnimplementedRegistrationServer
 	driver, endpoint string
 }
 
