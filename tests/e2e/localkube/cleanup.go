@@ -71,14 +71,18 @@ func Cleanup(runDir string) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 	killCgroupProcs()
+	// Loop devices before mounts: once the filesystem holding a backing
+	// file is unmounted (lazily, for a dead FUSE server), the device's
+	// backing path no longer names the run directory. A device still in
+	// use (mounted) is only marked to detach when its last user closes it.
+	loops, err := detachLoopsUnder(runDir)
+	if err != nil {
+		errs = append(errs, err)
+	}
 	if err := unmountUnder(runDir); err != nil {
 		errs = append(errs, err)
 	}
-	if err := detachLoopsUnder(runDir); err != nil {
-		errs = append(errs, err)
-	}
-	// A filesystem on a loop device may have hidden mounts below it.
-	if err := unmountUnder(runDir); err != nil {
+	if err := waitLoopsGone(loops); err != nil {
 		errs = append(errs, err)
 	}
 	if err := removeCgroups(); err != nil {
@@ -261,10 +265,12 @@ func unmountUnder(dir string) error {
 }
 
 // detachLoopsUnder detaches the loop devices whose backing file lies
-// under dir.
-func detachLoopsUnder(dir string) error {
+// under dir, and returns them. The kernel detaches a device that is still
+// open or mounted when its last user goes (it sets autoclear).
+func detachLoopsUnder(dir string) ([]string, error) {
 	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	var errs []error
+	var devs []string
 	for _, bf := range files {
 		back, err := os.ReadFile(bf)
 		if err != nil {
@@ -275,11 +281,31 @@ func detachLoopsUnder(dir string) error {
 			continue
 		}
 		dev := "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(bf)))
+		devs = append(devs, dev)
 		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("losetup -d %s (%s): %v: %s", dev, b, err, out))
 		}
 	}
-	return errors.Join(errs...)
+	return devs, errors.Join(errs...)
+}
+
+// waitLoopsGone waits a little for the kernel to detach devs (after the
+// unmounts that released them), and names those still attached.
+func waitLoopsGone(devs []string) error {
+	var left []string
+	for i := 0; i < 50; i++ {
+		left = left[:0]
+		for _, d := range devs {
+			if _, err := os.Stat(filepath.Join("/sys/block", filepath.Base(d), "loop", "backing_file")); err == nil {
+				left = append(left, d)
+			}
+		}
+		if len(left) == 0 {
+			return nil
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	return fmt.Errorf("loop devices still attached after the unmounts: %s", strings.Join(left, ", "))
 }
 
 // containerLogDir is where kubelet links each container's log (a constant
