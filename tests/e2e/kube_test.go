@@ -236,17 +236,23 @@ func podLog(pod *corev1.Pod) string {
 // waitLog waits until the pod's log has a line equal to want.
 func waitLog(t *testing.T, ns, name, want string, timeout time.Duration) *corev1.Pod {
 	t.Helper()
+	return waitLogLine(t, ns, name, timeout, func(l string) bool { return l == want })
+}
+
+// waitLogLine waits until a line of the pod's log satisfies match.
+func waitLogLine(t *testing.T, ns, name string, timeout time.Duration, match func(string) bool) *corev1.Pod {
+	t.Helper()
 	var pod corev1.Pod
-	err := poll(context.Background(), timeout, fmt.Sprintf("%q in the log of %s/%s", want, ns, name), func() error {
+	err := poll(context.Background(), timeout, fmt.Sprintf("the awaited line in the log of %s/%s", ns, name), func() error {
 		pod = corev1.Pod{}
 		if !get(t, &pod, "get", "pod", name, "-n", ns) {
 			return fmt.Errorf("no pod")
 		}
 		if pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed {
-			t.Fatalf("pod %s/%s ended (%s) before printing %q; its log:\n%s\nevents:\n%s", ns, name, pod.Status.Phase, want, podLog(&pod), events(ns))
+			t.Fatalf("pod %s/%s ended (%s) before printing the awaited line; its log:\n%s\nevents:\n%s", ns, name, pod.Status.Phase, podLog(&pod), events(ns))
 		}
 		for _, l := range strings.Split(podLog(&pod), "\n") {
-			if l == want {
+			if match(l) {
 				return nil
 			}
 		}
