@@ -76,7 +76,7 @@ func newNamespace(t *testing.T, prefix string) string {
 			t.Logf("events in %s:\n%s", ns, events(ns))
 		}
 		ctx := context.Background()
-		for _, kind := range []string{"pods", "pvc"} {
+		for _, kind := range []string{"pods", "volumesnapshots", "pvc"} {
 			if _, err := env.kube.Kubectl(ctx, nil, "delete", kind, "--all", "-n", ns, "--wait=true", "--timeout=3m"); err != nil {
 				t.Errorf("delete %s in %s: %v", kind, ns, err)
 			}

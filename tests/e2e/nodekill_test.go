@@ -4,13 +4,19 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+
+	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
 
 // loopScript appends a numbered line and syncs it every 100 ms, and says
@@ -114,18 +120,81 @@ func TestNodeAgentKilled(t *testing.T) {
 
 // killAndRestart kills a node agent with SIGKILL (cairn dev kill), waits
 // for downFor, and starts it again from its data dir (cairn dev start).
-// It returns when it was killed and when it answered again.
+// It returns when it was killed and when it answered again. If the agent
+// does not come back, it says what the killed process was still doing
+// (its threads' states) and fails the test.
 func killAndRestart(t *testing.T, node string, downFor time.Duration) (down, back time.Time) {
 	t.Helper()
-	dev := func(args ...string) {
+	dev := func(args ...string) error {
 		out, err := exec.Command(env.cairn.bin, append([]string{"dev"}, append(args, "--dir", env.cairn.dir)...)...).CombinedOutput()
 		if err != nil {
-			t.Fatalf("cairn dev %s: %v: %s", strings.Join(args, " "), err, out)
+			return fmt.Errorf("cairn dev %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	old := devPID(t, node)
+	down = time.Now()
+	if err := dev("kill", node); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(downFor)
+	if err := dev("start", node); err != nil {
+		t.Fatalf("%v\nthe killed agent (pid %d) after %v: %s\nlast lines of its log:\n%s", err, old, time.Since(down).Round(time.Second), threadStates(old), localkube.Tail(devLog(t, node), 15))
+	}
+	return down, time.Now()
+}
+
+// devPID is a dev cluster node's PID as cluster.json has it.
+func devPID(t *testing.T, node string) int {
+	t.Helper()
+	var c struct {
+		Nodes []struct {
+			ID  string `json:"id"`
+			PID int    `json:"pid"`
+		} `json:"nodes"`
+	}
+	b, err := os.ReadFile(filepath.Join(env.cairn.dir, "cluster.json"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := json.Unmarshal(b, &c); err != nil {
+		t.Fatal(err)
+	}
+	for _, n := range c.Nodes {
+		if n.ID == node {
+			return n.PID
 		}
 	}
-	down = time.Now()
-	dev("kill", node)
-	time.Sleep(downFor)
-	dev("start", node)
-	return down, time.Now()
+	t.Fatalf("no node %s in cluster.json", node)
+	return 0
+}
+
+func devLog(t *testing.T, node string) string {
+	for _, n := range env.cairn.dev.Nodes {
+		if n.ID == node {
+			return n.Log
+		}
+	}
+	t.Fatalf("no node %s", node)
+	return ""
+}
+
+// threadStates describes what is left of a process: each thread's state
+// and kernel wait channel ("gone" if nothing is).
+func threadStates(pid int) string {
+	tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	if err != nil {
+		return "gone"
+	}
+	var out []string
+	for _, task := range tasks {
+		stat, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/stat", pid, task.Name()))
+		wchan, _ := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/wchan", pid, task.Name()))
+		state := "?"
+		if i := strings.LastIndexByte(string(stat), ')'); i > 0 && i+2 < len(stat) {
+			state = string(stat[i+2])
+		}
+		out = append(out, fmt.Sprintf("%s:%s/%s", task.Name(), state, wchan))
+	}
+	return fmt.Sprintf("%d threads: %s", len(out), strings.Join(out, " "))
 }
