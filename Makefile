@@ -52,7 +52,7 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # A single-node Kubernetes built from source (cached under the user cache
 # directory), Cairn on it, and the scenarios of tests/e2e/README.md. Not part
 # of make test: it needs root and containerd; cold (nothing cached) it takes
-# 45 min here, warm about 7 (tests/e2e/README.md).
+# 45 min here, warm 5 to 7 (tests/e2e/README.md).
 e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
 	bash scripts/install-deps.sh --e2e
 	go test -tags e2e -count=1 -timeout 60m -v ./tests/e2e
