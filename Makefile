@@ -15,7 +15,7 @@ export GOFLAGS := $(strip -buildvcs=false $(GOFLAGS))
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS = -X main.version=$(VERSION)
 
-.PHONY: help deps build lint test bench torture demo clean
+.PHONY: help deps build lint test e2e bench torture demo clean
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -48,6 +48,14 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 		/^FAIL\t/    { failed++ } \
 		/^\? /       { skipped++ } \
 		END { printf "packages: %d passed, %d failed, %d skipped\n", passed, failed, skipped }'
+
+# A single-node Kubernetes built from source (cached under the user cache
+# directory), Cairn on it, and the scenarios of tests/e2e/README.md. Not part
+# of make test: it needs root and containerd; cold (nothing cached) it takes
+# 45 min here, warm 5 to 7 (tests/e2e/README.md).
+e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
+	bash scripts/install-deps.sh --e2e
+	go test -tags e2e -count=1 -timeout 60m -v ./tests/e2e
 
 # Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # install-deps.sh installs what Cairn's build, tests and demo need on a fresh
 # Debian 12 (bookworm) machine, then downloads the Go modules.
+# install-deps.sh --e2e adds what `make e2e` needs (tests/e2e/README.md).
 #
 # Idempotent: apt is not touched at all when every package is already there, so
 # it also runs without root on a machine that has everything. Run it as root
@@ -32,6 +33,18 @@ APT_PACKAGES=(
 	"nftables:nft"
 )
 # <<< end of the package list
+
+# With --e2e, also what tests/e2e's local Kubernetes needs: a container
+# runtime, the CNI plugins (/usr/lib/cni) and a static busybox for the
+# workload image. Nothing here starts a service (no systemd on CI).
+if [[ "${1:-}" == "--e2e" ]]; then
+	APT_PACKAGES+=(
+		"containerd:containerd"
+		"runc:runc"
+		"containernetworking-plugins:"
+		"busybox-static:"
+	)
+fi
 
 log() { printf 'install-deps: %s\n' "$*"; }
 

@@ -1134,7 +1134,7 @@ var needs = func() map[string][]perm {
 			all("", "nodes", "get", "list", "watch"),
 			all("storage.k8s.io", "volumeattachments", "get", "list", "watch"),
 			all("storage.k8s.io", "volumeattributesclasses", "get", "list", "watch"),
-			all("snapshot.storage.k8s.io", "volumesnapshots", "get", "list"),
+			all("snapshot.storage.k8s.io", "volumesnapshots", "get", "list", "watch", "update"),
 			all("snapshot.storage.k8s.io", "volumesnapshotcontents", "get", "list"),
 			all("", "events", "create", "patch"),
 			leases,

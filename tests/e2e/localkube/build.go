@@ -1,0 +1,350 @@
+package localkube
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"time"
+)
+
+// KubernetesVersion is the Kubernetes the k8sbin module builds; its go.mod
+// pins it, and the cache key covers the go.mod.
+const KubernetesVersion = "v1.34.3"
+
+// A Sidecar is a CSI sidecar built from its module zip (go install M@V
+// refuses modules whose go.mod has replace directives).
+type Sidecar struct {
+	Module, Version string
+	// Cmds are the commands under ./cmd/ to build.
+	Cmds []string
+	// Replace are go mod edit -replace arguments to apply first.
+	Replace []string
+}
+
+// Sidecars are the versions deploy/kubernetes pins (tests/e2e checks that
+// they agree with its images).
+var Sidecars = []Sidecar{
+	{Module: "github.com/kubernetes-csi/external-provisioner/v6", Version: "v6.4.0", Cmds: []string{"csi-provisioner"}},
+	{Module: "github.com/kubernetes-csi/external-attacher/v4", Version: "v4.13.0", Cmds: []string{"csi-attacher"}},
+	{Module: "github.com/kubernetes-csi/external-resizer/v2", Version: "v2.3.0", Cmds: []string{"csi-resizer"}},
+	{Module: "github.com/kubernetes-csi/external-snapshotter/v8", Version: "v8.7.0", Cmds: []string{"csi-snapshotter", "snapshot-controller"},
+		// The zip's go.mod points its client module at ./client, which
+		// the zip of the main module does not hold.
+		Replace: []string{"github.com/kubernetes-csi/external-snapshotter/client/v8=github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"}},
+}
+
+// snapshotClient is the module whose config/crd holds the snapshot CRDs.
+const snapshotClient = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
+
+// Binaries are the paths of everything a run needs that is built here.
+type Binaries struct {
+	Etcd, APIServer, ControllerManager, Scheduler, Kubelet, Kubectl string
+	// Registrar registers a CSI node plugin with kubelet (k8sbin/registrar).
+	Registrar string
+	// Sidecar maps a sidecar command name (csi-provisioner, …) to its binary.
+	Sidecar map[string]string
+	// PauseImage and BusyboxImage are docker-archive tarballs of
+	// PauseImageRef and BusyboxImageRef.
+	PauseImage, BusyboxImage string
+	// SnapshotCRDs is the directory of the VolumeSnapshot CRDs.
+	SnapshotCRDs string
+}
+
+// Image references of the locally built images.
+const (
+	PauseImageRef   = "e2e.local/pause:1"
+	BusyboxImageRef = "e2e.local/busybox:1"
+)
+
+// Builder builds the binaries once and keeps them in CacheDir, one
+// directory per version (a content hash for the modules in this
+// repository), so a warm run builds nothing.
+type Builder struct {
+	// CacheDir holds the built binaries (e.g. os.UserCacheDir()/cairn-e2e).
+	CacheDir string
+	// SourceDir is tests/e2e, which holds the k8sbin and imagetool modules.
+	SourceDir string
+	// Progress gets a line per step and, while a build runs, a line every
+	// 30 s.
+	Progress io.Writer
+}
+
+// Build builds (or finds in the cache) everything in Binaries.
+func (b *Builder) Build() (*Binaries, error) {
+	bins := &Binaries{Sidecar: map[string]string{}}
+	k8sDir := filepath.Join(b.SourceDir, "k8sbin")
+	key, err := hashTree(k8sDir, kubeVersionLDFlags())
+	if err != nil {
+		return nil, err
+	}
+	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~15-25 min cold on 2 cores)", func(out string) error {
+		pkgs := []string{"./etcd", "./registrar"}
+		for _, c := range []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"} {
+			pkgs = append(pkgs, "k8s.io/kubernetes/cmd/"+c)
+		}
+		return b.goBuild(k8sDir, out, nil, []string{"-ldflags=" + kubeVersionLDFlags()}, pkgs...)
+	})
+	if err != nil {
+		return nil, err
+	}
+	bins.Etcd, bins.Registrar = filepath.Join(dir, "etcd"), filepath.Join(dir, "registrar")
+	bins.APIServer, bins.ControllerManager = filepath.Join(dir, "kube-apiserver"), filepath.Join(dir, "kube-controller-manager")
+	bins.Scheduler, bins.Kubelet, bins.Kubectl = filepath.Join(dir, "kube-scheduler"), filepath.Join(dir, "kubelet"), filepath.Join(dir, "kubectl")
+
+	for _, sc := range Sidecars {
+		name := filepath.Base(strings.TrimSuffix(sc.Module, "/"+majorSuffix(sc.Module)))
+		dir, err := b.cached(name, sc.Version, sc.Module+"@"+sc.Version, func(out string) error {
+			return b.buildModuleZip(sc, out)
+		})
+		if err != nil {
+			return nil, err
+		}
+		for _, c := range sc.Cmds {
+			bins.Sidecar[c] = filepath.Join(dir, c)
+		}
+	}
+
+	crdDir, err := moduleDir(snapshotClient)
+	if err != nil {
+		return nil, err
+	}
+	bins.SnapshotCRDs = filepath.Join(crdDir, "config", "crd")
+
+	imgDir := filepath.Join(b.SourceDir, "imagetool")
+	imgKey, err := hashTree(imgDir, "")
+	if err != nil {
+		return nil, err
+	}
+	busybox, err := exec.LookPath("busybox")
+	if err != nil {
+		return nil, fmt.Errorf("busybox (Debian package busybox-static) not found: %w", err)
+	}
+	bbSum, err := hashFile(busybox)
+	if err != nil {
+		return nil, err
+	}
+	dir, err = b.cached("images", imgKey+"-"+bbSum[:12], "the pause and busybox images", func(out string) error {
+		if err := b.goBuild(imgDir, out, []string{"CGO_ENABLED=0"}, nil, ".", "./pause"); err != nil {
+			return err
+		}
+		tool := filepath.Join(out, "imagetool")
+		for _, args := range [][]string{
+			{"-tag", PauseImageRef, "-out", filepath.Join(out, "pause.tar"), "-file", filepath.Join(out, "pause") + "=/pause", "-entrypoint", "/pause"},
+			{"-tag", BusyboxImageRef, "-out", filepath.Join(out, "busybox.tar"), "-file", busybox + "=/bin/busybox", "-busybox", "/bin/busybox", "-entrypoint", "/bin/sh"},
+		} {
+			if o, err := exec.Command(tool, args...).CombinedOutput(); err != nil {
+				return fmt.Errorf("imagetool %s: %v: %s", strings.Join(args, " "), err, o)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	bins.PauseImage, bins.BusyboxImage = filepath.Join(dir, "pause.tar"), filepath.Join(dir, "busybox.tar")
+	return bins, nil
+}
+
+// majorSuffix returns the /vN element of a module path, or "".
+func majorSuffix(module string) string {
+	base := filepath.Base(module)
+	if len(base) > 1 && base[0] == 'v' && strings.Trim(base[1:], "0123456789") == "" {
+		return base
+	}
+	return ""
+}
+
+// cached returns CacheDir/bin/NAME-VERSION, building it with build first
+// if it is not complete. build writes into a fresh directory that becomes
+// NAME-VERSION only when it succeeds, so an interrupted build is never
+// taken for a cached one. A new build removes the other versions of name.
+func (b *Builder) cached(name, version, what string, build func(out string) error) (string, error) {
+	final := filepath.Join(b.CacheDir, "bin", name+"-"+version)
+	if _, err := os.Stat(filepath.Join(final, ".complete")); err == nil {
+		fmt.Fprintf(b.Progress, "cached: %s (%s)\n", what, final)
+		return final, nil
+	}
+	tmp := final + ".partial"
+	if err := os.RemoveAll(tmp); err != nil {
+		return "", err
+	}
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		return "", err
+	}
+	start := time.Now()
+	fmt.Fprintf(b.Progress, "building %s …\n", what)
+	stop := make(chan struct{})
+	ticker := time.NewTicker(30 * time.Second)
+	go func() {
+		defer ticker.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-ticker.C:
+				fmt.Fprintf(b.Progress, "  … still building %s (%s)\n", what, time.Since(start).Round(time.Second))
+			}
+		}
+	}()
+	err := build(tmp)
+	close(stop)
+	if err != nil {
+		return "", fmt.Errorf("build %s: %w", what, err)
+	}
+	if err := os.WriteFile(filepath.Join(tmp, ".complete"), nil, 0o644); err != nil {
+		return "", err
+	}
+	if err := os.RemoveAll(final); err != nil {
+		return "", err
+	}
+	if err := os.Rename(tmp, final); err != nil {
+		return "", err
+	}
+	fmt.Fprintf(b.Progress, "built %s in %s\n", what, time.Since(start).Round(time.Second))
+	old, _ := filepath.Glob(filepath.Join(b.CacheDir, "bin", name+"-*"))
+	for _, o := range old {
+		if o != final && !strings.HasPrefix(strings.TrimPrefix(o, final), ".") {
+			if err := os.RemoveAll(o); err != nil {
+				return "", err
+			}
+		}
+	}
+	return final, nil
+}
+
+// kubeVersionLDFlags stamp the version into the Kubernetes binaries, as
+// Kubernetes' own build does: without it they call themselves
+// v0.0.0-master, and kubectl version and the Node's kubeletVersion say so.
+func kubeVersionLDFlags() string {
+	minor := strings.Split(KubernetesVersion, ".")[1]
+	var fl []string
+	for _, pkg := range []string{"k8s.io/component-base/version", "k8s.io/client-go/pkg/version"} {
+		fl = append(fl, "-X "+pkg+".gitVersion="+KubernetesVersion, "-X "+pkg+".gitMajor=1", "-X "+pkg+".gitMinor="+minor, "-X "+pkg+".gitTreeState=clean")
+	}
+	return "-s -w " + strings.Join(fl, " ")
+}
+
+// goBuild runs go build -o out/ pkgs in dir, outside any workspace, with
+// extra flags. The binaries carry no symbol tables (-s -w): linking is a
+// good part of a build here, and nobody debugs them.
+func (b *Builder) goBuild(dir, out string, env, flags []string, pkgs ...string) error {
+	if len(flags) == 0 {
+		flags = []string{"-ldflags=-s -w"}
+	}
+	args := append(append([]string{"build", "-trimpath", "-o", out + "/"}, flags...), pkgs...)
+	cmd := exec.Command("go", args...)
+	cmd.Dir = dir
+	cmd.Env = append(os.Environ(), append([]string{"GOWORK=off", "GOFLAGS=-mod=mod"}, env...)...)
+	cmd.Stdout, cmd.Stderr = b.Progress, b.Progress
+	if err := cmd.Run(); err != nil {
+		return fmt.Errorf("go %s (in %s): %w", strings.Join(args, " "), dir, err)
+	}
+	return nil
+}
+
+// buildModuleZip builds a sidecar from a writable copy of its module zip.
+func (b *Builder) buildModuleZip(sc Sidecar, out string) error {
+	src, err := moduleDir(sc.Module + "@" + sc.Version)
+	if err != nil {
+		return err
+	}
+	work := out + ".src"
+	if err := os.RemoveAll(work); err != nil {
+		return err
+	}
+	defer os.RemoveAll(work)
+	if o, err := exec.Command("cp", "-r", src, work).CombinedOutput(); err != nil {
+		return fmt.Errorf("copy %s: %v: %s", src, err, o)
+	}
+	if o, err := exec.Command("chmod", "-R", "u+w", work).CombinedOutput(); err != nil {
+		return fmt.Errorf("chmod %s: %v: %s", work, err, o)
+	}
+	for _, r := range sc.Replace {
+		cmd := exec.Command("go", "mod", "edit", "-replace", r)
+		cmd.Dir = work
+		if o, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go mod edit -replace %s: %v: %s", r, err, o)
+		}
+	}
+	var pkgs []string
+	for _, c := range sc.Cmds {
+		pkgs = append(pkgs, "./cmd/"+c)
+	}
+	return b.goBuild(work, out, nil, nil, pkgs...)
+}
+
+// moduleDir downloads a module (path@version) into the module cache and
+// returns its directory there.
+func moduleDir(mv string) (string, error) {
+	cmd := exec.Command("go", "mod", "download", "-json", mv)
+	cmd.Env = append(os.Environ(), "GOWORK=off")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	out, err := cmd.Output()
+	var info struct{ Dir, Error string }
+	if jerr := json.Unmarshal(out, &info); jerr == nil && info.Error != "" {
+		return "", fmt.Errorf("go mod download %s: %s", mv, info.Error)
+	}
+	if err != nil {
+		return "", fmt.Errorf("go mod download %s: %v: %s", mv, err, stderr.String())
+	}
+	if info.Dir == "" {
+		return "", fmt.Errorf("go mod download %s: no directory in %s", mv, out)
+	}
+	return info.Dir, nil
+}
+
+// hashTree returns a short hash of the go.mod, go.sum and .go files under
+// dir, of the Go toolchain's version and of flags: the cache key of what
+// it builds.
+func hashTree(dir, flags string) (string, error) {
+	var files []string
+	err := filepath.WalkDir(dir, func(p string, d fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !d.IsDir() && (strings.HasSuffix(p, ".go") || d.Name() == "go.mod" || d.Name() == "go.sum") {
+			files = append(files, p)
+		}
+		return nil
+	})
+	if err != nil {
+		return "", err
+	}
+	sort.Strings(files)
+	h := sha256.New()
+	ver, err := exec.Command("go", "env", "GOVERSION").Output()
+	if err != nil {
+		return "", fmt.Errorf("go env GOVERSION: %w", err)
+	}
+	h.Write(ver)
+	fmt.Fprintf(h, "flags %q\n", flags)
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			return "", err
+		}
+		rel, _ := filepath.Rel(dir, f)
+		fmt.Fprintf(h, "%s %d\n", rel, len(b))
+		h.Write(b)
+	}
+	return hex.EncodeToString(h.Sum(nil))[:12], nil
+}
+
+func hashFile(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", err
+	}
+	sum := sha256.Sum256(b)
+	return hex.EncodeToString(sum[:]), nil
+}
