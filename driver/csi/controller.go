@@ -481,10 +481,21 @@ func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.
 // GetCapacity is the room left for one more replica's worth of data in the
 // topology segment: the largest free space on one up node (thin
 // provisioning: capacity × ratio minus what is placed there).
+//
+// A class whose parameters CreateVolume refuses still gets the capacity of
+// its disk type. With WaitForFirstConsumer the scheduler puts a pod only
+// where a CSIStorageCapacity object says there is room, and csi-provisioner
+// publishes none for a class whose GetCapacity fails: the pod would stay
+// Pending with "did not have enough free storage", and the user would never
+// see CreateVolume's error, which names the parameter and what is accepted.
+// Found on a real cluster (tests/e2e, TestDesignStorageClass).
 func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
 	spec, err := volspec.Parse(req.GetParameters())
 	if err != nil {
-		return nil, toStatus(err)
+		spec = volspec.Spec{}
+		if t := req.GetParameters()[volspec.KeyDiskType]; t != volspec.DiskTypeDefault && volspec.ValidDiskType(t) {
+			spec.DiskType = t
+		}
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {
 		if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {

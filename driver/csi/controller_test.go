@@ -614,7 +614,10 @@ func TestGetCapacity(t *testing.T) {
 		{"supported capabilities", &csipb.GetCapacityRequest{VolumeCapabilities: writerCaps}, 60 * gib, 30 * gib, codes.OK},
 		{"unsupported capabilities: no room", &csipb.GetCapacityRequest{
 			VolumeCapabilities: []*csipb.VolumeCapability{mountCap(csipb.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER)}}, 0, 0, codes.OK},
-		{"bad parameters", &csipb.GetCapacityRequest{Parameters: map[string]string{"colour": "blue"}}, 0, 0, codes.InvalidArgument},
+		// CreateVolume names the bad parameter; GetCapacity must not
+		// hide that error behind "not enough free storage".
+		{"parameters CreateVolume refuses", &csipb.GetCapacityRequest{Parameters: map[string]string{"colour": "blue"}}, 60 * gib, 30 * gib, codes.OK},
+		{"a refused value, a disk type no node has", &csipb.GetCapacityRequest{Parameters: map[string]string{"type": "nvme-ssd", "compression": "lz4"}}, 0, 0, codes.OK},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -25,18 +24,7 @@ func TestUnknownParameter(t *testing.T) {
 	ns := newNamespace(t, "badparam")
 	apply(t, claim(ns, "bad", class.Name, "64Mi", corev1.PersistentVolumeFilesystem))
 
-	var msg string
-	if err := poll(context.Background(), 2*time.Minute, "a ProvisioningFailed event", func() error {
-		var evs corev1.EventList
-		get(t, &evs, "get", "events", "-n", ns, "--field-selector", "involvedObject.name=bad,reason=ProvisioningFailed")
-		if len(evs.Items) == 0 {
-			return fmt.Errorf("none yet")
-		}
-		msg = evs.Items[0].Message
-		return nil
-	}); err != nil {
-		t.Fatalf("%v\nevents:\n%s", err, events(ns))
-	}
+	msg := provisioningFailed(t, ns, "bad")
 	if !strings.Contains(msg, "replicaCout") {
 		t.Errorf("ProvisioningFailed event does not name the parameter replicaCout: %s", msg)
 	}

@@ -61,8 +61,12 @@ type devNode struct {
 func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binaries, bin, manifests string) (*cairnDeployment, error) {
 	c := &cairnDeployment{bin: bin, dir: filepath.Join(kube.Dir, "cairn"), kube: kube}
 	// Node agents on loopback addresses with CSI sockets kubelet's paths
-	// are allowed on, and the CSI controller.
+	// are allowed on, and the CSI controller. Each node has a data
+	// directory of disk type nvme-ssd besides its default one and IOPS to
+	// promise to guaranteed volumes, as the design's StorageClass needs
+	// (TestDesignStorageClass).
 	out, err := exec.CommandContext(ctx, bin, "dev", "up", "--nodes", "3", "--dir", c.dir,
+		"--disk-types", "nvme-ssd", fmt.Sprintf("--node-arg=--reservable-iops=%d", designReservable),
 		"--node-arg=--csi-allowed-roots="+kube.KubeletRoot).CombinedOutput()
 	fmt.Printf("%s", out)
 	if err != nil {

@@ -4,7 +4,6 @@ package e2e
 
 import (
 	"context"
-	"fmt"
 	"testing"
 	"time"
 
@@ -30,30 +29,12 @@ func TestReclaimRetain(t *testing.T) {
 	}
 	// The volume stays in the store once the PV is deleted: the test
 	// deletes it there.
-	t.Cleanup(func() {
-		_, _ = env.kube.Kubectl(context.Background(), nil, "delete", "pv", pv.Name, "--wait=true", "--timeout=1m")
-		ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
-		defer cancel()
-		if err := retire(ctx, pv.Spec.CSI.VolumeHandle); err != nil {
-			t.Errorf("delete the retained volume %s from the store: %v", pv.Spec.CSI.VolumeHandle, err)
-		}
-	})
+	retainCleanup(t, pv)
 
 	kubectl(t, "delete", "pod", "writer", "-n", ns, "--wait=true")
 	checkDetached(t, pv)
 	kubectl(t, "delete", "pvc", "kept", "-n", ns, "--wait=true")
-	if err := poll(context.Background(), time.Minute, "PV "+pv.Name+" Released", func() error {
-		var now corev1.PersistentVolume
-		if !get(t, &now, "get", "pv", pv.Name) {
-			return fmt.Errorf("PV %s is gone: Retain must keep it", pv.Name)
-		}
-		if now.Status.Phase != corev1.VolumeReleased {
-			return fmt.Errorf("phase %s", now.Status.Phase)
-		}
-		return nil
-	}); err != nil {
-		t.Fatal(err)
-	}
+	waitReleased(t, pv)
 	// Give the provisioner time to (wrongly) delete it.
 	time.Sleep(5 * time.Second)
 	v, err := volume(pv)
