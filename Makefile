@@ -15,7 +15,7 @@ export GOFLAGS := $(strip -buildvcs=false $(GOFLAGS))
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS = -X main.version=$(VERSION)
 
-.PHONY: help deps build lint test e2e bench torture demo clean
+.PHONY: help deps build lint test e2e bench torture demo clean manifests
 
 help: ## List the targets
 	@echo "Usage: make <target>"
@@ -59,6 +59,14 @@ e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/READM
 	bash scripts/install-deps.sh --e2e
 	go test -tags e2e -count=1 -timeout 75m ./tests/e2e -e2e.build-only
 	go test -tags e2e -count=1 -timeout 30m -v ./tests/e2e
+
+# deploy/kubernetes is the Helm chart deploy/helm/cairn rendered with its
+# defaults (namespace cairn-system, createNamespace=true); tests/deploy fails
+# when they disagree. Edit the chart, then run this.
+manifests: ## Write deploy/kubernetes from the Helm chart deploy/helm/cairn
+	cd tests/deploy/helmrender && GOWORK=off go run . -chart ../../../deploy/helm/cairn \
+		-namespace cairn-system -set createNamespace=true -out ../../../deploy/kubernetes \
+		-header '# Generated from deploy/helm/cairn by `make manifests`: edit the chart, not this file.'
 
 # Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against

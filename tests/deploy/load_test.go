@@ -165,7 +165,13 @@ type set struct {
 // root) and decodes each document; a document that does not decode fails t.
 func load(t *testing.T, dir string) *set {
 	t.Helper()
-	root := repoRoot(t)
+	return loadUnder(t, repoRoot(t), dir)
+}
+
+// loadUnder is load with dir relative to root, which need not be the
+// repository (a rendered chart in a temporary folder).
+func loadUnder(t *testing.T, root, dir string) *set {
+	t.Helper()
 	s := &set{root: root, dir: dir}
 	err := filepath.WalkDir(filepath.Join(root, filepath.FromSlash(dir)), func(p string, d fs.DirEntry, err error) error {
 		if err != nil {
