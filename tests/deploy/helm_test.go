@@ -159,7 +159,15 @@ func TestHelmChartValues(t *testing.T) {
 		"node.kubeletDir=/var/lib/k0s/kubelet", "node.dataDir=/mnt/cairn",
 		"node.bootstrapExpect=1", "node.peers=worker-a:7002",
 		"node.extraArgs={--reservable-iops=20000,--zone=eu-1a}",
-		"storageClasses.create=false", "snapshotClass.create=false")
+		"node.disks[0].type=nvme-ssd", "node.disks[0].path=/mnt/nvme",
+		"node.nodeSelector.storage-node=yes",
+		"node.tolerations[0].key=storage", "node.tolerations[0].operator=Exists", "node.tolerations[0].effect=NoSchedule",
+		"node.resources.cairn.limits.memory=1Gi",
+		"controller.nodeSelector.role=infra",
+		"metrics.serviceMonitor.create=true", "metrics.serviceMonitor.labels.release=prom",
+		"storageClasses.create=false", "snapshotClass.create=false",
+		"storageClasses.extra[0].name=fast-2r", "storageClasses.extra[0].parameters.type=nvme-ssd",
+		"storageClasses.extra[0].parameters.replicas=2", "storageClasses.extra[0].reclaimPolicy=Retain")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,8 +175,20 @@ func TestHelmChartValues(t *testing.T) {
 	if len(ofType[corev1.Namespace](s)) != 0 {
 		t.Error("createNamespace is false by default, but the chart makes a Namespace")
 	}
-	if n := len(ofType[storagev1.StorageClass](s)); n != 0 {
-		t.Errorf("storageClasses.create=false, but %d StorageClasses rendered", n)
+	// storageClasses.create=false: only the one of storageClasses.extra.
+	if scs := ofType[storagev1.StorageClass](s); len(scs) != 1 || scs[0].Name != "fast-2r" {
+		t.Errorf("StorageClasses %v, want only storageClasses.extra's fast-2r", scs)
+	} else {
+		sc := scs[0]
+		if sc.Provisioner != "csi.cairn.io" || sc.Parameters["replicas"] != "2" || sc.Parameters["type"] != "nvme-ssd" ||
+			sc.ReclaimPolicy == nil || *sc.ReclaimPolicy != corev1.PersistentVolumeReclaimRetain ||
+			sc.VolumeBindingMode == nil || *sc.VolumeBindingMode != storagev1.VolumeBindingWaitForFirstConsumer ||
+			sc.AllowVolumeExpansion == nil || !*sc.AllowVolumeExpansion {
+			t.Errorf("StorageClass fast-2r: %+v", sc)
+		}
+		for _, err := range checkParameters(sc.Parameters) {
+			t.Errorf("StorageClass fast-2r: %v", err)
+		}
 	}
 	for _, m := range s.all {
 		if m.key == "snapshot.storage.k8s.io/v1/VolumeSnapshotClass" {
@@ -190,6 +210,9 @@ func TestHelmChartValues(t *testing.T) {
 	if ctrl.Spec.Replicas == nil || *ctrl.Spec.Replicas != 1 {
 		t.Errorf("controller replicas %v, want 1", ctrl.Spec.Replicas)
 	}
+	if ctrl.Spec.Template.Spec.NodeSelector["role"] != "infra" {
+		t.Errorf("controller nodeSelector %v, want controller.nodeSelector's", ctrl.Spec.Template.Spec.NodeSelector)
+	}
 	for _, c := range ctrl.Spec.Template.Spec.Containers {
 		switch c.Name {
 		case "cairn":
@@ -208,6 +231,15 @@ func TestHelmChartValues(t *testing.T) {
 
 	node := one[appsv1.DaemonSet](t, s, "cairn-node")
 	spec := &node.Spec.Template.Spec
+	if spec.NodeSelector["storage-node"] != "yes" {
+		t.Errorf("node nodeSelector %v, want node.nodeSelector's", spec.NodeSelector)
+	}
+	if len(spec.Tolerations) != 1 || spec.Tolerations[0].Key != "storage" || spec.Tolerations[0].Effect != corev1.TaintEffectNoSchedule {
+		t.Errorf("node tolerations %+v, want node.tolerations'", spec.Tolerations)
+	}
+	if v := volume(spec, "disk-nvme-ssd"); v == nil || v.HostPath == nil || v.HostPath.Path != "/mnt/nvme" {
+		t.Errorf("node.disks: volume disk-nvme-ssd %+v, want host path /mnt/nvme", v)
+	}
 	for _, v := range spec.Volumes {
 		if v.HostPath == nil {
 			continue
@@ -230,6 +262,16 @@ func TestHelmChartValues(t *testing.T) {
 		}
 		switch c.Name {
 		case "cairn":
+			if d, _ := flag(c.Args, "data-dir"); d != "/var/lib/cairn,nvme-ssd=/var/lib/cairn-disks/nvme-ssd" {
+				t.Errorf("node agent --data-dir %q, want the default dir and node.disks' nvme-ssd", d)
+			}
+			if m, p := mountFor(&c, "/var/lib/cairn-disks/nvme-ssd/x"); m == nil || m.Name != "disk-nvme-ssd" {
+				t.Errorf("node agent: /var/lib/cairn-disks/nvme-ssd is not mounted from volume disk-nvme-ssd (%v %s)", m, p)
+			}
+			lim, req := c.Resources.Limits[corev1.ResourceMemory], c.Resources.Requests[corev1.ResourceCPU]
+			if lim.String() != "1Gi" || req.String() != "100m" {
+				t.Errorf("node agent resources %+v, want the default requests and node.resources' memory limit 1Gi", c.Resources)
+			}
 			for _, a := range []string{"--reservable-iops=20000", "--zone=eu-1a"} {
 				if !slices.Contains(c.Args, a) {
 					t.Errorf("node agent args %v lack node.extraArgs' %s", c.Args, a)
@@ -241,6 +283,20 @@ func TestHelmChartValues(t *testing.T) {
 			}
 		}
 	}
+	// metrics.serviceMonitor.create: the Service over the agents' metrics
+	// port, and a ServiceMonitor that selects it.
+	svc := one[corev1.Service](t, s, "cairn-node-metrics")
+	if !selectorMatches(svc.Spec.Selector, node.Spec.Template.Labels) || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 9102 {
+		t.Errorf("Service cairn-node-metrics %+v: want port 9102 over the node agents", svc.Spec)
+	} else if _, ok := containerPort(oneContainer(t, podTemplate{where: "cairn-node", spec: spec}, "cairn"), svc.Spec.Ports[0].TargetPort); !ok {
+		t.Errorf("Service cairn-node-metrics targets %v, which the node agent does not expose", svc.Spec.Ports[0].TargetPort)
+	}
+	sm := one[serviceMonitor](t, s, "cairn-node")
+	if !labelsMatch(&sm.Spec.Selector, svc.Labels) || sm.Labels["release"] != "prom" ||
+		len(sm.Spec.Endpoints) != 1 || sm.Spec.Endpoints[0].Port != svc.Spec.Ports[0].Name {
+		t.Errorf("ServiceMonitor cairn-node %+v (labels %v): want it to select cairn-node-metrics' port, labelled release=prom", sm.Spec, sm.Labels)
+	}
+
 	cm := one[corev1.ConfigMap](t, s, "cairn-node")
 	if cm.Data["BOOTSTRAP_EXPECT"] != "1" || cm.Data["PEERS"] != "worker-a:7002" {
 		t.Errorf("ConfigMap cairn-node %v, want node.bootstrapExpect and node.peers", cm.Data)
@@ -257,6 +313,9 @@ func TestHelmChartRefusesBadValues(t *testing.T) {
 		{"node.peers=node-a", "peers"},
 		{"image.pullPolicy=Sometimes", "pullPolicy"},
 		{"node.extraArgs={reservable-iops}", "extraArgs"},
+		{"node.disks[0].type=default", "disks"},
+		{"storageClasses.extra[0].reclaimPolicy=Keep", "reclaimPolicy"},
+		{"metrics.serviceMonitor.interval=often", "interval"},
 	} {
 		t.Run(tc.set, func(t *testing.T) {
 			_, err := renderChart(t, "cairn-system", tc.set)

@@ -58,6 +58,21 @@ type volumeSnapshotClass struct {
 	DeletionPolicy    string            `json:"deletionPolicy"`
 }
 
+// serviceMonitor mirrors the part of monitoring.coreos.com/v1 ServiceMonitor
+// (the Prometheus Operator) the chart renders; its Go module is not pulled in.
+type serviceMonitor struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+	Spec              struct {
+		Selector  metav1.LabelSelector `json:"selector"`
+		Endpoints []struct {
+			Port     string `json:"port"`
+			Path     string `json:"path,omitempty"`
+			Interval string `json:"interval,omitempty"`
+		} `json:"endpoints"`
+	} `json:"spec"`
+}
+
 // kustomization is the part of kustomize.config.k8s.io/v1beta1 Kustomization
 // this repository uses; add a field here when the file grows one.
 type kustomization struct {
@@ -86,6 +101,7 @@ var kinds = map[string]kindInfo{
 	"storage.k8s.io/v1/CSIDriver":                     {func() any { return new(storagev1.CSIDriver) }, false},
 	"storage.k8s.io/v1/StorageClass":                  {func() any { return new(storagev1.StorageClass) }, false},
 	"snapshot.storage.k8s.io/v1/VolumeSnapshotClass":  {func() any { return new(volumeSnapshotClass) }, false},
+	"monitoring.coreos.com/v1/ServiceMonitor":         {func() any { return new(serviceMonitor) }, true},
 	"kustomize.config.k8s.io/v1beta1/Kustomization":   {func() any { return new(kustomization) }, false},
 }
 
