@@ -72,10 +72,14 @@ func TestDesignStorageClass(t *testing.T) {
 		!spec.Encrypted() || rec.Encryption == nil {
 		t.Fatalf("the volume's recorded spec %+v", spec)
 	}
+	// The nodes make their replicas after CreateVolume returns, when they
+	// see the volume in the store (replication/storagenode): wait for each.
 	for _, r := range rec.Replicas {
-		if _, err := os.Stat(filepath.Join(c.dir, r.Node, "disk-nvme-ssd", "replicas", r.ID)); err != nil {
-			t.Fatalf("replica %s is not in %s's nvme-ssd directory: %v", r.ID, r.Node, err)
-		}
+		dir := filepath.Join(c.dir, r.Node, "disk-nvme-ssd", "replicas", r.ID)
+		waitFor(t, 30*time.Second, "replica "+r.ID+" in "+r.Node+"'s nvme-ssd directory", func() bool {
+			_, err := os.Stat(dir)
+			return err == nil
+		})
 	}
 	staging, target := c.attachWith(id, "node-1", mountCap, secrets)
 	sums := map[string][32]byte{}
