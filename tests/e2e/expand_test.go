@@ -26,11 +26,14 @@ import (
 // error names the capability, and the next pod gets the grown filesystem.
 // xfs grows mounted without it.
 func TestExpandOnline(t *testing.T) {
+	t.Parallel() // see main_test.go, "Parallel tests"
 	t.Run("xfs", func(t *testing.T) {
+		t.Parallel()
 		// mkfs.xfs wants 300 MiB at least.
 		expandWhileMounted(t, "cairn-2r-xfs", "320Mi", "640Mi", true)
 	})
 	t.Run("ext4", func(t *testing.T) {
+		t.Parallel()
 		online := haveCapSysResource(t)
 		if !online {
 			t.Log("no CAP_SYS_RESOURCE here: checking that the ext4 grows when the next pod mounts it")

@@ -29,6 +29,14 @@ var (
 	buildOnly = flag.Bool("e2e.build-only", false, "build (or find in the cache) what the tests need, then stop: no cluster, no tests")
 )
 
+// Parallel tests: every test that only uses volumes of its own (its own
+// namespace, claims and StorageClasses) calls t.Parallel, and make e2e runs
+// them eight at a time: most of their time is spent waiting for pods,
+// kubelet and the sidecars, so running them side by side cuts the suite's
+// wall time from about 7 min to about 4. TestNodeAgentKilled does not: it
+// kills the node agent that serves every pod's volume on the node. Go runs
+// the tests that are not parallel first, then the parallel ones together.
+
 // env is the cluster the tests share, set up by TestMain.
 var env *cluster
 

@@ -52,6 +52,7 @@ sync
 // staging and publish mounts and the store's volume are checked at each
 // step, and deleting the claim removes the volume from the store.
 func TestReplicatedExt4(t *testing.T) {
+	t.Parallel() // see main_test.go, "Parallel tests"
 	ns := newNamespace(t, "ext4")
 	apply(t, claim(ns, "data", "cairn-replicated-ext4", "256Mi", corev1.PersistentVolumeFilesystem))
 

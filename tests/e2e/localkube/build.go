@@ -89,7 +89,7 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~15-25 min cold on 2 cores)", func(out string) error {
+	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~10-16 min cold on 2 cores)", func(out string) error {
 		pkgs := []string{"./etcd", "./registrar"}
 		for _, c := range []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"} {
 			pkgs = append(pkgs, "k8s.io/kubernetes/cmd/"+c)
@@ -125,7 +125,7 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err != nil {
 		return nil, err
 	}
-	dir, err = b.cached("sidecars", scKey, "csi-attacher, csi-resizer, csi-snapshotter and snapshot-controller (one module, ~8 min cold on 2 cores)", func(out string) error {
+	dir, err = b.cached("sidecars", scKey, "csi-attacher, csi-resizer, csi-snapshotter and snapshot-controller (one module, ~4 min cold on 2 cores)", func(out string) error {
 		if err := checkVersions(scDir, shared); err != nil {
 			return err
 		}
