@@ -79,6 +79,9 @@ type Builder struct {
 	// Progress gets a line per step and, while a build runs, a line every
 	// 30 s.
 	Progress io.Writer
+
+	// used are the directories under CacheDir/bin this Build uses.
+	used map[string]bool
 }
 
 // Build builds (or finds in the cache) everything in Binaries.
@@ -178,7 +181,28 @@ func (b *Builder) Build() (*Binaries, error) {
 		return nil, err
 	}
 	bins.PauseImage, bins.BusyboxImage = filepath.Join(dir, "pause.tar"), filepath.Join(dir, "busybox.tar")
-	return bins, nil
+	return bins, b.prune()
+}
+
+// prune removes the builds under CacheDir/bin that this Build did not use:
+// another version, or a sidecar that is now built in sidecars/. Each takes
+// hundreds of MB.
+func (b *Builder) prune() error {
+	entries, err := os.ReadDir(filepath.Join(b.CacheDir, "bin"))
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		p := filepath.Join(b.CacheDir, "bin", e.Name())
+		if b.used[p] {
+			continue
+		}
+		fmt.Fprintf(b.Progress, "removing an unused build: %s\n", p)
+		if err := os.RemoveAll(p); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // majorSuffix returns the /vN element of a module path, or "".
@@ -196,6 +220,10 @@ func majorSuffix(module string) string {
 // taken for a cached one. A new build removes the other versions of name.
 func (b *Builder) cached(name, version, what string, build func(out string) error) (string, error) {
 	final := filepath.Join(b.CacheDir, "bin", name+"-"+version)
+	if b.used == nil {
+		b.used = map[string]bool{}
+	}
+	b.used[final] = true
 	if _, err := os.Stat(filepath.Join(final, ".complete")); err == nil {
 		fmt.Fprintf(b.Progress, "cached: %s (%s)\n", what, final)
 		return final, nil
