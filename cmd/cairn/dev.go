@@ -112,10 +112,6 @@ func (n *devNode) alive() bool {
 	if err != nil {
 		return false
 	}
-	// The state follows the parenthesised command name; Z is a zombie.
-	if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-		return false
-	}
 	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
 	if err != nil {
 		return false
@@ -123,6 +119,38 @@ func (n *devNode) alive() bool {
 	marker := "\x00--id\x00" + n.ID + "\x00"
 	if n.ID == "controller" {
 		marker = "\x00--endpoint\x00" + n.CSI + "\x00"
+	}
+	return procAlive(stat, cmdline, marker)
+}
+
+// pfKthread is PF_KTHREAD in the flags of /proc/PID/stat.
+const pfKthread = 0x00200000
+
+// procAlive tells from a process's /proc stat and cmdline whether it is
+// the agent whose command line contains marker, still holding what it
+// holds. A zombie is gone. A process that is exiting has already released
+// its memory, and with it its command line, but it closes its files only
+// after that: until it is a zombie it still holds its ports, its Raft
+// log's lock and /dev/fuse (closing that can take a while when a loop
+// device sits on the volume), and a new agent started then fails at once.
+// So an empty command line counts as alive, unless the PID is a kernel
+// thread's (reused).
+func procAlive(stat, cmdline []byte, marker string) bool {
+	// The state and the flags follow the parenthesised command name.
+	i := bytes.LastIndexByte(stat, ')')
+	if i < 0 {
+		return false
+	}
+	fields := strings.Fields(string(stat[i+1:]))
+	if len(fields) < 7 {
+		return false
+	}
+	if fields[0] == "Z" || fields[0] == "X" {
+		return false
+	}
+	if len(cmdline) == 0 {
+		flags, err := strconv.ParseUint(fields[6], 10, 64)
+		return err == nil && flags&pfKthread == 0
 	}
 	return bytes.Contains(cmdline, []byte(marker))
 }
