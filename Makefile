@@ -57,7 +57,7 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # then take about 3.5 min, run side by side (tests/e2e/README.md, "Timing").
 e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
 	bash scripts/install-deps.sh --e2e
-	go test -tags e2e -count=1 -timeout 75m ./tests/e2e -e2e.build-only
+	go test -tags e2e -count=1 -timeout 75m -v ./tests/e2e -e2e.build-only
 	go test -tags e2e -count=1 -timeout 30m -parallel 8 -v ./tests/e2e
 
 # deploy/kubernetes is the Helm chart deploy/helm/cairn rendered with its

@@ -134,7 +134,8 @@ const pfKthread = 0x00200000
 // log's lock and /dev/fuse (closing that can take a while when a loop
 // device sits on the volume), and a new agent started then fails at once.
 // So an empty command line counts as alive, unless the PID is a kernel
-// thread's (reused).
+// thread's (reused), and so does a zombie main thread whose other threads
+// are still exiting.
 func procAlive(stat, cmdline []byte, marker string) bool {
 	// The state and the flags follow the parenthesised command name.
 	i := bytes.LastIndexByte(stat, ')')
@@ -142,11 +143,17 @@ func procAlive(stat, cmdline []byte, marker string) bool {
 		return false
 	}
 	fields := strings.Fields(string(stat[i+1:]))
-	if len(fields) < 7 {
+	if len(fields) < 18 {
 		return false
 	}
-	if fields[0] == "Z" || fields[0] == "X" {
+	switch fields[0] {
+	case "X":
 		return false
+	case "Z":
+		// The main thread is a zombie; the process is gone once its
+		// other threads are too (num_threads, field 20 of stat).
+		n, err := strconv.Atoi(fields[17])
+		return err == nil && n > 1
 	}
 	if len(cmdline) == 0 {
 		flags, err := strconv.ParseUint(fields[6], 10, 64)

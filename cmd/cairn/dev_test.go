@@ -7,9 +7,13 @@ func TestProcAlive(t *testing.T) {
 	agent := []byte("/usr/local/bin/cairn\x00node\x00--id\x00node-1\x00--data-dir\x00/d\x00")
 	other := []byte("/usr/local/bin/cairn\x00node\x00--id\x00node-2\x00")
 	// state ppid pgrp session tty tpgid flags ...
-	stat := func(state, flags string) []byte {
-		return []byte("4242 (cairn (x)) " + state + " 1 4242 4242 0 -1 " + flags + " 0 0 0 0")
+	// Fields 3 to 20 of /proc/PID/stat: state ppid pgrp session tty_nr
+	// tpgid flags minflt cminflt majflt cmajflt utime stime cutime cstime
+	// priority nice num_threads.
+	statN := func(state, flags, threads string) []byte {
+		return []byte("4242 (cairn (x)) " + state + " 1 4242 4242 0 -1 " + flags + " 0 0 0 0 5 3 0 0 20 0 " + threads + " 0 123")
 	}
+	stat := func(state, flags string) []byte { return statN(state, flags, "1") }
 	for _, tc := range []struct {
 		name          string
 		stat, cmdline []byte
@@ -19,6 +23,7 @@ func TestProcAlive(t *testing.T) {
 		{"another process on the PID", stat("S", "4194560"), other, false},
 		{"zombie", stat("Z", "4227084"), nil, false},
 		{"dead", stat("X", "4227084"), nil, false},
+		{"zombie main thread, other threads still exiting", statN("Z", "4227084", "3"), nil, true},
 		// Exiting: memory (and the command line) released, files not
 		// yet closed: the ports and locks are still held.
 		{"exiting, files still open", stat("D", "4194564"), nil, true},

@@ -493,7 +493,7 @@ func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequ
 	spec, err := volspec.Parse(req.GetParameters())
 	if err != nil {
 		spec = volspec.Spec{}
-		if t := req.GetParameters()[volspec.KeyDiskType]; t != volspec.DiskTypeDefault && volspec.ValidDiskType(t) {
+		if t := strings.TrimSpace(req.GetParameters()[volspec.KeyDiskType]); t != volspec.DiskTypeDefault && volspec.ValidDiskType(t) {
 			spec.DiskType = t
 		}
 	}

@@ -79,8 +79,17 @@ func TestMain(m *testing.M) {
 // renderer's error output.
 func renderChart(t *testing.T, namespace string, sets ...string) (string, error) {
 	t.Helper()
+	return renderChartWith(t, namespace, nil, sets...)
+}
+
+// renderChartWith is renderChart with values files (helm -f) too.
+func renderChartWith(t *testing.T, namespace string, valueFiles []string, sets ...string) (string, error) {
+	t.Helper()
 	out := t.TempDir()
 	args := []string{"-chart", filepath.Join(repoRoot(t), filepath.FromSlash(chartDir)), "-namespace", namespace, "-out", out}
+	for _, f := range valueFiles {
+		args = append(args, "-f", f)
+	}
 	for _, s := range sets {
 		args = append(args, "-set", s)
 	}
@@ -313,7 +322,10 @@ func TestHelmChartRefusesBadValues(t *testing.T) {
 		{"node.peers=node-a", "peers"},
 		{"image.pullPolicy=Sometimes", "pullPolicy"},
 		{"node.extraArgs={reservable-iops}", "extraArgs"},
-		{"node.disks[0].type=default", "disks"},
+		{"node.disks[0].type=default,node.disks[0].path=/mnt/x", "type"},
+		{"node.disks[0].type=" + strings.Repeat("a", 59) + ",node.disks[0].path=/mnt/x", "type"},
+		{"node.disks[0].type=hdd,node.disks[0].path=/a,node.disks[1].type=hdd,node.disks[1].path=/b", "given twice"},
+		{"node.bootstrapExpect=1", "bootstrapExpect"},
 		{"storageClasses.extra[0].reclaimPolicy=Keep", "reclaimPolicy"},
 		{"metrics.serviceMonitor.interval=often", "interval"},
 	} {
@@ -326,5 +338,39 @@ func TestHelmChartRefusesBadValues(t *testing.T) {
 				t.Errorf("-set %s: error does not name %s:\n%v", tc.set, tc.want, err)
 			}
 		})
+	}
+}
+
+// TestHelmChartValuesFile: numbers in a values file reach Helm as floats;
+// StorageClass parameters must still print them whole ("1000000", not
+// "1e+06", which the driver would refuse).
+func TestHelmChartValuesFile(t *testing.T) {
+	values := filepath.Join(t.TempDir(), "values.yaml")
+	if err := os.WriteFile(values, []byte(`storageClasses:
+  create: false
+  extra:
+    - name: big
+      parameters:
+        replicas: 3
+        maxIOPS: 1000000
+        maxBandwidth: 104857600
+        dataLocality: disabled
+`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	out, err := renderChartWith(t, "cairn-system", []string{values})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := loadUnder(t, out, ".")
+	sc := one[storagev1.StorageClass](t, s, "big")
+	want := map[string]string{"replicas": "3", "maxIOPS": "1000000", "maxBandwidth": "104857600", "dataLocality": "disabled"}
+	for k, v := range want {
+		if sc.Parameters[k] != v {
+			t.Errorf("parameter %s = %q, want %q", k, sc.Parameters[k], v)
+		}
+	}
+	for _, err := range checkParameters(sc.Parameters) {
+		t.Errorf("StorageClass big: %v", err)
 	}
 }

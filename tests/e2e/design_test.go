@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -145,7 +146,7 @@ func TestDesignStorageClass(t *testing.T) {
 		stage = checkAttached(t, pv, pod)
 		release(t, stage)
 		waitPod(t, ns, "reader", 2*time.Minute, corev1.PodSucceeded)
-		if !strings.Contains(podLog(pod), "2048") {
+		if !slices.Contains(strings.Split(podLog(pod), "\n"), "2048") {
 			t.Errorf("reader: the marker file does not read back whole: %s", podLog(pod))
 		}
 

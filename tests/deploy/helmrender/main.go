@@ -37,25 +37,33 @@ func main() {
 	namespace := flag.String("namespace", "cairn-system", "release namespace")
 	out := flag.String("out", "", "directory to write the rendered files into (required)")
 	header := flag.String("header", "", "a line to write first into each file (make manifests: where the files come from)")
-	var set sets
+	var set, valueFiles sets
 	flag.Var(&set, "set", "a value, as helm --set has it (repeatable)")
+	flag.Var(&valueFiles, "f", "a values file, as helm -f has it (repeatable; -set overrides)")
 	flag.Parse()
 	if *chartDir == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "helmrender: -chart and -out are required")
 		os.Exit(2)
 	}
-	if err := render(*chartDir, *name, *namespace, set, *out, *header); err != nil {
+	if err := render(*chartDir, *name, *namespace, valueFiles, set, *out, *header); err != nil {
 		fmt.Fprintln(os.Stderr, "helmrender:", err)
 		os.Exit(1)
 	}
 }
 
-func render(chartDir, name, namespace string, set []string, out, header string) error {
+func render(chartDir, name, namespace string, valueFiles, set []string, out, header string) error {
 	chrt, err := loader.Load(chartDir)
 	if err != nil {
 		return err
 	}
 	vals := map[string]any{}
+	for _, f := range valueFiles {
+		fv, err := common.ReadValuesFile(f)
+		if err != nil {
+			return fmt.Errorf("-f %s: %w", f, err)
+		}
+		vals = util.MergeTables(fv, vals)
+	}
 	for _, s := range set {
 		if err := strvals.ParseInto(s, vals); err != nil {
 			return fmt.Errorf("-set %s: %w", s, err)

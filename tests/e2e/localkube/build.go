@@ -128,10 +128,13 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err != nil {
 		return nil, err
 	}
+	// Checked on every run, not only when building: the cache key is the
+	// module's go.mod, so a version bumped in Sidecars and deploy/ but
+	// not there would otherwise keep the old binaries.
+	if err := checkVersions(scDir, shared); err != nil {
+		return nil, err
+	}
 	dir, err = b.cached("sidecars", scKey, "csi-attacher, csi-resizer, csi-snapshotter and snapshot-controller (one module, ~4 min cold on 2 cores)", func(out string) error {
-		if err := checkVersions(scDir, shared); err != nil {
-			return err
-		}
 		return b.goBuild(scDir, out, nil, nil, "tool")
 	})
 	if err != nil {
@@ -181,16 +184,18 @@ func (b *Builder) Build() (*Binaries, error) {
 		return nil, err
 	}
 	bins.PauseImage, bins.BusyboxImage = filepath.Join(dir, "pause.tar"), filepath.Join(dir, "busybox.tar")
-	return bins, b.prune()
+	b.prune()
+	return bins, nil
 }
 
 // prune removes the builds under CacheDir/bin that this Build did not use:
 // another version, or a sidecar that is now built in sidecars/. Each takes
-// hundreds of MB.
-func (b *Builder) prune() error {
+// hundreds of MB. A failure only warns: the run has what it needs.
+func (b *Builder) prune() {
 	entries, err := os.ReadDir(filepath.Join(b.CacheDir, "bin"))
 	if err != nil {
-		return err
+		fmt.Fprintf(b.Progress, "warning: cannot list the cached builds: %v\n", err)
+		return
 	}
 	for _, e := range entries {
 		p := filepath.Join(b.CacheDir, "bin", e.Name())
@@ -199,10 +204,9 @@ func (b *Builder) prune() error {
 		}
 		fmt.Fprintf(b.Progress, "removing an unused build: %s\n", p)
 		if err := os.RemoveAll(p); err != nil {
-			return err
+			fmt.Fprintf(b.Progress, "warning: %v\n", err)
 		}
 	}
-	return nil
 }
 
 // majorSuffix returns the /vN element of a module path, or "".
