@@ -19,7 +19,7 @@ LDFLAGS = -X main.version=$(VERSION)
 
 help: ## List the targets
 	@echo "Usage: make <target>"
-	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-8s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
+	@awk 'BEGIN { FS = ":.*## " } /^[a-zA-Z0-9_-]+:.*## / { printf "  %-10s %s\n", $$1, $$2 }' $(MAKEFILE_LIST)
 
 deps: ## Install the Debian packages and Go modules the build, tests and demo need
 	bash scripts/install-deps.sh
