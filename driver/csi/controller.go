@@ -492,10 +492,7 @@ func (c *Controller) ControllerListVolumeHealth(ctx context.Context, req *csipb.
 func (c *Controller) GetCapacity(ctx context.Context, req *csipb.GetCapacityRequest) (*csipb.GetCapacityResponse, error) {
 	spec, err := volspec.Parse(req.GetParameters())
 	if err != nil {
-		spec = volspec.Spec{}
-		if t := strings.TrimSpace(req.GetParameters()[volspec.KeyDiskType]); t != volspec.DiskTypeDefault && volspec.ValidDiskType(t) {
-			spec.DiskType = t
-		}
+		spec = volspec.Spec{DiskType: volspec.DiskTypeOf(req.GetParameters())}
 	}
 	if len(req.GetVolumeCapabilities()) > 0 {
 		if err := checkCapabilities(req.GetVolumeCapabilities()); err != nil {

@@ -592,6 +592,20 @@ func Parse(in map[string]string) (Spec, error) {
 	return s, checkQoS(s)
 }
 
+// DiskTypeOf reads the disk type of request-form parameters on its own, by
+// the rule Parse applies to it: "" for the default type, and for a value
+// Parse refuses. GetCapacity uses it to answer for a class whose other keys
+// Parse refuses: with WaitForFirstConsumer, CreateVolume (which names the
+// bad key) runs only if capacity is published for the class.
+func DiskTypeOf(in map[string]string) string {
+	p, _ := lookup(KeyDiskType)
+	var s Spec
+	if !p.parse(&s, strings.TrimSpace(in[KeyDiskType]), request) {
+		return ""
+	}
+	return s.DiskType
+}
+
 // Decode reads parameters in the stored form (Volume.Parameters) over
 // Default: keys it does not know, the replica count and the write quorum are
 // ignored, and an empty value is an absent key (see doc.go). Replicas and

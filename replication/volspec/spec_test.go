@@ -441,3 +441,26 @@ func TestQoSClassAndConsistency(t *testing.T) {
 		}
 	}
 }
+
+// TestDiskTypeOf: the disk type read alone, by Parse's rule, whatever the
+// other keys hold.
+func TestDiskTypeOf(t *testing.T) {
+	for _, tc := range []struct {
+		in   map[string]string
+		want string
+	}{
+		{map[string]string{}, ""},
+		{map[string]string{KeyDiskType: DiskTypeDefault}, ""},
+		{map[string]string{KeyDiskType: " nvme-ssd ", KeyCompression: CompressionLZ4}, "nvme-ssd"},
+		{map[string]string{KeyDiskType: "hdd", "colour": "blue"}, "hdd"},
+		{map[string]string{KeyDiskType: "NVMe"}, ""},
+		{map[string]string{KeyDiskType: ""}, ""},
+	} {
+		if got := DiskTypeOf(tc.in); got != tc.want {
+			t.Errorf("DiskTypeOf(%v) = %q, want %q", tc.in, got, tc.want)
+		}
+		if s, err := Parse(tc.in); err == nil && s.DiskType != tc.want {
+			t.Errorf("Parse(%v).DiskType = %q, DiskTypeOf %q: they must agree", tc.in, s.DiskType, tc.want)
+		}
+	}
+}
