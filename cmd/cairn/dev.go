@@ -1,7 +1,6 @@
 package main
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -19,6 +18,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/internal/loopback"
+	"github.com/cairn-csi/cairn/internal/proc"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
 
@@ -103,63 +103,15 @@ func (c *devCluster) agents() []string {
 	return out
 }
 
-// alive reports whether pid runs and is this node's agent (pids get reused).
+// alive reports whether this node's agent is still there: running, or
+// exiting and maybe still holding its ports, its Raft log's lock and
+// /dev/fuse (internal/proc). PIDs get reused: the marker tells ours.
 func (n *devNode) alive() bool {
-	if n.PID <= 0 {
-		return false
-	}
-	stat, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", n.PID))
-	if err != nil {
-		return false
-	}
-	cmdline, err := os.ReadFile(fmt.Sprintf("/proc/%d/cmdline", n.PID))
-	if err != nil {
-		return false
-	}
 	marker := "\x00--id\x00" + n.ID + "\x00"
 	if n.ID == "controller" {
 		marker = "\x00--endpoint\x00" + n.CSI + "\x00"
 	}
-	return procAlive(stat, cmdline, marker)
-}
-
-// pfKthread is PF_KTHREAD in the flags of /proc/PID/stat.
-const pfKthread = 0x00200000
-
-// procAlive tells from a process's /proc stat and cmdline whether it is
-// the agent whose command line contains marker, still holding what it
-// holds. A zombie is gone. A process that is exiting has already released
-// its memory, and with it its command line, but it closes its files only
-// after that: until it is a zombie it still holds its ports, its Raft
-// log's lock and /dev/fuse (closing that can take a while when a loop
-// device sits on the volume), and a new agent started then fails at once.
-// So an empty command line counts as alive, unless the PID is a kernel
-// thread's (reused), and so does a zombie main thread whose other threads
-// are still exiting.
-func procAlive(stat, cmdline []byte, marker string) bool {
-	// The state and the flags follow the parenthesised command name.
-	i := bytes.LastIndexByte(stat, ')')
-	if i < 0 {
-		return false
-	}
-	fields := strings.Fields(string(stat[i+1:]))
-	if len(fields) < 18 {
-		return false
-	}
-	switch fields[0] {
-	case "X":
-		return false
-	case "Z":
-		// The main thread is a zombie; the process is gone once its
-		// other threads are too (num_threads, field 20 of stat).
-		n, err := strconv.Atoi(fields[17])
-		return err == nil && n > 1
-	}
-	if len(cmdline) == 0 {
-		flags, err := strconv.ParseUint(fields[6], 10, 64)
-		return err == nil && flags&pfKthread == 0
-	}
-	return bytes.Contains(cmdline, []byte(marker))
+	return proc.Holds(n.PID, marker)
 }
 
 // start launches the node agent in its own session, detached from this

@@ -1,7 +1,6 @@
 package localkube
 
 import (
-	"bytes"
 	"fmt"
 	"os"
 	"os/exec"
@@ -10,6 +9,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	sysproc "github.com/cairn-csi/cairn/internal/proc"
 )
 
 // Process is a program the run started in the background, in a session of
@@ -107,43 +108,24 @@ func tailFile(path string, n int) string {
 	return strings.Join(lines, "\n")
 }
 
-// runsWithMarker reports whether pid is a live process (not a zombie) whose
-// command line contains marker: a recorded PID may have been reused.
-func runsWithMarker(pid int, marker string) bool {
-	if pid <= 0 {
-		return false
-	}
-	stat, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat")
-	if err != nil {
-		return false
-	}
-	// The state letter follows the parenthesised command name.
-	if i := bytes.LastIndexByte(stat, ')'); i > 0 && i+2 < len(stat) && stat[i+2] == 'Z' {
-		return false
-	}
-	cmdline, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/cmdline")
-	if err != nil {
-		return false
-	}
-	return bytes.Contains(cmdline, []byte(marker))
-}
-
 // stopPID stops a process that this Go process may not be the parent of:
-// SIGTERM, up to grace for it to go, then SIGKILL.
+// SIGTERM, up to grace for it to go, then SIGKILL. It returns once the
+// process is gone, not merely exiting (internal/proc): mounts and loop
+// devices it holds can be cleaned up only then.
 func stopPID(pid int, marker string, grace time.Duration) {
-	if !runsWithMarker(pid, marker) {
+	if !sysproc.Holds(pid, marker) {
 		return
 	}
 	_ = syscall.Kill(pid, syscall.SIGTERM)
 	deadline := time.Now().Add(grace)
 	for time.Now().Before(deadline) {
-		if !runsWithMarker(pid, marker) {
+		if !sysproc.Holds(pid, marker) {
 			return
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)
-	for i := 0; i < 100 && runsWithMarker(pid, marker); i++ {
+	for i := 0; i < 100 && sysproc.Holds(pid, marker); i++ {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
@@ -158,7 +140,7 @@ func pidsWithMarker(marker string) []int {
 		if err != nil || pid == self {
 			continue
 		}
-		if runsWithMarker(pid, marker) {
+		if sysproc.Runs(pid, marker) {
 			out = append(out, pid)
 		}
 	}
