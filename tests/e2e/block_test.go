@@ -73,7 +73,7 @@ func TestRawBlock(t *testing.T) {
 	devDir := filepath.Join(env.kube.KubeletRoot, "plugins", "kubernetes.io", "csi", "volumeDevices")
 	var found bool
 	for _, mt := range mountsUnder(t, devDir) {
-		if strings.Contains(mt.point, pv.Name) {
+		if strings.Contains(mt.Point, pv.Name) {
 			found = true
 		}
 	}

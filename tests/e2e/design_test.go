@@ -17,6 +17,8 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
+
+	"github.com/cairn-csi/cairn/replication/meta"
 )
 
 // designClassFile is the design's StorageClass as deploy/ ships it.
@@ -109,7 +111,7 @@ func TestDesignStorageClass(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		checkDesignVolume(t, v.ID, v.ReplicaCount, v.Encryption != nil, v.Parameters)
+		checkDesignVolume(t, v)
 		nodes := map[string]bool{}
 		for _, r := range v.Replicas {
 			nodes[r.Node] = true
@@ -164,13 +166,13 @@ func TestDesignStorageClass(t *testing.T) {
 
 // checkDesignVolume checks that the store's volume carries the design
 // class's choices.
-func checkDesignVolume(t *testing.T, id string, replicas int, encrypted bool, params map[string]string) {
+func checkDesignVolume(t *testing.T, v *meta.Volume) {
 	t.Helper()
-	if replicas != 3 {
-		t.Errorf("volume %s: %d replicas wanted, the class says 3", id, replicas)
+	if v.ReplicaCount != 3 {
+		t.Errorf("volume %s: %d replicas wanted, the class says 3", v.ID, v.ReplicaCount)
 	}
-	if !encrypted {
-		t.Errorf("volume %s has no data key: encryption aes-256-gcm was not applied", id)
+	if v.Encryption == nil {
+		t.Errorf("volume %s has no data key: encryption aes-256-gcm was not applied", v.ID)
 	}
 	// The store keeps parameters in their stored form, without the
 	// values that are the defaults (replicationMode synchronous,
@@ -181,13 +183,13 @@ func checkDesignVolume(t *testing.T, id string, replicas int, encrypted bool, pa
 		"maxIOPS": "50000", "snapshotSchedule": "0 */6 * * *",
 		"replicationMode": "", "consistencyLevel": "", "checksumAlgorithm": "",
 	} {
-		if got := params[k]; got != want {
-			t.Errorf("volume %s: parameter %s = %q, want %q", id, k, got, want)
+		if got := v.Parameters[k]; got != want {
+			t.Errorf("volume %s: parameter %s = %q, want %q", v.ID, k, got, want)
 		}
 	}
-	for k := range params {
+	for k := range v.Parameters {
 		if strings.HasPrefix(k, "csi.storage.k8s.io/") && strings.Contains(k, "secret") {
-			t.Errorf("volume %s: the store keeps the sidecar's secret reference %s", id, k)
+			t.Errorf("volume %s: the store keeps the sidecar's secret reference %s", v.ID, k)
 		}
 	}
 }

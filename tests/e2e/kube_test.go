@@ -19,6 +19,8 @@ import (
 	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
 
 // kubectl runs kubectl as admin and fails the test on an error.
@@ -299,29 +301,12 @@ func attachment(t *testing.T, pv string) *storagev1.VolumeAttachment {
 	return nil
 }
 
-// mount is one line of /proc/self/mountinfo.
-type mount struct{ point, fstype, source string }
-
-// mountsUnder lists the mounts at or below dir.
-func mountsUnder(t *testing.T, dir string) []mount {
+// mountsUnder lists the mounts at or below dir (localkube.MountsUnder).
+func mountsUnder(t *testing.T, dir string) []localkube.Mount {
 	t.Helper()
-	b, err := os.ReadFile("/proc/self/mountinfo")
+	ms, err := localkube.MountsUnder(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
-	var out []mount
-	for _, line := range strings.Split(string(b), "\n") {
-		pre, post, ok := strings.Cut(line, " - ")
-		if !ok {
-			continue
-		}
-		f, g := strings.Fields(pre), strings.Fields(post)
-		if len(f) < 5 || len(g) < 2 {
-			continue
-		}
-		if f[4] == dir || strings.HasPrefix(f[4], dir+"/") {
-			out = append(out, mount{point: f[4], fstype: g[0], source: g[1]})
-		}
-	}
-	return out
+	return ms
 }

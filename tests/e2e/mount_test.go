@@ -18,6 +18,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
 
 // writeScript writes files of several sizes and their sha256 sums, then
@@ -198,18 +199,18 @@ func checkAttached(t *testing.T, pv *corev1.PersistentVolume, pod *corev1.Pod) s
 	if stage == nil {
 		t.Fatalf("no staging mount for PV %s under %s", pv.Name, stagingRoot())
 	}
-	if !strings.HasPrefix(stage.source, "/dev/loop") {
-		t.Errorf("staging mount %s: source %s, want a loop device", stage.point, stage.source)
+	if !strings.HasPrefix(stage.Source, "/dev/loop") {
+		t.Errorf("staging mount %s: source %s, want a loop device", stage.Point, stage.Source)
 	}
-	if stage.fstype != "ext4" {
-		t.Errorf("staging mount %s: %s, want ext4", stage.point, stage.fstype)
+	if stage.FSType != "ext4" {
+		t.Errorf("staging mount %s: %s, want ext4", stage.Point, stage.FSType)
 	}
 	publish := filepath.Join(env.kube.KubeletRoot, "pods", string(pod.UID), "volumes", "kubernetes.io~csi", pv.Name, "mount")
 	ms := mountsUnder(t, publish)
-	if len(ms) != 1 || ms[0].source != stage.source || ms[0].fstype != "ext4" {
-		t.Errorf("publish mount %s: %+v, want one ext4 mount of %s", publish, ms, stage.source)
+	if len(ms) != 1 || ms[0].Source != stage.Source || ms[0].FSType != "ext4" {
+		t.Errorf("publish mount %s: %+v, want one ext4 mount of %s", publish, ms, stage.Source)
 	}
-	return stage.point
+	return stage.Point
 }
 
 // stagingRoot is where kubelet stages volumes of the driver.
@@ -219,12 +220,12 @@ func stagingRoot() string {
 
 // stagingMount finds the PV's staging mount: kubelet names the directory
 // by the sha256 of the volume handle.
-func stagingMount(t *testing.T, pv *corev1.PersistentVolume) *mount {
+func stagingMount(t *testing.T, pv *corev1.PersistentVolume) *localkube.Mount {
 	t.Helper()
 	sum := sha256.Sum256([]byte(pv.Spec.CSI.VolumeHandle))
 	dir := filepath.Join(stagingRoot(), hex.EncodeToString(sum[:]), "globalmount")
 	for _, m := range mountsUnder(t, dir) {
-		if m.point == dir {
+		if m.Point == dir {
 			return &m
 		}
 	}
@@ -274,7 +275,7 @@ func checkDetached(t *testing.T, pv *corev1.PersistentVolume) {
 	t.Helper()
 	err := poll(context.Background(), 3*time.Minute, "PV "+pv.Name+" to be unstaged and detached", func() error {
 		if m := stagingMount(t, pv); m != nil {
-			return fmt.Errorf("still staged at %s", m.point)
+			return fmt.Errorf("still staged at %s", m.Point)
 		}
 		if va := attachment(t, pv.Name); va != nil {
 			return fmt.Errorf("VolumeAttachment %s still there (attached %v)", va.Name, va.Status.Attached)

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"k8s.io/mount-utils"
 )
 
 // CgroupRoot is kubelet's cgroupRoot: the pods' cgroups are made under it
@@ -196,21 +198,22 @@ func removeCgroups() error {
 	return errors.Join(errs...)
 }
 
-// mountsUnder lists the mount points at or below dir, in mount order.
-func mountsUnder(dir string) ([]string, error) {
-	b, err := os.ReadFile("/proc/self/mountinfo")
+// A Mount is one entry of /proc/self/mountinfo, its paths unescaped.
+type Mount struct{ Point, FSType, Source string }
+
+// MountsUnder lists the mounts at or below dir, in mount order. The
+// parsing is k8s.io/mount-utils'; it leaves mountinfo's octal escapes
+// (\040 for a space) in, so they are undone here.
+func MountsUnder(dir string) ([]Mount, error) {
+	infos, err := mount.ParseMountInfo("/proc/self/mountinfo")
 	if err != nil {
 		return nil, err
 	}
-	var out []string
-	for _, line := range strings.Split(string(b), "\n") {
-		f := strings.Fields(line)
-		if len(f) < 5 {
-			continue
-		}
-		mp := unescapeMount(f[4])
+	var out []Mount
+	for _, mi := range infos {
+		mp := unescapeMount(mi.MountPoint)
 		if mp == dir || strings.HasPrefix(mp, dir+"/") {
-			out = append(out, mp)
+			out = append(out, Mount{Point: mp, FSType: mi.FsType, Source: unescapeMount(mi.Source)})
 		}
 	}
 	return out, nil
@@ -240,7 +243,7 @@ func unescapeMount(s string) string {
 func unmountUnder(dir string) error {
 	var last []string
 	for round := 0; round < 10; round++ {
-		mounts, err := mountsUnder(dir)
+		mounts, err := MountsUnder(dir)
 		if err != nil {
 			return err
 		}
@@ -250,16 +253,20 @@ func unmountUnder(dir string) error {
 		last = nil
 		slices.Reverse(mounts)
 		for _, m := range mounts {
-			if err := syscall.Unmount(m, 0); err != nil {
-				if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
-					last = append(last, fmt.Sprintf("%s: %v", m, err))
+			if err := syscall.Unmount(m.Point, 0); err != nil {
+				if err := syscall.Unmount(m.Point, syscall.MNT_DETACH); err != nil && !errors.Is(err, syscall.EINVAL) && !errors.Is(err, syscall.ENOENT) {
+					last = append(last, fmt.Sprintf("%s: %v", m.Point, err))
 				}
 			}
 		}
 	}
-	mounts, _ := mountsUnder(dir)
+	mounts, _ := MountsUnder(dir)
 	if len(mounts) > 0 {
-		return fmt.Errorf("still mounted under %s: %s (%s)", dir, strings.Join(mounts, ", "), strings.Join(last, "; "))
+		var points []string
+		for _, m := range mounts {
+			points = append(points, m.Point)
+		}
+		return fmt.Errorf("still mounted under %s: %s (%s)", dir, strings.Join(points, ", "), strings.Join(last, "; "))
 	}
 	return nil
 }
