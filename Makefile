@@ -65,8 +65,7 @@ e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/READM
 # when they disagree. Edit the chart, then run this.
 manifests: ## Write deploy/kubernetes from the Helm chart deploy/helm/cairn
 	cd tests/deploy/helmrender && GOWORK=off go run . -chart ../../../deploy/helm/cairn \
-		-namespace cairn-system -set createNamespace=true -out ../../../deploy/kubernetes \
-		-header '# Generated from deploy/helm/cairn by `make manifests`: edit the chart, not this file.'
+		-manifests -out ../../../deploy/kubernetes
 
 # Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against

@@ -24,12 +24,6 @@ import (
 
 const chartDir = "deploy/helm/cairn"
 
-// manifestsHeader is the first line make manifests writes into each file.
-const manifestsHeader = "# Generated from deploy/helm/cairn by `make manifests`: edit the chart, not this file."
-
-// manifestsSets are the values make manifests renders deploy/kubernetes with.
-var manifestsSets = []string{"createNamespace=true"}
-
 var (
 	helmrenderOnce sync.Once
 	helmrenderBin  string
@@ -85,14 +79,27 @@ func renderChart(t *testing.T, namespace string, sets ...string) (string, error)
 // renderChartWith is renderChart with values files (helm -f) too.
 func renderChartWith(t *testing.T, namespace string, valueFiles []string, sets ...string) (string, error) {
 	t.Helper()
-	out := t.TempDir()
-	args := []string{"-chart", filepath.Join(repoRoot(t), filepath.FromSlash(chartDir)), "-namespace", namespace, "-out", out}
+	return runHelmrender(t, append([]string{"-namespace", namespace}, helmrenderArgs(valueFiles, sets)...)...)
+}
+
+// helmrenderArgs turns values files and values into helmrender's flags.
+func helmrenderArgs(valueFiles, sets []string) []string {
+	var args []string
 	for _, f := range valueFiles {
 		args = append(args, "-f", f)
 	}
 	for _, s := range sets {
 		args = append(args, "-set", s)
 	}
+	return args
+}
+
+// runHelmrender renders the chart with args into a new folder and returns
+// it, or the renderer's error output.
+func runHelmrender(t *testing.T, args ...string) (string, error) {
+	t.Helper()
+	out := t.TempDir()
+	args = append([]string{"-chart", filepath.Join(repoRoot(t), filepath.FromSlash(chartDir)), "-out", out}, args...)
 	cmd := exec.Command(helmrender(t), args...)
 	var stderr bytes.Buffer
 	cmd.Stderr = &stderr
@@ -103,7 +110,8 @@ func renderChartWith(t *testing.T, namespace string, valueFiles []string, sets .
 }
 
 func TestHelmChartRendersTheManifests(t *testing.T) {
-	out, err := renderChart(t, "cairn-system", manifestsSets...)
+	// As make manifests renders it.
+	out, err := runHelmrender(t, "-manifests")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -129,9 +137,9 @@ func TestHelmChartRendersTheManifests(t *testing.T) {
 			t.Errorf("the chart renders %s, which %s lacks: run make manifests", name, installDir)
 			continue
 		}
-		if !bytes.Equal(append([]byte(manifestsHeader+"\n"), got...), want) {
+		if !bytes.Equal(got, want) {
 			t.Errorf("%s/%s differs from the chart's rendering: run make manifests (and edit %s/templates/%s, not the file)\n%s",
-				installDir, name, chartDir, name, firstDifference(string(want), manifestsHeader+"\n"+string(got)))
+				installDir, name, chartDir, name, firstDifference(string(want), string(got)))
 		}
 	}
 	for _, c := range checked {

@@ -7,7 +7,7 @@
 // deploy/kubernetes from the chart, and tests/deploy to check that the two
 // agree and that the chart's values take effect.
 //
-//	go run . -chart ../../../deploy/helm/cairn -namespace cairn-system -set createNamespace=true -out DIR
+//	go run . -chart ../../../deploy/helm/cairn -manifests -out DIR
 package main
 
 import (
@@ -25,6 +25,9 @@ import (
 	"helm.sh/helm/v4/pkg/strvals"
 )
 
+// manifestsHeader is the first line of each file of deploy/kubernetes.
+const manifestsHeader = "# Generated from deploy/helm/cairn by `make manifests`: edit the chart, not this file."
+
 // sets collects repeated -set flags.
 type sets []string
 
@@ -36,11 +39,16 @@ func main() {
 	name := flag.String("name", "cairn", "release name")
 	namespace := flag.String("namespace", "cairn-system", "release namespace")
 	out := flag.String("out", "", "directory to write the rendered files into (required)")
-	header := flag.String("header", "", "a line to write first into each file (make manifests: where the files come from)")
+	header := flag.String("header", "", "a line to write first into each file")
+	manifests := flag.Bool("manifests", false, "render deploy/kubernetes: namespace cairn-system, createNamespace=true and the generated-file header (make manifests, tests/deploy)")
 	var set, valueFiles sets
 	flag.Var(&set, "set", "a value, as helm --set has it (repeatable)")
 	flag.Var(&valueFiles, "f", "a values file, as helm -f has it (repeatable; -set overrides)")
 	flag.Parse()
+	if *manifests {
+		*namespace, *header = "cairn-system", manifestsHeader
+		set = append(sets{"createNamespace=true"}, set...)
+	}
 	if *chartDir == "" || *out == "" {
 		fmt.Fprintln(os.Stderr, "helmrender: -chart and -out are required")
 		os.Exit(2)
