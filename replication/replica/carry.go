@@ -753,6 +753,7 @@ func (r *Replica) reopenLayers(before []layer.Entry, headReplaced bool, op strin
 	var err error
 	if headReplaced {
 		hf := r.headFiles()
+		r.dropHeadMap()
 		r.data, r.sums, r.sumsMap = nil, nil, nil
 		_ = hf.close() // its data went into no layer: the head is new and empty
 	}

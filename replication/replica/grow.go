@@ -87,6 +87,7 @@ func (r *Replica) growLocked(size uint64) error {
 	if err := validateGeometry(size, r.extentSize); err != nil {
 		return fmt.Errorf("replica %s: grow to %d: %w", r.id, size, err)
 	}
+	r.dropHeadMap() // made for the old size; the next small write maps again
 	if err := extendFile(r.data, size); err != nil {
 		return fmt.Errorf("replica %s: grow data file to %d bytes: %w", r.id, size, err)
 	}

@@ -263,6 +263,7 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 	// opened. If that fails the replica cannot go on (its chain on disk is
 	// right; reopening it works).
 	r.below = append(r.below, r.headFiles())
+	r.dropHeadMap() // its file is the sealed layer's now
 	r.data, r.sums, r.sumsMap = nil, nil, nil
 	if err := r.openHead(); err != nil {
 		r.closed = true

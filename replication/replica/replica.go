@@ -66,6 +66,10 @@ type Replica struct {
 	// mapping failed: reads and writes then use pread and pwrite); see
 	// readSumsMapped. Grow replaces it, with epochMu held exclusively.
 	sumsMap []byte
+	// headMap maps the head's data file for writes inside one block
+	// (headmap.go); headMu guards it, under epochMu shared.
+	headMu  sync.Mutex
+	headMap headMap
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
 	// across I/O: every data operation holds it shared for its whole
@@ -701,6 +705,11 @@ func (r *Replica) writeData(p []byte, off uint64, pieces []uint32, verify bool) 
 			return err
 		}
 	}
+	if r.sums != nil && inOneBlockInPart(off, n, r.size) {
+		if m := r.headMapping(); m != nil {
+			return r.writeInBlock(m, p, off)
+		}
+	}
 	// With snapshots a write covering a block in part is widened to whole
 	// blocks first (the copy-up reads and verifies the rest); its sums then
 	// follow from the widened bytes, with no second read of those blocks.
@@ -1119,6 +1128,7 @@ func (r *Replica) closeLocked() error {
 // closeFiles closes whatever of the replica's files are open.
 func (r *Replica) closeFiles() error {
 	var err error
+	r.dropHeadMap()
 	if r.sums != nil {
 		if cerr := r.closeSums(); cerr != nil {
 			err = fmt.Errorf("replica %s: close sums file: %w", r.id, cerr)
