@@ -783,8 +783,9 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "          (b) %s volume, 3 replicas (node-1..3, write quorum per store), exported on node-1\n", b.o.size)
 	fmt.Fprintf(w, "          (c) nbdkit --unix SOCK --foreground file %s (%s sparse file)\n", filepath.Join(b.tmp, "plain.img"), b.o.size)
 	fmt.Fprintf(w, "          (d) as (b) with checksumAlgorithm none (every volume else has crc32c, the default)\n")
+	fmt.Fprintf(w, "          (e) as (b) with replicationMode asynchronous\n")
 	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
-	fmt.Fprintf(w, "          on (a), (b), (d), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
+	fmt.Fprintf(w, "          on (a), (b), (d), (e), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
 }
 
 func printTable(w io.Writer, results []*result) {
