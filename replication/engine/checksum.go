@@ -71,7 +71,7 @@ func Collectors() []prometheus.Collector {
 	return []prometheus.Collector{metricChecksumErrors, metricChecksumRepairs, metricChecksumUnrecoverable,
 		metricScrubBlocks, metricScrubRepaired, metricScrubUnrecoverable, metricScrubRuns, metricScrubLast,
 		metricReplicaGrows, metricExpansions, metricRebuildLayerBytes, metricRebuildLayers, metricSealRepairs, metricSealUnrecoverable,
-		metricFollowLagWrites, metricFollowLagBytes, metricFollowLagSeconds, metricFollowResyncExtents, metricFollowOverflows}
+		metricFollowLagWrites, metricFollowLagBytes, metricFollowLagSeconds, metricFollowResyncExtents, metricFollowOverflows, metricFollowWait}
 }
 
 // blockSpan rounds [off, off+n) out to whole checksum blocks, cut at the end

@@ -114,6 +114,8 @@ type Config struct {
 	wrapConn func(meta.Replica, replicaConn) replicaConn
 	// followWrites, if set, replaces followQueueWrites (tests: overflow).
 	followWrites int
+	// followWait, if set, replaces followQueueWait (tests).
+	followWait time.Duration
 }
 
 // member is one replica the engine sends I/O to.
@@ -908,6 +910,9 @@ func (e *Engine) mutate(ctx context.Context, what string, off, n uint64, op func
 // once (a write pair: an encrypted volume's blocks and their entries). It
 // holds them all as one hold; none is a flush.
 func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op func(context.Context, *member, uint64) error) (err error) {
+	if len(spans) > 0 && e.async.Load() {
+		e.awaitFollowers(ctx, spans) // before any lock: follow.go
+	}
 	if len(spans) > 0 {
 		unlock, err := e.locks.lockSpans(ctx, spans)
 		if err != nil {

@@ -29,7 +29,9 @@ import (
 //     overlapping writes are queued in the order the replicas took them.
 //   - A queue that overflows is dropped and its ranges are remembered as
 //     extents to copy from a healthy replica, under each extent's range
-//     hold (the follower is "lagging" until none is left).
+//     hold (the follower is "lagging" until none is left). Later writes
+//     are queued again meanwhile, and the one sender interleaves them with
+//     the copies (catchUp).
 //   - A clean point (which clears the replicas' dirty maps) happens only
 //     while every follower has everything: otherwise a write still queued
 //     would be in no dirty map, and a resync after a crash would miss it.
@@ -44,14 +46,19 @@ import (
 const (
 	followQueueWrites = 8192
 	followQueueBytes  = 64 << 20
-	// followBatch bounds the writes sent at once to a follower; they never
-	// overlap each other.
-	followBatch = 64
-	// followFinalBytes: a catch-up pass that leaves no more extents than
-	// this many bytes copies them with writes paused (catchUp); after
-	// three passes, up to followForceBytes are (a pause of a second or
-	// so at disk speed), and more are left to further passes.
-	followFinalBytes = 32 << 20
+	// followQueueWait bounds how long a write waits for room in a
+	// streaming follower's full queue while the follower sends nothing
+	// (awaitFollowers); then the queue overflows.
+	followQueueWait = 500 * time.Millisecond
+	// followBatch and followBatchBytes bound the writes sent at once to a
+	// follower (at least one); they never overlap each other. The bytes
+	// bound keeps batches of large writes short, so that a full queue
+	// gains room often (awaitFollowers).
+	followBatch      = 64
+	followBatchBytes = 8 << 20
+	// followForceBytes bounds what a drain copies with writes paused
+	// (drainOne): up to a second or so at disk speed. A follower further
+	// behind is ejected and rebuilt rather than the volume stalled.
 	followForceBytes = 512 << 20
 	// lagReportInterval is how often the engine records its followers'
 	// lag in the store (when it changed).
@@ -75,6 +82,10 @@ var (
 		Name: "cairn_engine_follower_resync_extents",
 		Help: "Extents left to copy to a following replica whose queue overflowed (0: it streams).",
 	}, []string{"volume_id", "replica_id"})
+	metricFollowWait = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "cairn_engine_follower_wait_seconds_total",
+		Help: "Time writes waited for room in a following replica's full queue (asynchronous volume).",
+	}, []string{"volume_id"})
 	metricFollowOverflows = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "cairn_engine_follower_overflows_total",
 		Help: "Times a following replica's queue overflowed and it fell back to copying dirty extents.",
@@ -103,8 +114,10 @@ type follower struct {
 	bytes    uint64
 	sending  int             // writes taken from the head, not yet done
 	resync   map[uint64]bool // extents to copy; non-nil while lagging
-	passes   int             // catch-up passes over resync so far
-	applied  uint64          // seq of the last write it has
+	pass     []uint64        // this catch-up pass's extents not yet tried, in order
+	copyNext bool            // lagging: the next step copies an extent (catchUp)
+	batches  uint64          // batches sent: progress, for awaitFollowers
+	applied  uint64          // seq of the last write it has, with every one before it
 	err      error           // the last send or copy failed: drain ejects it
 	idle     *sync.Cond      // broadcast when the queue or resync set shrinks
 	wake     chan struct{}   // a write was queued or an extent marked
@@ -201,8 +214,6 @@ func (e *Engine) enqueue(spans []span, op func(context.Context, *member, uint64)
 	for _, f := range e.followers {
 		f.mu.Lock()
 		switch {
-		case f.resync != nil:
-			f.markExtents(spans)
 		case len(f.queue) >= e.queueLimit() || f.bytes+q.bytes > followQueueBytes:
 			f.overflow(spans)
 		default:
@@ -217,6 +228,91 @@ func (e *Engine) enqueue(spans []span, op func(context.Context, *member, uint64)
 	}
 }
 
+// awaitFollowers waits, before a write of spans takes its ranges, until
+// every streaming follower's queue has room for it, as long as the
+// follower sends a batch at least every followQueueWait. A follower slower than the writer then slows the
+// writes down to its pace, as a synchronous volume's are, rather than
+// overflowing: an overflow turns every write it drops into a copy of a
+// whole extent, which on a busy node made an asynchronous volume slower
+// than a synchronous one (a 1M sequential fill ran at 0.3× the synchronous
+// speed). A follower that sends nothing for that long is stalled; its
+// queue overflows and it lags. No write waits for a lagging or failed
+// follower.
+func (e *Engine) awaitFollowers(ctx context.Context, spans []span) {
+	var n uint64
+	for _, s := range spans {
+		n += s.end - s.off
+	}
+	wait := followQueueWait
+	if e.cfg.followWait > 0 {
+		wait = e.cfg.followWait
+	}
+	var (
+		deadline time.Time
+		last     *follower
+		seen     uint64
+	)
+	for {
+		e.mu.RLock()
+		var full *follower
+		var batches uint64
+		for _, f := range e.followers {
+			if ok, b := f.full(n); ok {
+				full, batches = f, b
+				break
+			}
+		}
+		e.mu.RUnlock()
+		if full == nil {
+			return
+		}
+		now := time.Now()
+		if full != last || batches != seen {
+			last, seen, deadline = full, batches, now.Add(wait) // it moved: wait on
+		}
+		if !now.Before(deadline) || ctx.Err() != nil {
+			return // enqueue overflows it
+		}
+		full.awaitRoom(ctx, n, deadline)
+		metricFollowWait.WithLabelValues(e.cfg.VolumeID).Add(time.Since(now).Seconds())
+	}
+}
+
+// full reports whether f streams and its queue has no room for a write
+// of n bytes, and how many batches it has sent.
+func (f *follower) full(n uint64) (bool, uint64) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return f.fullLocked(n), f.batches
+}
+
+func (f *follower) fullLocked(n uint64) bool {
+	return f.err == nil && f.resync == nil && (len(f.queue) >= f.e.queueLimit() || f.bytes+n > followQueueBytes)
+}
+
+// awaitRoom waits until f's queue has room for n bytes, f lags or fails,
+// ctx ends or the deadline passes. The sender broadcasts f.idle after
+// each batch; a timer wakes the wait at the deadline.
+func (f *follower) awaitRoom(ctx context.Context, n uint64, deadline time.Time) {
+	t := time.AfterFunc(time.Until(deadline), func() {
+		f.mu.Lock()
+		f.idle.Broadcast()
+		f.mu.Unlock()
+	})
+	defer t.Stop()
+	stop := context.AfterFunc(ctx, func() {
+		f.mu.Lock()
+		f.idle.Broadcast()
+		f.mu.Unlock()
+	})
+	defer stop()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	for f.fullLocked(n) && time.Now().Before(deadline) && ctx.Err() == nil {
+		f.idle.Wait()
+	}
+}
+
 func (e *Engine) queueLimit() int {
 	if e.cfg.followWrites > 0 {
 		return e.cfg.followWrites
@@ -225,8 +321,12 @@ func (e *Engine) queueLimit() int {
 }
 
 // overflow drops the queue for the extents it covers. Called with f.mu.
+// A follower that is lagging already keeps the extents it had to copy.
 func (f *follower) overflow(spans []span) {
-	f.resync, f.passes = map[uint64]bool{}, 0
+	lagging := f.resync != nil
+	if !lagging {
+		f.resync = map[uint64]bool{}
+	}
 	for _, q := range f.queue[f.sending:] {
 		f.markExtents(q.spans)
 	}
@@ -242,6 +342,11 @@ func (f *follower) overflow(spans []span) {
 	}
 	f.markExtents(spans)
 	metricFollowOverflows.WithLabelValues(f.e.cfg.VolumeID).Inc()
+	if lagging {
+		// Said once, when it started lagging; the metric counts the rest.
+		f.e.log.Debug("lagging follower's queue overflowed again", zap.String("replica_id", f.id), zap.Int("extents", len(f.resync)))
+		return
+	}
 	f.e.log.Warn("follower's queue overflowed; it is lagging and gets the changed extents copied instead",
 		zap.String("replica_id", f.id), zap.Int("extents", len(f.resync)), zap.Uint64("epoch", f.e.epochNow.Load()))
 }
@@ -284,7 +389,10 @@ func (f *follower) step() bool {
 		f.mu.Unlock()
 		return false
 	}
-	if f.resync != nil && len(f.queue) == 0 {
+	// A lagging follower takes turns: a batch of the writes queued since
+	// the overflow, then one extent, so that neither waits for the other.
+	if f.resync != nil && (len(f.queue) == 0 || f.copyNext) {
+		f.copyNext = false
 		f.mu.Unlock()
 		return f.catchUp()
 	}
@@ -293,11 +401,14 @@ func (f *follower) step() bool {
 		return false
 	}
 	var batch []*queued
+	var bytes uint64
 	for _, q := range f.queue {
-		if len(batch) == followBatch || slices.ContainsFunc(batch, func(b *queued) bool { return overlapping(b.spans, q.spans) }) {
+		if len(batch) == followBatch || len(batch) > 0 && bytes+q.bytes > followBatchBytes ||
+			slices.ContainsFunc(batch, func(b *queued) bool { return overlapping(b.spans, q.spans) }) {
 			break
 		}
 		batch = append(batch, q)
+		bytes += q.bytes
 	}
 	f.sending = len(batch)
 	m := f.m
@@ -321,11 +432,15 @@ func (f *follower) step() bool {
 	for _, q := range f.queue[:n] {
 		f.bytes -= q.bytes
 	}
-	if err == nil && n > 0 {
+	if err == nil && n > 0 && f.resync == nil {
+		// A lagging follower lacks the dropped writes before these: its
+		// applied point moves when it has caught up (catchUp).
 		f.applied = f.queue[n-1].seq
 	}
 	f.queue = slices.Delete(f.queue, 0, n)
 	f.sending = 0
+	f.batches++
+	f.copyNext = f.resync != nil
 	if err != nil {
 		f.fail(err)
 		return false
@@ -366,45 +481,61 @@ func (f *follower) send(m *member, q *queued) error {
 	}
 }
 
-// catchUp makes a lagging follower equal again. It copies the extents
-// marked so far, one at a time, from a healthy replica under the extent's
-// range hold (so that no write to it runs meanwhile) while writes go on and
-// mark more. Writes spread over the volume can mark extents as fast as
-// they are copied, so a pass that leaves few (followFinalBytes), or the
-// third one if it leaves at most followForceBytes, copies what is left
-// under the engine's write lock, writes paused, and the follower streams
-// again.
+// catchUp copies one extent of a lagging follower from a healthy replica,
+// under the extent's range hold (so that no write to it runs meanwhile),
+// and ends the lag once none is left. It reports whether there may be
+// more to do.
+//
+// Only an overflow marks extents; the writes after it are queued, and step
+// sends them between the copies. That is what lets a follower catch up
+// under writes spread over the whole volume: when those writes marked
+// extents instead, each pass found most of the volume marked again and
+// copied it again, for as long as the writes went on (an asynchronous
+// volume under fio's random writes never streamed again, and its engine
+// spent its CPU copying whole extents).
+//
+// The order is safe because one goroutine sends and copies, each waiting
+// for the last: a queued write that reaches the follower after a copy of
+// its extent was acknowledged before the copy (the copy holds the range),
+// so it carries data the copy had too or older, and every write to the
+// range after it is queued behind it.
 func (f *follower) catchUp() bool {
-	e := f.e
 	f.mu.Lock()
-	extents := f.marked()
-	f.mu.Unlock()
-	for _, x := range extents {
-		if !f.copyExtent(x) {
-			return false
-		}
+	if len(f.pass) == 0 {
+		f.pass = f.marked() // a new pass over what is marked now
 	}
-	f.mu.Lock()
-	f.passes++
-	left, passes := len(f.resync), f.passes
-	f.mu.Unlock()
-	if bytes := uint64(left) * e.extentSize; bytes > followFinalBytes && (passes < 3 || bytes > followForceBytes) {
-		return true
-	}
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.usable() != nil {
-		return false
-	}
-	start := time.Now()
-	if err := e.copyResync(e.fctx, f); err != nil {
-		f.mu.Lock()
-		f.fail(err)
+	if len(f.pass) == 0 {
 		f.mu.Unlock()
-		return false
+		return f.caughtUp()
 	}
-	e.log.Info("follower caught up: it streams the writes again", zap.String("replica_id", f.id), zap.Int("passes", passes),
-		zap.Int("last_extents", left), zap.Duration("writes_paused", time.Since(start)), zap.Uint64("epoch", e.epoch))
+	x := f.pass[0]
+	f.pass = f.pass[1:]
+	f.mu.Unlock()
+	return f.copyExtent(x)
+}
+
+// caughtUp ends a follower's lag when no extent is left to copy: it
+// streams again. Its applied point is the write before the first one still
+// queued (every earlier write was sent or copied); e.enqMu keeps a write
+// from being numbered meanwhile without being queued.
+func (f *follower) caughtUp() bool {
+	e := f.e
+	e.enqMu.Lock()
+	defer e.enqMu.Unlock()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.resync == nil || len(f.resync) > 0 || f.err != nil {
+		return f.err == nil // marked again meanwhile: another pass
+	}
+	f.resync, f.pass = nil, nil
+	if len(f.queue) > 0 {
+		f.applied = f.queue[0].seq - 1
+	} else {
+		f.applied = e.seq.Load()
+	}
+	f.idle.Broadcast()
+	e.log.Info("follower caught up: it streams the writes again", zap.String("replica_id", f.id),
+		zap.Int("queued", len(f.queue)), zap.Uint64("epoch", e.epochNow.Load()))
 	return true
 }
 
@@ -496,7 +627,7 @@ func (e *Engine) copyResync(ctx context.Context, f *follower) error {
 		}
 	}
 	f.mu.Lock()
-	f.resync, f.passes = nil, 0
+	f.resync, f.pass = nil, nil
 	f.applied = e.seq.Load()
 	f.idle.Broadcast()
 	f.mu.Unlock()

@@ -5,6 +5,7 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -36,11 +37,18 @@ func (g *gate) hold(ctx context.Context, p []byte, off uint64, forward func(cont
 // (0: the default).
 func (r *rig) openAsync(id string, g *gate, queue int) *Engine {
 	r.t.Helper()
+	return r.openAsyncWith(id, g.hold, queue)
+}
+
+// openAsyncWith is openAsync with the writes to the replica on n3 going
+// through write (faultConn).
+func (r *rig) openAsyncWith(id string, write func(context.Context, []byte, uint64, func(context.Context) error) error, queue int) *Engine {
+	r.t.Helper()
 	e, err := Open(r.ctx(), Config{VolumeID: id, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 20 * time.Second, CleanInterval: time.Hour,
 		followWrites: queue,
 		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
 			if rep.Node == "n3" {
-				return &faultConn{replicaConn: c, write: g.hold}
+				return &faultConn{replicaConn: c, write: write}
 			}
 			return c
 		}})
@@ -220,6 +228,133 @@ func TestAsyncOverflowResyncs(t *testing.T) {
 	})
 	if got := r.contents(v, r3); !bytes.Equal(got, model) {
 		t.Fatal("n3's replica differs after its resync")
+	}
+	if err := e.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.healthyIdentical(v.ID, model)
+}
+
+// TestAsyncCatchUpStreamsNewWrites: after its queue overflows, a follower
+// gets the writes made since then through its queue again, between the
+// copies of the extents the overflow marked, and it catches up while
+// writes all over the volume go on. (When those writes marked extents
+// instead, every catch-up pass found the volume marked again: a follower
+// of a volume under random writes never streamed again.)
+func TestAsyncCatchUpStreamsNewWrites(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("catchup", 16*mib, 3, 0, "n1", asyncParams)
+	g := newGate()
+	e := r.openAsync(v.ID, g, 16)
+	ctx := r.ctx()
+	v, _ = r.meta.Volume(ctx, v.ID)
+	r3 := replicaOnNode(t, v, "n3")
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, e, model, 40, 21)
+	lag := e.Lags()[r3.ID]
+	if !lag.Resyncing {
+		t.Fatalf("n3's lag after 40 writes with a queue of 16: %+v, want resyncing", lag)
+	}
+	// n3's sender is stuck at the gate with the batch it took before the
+	// overflow; three more writes wait in its queue behind that batch.
+	asyncWrites(t, e, model, 3, 22)
+	if after := e.Lags()[r3.ID]; !after.Resyncing || after.Writes != lag.Writes+3 {
+		t.Fatalf("n3's lag after 3 more writes: %+v (before them %+v), want them queued while it resyncs", after, lag)
+	}
+
+	// Random 4 KiB writes over the whole volume while n3 catches up.
+	var mu sync.Mutex
+	stop, done := make(chan struct{}), make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewPCG(23, 1))
+		p := make([]byte, 4096)
+		for {
+			select {
+			case <-stop:
+				done <- nil
+				return
+			default:
+			}
+			for j := range p {
+				p[j] = byte(rng.Uint32())
+			}
+			off := rng.Uint64N(v.SizeBytes/4096) * 4096
+			mu.Lock()
+			err := e.WriteAt(ctx, p, off, false)
+			if err == nil {
+				copy(model[off:], p)
+			}
+			mu.Unlock()
+			if err != nil {
+				done <- err
+				return
+			}
+		}
+	}()
+	close(g.open)
+	waitFor(t, "n3 catches up while writes go on", func() error {
+		if l := e.Lags()[r3.ID]; l.Resyncing {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	close(stop)
+	if err := <-done; err != nil {
+		t.Fatalf("write while n3 caught up: %v", err)
+	}
+	waitFor(t, "n3 has every write", func() error {
+		if l := e.Lags()[r3.ID]; l.Resyncing || l.Writes != 0 {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	if got := r.contents(v, r3); !bytes.Equal(got, model) {
+		t.Fatal("n3's replica differs after catching up under writes")
+	}
+	if err := e.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+	r.healthyIdentical(v.ID, model)
+}
+
+// TestAsyncSlowFollowerSlowsWrites: a follower that takes every write,
+// only slower than they come, makes the writes wait for room in its queue
+// instead of overflowing it: it never lags, nothing is copied, and it
+// ends with every write.
+func TestAsyncSlowFollowerSlowsWrites(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("slow", 16*mib, 3, 0, "n1", asyncParams)
+	slow := func(ctx context.Context, p []byte, off uint64, forward func(context.Context) error) error {
+		time.Sleep(20 * time.Millisecond)
+		return forward(ctx)
+	}
+	e := r.openAsyncWith(v.ID, slow, 4)
+	ctx := r.ctx()
+	v, _ = r.meta.Volume(ctx, v.ID)
+	r3 := replicaOnNode(t, v, "n3")
+	overflows := testutil.ToFloat64(metricFollowOverflows.WithLabelValues(v.ID))
+	waited := testutil.ToFloat64(metricFollowWait.WithLabelValues(v.ID))
+	model := make([]byte, v.SizeBytes)
+	for i := range 8 {
+		asyncWrites(t, e, model, 5, uint64(30+i))
+		if l := e.Lags()[r3.ID]; l.Resyncing {
+			t.Fatalf("n3 lags after %d writes: %+v, want its queue waited for", 5*(i+1), l)
+		}
+	}
+	if got := testutil.ToFloat64(metricFollowOverflows.WithLabelValues(v.ID)) - overflows; got != 0 {
+		t.Fatalf("%v overflows with a follower that keeps taking writes, want 0", got)
+	}
+	if got := testutil.ToFloat64(metricFollowWait.WithLabelValues(v.ID)) - waited; got <= 0 {
+		t.Fatal("no write waited for n3's queue of 4, though n3 takes 20 ms a write")
+	}
+	waitFor(t, "n3 has every write", func() error {
+		if l := e.Lags()[r3.ID]; l.Writes != 0 {
+			return fmt.Errorf("lag %+v", l)
+		}
+		return nil
+	})
+	if got := r.contents(v, r3); !bytes.Equal(got, model) {
+		t.Fatal("n3's replica differs")
 	}
 	if err := e.Close(ctx); err != nil {
 		t.Fatal(err)
