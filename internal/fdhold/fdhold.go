@@ -21,6 +21,7 @@ import (
 	"net"
 	"os"
 	"slices"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -195,20 +196,10 @@ func (h *Holder) handle(req request, files []*os.File) (reply, *os.File, []*os.F
 		for _, e := range h.held {
 			rep.Entries = append(rep.Entries, e.entry)
 		}
-		slices.SortFunc(rep.Entries, func(a, b Entry) int { return cmpString(a.Name, b.Name) })
+		slices.SortFunc(rep.Entries, func(a, b Entry) int { return strings.Compare(a.Name, b.Name) })
 		return rep, nil, files
 	}
 	return reply{Error: fmt.Sprintf("fdhold: unknown request %q", req.Op)}, nil, files
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
 }
 
 // send writes one message: v as JSON, with f's descriptor if f is set.
