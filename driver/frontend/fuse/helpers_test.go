@@ -24,6 +24,10 @@ import (
 )
 
 func TestMain(m *testing.M) {
+	if arg := os.Getenv(handoverChildEnv); arg != "" {
+		handoverChild(arg) // the server TestFUSEConnectionSurvivesServerKill kills
+		return
+	}
 	// A test binary killed mid-run (timeout, SIGKILL) leaves a dead FUSE
 	// mount and loop devices behind; clear them before they confuse
 	// this run.
