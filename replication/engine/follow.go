@@ -60,6 +60,9 @@ const (
 	// (drainOne): up to a second or so at disk speed. A follower further
 	// behind is ejected and rebuilt rather than the volume stalled.
 	followForceBytes = 512 << 20
+	// copyLockWait is how long a catch-up copy waits for its extent's
+	// range before it steps aside (copyExtent).
+	copyLockWait = 10 * time.Millisecond
 	// lagReportInterval is how often the engine records its followers'
 	// lag in the store (when it changed).
 	lagReportInterval = 2 * time.Second
@@ -404,7 +407,7 @@ func (f *follower) step() bool {
 	var bytes uint64
 	for _, q := range f.queue {
 		if len(batch) == followBatch || len(batch) > 0 && bytes+q.bytes > followBatchBytes ||
-			slices.ContainsFunc(batch, func(b *queued) bool { return overlapping(b.spans, q.spans) }) {
+			slices.ContainsFunc(batch, func(b *queued) bool { return overlappingBlocks(b.spans, q.spans) }) {
 			break
 		}
 		batch = append(batch, q)
@@ -541,15 +544,32 @@ func (f *follower) caughtUp() bool {
 
 // copyExtent copies extent x of a lagging follower under its range hold
 // and the read lock; see catchUp.
+//
+// It waits for neither lock. A drain holds the engine's write lock until
+// this sender has sent the follower's queue, and a write that holds the
+// extent's range may be waiting for that lock: a copy that waited would
+// hold the drain up until its timeout. A busy copy steps aside for
+// copyLockWait; the extent stays marked, and the sender sends the queue.
+//
+// The extent is unmarked only once it is copied: until then followerHas
+// does not send an eventual read there. A write dropped by an overflow
+// meanwhile, which marks it again, was acknowledged before the copy took
+// the range, so the copy has its data.
 func (f *follower) copyExtent(x uint64) bool {
 	e := f.e
 	off := x * e.extentSize
-	unlock, err := e.locks.lockSpans(e.fctx, []span{{off, off + e.extentSize}})
+	lctx, lcancel := context.WithTimeout(e.fctx, copyLockWait)
+	unlock, err := e.locks.lockSpans(lctx, []span{{off, off + e.extentSize}})
+	lcancel()
 	if err != nil {
-		return false
+		return e.fctx.Err() == nil // busy: another time
+	}
+	if !e.mu.TryRLock() {
+		unlock()
+		time.Sleep(copyLockWait) // a writer holds the engine's lock, or waits for it
+		return true
 	}
 	defer unlock()
-	e.mu.RLock()
 	defer e.mu.RUnlock()
 	f.mu.Lock()
 	if f.err != nil || f.resync == nil {
@@ -560,7 +580,6 @@ func (f *follower) copyExtent(x uint64) bool {
 		f.mu.Unlock()
 		return true // not marked (again) since the pass began
 	}
-	delete(f.resync, x)
 	m := f.m
 	f.mu.Unlock()
 	ctx, cancel := context.WithTimeout(e.fctx, e.cfg.IOTimeout)
@@ -569,9 +588,11 @@ func (f *follower) copyExtent(x uint64) bool {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	if err != nil {
-		f.resync[x] = true
 		f.fail(err)
 		return false
+	}
+	if f.resync != nil {
+		delete(f.resync, x)
 	}
 	f.idle.Broadcast()
 	return true

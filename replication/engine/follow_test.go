@@ -362,6 +362,94 @@ func TestAsyncSlowFollowerSlowsWrites(t *testing.T) {
 	r.healthyIdentical(v.ID, model)
 }
 
+// TestAsyncSameBlockWritesNotBatched: sector writes to different parts of
+// one 4 KiB block, queued for a follower, reach it one after another: sent
+// in one batch, the replica's read-merge-sum of the block raced, and the
+// stored sum kept only one of them (a follower whose blocks failed their
+// checksums; 4 to 11 runs in 40 before the batches were cut at blocks).
+func TestAsyncSameBlockWritesNotBatched(t *testing.T) {
+	for run := range 10 {
+		r := newRig(t, 3)
+		r.checksums = true
+		v := r.createVolumeWith(fmt.Sprintf("sameblk%d", run), 4*mib, 3, 0, "n1", asyncParams)
+		g := newGate()
+		e := r.openAsync(v.ID, g, 0)
+		ctx := r.ctx()
+		v, _ = r.meta.Volume(ctx, v.ID)
+		r3 := replicaOnNode(t, v, "n3")
+		// 8 blocks × 8 sectors, interleaved so that a batch could hold
+		// several writes to one block.
+		for s := range 8 {
+			for b := range 8 {
+				p := randomData(512, uint64(100+8*b+s))
+				if err := e.WriteAt(ctx, p, uint64(b*4096+s*512), false); err != nil {
+					t.Fatal(err)
+				}
+			}
+		}
+		close(g.open)
+		waitFor(t, "n3 has every write", func() error {
+			if l := e.Lags()[r3.ID]; l.Resyncing || l.Writes != 0 {
+				return fmt.Errorf("lag %+v", l)
+			}
+			return nil
+		})
+		for _, rep := range v.Replicas {
+			if err := r.verifies(v, rep); err != nil {
+				t.Fatalf("run %d: replica on %s after same-block sector writes: %v", run, rep.Node, err)
+			}
+		}
+		if err := e.Close(ctx); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestAsyncDrainWhileLaggingWithQueue: a snapshot drains the followers
+// under the engine's write lock while a lagging follower has writes queued
+// since its overflow. Its sender must send them rather than wait for that
+// lock to copy an extent: the drain then ends at once, and the follower
+// stays a follower (it was ejected after the I/O timeout).
+func TestAsyncDrainWhileLaggingWithQueue(t *testing.T) {
+	r := newRig(t, 3)
+	v := r.createVolumeWith("drainlag", 16*mib, 3, 0, "n1", asyncParams)
+	g := newGate()
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: r.log, IOTimeout: 5 * time.Second, CleanInterval: time.Hour,
+		followWrites: 16,
+		wrapConn: func(rep meta.Replica, c replicaConn) replicaConn {
+			if rep.Node == "n3" {
+				return &faultConn{replicaConn: c, write: g.hold}
+			}
+			return c
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
+	ctx := r.ctx()
+	v, _ = r.meta.Volume(ctx, v.ID)
+	r3 := replicaOnNode(t, v, "n3")
+	model := make([]byte, v.SizeBytes)
+	asyncWrites(t, e, model, 40, 21)
+	asyncWrites(t, e, model, 3, 22)
+	if l := e.Lags()[r3.ID]; !l.Resyncing || l.Writes == 0 {
+		t.Fatalf("n3's lag before the snapshot: %+v, want resyncing with writes queued", l)
+	}
+	go func() { time.Sleep(300 * time.Millisecond); close(g.open) }()
+	start := time.Now()
+	if _, err := e.TakeSnapshot(ctx, "s1"); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	v, _ = r.meta.Volume(ctx, v.ID)
+	if rep := replicaOnNode(t, v, "n3"); rep.State != meta.ReplicaFollowing {
+		t.Fatalf("n3 is %s after the snapshot (took %v), want still following: the drain waited out its timeout", rep.State, took)
+	}
+	if got := r.contents(v, r3); !bytes.Equal(got, model) {
+		t.Fatal("n3's replica differs after the drain")
+	}
+}
+
 // TestAsyncFailoverResyncsFollowers: the engine dies (another node takes
 // the volume) while a follower lacks acknowledged writes; a clean point in
 // between must not have hidden them. The new engine makes every replica

@@ -61,6 +61,21 @@ func overlapping(a, b []span) bool {
 	return false
 }
 
+// overlappingBlocks reports whether a and b touch a common lockGrain
+// block: two writes that share a block must not run at the same time, or
+// the replica's read-merge-sum of that block keeps only one of them in its
+// sum.
+func overlappingBlocks(a, b []span) bool {
+	for _, x := range a {
+		for _, y := range b {
+			if x.off/lockGrain*lockGrain < y.end && y.off/lockGrain*lockGrain < x.end {
+				return true
+			}
+		}
+	}
+	return false
+}
+
 // lockGrain is the unit ranges are rounded out to: the replicas' checksum
 // block. A write that covers a block in part makes the replica read, merge
 // and re-sum the whole block, so two writes to different parts of one
