@@ -35,18 +35,7 @@ type headMap struct {
 	f      *os.File // the data file mapped
 	m      []byte   // [0, len(m)) of f, shared and writable
 	failed bool     // mmap failed for f: use pread and pwrite
-	uses   int      // writes through m since it was made
 }
-
-// headRemapWrites bounds the page tables a mapping collects. Each page a
-// write touches keeps its page-table page (4 KiB per 2 MiB of the file)
-// until munmap, even after the file's pages left the page cache: an
-// encrypted volume writes entries into one block per 516 KiB, so a
-// mapping kept for good would in time hold 1/512 of the volume's size in
-// page tables (2 GiB for 1 TiB). After this many writes the mapping is
-// made again when no write uses it, which frees them: at most 4 MiB of
-// page tables per replica, for a munmap and an mmap per 1024 writes.
-const headRemapWrites = 1024
 
 // inOneBlockInPart reports whether [off, off+n) lies inside one checksum
 // block without covering it whole (n > 0; size is the replica's).
@@ -56,13 +45,12 @@ func inOneBlockInPart(off, n, size uint64) bool {
 	return off+n <= be && (off != bo || off+n != be)
 }
 
-// headMapping returns a mapping of the head's whole data file and the
-// function that ends its use, or nil when there is none (layers, or mmap
-// failed): the caller then uses pread and pwrite. Callers hold epochMu
-// shared.
-func (r *Replica) headMapping() ([]byte, func()) {
+// headMapping returns a mapping of the head's whole data file, or nil when
+// there is none (layers, or mmap failed): the caller then uses pread and
+// pwrite. Callers hold epochMu shared.
+func (r *Replica) headMapping() []byte {
 	if r.layered() || r.data == nil {
-		return nil, nil
+		return nil
 	}
 	r.headMu.Lock()
 	defer r.headMu.Unlock()
@@ -71,31 +59,21 @@ func (r *Replica) headMapping() ([]byte, func()) {
 		// Shorter than the replica: made before a grow that did not drop
 		// it. Another write of this hold may be using it, so it stays.
 		if hm.failed || uint64(len(hm.m)) < r.size {
-			return nil, nil
+			return nil
 		}
-		if hm.uses >= headRemapWrites && r.headUse.TryLock() {
-			// No write uses it (each holds headUse shared): map again.
-			r.unmapHeadLocked()
-			r.headUse.Unlock()
-		}
+		return hm.m
 	}
-	if hm.f != r.data || hm.m == nil {
-		// None yet, one to make again, or a stale one the swap forgot
-		// to drop (the swaps hold epochMu exclusively: nothing uses it).
-		r.unmapHeadLocked()
-		hm.f = r.data
-		m, err := unix.Mmap(int(r.data.Fd()), 0, int(r.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
-		if err != nil {
-			hm.failed = true
-			return nil, nil
-		}
-		hm.m = m
+	// None yet, or a stale one the swap forgot to drop (the swaps hold
+	// epochMu exclusively, so nothing uses it now).
+	r.unmapHeadLocked()
+	hm.f = r.data
+	m, err := unix.Mmap(int(r.data.Fd()), 0, int(r.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		hm.failed = true
+		return nil
 	}
-	hm.uses++
-	// Never waits: the only exclusive holder is the TryLock above, under
-	// headMu, which this holds.
-	r.headUse.RLock()
-	return hm.m, r.headUse.RUnlock
+	hm.m = m
+	return m
 }
 
 // dropHeadMap unmaps the head's data file. Callers hold epochMu

@@ -166,27 +166,3 @@ func TestSmallWriteMapFaultIsAnError(t *testing.T) {
 		t.Fatalf("small write with its page gone: %v, want the fault as an error", err)
 	}
 }
-
-// TestSmallWritesMapAgain: after headRemapWrites writes the mapping is made
-// again (which frees the page tables the old one collected), and the
-// writes before and after it are all in the file.
-func TestSmallWritesMapAgain(t *testing.T) {
-	dir := t.TempDir()
-	r := openSummed(t, dir, testSize)
-	model := make([]byte, testSize)
-	n := headRemapWrites + headRemapWrites/2
-	for i := range n {
-		off := uint64(i%(testSize/SumBlockSize))*SumBlockSize + uint64(i%7)*64
-		p := randBytes(32, uint64(1000+i))
-		if err := r.WriteAt(1, p, off, false); err != nil {
-			t.Fatalf("write %d: %v", i, err)
-		}
-		copy(model[off:], p)
-	}
-	if r.headMap.m == nil || r.headMap.uses != n-headRemapWrites {
-		t.Fatalf("after %d small writes the mapping has %d uses, want %d (made again after %d)", n, r.headMap.uses, n-headRemapWrites, headRemapWrites)
-	}
-	if got := readAll(t, r, 1); !bytes.Equal(got, model) {
-		t.Fatal("reads differ from the small writes made across a new mapping")
-	}
-}

@@ -67,10 +67,8 @@ type Replica struct {
 	// readSumsMapped. Grow replaces it, with epochMu held exclusively.
 	sumsMap []byte
 	// headMap maps the head's data file for writes inside one block
-	// (headmap.go); headMu guards it, under epochMu shared. Each write
-	// through the mapping holds headUse shared.
+	// (headmap.go); headMu guards it, under epochMu shared.
 	headMu  sync.Mutex
-	headUse sync.RWMutex
 	headMap headMap
 
 	// epochMu serialises epoch changes against data I/O and is therefore held
@@ -708,8 +706,7 @@ func (r *Replica) writeData(p []byte, off uint64, pieces []uint32, verify bool) 
 		}
 	}
 	if r.sums != nil && inOneBlockInPart(off, n, r.size) {
-		if m, done := r.headMapping(); m != nil {
-			defer done()
+		if m := r.headMapping(); m != nil {
 			return r.writeInBlock(m, p, off)
 		}
 	}
