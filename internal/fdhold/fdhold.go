@@ -246,8 +246,9 @@ func filesOf(oob []byte) ([]*os.File, error) {
 
 // Client talks to a holder. One request at a time.
 type Client struct {
-	mu sync.Mutex
-	c  *net.UnixConn
+	mu       sync.Mutex
+	c        *net.UnixConn
+	buf, oob []byte // for replies, under mu
 }
 
 // Dial connects to the holder listening at path.
@@ -256,7 +257,7 @@ func Dial(path string) (*Client, error) {
 	if err != nil {
 		return nil, fmt.Errorf("fdhold: dial %s: %w", path, err)
 	}
-	return &Client{c: c}, nil
+	return &Client{c: c, buf: make([]byte, maxMessage), oob: make([]byte, syscall.CmsgSpace(4*4))}, nil
 }
 
 // Close closes the connection; the holder keeps what it holds.
@@ -301,8 +302,7 @@ func (c *Client) call(req request, f *os.File) (reply, *os.File, error) {
 	if err := send(c.c, req, f); err != nil {
 		return reply{}, nil, fmt.Errorf("fdhold: %s %q: %w", req.Op, req.Name, err)
 	}
-	buf := make([]byte, maxMessage)
-	oob := make([]byte, syscall.CmsgSpace(4*4))
+	buf, oob := c.buf, c.oob
 	n, oobn, _, _, err := c.c.ReadMsgUnix(buf, oob)
 	if err == nil && n == 0 {
 		err = errors.New("the holder closed the connection")

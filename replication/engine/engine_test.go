@@ -618,3 +618,33 @@ func TestEngineWakesOnStoreChange(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 }
+
+// startWriter writes random 4 KiB blocks at random block offsets below
+// span through e, recording each acknowledged one in model, until the
+// returned stop is called; stop returns the first write error. model must
+// not be read before stop returns.
+func startWriter(e *Engine, model []byte, span, seed uint64) (stop func() error) {
+	quit, werr := make(chan struct{}), make(chan error, 1)
+	go func() {
+		rng := rand.New(rand.NewPCG(seed, 2))
+		for {
+			select {
+			case <-quit:
+				werr <- nil
+				return
+			default:
+			}
+			off := rng.Uint64N(span/4096) * 4096
+			p := randomData(4096, rng.Uint64())
+			if err := e.WriteAt(context.Background(), p, off, false); err != nil {
+				werr <- err
+				return
+			}
+			copy(model[off:], p)
+		}
+	}()
+	return func() error {
+		close(quit)
+		return <-werr
+	}
+}

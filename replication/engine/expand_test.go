@@ -3,8 +3,6 @@ package engine
 import (
 	"context"
 	"errors"
-	"math/rand/v2"
-	"sync"
 	"testing"
 	"time"
 
@@ -48,35 +46,7 @@ func TestExpandWhileWriting(t *testing.T) {
 
 	const newSize = 20*mib + 512*3
 	model := make([]byte, newSize)
-	var mu sync.Mutex // guards model and orders each write with its record
-	stop := make(chan struct{})
-	werr := make(chan error, 1)
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		rng := rand.New(rand.NewPCG(1, 2))
-		for {
-			select {
-			case <-stop:
-				werr <- nil
-				return
-			default:
-			}
-			off := uint64(rng.IntN(int(8*mib/4096))) * 4096
-			p := randomData(4096, rng.Uint64())
-			mu.Lock()
-			err := e.WriteAt(ctx, p, off, false)
-			if err == nil {
-				copy(model[off:], p)
-			}
-			mu.Unlock()
-			if err != nil {
-				werr <- err
-				return
-			}
-		}
-	}()
+	stopWriter := startWriter(e, model, 8*mib, 1)
 	time.Sleep(50 * time.Millisecond)
 	r.expand(v.ID, newSize)
 	got, err := e.Expand(ctx)
@@ -84,9 +54,7 @@ func TestExpandWhileWriting(t *testing.T) {
 		t.Fatalf("Expand = %d, %v (Size %d); want %d", got, err, e.Size(), newSize)
 	}
 	time.Sleep(50 * time.Millisecond)
-	close(stop)
-	wg.Wait()
-	if err := <-werr; err != nil {
+	if err := stopWriter(); err != nil {
 		t.Fatalf("write during the expansion: %v", err)
 	}
 	// The last bytes of the new size take a write on every replica.

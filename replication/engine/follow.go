@@ -119,7 +119,6 @@ type follower struct {
 	resync   map[uint64]bool // extents to copy; non-nil while lagging
 	pass     []uint64        // this catch-up pass's extents not yet tried, in order
 	copyNext bool            // lagging: the next step copies an extent (catchUp)
-	batches  uint64          // batches sent: progress, for awaitFollowers
 	applied  uint64          // seq of the last write it has, with every one before it
 	err      error           // the last send or copy failed: drain ejects it
 	idle     *sync.Cond      // broadcast when the queue or resync set shrinks
@@ -258,10 +257,10 @@ func (e *Engine) awaitFollowers(ctx context.Context, spans []span) {
 	for {
 		e.mu.RLock()
 		var full *follower
-		var batches uint64
+		var applied uint64
 		for _, f := range e.followers {
-			if ok, b := f.full(n); ok {
-				full, batches = f, b
+			if ok, a := f.full(n); ok {
+				full, applied = f, a
 				break
 			}
 		}
@@ -270,8 +269,8 @@ func (e *Engine) awaitFollowers(ctx context.Context, spans []span) {
 			return
 		}
 		now := time.Now()
-		if full != last || batches != seen {
-			last, seen, deadline = full, batches, now.Add(wait) // it moved: wait on
+		if full != last || applied != seen {
+			last, seen, deadline = full, applied, now.Add(wait) // it moved: wait on
 		}
 		if !now.Before(deadline) || ctx.Err() != nil {
 			return // enqueue overflows it
@@ -282,11 +281,12 @@ func (e *Engine) awaitFollowers(ctx context.Context, spans []span) {
 }
 
 // full reports whether f streams and its queue has no room for a write
-// of n bytes, and how many batches it has sent.
+// of n bytes, and its applied point: a streaming follower's moves with
+// every batch it sends, which is the progress awaitFollowers waits on.
 func (f *follower) full(n uint64) (bool, uint64) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
-	return f.fullLocked(n), f.batches
+	return f.fullLocked(n), f.applied
 }
 
 func (f *follower) fullLocked(n uint64) bool {
@@ -442,7 +442,6 @@ func (f *follower) step() bool {
 	}
 	f.queue = slices.Delete(f.queue, 0, n)
 	f.sending = 0
-	f.batches++
 	f.copyNext = f.resync != nil
 	if err != nil {
 		f.fail(err)

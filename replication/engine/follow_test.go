@@ -5,7 +5,6 @@ import (
 	"context"
 	"fmt"
 	"math/rand/v2"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -263,34 +262,7 @@ func TestAsyncCatchUpStreamsNewWrites(t *testing.T) {
 	}
 
 	// Random 4 KiB writes over the whole volume while n3 catches up.
-	var mu sync.Mutex
-	stop, done := make(chan struct{}), make(chan error, 1)
-	go func() {
-		rng := rand.New(rand.NewPCG(23, 1))
-		p := make([]byte, 4096)
-		for {
-			select {
-			case <-stop:
-				done <- nil
-				return
-			default:
-			}
-			for j := range p {
-				p[j] = byte(rng.Uint32())
-			}
-			off := rng.Uint64N(v.SizeBytes/4096) * 4096
-			mu.Lock()
-			err := e.WriteAt(ctx, p, off, false)
-			if err == nil {
-				copy(model[off:], p)
-			}
-			mu.Unlock()
-			if err != nil {
-				done <- err
-				return
-			}
-		}
-	}()
+	stopWriter := startWriter(e, model, v.SizeBytes, 23)
 	close(g.open)
 	waitFor(t, "n3 catches up while writes go on", func() error {
 		if l := e.Lags()[r3.ID]; l.Resyncing {
@@ -298,8 +270,7 @@ func TestAsyncCatchUpStreamsNewWrites(t *testing.T) {
 		}
 		return nil
 	})
-	close(stop)
-	if err := <-done; err != nil {
+	if err := stopWriter(); err != nil {
 		t.Fatalf("write while n3 caught up: %v", err)
 	}
 	waitFor(t, "n3 has every write", func() error {
