@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -40,6 +41,53 @@ type devNode struct {
 	DataDir string   `json:"data_dir"`
 	Log     string   `json:"log"`
 	Args    []string `json:"args"`
+	// Holder is the node's `cairn fuse-holder`, which keeps the staged
+	// volumes' FUSE connection while the agent restarts.
+	Holder *devHolder `json:"holder,omitempty"`
+}
+
+type devHolder struct {
+	Socket string   `json:"socket"`
+	PID    int      `json:"pid"`
+	Log    string   `json:"log"`
+	Args   []string `json:"args"`
+}
+
+// proc lets the holder process be started, checked and stopped like a
+// node's.
+func (h *devHolder) proc() *devNode {
+	return &devNode{ID: holderProcID, CSI: h.Socket, PID: h.PID, Log: h.Log, Args: h.Args}
+}
+
+// holderProcID names a holder's process in devNode.alive.
+const holderProcID = "fuse-holder"
+
+// startHolder starts the node's holder unless it runs.
+func (n *devNode) startHolder() error {
+	if n.Holder == nil {
+		return nil
+	}
+	p := n.Holder.proc()
+	if p.alive() {
+		return nil
+	}
+	if err := p.start(); err != nil {
+		return err
+	}
+	n.Holder.PID = p.PID
+	// The agent asks for it at start: wait for its socket.
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if c, err := net.Dial("unixpacket", n.Holder.Socket); err == nil {
+			_ = c.Close()
+			return nil
+		}
+		if !p.alive() {
+			break
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return fmt.Errorf("the fuse holder of %s did not listen on %s: %s", n.ID, n.Holder.Socket, tail(n.Holder.Log, 3))
 }
 
 type devController struct {
@@ -108,8 +156,11 @@ func (c *devCluster) agents() []string {
 // /dev/fuse (internal/proc). PIDs get reused: the marker tells ours.
 func (n *devNode) alive() bool {
 	marker := "\x00--id\x00" + n.ID + "\x00"
-	if n.ID == "controller" {
+	switch n.ID {
+	case "controller":
 		marker = "\x00--endpoint\x00" + n.CSI + "\x00"
+	case holderProcID:
+		marker = "\x00--socket\x00" + n.CSI + "\x00"
 	}
 	return proc.Holds(n.PID, marker)
 }
@@ -291,6 +342,8 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 			DataDir: filepath.Join(ndir, "data"), Log: filepath.Join(ndir, "node.log"),
 		}
 		n.CSI = "unix://" + filepath.Join(ndir, "csi.sock")
+		n.Holder = &devHolder{Socket: filepath.Join(ndir, "fdhold.sock"), Log: filepath.Join(ndir, "fuse-holder.log")}
+		n.Holder.Args = []string{"fuse-holder", "--socket", n.Holder.Socket, "--log-format", "json"}
 		dataDirs := n.DataDir
 		for _, t := range diskTypes {
 			// The node's data directory of each other disk type.
@@ -301,7 +354,7 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 			"--raft-addr", n.Raft, "--api-addr", n.Agent, "--metrics-addr", n.Metrics, "--data-addr", n.Data,
 			"--bootstrap-expect", strconv.Itoa(nodes), "--peers", strings.Join(apis, ","),
 			"--raft-timeout-multiplier", "0.5", "--heartbeat-interval", "500ms", "--node-down-after", "3s",
-			"--log-format", "json", "--stale-replica-timeout", staleTimeout.String()}
+			"--log-format", "json", "--stale-replica-timeout", staleTimeout.String(), "--fd-holder", n.Holder.Socket}
 		if zones {
 			n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
 		}
@@ -309,6 +362,10 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 		c.Nodes = append(c.Nodes, n)
 	}
 	for _, n := range c.Nodes {
+		if err := n.startHolder(); err != nil {
+			stopAll(c)
+			return c, nil, err
+		}
 		if err := n.start(); err != nil {
 			stopAll(c)
 			return c, nil, err
@@ -362,6 +419,11 @@ func stopAll(c *devCluster) {
 	procs := c.Nodes
 	if c.Controller != nil {
 		procs = append([]*devNode{c.Controller.proc()}, procs...)
+	}
+	for _, n := range c.Nodes {
+		if n.Holder != nil {
+			procs = append(procs, n.Holder.proc()) // after the agents
+		}
 	}
 	for _, n := range procs {
 		if !n.stop(syscall.SIGTERM, 10*time.Second) {
@@ -428,6 +490,9 @@ func newDevStartCommand() *cobra.Command {
 			}
 			if n.alive() {
 				return fmt.Errorf("%s is already running (pid %d)", n.ID, n.PID)
+			}
+			if err := n.startHolder(); err != nil {
+				return err
 			}
 			if err := n.start(); err != nil {
 				return err
@@ -523,6 +588,18 @@ func newDevDownCommand() *cobra.Command {
 				}
 				fmt.Fprintf(w, "stopped %s (pid %d)\n", n.ID, n.PID)
 				n.PID = 0
+			}
+			for _, n := range c.Nodes {
+				if n.Holder == nil {
+					continue
+				}
+				if p := n.Holder.proc(); p.alive() {
+					if !p.stop(syscall.SIGTERM, 10*time.Second) {
+						p.stop(syscall.SIGKILL, 5*time.Second)
+					}
+					fmt.Fprintf(w, "stopped the fuse holder of %s (pid %d)\n", n.ID, p.PID)
+				}
+				n.Holder.PID = 0
 			}
 			if c.Controller != nil {
 				if p := c.Controller.proc(); p.alive() {

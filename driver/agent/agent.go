@@ -94,6 +94,10 @@ type Config struct {
 	CSIAllowedRoots []string
 	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
 	MaxVolumes int64
+	// FDHolder is the unix socket of the node's descriptor holder (`cairn
+	// fuse-holder`), which keeps the staged volumes' FUSE connection
+	// across a restart of the agent ("" = none; csi.NodeConfig.Holder).
+	FDHolder string
 	// NoIOSched bypasses both I/O schedulers, the engines' (QoS limits stop
 	// applying) and the replica server's disk scheduler (no fairness, no
 	// class priority); it exists to measure what scheduling buys.
@@ -208,6 +212,10 @@ func Start(cfg Config) (_ *Agent, err error) {
 	return a, nil
 }
 
+// resumeTimeout bounds the opening of the engines of volumes taken over
+// from an earlier agent: long enough for the store to elect a leader.
+const resumeTimeout = 2 * time.Minute
+
 // serveCSI serves the CSI Identity and Node services on the CSI endpoint.
 func (a *Agent) serveCSI() error {
 	lis, err := csi.Listen(a.cfg.CSIEndpoint)
@@ -215,7 +223,18 @@ func (a *Agent) serveCSI() error {
 		return fmt.Errorf("--csi-endpoint: %w", err)
 	}
 	node := csi.NewNode(csi.NodeConfig{NodeID: a.cfg.ID, Zone: a.cfg.Zone, MaxVolumes: a.cfg.MaxVolumes,
-		StateDir: filepath.Join(a.cfg.DataDir, "csi"), AllowedRoots: a.cfg.CSIAllowedRoots, Engines: a.engines, Logger: a.cfg.Logger})
+		StateDir: filepath.Join(a.cfg.DataDir, "csi"), AllowedRoots: a.cfg.CSIAllowedRoots, Engines: a.engines,
+		Holder: a.cfg.FDHolder, Logger: a.cfg.Logger})
+	// Volumes an earlier agent left staged are taken over before kubelet
+	// can ask anything about them.
+	ctx, cancel := context.WithTimeout(context.Background(), resumeTimeout)
+	err = node.Resume(ctx)
+	cancel()
+	if err != nil {
+		node.Close()
+		_ = lis.Close()
+		return err
+	}
 	srv := csi.Serve(a.log, lis, &csi.Identity{Version: a.cfg.Version, Meta: a.self, Local: true}, nil, node)
 	a.closers = append(a.closers, func() error { srv.Stop(); node.Close(); return nil })
 	return nil

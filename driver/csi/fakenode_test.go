@@ -88,6 +88,10 @@ func (f *fakeEngines) Open(_ context.Context, id string, _ []byte) (volumeEngine
 	return e, nil
 }
 
+func (f *fakeEngines) Takeover(ctx context.Context, id string, passphrase []byte) (volumeEngine, error) {
+	return f.Open(ctx, id, passphrase)
+}
+
 func (f *fakeEngines) Release(_ context.Context, e volumeEngine) error {
 	f.mu.Lock()
 	defer f.mu.Unlock()

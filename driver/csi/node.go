@@ -39,7 +39,13 @@ type NodeConfig struct {
 	// Devices attaches and detaches loop devices; nil: the host's
 	// (newLoopDevices).
 	Devices BlockDevices
-	Logger  *zap.Logger
+	// Holder is the unix socket of a descriptor holder (`cairn
+	// fuse-holder`), "" for none. With one, the FUSE connection that
+	// serves the staged volumes outlives this process: a restarted agent
+	// takes the volumes over (Resume), and Close leaves them to it
+	// instead of tearing them down (docs/restart.md).
+	Holder string
+	Logger *zap.Logger
 }
 
 // Node is the CSI Node service: stage = engine + FUSE file + loop device
@@ -53,6 +59,10 @@ type Node struct {
 	engines volumeEngines
 	// mountFiles mounts the FUSE file system at a directory (fuse.Mount).
 	mountFiles func(dir string) (fileServer, error)
+	// holder keeps the FUSE descriptor for a successor; nil without one.
+	holder *holder
+	// stopRefill ends the loop that refills a restarted holder.
+	stopRefill chan struct{}
 	// locks orders the operations on one volume (and answers Aborted to a
 	// second one at once); operations on different volumes run side by
 	// side.
@@ -108,11 +118,38 @@ func newNode(cfg NodeConfig, engines volumeEngines, mountFiles func(log *zap.Log
 		locks: newVolumeLocks(), staged: map[string]*stagedVolume{},
 	}
 	n.mountFiles = func(dir string) (fileServer, error) { return mountFiles(n.log, dir) }
+	if cfg.Holder != "" {
+		n.holder = newHolder(cfg.Holder, n.log)
+		n.stopRefill = make(chan struct{})
+		go n.refillHolder()
+	}
 	return n
 }
 
+// refillHolder asks the holder every few seconds whether it is there, which
+// gives a holder that was restarted (an upgrade) what it held before.
+func (n *Node) refillHolder() {
+	t := time.NewTicker(holderRefillInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-n.stopRefill:
+			return
+		case <-t.C:
+			n.holder.reachable()
+		}
+	}
+}
+
+// holderRefillInterval is how often refillHolder asks.
+const holderRefillInterval = 2 * time.Second
+
 // Close unstages nothing (volumes stay staged for kubelet) but stops the
-// engines and the FUSE mount; the loop devices lose their backing file.
+// engines. With a descriptor holder that answers, the FUSE mount is left
+// to the next agent (handover): the requests being served are answered,
+// later ones wait for it, and the engines are flushed and closed. Without
+// one, the loop devices are detached and the FUSE file system unmounted:
+// the volumes' file systems lose their device.
 func (n *Node) Close() {
 	n.mu.Lock()
 	staged := make(map[string]*stagedVolume, len(n.staged))
@@ -120,19 +157,41 @@ func (n *Node) Close() {
 		staged[id] = s
 	}
 	n.mu.Unlock()
+	if n.stopRefill != nil {
+		close(n.stopRefill)
+		n.stopRefill = nil
+	}
+	n.fsMu.Lock()
+	defer n.fsMu.Unlock()
+	if h, ok := n.fs.(handover); ok && n.holder != nil && n.holder.reachable() {
+		h.Leave(10 * time.Second)
+		for id, s := range staged {
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			err := n.engines.Release(ctx, s.engine)
+			cancel()
+			n.log.Info("node plugin stopping: volume left staged for the next agent", zap.String("volume_id", id), zap.String("device", s.dev), zap.Error(err))
+		}
+		n.holder.close()
+		return
+	}
+	if n.holder != nil && len(staged) > 0 {
+		n.log.Warn("the descriptor holder does not answer: the staged volumes lose their device", zap.String("holder", n.cfg.Holder))
+	}
 	for id, s := range staged {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		_ = n.engines.Release(ctx, s.engine)
 		cancel()
 		n.log.Warn("node plugin stopping with a staged volume", zap.String("volume_id", id), zap.String("device", s.dev))
 	}
-	n.fsMu.Lock()
-	defer n.fsMu.Unlock()
 	if n.fs != nil {
 		for _, s := range staged {
 			_ = n.devices.Detach(s.dev)
 		}
 		_ = n.fs.Unmount()
+	}
+	if n.holder != nil {
+		_ = n.holder.drop(holdFUSE)
+		n.holder.close()
 	}
 }
 
@@ -204,7 +263,26 @@ func (n *Node) fuseServer() (fileServer, error) {
 		return nil, fmt.Errorf("mount FUSE at %s: %w", dir, err)
 	}
 	n.fs = fs
+	if h, ok := fs.(handover); ok && n.holder != nil {
+		if err := n.holder.put(holdFUSE, h.Device(), holdMount{Dir: h.Dir()}); err != nil {
+			n.log.Warn("the descriptor holder did not take the FUSE descriptor: the volumes staged here will not survive a restart of this agent",
+				zap.String("holder", n.cfg.Holder), zap.Error(err))
+		}
+	}
 	return fs, nil
+}
+
+// holdStaged records a staged volume in the descriptor holder, so that a
+// successor takes it over.
+func (n *Node) holdStaged(id string, s *stagedVolume, passphrase string) {
+	h, ok := s.fs.(handover)
+	if !ok || n.holder == nil {
+		return
+	}
+	if err := n.holder.put(holdVolumePrefix+id, h.Device(), holdVolume{Staging: s.staging, Block: s.block, Passphrase: passphrase}); err != nil {
+		n.log.Warn("the descriptor holder did not record the staged volume: it will not survive a restart of this agent",
+			zap.String("volume_id", id), zap.String("holder", n.cfg.Holder), zap.Error(err))
+	}
 }
 
 // NodeStageVolume starts the engine, exposes the volume as a loop device,
@@ -251,6 +329,7 @@ func (n *Node) NodeStageVolume(ctx context.Context, req *csipb.NodeStageVolumeRe
 	if err != nil {
 		return nil, err
 	}
+	n.holdStaged(id, s, req.GetSecrets()[crypt.SecretKey])
 	n.log.Info("volume staged", zap.String("volume_id", id), zap.String("device", s.dev), zap.String("staging", staging),
 		zap.Bool("block", s.block), zap.Uint64("epoch", s.engine.Epoch()))
 	return &csipb.NodeStageVolumeResponse{}, nil
@@ -387,6 +466,11 @@ func (n *Node) NodeUnstageVolume(ctx context.Context, req *csipb.NodeUnstageVolu
 	n.mu.Lock()
 	delete(n.staged, id)
 	n.mu.Unlock()
+	if n.holder != nil {
+		if err := n.holder.drop(holdVolumePrefix + id); err != nil {
+			n.log.Warn("the descriptor holder did not forget the unstaged volume", zap.String("volume_id", id), zap.Error(err))
+		}
+	}
 	n.log.Info("volume unstaged", zap.String("volume_id", id))
 	return &csipb.NodeUnstageVolumeResponse{}, nil
 }

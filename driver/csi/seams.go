@@ -3,6 +3,8 @@ package csi
 import (
 	"context"
 	"fmt"
+	"os"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
@@ -122,6 +124,9 @@ type volumeEngines interface {
 	// Open's passphrase unwraps an encrypted volume's data key (nil for
 	// none; a plain volume ignores it).
 	Open(ctx context.Context, id string, passphrase []byte) (volumeEngine, error)
+	// Takeover is Open at a new epoch, of a volume whose engine on this
+	// node died with an earlier agent (Node.Resume).
+	Takeover(ctx context.Context, id string, passphrase []byte) (volumeEngine, error)
 	// Release returns attach.ErrBusy when the volume's turn did not come
 	// before ctx ended: e then stays open.
 	Release(ctx context.Context, e volumeEngine) error
@@ -134,6 +139,14 @@ func (r registryEngines) Open(ctx context.Context, id string, passphrase []byte)
 	e, err := r.r.OpenWith(ctx, id, passphrase)
 	if err != nil {
 		return nil, err // not a nil *engine.Engine in a non-nil interface
+	}
+	return e, nil
+}
+
+func (r registryEngines) Takeover(ctx context.Context, id string, passphrase []byte) (volumeEngine, error) {
+	e, err := r.r.Takeover(ctx, id, passphrase)
+	if err != nil {
+		return nil, err
 	}
 	return e, nil
 }
@@ -165,6 +178,27 @@ func mountFUSE(log *zap.Logger, dir string) (fileServer, error) {
 	fs, err := fuse.Mount(log, dir)
 	if err != nil {
 		return nil, err // not a nil *fuse.Server in a non-nil interface
+	}
+	return fs, nil
+}
+
+// handover is what a fileServer that can outlive this process offers
+// (fuse.Server): its FUSE descriptor for a holder to keep, its mount
+// point, and Leave, which stops serving without unmounting.
+type handover interface {
+	Device() *os.File
+	Dir() string
+	Leave(wait time.Duration) bool
+}
+
+var _ handover = (*fuse.Server)(nil)
+
+// resumeFUSE takes over the FUSE mount at dir through dev, serving files
+// (fuse.Resume).
+func resumeFUSE(log *zap.Logger, dir string, dev *os.File, files map[string]frontend.Backend) (fileServer, error) {
+	fs, err := fuse.Resume(log, dir, dev, files)
+	if err != nil {
+		return nil, err
 	}
 	return fs, nil
 }

@@ -118,6 +118,22 @@ func (r *Registry) OpenWith(ctx context.Context, id string, passphrase []byte) (
 	return r.open(ctx, cfg)
 }
 
+// Takeover is OpenWith for a volume whose engine on this node died with
+// its process (an agent restarted while the volume stayed staged): it first
+// moves the volume's epoch on, so that the claims of the new engine fence
+// every request of the dead one still queued at a replica. The volume must
+// be attached to this node.
+func (r *Registry) Takeover(ctx context.Context, id string, passphrase []byte) (*engine.Engine, error) {
+	v, err := r.cfg.Meta.Volume(ctx, id)
+	if err != nil {
+		return nil, fmt.Errorf("read volume %s: %w", id, err)
+	}
+	if _, err := r.cfg.Meta.Apply(ctx, &meta.AdvanceEpoch{VolumeID: id, NodeID: r.cfg.NodeID, ExpectEpoch: v.Epoch}); err != nil {
+		return nil, fmt.Errorf("volume %s: a new epoch for the takeover: %w", id, err)
+	}
+	return r.OpenWith(ctx, id, passphrase)
+}
+
 // engineConfig is the wiring every engine of this node shares.
 func (r *Registry) engineConfig(id string) engine.Config {
 	return engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, Logger: r.cfg.Logger,

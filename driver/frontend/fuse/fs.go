@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/fnv"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -36,13 +37,19 @@ type volumeFS struct {
 	log     *zap.Logger
 	mounted time.Time
 
+	// gate holds requests back once the server is left to a successor
+	// (Server.Leave).
+	gate gate
+
 	mu      sync.RWMutex
 	byName  map[string]*volumeFile
 	byIno   map[uint64]*volumeFile
 	handles map[uint64]*handle
-	nextIno uint64
 	nextFh  uint64
 	closed  bool
+	// resumed: this server took over a connection from an earlier
+	// process, whose file handles the kernel may still use (adopt).
+	resumed bool
 }
 
 // volumeFile is one served volume.
@@ -73,14 +80,18 @@ type handle struct {
 func newVolumeFS(ctx context.Context, log *zap.Logger) *volumeFS {
 	return &volumeFS{
 		RawFileSystem: gofuse.NewDefaultRawFileSystem(),
+		gate:          newGate(),
 		ctx:           ctx,
 		log:           log,
 		mounted:       time.Now(),
 		byName:        make(map[string]*volumeFile),
 		byIno:         make(map[uint64]*volumeFile),
 		handles:       make(map[uint64]*handle),
-		nextIno:       gofuse.FUSE_ROOT_ID + 1,
-		nextFh:        1,
+		// Handles are numbered from the clock, so that those of a
+		// server that resumed an earlier one's connection never equal
+		// the ones the kernel still holds from it: the earlier process
+		// handed out one per open, far fewer than nanoseconds passed.
+		nextFh: max(uint64(time.Now().UnixNano()), 1),
 	}
 }
 
@@ -96,15 +107,32 @@ func (fs *volumeFS) add(name string, b frontend.Backend, size uint64) error {
 	if _, ok := fs.byName[name]; ok {
 		return ErrAlreadyExists
 	}
-	// Inode numbers are never reused, so a kernel reference to a removed
-	// file can never reach a new one.
-	f := &volumeFile{name: name, ino: fs.nextIno, b: b, created: time.Now()}
+	f := &volumeFile{name: name, ino: fs.inoFor(name), b: b, created: time.Now()}
 	f.size.Store(size)
-	fs.nextIno++
 	fs.byName[name] = f
 	fs.byIno[f.ino] = f
 	return nil
 }
+
+// inoFor gives a new file its node id: a hash of its name, so that an
+// agent that resumes the connection of an earlier one (Resume) gives each
+// volume the node id the kernel already knows it by. Ids of live files
+// and of removed files the kernel still references are never given
+// again, so no stale reference reaches another file; a collision (a
+// removed file of the same name still referenced, or a 64-bit hash
+// clash) moves to the next free id. Called with fs.mu held.
+func (fs *volumeFS) inoFor(name string) uint64 {
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(name))
+	ino := h.Sum64()
+	for ino <= gofuse.FUSE_ROOT_ID || ino == pollHackIno || fs.byIno[ino] != nil {
+		ino++
+	}
+	return ino
+}
+
+// pollHackIno is the node id go-fuse answers for itself (its poll hack).
+const pollHackIno = ^uint64(0)
 
 // resize takes the backend's current size as the file's size (the volume
 // grew) and returns the file's inode with its old and new sizes. A smaller
@@ -203,10 +231,32 @@ func (fs *volumeFS) file(ino uint64) *volumeFile {
 	return f
 }
 
-func (fs *volumeFS) handle(fh uint64) *handle {
+// handle returns the open handle fh of node ino. After a resume, a handle
+// the earlier process opened (the loop device's, typically) is unknown
+// here: it is adopted as if opened now, since requests name their node
+// too. Its count of opens then covers the handles seen, which is what
+// remove needs: the loop device's handle is seen at its first I/O.
+func (fs *volumeFS) handle(ino, fh uint64) *handle {
 	fs.mu.RLock()
 	h := fs.handles[fh]
+	resumed := fs.resumed
 	fs.mu.RUnlock()
+	if h != nil || !resumed {
+		return h
+	}
+	fs.mu.Lock()
+	defer fs.mu.Unlock()
+	if h := fs.handles[fh]; h != nil {
+		return h
+	}
+	f, ok := fs.byIno[ino]
+	if !ok || f.removed {
+		return nil
+	}
+	h = &handle{f: f}
+	fs.handles[fh] = h
+	f.opens++
+	fs.log.Debug("file handle of the earlier server adopted", zap.String("volume_id", f.name), zap.Uint64("fh", fh))
 	return h
 }
 
@@ -238,6 +288,10 @@ func setTimes(a *gofuse.Attr, t time.Time) {
 }
 
 func (fs *volumeFS) Lookup(_ <-chan struct{}, h *gofuse.InHeader, name string, out *gofuse.EntryOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	if h.NodeId != gofuse.FUSE_ROOT_ID {
 		return gofuse.ENOTDIR
 	}
@@ -271,6 +325,10 @@ func (fs *volumeFS) Forget(nodeid, nlookup uint64) {
 }
 
 func (fs *volumeFS) GetAttr(_ <-chan struct{}, in *gofuse.GetAttrIn, out *gofuse.AttrOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	out.SetTimeout(attrTimeout)
 	if in.NodeId == gofuse.FUSE_ROOT_ID {
 		fs.rootAttr(&out.Attr)
@@ -290,6 +348,10 @@ func (fs *volumeFS) GetAttr(_ <-chan struct{}, in *gofuse.GetAttrIn, out *gofuse
 // touch the file work, and refuses size changes: a volume is resized by the
 // engine, not by truncate.
 func (fs *volumeFS) SetAttr(_ <-chan struct{}, in *gofuse.SetAttrIn, out *gofuse.AttrOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	out.SetTimeout(attrTimeout)
 	if in.NodeId == gofuse.FUSE_ROOT_ID {
 		fs.rootAttr(&out.Attr)
@@ -309,6 +371,10 @@ func (fs *volumeFS) SetAttr(_ <-chan struct{}, in *gofuse.SetAttrIn, out *gofuse
 }
 
 func (fs *volumeFS) Open(_ <-chan struct{}, in *gofuse.OpenIn, out *gofuse.OpenOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	fs.mu.Lock()
 	defer fs.mu.Unlock()
 	f, ok := fs.byIno[in.NodeId]
@@ -336,7 +402,11 @@ func (fs *volumeFS) Open(_ <-chan struct{}, in *gofuse.OpenIn, out *gofuse.OpenO
 }
 
 func (fs *volumeFS) Read(_ <-chan struct{}, in *gofuse.ReadIn, buf []byte) (gofuse.ReadResult, gofuse.Status) {
-	h := fs.handle(in.Fh)
+	if !fs.gate.enter() {
+		return nil, gofuse.EIO
+	}
+	defer fs.gate.exit()
+	h := fs.handle(in.NodeId, in.Fh)
 	if h == nil {
 		return nil, gofuse.EBADF
 	}
@@ -355,7 +425,11 @@ func (fs *volumeFS) Read(_ <-chan struct{}, in *gofuse.ReadIn, buf []byte) (gofu
 // Writev serves WRITE; go-fuse hands the payload as it came off the device,
 // in one piece unless splicing split it.
 func (fs *volumeFS) Writev(_ <-chan struct{}, in *gofuse.WriteIn, data [][]byte) (uint32, gofuse.Status) {
-	h := fs.handle(in.Fh)
+	if !fs.gate.enter() {
+		return 0, gofuse.EIO
+	}
+	defer fs.gate.exit()
+	h := fs.handle(in.NodeId, in.Fh)
 	if h == nil {
 		return 0, gofuse.EBADF
 	}
@@ -390,8 +464,12 @@ func (fs *volumeFS) Write(cancel <-chan struct{}, in *gofuse.WriteIn, data []byt
 // Fsync serves fsync and fdatasync of the file, and the loop driver's
 // REQ_OP_FLUSH (which it turns into vfs_fsync): both are Flush.
 func (fs *volumeFS) Fsync(_ <-chan struct{}, in *gofuse.FsyncIn) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	var f *volumeFile
-	h := fs.handle(in.Fh)
+	h := fs.handle(in.NodeId, in.Fh)
 	if h != nil {
 		f = h.f
 	} else if f = fs.file(in.NodeId); f == nil {
@@ -404,7 +482,11 @@ func (fs *volumeFS) Fsync(_ <-chan struct{}, in *gofuse.FsyncIn) gofuse.Status {
 // with FOPEN_NOFLUSH (all of ours); if one comes anyway, a dirty handle
 // flushes.
 func (fs *volumeFS) Flush(_ <-chan struct{}, in *gofuse.FlushIn) gofuse.Status {
-	h := fs.handle(in.Fh)
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
+	h := fs.handle(in.NodeId, in.Fh)
 	if h == nil || !h.dirty.Load() {
 		return gofuse.OK
 	}
@@ -432,7 +514,11 @@ func (fs *volumeFS) flush(h *handle, f *volumeFile, op string) gofuse.Status {
 // still dirty flushes first, so detaching a loop device makes everything
 // written through it durable.
 func (fs *volumeFS) Release(_ <-chan struct{}, in *gofuse.ReleaseIn) {
-	h := fs.handle(in.Fh)
+	if !fs.gate.enter() {
+		return
+	}
+	defer fs.gate.exit()
+	h := fs.handle(in.NodeId, in.Fh)
 	if h == nil {
 		return
 	}
@@ -454,7 +540,11 @@ func (fs *volumeFS) Release(_ <-chan struct{}, in *gofuse.ReleaseIn) {
 // end are clipped; the file cannot grow, and plain allocation (mode 0) is
 // refused because the engine cannot reserve space.
 func (fs *volumeFS) Fallocate(_ <-chan struct{}, in *gofuse.FallocateIn) gofuse.Status {
-	h := fs.handle(in.Fh)
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
+	h := fs.handle(in.NodeId, in.Fh)
 	if h == nil {
 		return gofuse.EBADF
 	}
@@ -492,6 +582,10 @@ func (fs *volumeFS) Fallocate(_ <-chan struct{}, in *gofuse.FallocateIn) gofuse.
 // StatFs must succeed: the loop driver enables discard only on a backing file
 // whose file system answers statfs, and uses f_bsize as discard granularity.
 func (fs *volumeFS) StatFs(_ <-chan struct{}, _ *gofuse.InHeader, out *gofuse.StatfsOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	fs.mu.RLock()
 	defer fs.mu.RUnlock()
 	var total uint64
@@ -509,6 +603,10 @@ func (fs *volumeFS) StatFs(_ <-chan struct{}, _ *gofuse.InHeader, out *gofuse.St
 }
 
 func (fs *volumeFS) OpenDir(_ <-chan struct{}, in *gofuse.OpenIn, _ *gofuse.OpenOut) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	if in.NodeId != gofuse.FUSE_ROOT_ID {
 		return gofuse.ENOTDIR
 	}
@@ -518,6 +616,10 @@ func (fs *volumeFS) OpenDir(_ <-chan struct{}, in *gofuse.OpenIn, _ *gofuse.Open
 // ReadDir lists ".", ".." and the files in name order; the offset of an
 // entry is its index plus one.
 func (fs *volumeFS) ReadDir(_ <-chan struct{}, in *gofuse.ReadIn, out *gofuse.DirEntryList) gofuse.Status {
+	if !fs.gate.enter() {
+		return gofuse.EIO
+	}
+	defer fs.gate.exit()
 	if in.NodeId != gofuse.FUSE_ROOT_ID {
 		return gofuse.ENOTDIR
 	}

@@ -8,6 +8,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -71,12 +73,18 @@ type tuning struct {
 var defaultTuning = tuning{asyncDIO: true, maxBackground: maxBackground}
 
 // Server serves backends as files under dir (a FUSE mount), one per volume.
-// Create it with Mount; it is safe for concurrent use.
+// Create it with Mount, or with Resume in a process that takes over the
+// mount of an earlier one; it is safe for concurrent use.
 type Server struct {
 	log *zap.Logger
 	dir string
 	fs  *volumeFS
 	srv *gofuse.Server
+	// dev is this process's descriptor of the mount's FUSE connection
+	// (/dev/fuse): go-fuse reads requests from a duplicate of it, the
+	// notifications are written to it, and a holder process may keep a
+	// duplicate so that the mount outlives the process (Device).
+	dev *os.File
 	// served is closed when the FUSE serve loop has returned.
 	served chan struct{}
 	// cancel ends the context of backend calls once unmounted.
@@ -87,10 +95,9 @@ type Server struct {
 }
 
 // Mount mounts an empty FUSE file system on dir (which must exist and not be
-// a mount point) and serves it until Unmount. It mounts with
-// mount(2) directly (go-fuse's DirectMountStrict: no fallback to fusermount),
-// so it needs CAP_SYS_ADMIN, and fails with ErrFUSEUnavailable when the kernel
-// has no FUSE.
+// a mount point) and serves it until Unmount. It opens /dev/fuse and calls
+// mount(2) itself (no fusermount), so it needs CAP_SYS_ADMIN, and fails with
+// ErrFUSEUnavailable when the kernel has no FUSE.
 //
 // Mount also puts the process in the PR_SET_IO_FLUSHER state
 // (PF_MEMALLOC_NOIO | PF_LOCAL_THROTTLE). The process now serves the I/O of
@@ -125,32 +132,129 @@ func mount(log *zap.Logger, dir string, tn tuning) (*Server, error) {
 	} else if mounted {
 		return nil, fmt.Errorf("fuse mount %s: already a mount point (a stale mount from an earlier run? unmount it first): %w", abs, ErrBusy)
 	}
-	f, err := os.OpenFile("/dev/fuse", os.O_RDWR, 0)
-	if err != nil {
-		return nil, fmt.Errorf("fuse mount %s: open /dev/fuse (is the fuse module loaded and the device in this container?): %w: %w", abs, ErrFUSEUnavailable, err)
-	}
-	if err := f.Close(); err != nil {
-		return nil, fmt.Errorf("fuse mount %s: close /dev/fuse: %w", abs, err)
-	}
-
 	setIOFlusher(log)
+	dev, err := mountDevice(abs, maxWrite)
+	if err != nil {
+		return nil, fmt.Errorf("fuse mount %s: %w", abs, err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	s := &Server{log: log, dir: abs, fs: newVolumeFS(ctx, log), dev: dev, served: make(chan struct{}), cancel: cancel}
+	// go-fuse reads the kernel's INIT, queued by mount(2), and answers it.
+	if err := s.serve(tn); err != nil {
+		_ = unix.Unmount(abs, unix.MNT_DETACH)
+		_ = dev.Close()
+		cancel()
+		return nil, fmt.Errorf("fuse mount %s: %w", abs, err)
+	}
+	pollHack(log, abs)
+	ks := s.srv.KernelSettings()
+	log.Info("fuse mounted",
+		zap.String("dir", abs),
+		zap.Uint32("fuse_minor", ks.Minor),
+		zap.Bool("async_dio", ks.Flags64()&gofuse.CAP_ASYNC_DIO != 0 && tn.asyncDIO),
+		zap.Bool("resend", ks.Flags64()&capHasResend != 0),
+		zap.Int("max_background", tn.maxBackground))
+	return s, nil
+}
 
-	fuseLog, err := zap.NewStdLogAt(log.Named("go-fuse"), zap.WarnLevel)
+// capHasResend is the INIT flag FUSE_HAS_RESEND (bit 39): the kernel can
+// send again the requests a dead server had read (notifyResendAll).
+const capHasResend = 1 << 39
+
+// ErrConnectionGone: Resume of a mount whose FUSE connection ended (it
+// was unmounted, or every process holding it exited).
+var ErrConnectionGone = errors.New("the FUSE connection is gone")
+
+// Resume takes over the FUSE mount at dir from a process that served it
+// before (a node agent that was restarted; docs/restart.md). dev is a
+// duplicate of that process's /dev/fuse descriptor, kept meanwhile by a
+// holder; dir is the mount point as Dir reported it. files are the
+// volumes to serve, by name: the earlier process's, each with its backend
+// opened again. They are in place before the first request is read, and
+// each keeps its node id (inoFor), so that the kernel's references (a
+// loop device's open file) reach the same volume. The kernel is then
+// asked to send again what the earlier process had read and not answered
+// (FUSE_NOTIFY_RESEND, Linux 6.9 and later; before that, those requests
+// failed when it died).
+//
+// Resume does not look into dir before it serves: a lookup there would
+// wait for the server that is not running yet.
+func Resume(log *zap.Logger, dir string, dev *os.File, files map[string]frontend.Backend) (*Server, error) {
+	return resume(log, dir, dev, files, defaultTuning)
+}
+
+func resume(log *zap.Logger, dir string, dev *os.File, files map[string]frontend.Backend, tn tuning) (*Server, error) {
+	log = log.Named("fuse")
+	if !filepath.IsAbs(dir) {
+		return nil, fmt.Errorf("fuse resume %s: not an absolute path", dir)
+	}
+	if !connected(dev) {
+		return nil, fmt.Errorf("fuse resume %s: %w", dir, ErrConnectionGone)
+	}
+	if fsType, err := mountType(dir); err != nil {
+		return nil, fmt.Errorf("fuse resume %s: %w", dir, err)
+	} else if fsType != "fuse."+fsName {
+		return nil, fmt.Errorf("fuse resume %s: mounted as %q, not fuse.%s: %w", dir, fsType, fsName, ErrConnectionGone)
+	}
+	setIOFlusher(log)
+	ctx, cancel := context.WithCancel(context.Background())
+	vfs := newVolumeFS(ctx, log)
+	vfs.resumed = true
+	names := make([]string, 0, len(files))
+	for name, b := range files {
+		if err := validName(name); err != nil {
+			cancel()
+			return nil, fmt.Errorf("fuse resume %s: %q: %w", dir, name, err)
+		}
+		if err := vfs.add(name, b, b.Size()); err != nil {
+			cancel()
+			return nil, fmt.Errorf("fuse resume %s: %q: %w", dir, name, err)
+		}
+		names = append(names, name)
+	}
+	resend := true
+	if err := notifyResendAll(dev); err != nil {
+		// Linux before 6.9: what the earlier process had read failed
+		// with ECONNABORTED when it died; the connection serves on.
+		resend = false
+		log.Warn("this kernel cannot send again the requests the earlier agent had read (FUSE_NOTIFY_RESEND needs Linux 6.9): those failed with an I/O error", zap.Error(err))
+	}
+	s := &Server{log: log, dir: dir, fs: vfs, dev: dev, served: make(chan struct{}), cancel: cancel}
+	// go-fuse takes the first request it reads for INIT and waits for
+	// it; INIT is long past, so make sure some request comes.
+	kicked := make(chan struct{})
+	go func() {
+		defer close(kicked)
+		var st unix.Statfs_t
+		_ = unix.Statfs(dir, &st)
+	}()
+	if err := s.serve(tn); err != nil {
+		cancel()
+		return nil, fmt.Errorf("fuse resume %s: %w", dir, err)
+	}
+	<-kicked
+	slices.Sort(names)
+	log.Info("fuse mount resumed from an earlier agent", zap.String("dir", dir), zap.Strings("volumes", names), zap.Bool("resend", resend))
+	return s, nil
+}
+
+// serve starts go-fuse on a duplicate of s.dev (go-fuse closes its
+// descriptor when its loop ends), through its /dev/fd/N convention for a
+// connection it did not mount. It returns once the first request (INIT on
+// a new mount) is answered, with the serve loop running.
+func (s *Server) serve(tn tuning) error {
+	fuseLog, err := zap.NewStdLogAt(s.log.Named("go-fuse"), zap.WarnLevel)
 	if err != nil {
 		panic("BUG: zap.NewStdLogAt: " + err.Error())
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	vfs := newVolumeFS(ctx, log)
 	opts := &gofuse.MountOptions{
-		// Let processes of other users look at the files (diagnostics);
-		// the loop driver itself needs no permission.
-		AllowOther:        true,
-		FsName:            fsName,
-		Name:              fsName,
-		DirectMountStrict: true,
-		MaxBackground:     tn.maxBackground,
-		MaxWrite:          maxWrite,
-		DisableXAttrs:     true,
+		FsName:        fsName,
+		Name:          fsName,
+		MaxBackground: tn.maxBackground,
+		// The same in every process that serves the connection: the
+		// kernel refuses a read of the device into a smaller buffer.
+		MaxWrite:      maxWrite,
+		DisableXAttrs: true,
 		// One flat directory: READDIR is enough.
 		DisableReadDirPlus: true,
 		// Splicing only pays for data that comes from a file descriptor;
@@ -164,43 +268,50 @@ func mount(log *zap.Logger, dir string, tn tuning) (*Server, error) {
 	if tn.asyncDIO {
 		opts.ExtraCapabilities = gofuse.CAP_ASYNC_DIO
 	}
-	srv, err := gofuse.NewServer(vfs, abs, opts)
+	fd, err := unix.Dup(int(s.dev.Fd()))
 	if err != nil {
-		cancel()
-		if errors.Is(err, syscall.ENODEV) {
-			err = fmt.Errorf("%w: %w", ErrFUSEUnavailable, err)
-		}
-		return nil, fmt.Errorf("fuse mount %s: %w", abs, err)
+		return fmt.Errorf("duplicate the FUSE descriptor: %w", err)
 	}
-	s := &Server{
-		log:    log,
-		dir:    abs,
-		fs:     vfs,
-		srv:    srv,
-		served: make(chan struct{}),
-		cancel: cancel,
+	srv, err := gofuse.NewServer(s.fs, "/dev/fd/"+strconv.Itoa(fd), opts)
+	if err != nil {
+		return err
 	}
+	s.srv = srv
 	go func() {
 		defer close(s.served)
 		srv.Serve()
 	}()
-	if err := srv.WaitMount(); err != nil {
-		// The kernel's INIT went wrong; unmount and, if that worked,
-		// wait for the serve loop to notice.
-		uerr := srv.Unmount()
-		if uerr == nil {
-			<-s.served
-		}
-		cancel()
-		return nil, fmt.Errorf("fuse mount %s: waiting for INIT: %w", abs, errors.Join(err, uerr))
+	return srv.WaitMount()
+}
+
+// pollHack has the kernel learn at once that this file system does not
+// answer POLL (go-fuse does what its own mounts do): otherwise the first
+// open of a volume file by this process (a loop attach), which the Go
+// runtime registers with its poller, sends a POLL that could wait for a
+// thread the runtime's poller holds.
+func pollHack(log *zap.Logger, dir string) {
+	fd, err := unix.Open(filepath.Join(dir, ".go-fuse-epoll-hack"), unix.O_RDONLY, 0)
+	if err != nil {
+		log.Debug("poll hack", zap.Error(err))
+		return
 	}
-	ks := srv.KernelSettings()
-	log.Info("fuse mounted",
-		zap.String("dir", abs),
-		zap.Uint32("fuse_minor", ks.Minor),
-		zap.Bool("async_dio", ks.Flags64()&gofuse.CAP_ASYNC_DIO != 0 && tn.asyncDIO),
-		zap.Int("max_background", tn.maxBackground))
-	return s, nil
+	_, _ = unix.Poll([]unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN | unix.POLLPRI | unix.POLLOUT}}, 0)
+	_ = unix.Close(fd)
+}
+
+// Device is the mount's /dev/fuse descriptor, for a holder to keep a
+// duplicate of (fdhold.Client.Put); it stays the Server's.
+func (s *Server) Device() *os.File { return s.dev }
+
+// Leave stops serving without unmounting, for a successor process to
+// Resume: requests that arrive from now on are left for it, and Leave
+// waits up to wait for those being served to be answered. It reports
+// whether they all were. The caller then closes the backends (flushing
+// them) and exits; a holder must keep the connection (Device) meanwhile.
+func (s *Server) Leave(wait time.Duration) bool {
+	ok := s.fs.gate.close(wait)
+	s.log.Info("fuse mount left to a successor", zap.String("dir", s.dir), zap.Bool("requests_finished", ok))
+	return ok
 }
 
 // Dir is the absolute, symlink-free mount point.
@@ -241,8 +352,8 @@ func (s *Server) Resize(name string) (uint64, error) {
 	// Not under fs.mu: the kernel may be waiting on a request that needs
 	// it. An offset below 0 drops the cached attributes only; the file has
 	// no page cache (direct I/O).
-	if st := s.srv.InodeNotify(ino, -1, 0); !st.Ok() && st != gofuse.ENOENT {
-		return 0, fmt.Errorf("fuse resize %q: invalidate the kernel's attributes: %v", name, st)
+	if err := notifyInode(s.dev, ino); err != nil && !errors.Is(err, unix.ENOENT) {
+		return 0, fmt.Errorf("fuse resize %q: invalidate the kernel's attributes: %w", name, err)
 	}
 	p := filepath.Join(s.dir, name)
 	fi, err := os.Stat(p) // fetches the attributes again: the kernel's file size moves
@@ -274,8 +385,8 @@ func (s *Server) Remove(name string) error {
 	// Drop the kernel's cached dentry so the name is gone at once. This
 	// must not run under fs.mu: the kernel may be waiting on a LOOKUP in
 	// this directory that needs it.
-	if st := s.srv.EntryNotify(gofuse.FUSE_ROOT_ID, name); !st.Ok() && st != gofuse.ENOENT {
-		s.log.Debug("entry invalidation failed", zap.String("volume_id", name), zap.Stringer("status", st))
+	if err := notifyEntry(s.dev, gofuse.FUSE_ROOT_ID, name); err != nil && !errors.Is(err, unix.ENOENT) {
+		s.log.Debug("entry invalidation failed", zap.String("volume_id", name), zap.Error(err))
 	}
 	s.log.Info("volume file removed", zap.String("volume_id", name))
 	return nil
@@ -315,17 +426,35 @@ func (s *Server) Unmount() error {
 	// The RELEASE that follows a detach is asynchronous; unmounting
 	// before it arrives fails with EBUSY.
 	s.fs.waitClosed(releaseWait)
-	if err := s.srv.Unmount(); err != nil {
+	if err := unmountDir(s.dir); err != nil {
 		if errors.Is(err, syscall.EBUSY) {
 			err = fmt.Errorf("%w (open files: %s): %w", ErrBusy, strings.Join(s.fs.openNames(), ", "), err)
 		}
 		return fmt.Errorf("fuse unmount %s: %w", s.dir, err)
 	}
+	// The unmount ended the connection: go-fuse's readers get ENODEV.
 	<-s.served
 	s.fs.close()
+	s.fs.gate.free()
 	s.cancel()
+	_ = s.dev.Close()
 	s.log.Info("fuse unmounted", zap.String("dir", s.dir))
 	return nil
+}
+
+// unmountDir unmounts dir, retrying briefly while it is busy: the kernel
+// may still be closing a file that was just released.
+func unmountDir(dir string) error {
+	var err error
+	delay := 5 * time.Millisecond
+	for range 5 {
+		if err = unix.Unmount(dir, 0); err == nil || !errors.Is(err, unix.EBUSY) {
+			return err
+		}
+		time.Sleep(delay)
+		delay *= 2
+	}
+	return err
 }
 
 // validName accepts one path element that Linux can name.
@@ -344,17 +473,33 @@ func validName(name string) error {
 // isMountPoint reports whether dir (absolute, resolved) is a mount point in
 // this mount namespace.
 func isMountPoint(dir string) (bool, error) {
+	t, err := mountType(dir)
+	return t != "", err
+}
+
+// mountType returns the file system type of the topmost mount at dir
+// (absolute, resolved), or "" when nothing is mounted there. It reads
+// /proc/self/mountinfo and never touches dir.
+func mountType(dir string) (string, error) {
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
-		return false, err
+		return "", err
 	}
+	fsType := ""
 	for line := range strings.SplitSeq(string(data), "\n") {
 		fields := strings.Fields(line)
-		if len(fields) > 4 && unescapeMountPath(fields[4]) == dir {
-			return true, nil
+		if len(fields) <= 4 || unescapeMountPath(fields[4]) != dir {
+			continue
+		}
+		// The type follows the " - " separator after the optional fields.
+		for i := 5; i+1 < len(fields); i++ {
+			if fields[i] == "-" {
+				fsType = fields[i+1] // a later line is a mount on top
+				break
+			}
 		}
 	}
-	return false, nil
+	return fsType, nil
 }
 
 // unescapeMountPath undoes the octal escapes (\040 for a space …) of
