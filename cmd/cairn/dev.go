@@ -651,29 +651,41 @@ func abs(p string) string {
 }
 
 // cleanupDevMounts unmounts whatever the cluster's nodes left mounted under
-// dir (staging and target mounts, FUSE mounts of killed nodes) and detaches
-// loop devices whose backing file lay under dir, deepest mounts first.
+// dir (staging and target mounts, FUSE mounts of killed nodes or left to
+// their holders) and detaches loop devices whose backing file lay under
+// dir: first the file systems on the volumes, newest first, then the loop
+// devices, then the FUSE mounts. A loop device must go before the FUSE
+// mount its file is in: that mount, busy, would only be detached lazily,
+// and the loop device's backing file would no longer read as under dir.
 func cleanupDevMounts(dir string) error {
 	b, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return err
 	}
-	var mounts []string
+	var mounts, fuses []string
 	for _, line := range strings.Split(string(b), "\n") {
 		f := strings.Fields(line)
-		if len(f) > 4 && (f[4] == dir || strings.HasPrefix(f[4], dir+"/")) {
+		if len(f) <= 4 || (f[4] != dir && !strings.HasPrefix(f[4], dir+"/")) {
+			continue
+		}
+		if i := slices.Index(f, "-"); i > 0 && i+1 < len(f) && strings.HasPrefix(f[i+1], "fuse") {
+			fuses = append(fuses, f[4])
+		} else {
 			mounts = append(mounts, f[4])
 		}
 	}
-	slices.Reverse(mounts) // the newest mount first: bind mounts, then filesystems, then FUSE
 	var errs []string
-	for _, m := range mounts {
-		if err := syscall.Unmount(m, 0); err != nil {
-			if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
-				errs = append(errs, fmt.Sprintf("unmount %s: %v", m, err))
+	unmount := func(ms []string) {
+		slices.Reverse(ms) // the newest mount first: bind mounts, then file systems
+		for _, m := range ms {
+			if err := syscall.Unmount(m, 0); err != nil {
+				if err := syscall.Unmount(m, syscall.MNT_DETACH); err != nil {
+					errs = append(errs, fmt.Sprintf("unmount %s: %v", m, err))
+				}
 			}
 		}
 	}
+	unmount(mounts)
 	loops, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
 	for _, bf := range loops {
 		back, err := os.ReadFile(bf)
@@ -685,6 +697,7 @@ func cleanupDevMounts(dir string) error {
 			errs = append(errs, fmt.Sprintf("detach %s: %v", dev, err))
 		}
 	}
+	unmount(fuses)
 	if len(errs) > 0 {
 		return errors.New(strings.Join(errs, "; "))
 	}
