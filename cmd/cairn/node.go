@@ -63,6 +63,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CSIEndpoint, "csi-endpoint", "", "CSI endpoint for kubelet, e.g. unix:///csi/csi.sock (empty: no CSI node service)")
 	fs.StringSliceVar(&o.CSIAllowedRoots, "csi-allowed-roots", []string{"/var/lib/kubelet"}, "directories CSI staging and target paths must be under")
 	fs.Int64Var(&o.MaxVolumes, "max-volumes", 0, "most volumes staged on this node (0: no limit)")
+	fs.StringVar(&o.CSIStateDir, "csi-state-dir", "", "directory of the FUSE mount that serves the staged volumes (empty: DATA_DIR/csi); in a container, put it on a mount shared with the host so that a restarted agent finds it")
 	fs.StringVar(&o.FDHolder, "fd-holder", "", "unix socket of this node's `cairn fuse-holder`, which keeps the staged volumes' FUSE connection while this agent restarts (empty: none; a restart then breaks the staged volumes)")
 	fs.IntVar(&o.IOSchedDepth, "iosched-depth", 256, "volume I/Os the scheduler lets run at once on this node; the rest queue in its order (smaller: stronger isolation, less throughput)")
 	fs.IntVar(&o.IOSchedSpareWhileReserved, "iosched-spare-while-reserved", 2, "while a volume with a reservation (minIOPS) is busy, run at most this many I/Os of volumes beyond their reservations at once, so the reserved volume sees a nearly idle node (0: no bound; larger: more throughput for the others, less protection)")

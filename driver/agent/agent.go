@@ -94,6 +94,10 @@ type Config struct {
 	CSIAllowedRoots []string
 	// MaxVolumes bounds the volumes staged on this node (0 = no limit).
 	MaxVolumes int64
+	// CSIStateDir holds the FUSE mount that serves the staged volumes
+	// ("" = DataDir/csi). On Kubernetes it must be on a mount shared with
+	// the host, so that a restarted container finds the mount again.
+	CSIStateDir string
 	// FDHolder is the unix socket of the node's descriptor holder (`cairn
 	// fuse-holder`), which keeps the staged volumes' FUSE connection
 	// across a restart of the agent ("" = none; csi.NodeConfig.Holder).
@@ -222,8 +226,12 @@ func (a *Agent) serveCSI() error {
 	if err != nil {
 		return fmt.Errorf("--csi-endpoint: %w", err)
 	}
+	stateDir := a.cfg.CSIStateDir
+	if stateDir == "" {
+		stateDir = filepath.Join(a.cfg.DataDir, "csi")
+	}
 	node := csi.NewNode(csi.NodeConfig{NodeID: a.cfg.ID, Zone: a.cfg.Zone, MaxVolumes: a.cfg.MaxVolumes,
-		StateDir: filepath.Join(a.cfg.DataDir, "csi"), AllowedRoots: a.cfg.CSIAllowedRoots, Engines: a.engines,
+		StateDir: stateDir, AllowedRoots: a.cfg.CSIAllowedRoots, Engines: a.engines,
 		Holder: a.cfg.FDHolder, Logger: a.cfg.Logger})
 	// Volumes an earlier agent left staged are taken over before kubelet
 	// can ask anything about them.
