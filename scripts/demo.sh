@@ -4,7 +4,9 @@
 # a 3-replica volume through the CSI API, stages and publishes it on node-1
 # as ext4, writes files, kills node-2 and shows the volume still serving and
 # degraded, restarts node-2 and shows the rebuild until healthy, checks the
-# files and the replicas, shows a leader failover of the volume store, and cleans up.
+# files, kills and restarts node-1's agent, which serves the mounted volume
+# (its fuse holder keeps the volume serving meanwhile), checks the replicas,
+# shows a leader failover of the volume store, and cleans up.
 # DEMO_KEEP=1 leaves the cluster running. Run through `make demo` (which
 # installs what it needs and builds bin/cairn). Needs root (FUSE, loop, mount).
 set -euo pipefail
@@ -85,6 +87,25 @@ ctl volume get "$VOL"
 say "Checking every file against its checksum"
 (cd "$MNT" && sha256sum --quiet -c "$OLDPWD/$DIR/manifest") && echo "all 30 files intact"
 
+say "Killing node-1's agent with SIGKILL while a write is synced: it serves the mounted volume"
+echo "its cairn fuse-holder keeps the FUSE connection, so the file system waits instead of failing"
+head -c 2M /dev/urandom >"$MNT/file-31"
+start=$(date +%s%N)
+sync -f "$MNT" &
+syncer=$!
+"$CAIRN" dev kill --dir "$DIR" node-1
+sleep 1
+say "Restarting node-1's agent: it takes the FUSE connection back and the sync completes"
+"$CAIRN" dev start --dir "$DIR" node-1
+wait "$syncer"
+echo "the sync returned after $((($(date +%s%N) - start) / 1000000)) ms, without an error"
+echo "mount options: $(findmnt -no OPTIONS "$MNT" | cut -d, -f1) (not read-only)"
+head -c 2M /dev/urandom >"$MNT/file-32"
+sync -f "$MNT"
+(cd "$MNT" && sha256sum file-* >"$OLDPWD/$DIR/manifest")
+(cd "$MNT" && sha256sum --quiet -c "$OLDPWD/$DIR/manifest") && echo "all 32 files readable and intact; a new file was written after the restart"
+grep -h '"volumes taken over from the earlier agent"' "$DIR/node-1/node.log" | tail -1 | field '"node-1 log: took over {} in {:.0f} ms".format(d["volumes"], d["took"]*1000)'
+
 say "Unpublishing (flush, unmount, detach, stop the engine) and comparing the three replicas extent by extent"
 csi unpublish "$VOL" --node node-1
 ctl volume verify "$VOL"
@@ -101,7 +122,7 @@ echo "new leader: $NEW after $((($(date +%s%N) - start) / 1000000)) ms"
 
 say "The data is still there: publishing on node-3 and checking the files again"
 MNT=$(csi publish "$VOL" --node node-3)
-(cd "$MNT" && sha256sum --quiet -c "$OLDPWD/$DIR/manifest") && echo "all 30 files intact on node-3"
+(cd "$MNT" && sha256sum --quiet -c "$OLDPWD/$DIR/manifest") && echo "all 32 files intact on node-3"
 csi unpublish "$VOL" --node node-3
 csi delete "$VOL"
 echo "volume deleted"
