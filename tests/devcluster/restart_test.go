@@ -14,6 +14,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/tests/nbdclient"
 )
 
 // TestAgentRestartKeepsMountedVolume is issue 15's restart test, with real
@@ -23,7 +25,8 @@ import (
 // with SIGKILL and started again, then stopped with SIGTERM and started from
 // another binary (a rolling upgrade). Neither writer may see an I/O error,
 // the file system must stay read-write, and every acknowledged record must
-// read back. The longest pause the fsync writer saw is logged.
+// read back. A second volume, exported over NBD by the same agent, serves
+// again after each restart. The longest pause the fsync writer saw is logged.
 func TestAgentRestartKeepsMountedVolume(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: FUSE, loop devices, mkfs and mount")
@@ -50,6 +53,15 @@ func TestAgentRestartKeepsMountedVolume(t *testing.T) {
 		"--param", "replicas=3", "--param", "csi.storage.k8s.io/fstype=ext4"))
 	mnt := strings.TrimSpace(mustRun(t, "dev", "csi", "--dir", dir, "publish", vol, "--node", "node-1"))
 	loop = loopOf(t, filepath.Join(dir, "node-1", "data", "csi", "fuse", vol))
+
+	// A second volume exported over NBD by the same agent: its export
+	// must come back after each restart (NBD clients reconnect).
+	servers := agentsOf(t, dir)
+	nbdVol := strings.TrimSpace(mustRun(t, "dev", "csi", "--dir", dir, "create", "restart-nbd", "--size", "16Mi", "--param", "replicas=3"))
+	nbdSock := filepath.Join(dir, "nbd.sock")
+	mustRun(t, "ctl", "--server", servers, "volume", "export", nbdVol, "--node", "node-1", "--nbd", nbdSock)
+	nbdBlock := func(gen byte) []byte { return bytes.Repeat([]byte{gen}, 4096) }
+	nbdWrite(t, nbdSock, nbdBlock(1))
 
 	ctx, stop := context.WithCancel(context.Background())
 	defer stop()
@@ -141,6 +153,12 @@ func TestAgentRestartKeepsMountedVolume(t *testing.T) {
 	if opts, super := mountOptions(t, mnt); !strings.HasPrefix(opts, "rw") || !strings.HasPrefix(super, "rw") {
 		t.Fatalf("%s is mounted %q (file system %q) after the restarts, want rw", mnt, opts, super)
 	}
+
+	// The NBD export came back with the agent: what was written before
+	// the restarts reads back, and it takes writes.
+	nbdCheck(t, nbdSock, nbdBlock(1))
+	nbdWrite(t, nbdSock, nbdBlock(2))
+	nbdCheck(t, nbdSock, nbdBlock(2))
 
 	// kubelet asks again after a restart: staging and publishing a volume
 	// that is staged must succeed and change nothing.
@@ -250,6 +268,60 @@ func (w *syncWriter) verify(t *testing.T) {
 		}
 		if !bytes.Equal(buf, record(n)) {
 			t.Fatalf("record %d of %d acknowledged reads back as %q…", n, w.n, buf[:32])
+		}
+	}
+}
+
+// agentsOf lists the dev cluster's meta API addresses, for ctl --server.
+func agentsOf(t *testing.T, dir string) string {
+	t.Helper()
+	var addrs []string
+	for _, n := range decode[clusterJSON](t, readFile(t, filepath.Join(dir, "cluster.json"))).Nodes {
+		addrs = append(addrs, n.Agent)
+	}
+	return strings.Join(addrs, ",")
+}
+
+// nbdWrite writes p at offset 0 of the NBD export at sock, durably.
+func nbdWrite(t *testing.T, sock string, p []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := nbdDial(t, ctx, sock)
+	defer c.Close()
+	if err := c.WriteAt(ctx, p, 0, true); err != nil {
+		t.Fatalf("NBD write at %s: %v", sock, err)
+	}
+}
+
+// nbdCheck reads offset 0 of the NBD export at sock and compares it to want.
+func nbdCheck(t *testing.T, sock string, want []byte) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	c := nbdDial(t, ctx, sock)
+	defer c.Close()
+	got := make([]byte, len(want))
+	if err := c.ReadAt(ctx, got, 0); err != nil {
+		t.Fatalf("NBD read at %s: %v", sock, err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatalf("NBD export at %s reads %x…, want %x…", sock, got[:8], want[:8])
+	}
+}
+
+// nbdDial connects to the export at sock, waiting for it to come back.
+func nbdDial(t *testing.T, ctx context.Context, sock string) *nbdclient.Conn {
+	t.Helper()
+	for {
+		c, err := nbdclient.Dial(ctx, sock)
+		if err == nil {
+			return c
+		}
+		select {
+		case <-ctx.Done():
+			t.Fatalf("NBD export at %s: %v", sock, err)
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
