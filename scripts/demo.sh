@@ -36,12 +36,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-say "Starting a 3-node cluster (three 'cairn node' processes, one per zone, and the CSI controller) in $DIR"
-"$CAIRN" dev up --nodes 3 --dir "$DIR" --zones
+say "Starting a 3-node cluster (three 'cairn node' processes, one per zone, and the CSI controller) in $DIR, with mutual TLS on every port"
+"$CAIRN" dev up --nodes 3 --dir "$DIR" --zones --tls
+# Every port speaks mutual TLS; ctl presents the certificate dev up issued it.
+export CAIRN_TLS_DIR="$PWD/$DIR/pki/ctl"
 SERVERS=$(field '",".join(n["agent"] for n in d["nodes"])' <"$DIR/cluster.json")
 ctl() { "$CAIRN" ctl --server "$SERVERS" "$@"; }
 csi() { "$CAIRN" dev csi --dir "$DIR" "$@"; }
 ctl status
+ctl cert status
+echo "without a certificate the store refuses ctl:"
+"$CAIRN" ctl --server "$SERVERS" --tls-dir "" --timeout 2s status 2>&1 | sed 's/^/  /' || true
 
 say "CSI CreateVolume: 256 MiB, StorageClass parameter replicas=3 (one replica per zone)"
 VOL=$(csi create demo-data --size 256Mi --param replicas=3 --param csi.storage.k8s.io/fstype=ext4)

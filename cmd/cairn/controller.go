@@ -23,11 +23,14 @@ type controllerOptions struct {
 	Meta []string
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
+	// TLS names the controller's certificate (role ctl); none: plaintext.
+	TLS tlsOptions
 }
 
 func (o *controllerOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Endpoint, "endpoint", "unix:///csi/csi.sock", "CSI endpoint (unix socket)")
 	fs.StringSliceVar(&o.Meta, "meta", nil, "meta API address(es) of the volume store members (required)")
+	o.TLS.AddFlags(fs)
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
@@ -65,7 +68,11 @@ func newControllerCommand() *cobra.Command {
 				return err
 			}
 			defer func() { _ = log.Sync() }()
-			m, err := meta.NewClient(o.Meta)
+			creds, err := o.TLS.load()
+			if err != nil {
+				return err
+			}
+			m, err := meta.NewClient(o.Meta, meta.WithTLS(creds))
 			if err != nil {
 				return err
 			}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/crypt"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/volspec"
@@ -26,6 +27,10 @@ type ctlOptions struct {
 	Output string
 	// Timeout bounds each command.
 	Timeout time.Duration
+	// TLS names the ctl certificate (mutual TLS); none: plaintext.
+	TLS tlsOptions
+	// creds are the loaded credentials (nil: plaintext), set by client.
+	creds *pki.Credentials
 }
 
 func (o *ctlOptions) Validate() error {
@@ -49,7 +54,12 @@ func (o *ctlOptions) client(cmd *cobra.Command) (*meta.Client, context.Context, 
 	if err := o.Validate(); err != nil {
 		return nil, nil, nil, err
 	}
-	c, err := meta.NewClient(o.Servers)
+	creds, err := o.TLS.load()
+	if err != nil {
+		return nil, nil, nil, err
+	}
+	o.creds = creds
+	c, err := meta.NewClient(o.Servers, meta.WithTLS(o.creds))
 	if err != nil {
 		return nil, nil, nil, err
 	}
@@ -68,8 +78,9 @@ func newCtlCommand() *cobra.Command {
 	pf := cmd.PersistentFlags()
 	pf.StringSliceVar(&o.Servers, "server", nil, "meta API address(es) of any member(s)")
 	pf.StringVarP(&o.Output, "output", "o", "table", "output format: table or json")
+	o.TLS.AddFlags(pf)
 	pf.DurationVar(&o.Timeout, "timeout", 30*time.Second, "give up after this long")
-	cmd.AddCommand(newStatusCommand(o), newVolumeCommand(o), newSnapshotCommand(o))
+	cmd.AddCommand(newStatusCommand(o), newVolumeCommand(o), newSnapshotCommand(o), newCertCommand(o))
 	return cmd
 }
 
@@ -548,4 +559,34 @@ its snapshots"), and it goes with its last snapshot. Its scheduled snapshots
 			return nil
 		},
 	}
+}
+
+// newCertCommand is `cairn ctl cert`: the certificates this client uses.
+func newCertCommand(o *ctlOptions) *cobra.Command {
+	cmd := &cobra.Command{Use: "cert", Short: "Show the mutual TLS certificates in use"}
+	cmd.AddCommand(&cobra.Command{
+		Use:     "status",
+		Short:   "Show this client's identity, when its certificate expires, and the CAs it trusts",
+		Example: `  cairn ctl --tls-dir ~/.cairn cert status`,
+		Args:    cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := bindEnv(cmd.Flags()); err != nil {
+				return err
+			}
+			creds, err := o.TLS.load()
+			if err != nil {
+				return err
+			}
+			if creds == nil {
+				return errors.New("no certificate given: --tls-dir (or CAIRN_TLS_DIR), or --tls-ca, --tls-cert and --tls-key")
+			}
+			out, err := certStatus(creds)
+			if err != nil {
+				return err
+			}
+			fmt.Fprint(cmd.OutOrStdout(), out)
+			return nil
+		},
+	})
+	return cmd
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
 	"github.com/cairn-csi/cairn/replication/verify"
 )
 
@@ -140,7 +141,7 @@ a write in flight can make replicas differ for a moment.`,
 				return err
 			}
 			defer done()
-			rep, err := verify.Volume(ctx, c, args[0])
+			rep, err := verify.Volume(ctx, c, args[0], replica.WithTLS(o.creds))
 			if err != nil {
 				return err
 			}

@@ -19,6 +19,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/cairn-csi/cairn/internal/loopback"
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/internal/proc"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
@@ -28,6 +29,42 @@ import (
 type devCluster struct {
 	Nodes      []*devNode     `json:"nodes"`
 	Controller *devController `json:"controller,omitempty"`
+	// TLSDir holds the cluster CA (ca/) and a --tls-dir per identity
+	// (node-1/ …, controller/, ctl/) when the cluster runs with mutual
+	// TLS (dev up --tls); "" for a plaintext cluster.
+	TLSDir string `json:"tls_dir,omitempty"`
+}
+
+// metaClient returns a client of the cluster's meta API, with the ctl
+// certificate when the cluster speaks TLS.
+func (c *devCluster) metaClient(addrs []string) (*meta.Client, error) {
+	var creds *pki.Credentials
+	if c.TLSDir != "" {
+		var err error
+		if creds, err = pki.Load(pki.FilesIn(filepath.Join(c.TLSDir, "ctl"), tlsDirName)); err != nil {
+			return nil, err
+		}
+	}
+	return meta.NewClient(addrs, meta.WithTLS(creds))
+}
+
+// devCA makes the dev cluster's CA in dir/ca and issues a certificate for
+// each node, the CSI controller and ctl, each in a directory of its own.
+func devCA(dir string, nodes int) error {
+	ca, err := pki.InitCA(filepath.Join(dir, "ca"), "cairn dev cluster CA", 365*24*time.Hour)
+	if err != nil {
+		return err
+	}
+	ids := []pki.Identity{{Role: pki.RoleCtl, Name: "controller"}, {Role: pki.RoleCtl, Name: "ctl"}}
+	for i := 1; i <= nodes; i++ {
+		ids = append(ids, pki.Identity{Role: pki.RoleNode, Name: fmt.Sprintf("node-%d", i)})
+	}
+	for _, id := range ids {
+		if err := ca.Issue(id, 90*24*time.Hour, pki.FilesIn(filepath.Join(dir, id.Name), tlsDirName)); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 type devNode struct {
@@ -223,6 +260,7 @@ func newDevUpCommand() *cobra.Command {
 	var zones bool
 	var staleTimeout time.Duration
 	var nodeArgs, diskTypes []string
+	var withTLS bool
 	cmd := &cobra.Command{
 		Use:     "up",
 		Short:   "Start N node agents in the background and wait for the cluster",
@@ -251,7 +289,7 @@ func newDevUpCommand() *cobra.Command {
 				return err
 			}
 			w := cmd.OutOrStdout()
-			c, st, err := startDevCluster(cmd, abs, nodes, zones, staleTimeout, nodeArgs, diskTypes, wait)
+			c, st, err := startDevCluster(cmd, abs, nodes, zones, withTLS, staleTimeout, nodeArgs, diskTypes, wait)
 			if err != nil {
 				return err
 			}
@@ -265,6 +303,9 @@ func newDevUpCommand() *cobra.Command {
 				return err
 			}
 			fmt.Fprintf(w, "wrote %s\n", filepath.Join(dir, clusterFile))
+			if c.TLSDir != "" {
+				fmt.Fprintf(w, "every port speaks mutual TLS; for cairn ctl: export CAIRN_TLS_DIR=%s\n", filepath.Join(c.TLSDir, "ctl"))
+			}
 			return nil
 		},
 	}
@@ -274,13 +315,14 @@ func newDevUpCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	cmd.Flags().StringArrayVar(&nodeArgs, "node-arg", nil, "extra flag for every node agent, repeatable (e.g. --node-arg=--pprof)")
+	cmd.Flags().BoolVar(&withTLS, "tls", false, "run every port with mutual TLS: a CA in DIR/pki and a certificate for each node, the controller and ctl (without it the nodes run with --insecure)")
 	cmd.Flags().StringSliceVar(&diskTypes, "disk-types", nil, "give every node a data directory of each of these disk types besides its default one (e.g. nvme-ssd,hdd)")
 	return cmd
 }
 
 // waitCluster polls until there is a leader and want nodes are up.
 func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResponse, error) {
-	client, err := meta.NewClient(c.agents())
+	client, err := c.metaClient(c.agents())
 	if err != nil {
 		return nil, err
 	}
@@ -318,7 +360,7 @@ func waitCluster(ctx context.Context, c *devCluster, want int) (*meta.StatusResp
 // startDevCluster starts the node agents and the CSI controller of a dev
 // cluster in abs on fresh ports, writes cluster.json and waits for the
 // cluster to form. On failure it stops what it started.
-func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, staleTimeout time.Duration, nodeArgs, diskTypes []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
+func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones, withTLS bool, staleTimeout time.Duration, nodeArgs, diskTypes []string, wait time.Duration) (*devCluster, *meta.StatusResponse, error) {
 	w := cmd.OutOrStdout()
 	// Each node on a loopback address of its own, so that its ports are
 	// still free when it restarts (see package loopback).
@@ -327,6 +369,12 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 		return nil, nil, fmt.Errorf("reserve ports: %w", err)
 	}
 	c := &devCluster{}
+	if withTLS {
+		c.TLSDir = filepath.Join(abs, "pki")
+		if err := devCA(c.TLSDir, nodes); err != nil {
+			return nil, nil, fmt.Errorf("make the dev cluster's CA: %w", err)
+		}
+	}
 	var apis []string
 	for i := 0; i < nodes; i++ {
 		apis = append(apis, addrs[i][1])
@@ -358,6 +406,11 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 		if zones {
 			n.Args = append(n.Args, "--zone", fmt.Sprintf("zone-%c", 'a'+i%3))
 		}
+		if c.TLSDir != "" {
+			n.Args = append(n.Args, "--tls-dir", filepath.Join(c.TLSDir, id))
+		} else {
+			n.Args = append(n.Args, "--insecure")
+		}
 		n.Args = append(n.Args, nodeArgs...)
 		c.Nodes = append(c.Nodes, n)
 	}
@@ -379,6 +432,9 @@ func startDevCluster(cmd *cobra.Command, abs string, nodes int, zones bool, stal
 	ctrl := &devNode{ID: "controller", Log: filepath.Join(ctrlDir, "controller.log"),
 		CSI: "unix://" + filepath.Join(ctrlDir, "csi.sock")}
 	ctrl.Args = []string{"controller", "--endpoint", ctrl.CSI, "--meta", strings.Join(apis, ","), "--log-format", "json"}
+	if c.TLSDir != "" {
+		ctrl.Args = append(ctrl.Args, "--tls-dir", filepath.Join(c.TLSDir, "controller"))
+	}
 	if err := ctrl.start(); err != nil {
 		stopAll(c)
 		return c, nil, err
@@ -503,7 +559,7 @@ func newDevStartCommand() *cobra.Command {
 			fmt.Fprintf(cmd.OutOrStdout(), "started %s (pid %d); waiting for it to answer …\n", n.ID, n.PID)
 			ctx, cancel := context.WithTimeout(cmd.Context(), wait)
 			defer cancel()
-			leader, err := waitMember(ctx, n)
+			leader, err := waitMember(ctx, c, n)
 			if err != nil {
 				return fmt.Errorf("%s did not come back within %v: %w (see %s)", n.ID, wait, err, n.Log)
 			}
@@ -523,8 +579,8 @@ func newDevStartCommand() *cobra.Command {
 // waitMember polls the node's own API until it answers, then gives it a few
 // seconds to find a leader (which needs a quorum of members up). It returns
 // the leader's id, or "" when none was seen.
-func waitMember(ctx context.Context, n *devNode) (string, error) {
-	client, err := meta.NewClient([]string{n.Agent})
+func waitMember(ctx context.Context, c *devCluster, n *devNode) (string, error) {
+	client, err := c.metaClient([]string{n.Agent})
 	if err != nil {
 		return "", err
 	}

@@ -46,7 +46,7 @@ with a Raft-replicated volume store deciding who may write where.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
 	}
-	root.AddCommand(newNodeCommand(), newControllerCommand(), newFUSEHolderCommand(), newDevCommand(), newCtlCommand())
+	root.AddCommand(newNodeCommand(), newControllerCommand(), newFUSEHolderCommand(), newCACommand(), newDevCommand(), newCtlCommand())
 	return root
 }
 

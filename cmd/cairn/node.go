@@ -18,6 +18,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/cairn-csi/cairn/driver/agent"
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/storagenode"
@@ -33,6 +34,9 @@ type nodeOptions struct {
 	RebuildRate string
 	// LogLevel and LogFormat shape the logs.
 	LogLevel, LogFormat string
+	// TLSFlags name the node's certificate; Insecure runs without.
+	TLSFlags tlsOptions
+	Insecure bool
 }
 
 func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
@@ -69,6 +73,8 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.IOSchedSpareWhileReserved, "iosched-spare-while-reserved", 2, "while a volume with a reservation (minIOPS) is busy, run at most this many I/Os of volumes beyond their reservations at once, so the reserved volume sees a nearly idle node (0: no bound; larger: more throughput for the others, less protection)")
 	fs.Float64Var(&o.IOSchedLatencyTolerance, "iosched-latency-tolerance", 1.25, "while a volume with a reservation (minIOPS) is busy, slow down the I/Os of volumes beyond their reservations whenever its 99th-percentile I/O time exceeds this multiple of its time on a quiet node (0: off; at least 1)")
 	fs.BoolVar(&o.NoIOSched, "no-iosched", false, "bypass the I/O schedulers: no QoS limits, no disk fairness or rebuild priority (for measuring what scheduling buys)")
+	o.TLSFlags.AddFlags(fs)
+	fs.BoolVar(&o.Insecure, "insecure", false, "run Raft, the meta API and the replica port without TLS, open to anyone who can reach them (instead of --tls-dir)")
 	fs.StringVar(&o.LogLevel, "log-level", "info", "debug, info, warn or error")
 	fs.StringVar(&o.LogFormat, "log-format", "json", "json or console")
 }
@@ -128,6 +134,13 @@ func (o *nodeOptions) Validate() error {
 	if o.NodeDownAfter < 2*o.HeartbeatInterval {
 		errs = append(errs, fmt.Sprintf("--node-down-after %v must be at least twice --heartbeat-interval %v", o.NodeDownAfter, o.HeartbeatInterval))
 	}
+	if _, ok, err := o.TLSFlags.files(); err != nil {
+		errs = append(errs, err.Error())
+	} else if ok && o.Insecure {
+		errs = append(errs, "--insecure and the --tls flags exclude each other")
+	} else if !ok && !o.Insecure {
+		errs = append(errs, "--tls-dir is required (the node's certificate from the cluster CA: cairn ca issue --role node --name "+o.ID+"), or --insecure to run every port in plaintext, open to anyone who can reach it")
+	}
 	if len(errs) > 0 {
 		return errors.New(strings.Join(errs, "; "))
 	}
@@ -173,6 +186,16 @@ func runNode(o *nodeOptions) error {
 
 	cfg := o.Config
 	cfg.RebuildBytesPerSecond, _ = parseSize(o.RebuildRate) // checked by Validate
+	if cfg.TLS, err = o.TLSFlags.load(); err != nil {
+		return err
+	}
+	if cfg.TLS == nil {
+		log.Warn("INSECURE: --insecure: Raft, the meta API and the replica port run in plaintext without authentication; anyone who reaches them can read and write every volume and reconfigure the cluster")
+	} else if id := cfg.TLS.Identity(); id.Role != pki.RoleNode || id.Name != o.ID {
+		return fmt.Errorf("--tls-dir: the certificate is for %s, not node/%s", id, o.ID)
+	} else {
+		log.Info("mutual TLS on every port", zap.Stringer("identity", id), zap.Time("expires", cfg.TLS.NotAfter()))
+	}
 	cfg.Version, cfg.Logger = version, base
 	a, err := agent.Start(cfg)
 	if err != nil {

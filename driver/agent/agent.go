@@ -23,6 +23,7 @@ import (
 
 	"github.com/cairn-csi/cairn/driver/csi"
 	"github.com/cairn-csi/cairn/driver/export"
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/attach"
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
@@ -116,6 +117,12 @@ type Config struct {
 	// IOSchedLatencyTolerance turns on the QoS scheduler's latency guard
 	// (iosched.Config.LatencyTolerance); 0 is off.
 	IOSchedLatencyTolerance float64
+	// TLS, if set, is this node's identity from the cluster CA: the meta
+	// API, Raft and the replica port then speak mutual TLS and serve each
+	// caller what its role allows (docs/security.md). nil runs them in
+	// plaintext, open to anyone who reaches them: `cairn node` allows
+	// that only with --insecure.
+	TLS *pki.Credentials
 	// Version is reported by the CSI Identity service and logged.
 	Version string
 	// Logger is the process's logger; the agent's own lines carry node_id.
@@ -161,7 +168,9 @@ func Start(cfg Config) (_ *Agent, err error) {
 			RaftBind: cfg.RaftAddr, RaftAdvertise: cfg.RaftAdvertise,
 			TimeoutMultiplier: cfg.RaftTimeoutMultiplier,
 			Logger:            base,
+			TLS:               cfg.TLS,
 		},
+		TLS:     cfg.TLS,
 		APIBind: cfg.APIAddr, APIAdvertise: cfg.APIAdvertise,
 		Zone: cfg.Zone, Region: cfg.Region, DataAddr: cfg.DataAddr,
 		StaleReplicaTimeout: cfg.StaleReplicaTimeout, TombstoneRetention: cfg.TombstoneRetention,
@@ -178,13 +187,13 @@ func Start(cfg Config) (_ *Agent, err error) {
 		return nil, err
 	}
 	a.closers = append(a.closers, func() error { sched.Close(); diskSched.Close(); return nil })
-	a.self, err = meta.NewClient([]string{a.store.APIAddr()})
+	a.self, err = meta.NewClient([]string{a.store.APIAddr()}, meta.WithTLS(cfg.TLS))
 	if err != nil {
 		return nil, err
 	}
 	a.closers = append(a.closers, func() error { a.self.Close(); return nil })
 	storage, err := storagenode.New(storagenode.Config{
-		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, FSM: a.store.Store().FSM(), Meta: a.self,
+		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, TLS: cfg.TLS, FSM: a.store.Store().FSM(), Meta: a.self,
 		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit, DiskDirs: cfg.DiskDirs,
 		ReservableIOPS: cfg.ReservableIOPS,
 	})
@@ -193,7 +202,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 	}
 	// Every engine of the node, whoever uses it, opens through this one
 	// registry (replication/attach).
-	a.engines = attach.New(attach.Config{NodeID: cfg.ID, Meta: a.self, Logger: base, RebuildBytesPerSecond: cfg.RebuildBytesPerSecond,
+	a.engines = attach.New(attach.Config{NodeID: cfg.ID, Meta: a.self, TLS: cfg.TLS, Logger: base, RebuildBytesPerSecond: cfg.RebuildBytesPerSecond,
 		ReplicaDeadline: cfg.ReplicaDeadline, ScrubInterval: cfg.ScrubInterval, Sched: sched, Local: storage.Server()})
 	// The registry closes after the storage node, the last of its users to
 	// stop (closers run in reverse): it closes what they left open.

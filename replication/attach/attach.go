@@ -24,6 +24,8 @@ import (
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // Errors of the Registry.
@@ -41,6 +43,9 @@ type Config struct {
 	NodeID string
 	// Meta reaches the volume store.
 	Meta *meta.Client
+	// TLS is this node's identity for other nodes' replica servers
+	// (engine.Config.TLS; nil: plaintext).
+	TLS *pki.Credentials
 	// Logger receives the engines' lines.
 	Logger *zap.Logger
 	// RebuildBytesPerSecond paces the engines' rebuild copies (0: unpaced).
@@ -136,7 +141,7 @@ func (r *Registry) Takeover(ctx context.Context, id string, passphrase []byte) (
 
 // engineConfig is the wiring every engine of this node shares.
 func (r *Registry) engineConfig(id string) engine.Config {
-	return engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, Logger: r.cfg.Logger,
+	return engine.Config{VolumeID: id, NodeID: r.cfg.NodeID, Meta: r.cfg.Meta, TLS: r.cfg.TLS, Logger: r.cfg.Logger,
 		RebuildBytesPerSecond: r.cfg.RebuildBytesPerSecond, Sched: r.cfg.Sched, Local: r.cfg.Local}
 }
 

@@ -27,6 +27,8 @@ import (
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
 	"github.com/cairn-csi/cairn/replication/volspec"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // Errors of the engine.
@@ -55,6 +57,9 @@ type Config struct {
 	NodeID string
 	// Meta reaches the volume store.
 	Meta *meta.Client
+	// TLS, if set, is this node's identity for the replica servers of
+	// other nodes (mutual TLS; nil: plaintext).
+	TLS *pki.Credentials
 	// Logger receives the engine's lines.
 	Logger *zap.Logger
 	// IOTimeout bounds one replica operation; a replica slower than this is
@@ -584,7 +589,7 @@ func (e *Engine) dial(ctx context.Context, addr string, r meta.Replica, answered
 			}
 		} else {
 			var rc *replica.Client
-			if rc, err = replica.Dial(dctx, addr, r.ID, 0); err == nil {
+			if rc, err = replica.Dial(dctx, addr, r.ID, 0, replica.WithTLS(e.cfg.TLS)); err == nil {
 				c, size = rc, rc.Opened().Size
 			}
 		}

@@ -10,12 +10,20 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // AgentConfig configures a store member with its meta API, cluster
 // formation, heartbeats and (while leading) the reconciler.
 type AgentConfig struct {
 	Store StoreConfig
+	// TLS, if set, is this node's identity: the meta API then speaks
+	// mutual TLS and serves each caller what its role allows (auth.go),
+	// and the agent's own calls to other members present it. nil serves
+	// and dials in plaintext (Store.TLS is the raft transport's).
+	TLS *pki.Credentials
 	// APIBind is the TCP address the meta API listens on.
 	APIBind string
 	// APIAdvertise is the address others reach the meta API at (defaults to
@@ -138,7 +146,12 @@ func StartAgent(cfg AgentConfig) (*Agent, error) {
 	a.ctx, a.cancel = context.WithCancel(context.Background())
 	store.OnLeading(a.reconcile)
 	store.OnLeading(a.runSchedules)
-	a.srv = grpc.NewServer(grpc.ForceServerCodec(jsonCodec{}), grpc.MaxRecvMsgSize(maxMessageBytes))
+	srvOpts := []grpc.ServerOption{grpc.ForceServerCodec(jsonCodec{}), grpc.MaxRecvMsgSize(maxMessageBytes)}
+	if cfg.TLS != nil {
+		srvOpts = append(srvOpts, grpc.Creds(credentials.NewTLS(cfg.TLS.ServerConfig())),
+			grpc.UnaryInterceptor(a.authorizeUnary), grpc.StreamInterceptor(a.authorizeStream))
+	}
+	a.srv = grpc.NewServer(srvOpts...)
 	a.srv.RegisterService(&metaServiceDesc, a)
 	a.wg.Add(3)
 	go func() { defer a.wg.Done(); _ = a.srv.Serve(lis) }()

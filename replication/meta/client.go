@@ -12,8 +12,11 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // Client talks to the meta API of one or more members. Any member answers:
@@ -22,6 +25,9 @@ import (
 // no leader, until its context ends.
 type Client struct {
 	addrs []string
+	// tls, if set, is the identity the client presents (mutual TLS);
+	// nil dials in plaintext.
+	tls *pki.Credentials
 
 	mu    sync.Mutex
 	conns map[string]*grpc.ClientConn
@@ -30,7 +36,7 @@ type Client struct {
 
 // NewClient returns a client for the given member API addresses
 // ("host:port"). It connects lazily.
-func NewClient(addrs []string) (*Client, error) {
+func NewClient(addrs []string, opts ...ClientOption) (*Client, error) {
 	var clean []string
 	for _, a := range addrs {
 		if a = strings.TrimSpace(a); a != "" {
@@ -42,7 +48,19 @@ func NewClient(addrs []string) (*Client, error) {
 	}
 	// Start at a random member so that many clients given the same list do
 	// not all land on the first one.
-	return &Client{addrs: clean, conns: map[string]*grpc.ClientConn{}, next: rand.IntN(len(clean))}, nil
+	c := &Client{addrs: clean, conns: map[string]*grpc.ClientConn{}, next: rand.IntN(len(clean))}
+	for _, o := range opts {
+		o(c)
+	}
+	return c, nil
+}
+
+// ClientOption configures NewClient.
+type ClientOption func(*Client)
+
+// WithTLS has the client speak mutual TLS with creds (nil: plaintext).
+func WithTLS(creds *pki.Credentials) ClientOption {
+	return func(c *Client) { c.tls = creds }
 }
 
 // Close closes every connection.
@@ -62,14 +80,32 @@ func (c *Client) conn(addr string) (*grpc.ClientConn, error) {
 	if cc, ok := c.conns[addr]; ok {
 		return cc, nil
 	}
+	creds := insecure.NewCredentials()
+	if c.tls != nil {
+		creds = credentials.NewTLS(c.tls.ClientConfig())
+	}
 	cc, err := grpc.NewClient(addr,
-		grpc.WithTransportCredentials(insecure.NewCredentials()),
+		grpc.WithTransportCredentials(creds),
 		grpc.WithDefaultCallOptions(grpc.ForceCodec(jsonCodec{}), grpc.MaxCallRecvMsgSize(maxMessageBytes)))
 	if err != nil {
 		return nil, fmt.Errorf("meta client: %s: %w", addr, err)
 	}
 	c.conns[addr] = cc
 	return cc, nil
+}
+
+// tlsHint explains a connection failure that a TLS mismatch causes: a
+// plaintext client whose server closes at once (it wants a handshake), or a
+// TLS client refused in the handshake.
+func tlsHint(err error, withTLS bool) string {
+	msg := err.Error()
+	switch {
+	case !withTLS && strings.Contains(msg, "server preface"):
+		return "does the cluster require mutual TLS? give a certificate: --tls-dir"
+	case withTLS && (strings.Contains(msg, "tls:") || strings.Contains(msg, "certificate")):
+		return "the TLS handshake failed: is the certificate from this cluster's CA, and the server a node?"
+	}
+	return ""
 }
 
 // invokeOnce calls method on the addresses in turn until one answers at the
@@ -102,6 +138,9 @@ func (c *Client) invokeOnce(ctx context.Context, method string, req, resp any) e
 		lastErr = fmt.Errorf("%s: %w", c.addrs[idx], err)
 		if code := status.Code(err); code != codes.Unavailable && code != codes.DeadlineExceeded {
 			return lastErr
+		}
+		if hint := tlsHint(err, c.tls != nil); hint != "" {
+			lastErr = fmt.Errorf("%w (%s)", lastErr, hint)
 		}
 	}
 	return fmt.Errorf("no member answered (%v): %w", lastErr, ErrNoLeader)

@@ -28,7 +28,7 @@ func (a *Agent) leaderClient() (*Client, error) {
 	c, ok := a.peers[addr]
 	if !ok {
 		var err error
-		if c, err = NewClient([]string{addr}); err != nil {
+		if c, err = NewClient([]string{addr}, WithTLS(a.cfg.TLS)); err != nil {
 			return nil, err
 		}
 		a.peers[addr] = c

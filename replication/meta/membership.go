@@ -47,7 +47,7 @@ func (a *Agent) checkPeersCluster(addrs []string) {
 		if addr == a.APIAddr() {
 			continue
 		}
-		c, err := NewClient([]string{addr})
+		c, err := NewClient([]string{addr}, WithTLS(a.cfg.TLS))
 		if err != nil {
 			continue
 		}
@@ -65,7 +65,7 @@ func (a *Agent) checkPeersCluster(addrs []string) {
 
 // joinLoop asks the cluster to add this member until it succeeds.
 func (a *Agent) joinLoop(addrs []string) {
-	c, err := NewClient(addrs)
+	c, err := NewClient(addrs, WithTLS(a.cfg.TLS))
 	if err != nil {
 		a.fail(err)
 		return
@@ -139,7 +139,7 @@ func (a *Agent) bootstrapLoop(self raft.Server) {
 			c, ok := clients[addr]
 			if !ok {
 				var err error
-				if c, err = NewClient([]string{addr}); err != nil {
+				if c, err = NewClient([]string{addr}, WithTLS(a.cfg.TLS)); err != nil {
 					a.fail(err)
 					return
 				}

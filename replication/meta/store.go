@@ -18,6 +18,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/cairn-csi/cairn/replication/raftlog"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // StoreConfig configures one member of the volume store.
@@ -40,6 +42,9 @@ type StoreConfig struct {
 	SnapshotInterval time.Duration
 	// Logger receives every line of the store and of raft.
 	Logger *zap.Logger
+	// TLS, if set, has the raft transport speak mutual TLS, with node
+	// certificates only (nil: plaintext).
+	TLS *pki.Credentials
 }
 
 // Store is one member of the Raft-replicated volume store.
@@ -112,7 +117,7 @@ func OpenStore(cfg StoreConfig) (*Store, error) {
 		s.logStore.Close()
 		return nil, fmt.Errorf("store: snapshot store: %w", err)
 	}
-	s.stream, err = newStreamLayer(cfg.RaftBind, cfg.RaftAdvertise)
+	s.stream, err = newStreamLayer(cfg.RaftBind, cfg.RaftAdvertise, cfg.TLS)
 	if err != nil {
 		s.logStore.Close()
 		return nil, fmt.Errorf("store: %w", err)

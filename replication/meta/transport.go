@@ -1,6 +1,8 @@
 package meta
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -9,6 +11,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/raft"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // streamLayer is raft's TCP stream layer with two additions:
@@ -21,6 +25,14 @@ import (
 type streamLayer struct {
 	ln        net.Listener
 	advertise net.Addr
+	// tls, if set, wraps every connection in mutual TLS: only node
+	// certificates of the cluster CA speak Raft.
+	tls *pki.Credentials
+
+	// Accept's hand-off from admit (see Accept).
+	acceptOnce sync.Once
+	ready      chan net.Conn
+	acceptErr  chan error // holds the listener's error once it closed
 
 	mu      sync.Mutex
 	blocked map[string]bool     // raft addresses we refuse to talk to
@@ -30,7 +42,7 @@ type streamLayer struct {
 // maxPreamble bounds the peer address a dialer may announce.
 const maxPreamble = 255
 
-func newStreamLayer(bind, advertise string) (*streamLayer, error) {
+func newStreamLayer(bind, advertise string, creds *pki.Credentials) (*streamLayer, error) {
 	ln, err := net.Listen("tcp", bind)
 	if err != nil {
 		return nil, fmt.Errorf("raft listen on %s: %w", bind, err)
@@ -47,7 +59,7 @@ func newStreamLayer(bind, advertise string) (*streamLayer, error) {
 		ln.Close()
 		return nil, fmt.Errorf("raft advertise address %q is not one peers can dial", advertise)
 	}
-	return &streamLayer{ln: ln, advertise: adv, blocked: map[string]bool{}, conns: map[net.Conn]string{}}, nil
+	return &streamLayer{ln: ln, advertise: adv, tls: creds, blocked: map[string]bool{}, conns: map[net.Conn]string{}}, nil
 }
 
 // Dial opens a connection to a peer and announces ourselves.
@@ -59,6 +71,14 @@ func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.
 	if err != nil {
 		return nil, err
 	}
+	if s.tls != nil {
+		tc := tls.Client(c, s.tls.ClientConfig())
+		if err := handshake(tc, timeout); err != nil {
+			c.Close()
+			return nil, fmt.Errorf("raft TLS to %s: %w", addr, err)
+		}
+		c = tc
+	}
 	self := s.advertise.String()
 	pre := append([]byte{byte(len(self))}, self...)
 	if _, err := c.Write(pre); err != nil {
@@ -68,20 +88,87 @@ func (s *streamLayer) Dial(addr raft.ServerAddress, timeout time.Duration) (net.
 	return s.track(c, string(addr)), nil
 }
 
-// Accept returns the next connection from a peer that is not cut off.
+// Accept returns the next connection from a peer that is not cut off. The
+// handshake and the preamble of each connection run in a goroutine of
+// their own (admit), so that a peer that connects and then says nothing
+// holds up no other: raft calls Accept in one loop.
 func (s *streamLayer) Accept() (net.Conn, error) {
+	s.acceptOnce.Do(func() {
+		s.ready = make(chan net.Conn)
+		s.acceptErr = make(chan error, 1)
+		go s.acceptLoop()
+	})
+	select {
+	case c := <-s.ready:
+		return c, nil
+	case err := <-s.acceptErr:
+		s.acceptErr <- err // for the next call
+		return nil, err
+	}
+}
+
+// acceptLoop accepts raw connections until the listener closes.
+func (s *streamLayer) acceptLoop() {
 	for {
 		c, err := s.ln.Accept()
 		if err != nil {
-			return nil, err
+			s.acceptErr <- err
+			return
 		}
-		peer, err := readPreamble(c)
-		if err != nil || s.isBlocked(peer) {
-			c.Close()
-			continue
-		}
-		return s.track(c, peer), nil
+		go s.admit(c)
 	}
+}
+
+// admit completes one connection's handshake and preamble and hands it to
+// Accept, or closes it.
+func (s *streamLayer) admit(c net.Conn) {
+	if s.tls != nil {
+		var err error
+		if c, err = s.acceptTLS(c); err != nil {
+			return
+		}
+	}
+	peer, err := readPreamble(c)
+	if err != nil || s.isBlocked(peer) {
+		c.Close()
+		return
+	}
+	t := s.track(c, peer)
+	select {
+	case s.ready <- t:
+	case err := <-s.acceptErr:
+		s.acceptErr <- err // closed: nobody takes it
+		t.Close()
+	}
+}
+
+// acceptTLS completes the server side of the handshake and admits node
+// certificates only.
+func (s *streamLayer) acceptTLS(c net.Conn) (net.Conn, error) {
+	tc := tls.Server(c, s.tls.ServerConfig())
+	if err := handshake(tc, 5*time.Second); err != nil {
+		c.Close()
+		return nil, err
+	}
+	id, err := pki.PeerIdentity(tc.ConnectionState())
+	if err == nil {
+		err = pki.Allow(id, "speak Raft", pki.RoleNode)
+	}
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return tc, nil
+}
+
+// handshake runs a TLS handshake within timeout.
+func handshake(tc *tls.Conn, timeout time.Duration) error {
+	if timeout <= 0 {
+		timeout = 10 * time.Second
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	return tc.HandshakeContext(ctx)
 }
 
 func readPreamble(c net.Conn) (string, error) {

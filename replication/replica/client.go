@@ -3,12 +3,15 @@ package replica
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"sync"
 	"sync/atomic"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // maxRangeChunk is the largest range one TRIM or WRITE_ZEROES frame carries
@@ -93,9 +96,13 @@ type call struct {
 
 // Dial connects to the replica server at addr (TCP, with TCP_NODELAY) and
 // opens replicaID, which must have size bytes (0: any size).
-func Dial(ctx context.Context, addr, replicaID string, size uint64) (*Client, error) {
+func Dial(ctx context.Context, addr, replicaID string, size uint64, opts ...DialOption) (*Client, error) {
 	if err := validateID(replicaID); err != nil {
 		return nil, err
+	}
+	var o dialOptions
+	for _, opt := range opts {
+		opt(&o)
 	}
 	var d net.Dialer
 	nc, err := d.DialContext(ctx, "tcp", addr)
@@ -108,12 +115,32 @@ func Dial(ctx context.Context, addr, replicaID string, size uint64) (*Client, er
 			return nil, fmt.Errorf("replica %s: set TCP_NODELAY: %w", replicaID, err)
 		}
 	}
+	if o.tls != nil {
+		tc := tls.Client(nc, o.tls.ClientConfig())
+		if err := tc.HandshakeContext(ctx); err != nil {
+			_ = nc.Close() // nothing sent yet
+			return nil, fmt.Errorf("replica %s: TLS with %s: %w", replicaID, addr, err)
+		}
+		nc = tc
+	}
 	c := newClient(nc, replicaID)
 	if err := c.open(ctx, size); err != nil {
 		_ = c.Close() // always nil
 		return nil, err
 	}
 	return c, nil
+}
+
+// DialOption configures Dial.
+type DialOption func(*dialOptions)
+
+type dialOptions struct {
+	tls *pki.Credentials
+}
+
+// WithTLS has Dial speak mutual TLS with creds (nil: plaintext).
+func WithTLS(creds *pki.Credentials) DialOption {
+	return func(o *dialOptions) { o.tls = creds }
 }
 
 // newClient starts the reader and writer goroutines on nc; the caller still

@@ -3,6 +3,7 @@ package replica
 import (
 	"bufio"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +25,8 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/cairn-csi/cairn/iosched"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // Per-connection limits.
@@ -44,6 +47,8 @@ const (
 type Server struct {
 	log     *zap.Logger
 	dataDir string
+	// tls: ServerConfig.TLS.
+	tls *pki.Credentials
 	// typedDirs: ServerConfig.TypedDirs.
 	typedDirs map[string]string
 	// deleting: replica id → the progress of the snapshot deletion running
@@ -96,6 +101,11 @@ type ServerConfig struct {
 	// VolumeOf maps a replica id to its volume's id, the scheduler's unit
 	// of fairness and the label of its metrics (nil: the replica id).
 	VolumeOf func(replicaID string) string
+	// TLS, if set, is this node's identity: every connection then speaks
+	// mutual TLS, node certificates may do everything, ctl certificates
+	// only read checksums and state (cairn ctl volume verify), and no
+	// other is served (nil: plaintext, anyone).
+	TLS *pki.Credentials
 }
 
 // NewServer returns a server for the replicas under dataDir, without disk
@@ -121,6 +131,7 @@ func NewServerWithConfig(cfg ServerConfig) *Server {
 		metrics:   newServerMetrics(),
 		sched:     cfg.Sched,
 		volumeOf:  cfg.VolumeOf,
+		tls:       cfg.TLS,
 		ctx:       ctx,
 		cancel:    cancel,
 		replicas:  make(map[string]*Replica),
@@ -601,6 +612,9 @@ type serverConn struct {
 	nc  net.Conn
 	log *zap.Logger
 	br  *bufio.Reader
+	// readOnly: the peer's certificate is not a node's; it may only look
+	// (readOnlyOps).
+	readOnly bool
 
 	// replica is set by OPEN in the reader goroutine, before any handler
 	// that uses it starts.
@@ -640,7 +654,23 @@ type reply struct {
 // handleConn serves nc until the peer goes away or the server closes, and
 // returns once every goroutine it started has ended.
 func (s *Server) handleConn(nc net.Conn) {
+	readOnly := false
+	if s.tls != nil {
+		tc := tls.Server(nc, s.tls.ServerConfig())
+		id, err := handshakeTLS(tc)
+		if err == nil && id.Role != pki.RoleNode {
+			readOnly = true
+			err = pki.Allow(id, "open replicas", pki.RoleNode, pki.RoleCtl)
+		}
+		if err != nil {
+			s.log.Warn("replica connection refused", zap.Stringer("remote", nc.RemoteAddr()), zap.Error(err))
+			_ = nc.Close() // nothing was read from it
+			return
+		}
+		nc = tc
+	}
 	c := &serverConn{
+		readOnly: readOnly,
 		s:        s,
 		nc:       nc,
 		log:      s.log.With(zap.Stringer("remote", nc.RemoteAddr())),
@@ -774,6 +804,9 @@ func (c *serverConn) takeSlot() bool {
 // FIN or RST has arrived, whatever the reader has yet to read. For other
 // connections it reports false.
 func peerGone(nc net.Conn) bool {
+	if tc, ok := nc.(*tls.Conn); ok {
+		nc = tc.NetConn()
+	}
 	sc, ok := nc.(syscall.Conn)
 	if !ok {
 		return false
@@ -797,6 +830,9 @@ func (c *serverConn) admit(h RequestHeader) error {
 	if err := ValidateRequest(h); err != nil {
 		return err
 	}
+	if c.readOnly && !readOnlyOps[h.Op] {
+		return fmt.Errorf("%w: %s needs a node certificate (%v)", ErrInvalidArgument, h.Op, pki.ErrPermissionDenied)
+	}
 	switch {
 	case h.Op == OpOpen && c.replica != nil:
 		return fmt.Errorf("%w: this connection already opened replica %s", ErrInvalidArgument, c.replica.ID())
@@ -805,6 +841,25 @@ func (c *serverConn) admit(h RequestHeader) error {
 	}
 	return nil
 }
+
+// readOnlyOps are what a connection with a ctl certificate may send: enough
+// for comparing replicas (verify), nothing that changes one or fences its
+// writer.
+var readOnlyOps = map[Op]bool{OpOpen: true, OpPing: true, OpInfo: true, OpChecksums: true}
+
+// handshakeTLS completes a server-side handshake within tlsHandshakeTimeout
+// and returns the peer's identity.
+func handshakeTLS(tc *tls.Conn) (pki.Identity, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), tlsHandshakeTimeout)
+	defer cancel()
+	if err := tc.HandshakeContext(ctx); err != nil {
+		return pki.Identity{}, err
+	}
+	return pki.PeerIdentity(tc.ConnectionState())
+}
+
+// tlsHandshakeTimeout bounds a TLS handshake on the replica port.
+const tlsHandshakeTimeout = 10 * time.Second
 
 // replyCost estimates the reply payload of a valid request, for the budget.
 func (c *serverConn) replyCost(h RequestHeader) uint64 {

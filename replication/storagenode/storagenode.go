@@ -26,6 +26,8 @@ import (
 	"github.com/cairn-csi/cairn/replication/engine"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // Config configures a storage node.
@@ -36,6 +38,9 @@ type Config struct {
 	DataDir string
 	// Listen is the replica server's TCP address.
 	Listen string
+	// TLS, if set, is this node's identity: the replica server speaks
+	// mutual TLS (replica.ServerConfig.TLS; nil: plaintext).
+	TLS *pki.Credentials
 	// FSM is this node's copy of the store's state: the realizer reads it,
 	// and runs at each of its changes.
 	FSM *meta.FSM
@@ -189,7 +194,7 @@ func New(cfg Config) (*Node, error) {
 	}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"), TypedDirs: typed,
-		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica,
+		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica, TLS: cfg.TLS,
 	})
 	if cfg.Registerer != nil {
 		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server}) {

@@ -27,7 +27,7 @@ type Report struct {
 // volume id and lists the extents where any replica differs from the first.
 // The volume should be idle: a write in flight can make replicas differ for
 // a moment.
-func Volume(ctx context.Context, c *meta.Client, id string) (*Report, error) {
+func Volume(ctx context.Context, c *meta.Client, id string, opts ...replica.DialOption) (*Report, error) {
 	st, err := c.State(ctx, true)
 	if err != nil {
 		return nil, err
@@ -46,7 +46,7 @@ func Volume(ctx context.Context, c *meta.Client, id string) (*Report, error) {
 		if !ok || n.DataAddr == "" {
 			return nil, fmt.Errorf("replica %s: node %s has no replica server address", r.ID, r.Node)
 		}
-		sums, extentBytes, err := replicaChecksums(ctx, n.DataAddr, r.ID, v.ReplicaBytes())
+		sums, extentBytes, err := replicaChecksums(ctx, n.DataAddr, r.ID, v.ReplicaBytes(), opts...)
 		if err != nil {
 			return nil, fmt.Errorf("replica %s on %s: %w", r.ID, r.Node, err)
 		}
@@ -79,8 +79,8 @@ const fencedRetries = 5
 // may claim the replica between the Info and the Checksums request (a
 // rebuild starting on another node does); the read is then fenced, and it
 // starts over at the new epoch.
-func replicaChecksums(ctx context.Context, addr, id string, size uint64) ([]uint32, uint64, error) {
-	rc, err := replica.Dial(ctx, addr, id, size)
+func replicaChecksums(ctx context.Context, addr, id string, size uint64, opts ...replica.DialOption) ([]uint32, uint64, error) {
+	rc, err := replica.Dial(ctx, addr, id, size, opts...)
 	if err != nil {
 		return nil, 0, err
 	}

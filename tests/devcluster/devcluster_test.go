@@ -324,6 +324,9 @@ func TestBadInput(t *testing.T) {
 		{"too few peers", []string{"node", "--id", "n1", "--data-dir", tmp, "--bootstrap-expect", "3"}, "needs at least 2 --peers"},
 		{"bad address", []string{"node", "--id", "n1", "--data-dir", tmp, "--raft-addr", "nonsense"}, "--raft-addr"},
 		{"bad multiplier", []string{"node", "--id", "n1", "--data-dir", tmp, "--raft-timeout-multiplier", "0"}, "--raft-timeout-multiplier"},
+		{"no TLS and not insecure", []string{"node", "--id", "n1", "--data-dir", tmp}, "--tls-dir is required"},
+		{"TLS and insecure", []string{"node", "--id", "n1", "--data-dir", tmp, "--tls-dir", tmp, "--insecure"}, "exclude each other"},
+		{"half the TLS flags", []string{"node", "--id", "n1", "--data-dir", tmp, "--tls-cert", "x.crt"}, "--tls-ca"},
 		{"ctl without server", []string{"ctl", "status"}, "--server is required"},
 		{"ctl bad output", []string{"ctl", "--server", "127.0.0.1:1", "-o", "yaml", "status"}, "want table or json"},
 		{"bad size", []string{"ctl", "--server", "127.0.0.1:1", "volume", "create", "x", "--size", "lots"}, "--size"},
@@ -373,7 +376,7 @@ func TestDataDirIdentity(t *testing.T) {
 	mustRun(t, "dev", "kill", "--dir", a, "node-1")
 
 	t.Run("another node id", func(t *testing.T) {
-		r := run(t, "node", "--id", "other", "--data-dir", dataA, "--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "")
+		r := run(t, "node", "--id", "other", "--data-dir", dataA, "--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "", "--insecure")
 		if r.code == 0 || !strings.Contains(r.stderr, `belongs to node "node-1", not "other"`) {
 			t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
 		}
@@ -382,7 +385,7 @@ func TestDataDirIdentity(t *testing.T) {
 		// A's data dir pointed at B's cluster must stop, naming both clusters.
 		cmd := exec.Command(cairnBin, "node", "--id", "node-1", "--data-dir", dataA,
 			"--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "",
-			"--join", cb.Nodes[0].Agent)
+			"--join", cb.Nodes[0].Agent, "--insecure")
 		var errb bytes.Buffer
 		cmd.Stderr = &errb
 		if err := cmd.Start(); err != nil {

@@ -1,0 +1,151 @@
+package meta
+
+import (
+	"context"
+	"errors"
+	"path"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/peer"
+	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/internal/pki"
+)
+
+// The meta API's authorization, with mutual TLS (AgentConfig.TLS): each
+// method is open to some roles, and a request that names a node must come
+// from that node's own certificate. docs/security.md has the whole model.
+var methodRoles = map[string][]string{
+	// Commands: node agents (engines, the realizer) and managers.
+	"Apply": {pki.RoleNode, pki.RoleCtl},
+	// Store membership and liveness: node agents only, each for itself.
+	"Join":      {pki.RoleNode},
+	"Heartbeat": {pki.RoleNode},
+	// Reads: everyone with a certificate, monitoring included.
+	"Read":      {pki.RoleNode, pki.RoleCtl, pki.RoleMonitor},
+	"GetVolume": {pki.RoleNode, pki.RoleCtl, pki.RoleMonitor},
+	"Status":    {pki.RoleNode, pki.RoleCtl, pki.RoleMonitor},
+	"Info":      {pki.RoleNode, pki.RoleCtl, pki.RoleMonitor},
+	"Watch":     {pki.RoleNode, pki.RoleCtl, pki.RoleMonitor},
+}
+
+// callerOf returns the verified identity of the call's peer.
+func callerOf(ctx context.Context) (pki.Identity, error) {
+	p, ok := peer.FromContext(ctx)
+	if !ok {
+		return pki.Identity{}, pki.ErrUnauthenticated
+	}
+	info, ok := p.AuthInfo.(credentials.TLSInfo)
+	if !ok {
+		return pki.Identity{}, pki.ErrUnauthenticated
+	}
+	return pki.PeerIdentity(info.State)
+}
+
+// authorize checks that the caller may call method with req (nil for a
+// stream, whose request is checked by its handler).
+func (a *Agent) authorize(ctx context.Context, fullMethod string, req any) error {
+	id, err := callerOf(ctx)
+	if err != nil {
+		return status.Error(codes.Unauthenticated, err.Error())
+	}
+	method := path.Base(fullMethod)
+	roles, ok := methodRoles[method]
+	if !ok {
+		return status.Errorf(codes.PermissionDenied, "%s: no role may call it", method)
+	}
+	if err := pki.Allow(id, "call "+method, roles...); err != nil {
+		return status.Error(codes.PermissionDenied, err.Error())
+	}
+	// A node speaks for itself only. A request forwarded to the leader
+	// carries another node's words: only a store member forwards, and
+	// the first member checked the node that sent it. A member is
+	// trusted as Raft trusts it (it could become the leader and write
+	// anything); docs/security.md.
+	var named string
+	switch r := req.(type) {
+	case *JoinRequest:
+		if r.Forwarded {
+			return a.checkForwarder(method, id)
+		}
+		named = r.NodeID
+	case *HeartbeatRequest:
+		if r.Forwarded {
+			return a.checkForwarder(method, id)
+		}
+		named = r.NodeID
+	case *ApplyRequest:
+		if r.Forwarded {
+			return a.checkForwarder(method, id)
+		}
+		if id.Role == pki.RoleNode {
+			named = nodeNamedBy(r.Command)
+		}
+	}
+	if named != "" && named != id.Name {
+		return status.Errorf(codes.PermissionDenied, "%s: %v: %s may not speak for node %q", method, pki.ErrPermissionDenied, id, named)
+	}
+	return nil
+}
+
+// checkForwarder admits a forwarded request from a store member only.
+func (a *Agent) checkForwarder(method string, id pki.Identity) error {
+	if id.Role == pki.RoleNode {
+		members, err := a.store.Members()
+		if err != nil {
+			return status.Errorf(codes.Unavailable, "%s: the store's members: %v", method, err)
+		}
+		for _, m := range members {
+			if m.ID == id.Name {
+				return nil
+			}
+		}
+	}
+	return status.Errorf(codes.PermissionDenied, "%s: %v: %s is not a store member and may not forward requests", method, pki.ErrPermissionDenied, id)
+}
+
+// nodeNamedBy returns the node a command speaks for when a node sends it
+// about itself: its registration, liveness and state ("" for others).
+func nodeNamedBy(b []byte) string {
+	cmd, err := Decode(b)
+	if err != nil {
+		return "" // the store refuses it with the decoding error
+	}
+	switch c := cmd.(type) {
+	case *Request: // a client's envelope (an id for retries)
+		return nodeNamedBy(c.Command)
+	case *RegisterNode:
+		return c.Node.ID
+	case *NodeHeartbeat:
+		return c.NodeID
+	case *SetNodeState:
+		return c.NodeID
+	}
+	return ""
+}
+
+func (a *Agent) authorizeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
+	if err := a.authorize(ctx, info.FullMethod, req); err != nil {
+		return nil, err
+	}
+	return handler(ctx, req)
+}
+
+func (a *Agent) authorizeStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
+	if err := a.authorize(ss.Context(), info.FullMethod, nil); err != nil {
+		return err
+	}
+	return handler(srv, ss)
+}
+
+// IsUnauthorized reports whether err is the meta API refusing the caller's
+// certificate or role.
+func IsUnauthorized(err error) bool {
+	if errors.Is(err, pki.ErrUnauthenticated) || errors.Is(err, pki.ErrPermissionDenied) {
+		return true
+	}
+	c := status.Code(err)
+	return c == codes.Unauthenticated || c == codes.PermissionDenied
+}
