@@ -49,6 +49,8 @@ type Server struct {
 	dataDir string
 	// tls: ServerConfig.TLS.
 	tls *pki.Credentials
+	// epochOf: ServerConfig.EpochOf.
+	epochOf func(replicaID string) (uint64, bool)
 	// typedDirs: ServerConfig.TypedDirs.
 	typedDirs map[string]string
 	// deleting: replica id → the progress of the snapshot deletion running
@@ -101,6 +103,13 @@ type ServerConfig struct {
 	// VolumeOf maps a replica id to its volume's id, the scheduler's unit
 	// of fairness and the label of its metrics (nil: the replica id).
 	VolumeOf func(replicaID string) string
+	// EpochOf, if set, returns the epoch the store gives the volume of a
+	// replica, as this node's copy of the store knows it (false: not
+	// known). A CLAIM over the network above that epoch plus one is then
+	// refused: a bogus claim cannot fence a replica's writers for good.
+	// The node's copy may lag the leader by a moment, so a claim above it
+	// waits up to claimCatchUp for it to catch up first.
+	EpochOf func(replicaID string) (uint64, bool)
 	// TLS, if set, is this node's identity: every connection then speaks
 	// mutual TLS, node certificates may do everything, ctl certificates
 	// only read checksums and state (cairn ctl volume verify), and no
@@ -132,6 +141,7 @@ func NewServerWithConfig(cfg ServerConfig) *Server {
 		sched:     cfg.Sched,
 		volumeOf:  cfg.VolumeOf,
 		tls:       cfg.TLS,
+		epochOf:   cfg.EpochOf,
 		ctx:       ctx,
 		cancel:    cancel,
 		replicas:  make(map[string]*Replica),
@@ -842,6 +852,36 @@ func (c *serverConn) admit(h RequestHeader) error {
 	return nil
 }
 
+// claimCatchUp bounds how long a claim above the store's epoch waits for
+// this node's copy of the store to catch up with the leader.
+const claimCatchUp = 3 * time.Second
+
+// checkClaim refuses a claim of epoch on replica id above the store's epoch
+// of its volume plus one (see ServerConfig.EpochOf).
+func (s *Server) checkClaim(ctx context.Context, id string, epoch uint64) error {
+	if s.epochOf == nil {
+		return nil
+	}
+	deadline := time.Now().Add(claimCatchUp)
+	for {
+		store, known := s.epochOf(id)
+		if known && epoch <= store+1 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			if !known {
+				return fmt.Errorf("%w: claim of epoch %d: the store has no volume for replica %s", ErrInvalidArgument, epoch, id)
+			}
+			return fmt.Errorf("%w: claim of epoch %d: the store's epoch for replica %s's volume is %d, and a claim may be at most one above it", ErrInvalidArgument, epoch, id, store)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
 // readOnlyOps are what a connection with a ctl certificate may send: enough
 // for comparing replicas (verify), nothing that changes one or fences its
 // writer.
@@ -942,6 +982,10 @@ func (c *serverConn) do(h RequestHeader, payload *[]byte, trailer []byte) (reply
 	case OpPing:
 		return reply{}, nil
 	case OpClaim:
+		if err := c.s.checkClaim(c.ctx, r.ID(), h.Epoch); err != nil {
+			c.log.Warn("claim refused", zap.Uint64("epoch", h.Epoch), zap.Error(err))
+			return reply{}, err
+		}
 		prev := r.Epoch()
 		if err := r.Claim(h.Epoch); err != nil {
 			return reply{}, err

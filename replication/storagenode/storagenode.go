@@ -143,6 +143,18 @@ func (p *placedVolumes) update(f *meta.FSM, node string) {
 	p.index = ev.Index
 }
 
+// storeEpoch is the epoch this node's copy of the store gives the volume of
+// replica id: the replica server refuses claims far above it.
+func (n *Node) storeEpoch(id string) (epoch uint64, known bool) {
+	vid := meta.VolumeOfReplica(id)
+	n.cfg.FSM.View(func(s *meta.State) {
+		if v, ok := s.Volumes[vid]; ok {
+			epoch, known = v.Epoch, true
+		}
+	})
+	return epoch, known
+}
+
 // placed is one replica the store places on this node, with its volume.
 type placed struct {
 	vol *meta.Volume
@@ -192,9 +204,13 @@ func New(cfg Config) (*Node, error) {
 			return nil, fmt.Errorf("data directory of disk type %s: %w", t, err)
 		}
 	}
+	var epochOf func(string) (uint64, bool)
+	if cfg.FSM != nil {
+		epochOf = n.storeEpoch
+	}
 	n.server = replica.NewServerWithConfig(replica.ServerConfig{
 		Logger: log, DataDir: filepath.Join(cfg.DataDir, "replicas"), TypedDirs: typed,
-		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica, TLS: cfg.TLS,
+		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica, TLS: cfg.TLS, EpochOf: epochOf,
 	})
 	if cfg.Registerer != nil {
 		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server}) {
