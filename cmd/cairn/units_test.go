@@ -58,7 +58,7 @@ func TestNodeOptionsValidate(t *testing.T) {
 	valid := func() nodeOptions {
 		return nodeOptions{Config: agent.Config{ID: "n1", DataDir: "d", RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:2", DataAddr: "127.0.0.1:3",
 			StaleReplicaTimeout:   time.Minute,
-			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second, IOSchedDepth: 256}, RebuildRate: "200Mi"}
+			RaftTimeoutMultiplier: 1, HeartbeatInterval: time.Second, NodeDownAfter: 10 * time.Second, IOSchedDepth: 256}, RebuildRate: "200Mi", Insecure: true}
 	}
 	cases := []struct {
 		name   string
@@ -80,6 +80,10 @@ func TestNodeOptionsValidate(t *testing.T) {
 		{"bad data address", func(o *nodeOptions) { o.DataAddr = "nowhere" }, "--data-addr"},
 		{"zero stale timeout", func(o *nodeOptions) { o.StaleReplicaTimeout = 0 }, "--stale-replica-timeout"},
 		{"zero scheduler depth", func(o *nodeOptions) { o.IOSchedDepth = 0 }, "--iosched-depth"},
+		{"neither TLS nor insecure", func(o *nodeOptions) { o.Insecure = false }, "--tls-dir is required"},
+		{"TLS directory", func(o *nodeOptions) { o.Insecure, o.TLSFlags.Dir = false, "/etc/cairn/n1" }, ""},
+		{"TLS and insecure", func(o *nodeOptions) { o.TLSFlags.Dir = "/etc/cairn/n1" }, "exclude each other"},
+		{"TLS key missing", func(o *nodeOptions) { o.Insecure, o.TLSFlags.CA, o.TLSFlags.Cert = false, "ca.crt", "tls.crt" }, "--tls-key"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {

@@ -11,11 +11,19 @@
 // and (c) in turn. It also measures node-1's RSS with -idle-volumes exported
 // idle volumes.
 //
+// Two more tables come from alternating pairs of runs: the cost of checksums,
+// (b) against (d), its 3-replica volume without checksums; and the cost of
+// mutual TLS, (b) against (f), a 3-replica volume on a second 3-node dev
+// cluster started with `cairn dev up --tls` (every port speaks mutual TLS;
+// the first cluster's nodes run with --insecure), measured -tls-pairs times
+// at 4k random write qd32 and 1M sequential write. The second cluster runs
+// only for those pairs.
+//
 // It never fails on a number: it exits 1 only when something could not be set
-// up or a fio run failed, 2 on bad flags, 130 after Ctrl-C. The cluster,
+// up or a fio run failed, 2 on bad flags, 130 after Ctrl-C. The clusters,
 // nbdkit and the temporary directory are removed in every case.
 //
-//	go run ./tests/bench/fiobench [-runtime 8s] [-workloads LIST] [-idle-volumes 10] [-node-arg FLAG]... [-perf DIR] [-keep] [-v]
+//	go run ./tests/bench/fiobench [-runtime 8s] [-workloads LIST] [-idle-volumes 10] [-checksum-pairs 5] [-tls-pairs 3] [-node-arg FLAG]... [-perf DIR] [-keep] [-v]
 package main
 
 import (
@@ -81,17 +89,28 @@ var goals = []goal{
 	{of: "b", wl: "write-1m-qd8", ratio: 0.25},
 }
 
+// pairGoal is a workload measured in pairs of runs (see measurePairs) and
+// the least median IOPS ratio of the pairs that is its goal (0: none).
+type pairGoal struct {
+	wl    string // workload name
+	ratio float64
+}
+
 // checksumGoals are the targets of end-to-end checksums (docs/integrity.md):
 // IOPS of the 3-replica volume with checksumAlgorithm crc32c (b) at least
 // ratio times those of the same volume with checksumAlgorithm none (d).
-var checksumGoals = []struct {
-	wl    string
-	ratio float64
-}{
+var checksumGoals = []pairGoal{
 	{"randwrite-4k-qd32", 0.9},
 	{"randread-4k-qd32", 0.9},
 	{"write-1m-qd8", 0.85},
 	{"read-1m-qd8", 0.85},
+}
+
+// tlsWorkloads are those of the cost of mutual TLS, (f) against (b). The
+// issue (15) asks to report it and sets no goal.
+var tlsWorkloads = []pairGoal{
+	{wl: "randwrite-4k-qd32"},
+	{wl: "write-1m-qd8"},
 }
 
 // rssGoalMiB is the issue's bound on the node agent's RSS with
@@ -109,7 +128,10 @@ type options struct {
 	// checksumPairs is how many (b, d) pairs of each checksum workload
 	// are measured; the first pair is the main table's.
 	checksumPairs int
-	perfDir       string
+	// tlsPairs is how many (b, f) pairs of each TLS workload are
+	// measured on a second cluster with mutual TLS (0: none).
+	tlsPairs int
+	perfDir  string
 	benchkit.Flags
 }
 
@@ -126,6 +148,7 @@ func run() int {
 	flag.IntVar(&o.idleReplicas, "idle-replicas", 3, "replicas of each idle volume")
 	flag.DurationVar(&o.settle, "settle", time.Second, "pause after sync(2) before each run")
 	flag.IntVar(&o.checksumPairs, "checksum-pairs", 5, "runs of each checksum workload on (b) and on (d), in alternating order, for the cost-of-checksums table (1: only the main table's)")
+	flag.IntVar(&o.tlsPairs, "tls-pairs", 3, "runs of 4k randwrite qd32 and 1M seq write on (b) and on (f), a 3-replica volume on a second dev cluster with mutual TLS, in alternating order, for the cost-of-TLS table (0: skip it)")
 	flag.StringVar(&o.perfDir, "perf", "", "record `perf record -g` of the serving processes during each run into this directory")
 	o.Register("cluster data, plain file, sockets")
 	flag.Parse()
@@ -133,8 +156,8 @@ func run() int {
 		fmt.Fprintf(os.Stderr, "fiobench: unexpected arguments %q\n", flag.Args())
 		return 2
 	}
-	if o.runtime < time.Second || o.idleVolumes < 0 || o.idleReplicas < 1 || o.settle < 0 || o.checksumPairs < 1 {
-		fmt.Fprintln(os.Stderr, "fiobench: -runtime must be at least 1s; -idle-volumes and -settle not negative; -idle-replicas and -checksum-pairs at least 1")
+	if o.runtime < time.Second || o.idleVolumes < 0 || o.idleReplicas < 1 || o.settle < 0 || o.checksumPairs < 1 || o.tlsPairs < 0 {
+		fmt.Fprintln(os.Stderr, "fiobench: -runtime must be at least 1s; -idle-volumes, -settle and -tls-pairs not negative; -idle-replicas and -checksum-pairs at least 1")
 		return 2
 	}
 	if _, err := benchkit.ParseSize(o.size); err != nil {
@@ -174,6 +197,8 @@ type target struct {
 	file string
 	// pids are the processes that serve it, whose CPU time is reported.
 	pids []proc
+	// cl is the dev cluster that serves a Cairn target; nil for nbdkit.
+	cl *cluster
 }
 
 type proc struct {
@@ -186,14 +211,42 @@ type bench struct {
 	o        options
 	progress io.Writer
 
-	root, bin  string // repository root and bin/cairn
-	tmp        string // temporary directory; removed by cleanup
-	clusterDir string // tmp/cluster, once `dev up` ran
-	servers    string // meta API addresses, comma-separated
-	nodes      []benchkit.Node
-	nbdkit     *exec.Cmd
-	exported   []string // volume ids attached by us, unexported by cleanup
-	sizeBytes  uint64
+	root, bin string // repository root and bin/cairn
+	tmp       string // temporary directory; removed by cleanup
+	// main is the dev cluster of (a), (b), (d), (e) and the idle volumes,
+	// in tmp/cluster; its nodes run with --insecure.
+	main cluster
+	// tls is the dev cluster of (f), in tmp/cluster-tls, with mutual TLS
+	// on every port; it runs only for the cost-of-TLS pairs.
+	tls       cluster
+	nbdkit    *exec.Cmd
+	sizeBytes uint64
+}
+
+// cluster is a 3-node dev cluster that the run started.
+type cluster struct {
+	dir string // its directory, once `dev up` ran; "" once it is down
+	// tlsDir is cairn ctl's --tls-dir (DIR/pki/ctl, made by `dev up
+	// --tls`); "" for a plaintext cluster.
+	tlsDir   string
+	servers  string // meta API addresses, comma-separated
+	nodes    []benchkit.Node
+	exported []string // volume ids attached by us, unexported by cleanup
+}
+
+// ctl is the argument list of `cairn ctl` on c, connection flags first,
+// then args.
+func (c *cluster) ctl(args ...string) []string {
+	out := []string{"ctl", "--server", c.servers}
+	if c.tlsDir != "" {
+		out = append(out, "--tls-dir", c.tlsDir)
+	}
+	return append(out, args...)
+}
+
+func (c *cluster) load() (err error) {
+	c.nodes, c.servers, err = benchkit.LoadDevNodes(c.dir)
+	return err
 }
 
 type result struct {
