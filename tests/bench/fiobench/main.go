@@ -316,11 +316,11 @@ func (b *bench) run(ctx context.Context) error {
 	if n := len(filepath.Join(b.tmp, "idle-10.sock")); n > 100 {
 		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.Parent, n)
 	}
-	b.clusterDir = filepath.Join(b.tmp, "cluster")
-	if b.nodes, b.servers, err = benchkit.DevUp(ctx, b.root, b.bin, b.clusterDir, b.o.NodeArgs, b.o.Verbose, b.logf); err != nil {
+	b.main.dir = filepath.Join(b.tmp, "cluster")
+	if b.main.nodes, b.main.servers, err = benchkit.DevUp(ctx, b.root, b.bin, b.main.dir, b.o.NodeArgs, b.o.Verbose, b.logf); err != nil {
 		return err
 	}
-	n1 := b.nodes[0]
+	n1 := b.main.nodes[0]
 	rssFresh, _ := procStatusKiB(n1.PID, "VmRSS")
 
 	// The RSS measurement comes first, on a node that has done no I/O; the
@@ -331,7 +331,7 @@ func (b *bench) run(ctx context.Context) error {
 	if b.o.idleVolumes > 0 {
 		b.logf("creating and exporting %d idle %s volumes (%d replicas) on %s", b.o.idleVolumes, b.o.idleSize, b.o.idleReplicas, n1.ID)
 		for i := 1; i <= b.o.idleVolumes; i++ {
-			v, err := b.createVolume(ctx, fmt.Sprintf("idle-%d", i), b.o.idleSize, b.o.idleReplicas)
+			v, err := b.createVolume(ctx, &b.main, fmt.Sprintf("idle-%d", i), b.o.idleSize, b.o.idleReplicas)
 			if err != nil {
 				return err
 			}
@@ -343,37 +343,25 @@ func (b *bench) run(ctx context.Context) error {
 	}
 
 	b.logf("creating and exporting the 1-replica and 3-replica %s volumes on %s", b.o.size, n1.ID)
-	tA := &target{key: "a", label: "(a) cairn 1 replica", sock: filepath.Join(b.tmp, "a.sock")}
-	tB := &target{key: "b", label: "(b) cairn 3 replicas", sock: filepath.Join(b.tmp, "b.sock")}
-	tC := &target{key: "c", label: "(c) nbdkit file", sock: filepath.Join(b.tmp, "c.sock")}
-	tD := &target{key: "d", label: "(d) cairn 3 replicas, no checksums", sock: filepath.Join(b.tmp, "d.sock")}
-	tE := &target{key: "e", label: "(e) cairn 3 replicas, asynchronous", sock: filepath.Join(b.tmp, "e.sock")}
-	for _, t := range []*target{tA, tB, tD, tE} {
-		reps := map[string]int{"a": 1, "b": 3, "d": 3, "e": 3}[t.key]
-		var extra []string
-		switch t.key {
-		case "d":
-			extra = []string{"--checksum-algorithm", "none"}
-		case "e":
-			extra = []string{"--param", "replicationMode=asynchronous"}
-		}
-		v, err := b.createVolume(ctx, "bench-"+t.key, b.o.size, reps, extra...)
+	var cairn []*target // (a), (b), (d), (e)
+	for _, t := range []struct {
+		key, label string
+		replicas   int
+		extra      []string
+	}{
+		{"a", "(a) cairn 1 replica", 1, nil},
+		{"b", "(b) cairn 3 replicas", 3, nil},
+		{"d", "(d) cairn 3 replicas, no checksums", 3, []string{"--checksum-algorithm", "none"}},
+		{"e", "(e) cairn 3 replicas, asynchronous", 3, []string{"--param", "replicationMode=asynchronous"}},
+	} {
+		tgt, err := b.newTarget(ctx, &b.main, t.key, t.label, t.replicas, t.extra...)
 		if err != nil {
 			return err
 		}
-		if t.file = benchkit.ReplicaFile(v, n1); t.file == "" {
-			return fmt.Errorf("volume %s has no replica on %s", v.ID, n1.ID)
-		}
-		if err := b.export(ctx, v.ID, t.sock); err != nil {
-			return err
-		}
-		if _, err := os.Stat(t.file); err != nil {
-			return fmt.Errorf("%s: replica data file: %w", t.label, err)
-		}
-		for _, n := range b.nodes {
-			t.pids = append(t.pids, proc{n.ID, n.PID})
-		}
+		cairn = append(cairn, tgt)
 	}
+	tA, tB, tD, tE := cairn[0], cairn[1], cairn[2], cairn[3]
+	tC := &target{key: "c", label: "(c) nbdkit file", sock: filepath.Join(b.tmp, "c.sock")}
 	if err := b.startNbdkit(ctx, tC); err != nil {
 		return err
 	}
@@ -404,10 +392,24 @@ func (b *bench) run(ctx context.Context) error {
 			results = append(results, r)
 		}
 	}
-	pairs, err := b.checksumPairs(ctx, results, tB, tD)
+	pairs, err := b.measurePairs(ctx, "checksums", checksumGoals, b.o.checksumPairs, tB, tD, results)
 	if err != nil {
 		printTable(os.Stdout, results)
 		return err
+	}
+	// A failure to set up the second cluster or (f) leaves the other
+	// tables to print; run returns it at the end.
+	var tlsPairs []pair
+	var tlsErr error
+	if b.o.tlsPairs > 0 {
+		tlsPairs, tlsErr = b.measureTLS(ctx, tB)
+		if ctx.Err() != nil {
+			printTable(os.Stdout, results)
+			return ctx.Err()
+		}
+		if tlsErr != nil {
+			b.logf("cost of mutual TLS: %v", tlsErr)
+		}
 	}
 	hwm, _ := procStatusKiB(n1.PID, "VmHWM")
 	rssAfter, _ := procStatusKiB(n1.PID, "VmRSS")
@@ -415,8 +417,8 @@ func (b *bench) run(ctx context.Context) error {
 	var rssLater rssSample
 	if len(idle) > 0 {
 		b.logf("unexporting the benchmark volumes and exporting the %d idle volumes again", len(idle))
-		for _, id := range append([]string(nil), b.exported...) { // unexport edits b.exported
-			if err := b.unexport(ctx, id); err != nil {
+		for _, id := range append([]string(nil), b.main.exported...) { // unexport edits b.main.exported
+			if err := b.unexport(ctx, &b.main, id); err != nil {
 				return err
 			}
 		}
@@ -435,21 +437,43 @@ func (b *bench) run(ctx context.Context) error {
 	printGoals(os.Stdout, results)
 	fmt.Println()
 	printChecksumGoals(os.Stdout, pairs)
+	if b.o.tlsPairs > 0 {
+		fmt.Println()
+		if tlsErr != nil {
+			fmt.Printf("cost of mutual TLS: not measured: %v\n", tlsErr)
+		} else {
+			printTLSCost(os.Stdout, tlsPairs)
+		}
+	}
 	fmt.Println()
 	printAsync(os.Stdout, results)
 	fmt.Println()
 	printRSS(os.Stdout, n1.ID, b.o, rssFresh, rssIdle, rssLater, hwm, rssAfter)
 
+	// Every fio run, including the pairs' runs that are not in results.
 	var failed []string
-	for _, r := range results {
-		if r.err != nil {
+	seen := map[*result]bool{}
+	note := func(r *result) {
+		if r != nil && r.err != nil && !seen[r] {
+			seen[r] = true
 			failed = append(failed, fmt.Sprintf("%s on %s: %v", r.wl.label, r.tgt.label, r.err))
 		}
 	}
-	if len(failed) > 0 {
-		return fmt.Errorf("%d fio runs failed:\n  %s", len(failed), strings.Join(failed, "\n  "))
+	for _, r := range results {
+		note(r)
 	}
-	return nil
+	for _, p := range append(append([]pair(nil), pairs...), tlsPairs...) {
+		note(p.x)
+		note(p.base)
+	}
+	var errs []error
+	if tlsErr != nil {
+		errs = append(errs, fmt.Errorf("cost of mutual TLS: %w", tlsErr))
+	}
+	if len(failed) > 0 {
+		errs = append(errs, fmt.Errorf("%d fio runs failed:\n  %s", len(failed), strings.Join(failed, "\n  ")))
+	}
+	return errors.Join(errs...)
 }
 
 // rssSample is node-1's memory with the idle volumes exported.
@@ -463,7 +487,7 @@ type rssSample struct {
 func (b *bench) measureIdle(ctx context.Context, ids []string, n benchkit.Node) (rssSample, error) {
 	var s rssSample
 	for i, id := range ids {
-		if err := b.export(ctx, id, filepath.Join(b.tmp, fmt.Sprintf("idle-%d.sock", i+1))); err != nil {
+		if err := b.export(ctx, &b.main, id, filepath.Join(b.tmp, fmt.Sprintf("idle-%d.sock", i+1))); err != nil {
 			return s, err
 		}
 	}
@@ -478,7 +502,7 @@ func (b *bench) measureIdle(ctx context.Context, ids []string, n benchkit.Node) 
 	s.metrics = scrapeMetrics(ctx, n.Metrics, "go_memstats_heap_inuse_bytes", "go_memstats_heap_idle_bytes",
 		"go_memstats_heap_released_bytes", "go_memstats_stack_inuse_bytes", "go_goroutines", "go_threads")
 	for _, id := range ids {
-		if err := b.unexport(ctx, id); err != nil {
+		if err := b.unexport(ctx, &b.main, id); err != nil {
 			return s, err
 		}
 	}
@@ -490,17 +514,13 @@ func (b *bench) cmd(ctx context.Context, name string, args ...string) ([]byte, e
 	return benchkit.Command(ctx, b.root, b.o.Verbose, b.logf, name, args...)
 }
 
-func (b *bench) loadCluster() (err error) {
-	b.nodes, b.servers, err = benchkit.LoadDevNodes(b.clusterDir)
-	return err
-}
-
-func (b *bench) createVolume(ctx context.Context, name, size string, replicas int, extra ...string) (*benchkit.Volume, error) {
-	args := []string{"ctl", "--server", b.servers, "volume", "create", name,
+// createVolume creates a volume on c with a replica on its node-1.
+func (b *bench) createVolume(ctx context.Context, c *cluster, name, size string, replicas int, extra ...string) (*benchkit.Volume, error) {
+	args := c.ctl("volume", "create", name,
 		"--size", size, "--replicas", strconv.Itoa(replicas), "-o", "json",
 		// nbdkit serves a local file; give the Cairn volume a replica on the
 		// exporting node too, so reads are local in both.
-		"--preferred-node", b.nodes[0].ID}
+		"--preferred-node", c.nodes[0].ID)
 	out, err := b.cmd(ctx, b.bin, append(args, extra...)...)
 	if err != nil {
 		return nil, err
@@ -512,23 +532,48 @@ func (b *bench) createVolume(ctx context.Context, name, size string, replicas in
 	return &v, nil
 }
 
-func (b *bench) export(ctx context.Context, id, sock string) error {
-	b.exported = append(b.exported, id)
-	_, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "export", id, "--node", b.nodes[0].ID, "--nbd", sock)
+// export exports volume id of c over NBD on sock, on c's node-1.
+func (b *bench) export(ctx context.Context, c *cluster, id, sock string) error {
+	c.exported = append(c.exported, id)
+	_, err := b.cmd(ctx, b.bin, c.ctl("volume", "export", id, "--node", c.nodes[0].ID, "--nbd", sock)...)
 	return err
 }
 
-func (b *bench) unexport(ctx context.Context, id string) error {
-	if _, err := b.cmd(ctx, b.bin, "ctl", "--server", b.servers, "volume", "unexport", id); err != nil {
+func (b *bench) unexport(ctx context.Context, c *cluster, id string) error {
+	if _, err := b.cmd(ctx, b.bin, c.ctl("volume", "unexport", id)...); err != nil {
 		return err
 	}
-	for i, e := range b.exported {
+	for i, e := range c.exported {
 		if e == id {
-			b.exported = append(b.exported[:i], b.exported[i+1:]...)
+			c.exported = append(c.exported[:i], c.exported[i+1:]...)
 			break
 		}
 	}
 	return nil
+}
+
+// newTarget creates a -size volume of replicas replicas on c, named
+// bench-KEY, with a replica on c's node-1, and exports it there on
+// tmp/KEY.sock; c's node agents serve it.
+func (b *bench) newTarget(ctx context.Context, c *cluster, key, label string, replicas int, extra ...string) (*target, error) {
+	t := &target{key: key, label: label, sock: filepath.Join(b.tmp, key+".sock"), cl: c}
+	v, err := b.createVolume(ctx, c, "bench-"+key, b.o.size, replicas, extra...)
+	if err != nil {
+		return nil, err
+	}
+	if t.file = benchkit.ReplicaFile(v, c.nodes[0]); t.file == "" {
+		return nil, fmt.Errorf("volume %s has no replica on %s", v.ID, c.nodes[0].ID)
+	}
+	if err := b.export(ctx, c, v.ID, t.sock); err != nil {
+		return nil, err
+	}
+	if _, err := os.Stat(t.file); err != nil {
+		return nil, fmt.Errorf("%s: replica data file: %w", t.label, err)
+	}
+	for _, n := range c.nodes {
+		t.pids = append(t.pids, proc{n.ID, n.PID})
+	}
+	return t, nil
 }
 
 // startNbdkit serves a sparse plain file of the benchmark size, in the same
@@ -617,8 +662,8 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 
 	perf := b.startPerf(wl, t)
 	var ops0 map[string]opStat
-	if t.key != "c" {
-		ops0 = b.replicaOps(ctx)
+	if t.cl != nil {
+		ops0 = replicaOps(ctx, t.cl.nodes)
 	}
 	before := make(map[string]uint64)
 	for _, p := range t.pids {
@@ -663,7 +708,7 @@ func (b *bench) runFio(ctx context.Context, wl workload, t *target) *result {
 	b.stopPerf(perf)
 	if ops0 != nil {
 		r.ops = map[string]opStat{}
-		for op, v := range b.replicaOps(ctx) {
+		for op, v := range replicaOps(ctx, t.cl.nodes) {
 			r.ops[op] = opStat{count: v.count - ops0[op].count, sum: v.sum - ops0[op].sum}
 		}
 	}
@@ -719,12 +764,12 @@ func residency(path string) (float64, error) {
 }
 
 // replicaOps sums the replica servers' per-op counts and durations over
-// the nodes.
-func (b *bench) replicaOps(ctx context.Context) map[string]opStat {
+// nodes. /metrics is plain HTTP also on a cluster with mutual TLS.
+func replicaOps(ctx context.Context, nodes []benchkit.Node) map[string]opStat {
 	out := map[string]opStat{}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	for _, n := range b.nodes {
+	for _, n := range nodes {
 		body, err := benchkit.HTTPGet(ctx, "http://"+n.Metrics+"/metrics")
 		if err != nil {
 			continue
@@ -792,23 +837,8 @@ func (b *bench) stopPerf(c *exec.Cmd) {
 // cleanup undoes whatever run started, with its own deadlines: it also runs
 // after Ctrl-C, when run's context is done.
 func (b *bench) cleanup() {
-	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-	defer cancel()
-	if b.clusterDir != "" {
-		if _, err := os.Stat(filepath.Join(b.clusterDir, "cluster.json")); err == nil {
-			if b.nodes == nil {
-				_ = b.loadCluster() // interrupted right after dev up
-			}
-			// Detach first, so that every engine flushes and stops while
-			// all nodes are up.
-			for _, id := range append([]string(nil), b.exported...) {
-				if err := b.unexport(ctx, id); err != nil {
-					b.logf("cleanup: %v", err)
-				}
-			}
-			benchkit.DevDown(ctx, b.root, b.bin, b.clusterDir, b.o.Keep, b.o.Verbose, b.logf, b.nodes)
-		}
-	}
+	b.downCluster(&b.tls)
+	b.downCluster(&b.main)
 	if b.nbdkit != nil {
 		_ = b.nbdkit.Process.Signal(syscall.SIGTERM)
 		done := make(chan struct{})
@@ -821,6 +851,33 @@ func (b *bench) cleanup() {
 		}
 	}
 	benchkit.RemoveTemp(b.tmp, b.o.Keep, b.logf)
+}
+
+// downCluster unexports the volumes the run exported on c and brings c
+// down (`dev down`), if `dev up` ran, with deadlines of its own: it also
+// runs after Ctrl-C, when run's context is done. c.dir is "" afterwards,
+// so a second call does nothing.
+func (b *bench) downCluster(c *cluster) {
+	if c.dir == "" {
+		return
+	}
+	defer func() { c.dir = "" }()
+	if _, err := os.Stat(filepath.Join(c.dir, "cluster.json")); err != nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	if c.nodes == nil {
+		_ = c.load() // interrupted right after dev up
+	}
+	// Detach first, so that every engine flushes and stops while all
+	// nodes are up.
+	for _, id := range append([]string(nil), c.exported...) {
+		if err := b.unexport(ctx, c, id); err != nil {
+			b.logf("cleanup: %v", err)
+		}
+	}
+	benchkit.DevDown(ctx, b.root, b.bin, c.dir, b.o.Keep, b.o.Verbose, b.logf, c.nodes)
 }
 
 func (b *bench) printHeader(w io.Writer) {
@@ -837,8 +894,15 @@ func (b *bench) printHeader(w io.Writer) {
 	fmt.Fprintf(w, "          (c) nbdkit --unix SOCK --foreground file %s (%s sparse file)\n", filepath.Join(b.tmp, "plain.img"), b.o.size)
 	fmt.Fprintf(w, "          (d) as (b) with checksumAlgorithm none (every volume else has crc32c, the default)\n")
 	fmt.Fprintf(w, "          (e) as (b) with replicationMode asynchronous\n")
+	if b.o.tlsPairs > 0 {
+		fmt.Fprintf(w, "          (f) as (b) on a second 3-node dev cluster (dev up --tls): every port speaks mutual TLS, where\n")
+		fmt.Fprintf(w, "              the nodes of (a)..(e) run with --insecure; it runs only for the cost-of-TLS pairs\n")
+	}
 	fmt.Fprintf(w, "runs:     each target filled once (1M seq write qd8 over the whole device), then every workload\n")
 	fmt.Fprintf(w, "          on (a), (b), (d), (e), (c) in turn, %v each (time_based, norandommap); sync(2) + %v pause before each run\n", b.o.runtime, b.o.settle)
+	if wls := b.tlsSelected(); b.o.tlsPairs > 0 && len(wls) > 0 {
+		fmt.Fprintf(w, "          then (f) filled once and %d pairs of (f) and (b) at %s, in alternating order\n", b.o.tlsPairs, strings.Join(wls, ", "))
+	}
 }
 
 func printTable(w io.Writer, results []*result) {
@@ -1036,11 +1100,12 @@ func printAsync(w io.Writer, results []*result) {
 	tw.Flush()
 }
 
-// checksumPair is one measurement of a checksum workload on (b), with
-// checksums, and (d), without, one run right after the other.
-type checksumPair struct {
-	wl       workload
-	sums, no *result
+// pair is one measurement of a workload on two targets, one run right
+// after the other: x, the side whose cost is measured, and base, the
+// reference. Its figure is the IOPS ratio x/base.
+type pair struct {
+	wl      workload
+	x, base *result
 }
 
 // cpuPerIO is the serving processes' CPU time per I/O of r, in ns (0:
@@ -1057,49 +1122,61 @@ func cpuPerIO(r *result) float64 {
 	return 1e9 * serving / 100 * r.elapsed.Seconds() / ios
 }
 
-// checksumPairs measures each checksum workload -checksum-pairs times on
-// (b) and (d). The first pair is the main table's runs (b, then d); the
-// extra pairs alternate the order (d, b), (b, d), ... so that a drift of the
-// machine over time (page cache, writeback, neighbours) favours neither
-// side. Noise on a shared machine moves a single pair by ±20 %; the median
-// of several pairs is the figure the targets are held to.
-func (b *bench) checksumPairs(ctx context.Context, results []*result, sums, no *target) ([]checksumPair, error) {
+// selected returns the workload named name if -workloads selected it.
+func (b *bench) selected(name string) (workload, bool) {
+	for _, w := range b.o.workloads {
+		if w.name == name {
+			return w, true
+		}
+	}
+	return workload{}, false
+}
+
+// measurePairs measures each workload of goals that -workloads selected n
+// times on x and on base, and returns the pairs in that order. With main
+// (the main table's results), the first pair of each workload is the main
+// table's runs (x, then base) and n-1 more are run; without, all n are run.
+// Pair i runs in the order (x, base) for an even i and (base, x) for an odd
+// one, so that a drift of the machine over time (page cache, writeback,
+// neighbours) favours neither side. Noise on a shared machine moves a single
+// pair by ±20 %; the median of several pairs is the figure to go by. what
+// names the cost measured in progress messages.
+func (b *bench) measurePairs(ctx context.Context, what string, goals []pairGoal, n int, x, base *target, main []*result) ([]pair, error) {
 	find := func(key, wl string) *result {
-		for _, r := range results {
+		for _, r := range main {
 			if r.tgt.key == key && r.wl.name == wl {
 				return r
 			}
 		}
 		return nil
 	}
-	var pairs []checksumPair
-	for _, g := range checksumGoals {
-		var wl workload
-		for _, x := range b.o.workloads {
-			if x.name == g.wl {
-				wl = x
-			}
-		}
-		if wl.name == "" {
+	var pairs []pair
+	for _, g := range goals {
+		wl, ok := b.selected(g.wl)
+		if !ok {
 			continue // not selected with -workloads
 		}
-		pairs = append(pairs, checksumPair{wl: wl, sums: find(sums.key, wl.name), no: find(no.key, wl.name)})
-		for i := 1; i < b.o.checksumPairs; i++ {
-			order := []*target{no, sums}
-			if i%2 == 0 {
-				order = []*target{sums, no}
+		i := 0
+		if main != nil {
+			pairs = append(pairs, pair{wl: wl, x: find(x.key, wl.name), base: find(base.key, wl.name)})
+			i = 1
+		}
+		for ; i < n; i++ {
+			order := []*target{x, base}
+			if i%2 == 1 {
+				order = []*target{base, x}
 			}
-			p := checksumPair{wl: wl}
+			p := pair{wl: wl}
 			for _, t := range order {
-				b.logf("cost of checksums, pair %d of %d: %s on %s", i+1, b.o.checksumPairs, wl.label, t.label)
+				b.logf("cost of %s, pair %d of %d: %s on %s", what, i+1, n, wl.label, t.label)
 				r := b.runFio(ctx, wl, t)
 				if ctx.Err() != nil {
 					return nil, ctx.Err()
 				}
-				if t == sums {
-					p.sums = r
+				if t == x {
+					p.x = r
 				} else {
-					p.no = r
+					p.base = r
 				}
 			}
 			pairs = append(pairs, p)
@@ -1108,15 +1185,94 @@ func (b *bench) checksumPairs(ctx context.Context, results []*result, sums, no *
 	return pairs, nil
 }
 
-// printChecksumGoals compares the 3-replica volume with checksums (b) and
-// without (d): every pair's IOPS ratio, and their median against the goal.
-func printChecksumGoals(w io.Writer, pairs []checksumPair) {
-	fmt.Fprintln(w, "cost of checksums (3 replicas: checksumAlgorithm crc32c (b) / none (d)): the IOPS ratio of each pair of")
-	fmt.Fprintln(w, "runs (in alternating order), their median against the goal; IOPS and CPU per I/O of the nodes are medians:")
+// tlsSelected names the workloads of tlsWorkloads that -workloads selected.
+func (b *bench) tlsSelected() []string {
+	var out []string
+	for _, g := range tlsWorkloads {
+		if _, ok := b.selected(g.wl); ok {
+			out = append(out, g.wl)
+		}
+	}
+	return out
+}
+
+// measureTLS starts the second dev cluster, with mutual TLS on every port,
+// in tmp/cluster-tls (its node agents get the same -node-arg flags as the
+// first cluster's), creates (f), a 3-replica volume like (b), exports it on
+// that cluster's node-1, fills it once, measures -tls-pairs pairs of (f)
+// and (b) for each of tlsWorkloads, and brings the cluster down again. Each
+// cluster idles while the other one's target runs.
+func (b *bench) measureTLS(ctx context.Context, tB *target) ([]pair, error) {
+	if len(b.tlsSelected()) == 0 {
+		b.logf("cost of mutual TLS: -workloads selects none of %s; not measured", benchkit.Names(tlsWorkloads, func(g pairGoal) string { return g.wl }))
+		return nil, nil
+	}
+	c := &b.tls
+	c.dir = filepath.Join(b.tmp, "cluster-tls")
+	defer b.downCluster(c)
+	b.logf("starting a second 3-node dev cluster, with mutual TLS, in %s", c.dir)
+	// As benchkit.DevUp: Ctrl-C does not cancel dev up, which, killed
+	// halfway, could leave node agents running that no cluster.json names.
+	args := append(benchkit.DevUpArgs(c.dir, b.o.NodeArgs), "--tls")
+	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, args...); err != nil {
+		return nil, fmt.Errorf("dev up --tls: %w", err)
+	}
+	if err := c.load(); err != nil {
+		return nil, err
+	}
+	c.tlsDir = filepath.Join(c.dir, "pki", "ctl")
+	b.logf("creating and exporting the 3-replica %s volume on %s of the TLS cluster", b.o.size, c.nodes[0].ID)
+	tF, err := b.newTarget(ctx, c, "f", "(f) cairn 3 replicas, mutual TLS", 3)
+	if err != nil {
+		return nil, err
+	}
+	b.logf("fill %s", tF.label)
+	if r := b.runFio(ctx, fill, tF); r.err != nil {
+		return nil, fmt.Errorf("fill %s: %w", tF.label, r.err)
+	}
+	return b.measurePairs(ctx, "mutual TLS", tlsWorkloads, b.o.tlsPairs, tF, tB, nil)
+}
+
+// pairTable is how printPairs shows pairs of x and base.
+type pairTable struct {
+	intro     []string // the lines above the table
+	x, base   string   // the two sides in the column heads
+	baseFirst bool     // base's IOPS and CPU columns before x's
+	// rows are the workloads in table order; the table has goal columns
+	// if one of them has a goal.
+	rows []pairGoal
+}
+
+// printPairs prints, for each workload of t.rows that pairs measured, the
+// median IOPS of each side, every pair's IOPS ratio x/base, their median
+// (against the goal, if any) and the median CPU time per I/O of the serving
+// processes on each side.
+func printPairs(w io.Writer, t pairTable, pairs []pair) {
+	for _, l := range t.intro {
+		fmt.Fprintln(w, l)
+	}
+	withGoal := false
+	for _, g := range t.rows {
+		withGoal = withGoal || g.ratio > 0
+	}
+	sides := func(x, base string) []string {
+		if t.baseFirst {
+			return []string{base, x}
+		}
+		return []string{x, base}
+	}
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
-	fmt.Fprintln(tw, "workload\tcrc32c IOPS\tnone IOPS\tpair ratios\tmedian\tgoal\t\tCPU/IO crc32c\tCPU/IO none\t")
-	for _, g := range checksumGoals {
-		var ps []checksumPair
+	line := func(label string, iops []string, ratios, median string, goal, cpu []string) {
+		cols := append(append([]string{label}, iops...), ratios, median)
+		if withGoal {
+			cols = append(cols, goal...)
+		}
+		cols = append(cols, cpu...)
+		fmt.Fprintln(tw, strings.Join(cols, "\t")+"\t")
+	}
+	line("workload", sides(t.x+" IOPS", t.base+" IOPS"), "pair ratios", "median", []string{"goal", ""}, sides("CPU/IO "+t.x, "CPU/IO "+t.base))
+	for _, g := range t.rows {
+		var ps []pair
 		var label string
 		for _, p := range pairs {
 			if p.wl.name == g.wl {
@@ -1126,31 +1282,70 @@ func printChecksumGoals(w io.Writer, pairs []checksumPair) {
 		if len(ps) == 0 {
 			continue
 		}
-		var ratios, sumsIOPS, noIOPS, cpuSums, cpuNo []float64
+		var ratios, xIOPS, baseIOPS, cpuX, cpuBase []float64
 		var cells []string
 		for _, p := range ps {
-			if p.sums == nil || p.no == nil || p.sums.err != nil || p.no.err != nil || p.no.iops == 0 {
+			if p.x == nil || p.base == nil || p.x.err != nil || p.base.err != nil || p.base.iops == 0 {
 				cells = append(cells, "-")
 				continue
 			}
-			ratios = append(ratios, p.sums.iops/p.no.iops)
-			sumsIOPS, noIOPS = append(sumsIOPS, p.sums.iops), append(noIOPS, p.no.iops)
-			cpuSums, cpuNo = append(cpuSums, cpuPerIO(p.sums)), append(cpuNo, cpuPerIO(p.no))
-			cells = append(cells, fmt.Sprintf("%.2f", p.sums.iops/p.no.iops))
+			ratios = append(ratios, p.x.iops/p.base.iops)
+			xIOPS, baseIOPS = append(xIOPS, p.x.iops), append(baseIOPS, p.base.iops)
+			cpuX, cpuBase = append(cpuX, cpuPerIO(p.x)), append(cpuBase, cpuPerIO(p.base))
+			cells = append(cells, fmt.Sprintf("%.2f", p.x.iops/p.base.iops))
+		}
+		goal := []string{"", ""}
+		if g.ratio > 0 {
+			goal[0] = fmt.Sprintf("≥ %.2f", g.ratio)
 		}
 		if len(ratios) == 0 {
-			fmt.Fprintf(tw, "%s\t-\t-\t%s\t-\t≥ %.2f\tnot measured\t\t\t\n", label, strings.Join(cells, " "), g.ratio)
+			median := "-"
+			if withGoal {
+				goal[1] = "not measured"
+			} else {
+				median = "not measured"
+			}
+			line(label, []string{"-", "-"}, strings.Join(cells, " "), median, goal, []string{"", ""})
 			continue
 		}
 		m := benchkit.Median(ratios)
-		verdict := "not met"
-		if m >= g.ratio {
-			verdict = "met"
+		if g.ratio > 0 {
+			goal[1] = "not met"
+			if m >= g.ratio {
+				goal[1] = "met"
+			}
 		}
-		fmt.Fprintf(tw, "%s\t%.0f\t%.0f\t%s\t%.2f\t≥ %.2f\t%s\t%s\t%s\t\n", label, benchkit.Median(sumsIOPS), benchkit.Median(noIOPS),
-			strings.Join(cells, " "), m, g.ratio, verdict, benchkit.Dur(benchkit.Median(cpuSums)), benchkit.Dur(benchkit.Median(cpuNo)))
+		line(label, sides(fmt.Sprintf("%.0f", benchkit.Median(xIOPS)), fmt.Sprintf("%.0f", benchkit.Median(baseIOPS))),
+			strings.Join(cells, " "), fmt.Sprintf("%.2f", m), goal,
+			sides(benchkit.Dur(benchkit.Median(cpuX)), benchkit.Dur(benchkit.Median(cpuBase))))
 	}
 	tw.Flush()
+}
+
+// printChecksumGoals compares the 3-replica volume with checksums (b) and
+// without (d): every pair's IOPS ratio, and their median against the goal.
+func printChecksumGoals(w io.Writer, pairs []pair) {
+	printPairs(w, pairTable{
+		intro: []string{
+			"cost of checksums (3 replicas: checksumAlgorithm crc32c (b) / none (d)): the IOPS ratio of each pair of",
+			"runs (in alternating order), their median against the goal; IOPS and CPU per I/O of the nodes are medians:",
+		},
+		x: "crc32c", base: "none", rows: checksumGoals,
+	}, pairs)
+}
+
+// printTLSCost compares the 3-replica volume on the cluster with mutual
+// TLS (f) with (b) on the plaintext one: every pair's IOPS ratio f/b and
+// their median. There is no goal.
+func printTLSCost(w io.Writer, pairs []pair) {
+	printPairs(w, pairTable{
+		intro: []string{
+			"cost of mutual TLS (3 replicas: plaintext --insecure (b) / mutual TLS (f)): the IOPS ratio TLS/plaintext (f/b)",
+			"of each pair of runs (in alternating order) and their median; IOPS and CPU per I/O of the nodes are medians:",
+		},
+		x: "TLS", base: "plaintext", baseFirst: true, rows: tlsWorkloads,
+	}, pairs)
+	fmt.Fprintln(w, "(no target; issue 15 asks to report it)")
 }
 
 func printRSS(w io.Writer, node string, o options, fresh uint64, idle, later rssSample, hwm, afterBench uint64) {
