@@ -585,7 +585,31 @@ func newCertCommand(o *ctlOptions) *cobra.Command {
 				return err
 			}
 			fmt.Fprint(cmd.OutOrStdout(), out)
-			return nil
+			if len(o.Servers) == 0 {
+				return nil
+			}
+			// With --server: every member's certificate, as its meta
+			// API presents it in the handshake.
+			c, ctx, done, err := o.client(cmd)
+			if err != nil {
+				return err
+			}
+			defer done()
+			st, err := c.Status(ctx)
+			if err != nil {
+				return err
+			}
+			tw := tabwriter.NewWriter(cmd.OutOrStdout(), 0, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "\nMEMBER\tAPI ADDRESS\tCERTIFICATE\tEXPIRES\tIN")
+			for _, m := range st.Members {
+				id, notAfter, err := peerCertificate(ctx, m.APIAddr, creds)
+				if err != nil {
+					fmt.Fprintf(tw, "%s\t%s\t%v\t\t\n", m.ID, m.APIAddr, err)
+					continue
+				}
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", m.ID, m.APIAddr, id, notAfter.UTC().Format(time.RFC3339), time.Until(notAfter).Round(time.Hour))
+			}
+			return tw.Flush()
 		},
 	})
 	return cmd

@@ -1,6 +1,8 @@
 package main
 
 import (
+	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"os"
@@ -165,4 +167,21 @@ func certStatus(c *pki.Credentials) (string, error) {
 		fmt.Fprintf(&b, "trusts:   CA %q, expires %s\n", ca.Subject.CommonName, ca.NotAfter.UTC().Format(time.RFC3339))
 	}
 	return b.String(), nil
+}
+
+// peerCertificate dials addr with mutual TLS and returns the identity and
+// expiry of the certificate the server presents.
+func peerCertificate(ctx context.Context, addr string, creds *pki.Credentials) (pki.Identity, time.Time, error) {
+	d := tls.Dialer{Config: creds.ClientConfig()}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return pki.Identity{}, time.Time{}, err
+	}
+	defer c.Close()
+	cs := c.(*tls.Conn).ConnectionState()
+	id, err := pki.PeerIdentity(cs)
+	if err != nil {
+		return pki.Identity{}, time.Time{}, err
+	}
+	return id, cs.PeerCertificates[0].NotAfter, nil
 }

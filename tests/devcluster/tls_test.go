@@ -45,6 +45,10 @@ func TestDevClusterTLS(t *testing.T) {
 	if out := mustRun(t, "ctl", "--tls-dir", ctlDir, "cert", "status"); !strings.Contains(out, "identity: ctl/ctl") || !strings.Contains(out, "cairn dev cluster CA") {
 		t.Errorf("cert status:\n%s", out)
 	}
+	// With --server, every member's certificate and its expiry.
+	if out := mustRun(t, "ctl", "--server", servers, "--tls-dir", ctlDir, "cert", "status"); strings.Count(out, "node/node-") != 3 {
+		t.Errorf("cert status --server does not show the three members' certificates:\n%s", out)
+	}
 
 	// Without a certificate: refused, and it says why.
 	if r := ctl("status"); r.code == 0 {

@@ -316,6 +316,11 @@ func (b *bench) run(ctx context.Context) error {
 	if n := len(filepath.Join(b.tmp, "idle-10.sock")); n > 100 {
 		return fmt.Errorf("-dir %s: socket paths would be %d bytes, unix sockets allow 107", b.o.Parent, n)
 	}
+	// The second cluster starts after the main runs: fail now if its
+	// longest socket path, its controller's CSI socket, cannot be bound.
+	if n := len(filepath.Join(b.tmp, "cluster-tls", "controller", "csi.sock")); b.o.tlsPairs > 0 && n > 107 {
+		return fmt.Errorf("-dir %s: the TLS cluster's socket paths would be %d bytes, unix sockets allow 107 (or -tls-pairs 0)", b.o.Parent, n)
+	}
 	b.main.dir = filepath.Join(b.tmp, "cluster")
 	if b.main.nodes, b.main.servers, err = benchkit.DevUp(ctx, b.root, b.bin, b.main.dir, b.o.NodeArgs, b.o.Verbose, b.logf); err != nil {
 		return err
