@@ -48,7 +48,9 @@ func TestAgentRestartKeepsMountedVolume(t *testing.T) {
 			_ = exec.Command("losetup", "-d", "/dev/"+loop).Run()
 		}
 	})
-	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	// With mutual TLS, as users should run it: the restarted agent takes
+	// its engines back over TLS connections to the replicas.
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--tls")
 	vol = strings.TrimSpace(mustRun(t, "dev", "csi", "--dir", dir, "create", "restart-data", "--size", "256Mi",
 		"--param", "replicas=3", "--param", "csi.storage.k8s.io/fstype=ext4"))
 	mnt := strings.TrimSpace(mustRun(t, "dev", "csi", "--dir", dir, "publish", vol, "--node", "node-1"))
@@ -59,7 +61,7 @@ func TestAgentRestartKeepsMountedVolume(t *testing.T) {
 	servers := agentsOf(t, dir)
 	nbdVol := strings.TrimSpace(mustRun(t, "dev", "csi", "--dir", dir, "create", "restart-nbd", "--size", "16Mi", "--param", "replicas=3"))
 	nbdSock := filepath.Join(dir, "nbd.sock")
-	mustRun(t, "ctl", "--server", servers, "volume", "export", nbdVol, "--node", "node-1", "--nbd", nbdSock)
+	mustRun(t, "ctl", "--server", servers, "--tls-dir", filepath.Join(dir, "pki", "ctl"), "volume", "export", nbdVol, "--node", "node-1", "--nbd", nbdSock)
 	nbdBlock := func(gen byte) []byte { return bytes.Repeat([]byte{gen}, 4096) }
 	nbdWrite(t, nbdSock, nbdBlock(1))
 
