@@ -106,8 +106,11 @@ func (a *Agent) checkForwarder(method string, id pki.Identity) error {
 	return status.Errorf(codes.PermissionDenied, "%s: %v: %s is not a store member and may not forward requests", method, pki.ErrPermissionDenied, id)
 }
 
-// nodeNamedBy returns the node a command speaks for when a node sends it
-// about itself: its registration, liveness and state ("" for others).
+// nodeNamedBy returns the node a command speaks for when a node sends it:
+// its registration, liveness and state, an attachment to it, and an epoch
+// it advances as the volume's holder ("" for others). A node may send
+// these about itself only: attaching a volume to another node, or moving
+// the epoch under another node's engine, is a manager's job.
 func nodeNamedBy(b []byte) string {
 	cmd, err := Decode(b)
 	if err != nil {
@@ -122,6 +125,12 @@ func nodeNamedBy(b []byte) string {
 		return c.NodeID
 	case *SetNodeState:
 		return c.NodeID
+	case *AttachVolume:
+		return c.NodeID
+	case *DetachVolume:
+		return c.NodeID
+	case *AdvanceEpoch:
+		return c.NodeID // "" for an unattached volume: no node's
 	}
 	return ""
 }

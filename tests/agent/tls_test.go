@@ -152,6 +152,8 @@ func TestTLSRefusesStrangersOnEveryPort(t *testing.T) {
 	// A node's commands about a node are about itself.
 	_, err = n2.Apply(ctx, &meta.RegisterNode{Node: meta.Node{ID: "node-1", RaftAddr: intruder[0], APIAddr: intruder[1]}})
 	expectUnauthorized(t, "node-2: register node-1", err)
+	_, err = n2.Apply(ctx, &meta.AttachVolume{VolumeID: "any", NodeID: "node-1"})
+	expectUnauthorized(t, "node-2: attach a volume to node-1", err)
 
 	// c. Nothing the refused callers sent changed the store.
 	st2, err := c.State(ctx, true)
