@@ -5,6 +5,7 @@ import (
 	"errors"
 	"path"
 
+	"go.uber.org/zap"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -137,6 +138,7 @@ func nodeNamedBy(b []byte) string {
 
 func (a *Agent) authorizeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
 	if err := a.authorize(ctx, info.FullMethod, req); err != nil {
+		a.logRefusal(ctx, info.FullMethod, err)
 		return nil, err
 	}
 	return handler(ctx, req)
@@ -144,9 +146,25 @@ func (a *Agent) authorizeUnary(ctx context.Context, req any, info *grpc.UnarySer
 
 func (a *Agent) authorizeStream(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) error {
 	if err := a.authorize(ss.Context(), info.FullMethod, nil); err != nil {
+		a.logRefusal(ss.Context(), info.FullMethod, err)
 		return err
 	}
 	return handler(srv, ss)
+}
+
+// logRefusal says who was refused what: an operator must see a
+// misconfigured client, and an attempt.
+func (a *Agent) logRefusal(ctx context.Context, method string, err error) {
+	caller := "unknown"
+	if id, cerr := callerOf(ctx); cerr == nil {
+		caller = id.String()
+	}
+	remote := ""
+	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
+		remote = p.Addr.String()
+	}
+	a.log.Warn("meta API call refused", zap.String("method", path.Base(method)), zap.String("caller", caller),
+		zap.String("remote", remote), zap.Error(err))
 }
 
 // IsUnauthorized reports whether err is the meta API refusing the caller's

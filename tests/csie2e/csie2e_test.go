@@ -17,6 +17,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -55,11 +56,37 @@ type clusterJSON struct {
 
 func cairn(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(cairnBin, args...).CombinedOutput()
+	out, err := cairnCmd(args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("cairn %s: %v\n%s", strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// The clusters run with mutual TLS (dev up --tls), as users should run
+// them: the CSI flows (snapshots, restores, flattening, expansion,
+// encryption) go through the meta API's and the replica port's role
+// checks. ctlCerts maps a cluster's --server list to its ctl certificate.
+var (
+	ctlCertsMu sync.Mutex
+	ctlCerts   = map[string]string{}
+)
+
+// cairnCmd is the cairn command with args; a `--server LIST` of a cluster
+// started here gets that cluster's ctl certificate (CAIRN_TLS_DIR).
+func cairnCmd(args ...string) *exec.Cmd {
+	cmd := exec.Command(cairnBin, args...)
+	for i, a := range args {
+		if a == "--server" && i+1 < len(args) {
+			ctlCertsMu.Lock()
+			dir := ctlCerts[args[i+1]]
+			ctlCertsMu.Unlock()
+			if dir != "" {
+				cmd.Env = append(os.Environ(), "CAIRN_TLS_DIR="+dir)
+			}
+		}
+	}
+	return cmd
 }
 
 func dial(t *testing.T, endpoint string) *grpc.ClientConn {
@@ -98,6 +125,15 @@ func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) 
 		// removes the logs.
 		for _, n := range cj.Nodes {
 			logcheck.Check(t, n.Log, n.ID)
+			// Every flow here is legitimate: the role checks of mutual
+			// TLS must refuse none of what the nodes ask each other.
+			if b, err := os.ReadFile(n.Log); err == nil {
+				for _, refusal := range []string{"meta API call refused", "replica connection refused", "needs a node certificate", "claim refused"} {
+					if strings.Contains(string(b), refusal) {
+						t.Errorf("%s's log shows a call refused by the role checks:\n%s", n.ID, grepLines(string(b), refusal))
+					}
+				}
+			}
 		}
 		out, err := exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput()
 		if err != nil {
@@ -105,7 +141,7 @@ func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) 
 		}
 		assertNothingLeft(t, dir)
 	})
-	args := append([]string{"dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir}, upArgs...)
+	args := append([]string{"dev", "up", "--nodes", strconv.Itoa(n), "--dir", dir, "--tls"}, upArgs...)
 	for _, a := range nodeArgs {
 		args = append(args, "--node-arg="+a)
 	}
@@ -126,6 +162,9 @@ func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) 
 		agents = append(agents, n.Agent)
 	}
 	c.agents = strings.Join(agents, ",")
+	ctlCertsMu.Lock()
+	ctlCerts[c.agents] = filepath.Join(dir, "pki", "ctl")
+	ctlCertsMu.Unlock()
 	return c
 }
 

@@ -153,7 +153,7 @@ func TestEncryptedVolumeThroughCSI(t *testing.T) {
 	if err := os.WriteFile(passFile, []byte("ctl horse\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command(cairnBin, "ctl", "--server", c.agents, "volume", "create", "enc-ctl", "--size", "64Mi",
+	if out, err := cairnCmd("ctl", "--server", c.agents, "volume", "create", "enc-ctl", "--size", "64Mi",
 		"--param", "encryption=aes-256-gcm").CombinedOutput(); err == nil || !strings.Contains(string(out), "--passphrase-file") {
 		t.Fatalf("ctl volume create encrypted without --passphrase-file: %v\n%s", err, out)
 	}
@@ -164,7 +164,7 @@ func TestEncryptedVolumeThroughCSI(t *testing.T) {
 	}
 	// Exported over NBD it cannot be: the export gets no passphrase.
 	ctlID := strings.Fields(out)[2]
-	if out, err := exec.Command(cairnBin, "ctl", "--server", c.agents, "volume", "export", ctlID, "--node", "node-1",
+	if out, err := cairnCmd("ctl", "--server", c.agents, "volume", "export", ctlID, "--node", "node-1",
 		"--nbd", filepath.Join(t.TempDir(), "enc.sock")).CombinedOutput(); err == nil || !strings.Contains(string(out), "encrypted") {
 		t.Fatalf("ctl volume export of an encrypted volume: %v\n%s", err, out)
 	}

@@ -397,7 +397,7 @@ func TestExpandOnline(t *testing.T) {
 			if status.Code(err) != codes.OutOfRange {
 				t.Fatalf("ControllerExpandVolume to the old size with that limit: %v, want OutOfRange", err)
 			}
-			out, err := exec.Command(cairnBin, "ctl", "--server", c.agents, "volume", "expand", x.id, "--size", fmt.Sprint(x.from)).CombinedOutput()
+			out, err := cairnCmd("ctl", "--server", c.agents, "volume", "expand", x.id, "--size", fmt.Sprint(x.from)).CombinedOutput()
 			if err == nil || !strings.Contains(string(out), "never shrink") {
 				t.Fatalf("ctl volume expand to a smaller size: %v\n%s\nwant a refusal that says volumes never shrink", err, out)
 			}
