@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
@@ -65,7 +66,9 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 	// directory of disk type nvme-ssd besides its default one and IOPS to
 	// promise to guaranteed volumes, as the design's StorageClass needs
 	// (TestDesignStorageClass).
-	out, err := exec.CommandContext(ctx, bin, "dev", "up", "--nodes", "3", "--dir", c.dir,
+	// With mutual TLS on every port: the CSI controller and the tests'
+	// own store client present certificates dev up issues.
+	out, err := exec.CommandContext(ctx, bin, "dev", "up", "--nodes", "3", "--dir", c.dir, "--tls",
 		"--disk-types", "nvme-ssd", fmt.Sprintf("--node-arg=--reservable-iops=%d", designReservable),
 		"--node-arg=--csi-allowed-roots="+kube.KubeletRoot).CombinedOutput()
 	fmt.Printf("%s", out)
@@ -84,7 +87,11 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 	for _, n := range c.dev.Nodes {
 		agents = append(agents, n.Agent)
 	}
-	if c.meta, err = meta.NewClient(agents); err != nil {
+	creds, err := pki.Load(pki.FilesIn(filepath.Join(c.dir, "pki", "ctl"), "tls"))
+	if err != nil {
+		return c, err
+	}
+	if c.meta, err = meta.NewClient(agents, meta.WithTLS(creds)); err != nil {
 		return c, err
 	}
 

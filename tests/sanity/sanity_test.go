@@ -45,7 +45,9 @@ func TestCSISanity(t *testing.T) {
 		}
 		assertNothingLeft(t, dir)
 	})
-	run("dev", "up", "--nodes", "3", "--dir", dir)
+	// With mutual TLS between the controller, the node agents and their
+	// replicas, as users should run Cairn.
+	run("dev", "up", "--nodes", "3", "--dir", dir, "--tls")
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)
