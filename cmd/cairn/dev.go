@@ -260,12 +260,14 @@ func newDevUpCommand() *cobra.Command {
 	var zones bool
 	var staleTimeout time.Duration
 	var nodeArgs, diskTypes []string
-	var withTLS bool
+	var withTLS, insecure bool
 	cmd := &cobra.Command{
-		Use:     "up",
-		Short:   "Start N node agents in the background and wait for the cluster",
-		Example: `  cairn dev up --nodes 3 --dir .demo`,
-		Args:    cobra.NoArgs,
+		Use:   "up",
+		Short: "Start N node agents in the background and wait for the cluster",
+		Example: `  cairn dev up --nodes 3 --dir .demo
+  export CAIRN_TLS_DIR=.demo/pki/ctl    # ctl's certificate
+  cairn dev up --nodes 3 --dir .plain --insecure`,
+		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if nodes < 1 || nodes > 7 {
 				return fmt.Errorf("--nodes %d: want 1 to 7", nodes)
@@ -273,6 +275,10 @@ func newDevUpCommand() *cobra.Command {
 			if dir == "" {
 				return errors.New("--dir is required")
 			}
+			if insecure && cmd.Flags().Changed("tls") && withTLS {
+				return errors.New("--tls and --insecure exclude each other")
+			}
+			withTLS = withTLS && !insecure
 			abs, err := filepath.Abs(dir)
 			if err != nil {
 				return err
@@ -315,7 +321,8 @@ func newDevUpCommand() *cobra.Command {
 	cmd.Flags().BoolVar(&zones, "zones", false, "spread the nodes over three topology zones")
 	cmd.Flags().DurationVar(&staleTimeout, "stale-replica-timeout", 10*time.Minute, "replace a replica whose node stays down this long")
 	cmd.Flags().StringArrayVar(&nodeArgs, "node-arg", nil, "extra flag for every node agent, repeatable (e.g. --node-arg=--pprof)")
-	cmd.Flags().BoolVar(&withTLS, "tls", false, "run every port with mutual TLS: a CA in DIR/pki and a certificate for each node, the controller and ctl (without it the nodes run with --insecure)")
+	cmd.Flags().BoolVar(&withTLS, "tls", true, "run every port with mutual TLS: a CA in DIR/pki and a certificate for each node, the controller and ctl (the default)")
+	cmd.Flags().BoolVar(&insecure, "insecure", false, "run the node agents with --insecure: every port in plaintext, open to anyone who can reach it, and ctl needs no certificate")
 	cmd.Flags().StringSliceVar(&diskTypes, "disk-types", nil, "give every node a data directory of each of these disk types besides its default one (e.g. nvme-ssd,hdd)")
 	return cmd
 }

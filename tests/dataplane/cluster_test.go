@@ -134,7 +134,7 @@ func startCluster(t *testing.T, n int, extra ...string) *devCluster {
 		down: map[string]bool{}, stopped: map[string]bool{}, pids: map[int]bool{}}
 	t.Cleanup(c.cleanup)
 	start := time.Now()
-	c.mustCairn(append([]string{"dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir}, extra...)...)
+	c.mustCairn(append([]string{"dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir, "--insecure"}, extra...)...)
 	if got := len(c.nodes()); got != n {
 		t.Fatalf("cluster.json lists %d nodes, want %d", got, n)
 	}

@@ -152,7 +152,7 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		}
 	})
 
-	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -338,6 +338,7 @@ func TestBadInput(t *testing.T) {
 		{"dev without dir", []string{"dev", "up"}, "--dir is required"},
 		{"dev kill without cluster", []string{"dev", "kill", "--dir", tmp, "node-1"}, "no dev cluster"},
 		{"dev bad node count", []string{"dev", "up", "--dir", tmp, "--nodes", "0"}, "--nodes 0"},
+		{"dev TLS and insecure", []string{"dev", "up", "--dir", tmp, "--tls", "--insecure"}, "exclude each other"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -363,8 +364,8 @@ func TestDataDirIdentity(t *testing.T) {
 		run(t, "dev", "down", "--dir", a)
 		run(t, "dev", "down", "--dir", b)
 	})
-	mustRun(t, "dev", "up", "--nodes", "1", "--dir", a)
-	mustRun(t, "dev", "up", "--nodes", "1", "--dir", b)
+	mustRun(t, "dev", "up", "--nodes", "1", "--dir", a, "--insecure")
+	mustRun(t, "dev", "up", "--nodes", "1", "--dir", b, "--insecure")
 	rawB, _ := os.ReadFile(filepath.Join(b, "cluster.json"))
 	cb := decode[clusterJSON](t, string(rawB))
 	// Wait until cluster A's data dir records its cluster id, then stop A.
@@ -426,7 +427,7 @@ func TestFrozenLeader(t *testing.T) {
 		}
 		run(t, "dev", "down", "--dir", dir)
 	})
-	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)

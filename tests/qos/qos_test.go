@@ -100,7 +100,7 @@ func within(got, want, tolerance float64) bool {
 func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "cluster")
 	t.Cleanup(func() { _, _ = exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput() })
-	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
 	nodes, server, err := benchkit.LoadCluster(dir)
 	if err != nil {
 		t.Fatal(err)
@@ -186,7 +186,7 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 func TestDesignLimitKeysHoldOnRealIO(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "cluster")
 	t.Cleanup(func() { _, _ = exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput() })
-	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
 	_, server, err := benchkit.LoadCluster(dir)
 	if err != nil {
 		t.Fatal(err)

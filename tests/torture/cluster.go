@@ -131,7 +131,7 @@ func startCluster(ctx context.Context, bin, work string, n int, smallFSSize uint
 	}
 	c.smallFS, c.smallFSNode = fs, last
 	start := time.Now()
-	if _, err := c.cairn(ctx, 2*time.Minute, "dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir); err != nil {
+	if _, err := c.cairn(ctx, 2*time.Minute, "dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir, "--insecure"); err != nil {
 		c.close(false)
 		return nil, err
 	}

@@ -240,9 +240,21 @@ type Node struct {
 }
 
 // DevUpArgs is the argument list of `cairn dev up` for a 3-node cluster in
-// dir whose node agents all get nodeArgs (--node-arg).
+// dir whose node agents all get nodeArgs (--node-arg). The cluster runs in
+// plaintext (--insecure): the benchmarks' ctl calls carry no certificate,
+// and their tables compare with earlier plaintext runs; fiobench measures
+// mutual TLS on a cluster of its own (DevUpTLSArgs).
 func DevUpArgs(dir string, nodeArgs []string) []string {
-	args := []string{"dev", "up", "--nodes", "3", "--dir", dir}
+	return devUpArgs(dir, nodeArgs, "--insecure")
+}
+
+// DevUpTLSArgs is DevUpArgs for a cluster with mutual TLS on every port.
+func DevUpTLSArgs(dir string, nodeArgs []string) []string {
+	return devUpArgs(dir, nodeArgs, "--tls")
+}
+
+func devUpArgs(dir string, nodeArgs []string, security string) []string {
+	args := []string{"dev", "up", "--nodes", "3", "--dir", dir, security}
 	for _, a := range nodeArgs {
 		args = append(args, "--node-arg="+a)
 	}

@@ -1218,7 +1218,7 @@ func (b *bench) measureTLS(ctx context.Context, tB *target) ([]pair, error) {
 	b.logf("starting a second 3-node dev cluster, with mutual TLS, in %s", c.dir)
 	// As benchkit.DevUp: Ctrl-C does not cancel dev up, which, killed
 	// halfway, could leave node agents running that no cluster.json names.
-	args := append(benchkit.DevUpArgs(c.dir, b.o.NodeArgs), "--tls")
+	args := benchkit.DevUpTLSArgs(c.dir, b.o.NodeArgs)
 	if _, err := b.cmd(context.WithoutCancel(ctx), b.bin, args...); err != nil {
 		return nil, fmt.Errorf("dev up --tls: %w", err)
 	}
