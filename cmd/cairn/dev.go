@@ -679,7 +679,9 @@ func newDevDownCommand() *cobra.Command {
 			if keep {
 				return c.save(dir)
 			}
-			for _, n := range append([]string{"controller"}, nodeIDs(c)...) {
+			// The dev cluster's CA and certificates go with it: they are
+			// its own, and a later dev up makes new ones.
+			for _, n := range append([]string{"controller", "pki"}, nodeIDs(c)...) {
 				if err := os.RemoveAll(filepath.Join(dir, n)); err != nil {
 					return err
 				}

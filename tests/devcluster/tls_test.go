@@ -26,6 +26,10 @@ func TestDevClusterTLS(t *testing.T) {
 		if r := run(t, "dev", "down", "--dir", dir); r.code != 0 {
 			t.Errorf("dev down: exit %d: %s%s", r.code, r.stdout, r.stderr)
 		}
+		// The CA goes with the cluster: a later dev up in dir makes a new one.
+		if _, err := os.Stat(filepath.Join(dir, "pki")); !os.IsNotExist(err) {
+			t.Errorf("dev down left %s/pki (%v)", dir, err)
+		}
 	})
 	up := mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--tls")
 	ctlDir := filepath.Join(dir, "pki", "ctl")
