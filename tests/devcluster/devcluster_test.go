@@ -152,7 +152,10 @@ func TestDevClusterEndToEnd(t *testing.T) {
 		}
 	})
 
-	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
+	// With mutual TLS, the default: every ctl below presents the
+	// certificate dev up issued for it.
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	t.Setenv("CAIRN_TLS_DIR", filepath.Join(dir, "pki", "ctl"))
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)
@@ -427,7 +430,8 @@ func TestFrozenLeader(t *testing.T) {
 		}
 		run(t, "dev", "down", "--dir", dir)
 	})
-	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
+	mustRun(t, "dev", "up", "--nodes", "3", "--dir", dir)
+	t.Setenv("CAIRN_TLS_DIR", filepath.Join(dir, "pki", "ctl"))
 	raw, err := os.ReadFile(filepath.Join(dir, "cluster.json"))
 	if err != nil {
 		t.Fatal(err)
