@@ -166,9 +166,7 @@ func (n *Node) Close() {
 	if h, ok := n.fs.(handover); ok && n.holder != nil && n.holder.reachable() {
 		h.Leave(10 * time.Second)
 		for id, s := range staged {
-			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			err := n.engines.Release(ctx, s.engine)
-			cancel()
+			err := n.release(s.engine)
 			n.log.Info("node plugin stopping: volume left staged for the next agent", zap.String("volume_id", id), zap.String("device", s.dev), zap.Error(err))
 		}
 		n.holder.close()
@@ -178,9 +176,7 @@ func (n *Node) Close() {
 		n.log.Warn("the descriptor holder does not answer: the staged volumes lose their device", zap.String("holder", n.cfg.Holder))
 	}
 	for id, s := range staged {
-		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = n.engines.Release(ctx, s.engine)
-		cancel()
+		_ = n.release(s.engine)
 		n.log.Warn("node plugin stopping with a staged volume", zap.String("volume_id", id), zap.String("device", s.dev))
 	}
 	if n.fs != nil {
@@ -193,6 +189,14 @@ func (n *Node) Close() {
 		_ = n.holder.drop(holdFUSE)
 		n.holder.close()
 	}
+}
+
+// release flushes and closes e outside any request: a shutdown's, or an
+// undone staging's, bounded by 10 s.
+func (n *Node) release(e volumeEngine) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	return n.engines.Release(ctx, e)
 }
 
 // NodeGetInfo names the node and its zone; the node's own topology segment
@@ -360,9 +364,7 @@ func (n *Node) stage(ctx context.Context, id, staging string, vc *csipb.VolumeCa
 		if s.fs != nil {
 			_ = s.fs.Remove(s.file)
 		}
-		cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-		_ = n.engines.Release(cctx, e)
-		cancel()
+		_ = n.release(e)
 	}
 	fs, err := n.fuseServer()
 	if err != nil {

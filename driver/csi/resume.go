@@ -45,9 +45,7 @@ func (n *Node) Resume(ctx context.Context) error {
 		}
 	}
 	if !mounted {
-		for _, id := range vols {
-			_ = n.holder.drop(holdVolumePrefix + id)
-		}
+		n.forgetHeld(vols)
 		return nil
 	}
 	start := time.Now()
@@ -99,9 +97,7 @@ func (n *Node) Resume(ctx context.Context) error {
 	if err != nil {
 		_ = dev.Close()
 		for _, r := range got {
-			cctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-			_ = n.engines.Release(cctx, r.s.engine)
-			cancel()
+			_ = n.release(r.s.engine)
 		}
 		_ = n.holder.drop(holdFUSE)
 		n.forgetHeld(vols)

@@ -274,7 +274,6 @@ type Credentials struct {
 	files Files
 
 	mu      sync.Mutex
-	loaded  time.Time // when the files were last read
 	checked time.Time // when their times were last looked at
 	mtimes  [3]time.Time
 	cert    *tls.Certificate
@@ -345,8 +344,7 @@ func (c *Credentials) reload() error {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	c.cert, c.pool, c.id, c.expires, c.mtimes = &pair, pool, id, leaf.NotAfter, mt
-	c.loaded = time.Now()
-	c.checked = c.loaded
+	c.checked = time.Now()
 	return nil
 }
 
