@@ -289,6 +289,17 @@ func TestHelmChartValues(t *testing.T) {
 			if lim.String() != "1Gi" || req.String() != "100m" {
 				t.Errorf("node agent resources %+v, want the default requests and node.resources' memory limit 1Gi", c.Resources)
 			}
+			// NodeStage refuses paths outside the allowed roots: a moved
+			// kubelet directory with the default root fails every mount
+			// (found by tests/e2e running the chart).
+			if r, _ := flag(c.Args, "csi-allowed-roots"); r != "/var/lib/k0s/kubelet" {
+				t.Errorf("node agent --csi-allowed-roots %q ignores node.kubeletDir", r)
+			}
+			for _, a := range c.Args {
+				if strings.Contains(a, "/var/lib/kubelet") {
+					t.Errorf("node agent arg %q ignores node.kubeletDir", a)
+				}
+			}
 			for _, a := range []string{"--reservable-iops=20000", "--zone=eu-1a"} {
 				if !slices.Contains(c.Args, a) {
 					t.Errorf("node agent args %v lack node.extraArgs' %s", c.Args, a)
