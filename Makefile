@@ -54,11 +54,14 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # target beside make test: it needs root and containerd. The first step
 # builds Kubernetes, etcd and the CSI sidecars, or finds them in the cache:
 # about 20 min on 2 cores the first time, under a second after. The tests
-# then take about 3.5 min, run side by side (tests/e2e/README.md, "Timing").
+# then take about 3.5 min, run side by side, with Cairn as host processes;
+# then Cairn as pods from its Helm chart runs scenario 1 on a fresh
+# cluster, about 1.5 min (tests/e2e/README.md, "Timing").
 e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
 	bash scripts/install-deps.sh --e2e
 	go test -tags e2e -count=1 -timeout 75m -v ./tests/e2e -e2e.build-only
 	go test -tags e2e -count=1 -timeout 30m -parallel 8 -v ./tests/e2e
+	go test -tags e2e -count=1 -timeout 20m -parallel 8 -v ./tests/e2e -e2e.cairn=pods
 
 # deploy/kubernetes is the Helm chart deploy/helm/cairn rendered with its
 # defaults (namespace cairn-system, createNamespace=true); tests/deploy fails

@@ -35,14 +35,16 @@ APT_PACKAGES=(
 # <<< end of the package list
 
 # With --e2e, also what tests/e2e's local Kubernetes needs: a container
-# runtime, the CNI plugins (/usr/lib/cni) and a static busybox for the
-# workload image. Nothing here starts a service (no systemd on CI).
+# runtime, the CNI plugins (/usr/lib/cni), a static busybox for the
+# workload image and debootstrap for the Debian root filesystem of the
+# Cairn image. Nothing here starts a service (no systemd on CI).
 if [[ "${1:-}" == "--e2e" ]]; then
 	APT_PACKAGES+=(
 		"containerd:containerd"
 		"runc:runc"
 		"containernetworking-plugins:"
 		"busybox-static:"
+		"debootstrap:debootstrap"
 	)
 fi
 

@@ -81,7 +81,7 @@ func newControllerCommand() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			srv := csi.Serve(log, lis, &csi.Identity{Version: version, Meta: m}, csi.NewController(m), nil)
+			srv := csi.Serve(log, lis, &csi.Identity{Version: version, Meta: m, Log: log}, csi.NewController(m), nil)
 			log.Info("CSI controller running", zap.String("endpoint", o.Endpoint), zap.Strings("meta", o.Meta), zap.String("version", version))
 			sig := make(chan os.Signal, 1)
 			signal.Notify(sig, syscall.SIGINT, syscall.SIGTERM)

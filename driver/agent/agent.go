@@ -252,7 +252,7 @@ func (a *Agent) serveCSI() error {
 		_ = lis.Close()
 		return err
 	}
-	srv := csi.Serve(a.log, lis, &csi.Identity{Version: a.cfg.Version, Meta: a.self, Local: true}, nil, node)
+	srv := csi.Serve(a.log, lis, &csi.Identity{Version: a.cfg.Version, Meta: a.self, Local: true, Log: a.log}, nil, node)
 	a.closers = append(a.closers, func() error { srv.Stop(); node.Close(); return nil })
 	return nil
 }

@@ -176,6 +176,8 @@ type Identity struct {
 	// answers, not whether the store has a leader: a node plugin's liveness
 	// must not restart every node agent when the cluster loses quorum.
 	Local bool
+	// Log gets why a probe was not ready (nil: nowhere).
+	Log *zap.Logger
 }
 
 // GetPluginInfo names the driver and its version.
@@ -206,15 +208,20 @@ func (i *Identity) GetPluginCapabilities(context.Context, *csipb.GetPluginCapabi
 func (i *Identity) Probe(ctx context.Context, _ *csipb.ProbeRequest) (*csipb.ProbeResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	var ready bool
+	var err error
 	if i.Local {
-		_, err := i.Meta.Info(ctx)
-		ready = err == nil
+		_, err = i.Meta.Info(ctx)
 	} else {
-		st, err := i.Meta.Status(ctx)
-		ready = err == nil && st.Leader != ""
+		st, serr := i.Meta.Status(ctx)
+		if err = serr; err == nil && st.Leader == "" {
+			err = errors.New("the volume store has no leader")
+		}
 	}
-	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(ready)}, nil
+	if err != nil && i.Log != nil {
+		// The liveness probe only sees "not ready": say here why.
+		i.Log.Warn("probe: not ready", zap.Error(err))
+	}
+	return &csipb.ProbeResponse{Ready: wrapperspb.Bool(err == nil)}, nil
 }
 
 func wrapInt64(v uint64) *wrapperspb.Int64Value { return wrapperspb.Int64(int64(v)) }

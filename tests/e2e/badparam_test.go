@@ -18,6 +18,7 @@ import (
 // unknown parameter gives the claim an event that names the parameter,
 // and no volume is left in the store.
 func TestUnknownParameter(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	// Immediate: provisioning starts without a pod.
 	class := storageClass(t, "e2e-bad-parameter", map[string]string{"replicas": "2", "replicaCout": "3"},

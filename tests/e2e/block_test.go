@@ -39,6 +39,7 @@ var sumLine = regexp.MustCompile(`(?m)^sum ([0-9a-f]{64})$`)
 // a pod writes the device and reads it back, a second pod reads what the
 // first wrote. The device reaches the pod through kubelet's block paths.
 func TestRawBlock(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	ns := newNamespace(t, "block")
 	apply(t, claim(ns, "dev", "cairn-block", "64Mi", corev1.PersistentVolumeBlock))

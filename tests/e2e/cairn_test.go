@@ -39,8 +39,16 @@ type cairnDeployment struct {
 	node devNode
 	meta *meta.Client
 	kube *localkube.Run
-	// procs are the sidecars and the registrar.
+	// procs are the sidecars and the registrar (host processes), or the
+	// snapshot-controller alone (pods).
 	procs []*localkube.Process
+	// pods: Cairn runs from the Helm chart in containerd (pods_test.go);
+	// bin and dev are then unset.
+	pods bool
+	// ext4Class is the replicated ext4 StorageClass scenario 1 uses, and
+	// replicas its replica count.
+	ext4Class string
+	replicas  int
 }
 
 // devCluster is the part of `cairn dev up`'s cluster.json the tests read.
@@ -60,7 +68,7 @@ type devNode struct {
 }
 
 func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binaries, bin, manifests string) (*cairnDeployment, error) {
-	c := &cairnDeployment{bin: bin, dir: filepath.Join(kube.Dir, "cairn"), kube: kube}
+	c := &cairnDeployment{bin: bin, dir: filepath.Join(kube.Dir, "cairn"), kube: kube, ext4Class: "cairn-replicated-ext4", replicas: 3}
 	// Node agents on loopback addresses with CSI sockets kubelet's paths
 	// are allowed on, and the CSI controller. Each node has a data
 	// directory of disk type nvme-ssd besides its default one and IOPS to
@@ -102,11 +110,7 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 			return c, err
 		}
 	}
-	if _, err := kube.Kubectl(ctx, nil, "apply", "-k", bins.SnapshotCRDs); err != nil {
-		return c, err
-	}
-	if _, err := kube.Kubectl(ctx, nil, "wait", "--for=condition=established", "--timeout=60s",
-		"crd/volumesnapshotclasses.snapshot.storage.k8s.io", "crd/volumesnapshots.snapshot.storage.k8s.io", "crd/volumesnapshotcontents.snapshot.storage.k8s.io"); err != nil {
+	if err := installSnapshotCRDs(ctx, kube, bins); err != nil {
 		return c, err
 	}
 	if _, err := kube.Kubectl(ctx, nil, "apply", "-f", filepath.Join(manifests, "volumesnapshotclass.yaml")); err != nil {
@@ -144,20 +148,41 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 		}
 		c.procs = append(c.procs, p)
 	}
-	// The snapshot-controller is the cluster's, not the driver's.
-	p, err := kube.Start("snapshot-controller", bins.Sidecar["snapshot-controller"], []string{"--kubeconfig", kube.Kubeconfig, "--leader-election=false", "--v", "3"}, nil)
+	p, err := startSnapshotController(kube, bins)
 	if err != nil {
 		return c, err
 	}
 	c.procs = append(c.procs, p)
 	p, err = kube.Start("registrar", bins.Registrar, []string{"--driver", driverName,
-		"--csi-socket", strings.TrimPrefix(c.node.CSI, "unix://"),
-		"--registration-dir", filepath.Join(kube.KubeletRoot, "plugins_registry")}, nil)
+		"--csi-address", strings.TrimPrefix(c.node.CSI, "unix://"),
+		"--plugin-registration-path", filepath.Join(kube.KubeletRoot, "plugins_registry")}, nil)
 	if err != nil {
 		return c, err
 	}
 	c.procs = append(c.procs, p)
+	return c, waitDriverReady(ctx, kube, c)
+}
 
+// installSnapshotCRDs installs the VolumeSnapshot CRDs, which every
+// cluster that takes snapshots has (the VolumeSnapshotClass needs them).
+func installSnapshotCRDs(ctx context.Context, kube *localkube.Run, bins *localkube.Binaries) error {
+	if _, err := kube.Kubectl(ctx, nil, "apply", "-k", bins.SnapshotCRDs); err != nil {
+		return err
+	}
+	_, err := kube.Kubectl(ctx, nil, "wait", "--for=condition=established", "--timeout=60s",
+		"crd/volumesnapshotclasses.snapshot.storage.k8s.io", "crd/volumesnapshots.snapshot.storage.k8s.io", "crd/volumesnapshotcontents.snapshot.storage.k8s.io")
+	return err
+}
+
+// startSnapshotController runs the snapshot-controller, which is the
+// cluster's, not the driver's, as a host process.
+func startSnapshotController(kube *localkube.Run, bins *localkube.Binaries) (*localkube.Process, error) {
+	return kube.Start("snapshot-controller", bins.Sidecar["snapshot-controller"], []string{"--kubeconfig", kube.Kubeconfig, "--leader-election=false", "--v", "3"}, nil)
+}
+
+// waitDriverReady waits for kubelet to register the node plugin and for
+// the provisioner to publish capacity.
+func waitDriverReady(ctx context.Context, kube *localkube.Run, c *cairnDeployment) error {
 	if err := poll(ctx, 2*time.Minute, "kubelet to register "+driverName, func() error {
 		out, err := kube.Kubectl(ctx, nil, "get", "csinode", kube.NodeName, "-o", "jsonpath={.spec.drivers[*].name}")
 		if err != nil {
@@ -168,7 +193,7 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 		}
 		return nil
 	}); err != nil {
-		return c, fmt.Errorf("%w\nregistrar:\n%s\nkubelet:\n%s", err, p.Tail(10), kube.Kubelet().Tail(30))
+		return fmt.Errorf("%w\n%s\nkubelet:\n%s", err, c.tail("registrar", 10), kube.Kubelet().Tail(30))
 	}
 	// WaitForFirstConsumer pods schedule only where a CSIStorageCapacity
 	// says there is room.
@@ -182,13 +207,36 @@ func deployCairn(ctx context.Context, kube *localkube.Run, bins *localkube.Binar
 		}
 		return nil
 	}); err != nil {
-		return c, fmt.Errorf("%w\ncsi-provisioner:\n%s", err, c.procs[0].Tail(20))
+		return fmt.Errorf("%w\n%s", err, c.tail("provisioner", 20))
 	}
-	return c, nil
+	return nil
+}
+
+// tail returns the last n lines of each log whose name contains what.
+func (c *cairnDeployment) tail(what string, n int) string {
+	var b strings.Builder
+	for name, path := range c.allLogs() {
+		if strings.Contains(name, what) {
+			fmt.Fprintf(&b, "%s:\n%s\n", name, localkube.Tail(path, n))
+		}
+	}
+	return b.String()
+}
+
+// allLogs names the logs of every process of the cluster and of Cairn.
+func (c *cairnDeployment) allLogs() map[string]string {
+	logs := c.kube.Logs()
+	for k, v := range c.logs() {
+		logs[k] = v
+	}
+	return logs
 }
 
 // logs names the logs of the node agents and the CSI controller.
 func (c *cairnDeployment) logs() map[string]string {
+	if c.pods {
+		return podLogs(c.kube)
+	}
 	out := map[string]string{"cairn-controller": c.dev.Controller.Log}
 	for _, n := range c.dev.Nodes {
 		out["cairn-"+n.ID] = n.Log
@@ -203,6 +251,10 @@ func (c *cairnDeployment) down() error {
 	}
 	if c.meta != nil {
 		c.meta.Close()
+	}
+	if c.pods {
+		// The pods go with the cluster (localkube's Close).
+		return nil
 	}
 	if _, err := os.Stat(filepath.Join(c.dir, "cluster.json")); err != nil {
 		return nil

@@ -53,6 +53,7 @@ const plaintextMarker = "cairn-e2e-plaintext-marker-7f3a"
 // guaranteed reservation admitted (and a second one beyond the nodes'
 // reservable IOPS refused with ResourceExhausted), and Retain.
 func TestDesignStorageClass(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	yaml, err := os.ReadFile(designClassFile)
 	if err != nil {

@@ -26,6 +26,7 @@ import (
 // error names the capability, and the next pod gets the grown filesystem.
 // xfs grows mounted without it.
 func TestExpandOnline(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	t.Run("xfs", func(t *testing.T) {
 		t.Parallel()

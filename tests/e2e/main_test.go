@@ -27,6 +27,7 @@ var (
 	runFlag   = flag.String("e2e.run", "", "run directory: the cluster's state and logs (default: CACHE/run)")
 	keepFlag  = flag.Bool("e2e.keep", false, "leave the cluster running after the tests (clean up with the next run, or see README.md)")
 	buildOnly = flag.Bool("e2e.build-only", false, "build (or find in the cache) what the tests need, then stop: no cluster, no tests")
+	modeFlag  = flag.String("e2e.cairn", "host", "how Cairn runs: host (a dev cluster of host processes, every scenario) or pods (the Helm chart in containerd on one node, scenario 1; pods_test.go)")
 )
 
 // Parallel tests: every test that only uses volumes of its own (its own
@@ -36,6 +37,15 @@ var (
 // wall time from about 7 min to about 4. TestNodeAgentKilled does not: it
 // kills the node agent that serves every pod's volume on the node. Go runs
 // the tests that are not parallel first, then the parallel ones together.
+
+// hostOnly skips a test when Cairn runs as pods on one node: that mode
+// runs scenario 1 only (README.md, "Cairn as pods").
+func hostOnly(t *testing.T) {
+	t.Helper()
+	if env.cairn.pods {
+		t.Skip("-e2e.cairn=pods runs scenario 1 (TestReplicatedExt4) only: one node, one store member, one replica")
+	}
+}
 
 // env is the cluster the tests share, set up by TestMain.
 var env *cluster
@@ -93,7 +103,11 @@ func run(m *testing.M) (code int, err error) {
 	if err != nil {
 		return 1, err
 	}
-	cairnBin, err := buildCairn(cache, filepath.Join(src, "..", ".."))
+	if *modeFlag != "host" && *modeFlag != "pods" {
+		return 2, fmt.Errorf("-e2e.cairn=%q: want host or pods", *modeFlag)
+	}
+	repo := filepath.Join(src, "..", "..")
+	cairnBin, err := buildCairn(cache, repo)
 	if err != nil {
 		return 1, err
 	}
@@ -133,7 +147,12 @@ func run(m *testing.M) (code int, err error) {
 	phase("kubernetes up", start)
 
 	start = time.Now()
-	if env.cairn, err = deployCairn(ctx, kube, bins, cairnBin, filepath.Join(src, "..", "..", "deploy", "kubernetes")); err != nil {
+	if *modeFlag == "pods" {
+		env.cairn, err = deployCairnPods(ctx, kube, bins, b, cairnBin, repo)
+	} else {
+		env.cairn, err = deployCairn(ctx, kube, bins, cairnBin, filepath.Join(repo, "deploy", "kubernetes"))
+	}
+	if err != nil {
 		printLogs(kube, 40)
 		return 1, err
 	}
@@ -153,11 +172,13 @@ func run(m *testing.M) (code int, err error) {
 }
 
 // buildCairn builds the cairn binary under test (the Go build cache makes
-// a warm build quick).
+// a warm build quick), static as the Dockerfile builds it: the same binary
+// runs as a host process and in the image (pods_test.go).
 func buildCairn(cache, repo string) (string, error) {
 	out := filepath.Join(cache, "cairn-under-test", "cairn")
-	cmd := exec.Command("go", "build", "-o", out, "./cmd/cairn")
+	cmd := exec.Command("go", "build", "-trimpath", "-o", out, "./cmd/cairn")
 	cmd.Dir = repo
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
 	if err := cmd.Run(); err != nil {
 		return "", fmt.Errorf("build cairn: %w", err)
@@ -171,7 +192,11 @@ func buildCairn(cache, repo string) (string, error) {
 // group snapshots; the sidecar turns the feature off).
 func forbiddenInLogs(kube *localkube.Run) []string {
 	var out []string
-	for name, path := range kube.Logs() {
+	logs := kube.Logs()
+	if env.cairn != nil {
+		logs = env.cairn.allLogs()
+	}
+	for name, path := range logs {
 		if !strings.HasPrefix(name, "csi-") {
 			continue
 		}
@@ -196,9 +221,7 @@ func forbiddenInLogs(kube *localkube.Run) []string {
 func printLogs(kube *localkube.Run, n int) {
 	logs := kube.Logs()
 	if env != nil && env.cairn != nil {
-		for k, v := range env.cairn.logs() {
-			logs[k] = v
-		}
+		logs = env.cairn.allLogs()
 	}
 	names := make([]string, 0, len(logs))
 	for k := range logs {

@@ -55,7 +55,7 @@ sync
 func TestReplicatedExt4(t *testing.T) {
 	t.Parallel() // see main_test.go, "Parallel tests"
 	ns := newNamespace(t, "ext4")
-	apply(t, claim(ns, "data", "cairn-replicated-ext4", "256Mi", corev1.PersistentVolumeFilesystem))
+	apply(t, claim(ns, "data", env.cairn.ext4Class, "256Mi", corev1.PersistentVolumeFilesystem))
 
 	// WaitForFirstConsumer: nothing is provisioned before a pod uses it.
 	time.Sleep(2 * time.Second)
@@ -108,7 +108,7 @@ func checkPV(t *testing.T, pv *corev1.PersistentVolume, ns string) {
 	if ref := pv.Spec.ClaimRef; ref == nil || ref.Namespace != ns || ref.Name != "data" {
 		t.Errorf("PV claimRef %+v, want %s/data", pv.Spec.ClaimRef, ns)
 	}
-	if pv.Spec.StorageClassName != "cairn-replicated-ext4" {
+	if pv.Spec.StorageClassName != env.cairn.ext4Class {
 		t.Errorf("PV class %q", pv.Spec.StorageClassName)
 	}
 	if pv.Spec.VolumeMode == nil || *pv.Spec.VolumeMode == corev1.PersistentVolumeFilesystem {
@@ -125,15 +125,16 @@ func checkPV(t *testing.T, pv *corev1.PersistentVolume, ns string) {
 	if err != nil {
 		t.Fatalf("the store has no volume %s for PV %s: %v", csi.VolumeHandle, pv.Name, err)
 	}
-	if v.ReplicaCount != 3 || len(v.Replicas) != 3 {
-		t.Errorf("volume %s: %d replicas of %d wanted, want 3 (the class's replicas)", v.ID, len(v.Replicas), v.ReplicaCount)
+	want := env.cairn.replicas
+	if v.ReplicaCount != want || len(v.Replicas) != want {
+		t.Errorf("volume %s: %d replicas of %d wanted, want %d (the class's replicas)", v.ID, len(v.Replicas), v.ReplicaCount, want)
 	}
 	nodes := map[string]bool{}
 	for _, r := range v.Replicas {
 		nodes[r.Node] = true
 	}
-	if len(nodes) != 3 {
-		t.Errorf("volume %s: replicas on %d distinct nodes, want 3", v.ID, len(nodes))
+	if len(nodes) != want {
+		t.Errorf("volume %s: replicas on %d distinct nodes, want %d", v.ID, len(nodes), want)
 	}
 	if want := pvSize(pv); v.SizeBytes < want {
 		t.Errorf("volume %s: %d bytes, less than the PV's %d", v.ID, v.SizeBytes, want)

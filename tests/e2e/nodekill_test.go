@@ -69,6 +69,7 @@ func countWrites(log string, from, to time.Time) (w writeOutcome, errs []string)
 // restarted agent takes it over (docs/restart.md); the pod's writes wait
 // meanwhile and none fails. A new pod can then use the volume.
 func TestNodeAgentKilled(t *testing.T) {
+	hostOnly(t)
 	ns := newNamespace(t, "nodekill")
 	apply(t, claim(ns, "data", "cairn-replicated-ext4", "128Mi", corev1.PersistentVolumeFilesystem))
 	apply(t, shellPod(ns, "writer", "data", false, loopScript))

@@ -15,6 +15,7 @@ import (
 // Delete half ends TestReplicatedExt4): with reclaimPolicy Retain,
 // deleting the claim leaves the PV Released and the volume in the store.
 func TestReclaimRetain(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	retain := corev1.PersistentVolumeReclaimRetain
 	class := storageClass(t, "e2e-retain", map[string]string{"replicas": "2", "csi.storage.k8s.io/fstype": "ext4"},

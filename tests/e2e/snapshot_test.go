@@ -18,6 +18,7 @@ import (
 // that each holds the data of its moment: the restore the data at
 // snapshot time, the clone the data changed after it.
 func TestSnapshotRestoreClone(t *testing.T) {
+	hostOnly(t)
 	t.Parallel() // see main_test.go, "Parallel tests"
 	ns := newNamespace(t, "snap")
 	apply(t, claim(ns, "src", "cairn-replicated-ext4", "128Mi", corev1.PersistentVolumeFilesystem))

@@ -4,11 +4,7 @@ go 1.26.8
 
 godebug default=go1.24
 
-require (
-	go.etcd.io/etcd/server/v3 v3.6.4
-	google.golang.org/grpc v1.72.1
-	k8s.io/kubelet v0.34.3
-)
+require go.etcd.io/etcd/server/v3 v3.6.4
 
 require (
 	cel.dev/expr v0.24.0 // indirect
@@ -151,6 +147,7 @@ require (
 	golang.org/x/tools v0.26.0 // indirect
 	google.golang.org/genproto/googleapis/api v0.0.0-20250303144028-a0af3efb3deb // indirect
 	google.golang.org/genproto/googleapis/rpc v0.0.0-20250303144028-a0af3efb3deb // indirect
+	google.golang.org/grpc v1.72.1 // indirect
 	google.golang.org/protobuf v1.36.5 // indirect
 	gopkg.in/evanphx/json-patch.v4 v4.12.0 // indirect
 	gopkg.in/go-jose/go-jose.v2 v2.6.3 // indirect
@@ -181,6 +178,7 @@ require (
 	k8s.io/kube-openapi v0.0.0-20250710124328-f3f2b991d03b // indirect
 	k8s.io/kube-scheduler v0.0.0 // indirect
 	k8s.io/kubectl v0.0.0 // indirect
+	k8s.io/kubelet v0.34.3 // indirect
 	k8s.io/kubernetes v1.34.3 // indirect
 	k8s.io/metrics v0.34.3 // indirect
 	k8s.io/mount-utils v0.0.0 // indirect

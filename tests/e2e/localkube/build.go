@@ -13,6 +13,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -45,19 +46,34 @@ var Sidecars = []Sidecar{
 	{Module: "github.com/kubernetes-csi/external-snapshotter/v8", Version: "v8.7.0", Cmds: []string{"csi-snapshotter", "snapshot-controller"}, Shared: true},
 }
 
+// staticEnv builds the sidecars and the stand-ins without cgo: statically
+// linked, they also run in an image that holds nothing but the binary
+// (linked against this machine's libc they would not). It is part of their
+// cache keys, so that a dynamic build from before is never taken for one.
+const staticEnv = "CGO_ENABLED=0"
+
 // snapshotClient is the module whose config/crd holds the snapshot CRDs.
 const snapshotClient = "github.com/kubernetes-csi/external-snapshotter/client/v8@v8.7.0"
 
 // Binaries are the paths of everything a run needs that is built here.
 type Binaries struct {
 	Etcd, APIServer, ControllerManager, Scheduler, Kubelet, Kubectl string
-	// Registrar registers a CSI node plugin with kubelet (k8sbin/registrar).
-	Registrar string
+	// Registrar registers a CSI node plugin with kubelet, and
+	// LivenessProbe turns CSI Probe into GET /healthz: the stand-ins of
+	// the module csistandins for csi-node-driver-registrar and
+	// livenessprobe, which the module proxy does not serve.
+	Registrar, LivenessProbe string
 	// Sidecar maps a sidecar command name (csi-provisioner, …) to its binary.
 	Sidecar map[string]string
 	// PauseImage and BusyboxImage are docker-archive tarballs of
 	// PauseImageRef and BusyboxImageRef.
 	PauseImage, BusyboxImage string
+	// Images maps the reference of each sidecar's and stand-in's image
+	// (SidecarImageRef, RegistrarImageRef, LivenessProbeImageRef) to its
+	// docker-archive tarball: one static binary at /<command>, its
+	// entrypoint. LocalImages says which upstream image each replaces.
+	// Cairn's own image comes from Builder.CairnImage.
+	Images map[string]string
 	// SnapshotCRDs is the directory of the VolumeSnapshot CRDs.
 	SnapshotCRDs string
 }
@@ -74,26 +90,43 @@ const (
 type Builder struct {
 	// CacheDir holds the built binaries (e.g. os.UserCacheDir()/cairn-e2e).
 	CacheDir string
-	// SourceDir is tests/e2e, which holds the k8sbin and imagetool modules.
+	// SourceDir is tests/e2e, which holds the k8sbin, sidecars, csistandins
+	// and imagetool modules.
 	SourceDir string
 	// Progress gets a line per step and, while a build runs, a line every
 	// 30 s.
 	Progress io.Writer
 
-	// used are the directories under CacheDir/bin this Build uses.
-	used map[string]bool
+	// used are the directories under CacheDir/bin this Build uses;
+	// usedMu guards it (the Cairn base is built beside the rest).
+	usedMu sync.Mutex
+	used   map[string]bool
+	// imagesDir holds imagetool (and the pause and busybox images),
+	// imagesKey is its source hash, cairnBaseLayer is the Cairn image's
+	// base layer: found once, for Build and CairnImage.
+	imagesDir, imagesKey, cairnBaseLayer string
 }
 
 // Build builds (or finds in the cache) everything in Binaries.
 func (b *Builder) Build() (*Binaries, error) {
 	bins := &Binaries{Sidecar: map[string]string{}}
+	// The Cairn image's base is mostly downloads and dpkg, the Go builds
+	// are CPU: made side by side, the base adds little to a cold build.
+	if _, err := b.imageTool(); err != nil {
+		return nil, err
+	}
+	baseDone := make(chan error, 1)
+	go func() {
+		_, err := b.cairnBase()
+		baseDone <- err
+	}()
 	k8sDir := filepath.Join(b.SourceDir, "k8sbin")
 	key, err := hashTree(k8sDir, kubeVersionLDFlags())
 	if err != nil {
 		return nil, err
 	}
-	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+", etcd and the registrar (~10-16 min cold on 2 cores)", func(out string) error {
-		pkgs := []string{"./etcd", "./registrar"}
+	dir, err := b.cached("kubernetes", KubernetesVersion+"-"+key, "Kubernetes "+KubernetesVersion+" and etcd (~10-16 min cold on 2 cores)", func(out string) error {
+		pkgs := []string{"./etcd"}
 		for _, c := range []string{"kube-apiserver", "kube-controller-manager", "kube-scheduler", "kubelet", "kubectl"} {
 			pkgs = append(pkgs, "k8s.io/kubernetes/cmd/"+c)
 		}
@@ -102,7 +135,7 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err != nil {
 		return nil, err
 	}
-	bins.Etcd, bins.Registrar = filepath.Join(dir, "etcd"), filepath.Join(dir, "registrar")
+	bins.Etcd = filepath.Join(dir, "etcd")
 	bins.APIServer, bins.ControllerManager = filepath.Join(dir, "kube-apiserver"), filepath.Join(dir, "kube-controller-manager")
 	bins.Scheduler, bins.Kubelet, bins.Kubectl = filepath.Join(dir, "kube-scheduler"), filepath.Join(dir, "kubelet"), filepath.Join(dir, "kubectl")
 
@@ -113,7 +146,7 @@ func (b *Builder) Build() (*Binaries, error) {
 			continue
 		}
 		name := filepath.Base(strings.TrimSuffix(sc.Module, "/"+majorSuffix(sc.Module)))
-		dir, err := b.cached(name, sc.Version, sc.Module+"@"+sc.Version, func(out string) error {
+		dir, err := b.cached(name, sc.Version+"-static", sc.Module+"@"+sc.Version+" (static)", func(out string) error {
 			return b.buildModuleZip(sc, out)
 		})
 		if err != nil {
@@ -124,7 +157,7 @@ func (b *Builder) Build() (*Binaries, error) {
 		}
 	}
 	scDir := filepath.Join(b.SourceDir, "sidecars")
-	scKey, err := hashTree(scDir, "")
+	scKey, err := hashTree(scDir, staticEnv)
 	if err != nil {
 		return nil, err
 	}
@@ -134,8 +167,8 @@ func (b *Builder) Build() (*Binaries, error) {
 	if err := checkVersions(scDir, shared); err != nil {
 		return nil, err
 	}
-	dir, err = b.cached("sidecars", scKey, "csi-attacher, csi-resizer, csi-snapshotter and snapshot-controller (one module, ~4 min cold on 2 cores)", func(out string) error {
-		return b.goBuild(scDir, out, nil, nil, "tool")
+	dir, err = b.cached("sidecars", scKey, "csi-attacher, csi-resizer, csi-snapshotter and snapshot-controller (one module, static, ~4 min cold on 2 cores)", func(out string) error {
+		return b.goBuild(scDir, out, []string{staticEnv}, nil, "tool")
 	})
 	if err != nil {
 		return nil, err
@@ -146,51 +179,47 @@ func (b *Builder) Build() (*Binaries, error) {
 		}
 	}
 
+	saDir := filepath.Join(b.SourceDir, "csistandins")
+	saKey, err := hashTree(saDir, staticEnv)
+	if err != nil {
+		return nil, err
+	}
+	dir, err = b.cached("csistandins", saKey, "the registrar and livenessprobe stand-ins (static, ~1 min cold)", func(out string) error {
+		return b.goBuild(saDir, out, []string{staticEnv}, nil, "./registrar", "./livenessprobe")
+	})
+	if err != nil {
+		return nil, err
+	}
+	bins.Registrar, bins.LivenessProbe = filepath.Join(dir, "registrar"), filepath.Join(dir, "livenessprobe")
+
 	crdDir, err := moduleDir(snapshotClient)
 	if err != nil {
 		return nil, err
 	}
 	bins.SnapshotCRDs = filepath.Join(crdDir, "config", "crd")
 
-	imgDir := filepath.Join(b.SourceDir, "imagetool")
-	imgKey, err := hashTree(imgDir, "")
-	if err != nil {
-		return nil, err
-	}
-	busybox, err := exec.LookPath("busybox")
-	if err != nil {
-		return nil, fmt.Errorf("busybox (Debian package busybox-static) not found: %w", err)
-	}
-	bbSum, err := hashFile(busybox)
-	if err != nil {
-		return nil, err
-	}
-	dir, err = b.cached("images", imgKey+"-"+bbSum[:12], "the pause and busybox images", func(out string) error {
-		if err := b.goBuild(imgDir, out, []string{"CGO_ENABLED=0"}, nil, ".", "./pause"); err != nil {
-			return err
-		}
-		tool := filepath.Join(out, "imagetool")
-		for _, args := range [][]string{
-			{"-tag", PauseImageRef, "-out", filepath.Join(out, "pause.tar"), "-file", filepath.Join(out, "pause") + "=/pause", "-entrypoint", "/pause"},
-			{"-tag", BusyboxImageRef, "-out", filepath.Join(out, "busybox.tar"), "-file", busybox + "=/bin/busybox", "-busybox", "/bin/busybox", "-entrypoint", "/bin/sh"},
-		} {
-			if o, err := exec.Command(tool, args...).CombinedOutput(); err != nil {
-				return fmt.Errorf("imagetool %s: %v: %s", strings.Join(args, " "), err, o)
-			}
-		}
-		return nil
-	})
+	dir, err = b.imageTool()
 	if err != nil {
 		return nil, err
 	}
 	bins.PauseImage, bins.BusyboxImage = filepath.Join(dir, "pause.tar"), filepath.Join(dir, "busybox.tar")
+	if err := b.buildBinaryImages(bins); err != nil {
+		return nil, err
+	}
+	// Built here, not only when CairnImage first needs it, so that a
+	// warm cache has it and prune keeps it.
+	if err := <-baseDone; err != nil {
+		return nil, err
+	}
 	b.prune()
 	return bins, nil
 }
 
 // prune removes the builds under CacheDir/bin that this Build did not use:
 // another version, or a sidecar that is now built in sidecars/. Each takes
-// hundreds of MB. A failure only warns: the run has what it needs.
+// hundreds of MB. A failure only warns: the run has what it needs. An
+// interrupted build's directory may hold mounts (see removeTree), hence
+// removeTree here and in cached rather than os.RemoveAll.
 func (b *Builder) prune() {
 	entries, err := os.ReadDir(filepath.Join(b.CacheDir, "bin"))
 	if err != nil {
@@ -203,7 +232,7 @@ func (b *Builder) prune() {
 			continue
 		}
 		fmt.Fprintf(b.Progress, "removing an unused build: %s\n", p)
-		if err := os.RemoveAll(p); err != nil {
+		if err := removeTree(p); err != nil {
 			fmt.Fprintf(b.Progress, "warning: %v\n", err)
 		}
 	}
@@ -224,16 +253,21 @@ func majorSuffix(module string) string {
 // taken for a cached one. A new build removes the other versions of name.
 func (b *Builder) cached(name, version, what string, build func(out string) error) (string, error) {
 	final := filepath.Join(b.CacheDir, "bin", name+"-"+version)
+	b.usedMu.Lock()
 	if b.used == nil {
 		b.used = map[string]bool{}
 	}
 	b.used[final] = true
+	b.usedMu.Unlock()
 	if _, err := os.Stat(filepath.Join(final, ".complete")); err == nil {
 		fmt.Fprintf(b.Progress, "cached: %s (%s)\n", what, final)
 		return final, nil
 	}
 	tmp := final + ".partial"
-	if err := os.RemoveAll(tmp); err != nil {
+	// An interrupted build may have left mounts in there (debootstrap's
+	// /proc and /sys in a chroot): removing through them would reach
+	// this machine's files.
+	if err := removeTree(tmp); err != nil {
 		return "", err
 	}
 	if err := os.MkdirAll(tmp, 0o755); err != nil {
@@ -272,7 +306,7 @@ func (b *Builder) cached(name, version, what string, build func(out string) erro
 	old, _ := filepath.Glob(filepath.Join(b.CacheDir, "bin", name+"-*"))
 	for _, o := range old {
 		if o != final && !strings.HasPrefix(strings.TrimPrefix(o, final), ".") {
-			if err := os.RemoveAll(o); err != nil {
+			if err := removeTree(o); err != nil {
 				return "", err
 			}
 		}
@@ -331,7 +365,7 @@ func (b *Builder) buildModuleZip(sc Sidecar, out string) error {
 	for _, c := range sc.Cmds {
 		pkgs = append(pkgs, "./cmd/"+c)
 	}
-	return b.goBuild(work, out, nil, nil, pkgs...)
+	return b.goBuild(work, out, []string{staticEnv}, nil, pkgs...)
 }
 
 // checkVersions fails unless the module in dir builds each sidecar at its

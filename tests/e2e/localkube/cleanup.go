@@ -38,8 +38,8 @@ var kernelSettings = []string{
 
 // Cleanup undoes what a run in runDir left, whether it ended well or
 // crashed: it stops the processes, unmounts, detaches loop devices, removes
-// the pods' cgroups, the bridge and container log links, and writes back
-// the kernel settings recorded before the run. It leaves the files in
+// the pods' cgroups, the bridge, the NAT rules (service.go) and container
+// log links, and writes back the kernel settings recorded before the run. It leaves the files in
 // runDir (logs stay for a look) but removes the state file once done.
 // Cleanup of a directory with no run is a no-op.
 func Cleanup(runDir string) error {
@@ -94,6 +94,9 @@ func Cleanup(runDir string) error {
 		if out, err := exec.Command("ip", "link", "delete", Bridge).CombinedOutput(); err != nil {
 			errs = append(errs, fmt.Errorf("ip link delete %s: %v: %s", Bridge, err, out))
 		}
+	}
+	if err := removeServiceRoute(); err != nil {
+		errs = append(errs, err)
 	}
 	if err := removeLogLinks(runDir); err != nil {
 		errs = append(errs, err)

@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 )
 
@@ -102,7 +103,7 @@ func Up(ctx context.Context, opts Options) (r *Run, err error) {
 	if r.NodeIP, err = defaultRouteIP(); err != nil {
 		return r, err
 	}
-	if r.pki, err = newPKI(filepath.Join(dir, "pki"), r.NodeName, []net.IP{net.ParseIP(r.NodeIP)}); err != nil {
+	if r.pki, err = newPKI(filepath.Join(dir, "pki"), r.NodeName, []net.IP{net.ParseIP(r.NodeIP), net.ParseIP(kubernetesServiceIP)}); err != nil {
 		return r, err
 	}
 	r.CACert = r.pki.caCert
@@ -228,15 +229,17 @@ func (r *Run) startContainerd(ctx context.Context) error {
 			return err
 		}
 	}
-	// The pods' network: a bridge with host-local addresses. No masquerade
-	// and no port maps: the pods talk to nothing, and so the plugins add
-	// no iptables rules to clean up.
+	// The pods' network: a bridge with host-local addresses and a default
+	// route through it, so that pods reach the node's address (Cairn's
+	// controller pods dial the node agents' meta API there). No masquerade
+	// and no port maps: the pods talk to nothing beyond the node, and so
+	// the plugins add no iptables rules to clean up.
 	conflist := fmt.Sprintf(`{
   "cniVersion": "1.0.0",
   "name": "cairn-e2e",
   "plugins": [
     {"type": "bridge", "bridge": %q, "isGateway": true, "ipMasq": false, "hairpinMode": true,
-     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "dataDir": %q}}
+     "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}], "dataDir": %q}}
   ]
 }
 `, Bridge, filepath.Join(r.Dir, "cni", "ipam"))
@@ -299,9 +302,8 @@ disabled_plugins = ["io.containerd.snapshotter.v1.aufs", "io.containerd.snapshot
 		return err
 	}
 	for _, img := range []string{r.opts.Bins.PauseImage, r.opts.Bins.BusyboxImage} {
-		out, err := exec.CommandContext(ctx, "ctr", "--address", r.ContainerdSocket, "-n", "k8s.io", "images", "import", img).CombinedOutput()
-		if err != nil {
-			return fmt.Errorf("ctr images import %s: %v: %s", img, err, out)
+		if err := r.ImportImage(ctx, img); err != nil {
+			return err
 		}
 	}
 	return nil
@@ -344,23 +346,29 @@ func (r *Run) startEtcd(ctx context.Context) error {
 }
 
 func (r *Run) startAPIServer(ctx context.Context) error {
-	port, err := freePort("127.0.0.1")
+	port, err := freePort(r.NodeIP)
 	if err != nil {
 		return err
 	}
-	r.Server = "https://127.0.0.1:" + strconv.Itoa(port)
+	r.Server = "https://" + net.JoinHostPort(r.NodeIP, strconv.Itoa(port))
+	if err := routeServiceToAPI(r.NodeIP, port); err != nil {
+		return err
+	}
 	p, err := r.Start("kube-apiserver", r.opts.Bins.APIServer, []string{
 		"--etcd-servers", r.etcdURL,
-		// Listen on loopback only; advertise the node's address, which
-		// the endpoints of the kubernetes Service need.
-		"--bind-address", "127.0.0.1", "--secure-port", strconv.Itoa(port), "--advertise-address", r.NodeIP,
+		// Listen on the node's address, which the endpoints of the
+		// kubernetes Service need and pods reach (routeServiceToAPI).
+		"--bind-address", r.NodeIP, "--secure-port", strconv.Itoa(port), "--advertise-address", r.NodeIP,
 		"--tls-cert-file", r.pki.serverCert, "--tls-private-key-file", r.pki.serverKey,
 		"--client-ca-file", r.pki.caCert,
+		// kubelet's node name resolves nowhere here: reach it (kubectl
+		// logs, exec) at its InternalIP.
+		"--kubelet-preferred-address-types", "InternalIP,Hostname",
 		"--token-auth-file", r.pki.tokenFile,
 		"--authorization-mode", "Node,RBAC",
 		"--service-account-issuer", "https://kubernetes.default.svc.cluster.local",
 		"--service-account-key-file", r.pki.saPub, "--service-account-signing-key-file", r.pki.saKey,
-		"--service-cluster-ip-range", "10.96.0.0/24",
+		"--service-cluster-ip-range", serviceRange,
 		"--allow-privileged=true",
 		"--enable-admission-plugins", "NodeRestriction",
 		"--profiling=false",
@@ -460,6 +468,9 @@ func (r *Run) startKubelet(ctx context.Context) error {
 			return err
 		}
 	}
+	if err := shareMounts(r.KubeletRoot); err != nil {
+		return err
+	}
 	port, err := freePort("127.0.0.1")
 	if err != nil {
 		return err
@@ -538,6 +549,33 @@ imageGCLowThresholdPercent: 99
 		_, err := r.Kubectl(ctx, nil, "get", "serviceaccount", "default", "-n", "default")
 		return err
 	})
+}
+
+// shareMounts makes dir a mount of its own with shared propagation, as
+// kubelet's root is on a real node (systemd mounts / shared). A container
+// volume with mountPropagation Bidirectional, the node agent's view of
+// the staging and publish paths, needs it: the mounts the agent makes in
+// its container must appear on the host, where kubelet and the pods look.
+// Here / is private, so without this the pod's runtime refuses the mount.
+// Cleanup's unmount of everything under the run directory removes it.
+func shareMounts(dir string) error {
+	if err := syscall.Mount(dir, dir, "", syscall.MS_BIND|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("bind %s onto itself: %w", dir, err)
+	}
+	if err := syscall.Mount("", dir, "", syscall.MS_SHARED|syscall.MS_REC, ""); err != nil {
+		return fmt.Errorf("make %s shared: %w", dir, err)
+	}
+	return nil
+}
+
+// ImportImage loads a docker-archive tarball into containerd's k8s.io
+// namespace, where kubelet finds images (nothing is ever pulled).
+func (r *Run) ImportImage(ctx context.Context, tarball string) error {
+	out, err := exec.CommandContext(ctx, "ctr", "--address", r.ContainerdSocket, "-n", "k8s.io", "images", "import", tarball).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("ctr images import %s: %v: %s", tarball, err, out)
+	}
+	return nil
 }
 
 // Kubelet is kubelet's process.
