@@ -440,9 +440,34 @@ func containerPort(c *corev1.Container, p intstr.IntOrString) (int, bool) {
 	return 0, false
 }
 
-func container(spec *corev1.PodSpec, r string) []*corev1.Container {
+// longRunning returns the pod's containers that run as long as it does:
+// its containers and its native sidecars (init containers with
+// restartPolicy Always), not the init containers that run to completion
+// first (the certificate's issue-certificate runs the cairn image too).
+func longRunning(spec *corev1.PodSpec) []*corev1.Container {
 	var out []*corev1.Container
 	for _, c := range allContainers(spec) {
+		if !isInit(spec, c) || (c.RestartPolicy != nil && *c.RestartPolicy == corev1.ContainerRestartPolicyAlways) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// isInit says whether c is one of spec's init containers.
+func isInit(spec *corev1.PodSpec, c *corev1.Container) bool {
+	for i := range spec.InitContainers {
+		if &spec.InitContainers[i] == c {
+			return true
+		}
+	}
+	return false
+}
+
+// container returns the pod's long-running containers of role r.
+func container(spec *corev1.PodSpec, r string) []*corev1.Container {
+	var out []*corev1.Container
+	for _, c := range longRunning(spec) {
 		if role(c) == r {
 			out = append(out, c)
 		}

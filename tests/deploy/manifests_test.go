@@ -570,7 +570,7 @@ func TestControllerWiring(t *testing.T) {
 			t.Errorf("%s: %s talks to %s (%s), but cairn serves %s (%s)", p.where, c.Name, addr, got, sock, want)
 		}
 	}
-	if n := len(allContainers(spec)); n != 1+len(sidecars) {
+	if n := len(longRunning(spec)); n != 1+len(sidecars) {
 		t.Errorf("%s: %d containers, want cairn and %v", p.where, n, sidecars)
 	}
 

@@ -165,10 +165,37 @@ func run(m *testing.M) (code int, err error) {
 		fmt.Printf("the sidecars were refused by RBAC (deploy/kubernetes/rbac-*.yaml):\n%s\n", strings.Join(lines, "\n"))
 		code = 1
 	}
+	if lines := refusedInLogs(); len(lines) > 0 {
+		fmt.Printf("Cairn's role checks refused a call of its own components (docs/security.md):\n%s\n", strings.Join(lines, "\n"))
+		code = 1
+	}
 	if code != 0 {
 		printLogs(kube, 40)
 	}
 	return code, nil
+}
+
+// refusedInLogs returns the lines of Cairn's logs where mutual TLS or the
+// role checks refused a caller. Every caller here is Cairn's own, with the
+// certificate it should have, so any refusal is a bug in the wiring (a
+// missing certificate, a wrong role or name).
+func refusedInLogs() []string {
+	var out []string
+	for name, path := range env.cairn.logs() {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			out = append(out, err.Error())
+			continue
+		}
+		for _, l := range strings.Split(string(b), "\n") {
+			for _, refusal := range []string{"meta API call refused", "replica connection refused", "claim refused"} {
+				if strings.Contains(l, refusal) && len(out) < 20 {
+					out = append(out, name+": "+l)
+				}
+			}
+		}
+	}
+	return out
 }
 
 // buildCairn builds the cairn binary under test (the Go build cache makes

@@ -14,6 +14,7 @@ import (
 
 	"sigs.k8s.io/yaml"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
@@ -32,7 +33,9 @@ import (
 // one replica, kubelet's root under the run directory (node.kubeletDir),
 // and, as this cluster has no DNS, host aliases for the names cluster DNS
 // would answer (the node's name, which the agents advertise, and the
-// cairn-meta Service).
+// cairn-meta Service). Mutual TLS is on, as the chart has it by default:
+// the harness makes the CA with `cairn ca init` and the overlay puts it
+// in the Secret the chart reads.
 
 // onePodClass is the overlay's StorageClass: cairn-replicated-ext4 with one
 // replica, as this cluster has one node.
@@ -132,6 +135,27 @@ func deployCairnPods(ctx context.Context, kube *localkube.Run, bins *localkube.B
 		"-namespace", namespace, "-f", valuesFile, "-out", overlay).CombinedOutput(); err != nil {
 		return c, fmt.Errorf("render the chart: %v: %s", err, out)
 	}
+	// The cluster CA, which the chart wants in the Secret cairn-ca (the
+	// overlay makes it from the files), and a ctl certificate for the
+	// tests' own store client.
+	caDir, ctlDir := filepath.Join(c.dir, "ca"), filepath.Join(c.dir, "ctl")
+	for _, args := range [][]string{
+		{"ca", "init", "--dir", caDir},
+		{"ca", "issue", "--ca-dir", caDir, "--role", "ctl", "--name", "e2e", "--out", ctlDir},
+	} {
+		if out, err := exec.CommandContext(ctx, cairnBin, args...).CombinedOutput(); err != nil {
+			return c, fmt.Errorf("cairn %s: %v: %s", strings.Join(args, " "), err, out)
+		}
+	}
+	for _, f := range []string{pki.CACertFile, pki.CAKeyFile} {
+		b, err := os.ReadFile(filepath.Join(caDir, f))
+		if err != nil {
+			return c, err
+		}
+		if err := os.WriteFile(filepath.Join(overlay, f), b, 0o600); err != nil {
+			return c, err
+		}
+	}
 	if err := writeOverlay(overlay, kube); err != nil {
 		return c, err
 	}
@@ -161,8 +185,12 @@ func deployCairnPods(ctx context.Context, kube *localkube.Run, bins *localkube.B
 		}
 	}
 	// The tests read the store as the controller does, at the node's
-	// meta API (plaintext: the chart does not issue certificates yet).
-	if c.meta, err = meta.NewClient([]string{kube.NodeIP + ":7002"}); err != nil {
+	// meta API, with mutual TLS.
+	creds, err := pki.Load(pki.FilesIn(ctlDir, "tls"))
+	if err != nil {
+		return c, err
+	}
+	if c.meta, err = meta.NewClient([]string{kube.NodeIP + ":7002"}, meta.WithTLS(creds)); err != nil {
 		return c, err
 	}
 	return c, waitDriverReady(ctx, kube, c)
@@ -198,6 +226,13 @@ func writeOverlay(dir string, kube *localkube.Run) error {
 		"apiVersion": "kustomize.config.k8s.io/v1beta1",
 		"kind":       "Kustomization",
 		"resources":  resources,
+		// The Secret the chart's tls.caSecret names, as a user makes it
+		// with kubectl create secret (deploy/README.md).
+		"secretGenerator": []any{map[string]any{
+			"name": "cairn-ca", "namespace": namespace,
+			"files":   []string{pki.CACertFile, pki.CAKeyFile},
+			"options": map[string]any{"disableNameSuffixHash": true},
+		}},
 		"patches": []any{
 			// The agents advertise themselves by node name.
 			map[string]any{"target": map[string]any{"kind": "DaemonSet", "name": "cairn-node"}, "patch": aliases(kube.NodeName)},
