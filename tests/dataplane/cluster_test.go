@@ -16,6 +16,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cairn-csi/cairn/internal/pki"
+	"github.com/cairn-csi/cairn/replication/replica"
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 	"github.com/cairn-csi/cairn/tests/logcheck"
 )
@@ -134,12 +136,24 @@ func startCluster(t *testing.T, n int, extra ...string) *devCluster {
 		down: map[string]bool{}, stopped: map[string]bool{}, pids: map[int]bool{}}
 	t.Cleanup(c.cleanup)
 	start := time.Now()
-	c.mustCairn(append([]string{"dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir, "--insecure"}, extra...)...)
+	c.mustCairn(append([]string{"dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir}, extra...)...)
 	if got := len(c.nodes()); got != n {
 		t.Fatalf("cluster.json lists %d nodes, want %d", got, n)
 	}
 	t.Logf("dev cluster of %d nodes up in %v (%s)", n, time.Since(start).Round(time.Millisecond), c.dir)
 	return c
+}
+
+// replicaTLS is how the tests dial replicas themselves: with node-1's
+// certificate, as an engine on node-1 would (a ctl certificate may not
+// read a replica's blocks).
+func (c *devCluster) replicaTLS() replica.DialOption {
+	c.t.Helper()
+	creds, err := pki.Load(pki.FilesIn(filepath.Join(c.dir, "pki", "node-1"), "tls"))
+	if err != nil {
+		c.t.Fatal(err)
+	}
+	return replica.WithTLS(creds)
 }
 
 // cleanup stops everything the cluster started, even after a failure.
@@ -249,6 +263,9 @@ func (c *devCluster) cairn(args ...string) result {
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, cairnBin, args...)
+	// The cluster speaks mutual TLS (dev up's default): ctl presents the
+	// certificate dev up issued for it.
+	cmd.Env = append(os.Environ(), "CAIRN_TLS_DIR="+filepath.Join(c.dir, "pki", "ctl"))
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	err := cmd.Run()

@@ -305,7 +305,7 @@ func TestStaleEngineCannotWrite(t *testing.T) {
 	if eio+closed == 0 {
 		t.Errorf("no write through the fenced engine was answered")
 	}
-	if n := replicaPattern(t, c.node("node-1").Data, r1.ID, volSize, 'C'); n > 0 {
+	if n := replicaPattern(t, c.node("node-1").Data, r1.ID, volSize, 'C', c.replicaTLS()); n > 0 {
 		// The ejected replica was never claimed at the new epoch (its node
 		// was frozen), so it still takes the old engine's epoch; it is
 		// failed, and its rebuild compares and repairs every extent.
@@ -321,7 +321,7 @@ func TestStaleEngineCannotWrite(t *testing.T) {
 	if err := c.verify(v.ID); err != nil {
 		t.Fatal(err)
 	}
-	if n := replicaPattern(t, c.node("node-1").Data, r1.ID, volSize, 'C'); n > 0 {
+	if n := replicaPattern(t, c.node("node-1").Data, r1.ID, volSize, 'C', c.replicaTLS()); n > 0 {
 		t.Errorf("node-1's replica %s, healthy again, holds %d blocks of pattern C", r1.ID, n)
 	}
 }

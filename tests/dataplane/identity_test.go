@@ -156,11 +156,12 @@ func (c *devCluster) waitClean(v volumeJSON, timeout time.Duration) {
 	for _, n := range c.nodes() {
 		addrs[n.ID] = n.Data
 	}
+	tlsOpt := c.replicaTLS()
 	start := time.Now()
 	eventually(c.t, timeout, "a clean point on every replica", func() error {
 		for _, r := range v.Replicas {
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			rc, err := replica.Dial(ctx, addrs[r.Node], r.ID, v.Size)
+			rc, err := replica.Dial(ctx, addrs[r.Node], r.ID, v.Size, tlsOpt)
 			if err != nil {
 				cancel()
 				return err

@@ -14,11 +14,11 @@ import (
 // replicaPattern reads one replica directly from its replica server, at the
 // replica's own epoch (reading changes nothing and fences nobody), and
 // counts the blocks whose header names a write of pattern.
-func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte) int {
+func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte, opts ...replica.DialOption) int {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	rc, err := replica.Dial(ctx, addr, id, size)
+	rc, err := replica.Dial(ctx, addr, id, size, opts...)
 	if err != nil {
 		t.Fatalf("dial replica %s at %s: %v", id, addr, err)
 	}

@@ -367,8 +367,14 @@ func TestDataDirIdentity(t *testing.T) {
 		run(t, "dev", "down", "--dir", a)
 		run(t, "dev", "down", "--dir", b)
 	})
-	mustRun(t, "dev", "up", "--nodes", "1", "--dir", a, "--insecure")
-	mustRun(t, "dev", "up", "--nodes", "1", "--dir", b, "--insecure")
+	mustRun(t, "dev", "up", "--nodes", "1", "--dir", a)
+	mustRun(t, "dev", "up", "--nodes", "1", "--dir", b)
+	// Certificates for the nodes started below, each from the CA of the
+	// cluster it speaks to (dev up keeps it in DIR/pki/ca): mutual TLS
+	// must let them through, so that what refuses them is the data dir.
+	certs := t.TempDir()
+	mustRun(t, "ca", "issue", "--ca-dir", filepath.Join(a, "pki", "ca"), "--role", "node", "--name", "other", "--out", filepath.Join(certs, "other"))
+	mustRun(t, "ca", "issue", "--ca-dir", filepath.Join(b, "pki", "ca"), "--role", "node", "--name", "node-1", "--out", filepath.Join(certs, "b-node-1"))
 	rawB, _ := os.ReadFile(filepath.Join(b, "cluster.json"))
 	cb := decode[clusterJSON](t, string(rawB))
 	// Wait until cluster A's data dir records its cluster id, then stop A.
@@ -380,7 +386,8 @@ func TestDataDirIdentity(t *testing.T) {
 	mustRun(t, "dev", "kill", "--dir", a, "node-1")
 
 	t.Run("another node id", func(t *testing.T) {
-		r := run(t, "node", "--id", "other", "--data-dir", dataA, "--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "", "--insecure")
+		r := run(t, "node", "--id", "other", "--data-dir", dataA, "--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "",
+			"--tls-dir", filepath.Join(certs, "other"))
 		if r.code == 0 || !strings.Contains(r.stderr, `belongs to node "node-1", not "other"`) {
 			t.Fatalf("exit %d, stderr %q", r.code, r.stderr)
 		}
@@ -389,7 +396,7 @@ func TestDataDirIdentity(t *testing.T) {
 		// A's data dir pointed at B's cluster must stop, naming both clusters.
 		cmd := exec.Command(cairnBin, "node", "--id", "node-1", "--data-dir", dataA,
 			"--raft-addr", "127.0.0.1:0", "--api-addr", "127.0.0.1:0", "--metrics-addr", "",
-			"--join", cb.Nodes[0].Agent, "--insecure")
+			"--join", cb.Nodes[0].Agent, "--tls-dir", filepath.Join(certs, "b-node-1"))
 		var errb bytes.Buffer
 		cmd.Stderr = &errb
 		if err := cmd.Start(); err != nil {

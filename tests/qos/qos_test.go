@@ -32,6 +32,10 @@ func cairn(t *testing.T, args ...string) string {
 	return string(out)
 }
 
+// ctlTLS is the certificate dev up issued for ctl in the cluster dir: the
+// cluster speaks mutual TLS, as dev up makes it by default.
+func ctlTLS(dir string) string { return filepath.Join(dir, "pki", "ctl") }
+
 // fioIOPS runs fio at iodepth 32 over NBD and returns read+write IOPS,
 // leaving out a ramp of 2 s (the token bucket's burst). If midway is not
 // nil, it is called once while fio runs, halfway through its measured
@@ -100,18 +104,18 @@ func within(got, want, tolerance float64) bool {
 func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "cluster")
 	t.Cleanup(func() { _, _ = exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput() })
-	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
+	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
 	nodes, server, err := benchkit.LoadCluster(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	var v struct{ ID string }
-	if err := json.Unmarshal([]byte(cairn(t, "ctl", "--server", server, "volume", "create", "qos", "--size", "256Mi",
+	if err := json.Unmarshal([]byte(cairn(t, "ctl", "--tls-dir", ctlTLS(dir), "--server", server, "volume", "create", "qos", "--size", "256Mi",
 		"--replicas", "3", "--max-iops", "500", "-o", "json")), &v); err != nil {
 		t.Fatal(err)
 	}
 	sock := filepath.Join(dir, "qos.sock")
-	cairn(t, "ctl", "--server", server, "volume", "export", v.ID, "--node", "node-1", "--nbd", sock)
+	cairn(t, "ctl", "--tls-dir", ctlTLS(dir), "--server", server, "volume", "export", v.ID, "--node", "node-1", "--nbd", sock)
 
 	// Halfway through fio, the IOPS bucket is in use: fio keeps more I/Os
 	// queued than the limit lets through.
@@ -171,7 +175,7 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 	}
 
 	// The limit changes on the live volume.
-	cairn(t, "ctl", "--server", server, "volume", "set-qos", v.ID, "--max-iops", "1500")
+	cairn(t, "ctl", "--tls-dir", ctlTLS(dir), "--server", server, "volume", "set-qos", v.ID, "--max-iops", "1500")
 	time.Sleep(1500 * time.Millisecond) // the engine polls its volume twice a second
 	got = fioIOPS(t, sock, "randread", 5, nil)
 	t.Logf("after set-qos 1500: %.0f IOPS", got)
@@ -186,14 +190,14 @@ func TestMaxIOPSHoldsOnRealIO(t *testing.T) {
 func TestDesignLimitKeysHoldOnRealIO(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "cluster")
 	t.Cleanup(func() { _, _ = exec.Command(cairnBin, "dev", "down", "--dir", dir).CombinedOutput() })
-	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir, "--insecure")
+	cairn(t, "dev", "up", "--nodes", "3", "--dir", dir)
 	_, server, err := benchkit.LoadCluster(dir)
 	if err != nil {
 		t.Fatal(err)
 	}
 	export := func(name string, params ...string) string {
 		t.Helper()
-		args := []string{"ctl", "--server", server, "volume", "create", name, "--size", "256Mi", "--replicas", "2", "-o", "json"}
+		args := []string{"ctl", "--tls-dir", ctlTLS(dir), "--server", server, "volume", "create", name, "--size", "256Mi", "--replicas", "2", "-o", "json"}
 		for _, p := range params {
 			args = append(args, "--param", p)
 		}
@@ -202,7 +206,7 @@ func TestDesignLimitKeysHoldOnRealIO(t *testing.T) {
 			t.Fatal(err)
 		}
 		sock := filepath.Join(dir, name+".sock")
-		cairn(t, "ctl", "--server", server, "volume", "export", v.ID, "--node", "node-1", "--nbd", sock)
+		cairn(t, "ctl", "--tls-dir", ctlTLS(dir), "--server", server, "volume", "export", v.ID, "--node", "node-1", "--nbd", sock)
 		return sock
 	}
 

@@ -131,7 +131,7 @@ func startCluster(ctx context.Context, bin, work string, n int, smallFSSize uint
 	}
 	c.smallFS, c.smallFSNode = fs, last
 	start := time.Now()
-	if _, err := c.cairn(ctx, 2*time.Minute, "dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir, "--insecure"); err != nil {
+	if _, err := c.cairn(ctx, 2*time.Minute, "dev", "up", "--nodes", fmt.Sprint(n), "--dir", c.dir); err != nil {
 		c.close(false)
 		return nil, err
 	}
@@ -205,6 +205,9 @@ func (c *cluster) cairn(ctx context.Context, timeout time.Duration, args ...stri
 	return out, nil
 }
 
+// ctlTLS is the directory of ctl's certificate, which dev up writes.
+func (c *cluster) ctlTLS() string { return filepath.Join(c.dir, "pki", "ctl") }
+
 // cairnCode runs the binary and returns its output and exit code; err is
 // set only when it could not run (or ran out of time).
 func (c *cluster) cairnCode(ctx context.Context, timeout time.Duration, args ...string) (stdout, stderr string, code int, err error) {
@@ -214,6 +217,9 @@ func (c *cluster) cairnCode(ctx context.Context, timeout time.Duration, args ...
 	ctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, c.bin, args...)
+	// The cluster speaks mutual TLS (dev up's default): ctl presents the
+	// certificate dev up issued for it.
+	cmd.Env = append(os.Environ(), "CAIRN_TLS_DIR="+c.ctlTLS())
 	cmd.SysProcAttr = benchkit.OwnGroup() // Ctrl-C reaches only the campaign, which cleans up in order
 	var out, errb bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &errb

@@ -12,6 +12,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
@@ -86,7 +87,11 @@ func (s *snapResult) add(o snapResult) {
 // metaClient returns a store client of the nodes the campaign has not
 // killed or frozen. Close it after use.
 func (c *cluster) metaClient() (*meta.Client, error) {
-	return meta.NewClient(strings.Split(c.servers(), ","))
+	creds, err := pki.Load(pki.FilesIn(c.ctlTLS(), "tls"))
+	if err != nil {
+		return nil, err
+	}
+	return meta.NewClient(strings.Split(c.servers(), ","), meta.WithTLS(creds))
 }
 
 // takeSnapshot asks the store for snapshot name of volume vol and waits up
