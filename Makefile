@@ -52,8 +52,8 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # A single-node Kubernetes built from source (cached under the user cache
 # directory), Cairn on it, and the scenarios of tests/e2e/README.md. Its own
 # target beside make test: it needs root and containerd. The first step
-# builds Kubernetes, etcd and the CSI sidecars, or finds them in the cache:
-# about 20 min on 2 cores the first time, under a second after. The tests
+# builds Kubernetes, etcd, the CSI sidecars and the images, or finds them in
+# the cache: about 22 min on 2 cores the first time, under a second after. The tests
 # then take about 3.5 min, run side by side, with Cairn as host processes;
 # then Cairn as pods from its Helm chart runs scenario 1 on a fresh
 # cluster, about 1.5 min (tests/e2e/README.md, "Timing").
