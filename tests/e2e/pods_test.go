@@ -90,9 +90,10 @@ func podsValues(kube *localkube.Run, dataDir string) ([]byte, error) {
 	return yaml.Marshal(values)
 }
 
-// deployCairnPods renders the chart with podsValues, applies it through a
-// kustomize overlay that adds the host aliases, and waits until kubelet
-// has registered the driver and the provisioner publishes capacity.
+// deployCairnPods renders the chart with podsValues, makes a cluster CA,
+// applies the chart through a kustomize overlay that adds the host aliases
+// and the CA's Secret, and waits until kubelet has registered the driver
+// and the provisioner publishes capacity.
 func deployCairnPods(ctx context.Context, kube *localkube.Run, bins *localkube.Binaries, b *localkube.Builder, cairnBin, repo string) (*cairnDeployment, error) {
 	c := &cairnDeployment{dir: filepath.Join(kube.Dir, "cairn-pods"), kube: kube, pods: true,
 		ext4Class: onePodClass, replicas: 1}
@@ -148,11 +149,11 @@ func deployCairnPods(ctx context.Context, kube *localkube.Run, bins *localkube.B
 		}
 	}
 	for _, f := range []string{pki.CACertFile, pki.CAKeyFile} {
-		b, err := os.ReadFile(filepath.Join(caDir, f))
+		data, err := os.ReadFile(filepath.Join(caDir, f))
 		if err != nil {
 			return c, err
 		}
-		if err := os.WriteFile(filepath.Join(overlay, f), b, 0o600); err != nil {
+		if err := os.WriteFile(filepath.Join(overlay, f), data, 0o600); err != nil {
 			return c, err
 		}
 	}
