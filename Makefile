@@ -55,8 +55,9 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # builds Kubernetes, etcd, the CSI sidecars and the images, or finds them in
 # the cache: about 22 min on 2 cores the first time, under a second after. The tests
 # then take about 3.5 min, run side by side, with Cairn as host processes;
-# then Cairn as pods from its Helm chart runs scenario 1 on a fresh
-# cluster, about 1.5 min (tests/e2e/README.md, "Timing").
+# then Cairn as pods from its Helm chart runs scenario 1 and replaces the
+# node agent's pod under a writer, on a fresh cluster, about 2 min
+# (tests/e2e/README.md, "Timing").
 e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
 	bash scripts/install-deps.sh --e2e
 	go test -tags e2e -count=1 -timeout 75m -v ./tests/e2e -e2e.build-only
