@@ -145,7 +145,7 @@ func newCAIssueCommand() *cobra.Command {
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&caDir, "ca-dir", "", "the CA's directory (cairn ca init --dir; required)")
+	cmd.Flags().StringVar(&caDir, "ca-dir", "", "the CA's directory (cairn ca init --dir; required): ca.key, and ca.crt with its certificate, possibly bundled with another CA during a rotation (the bundle is what OUT/ca.crt trusts)")
 	cmd.Flags().StringVar(&role, "role", pki.RoleNode, "node, ctl or monitor")
 	cmd.Flags().StringVar(&name, "name", "", "the identity's name: a node's id for role node (required)")
 	cmd.Flags().StringVar(&out, "out", "", "directory to write ca.crt, tls.crt and tls.key to (required)")

@@ -84,6 +84,11 @@ type CA struct {
 	Key  *ecdsa.PrivateKey
 	// PEM is the CA certificate, PEM-encoded.
 	PEM []byte
+	// Trust is what the CA directory's ca.crt holds: this CA, and during
+	// a rotation the other CA too. Issue gives it to every certificate it
+	// writes, so that a pod issued its certificate mid-rotation trusts
+	// both (docs/security.md, "On Kubernetes").
+	Trust []byte
 }
 
 // InitCA creates a new CA in dir (ca.crt, and ca.key readable by its owner
@@ -123,6 +128,7 @@ func InitCA(dir, name string, validity time.Duration) (*CA, error) {
 		return nil, err
 	}
 	ca := &CA{Cert: cert, Key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}
+	ca.Trust = ca.PEM
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -135,7 +141,9 @@ func InitCA(dir, name string, validity time.Duration) (*CA, error) {
 	return ca, nil
 }
 
-// LoadCA reads the CA in dir.
+// LoadCA reads the CA in dir: ca.key, and in ca.crt the certificate of
+// that key. ca.crt may hold other CAs besides (a bundle, during a
+// rotation), in any order; they become the CA's Trust.
 func LoadCA(dir string) (*CA, error) {
 	certPEM, err := os.ReadFile(filepath.Join(dir, CACertFile))
 	if err != nil {
@@ -145,24 +153,25 @@ func LoadCA(dir string) (*CA, error) {
 	if err != nil {
 		return nil, fmt.Errorf("pki: the CA key: %w", err)
 	}
-	pair, err := tls.X509KeyPair(certPEM, keyPEM)
+	block, _ := pem.Decode(keyPEM)
+	if block == nil {
+		return nil, fmt.Errorf("pki: %s holds no PEM key", filepath.Join(dir, CAKeyFile))
+	}
+	key, err := x509.ParseECPrivateKey(block.Bytes)
 	if err != nil {
-		return nil, fmt.Errorf("pki: the CA in %s: %w", dir, err)
+		return nil, fmt.Errorf("pki: %s holds no ECDSA CA: %w", dir, err)
 	}
-	cert, err := x509.ParseCertificate(pair.Certificate[0])
-	if err != nil {
-		return nil, err
+	for _, cert := range ParseBundle(certPEM) {
+		if pub, ok := cert.PublicKey.(*ecdsa.PublicKey); ok && cert.IsCA && pub.Equal(&key.PublicKey) {
+			return &CA{Cert: cert, Key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: cert.Raw}), Trust: certPEM}, nil
+		}
 	}
-	key, ok := pair.PrivateKey.(*ecdsa.PrivateKey)
-	if !ok || !cert.IsCA {
-		return nil, fmt.Errorf("pki: %s holds no ECDSA CA", dir)
-	}
-	return &CA{Cert: cert, Key: key, PEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: pair.Certificate[0]})}, nil
+	return nil, fmt.Errorf("pki: %s holds no ECDSA CA: no CA certificate in %s matches %s", dir, CACertFile, CAKeyFile)
 }
 
 // Issue signs a certificate for id, valid for validity, and writes it with
-// its key and the CA certificate to f (the key readable by its owner only;
-// an existing CA bundle is left as it is: it may hold more than this CA).
+// its key and the CA's Trust to f (the key readable by its owner only; an
+// existing CA bundle is left as it is: it may hold more than this CA).
 func (ca *CA) Issue(id Identity, validity time.Duration, f Files) error {
 	certPEM, keyPEM, err := ca.issuePEM(id, validity)
 	if err != nil {
@@ -180,7 +189,11 @@ func (ca *CA) Issue(id Identity, validity time.Duration, f Files) error {
 		return err
 	}
 	if _, err := os.Stat(f.CA); errors.Is(err, os.ErrNotExist) {
-		return writeFileAtomic(f.CA, ca.PEM, 0o644)
+		trust := ca.Trust
+		if len(trust) == 0 {
+			trust = ca.PEM
+		}
+		return writeFileAtomic(f.CA, trust, 0o644)
 	}
 	return nil
 }

@@ -5,7 +5,9 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/pem"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"os"
@@ -346,5 +348,98 @@ func TestAllow(t *testing.T) {
 	}
 	if err := Allow(Identity{Role: RoleCtl, Name: "c"}, "apply", RoleNode, RoleCtl); err != nil {
 		t.Errorf("Allow(ctl) = %v, want nil", err)
+	}
+}
+
+// TestRotationThroughTheCADirectory: how a CA is replaced where each pod
+// issues its certificate from a shared CA directory (the chart's Secret):
+// in three steps, each rolled out to every pod before the next. (a) ca.crt
+// bundles the old and the new CA, ca.key is still the old one; (b) the key
+// is the new CA's; (c) ca.crt holds the new CA only. LoadCA finds the
+// certificate of the key wherever it is in the bundle, and Issue hands the
+// whole bundle to the pod, so a pod of one step and a pod of the next
+// always accept each other.
+func TestRotationThroughTheCADirectory(t *testing.T) {
+	oldCA, err := InitCA(filepath.Join(t.TempDir(), "old"), "old", testCAValidity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newCA, err := InitCA(filepath.Join(t.TempDir(), "new"), "new", testCAValidity)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM := func(ca *CA) []byte {
+		der, err := x509.MarshalECPrivateKey(ca.Key)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: der})
+	}
+	bundle := append(append([]byte{}, oldCA.PEM...), newCA.PEM...)
+	steps := []struct {
+		name      string
+		crt       []byte
+		key       *CA
+		issuedBy  *CA
+		trustsOld bool
+	}{
+		{"before", oldCA.PEM, oldCA, oldCA, true},
+		{"(a) both trusted, old key", bundle, oldCA, oldCA, true},
+		{"(b) both trusted, new key", bundle, newCA, newCA, true},
+		{"(c) new only", newCA.PEM, newCA, newCA, false},
+	}
+	pods := make([]*Credentials, len(steps))
+	for i, st := range steps {
+		dir := t.TempDir()
+		if err := os.WriteFile(filepath.Join(dir, CACertFile), st.crt, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, CAKeyFile), keyPEM(st.key), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		ca := mustLoadCA(t, dir)
+		if !ca.Cert.Equal(st.issuedBy.Cert) {
+			t.Fatalf("%s: LoadCA took %q, want the CA of the key, %q", st.name, ca.Cert.Subject.CommonName, st.issuedBy.Cert.Subject.CommonName)
+		}
+		pods[i] = issueAndLoad(t, ca, Identity{Role: RoleNode, Name: fmt.Sprintf("node-%d", i)}, FilesIn(t.TempDir(), "tls"))
+		got, err := os.ReadFile(pods[i].Files().CA)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(got, st.crt) {
+			t.Errorf("%s: the pod's ca.crt is not the directory's bundle", st.name)
+		}
+	}
+	// Neighbouring steps, both ways.
+	for i := 0; i+1 < len(pods); i++ {
+		for _, pair := range [][2]int{{i, i + 1}, {i + 1, i}} {
+			srv, cli := pods[pair[0]], pods[pair[1]]
+			addr, results := startServer(t, srv.ServerConfig())
+			if _, err := dial(t, addr, cli.ClientConfig()); err != nil {
+				t.Errorf("a pod of %q dialing one of %q: %v", steps[pair[1]].name, steps[pair[0]].name, err)
+			}
+			if r := recvResult(t, results); r.err != nil {
+				t.Errorf("a pod of %q accepting one of %q: %v", steps[pair[0]].name, steps[pair[1]].name, r.err)
+			}
+		}
+	}
+	// Skipping a step breaks: before and (c) share no CA.
+	addr, results := startServer(t, pods[0].ServerConfig())
+	if _, err := dial(t, addr, pods[3].ClientConfig()); err == nil {
+		if r := recvResult(t, results); r.err == nil {
+			t.Error("a pod of the old CA only and one of the new CA only accepted each other")
+		}
+	}
+
+	// A key with no certificate of its own in ca.crt is refused by name.
+	dir := t.TempDir()
+	if err := os.WriteFile(filepath.Join(dir, CACertFile), oldCA.PEM, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, CAKeyFile), keyPEM(newCA), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := LoadCA(dir); err == nil || !strings.Contains(err.Error(), "matches") {
+		t.Errorf("LoadCA of a key without its certificate: %v, want an error naming the mismatch", err)
 	}
 }
