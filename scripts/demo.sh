@@ -32,6 +32,12 @@ cleanup() {
 		left=$( (grep -c "$PWD/$DIR" /proc/self/mountinfo || true) )
 		loops=$( (grep -l "$PWD/$DIR" /sys/block/loop*/loop/backing_file 2>/dev/null || true) | wc -l)
 		echo "left behind: $left mounts, $loops loop devices, $(pgrep -fc "$PWD/$DIR" || true) processes"
+		# dev down leaves the files it did not make (the demo's kubelet
+		# directories, the files' checksums): remove them too, unless
+		# something is still mounted there.
+		if [[ $left == 0 ]]; then
+			rm -rf "$DIR"
+		fi
 	fi
 }
 trap cleanup EXIT
