@@ -128,10 +128,8 @@ func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) 
 			// Every flow here is legitimate: the role checks of mutual
 			// TLS must refuse none of what the nodes ask each other.
 			if b, err := os.ReadFile(n.Log); err == nil {
-				for _, refusal := range []string{"meta API call refused", "replica connection refused", "needs a node certificate", "claim refused"} {
-					if strings.Contains(string(b), refusal) {
-						t.Errorf("%s's log shows a call refused by the role checks:\n%s", n.ID, grepLines(string(b), refusal))
-					}
+				if lines := logcheck.Refusals(string(b)); len(lines) > 0 {
+					t.Errorf("%s's log shows calls refused by the role checks:\n%s", n.ID, strings.Join(lines, "\n"))
 				}
 			}
 		}

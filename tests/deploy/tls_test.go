@@ -43,11 +43,13 @@ func TestHelmChartTLSValues(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := loadUnder(t, out, ".")
-	for _, where := range []string{"DaemonSet cairn-node", "Deployment cairn-controller"} {
-		p := podNamed(t, s, where)
-		issuer := checkTLS(t, p, map[bool]string{true: "node", false: "ctl"}[where == "DaemonSet cairn-node"], "", "my-ca")
+	for _, c := range []struct{ where, role string }{
+		{"DaemonSet cairn-node", "node"},
+		{"Deployment cairn-controller", "ctl"},
+	} {
+		issuer := checkTLS(t, podNamed(t, s, c.where), c.role, "", "my-ca")
 		if v, _ := flag(issuer.Args, "validity"); v != "720h" {
-			t.Errorf("%s: certificate validity %q, want tls.validity's 720h", where, v)
+			t.Errorf("%s: certificate validity %q, want tls.validity's 720h", c.where, v)
 		}
 	}
 

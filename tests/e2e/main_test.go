@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/cairn-csi/cairn/tests/e2e/localkube"
+	"github.com/cairn-csi/cairn/tests/logcheck"
 )
 
 var (
@@ -176,9 +177,7 @@ func run(m *testing.M) (code int, err error) {
 }
 
 // refusedInLogs returns the lines of Cairn's logs where mutual TLS or the
-// role checks refused a caller. Every caller here is Cairn's own, with the
-// certificate it should have, so any refusal is a bug in the wiring (a
-// missing certificate, a wrong role or name).
+// role checks refused a caller (logcheck.Refusals).
 func refusedInLogs() []string {
 	var out []string
 	for name, path := range env.cairn.logs() {
@@ -187,11 +186,9 @@ func refusedInLogs() []string {
 			out = append(out, err.Error())
 			continue
 		}
-		for _, l := range strings.Split(string(b), "\n") {
-			for _, refusal := range []string{"meta API call refused", "replica connection refused", "claim refused"} {
-				if strings.Contains(l, refusal) && len(out) < 20 {
-					out = append(out, name+": "+l)
-				}
+		for _, l := range logcheck.Refusals(string(b)) {
+			if len(out) < 20 {
+				out = append(out, name+": "+l)
 			}
 		}
 	}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+
+	"github.com/cairn-csi/cairn/tests/e2e/localkube"
 )
 
 // TestNodePodReplaced is scenario 5 with Cairn as pods: the node agent's
@@ -61,8 +63,11 @@ func TestNodePodReplaced(t *testing.T) {
 			during.failed, errsDuring, after.ok, after.failed, errsAfter)
 	}
 	// The new agent says it took the volume over from the holder.
-	if l := nodeAgentLog(t, next.Name); !strings.Contains(l, "volume taken over") {
-		t.Errorf("the new agent's log does not say it took the volume over:\n%s", tailLines(l, 20))
+	path := nodeAgentLog(t, next.Name)
+	if b, err := os.ReadFile(path); err != nil {
+		t.Error(err)
+	} else if !strings.Contains(string(b), "volume taken over") {
+		t.Errorf("the new agent's log does not say it took the volume over:\n%s", localkube.Tail(path, 20))
 	}
 
 	// The volume goes on as usual: the writer's end unstages and detaches it.
@@ -81,28 +86,13 @@ func nodePod(t *testing.T) corev1.Pod {
 	return list.Items[0]
 }
 
-// nodeAgentLog returns the log of the cairn container of the node pod
-// named pod, as kubelet wrote it.
+// nodeAgentLog returns the path of the log of the cairn container of the
+// node pod named pod, as kubelet wrote it.
 func nodeAgentLog(t *testing.T, pod string) string {
 	t.Helper()
-	for name, path := range podLogs(env.kube) {
-		if name == "cairn ("+pod+")" {
-			b, err := os.ReadFile(path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			return string(b)
-		}
+	path, ok := podLogs(env.kube)["cairn ("+pod+")"]
+	if !ok {
+		t.Fatalf("no log of the cairn container of %s", pod)
 	}
-	t.Fatalf("no log of the cairn container of %s", pod)
-	return ""
-}
-
-// tailLines returns the last n lines of s.
-func tailLines(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
+	return path
 }

@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
@@ -272,9 +273,14 @@ func podLogs(kube *localkube.Run) map[string]string {
 	for _, d := range dirs {
 		pod := strings.Split(filepath.Base(d), "_")[1]
 		logs, _ := filepath.Glob(filepath.Join(d, "*", "*.log"))
-		sort.Strings(logs)
+		// kubelet names a container's logs by its restart count, N.log:
+		// the highest one is the newest.
+		restart := func(l string) int {
+			n, _ := strconv.Atoi(strings.TrimSuffix(filepath.Base(l), ".log"))
+			return n
+		}
+		sort.Slice(logs, func(i, j int) bool { return restart(logs[i]) < restart(logs[j]) })
 		for _, l := range logs {
-			// The newest restart's log wins.
 			out[filepath.Base(filepath.Dir(l))+" ("+pod+")"] = l
 		}
 	}

@@ -37,3 +37,18 @@ func TestNodeLog(t *testing.T) {
 		}
 	}
 }
+
+func TestRefusals(t *testing.T) {
+	log := `{"level":"info","msg":"volume attached"}
+{"level":"warn","msg":"meta API call refused","method":"Join"}
+{"level":"warn","msg":"replica connection refused","error":"WRITE needs a node certificate (permission denied)"}
+{"level":"warn","msg":"claim refused","epoch":9}
+`
+	got := Refusals(log)
+	if len(got) != 3 {
+		t.Fatalf("Refusals found %d lines, want the 3 refusals (one line naming two only once):\n%q", len(got), got)
+	}
+	if Refusals(`{"msg":"volume attached"}`) != nil {
+		t.Error("a log without refusals gave some")
+	}
+}
