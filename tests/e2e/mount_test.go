@@ -288,6 +288,9 @@ func checkDetached(t *testing.T, pv *corev1.PersistentVolume) {
 		if v.Attachment != nil {
 			return fmt.Errorf("store: still attached to %s (state %s)", v.Attachment.Node, v.State)
 		}
+		if dev, ok := loopOf(pv.Spec.CSI.VolumeHandle); ok {
+			return fmt.Errorf("loop device %s is still attached to the volume's FUSE file", dev)
+		}
 		return nil
 	})
 	if err != nil {
@@ -319,4 +322,22 @@ func waitVolumeGone(t *testing.T, pv *corev1.PersistentVolume) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// loopOf returns a loop device attached to the FUSE file of volume id,
+// whatever directory the kernel reports it in: the file is named after the
+// volume, and in a pod the path is the one the agent's mount namespace saw.
+func loopOf(id string) (string, bool) {
+	files, _ := filepath.Glob("/sys/block/loop*/loop/backing_file")
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue // detached meanwhile
+		}
+		backing := strings.TrimSuffix(strings.TrimSpace(string(b)), " (deleted)")
+		if filepath.Base(backing) == id {
+			return "/dev/" + filepath.Base(filepath.Dir(filepath.Dir(f))), true
+		}
+	}
+	return "", false
 }

@@ -197,12 +197,20 @@ func claimed(dev string) bool {
 }
 
 // FindLoop returns the loop device attached to the file at path, for
-// idempotent staging after a crash: it reads
-// /sys/block/loop*/loop/backing_file.
+// idempotent staging after a crash and for an agent that took a FUSE mount
+// over from an earlier one. It matches the backing file's path as the kernel
+// reports it (/sys/block/loop*/loop/backing_file) or, failing that, its
+// device and inode numbers (LOOP_GET_STATUS64). The path alone is not
+// enough: the kernel prints it as seen from the mount namespace of whoever
+// attached the device, so after a node-agent pod is replaced the path no
+// longer names the file it is attached to, while the inode does (the FUSE
+// mount is the same and keeps each volume file's node id).
 func FindLoop(path string) (string, bool) {
 	want := canonicalPath(path)
+	var st unix.Stat_t
+	haveStat := unix.Stat(want, &st) == nil
 	for _, l := range listLoops() {
-		if l.backing == want {
+		if l.backing == want || haveStat && l.isFile(&st) {
 			return l.dev, true
 		}
 	}
@@ -213,6 +221,15 @@ func FindLoop(path string) (string, bool) {
 type loopDev struct {
 	dev     string // /dev/loopN
 	backing string // as the kernel reports it
+	// The backing file's device and inode numbers, when LOOP_GET_STATUS64
+	// answered (ok).
+	fileDev, fileIno uint64
+	ok               bool
+}
+
+// isFile reports whether st describes l's backing file.
+func (l loopDev) isFile(st *unix.Stat_t) bool {
+	return l.ok && l.fileDev == uint64(st.Dev) && l.fileIno == st.Ino
 }
 
 // listLoops lists attached loop devices in device-number order.
@@ -233,7 +250,9 @@ func listLoops() []loopDev {
 		if !ok {
 			continue
 		}
-		out = append(out, numbered{n, loopDev{dev: "/dev/" + name, backing: backing}})
+		l := loopDev{dev: "/dev/" + name, backing: backing}
+		l.fileDev, l.fileIno, l.ok = loopFile(l.dev)
+		out = append(out, numbered{n, l})
 	}
 	slices.SortFunc(out, func(a, b numbered) int { return a.n - b.n })
 	loops := make([]loopDev, len(out))
@@ -243,13 +262,38 @@ func listLoops() []loopDev {
 	return loops
 }
 
+// loopFile asks the loop device dev for its backing file's device and inode
+// numbers. The kernel encodes the device number as stat(2) does.
+func loopFile(dev string) (fileDev, fileIno uint64, ok bool) {
+	// Not O_EXCL: reading the status of a mounted device is harmless.
+	f, err := os.OpenFile(dev, os.O_RDONLY, 0)
+	if err != nil {
+		return 0, 0, false
+	}
+	// A block device opened read-only for an ioctl: closing it writes nothing.
+	defer func() { _ = f.Close() }()
+	info, err := unix.IoctlLoopGetStatus64(int(f.Fd()))
+	if err != nil {
+		return 0, 0, false
+	}
+	return info.Device, info.Inode, true
+}
+
 // loopsUnder lists the loop devices whose backing file is inside dir,
-// including files since unlinked.
+// including files since unlinked. When dir is a mount point, a device whose
+// file is on that file system counts too, whatever path the kernel reports
+// for it (see FindLoop).
 func loopsUnder(dir string) []loopDev {
 	prefix := strings.TrimSuffix(dir, "/") + "/"
+	var st unix.Stat_t
+	onMount := false
+	if mounted, err := isMountPoint(dir); err == nil && mounted {
+		onMount = unix.Stat(dir, &st) == nil
+	}
 	var in []loopDev
 	for _, l := range listLoops() {
-		if strings.HasPrefix(strings.TrimSuffix(l.backing, " (deleted)"), prefix) {
+		if strings.HasPrefix(strings.TrimSuffix(l.backing, " (deleted)"), prefix) ||
+			onMount && l.ok && l.fileDev == uint64(st.Dev) {
 			in = append(in, l)
 		}
 	}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -521,6 +522,44 @@ func TestUnmount(t *testing.T) {
 	out := run(t, needTool(t, "losetup"), "-a")
 	if bytes.Contains([]byte(out), []byte(s.Dir())) {
 		t.Fatalf("losetup -a still lists a loop on %s:\n%s", s.Dir(), out)
+	}
+}
+
+// TestFindLoopByInode finds a loop device whose backing path, as the kernel
+// prints it, no longer names the file: it was attached through a bind mount
+// that is gone since, as when the node-agent pod that attached it was
+// replaced and its mount namespace went with it. Unmount must detach it too.
+func TestFindLoopByInode(t *testing.T) {
+	s := mountT(t)
+	path, err := s.Add("vol-1", newMemBackend(8<<20))
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := t.TempDir()
+	if err := unix.Mount(s.Dir(), other, "", unix.MS_BIND, ""); err != nil {
+		t.Fatal(err)
+	}
+	dev := attachT(t, filepath.Join(other, "vol-1"))
+	// MNT_DETACH: the loop device keeps the bind mount busy.
+	if err := unix.Unmount(other, unix.MNT_DETACH); err != nil {
+		t.Fatal(err)
+	}
+	backing, _ := backingFile(filepath.Base(dev))
+	if backing == path || strings.HasPrefix(backing, s.Dir()+"/") {
+		t.Fatalf("the kernel still reports %s for %s: the test does not test anything", backing, dev)
+	}
+	t.Logf("%s reports backing file %q for %s", dev, backing, path)
+	if got, ok := FindLoop(path); !ok || got != dev {
+		t.Fatalf("FindLoop(%s) = %q, %v; want %s", path, got, ok, dev)
+	}
+	if got, ok := FindLoop(filepath.Join(s.Dir(), "no-such-volume")); ok {
+		t.Fatalf("FindLoop of a missing file found %s", got)
+	}
+	if err := s.Unmount(); err != nil {
+		t.Fatal(err)
+	}
+	if _, attached := backingFile(filepath.Base(dev)); attached {
+		t.Fatalf("Unmount left %s attached", dev)
 	}
 }
 
