@@ -112,6 +112,8 @@ func applyCommand(s *State, c Command) (Result, error) {
 		return applyReportLag(s, c)
 	case *PromoteVolume:
 		return applyPromoteVolume(s, c)
+	case *AsNode:
+		return applyAsNode(s, c)
 	}
 	return Result{}, fmt.Errorf("no apply function for %T: %w", c, ErrBadCommand)
 }

@@ -82,7 +82,14 @@ func (a *Agent) authorize(ctx context.Context, fullMethod string, req any) error
 			return a.checkForwarder(method, id)
 		}
 		if id.Role == pki.RoleNode {
-			named = nodeNamedBy(r.Command)
+			if c := innermost(r.Command); c != nil && managerOnly(c) {
+				return status.Errorf(codes.PermissionDenied, "%s: %v: %s may not send %s, a manager's command", method, pki.ErrPermissionDenied, id, commandName(c))
+			}
+			for _, n := range nodesNamedBy(r.Command) {
+				if n != id.Name {
+					return status.Errorf(codes.PermissionDenied, "%s: %v: %s may not speak for node %q", method, pki.ErrPermissionDenied, id, n)
+				}
+			}
 		}
 	}
 	if named != "" && named != id.Name {
@@ -107,33 +114,61 @@ func (a *Agent) checkForwarder(method string, id pki.Identity) error {
 	return status.Errorf(codes.PermissionDenied, "%s: %v: %s is not a store member and may not forward requests", method, pki.ErrPermissionDenied, id)
 }
 
-// nodeNamedBy returns the node a command speaks for when a node sends it:
-// its registration, liveness and state, an attachment to it, and an epoch
-// it advances as the volume's holder ("" for others). A node may send
-// these about itself only: attaching a volume to another node, or moving
-// the epoch under another node's engine, is a manager's job.
-func nodeNamedBy(b []byte) string {
+// nodesNamedBy returns the nodes a command speaks for when a node sends
+// it: its registration, liveness and state, an attachment to it, an epoch
+// it advances as the volume's holder ("" for others, left out), and the
+// node an AsNode says sent it. A node may send these about itself only:
+// attaching a volume to another node, or moving the epoch under another
+// node's engine, is a manager's job. Commands about a volume or a replica
+// are checked by the store (asnode.go).
+func nodesNamedBy(b []byte) []string {
 	cmd, err := Decode(b)
 	if err != nil {
-		return "" // the store refuses it with the decoding error
+		return nil // the store refuses it with the decoding error
 	}
+	var named string
 	switch c := cmd.(type) {
 	case *Request: // a client's envelope (an id for retries)
-		return nodeNamedBy(c.Command)
+		return nodesNamedBy(c.Command)
+	case *AsNode:
+		return append([]string{c.Node}, nodesNamedBy(c.Command)...)
 	case *RegisterNode:
-		return c.Node.ID
+		named = c.Node.ID
 	case *NodeHeartbeat:
-		return c.NodeID
+		named = c.NodeID
 	case *SetNodeState:
-		return c.NodeID
+		named = c.NodeID
 	case *AttachVolume:
-		return c.NodeID
+		named = c.NodeID
 	case *DetachVolume:
-		return c.NodeID
+		named = c.NodeID
 	case *AdvanceEpoch:
-		return c.NodeID // "" for an unattached volume: no node's
+		named = c.NodeID // "" for an unattached volume: no node's
 	}
-	return ""
+	if named == "" {
+		return nil
+	}
+	return []string{named}
+}
+
+// innermost decodes b and unwraps its Request and AsNode envelopes (nil if
+// it does not decode: the store refuses it).
+func innermost(b []byte) Command {
+	for range 3 {
+		c, err := Decode(b)
+		if err != nil {
+			return nil
+		}
+		switch e := c.(type) {
+		case *Request:
+			b = e.Command
+		case *AsNode:
+			b = e.Command
+		default:
+			return c
+		}
+	}
+	return nil // nested deeper than the store accepts
 }
 
 func (a *Agent) authorizeUnary(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (any, error) {
@@ -163,7 +198,7 @@ func (a *Agent) logRefusal(ctx context.Context, method string, err error) {
 	if p, ok := peer.FromContext(ctx); ok && p.Addr != nil {
 		remote = p.Addr.String()
 	}
-	a.log.Warn("meta API call refused", zap.String("method", path.Base(method)), zap.String("caller", caller),
+	a.log.Warn("meta API call refused", zap.String("method", path.Base(method)), zap.String("identity", caller),
 		zap.String("remote", remote), zap.Error(err))
 }
 

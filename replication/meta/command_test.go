@@ -59,6 +59,7 @@ func fullCommands() []Command {
 		&SetNodeDisks{NodeID: "node-1", Disks: map[string]DiskSpace{"hdd": {CapacityBytes: 1 << 40, FreeBytes: 1 << 39}}},
 		&AdmitVolume{CreateVolume: CreateVolume{ID: "vol-3", Name: "g", SizeBytes: 1 << 30, Replicas: 3,
 			Parameters: map[string]string{"qosClass": "guaranteed", "minIOPS": "100"}, CreatedAt: 49}},
+		&AsNode{Node: "n2", Command: []byte{byte(CmdSetVolumeCondition), 1, '{', '}'}},
 	}
 }
 
@@ -117,7 +118,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdLeaseNonces, &LeaseNonces{}},
 		{CmdReportLag, &ReportLag{}},
 		{CmdPromoteVolume, &PromoteVolume{}},
-		{CmdPromoteVolume + 1, nil},
+		{CmdAsNode, &AsNode{}},
+		{CmdAsNode + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -272,7 +274,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 34", cmdBytes(CmdPromoteVolume+1, commandVersion, `{}`)},
+		{"unknown type 35", cmdBytes(CmdAsNode+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
@@ -56,6 +57,8 @@ var wireErrors = map[string]error{
 	"quorum_lost":         ErrQuorumLost,
 	"outcome_unknown":     ErrOutcomeUnknown,
 	"generation_mismatch": ErrGenerationMismatch,
+	// A node's certificate refused by the FSM (AsNode).
+	"permission_denied": pki.ErrPermissionDenied,
 }
 
 // WireError is an error as it crosses the meta API: the sentinel's name and the

@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // leaderClient returns a client for the leader's meta API, or an error
@@ -111,24 +113,32 @@ func registers(c Command) (string, bool) {
 	return "", false
 }
 
+// prepareInner prepares the command an envelope (Request, AsNode) carries
+// in *b, refusing one that nests the same envelope again.
+func prepareInner(b *[]byte, nested func(Command) bool) error {
+	inner, err := Decode(*b)
+	if err != nil {
+		return err
+	}
+	if nested(inner) {
+		return fmt.Errorf("a %s may not wrap another: %w", commandName(inner), ErrBadCommand)
+	}
+	if err := prepare(inner); err != nil {
+		return err
+	}
+	*b, err = Encode(inner)
+	return err
+}
+
 // prepare fills in what the leader decides for a client's command: fresh
 // ids and timestamps. It refuses commands that only the store issues.
 func prepare(c Command) error {
 	now := time.Now().UnixNano()
 	switch c := c.(type) {
 	case *Request:
-		inner, err := Decode(c.Command)
-		if err != nil {
-			return err
-		}
-		if _, nested := inner.(*Request); nested {
-			return fmt.Errorf("a request may not wrap another: %w", ErrBadCommand)
-		}
-		if err := prepare(inner); err != nil {
-			return err
-		}
-		c.Command, err = Encode(inner)
-		return err
+		return prepareInner(&c.Command, func(inner Command) bool { _, ok := inner.(*Request); return ok })
+	case *AsNode:
+		return prepareInner(&c.Command, func(inner Command) bool { _, ok := inner.(*AsNode); return ok })
 	case *InitCluster:
 		return fmt.Errorf("InitCluster is issued by the leader only: %w", ErrInvalidArgument)
 	case *CreateVolume:
@@ -174,14 +184,34 @@ func (a *Agent) applyForwarded(ctx context.Context, c Command, forwarded bool) (
 	var res Result
 	// A Request carries its own id: the store applies it once however
 	// often it is sent, so an unanswered forward may be sent again.
-	_, repeatable := c.(*Request)
+	inner := c
+	if an, ok := c.(*AsNode); ok {
+		if d, err := Decode(an.Command); err == nil {
+			inner = d
+		}
+	}
+	_, repeatable := inner.(*Request)
 	err := a.onLeader(ctx, forwarded, repeatable,
 		func() (err error) {
 			if err = prepare(c); err != nil {
 				return err
 			}
 			if err = a.checkMembersRead(ctx, c); err != nil {
-				return err
+				an, wrapped := c.(*AsNode)
+				if !wrapped || !errors.Is(err, ErrFailedPrecondition) {
+					return err
+				}
+				// A member cannot read AsNode yet (a rolling upgrade):
+				// the bare command, as the meta API checked it.
+				a.log.Debug("a member cannot read AsNode yet: applying the node's command without the store's check",
+					zap.String("node", an.Node), zap.Error(err))
+				// an.Command was prepared with it.
+				if c, err = Decode(an.Command); err != nil {
+					return err
+				}
+				if err = a.checkMembersRead(ctx, c); err != nil {
+					return err
+				}
 			}
 			if id, ok := registers(c); ok {
 				// A node that registers is alive now. Registering marks

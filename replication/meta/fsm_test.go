@@ -15,6 +15,7 @@ import (
 
 	"github.com/hashicorp/raft"
 
+	"github.com/cairn-csi/cairn/internal/pki"
 	"github.com/cairn-csi/cairn/replication/volspec"
 )
 
@@ -103,6 +104,9 @@ func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
 func checkEntry(t testing.TB, typ raft.LogType, data []byte, before, after *State, res Result, err error) {
 	t.Helper()
 	req := requestOf(typ, data)
+	if errors.Is(err, pki.ErrPermissionDenied) {
+		req = nil // an AsNode refused before its Request was looked at
+	}
 	if req != nil {
 		if rec := rememberedRequest(before, req.ID); rec != nil {
 			if !statesEqual(before, after) {
@@ -192,6 +196,13 @@ func requestOf(typ raft.LogType, data []byte) *Request {
 	c, err := Decode(data)
 	if err != nil {
 		return nil
+	}
+	if an, ok := c.(*AsNode); ok {
+		// A node's command, checked against the state (asnode.go)
+		// before the Request inside is looked at.
+		if c, err = Decode(an.Command); err != nil {
+			return nil
+		}
 	}
 	req, _ := c.(*Request)
 	return req

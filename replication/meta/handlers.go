@@ -8,6 +8,8 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/internal/pki"
 )
 
 // The meta API handlers. Errors of the store travel inside the response
@@ -19,7 +21,17 @@ func (a *Agent) apply(ctx context.Context, req *ApplyRequest) (*ApplyResponse, e
 	if err != nil {
 		return &ApplyResponse{Error: toWire(err)}, nil
 	}
+	// A node's command about a volume is judged where it is applied,
+	// against the state it changes (asnode.go): it goes on with the node
+	// the caller's certificate names. A forwarded one was wrapped by the
+	// member that received it.
+	if id, cerr := callerOf(ctx); cerr == nil && id.Role == pki.RoleNode && !req.Forwarded && needsNodeCheck(c) {
+		c = &AsNode{Node: id.Name, Command: req.Command}
+	}
 	res, err := a.applyForwarded(ctx, c, req.Forwarded)
+	if errors.Is(err, pki.ErrPermissionDenied) {
+		a.logRefusal(ctx, "Apply", err)
+	}
 	return &ApplyResponse{Result: res, Error: toWire(err)}, nil
 }
 

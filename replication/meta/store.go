@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -122,6 +123,15 @@ func OpenStore(cfg StoreConfig) (*Store, error) {
 		s.logStore.Close()
 		return nil, fmt.Errorf("store: %w", err)
 	}
+	var started atomic.Pointer[raft.Raft]
+	refusals := newRefusalLog(log, time.Minute)
+	s.stream.setAdmitPeer(func(node string) error {
+		err := admitRaftPeer(started.Load(), node)
+		if err != nil {
+			refusals.warn(node, "raft connection refused", zap.String("peer", node), zap.Error(err))
+		}
+		return err
+	})
 	s.transport = raft.NewNetworkTransportWithConfig(&raft.NetworkTransportConfig{
 		Stream: s.stream, MaxPool: 3, Timeout: 10 * time.Second, Logger: hlog,
 	})
@@ -160,6 +170,7 @@ func OpenStore(cfg StoreConfig) (*Store, error) {
 		s.logStore.Close()
 		return nil, fmt.Errorf("store: start raft: %w", err)
 	}
+	started.Store(s.raft)
 	ctx, cancel := context.WithCancel(context.Background())
 	s.stop = cancel
 	s.wg.Add(1)
@@ -550,4 +561,57 @@ func (s *Store) Close() error {
 	}
 	s.log.Info("store closed")
 	return err
+}
+
+// admitRaftPeer decides whether node, whose node certificate a Raft
+// connection presented, may speak Raft to this member: it must be a server
+// of the member's latest configuration. A member with no configuration yet
+// (a fresh node, before the bootstrap or before the leader that adds it
+// sends the log) admits any node: its first peer is the one that makes it
+// a member. A connection that arrives before raft runs is refused, and its
+// peer dials again.
+func admitRaftPeer(r *raft.Raft, node string) error {
+	if r == nil {
+		return fmt.Errorf("%w: raft is not running yet", pki.ErrPermissionDenied)
+	}
+	f := r.GetConfiguration()
+	if err := f.Error(); err != nil {
+		return err
+	}
+	servers := f.Configuration().Servers
+	if len(servers) == 0 {
+		return nil
+	}
+	for _, srv := range servers {
+		if string(srv.ID) == node {
+			return nil
+		}
+	}
+	return fmt.Errorf("%w: node %s is not a member of the store (its raft configuration)", pki.ErrPermissionDenied, node)
+}
+
+// refusalLog logs a warning per key at most once per interval: a refused
+// peer redials every few seconds.
+type refusalLog struct {
+	log      *zap.Logger
+	interval time.Duration
+	mu       sync.Mutex
+	last     map[string]time.Time
+}
+
+func newRefusalLog(log *zap.Logger, interval time.Duration) *refusalLog {
+	return &refusalLog{log: log, interval: interval, last: map[string]time.Time{}}
+}
+
+func (l *refusalLog) warn(key, msg string, fields ...zap.Field) {
+	l.mu.Lock()
+	now := time.Now()
+	due := now.Sub(l.last[key]) >= l.interval
+	if due {
+		l.last[key] = now
+	}
+	l.mu.Unlock()
+	if due {
+		l.log.Warn(msg, fields...)
+	}
 }

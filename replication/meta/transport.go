@@ -28,6 +28,12 @@ type streamLayer struct {
 	// tls, if set, wraps every connection in mutual TLS: only node
 	// certificates of the cluster CA speak Raft.
 	tls *pki.Credentials
+	// admitPeer, if set, says whether the node a certificate names may
+	// speak Raft to this member (Store: a member of its configuration).
+	// A node certificate alone is not enough: raft checks who may vote,
+	// but follows any AppendEntries with a newer term, so a node outside
+	// the store could otherwise pose as its leader.
+	admitPeer func(node string) error
 
 	// Accept's hand-off from admit (see Accept).
 	acceptOnce sync.Once
@@ -154,11 +160,26 @@ func (s *streamLayer) acceptTLS(c net.Conn) (net.Conn, error) {
 	if err == nil {
 		err = pki.Allow(id, "speak Raft", pki.RoleNode)
 	}
+	if err == nil {
+		s.mu.Lock()
+		admit := s.admitPeer
+		s.mu.Unlock()
+		if admit != nil {
+			err = admit(id.Name)
+		}
+	}
 	if err != nil {
 		c.Close()
 		return nil, err
 	}
 	return tc, nil
+}
+
+// setAdmitPeer installs the membership check of acceptTLS.
+func (s *streamLayer) setAdmitPeer(f func(node string) error) {
+	s.mu.Lock()
+	s.admitPeer = f
+	s.mu.Unlock()
 }
 
 // handshake runs a TLS handshake within timeout.

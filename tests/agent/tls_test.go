@@ -154,6 +154,34 @@ func TestTLSRefusesStrangersOnEveryPort(t *testing.T) {
 	expectUnauthorized(t, "node-2: register node-1", err)
 	_, err = n2.Apply(ctx, &meta.AttachVolume{VolumeID: "any", NodeID: "node-1"})
 	expectUnauthorized(t, "node-2: attach a volume to node-1", err)
+	// Managing volumes is for ctl certificates.
+	_, err = n2.Apply(ctx, &meta.CreateVolume{Name: "tls-node", SizeBytes: 16 << 20, Replicas: 1})
+	expectUnauthorized(t, "node-2: create a volume", err)
+	_, err = n2.Apply(ctx, &meta.DeleteVolume{VolumeID: vol.ID})
+	expectUnauthorized(t, "node-2: delete a volume", err)
+	// A node's commands about a volume or a replica reach only the volumes
+	// it holds a replica of or has attached; node-2 has neither of vol.
+	rep := vol.Replicas[0]
+	_, err = n2.Apply(ctx, &meta.SetReplicaState{VolumeID: vol.ID, ReplicaID: rep.ID, State: meta.ReplicaFailed, ExpectEpoch: vol.Epoch})
+	expectUnauthorized(t, "node-2: mark node-1's replica failed", err)
+	_, err = n2.Apply(ctx, &meta.SetVolumeCondition{VolumeID: vol.ID, Abnormal: true, Message: "forged by node-2"})
+	expectUnauthorized(t, "node-2: mark the volume abnormal", err)
+	_, err = n2.Apply(ctx, &meta.RecordUsage{VolumeID: vol.ID, ReplicaID: rep.ID, AllocatedBytes: 1})
+	expectUnauthorized(t, "node-2: report the usage of node-1's replica", err)
+	_, err = n2.Apply(ctx, &meta.SetReplicaGeneration{VolumeID: vol.ID, ReplicaID: rep.ID, Generation: "forged", Expect: rep.Generation})
+	expectUnauthorized(t, "node-2: relabel node-1's replica", err)
+	// Nor can it claim to be node-1 by wrapping the command itself.
+	inner, err := meta.Encode(&meta.SetVolumeCondition{VolumeID: vol.ID, Abnormal: true, Message: "forged by node-2"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = n2.Apply(ctx, &meta.AsNode{Node: "node-1", Command: inner})
+	expectUnauthorized(t, "node-2: a command wrapped as node-1's", err)
+	// Control: the replica's own node may report its usage.
+	n1 := metaClient(t, apiAddr, node1)
+	if _, err := n1.Apply(ctx, &meta.RecordUsage{VolumeID: vol.ID, ReplicaID: rep.ID, AllocatedBytes: 4096}); err != nil {
+		t.Errorf("node-1: report the usage of its own replica: %v", err)
+	}
 
 	// c. Nothing the refused callers sent changed the store.
 	st2, err := c.State(ctx, true)
@@ -174,6 +202,14 @@ func TestTLSRefusesStrangersOnEveryPort(t *testing.T) {
 	}
 	if len(nodes) != 1 || nodes[0] != "node-1" {
 		t.Errorf("the store holds nodes %v, want only node-1", nodes)
+	}
+	if v := st2.Volumes[vol.ID]; v == nil {
+		t.Errorf("volume %s is gone", vol.ID)
+	} else {
+		// The realizer may have recorded the replica's generation since.
+		if v.Condition != nil || v.Replicas[0].State == meta.ReplicaFailed || v.Replicas[0].Generation == "forged" {
+			t.Errorf("volume %s changed under node-2's refused commands: condition %+v, replica %+v (was %+v)", vol.ID, v.Condition, v.Replicas[0], rep)
+		}
 	}
 	if n := st2.Nodes["node-1"]; n == nil || n.RaftAddr != raftAddr || n.APIAddr != apiAddr || n.DataAddr != dataAddr {
 		t.Errorf("node-1 is registered as %+v, want raft %s, API %s, data %s", n, raftAddr, apiAddr, dataAddr)
@@ -288,10 +324,15 @@ func TestTLSRefusesStrangersOnEveryPort(t *testing.T) {
 	if err := raftClosesGarbage(raftAddr); err != nil {
 		t.Errorf("raft: plaintext: %v", err)
 	}
-	// Control: a node certificate is admitted; the connection stays open
-	// while the node waits for the raft preamble.
-	if err := raftKeepsOpen(raftAddr, node2.ClientConfig()); err != nil {
-		t.Errorf("raft: node-2's certificate: %v", err)
+	// A node certificate of a node that is no store member: raft would
+	// follow its AppendEntries if it posed as a leader with a newer term.
+	if err := raftRefuses(raftAddr, node2.ClientConfig()); err != nil {
+		t.Errorf("raft: node-2's certificate (no store member): %v", err)
+	}
+	// Control: a member's certificate is admitted; the connection stays
+	// open while the node waits for the raft preamble.
+	if err := raftKeepsOpen(raftAddr, node1.ClientConfig()); err != nil {
+		t.Errorf("raft: node-1's certificate (a member): %v", err)
 	}
 
 	// The store still serves its own node's calls.
