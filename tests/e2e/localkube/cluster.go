@@ -483,9 +483,13 @@ func (r *Run) startKubelet(ctx context.Context) error {
 	// call that the systemd driver needs. failCgroupV1: this machine has
 	// cgroup v1. oomScoreAdj 0: no CAP_SYS_RESOURCE. makeIPTablesUtilChains
 	// false: no iptables rules to clean up (there is no kube-proxy).
+	// syncFrequency 10s: kubelet grows the filesystem of a mounted volume
+	// whose claim grew only when it next syncs the pod, every minute by
+	// default; the expansion tests would wait for that, not for Cairn.
 	config := fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 address: 127.0.0.1
+syncFrequency: 10s
 port: %d
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
