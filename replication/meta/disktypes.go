@@ -3,6 +3,7 @@ package meta
 import (
 	"fmt"
 	"maps"
+	"reflect"
 	"slices"
 
 	"github.com/cairn-csi/cairn/replication/placement"
@@ -96,27 +97,70 @@ func (s *State) PlacementNodesFor(t string) []placement.Node {
 
 // placementLoad sums, per node, the sizes of the live volumes' replicas on
 // disks of type t, and the minIOPS of the live guaranteed volumes with a
-// replica there, reading each volume's parameters once.
+// replica there. It runs at every placement, over every volume: what it
+// needs of a volume's parameters is decoded once per parameter map and
+// kept (factsOf), or a store of 10 000 volumes would spend most of each
+// CreateVolume decoding them (tests/bench/scalebench).
 func (s *State) placementLoad(t string) (used, reserved map[string]uint64) {
 	used, reserved = map[string]uint64{}, map[string]uint64{}
 	for _, v := range s.Volumes {
 		if v.State == VolumeDeleted {
 			continue
 		}
-		spec, err := v.Spec() // a bad spec reads as the default type, no reservation
-		onType := spec.DiskType == t || err != nil && t == ""
-		iops := uint64(0)
-		if err == nil && spec.Guaranteed() {
-			iops = spec.QoS.MinIOPS
-		}
+		f := s.factsOf(v)
+		// A bad spec reads as the default type, with no reservation.
+		onType := f.diskType == t || !f.valid && t == ""
 		for _, r := range v.Replicas {
 			if onType {
 				used[r.Node] += v.ReplicaBytes()
 			}
-			reserved[r.Node] += iops
+			reserved[r.Node] += f.minIOPS
+		}
+	}
+	if len(s.placementMemo) > 2*len(s.Volumes)+1024 {
+		for id := range s.placementMemo {
+			if _, ok := s.Volumes[id]; !ok {
+				delete(s.placementMemo, id)
+			}
 		}
 	}
 	return used, reserved
+}
+
+// placementFacts are what placement reads of a volume's parameters.
+type placementFacts struct {
+	// params is the map they were read from: a volume's Parameters are
+	// replaced, never changed in place (applySetParameters), so the same
+	// map means the same facts. Holding it keeps its address from being
+	// reused by another map.
+	params   map[string]string
+	diskType string
+	valid    bool   // the parameters decode
+	minIOPS  uint64 // of a guaranteed volume, else 0
+}
+
+// factsOf returns v's placement facts, decoding its parameters only when
+// they are not the ones decoded last time. It writes s's memo: callers
+// hold s exclusively (the FSM's apply, or a private copy of the state).
+func (s *State) factsOf(v *Volume) *placementFacts {
+	if f := s.placementMemo[v.ID]; f != nil && sameMap(f.params, v.Parameters) {
+		return f
+	}
+	spec, err := v.Spec()
+	f := &placementFacts{params: v.Parameters, diskType: spec.DiskType, valid: err == nil}
+	if err == nil && spec.Guaranteed() {
+		f.minIOPS = spec.QoS.MinIOPS
+	}
+	if s.placementMemo == nil {
+		s.placementMemo = map[string]*placementFacts{}
+	}
+	s.placementMemo[v.ID] = f
+	return f
+}
+
+// sameMap reports whether a and b are the same map (or both nil).
+func sameMap(a, b map[string]string) bool {
+	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
 }
 
 // DiskSpace is the size and free bytes of node id's disk of type t ("" for

@@ -309,6 +309,9 @@ type State struct {
 	// built); rebuilt when needed, never serialized.
 	requestIndex map[string]int
 	requestBase  int
+	// placementMemo caches what placement reads of each volume's
+	// parameters (placementLoad); never serialized nor cloned.
+	placementMemo map[string]*placementFacts
 }
 
 // RequestRecord is the remembered result of one client request.
