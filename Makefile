@@ -82,6 +82,7 @@ bench: deps ## Run the benchmarks and print their tables (never fails on a numbe
 	go run ./tests/bench/fsbench
 	go run ./tests/bench/noisybench
 	go run ./tests/bench/rebuildbench
+	go run ./tests/bench/scalebench
 
 # The randomized fault campaign (tests/torture/README.md): ROUNDS shuffled
 # passes over every fault kind (0: one round of each), SEED for a repeatable

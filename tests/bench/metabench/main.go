@@ -20,7 +20,6 @@ import (
 	"io"
 	"math"
 	"os"
-	"path/filepath"
 	"runtime"
 	"runtime/pprof"
 	"slices"
@@ -33,7 +32,6 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
-	"github.com/cairn-csi/cairn/internal/loopback"
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/tests/bench/benchkit"
 )
@@ -225,44 +223,12 @@ type cluster struct {
 	apiAddrs []string
 }
 
-// startCluster starts the members with BootstrapExpect and Peers, each on
-// a loopback address of its own (package loopback). The addresses are
-// picked up front: Peers must name them before any member starts.
+// startCluster starts the members (benchkit.StartMembers).
 func startCluster(log *zap.Logger) (*cluster, error) {
-	cl := &cluster{}
-	root, err := os.MkdirTemp("", "metabench-")
-	if err != nil {
-		return cl, err
-	}
-	cl.root = root
-	addrs, err := loopback.Addrs(members, 2)
-	if err != nil {
-		return cl, err
-	}
-	for _, a := range addrs {
-		cl.apiAddrs = append(cl.apiAddrs, a[1])
-	}
-	for i := range members {
-		id := fmt.Sprintf("node-%d", i+1)
-		a, err := meta.StartAgent(meta.AgentConfig{
-			Store: meta.StoreConfig{
-				NodeID:            id,
-				DataDir:           filepath.Join(root, id),
-				RaftBind:          addrs[i][0],
-				TimeoutMultiplier: 1,
-				Logger:            log.With(zap.String("member", id)),
-			},
-			APIBind:         cl.apiAddrs[i],
-			BootstrapExpect: members,
-			Peers:           cl.apiAddrs,
-			DiskUsage:       func() (uint64, uint64, error) { return capacity, baseFree, nil },
-		})
-		if err != nil {
-			return cl, fmt.Errorf("%s: %w", id, err)
-		}
-		cl.agents = append(cl.agents, a)
-	}
-	return cl, nil
+	m, err := benchkit.StartMembers(log, "metabench", members, "node-", func(c *meta.AgentConfig) {
+		c.DiskUsage = func() (uint64, uint64, error) { return capacity, baseFree, nil }
+	})
+	return &cluster{root: m.Root, agents: m.Agents, apiAddrs: m.APIAddrs}, err
 }
 
 // close stops every member (in parallel) and removes the data dirs.

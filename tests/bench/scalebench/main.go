@@ -1,0 +1,560 @@
+// Command scalebench measures the volume store at scale (issue 16, part 5):
+// three real store members and -nodes simulated node agents in this
+// process, real TCP on loopback addresses and real bolt Raft logs. A
+// simulated node registers, heartbeats every second, and watches the
+// volumes placed on it (a Watch filtered to the node, as `cairn node`
+// does) to realise each new replica as a record only: it records the
+// replica's generation (SetReplicaGeneration), as a real node does once it
+// made the replica's files.
+//
+// Then it creates -volumes volumes through the CSI controller
+// (driver/csi) at -concurrency callers, pages through them with
+// ListVolumes, and stops the simulated node that holds the most replicas:
+// the store marks it down (10 s without a heartbeat), replaces each of its
+// replicas after the stale-replica timeout (-stale), and the other nodes
+// realise the new ones. It prints the latencies, the times, the process's
+// CPU and memory, and the sizes of the leader's Raft log and snapshots.
+//
+//	go run ./tests/bench/scalebench [-nodes 100] [-volumes 10000] [-concurrency 16] [-stale 10s] [-cpuprofile FILE] [-v]
+//
+// It never fails on a number; it exits 1 if the cluster does not form or a
+// step does not finish within its time limit.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"text/tabwriter"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/cairn-csi/cairn/driver/csi"
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/tests/bench/benchkit"
+)
+
+const (
+	members  = 3
+	nodeCap  = uint64(1) << 40 // each simulated node's capacity
+	volSize  = int64(1) << 30
+	replicas = 3
+)
+
+type options struct {
+	nodes, volumes, concurrency int
+	stale                       time.Duration
+	verbose                     bool
+	cpuProfile                  string
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.nodes, "nodes", 100, "simulated node agents")
+	flag.IntVar(&o.volumes, "volumes", 10000, "volumes to create")
+	flag.IntVar(&o.concurrency, "concurrency", 16, "concurrent CreateVolume callers")
+	flag.DurationVar(&o.stale, "stale", 10*time.Second, "the store's stale-replica timeout (how long a down node's replicas wait before they are replaced)")
+	flag.BoolVar(&o.verbose, "v", false, "log the members' warnings and errors to stderr")
+	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (members, nodes, controller) to this file")
+	flag.Parse()
+	if o.nodes < replicas+1 || o.volumes < 1 || o.concurrency < 1 || o.stale < time.Second {
+		fmt.Fprintf(os.Stderr, "scalebench: -nodes must be at least %d, -volumes and -concurrency at least 1, -stale at least 1s\n", replicas+1)
+		os.Exit(2)
+	}
+	ctx, stop := benchkit.SignalContext()
+	defer stop()
+	if err := run(ctx, o); err != nil {
+		fmt.Fprintln(os.Stderr, "scalebench:", err)
+		os.Exit(1)
+	}
+}
+
+func logf(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "scalebench: "+format+"\n", args...)
+}
+
+// cluster is the store members and the simulated nodes.
+type cluster struct {
+	root     string
+	agents   []*meta.Agent
+	apiAddrs []string
+	sims     []*simNode
+}
+
+func run(ctx context.Context, o options) error {
+	log := zap.NewNop()
+	if o.verbose {
+		log = zap.Must(zap.NewDevelopmentConfig().Build(zap.IncreaseLevel(zapcore.WarnLevel)))
+	}
+	cl, err := startMembers(log, o)
+	defer cl.close()
+	if err != nil {
+		return err
+	}
+	if err := cl.waitLeader(ctx, time.Minute); err != nil {
+		return err
+	}
+	if o.cpuProfile != "" {
+		f, err := os.Create(o.cpuProfile)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer pprof.StopCPUProfile()
+	}
+	cpu0 := processCPU()
+	start := time.Now()
+
+	// The simulated nodes.
+	for i := range o.nodes {
+		s, err := startSim(ctx, fmt.Sprintf("sim-%03d", i+1), cl.apiAddrs)
+		if err != nil {
+			return err
+		}
+		cl.sims = append(cl.sims, s)
+	}
+	logf("%d simulated nodes registered in %v", o.nodes, time.Since(start).Round(time.Millisecond))
+
+	// CreateVolume through the CSI controller.
+	client, err := meta.NewClient(cl.apiAddrs)
+	if err != nil {
+		return err
+	}
+	defer client.Close()
+	ctrl := csi.NewController(client)
+	lat, createTook, err := createVolumes(ctx, ctrl, o)
+	if err != nil {
+		return err
+	}
+	realised, err := cl.waitRealised(ctx, client, "", 10*time.Minute)
+	if err != nil {
+		return err
+	}
+	logf("every replica realised %v after the last CreateVolume", realised.Round(time.Millisecond))
+	createCPU := processCPU() - cpu0
+
+	// ListVolumes, paged.
+	listStart := time.Now()
+	pages, listed, err := listAll(ctx, ctrl)
+	if err != nil {
+		return err
+	}
+	listTook := time.Since(listStart)
+
+	// A node lost.
+	victim, held, err := cl.busiestSim(ctx, client)
+	if err != nil {
+		return err
+	}
+	logf("stopping %s, which holds %d replicas", victim.id, held)
+	lost := time.Now()
+	victim.stop()
+	replaced, err := cl.waitRealised(ctx, client, victim.id, 10*time.Minute)
+	if err != nil {
+		return err
+	}
+	replacedAfter := time.Since(lost)
+	quiet, err := cl.waitQuiet(ctx, 2*time.Second, 5*time.Minute)
+	if err != nil {
+		return err
+	}
+	quietAfter := time.Since(lost)
+	_ = replaced
+
+	leader := cl.leader()
+	var raftBytes, snapBytes int64
+	if leader != nil {
+		dir := filepath.Join(cl.root, leader.Store().NodeID())
+		raftBytes = fileSize(filepath.Join(dir, "raft.db"))
+		snapBytes = dirSize(filepath.Join(dir, "snapshots"))
+	}
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+
+	fmt.Printf("scalebench: the volume store with %d volumes on %d simulated nodes\n", o.volumes, o.nodes)
+	fmt.Printf("date:     %s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
+	fmt.Printf("machine:  %s\n", benchkit.Machine())
+	fmt.Printf("cluster:  %d store members and %d simulated nodes in this process (real TCP on loopback, bolt Raft logs in %s);\n", members, o.nodes, cl.root)
+	fmt.Printf("          volumes of %d replicas, CreateVolume through driver/csi's controller at %d callers; stale-replica timeout %v, node down after 10s\n",
+		replicas, o.concurrency, o.stale)
+	fmt.Println()
+	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
+	p50, p99 := pct(lat, 0.50), pct(lat, 0.99)
+	fmt.Fprintf(w, "what\tfigure\ttarget\t\n")
+	fmt.Fprintf(w, "CreateVolume p50\t%s\t\t\n", ms3(p50))
+	fmt.Fprintf(w, "CreateVolume p99\t%s\t< 50ms at 16 callers: %s\t\n", ms3(p99), verdict(p99 < 50*time.Millisecond && o.concurrency == 16))
+	fmt.Fprintf(w, "CreateVolume max\t%s\t\t\n", ms3(lat[len(lat)-1]))
+	fmt.Fprintf(w, "creates per second\t%.0f\t\t\n", float64(o.volumes)/createTook.Seconds())
+	fmt.Fprintf(w, "all replicas realised after the last create\t%s\t\t\n", realised.Round(time.Millisecond))
+	fmt.Fprintf(w, "ListVolumes, all pages\t%s for %d volumes in %d pages\t\t\n", listTook.Round(time.Millisecond), listed, pages)
+	fmt.Fprintf(w, "%s lost (%d replicas): all re-placed and realised\t%s\t< 60s: %s\t\n", victim.id, held, replacedAfter.Round(time.Millisecond),
+		verdict(replacedAfter < 60*time.Second))
+	fmt.Fprintf(w, "  of which waiting for down (10s) and stale (%v)\t%s\t\t\n", o.stale, (10*time.Second + o.stale))
+	fmt.Fprintf(w, "  store quiet again (no entry for %v)\t%s after the loss\t\t\n", 2*time.Second, quietAfter.Round(time.Millisecond))
+	fmt.Fprintf(w, "  quiet at raft index\t%d\t\t\n", quiet)
+	fmt.Fprintf(w, "process CPU, nodes up to all realised\t%s (%.2f ms per volume)\t\t\n", createCPU.Round(time.Millisecond), float64(createCPU.Microseconds())/1000/float64(o.volumes))
+	fmt.Fprintf(w, "process peak RSS (3 members, %d nodes, the controller)\t%s\t< 1 GiB for the leader: %s\t\n", o.nodes, human(peakRSS()), verdict(peakRSS() < 1<<30))
+	fmt.Fprintf(w, "Go heap in use at the end\t%s\t\t\n", human(ms.HeapInuse))
+	fmt.Fprintf(w, "leader's Raft log (raft.db)\t%s\t\t\n", human(uint64(raftBytes)))
+	fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", human(uint64(snapBytes)))
+	return w.Flush()
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "met"
+	}
+	return "not met"
+}
+
+// startMembers starts the store members (benchkit.StartMembers), with a
+// small disk of their own so that placement leaves them alone.
+func startMembers(log *zap.Logger, o options) (*cluster, error) {
+	m, err := benchkit.StartMembers(log, "scalebench", members, "member-", func(c *meta.AgentConfig) {
+		c.StaleReplicaTimeout = o.stale
+		c.DiskUsage = func() (uint64, uint64, error) { return 1 << 20, 1 << 20, nil }
+	})
+	return &cluster{root: m.Root, agents: m.Agents, apiAddrs: m.APIAddrs}, err
+}
+
+func (cl *cluster) close() {
+	for _, s := range cl.sims {
+		s.stop()
+	}
+	var wg sync.WaitGroup
+	for _, a := range cl.agents {
+		wg.Go(func() {
+			if err := a.Close(); err != nil {
+				logf("close %s: %v", a.Store().NodeID(), err)
+			}
+		})
+	}
+	wg.Wait()
+	if cl.root != "" {
+		if err := os.RemoveAll(cl.root); err != nil {
+			logf("remove %s: %v", cl.root, err)
+		}
+	}
+}
+
+func (cl *cluster) leader() *meta.Agent {
+	for _, a := range cl.agents {
+		if a.Store().IsLeader() {
+			return a
+		}
+	}
+	return nil
+}
+
+func (cl *cluster) waitLeader(ctx context.Context, limit time.Duration) error {
+	deadline := time.Now().Add(limit)
+	for cl.leader() == nil {
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no leader within %v", limit)
+		}
+		if err := benchkit.Sleep(ctx, 50*time.Millisecond); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// waitRealised waits until every volume has its replicas, none on the
+// node gone (if not ""), each with a recorded generation; it returns how
+// long that took.
+func (cl *cluster) waitRealised(ctx context.Context, c *meta.Client, gone string, limit time.Duration) (time.Duration, error) {
+	start := time.Now()
+	last := time.Now()
+	for {
+		st, err := c.State(ctx, false)
+		if err != nil {
+			return 0, err
+		}
+		pending := 0
+		for _, v := range st.Volumes {
+			if len(v.Replicas) != replicas {
+				pending++
+				continue
+			}
+			for _, r := range v.Replicas {
+				if r.Node == gone || r.Generation == "" {
+					pending++
+					break
+				}
+			}
+		}
+		if pending == 0 {
+			return time.Since(start), nil
+		}
+		if time.Since(last) > 5*time.Second {
+			last = time.Now()
+			logf("%d volumes still wait for a replica%s", pending, map[bool]string{true: " off " + gone, false: ""}[gone != ""])
+		}
+		if time.Since(start) > limit {
+			return 0, fmt.Errorf("%d volumes still wait for a replica after %v", pending, limit)
+		}
+		if err := benchkit.Sleep(ctx, 500*time.Millisecond); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// waitQuiet waits until the leader has applied no entry for still, and
+// returns its applied index.
+func (cl *cluster) waitQuiet(ctx context.Context, still, limit time.Duration) (uint64, error) {
+	deadline := time.Now().Add(limit)
+	var idx uint64
+	since := time.Now()
+	for {
+		l := cl.leader()
+		if l != nil {
+			if now := l.Store().FSM().AppliedIndex(); now != idx {
+				idx, since = now, time.Now()
+			} else if time.Since(since) >= still {
+				return idx, nil
+			}
+		}
+		if time.Now().After(deadline) {
+			return 0, fmt.Errorf("the store did not go quiet within %v", limit)
+		}
+		if err := benchkit.Sleep(ctx, 100*time.Millisecond); err != nil {
+			return 0, err
+		}
+	}
+}
+
+// busiestSim returns the running simulated node with the most replicas.
+func (cl *cluster) busiestSim(ctx context.Context, c *meta.Client) (*simNode, int, error) {
+	st, err := c.State(ctx, true)
+	if err != nil {
+		return nil, 0, err
+	}
+	count := map[string]int{}
+	for _, v := range st.Volumes {
+		for _, r := range v.Replicas {
+			count[r.Node]++
+		}
+	}
+	var best *simNode
+	for _, s := range cl.sims {
+		if best == nil || count[s.id] > count[best.id] {
+			best = s
+		}
+	}
+	if best == nil {
+		return nil, 0, errors.New("no simulated node")
+	}
+	return best, count[best.id], nil
+}
+
+// createVolumes creates o.volumes volumes at o.concurrency callers and
+// returns the sorted latencies and the total time.
+func createVolumes(ctx context.Context, ctrl *csi.Controller, o options) ([]time.Duration, time.Duration, error) {
+	lat := make([]time.Duration, o.volumes)
+	var next atomic.Int64
+	var firstErr error
+	var errOnce sync.Once
+	start := time.Now()
+	lastLog := time.Now()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range o.concurrency {
+		wg.Go(func() {
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= o.volumes || ctx.Err() != nil {
+					return
+				}
+				t0 := time.Now()
+				_, err := ctrl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+					Name:          fmt.Sprintf("pvc-scale-%05d", i),
+					CapacityRange: &csipb.CapacityRange{RequiredBytes: volSize},
+					VolumeCapabilities: []*csipb.VolumeCapability{{
+						AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: "ext4"}},
+						AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+					}},
+					Parameters: map[string]string{"replicas": fmt.Sprint(replicas)},
+				})
+				lat[i] = time.Since(t0)
+				if err != nil {
+					errOnce.Do(func() { firstErr = fmt.Errorf("CreateVolume %d: %w", i, err) })
+					return
+				}
+				mu.Lock()
+				if time.Since(lastLog) > 5*time.Second {
+					lastLog = time.Now()
+					logf("%d volumes created", i)
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	took := time.Since(start)
+	if firstErr != nil {
+		return nil, 0, firstErr
+	}
+	slices.Sort(lat)
+	return lat, took, ctx.Err()
+}
+
+// listAll pages through ListVolumes and returns the pages and entries.
+func listAll(ctx context.Context, ctrl *csi.Controller) (pages, entries int, err error) {
+	token := ""
+	for {
+		resp, err := ctrl.ListVolumes(ctx, &csipb.ListVolumesRequest{MaxEntries: 500, StartingToken: token})
+		if err != nil {
+			return pages, entries, fmt.Errorf("ListVolumes page %d: %w", pages+1, err)
+		}
+		pages++
+		entries += len(resp.Entries)
+		if token = resp.NextToken; token == "" {
+			return pages, entries, nil
+		}
+	}
+}
+
+// simNode is a simulated node agent.
+type simNode struct {
+	id     string
+	c      *meta.Client
+	cancel context.CancelFunc
+	done   sync.WaitGroup
+}
+
+func startSim(ctx context.Context, id string, addrs []string) (*simNode, error) {
+	c, err := meta.NewClient(addrs)
+	if err != nil {
+		return nil, err
+	}
+	s := &simNode{id: id, c: c}
+	if _, err := c.Apply(ctx, &meta.RegisterNode{Node: meta.Node{ID: id, RaftAddr: "127.0.0.1:1", APIAddr: "127.0.0.1:1", DataAddr: "127.0.0.1:1",
+		CapacityBytes: nodeCap, FreeBytes: nodeCap}}); err != nil {
+		c.Close()
+		return nil, fmt.Errorf("register %s: %w", id, err)
+	}
+	sctx, cancel := context.WithCancel(ctx)
+	s.cancel = cancel
+	s.done.Go(func() { s.heartbeat(sctx) })
+	s.done.Go(func() { s.realise(sctx) })
+	return s, nil
+}
+
+func (s *simNode) stop() {
+	if s.cancel != nil {
+		s.cancel()
+		s.done.Wait()
+		s.c.Close()
+		s.cancel = nil
+	}
+}
+
+func (s *simNode) heartbeat(ctx context.Context) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		hctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		_ = s.c.Heartbeat(hctx, &meta.HeartbeatRequest{NodeID: s.id, CapacityBytes: nodeCap, FreeBytes: nodeCap})
+		cancel()
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// realise records a generation for each replica placed on this node that
+// has none yet: what a node does once it made the replica's files.
+func (s *simNode) realise(ctx context.Context) {
+	// The watch may show a replica again before the event of its recorded
+	// generation arrives: record each once.
+	recorded := map[string]bool{}
+	_ = s.c.Watch(ctx, meta.WatchRequest{Node: s.id}, func(ev *meta.WatchEvent) error {
+		for _, v := range ev.Volumes {
+			for _, r := range v.Replicas {
+				if r.Node != s.id || r.Generation != "" || recorded[r.ID] {
+					continue
+				}
+				recorded[r.ID] = true
+				var b [16]byte
+				_, _ = rand.Read(b[:])
+				actx, cancel := context.WithTimeout(ctx, 10*time.Second)
+				_, err := s.c.Apply(actx, &meta.SetReplicaGeneration{VolumeID: v.ID, ReplicaID: r.ID, Generation: hex.EncodeToString(b[:])})
+				cancel()
+				if err != nil && ctx.Err() == nil && !errors.Is(err, meta.ErrNotFound) {
+					logf("%s: record the generation of %s: %v", s.id, r.ID, err)
+					delete(recorded, r.ID) // the next event tries again
+				}
+			}
+		}
+		return ctx.Err()
+	})
+}
+
+func processCPU() time.Duration {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+func peakRSS() uint64 {
+	var ru syscall.Rusage
+	_ = syscall.Getrusage(syscall.RUSAGE_SELF, &ru)
+	return uint64(ru.Maxrss) << 10
+}
+
+func fileSize(p string) int64 {
+	fi, err := os.Stat(p)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
+}
+
+func dirSize(dir string) int64 {
+	var n int64
+	_ = filepath.Walk(dir, func(_ string, fi os.FileInfo, err error) error {
+		if err == nil && fi.Mode().IsRegular() {
+			n += fi.Size()
+		}
+		return nil
+	})
+	return n
+}
+
+func pct(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	return sorted[min(len(sorted)-1, int(float64(len(sorted))*p))]
+}
+
+func ms3(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
+
+func human(b uint64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", b>>10)
+}
