@@ -36,6 +36,8 @@ func apply(s *State, c Command) (Result, error) {
 	// A Request's inner command comes through here too (applyRequest),
 	// already decoded.
 	if err == nil {
+		vols, _ := touched(c, res)
+		s.noteChanged(vols)
 		if t, gated := gateType(c); gated && t > s.MaxCommandType {
 			s.MaxCommandType = t
 		}

@@ -3,7 +3,6 @@ package meta
 import (
 	"fmt"
 	"maps"
-	"reflect"
 	"slices"
 
 	"github.com/cairn-csi/cairn/replication/placement"
@@ -95,72 +94,138 @@ func (s *State) PlacementNodesFor(t string) []placement.Node {
 	return out
 }
 
-// placementLoad sums, per node, the sizes of the live volumes' replicas on
-// disks of type t, and the minIOPS of the live guaranteed volumes with a
-// replica there. It runs at every placement, over every volume: what it
-// needs of a volume's parameters is decoded once per parameter map and
-// kept (factsOf), or a store of 10 000 volumes would spend most of each
-// CreateVolume decoding them (tests/bench/scalebench).
+// placementLoad returns, per node, the bytes of the live volumes' replicas
+// on disks of type t, and the minIOPS of the live guaranteed volumes with
+// a replica there. It runs at every placement: the sums are kept in the
+// state's placement index, built once and then updated for each volume a
+// command changes (noteChanged), so that a placement costs the same with
+// 10 000 volumes as with ten (tests/bench/scalebench). The maps are the
+// index's own: read them, do not change them.
 func (s *State) placementLoad(t string) (used, reserved map[string]uint64) {
-	used, reserved = map[string]uint64{}, map[string]uint64{}
-	for _, v := range s.Volumes {
-		if v.State == VolumeDeleted {
-			continue
-		}
-		f := s.factsOf(v)
-		// A bad spec reads as the default type, with no reservation.
-		onType := f.diskType == t || !f.valid && t == ""
-		for _, r := range v.Replicas {
-			if onType {
-				used[r.Node] += v.ReplicaBytes()
-			}
-			reserved[r.Node] += f.minIOPS
-		}
-	}
-	if len(s.placementMemo) > 2*len(s.Volumes)+1024 {
-		for id := range s.placementMemo {
-			if _, ok := s.Volumes[id]; !ok {
-				delete(s.placementMemo, id)
-			}
-		}
-	}
-	return used, reserved
+	ix := s.placementIndex()
+	return ix.used[t], ix.reserved
 }
 
-// placementFacts are what placement reads of a volume's parameters.
-type placementFacts struct {
-	// params is the map they were read from: a volume's Parameters are
-	// replaced, never changed in place (applySetParameters), so the same
-	// map means the same facts. Holding it keeps its address from being
-	// reused by another map.
-	params   map[string]string
-	diskType string
-	valid    bool   // the parameters decode
-	minIOPS  uint64 // of a guaranteed volume, else 0
+// placementIndex is what placementLoad and volumeByName read, kept up to
+// date by noteChanged. It is derived from Volumes alone, never serialized
+// nor cloned: a state without one (restored, cloned, decoded) builds it
+// at its first use.
+type placementIndex struct {
+	used     map[string]map[string]uint64 // disk type → node → replica bytes
+	reserved map[string]uint64            // node → promised IOPS
+	byName   map[string]string            // name → id of the live, visible volume
+	shares   map[string]volumeShare       // volume id → what it added above
 }
 
-// factsOf returns v's placement facts, decoding its parameters only when
-// they are not the ones decoded last time. It writes s's memo: callers
-// hold s exclusively (the FSM's apply, or a private copy of the state).
-func (s *State) factsOf(v *Volume) *placementFacts {
-	if f := s.placementMemo[v.ID]; f != nil && sameMap(f.params, v.Parameters) {
-		return f
+// volumeShare is what one volume adds to the index.
+type volumeShare struct {
+	name    string   // in byName (a live, visible volume), else ""
+	types   []string // the disk types its bytes count for (none once deleted)
+	nodes   []string // its replicas' nodes
+	bytes   uint64   // per replica
+	iops    uint64   // per replica, of a guaranteed volume
+	counted bool     // not deleted: it adds to used and reserved
+}
+
+func shareOf(v *Volume) volumeShare {
+	var sh volumeShare
+	if v.State == VolumeDeleted {
+		return sh
 	}
+	if !v.Hidden {
+		sh.name = v.Name
+	}
+	sh.counted = true
 	spec, err := v.Spec()
-	f := &placementFacts{params: v.Parameters, diskType: spec.DiskType, valid: err == nil}
+	// A bad spec counts for its type and for the default type, with no
+	// reservation.
+	sh.types = []string{spec.DiskType}
+	if err != nil && spec.DiskType != "" {
+		sh.types = append(sh.types, "")
+	}
 	if err == nil && spec.Guaranteed() {
-		f.minIOPS = spec.QoS.MinIOPS
+		sh.iops = spec.QoS.MinIOPS
 	}
-	if s.placementMemo == nil {
-		s.placementMemo = map[string]*placementFacts{}
+	sh.bytes = v.ReplicaBytes()
+	for _, r := range v.Replicas {
+		sh.nodes = append(sh.nodes, r.Node)
 	}
-	s.placementMemo[v.ID] = f
-	return f
+	return sh
 }
 
-// sameMap reports whether a and b are the same map (or both nil).
-func sameMap(a, b map[string]string) bool {
-	return reflect.ValueOf(a).UnsafePointer() == reflect.ValueOf(b).UnsafePointer()
+// add adds (sign 1) or takes away (sign -1) a volume's share.
+func (ix *placementIndex) add(id string, sh volumeShare, sign int) {
+	if sh.name != "" {
+		if sign > 0 {
+			ix.byName[sh.name] = id
+		} else if ix.byName[sh.name] == id {
+			delete(ix.byName, sh.name)
+		}
+	}
+	if !sh.counted {
+		return
+	}
+	for _, t := range sh.types {
+		used := ix.used[t]
+		if used == nil {
+			used = map[string]uint64{}
+			ix.used[t] = used
+		}
+		for _, n := range sh.nodes {
+			used[n] = addSigned(used[n], sh.bytes, sign)
+		}
+	}
+	for _, n := range sh.nodes {
+		ix.reserved[n] = addSigned(ix.reserved[n], sh.iops, sign)
+	}
+}
+
+func addSigned(a, b uint64, sign int) uint64 {
+	if sign > 0 {
+		return a + b
+	}
+	return a - b
+}
+
+// placementIndex returns s's index, building it if s has none.
+func (s *State) placementIndex() *placementIndex {
+	if s.index != nil {
+		return s.index
+	}
+	ix := &placementIndex{used: map[string]map[string]uint64{}, reserved: map[string]uint64{},
+		byName: map[string]string{}, shares: make(map[string]volumeShare, len(s.Volumes))}
+	// In id order, so that two live volumes of one name (which
+	// CreateVolume never makes) resolve the same way on every member.
+	for _, id := range slices.Sorted(maps.Keys(s.Volumes)) {
+		sh := shareOf(s.Volumes[id])
+		ix.shares[id] = sh
+		ix.add(id, sh, 1)
+	}
+	s.index = ix
+	return ix
+}
+
+// noteChanged brings the index up to date after a command changed (or
+// removed) the volumes ids: apply calls it with the volumes the change
+// log records (touched), which the FSM tests check are all that changed
+// (checkChangeLog) and that the index then matches a fresh one
+// (checkIndex).
+func (s *State) noteChanged(ids []string) {
+	ix := s.index
+	if ix == nil {
+		return // built at its first use
+	}
+	for _, id := range ids {
+		if old, ok := ix.shares[id]; ok {
+			ix.add(id, old, -1)
+			delete(ix.shares, id)
+		}
+		if v, ok := s.Volumes[id]; ok {
+			sh := shareOf(v)
+			ix.shares[id] = sh
+			ix.add(id, sh, 1)
+		}
+	}
 }
 
 // DiskSpace is the size and free bytes of node id's disk of type t ("" for

@@ -75,6 +75,7 @@ func (h *harness) applyLog(typ raft.LogType, data []byte) (Result, error) {
 	}
 	checkEntry(h.t, typ, data, before, h.current(), r.Result, r.Err)
 	checkChangeLog(h.t, h.f, h.index, before, h.current())
+	checkIndex(h.t, h.f)
 	if halt := h.f.Halted(); halt != nil {
 		if !errors.Is(r.Err, ErrNewerCommand) {
 			h.t.Fatalf("FSM halted (%v) at an entry that answered %v", halt, r.Err)
@@ -1357,5 +1358,48 @@ func TestFSMRandomized(t *testing.T) {
 			live := len(a.state().SortedVolumes())
 			t.Logf("outcomes %v; %d live volumes at the end; %d steps exempted by knownBugSetVolumeStateDetach", outcomes, live, p.exempted)
 		})
+	}
+}
+
+// checkIndex checks that the state's placement index, kept up to date
+// entry by entry (noteChanged), matches one built afresh from the volumes.
+// It builds the index first if the state has none, so that every later
+// entry is checked.
+func checkIndex(t testing.TB, f *FSM) {
+	t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if f.state.index == nil {
+		f.state.placementIndex()
+		return
+	}
+	kept := f.state.index
+	fresh := (&State{Volumes: f.state.Volumes}).placementIndex()
+	nonZero := func(m map[string]uint64) map[string]uint64 {
+		out := map[string]uint64{}
+		for k, v := range m {
+			if v != 0 {
+				out[k] = v
+			}
+		}
+		return out
+	}
+	types := map[string]bool{}
+	for typ := range kept.used {
+		types[typ] = true
+	}
+	for typ := range fresh.used {
+		types[typ] = true
+	}
+	for typ := range types {
+		if a, b := nonZero(kept.used[typ]), nonZero(fresh.used[typ]); !reflect.DeepEqual(a, b) {
+			t.Fatalf("placement index: used bytes on disks of type %q are %v, a fresh index says %v", typ, a, b)
+		}
+	}
+	if a, b := nonZero(kept.reserved), nonZero(fresh.reserved); !reflect.DeepEqual(a, b) {
+		t.Fatalf("placement index: reserved IOPS %v, a fresh index says %v", a, b)
+	}
+	if !reflect.DeepEqual(kept.byName, fresh.byName) {
+		t.Fatalf("placement index: names %v, a fresh index says %v", kept.byName, fresh.byName)
 	}
 }

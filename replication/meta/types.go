@@ -309,9 +309,9 @@ type State struct {
 	// built); rebuilt when needed, never serialized.
 	requestIndex map[string]int
 	requestBase  int
-	// placementMemo caches what placement reads of each volume's
-	// parameters (placementLoad); never serialized nor cloned.
-	placementMemo map[string]*placementFacts
+	// index holds per-node sums and a name index over Volumes
+	// (placementIndex); never serialized nor cloned.
+	index *placementIndex
 }
 
 // RequestRecord is the remembered result of one client request.
@@ -445,10 +445,8 @@ func (s *State) SortedVolumes() []*Volume {
 
 // volumeByName finds a live (not deleted) volume by CSI name.
 func (s *State) volumeByName(name string) *Volume {
-	for _, v := range s.Volumes {
-		if v.Name == name && v.State != VolumeDeleted && !v.Hidden {
-			return v
-		}
+	if id, ok := s.placementIndex().byName[name]; ok {
+		return s.Volumes[id]
 	}
 	return nil
 }

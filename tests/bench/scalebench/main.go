@@ -213,7 +213,11 @@ func run(ctx context.Context, o options) error {
 	fmt.Fprintf(w, "process peak RSS (3 members, %d nodes, the controller)\t%s\t< 1 GiB for the leader: %s\t\n", o.nodes, human(peakRSS()), verdict(peakRSS() < 1<<30))
 	fmt.Fprintf(w, "Go heap in use at the end\t%s\t\t\n", human(ms.HeapInuse))
 	fmt.Fprintf(w, "leader's Raft log (raft.db)\t%s\t\t\n", human(uint64(raftBytes)))
-	fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", human(uint64(snapBytes)))
+	if snapBytes > 0 {
+		fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", human(uint64(snapBytes)))
+	} else {
+		fmt.Fprintf(w, "leader's snapshots\tnone taken yet (Raft checks every 2 min for 8192 new entries)\t\t\n")
+	}
 	return w.Flush()
 }
 
