@@ -31,6 +31,9 @@ type Scheduler struct {
 	onTimer    func()            // s.wake, bound once so that arming the timer does not allocate
 
 	closedFlag atomic.Bool // mirrors closed for the Disabled path, which takes no lock
+	// lastForeground is when a foreground request last arrived, in ns of
+	// the monotonic clock since start (ForegroundIdle).
+	lastForeground atomic.Int64
 
 	// timers counts timer callbacks that are scheduled or running, so that
 	// Close can wait for them.
@@ -326,6 +329,9 @@ func (s *Scheduler) Tokens(dst []VolumeTokens) []VolumeTokens {
 // A request granted at the moment ctx ends is given back: Acquire then
 // returns ctx.Err(), though the tokens it was charged stay spent.
 func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
+	if r.Class == Foreground {
+		s.lastForeground.Store(int64(s.clock.Now().Sub(s.start)))
+	}
 	if s.disabled {
 		if s.closedFlag.Load() {
 			return Ticket{}, ErrClosed
@@ -356,6 +362,14 @@ func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
 	}
 	t.done(false) // it never ran: no service time to measure
 	return Ticket{}, ctx.Err()
+}
+
+// ForegroundIdle reports whether no foreground request has arrived for d:
+// background work (a rebuild) may then use more of the node than it would
+// beside foreground I/O. A scheduler that has seen none is idle.
+func (s *Scheduler) ForegroundIdle(d time.Duration) bool {
+	last := s.lastForeground.Load()
+	return last == 0 || s.clock.Now().Sub(s.start)-time.Duration(last) >= d
 }
 
 // enqueue queues r and dispatches whatever may go now (r itself, perhaps).

@@ -173,6 +173,10 @@ type Engine struct {
 	dirty      atomic.Bool // writes since the last clean point
 	generation uint64      // clean point counter
 	rebuilding atomic.Bool // a rebuild runs
+	// paceMu guards paceNext, the time by which the rebuild copies so far
+	// are due at RebuildBytesPerSecond (paceRebuild).
+	paceMu   sync.Mutex
+	paceNext time.Time
 	// snapDeletes counts the DeleteSnapshot calls running: a rebuild does
 	// not end while one runs (it goes to the healthy replicas only, not to
 	// the target; rebuild_chain.go).

@@ -453,17 +453,36 @@ func (e *Engine) copyLayerExtent(ctx context.Context, target *member, srcID, id 
 	return copied, err
 }
 
-// paceRebuild waits as long as copying n bytes takes at
-// RebuildBytesPerSecond: rebuild I/O yields to foreground I/O.
+// rebuildBurst is how far the rebuild pace may fall behind and then catch
+// up: after a pause (a slow extent, foreground I/O ahead at the
+// scheduler) the copies run unpaced until they are this much ahead again.
+const rebuildBurst = 100 * time.Millisecond
+
+// paceRebuild keeps the engine's rebuild copies at RebuildBytesPerSecond:
+// it waits until n more bytes are due. The time a copy itself takes counts
+// towards its share, so copies that take longer than their share go on
+// without waiting, and the rate is what the flag says rather than less.
+// The copies of all this engine's rebuilds share the pace.
 func (e *Engine) paceRebuild(ctx context.Context, n uint64) error {
 	rate := e.cfg.RebuildBytesPerSecond
 	if rate == 0 || n == 0 {
 		return nil
 	}
+	e.paceMu.Lock()
+	now := time.Now()
+	if floor := now.Add(-rebuildBurst); e.paceNext.Before(floor) {
+		e.paceNext = floor
+	}
+	e.paceNext = e.paceNext.Add(time.Duration(float64(n) / float64(rate) * float64(time.Second)))
+	wait := e.paceNext.Sub(now)
+	e.paceMu.Unlock()
+	if wait <= 0 {
+		return nil
+	}
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-time.After(time.Duration(float64(n) / float64(rate) * float64(time.Second))):
+	case <-time.After(wait):
 		return nil
 	}
 }
