@@ -16,11 +16,21 @@ import (
 // counts the blocks whose header names a write of pattern.
 func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte, opts ...replica.DialOption) int {
 	t.Helper()
+	n, err := scanReplica(addr, id, size, pattern, opts...)
+	if err != nil {
+		t.Fatalf("replica %s: %v", id, err)
+	}
+	return n
+}
+
+// scanReplica counts the blocks of replica id at addr whose header names
+// pattern.
+func scanReplica(addr, id string, size uint64, pattern byte, opts ...replica.DialOption) (int, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	rc, err := replica.Dial(ctx, addr, id, size, opts...)
 	if err != nil {
-		t.Fatalf("dial replica %s at %s: %v", id, addr, err)
+		return 0, fmt.Errorf("dial at %s: %w", addr, err)
 	}
 	defer rc.Close()
 	// The replica may be claimed at a newer epoch while it is read (a
@@ -29,16 +39,13 @@ func replicaPattern(t *testing.T, addr, id string, size uint64, pattern byte, op
 	for attempt := 0; ; attempt++ {
 		info, err := rc.Info(ctx)
 		if err != nil {
-			t.Fatalf("replica %s: info: %v", id, err)
+			return 0, fmt.Errorf("info: %w", err)
 		}
 		n, err := scanPattern(ctx, rc, info.Epoch, size, pattern)
 		if errors.Is(err, replica.ErrFenced) && attempt < 10 {
 			continue
 		}
-		if err != nil {
-			t.Fatalf("replica %s: %v", id, err)
-		}
-		return n
+		return n, err
 	}
 }
 
