@@ -329,10 +329,10 @@ func (s *Scheduler) Tokens(dst []VolumeTokens) []VolumeTokens {
 // A request granted at the moment ctx ends is given back: Acquire then
 // returns ctx.Err(), though the tokens it was charged stay spent.
 func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
-	if r.Class == Foreground {
-		s.lastForeground.Store(int64(s.clock.Now().Sub(s.start)))
-	}
 	if s.disabled {
+		if r.Class == Foreground {
+			s.lastForeground.Store(s.now())
+		}
 		if s.closedFlag.Load() {
 			return Ticket{}, ErrClosed
 		}
@@ -369,7 +369,7 @@ func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
 // beside foreground I/O. A scheduler that has seen none is idle.
 func (s *Scheduler) ForegroundIdle(d time.Duration) bool {
 	last := s.lastForeground.Load()
-	return last == 0 || s.clock.Now().Sub(s.start)-time.Duration(last) >= d
+	return last == 0 || time.Duration(s.now()-last) >= d
 }
 
 // enqueue queues r and dispatches whatever may go now (r itself, perhaps).
@@ -388,6 +388,9 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 		return nil, fmt.Errorf("%w: %q", ErrUnknownVolume, r.Volume)
 	}
 	now := s.now()
+	if r.Class == Foreground {
+		s.lastForeground.Store(now) // ForegroundIdle; the clock read once
+	}
 	if v.rStep > 0 && r.Class == Foreground {
 		// Only foreground requests make a reserved volume active: its
 		// rebuild or scrub is not what the throttles protect. Before

@@ -88,15 +88,25 @@ func snapshotVolume(s *State, id string) string {
 // needsNodeCheck reports whether a command a node sent is judged against
 // the state (sent as AsNode), looking inside a Request envelope.
 func needsNodeCheck(c Command) bool {
-	if r, ok := c.(*Request); ok {
-		inner, err := Decode(r.Command)
-		if err != nil {
-			return false // apply refuses it
-		}
-		c = inner
+	c = insideRequest(c)
+	if c == nil {
+		return false // apply refuses it
 	}
 	_, _, ok := scopeOf(&State{}, c)
 	return ok
+}
+
+// insideRequest returns the command a Request envelope carries (nil if it
+// does not decode), or c itself.
+func insideRequest(c Command) Command {
+	if r, ok := c.(*Request); ok {
+		inner, err := Decode(r.Command)
+		if err != nil {
+			return nil
+		}
+		return inner
+	}
+	return c
 }
 
 // nodeMay checks that node may apply c to s:
@@ -113,12 +123,8 @@ func needsNodeCheck(c Command) bool {
 // A volume or replica the state lacks passes: apply then says it is not
 // found, as it would to anyone.
 func nodeMay(s *State, node string, c Command) error {
-	if r, ok := c.(*Request); ok {
-		inner, err := Decode(r.Command)
-		if err != nil {
-			return nil // apply refuses it with the decoding error
-		}
-		c = inner
+	if c = insideRequest(c); c == nil {
+		return nil // apply refuses it with the decoding error
 	}
 	if managerOnly(c) {
 		return fmt.Errorf("node %s may not send %s, a manager's command: %w", node, commandName(c), pki.ErrPermissionDenied)

@@ -675,6 +675,17 @@ func Dur(ns float64) string {
 	}
 }
 
+// HumanBytes writes b as GiB or MiB (KiB below a MiB), for tables.
+func HumanBytes(b uint64) string {
+	switch {
+	case b >= 1<<30:
+		return fmt.Sprintf("%.1f GiB", float64(b)/(1<<30))
+	case b >= 1<<20:
+		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
+	}
+	return fmt.Sprintf("%d KiB", b>>10)
+}
+
 // ParseSize reads 512, 64Mi, 1Gi (binary suffixes, as cairn ctl --size).
 func ParseSize(s string) (uint64, error) {
 	mult := uint64(1)

@@ -47,12 +47,12 @@ func main() {
 	flag.DurationVar(&o.stale, "stale", 20*time.Second, "the volume's stale-replica timeout: the full rebuild starts this long after its node went down")
 	o.Register("the dev cluster and the file cp copies")
 	flag.Parse()
-	n, err := parseSize(size)
+	n, err := benchkit.ParseSize(size)
 	if err != nil || n < 64<<20 || o.changed <= 0 || o.changed > 100 || o.stale < 5*time.Second {
 		fmt.Fprintln(os.Stderr, "rebuildbench: -size must be at least 64Mi, -changed 1 to 100, -stale at least 5s")
 		os.Exit(2)
 	}
-	o.size = n
+	o.size = int64(n)
 	ctx, stop := benchkit.SignalContext()
 	defer stop()
 	if err := run(ctx, o); err != nil {
@@ -157,7 +157,7 @@ func run(ctx context.Context, o options) (err error) {
 		}
 		return nil
 	}
-	logf("writing the whole %s volume %s (replicas on %s and %s)", human(uint64(o.size)), v.ID, nodes[0].ID, away)
+	logf("writing the whole %s volume %s (replicas on %s and %s)", benchkit.HumanBytes(uint64(o.size)), v.ID, nodes[0].ID, away)
 	if err := fio("--name=fill", "--rw=write", "--bs=1M", "--iodepth=8", "--size="+strconv.FormatInt(o.size, 10)); err != nil {
 		return err
 	}
@@ -168,7 +168,7 @@ func run(ctx context.Context, o options) (err error) {
 	if _, err := cmd(bin, "dev", "kill", "--dir", clusterDir, away); err != nil {
 		return err
 	}
-	logf("%s killed; rewriting %s at random 1 MiB blocks", away, human(uint64(changed)))
+	logf("%s killed; rewriting %s at random 1 MiB blocks", away, benchkit.HumanBytes(uint64(changed)))
 	if err := fio("--name=change", "--rw=randwrite", "--bs=1M", "--iodepth=8", "--size="+strconv.FormatInt(o.size, 10),
 		"--io_size="+strconv.FormatInt(changed, 10)); err != nil {
 		return err
@@ -182,7 +182,7 @@ func run(ctx context.Context, o options) (err error) {
 		return err
 	}
 	results = append(results, result{what: fmt.Sprintf("delta rebuild (%d%% changed)", o.changed), bytes: rb.BytesCopied, took: took,
-		comment: fmt.Sprintf("compared %s; from the node's restart until its replica is healthy", human(rb.BytesCompared))})
+		comment: fmt.Sprintf("compared %s; from the node's restart until its replica is healthy", benchkit.HumanBytes(rb.BytesCompared))})
 
 	// Full: the node stays down; the store replaces its replica.
 	if _, err := cmd(bin, "dev", "kill", "--dir", clusterDir, away); err != nil {
@@ -238,7 +238,7 @@ func waitRebuilt(ctx context.Context, get func(string) (*meta.Volume, error), id
 			}
 			if time.Since(lastLog) >= 5*time.Second && rb != nil && rb.ReplicaID == r.ID {
 				lastLog = time.Now()
-				logf("rebuilding %s: compared %s of %s, copied %s", r.ID, human(rb.BytesCompared), human(rb.BytesTotal), human(rb.BytesCopied))
+				logf("rebuilding %s: compared %s of %s, copied %s", r.ID, benchkit.HumanBytes(rb.BytesCompared), benchkit.HumanBytes(rb.BytesTotal), benchkit.HumanBytes(rb.BytesCopied))
 			}
 		}
 		if time.Now().After(deadline) {
@@ -279,12 +279,12 @@ func print(o options, vol, engine, away string, results []result, cp result) {
 		fmt.Printf("nodes:    the node agents' defaults (--rebuild-rate 200Mi)\n")
 	}
 	fmt.Printf("volume:   %s, %s, 2 replicas, write quorum 1 (%s, whose engine rebuilds, and %s), every byte written; no foreground I/O during the rebuilds\n",
-		vol, human(uint64(o.size)), engine, away)
+		vol, benchkit.HumanBytes(uint64(o.size)), engine, away)
 	fmt.Println()
 	w := tabwriter.NewWriter(os.Stdout, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(w, "copy\tcopied\ttook\tMiB/s\tvs cp\t")
 	for _, r := range append(results, cp) {
-		fmt.Fprintf(w, "%s\t%s\t%s\t%.0f\t%.2f\t%s\n", r.what, human(r.bytes), r.took.Round(100*time.Millisecond), r.mibps(), r.mibps()/cp.mibps(), r.comment)
+		fmt.Fprintf(w, "%s\t%s\t%s\t%.0f\t%.2f\t%s\n", r.what, benchkit.HumanBytes(r.bytes), r.took.Round(100*time.Millisecond), r.mibps(), r.mibps()/cp.mibps(), r.comment)
 	}
 	_ = w.Flush()
 	full := results[len(results)-1]
@@ -312,25 +312,4 @@ func leftovers(dir string) string {
 		}
 	}
 	return strings.Join(left, ", ")
-}
-
-func parseSize(s string) (int64, error) {
-	mult := int64(1)
-	for suffix, m := range map[string]int64{"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30} {
-		if strings.HasSuffix(s, suffix) {
-			s, mult = strings.TrimSuffix(s, suffix), m
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	return n * mult, err
-}
-
-func human(b uint64) string {
-	switch {
-	case b >= 1<<30:
-		return fmt.Sprintf("%.1f GiB", float64(b)/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.0f MiB", float64(b)/(1<<20))
-	}
-	return fmt.Sprintf("%d B", b)
 }

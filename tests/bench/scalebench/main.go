@@ -166,8 +166,7 @@ func run(ctx context.Context, o options) error {
 	logf("stopping %s, which holds %d replicas", victim.id, held)
 	lost := time.Now()
 	victim.stop()
-	replaced, err := cl.waitRealised(ctx, client, victim.id, 10*time.Minute)
-	if err != nil {
+	if _, err := cl.waitRealised(ctx, client, victim.id, 10*time.Minute); err != nil {
 		return err
 	}
 	replacedAfter := time.Since(lost)
@@ -176,7 +175,6 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	quietAfter := time.Since(lost)
-	_ = replaced
 
 	leader := cl.leader()
 	var raftBytes, snapBytes int64
@@ -210,11 +208,11 @@ func run(ctx context.Context, o options) error {
 	fmt.Fprintf(w, "  store quiet again (no entry for %v)\t%s after the loss\t\t\n", 2*time.Second, quietAfter.Round(time.Millisecond))
 	fmt.Fprintf(w, "  quiet at raft index\t%d\t\t\n", quiet)
 	fmt.Fprintf(w, "process CPU, nodes up to all realised\t%s (%.2f ms per volume)\t\t\n", createCPU.Round(time.Millisecond), float64(createCPU.Microseconds())/1000/float64(o.volumes))
-	fmt.Fprintf(w, "process peak RSS (3 members, %d nodes, the controller)\t%s\t< 1 GiB for the leader: %s\t\n", o.nodes, human(peakRSS()), verdict(peakRSS() < 1<<30))
-	fmt.Fprintf(w, "Go heap in use at the end\t%s\t\t\n", human(ms.HeapInuse))
-	fmt.Fprintf(w, "leader's Raft log (raft.db)\t%s\t\t\n", human(uint64(raftBytes)))
+	fmt.Fprintf(w, "process peak RSS (3 members, %d nodes, the controller)\t%s\t< 1 GiB for the leader: %s\t\n", o.nodes, benchkit.HumanBytes(peakRSS()), verdict(peakRSS() < 1<<30))
+	fmt.Fprintf(w, "Go heap in use at the end\t%s\t\t\n", benchkit.HumanBytes(ms.HeapInuse))
+	fmt.Fprintf(w, "leader's Raft log (raft.db)\t%s\t\t\n", benchkit.HumanBytes(uint64(raftBytes)))
 	if snapBytes > 0 {
-		fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", human(uint64(snapBytes)))
+		fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", benchkit.HumanBytes(uint64(snapBytes)))
 	} else {
 		fmt.Fprintf(w, "leader's snapshots\tnone taken yet (Raft checks every 2 min for 8192 new entries)\t\t\n")
 	}
@@ -552,13 +550,3 @@ func pct(sorted []time.Duration, p float64) time.Duration {
 }
 
 func ms3(d time.Duration) string { return fmt.Sprintf("%.1fms", float64(d.Microseconds())/1000) }
-
-func human(b uint64) string {
-	switch {
-	case b >= 1<<30:
-		return fmt.Sprintf("%.2f GiB", float64(b)/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.1f MiB", float64(b)/(1<<20))
-	}
-	return fmt.Sprintf("%d KiB", b>>10)
-}
