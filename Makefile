@@ -60,7 +60,7 @@ test: deps ## Run go vet and every test with the race detector (needs root for t
 # (tests/e2e/README.md, "Timing").
 e2e: ## Run Cairn on a local Kubernetes built from source (root; tests/e2e/README.md)
 	bash scripts/install-deps.sh --e2e
-	go test -tags e2e -count=1 -timeout 75m -v ./tests/e2e -e2e.build-only
+	go test -tags e2e -count=1 -timeout 75m -v ./tests/e2e -e2e.build-only -e2e.base-later
 	go test -tags e2e -count=1 -timeout 30m -parallel 8 -v ./tests/e2e
 	go test -tags e2e -count=1 -timeout 20m -parallel 8 -v ./tests/e2e -e2e.cairn=pods
 

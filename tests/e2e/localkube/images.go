@@ -207,30 +207,69 @@ func (b *Builder) cairnBase() (string, error) {
 	if b.cairnBaseLayer != "" {
 		return b.cairnBaseLayer, nil
 	}
-	toolDir, err := b.imageTool()
+	key, what, err := b.cairnBaseKey()
 	if err != nil {
 		return "", err
 	}
-	deb, err := exec.LookPath("debootstrap")
-	if err != nil {
-		return "", fmt.Errorf("debootstrap not found (scripts/install-deps.sh --e2e installs it): %w", err)
-	}
-	ver, err := exec.Command(deb, "--version").Output()
-	if err != nil {
-		return "", fmt.Errorf("debootstrap --version: %w", err)
-	}
-	h := sha256.New()
-	fmt.Fprintf(h, "packages %q\nsuite %s\nmirror %s\nrecipe %s %q\n%s", CairnImagePackages, cairnSuite, cairnMirror, cairnBaseRecipe, cairnBaseTrim, ver)
-	key := cairnSuite + "-" + hex.EncodeToString(h.Sum(nil))[:12]
-	what := "the Cairn image's base: Debian " + cairnSuite + " (debootstrap minbase) with " + strings.Join(CairnImagePackages, " ") + " (~1.5 min cold; needs root and " + cairnMirror + ")"
+	deb, tool := b.debootstrap, filepath.Join(b.imagesDir, "imagetool")
 	dir, err := b.cached("cairn-base", key, what, func(out string) error {
-		return buildCairnBase(deb, filepath.Join(toolDir, "imagetool"), out)
+		return buildCairnBase(deb, tool, out)
 	})
 	if err != nil {
 		return "", err
 	}
 	b.cairnBaseLayer = filepath.Join(dir, "layer.tar.gz")
 	return b.cairnBaseLayer, nil
+}
+
+// StartBase builds the Cairn image's base (or finds it in the cache) in
+// the background; the channel gets the outcome.
+func (b *Builder) StartBase() <-chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := b.cairnBase()
+		done <- err
+	}()
+	return done
+}
+
+// markBaseUsed tells prune to keep the Cairn image's base of this version,
+// built or not.
+func (b *Builder) markBaseUsed() error {
+	key, _, err := b.cairnBaseKey()
+	if err != nil {
+		return err
+	}
+	b.usedMu.Lock()
+	defer b.usedMu.Unlock()
+	if b.used == nil {
+		b.used = map[string]bool{}
+	}
+	b.used[filepath.Join(b.CacheDir, "bin", "cairn-base-"+key)] = true
+	return nil
+}
+
+// cairnBaseKey returns the cache key of the Cairn image's base (the
+// packages, the suite, the mirror, the recipe and debootstrap's version)
+// and its description.
+func (b *Builder) cairnBaseKey() (key, what string, err error) {
+	if _, err := b.imageTool(); err != nil {
+		return "", "", err
+	}
+	deb, err := exec.LookPath("debootstrap")
+	if err != nil {
+		return "", "", fmt.Errorf("debootstrap not found (scripts/install-deps.sh --e2e installs it): %w", err)
+	}
+	ver, err := exec.Command(deb, "--version").Output()
+	if err != nil {
+		return "", "", fmt.Errorf("debootstrap --version: %w", err)
+	}
+	b.debootstrap = deb
+	h := sha256.New()
+	fmt.Fprintf(h, "packages %q\nsuite %s\nmirror %s\nrecipe %s %q\n%s", CairnImagePackages, cairnSuite, cairnMirror, cairnBaseRecipe, cairnBaseTrim, ver)
+	key = cairnSuite + "-" + hex.EncodeToString(h.Sum(nil))[:12]
+	what = "the Cairn image's base: Debian " + cairnSuite + " (debootstrap minbase) with " + strings.Join(CairnImagePackages, " ") + " (~1.5 min cold; needs root and " + cairnMirror + ")"
+	return key, what, nil
 }
 
 // buildCairnBase makes the root filesystem with debootstrap under out,
