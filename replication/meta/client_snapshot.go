@@ -129,19 +129,27 @@ func (c *Client) DeleteSnapshot(ctx context.Context, id string) error {
 }
 
 // RetireVolume deletes volume id, or hides it while snapshots of it remain
-// (RetireVolume). A volume without snapshots is deleted by DeleteVolume, so
-// that deleting works while a member that cannot read the newer command is
-// down or not upgraded yet.
+// (RetireVolume). It sends RetireVolume, which decides atomically in the
+// store, without reading the whole state first: at 10 000 volumes that
+// read made a delete take 100 ms of the leader's CPU (scalebench). Only if
+// the store cannot take RetireVolume yet, during a rolling upgrade (the
+// gate refuses it while a member's build does not read it, or an older
+// leader cannot decode it), a volume without snapshots is deleted by
+// DeleteVolume, so that deleting works then too.
 func (c *Client) RetireVolume(ctx context.Context, id string) (*Volume, error) {
-	st, err := c.State(ctx, true)
-	if err != nil {
+	res, err := c.Apply(ctx, &RetireVolume{VolumeID: id})
+	if err == nil || !errors.Is(err, ErrFailedPrecondition) && !errors.Is(err, ErrBadCommand) {
+		return res.Volume, err
+	}
+	// Also the answer for an attached volume: DeleteVolume says the same.
+	st, serr := c.State(ctx, true)
+	if serr != nil {
+		return nil, serr
+	}
+	if st.hasSnapshots(id) {
 		return nil, err
 	}
-	var cmd Command = &DeleteVolume{VolumeID: id}
-	if st.hasSnapshots(id) {
-		cmd = &RetireVolume{VolumeID: id}
-	}
-	res, err := c.Apply(ctx, cmd)
+	res, err = c.Apply(ctx, &DeleteVolume{VolumeID: id})
 	return res.Volume, err
 }
 

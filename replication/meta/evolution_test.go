@@ -224,3 +224,43 @@ func TestGatedTypeAppliedPassesSilentMembers(t *testing.T) {
 		t.Fatalf("ExpandVolume with a member of an older build = %v, want ErrFailedPrecondition", err)
 	}
 }
+
+// TestRetireVolumeWithAnOlderMember: Client.RetireVolume sends RetireVolume
+// (no read of the whole state), and while a member's build cannot read it
+// still deletes a volume without snapshots, by DeleteVolume.
+func TestRetireVolumeWithAnOlderMember(t *testing.T) {
+	a, c := startTestAgent(t, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	deleted := func(id string) bool {
+		var st VolumeState
+		a.store.FSM().View(func(s *State) { st = s.Volumes[id].State })
+		return st == VolumeDeleted
+	}
+	v1 := testCreate(t, ctx, c, "retire-1")
+	v2 := testCreate(t, ctx, c, "retire-2")
+	if _, err := c.RetireVolume(ctx, v1.ID); err != nil {
+		t.Fatalf("RetireVolume: %v", err)
+	}
+	if !deleted(v1.ID) {
+		t.Fatalf("RetireVolume of a volume without snapshots left it %v", v1.State)
+	}
+	// The fallback would have written a DeleteVolume (type 6).
+	var maxType CommandType
+	a.store.FSM().View(func(s *State) { maxType = s.MaxCommandType })
+	if maxType != CmdRetireVolume {
+		t.Fatalf("RetireVolume with every member reading it: the newest type applied is %d, want RetireVolume (%d)", maxType, CmdRetireVolume)
+	}
+
+	f := a.store.raft.AddNonvoter("old-member", "127.0.0.1:1", 0, 5*time.Second)
+	if err := f.Error(); err != nil {
+		t.Fatal(err)
+	}
+	a.noteCommandTypes("old-member", uint8(CmdRestoreVolume))
+	if _, err := c.RetireVolume(ctx, v2.ID); err != nil {
+		t.Fatalf("RetireVolume while a member reads only up to RestoreVolume: %v", err)
+	}
+	if !deleted(v2.ID) {
+		t.Fatal("RetireVolume with an older member did not delete the volume")
+	}
+}

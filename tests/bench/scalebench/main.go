@@ -12,10 +12,17 @@
 // ListVolumes, and stops the simulated node that holds the most replicas:
 // the store marks it down (10 s without a heartbeat), replaces each of its
 // replicas after the stale-replica timeout (-stale), and the other nodes
-// realise the new ones. It prints the latencies, the times, the process's
-// CPU and memory, and the sizes of the leader's Raft log and snapshots.
+// realise the new ones. Then it deletes every volume through the
+// controller and waits for the leader to purge the tombstones (-retention).
+// It prints the latencies, the times, the process's CPU and memory, the
+// sizes of the leader's Raft log and snapshot (it takes one), and the
+// process's CPU per second while nothing happens but the nodes' heartbeats:
+// before any volume, with every volume live, with every volume deleted (the
+// tombstones), and after the purge. The issue's "no component's work per
+// second grows with the number of deleted volumes" is the third against
+// the first.
 //
-//	go run ./tests/bench/scalebench [-nodes 100] [-volumes 10000] [-concurrency 16] [-stale 10s] [-cpuprofile FILE] [-v]
+//	go run ./tests/bench/scalebench [-nodes 100] [-volumes 10000] [-concurrency 16] [-stale 10s] [-retention 30s] [-idle 10s] [-cpuprofile FILE] [-v]
 //
 // It never fails on a number; it exits 1 if the cluster does not form or a
 // step does not finish within its time limit.
@@ -57,7 +64,7 @@ const (
 
 type options struct {
 	nodes, volumes, concurrency int
-	stale                       time.Duration
+	stale, retention, idle      time.Duration
 	verbose                     bool
 	cpuProfile                  string
 }
@@ -68,11 +75,13 @@ func main() {
 	flag.IntVar(&o.volumes, "volumes", 10000, "volumes to create")
 	flag.IntVar(&o.concurrency, "concurrency", 16, "concurrent CreateVolume callers")
 	flag.DurationVar(&o.stale, "stale", 10*time.Second, "the store's stale-replica timeout (how long a down node's replicas wait before they are replaced)")
+	flag.DurationVar(&o.retention, "retention", 2*time.Minute, "the store's tombstone retention (how long a deleted volume stays before the leader purges it); longer than the deletes and an idle measurement")
+	flag.DurationVar(&o.idle, "idle", 10*time.Second, "how long each idle-CPU measurement lasts")
 	flag.BoolVar(&o.verbose, "v", false, "log the members' warnings and errors to stderr")
 	flag.StringVar(&o.cpuProfile, "cpuprofile", "", "write a CPU profile of the whole run (members, nodes, controller) to this file")
 	flag.Parse()
-	if o.nodes < replicas+1 || o.volumes < 1 || o.concurrency < 1 || o.stale < time.Second {
-		fmt.Fprintf(os.Stderr, "scalebench: -nodes must be at least %d, -volumes and -concurrency at least 1, -stale at least 1s\n", replicas+1)
+	if o.nodes < replicas+1 || o.volumes < 1 || o.concurrency < 1 || o.stale < time.Second || o.retention < time.Second || o.idle < time.Second {
+		fmt.Fprintf(os.Stderr, "scalebench: -nodes must be at least %d, -volumes and -concurrency at least 1, -stale, -retention and -idle at least 1s\n", replicas+1)
 		os.Exit(2)
 	}
 	ctx, stop := benchkit.SignalContext()
@@ -131,6 +140,11 @@ func run(ctx context.Context, o options) error {
 		cl.sims = append(cl.sims, s)
 	}
 	logf("%d simulated nodes registered in %v", o.nodes, time.Since(start).Round(time.Millisecond))
+	idleEmpty, err := idleCPU(ctx, "no volume yet", o.idle)
+	if err != nil {
+		return err
+	}
+	cpu0 = processCPU() // the create figure counts from here
 
 	// CreateVolume through the CSI controller.
 	client, err := meta.NewClient(cl.apiAddrs)
@@ -175,16 +189,56 @@ func run(ctx context.Context, o options) error {
 		return err
 	}
 	quietAfter := time.Since(lost)
+	idleLive, err := idleCPU(ctx, fmt.Sprintf("%d live volumes", o.volumes), o.idle)
+	if err != nil {
+		return err
+	}
 
 	leader := cl.leader()
 	var raftBytes, snapBytes int64
+	var snapTook time.Duration
 	if leader != nil {
+		// Raft takes a snapshot only every 2 min and after 8192 entries:
+		// take one, to print the size of the whole state.
+		t0 := time.Now()
+		if err := leader.Store().Snapshot(); err != nil {
+			return fmt.Errorf("snapshot on the leader: %w", err)
+		}
+		snapTook = time.Since(t0)
 		dir := filepath.Join(cl.root, leader.Store().NodeID())
 		raftBytes = fileSize(filepath.Join(dir, "raft.db"))
 		snapBytes = dirSize(filepath.Join(dir, "snapshots"))
 	}
-	var ms runtime.MemStats
-	runtime.ReadMemStats(&ms)
+	heapLive := heapInuse()
+
+	// Every volume deleted, then purged.
+	deleteStart := time.Now()
+	delLat, deleteTook, err := deleteVolumes(ctx, ctrl, client, o)
+	if err != nil {
+		return err
+	}
+	if _, err := cl.waitQuiet(ctx, 2*time.Second, 5*time.Minute); err != nil {
+		return err
+	}
+	idleDeleted, err := idleCPU(ctx, fmt.Sprintf("%d deleted volumes", o.volumes), o.idle)
+	if err != nil {
+		return err
+	}
+	// The tombstones are measured alone only if no purge had started.
+	tombsAlone := time.Since(deleteStart) < o.retention
+	purgedAfter, err := cl.waitPurged(ctx, client, 15*time.Minute)
+	if err != nil {
+		return err
+	}
+	purgedAfter = time.Since(deleteStart)
+	if _, err := cl.waitQuiet(ctx, 2*time.Second, 5*time.Minute); err != nil {
+		return err
+	}
+	idlePurged, err := idleCPU(ctx, "every volume purged", o.idle)
+	if err != nil {
+		return err
+	}
+	heapPurged := heapInuse()
 
 	fmt.Printf("scalebench: the volume store with %d volumes on %d simulated nodes\n", o.volumes, o.nodes)
 	fmt.Printf("date:     %s\n", time.Now().UTC().Format("2006-01-02 15:04 UTC"))
@@ -207,16 +261,47 @@ func run(ctx context.Context, o options) error {
 	fmt.Fprintf(w, "  of which waiting for down (10s) and stale (%v)\t%s\t\t\n", o.stale, (10*time.Second + o.stale))
 	fmt.Fprintf(w, "  store quiet again (no entry for %v)\t%s after the loss\t\t\n", 2*time.Second, quietAfter.Round(time.Millisecond))
 	fmt.Fprintf(w, "  quiet at raft index\t%d\t\t\n", quiet)
-	fmt.Fprintf(w, "process CPU, nodes up to all realised\t%s (%.2f ms per volume)\t\t\n", createCPU.Round(time.Millisecond), float64(createCPU.Microseconds())/1000/float64(o.volumes))
+	fmt.Fprintf(w, "process CPU, first create to all realised\t%s (%.2f ms per volume)\t\t\n", createCPU.Round(time.Millisecond), float64(createCPU.Microseconds())/1000/float64(o.volumes))
 	fmt.Fprintf(w, "process peak RSS (3 members, %d nodes, the controller)\t%s\t< 1 GiB for the leader: %s\t\n", o.nodes, benchkit.HumanBytes(peakRSS()), verdict(peakRSS() < 1<<30))
-	fmt.Fprintf(w, "Go heap in use at the end\t%s\t\t\n", benchkit.HumanBytes(ms.HeapInuse))
+	fmt.Fprintf(w, "Go heap in use, %d live volumes (after a GC)\t%s\t\t\n", o.volumes, benchkit.HumanBytes(heapLive))
 	fmt.Fprintf(w, "leader's Raft log (raft.db)\t%s\t\t\n", benchkit.HumanBytes(uint64(raftBytes)))
-	if snapBytes > 0 {
-		fmt.Fprintf(w, "leader's snapshots\t%s\t\t\n", benchkit.HumanBytes(uint64(snapBytes)))
-	} else {
-		fmt.Fprintf(w, "leader's snapshots\tnone taken yet (Raft checks every 2 min for 8192 new entries)\t\t\n")
+	fmt.Fprintf(w, "leader's snapshot of %d volumes\t%s (taken in %s)\t\t\n", o.volumes, benchkit.HumanBytes(uint64(snapBytes)), snapTook.Round(time.Millisecond))
+	fmt.Fprintf(w, "DeleteVolume p50, p99\t%s, %s (%.0f per second)\t\t\n", ms3(pct(delLat, 0.50)), ms3(pct(delLat, 0.99)), float64(len(delLat))/deleteTook.Seconds())
+	fmt.Fprintf(w, "every tombstone purged (retention %v)\t%s after the first delete\t\t\n", o.retention, purgedAfter.Round(time.Second))
+	fmt.Fprintf(w, "Go heap in use after the purge (after a GC)\t%s\t\t\n", benchkit.HumanBytes(heapPurged))
+	fmt.Fprintf(w, "idle process CPU (heartbeats only), no volume yet\t%s\t\t\n", perSecond(idleEmpty))
+	fmt.Fprintf(w, "  with %d live volumes\t%s\t\t\n", o.volumes, perSecond(idleLive))
+	tombVerdict := verdict(idleDeleted <= idleEmpty*3/2)
+	if !tombsAlone {
+		tombVerdict = "not shown: purges had begun (raise -retention)"
 	}
+	fmt.Fprintf(w, "  with %d deleted volumes (tombstones)\t%s\tnot above no volume (×1.5 for noise): %s\t\n", o.volumes, perSecond(idleDeleted), tombVerdict)
+	fmt.Fprintf(w, "  after the purge\t%s\t\t\n", perSecond(idlePurged))
 	return w.Flush()
+}
+
+// idleCPU waits for d and returns the process's CPU time per second of
+// it: the work of the members and simulated nodes when nobody asks them
+// for anything.
+func idleCPU(ctx context.Context, what string, d time.Duration) (time.Duration, error) {
+	logf("measuring idle CPU for %v (%s)", d, what)
+	c0, t0 := processCPU(), time.Now()
+	if err := benchkit.Sleep(ctx, d); err != nil {
+		return 0, err
+	}
+	return time.Duration(float64(processCPU()-c0) / time.Since(t0).Seconds()), nil
+}
+
+func perSecond(cpu time.Duration) string {
+	return fmt.Sprintf("%.1f ms of CPU per second", float64(cpu.Microseconds())/1000)
+}
+
+// heapInuse returns the Go heap in use after a collection.
+func heapInuse() uint64 {
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
 }
 
 func verdict(ok bool) string {
@@ -231,6 +316,7 @@ func verdict(ok bool) string {
 func startMembers(log *zap.Logger, o options) (*cluster, error) {
 	m, err := benchkit.StartMembers(log, "scalebench", members, "member-", func(c *meta.AgentConfig) {
 		c.StaleReplicaTimeout = o.stale
+		c.TombstoneRetention = o.retention
 		c.DiskUsage = func() (uint64, uint64, error) { return 1 << 20, 1 << 20, nil }
 	})
 	return &cluster{root: m.Root, agents: m.Agents, apiAddrs: m.APIAddrs}, err
@@ -342,6 +428,31 @@ func (cl *cluster) waitQuiet(ctx context.Context, still, limit time.Duration) (u
 	}
 }
 
+// waitPurged waits until the store holds no volume, not even a tombstone,
+// and returns how long that took.
+func (cl *cluster) waitPurged(ctx context.Context, c *meta.Client, limit time.Duration) (time.Duration, error) {
+	start, last := time.Now(), time.Now()
+	for {
+		st, err := c.State(ctx, false)
+		if err != nil {
+			return 0, err
+		}
+		if len(st.Volumes) == 0 {
+			return time.Since(start), nil
+		}
+		if time.Since(last) > 10*time.Second {
+			last = time.Now()
+			logf("%d deleted volumes not purged yet", len(st.Volumes))
+		}
+		if time.Since(start) > limit {
+			return 0, fmt.Errorf("%d deleted volumes still in the store after %v", len(st.Volumes), limit)
+		}
+		if err := benchkit.Sleep(ctx, time.Second); err != nil {
+			return 0, err
+		}
+	}
+}
+
 // busiestSim returns the running simulated node with the most replicas.
 func (cl *cluster) busiestSim(ctx context.Context, c *meta.Client) (*simNode, int, error) {
 	st, err := c.State(ctx, true)
@@ -369,40 +480,74 @@ func (cl *cluster) busiestSim(ctx context.Context, c *meta.Client) (*simNode, in
 // createVolumes creates o.volumes volumes at o.concurrency callers and
 // returns the sorted latencies and the total time.
 func createVolumes(ctx context.Context, ctrl *csi.Controller, o options) ([]time.Duration, time.Duration, error) {
-	lat := make([]time.Duration, o.volumes)
-	var next atomic.Int64
+	return callAll(ctx, o.volumes, o.concurrency, "volumes created", func(i int) error {
+		_, err := ctrl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
+			Name:          fmt.Sprintf("pvc-scale-%05d", i),
+			CapacityRange: &csipb.CapacityRange{RequiredBytes: volSize},
+			VolumeCapabilities: []*csipb.VolumeCapability{{
+				AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: "ext4"}},
+				AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
+			}},
+			Parameters: map[string]string{"replicas": fmt.Sprint(replicas)},
+		})
+		if err != nil {
+			return fmt.Errorf("CreateVolume %d: %w", i, err)
+		}
+		return nil
+	})
+}
+
+// deleteVolumes deletes every volume through the controller at
+// o.concurrency callers and returns the sorted latencies and the total time.
+func deleteVolumes(ctx context.Context, ctrl *csi.Controller, c *meta.Client, o options) ([]time.Duration, time.Duration, error) {
+	st, err := c.State(ctx, false)
+	if err != nil {
+		return nil, 0, err
+	}
+	ids := make([]string, 0, len(st.Volumes))
+	for id := range st.Volumes {
+		ids = append(ids, id)
+	}
+	logf("deleting %d volumes", len(ids))
+	return callAll(ctx, len(ids), o.concurrency, "volumes deleted", func(i int) error {
+		if _, err := ctrl.DeleteVolume(ctx, &csipb.DeleteVolumeRequest{VolumeId: ids[i]}); err != nil {
+			return fmt.Errorf("DeleteVolume %s: %w", ids[i], err)
+		}
+		return nil
+	})
+}
+
+// callAll makes calls 0..n-1 at conc callers, logging progress as "N
+// done" every 5 s, and returns their sorted latencies and the total time.
+// It stops at the first error.
+func callAll(ctx context.Context, n, conc int, done string, call func(i int) error) ([]time.Duration, time.Duration, error) {
+	lat := make([]time.Duration, n)
+	var next, finished atomic.Int64
 	var firstErr error
 	var errOnce sync.Once
 	start := time.Now()
 	lastLog := time.Now()
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	for range o.concurrency {
+	for range conc {
 		wg.Go(func() {
 			for {
 				i := int(next.Add(1)) - 1
-				if i >= o.volumes || ctx.Err() != nil {
+				if i >= n || ctx.Err() != nil {
 					return
 				}
 				t0 := time.Now()
-				_, err := ctrl.CreateVolume(ctx, &csipb.CreateVolumeRequest{
-					Name:          fmt.Sprintf("pvc-scale-%05d", i),
-					CapacityRange: &csipb.CapacityRange{RequiredBytes: volSize},
-					VolumeCapabilities: []*csipb.VolumeCapability{{
-						AccessType: &csipb.VolumeCapability_Mount{Mount: &csipb.VolumeCapability_MountVolume{FsType: "ext4"}},
-						AccessMode: &csipb.VolumeCapability_AccessMode{Mode: csipb.VolumeCapability_AccessMode_SINGLE_NODE_WRITER},
-					}},
-					Parameters: map[string]string{"replicas": fmt.Sprint(replicas)},
-				})
+				err := call(i)
 				lat[i] = time.Since(t0)
 				if err != nil {
-					errOnce.Do(func() { firstErr = fmt.Errorf("CreateVolume %d: %w", i, err) })
+					errOnce.Do(func() { firstErr = err })
 					return
 				}
+				f := finished.Add(1)
 				mu.Lock()
 				if time.Since(lastLog) > 5*time.Second {
 					lastLog = time.Now()
-					logf("%d volumes created", i)
+					logf("%d %s", f, done)
 				}
 				mu.Unlock()
 			}
