@@ -77,6 +77,8 @@ func TestNodeOptionsValidate(t *testing.T) {
 		{"negative heartbeat", func(o *nodeOptions) { o.HeartbeatInterval = -1 }, "--heartbeat-interval"},
 		{"single-node bootstrap", func(o *nodeOptions) { o.BootstrapExpect = 1 }, ""},
 		{"bad rebuild rate", func(o *nodeOptions) { o.RebuildRate = "fast" }, "--rebuild-rate"},
+		{"negative gomaxprocs", func(o *nodeOptions) { o.GoMaxProcs = -1 }, "--gomaxprocs -1"},
+		{"one CPU", func(o *nodeOptions) { o.GoMaxProcs = 1 }, ""},
 		{"bad data address", func(o *nodeOptions) { o.DataAddr = "nowhere" }, "--data-addr"},
 		{"zero stale timeout", func(o *nodeOptions) { o.StaleReplicaTimeout = 0 }, "--stale-replica-timeout"},
 		{"zero scheduler depth", func(o *nodeOptions) { o.IOSchedDepth = 0 }, "--iosched-depth"},

@@ -67,11 +67,20 @@ type Flags struct {
 	Verbose  bool     // -v: log every command run
 }
 
+// NodeShare is the --gomaxprocs every node agent of a benchmark's 3-node
+// dev cluster gets by default: its share of this machine's CPUs, at least
+// one. The three agents stand for three machines; each assuming all the
+// CPUs made their idle threads spin and wake each other (see cmd/cairn's
+// --gomaxprocs), which a real node, alone on its machine, does not pay.
+func NodeShare() int { return max(1, runtime.NumCPU()/3) }
+
 // Register defines -dir, -node-arg, -keep and -v on the default flag set;
-// holds says what the temporary directory holds.
+// holds says what the temporary directory holds. Every node agent gets
+// --gomaxprocs=NodeShare() unless a -node-arg sets it.
 func (f *Flags) Register(holds string) {
+	f.NodeArgs = []string{fmt.Sprintf("--gomaxprocs=%d", NodeShare())}
 	flag.StringVar(&f.Parent, "dir", os.TempDir(), "where to make the temporary directory ("+holds+")")
-	flag.Func("node-arg", "pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32", func(v string) error {
+	flag.Func("node-arg", fmt.Sprintf("pass this flag to every node agent (cairn dev up --node-arg); repeatable, e.g. -node-arg=--iosched-depth=32 (default --gomaxprocs=%d: each agent's share of the CPUs)", NodeShare()), func(v string) error {
 		f.NodeArgs = append(f.NodeArgs, v)
 		return nil
 	})
