@@ -389,9 +389,9 @@ func TestControllerPublishVolume(t *testing.T) {
 	})
 	t.Run("store errors", func(t *testing.T) {
 		other := mustCreate(t, c, "pvc-2")
-		f.fail["State"] = meta.ErrNoLeader
+		f.fail["Volume"] = meta.ErrNoLeader
 		wantCode(t, pub(other, "n1", false, mountCap(writer)), codes.Unavailable)
-		delete(f.fail, "State")
+		delete(f.fail, "Volume")
 		f.fail["Attach"] = fmt.Errorf("volume %s is attached to n3: %w", other, meta.ErrFailedPrecondition)
 		wantCode(t, pub(other, "n1", false, mountCap(writer)), codes.FailedPrecondition)
 		f.fail["Attach"] = errors.New("boom")
