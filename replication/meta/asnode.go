@@ -96,19 +96,6 @@ func needsNodeCheck(c Command) bool {
 	return ok
 }
 
-// insideRequest returns the command a Request envelope carries (nil if it
-// does not decode), or c itself.
-func insideRequest(c Command) Command {
-	if r, ok := c.(*Request); ok {
-		inner, err := Decode(r.Command)
-		if err != nil {
-			return nil
-		}
-		return inner
-	}
-	return c
-}
-
 // nodeMay checks that node may apply c to s:
 //   - a command about a replica comes from the replica's own node, or from
 //     the node the volume is attached to (its engine), or, while the volume

@@ -488,6 +488,19 @@ func Encode(c Command) ([]byte, error) {
 // TestWriteVersionReadable and TestGatedTypeWaitsForEveryMember hold the
 // rule.
 
+// insideRequest returns the command a Request envelope carries (nil if it
+// does not decode), or c itself.
+func insideRequest(c Command) Command {
+	if r, ok := c.(*Request); ok {
+		inner, err := Decode(r.Command)
+		if err != nil {
+			return nil
+		}
+		return inner
+	}
+	return c
+}
+
 // Decode parses what Encode wrote. Bad bytes give an error wrapping
 // ErrBadCommand, and an entry of a newer build one wrapping ErrNewerCommand
 // too; Decode never panics.

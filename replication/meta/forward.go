@@ -100,14 +100,7 @@ func (a *Agent) forward(ctx context.Context, c *Client, repeatable bool, remote 
 // registers returns the node a RegisterNode command (or a Request that
 // wraps one) registers.
 func registers(c Command) (string, bool) {
-	if r, ok := c.(*Request); ok {
-		inner, err := Decode(r.Command)
-		if err != nil {
-			return "", false
-		}
-		c = inner
-	}
-	if r, ok := c.(*RegisterNode); ok {
+	if r, ok := insideRequest(c).(*RegisterNode); ok {
 		return r.Node.ID, true
 	}
 	return "", false

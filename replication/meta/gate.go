@@ -44,12 +44,8 @@ const gateWait = 3 * time.Second
 // gatedType returns the type of c, or of the command a Request wraps, and
 // whether it is written through the gate.
 func gatedType(c Command) (CommandType, bool) {
-	if r, ok := c.(*Request); ok {
-		inner, err := Decode(r.Command)
-		if err != nil {
-			return 0, false // apply refuses it anyway
-		}
-		c = inner
+	if c = insideRequest(c); c == nil {
+		return 0, false // apply refuses it anyway
 	}
 	return gateType(c)
 }

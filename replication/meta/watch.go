@@ -36,12 +36,7 @@ func touched(c Command, res Result) (vols, nodes []string) {
 		nodes = append(nodes, res.Node.ID)
 	}
 	if res.Volume == nil && res.Node == nil {
-		if r, ok := c.(*Request); ok {
-			if inner, err := Decode(r.Command); err == nil {
-				c = inner
-			}
-		}
-		if p, ok := c.(*PurgeVolume); ok {
+		if p, ok := insideRequest(c).(*PurgeVolume); ok {
 			vols = append(vols, p.VolumeID)
 		}
 	}
