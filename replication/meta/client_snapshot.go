@@ -131,7 +131,7 @@ func (c *Client) DeleteSnapshot(ctx context.Context, id string) error {
 // RetireVolume deletes volume id, or hides it while snapshots of it remain
 // (RetireVolume). It sends RetireVolume, which decides atomically in the
 // store, without reading the whole state first: at 10 000 volumes that
-// read made a delete take 100 ms of the leader's CPU (scalebench). Only if
+// read held deletes to 9 per second (scalebench). Only if
 // the store cannot take RetireVolume yet, during a rolling upgrade (the
 // gate refuses it while a member's build does not read it, or an older
 // leader cannot decode it), a volume without snapshots is deleted by

@@ -103,8 +103,9 @@ func run(m *testing.M) (code int, err error) {
 	// A host-process run needs no Cairn image: it builds the image's base
 	// and the chart renderer beside its tests, whose CPU is mostly idle
 	// (kubelet's and the sidecars' timers), for the pods run that follows
-	// in make e2e. Cold, they took 1.5 min of the Kubernetes build's CPU
-	// and 1.5 min of the pods run.
+	// in make e2e. Cold, the base took the Kubernetes build about 1 min
+	// longer beside it, and the renderer made the pods run 1 min 20 s
+	// longer (tests/e2e/README.md, "Timing").
 	hostRun := *modeFlag == "host" && !*buildOnly
 	b := &localkube.Builder{CacheDir: cache, SourceDir: src, Progress: os.Stdout, BaseLater: *baseLater || hostRun}
 	bins, err := b.Build()

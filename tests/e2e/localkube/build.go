@@ -98,7 +98,7 @@ type Builder struct {
 	// BaseLater leaves the Cairn image's base out of Build: the caller
 	// builds it with StartBase, beside something that leaves the CPU idle
 	// (make e2e: the host-process run's tests). Beside the Kubernetes
-	// build it took about a minute and a half of CPU from it.
+	// build (both cores busy) it made that build about a minute longer.
 	BaseLater bool
 
 	// used are the directories under CacheDir/bin this Build uses;
