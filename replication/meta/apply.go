@@ -108,6 +108,8 @@ func applyCommand(s *State, c Command) (Result, error) {
 		return applyAdmitVolume(s, c)
 	case *SetNodeDisks:
 		return applySetNodeDisks(s, c)
+	case *SetNodeDedup:
+		return applySetNodeDedup(s, c)
 	case *LeaseNonces:
 		return applyLeaseNonces(s, c)
 	case *ReportLag:
@@ -227,7 +229,8 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string
 	if err := checkEncryption(c, spec); err != nil {
 		return Result{}, err
 	}
-	nodes, err := placement.Place(s.PlacementNodesFor(diskType), placement.Request{
+	candidates, unable := s.placementNodes(diskType, spec.Deduplication)
+	nodes, err := placement.Place(candidates, placement.Request{
 		Replicas:              c.Replicas,
 		SizeBytes:             replicaBytes(c.SizeBytes, spec.Encrypted()),
 		OverProvisioningRatio: s.OverProvisioningRatio,
@@ -236,7 +239,7 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string
 		ReserveIOPS:           reserveIOPS,
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(diskType, err))
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, dedupPlacementError(typedPlacementError(diskType, err), unable))
 	}
 	// A new volume's replicas are all zeros, so they are identical and
 	// healthy from the start; a volume with a content source is filled
@@ -474,13 +477,14 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 			}
 		}
 	}
-	nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
+	candidates, unable := s.placementNodes(v.diskType(), dedupParam(v.Parameters))
+	nodes, err := placement.Place(candidates, placement.Request{
 		Replicas: 1, SizeBytes: v.ReplicaBytes(), OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
 		ReserveIOPS: v.guaranteedIOPS(), // 0 but for a guaranteed volume (admission.go)
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, typedPlacementError(v.diskType(), err))
+		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, dedupPlacementError(typedPlacementError(v.diskType(), err), unable))
 	}
 	v.Replicas[i] = Replica{ID: v.nextReplicaID(), Node: nodes[0], State: ReplicaRebuilding}
 	v.Epoch++

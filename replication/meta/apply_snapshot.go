@@ -243,7 +243,7 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 	// healthy replicas: a replica placed since received the snapshot's
 	// layers with its rebuild. One whose node turns out not to have them
 	// is failed there and rebuilt from the others (storagenode.restore).
-	var used []string
+	var used, unableSrc []string
 	for _, sealed := range []bool{true, false} {
 		for _, r := range src.Replicas {
 			if len(used) == c.Replicas {
@@ -254,21 +254,30 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 				len(c.AllowedZones) > 0 && !slices.Contains(c.AllowedZones, n.Zone) || slices.Contains(used, r.Node) {
 				continue
 			}
+			if ok, why := n.canDedup(spec.DiskType); spec.Deduplication && !ok {
+				// Not where the pass could share its blocks: placed
+				// anew below, and rebuilt.
+				if !slices.Contains(unableSrc, why) {
+					unableSrc = append(unableSrc, why)
+				}
+				continue
+			}
 			used = append(used, r.Node)
 			v.Replicas = append(v.Replicas, Replica{ID: v.nextReplicaID(), Node: r.Node, State: ReplicaHealthy, Source: r.ID})
 		}
 	}
 	if len(used) == 0 {
-		return Result{}, fmt.Errorf("snapshot %s: no healthy replica of its volume is on a node that is up (and in the allowed zones): %w",
-			sn.ID, ErrFailedPrecondition)
+		return Result{}, dedupPlacementError(fmt.Errorf("snapshot %s: no healthy replica of its volume is on a node that is up (and in the allowed zones): %w",
+			sn.ID, ErrFailedPrecondition), unableSrc)
 	}
 	if more := c.Replicas - len(used); more > 0 {
-		nodes, err := placement.Place(s.PlacementNodesFor(v.diskType()), placement.Request{
+		candidates, unable := s.placementNodes(v.diskType(), dedupParam(c.Parameters))
+		nodes, err := placement.Place(candidates, placement.Request{
 			Replicas: more, SizeBytes: replicaBytes(c.SizeBytes, src.Encrypted()), OverProvisioningRatio: s.OverProvisioningRatio,
 			Exclude: used, AllowedZones: c.AllowedZones,
 		})
 		if err != nil {
-			return Result{}, fmt.Errorf("volume %q: %w", c.Name, typedPlacementError(v.diskType(), err))
+			return Result{}, fmt.Errorf("volume %q: %w", c.Name, dedupPlacementError(typedPlacementError(v.diskType(), err), unable))
 		}
 		for _, node := range nodes {
 			// Filled from the replicas above, through a rebuild.

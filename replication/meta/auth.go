@@ -138,6 +138,12 @@ func nodesNamedBy(b []byte) []string {
 		named = c.NodeID
 	case *SetNodeState:
 		named = c.NodeID
+	case *SetNodeReservable:
+		named = c.NodeID
+	case *SetNodeDisks:
+		named = c.NodeID
+	case *SetNodeDedup:
+		named = c.NodeID
 	case *AttachVolume:
 		named = c.NodeID
 	case *DetachVolume:

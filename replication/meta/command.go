@@ -50,6 +50,7 @@ const (
 	CmdReportLag            CommandType = 32
 	CmdPromoteVolume        CommandType = 33
 	CmdAsNode               CommandType = 34
+	CmdSetNodeDedup         CommandType = 35
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -61,7 +62,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdAsNode
+const lastCommandType = CmdSetNodeDedup
 
 // Command is one change to the store's state.
 type Command interface {
@@ -426,6 +427,8 @@ func newCommand(t CommandType) Command {
 		return &PromoteVolume{}
 	case CmdAsNode:
 		return &AsNode{}
+	case CmdSetNodeDedup:
+		return &SetNodeDedup{}
 	}
 	return nil
 }
@@ -476,7 +479,7 @@ func Encode(c Command) ([]byte, error) {
 //     API's Info (command_types), that it reads it, and refuses the command
 //     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
 //     member cannot say so, so nothing it cannot read reaches the log while
-//     it is a member. Types 22 (ExpandVolume) to 34 are written so.
+//     it is a member. Types 22 (ExpandVolume) to 35 are written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So

@@ -119,7 +119,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdReportLag, &ReportLag{}},
 		{CmdPromoteVolume, &PromoteVolume{}},
 		{CmdAsNode, &AsNode{}},
-		{CmdAsNode + 1, nil},
+		{CmdSetNodeDedup, &SetNodeDedup{}},
+		{CmdSetNodeDedup + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -274,7 +275,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 35", cmdBytes(CmdAsNode+1, commandVersion, `{}`)},
+		{"unknown type 36", cmdBytes(CmdSetNodeDedup+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -78,6 +78,22 @@ func gateType(c Command) (CommandType, bool) {
 		// MaxCommandType lets silent members pass for applied types).
 		t = CmdReportLag
 	}
+	// Deduplication is new with SetNodeDedup: a member of an older build
+	// would refuse the parameter.
+	switch c := c.(type) {
+	case *CreateVolume:
+		if dedupParam(c.Parameters) {
+			t = CmdSetNodeDedup
+		}
+	case *AdmitVolume:
+		if dedupParam(c.Parameters) {
+			t = CmdSetNodeDedup
+		}
+	case *RestoreVolume:
+		if dedupParam(c.Parameters) {
+			t = CmdSetNodeDedup
+		}
+	}
 	return t, t >= firstGatedType
 }
 

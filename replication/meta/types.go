@@ -40,6 +40,11 @@ type Node struct {
 	// by type (SetNodeDisks; disktypes.go). CapacityBytes and FreeBytes
 	// are the default one's.
 	Disks map[string]DiskSpace `json:"disks,omitempty"`
+	// Dedup says, by disk type ("" for the default disk), whether the
+	// node's data directory of that disk can share blocks between files:
+	// "" yes, otherwise why not (SetNodeDedup; dedup.go). A type it has
+	// not reported is taken as no.
+	Dedup map[string]string `json:"dedup,omitempty"`
 	// LastHeartbeat is the leader's clock (unix nanoseconds) at the node's last
 	// recorded heartbeat. The leader records heartbeats in memory and commits
 	// them only with state or capacity changes, so this lags by design.
@@ -403,6 +408,7 @@ func (s *State) Clone() *State {
 	for id, n := range s.Nodes {
 		nc := *n
 		nc.Disks = maps.Clone(n.Disks)
+		nc.Dedup = maps.Clone(n.Dedup)
 		c.Nodes[id] = &nc
 	}
 	for id, v := range s.Volumes {

@@ -117,8 +117,7 @@ const (
 // feature Cairn does not have yet, by key: each is refused with the
 // feature's name rather than accepted and ignored.
 var notBuilt = map[string]map[string]string{
-	KeyDeduplication: {"true": "deduplication is not built yet (the space-efficiency work)"},
-	KeyCompression:   {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
+	KeyCompression: {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
 }
 
 // ErrInvalid is wrapped by every error of this package. replication/meta
@@ -183,6 +182,10 @@ type Spec struct {
 	// quorum (default 1: the engine's own replica) has it, and the other
 	// replicas follow from a bounded queue.
 	ReplicationMode string
+	// Deduplication puts the replicas on data directories that can share
+	// blocks between files, where the node's background pass shares the
+	// equal extents of the volumes that have it on (replication/dedup).
+	Deduplication bool
 }
 
 // Async reports whether the volume is replicated asynchronously.
@@ -440,7 +443,20 @@ var paramsBase = []param{
 			return choose(&s.Encryption, v, EncryptionNone, EncryptionAESGCM)
 		},
 		format: func(s Spec) string { return s.Encryption }},
-	onlyToday(KeyDeduplication, "false"),
+	// Not mutable: the volume's replicas were placed on data directories
+	// that can share blocks (meta.SetNodeDedup) only if it was on. Recorded
+	// only when on.
+	{key: KeyDeduplication, want: `"false" (the default) or "true" (replicas go on data directories that can share blocks: xfs with reflink=1 or btrfs)`,
+		parse: func(s *Spec, v string, _ form) bool {
+			s.Deduplication = v == "true"
+			return v == "true" || v == "false"
+		},
+		format: func(s Spec) string {
+			if s.Deduplication {
+				return "true"
+			}
+			return ""
+		}},
 	onlyToday(KeyCompression, CompressionNone),
 	// Recorded only when not the default.
 	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " or another disk type: 1 to 63 of a-z, 0-9 and - (a node serves it with cairn node --data-dir TYPE=PATH)",

@@ -329,7 +329,7 @@ var designParameters = map[string]string{
 // with that feature's name, never accepted and ignored.
 func TestDesignKeys(t *testing.T) {
 	notYet := map[string]string{
-		"deduplication": "deduplication is not built yet", "compression": "compression is not built yet",
+		"compression": "compression is not built yet",
 	}
 	for k, v := range designParameters {
 		// With the class's minIOPS: guaranteed needs it.
@@ -462,5 +462,30 @@ func TestDiskTypeOf(t *testing.T) {
 		if s, err := Parse(tc.in); err == nil && s.DiskType != tc.want {
 			t.Errorf("Parse(%v).DiskType = %q, DiskTypeOf %q: they must agree", tc.in, s.DiskType, tc.want)
 		}
+	}
+}
+
+// TestDeduplication: "true" is recorded and reads back; "false" is the
+// default and not recorded, so a volume made before the key existed
+// matches a retry of its create.
+func TestDeduplication(t *testing.T) {
+	s, err := Parse(map[string]string{KeyDeduplication: "true"})
+	if err != nil || !s.Deduplication {
+		t.Fatalf("Parse(deduplication: true) = %+v, %v", s, err)
+	}
+	stored := s.Params()
+	if stored[KeyDeduplication] != "true" {
+		t.Errorf("stored form %v lacks deduplication: true", stored)
+	}
+	back, err := Decode(stored)
+	if err != nil || !back.Deduplication {
+		t.Errorf("Decode(%v) = %+v, %v", stored, back, err)
+	}
+	off, err := Parse(map[string]string{KeyDeduplication: "false"})
+	if err != nil || off.Deduplication {
+		t.Fatalf("Parse(deduplication: false) = %+v, %v", off, err)
+	}
+	if _, ok := off.Params()[KeyDeduplication]; ok {
+		t.Errorf("deduplication: false is recorded: %v", off.Params())
 	}
 }

@@ -1,0 +1,93 @@
+package meta
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+
+	"github.com/cairn-csi/cairn/replication/placement"
+	"github.com/cairn-csi/cairn/replication/volspec"
+)
+
+// Deduplication (docs/deduplication.md): a volume with deduplication
+// "true" has its replicas only on data directories that can share blocks
+// between files, which each node probes at its start and records here.
+// A CreateVolume that finds too few says which directories could not, and
+// why, rather than placing the volume where the pass would do nothing.
+
+// SetNodeDedup records, for each of node NodeID's data disks ("" for the
+// default one, else its type), whether its data directory can share
+// blocks: "" yes, otherwise why not (the node's own words, naming the
+// directory and its file system). Gated (gate.go): an older member does
+// not know the field.
+type SetNodeDedup struct {
+	NodeID string            `json:"node_id"`
+	Disks  map[string]string `json:"disks"`
+}
+
+func (SetNodeDedup) Type() CommandType { return CmdSetNodeDedup }
+
+func applySetNodeDedup(s *State, c *SetNodeDedup) (Result, error) {
+	n, ok := s.Nodes[c.NodeID]
+	if !ok {
+		return Result{}, fmt.Errorf("node %q: %w", c.NodeID, ErrNotFound)
+	}
+	for _, t := range slices.Sorted(maps.Keys(c.Disks)) {
+		if t != "" && !volspec.ValidDiskType(t) {
+			return Result{}, fmt.Errorf("node %s: disk type %q: %w", c.NodeID, t, ErrInvalidArgument)
+		}
+	}
+	n.Dedup = maps.Clone(c.Disks) // a new map: copies of the node handed out keep theirs
+	out := *n
+	out.Disks, out.Dedup = maps.Clone(n.Disks), maps.Clone(n.Dedup)
+	return Result{Node: &out}, nil
+}
+
+// dedupParam reports whether parameters ask for deduplication.
+func dedupParam(params map[string]string) bool {
+	s, err := volspec.Decode(params)
+	return err == nil && s.Deduplication
+}
+
+// canDedup says whether node n's data directory of disk type t can share
+// blocks, and if not, why (for the error of a placement that fell short).
+func (n *Node) canDedup(t string) (bool, string) {
+	why, ok := n.Dedup[t]
+	switch {
+	case !ok:
+		return false, fmt.Sprintf("node %s has not said whether its data directory can share blocks (a build without deduplication, or its probe failed)", n.ID)
+	case why != "":
+		return false, fmt.Sprintf("node %s: %s", n.ID, why)
+	}
+	return true, ""
+}
+
+// placementNodes is PlacementNodesFor(t), without the nodes whose data
+// directory of type t cannot share blocks when dedup is set; unable says
+// why for each node left out, sorted by node id.
+func (s *State) placementNodes(t string, dedup bool) (nodes []placement.Node, unable []string) {
+	all := s.PlacementNodesFor(t)
+	if !dedup {
+		return all, nil
+	}
+	for _, pn := range all {
+		if ok, why := s.Nodes[pn.ID].canDedup(t); ok {
+			nodes = append(nodes, pn)
+		} else if pn.Up {
+			unable = append(unable, why)
+		}
+	}
+	slices.Sort(unable)
+	return nodes, unable
+}
+
+// dedupPlacementError adds to a placement that failed for a volume with
+// deduplication the nodes it could not use and why.
+func dedupPlacementError(err error, unable []string) error {
+	if len(unable) == 0 {
+		return err
+	}
+	return fmt.Errorf("deduplication \"true\" needs data directories that can share blocks, and %d node(s) up have none: %s: %w",
+		len(unable), strings.Join(unable, "; "), err)
+}
