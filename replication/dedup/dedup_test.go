@@ -197,6 +197,15 @@ func TestPassFiveClonesFiveCopies(t *testing.T) {
 	if Pending(cfg.Dir) {
 		t.Errorf("a finished pass left its checkpoint")
 	}
+	var saved uint64
+	for _, s := range srcs {
+		saved += st.Saved[s.Key]
+	}
+	// clone-0 comes first in the pass's order (by key): it keeps its
+	// blocks as its own, and every other file saves all of its bytes.
+	if st.Saved["clone-0"] != 0 || saved != 9*size {
+		t.Errorf("saved %v (total %d MiB), want nothing for clone-0, which keeps its blocks, and 9 × %d MiB in all", st.Saved, saved>>20, size>>20)
+	}
 	sp, err := SpaceOf(srcs[3].Path)
 	if err != nil {
 		t.Fatal(err)

@@ -93,6 +93,14 @@ type Stats struct {
 	// DifferedExtents counts the candidates the kernel found not equal:
 	// changed after they were hashed.
 	DifferedExtents uint64 `json:"differed_extents"`
+	// Saved is, by source key, the bytes of that source's extents that
+	// use the blocks of an equal extent of another source (or of an
+	// earlier offset of the same one) at the end of the pass, shared by
+	// it or found shared: the space each source would take again without
+	// deduplication. Of every set of equal extents, the first in the
+	// pass's order keeps its bytes as its own, so the sum over the
+	// sources is what the sharing saves on disk.
+	Saved map[string]uint64 `json:"saved,omitempty"`
 }
 
 // checkpoint is the pass's state in progress.json.
@@ -437,6 +445,14 @@ func (p *pass) share(ctx context.Context) error {
 	return nil
 }
 
+// saved adds n bytes to the savings of source i.
+func (p *pass) saved(i int, n uint64) {
+	if p.cp.Stats.Saved == nil {
+		p.cp.Stats.Saved = map[string]uint64{}
+	}
+	p.cp.Stats.Saved[p.cp.Sources[i].Key] += n
+}
+
 // shareGroup shares the extents of one hash with the first of them that
 // can still be opened.
 func (p *pass) shareGroup(ctx context.Context, g []record) error {
@@ -462,6 +478,7 @@ func (p *pass) shareGroup(ctx context.Context, g []record) error {
 		}
 		if samePhysical(kf, keep.off, f, r.off, ExtentSize) {
 			p.cp.Stats.AlreadySharedBytes += ExtentSize
+			p.saved(r.src, ExtentSize)
 			continue
 		}
 		done, err := p.admit(ctx, r.src, 2*ExtentSize)
@@ -484,6 +501,7 @@ func (p *pass) shareGroup(ctx context.Context, g []record) error {
 		switch in := arg.Info[0]; {
 		case in.Status == unix.FILE_DEDUPE_RANGE_SAME:
 			p.cp.Stats.SharedBytes += in.Bytes_deduped
+			p.saved(r.src, in.Bytes_deduped)
 		case in.Status == unix.FILE_DEDUPE_RANGE_DIFFERS:
 			p.cp.Stats.DifferedExtents++
 		default:

@@ -69,6 +69,10 @@ type Config struct {
 	// which this node flattens the layers a restored replica inherited
 	// (flatten.go); 0: DefaultChainSoftLimit, negative: never.
 	ChainSoftLimit int
+	// DedupInterval is how often the node runs its deduplication passes
+	// (dedup.go); 0: DefaultDedupInterval, negative: never (the data
+	// directories are still probed and recorded).
+	DedupInterval time.Duration
 }
 
 // Node is a running storage node.
@@ -90,6 +94,10 @@ type Node struct {
 	flattenProgress *prometheus.GaugeVec
 	// again wakes the realizer early (a snapshot job finished).
 	again chan struct{}
+	// dedupNow starts the deduplication passes early (DedupNow);
+	// dedupMetrics count them (dedup.go).
+	dedupNow     chan struct{}
+	dedupMetrics dedupMetrics
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -175,6 +183,7 @@ func New(cfg Config) (*Node, error) {
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
+		dedupNow: make(chan struct{}, 1), dedupMetrics: newDedupMetrics(),
 		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{},
 		flattens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_flattens_total",
@@ -213,7 +222,8 @@ func New(cfg Config) (*Node, error) {
 		Sched: cfg.DiskSched, VolumeOf: meta.VolumeOfReplica, TLS: cfg.TLS, EpochOf: epochOf,
 	})
 	if cfg.Registerer != nil {
-		for _, c := range append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server}) {
+		cs := append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server})
+		for _, c := range append(cs, n.dedupMetrics.collectors()...) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err
@@ -228,7 +238,8 @@ func New(cfg Config) (*Node, error) {
 // maintenance rebuilds open their engines through engines.
 func (n *Node) Start(engines *attach.Registry) {
 	n.engines = engines
-	n.wg.Add(2)
+	n.wg.Add(3)
+	go func() { defer n.wg.Done(); n.dedupLoop() }()
 	go func() {
 		defer n.wg.Done()
 		if err := n.server.Serve(n.lis); err != nil && !errors.Is(err, replica.ErrServerClosed) {

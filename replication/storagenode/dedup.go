@@ -1,0 +1,260 @@
+package storagenode
+
+import (
+	"context"
+	"maps"
+	"os"
+	"path/filepath"
+	"slices"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"go.uber.org/zap"
+
+	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/replication/dedup"
+	"github.com/cairn-csi/cairn/replication/meta"
+	"github.com/cairn-csi/cairn/replication/replica"
+	"github.com/cairn-csi/cairn/replication/volspec"
+)
+
+// Deduplication on a node (docs/deduplication.md). At its start the node
+// probes each of its data directories (can its file system share blocks
+// between files?) and records the answers in the store (SetNodeDedup),
+// which then places volumes with deduplication only where it can. Every
+// DedupInterval, for each data directory that can, it runs a pass
+// (replication/dedup) over the layer files of the replicas there whose
+// volume has deduplication on, its reads at the disk scheduler's lowest
+// class (scrub). A pass that a restart cut short resumes at the start.
+
+// DefaultDedupInterval is how often a node runs its deduplication passes
+// when Config.DedupInterval is 0.
+const DefaultDedupInterval = time.Hour
+
+// dedupDir is one data directory of the node, by disk type.
+type dedupDir struct {
+	diskType string // "" for the default disk
+	root     string // the data directory: replicas/ and dedup/ are in it
+	why      string // "" if it can share blocks, else why not
+}
+
+// dedupMetrics are the deduplication passes' counters.
+type dedupMetrics struct {
+	passes   *prometheus.CounterVec
+	hashed   *prometheus.CounterVec
+	shared   *prometheus.CounterVec
+	progress *prometheus.GaugeVec
+}
+
+func newDedupMetrics() dedupMetrics {
+	return dedupMetrics{
+		passes: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cairn_dedup_passes_total",
+			Help: "Deduplication passes this node finished, by disk type (\"default\" for the default disk)."}, []string{"disk_type"}),
+		hashed: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cairn_dedup_hashed_bytes_total",
+			Help: "Bytes of replica layers the deduplication passes read and hashed."}, []string{"disk_type"}),
+		shared: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "cairn_dedup_shared_bytes_total",
+			Help: "Bytes the deduplication passes found equal to other extents and shared with them (space freed)."}, []string{"disk_type"}),
+		progress: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cairn_dedup_pass_progress_ratio",
+			Help: "Progress of the running deduplication pass, from 0 to 1: hashing is the first half, sharing the second."}, []string{"disk_type"}),
+	}
+}
+
+func (m dedupMetrics) collectors() []prometheus.Collector {
+	return []prometheus.Collector{m.passes, m.hashed, m.shared, m.progress}
+}
+
+// label is the metrics' name of a disk type.
+func label(diskType string) string {
+	if diskType == "" {
+		return volspec.DiskTypeDefault
+	}
+	return diskType
+}
+
+// probeDedup probes every data directory of the node.
+func (n *Node) probeDedup() []dedupDir {
+	dirs := []dedupDir{{root: n.cfg.DataDir}}
+	for _, t := range slices.Sorted(maps.Keys(n.cfg.DiskDirs)) {
+		dirs = append(dirs, dedupDir{diskType: t, root: n.cfg.DiskDirs[t]})
+	}
+	for i := range dirs {
+		// The probe's files go in the pass's work directory, beside
+		// replicas/ (never among the replicas, where a crash could leave
+		// one for the server to find).
+		d := &dirs[i]
+		work := filepath.Join(d.root, "dedup")
+		err := os.MkdirAll(work, 0o755)
+		if err == nil {
+			err = dedup.Probe(work)
+		}
+		if err != nil {
+			d.why = err.Error()
+			n.log.Info("data directory cannot share blocks: volumes with deduplication go elsewhere",
+				zap.String("disk_type", label(d.diskType)), zap.Error(err))
+			continue
+		}
+		n.log.Info("data directory can share blocks: it takes volumes with deduplication",
+			zap.String("disk_type", label(d.diskType)), zap.String("dir", d.root), zap.String("fs", dedup.FSName(d.root)))
+	}
+	return dirs
+}
+
+// recordDedup records what the probes found in the store, when it says
+// otherwise; false while that failed (a store that does not read the
+// command yet refuses it: tried again later).
+func (n *Node) recordDedup(dirs []dedupDir) bool {
+	want := map[string]string{}
+	for _, d := range dirs {
+		want[d.diskType] = d.why
+	}
+	var have map[string]string
+	known := false
+	n.cfg.FSM.View(func(s *meta.State) {
+		if node := s.Nodes[n.cfg.NodeID]; node != nil {
+			have, known = node.Dedup, true
+		}
+	})
+	if !known {
+		return false
+	}
+	if maps.Equal(have, want) {
+		return true
+	}
+	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+	defer cancel()
+	if _, err := n.cfg.Meta.Apply(ctx, &meta.SetNodeDedup{NodeID: n.cfg.NodeID, Disks: want}); err != nil {
+		n.log.Debug("deduplication support not recorded; will try again", zap.Error(err))
+		return false
+	}
+	return true
+}
+
+// dedupLoop probes, records, and runs the passes until the node closes.
+func (n *Node) dedupLoop() {
+	if n.cfg.FSM == nil || n.cfg.Meta == nil {
+		return // a node without a store (tests of the replica server alone)
+	}
+	dirs := n.probeDedup()
+	every := n.cfg.DedupInterval
+	if every == 0 {
+		every = DefaultDedupInterval
+	}
+	recorded := false
+	// A pass cut short by a restart resumes at once; a new one waits for
+	// the interval.
+	next := time.Now().Add(every)
+	for _, d := range dirs {
+		if d.why == "" && dedup.Pending(filepath.Join(d.root, "dedup")) {
+			next = time.Now()
+		}
+	}
+	for {
+		if !recorded {
+			recorded = n.recordDedup(dirs)
+		}
+		if every > 0 && !time.Now().Before(next) {
+			for _, d := range dirs {
+				if d.why == "" {
+					n.dedupPass(d)
+				}
+			}
+			next = time.Now().Add(every)
+		}
+		wait := time.Until(next)
+		if !recorded || every < 0 {
+			wait = usageInterval
+		}
+		select {
+		case <-n.ctx.Done():
+			return
+		case <-n.dedupNow:
+			next = time.Now()
+		case <-time.After(max(wait, 0)):
+		}
+	}
+}
+
+// DedupNow starts the deduplication passes now rather than at the next
+// interval (tests, and an operator through the node's admin endpoints).
+func (n *Node) DedupNow() {
+	select {
+	case n.dedupNow <- struct{}{}:
+	default:
+	}
+}
+
+// dedupPass runs one pass over data directory d.
+func (n *Node) dedupPass(d dedupDir) {
+	var srcs []dedup.Source
+	reps := map[string]*replica.Replica{}
+	for _, id := range n.dedupReplicas(d.diskType) {
+		r, err := n.server.Get(id)
+		if err != nil {
+			continue // not here yet, or being deleted
+		}
+		reps[id] = r
+		for _, p := range r.DataFiles() {
+			srcs = append(srcs, dedup.Source{Key: id + "/" + filepath.Base(p), Path: p})
+		}
+	}
+	work := filepath.Join(d.root, "dedup")
+	if len(srcs) == 0 && !dedup.Pending(work) {
+		return
+	}
+	lbl := label(d.diskType)
+	ctx := replica.WithClass(n.ctx, iosched.Scrub)
+	cfg := dedup.Config{Dir: work, Logger: n.log.With(zap.String("disk_type", lbl)),
+		Admit: func(ctx context.Context, src dedup.Source, bytes uint64) (func(), error) {
+			r := reps[filepath.Dir(src.Key)]
+			if r == nil {
+				return func() {}, nil // a resumed pass's replica: read unscheduled
+			}
+			t, err := r.Admit(ctx, replica.OpRead, bytes)
+			if err != nil {
+				return nil, err
+			}
+			return t.Done, nil
+		},
+		Progress: func(p dedup.Progress) {
+			ratio := float64(p.Done) / float64(max(p.Total, 1)) / 2
+			if p.Phase == "share" {
+				ratio += 0.5
+			}
+			n.dedupMetrics.progress.WithLabelValues(lbl).Set(ratio)
+		}}
+	st, err := dedup.Pass(ctx, cfg, srcs)
+	n.dedupMetrics.progress.DeleteLabelValues(lbl)
+	n.dedupMetrics.hashed.WithLabelValues(lbl).Add(float64(st.HashedBytes))
+	n.dedupMetrics.shared.WithLabelValues(lbl).Add(float64(st.SharedBytes))
+	if err != nil {
+		if n.ctx.Err() == nil {
+			n.log.Warn("deduplication pass stopped; it resumes at the next one", zap.String("disk_type", lbl), zap.Error(err))
+		}
+		return
+	}
+	n.dedupMetrics.passes.WithLabelValues(lbl).Inc()
+}
+
+// dedupReplicas lists the replicas on this node's disk of type t whose
+// volume has deduplication on.
+func (n *Node) dedupReplicas(t string) []string {
+	var ids []string
+	n.cfg.FSM.View(func(s *meta.State) {
+		for _, v := range s.Volumes {
+			if v.State == meta.VolumeDeleted {
+				continue
+			}
+			spec, err := v.Spec()
+			if err != nil || !spec.Deduplication || spec.DiskType != t {
+				continue
+			}
+			for _, r := range v.Replicas {
+				if r.Node == n.cfg.NodeID {
+					ids = append(ids, r.ID)
+				}
+			}
+		}
+	})
+	slices.Sort(ids)
+	return ids
+}
