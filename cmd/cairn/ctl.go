@@ -294,8 +294,17 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 			fmt.Fprintln(w)
 		}
 	}
+	for _, r := range v.Replicas {
+		if sp := r.Space; sp != nil {
+			fmt.Fprintf(w, "space:        replica %s on %s: %s written (snapshots included), %s on disk of its own: %s saved by deduplication; %s shares blocks with other volumes, snapshots or clones\n",
+				r.ID, r.Node, formatSize(sp.AllocatedBytes), formatSize(sp.PhysicalBytes()), formatSize(sp.DedupSavedBytes), formatSize(sp.SharedBytes))
+		}
+	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
+		if spec.Deduplication {
+			fmt.Fprintf(w, "deduplication: on (replicas on data directories that share blocks; a node's pass shares equal extents every --dedup-interval)\n")
+		}
 		if spec.Async() {
 			level := spec.ConsistencyLevel
 			if level == "" {

@@ -110,6 +110,8 @@ func applyCommand(s *State, c Command) (Result, error) {
 		return applySetNodeDisks(s, c)
 	case *SetNodeDedup:
 		return applySetNodeDedup(s, c)
+	case *RecordReplicaSpace:
+		return applyRecordReplicaSpace(s, c)
 	case *LeaseNonces:
 		return applyLeaseNonces(s, c)
 	case *ReportLag:

@@ -58,6 +58,8 @@ func scopeOf(s *State, c Command) (volume, replica string, ok bool) {
 		return c.VolumeID, c.ReplicaID, true
 	case *RecordUsage:
 		return c.VolumeID, c.ReplicaID, true
+	case *RecordReplicaSpace:
+		return c.VolumeID, c.ReplicaID, true
 	case *RebuildProgressUpdate:
 		return c.VolumeID, c.ReplicaID, true
 	case *SetVolumeCondition:

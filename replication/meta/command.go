@@ -51,6 +51,7 @@ const (
 	CmdPromoteVolume        CommandType = 33
 	CmdAsNode               CommandType = 34
 	CmdSetNodeDedup         CommandType = 35
+	CmdRecordReplicaSpace   CommandType = 36
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -62,7 +63,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdSetNodeDedup
+const lastCommandType = CmdRecordReplicaSpace
 
 // Command is one change to the store's state.
 type Command interface {
@@ -429,6 +430,8 @@ func newCommand(t CommandType) Command {
 		return &AsNode{}
 	case CmdSetNodeDedup:
 		return &SetNodeDedup{}
+	case CmdRecordReplicaSpace:
+		return &RecordReplicaSpace{}
 	}
 	return nil
 }
@@ -479,7 +482,7 @@ func Encode(c Command) ([]byte, error) {
 //     API's Info (command_types), that it reads it, and refuses the command
 //     otherwise (FailedPrecondition; Agent.checkMembersRead). An older
 //     member cannot say so, so nothing it cannot read reaches the log while
-//     it is a member. Types 22 (ExpandVolume) to 35 are written so.
+//     it is a member. Types 22 (ExpandVolume) to 36 are written so.
 //
 // Version 1 with types 1 to 21 is the first release's command set, written
 // from the start: no earlier release exists that would have to read it. So

@@ -91,3 +91,49 @@ func dedupPlacementError(err error, unable []string) error {
 	return fmt.Errorf("deduplication \"true\" needs data directories that can share blocks, and %d node(s) up have none: %s: %w",
 		len(unable), strings.Join(unable, "; "), err)
 }
+
+// ReplicaSpace is what a replica takes on its node's disk.
+type ReplicaSpace struct {
+	// AllocatedBytes is what the files of its layers hold, snapshots
+	// included: the space its data would take without sharing.
+	AllocatedBytes uint64 `json:"allocated_bytes"`
+	// SharedBytes is the part of AllocatedBytes whose blocks another
+	// file uses too (another volume, a snapshot, a clone).
+	SharedBytes uint64 `json:"shared_bytes,omitempty"`
+	// DedupSavedBytes is the part of AllocatedBytes that uses the blocks
+	// of an equal extent another file keeps, as the node's last
+	// deduplication pass counted it (replication/dedup, Stats.Saved): the
+	// space sharing saves.
+	DedupSavedBytes uint64 `json:"dedup_saved_bytes,omitempty"`
+}
+
+// PhysicalBytes is what the replica adds to its disk's use: its allocated
+// bytes less what it shares with a file that keeps them.
+func (s ReplicaSpace) PhysicalBytes() uint64 {
+	return s.AllocatedBytes - min(s.DedupSavedBytes, s.AllocatedBytes)
+}
+
+// RecordReplicaSpace records what replica ReplicaID of volume VolumeID
+// takes on its node's disk; its node sends it when the figures moved by
+// more than a MiB.
+type RecordReplicaSpace struct {
+	VolumeID  string       `json:"volume_id"`
+	ReplicaID string       `json:"replica_id"`
+	Space     ReplicaSpace `json:"space"`
+}
+
+func (RecordReplicaSpace) Type() CommandType { return CmdRecordReplicaSpace }
+
+func applyRecordReplicaSpace(s *State, c *RecordReplicaSpace) (Result, error) {
+	v, err := s.liveVolume(c.VolumeID)
+	if err != nil {
+		return Result{}, err
+	}
+	i, err := v.replicaIndex(c.ReplicaID)
+	if err != nil {
+		return Result{}, err
+	}
+	sp := c.Space
+	v.Replicas[i].Space = &sp
+	return Result{Volume: v.Clone()}, nil
+}

@@ -54,3 +54,24 @@ func TestDedupPlacement(t *testing.T) {
 		}
 	}
 }
+
+// TestRecordReplicaSpace: a node's report lands on the replica's record
+// and survives a clone of the state; an unknown replica is NotFound.
+func TestRecordReplicaSpace(t *testing.T) {
+	h := newHarness(t)
+	h.cluster(2, 10)
+	v := h.must(&CreateVolume{ID: "v1", Name: "pvc-v1", SizeBytes: gib, Replicas: 2}).Volume
+	sp := ReplicaSpace{AllocatedBytes: 300 << 20, SharedBytes: 256 << 20, DedupSavedBytes: 200 << 20}
+	h.must(&RecordReplicaSpace{VolumeID: "v1", ReplicaID: v.Replicas[1].ID, Space: sp})
+	h.fails(&RecordReplicaSpace{VolumeID: "v1", ReplicaID: "v1-r9", Space: sp}, ErrNotFound)
+	got := h.state().Clone().Volumes["v1"].Replicas
+	if got[0].Space != nil || got[1].Space == nil || *got[1].Space != sp {
+		t.Fatalf("replicas' space %v and %v, want none and %+v", got[0].Space, got[1].Space, sp)
+	}
+	if p := got[1].Space.PhysicalBytes(); p != 100<<20 {
+		t.Errorf("PhysicalBytes = %d, want 100 MiB", p)
+	}
+	if p := (ReplicaSpace{AllocatedBytes: 1, DedupSavedBytes: 5}).PhysicalBytes(); p != 0 {
+		t.Errorf("PhysicalBytes of a late report = %d, want 0", p)
+	}
+}

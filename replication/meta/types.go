@@ -142,6 +142,10 @@ type Replica struct {
 	// Lag is how far a following replica was behind at the engine's last
 	// report (ReportLag); nil for the others.
 	Lag *ReplicaLag `json:"lag,omitempty"`
+	// Space is what the replica takes on its node's disk, as its node
+	// last reported (RecordReplicaSpace; reported for volumes with
+	// deduplication); nil for none.
+	Space *ReplicaSpace `json:"space,omitempty"`
 }
 
 // Attachment says which node's engine may write a volume.
@@ -350,6 +354,10 @@ func (v *Volume) Clone() *Volume {
 	}
 	c.Replicas = append([]Replica(nil), v.Replicas...)
 	for i, r := range c.Replicas {
+		if r.Space != nil {
+			sp := *r.Space
+			c.Replicas[i].Space = &sp
+		}
 		if r.Lag != nil {
 			l := *r.Lag
 			c.Replicas[i].Lag = &l

@@ -44,6 +44,8 @@ type dedupMetrics struct {
 	hashed   *prometheus.CounterVec
 	shared   *prometheus.CounterVec
 	progress *prometheus.GaugeVec
+	// Per replica of a volume with deduplication (recordSpace).
+	replicaShared, replicaSaved *prometheus.GaugeVec
 }
 
 func newDedupMetrics() dedupMetrics {
@@ -56,11 +58,15 @@ func newDedupMetrics() dedupMetrics {
 			Help: "Bytes the deduplication passes found equal to other extents and shared with them (space freed)."}, []string{"disk_type"}),
 		progress: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cairn_dedup_pass_progress_ratio",
 			Help: "Progress of the running deduplication pass, from 0 to 1: hashing is the first half, sharing the second."}, []string{"disk_type"}),
+		replicaShared: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cairn_replica_shared_bytes",
+			Help: "Bytes of a replica's layers (of a volume with deduplication) whose blocks another file on the node uses too."}, []string{"volume_id", "replica_id"}),
+		replicaSaved: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "cairn_replica_dedup_saved_bytes",
+			Help: "Bytes of a replica's layers that use the blocks of an equal extent another file keeps (the last deduplication pass's count): the space sharing saves."}, []string{"volume_id", "replica_id"}),
 	}
 }
 
 func (m dedupMetrics) collectors() []prometheus.Collector {
-	return []prometheus.Collector{m.passes, m.hashed, m.shared, m.progress}
+	return []prometheus.Collector{m.passes, m.hashed, m.shared, m.progress, m.replicaShared, m.replicaSaved}
 }
 
 // label is the metrics' name of a disk type.
@@ -78,14 +84,13 @@ func (n *Node) probeDedup() []dedupDir {
 		dirs = append(dirs, dedupDir{diskType: t, root: n.cfg.DiskDirs[t]})
 	}
 	for i := range dirs {
-		// The probe's files go in the pass's work directory, beside
-		// replicas/ (never among the replicas, where a crash could leave
-		// one for the server to find).
+		// The probe's files go in the data directory, beside replicas/
+		// (never among the replicas, where a crash could leave one for
+		// the server to find).
 		d := &dirs[i]
-		work := filepath.Join(d.root, "dedup")
-		err := os.MkdirAll(work, 0o755)
+		err := os.MkdirAll(d.root, 0o755)
 		if err == nil {
-			err = dedup.Probe(work)
+			err = dedup.Probe(d.root)
 		}
 		if err != nil {
 			d.why = err.Error()
@@ -233,6 +238,76 @@ func (n *Node) dedupPass(d dedupDir) {
 		return
 	}
 	n.dedupMetrics.passes.WithLabelValues(lbl).Inc()
+	saved := map[string]uint64{}
+	for key, b := range st.Saved {
+		saved[filepath.Dir(key)] += b
+	}
+	n.mu.Lock()
+	for id := range reps {
+		n.dedupSaved[id] = saved[id]
+	}
+	for id := range saved {
+		n.dedupSaved[id] = saved[id] // a resumed pass's replica too
+	}
+	n.mu.Unlock()
+}
+
+// recordSpace reports to the store what each replica on this node of a
+// volume with deduplication takes on disk (RecordReplicaSpace), when it
+// moved by more than a MiB: `cairn ctl volume get` shows it. Called by the
+// realizer goroutine.
+func (n *Node) recordSpace() {
+	n.dedupMetrics.replicaShared.Reset()
+	n.dedupMetrics.replicaSaved.Reset()
+	for _, v := range n.here.vols {
+		spec, err := v.Spec()
+		if err != nil || !spec.Deduplication {
+			continue
+		}
+		for _, rep := range v.Replicas {
+			if rep.Node != n.cfg.NodeID {
+				continue
+			}
+			sp, ok := n.spaceOfReplica(rep.ID)
+			if !ok {
+				continue
+			}
+			n.dedupMetrics.replicaShared.WithLabelValues(v.ID, rep.ID).Set(float64(sp.SharedBytes))
+			n.dedupMetrics.replicaSaved.WithLabelValues(v.ID, rep.ID).Set(float64(sp.DedupSavedBytes))
+			if old := rep.Space; old != nil && !far(old.AllocatedBytes, sp.AllocatedBytes) &&
+				!far(old.SharedBytes, sp.SharedBytes) && !far(old.DedupSavedBytes, sp.DedupSavedBytes) {
+				continue
+			}
+			ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
+			_, err := n.cfg.Meta.Apply(ctx, &meta.RecordReplicaSpace{VolumeID: v.ID, ReplicaID: rep.ID, Space: sp})
+			cancel()
+			if err != nil {
+				n.log.Debug("space of a replica not recorded; will try again", zap.String("volume_id", v.ID), zap.String("replica_id", rep.ID), zap.Error(err))
+			}
+		}
+	}
+}
+
+// spaceOfReplica reads the extent maps of replica id's layer files; not ok
+// for a replica that cannot be read now.
+func (n *Node) spaceOfReplica(id string) (meta.ReplicaSpace, bool) {
+	r, err := n.server.Get(id)
+	if err != nil {
+		return meta.ReplicaSpace{}, false
+	}
+	var sp meta.ReplicaSpace
+	for _, p := range r.DataFiles() {
+		s, err := dedup.SpaceOf(p)
+		if err != nil {
+			return meta.ReplicaSpace{}, false // a layer merged or removed meanwhile
+		}
+		sp.AllocatedBytes += s.AllocatedBytes
+		sp.SharedBytes += s.SharedBytes
+	}
+	n.mu.Lock()
+	sp.DedupSavedBytes = min(n.dedupSaved[id], sp.AllocatedBytes)
+	n.mu.Unlock()
+	return sp, true
 }
 
 // dedupReplicas lists the replicas on this node's disk of type t whose

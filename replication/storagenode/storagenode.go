@@ -113,6 +113,10 @@ type Node struct {
 	flattening    bool
 	flattenRetry  map[string]retry
 	flatteningNow map[string]meta.LayerProgress
+	// dedupSaved: replica id → the bytes its layers use of equal extents
+	// other files keep, as the last deduplication pass of its disk
+	// counted (dedup.go).
+	dedupSaved map[string]uint64
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -184,7 +188,7 @@ func New(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
 		dedupNow: make(chan struct{}, 1), dedupMetrics: newDedupMetrics(),
-		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{},
+		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{}, dedupSaved: map[string]uint64{},
 		flattens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_flattens_total",
 			Help: "Replicas this node flattened: the layers a restore shared with its source replaced by one of the replica's own.",
@@ -283,6 +287,7 @@ func (n *Node) realizeLoop() {
 		}
 		if time.Since(lastUsage) >= usageInterval {
 			n.recordUsage()
+			n.recordSpace()
 			lastUsage = time.Now()
 		}
 		select {

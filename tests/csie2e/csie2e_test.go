@@ -114,10 +114,17 @@ func startClusterOf(t *testing.T, n int, nodeArgs ...string) *cluster {
 // startClusterWith is startClusterOf with upArgs for cairn dev up.
 func startClusterWith(t *testing.T, n int, upArgs []string, nodeArgs ...string) *cluster {
 	t.Helper()
+	return startClusterIn(t, filepath.Join(t.TempDir(), "cluster"), n, upArgs, nodeArgs...)
+}
+
+// startClusterIn is startClusterWith in dir, which may already hold
+// directories the test prepared (a file system mounted where a node's
+// data directory will be).
+func startClusterIn(t *testing.T, dir string, n int, upArgs []string, nodeArgs ...string) *cluster {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Fatal("this test needs root (FUSE, loop devices, mkfs, mount); run it as root, as CI does")
 	}
-	dir := filepath.Join(t.TempDir(), "cluster")
 	var cj clusterJSON
 	t.Cleanup(func() {
 		// The node plugins' lines (staging, FUSE, their engines) name

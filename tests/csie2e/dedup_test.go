@@ -1,0 +1,224 @@
+package csie2e
+
+import (
+	"crypto/sha256"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	csipb "github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// mountXFS makes an xfs with reflinks (mkfs.xfs -m reflink=1) on a loop
+// device over a sparse file of size bytes and mounts it at mnt. The
+// unmount and the loop device's removal are registered before the
+// cluster's cleanup, so they run after dev down.
+func mountXFS(t *testing.T, mnt string, size int64) {
+	t.Helper()
+	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
+		t.Fatal("needs mkfs.xfs (apt-get install -y xfsprogs; make test installs it)")
+	}
+	img := filepath.Join(t.TempDir(), "xfs.img")
+	f, err := os.Create(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Truncate(size); err != nil {
+		t.Fatal(err)
+	}
+	f.Close()
+	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
+	if err != nil {
+		t.Fatalf("losetup: %v: %s", err, out)
+	}
+	dev := strings.TrimSpace(string(out))
+	t.Cleanup(func() {
+		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
+			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
+		}
+	})
+	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", dev).CombinedOutput(); err != nil {
+		t.Fatalf("mkfs.xfs: %v: %s", err, out)
+	}
+	if err := os.MkdirAll(mnt, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := unix.Mount(dev, mnt, "xfs", 0, ""); err != nil {
+		t.Fatalf("mount %s on %s: %v", dev, mnt, err)
+	}
+	t.Cleanup(func() {
+		// dev down unmounts what is mounted under the cluster's
+		// directory, this too; unmount it here only if it did not.
+		mi, _ := os.ReadFile("/proc/self/mountinfo")
+		if !strings.Contains(string(mi), " "+mnt+" ") {
+			return
+		}
+		if err := unix.Unmount(mnt, 0); err != nil {
+			t.Errorf("unmount %s: %v", mnt, err)
+		}
+	})
+}
+
+// fsUsed is what the file system at dir has in use, after a sync.
+func fsUsed(t *testing.T, dir string) int64 {
+	t.Helper()
+	syncFS(t, dir)
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err != nil {
+		t.Fatal(err)
+	}
+	return int64(st.Blocks-st.Bfree) * st.Bsize
+}
+
+// writeDirect writes data at off of the block device at path, with
+// O_DIRECT, and syncs it.
+func writeDirect(t *testing.T, path string, off int64, data []byte) {
+	t.Helper()
+	f, err := os.OpenFile(path, os.O_WRONLY|syscall.O_DIRECT, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	buf := alignedBuf(1 << 20)
+	for done := 0; done < len(data); done += len(buf) {
+		n := copy(buf, data[done:])
+		if _, err := f.WriteAt(buf[:n], off+int64(done)); err != nil {
+			t.Fatalf("write at %d of %s: %v", off+int64(done), path, err)
+		}
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// TestDeduplication (the space-efficiency issue): on a node whose data
+// directory of type xfs is an xfs with reflinks, five volumes written with
+// the same 256 MiB and five clones of one of them take at most 1.2× one
+// copy once the node's pass ran; cairn ctl volume get shows what
+// deduplication saved; a write to one volume changes none of the others.
+// A volume with deduplication on the node's default data directory (the
+// host's file system, without shared extents) is refused with a message
+// that names that directory and the reason.
+func TestDeduplication(t *testing.T) {
+	const size = 256 << 20
+	dir := filepath.Join(t.TempDir(), "cluster")
+	mnt := filepath.Join(dir, "node-1", "disk-xfs")
+	mountXFS(t, mnt, 4<<30)
+	c := startClusterIn(t, dir, 1, []string{"--disk-types", "xfs"}, "--dedup-interval=2s")
+	base := fsUsed(t, mnt)
+
+	create := func(name, diskType string, src *csipb.VolumeContentSource) (string, error) {
+		resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
+			Name: name, CapacityRange: &csipb.CapacityRange{RequiredBytes: size},
+			VolumeCapabilities: []*csipb.VolumeCapability{blockCap}, VolumeContentSource: src,
+			Parameters: map[string]string{"replicas": "1", "type": diskType, "deduplication": "true"},
+		})
+		return resp.GetVolume().GetVolumeId(), err
+	}
+	// The node records what its probes found after it starts.
+	var ids []string
+	waitFor(t, 30*time.Second, "a volume with deduplication accepted on the xfs disk", func() bool {
+		id, err := create("dedup-0", "xfs", nil)
+		if err != nil && status.Code(err) != codes.ResourceExhausted {
+			t.Fatal(err)
+		}
+		if err == nil {
+			ids = append(ids, id)
+		}
+		return err == nil
+	})
+	_, err := create("dedup-default", "default", nil)
+	defaultDir := filepath.Join(dir, "node-1", "data")
+	if status.Code(err) != codes.ResourceExhausted || !strings.Contains(err.Error(), defaultDir+" (") ||
+		!strings.Contains(err.Error(), "cannot share blocks") {
+		t.Fatalf("deduplication on the default data directory: %v, want ResourceExhausted naming %s and why", err, defaultDir)
+	}
+
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(17, 17))
+	for i := range data {
+		data[i] = byte(rng.Uint32())
+	}
+	want := sha256.Sum256(data)
+	for i := 1; i < 5; i++ {
+		id, err := create("dedup-"+string(rune('0'+i)), "xfs", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	for _, id := range ids {
+		staging, target := c.attachAs(id, "node-1", blockCap)
+		writeDirect(t, target, 0, data)
+		c.detach(id, "node-1", staging, target)
+	}
+	for i := range 5 {
+		id, err := create("dedup-clone-"+string(rune('0'+i)), "xfs", fromVolume(ids[0]))
+		if err != nil {
+			t.Fatal(err)
+		}
+		ids = append(ids, id)
+	}
+	before := fsUsed(t, mnt) - base
+	t.Logf("10 volumes of the same %d MiB (5 written, 5 clones of the first): %d MiB in use once made (passes ran meanwhile)", size>>20, before>>20)
+
+	// Two passes that start after the last write: the first may have
+	// begun before it.
+	passes := func() float64 { return metricSum(t, c.metrics["node-1"], "cairn_dedup_passes_total", "xfs") }
+	from := passes()
+	waitFor(t, 3*time.Minute, "two deduplication passes", func() bool { return passes() >= from+2 })
+	after := fsUsed(t, mnt) - base
+	t.Logf("after the passes: %d MiB in use (%.2f× one copy); %.0f MiB hashed, %.0f MiB shared by the node's passes so far", after>>20,
+		float64(after)/size, metricSum(t, c.metrics["node-1"], "cairn_dedup_hashed_bytes_total", "xfs")/(1<<20),
+		metricSum(t, c.metrics["node-1"], "cairn_dedup_shared_bytes_total", "xfs")/(1<<20))
+	if after > size*12/10 {
+		t.Errorf("%d MiB in use after deduplication, want at most 1.2 × %d MiB", after>>20, size>>20)
+	}
+
+	// cairn ctl volume get shows the savings of a written volume (not the
+	// one whose blocks are kept, which the pass orders first).
+	shown := ids[3]
+	waitFor(t, 30*time.Second, "the space of "+shown+" recorded", func() bool {
+		v := c.volumeJSON(shown)
+		sp := v.Replicas[0].Space
+		return sp != nil && sp.DedupSavedBytes >= size-(1<<20) && sp.AllocatedBytes >= size
+	})
+	if out := cairn(t, "ctl", "--server", c.agents, "volume", "get", shown); !strings.Contains(out, "saved by deduplication") ||
+		!strings.Contains(out, "256 MiB written") {
+		t.Errorf("volume get does not show the savings:\n%s", out)
+	} else {
+		t.Logf("cairn ctl volume get %s:\n%s", shown, out)
+	}
+
+	// A write to one volume changes it alone.
+	patch := make([]byte, 1<<20)
+	for i := range patch {
+		patch[i] = byte(i * 31)
+	}
+	staging, target := c.attachAs(ids[2], "node-1", blockCap)
+	writeDirect(t, target, 8<<20, patch)
+	c.detach(ids[2], "node-1", staging, target)
+	changed := append([]byte(nil), data...)
+	copy(changed[8<<20:], patch)
+	for i, id := range ids {
+		staging, target := c.attachAs(id, "node-1", blockCap)
+		got := sha256.Sum256(readDirect(t, target, 0, size))
+		c.detach(id, "node-1", staging, target)
+		switch {
+		case i == 2 && got != sha256.Sum256(changed):
+			t.Errorf("volume %s does not read what was written to it", id)
+		case i != 2 && got != want:
+			t.Errorf("volume %s changed after a write to %s", id, ids[2])
+		}
+	}
+}
