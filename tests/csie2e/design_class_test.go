@@ -19,9 +19,10 @@ import (
 // three nodes that serve nvme-ssd disks and can promise 20000 IOPS each,
 // with the Secret its encryption names passed as the sidecars pass it.
 // As it is, CreateVolume refuses it at its first value that names a
-// feature not built yet (compression: lz4). With those values
-// (deduplication, compression) set to today's behaviour, every other key is
-// in effect: the volume is provisioned encrypted on nvme-ssd directories,
+// feature not built yet (compression: lz4). With compression "none", and
+// deduplication "false" (these nodes' data directories are on the host's
+// file system, which cannot share blocks: TestDeduplication has one that
+// can), every other key is in effect: the volume is provisioned encrypted on nvme-ssd directories,
 // admitted as guaranteed, with its limits and snapshot schedule recorded;
 // it is staged, written, read back and verified.
 func TestDesignStorageClass(t *testing.T) {
