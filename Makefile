@@ -74,7 +74,8 @@ manifests: ## Write deploy/kubernetes from the Helm chart deploy/helm/cairn
 # Go benchmarks (per-request costs, snapshots), then the programs that run a local
 # cluster and print tables: the store's commit rate, fio over NBD against
 # nbdkit with node RSS, fio on CSI-published file systems against a plain loop
-# file, and the noisy-neighbour comparison.
+# file, the noisy-neighbour comparison, rebuild speed, the store at scale, and
+# the deduplication pass's cost.
 bench: deps ## Run the benchmarks and print their tables (never fails on a number)
 	go test -run '^$$' -bench . -benchmem ./iosched ./replication/crypt ./replication/replica ./replication/engine ./driver/frontend/nbd
 	go run ./tests/bench/metabench
@@ -83,6 +84,7 @@ bench: deps ## Run the benchmarks and print their tables (never fails on a numbe
 	go run ./tests/bench/noisybench
 	go run ./tests/bench/rebuildbench
 	go run ./tests/bench/scalebench
+	go run ./tests/bench/spacebench
 
 # The randomized fault campaign (tests/torture/README.md): ROUNDS shuffled
 # passes over every fault kind (0: one round of each), SEED for a repeatable

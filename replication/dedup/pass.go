@@ -14,6 +14,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"runtime"
 	"slices"
 	"time"
 
@@ -36,6 +37,7 @@ const (
 	hashLen                = 16
 	recordLen              = hashLen + 4 + 8
 	defaultCheckpointBytes = 256 << 20
+	progressBytes          = 16 << 20
 
 	progressName    = "progress.json"
 	progressVersion = 1
@@ -61,7 +63,8 @@ type Config struct {
 	Admit func(ctx context.Context, src Source, n uint64) (done func(), err error)
 	// Logger receives the pass's lines (nil: none).
 	Logger *zap.Logger
-	// Progress, if set, is told the progress at each checkpoint.
+	// Progress, if set, is told the progress every 16 MiB hashed and
+	// after each bucket shared.
 	Progress func(Progress)
 	// CheckpointBytes is how much the hash phase reads between
 	// checkpoints (0: 256 MiB). The share phase checkpoints after each
@@ -362,6 +365,10 @@ func (p *pass) hash(ctx context.Context) error {
 			}
 			cp.Stats.HashedBytes += ExtentSize
 			sinceCheckpoint += ExtentSize
+			// Hashing is CPU work: let the process's other goroutines
+			// (an engine serving I/O) run between extents rather than
+			// after the runtime's 10 ms preemption.
+			runtime.Gosched()
 			if !bytes.Equal(buf, zero) {
 				sum := sha256.Sum256(buf)
 				copy(rec, sum[:hashLen])
@@ -378,6 +385,8 @@ func (p *pass) hash(ctx context.Context) error {
 				if err := checkpointAt(i, off); err != nil {
 					return err
 				}
+			} else if cp.Stats.HashedBytes%progressBytes == 0 {
+				p.progress("hash", cp.Stats.HashedBytes, cp.Total)
 			}
 		}
 	}
