@@ -77,7 +77,7 @@ manifests: ## Write deploy/kubernetes from the Helm chart deploy/helm/cairn
 # file, the noisy-neighbour comparison, rebuild speed, the store at scale, and
 # the deduplication pass's cost.
 bench: deps ## Run the benchmarks and print their tables (never fails on a number)
-	go test -run '^$$' -bench . -benchmem ./iosched ./replication/crypt ./replication/replica ./replication/engine ./driver/frontend/nbd
+	go test -run '^$$' -bench . -benchmem ./iosched ./replication/crypt ./replication/replica ./replication/engine ./replication/zfile ./driver/frontend/nbd
 	go run ./tests/bench/metabench
 	go run ./tests/bench/fiobench
 	go run ./tests/bench/fsbench
