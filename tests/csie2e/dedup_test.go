@@ -172,6 +172,8 @@ func TestDeduplication(t *testing.T) {
 	before := fsUsed(t, mnt) - base
 	t.Logf("10 volumes of the same %d MiB (5 written, 5 clones of the first): %d MiB in use once made (passes ran meanwhile)", size>>20, before>>20)
 
+	c.killMidPass(mnt)
+
 	// Two passes that start after the last write: the first may have
 	// begun before it.
 	passes := func() float64 { return metricSum(t, c.metrics["node-1"], "cairn_dedup_passes_total", "xfs") }
@@ -221,4 +223,34 @@ func TestDeduplication(t *testing.T) {
 			t.Errorf("volume %s changed after a write to %s", id, ids[2])
 		}
 	}
+}
+
+// killMidPass kills node-1's agent with SIGKILL while a deduplication pass
+// runs on the xfs at mnt (its checkpoint is there), starts it again, and
+// checks that the pass resumed from its checkpoint.
+func (c *cluster) killMidPass(mnt string) {
+	t := c.t
+	t.Helper()
+	progress := filepath.Join(mnt, "dedup", "progress.json")
+	for try := 0; ; try++ {
+		waitFor(t, time.Minute, "a deduplication pass running", func() bool {
+			_, err := os.Stat(progress)
+			return err == nil
+		})
+		cairn(t, "dev", "kill", "--dir", c.dir, "node-1")
+		_, err := os.Stat(progress)
+		cairn(t, "dev", "start", "--dir", c.dir, "node-1")
+		if err == nil {
+			break // killed mid-pass
+		}
+		if try == 5 {
+			t.Fatal("every kill came after a pass had ended")
+		}
+	}
+	log := filepath.Join(c.dir, "node-1", "node.log")
+	waitFor(t, time.Minute, "the pass resumed after the restart", func() bool {
+		b, _ := os.ReadFile(log)
+		return strings.Contains(string(b), "deduplication pass resumes")
+	})
+	t.Logf("node-1 killed with SIGKILL during a deduplication pass; the pass resumed from its checkpoint")
 }
