@@ -178,7 +178,10 @@ func (n *Node) dedupLoop() {
 			next = time.Now().Add(every)
 		}
 		wait := time.Until(next)
-		if !recorded || every < 0 {
+		switch {
+		case !recorded:
+			wait = 3 * time.Second // as the realizer retries the disks' record
+		case every < 0:
 			wait = usageInterval
 		}
 		select {

@@ -15,8 +15,12 @@ import (
 // meta.SetNodeDisks), when its copy of the store says otherwise: another
 // set of types, another size, or free bytes a GiB or more away. The default
 // disk is the heartbeat's. Until every store member reads the command (a
-// rolling upgrade), it is refused and tried again at a later pass.
-func (n *Node) recordDisks() {
+// rolling upgrade), it is refused and tried again at a later pass. It
+// reports whether the store has the record now: false until this node's
+// copy of the store knows the node (right after a start), or while the
+// record is refused, and the realizer then tries again at its next pass
+// rather than a usageInterval later.
+func (n *Node) recordDisks() bool {
 	want := map[string]meta.DiskSpace{}
 	for t, dir := range n.cfg.DiskDirs {
 		capacity, free, err := meta.Statfs(dir)
@@ -33,16 +37,20 @@ func (n *Node) recordDisks() {
 			have, known = maps.Clone(node.Disks), true
 		}
 	})
-	if !known || sameDisks(have, want) {
-		return
+	if !known {
+		return false
+	}
+	if sameDisks(have, want) {
+		return true
 	}
 	ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
 	defer cancel()
 	if _, err := n.cfg.Meta.Apply(ctx, &meta.SetNodeDisks{NodeID: n.cfg.NodeID, Disks: want}); err != nil {
 		n.log.Debug("data disks not recorded; will try again", zap.Error(err))
-		return
+		return false
 	}
 	n.log.Info("data disks recorded", zap.Any("disks", want))
+	return true
 }
 
 // sameDisks reports whether two records of a node's typed disks say the

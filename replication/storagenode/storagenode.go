@@ -281,8 +281,7 @@ func (n *Node) realizeLoop() {
 		n.runSnapshots()
 		n.runFlattens()
 		n.recordReservable()
-		if time.Since(lastDisks) >= usageInterval {
-			n.recordDisks()
+		if time.Since(lastDisks) >= usageInterval && n.recordDisks() {
 			lastDisks = time.Now()
 		}
 		if time.Since(lastUsage) >= usageInterval {

@@ -35,12 +35,17 @@ func TestDiskTypes(t *testing.T) {
 		}
 		return resp.GetAvailableCapacity()
 	}
-	// The nodes record their hdd disks after they start: wait for them.
-	waitFor(t, 30*time.Second, "capacity of type hdd", func() bool { return capacity(map[string]string{"type": "hdd"}) > 0 })
-	hdd, err := create("typed-hdd", map[string]string{"replicas": "3", "type": "hdd"})
-	if err != nil {
-		t.Fatal(err)
-	}
+	// The nodes record their hdd disks after they start: wait for all
+	// three (GetCapacity is above 0 once one has).
+	var hdd *csipb.Volume
+	waitFor(t, 30*time.Second, "the hdd disks of three nodes", func() bool {
+		v, err := create("typed-hdd", map[string]string{"replicas": "3", "type": "hdd"})
+		if err != nil && status.Code(err) != codes.ResourceExhausted {
+			t.Fatal(err)
+		}
+		hdd = v
+		return err == nil
+	})
 	def, err := create("typed-default", map[string]string{"replicas": "3"})
 	if err != nil {
 		t.Fatal(err)
