@@ -408,3 +408,27 @@ func TestPassResumesAfterKill(t *testing.T) {
 		})
 	}
 }
+
+// TestPassManySources: more sources than a pass keeps open (maxOpen), all
+// equal: every one ends up sharing the first one's blocks.
+func TestPassManySources(t *testing.T) {
+	mnt := mountFS(t, "xfs", 512<<20)
+	base := usedBytes(t, mnt)
+	data := content(3, 2*ExtentSize)
+	var srcs []Source
+	for i := range maxOpen + 44 {
+		p := filepath.Join(mnt, fmt.Sprintf("f%03d", i))
+		writeFile(t, p, data)
+		srcs = append(srcs, Source{Key: fmt.Sprintf("f%03d", i), Path: p})
+	}
+	st, err := Pass(context.Background(), Config{Dir: filepath.Join(mnt, "dedup")}, srcs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := uint64(len(srcs)-1) * 2 * ExtentSize; st.SharedBytes != want {
+		t.Errorf("shared %d bytes, want %d (every file but the first, whole)", st.SharedBytes, want)
+	}
+	if used := usedBytes(t, mnt) - base; used > 4<<20 {
+		t.Errorf("%d KiB in use for %d equal files of 128 KiB, want about one", used>>10, len(srcs))
+	}
+}

@@ -178,6 +178,7 @@ type pass struct {
 	log   *zap.Logger
 	cp    *checkpoint
 	files map[int]*os.File // source index → open file (nil: gone)
+	open  int              // files not nil
 }
 
 func (p *pass) bucketPath(b int) string {
@@ -254,19 +255,46 @@ func (p *pass) clean() error {
 	return nil
 }
 
+// maxOpen bounds the sources a pass holds open at once: a node with many
+// replicas and snapshots has thousands of layer files.
+const maxOpen = 256
+
 // file opens source i (read only: a root process may share blocks into a
-// file it did not open for writing); nil if it is gone.
-func (p *pass) file(i int) *os.File {
+// file it did not open for writing); nil if it is gone. To stay within
+// maxOpen it may close another source, never source pin (one the caller
+// still uses; -1 for none).
+func (p *pass) file(i, pin int) *os.File {
 	if f, ok := p.files[i]; ok {
 		return f
+	}
+	if p.open >= maxOpen {
+		for j, f := range p.files {
+			if f != nil && j != pin {
+				f.Close()
+				delete(p.files, j)
+				p.open--
+				break
+			}
+		}
 	}
 	f, err := os.Open(p.cp.Sources[i].Path)
 	if err != nil {
 		p.log.Info("deduplication source gone; passed over", zap.String("source", p.cp.Sources[i].Key), zap.Error(err))
-		f = nil
+		p.files[i] = nil // not looked for again in this pass
+		return nil
 	}
 	p.files[i] = f
+	p.open++
 	return f
+}
+
+// done closes source i when the pass is through with it for a while.
+func (p *pass) done(i int) {
+	if f := p.files[i]; f != nil {
+		f.Close()
+		delete(p.files, i)
+		p.open--
+	}
 }
 
 func (p *pass) closeFiles() {
@@ -329,7 +357,7 @@ func (p *pass) hash(ctx context.Context) error {
 	}
 	for ; cp.Source < len(cp.Sources); cp.Source, cp.Offset = cp.Source+1, 0 {
 		i := cp.Source
-		f := p.file(i)
+		f := p.file(i, -1)
 		if f == nil {
 			continue
 		}
@@ -389,6 +417,9 @@ func (p *pass) hash(ctx context.Context) error {
 				p.progress("hash", cp.Stats.HashedBytes, cp.Total)
 			}
 		}
+		// Hashed in one go: closed now (the share phase opens the
+		// sources it needs again; on an error return, Pass closes it).
+		p.done(i)
 	}
 	if err := flush(); err != nil {
 		return err
@@ -467,7 +498,7 @@ func (p *pass) saved(i int, n uint64) {
 func (p *pass) shareGroup(ctx context.Context, g []record) error {
 	k := -1
 	for j, r := range g {
-		if p.file(r.src) != nil {
+		if p.file(r.src, -1) != nil {
 			k = j
 			break
 		}
@@ -476,12 +507,12 @@ func (p *pass) shareGroup(ctx context.Context, g []record) error {
 		return nil
 	}
 	keep := g[k]
-	kf := p.file(keep.src)
+	kf := p.file(keep.src, -1)
 	for _, r := range g[k+1:] {
 		if r.src == keep.src && r.off == keep.off {
 			continue
 		}
-		f := p.file(r.src)
+		f := p.file(r.src, keep.src)
 		if f == nil {
 			continue
 		}
