@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"net"
 	"net/http"
 	"os"
@@ -184,14 +185,48 @@ func defaultRouteIP() (string, error) {
 	return "", errors.New("no IPv4 address on the default route's interface (kubelet needs a node IP that is not loopback)")
 }
 
-// freePort returns a TCP port free right now on host.
+// Ports handed out by freePort in this process, so that two components
+// never get the same one.
+var (
+	portsMu sync.Mutex
+	ports   = map[int]bool{}
+)
+
+// freePort returns a TCP port free right now on host, below the kernel's
+// ephemeral range (ip_local_port_range). A component binds it seconds
+// later; a port of the ephemeral range (what a listen on port 0 gives) can
+// meanwhile become the local port of any outgoing connection on the
+// machine, and then the component fails with "address already in use"
+// (CI 35's kubelet did).
 func freePort(host string) (int, error) {
-	l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
-	if err != nil {
-		return 0, err
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			if n, err := strconv.Atoi(f[0]); err == nil {
+				low = n
+			}
+		}
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	const floor = 10000
+	if low <= floor+1000 {
+		return 0, fmt.Errorf("the ephemeral port range starts at %d: no room below it above %d", low, floor)
+	}
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
+		port := floor + rand.IntN(low-floor)
+		if ports[port] {
+			continue
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil {
+			continue // taken
+		}
+		l.Close()
+		ports[port] = true
+		return port, nil
+	}
+	return 0, fmt.Errorf("no free TCP port on %s between %d and %d after 1000 tries", host, floor, low-1)
 }
 
 // waitFor polls check every 250 ms until it returns nil, p exits or
