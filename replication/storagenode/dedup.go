@@ -266,18 +266,33 @@ func (n *Node) dedupPass(d dedupDir) {
 		return
 	}
 	n.dedupMetrics.passes.WithLabelValues(lbl).Inc()
-	saved := map[string]uint64{}
+	// What each replica shares, read from the file system's extent maps
+	// once per pass (not at every report: a deduplicated 1 TiB replica
+	// has millions of extents), and what the pass counted it saves.
+	found := map[string]sharing{}
 	for key, b := range st.Saved {
-		saved[filepath.Dir(key)] += b
+		id := filepath.Dir(key) // a resumed pass's replica may not be in reps
+		s := found[id]
+		s.saved += b
+		found[id] = s
+	}
+	for id, r := range reps {
+		s := found[id]
+		for _, p := range r.DataFiles() {
+			if sp, err := dedup.SpaceOf(p); err == nil { // a layer merged away meanwhile: left out
+				s.shared += sp.SharedBytes
+			}
+		}
+		found[id] = s
 	}
 	n.mu.Lock()
-	for id := range reps {
-		n.dedupSaved[id] = saved[id]
-	}
-	for id := range saved {
-		n.dedupSaved[id] = saved[id] // a resumed pass's replica too
-	}
+	maps.Copy(n.dedupFound, found)
 	n.mu.Unlock()
+}
+
+// sharing is what the last deduplication pass found of one replica.
+type sharing struct {
+	shared, saved uint64 // meta.ReplicaSpace's SharedBytes and DedupSavedBytes
 }
 
 // recordSpace reports to the store what each replica on this node of a
@@ -316,25 +331,20 @@ func (n *Node) recordSpace() {
 	}
 }
 
-// spaceOfReplica reads the extent maps of replica id's layer files; not ok
-// for a replica that cannot be read now.
+// spaceOfReplica is what replica id takes now (its layers' allocated
+// bytes) and what the last pass found it shares and saves; not ok for a
+// replica that cannot be read now.
 func (n *Node) spaceOfReplica(id string) (meta.ReplicaSpace, bool) {
 	r, err := n.server.Get(id)
 	if err != nil {
 		return meta.ReplicaSpace{}, false
 	}
-	var sp meta.ReplicaSpace
-	for _, p := range r.DataFiles() {
-		s, err := dedup.SpaceOf(p)
-		if err != nil {
-			return meta.ReplicaSpace{}, false // a layer merged or removed meanwhile
-		}
-		sp.AllocatedBytes += s.AllocatedBytes
-		sp.SharedBytes += s.SharedBytes
-	}
+	sp := meta.ReplicaSpace{AllocatedBytes: r.Info().AllocatedBytes}
 	n.mu.Lock()
-	sp.DedupSavedBytes = min(n.dedupSaved[id], sp.AllocatedBytes)
+	found := n.dedupFound[id]
 	n.mu.Unlock()
+	sp.SharedBytes = min(found.shared, sp.AllocatedBytes)
+	sp.DedupSavedBytes = min(found.saved, sp.AllocatedBytes)
 	return sp, true
 }
 

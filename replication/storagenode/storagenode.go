@@ -113,10 +113,9 @@ type Node struct {
 	flattening    bool
 	flattenRetry  map[string]retry
 	flatteningNow map[string]meta.LayerProgress
-	// dedupSaved: replica id → the bytes its layers use of equal extents
-	// other files keep, as the last deduplication pass of its disk
-	// counted (dedup.go).
-	dedupSaved map[string]uint64
+	// dedupFound: replica id → what the last deduplication pass of its
+	// disk found it shares and saves (dedup.go).
+	dedupFound map[string]sharing
 
 	// reported remembers the lost replicas already reported at Error level
 	// that stay as they are (the last healthy replica of their volume), so
@@ -188,7 +187,7 @@ func New(cfg Config) (*Node, error) {
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
 		dedupNow: make(chan struct{}, 1), dedupMetrics: newDedupMetrics(),
-		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{}, dedupSaved: map[string]uint64{},
+		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{}, dedupFound: map[string]sharing{},
 		flattens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_flattens_total",
 			Help: "Replicas this node flattened: the layers a restore shared with its source replaced by one of the replica's own.",
