@@ -16,70 +16,20 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/internal/testfs"
 )
 
-// mountFS makes a file system of the given type (xfs with reflink=1, or
-// ext4) on a loop device over a sparse file the test makes, mounts it and
-// returns the mount point; all of it is undone when the test ends. The
-// tests that claim sharing works run on a real xfs, as a node's data
-// directory would be.
+// mountFS mounts a new file system of fstype (testfs.Mount) for the test
+// and returns its mount point.
 func mountFS(t *testing.T, fstype string, size int64) string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: the test makes a loop device and mounts a file system on it")
-	}
-	mkfs := map[string][]string{"xfs": {"mkfs.xfs", "-q", "-m", "reflink=1"}, "ext4": {"mkfs.ext4", "-q"}}[fstype]
-	if _, err := exec.LookPath(mkfs[0]); err != nil {
-		t.Skipf("needs %s (apt-get install -y xfsprogs e2fsprogs)", mkfs[0])
-	}
-	dir := t.TempDir()
-	img := filepath.Join(dir, "fs.img")
-	f, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup: %v: %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-	})
-	if out, err := exec.Command(mkfs[0], append(mkfs[1:], dev)...).CombinedOutput(); err != nil {
-		t.Fatalf("%s: %v: %s", mkfs[0], err, out)
-	}
-	mnt := filepath.Join(dir, "mnt")
-	if err := os.Mkdir(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(dev, mnt, fstype, 0, ""); err != nil {
-		t.Fatalf("mount %s on %s: %v", dev, mnt, err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount %s: %v", mnt, err)
-		}
-	})
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	testfs.Mount(t, fstype, size, mnt)
 	return mnt
 }
 
-// usedBytes is what the file system at dir has in use.
-func usedBytes(t *testing.T, dir string) uint64 {
-	t.Helper()
-	unix.Sync()
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	return (st.Blocks - st.Bfree) * uint64(st.Bsize)
-}
+func usedBytes(t *testing.T, dir string) uint64 { return testfs.Used(t, dir) }
 
 // content is n bytes that do not repeat at any ExtentSize boundary: the
 // same seed gives the same bytes.
@@ -191,8 +141,8 @@ func TestPassFiveClonesFiveCopies(t *testing.T) {
 	if st.SharedBytes < 4*size || st.AlreadySharedBytes < 5*size-ExtentSize {
 		t.Errorf("shared %d MiB and found %d MiB already shared, want at least %d and %d", st.SharedBytes>>20, st.AlreadySharedBytes>>20, 4*size>>20, 5*size>>20)
 	}
-	if len(progress) == 0 || progress[len(progress)-1] != (Progress{Phase: "share", Done: Buckets, Total: Buckets}) {
-		t.Errorf("progress ends %v, want share %d/%d", progress[len(progress)-1:], Buckets, Buckets)
+	if want := (Progress{Phase: "share", Done: Buckets, Total: Buckets}); len(progress) == 0 || progress[len(progress)-1] != want {
+		t.Errorf("progress %v, want it to end at %+v", progress, want)
 	}
 	if Pending(cfg.Dir) {
 		t.Errorf("a finished pass left its checkpoint")

@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"math/rand/v2"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"syscall"
@@ -12,71 +11,11 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/cairn-csi/cairn/internal/testfs"
 )
-
-// mountXFS makes an xfs with reflinks (mkfs.xfs -m reflink=1) on a loop
-// device over a sparse file of size bytes and mounts it at mnt. The
-// unmount and the loop device's removal are registered before the
-// cluster's cleanup, so they run after dev down.
-func mountXFS(t *testing.T, mnt string, size int64) {
-	t.Helper()
-	if _, err := exec.LookPath("mkfs.xfs"); err != nil {
-		t.Fatal("needs mkfs.xfs (apt-get install -y xfsprogs; make test installs it)")
-	}
-	img := filepath.Join(t.TempDir(), "xfs.img")
-	f, err := os.Create(img)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := f.Truncate(size); err != nil {
-		t.Fatal(err)
-	}
-	f.Close()
-	out, err := exec.Command("losetup", "--find", "--show", img).CombinedOutput()
-	if err != nil {
-		t.Fatalf("losetup: %v: %s", err, out)
-	}
-	dev := strings.TrimSpace(string(out))
-	t.Cleanup(func() {
-		if out, err := exec.Command("losetup", "-d", dev).CombinedOutput(); err != nil {
-			t.Errorf("losetup -d %s: %v: %s", dev, err, out)
-		}
-	})
-	if out, err := exec.Command("mkfs.xfs", "-q", "-m", "reflink=1", dev).CombinedOutput(); err != nil {
-		t.Fatalf("mkfs.xfs: %v: %s", err, out)
-	}
-	if err := os.MkdirAll(mnt, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := unix.Mount(dev, mnt, "xfs", 0, ""); err != nil {
-		t.Fatalf("mount %s on %s: %v", dev, mnt, err)
-	}
-	t.Cleanup(func() {
-		// dev down unmounts what is mounted under the cluster's
-		// directory, this too; unmount it here only if it did not.
-		mi, _ := os.ReadFile("/proc/self/mountinfo")
-		if !strings.Contains(string(mi), " "+mnt+" ") {
-			return
-		}
-		if err := unix.Unmount(mnt, 0); err != nil {
-			t.Errorf("unmount %s: %v", mnt, err)
-		}
-	})
-}
-
-// fsUsed is what the file system at dir has in use, after a sync.
-func fsUsed(t *testing.T, dir string) int64 {
-	t.Helper()
-	syncFS(t, dir)
-	var st unix.Statfs_t
-	if err := unix.Statfs(dir, &st); err != nil {
-		t.Fatal(err)
-	}
-	return int64(st.Blocks-st.Bfree) * st.Bsize
-}
 
 // writeDirect writes data at off of the block device at path, with
 // O_DIRECT, and syncs it.
@@ -113,9 +52,9 @@ func TestDeduplication(t *testing.T) {
 	const size = 256 << 20
 	dir := filepath.Join(t.TempDir(), "cluster")
 	mnt := filepath.Join(dir, "node-1", "disk-xfs")
-	mountXFS(t, mnt, 4<<30)
+	testfs.Mount(t, "xfs", 4<<30, mnt) // before the cluster: its cleanup then runs after dev down
 	c := startClusterIn(t, dir, 1, []string{"--disk-types", "xfs"}, "--dedup-interval=2s")
-	base := fsUsed(t, mnt)
+	base := int64(testfs.Used(t, mnt))
 
 	create := func(name, diskType string, src *csipb.VolumeContentSource) (string, error) {
 		resp, err := c.controller.CreateVolume(ctx(t), &csipb.CreateVolumeRequest{
@@ -169,7 +108,7 @@ func TestDeduplication(t *testing.T) {
 		}
 		ids = append(ids, id)
 	}
-	before := fsUsed(t, mnt) - base
+	before := int64(testfs.Used(t, mnt)) - base
 	t.Logf("10 volumes of the same %d MiB (5 written, 5 clones of the first): %d MiB in use once made (passes ran meanwhile)", size>>20, before>>20)
 
 	c.killMidPass(mnt)
@@ -179,7 +118,7 @@ func TestDeduplication(t *testing.T) {
 	passes := func() float64 { return metricSum(t, c.metrics["node-1"], "cairn_dedup_passes_total", "xfs") }
 	from := passes()
 	waitFor(t, 3*time.Minute, "two deduplication passes", func() bool { return passes() >= from+2 })
-	after := fsUsed(t, mnt) - base
+	after := int64(testfs.Used(t, mnt)) - base
 	t.Logf("after the passes: %d MiB in use (%.2f× one copy); %.0f MiB hashed, %.0f MiB shared by the node's passes so far", after>>20,
 		float64(after)/size, metricSum(t, c.metrics["node-1"], "cairn_dedup_hashed_bytes_total", "xfs")/(1<<20),
 		metricSum(t, c.metrics["node-1"], "cairn_dedup_shared_bytes_total", "xfs")/(1<<20))
