@@ -45,6 +45,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"path/filepath"
 	"slices"
 	"sync"
 
@@ -99,7 +100,8 @@ type change struct {
 func Paths(path string) []string { return []string{path, path + zSuffix, path + mapSuffix} }
 
 // Create makes the three files of a new compressed file of size bytes at
-// path (all holes: all zeros), replacing any.
+// path (all holes: all zeros), replacing any, durably: their lengths and
+// their names in the directory are synced.
 func Create(path string, size uint64) (*File, error) {
 	for _, p := range Paths(path) {
 		f, err := os.OpenFile(p, os.O_RDWR|os.O_CREATE|os.O_TRUNC, 0o600)
@@ -110,6 +112,9 @@ func Create(path string, size uint64) (*File, error) {
 		if p == path+mapSuffix {
 			err = f.Truncate(int64(4 * extents(size)))
 		}
+		if err == nil {
+			err = f.Sync()
+		}
 		if cerr := f.Close(); err == nil {
 			err = cerr
 		}
@@ -117,7 +122,28 @@ func Create(path string, size uint64) (*File, error) {
 			return nil, err
 		}
 	}
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return nil, err
+	}
 	return Open(path)
+}
+
+// Exists reports whether a compressed file is at path (its map is there).
+func Exists(path string) bool {
+	_, err := os.Stat(path + mapSuffix)
+	return err == nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	err = d.Sync()
+	if cerr := d.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // Open opens the compressed file at path. Slots that the map does not name
@@ -277,8 +303,19 @@ func (f *File) check(off int64, n int) error {
 	return nil
 }
 
-// ReadAt reads len(p) bytes at off.
+// ReadAt reads len(p) bytes at off. As a plain file's, a read that
+// reaches past the size reads what is before it and returns io.EOF.
 func (f *File) ReadAt(p []byte, off int64) (int, error) {
+	if off >= 0 && uint64(off)+uint64(len(p)) > f.size {
+		if uint64(off) >= f.size {
+			return 0, io.EOF
+		}
+		n, err := f.ReadAt(p[:f.size-uint64(off)], off)
+		if err == nil {
+			err = io.EOF
+		}
+		return n, err
+	}
 	if err := f.check(off, len(p)); err != nil {
 		return 0, err
 	}
@@ -544,11 +581,40 @@ func (f *File) Sync() error {
 	return nil
 }
 
-// Grow makes the file size bytes (larger).
+// Grow makes the file size bytes (larger), durably (fsync, which a size
+// change needs). A crash may leave some of the three files grown and not
+// the others; Trim cuts them back.
 func (f *File) Grow(size uint64) error {
 	if size < f.size {
 		return fmt.Errorf("zfile: grow from %d to %d: smaller", f.size, size)
 	}
+	if err := f.truncate(size); err != nil {
+		return err
+	}
+	f.size = size
+	return nil
+}
+
+// Trim cuts the file back to size bytes, which must be at most its size:
+// the leftover of a Grow whose caller never recorded the new size. Nothing
+// may have been written past size.
+func (f *File) Trim(size uint64) error {
+	if size > f.size {
+		return fmt.Errorf("zfile: trim from %d to %d: larger", f.size, size)
+	}
+	if err := f.truncate(size); err != nil {
+		return err
+	}
+	f.size = size
+	f.mu.Lock()
+	if n := int(extents(size)); len(f.durable) > n {
+		f.durable = f.durable[:n]
+	}
+	f.mu.Unlock()
+	return nil
+}
+
+func (f *File) truncate(size uint64) error {
 	for i, fl := range []*os.File{f.raw, f.z, f.zmap} {
 		n := int64(size)
 		if i == 2 {
@@ -557,10 +623,16 @@ func (f *File) Grow(size uint64) error {
 		if err := fl.Truncate(n); err != nil {
 			return err
 		}
+		if err := fl.Sync(); err != nil {
+			return err
+		}
 	}
-	f.size = size
 	return nil
 }
+
+// Raw is the file of the raw slots, for what needs a descriptor of the
+// compressed file as a whole (an flock). Never read or write through it.
+func (f *File) Raw() *os.File { return f.raw }
 
 // Stats is what the file holds and takes.
 type Stats struct {

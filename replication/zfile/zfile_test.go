@@ -11,21 +11,13 @@ import (
 	"strconv"
 	"testing"
 	"time"
+
+	"github.com/cairn-csi/cairn/internal/testlogs"
 )
 
-// jsonLogs is n bytes of generated JSON log lines: the compressible data of
-// the issue (generated, not downloaded).
-func jsonLogs(r *rand.Rand, n int) []byte {
-	var b bytes.Buffer
-	paths := []string{"/api/v1/items", "/api/v1/users", "/healthz", "/api/v2/orders", "/metrics"}
-	levels := []string{"info", "info", "info", "warn", "debug", "error"}
-	for b.Len() < n {
-		fmt.Fprintf(&b, `{"ts":"2026-12-06T%02d:%02d:%02d.%03dZ","level":%q,"msg":"request served","path":"%s/%d","status":%d,"latency_ms":%d,"bytes":%d}`+"\n",
-			r.IntN(24), r.IntN(60), r.IntN(60), r.IntN(1000), levels[r.IntN(len(levels))], paths[r.IntN(len(paths))], r.IntN(100000),
-			[]int{200, 200, 200, 201, 404, 500}[r.IntN(6)], r.IntN(900), r.IntN(1<<20))
-	}
-	return b.Bytes()[:n]
-}
+// jsonLogs is n bytes of generated JSON log lines: the compressible data
+// of the issue.
+func jsonLogs(r *rand.Rand, n int) []byte { return testlogs.JSON(r, n) }
 
 func randomBytes(r *rand.Rand, n int) []byte {
 	b := make([]byte, n)
