@@ -485,7 +485,7 @@ func (r *Replica) BeginLayer(epoch uint64, id string, pos uint64) error {
 		b.m, err = layer.CreateBuildMap(r.dir, stem, r.size)
 	}
 	if err == nil {
-		b.files.data, err = os.OpenFile(path(dataFileName), os.O_RDWR, 0)
+		b.files.data, err = openData(path(dataFileName))
 	}
 	if err == nil && r.sums != nil {
 		b.files.sums, err = os.OpenFile(path(sumsFileName), os.O_RDWR, 0)
@@ -613,23 +613,6 @@ func (r *Replica) WriteLayerExtent(epoch uint64, id string, x uint64, enc []byte
 	return b.m.Set(off/SumBlockSize, le.blocks, le.held)
 }
 
-// punchFile makes [off, off+n) of f a hole (zeros where the file system
-// cannot punch).
-func punchFile(f *os.File, off, n uint64) error {
-	err := unix.Fallocate(int(f.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
-	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
-		for n > 0 {
-			m := min(n, writeChunk)
-			if _, err := f.WriteAt(zeroChunk[:m], int64(off)); err != nil {
-				return err
-			}
-			off, n = off+m, n-m
-		}
-		return nil
-	}
-	return err
-}
-
 // BuildSums returns the checksum of each extent [first, first+count) of
 // the layer id under construction, as LayerSums does for a sealed layer
 // (not cached: the build changes). The rebuilder copies only the extents
@@ -700,7 +683,7 @@ func (r *Replica) SealLayer(epoch uint64, id string) error {
 		removeBuildFiles(r.dir, b.stem)
 		return fmt.Errorf("replica %s: %w: the replica grew since layer %s was begun; begin it again", r.id, ErrInvalidArgument, id)
 	}
-	err := unix.Fdatasync(int(b.files.data.Fd()))
+	err := syncData(b.files.data)
 	if err == nil && b.files.sums != nil {
 		err = unix.Fdatasync(int(b.files.sums.Fd()))
 	}

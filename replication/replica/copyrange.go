@@ -2,6 +2,7 @@ package replica
 
 import (
 	"errors"
+	"os"
 	"sync/atomic"
 
 	"golang.org/x/sys/unix"
@@ -34,14 +35,18 @@ type moveStats struct {
 func (r *Replica) moveData(from, to layerFiles, buf []byte, off uint64) error {
 	n := uint64(len(buf))
 	verified := from.sums != nil
+	// A compressed layer's files are not at the volume's offsets byte for
+	// byte: only a read and a write move its data.
+	pf, pt := plainFile(from.data), plainFile(to.data)
+	inKernel := pf != nil && pt != nil
 	if verified {
 		if err := r.readCheckedIn(from, buf, off); err != nil {
 			return err
 		}
 	}
-	if !r.moves.noClone.Load() {
-		err := unix.IoctlFileCloneRange(int(to.data.Fd()), &unix.FileCloneRange{
-			Src_fd: int64(from.data.Fd()), Src_offset: off, Src_length: n, Dest_offset: off})
+	if inKernel && !r.moves.noClone.Load() {
+		err := unix.IoctlFileCloneRange(int(pt.Fd()), &unix.FileCloneRange{
+			Src_fd: int64(pf.Fd()), Src_offset: off, Src_length: n, Dest_offset: off})
 		if err == nil {
 			r.moves.cloned.Add(n)
 			return nil
@@ -50,8 +55,8 @@ func (r *Replica) moveData(from, to layerFiles, buf []byte, off uint64) error {
 			r.moves.noClone.Store(true)
 		}
 	}
-	if !verified && !r.moves.noCopy.Load() {
-		done, err := copyRange(from, to, off, n)
+	if inKernel && !verified && !r.moves.noCopy.Load() {
+		done, err := copyRange(pf, pt, off, n)
 		if err == nil && done == n {
 			r.moves.copied.Add(n)
 			return nil
@@ -72,14 +77,14 @@ func (r *Replica) moveData(from, to layerFiles, buf []byte, off uint64) error {
 	return nil
 }
 
-// copyRange copies [off, off+n) of from's data into to's at the same
-// offset with copy_file_range, and returns how much it copied: less than
-// n when the source ends first (the caller then writes the rest).
-func copyRange(from, to layerFiles, off, n uint64) (uint64, error) {
+// copyRange copies [off, off+n) of from into to at the same offset with
+// copy_file_range, and returns how much it copied: less than n when the
+// source ends first (the caller then writes the rest).
+func copyRange(from, to *os.File, off, n uint64) (uint64, error) {
 	var done uint64
 	for done < n {
 		roff, woff := int64(off+done), int64(off+done)
-		c, err := unix.CopyFileRange(int(from.data.Fd()), &roff, int(to.data.Fd()), &woff, int(n-done), 0)
+		c, err := unix.CopyFileRange(int(from.Fd()), &roff, int(to.Fd()), &woff, int(n-done), 0)
 		if err != nil {
 			return done, err
 		}

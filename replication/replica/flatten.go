@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -111,7 +110,7 @@ func (r *Replica) Flatten(ctx context.Context, id string, progress func(done, to
 			progress(min(off+flattenStep, size), size)
 		}
 	}
-	err = unix.Fdatasync(int(f.data.Fd()))
+	err = syncData(f.data)
 	if err == nil && f.sums != nil {
 		err = unix.Fdatasync(int(f.sums.Fd()))
 	}
@@ -170,7 +169,7 @@ func (r *Replica) flattenTarget(id string) (k int, size uint64, err error) {
 // (it holds every block, and stays right if a rebuild later moves it up).
 func (r *Replica) createFlatFiles(stem string, size uint64, checksums bool) (layerFiles, *layer.BuildMap, error) {
 	path := func(kind string) string { return filepath.Join(r.dir, stem+"."+kind) }
-	if err := createSized(path(dataFileName), size); err != nil {
+	if err := createData(path(dataFileName), size, isCompressed(r.data)); err != nil {
 		return layerFiles{}, nil, err
 	}
 	if checksums {
@@ -187,7 +186,7 @@ func (r *Replica) createFlatFiles(stem string, size uint64, checksums bool) (lay
 		return layerFiles{}, nil, err
 	}
 	var f layerFiles
-	if f.data, err = os.OpenFile(path(dataFileName), os.O_RDWR, 0); err == nil && checksums {
+	if f.data, err = openData(path(dataFileName)); err == nil && checksums {
 		f.sums, f.sumsMap, err = r.openSumsFile(path(sumsFileName), false)
 	}
 	if err != nil {

@@ -2,7 +2,6 @@ package replica
 
 import (
 	"fmt"
-	"os"
 
 	"golang.org/x/sys/unix"
 )
@@ -140,15 +139,6 @@ func runGrowHook(s growStep) error {
 	return growHook(s)
 }
 
-// extendFile sets f's length to n bytes (more than now) and makes the new
-// length durable: fsync, not fdatasync, which may leave a size change out.
-func extendFile(f *os.File, n uint64) error {
-	if err := f.Truncate(int64(n)); err != nil {
-		return err
-	}
-	return f.Sync()
-}
-
 // remapSums replaces the sums mapping by one of the file's current length.
 // Callers hold epochMu exclusively: nothing reads or writes the old mapping.
 // A failed mapping is no error: readSums and writeSums then use pread and
@@ -161,20 +151,6 @@ func (r *Replica) remapSums() {
 	if m, err := unix.Mmap(int(r.sums.Fd()), 0, int(4*sumBlocks(r.size)), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED); err == nil {
 		r.sumsMap = m
 	}
-}
-
-// trimInterruptedGrow cuts f back to want bytes when it is longer: the
-// leftover of a grow that crashed before its meta file named the new size
-// (see the top of this file). Nothing was ever written past want. A file
-// shorter than want is not a grow's leftover; the caller reports it.
-func trimInterruptedGrow(f *os.File, have, want uint64) error {
-	if have <= want {
-		return nil
-	}
-	if err := f.Truncate(int64(want)); err != nil {
-		return err
-	}
-	return f.Sync()
 }
 
 // grow returns b widened to hold extents bits; the new bits are clear.

@@ -2,7 +2,6 @@ package replica
 
 import (
 	"fmt"
-	"os"
 	"runtime/debug"
 
 	"golang.org/x/sys/unix"
@@ -44,7 +43,7 @@ const headMapMaxSize = 16 << 30
 
 // headMap is a mapping of the head's data file (replica.go: headMap).
 type headMap struct {
-	f      *os.File // the data file mapped
+	f      dataFile // the data file mapped
 	m      []byte   // [0, len(m)) of f, shared and writable
 	failed bool     // mmap failed for f: use pread and pwrite
 }
@@ -58,10 +57,10 @@ func inOneBlockInPart(off, n, size uint64) bool {
 }
 
 // headMapping returns a mapping of the head's whole data file, or nil when
-// there is none (layers, or mmap failed): the caller then uses pread and
-// pwrite. Callers hold epochMu shared.
+// there is none (layers, a compressed head, or mmap failed): the caller
+// then uses pread and pwrite. Callers hold epochMu shared.
 func (r *Replica) headMapping() []byte {
-	if r.layered() || r.data == nil || r.size > headMapMaxSize {
+	if r.layered() || plainFile(r.data) == nil || r.size > headMapMaxSize {
 		return nil
 	}
 	r.headMu.Lock()
@@ -79,7 +78,7 @@ func (r *Replica) headMapping() []byte {
 	// epochMu exclusively, so nothing uses it now).
 	r.unmapHeadLocked()
 	hm.f = r.data
-	m, err := unix.Mmap(int(r.data.Fd()), 0, int(r.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	m, err := unix.Mmap(int(plainFile(r.data).Fd()), 0, int(r.size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
 	if err != nil {
 		hm.failed = true
 		return nil

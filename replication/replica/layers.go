@@ -7,7 +7,6 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
-	"syscall"
 
 	"golang.org/x/sys/unix"
 
@@ -39,13 +38,13 @@ import (
 
 // layerFiles are one layer's open files.
 type layerFiles struct {
-	data    *os.File
+	data    dataFile
 	sums    *os.File // nil without checksums
 	sumsMap []byte   // sums mapped; nil if the mapping failed
 }
 
 // layerKinds are the files a replica keeps per layer besides the map.
-var layerKinds = []string{dataFileName, sumsFileName}
+var layerKinds = []string{dataFileName, zDataFileName, zMapFileName, sumsFileName}
 
 func (r *Replica) headFiles() layerFiles {
 	return layerFiles{data: r.data, sums: r.sums, sumsMap: r.sumsMap}
@@ -82,7 +81,7 @@ func (r *Replica) openChain() error {
 }
 
 func (r *Replica) openLayerFiles(i int) (layerFiles, error) {
-	f, err := os.OpenFile(r.chain.Path(i, dataFileName), os.O_RDWR, 0)
+	f, err := openData(r.chain.Path(i, dataFileName))
 	if err != nil {
 		return layerFiles{}, fmt.Errorf("replica %s: %w: layer %d: %v", r.id, ErrCorrupt, i, err)
 	}
@@ -196,9 +195,7 @@ func (r *Replica) punchLayered(off, length uint64) error {
 	if full0 >= full1 {
 		return nil
 	}
-	err := r.control(func(fd int) error {
-		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(full0), int64(full1-full0))
-	})
+	err := punchData(r.data, full0, full1-full0)
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		err = r.writeZeros(full0, full1-full0)
 	}
@@ -277,7 +274,7 @@ func (r *Replica) Snapshot(epoch uint64, id string) error {
 // keeps checksums) of a new head under stem, empty, durably.
 func (r *Replica) makeHeadFiles(stem string) error {
 	path := func(kind string) string { return filepath.Join(r.dir, stem+"."+kind) }
-	if err := createSized(path(dataFileName), r.size); err != nil {
+	if err := createData(path(dataFileName), r.size, isCompressed(r.data)); err != nil {
 		return err
 	}
 	if r.sums != nil {
@@ -305,7 +302,7 @@ func (r *Replica) PrepareSnapshot(epoch uint64) error {
 // openHead opens the head's data and sums files at the paths the chain
 // gives, locks the data file against other openers and checks its size.
 func (r *Replica) openHead() error {
-	f, err := os.OpenFile(r.chain.Path(r.chain.Head(), dataFileName), os.O_RDWR, 0)
+	f, err := openData(r.chain.Path(r.chain.Head(), dataFileName))
 	if errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("replica %s: %w: data file missing in %s", r.id, ErrCorrupt, r.dir)
 	}
@@ -519,7 +516,7 @@ func (r *Replica) prepareDelete(epoch uint64, id string) error {
 		return nil
 	}
 	child := &r.below[k+1]
-	if st, err := child.data.Stat(); err != nil || uint64(st.Size()) < r.size {
+	if have, err := dataSize(child.data); err != nil || have < r.size {
 		if err == nil {
 			err = extendFile(child.data, r.size)
 		}
@@ -580,7 +577,7 @@ func (r *Replica) mergeStep(epoch uint64, id string, g0, g1 uint64) error {
 	from, to := r.layerFilesOf(k), r.layerFilesOf(k+1)
 	move := func(off, n uint64) error { return r.moveBlocks(from, to, off, n) }
 	sync := func() error {
-		if err := unix.Fdatasync(int(to.data.Fd())); err != nil {
+		if err := syncData(to.data); err != nil {
 			return err
 		}
 		if to.sums != nil {
@@ -618,7 +615,7 @@ func (r *Replica) freeMerged(epoch uint64, id string, g0, g1 uint64) error {
 		return nil
 	}
 	n := min(g1*layer.Granule, r.size) - off
-	err = unix.Fallocate(int(r.below[k].data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
+	err = punchData(r.below[k].data, off, n)
 	if err != nil && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOSYS) {
 		return fmt.Errorf("replica %s: delete snapshot %s: free its data: %w", r.id, id, err)
 	}
@@ -633,7 +630,7 @@ func (r *Replica) moveBlocks(from, to layerFiles, off, n uint64) error {
 	for n > 0 {
 		m := min(n, writeChunk)
 		if fileHole(from.data, off, m) {
-			if err := unix.Fallocate(int(to.data.Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(m)); err != nil {
+			if err := punchData(to.data, off, m); err != nil {
 				return err
 			}
 			if to.sums != nil {
@@ -665,28 +662,6 @@ func (r *Replica) copySums(from, to layerFiles, off, n uint64) error {
 		return err
 	}
 	return r.writeSumsIn(to, vs, off/SumBlockSize)
-}
-
-// fileHole reports whether [off, off+n) of f holds no data (SEEK_DATA finds
-// none). When the file system cannot tell, it answers false.
-func fileHole(f *os.File, off, n uint64) bool {
-	next, err := f.Seek(int64(off), unix.SEEK_DATA)
-	if errors.Is(err, unix.ENXIO) {
-		return true // no data from off to the end of the file
-	}
-	return err == nil && uint64(next) >= off+n
-}
-
-// allocatedBytes is the disk space f occupies.
-func allocatedBytes(f *os.File) uint64 {
-	st, err := f.Stat()
-	if err != nil {
-		return 0
-	}
-	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
-		return uint64(sys.Blocks) * 512
-	}
-	return 0
 }
 
 // createSized creates the file path, sparse, of size bytes, durably.
@@ -754,7 +729,7 @@ func fillFromSnapshot(tmp, id string, src *Replica, k int, size uint64) error {
 		sealed = append(sealed, layer.Entry{ID: e.ID, Stem: stem})
 	}
 	head := layer.NewStem()
-	if err := createSized(filepath.Join(tmp, head+"."+dataFileName), size); err != nil {
+	if err := createData(filepath.Join(tmp, head+"."+dataFileName), size, isCompressed(src.data)); err != nil {
 		return err
 	}
 	if src.sums != nil {

@@ -27,6 +27,10 @@ import (
 //     not kept reads its old contents from the layers below, as from a disk
 //     that lost its cache, which an unflushed write allows.
 //
+// A compressed head (datafile.go) is settled as after a power loss even
+// after a process crash: a zfile loses the writes since its last Sync that
+// moved an extent to another slot, page cache or not (replication/zfile).
+//
 // The extents of all those blocks are dirty already (a write marks its
 // extents dirty, durably, before the data); any that are not are marked
 // before anything is made durable, so resync compares them across the
@@ -87,12 +91,15 @@ func (r *Replica) settlePending() error {
 		}
 		r.setDurable(m.Dirty)
 	}
+	// What a process crash leaves of a compressed head is what a power
+	// loss leaves (see above).
+	sameBoot := u.SameBoot && !isCompressed(r.data)
 	buf := make([]byte, SumBlockSize)
 	keep := func(b uint64) (bool, error) {
 		off := b * SumBlockSize
 		n := min(SumBlockSize, r.size-off)
 		if r.sums == nil {
-			return u.SameBoot || !fileHole(r.data, off, n), nil
+			return sameBoot || !fileHole(r.data, off, n), nil
 		}
 		var sum [1]uint32
 		if err := r.readSums(sum[:], b); err != nil {
@@ -101,7 +108,7 @@ func (r *Replica) settlePending() error {
 		if err := r.readFile(r.data, buf[:n], off); err != nil {
 			return false, err
 		}
-		return storedSum(buf[:n]) == sum[0] && (u.SameBoot || sum[0] != 0), nil
+		return storedSum(buf[:n]) == sum[0] && (sameBoot || sum[0] != 0), nil
 	}
 	syncData := func() error {
 		if err := r.fdatasync(); err != nil {

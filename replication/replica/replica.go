@@ -38,7 +38,7 @@ type Replica struct {
 	size       uint64
 	extentSize uint64
 	extents    uint64
-	data       *os.File
+	data       dataFile
 	raw        syscall.RawConn // data's descriptor, for fdatasync and fallocate
 	// sums holds a checksum per SumBlockSize block (sums.go); nil for a
 	// replica without checksums. checksummed says the same, but never
@@ -150,6 +150,9 @@ type CreateOptions struct {
 	// Checksums keeps a checksum per SumBlockSize block in a sums file
 	// beside the data (see sums.go).
 	Checksums bool
+	// Compression keeps the data LZ4-compressed, per 64 KiB extent, where
+	// that saves a block (datafile.go, replication/zfile).
+	Compression bool
 	// DiskType, for Server.CreateWith, is the type of the server's data
 	// directory to make the replica in ("": the default one).
 	DiskType string
@@ -200,7 +203,7 @@ func create(dir, id string, size, extentSize uint64, opts CreateOptions) error {
 		return err
 	}
 	err := buildHidden(dir, id, func(tmp string) error {
-		if err := createSized(filepath.Join(tmp, dataFileName), size); err != nil {
+		if err := createData(filepath.Join(tmp, dataFileName), size, opts.Compression); err != nil {
 			return err
 		}
 		if opts.Checksums {
@@ -338,7 +341,7 @@ func (r *Replica) lockDir() error {
 }
 
 func (r *Replica) checkDataFile() error {
-	raw, err := r.data.SyscallConn()
+	raw, err := lockFile(r.data).SyscallConn()
 	if err != nil {
 		return fmt.Errorf("replica %s: %w", r.id, err)
 	}
@@ -349,20 +352,17 @@ func (r *Replica) checkDataFile() error {
 		}
 		return fmt.Errorf("replica %s: lock data file: %w", r.id, err)
 	}
-	st, err := r.data.Stat()
+	have, err := dataSize(r.data)
 	if err != nil {
-		return fmt.Errorf("replica %s: %w", r.id, err)
-	}
-	if !st.Mode().IsRegular() {
-		return fmt.Errorf("replica %s: %w: data is not a regular file", r.id, ErrCorrupt)
+		return fmt.Errorf("replica %s: %w: data file: %v", r.id, ErrCorrupt, err)
 	}
 	// Longer than the meta file says: a grow that stopped before its
 	// commit point (grow.go). Shorter: damage.
-	if err := trimInterruptedGrow(r.data, uint64(st.Size()), r.size); err != nil {
+	if err := trimInterruptedGrow(r.data, have, r.size); err != nil {
 		return fmt.Errorf("replica %s: cut the data file back to %d bytes after an interrupted grow: %w", r.id, r.size, err)
 	}
-	if uint64(st.Size()) < r.size {
-		return fmt.Errorf("replica %s: %w: data file is %d bytes, meta says %d", r.id, ErrCorrupt, st.Size(), r.size)
+	if have < r.size {
+		return fmt.Errorf("replica %s: %w: data file is %d bytes, meta says %d", r.id, ErrCorrupt, have, r.size)
 	}
 	return nil
 }
@@ -787,6 +787,9 @@ const earlyWritebackBytes = 256 << 10
 // the flow steady. Small random writes are left to the normal writeback,
 // which can merge them. Failure only loses the hint.
 func (r *Replica) startWriteback(off, n uint64) {
+	if isCompressed(r.data) {
+		return // its slots change under the writes; its Sync writes them
+	}
 	_ = r.control(func(fd int) error {
 		return unix.SyncFileRange(fd, int64(off), int64(n), unix.SYNC_FILE_RANGE_WRITE)
 	})
@@ -853,7 +856,7 @@ func (r *Replica) readAt(p []byte, off uint64) error {
 // shared with a smaller volume) is shorter than the volume, and the
 // blocks it lacks never held data in it. The head is always as long as
 // the volume, so its reads never get there.
-func (r *Replica) readFile(f *os.File, p []byte, off uint64) error {
+func (r *Replica) readFile(f dataFile, p []byte, off uint64) error {
 	n, err := f.ReadAt(p, int64(off))
 	if errors.Is(err, io.EOF) {
 		clear(p[n:])
@@ -896,6 +899,12 @@ func (r *Replica) syncSums() error {
 }
 
 func (r *Replica) fdatasync() error {
+	if isCompressed(r.data) {
+		if err := syncData(r.data); err != nil {
+			return fmt.Errorf("replica %s: sync the compressed data: %w", r.id, err)
+		}
+		return nil
+	}
 	if err := r.control(unix.Fdatasync); err != nil {
 		return fmt.Errorf("replica %s: fdatasync: %w", r.id, err)
 	}
@@ -934,9 +943,7 @@ func (r *Replica) punch(op string, epoch, off, length uint64) error {
 		}
 		return nil
 	}
-	err := r.control(func(fd int) error {
-		return unix.Fallocate(fd, unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(length))
-	})
+	err := punchData(r.data, off, length)
 	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
 		err = r.writeZeros(off, length) // a file system without hole punching
 	}

@@ -1,0 +1,241 @@
+package replica
+
+import (
+	"errors"
+	"os"
+	"syscall"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/cairn-csi/cairn/replication/zfile"
+)
+
+// A layer's data is kept in one of two ways (docs/compression.md):
+//
+//   - a plain sparse file (*os.File) at the volume's offsets: the default;
+//   - a zfile (*zfile.File), which keeps each 64 KiB extent LZ4-compressed
+//     where that saves a block, for a volume with compression lz4. Its
+//     three files are the layer's "data", "data.z" and "data.zmap".
+//
+// A replica is compressed when its head is a zfile; every layer it makes
+// (snapshot heads, flattened and rebuilt layers, a restore's head) is made
+// the same way, and a layer is opened as a zfile when its map is there, so
+// the meta file needs no field for it. The helpers below are the only
+// places that tell the two apart; the paths that need a descriptor (an
+// mmap of the head, FICLONERANGE and copy_file_range, sync_file_range)
+// are taken for plain files only.
+
+// dataFile is a layer's data.
+type dataFile interface {
+	ReadAt(p []byte, off int64) (int, error)
+	WriteAt(p []byte, off int64) (int, error)
+	Name() string
+	Close() error
+}
+
+// Layer file kinds of a compressed layer besides dataFileName.
+const (
+	zDataFileName = dataFileName + ".z"
+	zMapFileName  = dataFileName + ".zmap"
+)
+
+// plainFile is f's *os.File, or nil for a zfile.
+func plainFile(f dataFile) *os.File {
+	pf, _ := f.(*os.File)
+	return pf
+}
+
+// isCompressed reports whether f is a zfile.
+func isCompressed(f dataFile) bool {
+	_, ok := f.(*zfile.File)
+	return ok
+}
+
+// createData creates the data file of a layer at path, sparse, of size
+// bytes, durably: compressed, or plain.
+func createData(path string, size uint64, compressed bool) error {
+	if !compressed {
+		return createSized(path, size)
+	}
+	f, err := zfile.Create(path, size)
+	if err != nil {
+		return err
+	}
+	return f.Close()
+}
+
+// openData opens the data file of a layer at path: as a zfile when its
+// map is there.
+func openData(path string) (dataFile, error) {
+	if zfile.Exists(path) {
+		f, err := zfile.Open(path)
+		if err != nil {
+			return nil, err
+		}
+		return f, nil
+	}
+	f, err := os.OpenFile(path, os.O_RDWR, 0)
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
+}
+
+// syncData makes every write to f durable (fdatasync; a zfile's Sync).
+func syncData(f dataFile) error {
+	if z, ok := f.(*zfile.File); ok {
+		return z.Sync()
+	}
+	return unix.Fdatasync(int(plainFile(f).Fd()))
+}
+
+// dataSize is f's length.
+func dataSize(f dataFile) (uint64, error) {
+	if z, ok := f.(*zfile.File); ok {
+		return z.Size(), nil
+	}
+	st, err := plainFile(f).Stat()
+	if err != nil {
+		return 0, err
+	}
+	if !st.Mode().IsRegular() {
+		return 0, errors.New("not a regular file")
+	}
+	return uint64(st.Size()), nil
+}
+
+// fileHole reports whether [off, off+n) of f holds no data (SEEK_DATA finds
+// none). When the file system cannot tell, it answers false.
+func fileHole(f dataFile, off, n uint64) bool {
+	if z, ok := f.(*zfile.File); ok {
+		hole, err := z.Hole(off, n)
+		return err == nil && hole
+	}
+	next, err := plainFile(f).Seek(int64(off), unix.SEEK_DATA)
+	if errors.Is(err, unix.ENXIO) {
+		return true // no data from off to the end of the file
+	}
+	return err == nil && uint64(next) >= off+n
+}
+
+// punchData makes [off, off+n) of f a hole. A plain file on a file system
+// that cannot punch → EOPNOTSUPP or ENOSYS (punchFile writes zeros then).
+func punchData(f dataFile, off, n uint64) error {
+	if z, ok := f.(*zfile.File); ok {
+		return z.Punch(off, n)
+	}
+	return unix.Fallocate(int(plainFile(f).Fd()), unix.FALLOC_FL_PUNCH_HOLE|unix.FALLOC_FL_KEEP_SIZE, int64(off), int64(n))
+}
+
+// punchFile makes [off, off+n) of f a hole (zeros where the file system
+// cannot punch).
+func punchFile(f dataFile, off, n uint64) error {
+	err := punchData(f, off, n)
+	if errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.ENOSYS) {
+		for n > 0 {
+			m := min(n, writeChunk)
+			if _, err := f.WriteAt(zeroChunk[:m], int64(off)); err != nil {
+				return err
+			}
+			off, n = off+m, n-m
+		}
+		return nil
+	}
+	return err
+}
+
+// allocatedBytes is the disk space f occupies.
+func allocatedBytes(f dataFile) uint64 {
+	_, physical := dataBytes(f)
+	return physical
+}
+
+// dataBytes is what f holds before compression (an extent stored
+// compressed counts whole, zfile.Stats) and what it takes on disk; the
+// same for a plain file. Zeros when they cannot be read.
+func dataBytes(f dataFile) (logical, physical uint64) {
+	if z, ok := f.(*zfile.File); ok {
+		st, err := z.Stats()
+		if err != nil {
+			return 0, 0
+		}
+		return st.LogicalBytes, st.PhysicalBytes
+	}
+	st, err := plainFile(f).Stat()
+	if err != nil {
+		return 0, 0
+	}
+	if sys, ok := st.Sys().(*syscall.Stat_t); ok {
+		return uint64(sys.Blocks) * 512, uint64(sys.Blocks) * 512
+	}
+	return 0, 0
+}
+
+// extendFile sets f's length to n bytes (more than now) and makes the new
+// length durable: fsync, not fdatasync, which may leave a size change out.
+func extendFile(f dataFile, n uint64) error {
+	if z, ok := f.(*zfile.File); ok {
+		return z.Grow(n)
+	}
+	pf := plainFile(f)
+	if err := pf.Truncate(int64(n)); err != nil {
+		return err
+	}
+	return pf.Sync()
+}
+
+// trimInterruptedGrow cuts f back to want bytes when it is longer: the
+// leftover of a grow that crashed before its meta file named the new size
+// (see the top of grow.go). Nothing was ever written past want. A file
+// shorter than want is not a grow's leftover; the caller reports it.
+func trimInterruptedGrow(f dataFile, have, want uint64) error {
+	if have <= want {
+		return nil
+	}
+	if z, ok := f.(*zfile.File); ok {
+		return z.Trim(want)
+	}
+	pf := plainFile(f)
+	if err := pf.Truncate(int64(want)); err != nil {
+		return err
+	}
+	return pf.Sync()
+}
+
+// lockFile is the file whose descriptor stands for f in an flock.
+func lockFile(f dataFile) *os.File {
+	if z, ok := f.(*zfile.File); ok {
+		return z.Raw()
+	}
+	return plainFile(f)
+}
+
+// Compressed reports whether the replica keeps its data compressed
+// (CreateOptions.Compression).
+func (r *Replica) Compressed() bool {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	return !r.closed && isCompressed(r.data)
+}
+
+// LogicalBytes is the data the replica's layers hold before compression
+// (an extent stored compressed counts whole, zfile.Stats); for a plain
+// replica, what its data files take (Info's AllocatedBytes). 0 for a
+// closed replica.
+func (r *Replica) LogicalBytes() uint64 {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if r.closed {
+		return 0
+	}
+	n := logicalBytes(r.data)
+	for _, lf := range r.below {
+		n += logicalBytes(lf.data)
+	}
+	return n
+}
+
+func logicalBytes(f dataFile) uint64 {
+	logical, _ := dataBytes(f)
+	return logical
+}
