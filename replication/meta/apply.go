@@ -110,6 +110,8 @@ func applyCommand(s *State, c Command) (Result, error) {
 		return applySetNodeDisks(s, c)
 	case *SetNodeDedup:
 		return applySetNodeDedup(s, c)
+	case *SetNodeFeatures:
+		return applySetNodeFeatures(s, c)
 	case *RecordReplicaSpace:
 		return applyRecordReplicaSpace(s, c)
 	case *LeaseNonces:
@@ -231,7 +233,7 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string
 	if err := checkEncryption(c, spec); err != nil {
 		return Result{}, err
 	}
-	candidates, unable := s.placementNodes(diskType, spec.Deduplication)
+	candidates, unable := s.placementNodes(diskType, spec)
 	nodes, err := placement.Place(candidates, placement.Request{
 		Replicas:              c.Replicas,
 		SizeBytes:             replicaBytes(c.SizeBytes, spec.Encrypted()),
@@ -241,7 +243,7 @@ func createVolume(s *State, c *CreateVolume, reserveIOPS uint64, diskType string
 		ReserveIOPS:           reserveIOPS,
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("volume %q: %w", c.Name, dedupPlacementError(typedPlacementError(diskType, err), unable))
+		return Result{}, fmt.Errorf("volume %q: %w", c.Name, unable.wrap(typedPlacementError(diskType, err)))
 	}
 	// A new volume's replicas are all zeros, so they are identical and
 	// healthy from the start; a volume with a content source is filled
@@ -479,14 +481,15 @@ func applyReplaceReplica(s *State, c *ReplaceReplica) (Result, error) {
 			}
 		}
 	}
-	candidates, unable := s.placementNodes(v.diskType(), dedupParam(v.Parameters))
+	vspec, _ := volspec.Decode(v.Parameters) // a live volume's parameters were checked when it was made
+	candidates, unable := s.placementNodes(v.diskType(), vspec)
 	nodes, err := placement.Place(candidates, placement.Request{
 		Replicas: 1, SizeBytes: v.ReplicaBytes(), OverProvisioningRatio: s.OverProvisioningRatio,
 		Exclude: exclude, ExistingZones: zones,
 		ReserveIOPS: v.guaranteedIOPS(), // 0 but for a guaranteed volume (admission.go)
 	})
 	if err != nil {
-		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, dedupPlacementError(typedPlacementError(v.diskType(), err), unable))
+		return Result{}, fmt.Errorf("replace replica %s: %w", c.ReplicaID, unable.wrap(typedPlacementError(v.diskType(), err)))
 	}
 	v.Replicas[i] = Replica{ID: v.nextReplicaID(), Node: nodes[0], State: ReplicaRebuilding}
 	v.Epoch++

@@ -1,6 +1,7 @@
 package meta
 
 import (
+	"cmp"
 	"fmt"
 	"slices"
 
@@ -226,6 +227,12 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 		return Result{}, fmt.Errorf("volume %q: encryption must be the source volume's (%s): a restore shares its layers: %w",
 			c.Name, map[bool]string{true: volspec.EncryptionAESGCM, false: volspec.EncryptionNone}[src.Encrypted()], ErrInvalidArgument)
 	}
+	if srcSpec, _ := src.Spec(); spec.Compression != srcSpec.Compression {
+		// The restored replicas share the source's layers, compressed
+		// or not (replication/replica, datafile.go).
+		return Result{}, fmt.Errorf("volume %q: compression must be the source volume's (%q): a restore shares its layers: %w",
+			c.Name, cmp.Or(srcSpec.Compression, volspec.CompressionNone), ErrInvalidArgument)
+	}
 	if c.Encryption != nil {
 		return Result{}, fmt.Errorf("volume %q: a restore shares its source's data key; it brings none of its own: %w", c.Name, ErrInvalidArgument)
 	}
@@ -271,13 +278,14 @@ func applyRestoreVolume(s *State, c *RestoreVolume) (Result, error) {
 			sn.ID, ErrFailedPrecondition), unableSrc)
 	}
 	if more := c.Replicas - len(used); more > 0 {
-		candidates, unable := s.placementNodes(v.diskType(), dedupParam(c.Parameters))
+		rspec, _ := volspec.Decode(c.Parameters) // decoded above (spec)
+		candidates, unable := s.placementNodes(v.diskType(), rspec)
 		nodes, err := placement.Place(candidates, placement.Request{
 			Replicas: more, SizeBytes: replicaBytes(c.SizeBytes, src.Encrypted()), OverProvisioningRatio: s.OverProvisioningRatio,
 			Exclude: used, AllowedZones: c.AllowedZones,
 		})
 		if err != nil {
-			return Result{}, fmt.Errorf("volume %q: %w", c.Name, dedupPlacementError(typedPlacementError(v.diskType(), err), unable))
+			return Result{}, fmt.Errorf("volume %q: %w", c.Name, unable.wrap(typedPlacementError(v.diskType(), err)))
 		}
 		for _, node := range nodes {
 			// Filled from the replicas above, through a rebuild.

@@ -132,7 +132,7 @@ func TestNeedsNodeCheck(t *testing.T) {
 	// Every command type is either a manager's, judged against the state,
 	// or named here as one a node sends about itself (or the store only).
 	own := []CommandType{CmdRegisterNode, CmdNodeHeartbeat, CmdSetNodeState, CmdAttachVolume, CmdDetachVolume, CmdAdvanceEpoch,
-		CmdSetNodeReservable, CmdSetNodeDisks, CmdRequest, CmdAsNode, CmdSetNodeDedup}
+		CmdSetNodeReservable, CmdSetNodeDisks, CmdRequest, CmdAsNode, CmdSetNodeDedup, CmdSetNodeFeatures}
 	for typ := CommandType(1); typ <= lastCommandType; typ++ {
 		c := newCommand(typ)
 		if c == nil {

@@ -144,6 +144,8 @@ func nodesNamedBy(b []byte) []string {
 		named = c.NodeID
 	case *SetNodeDedup:
 		named = c.NodeID
+	case *SetNodeFeatures:
+		named = c.NodeID
 	case *AttachVolume:
 		named = c.NodeID
 	case *DetachVolume:

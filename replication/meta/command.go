@@ -52,6 +52,7 @@ const (
 	CmdAsNode               CommandType = 34
 	CmdSetNodeDedup         CommandType = 35
 	CmdRecordReplicaSpace   CommandType = 36
+	CmdSetNodeFeatures      CommandType = 37
 )
 
 // commandVersion is the highest command version this build reads, and
@@ -63,7 +64,7 @@ const (
 )
 
 // lastCommandType is the highest command type this build knows.
-const lastCommandType = CmdRecordReplicaSpace
+const lastCommandType = CmdSetNodeFeatures
 
 // Command is one change to the store's state.
 type Command interface {
@@ -432,6 +433,8 @@ func newCommand(t CommandType) Command {
 		return &SetNodeDedup{}
 	case CmdRecordReplicaSpace:
 		return &RecordReplicaSpace{}
+	case CmdSetNodeFeatures:
+		return &SetNodeFeatures{}
 	}
 	return nil
 }

@@ -121,7 +121,8 @@ func TestCommandTypeNumbersAreStable(t *testing.T) {
 		{CmdAsNode, &AsNode{}},
 		{CmdSetNodeDedup, &SetNodeDedup{}},
 		{CmdRecordReplicaSpace, &RecordReplicaSpace{}},
-		{CmdRecordReplicaSpace + 1, nil},
+		{CmdSetNodeFeatures, &SetNodeFeatures{}},
+		{CmdSetNodeFeatures + 1, nil},
 		{200, nil},
 		{255, nil},
 	}
@@ -276,7 +277,7 @@ func TestDecodeBadBytes(t *testing.T) {
 		{"one byte zero", []byte{0}},
 		{"header only", []byte{byte(CmdInitCluster), commandVersion}},
 		{"unknown type 0", cmdBytes(0, commandVersion, okBody)},
-		{"unknown type 37", cmdBytes(CmdRecordReplicaSpace+1, commandVersion, `{}`)},
+		{"unknown type 38", cmdBytes(CmdSetNodeFeatures+1, commandVersion, `{}`)},
 		{"unknown type 200", cmdBytes(200, commandVersion, okBody)},
 		{"unknown type 255", cmdBytes(255, commandVersion, `{}`)},
 		{"version 0", cmdBytes(CmdInitCluster, 0, okBody)},

@@ -63,23 +63,42 @@ func (n *Node) canDedup(t string) (bool, string) {
 	return true, ""
 }
 
-// placementNodes is PlacementNodesFor(t), without the nodes whose data
-// directory of type t cannot share blocks when dedup is set; unable says
-// why for each node left out, sorted by node id.
-func (s *State) placementNodes(t string, dedup bool) (nodes []placement.Node, unable []string) {
-	all := s.PlacementNodesFor(t)
-	if !dedup {
-		return all, nil
-	}
-	for _, pn := range all {
-		if ok, why := s.Nodes[pn.ID].canDedup(t); ok {
-			nodes = append(nodes, pn)
-		} else if pn.Up {
-			unable = append(unable, why)
+// placementNodes is PlacementNodesFor(t) for a volume of spec, without
+// the nodes whose data directory of type t cannot share blocks when it has
+// deduplication, and those that lack a feature it needs (features.go);
+// unable says why for each node up left out.
+func (s *State) placementNodes(t string, spec volspec.Spec) (nodes []placement.Node, unable unplaceable) {
+	need := featuresOf(spec)
+	for _, pn := range s.PlacementNodesFor(t) {
+		n := s.Nodes[pn.ID]
+		if ok, why := n.canDedup(t); spec.Deduplication && !ok {
+			if pn.Up {
+				unable.dedup = append(unable.dedup, why)
+			}
+			continue
 		}
+		if missing := n.lacks(need); len(missing) > 0 {
+			if pn.Up {
+				unable.features = append(unable.features, n.lacksWhy(missing))
+			}
+			continue
+		}
+		nodes = append(nodes, pn)
 	}
-	slices.Sort(unable)
+	slices.Sort(unable.dedup)
+	slices.Sort(unable.features)
 	return nodes, unable
+}
+
+// unplaceable are the nodes up that placementNodes left out, and why.
+type unplaceable struct{ dedup, features []string }
+
+// wrap adds to a placement that failed the nodes it could not use and why.
+func (u unplaceable) wrap(err error) error {
+	if len(u.features) > 0 {
+		err = fmt.Errorf("%d node(s) up lack a feature the volume needs: %s: %w", len(u.features), strings.Join(u.features, "; "), err)
+	}
+	return dedupPlacementError(err, u.dedup)
 }
 
 // dedupPlacementError adds to a placement that failed for a volume with
@@ -105,6 +124,19 @@ type ReplicaSpace struct {
 	// deduplication pass counted it (replication/dedup, Stats.Saved): the
 	// space sharing saves.
 	DedupSavedBytes uint64 `json:"dedup_saved_bytes,omitempty"`
+	// LogicalBytes, for a volume with compression, is the data its
+	// layers hold before compression (AllocatedBytes is after): an extent
+	// stored compressed counts whole (replication/zfile, Stats).
+	LogicalBytes uint64 `json:"logical_bytes,omitempty"`
+}
+
+// CompressionRatio is what compression left of the data: allocated ÷
+// logical bytes (1 without compression, or before any data).
+func (s ReplicaSpace) CompressionRatio() float64 {
+	if s.LogicalBytes == 0 {
+		return 1
+	}
+	return float64(s.AllocatedBytes) / float64(s.LogicalBytes)
 }
 
 // PhysicalBytes is what the replica adds to its disk's use: its allocated

@@ -78,21 +78,23 @@ func gateType(c Command) (CommandType, bool) {
 		// MaxCommandType lets silent members pass for applied types).
 		t = CmdReportLag
 	}
-	// Deduplication is new with SetNodeDedup: a member of an older build
-	// would refuse the parameter.
+	// Deduplication is new with SetNodeDedup, compression with
+	// SetNodeFeatures: a member of an older build would refuse the
+	// parameter.
+	var params map[string]string
 	switch c := c.(type) {
 	case *CreateVolume:
-		if dedupParam(c.Parameters) {
-			t = CmdSetNodeDedup
-		}
+		params = c.Parameters
 	case *AdmitVolume:
-		if dedupParam(c.Parameters) {
-			t = CmdSetNodeDedup
-		}
+		params = c.Parameters
 	case *RestoreVolume:
-		if dedupParam(c.Parameters) {
-			t = CmdSetNodeDedup
-		}
+		params = c.Parameters
+	}
+	if dedupParam(params) {
+		t = max(t, CmdSetNodeDedup)
+	}
+	if compressionParam(params) {
+		t = max(t, CmdSetNodeFeatures)
 	}
 	return t, t >= firstGatedType
 }

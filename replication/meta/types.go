@@ -45,6 +45,9 @@ type Node struct {
 	// "" yes, otherwise why not (SetNodeDedup; dedup.go). A type it has
 	// not reported is taken as no.
 	Dedup map[string]string `json:"dedup,omitempty"`
+	// Features are what the node's build can do for a volume beyond what
+	// every build does (SetNodeFeatures; features.go), sorted.
+	Features []string `json:"features,omitempty"`
 	// LastHeartbeat is the leader's clock (unix nanoseconds) at the node's last
 	// recorded heartbeat. The leader records heartbeats in memory and commits
 	// them only with state or capacity changes, so this lags by design.
@@ -417,6 +420,7 @@ func (s *State) Clone() *State {
 		nc := *n
 		nc.Disks = maps.Clone(n.Disks)
 		nc.Dedup = maps.Clone(n.Dedup)
+		nc.Features = slices.Clone(n.Features)
 		c.Nodes[id] = &nc
 	}
 	for id, v := range s.Volumes {
