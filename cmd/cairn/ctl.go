@@ -296,12 +296,14 @@ func printVolume(w io.Writer, format string, v *meta.Volume) error {
 	}
 	for _, r := range v.Replicas {
 		if sp := r.Space; sp != nil {
-			fmt.Fprintf(w, "space:        replica %s on %s: %s written (snapshots included), %s on disk of its own: %s saved by deduplication; %s shares blocks with other volumes, snapshots or clones\n",
-				r.ID, r.Node, formatSize(sp.AllocatedBytes), formatSize(sp.PhysicalBytes()), formatSize(sp.DedupSavedBytes), formatSize(sp.SharedBytes))
+			fmt.Fprintf(w, "space:        replica %s on %s: %s\n", r.ID, r.Node, formatSpace(*sp))
 		}
 	}
 	if spec, err := v.Spec(); err == nil {
 		fmt.Fprintf(w, "checksums:    %s\n", spec.ChecksumAlgorithm)
+		if spec.Compression != "" {
+			fmt.Fprintf(w, "compression:  %s (each 64 KiB extent stored compressed where that saves a 4 KiB block)\n", spec.Compression)
+		}
 		if spec.Deduplication {
 			fmt.Fprintf(w, "deduplication: on (replicas on data directories that share blocks; a node's pass shares equal extents every --dedup-interval)\n")
 		}
@@ -622,4 +624,21 @@ func newCertCommand(o *ctlOptions) *cobra.Command {
 		},
 	})
 	return cmd
+}
+
+// formatSpace says what a replica takes on its disk (meta.ReplicaSpace):
+// with compression, the data written, what compression stored it in and
+// their ratio; with deduplication, what sharing saves.
+func formatSpace(sp meta.ReplicaSpace) string {
+	if sp.LogicalBytes > 0 {
+		out := fmt.Sprintf("%s written (snapshots included), compressed into %s (ratio %.2f)",
+			formatSize(sp.LogicalBytes), formatSize(sp.AllocatedBytes), sp.CompressionRatio())
+		if sp.DedupSavedBytes == 0 && sp.SharedBytes == 0 {
+			return out
+		}
+		return fmt.Sprintf("%s, %s on disk of its own: %s saved by deduplication; %s shares blocks with other volumes, snapshots or clones",
+			out, formatSize(sp.PhysicalBytes()), formatSize(sp.DedupSavedBytes), formatSize(sp.SharedBytes))
+	}
+	return fmt.Sprintf("%s written (snapshots included), %s on disk of its own: %s saved by deduplication; %s shares blocks with other volumes, snapshots or clones",
+		formatSize(sp.AllocatedBytes), formatSize(sp.PhysicalBytes()), formatSize(sp.DedupSavedBytes), formatSize(sp.SharedBytes))
 }

@@ -296,7 +296,8 @@ type sharing struct {
 }
 
 // recordSpace reports to the store what each replica on this node of a
-// volume with deduplication takes on disk (RecordReplicaSpace), when it
+// volume with deduplication or compression takes on disk
+// (RecordReplicaSpace), when it
 // moved by more than a MiB: `cairn ctl volume get` shows it. Called by the
 // realizer goroutine.
 func (n *Node) recordSpace() {
@@ -304,7 +305,7 @@ func (n *Node) recordSpace() {
 	n.dedupMetrics.replicaSaved.Reset()
 	for _, v := range n.here.vols {
 		spec, err := v.Spec()
-		if err != nil || !spec.Deduplication {
+		if err != nil || !spec.Deduplication && spec.Compression == "" {
 			continue
 		}
 		for _, rep := range v.Replicas {
@@ -318,7 +319,8 @@ func (n *Node) recordSpace() {
 			n.dedupMetrics.replicaShared.WithLabelValues(v.ID, rep.ID).Set(float64(sp.SharedBytes))
 			n.dedupMetrics.replicaSaved.WithLabelValues(v.ID, rep.ID).Set(float64(sp.DedupSavedBytes))
 			if old := rep.Space; old != nil && !far(old.AllocatedBytes, sp.AllocatedBytes) &&
-				!far(old.SharedBytes, sp.SharedBytes) && !far(old.DedupSavedBytes, sp.DedupSavedBytes) {
+				!far(old.SharedBytes, sp.SharedBytes) && !far(old.DedupSavedBytes, sp.DedupSavedBytes) &&
+				!far(old.LogicalBytes, sp.LogicalBytes) {
 				continue
 			}
 			ctx, cancel := context.WithTimeout(n.ctx, 10*time.Second)
@@ -340,6 +342,9 @@ func (n *Node) spaceOfReplica(id string) (meta.ReplicaSpace, bool) {
 		return meta.ReplicaSpace{}, false
 	}
 	sp := meta.ReplicaSpace{AllocatedBytes: r.Info().AllocatedBytes}
+	if r.Compressed() {
+		sp.LogicalBytes = r.LogicalBytes()
+	}
 	n.mu.Lock()
 	found := n.dedupFound[id]
 	n.mu.Unlock()

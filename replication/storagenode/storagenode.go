@@ -280,6 +280,7 @@ func (n *Node) realizeLoop() {
 		n.runSnapshots()
 		n.runFlattens()
 		n.recordReservable()
+		n.recordFeatures()
 		if time.Since(lastDisks) >= usageInterval && n.recordDisks() {
 			lastDisks = time.Now()
 		}
@@ -422,7 +423,8 @@ func (n *Node) create(p placed) {
 		return
 	}
 	spec, _ := p.vol.Spec() // a bad spec reads as the default type; the engine says what is wrong
-	r, err := n.server.CreateWith(p.rep.ID, p.vol.ReplicaBytes(), replica.CreateOptions{Checksums: p.vol.Checksummed(), DiskType: spec.DiskType})
+	r, err := n.server.CreateWith(p.rep.ID, p.vol.ReplicaBytes(), replica.CreateOptions{Checksums: p.vol.Checksummed(), DiskType: spec.DiskType,
+		Compression: spec.Compression != ""})
 	if err != nil {
 		n.log.Warn("cannot create replica", zap.String("volume_id", p.vol.ID), zap.String("replica_id", p.rep.ID), zap.Error(err))
 		return

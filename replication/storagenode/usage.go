@@ -25,6 +25,9 @@ var (
 	allocatedDesc = prometheus.NewDesc("cairn_replica_allocated_bytes",
 		"Disk space the replica's files take on this node (its snapshots' layers included; a layer shared by hard link with a restored volume counts in each).",
 		[]string{"volume_id", "replica_id"}, nil)
+	logicalDesc = prometheus.NewDesc("cairn_replica_logical_bytes",
+		"For a replica of a volume with compression: the data its layers hold before compression (cairn_replica_allocated_bytes is after; their ratio is what compression left).",
+		[]string{"volume_id", "replica_id"}, nil)
 	heldDesc = prometheus.NewDesc("cairn_snapshot_held_bytes",
 		"What a snapshot's layer holds on this replica: the blocks written between the snapshot before it and this one.",
 		[]string{"volume_id", "replica_id", "snapshot"}, nil)
@@ -44,6 +47,7 @@ type usageCollector struct {
 
 func (u *usageCollector) Describe(ch chan<- *prometheus.Desc) {
 	ch <- allocatedDesc
+	ch <- logicalDesc
 	ch <- heldDesc
 	ch <- exclusiveDesc
 }
@@ -67,6 +71,9 @@ func (u *usageCollector) measure() []prometheus.Metric {
 	for _, info := range infos {
 		vol := meta.VolumeOfReplica(info.ID)
 		out = append(out, prometheus.MustNewConstMetric(allocatedDesc, prometheus.GaugeValue, float64(info.AllocatedBytes), vol, info.ID))
+		if r, err := u.server.Get(info.ID); err == nil && r.Compressed() {
+			out = append(out, prometheus.MustNewConstMetric(logicalDesc, prometheus.GaugeValue, float64(r.LogicalBytes()), vol, info.ID))
+		}
 		_, snaps, ok := spaceOf(u.server, info.ID)
 		if !ok {
 			continue

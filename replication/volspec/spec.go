@@ -113,13 +113,6 @@ const (
 	DiskTypeDefault     = "default"
 )
 
-// notBuilt are the values of the design's StorageClass that name a
-// feature Cairn does not have yet, by key: each is refused with the
-// feature's name rather than accepted and ignored.
-var notBuilt = map[string]map[string]string{
-	KeyCompression: {CompressionLZ4: "compression is not built yet (the space-efficiency work)"},
-}
-
 // ErrInvalid is wrapped by every error of this package. replication/meta
 // uses it as its ErrInvalidArgument, so a refusal keeps its code wherever it
 // is made.
@@ -186,6 +179,10 @@ type Spec struct {
 	// blocks between files, where the node's background pass shares the
 	// equal extents of the volumes that have it on (replication/dedup).
 	Deduplication bool
+	// Compression is CompressionLZ4, or "" for CompressionNone (the
+	// default): each replica keeps its data LZ4-compressed per 64 KiB
+	// extent (docs/compression.md).
+	Compression string
 }
 
 // Async reports whether the volume is replicated asynchronously.
@@ -457,7 +454,14 @@ var paramsBase = []param{
 			}
 			return ""
 		}},
-	onlyToday(KeyCompression, CompressionNone),
+	// Not mutable: a replica's layers are made compressed or not when it
+	// is created (replication/replica, datafile.go). Recorded only when on.
+	{key: KeyCompression, want: strconv.Quote(CompressionNone) + " (the default) or " + strconv.Quote(CompressionLZ4) +
+		" (each 64 KiB extent stored LZ4-compressed where that saves a 4 KiB block)",
+		parse: func(s *Spec, v string, _ form) bool {
+			return choose(&s.Compression, v, CompressionNone, CompressionLZ4)
+		},
+		format: func(s Spec) string { return s.Compression }},
 	// Recorded only when not the default.
 	{key: KeyDiskType, want: strconv.Quote(DiskTypeDefault) + " or another disk type: 1 to 63 of a-z, 0-9 and - (a node serves it with cairn node --data-dir TYPE=PATH)",
 		parse: func(s *Spec, v string, _ form) bool {
@@ -486,26 +490,6 @@ func choose(dst *string, v, def string, others ...string) bool {
 		return false
 	}
 	return true
-}
-
-// onlyToday is a key of the design's StorageClass whose only value with an
-// effect yet is today's behaviour, value: it is accepted (and changes
-// nothing), the values in notBuilt are refused naming what is missing, and
-// anything else is refused as a bad value. Not recorded.
-func onlyToday(key, value string) param {
-	var others []string
-	for v := range notBuilt[key] {
-		others = append(others, strconv.Quote(v))
-	}
-	return param{key: key,
-		want:  strconv.Quote(value) + " (" + strings.Join(others, ", ") + " not yet)",
-		parse: func(_ *Spec, v string, _ form) bool { return v == value },
-		why:   notBuiltWhy(key)}
-}
-
-// notBuiltWhy says why a value of key that notBuilt lists is refused.
-func notBuiltWhy(key string) func(v string) string {
-	return func(v string) string { return notBuilt[key][v] }
 }
 
 // synonym is a key that stands for another (synonyms): it reads as that
@@ -604,6 +588,11 @@ func Parse(in map[string]string) (Spec, error) {
 	}
 	if s.WriteQuorum > s.Replicas {
 		return s, &Error{Key: KeyWriteQuorum, Problem: fmt.Sprintf("%d is more than replicas (%d)", s.WriteQuorum, s.Replicas)}
+	}
+	if s.Compression != "" && s.Encrypted() {
+		return s, &Error{Key: KeyCompression, Problem: fmt.Sprintf("%q cannot go with %s %q: encrypted blocks do not compress, "+
+			"and compressing before encrypting would let the space each block takes tell how compressible its plain text is; "+
+			"give one of them (docs/compression.md)", s.Compression, KeyEncryption, s.Encryption)}
 	}
 	return s, checkQoS(s)
 }

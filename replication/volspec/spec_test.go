@@ -324,30 +324,20 @@ var designParameters = map[string]string{
 	"qosClass": "guaranteed", "minIOPS": "10000", "maxIOPS": "50000", "burstDuration": "60s",
 }
 
-// TestDesignKeys: every key of the design's StorageClass is known. Each
-// value either takes effect or, naming a feature not built yet, is refused
-// with that feature's name, never accepted and ignored.
+// TestDesignKeys: every key of the design's StorageClass is known, and each
+// value takes effect on its own. Together they are refused at compression,
+// which cannot go with encryption; naming both.
 func TestDesignKeys(t *testing.T) {
-	notYet := map[string]string{
-		"compression": "compression is not built yet",
-	}
 	for k, v := range designParameters {
 		// With the class's minIOPS: guaranteed needs it.
-		_, err := Parse(map[string]string{k: v, KeyMinIOPS: designParameters[KeyMinIOPS]})
-		if want, ok := notYet[k]; ok {
-			var pe *Error
-			if !errors.As(err, &pe) || pe.Key != k || !strings.Contains(pe.Problem, want) {
-				t.Errorf("%s: %q: %v, want a refusal naming %q", k, v, err, want)
-			}
-			continue
-		}
-		if err != nil {
+		if _, err := Parse(map[string]string{k: v, KeyMinIOPS: designParameters[KeyMinIOPS]}); err != nil {
 			t.Errorf("%s: %q: %v", k, v, err)
 		}
 	}
-	// The whole class is refused at its first such key in sorted order.
-	if _, err := Parse(designParameters); err == nil || !strings.Contains(err.Error(), `"compression"`) {
-		t.Fatalf("the design's class: %v, want the refusal of compression", err)
+	_, err := Parse(designParameters)
+	var pe *Error
+	if !errors.As(err, &pe) || pe.Key != KeyCompression || !strings.Contains(pe.Problem, `encryption "aes-256-gcm"`) {
+		t.Fatalf("the design's class: %v, want compression refused with encryption, naming both", err)
 	}
 }
 
@@ -435,6 +425,8 @@ func TestQoSClassAndConsistency(t *testing.T) {
 		{map[string]string{"replicationMode": "semi"}, `"synchronous" (the default) or "asynchronous"`},
 		{map[string]string{"deduplication": "yes"}, `want "false"`},
 		{map[string]string{"encryption": "aes-128-xts"}, `"none" (the default) or "aes-256-gcm"`},
+		{map[string]string{"compression": "zstd"}, `"none" (the default) or "lz4"`},
+		{map[string]string{"compression": "lz4", "encryption": "aes-256-gcm"}, `"compression": "lz4" cannot go with encryption "aes-256-gcm"`},
 	} {
 		if _, err := Parse(c.in); err == nil || !strings.Contains(err.Error(), c.want) {
 			t.Errorf("Parse(%v) = %v, want an error with %q", c.in, err, c.want)
@@ -487,5 +479,22 @@ func TestDeduplication(t *testing.T) {
 	}
 	if _, ok := off.Params()[KeyDeduplication]; ok {
 		t.Errorf("deduplication: false is recorded: %v", off.Params())
+	}
+}
+
+// TestCompression: lz4 is recorded and reads back; none is the default and
+// not recorded.
+func TestCompression(t *testing.T) {
+	s, err := Parse(map[string]string{KeyCompression: "lz4"})
+	if err != nil || s.Compression != CompressionLZ4 || s.Params()[KeyCompression] != "lz4" {
+		t.Fatalf("Parse(compression: lz4) = %+v, %v", s, err)
+	}
+	back, err := Decode(s.Params())
+	if err != nil || back.Compression != CompressionLZ4 {
+		t.Errorf("Decode(%v) = %+v, %v", s.Params(), back, err)
+	}
+	off, err := Parse(map[string]string{KeyCompression: "none"})
+	if _, ok := off.Params()[KeyCompression]; err != nil || off.Compression != "" || ok {
+		t.Fatalf("Parse(compression: none) = %+v (stored %v), %v", off, off.Params(), err)
 	}
 }

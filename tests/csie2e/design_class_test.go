@@ -18,11 +18,11 @@ import (
 // (deploy/examples/design-storageclass.yaml), decoded from the file, on
 // three nodes that serve nvme-ssd disks and can promise 20000 IOPS each,
 // with the Secret its encryption names passed as the sidecars pass it.
-// As it is, CreateVolume refuses it at its first value that names a
-// feature not built yet (compression: lz4). With compression "none", and
-// deduplication "false" (these nodes' data directories are on the host's
-// file system, which cannot share blocks: TestDeduplication has one that
-// can), every other key is in effect: the volume is provisioned encrypted on nvme-ssd directories,
+// As it is, CreateVolume refuses it: compression lz4 cannot go with
+// encryption (docs/compression.md), and the refusal names both. With
+// compression "none", and deduplication "false" (these nodes' data
+// directories are on the host's file system, which cannot share blocks:
+// TestDeduplication has one that can), every other key is in effect: the volume is provisioned encrypted on nvme-ssd directories,
 // admitted as guaranteed, with its limits and snapshot schedule recorded;
 // it is staged, written, read back and verified.
 func TestDesignStorageClass(t *testing.T) {
@@ -52,8 +52,8 @@ func TestDesignStorageClass(t *testing.T) {
 		return resp.GetVolume(), err
 	}
 	if _, err := create("design-as-is", sc.Parameters); status.Code(err) != codes.InvalidArgument ||
-		!strings.Contains(err.Error(), `"compression"`) || !strings.Contains(err.Error(), "not built yet") {
-		t.Fatalf("the design's class as it is: %v, want InvalidArgument naming compression as not built yet", err)
+		!strings.Contains(err.Error(), `"compression"`) || !strings.Contains(err.Error(), `encryption "aes-256-gcm"`) {
+		t.Fatalf("the design's class as it is: %v, want InvalidArgument naming compression and encryption", err)
 	}
 	today := maps.Clone(sc.Parameters)
 	today["deduplication"], today["compression"] = "false", "none"

@@ -1338,8 +1338,9 @@ func sanityLocation(p podTemplate, c *corev1.Container, f string) (string, error
 
 // TestDesignStorageClass: the StorageClass of the design
 // (deploy/examples/design-storageclass.yaml) uses only keys the driver
-// knows. Each of its values the driver does not refuse takes effect; each
-// it refuses names a feature not built yet. None is unknown or ignored.
+// knows, and each of its values takes effect on its own. The class as a
+// whole is refused, naming compression and encryption, which cannot go
+// together. None is unknown or ignored.
 func TestDesignStorageClass(t *testing.T) {
 	s := load(t, "deploy/examples")
 	sc := one[storagev1.StorageClass](t, s, "high-performance-replicated")
@@ -1364,12 +1365,12 @@ func TestDesignStorageClass(t *testing.T) {
 	}
 	for k, v := range sc.Parameters {
 		// With the class's minIOPS: qosClass guaranteed needs it.
-		_, err := volspec.Parse(map[string]string{k: v, volspec.KeyMinIOPS: sc.Parameters[volspec.KeyMinIOPS]})
-		if err == nil {
-			continue
+		if _, err := volspec.Parse(map[string]string{k: v, volspec.KeyMinIOPS: sc.Parameters[volspec.KeyMinIOPS]}); err != nil {
+			t.Errorf("%s: %q: %v, want it accepted", k, v, err)
 		}
-		if strings.Contains(err.Error(), "unknown parameter") || !strings.Contains(err.Error(), "not built yet") {
-			t.Errorf("%s: %q: %v, want it accepted or refused as not built yet", k, v, err)
-		}
+	}
+	if _, err := volspec.Parse(sc.Parameters); err == nil || !strings.Contains(err.Error(), `"compression"`) ||
+		!strings.Contains(err.Error(), "encryption") {
+		t.Errorf("the whole class: %v, want compression refused with encryption", err)
 	}
 }

@@ -43,8 +43,9 @@ const plaintextMarker = "cairn-e2e-plaintext-marker-7f3a"
 // TestDesignStorageClass is scenario 6 of issue 14: the StorageClass of
 // Cairn's founding design (deploy/examples/design-storageclass.yaml).
 //
-// As shipped, it asks for compression, which Cairn does not have yet
-// (issue 17): the claim must get an event that says so, and no volume. With
+// As shipped, it asks for compression with encryption, which cannot go
+// together (docs/compression.md): the claim must get an event that says
+// so, and no volume. With
 // compression "none", deduplication "false" (the node's data directories are
 // on the host's file system, which cannot share blocks; tests/csie2e
 // TestDeduplication runs one on an xfs that can) and every other key
@@ -77,8 +78,8 @@ func TestDesignStorageClass(t *testing.T) {
 		// scheduled, which needs the class's CSIStorageCapacity.
 		apply(t, shellPod(ns, "writer", "data", false, "echo never"))
 		msg := provisioningFailed(t, ns, "data")
-		if !strings.Contains(msg, "not built yet") || !strings.Contains(msg, "compression") {
-			t.Errorf("ProvisioningFailed does not say that compression is not built: %s", msg)
+		if !strings.Contains(msg, "compression") || !strings.Contains(msg, "cannot go with encryption") {
+			t.Errorf("ProvisioningFailed does not say that compression cannot go with encryption: %s", msg)
 		}
 		t.Logf("ProvisioningFailed: %s", msg)
 	})
