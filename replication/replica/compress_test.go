@@ -136,6 +136,24 @@ func testCompressedReplica(t *testing.T, sums bool) {
 	}
 	check("the end")
 
+	// Recompressing stores compressed again what small writes left raw,
+	// in every layer: the logs take at most half their size again.
+	before := r.Info().AllocatedBytes
+	st, err := r.Recompress(context.Background(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	check("recompressed")
+	after, logical := r.Info().AllocatedBytes, r.LogicalBytes()
+	t.Logf("recompressed %d extents: %.2f MiB on disk, %.2f MiB after, of %.2f MiB (%.2f×)", st.Extents,
+		float64(before)/(1<<20), float64(after)/(1<<20), float64(logical)/(1<<20), float64(after)/float64(logical))
+	if st.Extents == 0 || float64(after) > 0.5*float64(logical) {
+		t.Errorf("recompressed %d extents: %d of %d bytes on disk, want at most half", st.Extents, after, logical)
+	}
+	if again, err := r.Recompress(context.Background(), nil); err != nil || again.Extents != 0 {
+		t.Errorf("a second pass recompressed %d extents (%v), want none", again.Extents, err)
+	}
+
 	// A grow: the new part reads zeros, and takes writes.
 	if err := r.Grow(0, 2*size); err != nil {
 		t.Fatal(err)

@@ -1,7 +1,9 @@
 package replica
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"os"
 	"syscall"
 
@@ -238,4 +240,129 @@ func (r *Replica) LogicalBytes() uint64 {
 func logicalBytes(f dataFile) uint64 {
 	logical, _ := dataBytes(f)
 	return logical
+}
+
+// RecompressStepBytes is what one step of Recompress reads (an extent).
+const RecompressStepBytes = zfile.ExtentSize
+
+// RecompressStats is what a Recompress pass did.
+type RecompressStats struct {
+	// Extents were stored compressed again; Bytes is their size before
+	// compression.
+	Extents, Bytes uint64
+}
+
+// Recompress stores compressed again the extents of the replica's
+// compressed layers that small writes left raw (zfile.Recompress), layer
+// by layer, the head last, syncing each layer before and, if it changed
+// it, after. Their content
+// does not change, so reads and writes go on meanwhile. A sealed layer
+// that another replica shares by hard link (a restore's) is left alone:
+// that replica keeps its own view of the files. admit, if set, is called
+// before each extent (the node's background I/O class) and returns what
+// to call after it; its error stops the pass. A plain replica has nothing
+// to do.
+func (r *Replica) Recompress(ctx context.Context, admit func(ctx context.Context) (func(), error)) (RecompressStats, error) {
+	var st RecompressStats
+	r.epochMu.RLock()
+	if r.closed {
+		r.epochMu.RUnlock()
+		return st, fmt.Errorf("replica %s: %w", r.id, ErrClosed)
+	}
+	var layers []*zfile.File
+	for k, lf := range r.below {
+		if z, ok := lf.data.(*zfile.File); ok {
+			if shared, err := r.chain.Shared(k); err == nil && !shared {
+				layers = append(layers, z)
+			}
+		}
+	}
+	if z, ok := r.data.(*zfile.File); ok {
+		layers = append(layers, z)
+	}
+	r.epochMu.RUnlock()
+	for _, z := range layers {
+		// First the changes since the last flush: an extent that a
+		// small write made raw is offered once the map on disk no longer
+		// names its compressed slot.
+		if err := r.syncLayer(z); err != nil {
+			return st, err
+		}
+		changed := false
+		for e, ok := z.NextRaw(0); ok; e, ok = z.NextRaw(e + 1) {
+			if err := ctx.Err(); err != nil {
+				return st, err
+			}
+			done := func() {}
+			if admit != nil {
+				d, err := admit(ctx)
+				if err != nil {
+					return st, err
+				}
+				done = d
+			}
+			did, live, err := r.recompressExtent(z, e)
+			done()
+			if err != nil {
+				return st, fmt.Errorf("replica %s: recompress extent %d: %w", r.id, e, err)
+			}
+			if !live {
+				break // the layer was merged away, or the replica closed
+			}
+			if did {
+				changed = true
+				st.Extents++
+				st.Bytes += zfile.ExtentSize
+			}
+		}
+		if changed {
+			if err := r.syncLayer(z); err != nil {
+				return st, err
+			}
+		}
+	}
+	return st, nil
+}
+
+// recompressExtent recompresses extent e of z while z is still one of the
+// replica's layers (live); epochMu held shared keeps it from being closed.
+func (r *Replica) recompressExtent(z *zfile.File, e uint64) (did, live bool, err error) {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if !r.holds(z) {
+		return false, false, nil
+	}
+	did, err = z.Recompress(e)
+	return did, true, err
+}
+
+// syncLayer makes z's recompressed extents durable, if z is still one of
+// the replica's layers.
+func (r *Replica) syncLayer(z *zfile.File) error {
+	r.epochMu.RLock()
+	defer r.epochMu.RUnlock()
+	if !r.holds(z) {
+		return nil
+	}
+	if err := z.Sync(); err != nil {
+		return fmt.Errorf("replica %s: sync a recompressed layer: %w", r.id, err)
+	}
+	return nil
+}
+
+// holds reports whether z is the data of one of the replica's layers now.
+// epochMu is held.
+func (r *Replica) holds(z *zfile.File) bool {
+	if r.closed {
+		return false
+	}
+	if r.data == dataFile(z) {
+		return true
+	}
+	for _, lf := range r.below {
+		if lf.data == dataFile(z) {
+			return true
+		}
+	}
+	return false
 }

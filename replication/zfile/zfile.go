@@ -89,6 +89,10 @@ type File struct {
 	// that Sync compares to commit only what it made durable.
 	pending map[uint64]change
 	gen     uint64
+	// noGain has a bit per extent that Recompress found would not save a
+	// block, cleared when the extent is written: not tried again until
+	// then. In memory only (a bit per extent: 2 MiB per TiB).
+	noGain []uint64
 }
 
 type change struct {
@@ -268,6 +272,7 @@ func (f *File) currentLocked(e uint64) uint32 {
 func (f *File) setCurrent(e uint64, length uint32) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	f.setGain(e)
 	if length == f.durableLen(e) {
 		delete(f.pending, e) // back to what the map on disk says
 		// A Sync in progress may have taken the old change: a new
@@ -432,6 +437,9 @@ func (f *File) writeWhole(e uint64, p []byte) error {
 func (f *File) writePart(e, in uint64, p []byte) error {
 	length := f.currentLocked(e)
 	if length == 0 {
+		f.mu.Lock()
+		f.setGain(e)
+		f.mu.Unlock()
 		_, err := f.raw.WriteAt(p, int64(e*ExtentSize+in))
 		return err
 	}
@@ -461,6 +469,9 @@ func (f *File) Punch(off, n uint64) error {
 		length := f.currentLocked(e)
 		switch {
 		case length == 0:
+			f.mu.Lock()
+			f.setGain(e)
+			f.mu.Unlock()
 			return punch(f.raw, e*ExtentSize+in, m)
 		case m == ExtentSize:
 			// The raw slot: a hole the map on disk does not name, or
@@ -685,4 +696,93 @@ func (f *File) Close() error {
 		}
 	}
 	return err
+}
+
+// Recompressing. A small write into an extent held compressed stores the
+// extent raw (writePart), so random small writes turn a file raw over
+// time. Recompress stores such an extent compressed again, by the rule of
+// a whole-extent write: into the compressed slot when the map on disk does
+// not name it, committed by the next Sync. Its content does not change, so
+// it may run beside reads and writes (each extent under its lock).
+
+// NextRaw returns the first extent at or after e that Recompress may
+// store compressed: held raw, with data in its raw slot, not found
+// incompressible since its last write, and whose compressed slot the map
+// on disk does not name. False when there is none.
+func (f *File) NextRaw(e uint64) (uint64, bool) {
+	last := f.size / ExtentSize // whole extents only
+	for e < last {
+		next, err := unix.Seek(int(f.raw.Fd()), int64(e*ExtentSize), unix.SEEK_DATA)
+		if err != nil { // ENXIO: no data after e
+			return 0, false
+		}
+		e = uint64(next) / ExtentSize
+		if e >= last {
+			return 0, false
+		}
+		f.mu.Lock()
+		ok := f.current(e) == 0 && f.durableLen(e) == 0 && !f.knownNoGain(e)
+		f.mu.Unlock()
+		if ok {
+			return e, true
+		}
+		e++
+	}
+	return 0, false
+}
+
+// Recompress stores extent e compressed if it is held raw, holds data and
+// would save a block; it reports whether it did. The raw slot is punched
+// at the Sync that commits the change.
+func (f *File) Recompress(e uint64) (bool, error) {
+	if (e+1)*ExtentSize > f.size {
+		return false, nil
+	}
+	l := f.lock(e)
+	l.Lock()
+	defer l.Unlock()
+	f.mu.Lock()
+	ok := f.current(e) == 0 && f.durableLen(e) == 0 && !f.knownNoGain(e)
+	f.mu.Unlock()
+	if !ok {
+		return false, nil
+	}
+	in := extentBufs.Get().(*[ExtentSize]byte)
+	defer extentBufs.Put(in)
+	if _, err := f.raw.ReadAt(in[:], int64(e*ExtentSize)); err != nil {
+		return false, err
+	}
+	out := extentBufs.Get().(*[ExtentSize]byte)
+	defer extentBufs.Put(out)
+	c := compress(in[:], out[:])
+	if c == nil {
+		f.mu.Lock()
+		f.markNoGain(e)
+		f.mu.Unlock()
+		return false, nil
+	}
+	if _, err := f.z.WriteAt(c, int64(e*ExtentSize)); err != nil {
+		return false, err
+	}
+	f.setCurrent(e, uint32(len(c)))
+	return true, nil
+}
+
+// knownNoGain, markNoGain and setGain read and change extent e's noGain
+// bit. f.mu is held.
+func (f *File) knownNoGain(e uint64) bool {
+	return e/64 < uint64(len(f.noGain)) && f.noGain[e/64]&(1<<(e%64)) != 0
+}
+
+func (f *File) markNoGain(e uint64) {
+	if need := int(e/64) + 1; need > len(f.noGain) {
+		f.noGain = append(f.noGain, make([]uint64, need-len(f.noGain))...)
+	}
+	f.noGain[e/64] |= 1 << (e % 64)
+}
+
+func (f *File) setGain(e uint64) {
+	if e/64 < uint64(len(f.noGain)) {
+		f.noGain[e/64] &^= 1 << (e % 64)
+	}
 }

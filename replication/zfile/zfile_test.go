@@ -121,13 +121,15 @@ func TestAgainstModel(t *testing.T) {
 			if _, err := f.WriteAt(p, int64(off)); err != nil {
 				t.Fatal(err)
 			}
-		case k == 8:
+		case k == 8 && r.IntN(2) == 0:
 			n := 1 + r.IntN(2*ExtentSize)
 			off := r.IntN(size - n)
 			clear(model[off : off+n])
 			if err := f.Punch(uint64(off), uint64(n)); err != nil {
 				t.Fatal(err)
 			}
+		case k == 8: // recompress what small writes left raw
+			recompressAll(t, f)
 		default:
 			if err := f.Sync(); err != nil {
 				t.Fatal(err)
@@ -150,6 +152,95 @@ func TestAgainstModel(t *testing.T) {
 	}
 }
 
+// recompressAll recompresses every extent NextRaw offers.
+func recompressAll(t *testing.T, f *File) (done int) {
+	t.Helper()
+	for e, ok := f.NextRaw(0); ok; e, ok = f.NextRaw(e + 1) {
+		did, err := f.Recompress(e)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if did {
+			done++
+		}
+	}
+	return done
+}
+
+// TestRecompress: extents that small writes left raw are stored compressed
+// again, once the map on disk no longer names their compressed slot, with
+// the same content; an incompressible extent is tried once until it is
+// written again.
+func TestRecompress(t *testing.T) {
+	const size = 1 << 20
+	r := rand.New(rand.NewPCG(8, 8))
+	path := filepath.Join(t.TempDir(), "data")
+	f, err := Create(path, size)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { f.Close() }()
+	model := jsonLogs(r, size)
+	copy(model[:ExtentSize], randomBytes(r, ExtentSize)) // extent 0 does not compress
+	if _, err := f.WriteAt(model, 0); err != nil {
+		t.Fatal(err)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	physical := func() uint64 {
+		st, err := f.Stats()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return st.PhysicalBytes
+	}
+	before := physical()
+	// A small write into every compressed extent makes it raw.
+	for e := 1; e < size/ExtentSize; e++ {
+		p := jsonLogs(r, BlockSize)
+		copy(model[e*ExtentSize+BlockSize:], p)
+		if _, err := f.WriteAt(p, int64(e*ExtentSize+BlockSize)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if n := recompressAll(t, f); n != 0 {
+		t.Fatalf("%d extents recompressed while the map on disk names their compressed slot", n)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	raw := physical()
+	if n := recompressAll(t, f); n != size/ExtentSize-1 {
+		t.Fatalf("%d extents recompressed, want %d", n, size/ExtentSize-1)
+	}
+	if err := f.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	after := physical()
+	t.Logf("compressed %d KiB, raw after small writes %d KiB, recompressed %d KiB", before>>10, raw>>10, after>>10)
+	if after > before+BlockSize*(size/ExtentSize) || after*2 > raw {
+		t.Errorf("recompressed to %d bytes: compressed %d, raw %d", after, before, raw)
+	}
+	if _, ok := f.NextRaw(0); ok {
+		t.Error("NextRaw offers an extent after everything was tried (extent 0 does not compress)")
+	}
+	if _, err := f.WriteAt(jsonLogs(r, BlockSize), 0); err != nil { // extent 0 is written again: tried again
+		t.Fatal(err)
+	}
+	if e, ok := f.NextRaw(0); !ok || e != 0 {
+		t.Errorf("NextRaw after a write to extent 0: %d, %v", e, ok)
+	}
+	copy(model, mustRead(t, f, 0, BlockSize))
+	f.Close()
+	if f, err = Open(path); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(mustRead(t, f, 0, size), model) {
+		t.Fatal("the file does not read what was written")
+	}
+}
+
 // The crash test's child (this binary again) runs ops until it is killed.
 const crashEnv = "CAIRN_ZFILE_CRASH_CHILD"
 
@@ -161,7 +252,8 @@ const (
 
 // crashOp is op i of the stream a crash child runs: deterministic by seed.
 type crashOp struct {
-	punch bool
+	punch      bool
+	recompress bool // up to 4 extents from off's, content unchanged
 	off   int
 	data  []byte // nil for a punch
 	n     int
@@ -173,7 +265,7 @@ func nextCrashOp(r *rand.Rand, i int) crashOp {
 	if i%syncEvery == syncEvery-1 {
 		return crashOp{sync: true}
 	}
-	switch k := r.IntN(8); {
+	switch k := r.IntN(9); {
 	case k < 3:
 		e := r.IntN(crashSize / ExtentSize)
 		p := jsonLogs(r, ExtentSize)
@@ -185,10 +277,12 @@ func nextCrashOp(r *rand.Rand, i int) crashOp {
 		n := BlockSize * (1 + r.IntN(4))
 		off := BlockSize * r.IntN((crashSize-n)/BlockSize)
 		return crashOp{off: off, data: jsonLogs(r, n), n: n}
-	default:
+	case k == 7:
 		n := BlockSize * (1 + r.IntN(20))
 		off := BlockSize * r.IntN((crashSize-n)/BlockSize)
 		return crashOp{punch: true, off: off, n: n}
+	default:
+		return crashOp{recompress: true, off: ExtentSize * r.IntN(crashSize/ExtentSize)}
 	}
 }
 
@@ -230,6 +324,12 @@ func crashChild(dir string) int {
 			}
 		case op.punch:
 			err = f.Punch(uint64(op.off), uint64(op.n))
+		case op.recompress:
+			e, ok := f.NextRaw(uint64(op.off / ExtentSize))
+			for j := 0; ok && j < 4 && err == nil; j++ {
+				_, err = f.Recompress(e)
+				e, ok = f.NextRaw(e + 1)
+			}
 		default:
 			_, err = f.WriteAt(op.data, int64(op.off))
 		}
@@ -242,8 +342,8 @@ func crashChild(dir string) int {
 
 // TestKillDuringOverwrites is the crash test: a process overwrites
 // a compressed file (whole extents, small writes into compressed extents,
-// punches, a sync every 16 ops) and is killed with SIGKILL at a random
-// moment, five times. Reopened, every 4 KiB block holds its content as of
+// punches, recompressions, a sync every 16 ops) and is killed with SIGKILL
+// at a random moment, five times. Reopened, every 4 KiB block holds its content as of
 // the last sync, or what an op after it wrote there: a torn rewrite of an
 // extent never loses the other blocks of that extent.
 func TestKillDuringOverwrites(t *testing.T) {
@@ -308,7 +408,7 @@ func TestKillDuringOverwrites(t *testing.T) {
 			allowed := map[int][][]byte{}
 			for i := 0; i < issued; i++ {
 				op := nextCrashOp(r, i)
-				if op.sync {
+				if op.sync || op.recompress {
 					continue
 				}
 				data := op.data
