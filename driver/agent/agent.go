@@ -69,6 +69,8 @@ type Config struct {
 	ChainSoftLimit int
 	// DedupInterval: see storagenode.Config.DedupInterval.
 	DedupInterval time.Duration
+	// RecompressInterval: see storagenode.Config.RecompressInterval.
+	RecompressInterval time.Duration
 	// ReservableIOPS: see storagenode.Config.ReservableIOPS.
 	ReservableIOPS uint64
 	// StaleReplicaTimeout is how long a replica's node may be down before the
@@ -197,7 +199,7 @@ func Start(cfg Config) (_ *Agent, err error) {
 	storage, err := storagenode.New(storagenode.Config{
 		NodeID: cfg.ID, DataDir: cfg.DataDir, Listen: cfg.DataAddr, TLS: cfg.TLS, FSM: a.store.Store().FSM(), Meta: a.self,
 		Logger: base, Registerer: reg, DiskSched: diskSched, ChainSoftLimit: cfg.ChainSoftLimit, DiskDirs: cfg.DiskDirs,
-		DedupInterval:  cfg.DedupInterval,
+		DedupInterval: cfg.DedupInterval, RecompressInterval: cfg.RecompressInterval,
 		ReservableIOPS: cfg.ReservableIOPS,
 	})
 	if err != nil {

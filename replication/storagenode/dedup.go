@@ -230,18 +230,7 @@ func (n *Node) dedupPass(d dedupDir) {
 			if r == nil {
 				return func() {}, nil // a resumed pass's replica: read unscheduled
 			}
-			if s := n.cfg.DiskSched; s != nil && !s.ForegroundIdle(dedupQuiet) {
-				select {
-				case <-ctx.Done():
-					return nil, ctx.Err()
-				case <-time.After(dedupBusyPause):
-				}
-			}
-			t, err := r.Admit(ctx, replica.OpRead, bytes)
-			if err != nil {
-				return nil, err
-			}
-			return t.Done, nil
+			return n.backgroundStep(ctx, r, bytes)
 		},
 		Progress: func(p dedup.Progress) {
 			ratio := float64(p.Done) / float64(max(p.Total, 1)) / 2

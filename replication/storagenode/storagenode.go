@@ -73,6 +73,10 @@ type Config struct {
 	// (dedup.go); 0: DefaultDedupInterval, negative: never (the data
 	// directories are still probed and recorded).
 	DedupInterval time.Duration
+	// RecompressInterval is how often the node stores compressed again
+	// the extents that small writes left raw (recompress.go); 0:
+	// DefaultRecompressInterval, negative: never.
+	RecompressInterval time.Duration
 }
 
 // Node is a running storage node.
@@ -98,6 +102,7 @@ type Node struct {
 	// dedupMetrics count them (dedup.go).
 	dedupNow     chan struct{}
 	dedupMetrics dedupMetrics
+	recompress   recompressMetrics
 
 	ctx    context.Context
 	cancel context.CancelFunc
@@ -186,7 +191,7 @@ func New(cfg Config) (*Node, error) {
 	log := cfg.Logger.With(zap.String("node_id", cfg.NodeID))
 	n := &Node{cfg: cfg, log: log.Named("storage"), lis: lis, rebuilds: map[string]context.CancelFunc{}, reported: map[string]bool{},
 		snapJobs: map[string]bool{}, snapRetry: map[string]retry{}, again: make(chan struct{}, 1),
-		dedupNow: make(chan struct{}, 1), dedupMetrics: newDedupMetrics(),
+		dedupNow: make(chan struct{}, 1), dedupMetrics: newDedupMetrics(), recompress: newRecompressMetrics(),
 		flattenRetry: map[string]retry{}, flatteningNow: map[string]meta.LayerProgress{}, dedupFound: map[string]sharing{},
 		flattens: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "cairn_storage_flattens_total",
@@ -226,7 +231,7 @@ func New(cfg Config) (*Node, error) {
 	})
 	if cfg.Registerer != nil {
 		cs := append(n.server.Collectors(), n.grows, n.snapshotsTaken, n.snapshotsDeleted, n.flattens, n.flattenProgress, &usageCollector{server: n.server})
-		for _, c := range append(cs, n.dedupMetrics.collectors()...) {
+		for _, c := range append(append(cs, n.dedupMetrics.collectors()...), n.recompress.collectors()...) {
 			if err := cfg.Registerer.Register(c); err != nil {
 				lis.Close()
 				return nil, err
@@ -243,6 +248,8 @@ func (n *Node) Start(engines *attach.Registry) {
 	n.engines = engines
 	n.wg.Add(3)
 	go func() { defer n.wg.Done(); n.dedupLoop() }()
+	n.wg.Add(1)
+	go func() { defer n.wg.Done(); n.recompressLoop() }()
 	go func() {
 		defer n.wg.Done()
 		if err := n.server.Serve(n.lis); err != nil && !errors.Is(err, replica.ErrServerClosed) {
