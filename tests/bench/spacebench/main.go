@@ -1,7 +1,8 @@
-// Command spacebench measures what deduplication costs and buys
-// (docs/deduplication.md): how fast a node's pass hashes, how much a
-// foreground volume's latency suffers while it runs, and the space before
-// and after.
+// Command spacebench measures what compression and deduplication cost and
+// buy: compression side by side with a volume without it (compress.go,
+// docs/compression.md), and for deduplication (docs/deduplication.md) how
+// fast a node's pass hashes, how much a foreground volume's latency
+// suffers while it runs, and the space before and after.
 //
 // It builds bin/cairn, makes an xfs with reflinks (mkfs.xfs -m reflink=1)
 // on a loop device over a sparse file in a temporary directory, and starts
@@ -114,7 +115,7 @@ func (b *bench) ctl(args ...string) []string {
 
 // result is one fio run of A.
 type result struct {
-	iops           float64
+	iops, mibs     float64
 	p50, p99, p999 float64 // ns
 	hashedMiBs     float64 // the passes' hashing rate meanwhile
 }
@@ -136,7 +137,7 @@ func (b *bench) run(ctx context.Context) error {
 		return err
 	}
 	args := []string{"dev", "up", "--nodes", "1", "--dir", b.clusterD, "--insecure", "--disk-types", diskType,
-		"--node-arg=--dedup-interval=1s"}
+		"--node-arg=--dedup-interval=1s", "--node-arg=--recompress-interval=" + recompressEvery.String()}
 	for _, a := range b.o.NodeArgs {
 		args = append(args, "--node-arg="+a)
 	}
@@ -180,6 +181,13 @@ func (b *bench) run(ctx context.Context) error {
 	paced := append([]string{"--rw=randread", "--bs=4k", "--iodepth=4", "--rate_iops=" + strconv.Itoa(rate)}, benchkit.FioTimed(b.o.runtime)...)
 	b.logf("A alone at %d IOPS (%.0f%% of %.0f)", rate, rateShare*100, free.iops)
 	alone, err := b.measure(ctx, "alone", sockA, node, paced)
+	if err != nil {
+		return err
+	}
+
+	// Compression, before any volume with deduplication gives the
+	// passes work.
+	comp, err := b.compression(ctx)
 	if err != nil {
 		return err
 	}
@@ -253,7 +261,7 @@ func (b *bench) run(ctx context.Context) error {
 	fmt.Fprintf(w, "space on the xfs: %d x %s written took %s; after the passes %s (%.2fx one copy); the replicas report %s saved\n",
 		b.o.copies, b.o.size, benchkit.HumanBytes(uint64(written)), benchkit.HumanBytes(uint64(after)), float64(after)/float64(b.sizeBytes),
 		benchkit.HumanBytes(uint64(saved)))
-	return nil
+	return comp.print(b)
 }
 
 // measure runs fio on sock with args and the node's hashing rate over the
@@ -288,12 +296,20 @@ func (b *bench) fio(ctx context.Context, name, sock string, args ...string) (*re
 		st = job.Write
 	}
 	pc := st.ClatNs.Percentile
-	return &result{iops: st.IOPS, p50: pc["50.000000"], p99: pc["99.000000"], p999: pc["99.900000"]}, nil
+	return &result{iops: st.IOPS, mibs: st.BWBytes / (1 << 20), p50: pc["50.000000"], p99: pc["99.000000"], p999: pc["99.900000"]}, nil
 }
 
 func (b *bench) createVolume(ctx context.Context, name string, dedup bool) (string, error) {
-	args := b.ctl("volume", "create", name, "--size", b.o.size, "--replicas", "1", "-o", "json",
-		"--param", "type="+diskType, "--param", "deduplication="+strconv.FormatBool(dedup))
+	return b.createWith(ctx, name, "type="+diskType, "deduplication="+strconv.FormatBool(dedup))
+}
+
+// createWith creates a 1-replica -size volume with the parameters given
+// as key=value.
+func (b *bench) createWith(ctx context.Context, name string, params ...string) (string, error) {
+	args := b.ctl("volume", "create", name, "--size", b.o.size, "--replicas", "1", "-o", "json")
+	for _, p := range params {
+		args = append(args, "--param", p)
+	}
 	out, err := b.cmd(ctx, b.bin, args...)
 	if err != nil {
 		return "", err
@@ -331,7 +347,7 @@ func (b *bench) makeXFS(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	size := int64(b.sizeBytes)*int64(b.o.copies+2) + 2<<30
+	size := int64(b.sizeBytes)*int64(b.o.copies+4) + 2<<30
 	if err := f.Truncate(size); err != nil {
 		f.Close()
 		return err
