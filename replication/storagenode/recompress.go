@@ -2,6 +2,7 @@ package storagenode
 
 import (
 	"context"
+	"runtime"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -132,4 +133,18 @@ func (n *Node) backgroundStep(ctx context.Context, r *replica.Replica, bytes uin
 		return nil, err
 	}
 	return t.Done, nil
+}
+
+// backgroundYield is called between pieces of a background job's CPU work
+// (dedup.Config.Yield). While foreground I/O is recent it parks the job
+// for dedupBusyYield: with the processor idle the runtime polls the
+// network and runs the engines' goroutines waiting on it, which
+// runtime.Gosched would not (it picks the yielding goroutine again
+// first); otherwise it only yields.
+func (n *Node) backgroundYield() {
+	if s := n.cfg.DiskSched; s != nil && !s.ForegroundIdle(dedupQuiet) {
+		time.Sleep(dedupBusyYield)
+		return
+	}
+	runtime.Gosched()
 }

@@ -254,10 +254,10 @@ const (
 type crashOp struct {
 	punch      bool
 	recompress bool // up to 4 extents from off's, content unchanged
-	off   int
-	data  []byte // nil for a punch
-	n     int
-	sync  bool
+	off        int
+	data       []byte // nil for a punch
+	n          int
+	sync       bool
 }
 
 // crashOps generates the stream's ops from r in order.
