@@ -61,6 +61,10 @@ func checkEncryption(c *CreateVolume, spec volspec.Spec) error {
 		return fmt.Errorf("volume %q: a wrapped data key, but encryption is not %s: %w", c.Name, volspec.EncryptionAESGCM, ErrInvalidArgument)
 	case spec.Encrypted() && c.SizeBytes%crypt.BlockSize != 0:
 		return fmt.Errorf("volume %q: size %d of an encrypted volume is not a multiple of its %d-byte blocks: %w", c.Name, c.SizeBytes, crypt.BlockSize, ErrInvalidArgument)
+	case spec.Encrypted() && spec.Compression != "":
+		// volspec.Parse refuses it; the store checks the stored form too.
+		return fmt.Errorf("volume %q: compression %s cannot go with encryption %s (encrypted blocks do not compress): %w",
+			c.Name, spec.Compression, spec.Encryption, ErrInvalidArgument)
 	}
 	return nil
 }

@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/cairn-csi/cairn/replication/crypt"
 )
 
 // TestCompressionPlacement: a volume with compression goes only on nodes
@@ -55,6 +57,14 @@ func TestCompressionPlacement(t *testing.T) {
 		if typ, gated := gatedType(c); typ != CmdSetNodeFeatures || !gated {
 			t.Errorf("%T with compression gated as %d (%v), want %d", c, typ, gated, CmdSetNodeFeatures)
 		}
+	}
+	// The stored form, as a client of the store may send it, is checked
+	// too: compression with encryption is refused.
+	sealed := lz4("e1", 1)
+	sealed.Parameters["encryption"] = "aes-256-gcm"
+	sealed.Encryption = &crypt.WrappedKey{}
+	if err := h.fails(sealed, ErrInvalidArgument); !strings.Contains(err.Error(), "cannot go with encryption") {
+		t.Errorf("compression with encryption: %v", err)
 	}
 	if got := nodesNamedBy(mustEncode(t, &SetNodeFeatures{NodeID: "n2"})); !slices.Equal(got, []string{"n2"}) {
 		t.Errorf("SetNodeFeatures names %v, want [n2]", got)

@@ -246,3 +246,90 @@ func TestPlainReplicaNotCompressed(t *testing.T) {
 		t.Error("a plain replica has a compressed map")
 	}
 }
+
+// TestRecompressDuringRestore: a restore links a sealed layer while a
+// recompression pass is storing its extents compressed again. The
+// extents recompressed before the link are committed first, the pass
+// stops at its next step, and both the source and the restored replica
+// read the snapshot whole, also after a reopen.
+func TestRecompressDuringRestore(t *testing.T) {
+	const size = 4 << 20
+	dir := t.TempDir()
+	r, err := OpenWith(dir, "src", size, 0, CreateOptions{Compression: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = r.Close() }()
+	rng := rand.New(rand.NewPCG(11, 11))
+	model := testlogs.JSON(rng, size)
+	if err := r.WriteAt(0, model, 0, false); err != nil {
+		t.Fatal(err)
+	}
+	// A small write into every extent leaves them all raw.
+	for off := 0; off < size; off += 64 << 10 {
+		p := testlogs.JSON(rng, 4096)
+		copy(model[off+8192:], p)
+		if err := r.WriteAt(0, p, uint64(off+8192), false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := r.Flush(0); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Snapshot(0, "s"); err != nil {
+		t.Fatal(err)
+	}
+	steps := 0
+	st, err := r.Recompress(context.Background(), func(context.Context) (func(), error) {
+		steps++
+		if steps == 4 { // three extents recompressed, not yet synced
+			if err := CreateFromSnapshot(dir, "restored", r, "s", 0); err != nil {
+				t.Error(err)
+			}
+		}
+		return func() {}, nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Extents != 3 {
+		t.Errorf("the pass recompressed %d extents, want the 3 before the restore linked the layer", st.Extents)
+	}
+	r2, err := Open(dir, "restored", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(rep *Replica, what string) {
+		t.Helper()
+		got := make([]byte, size)
+		if err := rep.ReadSnapshotAt(rep.Epoch(), "s", got, 0); err != nil || !bytes.Equal(got, model) {
+			t.Fatalf("%s does not read the snapshot (%v)", what, err)
+		}
+	}
+	read(r, "the source")
+	got := make([]byte, size)
+	if err := r2.ReadAt(0, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatalf("the restored replica does not read the snapshot (%v)", err)
+	}
+	if err := r2.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if r, err = Open(dir, "src", 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	read(r, "the source, reopened")
+	if r2, err = Open(dir, "restored", 0, 0); err != nil {
+		t.Fatal(err)
+	}
+	defer func() { _ = r2.Close() }()
+	if err := r2.ReadAt(0, got, 0); err != nil || !bytes.Equal(got, model) {
+		t.Fatalf("the restored replica, reopened, does not read the snapshot (%v)", err)
+	}
+	// A later pass leaves the shared layer alone.
+	if st, err := r.Recompress(context.Background(), nil); err != nil || st.Extents != 0 {
+		t.Errorf("a pass over a shared layer recompressed %d extents (%v)", st.Extents, err)
+	}
+}

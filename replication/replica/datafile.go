@@ -254,21 +254,25 @@ type RecompressStats struct {
 
 // Recompress stores compressed again the extents of the replica's
 // compressed layers that small writes left raw (zfile.Recompress), layer
-// by layer, the head last, syncing each layer before and, if it changed
-// it, after. Their content
-// does not change, so reads and writes go on meanwhile. A sealed layer
-// that another replica shares by hard link (a restore's) is left alone:
-// that replica keeps its own view of the files. admit, if set, is called
-// before each extent (the node's background I/O class) and returns what
-// to call after it; its error stops the pass. A plain replica has nothing
-// to do.
+// by layer, the head last, syncing each layer before, every
+// recompressSyncEvery extents and at its end. Their content does not
+// change, so reads and writes go on meanwhile. A sealed layer that another
+// replica shares by hard link (a restore's) is left alone: that replica
+// keeps its own view of the files; a restore that links one while the
+// pass runs stops the pass (CreateFromSnapshot). admit, if set, is called
+// before each extent (the node's background I/O class) and returns what to
+// call after it; its error stops the pass. A plain replica has nothing to
+// do.
 func (r *Replica) Recompress(ctx context.Context, admit func(ctx context.Context) (func(), error)) (RecompressStats, error) {
 	var st RecompressStats
+	r.linkMu.RLock()
 	r.epochMu.RLock()
 	if r.closed {
 		r.epochMu.RUnlock()
+		r.linkMu.RUnlock()
 		return st, fmt.Errorf("replica %s: %w", r.id, ErrClosed)
 	}
+	links := r.links
 	var layers []*zfile.File
 	for k, lf := range r.below {
 		if z, ok := lf.data.(*zfile.File); ok {
@@ -281,6 +285,7 @@ func (r *Replica) Recompress(ctx context.Context, admit func(ctx context.Context
 		layers = append(layers, z)
 	}
 	r.epochMu.RUnlock()
+	r.linkMu.RUnlock()
 	for _, z := range layers {
 		// First the changes since the last flush: an extent that a
 		// small write made raw is offered once the map on disk no longer
@@ -288,8 +293,8 @@ func (r *Replica) Recompress(ctx context.Context, admit func(ctx context.Context
 		if err := r.syncLayer(z); err != nil {
 			return st, err
 		}
-		changed := false
-		for e, ok := z.NextRaw(0); ok; e, ok = z.NextRaw(e + 1) {
+		unsynced := 0
+		for e, more := uint64(0), true; more; {
 			if err := ctx.Err(); err != nil {
 				return st, err
 			}
@@ -301,39 +306,62 @@ func (r *Replica) Recompress(ctx context.Context, admit func(ctx context.Context
 				}
 				done = d
 			}
-			did, live, err := r.recompressExtent(z, e)
+			var did, stop bool
+			var err error
+			e, did, more, stop, err = r.recompressStep(z, e, links)
 			done()
 			if err != nil {
 				return st, fmt.Errorf("replica %s: recompress extent %d: %w", r.id, e, err)
 			}
-			if !live {
-				break // the layer was merged away, or the replica closed
+			if stop {
+				return st, nil // a restore shares a layer now: the next pass looks again
 			}
 			if did {
-				changed = true
 				st.Extents++
 				st.Bytes += zfile.ExtentSize
+				unsynced++
 			}
-		}
-		if changed {
-			if err := r.syncLayer(z); err != nil {
-				return st, err
+			// Until its Sync an extent takes both slots, and counts
+			// twice in zfile.Stats: bounded.
+			if unsynced >= recompressSyncEvery || !more && unsynced > 0 {
+				if err := r.syncLayer(z); err != nil {
+					return st, err
+				}
+				unsynced = 0
 			}
 		}
 	}
 	return st, nil
 }
 
-// recompressExtent recompresses extent e of z while z is still one of the
-// replica's layers (live); epochMu held shared keeps it from being closed.
-func (r *Replica) recompressExtent(z *zfile.File, e uint64) (did, live bool, err error) {
+// recompressSyncEvery is how many extents (64 MiB) Recompress stores
+// compressed in a layer between syncs.
+const recompressSyncEvery = 1024
+
+// recompressStep recompresses the first extent at or after e that z
+// offers (zfile.NextRaw), under the replica's locks: epochMu shared keeps
+// z from being closed, linkMu shared keeps a restore from linking its
+// files meanwhile. It returns the extent to go on from; more is false
+// when z has no more, or is no longer one of the replica's layers (merged
+// away, the replica closed); stop is set when a restore linked layers
+// since the pass began (links) and z is not the head.
+func (r *Replica) recompressStep(z *zfile.File, e, links uint64) (next uint64, did, more, stop bool, err error) {
+	r.linkMu.RLock()
+	defer r.linkMu.RUnlock()
 	r.epochMu.RLock()
 	defer r.epochMu.RUnlock()
 	if !r.holds(z) {
-		return false, false, nil
+		return e, false, false, false, nil
+	}
+	if r.links != links && r.data != dataFile(z) {
+		return e, false, false, true, nil
+	}
+	e, ok := z.NextRaw(e)
+	if !ok {
+		return e, false, false, false, nil
 	}
 	did, err = z.Recompress(e)
-	return did, true, err
+	return e + 1, did, true, false, err
 }
 
 // syncLayer makes z's recompressed extents durable, if z is still one of

@@ -13,6 +13,7 @@ import (
 	"github.com/cairn-csi/cairn/internal/atomicfile"
 	"github.com/cairn-csi/cairn/iosched"
 	"github.com/cairn-csi/cairn/replication/layer"
+	"github.com/cairn-csi/cairn/replication/zfile"
 )
 
 // Layers: snapshots of a replica (docs/snapshots.md).
@@ -684,6 +685,11 @@ func CreateFromSnapshot(dir, id string, src *Replica, snapID string, size uint64
 	if err := validateID(id); err != nil {
 		return err
 	}
+	// No recompression step runs on src's layers while they are linked,
+	// and a pass that began before stops at its next step (datafile.go).
+	src.linkMu.Lock()
+	defer src.linkMu.Unlock()
+	src.links++
 	src.epochMu.RLock() // the chain stays as it is while its files are linked
 	defer src.epochMu.RUnlock()
 	if src.closed {
@@ -701,6 +707,16 @@ func CreateFromSnapshot(dir, id string, src *Replica, snapID string, size uint64
 	k, err := src.snapshotLayer(snapID)
 	if err != nil {
 		return err
+	}
+	// A compressed layer's extents recompressed since its last sync are
+	// committed first: the new replica reads the map on disk, and its
+	// open punches the slots the map does not name, on the shared files.
+	for i := range k + 1 {
+		if z, ok := src.layerFilesOf(i).data.(*zfile.File); ok {
+			if err := z.Sync(); err != nil {
+				return fmt.Errorf("replica %s: sync layer %d of %s before sharing it: %w", id, i, src.id, err)
+			}
+		}
 	}
 	err = buildHidden(dir, id, func(tmp string) error {
 		return fillFromSnapshot(tmp, id, src, k, size)

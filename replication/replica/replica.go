@@ -77,6 +77,12 @@ type Replica struct {
 	// Claim(e) returns no operation with an epoch below e is still running,
 	// and none can start.
 	epochMu sync.RWMutex
+	// linkMu keeps a restore's links to the sealed layers apart from a
+	// recompression pass over them (datafile.go): CreateFromSnapshot holds
+	// it exclusively and counts links, Recompress's steps hold it shared.
+	// Taken before epochMu.
+	linkMu sync.RWMutex
+	links  uint64
 	// Written only with epochMu held exclusively; read with it held shared.
 	// So are size and extents (Grow).
 	epoch      uint64

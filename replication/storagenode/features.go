@@ -16,8 +16,11 @@ import (
 var nodeFeatures = []string{meta.FeatureCompressionLZ4}
 
 // recordFeatures records nodeFeatures in the store once this node is
-// registered, and again whenever the record differs (a node upgraded or
-// downgraded in place). Called by the realizer goroutine, which retries.
+// registered, and again whenever the record differs (a build with other
+// features). A build older than features records nothing, and keeps
+// what a newer one recorded: its replicas of a volume with compression
+// are then made uncompressed (docs/compression.md). Called by the
+// realizer goroutine, which retries.
 func (n *Node) recordFeatures() {
 	var have []string
 	known := false

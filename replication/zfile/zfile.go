@@ -112,10 +112,11 @@ func Create(path string, size uint64) (*File, error) {
 		if err != nil {
 			return nil, err
 		}
-		err = f.Truncate(int64(size))
+		n := int64(size)
 		if p == path+mapSuffix {
-			err = f.Truncate(int64(4 * extents(size)))
+			n = int64(4 * extents(size))
 		}
+		err = f.Truncate(n)
 		if err == nil {
 			err = f.Sync()
 		}
@@ -176,7 +177,7 @@ func Open(path string) (*File, error) {
 		err = f.punchStale()
 	}
 	if err != nil {
-		f.Close()
+		f.closeFiles()
 		return nil, fmt.Errorf("zfile %s: %w", path, err)
 	}
 	return f, nil
@@ -687,8 +688,16 @@ func (f *File) Stats() (Stats, error) {
 	return s, nil
 }
 
-// Close closes the files. Writes since the last Sync are not made durable.
+// Close syncs (Sync) and closes the files. Unlike a plain file's close,
+// which leaves unflushed writes in the page cache, closing without a Sync
+// would lose the writes that moved an extent to another slot: the next
+// Open goes by the map on disk and punches the slots it does not name.
 func (f *File) Close() error {
+	return errors.Join(f.Sync(), f.closeFiles())
+}
+
+// closeFiles closes whatever files are open.
+func (f *File) closeFiles() error {
 	var err error
 	for _, fl := range []*os.File{f.raw, f.z, f.zmap} {
 		if fl != nil {
@@ -706,9 +715,9 @@ func (f *File) Close() error {
 // it may run beside reads and writes (each extent under its lock).
 
 // NextRaw returns the first extent at or after e that Recompress may
-// store compressed: held raw, with data in its raw slot, not found
-// incompressible since its last write, and whose compressed slot the map
-// on disk does not name. False when there is none.
+// store compressed: held raw, with data in every block of its raw slot,
+// not found incompressible since its last write, and whose compressed
+// slot the map on disk does not name. False when there is none.
 func (f *File) NextRaw(e uint64) (uint64, bool) {
 	last := f.size / ExtentSize // whole extents only
 	for e < last {
@@ -723,7 +732,7 @@ func (f *File) NextRaw(e uint64) (uint64, bool) {
 		f.mu.Lock()
 		ok := f.current(e) == 0 && f.durableLen(e) == 0 && !f.knownNoGain(e)
 		f.mu.Unlock()
-		if ok {
+		if ok && f.rawWhole(e) {
 			return e, true
 		}
 		e++
@@ -731,8 +740,19 @@ func (f *File) NextRaw(e uint64) (uint64, bool) {
 	return 0, false
 }
 
-// Recompress stores extent e compressed if it is held raw, holds data and
-// would save a block; it reports whether it did. The raw slot is punched
+// rawWhole reports whether extent e's raw slot holds data in every block
+// (no hole). Only such an extent is recompressed: one with holes takes
+// fewer blocks raw than its LZ4 block may, and in a replica's layer its
+// holes can be blocks the layer does not hold, which a compressed extent
+// could no longer tell from written zeros (replica settlePending).
+func (f *File) rawWhole(e uint64) bool {
+	hole, err := unix.Seek(int(f.raw.Fd()), int64(e*ExtentSize), unix.SEEK_HOLE)
+	return err == nil && uint64(hole) >= (e+1)*ExtentSize
+}
+
+// Recompress stores extent e compressed if it is held raw, holds data in
+// every block (rawWhole) and would save a block; it reports whether it
+// did. The raw slot is punched
 // at the Sync that commits the change.
 func (f *File) Recompress(e uint64) (bool, error) {
 	if (e+1)*ExtentSize > f.size {
@@ -744,7 +764,7 @@ func (f *File) Recompress(e uint64) (bool, error) {
 	f.mu.Lock()
 	ok := f.current(e) == 0 && f.durableLen(e) == 0 && !f.knownNoGain(e)
 	f.mu.Unlock()
-	if !ok {
+	if !ok || !f.rawWhole(e) {
 		return false, nil
 	}
 	in := extentBufs.Get().(*[ExtentSize]byte)

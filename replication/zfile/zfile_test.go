@@ -555,3 +555,54 @@ func BenchmarkStore(b *testing.B) {
 		})
 	}
 }
+
+// TestRecompressLeavesSparseExtents: an extent whose raw slot has holes
+// is not recompressed (it may take fewer blocks raw, and in a replica's
+// layer its holes are blocks the layer does not hold); once every block
+// is written it is. Close commits what Recompress did.
+func TestRecompressLeavesSparseExtents(t *testing.T) {
+	r := rand.New(rand.NewPCG(9, 9))
+	path := filepath.Join(t.TempDir(), "data")
+	f, err := Create(path, 4*ExtentSize)
+	if err != nil {
+		t.Fatal(err)
+	}
+	model := make([]byte, 4*ExtentSize)
+	p := jsonLogs(r, BlockSize)
+	copy(model[ExtentSize:], p)
+	if _, err := f.WriteAt(p, ExtentSize); err != nil { // one block of extent 1
+		t.Fatal(err)
+	}
+	if e, ok := f.NextRaw(0); ok {
+		t.Fatalf("NextRaw offers extent %d, whose raw slot has holes", e)
+	}
+	if did, err := f.Recompress(1); err != nil || did {
+		t.Fatalf("Recompress of a sparse extent: %v, %v", did, err)
+	}
+	for off := ExtentSize + BlockSize; off < 2*ExtentSize; off += BlockSize {
+		p := jsonLogs(r, BlockSize)
+		copy(model[off:], p)
+		if _, err := f.WriteAt(p, int64(off)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if e, ok := f.NextRaw(0); !ok || e != 1 {
+		t.Fatalf("NextRaw = %d, %v; want extent 1, written whole", e, ok)
+	}
+	if did, err := f.Recompress(1); err != nil || !did {
+		t.Fatalf("Recompress of a whole extent: %v, %v", did, err)
+	}
+	if err := f.Close(); err != nil { // commits the recompressed extent
+		t.Fatal(err)
+	}
+	if f, err = Open(path); err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if st, err := f.Stats(); err != nil || st.CompressedExtents != 1 {
+		t.Errorf("after a close and an open: %+v, %v; want extent 1 compressed", st, err)
+	}
+	if !bytes.Equal(mustRead(t, f, 0, len(model)), model) {
+		t.Fatal("the file does not read what was written")
+	}
+}
