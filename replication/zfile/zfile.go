@@ -89,6 +89,9 @@ type File struct {
 	// that Sync compares to commit only what it made durable.
 	pending map[uint64]change
 	gen     uint64
+	// compressed counts the extents held compressed now (their current
+	// length is not 0): Stats reads it rather than walk the map.
+	compressed uint64
 	// noGain has a bit per extent that Recompress found would not save a
 	// block, cleared when the extent is written: not tried again until
 	// then. In memory only (a bit per extent: 2 MiB per TiB).
@@ -206,7 +209,23 @@ func (f *File) loadMap() error {
 			}
 		}
 	}
+	f.recount()
 	return nil
+}
+
+// recount sets compressed from the map; f.mu is held (or f not shared).
+func (f *File) recount() {
+	f.compressed = 0
+	for e, l := range f.durable {
+		if _, ok := f.pending[uint64(e)]; !ok && l != 0 {
+			f.compressed++
+		}
+	}
+	for _, c := range f.pending {
+		if c.length != 0 {
+			f.compressed++
+		}
+	}
 }
 
 // punchStale frees the slots the map does not name: the compressed slot of
@@ -274,6 +293,12 @@ func (f *File) setCurrent(e uint64, length uint32) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.setGain(e)
+	switch old := f.current(e); {
+	case old == 0 && length != 0:
+		f.compressed++
+	case old != 0 && length == 0:
+		f.compressed--
+	}
 	if length == f.durableLen(e) {
 		delete(f.pending, e) // back to what the map on disk says
 		// A Sync in progress may have taken the old change: a new
@@ -622,6 +647,7 @@ func (f *File) Trim(size uint64) error {
 	if n := int(extents(size)); len(f.durable) > n {
 		f.durable = f.durable[:n]
 	}
+	f.recount()
 	f.mu.Unlock()
 	return nil
 }
@@ -657,22 +683,11 @@ type Stats struct {
 	CompressedExtents uint64
 }
 
-// Stats measures the file.
+// Stats measures the file: three fstats, whatever its size.
 func (f *File) Stats() (Stats, error) {
 	var s Stats
 	f.mu.Lock()
-	seen := map[uint64]bool{}
-	for e, c := range f.pending {
-		seen[e] = true
-		if c.length != 0 {
-			s.CompressedExtents++
-		}
-	}
-	for e, l := range f.durable {
-		if l != 0 && !seen[uint64(e)] {
-			s.CompressedExtents++
-		}
-	}
+	s.CompressedExtents = f.compressed
 	f.mu.Unlock()
 	s.LogicalBytes = s.CompressedExtents * ExtentSize
 	for i, fl := range []*os.File{f.raw, f.z, f.zmap} {

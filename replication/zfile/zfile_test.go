@@ -145,10 +145,30 @@ func TestAgainstModel(t *testing.T) {
 			if !bytes.Equal(mustRead(t, f, 0, size), model) {
 				t.Fatalf("after op %d the file differs from the model", i)
 			}
+			checkCount(t, f)
 		}
 	}
 	if !bytes.Equal(mustRead(t, f, 0, size), model) {
 		t.Fatal("the file differs from the model")
+	}
+}
+
+// checkCount checks that the running count of compressed extents is what
+// a walk of the map finds, extent by extent.
+func checkCount(t *testing.T, f *File) {
+	t.Helper()
+	var walked uint64
+	for e := range extents(f.size) {
+		if f.currentLocked(e) != 0 {
+			walked++
+		}
+	}
+	st, err := f.Stats()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.CompressedExtents != walked {
+		t.Fatalf("Stats counts %d compressed extents, the map holds %d", st.CompressedExtents, walked)
 	}
 }
 
