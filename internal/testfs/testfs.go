@@ -77,8 +77,9 @@ func Mount(t testing.TB, fstype string, size int64, mnt string) {
 	})
 }
 
-// Used is what the file system at dir has in use, after a sync.
-func Used(t testing.TB, dir string) uint64 {
+// Sync makes everything written to the file system at dir durable
+// (syncfs: its journal included).
+func Sync(t testing.TB, dir string) {
 	t.Helper()
 	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
 	if err != nil {
@@ -88,8 +89,14 @@ func Used(t testing.TB, dir string) uint64 {
 	if err := unix.Syncfs(fd); err != nil {
 		t.Fatalf("syncfs %s: %v", dir, err)
 	}
+}
+
+// Used is what the file system at dir has in use, after a sync.
+func Used(t testing.TB, dir string) uint64 {
+	t.Helper()
+	Sync(t, dir)
 	var st unix.Statfs_t
-	if err := unix.Fstatfs(fd, &st); err != nil {
+	if err := unix.Statfs(dir, &st); err != nil {
 		t.Fatal(err)
 	}
 	return (st.Blocks - st.Bfree) * uint64(st.Bsize)

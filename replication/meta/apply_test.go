@@ -2043,14 +2043,7 @@ func TestApplyRequestSameIDOtherCommand(t *testing.T) {
 // one whose command does not decode are refused as a whole: an error, no
 // change, no record, so the id stays free.
 func TestApplyRequestRefused(t *testing.T) {
-	enc := func(c Command) []byte {
-		b, err := Encode(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
-	create := enc(&CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 1})
+	create := mustEncode(t, &CreateVolume{ID: "v2", Name: "pvc-v2", SizeBytes: gib, Replicas: 1})
 	tests := []struct {
 		name string
 		req  *Request
@@ -2058,11 +2051,11 @@ func TestApplyRequestRefused(t *testing.T) {
 	}{
 		{"no id", &Request{Command: create}, ErrInvalidArgument},
 		{"no id, no command", &Request{}, ErrInvalidArgument},
-		{"no id, a request inside", &Request{Command: enc(&Request{ID: "r2", Command: create})}, ErrInvalidArgument},
-		{"request in a request", &Request{ID: "r1", Command: enc(&Request{ID: "r2", Command: create})}, ErrBadCommand},
-		{"request in a request, same id", &Request{ID: "r1", Command: enc(&Request{ID: "r1", Command: create})}, ErrBadCommand},
-		{"request in a request, remembered inner id", &Request{ID: "r1", Command: enc(&Request{ID: "seen", Command: create})}, ErrBadCommand},
-		{"request in a request without an id", &Request{ID: "r1", Command: enc(&Request{})}, ErrBadCommand},
+		{"no id, a request inside", &Request{Command: mustEncode(t, &Request{ID: "r2", Command: create})}, ErrInvalidArgument},
+		{"request in a request", &Request{ID: "r1", Command: mustEncode(t, &Request{ID: "r2", Command: create})}, ErrBadCommand},
+		{"request in a request, same id", &Request{ID: "r1", Command: mustEncode(t, &Request{ID: "r1", Command: create})}, ErrBadCommand},
+		{"request in a request, remembered inner id", &Request{ID: "r1", Command: mustEncode(t, &Request{ID: "seen", Command: create})}, ErrBadCommand},
+		{"request in a request without an id", &Request{ID: "r1", Command: mustEncode(t, &Request{})}, ErrBadCommand},
 		{"no command", &Request{ID: "r1"}, ErrBadCommand},
 		{"empty command", &Request{ID: "r1", Command: []byte{}}, ErrBadCommand},
 		{"one byte", &Request{ID: "r1", Command: []byte{byte(CmdCreateVolume)}}, ErrBadCommand},

@@ -109,22 +109,15 @@ func TestAsNodeReachesOnlyItsVolumes(t *testing.T) {
 // TestNeedsNodeCheck: the meta API wraps exactly the commands scopeOf
 // judges, also inside a Request envelope.
 func TestNeedsNodeCheck(t *testing.T) {
-	enc := func(c Command) []byte {
-		b, err := Encode(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
 	for _, c := range []Command{
 		&SetReplicaState{}, &SetReplicaGeneration{}, &RecordUsage{}, &RebuildProgressUpdate{}, &SetVolumeCondition{},
-		&ScrubProgressUpdate{}, &ReportLag{}, &LeaseNonces{}, &SetSnapshotReady{}, &DeleteSnapshot{}, &Request{ID: "x", Command: enc(&SetReplicaState{})},
+		&ScrubProgressUpdate{}, &ReportLag{}, &LeaseNonces{}, &SetSnapshotReady{}, &DeleteSnapshot{}, &Request{ID: "x", Command: mustEncode(t, &SetReplicaState{})},
 	} {
 		if !needsNodeCheck(c) {
 			t.Errorf("%T: not checked against the state", c)
 		}
 	}
-	for _, c := range []Command{&RegisterNode{}, &NodeHeartbeat{}, &AttachVolume{}, &AdvanceEpoch{}, &SetNodeDisks{}, &Request{ID: "x", Command: enc(&NodeHeartbeat{})}} {
+	for _, c := range []Command{&RegisterNode{}, &NodeHeartbeat{}, &AttachVolume{}, &AdvanceEpoch{}, &SetNodeDisks{}, &Request{ID: "x", Command: mustEncode(t, &NodeHeartbeat{})}} {
 		if needsNodeCheck(c) {
 			t.Errorf("%T: checked against the state, though the meta API judges it alone", c)
 		}

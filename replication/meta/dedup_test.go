@@ -81,19 +81,12 @@ func TestRecordReplicaSpace(t *testing.T) {
 // API refuses them from another node's certificate), also inside a
 // client's Request envelope.
 func TestNodesNamedByOwnRecords(t *testing.T) {
-	enc := func(c Command) []byte {
-		b, err := Encode(c)
-		if err != nil {
-			t.Fatal(err)
-		}
-		return b
-	}
 	for _, c := range []Command{
 		&SetNodeDisks{NodeID: "n2"}, &SetNodeReservable{NodeID: "n2", IOPS: 1},
 		&SetNodeDedup{NodeID: "n2", Disks: map[string]string{"": ""}},
-		&Request{ID: "r1", Command: enc(&SetNodeDedup{NodeID: "n2"})},
+		&Request{ID: "r1", Command: mustEncode(t, &SetNodeDedup{NodeID: "n2"})},
 	} {
-		if got := nodesNamedBy(enc(c)); !slices.Equal(got, []string{"n2"}) {
+		if got := nodesNamedBy(mustEncode(t, c)); !slices.Equal(got, []string{"n2"}) {
 			t.Errorf("%T names %v, want [n2]", c, got)
 		}
 	}

@@ -179,11 +179,16 @@ func extendFile(f dataFile, n uint64) error {
 	if z, ok := f.(*zfile.File); ok {
 		return z.Grow(n)
 	}
-	pf := plainFile(f)
-	if err := pf.Truncate(int64(n)); err != nil {
+	return truncateDurably(plainFile(f), n)
+}
+
+// truncateDurably sets f's length to n and makes it durable (fsync: a
+// size change needs it).
+func truncateDurably(f *os.File, n uint64) error {
+	if err := f.Truncate(int64(n)); err != nil {
 		return err
 	}
-	return pf.Sync()
+	return f.Sync()
 }
 
 // trimInterruptedGrow cuts f back to want bytes when it is longer: the
@@ -197,11 +202,7 @@ func trimInterruptedGrow(f dataFile, have, want uint64) error {
 	if z, ok := f.(*zfile.File); ok {
 		return z.Trim(want)
 	}
-	pf := plainFile(f)
-	if err := pf.Truncate(int64(want)); err != nil {
-		return err
-	}
-	return pf.Sync()
+	return truncateDurably(plainFile(f), want)
 }
 
 // lockFile is the file whose descriptor stands for f in an flock.

@@ -20,10 +20,10 @@ import (
 	"time"
 
 	csipb "github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 
+	"github.com/cairn-csi/cairn/internal/testfs"
 	"github.com/cairn-csi/cairn/replication/meta"
 )
 
@@ -35,14 +35,7 @@ import (
 // journal included): what a snapshot then holds is what the files hold.
 func syncFS(t *testing.T, dir string) {
 	t.Helper()
-	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer unix.Close(fd)
-	if err := unix.Syncfs(fd); err != nil {
-		t.Fatalf("syncfs %s: %v", dir, err)
-	}
+	testfs.Sync(t, dir)
 }
 
 func (c *cluster) snapshot(name, vol string) *csipb.Snapshot {
