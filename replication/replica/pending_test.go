@@ -273,12 +273,14 @@ func TestPowerLossKeepsOnlyIntactBlocks(t *testing.T) {
 	punchPath(t, data, 14*SumBlockSize, SumBlockSize)               // neither data
 	pokeFile(t, sums, 4*14, make([]byte, 4))                        // nor sum
 	punchPath(t, data, 15*SumBlockSize, SumBlockSize)               // data lost, sum kept
-	// The meta file lost the dirty bits (it cannot, as a write marks
-	// its extents dirty first; the open marks them all the same).
+	// The dirty marks are lost, in the meta file and the dirty-bits file
+	// (they cannot be, as a write marks its extents dirty first; the open
+	// marks them all the same).
 	meta := filepath.Join(dir, "r1", metaFileName)
 	m := decodeMetaFile(t, meta)
 	clear(m.Dirty)
 	must(t, writeFileAtomic(filepath.Dir(meta), metaFileName, encodeMeta(&m)))
+	must(t, os.Remove(filepath.Join(dir, "r1", dirtyBitsFileName)))
 	fellBack := map[uint64]bool{12: true, 13: true, 14: true, 15: true, 40: true, 41: true}
 	st := checkBlocks(t, dir, old, written, fellBack)
 	if st.SameBoot || st.FellBack != 6 || st.Kept != 16 {

@@ -99,7 +99,13 @@ type Replica struct {
 	durable    bitmap     // extents whose dirty bit is known to be on disk
 	wantSeq    uint64     // incremented whenever want gains extents
 	durableSeq uint64     // the wantSeq that the last successful persist covered
-	persisting bool       // one goroutine at a time writes the meta file
+	persisting bool       // one goroutine at a time writes the marks
+	// pending: the bytes of want changed since the last persist.
+	pending pendingBytes
+	// bits is the dirty-bits file (dirtybits.go), nil until it exists;
+	// used by the persisting goroutine, and by MarkClean and Close with
+	// epochMu held exclusively.
+	bits *os.File
 
 	zeroSumOnce sync.Once
 	zeroSum     uint32 // CRC32C of a full extent of zeros
@@ -279,6 +285,9 @@ func openExisting(path, id string) (*Replica, error) {
 	if err := os.Remove(filepath.Join(path, metaFileName+".tmp")); err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, fmt.Errorf("replica %s: %w", id, err)
 	}
+	if err := readDirtyBits(path, m.Dirty, extentCount(m.Size, m.ExtentSize)); err != nil {
+		return nil, fmt.Errorf("replica %s: %w", id, err)
+	}
 	r := &Replica{
 		dir:        path,
 		id:         id,
@@ -309,6 +318,11 @@ func openExisting(path, id string) (*Replica, error) {
 	}
 	if err := r.openHead(); err != nil {
 		return fail(err)
+	}
+	if f, err := os.OpenFile(filepath.Join(path, dirtyBitsFileName), os.O_RDWR, 0); err == nil {
+		r.bits = f // so that the next clean point clears it
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		return fail(fmt.Errorf("replica %s: %w", id, err))
 	}
 	r.checksummed = r.sums != nil
 	if err := r.settlePending(); err != nil {
@@ -502,6 +516,11 @@ func (r *Replica) MarkClean(epoch, generation uint64) error {
 	if err := r.writeMeta(&m); err != nil {
 		return fmt.Errorf("replica %s: mark clean: %w", r.id, err)
 	}
+	// After the meta file: a crash between the two leaves extents dirty
+	// that need not be, never the reverse (dirtybits.go).
+	if err := r.clearDirtyBits(len(m.Dirty)); err != nil {
+		return fmt.Errorf("replica %s: mark clean: %w", r.id, err)
+	}
 	r.cleanEpoch, r.cleanGen = epoch, generation
 	r.mu.Lock()
 	r.want = m.Dirty.clone()
@@ -527,6 +546,7 @@ func (r *Replica) setDurable(dirty bitmap) {
 	r.mu.Lock()
 	r.durable = dirty
 	r.durableSeq = r.wantSeq
+	r.pending = pendingBytes{}
 	r.mu.Unlock()
 }
 
@@ -536,9 +556,10 @@ func (r *Replica) writeMeta(m *metaState) error {
 
 // markDirty makes sure extents [first, last] are marked dirty on disk before
 // it returns. An extent already durable costs one bitmap lookup; otherwise
-// the caller joins the next meta write (group commit): one goroutine writes
-// the meta file for everyone who added extents before it started, the others
-// wait. Callers hold epochMu shared.
+// the caller joins the next write of the dirty-bits file (group commit, see
+// dirtybits.go): one goroutine writes the bytes of the bitmap that changed
+// for everyone who added extents before it started, the others wait.
+// Callers hold epochMu shared.
 func (r *Replica) markDirty(first, last uint64) error {
 	r.mu.Lock()
 	defer r.mu.Unlock()
@@ -549,6 +570,7 @@ func (r *Replica) markDirty(first, last uint64) error {
 	for i := first; i <= last; i++ {
 		if !r.want.has(i) {
 			r.want.set(i)
+			r.pending.add(int(i / 8))
 			added = true
 		}
 	}
@@ -562,21 +584,25 @@ func (r *Replica) markDirty(first, last uint64) error {
 			continue
 		}
 		r.persisting = true
-		seq := r.wantSeq
-		m := metaState{
-			ID: r.id, Generation: r.generation, Size: r.size, ExtentSize: r.extentSize,
-			Epoch: r.epoch, CleanEpoch: r.cleanEpoch, CleanGeneration: r.cleanGen,
-			Dirty: r.want.clone(),
+		seq, span := r.wantSeq, r.pending
+		r.pending = pendingBytes{}
+		chunk := append(bitmap(nil), r.want[span.lo:span.hi]...)
+		var full bitmap
+		if r.bits == nil {
+			full = r.want.clone()
 		}
 		r.mu.Unlock()
-		err := r.writeMeta(&m)
+		err := r.persistDirty(span.lo, chunk, full)
 		r.mu.Lock()
 		r.persisting = false
 		r.persisted.Broadcast()
 		if err != nil {
+			r.pending.union(span) // the next persist writes them again
 			return fmt.Errorf("replica %s: mark extents %d-%d dirty: %w", r.id, first, last, err)
 		}
-		r.durable, r.durableSeq = m.Dirty, seq
+		// Every bit want gained up to seq is in span: durable catches up.
+		copy(r.durable[span.lo:span.hi], chunk)
+		r.durableSeq = seq
 	}
 	return nil
 }
@@ -1161,6 +1187,10 @@ func (r *Replica) closeFiles() error {
 	r.buildMu.Unlock()
 	if cerr := r.closeLayers(); cerr != nil {
 		err = errors.Join(err, fmt.Errorf("replica %s: close layers: %w", r.id, cerr))
+	}
+	if r.bits != nil {
+		err = errors.Join(err, r.bits.Close())
+		r.bits = nil
 	}
 	if r.dirLock != nil {
 		err = errors.Join(err, r.dirLock.Close())

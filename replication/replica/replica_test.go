@@ -251,43 +251,88 @@ func decodeMetaFile(t testing.TB, path string) metaState {
 	return m
 }
 
+// dirtyOnDisk is the dirty set a replica at dir would open with: its meta
+// file's bitmap and its dirty-bits file's (dirtybits.go).
+func dirtyOnDisk(t testing.TB, dir string) []uint64 {
+	t.Helper()
+	m := decodeMetaFile(t, filepath.Join(dir, metaFileName))
+	if err := readDirtyBits(dir, m.Dirty, extentCount(m.Size, m.ExtentSize)); err != nil {
+		t.Fatal(err)
+	}
+	return m.Dirty.list(0, 0)
+}
+
 func TestDirtyExtentsPersistedBeforeData(t *testing.T) {
 	dir := t.TempDir()
-	metaPath := filepath.Join(dir, "r1", metaFileName)
+	rdir := filepath.Join(dir, "r1")
+	metaPath := filepath.Join(rdir, metaFileName)
+	bitsPath := filepath.Join(rdir, dirtyBitsFileName)
 	r, err := Open(dir, "r1", testSize, testExtent)
 	if err != nil {
 		t.Fatal(err)
 	}
 	claimed(t, r, 1)
+	meta0, err := os.Stat(metaPath)
+	if err != nil {
+		t.Fatal(err)
+	}
 	if err := r.WriteAt(1, []byte("extent zero"), 100, false); err != nil {
 		t.Fatal(err)
 	}
-	// The dirty bit is on disk when the write returns.
-	if got := decodeMetaFile(t, metaPath).Dirty.list(0, 0); !slices.Equal(got, []uint64{0}) {
-		t.Fatalf("meta file after first write: dirty %v, want [0]", got)
+	// The dirty bit is on disk when the write returns, in the dirty-bits
+	// file: the meta file is not rewritten for it.
+	if got := dirtyOnDisk(t, rdir); !slices.Equal(got, []uint64{0}) {
+		t.Fatalf("on disk after first write: dirty %v, want [0]", got)
 	}
-	// A second write to the same extent does not rewrite the meta file.
-	st0, err := os.Stat(metaPath)
+	if got := decodeMetaFile(t, metaPath).Dirty.list(0, 0); len(got) != 0 {
+		t.Errorf("meta file after first write: dirty %v, want none (the marks go to %s)", got, dirtyBitsFileName)
+	}
+	meta1, err := os.Stat(metaPath)
 	if err != nil {
 		t.Fatal(err)
 	}
+	if !os.SameFile(meta0, meta1) {
+		t.Error("meta file rewritten for a write's dirty mark")
+	}
+	// Later marks overwrite the dirty-bits file in place.
+	bits0, err := os.Stat(bitsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := r.WriteAt(1, []byte("extent two"), 2*testExtent, false); err != nil {
+		t.Fatal(err)
+	}
+	bits1, err := os.Stat(bitsPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !os.SameFile(bits0, bits1) {
+		t.Error("dirty-bits file replaced, not overwritten in place")
+	}
+	if got := dirtyOnDisk(t, rdir); !slices.Equal(got, []uint64{0, 2}) {
+		t.Fatalf("on disk after a write to extent 2: dirty %v, want [0 2]", got)
+	}
+	// A second write to the same extent writes no mark.
 	if err := r.WriteAt(1, []byte("extent zero again"), 5000, false); err != nil {
 		t.Fatal(err)
 	}
-	st1, err := os.Stat(metaPath)
+	bits2, err := os.Stat(bitsPath)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !os.SameFile(st0, st1) {
-		t.Error("meta file rewritten for a write to an extent already dirty")
+	if !bits2.ModTime().Equal(bits1.ModTime()) {
+		t.Error("dirty-bits file written for a write to an extent already dirty")
 	}
 
-	// When the dirty bit cannot be persisted, the data is not written: block
-	// the meta rewrite by putting a directory where its temporary file goes.
-	blocker := filepath.Join(dir, "r1", metaFileName+".tmp")
-	if err := os.Mkdir(blocker, 0o700); err != nil {
+	// When the dirty bit cannot be persisted, the data is not written:
+	// the dirty-bits file's descriptor is swapped for a read-only one, so
+	// that the mark's write fails.
+	ro, err := os.Open(bitsPath)
+	if err != nil {
 		t.Fatal(err)
 	}
+	rw := r.bits
+	r.bits = ro
 	before := make([]byte, 16)
 	if err := r.ReadAt(1, before, 3*testExtent); err != nil {
 		t.Fatal(err)
@@ -302,7 +347,8 @@ func TestDirtyExtentsPersistedBeforeData(t *testing.T) {
 	if !bytes.Equal(before, after) {
 		t.Fatal("data written although its dirty bit could not be persisted")
 	}
-	if err := os.Remove(blocker); err != nil {
+	r.bits = rw
+	if err := ro.Close(); err != nil {
 		t.Fatal(err)
 	}
 	if err := r.WriteAt(1, []byte("extent three"), 3*testExtent+7, false); err != nil {
@@ -317,14 +363,18 @@ func TestDirtyExtentsPersistedBeforeData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got := r.DirtyExtents(); !slices.Equal(got, []uint64{0, 3}) {
-		t.Fatalf("after reopen: DirtyExtents = %v, want [0 3]", got)
+	if got := r.DirtyExtents(); !slices.Equal(got, []uint64{0, 2, 3}) {
+		t.Fatalf("after reopen: DirtyExtents = %v, want [0 2 3]", got)
 	}
 	if err := r.MarkClean(1, 1); err != nil {
 		t.Fatal(err)
 	}
 	if got := r.DirtyExtents(); len(got) != 0 {
 		t.Fatalf("after MarkClean: DirtyExtents = %v, want []", got)
+	}
+	// The clean point cleared both files.
+	if got := dirtyOnDisk(t, rdir); len(got) != 0 {
+		t.Fatalf("on disk after MarkClean: dirty %v, want none", got)
 	}
 	if err := r.Close(); err != nil {
 		t.Fatal(err)
@@ -381,9 +431,8 @@ func TestDirtyExtentsRangesAndConcurrency(t *testing.T) {
 	if got := r.DirtyExtents(); !slices.Equal(got, want) {
 		t.Fatalf("DirtyExtents = %v, want %v", got, want)
 	}
-	m := decodeMetaFile(t, filepath.Join(r.dir, metaFileName))
-	if got := m.Dirty.list(0, 0); !slices.Equal(got, want) {
-		t.Fatalf("meta file dirty = %v, want %v", got, want)
+	if got := dirtyOnDisk(t, r.dir); !slices.Equal(got, want) {
+		t.Fatalf("dirty on disk = %v, want %v", got, want)
 	}
 }
 
@@ -872,4 +921,51 @@ func firstDiff(a, b []byte) int {
 		}
 	}
 	return -1
+}
+
+// TestCleanPointInterruptedKeepsMarks: a crash after MarkClean rewrote the
+// meta file but before it zeroed the dirty-bits file leaves the marks of
+// the last period in place. The replica opens with them dirty: more to
+// resync, nothing missed (dirtybits.go). Bits a stale file holds past the
+// replica's extents are ignored.
+func TestCleanPointInterruptedKeepsMarks(t *testing.T) {
+	dir := t.TempDir()
+	rdir := filepath.Join(dir, "r1")
+	r := openTest(t, dir, testSize, testExtent)
+	claimed(t, r, 1)
+	for _, x := range []uint64{1, 5} {
+		if err := r.WriteAt(1, []byte{7}, x*testExtent, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	marks := fileBytes(t, filepath.Join(rdir, dirtyBitsFileName))
+	if err := r.MarkClean(1, 1); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Close(); err != nil {
+		t.Fatal(err)
+	}
+	// The crash: the meta file says clean, the dirty-bits file still has
+	// the marks, and one bit past the last extent.
+	extents := extentCount(testSize, testExtent)
+	stale := append(marks, 0xff)
+	if extents%8 != 0 {
+		stale[len(marks)-1] |= 0x80
+	}
+	must(t, os.WriteFile(filepath.Join(rdir, dirtyBitsFileName), stale, 0o600))
+	r, err := Open(dir, "r1", 0, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer r.Close()
+	if got := r.DirtyExtents(); !slices.Equal(got, []uint64{1, 5}) {
+		t.Fatalf("after an interrupted clean point: DirtyExtents = %v, want [1 5]", got)
+	}
+	// The next clean point clears them, in both files.
+	if err := r.MarkClean(1, 2); err != nil {
+		t.Fatal(err)
+	}
+	if got := dirtyOnDisk(t, rdir); len(got) != 0 {
+		t.Fatalf("on disk after the next clean point: dirty %v, want none", got)
+	}
 }
