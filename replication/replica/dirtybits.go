@@ -35,6 +35,16 @@ import (
 // before it existed, or never written since) has an empty one.
 const dirtyBitsFileName = "dirty.bits"
 
+// markAheadBytes is how far past a sequential write markDirty marks
+// extents dirty in advance: at 4 MiB extents, a writer streaming at
+// 500 MiB/s waits for one mark every 36 MiB rather than every 4 MiB.
+const markAheadBytes = 32 << 20
+
+// markAheadExtents is markAheadBytes in extents of extentSize, at least 1.
+func markAheadExtents(extentSize uint64) uint64 {
+	return max(1, markAheadBytes/extentSize)
+}
+
 // readDirtyBits ORs the dirty-bits file of the replica at dir into dirty,
 // ignoring bits past extents (a file written before a failed grow's meta
 // commit may name them; no write reached them).
@@ -110,6 +120,7 @@ func (r *Replica) persistDirty(lo int, chunk, full bitmap) error {
 		}
 		r.bits = f
 	}
+	r.marksWritten.Add(1)
 	if _, err := r.bits.WriteAt(chunk, int64(lo)); err != nil {
 		return fmt.Errorf("write %s: %w", dirtyBitsFileName, err)
 	}

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -102,10 +103,15 @@ type Replica struct {
 	persisting bool       // one goroutine at a time writes the marks
 	// pending: the bytes of want changed since the last persist.
 	pending pendingBytes
+	// markAhead: extents marked past a write that looks sequential
+	// (markDirty); set at open from markAheadBytes.
+	markAhead uint64
 	// bits is the dirty-bits file (dirtybits.go), nil until it exists;
 	// used by the persisting goroutine, and by MarkClean and Close with
 	// epochMu held exclusively.
 	bits *os.File
+	// marksWritten counts writes of the dirty-bits file (tests).
+	marksWritten atomic.Uint64
 
 	zeroSumOnce sync.Once
 	zeroSum     uint32 // CRC32C of a full extent of zeros
@@ -302,6 +308,7 @@ func openExisting(path, id string) (*Replica, error) {
 		durable:    m.Dirty.clone(),
 	}
 	r.persisted = sync.NewCond(&r.mu)
+	r.markAhead = markAheadExtents(r.extentSize)
 	// The directory is locked before the chain is read: opening the chain
 	// removes the files of an unfinished snapshot, which must not happen
 	// under a process that is taking one.
@@ -565,6 +572,14 @@ func (r *Replica) markDirty(first, last uint64) error {
 	defer r.mu.Unlock()
 	if r.durable.hasAll(first, last) {
 		return nil
+	}
+	// A write that continues into an extent after a dirty one is likely
+	// sequential: the extents ahead of it are marked in the same persist,
+	// so that a sequential writer waits for a mark once per markAhead
+	// extents instead of once per extent. Marking more than was written
+	// costs a crash only the rehash of those extents (resync).
+	if first > 0 && r.want.has(first-1) {
+		last = min(r.extents-1, last+r.markAhead)
 	}
 	added := false
 	for i := first; i <= last; i++ {

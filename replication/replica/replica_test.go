@@ -271,6 +271,7 @@ func TestDirtyExtentsPersistedBeforeData(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	r.markAhead = 0 // exact sets below; TestMarkAhead covers marking ahead
 	claimed(t, r, 1)
 	meta0, err := os.Stat(metaPath)
 	if err != nil {
@@ -313,14 +314,11 @@ func TestDirtyExtentsPersistedBeforeData(t *testing.T) {
 		t.Fatalf("on disk after a write to extent 2: dirty %v, want [0 2]", got)
 	}
 	// A second write to the same extent writes no mark.
+	marks := r.marksWritten.Load()
 	if err := r.WriteAt(1, []byte("extent zero again"), 5000, false); err != nil {
 		t.Fatal(err)
 	}
-	bits2, err := os.Stat(bitsPath)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !bits2.ModTime().Equal(bits1.ModTime()) {
+	if r.marksWritten.Load() != marks {
 		t.Error("dirty-bits file written for a write to an extent already dirty")
 	}
 
@@ -967,5 +965,48 @@ func TestCleanPointInterruptedKeepsMarks(t *testing.T) {
 	}
 	if got := dirtyOnDisk(t, rdir); len(got) != 0 {
 		t.Fatalf("on disk after the next clean point: dirty %v, want none", got)
+	}
+}
+
+// TestMarkAhead: a write into the extent after a dirty one (a sequential
+// writer) marks the extents ahead of it too, durably, in the same persist;
+// the next writes there need no mark. A write after a clean extent marks
+// only its own.
+func TestMarkAhead(t *testing.T) {
+	const extent = 1 << 20 // 32 MiB ahead: 32 extents
+	dir := t.TempDir()
+	r := openTest(t, dir, 64*extent, extent)
+	defer r.Close()
+	claimed(t, r, 1)
+	write := func(x uint64) {
+		t.Helper()
+		if err := r.WriteAt(1, []byte{1}, x*extent, false); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(10)
+	if got := dirtyOnDisk(t, r.dir); !slices.Equal(got, []uint64{10}) {
+		t.Fatalf("after a write to extent 10: dirty %v, want [10]", got)
+	}
+	write(11)
+	var want []uint64
+	for x := uint64(10); x <= 11+markAheadExtents(extent); x++ {
+		want = append(want, x)
+	}
+	if got := dirtyOnDisk(t, r.dir); !slices.Equal(got, want) {
+		t.Fatalf("after a write to extent 11: dirty %v, want 10-%d", got, want[len(want)-1])
+	}
+	// The last extents: marking stops at the end.
+	write(62)
+	write(63)
+	if got := r.DirtyExtents(); !slices.Contains(got, 63) || slices.Contains(got, 61) {
+		t.Fatalf("after writes to extents 62 and 63: dirty %v, want 62 and 63 and not 61", got)
+	}
+	marks := r.marksWritten.Load()
+	for x := uint64(12); x <= 11+markAheadExtents(extent); x++ {
+		write(x)
+	}
+	if n := r.marksWritten.Load() - marks; n != 0 {
+		t.Errorf("the dirty-bits file was written %d times for extents marked ahead", n)
 	}
 }
