@@ -29,6 +29,7 @@ import (
 	"github.com/cairn-csi/cairn/replication/volspec"
 
 	"github.com/cairn-csi/cairn/internal/pki"
+	"github.com/cairn-csi/cairn/internal/workers"
 )
 
 // Errors of the engine.
@@ -152,6 +153,9 @@ func (m *member) inProcess() bool {
 type Engine struct {
 	cfg Config
 	log *zap.Logger
+	// workers send the fan-out's requests to the members behind a
+	// connection (internal/workers).
+	workers *workers.Pool
 
 	// mu guards the replica set and the epoch. I/O runs under the read
 	// lock; changing the set (ejection, claim, clean point) takes the write
@@ -292,7 +296,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	e := &Engine{cfg: cfg, opened: time.Now(), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), changed: make(chan struct{}, 1), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
+	e := &Engine{cfg: cfg, opened: time.Now(), workers: workers.New(workerIdle), locks: &rangeLocks{}, unresolved: map[uint64]bool{}, slow: map[string]slowRecord{}, fencedCh: make(chan struct{}), changed: make(chan struct{}, 1), log: cfg.Logger.Named("engine").With(zap.String("volume_id", cfg.VolumeID), zap.String("node_id", cfg.NodeID))}
 	// The contexts exist before the first reconfigure: it may start the
 	// followers' senders.
 	bg, cancel := context.WithCancel(context.Background())
@@ -314,6 +318,7 @@ func Open(ctx context.Context, cfg Config) (*Engine, error) {
 		e.stopFollowers()
 		cancel()
 		e.closeMembers()
+		e.workers.Close()
 		return nil, err
 	}
 	e.wg.Add(4)
@@ -733,6 +738,10 @@ func (e *Engine) fanOut(ctx context.Context, ms []*member, op func(context.Conte
 	return e.fanOutWith(ctx, ms, op, true)
 }
 
+// workerIdle is how long a fan-out worker waits for the next request
+// before it ends.
+const workerIdle = 10 * time.Second
+
 // fanOutWith is fanOut; with patient false the members still silent when
 // the quorum has answered are cut at once (an operation that only helps,
 // such as a clean point's early flush, must not hold the engine's lock for
@@ -765,7 +774,7 @@ func (e *Engine) fanOutWith(ctx context.Context, ms []*member, op func(context.C
 		}
 		mctx, mcancel := context.WithCancel(octx)
 		cancels[i] = mcancel
-		go func() { answers <- answer{i, one(mctx, m, op)} }()
+		e.workers.Go(func() { answers <- answer{i, one(mctx, m, op)} })
 	}
 	answered := make([]bool, len(ms))
 	ok := 0 // healthy members that succeeded
@@ -1630,6 +1639,7 @@ func (e *Engine) Close(ctx context.Context) error {
 		e.mu.Unlock()
 		e.stopFollowers()
 		e.closeMembers()
+		e.workers.Close()
 		if e.cfg.Sched != nil && e.qosSet.Load() && !e.cfg.Maintenance {
 			e.cfg.Sched.RemoveVolume(e.cfg.VolumeID)
 		}

@@ -27,6 +27,7 @@ import (
 	"github.com/cairn-csi/cairn/iosched"
 
 	"github.com/cairn-csi/cairn/internal/pki"
+	"github.com/cairn-csi/cairn/internal/workers"
 )
 
 // Per-connection limits.
@@ -59,6 +60,8 @@ type Server struct {
 	metrics  *serverMetrics
 	sched    *iosched.Scheduler
 	volumeOf func(replicaID string) string
+	// workers run the connections' requests (internal/workers).
+	workers *workers.Pool
 
 	// ctx ends at Close, so that requests waiting for the disk scheduler
 	// give up instead of holding Close back.
@@ -150,8 +153,13 @@ func NewServerWithConfig(cfg ServerConfig) *Server {
 		schedVols: make(map[string]int),
 		reserve:   make(map[string]uint64),
 		deleting:  make(map[string]DeleteProgress),
+		workers:   workers.New(workerIdle),
 	}
 }
+
+// workerIdle is how long a request worker waits for the next request
+// before it ends.
+const workerIdle = 10 * time.Second
 
 // schedAttach gives a replica that is about to be published its way into
 // the disk scheduler, registering its volume there if it is the first of
@@ -570,6 +578,7 @@ func (s *Server) Close() error {
 	}
 	s.mu.Unlock()
 	s.wg.Wait()
+	s.workers.Close() // the connections' handlers have all returned
 
 	s.lifeMu.Lock()
 	defer s.lifeMu.Unlock()
@@ -784,11 +793,11 @@ func (c *serverConn) readLoop() {
 			return
 		}
 		c.handlers.Add(1)
-		go func() {
+		c.s.workers.Go(func() {
 			defer c.handlers.Done()
 			defer func() { <-c.inFlight }()
 			c.send(c.execute(h, payload, trailer, cost))
-		}()
+		})
 	}
 }
 
