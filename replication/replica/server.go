@@ -624,8 +624,9 @@ func (c snapshotCollector) Collect(ch chan<- prometheus.Metric) {
 }
 
 // serverConn is one client connection. Its reader goroutine decodes requests
-// and starts a goroutine per request (at most maxInFlight at once); replies go
-// through one writer goroutine, in whatever order they complete.
+// and runs each on one of the server's workers (at most maxInFlight at once
+// per connection); replies go through one writer goroutine, in whatever
+// order they complete.
 type serverConn struct {
 	s   *Server
 	nc  net.Conn
