@@ -3,7 +3,6 @@ package workers
 import (
 	"runtime"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -16,12 +15,10 @@ func TestPoolReusesWorkers(t *testing.T) {
 	defer goleak.VerifyNone(t)
 	p := New(time.Minute)
 	var ids sync.Map
-	var started atomic.Int64
 	done := make(chan struct{})
 	for range 50 {
 		p.Go(func() {
 			ids.Store(goid(), true)
-			started.Add(1)
 			done <- struct{}{}
 		})
 		<-done

@@ -65,24 +65,16 @@ func readDirtyBits(dir string, dirty bitmap, extents uint64) error {
 	return nil
 }
 
-// openDirtyBits opens the dirty-bits file for writing in place, making it
-// with the bitmap full when it does not exist yet: written whole to a
-// temporary file, synced, renamed, and the directory synced, so that the
-// file, once it exists, has all its blocks and each later write is an
-// overwrite.
-func openDirtyBits(dir string, full bitmap) (*os.File, error) {
-	path := filepath.Join(dir, dirtyBitsFileName)
-	f, err := os.OpenFile(path, os.O_RDWR, 0)
-	if err == nil {
-		return f, nil
-	}
-	if !errors.Is(err, fs.ErrNotExist) {
-		return nil, err
-	}
+// createDirtyBits makes the dirty-bits file, holding the bitmap full, and
+// opens it for writing in place. It is written whole to a temporary file,
+// synced, renamed, and the directory synced, so that the file, once it
+// exists, has all its blocks and each later write is an overwrite. A file
+// that exists already was opened with the replica (openExisting).
+func createDirtyBits(dir string, full bitmap) (*os.File, error) {
 	if err := writeFileAtomic(dir, dirtyBitsFileName, full); err != nil {
 		return nil, err
 	}
-	return os.OpenFile(path, os.O_RDWR, 0)
+	return os.OpenFile(filepath.Join(dir, dirtyBitsFileName), os.O_RDWR, 0)
 }
 
 // pendingBytes is the range of bytes of want changed since they were last
@@ -114,9 +106,9 @@ func (p *pendingBytes) union(q pendingBytes) {
 // Called by the one persisting goroutine of markDirty, without r.mu.
 func (r *Replica) persistDirty(lo int, chunk, full bitmap) error {
 	if r.bits == nil {
-		f, err := openDirtyBits(r.dir, full)
+		f, err := createDirtyBits(r.dir, full)
 		if err != nil {
-			return fmt.Errorf("open %s: %w", dirtyBitsFileName, err)
+			return fmt.Errorf("create %s: %w", dirtyBitsFileName, err)
 		}
 		r.bits = f
 	}

@@ -327,7 +327,7 @@ func openExisting(path, id string) (*Replica, error) {
 		return fail(err)
 	}
 	if f, err := os.OpenFile(filepath.Join(path, dirtyBitsFileName), os.O_RDWR, 0); err == nil {
-		r.bits = f // so that the next clean point clears it
+		r.bits = f // marks overwrite it; the next clean point clears it
 	} else if !errors.Is(err, fs.ErrNotExist) {
 		return fail(fmt.Errorf("replica %s: %w", id, err))
 	}
