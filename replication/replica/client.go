@@ -319,6 +319,11 @@ func (c *Client) release(cl *call) {
 
 // writeLoop sends queued frames in order. It flushes when the queue is empty,
 // so frames queued together share a write.
+//
+// A call cancelled while queued is skipped, and the check for an empty
+// queue runs after it too: the frame before it was left in the buffer
+// because it was queued, and with nothing queued after it that frame would
+// stay half-sent until its caller's timeout.
 func (c *Client) writeLoop() {
 	bw := bufio.NewWriterSize(c.nc, 64<<10)
 	hdr := make([]byte, 0, RequestHeaderLen)
@@ -329,25 +334,17 @@ func (c *Client) writeLoop() {
 		case <-c.dead:
 			return
 		}
+		var err error
 		c.mu.Lock()
-		if cl.state == callSkipped {
-			c.mu.Unlock()
-			continue
+		skipped := cl.state == callSkipped
+		if !skipped {
+			cl.state = callWriting
 		}
-		cl.state = callWriting
 		c.mu.Unlock()
-		_, err := bw.Write(AppendRequestHeader(hdr[:0], cl.h))
-		if err == nil && len(cl.payload) > 0 {
-			_, err = bw.Write(cl.payload)
+		if !skipped {
+			err = c.writeFrame(bw, hdr, cl)
 		}
-		if err == nil && len(cl.trailer) > 0 {
-			_, err = bw.Write(cl.trailer)
-		}
-		c.mu.Lock()
-		cl.state = callWritten
-		c.mu.Unlock()
-		close(cl.written)
-		if err == nil && len(c.queue) == 0 {
+		if err == nil && len(c.queue) == 0 && bw.Buffered() > 0 {
 			err = bw.Flush()
 		}
 		if err != nil {
@@ -355,6 +352,22 @@ func (c *Client) writeLoop() {
 			return
 		}
 	}
+}
+
+// writeFrame puts cl's frame into bw and marks it written.
+func (c *Client) writeFrame(bw *bufio.Writer, hdr []byte, cl *call) error {
+	_, err := bw.Write(AppendRequestHeader(hdr[:0], cl.h))
+	if err == nil && len(cl.payload) > 0 {
+		_, err = bw.Write(cl.payload)
+	}
+	if err == nil && len(cl.trailer) > 0 {
+		_, err = bw.Write(cl.trailer)
+	}
+	c.mu.Lock()
+	cl.state = callWritten
+	c.mu.Unlock()
+	close(cl.written)
+	return err
 }
 
 // readLoop delivers replies to their calls until the connection ends.

@@ -460,6 +460,80 @@ func TestClientContextCancellation(t *testing.T) {
 	}
 }
 
+// gatedConn is a connection whose next Write, once armed, waits until
+// it is let go.
+type gatedConn struct {
+	net.Conn
+	armed   atomic.Bool
+	blocked chan struct{} // receives when an armed Write starts waiting
+	letGo   chan struct{}
+}
+
+func (g *gatedConn) Write(p []byte) (int, error) {
+	if g.armed.CompareAndSwap(true, false) {
+		g.blocked <- struct{}{}
+		<-g.letGo
+	}
+	return g.Conn.Write(p)
+}
+
+// TestClientSendsFrameBeforeCancelledOne: a request cancelled while queued
+// behind another must not keep the other's last bytes in the client's
+// buffer. The writer did not flush after a frame when another was queued,
+// and then skipped the cancelled one without flushing: the first request
+// sat half-sent until its own timeout (seen as a replica ejected for a write
+// that timed out while its server waited for the rest of the frame).
+func TestClientSendsFrameBeforeCancelledOne(t *testing.T) {
+	s, addr := startServer(t, t.TempDir())
+	mustCreate(t, s, "r1")
+	nc, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := &gatedConn{Conn: nc, blocked: make(chan struct{}), letGo: make(chan struct{})}
+	c := newClient(g, "r1")
+	t.Cleanup(func() { c.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	if err := c.open(ctx, testSize); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Claim(ctx, 1); err != nil {
+		t.Fatal(err)
+	}
+	// A write a little over the writer's 64 KiB buffer: the buffer's worth
+	// goes to the connection (and waits at the gate), the rest is buffered.
+	p := bytes.Repeat([]byte{7}, 64<<10+4096)
+	g.armed.Store(true)
+	wrote := make(chan error, 1)
+	go func() { wrote <- c.WriteAt(ctx, 1, p, 0, false) }()
+	<-g.blocked
+	// A second request queues behind it and is cancelled before it is sent.
+	fctx, fcancel := context.WithCancel(ctx)
+	flushed := make(chan error, 1)
+	go func() { flushed <- c.Flush(fctx, 1) }()
+	for len(c.queue) == 0 {
+		time.Sleep(time.Millisecond)
+	}
+	fcancel()
+	if err := <-flushed; !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled Flush: %v", err)
+	}
+	close(g.letGo)
+	select {
+	case err := <-wrote:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the write never completed: its last bytes stayed in the client's buffer")
+	}
+	got := make([]byte, len(p))
+	if err := c.ReadAt(ctx, 1, got, 0); err != nil || !bytes.Equal(got, p) {
+		t.Fatalf("read back: %v, equal %v", err, bytes.Equal(got, p))
+	}
+}
+
 func TestClientCloseFailsPendingCalls(t *testing.T) {
 	c, requests, _ := fakeServer(t)
 	errs := make(chan error, 8)
