@@ -53,7 +53,7 @@ func (o *nodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.BoolVar(&o.Pprof, "pprof", false, "serve Go's /debug/pprof profiles on --metrics-addr")
 	fs.IntVar(&o.GoMaxProcs, "gomaxprocs", 0, "CPUs the agent's Go scheduler runs on at once (0: Go's default, which follows the container's CPU limit); for several agents sharing one machine, as in a dev cluster, their share of its CPUs")
 	fs.StringVar(&o.DataAddr, "data-addr", "127.0.0.1:7003", "replica server listen address (engines on other nodes dial it)")
-	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second (0: unpaced)")
+	fs.StringVar(&o.RebuildRate, "rebuild-rate", "200Mi", "rebuild copy rate in bytes per second while the node has foreground I/O (0: unpaced); with none for 200 ms, rebuilds run unpaced")
 	fs.DurationVar(&o.ReplicaDeadline, "replica-deadline", engine.DefaultReplicaDeadline, "once the write quorum has answered, how long a write waits for a replica that has not before ejecting it (it comes back through a delta rebuild; each such ejection doubles that replica's deadline for a while, so a slow but alive replica is not ejected again and again; negative: wait the full I/O timeout)")
 	fs.DurationVar(&o.ScrubInterval, "scrub-interval", 7*24*time.Hour, "how often the engine of an attached volume reads and verifies every block of every replica, repairing what it can (docs/integrity.md; 0: only on demand, cairn ctl volume scrub)")
 	fs.Uint64Var(&o.ReservableIOPS, "reservable-iops", 0, "IOPS this node's disks can promise to volumes of qosClass guaranteed: each is placed only where its minIOPS is still unreserved (0: none here)")

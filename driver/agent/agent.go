@@ -59,7 +59,8 @@ type Config struct {
 	Pprof bool
 	// DataAddr is the replica server's listen (and advertised) address.
 	DataAddr string
-	// RebuildBytesPerSecond paces rebuild copies (0: unpaced).
+	// RebuildBytesPerSecond paces rebuild copies while the node has
+	// foreground I/O (0: unpaced; engine.Config).
 	RebuildBytesPerSecond uint64
 	// ReplicaDeadline: see engine.Config.ReplicaDeadline.
 	ReplicaDeadline time.Duration

@@ -48,7 +48,8 @@ type Config struct {
 	TLS *pki.Credentials
 	// Logger receives the engines' lines.
 	Logger *zap.Logger
-	// RebuildBytesPerSecond paces the engines' rebuild copies (0: unpaced).
+	// RebuildBytesPerSecond paces the engines' rebuild copies while the
+	// node has foreground I/O (0: unpaced).
 	RebuildBytesPerSecond uint64
 	// ReplicaDeadline is engine.Config.ReplicaDeadline of attached volumes'
 	// engines (0: its default).

@@ -91,7 +91,8 @@ type Config struct {
 	// while another node took the volume over learns so before it
 	// acknowledges anything.
 	Lease time.Duration
-	// RebuildBytesPerSecond paces rebuild copies (0: unpaced).
+	// RebuildBytesPerSecond paces rebuild copies while the node has
+	// foreground I/O (0: unpaced); see Engine.paceRebuild.
 	RebuildBytesPerSecond uint64
 	// OnRebuilt, if set, is called after each finished rebuild (tests,
 	// metrics).

@@ -3,6 +3,7 @@ package engine
 import (
 	"bytes"
 	"context"
+	"errors"
 	"net"
 	"sync"
 	"testing"
@@ -118,3 +119,57 @@ func TestRebuildIsBackgroundOnEveryDisk(t *testing.T) {
 	}
 	r.healthyIdentical(v.ID, model)
 }
+
+// TestRebuildPaceOnlyBesideForegroundIO: the rebuild's pace
+// (RebuildBytesPerSecond) holds copies back while the node's scheduler has
+// seen a foreground request within rebuildQuiet, and lets them run at once
+// otherwise. At 1 KiB/s, 4 MiB would be due in more than an hour: an idle
+// node's copy returns at once, a busy node's is still waiting when its
+// context ends. The scheduler's clock stands still (stillClock), so
+// "within rebuildQuiet" does not depend on how loaded the machine is.
+func TestRebuildPaceOnlyBesideForegroundIO(t *testing.T) {
+	clock := &stillClock{now: time.Unix(1e9, 0)}
+	sched, err := iosched.New(iosched.Config{Clock: clock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sched.Close()
+	e := &Engine{cfg: Config{RebuildBytesPerSecond: 1 << 10, Sched: sched}}
+	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+	defer cancel()
+	for i := range 3 {
+		if err := e.paceRebuild(ctx, 4*mib); err != nil {
+			t.Fatalf("copy %d on an idle node: %v", i, err)
+		}
+	}
+	if err := sched.SetLimits("fg", iosched.Limits{}); err != nil {
+		t.Fatal(err)
+	}
+	clock.now = clock.now.Add(time.Second) // the scheduler counts from its start
+	tk, err := sched.Acquire(ctx, iosched.Request{Volume: "fg", Op: iosched.Write, Bytes: 4096, Class: iosched.Foreground})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tk.Done()
+	busy, cancelBusy := context.WithTimeout(ctx, 300*time.Millisecond)
+	defer cancelBusy()
+	if err := e.paceRebuild(busy, 4*mib); !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("copy beside foreground I/O: %v, want it held back by the pace until its context ended", err)
+	}
+	clock.now = clock.now.Add(rebuildQuiet) // quiet again
+	if err := e.paceRebuild(ctx, 4*mib); err != nil {
+		t.Fatalf("copy after %v without foreground I/O: %v", rebuildQuiet, err)
+	}
+}
+
+// stillClock is an iosched.Clock that moves only when a test sets now
+// (between calls; it is not locked) and whose timers never fire.
+type stillClock struct{ now time.Time }
+
+func (c *stillClock) Now() time.Time                                { return c.now }
+func (c *stillClock) AfterFunc(time.Duration, func()) iosched.Timer { return stillTimer{} }
+
+type stillTimer struct{}
+
+func (stillTimer) Stop() bool               { return true }
+func (stillTimer) Reset(time.Duration) bool { return true }

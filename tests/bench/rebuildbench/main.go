@@ -276,7 +276,7 @@ func print(o options, vol, engine, away string, results []result, cp result) {
 	if len(o.NodeArgs) > 0 {
 		fmt.Printf("nodes:    every node agent runs with %s\n", strings.Join(o.NodeArgs, " "))
 	} else {
-		fmt.Printf("nodes:    the node agents' defaults (--rebuild-rate 200Mi)\n")
+		fmt.Printf("nodes:    the node agents' defaults (--rebuild-rate 200Mi, which paces rebuilds only beside foreground I/O)\n")
 	}
 	fmt.Printf("volume:   %s, %s, 2 replicas, write quorum 1 (%s, whose engine rebuilds, and %s), every byte written; no foreground I/O during the rebuilds\n",
 		vol, benchkit.HumanBytes(uint64(o.size)), engine, away)
