@@ -857,15 +857,23 @@ func (e *Engine) healthyCount() int {
 // epoch), then reclaims the remaining replicas with the new epoch. Called
 // with e.mu held for writing. Only after it returns nil may a write that
 // failed on these replicas be acknowledged.
-func (e *Engine) eject(ctx context.Context, failed []*member, why string) error {
-	for _, m := range failed {
+//
+// causes, when given, holds each failed replica's error, in the order of
+// failed, for the log line that says it was ejected: "write failed" alone
+// does not tell a timeout from a refusal or a lost connection.
+func (e *Engine) eject(ctx context.Context, failed []*member, why string, causes ...error) error {
+	for i, m := range failed {
 		res, err := e.cfg.Meta.Apply(ctx, &meta.SetReplicaState{
 			VolumeID: e.cfg.VolumeID, ReplicaID: m.replica.ID, State: meta.ReplicaFailed, ExpectEpoch: e.epoch,
 		})
 		switch {
 		case err == nil:
-			e.log.Warn("replica ejected", zap.String("replica_id", m.replica.ID), zap.String("node", m.replica.Node),
-				zap.String("reason", why), zap.Uint64("epoch", res.Volume.Epoch))
+			fields := []zap.Field{zap.String("replica_id", m.replica.ID), zap.String("node", m.replica.Node),
+				zap.String("reason", why), zap.Uint64("epoch", res.Volume.Epoch)}
+			if len(causes) == len(failed) {
+				fields = append(fields, zap.NamedError("cause", causes[i]))
+			}
+			e.log.Warn("replica ejected", fields...)
 		case errors.Is(err, meta.ErrEpochMismatch), errors.Is(err, meta.ErrIllegalTransition), errors.Is(err, meta.ErrNotFound):
 			// The set moved under us (another ejection, a takeover, or the
 			// replica is already failed): reconfigure from the store.
@@ -1003,6 +1011,7 @@ func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op 
 			return err
 		}
 		var failed, slow []*member
+		var causes []error
 		fencedBy := false
 		for i, err := range errs {
 			if err == nil {
@@ -1018,6 +1027,7 @@ func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op 
 				slow = append(slow, ms[i])
 			}
 			failed = append(failed, ms[i])
+			causes = append(causes, err)
 		}
 		if failed == nil {
 			return nil
@@ -1038,7 +1048,7 @@ func (e *Engine) mutateSpans(ctx context.Context, what string, spans []span, op 
 			for _, m := range slow {
 				e.noteSlow(m)
 			}
-			err = e.eject(ctx, failed, what+" failed")
+			err = e.eject(ctx, failed, what+" failed", causes...)
 		}
 		e.mu.Unlock()
 		if err != nil {
@@ -1432,6 +1442,7 @@ func (e *Engine) flushOrEject(ctx context.Context, why string) error {
 	epoch := e.epoch
 	errs := e.fanOut(ctx, e.members, func(ctx context.Context, m *member) error { return m.client.Flush(ctx, epoch) })
 	var failed []*member
+	var causes []error
 	for i, err := range errs {
 		if err == nil {
 			continue
@@ -1443,11 +1454,12 @@ func (e *Engine) flushOrEject(ctx context.Context, why string) error {
 			e.noteSlow(e.members[i])
 		}
 		failed = append(failed, e.members[i])
+		causes = append(causes, err)
 	}
 	if failed == nil {
 		return nil
 	}
-	if err := e.eject(ctx, failed, "flush ("+why+") failed"); err != nil {
+	if err := e.eject(ctx, failed, "flush ("+why+") failed", causes...); err != nil {
 		return err
 	}
 	return e.checkQuorum()

@@ -8,12 +8,15 @@ import (
 	"math/rand/v2"
 	"net"
 	"path/filepath"
+	"strings"
 	"sync"
 	"testing"
 	"time"
 
 	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/cairn-csi/cairn/replication/meta"
 	"github.com/cairn-csi/cairn/replication/replica"
@@ -276,7 +279,15 @@ func TestWriteReadAllReplicasIdentical(t *testing.T) {
 func TestFailedReplicaEjectedBeforeAck(t *testing.T) {
 	r := newRig(t, 3)
 	v := r.createVolume("b", 8*mib, 3, 0, "n1")
-	e := r.open(v.ID, "n1")
+	// The engine's log goes to the test and to logs, where the ejection's
+	// line is looked for below.
+	obs, logs := observer.New(zap.WarnLevel)
+	e, err := Open(r.ctx(), Config{VolumeID: v.ID, NodeID: "n1", Meta: r.meta, Logger: zap.New(zapcore.NewTee(r.log.Core(), obs)),
+		IOTimeout: 2 * time.Second, CleanInterval: time.Hour})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close(context.Background()) })
 	ctx := r.ctx()
 	model := make([]byte, v.SizeBytes)
 	var victim meta.Replica
@@ -307,6 +318,15 @@ func TestFailedReplicaEjectedBeforeAck(t *testing.T) {
 	}
 	if after.Epoch <= v.Epoch {
 		t.Fatalf("epoch %d after an ejection, was %d", after.Epoch, v.Epoch)
+	}
+	// The log says why: the write's error on that replica, not only that
+	// a write failed.
+	ejected := logs.FilterMessage("replica ejected").FilterField(zap.String("replica_id", victim.ID)).All()
+	if len(ejected) == 0 {
+		t.Fatalf("no \"replica ejected\" line for %s: %v", victim.ID, logs.All())
+	}
+	if cause, _ := ejected[0].ContextMap()["cause"].(string); !strings.Contains(cause, "connection lost") {
+		t.Errorf("ejection logged with cause %q, want the write's error on %s (its connection lost)", cause, victim.ID)
 	}
 	// The reconciler may move the epoch again meanwhile; the engine
 	// follows the store within its watch interval.
