@@ -31,8 +31,10 @@ type Scheduler struct {
 	onTimer    func()            // s.wake, bound once so that arming the timer does not allocate
 
 	closedFlag atomic.Bool // mirrors closed for the Disabled path, which takes no lock
-	// lastForeground is when a foreground request last arrived, in ns of
-	// the monotonic clock since start (ForegroundIdle).
+	// lastForeground is one more than when a foreground request last
+	// arrived, in ns of the monotonic clock since start, and 0 while none
+	// has (noteForeground, ForegroundIdle): stored as is, a request at the
+	// start instant (a clock that has not moved) would read as none.
 	lastForeground atomic.Int64
 
 	// timers counts timer callbacks that are scheduled or running, so that
@@ -331,7 +333,7 @@ func (s *Scheduler) Tokens(dst []VolumeTokens) []VolumeTokens {
 func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
 	if s.disabled {
 		if r.Class == Foreground {
-			s.lastForeground.Store(s.now())
+			s.noteForeground(s.now())
 		}
 		if s.closedFlag.Load() {
 			return Ticket{}, ErrClosed
@@ -369,8 +371,11 @@ func (s *Scheduler) Acquire(ctx context.Context, r Request) (Ticket, error) {
 // beside foreground I/O. A scheduler that has seen none is idle.
 func (s *Scheduler) ForegroundIdle(d time.Duration) bool {
 	last := s.lastForeground.Load()
-	return last == 0 || time.Duration(s.now()-last) >= d
+	return last == 0 || time.Duration(s.now()-(last-1)) >= d
 }
+
+// noteForeground records that a foreground request arrived at now.
+func (s *Scheduler) noteForeground(now int64) { s.lastForeground.Store(now + 1) }
 
 // enqueue queues r and dispatches whatever may go now (r itself, perhaps).
 // The waiter is signalled on w.ch when granted or failed.
@@ -389,7 +394,7 @@ func (s *Scheduler) enqueue(r Request) (*waiter, error) {
 	}
 	now := s.now()
 	if r.Class == Foreground {
-		s.lastForeground.Store(now) // ForegroundIdle; the clock read once
+		s.noteForeground(now) // ForegroundIdle; the clock read once
 	}
 	if v.rStep > 0 && r.Class == Foreground {
 		// Only foreground requests make a reserved volume active: its

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/iosched/ioschedtest"
 	"github.com/cairn-csi/cairn/replication/replica"
 )
 
@@ -125,10 +126,10 @@ func TestRebuildIsBackgroundOnEveryDisk(t *testing.T) {
 // seen a foreground request within rebuildQuiet, and lets them run at once
 // otherwise. At 1 KiB/s, 4 MiB would be due in more than an hour: an idle
 // node's copy returns at once, a busy node's is still waiting when its
-// context ends. The scheduler's clock stands still (stillClock), so
+// context ends. The scheduler's clock moves only when the test says, so
 // "within rebuildQuiet" does not depend on how loaded the machine is.
 func TestRebuildPaceOnlyBesideForegroundIO(t *testing.T) {
-	clock := &stillClock{now: time.Unix(1e9, 0)}
+	clock := ioschedtest.NewFrozenClock(time.Unix(1e9, 0))
 	sched, err := iosched.New(iosched.Config{Clock: clock})
 	if err != nil {
 		t.Fatal(err)
@@ -145,7 +146,6 @@ func TestRebuildPaceOnlyBesideForegroundIO(t *testing.T) {
 	if err := sched.SetLimits("fg", iosched.Limits{}); err != nil {
 		t.Fatal(err)
 	}
-	clock.now = clock.now.Add(time.Second) // the scheduler counts from its start
 	tk, err := sched.Acquire(ctx, iosched.Request{Volume: "fg", Op: iosched.Write, Bytes: 4096, Class: iosched.Foreground})
 	if err != nil {
 		t.Fatal(err)
@@ -156,20 +156,8 @@ func TestRebuildPaceOnlyBesideForegroundIO(t *testing.T) {
 	if err := e.paceRebuild(busy, 4*mib); !errors.Is(err, context.DeadlineExceeded) {
 		t.Fatalf("copy beside foreground I/O: %v, want it held back by the pace until its context ended", err)
 	}
-	clock.now = clock.now.Add(rebuildQuiet) // quiet again
+	clock.Advance(rebuildQuiet) // quiet again
 	if err := e.paceRebuild(ctx, 4*mib); err != nil {
 		t.Fatalf("copy after %v without foreground I/O: %v", rebuildQuiet, err)
 	}
 }
-
-// stillClock is an iosched.Clock that moves only when a test sets now
-// (between calls; it is not locked) and whose timers never fire.
-type stillClock struct{ now time.Time }
-
-func (c *stillClock) Now() time.Time                                { return c.now }
-func (c *stillClock) AfterFunc(time.Duration, func()) iosched.Timer { return stillTimer{} }
-
-type stillTimer struct{}
-
-func (stillTimer) Stop() bool               { return true }
-func (stillTimer) Reset(time.Duration) bool { return true }

@@ -14,40 +14,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/cairn-csi/cairn/iosched"
+	"github.com/cairn-csi/cairn/iosched/ioschedtest"
 )
-
-// frozenClock is an iosched.Clock that moves only when told: requests sent
-// together arrive at the same instant, so the order the scheduler picks
-// depends on classes, shares and reservations only, never on how fast the
-// test's goroutines ran.
-type frozenClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func (c *frozenClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *frozenClock) advance(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-func (*frozenClock) AfterFunc(time.Duration, func()) iosched.Timer {
-	return &frozenTimer{pending: true}
-}
-
-// frozenTimer never fires. The scheduler only arms it for volumes held back
-// by their limits, which these tests do not set.
-type frozenTimer struct{ pending bool }
-
-func (t *frozenTimer) Stop() bool { was := t.pending; t.pending = false; return was }
-
-func (t *frozenTimer) Reset(time.Duration) bool { was := t.pending; t.pending = true; return was }
 
 // grant is one request the scheduler let go.
 type grant struct {
@@ -78,17 +46,19 @@ func (g *grantLog) list() []grant {
 // newDiskSched returns a disk scheduler of depth 1 on a frozen clock that
 // logs its grants, and a function that holds its one slot until called
 // again: requests sent meanwhile queue up, and the release lets them go in
-// the scheduler's order.
+// the scheduler's order. On the frozen clock requests sent together arrive
+// at the same instant, so that order depends on classes, shares and
+// reservations only, never on how fast the test's goroutines ran.
 func newDiskSched(t *testing.T) (*iosched.Scheduler, *grantLog, func() func()) {
 	sched, log, hold, _ := newDiskSchedClock(t)
 	return sched, log, hold
 }
 
 // newDiskSchedClock is newDiskSched that also returns the clock.
-func newDiskSchedClock(t *testing.T) (*iosched.Scheduler, *grantLog, func() func(), *frozenClock) {
+func newDiskSchedClock(t *testing.T) (*iosched.Scheduler, *grantLog, func() func(), *ioschedtest.FrozenClock) {
 	t.Helper()
 	log := &grantLog{}
-	clock := &frozenClock{t: time.Unix(1e9, 0)}
+	clock := ioschedtest.NewFrozenClock(time.Unix(1e9, 0))
 	sched, err := iosched.New(iosched.Config{Depth: 1, Clock: clock, Observer: log})
 	if err != nil {
 		t.Fatal(err)
@@ -357,7 +327,7 @@ func TestReservationsReachTheScheduler(t *testing.T) {
 	}
 	// A second later the volume would be owed I/Os again, if it still had
 	// its reservation.
-	clock.advance(time.Second)
+	clock.Advance(time.Second)
 	s.SetReservations(nil)
 	if pos := position(); pos == 0 {
 		t.Fatal("a volume whose reservation was taken away still went first")
