@@ -344,7 +344,7 @@ func (c *Client) writeLoop() {
 		if !skipped {
 			err = c.writeFrame(bw, hdr, cl)
 		}
-		if err == nil && len(c.queue) == 0 && bw.Buffered() > 0 {
+		if err == nil && len(c.queue) == 0 {
 			err = bw.Flush()
 		}
 		if err != nil {
